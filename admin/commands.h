@@ -1,0 +1,18 @@
+// amoeba-admin subcommands. Each registers its flags on the app and returns the process exit
+// code: 0 ok, 1 runtime failure, 2 bad input.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace amoeba::admin {
+
+using Runner = std::function<int()>;
+
+// Registers a subcommand; the returned runner is called when it was selected.
+Runner AddInitCommand(CLI::App& app);
+Runner AddGenerateCommand(CLI::App& app);
+
+// Exit code for a failed absl::Status: 2 for bad input, 1 otherwise.
+int ExitCodeFor(const absl::Status& st);
+
+}  // namespace amoeba::admin

@@ -1,0 +1,230 @@
+#include "model/engine.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace amoeba {
+
+Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
+    : model_(std::move(model)), options_(options), rope_(model_->config, options.max_len) {}
+
+void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
+  const ModelConfig& c = model_->config;
+  if (tokens > cap_tokens_) {
+    const int64_t n = std::max<int64_t>(tokens, 1);
+    x_ = at::empty({n, c.hidden_size});
+    h_ = at::empty({n, c.hidden_size});
+    tmp_ = at::empty({n, c.hidden_size});
+    q_ = at::empty({n, c.num_attention_heads * c.head_dim});
+    att_ = at::empty({n, c.num_attention_heads * c.head_dim});
+    k_ = at::empty({n, c.num_key_value_heads * c.head_dim});
+    v_ = at::empty({n, c.num_key_value_heads * c.head_dim});
+    gate_ = at::empty({n, c.intermediate_size});
+    up_ = at::empty({n, c.intermediate_size});
+    scores_ = at::empty({n * c.num_attention_heads, options_.max_len});
+    pos_.resize(n);
+    cap_tokens_ = n;
+  }
+  if (logit_rows > cap_logits_) {
+    logits_ = at::empty({logit_rows, c.vocab_size});
+    cap_logits_ = logit_rows;
+  }
+}
+
+void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs) {
+  const LayerWeights& lw = model_->layers[layer];
+  const int64_t hd = model_->config.head_dim;
+  const int64_t hq = lw.q_heads(hd), hkv = lw.kv_heads(hd);
+  if (hq == 0) return;
+  const int64_t group = hq / hkv;
+  const int64_t qdim = hq * hd, kvdim = hkv * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  at::Tensor K = cache.k(layer), V = cache.v(layer);  // [slots, hkv, max_len, hd]
+  const int64_t max_len = cache.max_len();
+  float* kc = K.data_ptr<float>();
+  float* vc = V.data_ptr<float>();
+  const float* q = q_.data_ptr<float>();
+  const float* kn = k_.data_ptr<float>();
+  const float* vn = v_.data_ptr<float>();
+  float* att = att_.data_ptr<float>();
+  auto cache_row = [&](float* base, int64_t slot, int64_t head, int64_t pos) {
+    return base + ((slot * hkv + head) * max_len + pos) * hd;
+  };
+
+  // 1. Append the new keys/values.
+  int64_t row = 0;
+  for (const SeqInput& s : seqs) {
+    const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < hkv; ++h) {
+        std::memcpy(cache_row(kc, s.slot, h, p0 + t), kn + (row + t) * kvdim + h * hd, hd * sizeof(float));
+        std::memcpy(cache_row(vc, s.slot, h, p0 + t), vn + (row + t) * kvdim + h * hd, hd * sizeof(float));
+      }
+    }
+    row += T;
+  }
+
+  // 2a. Single-token sequences (decode): one task per (sequence, head), no allocation.
+  struct Task {
+    int64_t row, slot, len;
+  };
+  std::vector<Task> single;  // small; reserve avoids regrowth
+  single.reserve(seqs.size());
+  row = 0;
+  for (const SeqInput& s : seqs) {
+    const int64_t T = static_cast<int64_t>(s.tokens.size());
+    if (T == 1) single.push_back({row, s.slot, cache.length(s.slot) + 1});
+    row += T;
+  }
+  if (!single.empty()) {
+    float* scores = scores_.data_ptr<float>();
+    const int64_t ntask = static_cast<int64_t>(single.size()) * hq;
+    at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const Task& tk = single[t / hq];
+        const int64_t h = t % hq, kvh = h / group;
+        const float* qv = q + tk.row * qdim + h * hd;
+        float* sc = scores + t * max_len;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < tk.len; ++j) {
+          sc[j] = Dot(qv, cache_row(kc, tk.slot, kvh, j), hd) * scale;
+          mx = std::max(mx, sc[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < tk.len; ++j) {
+          sc[j] = std::exp(sc[j] - mx);
+          sum += sc[j];
+        }
+        float* out = att + tk.row * qdim + h * hd;
+        std::memset(out, 0, hd * sizeof(float));
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < tk.len; ++j) Axpy(sc[j] * inv, cache_row(vc, tk.slot, kvh, j), out, hd);
+      }
+    });
+  }
+
+  // 2b. Multi-token sequences (prefill): batched matmuls per sequence.
+  row = 0;
+  for (const SeqInput& s : seqs) {
+    const int64_t T = static_cast<int64_t>(s.tokens.size());
+    if (T > 1) {
+      const int64_t p0 = cache.length(s.slot), L = p0 + T;
+      // Buffers hold rows packed at this layer's width.
+      at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
+                         .permute({1, 2, 0, 3}).reshape({hkv, group * T, hd});
+      at::Tensor Ks = K[s.slot].narrow(1, 0, L);  // [hkv, L, hd]
+      at::Tensor Vs = V[s.slot].narrow(1, 0, L);
+      at::Tensor sc = at::bmm(Q, Ks.transpose(1, 2)).mul_(scale).view({hkv, group, T, L});
+      // Query t (absolute position p0+t) sees keys j <= p0+t.
+      at::Tensor mask = at::ones({T, L}, at::kBool).triu_(p0 + 1);
+      sc.masked_fill_(mask, -std::numeric_limits<float>::infinity());
+      at::Tensor p = at::softmax(sc, -1).view({hkv, group * T, L});
+      at::Tensor o = at::bmm(p, Vs).view({hkv, group, T, hd}).permute({2, 0, 1, 3}).reshape({T, qdim});
+      at::from_blob(att + row * qdim, {T, qdim}).copy_(o);
+    }
+    row += T;
+  }
+}
+
+absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqInput> seqs,
+                                           bool all_logits) {
+  const Model& m = *model_;
+  const ModelConfig& c = m.config;
+  if (seqs.empty()) return absl::InvalidArgumentError("Forward: no sequences");
+  if (cache.num_layers() != static_cast<int64_t>(m.layers.size())) {
+    return absl::InvalidArgumentError("Forward: KV cache was built for a different model");
+  }
+  int64_t n = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const SeqInput& s = seqs[i];
+    if (s.slot < 0 || s.slot >= cache.slots())
+      return absl::InvalidArgumentError(absl::StrCat("Forward: slot ", s.slot, " out of range"));
+    if (s.tokens.empty()) return absl::InvalidArgumentError("Forward: a sequence has no tokens");
+    for (size_t j = 0; j < i; ++j)
+      if (seqs[j].slot == s.slot) return absl::InvalidArgumentError("Forward: slot used twice");
+    const int64_t end = cache.length(s.slot) + static_cast<int64_t>(s.tokens.size());
+    if (end > cache.max_len()) {
+      return absl::OutOfRangeError(absl::StrCat("Forward: sequence length ", end,
+                                                " exceeds the cache length ", cache.max_len()));
+    }
+    for (int32_t t : s.tokens)
+      if (t < 0 || t >= c.vocab_size)
+        return absl::InvalidArgumentError(absl::StrCat("Forward: token id ", t, " out of range"));
+    n += static_cast<int64_t>(s.tokens.size());
+  }
+  const int64_t out_rows = all_logits ? n : static_cast<int64_t>(seqs.size());
+  EnsureWorkspace(n, out_rows);
+
+  const int64_t H = c.hidden_size, hd = c.head_dim;
+  float* x = x_.data_ptr<float>();
+  float* h = h_.data_ptr<float>();
+  float* tmp = tmp_.data_ptr<float>();
+  const float* emb = m.embed.data_ptr<float>();
+  int64_t row = 0;
+  for (const SeqInput& s : seqs) {
+    const int64_t p0 = cache.length(s.slot);
+    for (size_t t = 0; t < s.tokens.size(); ++t, ++row) {
+      std::memcpy(x + row * H, emb + static_cast<int64_t>(s.tokens[t]) * H, H * sizeof(float));
+      pos_[row] = p0 + static_cast<int64_t>(t);
+    }
+  }
+
+  const LinearPath path = options_.linear_path;
+  auto bias = [](const at::Tensor& b) { return b.defined() ? b.data_ptr<float>() : nullptr; };
+  for (size_t li = 0; li < m.layers.size(); ++li) {
+    const LayerWeights& l = m.layers[li];
+    const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
+    RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
+    float* q = q_.data_ptr<float>();
+    float* k = k_.data_ptr<float>();
+    Linear(h, n, l.q, bias(l.q_bias), q, path);
+    Linear(h, n, l.k, bias(l.k_bias), k, path);
+    Linear(h, n, l.v, bias(l.v_bias), v_.data_ptr<float>(), path);
+    for (int64_t r = 0; r < n; ++r) {
+      ApplyRope(q + r * hq * hd, hq, hd, rope_, pos_[r]);
+      ApplyRope(k + r * hkv * hd, hkv, hd, rope_, pos_[r]);
+    }
+    Attention(static_cast<int64_t>(li), cache, seqs);
+    if (hq > 0) {
+      Linear(att_.data_ptr<float>(), n, l.o, bias(l.o_bias), tmp, path);
+      AddInPlace(x, tmp, n * H);
+    } else if (l.o_bias.defined()) {
+      for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
+    }
+    RmsNorm(x, l.mlp_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
+    if (inter > 0) {
+      float* g = gate_.data_ptr<float>();
+      float* u = up_.data_ptr<float>();
+      Linear(h, n, l.gate, bias(l.gate_bias), g, path);
+      Linear(h, n, l.up, bias(l.up_bias), u, path);
+      SiluMul(g, u, n * inter);
+      Linear(g, n, l.down, bias(l.down_bias), tmp, path);
+      AddInPlace(x, tmp, n * H);
+    } else if (l.down_bias.defined()) {
+      for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);
+    }
+  }
+
+  // Final norm only on the rows whose logits are wanted.
+  const float* fn = m.final_norm.data_ptr<float>();
+  if (all_logits) {
+    RmsNorm(x, fn, n, H, c.rms_norm_eps, h);
+  } else {
+    row = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      row += static_cast<int64_t>(seqs[i].tokens.size());
+      RmsNorm(x + (row - 1) * H, fn, 1, H, c.rms_norm_eps, h + i * H);
+    }
+  }
+  Linear(h, out_rows, m.lm_head, nullptr, logits_.data_ptr<float>(), path);
+  for (const SeqInput& s : seqs)
+    cache.set_length(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
+  return logits_.narrow(0, 0, out_rows);
+}
+
+}  // namespace amoeba

@@ -1,0 +1,57 @@
+// The inference engine: runs a Model over a batch of sequences that each append tokens to their
+// own KV-cache slot. One call mixes prefill (many tokens) and decode (one token) freely, which is
+// what continuous batching needs. Buffers are reused across calls, so a steady decode loop does not
+// allocate.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/kernels.h"
+#include "model/kv_cache.h"
+#include "model/rope.h"
+#include "model/weights.h"
+
+namespace amoeba {
+
+struct SeqInput {
+  int64_t slot = 0;                  // KV-cache slot; tokens append at cache.length(slot)
+  std::span<const int32_t> tokens;   // new tokens (>= 1)
+};
+
+struct EngineOptions {
+  int64_t max_len = 2048;            // longest sequence (RoPE table and cache length)
+  LinearPath linear_path = LinearPath::kAuto;  // kTorch = libtorch linear baseline
+};
+
+class Engine {
+ public:
+  Engine(std::shared_ptr<const Model> model, EngineOptions options = {});
+
+  const Model& model() const { return *model_; }
+  const EngineOptions& options() const { return options_; }
+  KVCache NewCache(int64_t slots) const { return KVCache(*model_, slots, options_.max_len); }
+
+  // Appends each sequence's tokens to its slot and returns logits [num_seqs, vocab] for the last
+  // new token of each sequence, or [total_tokens, vocab] with all_logits. The returned tensor is a
+  // view of an internal buffer, valid until the next call.
+  absl::StatusOr<at::Tensor> Forward(KVCache& cache, std::span<const SeqInput> seqs,
+                                     bool all_logits = false);
+
+ private:
+  void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
+  void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
+
+  std::shared_ptr<const Model> model_;
+  EngineOptions options_;
+  RopeTable rope_;
+  // Workspace (grown on demand, never shrunk).
+  int64_t cap_tokens_ = 0, cap_logits_ = 0;
+  at::Tensor x_, h_, q_, k_, v_, att_, tmp_, gate_, up_, logits_, scores_;
+  std::vector<int64_t> pos_, row_of_seq_;
+};
+
+}  // namespace amoeba

@@ -1,0 +1,31 @@
+// Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
+#pragma once
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace amoeba {
+
+// Writes `contents` to `path` atomically.
+absl::Status WriteFileAtomic(const std::string& path, std::string_view contents);
+
+// Calls `write(fd)` on a temp file next to `path`, then fsyncs and renames it into place.
+absl::Status WriteFileAtomicWith(const std::string& path,
+                                 const std::function<absl::Status(int fd)>& write);
+
+// Writes all of `data` to `fd`, retrying short writes.
+absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& what);
+
+absl::StatusOr<std::string> ReadFile(const std::string& path);
+
+// Replaces directory `dst` by `src` (both on one filesystem) as atomically as POSIX allows:
+// dst is first moved aside, src renamed into place, then the old copy removed.
+absl::Status ReplaceDirectory(const std::string& src, const std::string& dst);
+
+// Fsyncs a directory so a rename inside it is durable.
+absl::Status SyncDirectory(const std::string& dir);
+
+}  // namespace amoeba

@@ -1,0 +1,154 @@
+#include "model/generation.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace amoeba {
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kNone: return "none";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kEos: return "eos";
+    case FinishReason::kStopSequence: return "stop_sequence";
+    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kTimeLimit: return "time_limit";
+    case FinishReason::kError: return "error";
+  }
+  return "?";
+}
+
+TokenStream::TokenStream(const Tokenizer& tok, const ModelConfig& config,
+                         const GenerationOptions& options, std::span<const int32_t> prompt)
+    : config_(config), opt_(options), sampler_(options.sampling, config.vocab_size), decoder_(tok) {
+  for (int32_t t : prompt) sampler_.Observe(t);
+  for (const auto& s : opt_.stop) max_stop_ = std::max(max_stop_, s.size());
+  tokens_.reserve(opt_.max_new_tokens);
+}
+
+std::string_view TokenStream::Emit(bool final) {
+  // Hold back a tail that could still grow into a stop string (and is a prefix of one).
+  size_t upto = text_.size();
+  if (!final) {
+    for (const auto& s : opt_.stop) {
+      for (size_t k = std::min(s.size() - 1, text_.size()); k > 0; --k) {
+        if (text_.compare(text_.size() - k, k, s, 0, k) == 0) {
+          upto = std::min(upto, text_.size() - k);
+          break;
+        }
+      }
+    }
+  }
+  delta_.assign(text_, emitted_, upto > emitted_ ? upto - emitted_ : 0);
+  emitted_ = std::max(emitted_, upto);
+  return delta_;
+}
+
+TokenStream::Step TokenStream::Next(float* logits) {
+  Step step;
+  if (reason_ != FinishReason::kNone) {
+    step.done = true;
+    return step;
+  }
+  const int32_t tok = sampler_.Sample(logits);
+  sampler_.Observe(tok);
+  tokens_.push_back(tok);
+  step.token = tok;
+  const bool eos = opt_.stop_at_eos && std::find(config_.eos_token_ids.begin(),
+                                                 config_.eos_token_ids.end(), tok) != config_.eos_token_ids.end();
+  if (eos) {
+    reason_ = FinishReason::kEos;
+  } else {
+    const size_t before = text_.size();
+    text_ += decoder_.Push(tok);
+    if (max_stop_ > 0 && text_.size() > before) {
+      // Only a window that includes new text can hold a new match.
+      const size_t from = before >= max_stop_ ? before - max_stop_ + 1 : 0;
+      size_t cut = std::string::npos;
+      for (const auto& s : opt_.stop) {
+        if (s.empty()) continue;
+        size_t p = text_.find(s, from);
+        if (p != std::string::npos) cut = std::min(cut, p);
+      }
+      if (cut != std::string::npos) {
+        text_.resize(cut);
+        reason_ = FinishReason::kStopSequence;
+      }
+    }
+    if (reason_ == FinishReason::kNone &&
+        static_cast<int64_t>(tokens_.size()) >= opt_.max_new_tokens) {
+      reason_ = FinishReason::kLength;
+    }
+  }
+  if (reason_ != FinishReason::kNone && reason_ != FinishReason::kStopSequence) {
+    text_ += decoder_.Flush();
+  }
+  step.done = reason_ != FinishReason::kNone;
+  step.text = Emit(step.done);
+  return step;
+}
+
+std::string_view TokenStream::Finish(FinishReason reason) {
+  if (reason_ == FinishReason::kNone) {
+    reason_ = reason;
+    text_ += decoder_.Flush();
+  }
+  return Emit(true);
+}
+
+absl::StatusOr<GenerationResult> Generate(Engine& engine, KVCache& cache, int64_t slot,
+                                          const Tokenizer& tok, std::span<const int32_t> prompt,
+                                          const GenerationOptions& options,
+                                          const StreamCallback& on_token) {
+  using Clock = std::chrono::steady_clock;
+  if (prompt.empty()) return absl::InvalidArgumentError("prompt: empty");
+  if (options.max_new_tokens < 1) return absl::InvalidArgumentError("max_new_tokens: must be >= 1");
+  const int64_t room = cache.max_len() - static_cast<int64_t>(prompt.size());
+  if (room < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt: ", prompt.size(),
+                                                   " tokens leave no room in a context of ", cache.max_len()));
+  }
+  GenerationOptions opt = options;
+  opt.max_new_tokens = std::min(opt.max_new_tokens, room);
+  cache.Reset(slot);
+  TokenStream stream(tok, engine.model().config, opt, prompt);
+  GenerationResult res;
+  res.prompt_tokens = static_cast<int64_t>(prompt.size());
+  const auto t0 = Clock::now();
+  const auto deadline = t0 + std::chrono::milliseconds(opt.time_limit_ms);
+  SeqInput in{slot, prompt};
+  int32_t next = 0;
+  auto t_prefill = t0;
+  for (;;) {
+    auto logits = engine.Forward(cache, std::span<const SeqInput>(&in, 1));
+    if (!logits.ok()) return logits.status();
+    if (in.tokens.size() > 1 || t_prefill == t0) {
+      t_prefill = Clock::now();
+      res.prefill_ms = std::chrono::duration<double, std::milli>(t_prefill - t0).count();
+    }
+    TokenStream::Step step = stream.Next(logits->data_ptr<float>());
+    if (on_token && !step.done && !on_token(step.token, step.text)) {
+      stream.Finish(FinishReason::kCancelled);
+      break;
+    }
+    if (step.done) {
+      if (on_token && !step.text.empty()) on_token(step.token, step.text);
+      break;
+    }
+    if (opt.time_limit_ms > 0 && Clock::now() >= deadline) {
+      std::string_view rest = stream.Finish(FinishReason::kTimeLimit);
+      if (on_token && !rest.empty()) on_token(-1, rest);
+      break;
+    }
+    next = step.token;
+    in.tokens = std::span<const int32_t>(&next, 1);
+  }
+  res.decode_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_prefill).count();
+  res.tokens = stream.tokens();
+  res.text = stream.text();
+  res.finish_reason = stream.finish_reason();
+  return res;
+}
+
+}  // namespace amoeba

@@ -1,0 +1,81 @@
+// Per-request generation state (sampling, streaming detokenisation, stop conditions) and a simple
+// single-sequence generate loop on top of the engine. The server's batch scheduler drives the same
+// TokenStream, one decode step at a time.
+#pragma once
+#include <chrono>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/engine.h"
+#include "model/sampler.h"
+#include "model/tokenizer.h"
+
+namespace amoeba {
+
+enum class FinishReason { kNone, kLength, kEos, kStopSequence, kCancelled, kTimeLimit, kError };
+const char* FinishReasonName(FinishReason r);
+
+struct GenerationOptions {
+  SamplingOptions sampling;
+  int64_t max_new_tokens = 128;
+  std::vector<std::string> stop;  // stop strings (not included in the output)
+  bool stop_at_eos = true;
+  int64_t time_limit_ms = 0;      // 0 = none
+};
+
+class TokenStream {
+ public:
+  TokenStream(const Tokenizer& tok, const ModelConfig& config, const GenerationOptions& options,
+              std::span<const int32_t> prompt);
+
+  struct Step {
+    int32_t token = -1;
+    std::string_view text;  // newly final text (valid UTF-8), valid until the next call
+    bool done = false;
+  };
+  // Chooses the next token from `logits` (modified in place) and updates the stop conditions.
+  Step Next(float* logits);
+  // Ends the stream early (cancel, time limit, error); returns the text still held back.
+  std::string_view Finish(FinishReason reason);
+
+  FinishReason finish_reason() const { return reason_; }
+  const std::vector<int32_t>& tokens() const { return tokens_; }
+  const std::string& text() const { return text_; }
+
+ private:
+  std::string_view Emit(bool final);
+
+  const ModelConfig& config_;
+  GenerationOptions opt_;
+  Sampler sampler_;
+  StreamingDecoder decoder_;
+  std::vector<int32_t> tokens_;
+  std::string text_;       // the output text (stop string removed)
+  size_t emitted_ = 0;     // bytes of text_ already returned
+  std::string delta_;
+  size_t max_stop_ = 0;
+  FinishReason reason_ = FinishReason::kNone;
+};
+
+struct GenerationResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  FinishReason finish_reason = FinishReason::kNone;
+  int64_t prompt_tokens = 0;
+  double prefill_ms = 0, decode_ms = 0;
+};
+
+// Return false to cancel.
+using StreamCallback = std::function<bool(int32_t token, std::string_view text)>;
+
+// Prefills `prompt` into `slot` (resetting it) and decodes until a stop condition.
+absl::StatusOr<GenerationResult> Generate(Engine& engine, KVCache& cache, int64_t slot,
+                                          const Tokenizer& tok, std::span<const int32_t> prompt,
+                                          const GenerationOptions& options,
+                                          const StreamCallback& on_token = nullptr);
+
+}  // namespace amoeba

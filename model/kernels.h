@@ -1,0 +1,37 @@
+// CPU compute kernels for the inference engine. Linear layers dispatch by the number of input
+// rows: 1 → GEMV streaming the weight once, 2..kSkinnyMaxRows → skinny GEMM streaming each weight
+// row once for all inputs, more → BLAS GEMM. AVX2/FMA paths are chosen at run time, with portable
+// fallbacks. Weights may be prefix views ([out, in] with row stride >= in, unit column stride).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace amoeba {
+
+inline constexpr int64_t kSkinnyMaxRows = 32;
+
+enum class LinearPath { kAuto, kTorch };
+
+// y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]). x rows are contiguous (stride `in`),
+// y rows contiguous (stride `out`). `path` = kTorch forces at::linear (the baseline).
+void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y,
+            LinearPath path = LinearPath::kAuto);
+
+// out = x * rsqrt(mean(x^2) + eps) * w, per row of length `dim`.
+void RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* out);
+
+// a = silu(a) * b elementwise.
+void SiluMul(float* a, const float* b, int64_t n);
+
+// y += x elementwise.
+void AddInPlace(float* y, const float* x, int64_t n);
+
+float Dot(const float* a, const float* b, int64_t n);
+// y += alpha * x
+void Axpy(float alpha, const float* x, float* y, int64_t n);
+
+// True when the CPU has AVX2 and FMA (the fast paths are used).
+bool CpuHasAvx2Fma();
+
+}  // namespace amoeba

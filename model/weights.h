@@ -1,0 +1,50 @@
+// A LLaMA-family model in memory: config + fp32 weight tensors. A subnet is an ordinary Model with
+// fewer layers and narrower matrices (views that share the supernet's storage).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+
+namespace amoeba {
+
+struct LayerWeights {
+  at::Tensor attn_norm, mlp_norm;        // [hidden]
+  at::Tensor q, k, v, o;                 // [q_heads*hd, hidden], [kv*hd, hidden] x2, [hidden, q_heads*hd]
+  at::Tensor gate, up, down;             // [inter, hidden] x2, [hidden, inter]
+  at::Tensor q_bias, k_bias, v_bias, o_bias;  // optional (undefined when absent)
+  at::Tensor gate_bias, up_bias, down_bias;   // optional
+
+  int64_t q_heads(int64_t head_dim) const { return q.size(0) / head_dim; }
+  int64_t kv_heads(int64_t head_dim) const { return k.size(0) / head_dim; }
+  int64_t intermediate() const { return gate.size(0); }
+};
+
+struct Model {
+  ModelConfig config;
+  at::Tensor embed;       // [vocab, hidden]
+  at::Tensor final_norm;  // [hidden]
+  at::Tensor lm_head;     // [vocab, hidden]; shares storage with embed when tied
+  std::vector<LayerWeights> layers;
+
+  // A model running only `layer_ids` (in order), sharing all storage with this one.
+  Model WithLayers(const std::vector<int>& layer_ids) const;
+  // Bytes of weights one decode step reads (all layers, head; the embedding row is negligible).
+  int64_t DecodeWeightBytes() const;
+  // Syncs config's per-layer widths and layer count with the tensors.
+  void SyncConfigWithWeights();
+};
+
+// Loads config.json and model.safetensors[.index.json] from `dir`. Errors name file and tensor.
+absl::StatusOr<Model> LoadModel(const std::string& dir);
+// Writes config.json and model.safetensors into `dir` (created if needed), each file atomically.
+absl::Status SaveModel(const Model& m, const std::string& dir, at::ScalarType dtype = at::kFloat);
+// HF tensor names for all weights, in a stable order.
+std::vector<std::pair<std::string, at::Tensor>> NamedWeights(const Model& m);
+// Random init as HF does it (normal(0, 0.02) for matrices, ones for norms), seeded.
+Model RandomModel(const ModelConfig& config, uint64_t seed, double std = 0.02);
+
+}  // namespace amoeba
