@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "admin/commands.h"
+#include "model/runtime.h"
 
 namespace amoeba::admin {
 int ExitCodeFor(const absl::Status& st) {
@@ -23,7 +24,7 @@ int ExitCodeFor(const absl::Status& st) {
 }  // namespace amoeba::admin
 
 int main(int argc, char** argv) {
-  spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
+  amoeba::InitLogging();
   CLI::App app{"amoeba-admin: build, tune and inspect an Amoeba supernet"};
   app.require_subcommand(1);
   std::vector<std::pair<CLI::App*, amoeba::admin::Runner>> cmds;

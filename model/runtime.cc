@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -29,6 +30,12 @@ std::string DescribeBlas() {
     if (line.find("/blas/libblas.so") != std::string::npos) found = "reference";
   }
   return found.empty() ? "unknown" : found;
+}
+
+void InitLogging() {
+  auto logger = spdlog::stderr_color_mt("amoeba");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
 }
 
 void InitRuntime(int threads) {

@@ -20,7 +20,6 @@ struct Api {
   int (*is_unknown)(void*, int) = nullptr;
   int (*is_byte)(void*, int) = nullptr;
   size_t (*id_to_piece)(void*, int, char*, size_t) = nullptr;
-  int (*train)(const char*, char*, size_t) = nullptr;
   std::string error;
 };
 
@@ -59,15 +58,14 @@ const Api& GetApi() {
     api.is_unknown = reinterpret_cast<int (*)(void*, int)>(sym("amoeba_sp_is_unknown"));
     api.is_byte = reinterpret_cast<int (*)(void*, int)>(sym("amoeba_sp_is_byte"));
     api.id_to_piece = reinterpret_cast<size_t (*)(void*, int, char*, size_t)>(sym("amoeba_sp_id_to_piece"));
-    api.train = reinterpret_cast<int (*)(const char*, char*, size_t)>(sym("amoeba_sp_train"));
-    if (!api.make || !api.train) api.error = "libamoeba_sentencepiece.so: missing symbols";
+    if (!api.make || !api.encode) api.error = "libamoeba_sentencepiece.so: missing symbols";
   });
   return api;
 }
 
 bool Available(std::string* error) {
   const Api& a = GetApi();
-  if (!a.make || !a.train) {
+  if (!a.make) {
     *error = a.error;
     return false;
   }
@@ -123,16 +121,6 @@ std::string Processor::IdToPiece(int id) const {
   }
   s.resize(n);
   return s;
-}
-
-bool Train(const std::string& args, std::string* error) {
-  if (!Available(error)) return false;
-  char err[1024] = {0};
-  if (!GetApi().train(args.c_str(), err, sizeof(err))) {
-    *error = err;
-    return false;
-  }
-  return true;
 }
 
 }  // namespace amoeba::sp

@@ -25,7 +25,4 @@ class Processor {
   std::unique_ptr<ProcessorHandle> handle_;
 };
 
-// Runs the SentencePiece trainer with command-line style arguments.
-bool Train(const std::string& args, std::string* error);
-
 }  // namespace amoeba::sp

@@ -2,7 +2,6 @@
 // Debian's libsentencepiece exports its own bundled protobuf, which would otherwise interpose on
 // the libprotobuf that libtorch loads and crash at start-up. Plain C ABI across the boundary.
 #include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
 
 #include <cstring>
 #include <string>
@@ -44,12 +43,6 @@ size_t amoeba_sp_id_to_piece(void* p, int id, char* buf, size_t cap) {
   const std::string s = static_cast<sentencepiece::SentencePieceProcessor*>(p)->IdToPiece(id);
   std::memcpy(buf, s.data(), std::min(cap, s.size()));
   return s.size();
-}
-
-int amoeba_sp_train(const char* args, char* err, size_t cap) {
-  auto st = sentencepiece::SentencePieceTrainer::Train(args);
-  if (!st.ok()) CopyError(st.ToString(), err, cap);
-  return st.ok() ? 1 : 0;
 }
 
 }  // extern "C"

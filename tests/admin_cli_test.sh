@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# amoeba-admin end to end: init writes a loadable model, generate streams tokens, bad input
+# exits with 2 and a message naming the problem.
+set -u
+ADMIN=$1
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+
+"$ADMIN" init --out "$dir/m" --preset tiny --seed 3 || fail "init"
+for f in config.json model.safetensors tokenizer.json; do [ -f "$dir/m/$f" ] || fail "missing $f"; done
+out=$("$ADMIN" generate --model "$dir/m" -n 8 --seed 1 --temperature 0.7 "Hello" 2>"$dir/err") || fail "generate"
+[[ "$out" == Hello* ]] || fail "output does not start with the prompt: $out"
+grep -q "8 new tokens" "$dir/err" || grep -q "finish=eos" "$dir/err" || fail "no token report: $(cat "$dir/err")"
+grep -q "tok/s" "$dir/err" || fail "no tokens/s"
+# Same seed, same output.
+out2=$("$ADMIN" generate --model "$dir/m" -n 8 --seed 1 --temperature 0.7 "Hello" 2>/dev/null)
+[ "$out" == "$out2" ] || fail "not deterministic"
+
+expect_2() {
+  local what=$1; shift
+  "$@" >"$dir/o" 2>&1
+  local rc=$?
+  [ $rc -eq 2 ] || fail "$what: exit $rc, want 2 ($(cat "$dir/o"))"
+}
+expect_2 "missing model" "$ADMIN" generate --model "$dir/nope" "x"
+expect_2 "bad top-p" "$ADMIN" generate --model "$dir/m" --top-p 1.5 "x"
+expect_2 "negative temperature" "$ADMIN" generate --model "$dir/m" --temperature -1 "x"
+expect_2 "unknown flag" "$ADMIN" generate --model "$dir/m" --bogus "x"
+expect_2 "unknown preset" "$ADMIN" init --out "$dir/z" --preset huge
+grep -q "unknown preset" "$dir/o" || fail "message should name the preset"
+[ ! -e "$dir/z" ] || fail "failed init left a directory"
+printf 'garbage' > "$dir/m/model.safetensors"
+expect_2 "corrupt weights" "$ADMIN" generate --model "$dir/m" "x"
+grep -q "model.safetensors" "$dir/o" || fail "message should name the file"
+echo "admin_cli: 1 passed, 0 failed"

@@ -1,0 +1,176 @@
+// Sampling and generation: greedy equals the reference argmax chain, seeds are deterministic,
+// stop strings / EOS / length end the stream correctly.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <memory>
+
+#include "model/engine.h"
+#include "model/generation.h"
+#include "model/presets.h"
+#include "model/sampler.h"
+#include "model/torch_forward.h"
+#include "tests/test_util.h"
+
+namespace amoeba {
+namespace {
+using testing::TempDir;
+
+struct Fixture {
+  TempDir dir;
+  std::unique_ptr<Tokenizer> tok;
+  std::shared_ptr<const Model> model;
+  Fixture() {
+    EXPECT_TRUE(WriteByteTokenizer(dir.path()).ok());
+    tok = std::move(LoadTokenizer(dir.path()).value());
+    Model m = RandomModel(testing::TinyConfig(), 3, 0.3);
+    m.config.vocab_size = 259;
+    m = RandomModel(m.config, 3, 0.3);
+    model = std::make_shared<const Model>(std::move(m));
+  }
+};
+
+TEST(GenerationTest, GreedyEqualsReferenceArgmaxChain) {
+  at::InferenceMode guard;
+  Fixture f;
+  Engine engine(f.model, {.max_len = 64});
+  KVCache cache = engine.NewCache(1);
+  std::vector<int32_t> prompt = {1, 50, 60, 70};
+  GenerationOptions o;
+  o.max_new_tokens = 12;
+  o.stop_at_eos = false;
+  auto r = Generate(engine, cache, 0, *f.tok, prompt, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->tokens.size(), 12u);
+  EXPECT_EQ(r->finish_reason, FinishReason::kLength);
+  std::vector<int64_t> seq(prompt.begin(), prompt.end());
+  for (int i = 0; i < 12; ++i) {
+    at::Tensor logits = TorchForward(*f.model, at::tensor(seq).unsqueeze(0))[0][-1];
+    const int64_t next = logits.argmax().item<int64_t>();
+    EXPECT_EQ(r->tokens[i], next) << "step " << i;
+    seq.push_back(next);
+  }
+}
+
+TEST(GenerationTest, SeedsAreDeterministicAndStreamingMatchesText) {
+  at::InferenceMode guard;
+  Fixture f;
+  Engine engine(f.model, {.max_len = 64});
+  KVCache cache = engine.NewCache(1);
+  std::vector<int32_t> prompt = {1, 80, 90};
+  GenerationOptions o;
+  o.max_new_tokens = 24;
+  o.stop_at_eos = false;
+  o.sampling = {.temperature = 1.5f, .top_k = 50, .top_p = 0.95f, .seed = 42};
+  std::string streamed;
+  auto a = Generate(engine, cache, 0, *f.tok, prompt, o, [&](int32_t, std::string_view t) {
+    streamed += t;
+    return true;
+  });
+  auto b = Generate(engine, cache, 0, *f.tok, prompt, o);
+  o.sampling.seed = 43;
+  auto c = Generate(engine, cache, 0, *f.tok, prompt, o);
+  ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+  EXPECT_EQ(a->tokens, b->tokens);
+  EXPECT_NE(a->tokens, c->tokens);
+  EXPECT_EQ(streamed, a->text);
+  EXPECT_EQ(a->text, f.tok->Decode(a->tokens));
+}
+
+TEST(GenerationTest, CallbackCancels) {
+  at::InferenceMode guard;
+  Fixture f;
+  Engine engine(f.model, {.max_len = 64});
+  KVCache cache = engine.NewCache(1);
+  std::vector<int32_t> prompt = {1, 2 + 'a'};
+  GenerationOptions o;
+  o.max_new_tokens = 30;
+  o.stop_at_eos = false;
+  int calls = 0;
+  auto r = Generate(engine, cache, 0, *f.tok, prompt, o, [&](int32_t, std::string_view) { return ++calls < 3; });
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->finish_reason, FinishReason::kCancelled);
+  EXPECT_EQ(r->tokens.size(), 3u);
+}
+
+// Drives a TokenStream with logits that force a chosen token sequence.
+struct Forced {
+  Fixture f;
+  std::vector<float> logits;
+  Forced() : logits(259) {}
+  float* For(int32_t id) {
+    std::fill(logits.begin(), logits.end(), 0.f);
+    logits[id] = 10.f;
+    return logits.data();
+  }
+};
+
+TEST(TokenStreamTest, StopStringIsCutAndNeverStreamed) {
+  Forced x;
+  GenerationOptions o;
+  o.max_new_tokens = 100;
+  o.stop = {"STOP"};
+  TokenStream s(*x.f.tok, x.f.model->config, o, {});
+  std::string streamed;
+  const std::string text = "abSTxSTOPdef";
+  TokenStream::Step step;
+  for (char ch : text) {
+    step = s.Next(x.For(3 + static_cast<unsigned char>(ch)));
+    streamed += step.text;
+    if (step.done) break;
+  }
+  EXPECT_TRUE(step.done);
+  EXPECT_EQ(s.finish_reason(), FinishReason::kStopSequence);
+  EXPECT_EQ(s.text(), "abSTx");
+  EXPECT_EQ(streamed, "abSTx");
+}
+
+TEST(TokenStreamTest, EosAndLength) {
+  Forced x;
+  GenerationOptions o;
+  o.max_new_tokens = 3;
+  TokenStream s(*x.f.tok, x.f.model->config, o, {});
+  EXPECT_FALSE(s.Next(x.For(3 + 'a')).done);
+  EXPECT_TRUE(s.Next(x.For(2)).done);  // </s>
+  EXPECT_EQ(s.finish_reason(), FinishReason::kEos);
+  TokenStream l(*x.f.tok, x.f.model->config, o, {});
+  l.Next(x.For(3 + 'a'));
+  l.Next(x.For(3 + 'b'));
+  EXPECT_TRUE(l.Next(x.For(3 + 'c')).done);
+  EXPECT_EQ(l.finish_reason(), FinishReason::kLength);
+  EXPECT_EQ(l.text(), "abc");
+}
+
+TEST(SamplerTest, RepetitionPenaltyTopKAndTopP) {
+  // Repetition penalty: positive logits divided, negative multiplied (HF semantics).
+  Sampler s({.temperature = 0.f, .repetition_penalty = 2.0f}, 3);
+  s.Observe(0);
+  s.Observe(1);
+  float l[3] = {3.0f, -1.0f, 1.6f};
+  EXPECT_EQ(s.Sample(l), 2);  // 3/2 = 1.5 < 1.6
+  EXPECT_FLOAT_EQ(l[0], 1.5f);
+  EXPECT_FLOAT_EQ(l[1], -2.0f);
+  // top_k = 1 is greedy whatever the temperature.
+  Sampler k1({.temperature = 5.f, .top_k = 1, .seed = 1}, 4);
+  for (int i = 0; i < 20; ++i) {
+    float m[4] = {0.1f, 0.3f, 0.2f, 0.25f};
+    EXPECT_EQ(k1.Sample(m), 1);
+  }
+  // top_p keeps only the dominant token when it holds more than p of the mass.
+  Sampler p({.temperature = 1.f, .top_p = 0.5f, .seed = 3}, 4);
+  for (int i = 0; i < 20; ++i) {
+    float m[4] = {0.f, 5.f, 0.f, 0.f};
+    EXPECT_EQ(p.Sample(m), 1);
+  }
+  // Sampling with temperature visits more than one token.
+  Sampler t({.temperature = 1.f, .seed = 5}, 4);
+  std::set<int> seen;
+  for (int i = 0; i < 100; ++i) {
+    float m[4] = {0.f, 0.f, 0.f, 0.f};
+    seen.insert(t.Sample(m));
+  }
+  EXPECT_EQ(seen.size(), 4u);
+}
+
+}  // namespace
+}  // namespace amoeba

@@ -1,0 +1,258 @@
+// Equivalence tests of the inference engine against the plain-libtorch reference forward.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <vector>
+
+#include "model/engine.h"
+#include "model/torch_forward.h"
+#include "tests/test_util.h"
+
+namespace amoeba {
+namespace {
+using testing::MaxAbsDiff;
+using testing::TinyModel;
+
+std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
+  at::manual_seed(seed);
+  at::Tensor t = at::randint(vocab, {n}, at::kInt);
+  return std::vector<int32_t>(t.data_ptr<int32_t>(), t.data_ptr<int32_t>() + n);
+}
+
+at::Tensor Reference(const Model& m, const std::vector<int32_t>& ids) {
+  at::Tensor t = at::tensor(std::vector<int64_t>(ids.begin(), ids.end())).unsqueeze(0);
+  return TorchForward(m, t)[0];  // [T, V]
+}
+
+TEST(EngineTest, PrefillMatchesReferenceForAllPositions) {
+  at::InferenceMode guard;
+  auto m = std::make_shared<const Model>(TinyModel());
+  Engine engine(m, {.max_len = 64});
+  KVCache cache = engine.NewCache(1);
+  auto ids = RandomTokens(20, m->config.vocab_size, 7);
+  SeqInput in{0, ids};
+  auto logits = engine.Forward(cache, {&in, 1}, /*all_logits=*/true);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  at::Tensor ref = Reference(*m, ids);
+  EXPECT_LT(MaxAbsDiff(*logits, ref), 1e-5);
+  EXPECT_GT(ref.abs().max().item<double>(), 0.1);  // the comparison is not trivially small
+}
+
+TEST(EngineTest, KvCacheDecodeMatchesFullForward) {
+  at::InferenceMode guard;
+  for (int64_t kv : {1, 2, 4}) {
+    auto m = std::make_shared<const Model>(TinyModel(3, kv));
+    Engine engine(m, {.max_len = 64});
+    KVCache cache = engine.NewCache(2);
+    auto ids = RandomTokens(24, m->config.vocab_size, 11);
+    at::Tensor ref = Reference(*m, ids);
+    // Prefill 5 tokens, then decode one at a time in slot 1.
+    std::vector<int32_t> prompt(ids.begin(), ids.begin() + 5);
+    SeqInput in{1, prompt};
+    auto l = engine.Forward(cache, {&in, 1});
+    ASSERT_TRUE(l.ok());
+    EXPECT_LT(MaxAbsDiff((*l)[0], ref[4]), 1e-5) << "kv=" << kv;
+    for (size_t t = 5; t < ids.size(); ++t) {
+      SeqInput step{1, std::span<const int32_t>(&ids[t], 1)};
+      auto d = engine.Forward(cache, {&step, 1});
+      ASSERT_TRUE(d.ok());
+      EXPECT_LT(MaxAbsDiff((*d)[0], ref[t]), 1e-5) << "kv=" << kv << " position " << t;
+    }
+    EXPECT_EQ(cache.length(1), 24);
+    EXPECT_EQ(cache.length(0), 0);
+  }
+}
+
+TEST(EngineTest, BatchOfDifferentLengthsMatchesEachAlone) {
+  at::InferenceMode guard;
+  auto m = std::make_shared<const Model>(TinyModel(5));
+  Engine engine(m, {.max_len = 64});
+  std::vector<std::vector<int32_t>> prompts = {RandomTokens(3, 97, 1), RandomTokens(11, 97, 2),
+                                               RandomTokens(1, 97, 3), RandomTokens(7, 97, 4)};
+  KVCache batch_cache = engine.NewCache(4);
+  std::vector<SeqInput> batch;
+  for (size_t i = 0; i < prompts.size(); ++i) batch.push_back({static_cast<int64_t>(i), prompts[i]});
+  auto bl = engine.Forward(batch_cache, batch);
+  ASSERT_TRUE(bl.ok());
+  at::Tensor batched = bl->clone();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    KVCache c = engine.NewCache(1);
+    SeqInput in{0, prompts[i]};
+    auto l = engine.Forward(c, {&in, 1});
+    ASSERT_TRUE(l.ok());
+    EXPECT_LT(MaxAbsDiff(batched[i], (*l)[0]), 1e-5) << "prompt " << i;
+  }
+  // Then a batched decode step (all single tokens: the skinny-GEMM path) against the reference.
+  std::vector<int32_t> next = {5, 6, 7, 8};
+  std::vector<SeqInput> step;
+  for (size_t i = 0; i < prompts.size(); ++i) step.push_back({static_cast<int64_t>(i), {&next[i], 1}});
+  auto sl = engine.Forward(batch_cache, step);
+  ASSERT_TRUE(sl.ok());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto full = prompts[i];
+    full.push_back(next[i]);
+    at::Tensor ref = Reference(*m, full);
+    EXPECT_LT(MaxAbsDiff((*sl)[i], ref[-1]), 1e-5) << "prompt " << i;
+  }
+}
+
+TEST(EngineTest, MixedPrefillAndDecodeInOneCall) {
+  at::InferenceMode guard;
+  auto m = std::make_shared<const Model>(TinyModel(9));
+  Engine engine(m, {.max_len = 64});
+  KVCache cache = engine.NewCache(2);
+  auto a = RandomTokens(6, 97, 21), b = RandomTokens(9, 97, 22);
+  SeqInput first{0, std::span<const int32_t>(a.data(), 5)};
+  ASSERT_TRUE(engine.Forward(cache, {&first, 1}).ok());
+  std::vector<SeqInput> mixed = {{0, std::span<const int32_t>(&a[5], 1)}, {1, b}};
+  auto l = engine.Forward(cache, mixed);
+  ASSERT_TRUE(l.ok());
+  EXPECT_LT(MaxAbsDiff((*l)[0], Reference(*m, a)[-1]), 1e-5);
+  EXPECT_LT(MaxAbsDiff((*l)[1], Reference(*m, b)[-1]), 1e-5);
+}
+
+TEST(EngineTest, BaselineLinearPathMatchesKernels) {
+  at::InferenceMode guard;
+  auto m = std::make_shared<const Model>(TinyModel(4));
+  Engine fast(m, {.max_len = 32});
+  Engine base(m, {.max_len = 32, .linear_path = LinearPath::kTorch});
+  auto ids = RandomTokens(9, 97, 5);
+  KVCache c1 = fast.NewCache(1), c2 = base.NewCache(1);
+  for (size_t t = 0; t < ids.size(); ++t) {
+    SeqInput in{0, std::span<const int32_t>(&ids[t], 1)};
+    auto a = fast.Forward(c1, {&in, 1});
+    auto b = base.Forward(c2, {&in, 1});
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_LT(MaxAbsDiff(*a, *b), 1e-4);
+  }
+}
+
+TEST(EngineTest, SubsetOfLayersAndNarrowWidthsRunAsAnOrdinaryModel) {
+  at::InferenceMode guard;
+  Model full = TinyModel(6);
+  // Layers 0 and 2 only; layer 2 keeps one KV group (2 heads) and 40 channels; biases on o/down.
+  Model sub = full.WithLayers({0, 2});
+  auto& l = sub.layers[1];
+  const int64_t hd = full.config.head_dim;
+  l.q = l.q.narrow(0, 0, 2 * hd);
+  l.k = l.k.narrow(0, 0, hd);
+  l.v = l.v.narrow(0, 0, hd);
+  l.o = l.o.narrow(1, 0, 2 * hd);  // a strided prefix view: no copy
+  l.gate = l.gate.narrow(0, 0, 40);
+  l.up = l.up.narrow(0, 0, 40);
+  l.down = l.down.narrow(1, 0, 40);
+  l.o_bias = 0.1 * at::randn({full.config.hidden_size});
+  l.down_bias = 0.1 * at::randn({full.config.hidden_size});
+  sub.SyncConfigWithWeights();
+  EXPECT_EQ(sub.config.num_hidden_layers, 2);
+  EXPECT_EQ(sub.config.layer_kv_heads, (std::vector<int64_t>{2, 1}));
+  EXPECT_EQ(sub.config.layer_intermediate, (std::vector<int64_t>{96, 40}));
+  EXPECT_EQ(l.o.data_ptr(), full.layers[2].o.data_ptr());  // shares the supernet's storage
+  auto m = std::make_shared<const Model>(sub);
+  Engine engine(m, {.max_len = 32});
+  KVCache cache = engine.NewCache(1);
+  auto ids = RandomTokens(10, 97, 8);
+  SeqInput in{0, ids};
+  auto logits = engine.Forward(cache, {&in, 1}, true);
+  ASSERT_TRUE(logits.ok());
+  EXPECT_LT(MaxAbsDiff(*logits, Reference(sub, ids)), 1e-5);
+  // A layer with no attention heads and no channels at all still runs (bias only).
+  Model empty = sub;
+  auto& e = empty.layers[1];
+  e.q = e.q.narrow(0, 0, 0);
+  e.k = e.k.narrow(0, 0, 0);
+  e.v = e.v.narrow(0, 0, 0);
+  e.o = e.o.narrow(1, 0, 0);
+  e.gate = e.gate.narrow(0, 0, 0);
+  e.up = e.up.narrow(0, 0, 0);
+  e.down = e.down.narrow(1, 0, 0);
+  auto me = std::make_shared<const Model>(empty);
+  Engine engine2(me, {.max_len = 32});
+  KVCache c2 = engine2.NewCache(1);
+  auto l2 = engine2.Forward(c2, {&in, 1}, true);
+  ASSERT_TRUE(l2.ok()) << l2.status();
+  EXPECT_LT(MaxAbsDiff(*l2, Reference(empty, ids)), 1e-5);
+}
+
+TEST(EngineTest, GqaEqualsMultiHeadWithRepeatedKeyValueHeads) {
+  at::InferenceMode guard;
+  Model gqa = TinyModel(12, /*kv_heads=*/2);
+  // The same function as MHA: each KV head copied for its group of query heads.
+  Model mha = gqa;
+  mha.config.num_key_value_heads = 4;
+  const int64_t hd = gqa.config.head_dim;
+  for (auto& l : mha.layers) {
+    l.k = l.k.view({2, 1, hd, -1}).expand({2, 2, hd, l.k.size(1)}).reshape({4 * hd, -1});
+    l.v = l.v.view({2, 1, hd, -1}).expand({2, 2, hd, l.v.size(1)}).reshape({4 * hd, -1});
+  }
+  auto ids = RandomTokens(12, 97, 13);
+  at::Tensor a = Reference(gqa, ids), b = Reference(mha, ids);
+  EXPECT_LT(MaxAbsDiff(a, b), 1e-5);
+  Engine e(std::make_shared<const Model>(gqa), {.max_len = 32});
+  KVCache c = e.NewCache(1);
+  SeqInput in{0, ids};
+  auto l = e.Forward(c, {&in, 1}, true);
+  ASSERT_TRUE(l.ok());
+  EXPECT_LT(MaxAbsDiff(*l, b), 1e-5);
+}
+
+TEST(EngineTest, TiedHeadUsesTheEmbedding) {
+  at::InferenceMode guard;
+  Model m = TinyModel(2, 2, /*tie=*/true);
+  EXPECT_EQ(m.lm_head.data_ptr(), m.embed.data_ptr());
+  Engine e(std::make_shared<const Model>(m), {.max_len = 16});
+  KVCache c = e.NewCache(1);
+  auto ids = RandomTokens(4, 97, 2);
+  SeqInput in{0, ids};
+  auto l = e.Forward(c, {&in, 1}, true);
+  ASSERT_TRUE(l.ok());
+  EXPECT_LT(MaxAbsDiff(*l, Reference(m, ids)), 1e-5);
+}
+
+TEST(EngineTest, BadInputsAreErrorsNotCrashes) {
+  at::InferenceMode guard;
+  auto m = std::make_shared<const Model>(TinyModel());
+  Engine e(m, {.max_len = 8});
+  KVCache c = e.NewCache(1);
+  std::vector<int32_t> too_long(9, 1), bad_id = {1, 500}, ok = {1, 2};
+  SeqInput a{0, too_long}, b{0, bad_id}, s{3, ok}, empty{0, {}};
+  EXPECT_EQ(e.Forward(c, {&a, 1}).status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(e.Forward(c, {&b, 1}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(e.Forward(c, {&s, 1}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(e.Forward(c, {&empty, 1}).status().code(), absl::StatusCode::kInvalidArgument);
+  std::vector<SeqInput> twice = {{0, ok}, {0, ok}};
+  EXPECT_EQ(e.Forward(c, twice).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.length(0), 0);  // nothing was appended by the failed calls
+}
+
+TEST(TorchForwardTest, PaddingMaskMatchesUnpadded) {
+  Model m = TinyModel(8);
+  auto ids = RandomTokens(6, 97, 9);
+  at::Tensor ref = Reference(m, ids);
+  // Left-pad to 9 with token 0 and mask it out.
+  std::vector<int64_t> padded = {0, 0, 0};
+  for (int32_t t : ids) padded.push_back(t);
+  at::Tensor tok = at::tensor(padded).unsqueeze(0);
+  at::Tensor mask = at::tensor(std::vector<int64_t>{0, 0, 0, 1, 1, 1, 1, 1, 1}).unsqueeze(0);
+  at::Tensor out = TorchForward(m, tok, {.linear = nullptr, .attention_mask = mask})[0].narrow(0, 3, 6);
+  EXPECT_LT(MaxAbsDiff(out, ref), 1e-5);
+}
+
+TEST(TorchForwardTest, GradientsFlowToHookedProjections) {
+  Model m = TinyModel(8);
+  at::Tensor extra = at::zeros({m.config.hidden_size}).set_requires_grad(true);
+  TorchForwardOptions opt;
+  opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+    at::Tensor y = at::linear(x, w, b);
+    if (p == Proj::kDown && layer == 1) y = y + extra;
+    return y;
+  };
+  at::Tensor tok = at::tensor(std::vector<int64_t>{1, 2, 3, 4}).unsqueeze(0);
+  TorchForward(m, tok, opt).sum().backward();
+  ASSERT_TRUE(extra.grad().defined());
+  EXPECT_GT(extra.grad().abs().sum().item<double>(), 0.0);
+}
+
+}  // namespace
+}  // namespace amoeba

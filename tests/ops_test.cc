@@ -1,0 +1,119 @@
+// Hand-computed checks of RoPE, RMSNorm and the linear kernels.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "model/kernels.h"
+#include "model/rope.h"
+#include "model/torch_forward.h"
+#include "tests/test_util.h"
+
+namespace amoeba {
+namespace {
+
+ModelConfig RopeConfig(int64_t head_dim, double theta) {
+  ModelConfig c = testing::TinyConfig();
+  c.head_dim = head_dim;
+  c.rope_theta = theta;
+  return c;
+}
+
+TEST(RopeTest, RotateHalfConventionByHand) {
+  // head_dim 4, theta 100: inv_freq = [1, 100^-0.5 = 0.1]. Pairs are (x0, x2) and (x1, x3) —
+  // rotate-half — not adjacent (x0, x1) as in the interleaved (GPT-J) convention.
+  RopeTable t(RopeConfig(4, 100.0), 8);
+  float x[4] = {1.f, 2.f, 3.f, 4.f};
+  const int64_t pos = 3;
+  ApplyRope(x, 1, 4, t, pos);
+  const double a0 = pos * 1.0, a1 = pos * 0.1;
+  EXPECT_NEAR(x[0], 1 * std::cos(a0) - 3 * std::sin(a0), 1e-5);
+  EXPECT_NEAR(x[2], 3 * std::cos(a0) + 1 * std::sin(a0), 1e-5);
+  EXPECT_NEAR(x[1], 2 * std::cos(a1) - 4 * std::sin(a1), 1e-5);
+  EXPECT_NEAR(x[3], 4 * std::cos(a1) + 2 * std::sin(a1), 1e-5);
+  // Position 0 is the identity.
+  float y[4] = {1.f, 2.f, 3.f, 4.f};
+  ApplyRope(y, 1, 4, t, 0);
+  EXPECT_FLOAT_EQ(y[1], 2.f);
+  EXPECT_FLOAT_EQ(y[3], 4.f);
+}
+
+TEST(RopeTest, TorchAndKernelAgree) {
+  ModelConfig c = RopeConfig(8, 10000.0);
+  RopeTable t(c, 16);
+  at::Tensor x = at::randn({1, 2, 5, 8});  // [B, heads, T, hd]
+  at::Tensor pos = at::arange(5, at::kLong).to(at::kFloat);
+  at::Tensor f = at::outer(pos, RopeInvFreq(c)).unsqueeze(0);
+  at::Tensor ref = ApplyRopeTorch(x, f.cos(), f.sin());
+  at::Tensor k = x.clone();
+  for (int64_t p = 0; p < 5; ++p)
+    for (int64_t h = 0; h < 2; ++h) ApplyRope(k[0][h][p].data_ptr<float>(), 1, 8, t, p);
+  EXPECT_LT(testing::MaxAbsDiff(k, ref), 1e-6);
+}
+
+TEST(RopeTest, LinearScalingDividesFrequencies) {
+  ModelConfig c = RopeConfig(8, 10000.0);
+  at::Tensor base = RopeInvFreq(c);
+  c.rope_scaling.type = RopeScaling::Type::kLinear;
+  c.rope_scaling.factor = 4.0;
+  EXPECT_LT(testing::MaxAbsDiff(RopeInvFreq(c), base / 4.0), 1e-9);
+}
+
+TEST(RopeTest, Llama3ScalingByHand) {
+  // head_dim 8, theta 500000: inv_freq_i = 500000^(-i/4), i = 0..3.
+  ModelConfig c = RopeConfig(8, 500000.0);
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8.0;
+  c.rope_scaling.low_freq_factor = 1.0;
+  c.rope_scaling.high_freq_factor = 4.0;
+  c.rope_scaling.original_max_position_embeddings = 64;
+  at::Tensor inv = RopeInvFreq(c);
+  const double low_wl = 64.0, high_wl = 16.0;
+  for (int i = 0; i < 4; ++i) {
+    const double f = std::pow(500000.0, -i / 4.0);
+    const double wl = 2 * M_PI / f;
+    double expect;
+    if (wl < high_wl) {
+      expect = f;  // high frequency: unchanged
+    } else if (wl > low_wl) {
+      expect = f / 8.0;  // low frequency: scaled
+    } else {
+      const double s = (64.0 / wl - 1.0) / (4.0 - 1.0);
+      expect = (1 - s) * f / 8.0 + s * f;
+    }
+    EXPECT_NEAR(inv[i].item<double>(), expect, 1e-6 * std::max(1.0, expect)) << "i=" << i;
+  }
+}
+
+TEST(RmsNormTest, ByHand) {
+  // x = [1, 2, 3, 4]: mean square 7.5.
+  float x[4] = {1, 2, 3, 4}, w[4] = {1, 0.5f, 2, 1}, out[4];
+  RmsNorm(x, w, 1, 4, 1e-6, out);
+  const double r = 1.0 / std::sqrt(7.5 + 1e-6);
+  EXPECT_NEAR(out[0], 1 * r * 1, 1e-6);
+  EXPECT_NEAR(out[1], 2 * r * 0.5, 1e-6);
+  EXPECT_NEAR(out[2], 3 * r * 2, 1e-6);
+  at::Tensor t = RmsNormTorch(at::tensor({1.f, 2.f, 3.f, 4.f}), at::tensor({1.f, 0.5f, 2.f, 1.f}), 1e-6);
+  EXPECT_NEAR(t[3].item<float>(), 4 * r, 1e-6);
+}
+
+// Every path (GEMV, skinny, GEMM) on odd sizes, prefix (strided) weights, batch 1..33.
+TEST(KernelTest, LinearMatchesTorchOnOddSizesAndPrefixViews) {
+  at::manual_seed(0);
+  for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {5, 131}, {64, 70}, {129, 3}}) {
+    at::Tensor full = at::randn({out + 7, in + 11});
+    at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);  // prefix view, row stride in+11
+    at::Tensor bias = at::randn({out});
+    for (int64_t n = 1; n <= 33; ++n) {
+      at::Tensor x = at::randn({n, in});
+      at::Tensor y = at::empty({n, out});
+      Linear(x.data_ptr<float>(), n, W, bias.data_ptr<float>(), y.data_ptr<float>());
+      at::Tensor ref = at::linear(x, W, bias);
+      const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
+      EXPECT_LT(rel, 1e-5) << out << "x" << in << " n=" << n;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace amoeba
