@@ -21,7 +21,11 @@ const char* FinishReasonName(FinishReason r) {
 
 TokenStream::TokenStream(const Tokenizer& tok, const ModelConfig& config,
                          const GenerationOptions& options, std::span<const int32_t> prompt)
-    : config_(config), opt_(options), sampler_(options.sampling, config.vocab_size), decoder_(tok) {
+    : config_(config),
+      opt_(options),
+      sampler_(options.sampling, config.vocab_size),
+      // Only a prompt of nothing but BOS makes the output the start of the text.
+      decoder_(tok, prompt.empty() || (prompt.size() == 1 && prompt[0] == config.bos_token_id)) {
   for (int32_t t : prompt) sampler_.Observe(t);
   for (const auto& s : opt_.stop) max_stop_ = std::max(max_stop_, s.size());
   tokens_.reserve(opt_.max_new_tokens);

@@ -110,11 +110,11 @@ std::string StreamingDecoder::Flush() {
   return out;
 }
 
-void StreamingDecoder::Reset() {
+void StreamingDecoder::Reset(bool at_text_start) {
   pending_.clear();
   text_.clear();
   delta_.clear();
-  at_start_ = true;
+  at_start_ = at_text_start;
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir) {

@@ -41,13 +41,16 @@ bool IsValidUtf8(std::string_view s);
 // Feeds token ids one by one and returns the text that became complete.
 class StreamingDecoder {
  public:
-  explicit StreamingDecoder(const Tokenizer& tok) : tok_(tok) {}
+  // `at_text_start`: the first token begins the text (SentencePiece then drops its leading space);
+  // false when continuing a prompt, whose next word keeps its space.
+  explicit StreamingDecoder(const Tokenizer& tok, bool at_text_start = true)
+      : tok_(tok), at_start_(at_text_start) {}
   // Text that became complete with this token (may be empty). Valid until the next call.
   std::string_view Push(int32_t id);
   // Whatever is left (an incomplete tail becomes U+FFFD).
   std::string Flush();
   const std::string& text() const { return text_; }
-  void Reset();
+  void Reset(bool at_text_start = true);
 
  private:
   const Tokenizer& tok_;

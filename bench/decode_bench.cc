@@ -1,0 +1,142 @@
+// bench/decode: prefill and decode throughput of the engine against the memory roofline.
+// For each preset and batch size it runs the libtorch-linear baseline and Amoeba's kernels side
+// by side in one process, and writes JSON plus a Markdown summary.
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_split.h"
+#include "bench/bandwidth.h"
+#include "model/engine.h"
+#include "model/presets.h"
+#include "model/runtime.h"
+
+namespace amoeba::bench {
+namespace {
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  std::string presets = "100m";
+  std::string batches = "1,8";
+  int prompt_len = 128;
+  int decode_steps = 32;
+  int threads = 0;
+  std::string out_json = "bench/results/decode.json";
+  std::string out_md = "bench/results/decode.md";
+};
+
+double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Decode tokens/s (aggregate) for `batch` concurrent sequences after a short prompt each.
+double DecodeRate(Engine& e, int batch, int steps) {
+  KVCache cache = e.NewCache(batch);
+  std::vector<int32_t> prompt = {1, 5, 9, 13, 17, 21, 25, 29};
+  std::vector<SeqInput> seqs;
+  for (int b = 0; b < batch; ++b) seqs.push_back({b, prompt});
+  (void)e.Forward(cache, seqs);
+  std::vector<int32_t> next(batch, 7);
+  for (int b = 0; b < batch; ++b) seqs[b].tokens = {&next[b], 1};
+  (void)e.Forward(cache, seqs);  // warm-up step
+  const auto t0 = Clock::now();
+  for (int s = 0; s < steps; ++s) {
+    auto l = e.Forward(cache, seqs);
+    for (int b = 0; b < batch; ++b) next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
+  }
+  return batch * steps / Seconds(t0);
+}
+
+double PrefillRate(Engine& e, int len) {
+  KVCache cache = e.NewCache(1);
+  std::vector<int32_t> prompt(len);
+  for (int i = 0; i < len; ++i) prompt[i] = (i * 7 + 3) % 200;
+  SeqInput in{0, prompt};
+  (void)e.Forward(cache, {&in, 1});
+  cache.Reset(0);
+  const auto t0 = Clock::now();
+  (void)e.Forward(cache, {&in, 1});
+  return len / Seconds(t0);
+}
+
+int Run(const Options& o) {
+  InitRuntime(o.threads);
+  at::InferenceMode guard;
+  const double bw = MeasureReadBandwidthGBs();
+  spdlog::info("bench/decode: memory read bandwidth {:.1f} GB/s", bw);
+  nlohmann::json out = {{"bandwidth_gbs", bw}, {"threads", at::get_num_threads()}, {"results", nlohmann::json::array()}};
+  std::vector<int> batches;
+  for (auto s : absl::StrSplit(o.batches, ',')) batches.push_back(std::stoi(std::string(s)));
+  std::string md = "# bench/decode\n\nMemory read bandwidth: " + fmt::format("{:.1f}", bw) +
+                   " GB/s, " + std::to_string(at::get_num_threads()) + " threads. Roofline = bandwidth / weight bytes per decode step.\n\n" +
+                   "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | per stream | roofline tok/s (batch 1) | % of roofline |\n"
+                   "|---|---|---|---|---|---|---|---|---|\n";
+  for (auto name : absl::StrSplit(o.presets, ',')) {
+    auto cfg = PresetConfig(std::string(name));
+    if (!cfg.ok()) {
+      spdlog::error("{}", cfg.status().ToString());
+      return 2;
+    }
+    spdlog::info("bench/decode: building random {} model", std::string(name));
+    auto model = std::make_shared<const Model>(RandomModel(*cfg, 0));
+    const double bytes = static_cast<double>(model->DecodeWeightBytes());
+    const double roof = bw * 1e9 / bytes;
+    for (auto [path, pname] : {std::pair{LinearPath::kTorch, "libtorch-linear"}, std::pair{LinearPath::kAuto, "amoeba-fp32"}}) {
+      Engine e(model, {.max_len = std::max(256, o.prompt_len + 64), .linear_path = path});
+      const double prefill = PrefillRate(e, o.prompt_len);
+      for (int b : batches) {
+        const double rate = DecodeRate(e, b, o.decode_steps);
+        const double pct = 100.0 * (rate / b) / roof;  // per decode step vs one weight pass
+        spdlog::info("{} {} batch {}: decode {:.1f} tok/s aggregate ({:.1f}/stream), roofline {:.1f}, {:.0f}%; prefill {:.0f} tok/s",
+                     std::string(name), pname, b, rate, rate / b, roof, pct, prefill);
+        out["results"].push_back({{"preset", std::string(name)}, {"params", cfg->ParameterCount()},
+                                  {"weight_bytes_per_step", bytes}, {"path", pname}, {"batch", b},
+                                  {"prefill_tokens_per_s", prefill}, {"decode_tokens_per_s", rate},
+                                  {"decode_tokens_per_s_per_stream", rate / b}, {"roofline_tokens_per_s", roof},
+                                  {"percent_of_roofline_per_step", pct}});
+        md += fmt::format("| {} | {:.0f}M | {} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% |\n", std::string(name),
+                          cfg->ParameterCount() / 1e6, pname, prefill, b, rate, rate / b, roof, pct);
+      }
+    }
+  }
+  // Ratios measured side by side.
+  md += "\nSpeed-up of amoeba-fp32 over libtorch-linear (same run):\n\n";
+  for (const auto& r : out["results"]) {
+    if (r["path"] != "amoeba-fp32") continue;
+    for (const auto& b : out["results"]) {
+      if (b["path"] == "libtorch-linear" && b["preset"] == r["preset"] && b["batch"] == r["batch"]) {
+        md += fmt::format("- {} batch {}: {:.2f}x\n", r["preset"].get<std::string>(), r["batch"].get<int>(),
+                          r["decode_tokens_per_s"].get<double>() / b["decode_tokens_per_s"].get<double>());
+      }
+    }
+  }
+  std::filesystem::create_directories(std::filesystem::path(o.out_json).parent_path());
+  std::ofstream(o.out_json) << out.dump(2) << "\n";
+  std::ofstream(o.out_md) << md;
+  std::printf("%s", md.c_str());
+  return 0;
+}
+
+}  // namespace
+}  // namespace amoeba::bench
+
+int main(int argc, char** argv) {
+  amoeba::InitLogging();
+  amoeba::bench::Options o;
+  CLI::App app{"bench/decode: prefill and decode tokens/s against the memory roofline"};
+  app.add_option("--presets", o.presets, "Comma-separated presets (tiny, 100m, tinyllama)")->capture_default_str();
+  app.add_option("--batches", o.batches, "Comma-separated decode batch sizes")->capture_default_str();
+  app.add_option("--prompt-len", o.prompt_len, "Prefill length")->capture_default_str();
+  app.add_option("--steps", o.decode_steps, "Decode steps per measurement")->capture_default_str();
+  app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
+  app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  return amoeba::bench::Run(o);
+}
