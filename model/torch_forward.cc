@@ -59,6 +59,7 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
     const LayerWeights& l = m.layers[li];
     const int layer = static_cast<int>(li);
     const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd);
+    const at::Tensor layer_input = x;
     at::Tensor h = RmsNormTorch(x, l.attn_norm, c.rms_norm_eps);
     if (hq > 0) {
       at::Tensor q = lin(layer, Proj::kQ, h, l.q, l.q_bias).view({B, T, hq, hd}).transpose(1, 2);
@@ -87,6 +88,7 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
     } else if (l.down_bias.defined()) {
       x = x + l.down_bias;
     }
+    if (opt.on_layer) opt.on_layer(layer, layer_input, x);
   }
   return RmsNormTorch(x, m.final_norm, c.rms_norm_eps);
 }

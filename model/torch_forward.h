@@ -20,6 +20,8 @@ using LinearHook = std::function<at::Tensor(int layer, Proj proj, const at::Tens
 
 struct TorchForwardOptions {
   LinearHook linear;  // empty = at::linear
+  // Called after each layer with its input and output hidden states (e.g. block influence).
+  std::function<void(int layer, const at::Tensor& input, const at::Tensor& output)> on_layer;
   // Optional [B, T] bool/int mask, 1 = real token (left or right padding both work).
   at::Tensor attention_mask;
 };

@@ -235,7 +235,7 @@ TEST(TorchForwardTest, PaddingMaskMatchesUnpadded) {
   for (int32_t t : ids) padded.push_back(t);
   at::Tensor tok = at::tensor(padded).unsqueeze(0);
   at::Tensor mask = at::tensor(std::vector<int64_t>{0, 0, 0, 1, 1, 1, 1, 1, 1}).unsqueeze(0);
-  at::Tensor out = TorchForward(m, tok, {.linear = nullptr, .attention_mask = mask})[0].narrow(0, 3, 6);
+  at::Tensor out = TorchForward(m, tok, {.linear = nullptr, .on_layer = nullptr, .attention_mask = mask})[0].narrow(0, 3, 6);
   EXPECT_LT(MaxAbsDiff(out, ref), 1e-5);
 }
 

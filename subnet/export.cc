@@ -1,0 +1,74 @@
+#include "subnet/export.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "model/file_util.h"
+#include "model/status_macros.h"
+
+namespace amoeba {
+namespace fs = std::filesystem;
+
+absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape, const ExportOptions& o) {
+  if (!o.uniform_width) return s.Extract(shape);
+  if (!s.spec().FindDepth(shape.depth)) RETURN_IF_ERROR(s.Validate(shape));
+  if (!(shape.width > 0 && shape.width <= 1)) return absl::InvalidArgumentError("shape.width: must be in (0, 1]");
+  ASSIGN_OR_RETURN(Model m, s.ExtractWith(shape.depth, AllocateUniform(s.base(), shape.width), ExtractMode::kSliced));
+  // Standard HF Llama: one kv-head count and intermediate size for all layers, and biases on all
+  // attention (resp. MLP) projections once any of them has one.
+  const int64_t H = m.config.hidden_size;
+  m.config.num_key_value_heads = m.layers.front().kv_heads(m.config.head_dim);
+  m.config.num_attention_heads = m.config.num_key_value_heads * s.base().config.group_size();
+  m.config.intermediate_size = m.layers.front().intermediate();
+  m.config.layer_kv_heads.clear();
+  m.config.layer_intermediate.clear();
+  bool attn_bias = false, mlp_bias = false;
+  for (const auto& l : m.layers) {
+    attn_bias |= l.o_bias.defined() || l.q_bias.defined();
+    mlp_bias |= l.down_bias.defined() || l.gate_bias.defined();
+  }
+  for (auto& l : m.layers) {
+    auto fill = [](at::Tensor& b, int64_t n) {
+      if (!b.defined()) b = at::zeros({n});
+    };
+    if (attn_bias) {
+      fill(l.q_bias, l.q.size(0));
+      fill(l.k_bias, l.k.size(0));
+      fill(l.v_bias, l.v.size(0));
+      fill(l.o_bias, H);
+    }
+    if (mlp_bias) {
+      fill(l.gate_bias, l.gate.size(0));
+      fill(l.up_bias, l.up.size(0));
+      fill(l.down_bias, H);
+    }
+  }
+  m.config.attention_bias = attn_bias;
+  m.config.mlp_bias = mlp_bias;
+  return m;
+}
+
+absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::string& out_dir, const ExportOptions& o) {
+  const std::string tmp = out_dir + ".tmp-export";
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", ec.message()));
+  absl::Status st = SaveModel(subnet, tmp, o.dtype);
+  if (st.ok() && !s.dir().empty()) {
+    for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "generation_config.json"}) {
+      const fs::path src = fs::path(s.dir()) / f;
+      if (fs::exists(src)) fs::copy_file(src, fs::path(tmp) / f, fs::copy_options::overwrite_existing, ec);
+      if (ec) {
+        st = absl::InternalError(absl::StrCat("copy ", src.string(), ": ", ec.message()));
+        break;
+      }
+    }
+  }
+  if (st.ok()) st = ReplaceDirectory(tmp, out_dir);
+  if (!st.ok()) fs::remove_all(tmp, ec);
+  return st;
+}
+
+}  // namespace amoeba

@@ -1,0 +1,102 @@
+// A supernet directory (design §3): permuted HF weights + amoeba.json (shape grid, depth table,
+// width table, provenance, profile) + width.safetensors (activation means and compensation
+// biases). From it any grid shape becomes an ordinary Model whose matrices are prefix views of the
+// supernet's (no weight copies).
+#pragma once
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/statusor.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
+#include "subnet/width_importance.h"
+
+namespace amoeba {
+
+struct Shape {
+  int64_t depth = 0;
+  double width = 1.0;
+  std::string ToString() const;
+  // "depth=18,width=0.75" (either part may be omitted: full depth / full width).
+  static absl::StatusOr<Shape> Parse(const std::string& s, int64_t full_depth);
+  bool operator==(const Shape& o) const { return depth == o.depth && width == o.width; }
+};
+
+struct DepthEntry {
+  int64_t depth = 0;
+  std::vector<int> layers;  // active layers, ascending
+  double metric = 0;        // calibration metric of this layer set at full width
+  // Baselines at the same depth: name → (layers, metric).
+  std::map<std::string, std::pair<std::vector<int>, double>> baselines;
+};
+
+struct WidthEntry {
+  double ratio = 1.0;
+  WidthAllocation alloc;
+};
+
+struct SupernetSpec {
+  std::vector<int64_t> depths;  // ascending
+  std::vector<double> widths;   // descending, widths[0] == 1
+  std::string metric = "perplexity";
+  std::vector<DepthEntry> depth_table;
+  std::vector<WidthEntry> width_table;
+  nlohmann::json calibration = nlohmann::json::object();  // provenance
+  nlohmann::json profile = nlohmann::json::array();       // per-shape figures
+  nlohmann::json smol;                                     // adapters config, null when untuned
+
+  const DepthEntry* FindDepth(int64_t d) const;
+  const WidthEntry* FindWidth(double w) const;
+  nlohmann::json ToJson() const;
+  static absl::StatusOr<SupernetSpec> FromJson(const nlohmann::json& j, int64_t num_layers);
+};
+
+enum class ExtractMode {
+  kSliced,  // narrowed views: the real, fast subnet
+  kMasked,  // full-width copies with removed units zeroed: only to check equivalence
+};
+
+class Supernet {
+ public:
+  // Loads a finished supernet directory; errors name the missing or corrupt piece.
+  static absl::StatusOr<std::unique_ptr<Supernet>> Load(const std::string& dir);
+  // Builds one in memory (calibration, tests, benchmarks).
+  Supernet(Model permuted, SupernetSpec spec, std::vector<at::Tensor> o_mean, std::vector<at::Tensor> down_mean);
+
+  const Model& base() const { return base_; }
+  const SupernetSpec& spec() const { return spec_; }
+  const std::string& dir() const { return dir_; }
+  const Tokenizer* tokenizer() const { return tokenizer_.get(); }
+
+  // Checks that `shape` is on the grid (the message names the field).
+  absl::Status Validate(const Shape& s) const;
+  absl::StatusOr<Model> Extract(const Shape& s, ExtractMode mode = ExtractMode::kSliced) const;
+  // Any allocation (e.g. uniform widths), with the layers of `depth`.
+  absl::StatusOr<Model> ExtractWith(int64_t depth, const WidthAllocation& alloc, ExtractMode mode) const;
+  // Shapes of the grid, largest first.
+  std::vector<Shape> GridShapes() const;
+  Shape FullShape() const { return {base_.config.num_hidden_layers, 1.0}; }
+  Shape SmallestShape() const { return {spec_.depths.front(), spec_.widths.back()}; }
+
+  // Writes amoeba.json and width.safetensors into `dir` (the HF files are written separately).
+  absl::Status SaveMetadata(const std::string& dir) const;
+  void set_spec(SupernetSpec s) { spec_ = std::move(s); }
+
+ private:
+  at::Tensor Bias(int64_t layer, bool attention, int64_t kept) const;
+
+  std::string dir_;
+  Model base_;
+  SupernetSpec spec_;
+  std::vector<at::Tensor> o_mean_, down_mean_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  mutable std::mutex bias_mu_;
+  mutable std::map<std::tuple<int64_t, bool, int64_t>, at::Tensor> bias_cache_;
+};
+
+}  // namespace amoeba

@@ -1,0 +1,184 @@
+#include "subnet/width_importance.h"
+
+#include <algorithm>
+#include <numeric>
+#include <tuple>
+
+#include "model/progress.h"
+#include "model/torch_forward.h"
+
+namespace amoeba {
+
+ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows, int64_t batch, Progress* progress) {
+  at::InferenceMode guard;
+  const size_t L = m.layers.size();
+  std::vector<at::Tensor> o_sum(L), o_sq(L), d_sum(L), d_sq(L);
+  int64_t tokens = 0;
+  TorchForwardOptions opt;
+  opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+    if (p == Proj::kO || p == Proj::kDown) {
+      at::Tensor xd = x.reshape({-1, x.size(-1)}).to(at::kDouble);  // sums in fp64
+      at::Tensor s = xd.sum(0), q = xd.pow(2).sum(0);
+      auto& S = p == Proj::kO ? o_sum[layer] : d_sum[layer];
+      auto& Q = p == Proj::kO ? o_sq[layer] : d_sq[layer];
+      S = S.defined() ? S + s : s;
+      Q = Q.defined() ? Q + q : q;
+    }
+    return at::linear(x, w, b);
+  };
+  for (int64_t b = 0; b < windows.size(0); b += batch) {
+    at::Tensor w = windows.narrow(0, b, std::min(batch, windows.size(0) - b));
+    TorchHidden(m, w, opt);
+    tokens += w.numel();
+    if (progress) progress->Advance(w.size(0));
+  }
+  ActivationStats st;
+  for (size_t l = 0; l < L; ++l) {
+    const auto& layer = m.layers[l];
+    auto finish = [&](const at::Tensor& s, const at::Tensor& q, int64_t n, at::Tensor* mean, at::Tensor* var) {
+      if (!s.defined()) {  // zero-width layer
+        *mean = at::zeros({n});
+        *var = at::zeros({n});
+        return;
+      }
+      at::Tensor mu = s / static_cast<double>(tokens);
+      *mean = mu.to(at::kFloat);
+      *var = (q / static_cast<double>(tokens) - mu.pow(2)).clamp_min(0).to(at::kFloat);
+    };
+    st.o_mean.emplace_back();
+    st.o_var.emplace_back();
+    st.down_mean.emplace_back();
+    st.down_var.emplace_back();
+    finish(o_sum[l], o_sq[l], layer.o.size(1), &st.o_mean.back(), &st.o_var.back());
+    finish(d_sum[l], d_sq[l], layer.down.size(1), &st.down_mean.back(), &st.down_var.back());
+  }
+  return st;
+}
+
+namespace {
+at::Tensor Standardize(const at::Tensor& x) {
+  if (x.numel() < 2) return at::zeros_like(x);
+  return (x - x.mean()) / (x.std(/*unbiased=*/false) + 1e-12);
+}
+}  // namespace
+
+WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s) {
+  const int64_t hd = m.config.head_dim, G = m.config.group_size();
+  WidthScores out;
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    const auto& layer = m.layers[l];
+    // Attention: S_j = F_j ||W_o[:, j]||², squared, standardised, averaged per KV group.
+    at::Tensor so = s.o_var[l].to(at::kDouble) * layer.o.to(at::kDouble).pow(2).sum(0);
+    at::Tensor zo = Standardize(so.pow(2));
+    const int64_t groups = layer.kv_heads(hd);
+    out.group.push_back(groups ? zo.view({groups, G * hd}).mean(1).to(at::kFloat) : at::zeros({0}));
+    // MLP: S_j = F_j ||W_down[:, j]||², standardised.
+    at::Tensor sd = s.down_var[l].to(at::kDouble) * layer.down.to(at::kDouble).pow(2).sum(0);
+    out.channel.push_back(Standardize(sd).to(at::kFloat));
+  }
+  return out;
+}
+
+int64_t GroupParams(const ModelConfig& c) {
+  const int64_t G = c.group_size();
+  return c.hidden_size * c.head_dim * (2 * G + 2);  // q (G heads), k, v rows + o columns
+}
+int64_t ChannelParams(const ModelConfig& c) { return 3 * c.hidden_size; }
+
+int64_t WidthParams(const Model& m) {
+  int64_t n = 0;
+  for (const auto& l : m.layers) {
+    n += l.kv_heads(m.config.head_dim) * GroupParams(m.config) + l.intermediate() * ChannelParams(m.config);
+  }
+  return n;
+}
+
+WidthAllocation AllocateGlobal(const Model& m, const WidthScores& sc, double ratio) {
+  struct Unit {
+    float score;
+    int layer;
+    int64_t index;
+    bool attention;
+  };
+  std::vector<Unit> units;
+  const size_t L = m.layers.size();
+  for (size_t l = 0; l < L; ++l) {
+    auto g = sc.group[l].contiguous();
+    for (int64_t i = 0; i < g.numel(); ++i) units.push_back({g.data_ptr<float>()[i], static_cast<int>(l), i, true});
+    auto c = sc.channel[l].contiguous();
+    for (int64_t i = 0; i < c.numel(); ++i) units.push_back({c.data_ptr<float>()[i], static_cast<int>(l), i, false});
+  }
+  // Best first; ties by (layer, index) so that within a layer the kept set stays a prefix.
+  std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) {
+    if (a.score != b.score) return a.score > b.score;
+    return std::tie(a.layer, a.attention, a.index) < std::tie(b.layer, b.attention, b.index);
+  });
+  WidthAllocation a;
+  a.kv_groups.assign(L, 0);
+  a.channels.assign(L, 0);
+  const double target = ratio * static_cast<double>(WidthParams(m));
+  const int64_t gp = GroupParams(m.config), cp = ChannelParams(m.config);
+  for (const Unit& u : units) {
+    if (static_cast<double>(a.params) >= target) break;
+    if (u.attention) {
+      a.kv_groups[u.layer] = std::max(a.kv_groups[u.layer], u.index + 1);
+      a.params += gp;
+    } else {
+      a.channels[u.layer] = std::max(a.channels[u.layer], u.index + 1);
+      a.params += cp;
+    }
+  }
+  return a;
+}
+
+WidthAllocation AllocateUniform(const Model& m, double ratio) {
+  WidthAllocation a;
+  const int64_t hd = m.config.head_dim;
+  for (const auto& l : m.layers) {
+    a.kv_groups.push_back(std::max<int64_t>(1, std::llround(ratio * l.kv_heads(hd))));
+    a.channels.push_back(std::max<int64_t>(1, std::llround(ratio * l.intermediate())));
+    a.params += a.kv_groups.back() * GroupParams(m.config) + a.channels.back() * ChannelParams(m.config);
+  }
+  return a;
+}
+
+void PermuteByScore(Model& m, WidthScores& scores, ActivationStats& stats) {
+  const int64_t hd = m.config.head_dim, G = m.config.group_size();
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    LayerWeights& w = m.layers[l];
+    const int64_t groups = w.kv_heads(hd);
+    at::Tensor gorder = std::get<1>(scores.group[l].sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+    at::Tensor corder = std::get<1>(scores.channel[l].sort(true, 0, true));
+    // Row indices: KV group g owns k/v rows [g*hd, (g+1)*hd) and q rows [g*G*hd, (g+1)*G*hd).
+    at::Tensor kv_rows = (gorder.unsqueeze(1) * hd + at::arange(hd, at::kLong)).reshape({-1});
+    at::Tensor q_rows = (gorder.unsqueeze(1) * (G * hd) + at::arange(G * hd, at::kLong)).reshape({-1});
+    if (groups > 0) {
+      w.q = w.q.index_select(0, q_rows).contiguous();
+      w.k = w.k.index_select(0, kv_rows).contiguous();
+      w.v = w.v.index_select(0, kv_rows).contiguous();
+      w.o = w.o.index_select(1, q_rows).contiguous();
+      if (w.q_bias.defined()) w.q_bias = w.q_bias.index_select(0, q_rows);
+      if (w.k_bias.defined()) w.k_bias = w.k_bias.index_select(0, kv_rows);
+      if (w.v_bias.defined()) w.v_bias = w.v_bias.index_select(0, kv_rows);
+      stats.o_mean[l] = stats.o_mean[l].index_select(0, q_rows);
+      stats.o_var[l] = stats.o_var[l].index_select(0, q_rows);
+      scores.group[l] = scores.group[l].index_select(0, gorder);
+    }
+    w.gate = w.gate.index_select(0, corder).contiguous();
+    w.up = w.up.index_select(0, corder).contiguous();
+    w.down = w.down.index_select(1, corder).contiguous();
+    if (w.gate_bias.defined()) w.gate_bias = w.gate_bias.index_select(0, corder);
+    if (w.up_bias.defined()) w.up_bias = w.up_bias.index_select(0, corder);
+    stats.down_mean[l] = stats.down_mean[l].index_select(0, corder);
+    stats.down_var[l] = stats.down_var[l].index_select(0, corder);
+    scores.channel[l] = scores.channel[l].index_select(0, corder);
+  }
+}
+
+at::Tensor CompensationBias(const at::Tensor& weight, const at::Tensor& mean, int64_t kept) {
+  const int64_t in = weight.size(1);
+  if (kept >= in) return at::zeros({weight.size(0)});
+  return at::mv(weight.narrow(1, kept, in - kept), mean.narrow(0, kept, in - kept));
+}
+
+}  // namespace amoeba
