@@ -4,6 +4,8 @@
 #include <CLI/CLI.hpp>
 #include <functional>
 
+#include "absl/status/status.h"
+
 namespace amoeba::admin {
 
 using Runner = std::function<int()>;
@@ -11,6 +13,8 @@ using Runner = std::function<int()>;
 // Registers a subcommand; the returned runner is called when it was selected.
 Runner AddInitCommand(CLI::App& app);
 Runner AddGenerateCommand(CLI::App& app);
+Runner AddCalibrateCommand(CLI::App& app);
+Runner AddExportCommand(CLI::App& app);
 
 // Exit code for a failed absl::Status: 2 for bad input, 1 otherwise.
 int ExitCodeFor(const absl::Status& st);

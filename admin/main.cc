@@ -33,6 +33,8 @@ int main(int argc, char** argv) {
   };
   add("init", amoeba::admin::AddInitCommand(app));
   add("generate", amoeba::admin::AddGenerateCommand(app));
+  add("calibrate", amoeba::admin::AddCalibrateCommand(app));
+  add("export", amoeba::admin::AddExportCommand(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

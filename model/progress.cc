@@ -37,6 +37,8 @@ void Progress::Draw(bool force) {
   const auto now = Clock::now();
   const double since_draw = std::chrono::duration<double>(now - last_draw_).count();
   if (!force && since_draw < (tty_ ? 0.2 : 5.0)) return;
+  if (force && drawn_done_ == done_ && done_ > start_done_) return;  // nothing new to show
+  drawn_done_ = done_;
   last_draw_ = now;
   const double elapsed = std::chrono::duration<double>(now - start_).count();
   const double rate = elapsed > 0 ? (done_ - start_done_) / elapsed : 0.0;

@@ -17,7 +17,7 @@ class Progress {
  private:
   void Draw(bool force);
   std::string label_;
-  int64_t total_, done_, start_done_;
+  int64_t total_, done_, start_done_, drawn_done_ = -1;
   std::string status_;
   std::chrono::steady_clock::time_point start_, last_draw_;
   bool tty_, finished_ = false;

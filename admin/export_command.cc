@@ -1,0 +1,50 @@
+// amoeba-admin export: one shape of a supernet as a standalone HF directory.
+#include <spdlog/spdlog.h>
+
+#include <memory>
+
+#include "admin/commands.h"
+#include "model/runtime.h"
+#include "model/status_macros.h"
+#include "subnet/export.h"
+
+namespace amoeba::admin {
+
+namespace {
+struct ExportFlags {
+  std::string supernet, shape, out, dtype = "f32";
+  bool uniform = false;
+};
+
+absl::Status RunExport(const ExportFlags& f) {
+  ExportOptions o;
+  o.uniform_width = f.uniform;
+  if (f.dtype == "f16") o.dtype = at::kHalf;
+  else if (f.dtype == "bf16") o.dtype = at::kBFloat16;
+  else if (f.dtype != "f32") return absl::InvalidArgumentError("--dtype: f32, f16 or bf16");
+  at::InferenceMode guard;
+  ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
+  ASSIGN_OR_RETURN(Shape shape, Shape::Parse(f.shape, s->base().config.num_hidden_layers));
+  ASSIGN_OR_RETURN(Model m, SubnetForExport(*s, shape, o));
+  RETURN_IF_ERROR(WriteExport(*s, m, f.out, o));
+  spdlog::info("export: {} ({} params) → {}", shape.ToString(), m.config.ParameterCount(), f.out);
+  return absl::OkStatus();
+}
+}  // namespace
+
+Runner AddExportCommand(CLI::App& app) {
+  auto f = std::make_shared<ExportFlags>();
+  CLI::App* cmd = app.add_subcommand("export", "Write one subnet as a standalone HF directory");
+  cmd->add_option("--supernet", f->supernet, "Supernet directory")->required();
+  cmd->add_option("--shape", f->shape, "depth=D,width=W")->required();
+  cmd->add_option("--out", f->out, "Output directory")->required();
+  cmd->add_flag("--uniform-width", f->uniform, "Same width in every layer: a standard LlamaForCausalLM");
+  cmd->add_option("--dtype", f->dtype, "f32 | f16 | bf16")->capture_default_str();
+  return [f]() {
+    absl::Status st = RunExport(*f);
+    if (!st.ok()) spdlog::error("export: {}", st.ToString());
+    return ExitCodeFor(st);
+  };
+}
+
+}  // namespace amoeba::admin

@@ -1,0 +1,381 @@
+// Subnet selection and extraction: permutation preserves the function, sliced == masked, nested
+// widths, the DP's rule, resume, export round trips, and bad supernet directories.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "model/engine.h"
+#include "model/file_util.h"
+#include "model/presets.h"
+#include "model/torch_forward.h"
+#include "subnet/calibrate.h"
+#include "subnet/calibration_data.h"
+#include "subnet/depth_search.h"
+#include "subnet/export.h"
+#include "subnet/metrics.h"
+#include "subnet/width_importance.h"
+#include "tests/test_util.h"
+
+namespace amoeba {
+namespace {
+namespace fs = std::filesystem;
+using testing::MaxAbsDiff;
+using testing::TempDir;
+
+Model SixLayerModel(uint64_t seed = 1) {
+  ModelConfig c = testing::TinyConfig();
+  c.num_hidden_layers = 6;
+  Model m = RandomModel(c, seed, 0.15);
+  for (auto& l : m.layers) {
+    l.attn_norm = 1 + 0.1 * at::randn_like(l.attn_norm);
+    l.mlp_norm = 1 + 0.1 * at::randn_like(l.mlp_norm);
+  }
+  return m;
+}
+
+at::Tensor RandomWindows(int64_t n, int64_t len, int64_t vocab, uint64_t seed) {
+  at::manual_seed(seed);
+  return at::randint(vocab, {n, len}, at::kLong);
+}
+
+CalibrateOptions SmallOptions() {
+  CalibrateOptions o;
+  o.windows = 8;
+  o.window_len = 24;
+  o.dp_windows = 4;
+  o.batch = 4;
+  return o;
+}
+
+std::unique_ptr<Supernet> BuildSmall(const Model& m, const CalibrateOptions& o = SmallOptions()) {
+  at::Tensor w = RandomWindows(o.windows, o.window_len, m.config.vocab_size, 3);
+  auto b = BuildSupernet(m, w, w.narrow(0, 0, o.dp_windows), o);
+  EXPECT_TRUE(b.ok()) << b.status();
+  return std::move(b->supernet);
+}
+
+at::Tensor Logits(const Model& m, const at::Tensor& tokens) {
+  at::InferenceMode g;
+  return TorchForward(m, tokens);
+}
+
+TEST(WidthTest, PermutedSupernetEqualsOriginal) {
+  Model m = SixLayerModel();
+  auto s = BuildSmall(m);
+  at::Tensor tok = RandomWindows(2, 12, m.config.vocab_size, 9);
+  EXPECT_LT(MaxAbsDiff(Logits(m, tok), Logits(s->base(), tok)), 1e-5);
+  // The permutation really moved something.
+  EXPECT_FALSE(at::equal(m.layers[0].gate, s->base().layers[0].gate));
+}
+
+TEST(WidthTest, SlicedSubnetEqualsMaskedSupernet) {
+  Model m = SixLayerModel(2);
+  auto s = BuildSmall(m);
+  at::Tensor tok = RandomWindows(2, 10, m.config.vocab_size, 4);
+  std::vector<Shape> shapes = {s->FullShape(), {6, 0.75}, {5, 0.875}, s->SmallestShape()};
+  for (const Shape& sh : shapes) {
+    auto sliced = s->Extract(sh, ExtractMode::kSliced);
+    auto masked = s->Extract(sh, ExtractMode::kMasked);
+    ASSERT_TRUE(sliced.ok() && masked.ok()) << sh.ToString();
+    EXPECT_LT(MaxAbsDiff(Logits(*sliced, tok), Logits(*masked, tok)), 1e-5) << sh.ToString();
+    EXPECT_EQ(sliced->config.num_hidden_layers, sh.depth);
+    if (sh.width < 1) {
+      EXPECT_LT(sliced->config.ParameterCount(), masked->config.ParameterCount());
+    }
+    // Slicing shares the supernet's storage.
+    const int first = s->spec().FindDepth(sh.depth)->layers[0];
+    EXPECT_EQ(sliced->layers[0].q.data_ptr(), s->base().layers[first].q.data_ptr());
+  }
+  // And the fast engine agrees on the sliced subnet (strided prefix weights, biases).
+  auto sub = s->Extract(s->SmallestShape());
+  Engine e(std::make_shared<const Model>(*sub), {.max_len = 16});
+  KVCache c = e.NewCache(1);
+  std::vector<int32_t> ids(tok[0].data_ptr<int64_t>(), tok[0].data_ptr<int64_t>() + 10);
+  SeqInput in{0, ids};
+  at::InferenceMode g;
+  auto l = e.Forward(c, {&in, 1}, true);
+  ASSERT_TRUE(l.ok());
+  EXPECT_LT(MaxAbsDiff(*l, Logits(*sub, tok)[0]), 1e-5);
+}
+
+TEST(WidthTest, BiasCompensationHelpsOnAverage) {
+  // Removing channels with their mean contribution compensated should change the output less than
+  // removing them outright, measured on the calibration data itself.
+  Model m = SixLayerModel(5);
+  CalibrateOptions o = SmallOptions();
+  auto s = BuildSmall(m, o);
+  at::Tensor w = RandomWindows(o.windows, o.window_len, m.config.vocab_size, 3);
+  auto sub = s->Extract({6, 0.625});
+  Model nobias = *sub;
+  for (auto& l : nobias.layers) {
+    l.o_bias = at::Tensor();
+    l.down_bias = at::Tensor();
+  }
+  at::Tensor ref = Logits(s->base(), w);
+  const double with = (Logits(*sub, w) - ref).pow(2).mean().item<double>();
+  const double without = (Logits(nobias, w) - ref).pow(2).mean().item<double>();
+  EXPECT_LT(with, without);
+}
+
+TEST(WidthTest, WidthsAreNestedAndMatchTheRatio) {
+  Model m = SixLayerModel(3);
+  auto s = BuildSmall(m);
+  const auto& wt = s->spec().width_table;
+  ASSERT_EQ(wt.size(), 4u);
+  const int64_t total = WidthParams(s->base());
+  const int64_t unit = std::max(GroupParams(m.config), ChannelParams(m.config));
+  for (size_t i = 0; i < wt.size(); ++i) {
+    const auto& a = wt[i].alloc;
+    EXPECT_GE(a.params, wt[i].ratio * total - 1e-6);
+    EXPECT_LT(a.params, wt[i].ratio * total + unit) << "ratio " << wt[i].ratio;
+    int64_t recount = 0;
+    for (size_t l = 0; l < a.kv_groups.size(); ++l)
+      recount += a.kv_groups[l] * GroupParams(m.config) + a.channels[l] * ChannelParams(m.config);
+    EXPECT_EQ(recount, a.params);
+    if (i > 0) {
+      for (size_t l = 0; l < a.kv_groups.size(); ++l) {  // nested: smaller ⊂ larger
+        EXPECT_LE(a.kv_groups[l], wt[i - 1].alloc.kv_groups[l]);
+        EXPECT_LE(a.channels[l], wt[i - 1].alloc.channels[l]);
+      }
+    }
+  }
+  // Widths differ per layer for the global allocation.
+  std::set<int64_t> distinct(wt[3].alloc.channels.begin(), wt[3].alloc.channels.end());
+  EXPECT_GT(distinct.size(), 1u);
+  // Scores are sorted after permutation: the kept set is the top-scored prefix.
+  WidthAllocation u = AllocateUniform(s->base(), 0.5);
+  for (int64_t c : u.channels) EXPECT_EQ(c, 48);
+}
+
+TEST(DepthTest, DpFollowsItsRuleAndIsExactForAdditiveMetrics) {
+  const int64_t L = 7, K = 1, dmin = 3;
+  // Additive metric: the DP is exact, so it must match brute force.
+  std::vector<double> cost = {5, 1, 4, 2, 8, 3, 100};
+  int evals = 0;
+  DepthMetric add;
+  add.eval = [&](const std::vector<int>& active) {
+    ++evals;
+    double s = 0;
+    for (int l : active) s += cost[l];
+    return -s;  // removing cheap layers is best: keep the expensive ones
+  };
+  DepthSearchOptions o;
+  o.num_layers = L;
+  o.min_depth = dmin;
+  o.keep_last = K;
+  o.show_progress = false;
+  auto r = DpDepthSearch(o, add);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(evals, DpEvaluationCount(L, dmin, K) + 1);  // + the full model
+  for (const auto& e : *r) {
+    // Brute force over all removal sets of the same size among the candidates.
+    const int m = static_cast<int>(L - e.depth);
+    double best = INFINITY;
+    for (int mask = 0; mask < (1 << (L - K)); ++mask) {
+      if (__builtin_popcount(mask) != m) continue;
+      std::vector<int> active;
+      for (int l = 0; l < L; ++l)
+        if (l >= L - K || !(mask & (1 << l))) active.push_back(l);
+      double s = 0;
+      for (int l : active) s -= cost[l];
+      best = std::min(best, s);
+    }
+    EXPECT_DOUBLE_EQ(e.metric, best) << "depth " << e.depth;
+    EXPECT_EQ(e.layers.back(), L - 1);  // the last layer is always kept
+  }
+}
+
+TEST(DepthTest, DpOnAModelAgainstBruteForce) {
+  Model m = SixLayerModel(4);
+  at::Tensor w = RandomWindows(2, 16, m.config.vocab_size, 1);
+  DepthMetric ppl;
+  ppl.eval = [&](const std::vector<int>& a) { return Perplexity(m.WithLayers(a), w); };
+  DepthSearchOptions o;
+  o.num_layers = 6;
+  o.min_depth = 3;
+  o.keep_last = 1;
+  o.show_progress = false;
+  auto r = DpDepthSearch(o, ppl);
+  ASSERT_TRUE(r.ok());
+  for (const auto& e : *r) {
+    // The reported metric is the metric of the reported layers.
+    EXPECT_NEAR(e.metric, ppl.eval(e.layers), 1e-6 * e.metric);
+    // Not exhaustive: never better than the brute-force optimum, and it is one of the sets.
+    double best = INFINITY;
+    for (int mask = 0; mask < 32; ++mask) {
+      if (__builtin_popcount(mask) != 6 - e.depth) continue;
+      std::vector<int> active;
+      for (int l = 0; l < 6; ++l)
+        if (l == 5 || !(mask & (1 << l))) active.push_back(l);
+      best = std::min(best, ppl.eval(active));
+    }
+    EXPECT_GE(e.metric, best - 1e-9);
+  }
+  // The DP's d = L-1 answer is the best single removal (the DP compares all of them).
+  double best1 = INFINITY;
+  for (int l = 0; l < 5; ++l) {
+    std::vector<int> a;
+    for (int k = 0; k < 6; ++k)
+      if (k != l) a.push_back(k);
+    best1 = std::min(best1, ppl.eval(a));
+  }
+  EXPECT_DOUBLE_EQ((*r)[2].metric, best1);
+}
+
+TEST(DepthTest, InterruptedSearchResumesFromItsState) {
+  TempDir dir;
+  int evals = 0;
+  DepthMetric add;
+  add.eval = [&](const std::vector<int>& active) {
+    ++evals;
+    double s = 0;
+    for (int l : active) s += (l * 7 % 5) + 0.1 * l;
+    return s;
+  };
+  DepthSearchOptions o{.num_layers = 8, .min_depth = 4, .keep_last = 1, .state_path = dir.file("state.json"),
+                       .fingerprint = "fp", .show_progress = false};
+  auto full = DpDepthSearch(o, add);
+  ASSERT_TRUE(full.ok());
+  const int first = evals;
+  // Simulate a kill part-way: keep only some cached evaluations.
+  auto j = nlohmann::json::parse(*ReadFile(dir.file("state.json")));
+  nlohmann::json kept = nlohmann::json::object();
+  int i = 0;
+  for (auto& [k, v] : j["evaluations"].items())
+    if (i++ % 2 == 0) kept[k] = v;
+  j["evaluations"] = kept;
+  ASSERT_TRUE(WriteFileAtomic(dir.file("state.json"), j.dump()).ok());
+  evals = 0;
+  auto resumed = DpDepthSearch(o, add);
+  ASSERT_TRUE(resumed.ok());
+  EXPECT_EQ(evals, first - static_cast<int>(kept.size()));
+  for (size_t d = 0; d < full->size(); ++d) EXPECT_EQ((*full)[d].layers, (*resumed)[d].layers);
+  // Another fingerprint ignores the state.
+  evals = 0;
+  o.fingerprint = "other";
+  ASSERT_TRUE(DpDepthSearch(o, add).ok());
+  EXPECT_EQ(evals, first);
+}
+
+struct SupernetOnDisk {
+  TempDir dir;
+  std::string model_dir, super_dir;
+  SupernetOnDisk() {
+    model_dir = dir.file("model");
+    super_dir = dir.file("super");
+    Model m = SixLayerModel(7);
+    m.config.vocab_size = 259;
+    m = RandomModel(m.config, 7, 0.15);
+    EXPECT_TRUE(SaveModel(m, model_dir).ok());
+    EXPECT_TRUE(WriteByteTokenizer(model_dir).ok());
+    std::ofstream(dir.file("calib.txt")) << std::string(200, 'x') << " the quick brown fox jumps over the lazy dog "
+                                         << "and keeps on running until the end of the calibration text.";
+    CalibrateOptions o = SmallOptions();
+    o.model_dir = model_dir;
+    o.out_dir = super_dir;
+    o.data_path = dir.file("calib.txt");
+    auto s = Calibrate(o);
+    EXPECT_TRUE(s.ok()) << s.status();
+  }
+};
+
+TEST(SupernetTest, CalibrateWritesALoadableSupernetAndExportsRoundTrip) {
+  SupernetOnDisk d;
+  auto s = Supernet::Load(d.super_dir);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ((*s)->spec().depths, (std::vector<int64_t>{4, 5, 6}));
+  EXPECT_EQ((*s)->spec().profile.size(), 12u);
+  EXPECT_EQ((*s)->spec().depth_table[0].baselines.size(), 2u);
+  at::Tensor tok = RandomWindows(1, 12, 259, 2);
+  for (bool uniform : {false, true}) {
+    for (const Shape& sh : {Shape{6, 1.0}, Shape{5, 0.75}, Shape{4, 0.625}}) {
+      ExportOptions eo;
+      eo.uniform_width = uniform;
+      auto sub = SubnetForExport(**s, sh, eo);
+      ASSERT_TRUE(sub.ok()) << sub.status();
+      const std::string out = d.dir.file("export");
+      ASSERT_TRUE(WriteExport(**s, *sub, out, eo).ok());
+      auto back = LoadModel(out);
+      ASSERT_TRUE(back.ok()) << back.status();
+      EXPECT_TRUE(fs::exists(fs::path(out) / "tokenizer.json"));
+      EXPECT_LT(MaxAbsDiff(Logits(*back, tok), Logits(*sub, tok)), 1e-6) << sh.ToString();
+      auto cfg = nlohmann::json::parse(*ReadFile(out + "/config.json"));
+      if (uniform) {
+        // A standard LlamaForCausalLM config: no per-layer lists.
+        EXPECT_FALSE(cfg.contains("amoeba_layer_intermediate_size"));
+        if (sh.width < 1) {
+          EXPECT_TRUE(cfg["mlp_bias"].get<bool>());
+        }
+      } else if (sh.width < 1) {
+        EXPECT_TRUE(cfg.contains("amoeba_layer_intermediate_size"));
+      }
+      if (!uniform) {
+        auto in_server = (*s)->Extract(sh);
+        EXPECT_LT(MaxAbsDiff(Logits(*back, tok), Logits(*in_server, tok)), 1e-6);
+      }
+    }
+  }
+}
+
+TEST(SupernetTest, BadSupernetDirectoriesAndShapes) {
+  SupernetOnDisk d;
+  auto s = Supernet::Load(d.super_dir);
+  ASSERT_TRUE(s.ok());
+  auto bad_depth = (*s)->Extract({3, 1.0});
+  EXPECT_EQ(bad_depth.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_depth.status().message().find("shape.depth"), std::string::npos);
+  auto bad_width = (*s)->Extract({6, 0.5});
+  EXPECT_NE(bad_width.status().message().find("shape.width"), std::string::npos);
+  EXPECT_FALSE(Shape::Parse("depth=x", 6).ok());
+  EXPECT_FALSE(Shape::Parse("height=3", 6).ok());
+  EXPECT_EQ(Shape::Parse("width=0.75", 6)->depth, 6);
+  // Partial / corrupt directories.
+  const std::string meta = d.super_dir + "/amoeba.json";
+  const std::string good = *ReadFile(meta);
+  ASSERT_TRUE(WriteFileAtomic(meta, "{\"format\": \"amoeba-supernet\"}").ok());
+  EXPECT_EQ(Supernet::Load(d.super_dir).status().code(), absl::StatusCode::kDataLoss);
+  auto j = nlohmann::json::parse(good);
+  j["depth_table"][0]["layers"][0] = 99;
+  ASSERT_TRUE(WriteFileAtomic(meta, j.dump()).ok());
+  EXPECT_NE(Supernet::Load(d.super_dir).status().message().find("out of range"), std::string::npos);
+  ASSERT_TRUE(WriteFileAtomic(meta, good).ok());
+  fs::rename(d.super_dir + "/width.safetensors", d.super_dir + "/w.bak");
+  EXPECT_FALSE(Supernet::Load(d.super_dir).ok());
+  fs::rename(d.super_dir + "/w.bak", d.super_dir + "/width.safetensors");
+  fs::remove(meta);
+  auto none = Supernet::Load(d.super_dir);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(none.status().message().find("calibration did not finish"), std::string::npos);
+  EXPECT_FALSE(Supernet::Load(d.model_dir).ok());  // a plain model is not a supernet
+}
+
+TEST(CalibrationDataTest, WindowsAreDeterministicAndJsonlWorks) {
+  TempDir dir;
+  ASSERT_TRUE(WriteByteTokenizer(dir.path()).ok());
+  auto tok = LoadTokenizer(dir.path());
+  std::string text;
+  for (int i = 0; i < 50; ++i) text += "line " + std::to_string(i) + " of text. ";
+  WindowOptions o{.num_windows = 5, .window_len = 16, .seed = 3, .bos_token_id = 1};
+  at::Tensor a = *MakeWindows(text, **tok, o), b = *MakeWindows(text, **tok, o);
+  EXPECT_TRUE(at::equal(a, b));
+  EXPECT_EQ(a[2][0].item<int64_t>(), 1);
+  o.seed = 4;
+  EXPECT_FALSE(at::equal(a, *MakeWindows(text, **tok, o)));
+  o.window_len = 100000;
+  EXPECT_FALSE(MakeWindows(text, **tok, o).ok());
+  std::ofstream(dir.file("d.jsonl")) << "{\"text\": \"hello\"}\n\n{\"text\": \"world\"}\n";
+  EXPECT_EQ(*ReadCorpus(dir.file("d.jsonl")), "hello\nworld\n");
+  std::ofstream(dir.file("bad.jsonl")) << "{\"txt\": 1}\n";
+  auto bad = ReadCorpus(dir.file("bad.jsonl"));
+  EXPECT_NE(bad.status().message().find("bad.jsonl:1"), std::string::npos);
+  std::ofstream(dir.file("mc.jsonl")) << R"({"prompt": "2+2=", "choices": ["4", "5"], "answer": 0})" << "\n"
+                                      << R"({"prompt": "x", "choices": ["a"], "answer": 0})" << "\n";
+  EXPECT_FALSE(ReadMultipleChoice(dir.file("mc.jsonl")).ok());
+}
+
+}  // namespace
+}  // namespace amoeba
