@@ -10,14 +10,13 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_split.h"
-#include "bench/bandwidth.h"
+#include "bench/bench_util.h"
 #include "model/engine.h"
 #include "model/presets.h"
 #include "model/runtime.h"
 
 namespace amoeba::bench {
 namespace {
-using Clock = std::chrono::steady_clock;
 
 struct Options {
   std::string presets = "100m";
@@ -28,38 +27,6 @@ struct Options {
   std::string out_json = "bench/results/decode.json";
   std::string out_md = "bench/results/decode.md";
 };
-
-double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// Decode tokens/s (aggregate) for `batch` concurrent sequences after a short prompt each.
-double DecodeRate(Engine& e, int batch, int steps) {
-  KVCache cache = e.NewCache(batch);
-  std::vector<int32_t> prompt = {1, 5, 9, 13, 17, 21, 25, 29};
-  std::vector<SeqInput> seqs;
-  for (int b = 0; b < batch; ++b) seqs.push_back({b, prompt});
-  (void)e.Forward(cache, seqs);
-  std::vector<int32_t> next(batch, 7);
-  for (int b = 0; b < batch; ++b) seqs[b].tokens = {&next[b], 1};
-  (void)e.Forward(cache, seqs);  // warm-up step
-  const auto t0 = Clock::now();
-  for (int s = 0; s < steps; ++s) {
-    auto l = e.Forward(cache, seqs);
-    for (int b = 0; b < batch; ++b) next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
-  }
-  return batch * steps / Seconds(t0);
-}
-
-double PrefillRate(Engine& e, int len) {
-  KVCache cache = e.NewCache(1);
-  std::vector<int32_t> prompt(len);
-  for (int i = 0; i < len; ++i) prompt[i] = (i * 7 + 3) % 200;
-  SeqInput in{0, prompt};
-  (void)e.Forward(cache, {&in, 1});
-  cache.Reset(0);
-  const auto t0 = Clock::now();
-  (void)e.Forward(cache, {&in, 1});
-  return len / Seconds(t0);
-}
 
 int Run(const Options& o) {
   InitRuntime(o.threads);

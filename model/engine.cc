@@ -70,11 +70,8 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   }
 
   // 2a. Single-token sequences (decode): one task per (sequence, head), no allocation.
-  struct Task {
-    int64_t row, slot, len;
-  };
-  std::vector<Task> single;  // small; reserve avoids regrowth
-  single.reserve(seqs.size());
+  std::vector<DecodeTask>& single = decode_tasks_;
+  single.clear();
   row = 0;
   for (const SeqInput& s : seqs) {
     const int64_t T = static_cast<int64_t>(s.tokens.size());
@@ -86,7 +83,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     const int64_t ntask = static_cast<int64_t>(single.size()) * hq;
     at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const Task& tk = single[t / hq];
+        const DecodeTask& tk = single[t / hq];
         const int64_t h = t % hq, kvh = h / group;
         const float* qv = q + tk.row * qdim + h * hd;
         float* sc = scores + t * max_len;

@@ -51,7 +51,11 @@ class Engine {
   // Workspace (grown on demand, never shrunk).
   int64_t cap_tokens_ = 0, cap_logits_ = 0;
   at::Tensor x_, h_, q_, k_, v_, att_, tmp_, gate_, up_, logits_, scores_;
-  std::vector<int64_t> pos_, row_of_seq_;
+  std::vector<int64_t> pos_;
+  struct DecodeTask {
+    int64_t row, slot, len;
+  };
+  std::vector<DecodeTask> decode_tasks_;  // reused: no allocation per decode step
 };
 
 }  // namespace amoeba

@@ -1,4 +1,4 @@
-#include "bench/bandwidth.h"
+#include "bench/bench_util.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,6 +47,40 @@ double MeasureReadBandwidthGBs(double buffer_mib, int repeats) {
     best = std::max(best, n * sizeof(float) / s / 1e9);
   }
   return best;
+}
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+}  // namespace
+
+double DecodeRate(Engine& e, int batch, int steps) {
+  KVCache cache = e.NewCache(batch);
+  std::vector<int32_t> prompt = {1, 5, 9, 13, 17, 21, 25, 29};
+  std::vector<SeqInput> seqs;
+  for (int b = 0; b < batch; ++b) seqs.push_back({b, prompt});
+  (void)e.Forward(cache, seqs);
+  std::vector<int32_t> next(batch, 7);
+  for (int b = 0; b < batch; ++b) seqs[b].tokens = {&next[b], 1};
+  (void)e.Forward(cache, seqs);  // warm-up step
+  const auto t0 = Clock::now();
+  for (int s = 0; s < steps; ++s) {
+    auto l = e.Forward(cache, seqs);
+    for (int b = 0; b < batch; ++b) next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
+  }
+  return batch * steps / Seconds(t0);
+}
+
+double PrefillRate(Engine& e, int len) {
+  KVCache cache = e.NewCache(1);
+  std::vector<int32_t> prompt(len);
+  for (int i = 0; i < len; ++i) prompt[i] = (i * 7 + 3) % 200;
+  SeqInput in{0, prompt};
+  (void)e.Forward(cache, {&in, 1});
+  cache.Reset(0);
+  const auto t0 = Clock::now();
+  (void)e.Forward(cache, {&in, 1});
+  return len / Seconds(t0);
 }
 
 }  // namespace amoeba::bench
