@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -68,47 +69,61 @@ AMOEBA_AVX2 void GemvAvx2(const float* W, int64_t ld, int64_t in, const float* x
   }
 }
 
-// Two weight rows against NB inputs: 2*NB accumulators stay in registers.
-template <int NB>
-AMOEBA_AVX2 inline void Skinny2xNB(const float* w0, const float* w1, int64_t in, const float* x,
-                                   int64_t n0, float* y, int64_t out, int64_t r, bool two) {
-  __m256 a[2][NB];
-  for (int j = 0; j < NB; ++j) a[0][j] = a[1][j] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= in; i += 8) {
-    const __m256 wv0 = _mm256_loadu_ps(w0 + i);
-    const __m256 wv1 = _mm256_loadu_ps(w1 + i);
-    for (int j = 0; j < NB; ++j) {
+// R weight rows against C inputs over one k-block [k0, k1): R*C accumulators stay in registers.
+// `accumulate`: add to y (later k-blocks) instead of overwriting it (the first).
+template <int R, int C>
+AMOEBA_AVX2 inline void SkinnyTile(const float* W, int64_t ld, int64_t in, const float* x, int64_t n0,
+                                   float* y, int64_t out, int64_t r, int rows, int64_t k0, int64_t k1,
+                                   bool accumulate) {
+  const float* w[R];
+  for (int a = 0; a < R; ++a) w[a] = W + (r + std::min(a, rows - 1)) * ld;
+  __m256 acc[R][C];
+  for (int a = 0; a < R; ++a)
+    for (int j = 0; j < C; ++j) acc[a][j] = _mm256_setzero_ps();
+  int64_t i = k0;
+  // Weights stream from DRAM: prefetch the next tile's rows during the first input group.
+  const bool prefetch = n0 == 0;
+  for (; i + 8 <= k1; i += 8) {
+    if (prefetch && (i & 15) == 0) {
+      for (int a = 0; a < R; ++a) _mm_prefetch(reinterpret_cast<const char*>(w[a] + R * ld + i), _MM_HINT_T0);
+    }
+    __m256 wv[R];
+    for (int a = 0; a < R; ++a) wv[a] = _mm256_loadu_ps(w[a] + i);
+    for (int j = 0; j < C; ++j) {
       const __m256 xv = _mm256_loadu_ps(x + (n0 + j) * in + i);
-      a[0][j] = _mm256_fmadd_ps(wv0, xv, a[0][j]);
-      a[1][j] = _mm256_fmadd_ps(wv1, xv, a[1][j]);
+      for (int a = 0; a < R; ++a) acc[a][j] = _mm256_fmadd_ps(wv[a], xv, acc[a][j]);
     }
   }
-  for (int j = 0; j < NB; ++j) {
+  for (int j = 0; j < C; ++j) {
     const float* xr = x + (n0 + j) * in;
-    float s0 = HSum(a[0][j]), s1 = HSum(a[1][j]);
-    for (int64_t t = i; t < in; ++t) {
-      s0 += w0[t] * xr[t];
-      s1 += w1[t] * xr[t];
+    for (int a = 0; a < rows; ++a) {
+      float s = HSum(acc[a][j]);
+      for (int64_t t = i; t < k1; ++t) s += w[a][t] * xr[t];
+      float& dst = y[(n0 + j) * out + r + a];
+      dst = accumulate ? dst + s : s;
     }
-    y[(n0 + j) * out + r] = s0;
-    if (two) y[(n0 + j) * out + r + 1] = s1;
   }
 }
 
+// Rows [r0, r1) for n inputs, k-blocked so the inputs' block stays in L1 while the weight rows
+// stream past it once.
 AMOEBA_AVX2 void SkinnyAvx2(const float* W, int64_t ld, int64_t in, const float* x, int64_t n,
                             float* y, int64_t out, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; r += 2) {
-    const bool two = r + 1 < r1;
-    const float* w0 = W + r * ld;
-    const float* w1 = two ? w0 + ld : w0;
-    int64_t n0 = 0;
-    for (; n0 + 4 <= n; n0 += 4) Skinny2xNB<4>(w0, w1, in, x, n0, y, out, r, two);
-    switch (n - n0) {
-      case 3: Skinny2xNB<3>(w0, w1, in, x, n0, y, out, r, two); break;
-      case 2: Skinny2xNB<2>(w0, w1, in, x, n0, y, out, r, two); break;
-      case 1: Skinny2xNB<1>(w0, w1, in, x, n0, y, out, r, two); break;
-      default: break;
+  constexpr int R = 2, C = 4;
+  const int64_t kblock = std::max<int64_t>(64, (16384 / std::max<int64_t>(n, 1)) / 8 * 8);  // ~16 KB of x
+  for (int64_t k0 = 0; k0 < in; k0 += kblock) {
+    const int64_t k1 = std::min(in, k0 + kblock);
+    const bool acc = k0 > 0;
+    for (int64_t r = r0; r < r1; r += R) {
+      const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
+      int64_t n0 = 0;
+      for (; n0 + C <= n; n0 += C) SkinnyTile<R, C>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc);
+      switch (n - n0) {
+        case 3: SkinnyTile<R, 3>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc); break;
+        case 2: SkinnyTile<R, 2>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc); break;
+        case 1: SkinnyTile<R, 1>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc); break;
+        default: break;
+      }
     }
   }
 }
