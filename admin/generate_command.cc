@@ -25,6 +25,7 @@ struct GenerateFlags {
   int64_t max_len = 2048;
   bool no_bos = false;
   bool baseline = false;
+  std::string weights_dtype = "f32";
 };
 
 absl::Status RunGenerate(const GenerateFlags& f) {
@@ -44,6 +45,11 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   EngineOptions eo;
   eo.max_len = std::min<int64_t>(f.max_len, m.config.max_position_embeddings);
   eo.linear_path = f.baseline ? LinearPath::kTorch : LinearPath::kAuto;
+  if (f.weights_dtype == "f16") {
+    m = ConvertWeights(m, at::kHalf);
+  } else if (f.weights_dtype != "f32") {
+    return absl::InvalidArgumentError("--weights-dtype: f32 or f16");
+  }
   auto shared = std::make_shared<const Model>(std::move(m));
   Engine engine(shared, eo);
   KVCache cache = engine.NewCache(1);
@@ -82,6 +88,8 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_option("--max-len", f->max_len, "Context length to allocate")->capture_default_str();
   cmd->add_flag("--no-bos", f->no_bos, "Do not prepend BOS");
   cmd->add_flag("--baseline", f->baseline, "Use libtorch linear instead of Amoeba's kernels");
+  cmd->add_option("--weights-dtype", f->weights_dtype, "In-memory weights: f32 | f16 (half the bytes per token)")
+      ->capture_default_str();
   return [f]() {
     absl::Status st = RunGenerate(*f);
     if (!st.ok()) spdlog::error("generate: {}", st.ToString());

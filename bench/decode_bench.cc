@@ -48,10 +48,19 @@ int Run(const Options& o) {
     }
     spdlog::info("bench/decode: building random {} model", std::string(name));
     auto model = std::make_shared<const Model>(RandomModel(*cfg, 0));
+    auto model16 = std::make_shared<const Model>(ConvertWeights(*model, at::kHalf));
     const double bytes = static_cast<double>(model->DecodeWeightBytes());
-    const double roof = bw * 1e9 / bytes;
-    for (auto [path, pname] : {std::pair{LinearPath::kTorch, "libtorch-linear"}, std::pair{LinearPath::kAuto, "amoeba-fp32"}}) {
-      Engine e(model, {.max_len = std::max(256, o.prompt_len + 64), .linear_path = path});
+    const double roof = bw * 1e9 / bytes;  // the fp32 roofline (fp16's is twice that)
+    struct Variant {
+      LinearPath path;
+      const char* name;
+      std::shared_ptr<const Model> model;
+    };
+    for (const Variant& v : {Variant{LinearPath::kTorch, "libtorch-linear", model},
+                             Variant{LinearPath::kAuto, "amoeba-fp32", model},
+                             Variant{LinearPath::kAuto, "amoeba-fp16", model16}}) {
+      const char* pname = v.name;
+      Engine e(v.model, {.max_len = std::max(256, o.prompt_len + 64), .linear_path = v.path});
       const double prefill = PrefillRate(e, o.prompt_len);
       for (int b : batches) {
         const double rate = DecodeRate(e, b, o.decode_steps);
@@ -69,14 +78,17 @@ int Run(const Options& o) {
     }
   }
   // Ratios measured side by side.
-  md += "\nSpeed-up of amoeba-fp32 over libtorch-linear (same run):\n\n";
-  for (const auto& r : out["results"]) {
-    if (r["path"] != "amoeba-fp32") continue;
-    for (const auto& b : out["results"]) {
-      if (b["path"] == "libtorch-linear" && b["preset"] == r["preset"] && b["batch"] == r["batch"]) {
-        md += fmt::format("- {} batch {}: {:.2f}x\n", r["preset"].get<std::string>(), r["batch"].get<int>(),
-                          r["decode_tokens_per_s"].get<double>() / b["decode_tokens_per_s"].get<double>());
-      }
+  auto find = [&](const std::string& preset, const std::string& path, int batch) -> double {
+    for (const auto& r : out["results"])
+      if (r["preset"] == preset && r["path"] == path && r["batch"] == batch) return r["decode_tokens_per_s"].get<double>();
+    return 0;
+  };
+  md += "\nRatios (same run):\n\n| preset | batch | fp32 / libtorch | fp16 / fp32 | fp32 batch / fp32 batch 1 |\n|---|---|---|---|---|\n";
+  for (auto name : absl::StrSplit(o.presets, ',')) {
+    const std::string p(name);
+    for (int b : batches) {
+      const double t = find(p, "libtorch-linear", b), f = find(p, "amoeba-fp32", b), h = find(p, "amoeba-fp16", b);
+      md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {:.2f}x |\n", p, b, f / t, h / f, f / find(p, "amoeba-fp32", batches[0]));
     }
   }
   std::filesystem::create_directories(std::filesystem::path(o.out_json).parent_path());

@@ -161,12 +161,18 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   float* x = x_.data_ptr<float>();
   float* h = h_.data_ptr<float>();
   float* tmp = tmp_.data_ptr<float>();
-  const float* emb = m.embed.data_ptr<float>();
+  const bool half_embed = m.embed.scalar_type() == at::kHalf;
   int64_t row = 0;
   for (const SeqInput& s : seqs) {
     const int64_t p0 = cache.length(s.slot);
     for (size_t t = 0; t < s.tokens.size(); ++t, ++row) {
-      std::memcpy(x + row * H, emb + static_cast<int64_t>(s.tokens[t]) * H, H * sizeof(float));
+      const int64_t id = s.tokens[t];
+      if (half_embed) {
+        const at::Half* e = m.embed.data_ptr<at::Half>() + id * H;
+        for (int64_t i = 0; i < H; ++i) x[row * H + i] = static_cast<float>(e[i]);
+      } else {
+        std::memcpy(x + row * H, m.embed.data_ptr<float>() + id * H, H * sizeof(float));
+      }
       pos_[row] = p0 + static_cast<int64_t>(t);
     }
   }

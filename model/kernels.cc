@@ -9,14 +9,9 @@
 
 namespace amoeba {
 
-bool CpuHasAvx2Fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 namespace {
 
-#define AMOEBA_AVX2 __attribute__((target("avx2,fma")))
+#define AMOEBA_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 AMOEBA_AVX2 inline float HSum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -27,55 +22,36 @@ AMOEBA_AVX2 inline float HSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, sh));
 }
 
-// Rows [r0, r1) of y = W x.
-AMOEBA_AVX2 void GemvAvx2(const float* W, int64_t ld, int64_t in, const float* x, float* y,
+// Rows [r0, r1) of y = W x, one row at a time: each thread reads one sequential stream (rows are
+// contiguous unless sliced), which the hardware prefetcher follows best; x stays in L1.
+template <typename T>
+AMOEBA_AVX2 void GemvAvx2(const T* W, int64_t ld, int64_t in, const float* x, float* y,
                           int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const float* w0 = W + r * ld;
-    const float* w1 = w0 + ld;
-    const float* w2 = w1 + ld;
-    const float* w3 = w2 + ld;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* w = W + r * ld;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
            a3 = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= in; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + i);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+    for (; i + 32 <= in; i += 32) {
+      a0 = _mm256_fmadd_ps(Load8(w + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(Load8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(Load8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(Load8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
-    float s0 = HSum(a0), s1 = HSum(a1), s2 = HSum(a2), s3 = HSum(a3);
-    for (; i < in; ++i) {
-      s0 += w0[i] * x[i];
-      s1 += w1[i] * x[i];
-      s2 += w2[i] * x[i];
-      s3 += w3[i] * x[i];
-    }
-    y[r] = s0;
-    y[r + 1] = s1;
-    y[r + 2] = s2;
-    y[r + 3] = s3;
-  }
-  for (; r < r1; ++r) {
-    const float* w = W + r * ld;
-    __m256 a = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= in; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a);
-    float s = HSum(a);
-    for (; i < in; ++i) s += w[i] * x[i];
+    for (; i + 8 <= in; i += 8) a0 = _mm256_fmadd_ps(Load8(w + i), _mm256_loadu_ps(x + i), a0);
+    float s = HSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < in; ++i) s += ToFloat(w[i]) * x[i];
     y[r] = s;
   }
 }
 
 // R weight rows against C inputs over one k-block [k0, k1): R*C accumulators stay in registers.
 // `accumulate`: add to y (later k-blocks) instead of overwriting it (the first).
-template <int R, int C>
-AMOEBA_AVX2 inline void SkinnyTile(const float* W, int64_t ld, int64_t in, const float* x, int64_t n0,
+template <int R, int C, typename T>
+AMOEBA_AVX2 inline void SkinnyTile(const T* W, int64_t ld, int64_t in, const float* x, int64_t n0,
                                    float* y, int64_t out, int64_t r, int rows, int64_t k0, int64_t k1,
                                    bool accumulate) {
-  const float* w[R];
+  const T* w[R];
   for (int a = 0; a < R; ++a) w[a] = W + (r + std::min(a, rows - 1)) * ld;
   __m256 acc[R][C];
   for (int a = 0; a < R; ++a)
@@ -88,7 +64,7 @@ AMOEBA_AVX2 inline void SkinnyTile(const float* W, int64_t ld, int64_t in, const
       for (int a = 0; a < R; ++a) _mm_prefetch(reinterpret_cast<const char*>(w[a] + R * ld + i), _MM_HINT_T0);
     }
     __m256 wv[R];
-    for (int a = 0; a < R; ++a) wv[a] = _mm256_loadu_ps(w[a] + i);
+    for (int a = 0; a < R; ++a) wv[a] = Load8(w[a] + i);
     for (int j = 0; j < C; ++j) {
       const __m256 xv = _mm256_loadu_ps(x + (n0 + j) * in + i);
       for (int a = 0; a < R; ++a) acc[a][j] = _mm256_fmadd_ps(wv[a], xv, acc[a][j]);
@@ -98,7 +74,7 @@ AMOEBA_AVX2 inline void SkinnyTile(const float* W, int64_t ld, int64_t in, const
     const float* xr = x + (n0 + j) * in;
     for (int a = 0; a < rows; ++a) {
       float s = HSum(acc[a][j]);
-      for (int64_t t = i; t < k1; ++t) s += w[a][t] * xr[t];
+      for (int64_t t = i; t < k1; ++t) s += ToFloat(w[a][t]) * xr[t];
       float& dst = y[(n0 + j) * out + r + a];
       dst = accumulate ? dst + s : s;
     }
@@ -107,7 +83,8 @@ AMOEBA_AVX2 inline void SkinnyTile(const float* W, int64_t ld, int64_t in, const
 
 // Rows [r0, r1) for n inputs, k-blocked so the inputs' block stays in L1 while the weight rows
 // stream past it once.
-AMOEBA_AVX2 void SkinnyAvx2(const float* W, int64_t ld, int64_t in, const float* x, int64_t n,
+template <typename T>
+AMOEBA_AVX2 void SkinnyAvx2(const T* W, int64_t ld, int64_t in, const float* x, int64_t n,
                             float* y, int64_t out, int64_t r0, int64_t r1) {
   constexpr int R = 2, C = 4;
   const int64_t kblock = std::max<int64_t>(64, (16384 / std::max<int64_t>(n, 1)) / 8 * 8);  // ~16 KB of x
@@ -128,14 +105,15 @@ AMOEBA_AVX2 void SkinnyAvx2(const float* W, int64_t ld, int64_t in, const float*
   }
 }
 
-void SkinnyScalar(const float* W, int64_t ld, int64_t in, const float* x, int64_t n, float* y,
+template <typename T>
+void SkinnyScalar(const T* W, int64_t ld, int64_t in, const float* x, int64_t n, float* y,
                   int64_t out, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* w = W + r * ld;
+    const T* w = W + r * ld;
     for (int64_t j = 0; j < n; ++j) {
       const float* xr = x + j * in;
       float s = 0.f;
-      for (int64_t i = 0; i < in; ++i) s += w[i] * xr[i];
+      for (int64_t i = 0; i < in; ++i) s += ToFloat(w[i]) * xr[i];
       y[j * out + r] = s;
     }
   }
@@ -148,36 +126,48 @@ int64_t GrainRows(int64_t out) {
   return std::max<int64_t>(16, (g + 3) / 4 * 4);
 }
 
-}  // namespace
-
-void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y,
-            LinearPath path) {
+template <typename T>
+void LinearTyped(const float* x, int64_t n, const at::Tensor& W, float* y, LinearPath path) {
   const int64_t out = W.size(0), in = W.size(1);
-  if (n == 0 || out == 0) return;
-  TORCH_CHECK(W.scalar_type() == at::kFloat && W.stride(1) == 1, "Linear: fp32 weight with unit column stride");
-  const float* w = W.data_ptr<float>();
+  const T* w = W.data_ptr<T>();
   const int64_t ld = W.stride(0);
-  if (path == LinearPath::kTorch) {
+  if (path == LinearPath::kTorch || n > kSkinnyMaxRows) {
+    // BLAS GEMM (prefill) or the libtorch baseline; half weights are widened first, since
+    // libtorch 1.13 has no half GEMM on CPU. The widened copy is per call: prefill only.
     at::Tensor xt = at::from_blob(const_cast<float*>(x), {n, in});
     at::Tensor yt = at::from_blob(y, {n, out});
-    yt.copy_(at::linear(xt, W));
-  } else if (n > kSkinnyMaxRows || !CpuHasAvx2Fma()) {
-    if (n > kSkinnyMaxRows) {
-      at::Tensor xt = at::from_blob(const_cast<float*>(x), {n, in});
-      at::Tensor yt = at::from_blob(y, {n, out});
-      at::mm_out(yt, xt, W.t());
+    at::Tensor wf = W.scalar_type() == at::kFloat ? W : W.to(at::kFloat);
+    if (path == LinearPath::kTorch) {
+      yt.copy_(at::linear(xt, wf));
     } else {
-      at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) {
-        SkinnyScalar(w, ld, in, x, n, y, out, r0, r1);
-      });
+      at::mm_out(yt, xt, wf.t());
     }
+  } else if (!CpuHasAvx2Fma()) {
+    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) { SkinnyScalar(w, ld, in, x, n, y, out, r0, r1); });
   } else if (n == 1) {
-    at::parallel_for(0, out, GrainRows(out),
-                     [&](int64_t r0, int64_t r1) { GemvAvx2(w, ld, in, x, y, r0, r1); });
+    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) { GemvAvx2(w, ld, in, x, y, r0, r1); });
   } else {
-    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) {
-      SkinnyAvx2(w, ld, in, x, n, y, out, r0, r1);
-    });
+    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) { SkinnyAvx2(w, ld, in, x, n, y, out, r0, r1); });
+  }
+}
+
+}  // namespace
+
+bool CpuHasAvx2Fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y, LinearPath path) {
+  const int64_t out = W.size(0);
+  if (n == 0 || out == 0) return;
+  TORCH_CHECK(W.stride(1) == 1 || W.size(1) <= 1, "Linear: weight needs unit column stride");
+  if (W.scalar_type() == at::kHalf) {
+    LinearTyped<at::Half>(x, n, W, y, path);
+  } else {
+    TORCH_CHECK(W.scalar_type() == at::kFloat, "Linear: weights must be fp32 or fp16");
+    LinearTyped<float>(x, n, W, y, path);
   }
   if (bias) {
     for (int64_t j = 0; j < n; ++j) AddInPlace(y + j * out, bias, out);

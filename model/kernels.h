@@ -13,7 +13,7 @@ inline constexpr int64_t kSkinnyMaxRows = 32;
 
 enum class LinearPath { kAuto, kTorch };
 
-// y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]). x rows are contiguous (stride `in`),
+// y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]). W is fp32 or fp16 (converted in registers). x rows are contiguous (stride `in`),
 // y rows contiguous (stride `out`). `path` = kTorch forces at::linear (the baseline).
 void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y,
             LinearPath path = LinearPath::kAuto);
@@ -31,7 +31,7 @@ float Dot(const float* a, const float* b, int64_t n);
 // y += alpha * x
 void Axpy(float alpha, const float* x, float* y, int64_t n);
 
-// True when the CPU has AVX2 and FMA (the fast paths are used).
+// True when the CPU has AVX2, FMA and F16C (the fast paths are used).
 bool CpuHasAvx2Fma();
 
 }  // namespace amoeba

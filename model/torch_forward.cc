@@ -33,7 +33,7 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
   const int64_t B = tokens.size(0), T = tokens.size(1), hd = c.head_dim;
   auto lin = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
     if (opt.linear) return opt.linear(layer, p, x, w, b);
-    return at::linear(x, w, b);
+    return at::linear(x, w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()), b);
   };
 
   // Positions: with a padding mask, each sequence counts only its real tokens (as HF does with
@@ -54,7 +54,7 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
   at::Tensor masked = causal.view({1, 1, T, T});
   if (key_ok.defined()) masked = masked.logical_or(key_ok.logical_not());
 
-  at::Tensor x = m.embed.index_select(0, tokens.reshape({-1})).view({B, T, c.hidden_size});
+  at::Tensor x = m.embed.index_select(0, tokens.reshape({-1})).to(at::kFloat).view({B, T, c.hidden_size});
   for (size_t li = 0; li < m.layers.size(); ++li) {
     const LayerWeights& l = m.layers[li];
     const int layer = static_cast<int>(li);
@@ -94,7 +94,8 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
 }
 
 at::Tensor TorchForward(const Model& m, const at::Tensor& tokens, const TorchForwardOptions& opt) {
-  return at::linear(TorchHidden(m, tokens, opt), m.lm_head);
+  at::Tensor h = TorchHidden(m, tokens, opt);
+  return at::linear(h, m.lm_head.scalar_type() == h.scalar_type() ? m.lm_head : m.lm_head.to(h.scalar_type()));
 }
 
 }  // namespace amoeba

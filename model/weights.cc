@@ -37,14 +37,28 @@ void Model::SyncConfigWithWeights() {
 }
 
 int64_t Model::DecodeWeightBytes() const {
-  int64_t n = lm_head.numel() + final_norm.numel();
+  int64_t n = lm_head.numel() * lm_head.element_size() + final_norm.numel() * final_norm.element_size();
   for (const auto& l : layers) {
     for (const at::Tensor* t : {&l.attn_norm, &l.mlp_norm, &l.q, &l.k, &l.v, &l.o, &l.gate, &l.up,
                                 &l.down}) {
-      n += t->numel();
+      n += t->numel() * t->element_size();
     }
   }
-  return n * static_cast<int64_t>(sizeof(float));
+  return n;
+}
+
+Model ConvertWeights(const Model& m, at::ScalarType dtype) {
+  Model out = m;
+  auto conv = [&](at::Tensor& t) {
+    if (t.defined()) t = t.to(dtype).contiguous();
+  };
+  conv(out.embed);
+  out.lm_head = m.config.tie_word_embeddings ? out.embed : out.lm_head;
+  if (!m.config.tie_word_embeddings) conv(out.lm_head);
+  for (auto& l : out.layers) {
+    for (at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) conv(*t);
+  }
+  return out;
 }
 
 std::vector<std::pair<std::string, at::Tensor>> NamedWeights(const Model& m) {

@@ -44,6 +44,10 @@ absl::StatusOr<Model> LoadModel(const std::string& dir);
 absl::Status SaveModel(const Model& m, const std::string& dir, at::ScalarType dtype = at::kFloat);
 // HF tensor names for all weights, in a stable order.
 std::vector<std::pair<std::string, at::Tensor>> NamedWeights(const Model& m);
+// A copy whose projection matrices, LM head and embedding are stored as `dtype` (kHalf halves
+// the bytes each decode step reads); norms and biases stay fp32. Compute stays fp32.
+Model ConvertWeights(const Model& m, at::ScalarType dtype);
+
 // Random init as HF does it (normal(0, 0.02) for matrices, ones for norms), seeded.
 Model RandomModel(const ModelConfig& config, uint64_t seed, double std = 0.02);
 

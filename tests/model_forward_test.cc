@@ -210,6 +210,31 @@ TEST(EngineTest, TiedHeadUsesTheEmbedding) {
   EXPECT_LT(MaxAbsDiff(*l, Reference(m, ids)), 1e-5);
 }
 
+TEST(EngineTest, HalfWeightsMatchTheRoundedFp32Model) {
+  at::InferenceMode guard;
+  Model m = TinyModel(14);
+  Model half = ConvertWeights(m, at::kHalf);
+  EXPECT_EQ(half.layers[0].q.scalar_type(), at::kHalf);
+  EXPECT_EQ(half.layers[0].attn_norm.scalar_type(), at::kFloat);
+  EXPECT_LT(half.DecodeWeightBytes(), m.DecodeWeightBytes() * 0.55);
+  Model rounded = ConvertWeights(half, at::kFloat);  // the fp16-rounded reference, fp32 compute
+  Engine e(std::make_shared<const Model>(half), {.max_len = 32});
+  KVCache c = e.NewCache(1);
+  auto ids = RandomTokens(12, 97, 15);
+  at::Tensor ref = Reference(rounded, ids);
+  // Prefill (GEMM path) and decode (GEMV path).
+  SeqInput in{0, std::span<const int32_t>(ids.data(), 6)};
+  auto l = e.Forward(c, {&in, 1}, true);
+  ASSERT_TRUE(l.ok());
+  EXPECT_LT(MaxAbsDiff(*l, ref.narrow(0, 0, 6)), 1e-4);
+  for (size_t t = 6; t < ids.size(); ++t) {
+    SeqInput step{0, std::span<const int32_t>(&ids[t], 1)};
+    auto d = e.Forward(c, {&step, 1});
+    ASSERT_TRUE(d.ok());
+    EXPECT_LT(MaxAbsDiff((*d)[0], ref[t]), 1e-4);
+  }
+}
+
 TEST(EngineTest, BadInputsAreErrorsNotCrashes) {
   at::InferenceMode guard;
   auto m = std::make_shared<const Model>(TinyModel());

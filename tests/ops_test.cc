@@ -117,3 +117,27 @@ TEST(KernelTest, LinearMatchesTorchOnOddSizesAndPrefixViews) {
 
 }  // namespace
 }  // namespace amoeba
+
+namespace amoeba {
+namespace {
+
+// fp16 weights: equal to the fp32 product with the half-rounded weights (the fp16 reference).
+TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
+  at::manual_seed(1);
+  for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {64, 70}, {129, 3}}) {
+    at::Tensor full = at::randn({out + 5, in + 9}).to(at::kHalf);
+    at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);  // prefix view of half weights
+    at::Tensor Wf = W.to(at::kFloat);
+    for (int64_t n = 1; n <= 33; ++n) {
+      at::Tensor x = at::randn({n, in});
+      at::Tensor y = at::empty({n, out});
+      Linear(x.data_ptr<float>(), n, W, nullptr, y.data_ptr<float>());
+      at::Tensor ref = at::linear(x, Wf);
+      const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
+      EXPECT_LT(rel, 1e-5) << out << "x" << in << " n=" << n;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace amoeba
