@@ -22,6 +22,14 @@ AMOEBA_AVX2 inline float HSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, sh));
 }
 
+// Eight weights as fp32: plain load, or IEEE half converted in registers (F16C).
+AMOEBA_AVX2 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+AMOEBA_AVX2 inline __m256 Load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(at::Half v) { return static_cast<float>(v); }
+
 // Rows [r0, r1) of y = W x, one row at a time: each thread reads one sequential stream (rows are
 // contiguous unless sliced), which the hardware prefetcher follows best; x stays in L1.
 template <typename T>
