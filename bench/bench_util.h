@@ -2,11 +2,11 @@
 #pragma once
 
 #include "model/engine.h"
+#include "model/runtime.h"
 
 namespace amoeba::bench {
 
-// GB/s reading a buffer much larger than the last-level cache with all threads.
-double MeasureReadBandwidthGBs(double buffer_mib = 512, int repeats = 5);
+using amoeba::MeasureReadBandwidthGBs;
 
 // Aggregate decode tokens/s for `batch` concurrent sequences after a short prompt each.
 double DecodeRate(Engine& e, int batch, int steps);

@@ -11,7 +11,67 @@
 
 #include "model/kernels.h"
 
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
 namespace amoeba {
+
+namespace {
+
+__attribute__((target("avx2"))) float SumAvx2(const float* p, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+         a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  float out[8];
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = 0;
+  for (float v : out) s += v;
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+}  // namespace
+
+double MeasureReadBandwidthGBs(double buffer_mib, int repeats) {
+  const int64_t n = static_cast<int64_t>(buffer_mib * 1024 * 1024 / sizeof(float));
+  at::Tensor buf = at::ones({n});
+  const float* p = buf.data_ptr<float>();
+  double best = 0;
+  volatile float sink = 0;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<float> partial(at::get_num_threads() * 16, 0.f);
+    at::parallel_for(0, n, n / at::get_num_threads() + 1, [&](int64_t b, int64_t e) {
+      partial[at::get_thread_num() * 16] += SumAvx2(p + b, e - b);
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (float v : partial) sink = sink + v;
+    best = std::max(best, n * sizeof(float) / s / 1e9);
+  }
+  return best;
+}
+
+double MeasureGemmGflops(int64_t n, int repeats) {
+  at::Tensor a = at::randn({n, n}), b = at::randn({n, n}), c = at::empty({n, n});
+  at::mm_out(c, a, b);
+  double best = 0;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::mm_out(c, a, b);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * n * n * n / s / 1e9);
+  }
+  return best;
+}
 
 std::string DescribeBlas() {
   // Force BLAS to be exercised so lazily-resolved libraries are mapped.

@@ -1,5 +1,6 @@
 // Process-wide runtime set-up: thread count and a check that libtorch uses an optimised BLAS.
 #pragma once
+#include <cstdint>
 #include <string>
 
 namespace amoeba {
@@ -10,6 +11,12 @@ void InitLogging();
 // Sets libtorch's intra-op threads (0 = all cores) and logs the BLAS in use, warning loudly when
 // it is the reference implementation (~40x slower). Call once at program start.
 void InitRuntime(int threads);
+
+// GB/s reading a buffer much larger than the last-level cache with all threads (the roofline's
+// denominator for decode).
+double MeasureReadBandwidthGBs(double buffer_mib = 512, int repeats = 5);
+// GFLOP/s of an n×n fp32 GEMM (the roofline's denominator for prefill).
+double MeasureGemmGflops(int64_t n = 512, int repeats = 3);
 
 // The BLAS library mapped into this process ("openblas-openmp", "reference", ...).
 std::string DescribeBlas();

@@ -1,0 +1,217 @@
+// amoeba-server: serves any subnet shape of one supernet over gRPC.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <fstream>
+
+#include "model/file_util.h"
+#include "model/runtime.h"
+#include "server/metrics.h"
+#include "server/planner.h"
+#include "server/scheduler.h"
+#include "server/service.h"
+
+namespace amoeba {
+namespace {
+
+struct Flags {
+  std::string supernet;
+  std::string host = "0.0.0.0";
+  int port = 50051;
+  int metrics_port = 9090;
+  std::string metrics_host = "0.0.0.0";
+  int threads = 0;
+  int64_t max_prompt_tokens = 2048, max_new_tokens = 1024, max_context = 2048;
+  int64_t slots = 8, queue = 64, cache_mb = 1024, prefill_chunk = 64;
+  std::string weights_dtype = "f32";
+  std::string tls_cert, tls_key, auth_token;
+  bool auth_all = false;
+  double drain_seconds = 20;
+  bool profile = true;
+  std::string port_file;
+};
+
+// Measures decode ms/token of every grid shape on this host (also warms the engine up).
+void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles, at::ScalarType dtype) {
+  at::InferenceMode guard;
+  for (auto& p : profiles) {
+    auto m = s.Extract(p.shape);
+    if (!m.ok()) continue;
+    auto model = std::make_shared<const Model>(dtype == at::kFloat ? std::move(*m) : ConvertWeights(*m, dtype));
+    Engine e(model, {.max_len = 32});
+    KVCache c = e.NewCache(1);
+    std::vector<int32_t> prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
+    int32_t next = 0;
+    SeqInput in{0, prompt};
+    (void)e.Forward(c, {&in, 1});
+    in.tokens = {&next, 1};
+    (void)e.Forward(c, {&in, 1});
+    const int steps = 6;
+    const auto t0 = Clock::now();
+    for (int i = 0; i < steps; ++i) (void)e.Forward(c, {&in, 1});
+    p.measured_decode_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / steps;
+  }
+}
+
+int Run(const Flags& f) {
+  InitRuntime(f.threads);
+  at::ScalarType dtype = at::kFloat;
+  if (f.weights_dtype == "f16") dtype = at::kHalf;
+  else if (f.weights_dtype != "f32") {
+    spdlog::error("--weights-dtype: f32 or f16");
+    return 2;
+  }
+  if ((f.tls_cert.empty()) != (f.tls_key.empty())) {
+    spdlog::error("--tls-cert and --tls-key go together");
+    return 2;
+  }
+  spdlog::info("server: loading supernet {}", f.supernet);
+  auto loaded = Supernet::Load(f.supernet);
+  if (!loaded.ok()) {
+    spdlog::error("server: {}", loaded.status().ToString());
+    return 2;
+  }
+  const Supernet& supernet = **loaded;
+  if (!supernet.tokenizer()) {
+    spdlog::error("server: {} has no tokenizer", f.supernet);
+    return 2;
+  }
+  HostSpeed host;
+  host.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
+  host.compute_gflops = MeasureGemmGflops();
+  auto profiles = ProfilesFromSupernet(supernet);
+  if (f.profile) ProfileShapes(supernet, profiles, dtype);
+  spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs, host.compute_gflops,
+               profiles.size(), f.profile ? " profiled" : "");
+
+  SchedulerOptions so;
+  so.slots_per_shape = f.slots;
+  so.max_context = f.max_context;
+  so.max_queue = f.queue;
+  so.prefill_chunk = f.prefill_chunk;
+  so.cache_bytes = f.cache_mb << 20;
+  so.weights_dtype = dtype;
+  Scheduler scheduler(supernet, so);
+
+  Metrics metrics;
+  if (f.metrics_port >= 0) {
+    auto st = metrics.Serve(f.metrics_host, f.metrics_port);
+    if (!st.ok()) {
+      spdlog::error("{}", st.ToString());
+      return 1;
+    }
+    spdlog::info("server: metrics on http://{}:{}/metrics", f.metrics_host, metrics.port());
+  }
+  scheduler.on_lane_step = [&](const Shape& s, int64_t running) { metrics.SetRunning(s.ToString(), running); };
+
+  ServiceOptions svo;
+  svo.limits.max_prompt_tokens = std::min(f.max_prompt_tokens, f.max_context - 1);
+  svo.limits.max_new_tokens = f.max_new_tokens;
+  svo.auth_token = f.auth_token;
+  svo.token_for_all = f.auth_all;
+  AmoebaService service(supernet, scheduler, &metrics, svo, host, profiles);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!f.tls_cert.empty()) {
+    auto cert = ReadFile(f.tls_cert), key = ReadFile(f.tls_key);
+    if (!cert.ok() || !key.ok()) {
+      spdlog::error("server: cannot read --tls-cert/--tls-key");
+      return 2;
+    }
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({*key, *cert});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  int bound_port = 0;
+  builder.AddListeningPort(f.host + ":" + std::to_string(f.port), creds, &bound_port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(4 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound_port == 0) {
+    spdlog::error("server: cannot listen on {}:{}", f.host, f.port);
+    return 1;
+  }
+  auto* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  spdlog::info("server: serving amoeba.v1.Amoeba on {}:{} ({})", f.host, bound_port,
+               f.tls_cert.empty() ? "insecure" : "TLS");
+  if (!f.port_file.empty()) (void)WriteFileAtomic(f.port_file, std::to_string(bound_port) + " " + std::to_string(metrics.port()) + "\n");
+
+  // Wait for SIGTERM/SIGINT (blocked in every thread, so sigwait sees them), then drain.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  std::atomic<bool> stop_metrics{false};
+  std::thread gauges([&] {
+    while (!stop_metrics) {
+      auto s = scheduler.stats();
+      metrics.SetGlobal(s.waiting, s.cache_bytes, s.cache_hits, s.cache_misses, s.lanes);
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
+  });
+  int sig = 0;
+  sigwait(&set, &sig);
+  spdlog::info("server: signal {}, draining for up to {:.0f}s", sig, f.drain_seconds);
+  health->SetServingStatus(false);
+  const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000));
+  scheduler.Drain(deadline);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  stop_metrics = true;
+  gauges.join();
+  spdlog::info("server: stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace amoeba
+
+int main(int argc, char** argv) {
+  // Block the shutdown signals before any thread starts; main waits for them with sigwait.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  amoeba::InitLogging();
+  amoeba::Flags f;
+  CLI::App app{"amoeba-server: serve any subnet of an Amoeba supernet over gRPC"};
+  app.add_option("--supernet", f.supernet, "Supernet directory")->envname("AMOEBA_SUPERNET")->required();
+  app.add_option("--host", f.host, "Listen address")->envname("AMOEBA_HOST")->capture_default_str();
+  app.add_option("--port", f.port, "gRPC port (0 = any free port)")->envname("AMOEBA_PORT")->capture_default_str();
+  app.add_option("--metrics-port", f.metrics_port, "Prometheus /metrics port (-1 = off, 0 = any)")
+      ->envname("AMOEBA_METRICS_PORT")->capture_default_str();
+  app.add_option("--metrics-host", f.metrics_host, "Metrics listen address")->envname("AMOEBA_METRICS_HOST")->capture_default_str();
+  app.add_option("--threads", f.threads, "Compute threads (0 = all cores)")->envname("AMOEBA_THREADS")->capture_default_str();
+  app.add_option("--max-prompt-tokens", f.max_prompt_tokens, "Longest prompt")->envname("AMOEBA_MAX_PROMPT_TOKENS")->capture_default_str();
+  app.add_option("--max-new-tokens", f.max_new_tokens, "Largest max_new_tokens")->envname("AMOEBA_MAX_NEW_TOKENS")->capture_default_str();
+  app.add_option("--max-context", f.max_context, "KV cache length per sequence")->envname("AMOEBA_MAX_CONTEXT")->capture_default_str();
+  app.add_option("--max-concurrent", f.slots, "Concurrent sequences per shape (batch size)")->envname("AMOEBA_MAX_CONCURRENT")->capture_default_str();
+  app.add_option("--queue-size", f.queue, "Waiting requests before RESOURCE_EXHAUSTED")->envname("AMOEBA_QUEUE_SIZE")->capture_default_str();
+  app.add_option("--cache-mb", f.cache_mb, "Memory cap for idle subnet lanes")->envname("AMOEBA_CACHE_MB")->capture_default_str();
+  app.add_option("--prefill-chunk", f.prefill_chunk, "Prompt tokens per scheduler step")->envname("AMOEBA_PREFILL_CHUNK")->capture_default_str();
+  app.add_option("--weights-dtype", f.weights_dtype, "f32 | f16 (per-lane converted copies)")->envname("AMOEBA_WEIGHTS_DTYPE")->capture_default_str();
+  app.add_option("--tls-cert", f.tls_cert, "PEM certificate (enables TLS)")->envname("AMOEBA_TLS_CERT");
+  app.add_option("--tls-key", f.tls_key, "PEM private key")->envname("AMOEBA_TLS_KEY");
+  app.add_option("--auth-token", f.auth_token, "Bearer token required for ExportSubnet")->envname("AMOEBA_AUTH_TOKEN");
+  app.add_flag("--auth-all", f.auth_all, "Require the token for every RPC")->envname("AMOEBA_AUTH_ALL");
+  app.add_option("--drain-seconds", f.drain_seconds, "Graceful drain on SIGTERM")->envname("AMOEBA_DRAIN_SECONDS")->capture_default_str();
+  app.add_option("--profile", f.profile, "Measure every shape's decode latency at start-up")->envname("AMOEBA_PROFILE")->capture_default_str();
+  app.add_option("--port-file", f.port_file, "Write the bound ports here (tests)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  return amoeba::Run(f);
+}

@@ -1,0 +1,157 @@
+#include "server/metrics.h"
+
+#include <prometheus/counter.h>
+#include <prometheus/text_serializer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
+
+namespace amoeba {
+
+struct Metrics::Impl {
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  int listen_fd = -1;
+  int port = 0;
+  std::atomic<bool> stop{false};
+  std::thread http;
+  prometheus::Family<prometheus::Histogram>& ttft =
+      prometheus::BuildHistogram().Name("amoeba_time_to_first_token_seconds").Help("Time to first token").Register(*registry);
+  prometheus::Family<prometheus::Histogram>& itl =
+      prometheus::BuildHistogram().Name("amoeba_inter_token_latency_seconds").Help("Time between tokens").Register(*registry);
+  prometheus::Family<prometheus::Histogram>& e2e =
+      prometheus::BuildHistogram().Name("amoeba_request_latency_seconds").Help("End-to-end latency").Register(*registry);
+  prometheus::Family<prometheus::Histogram>& queue =
+      prometheus::BuildHistogram().Name("amoeba_queue_time_seconds").Help("Time waiting for a slot").Register(*registry);
+  prometheus::Family<prometheus::Counter>& requests =
+      prometheus::BuildCounter().Name("amoeba_requests_total").Help("Finished requests").Register(*registry);
+  prometheus::Family<prometheus::Counter>& tokens =
+      prometheus::BuildCounter().Name("amoeba_tokens_total").Help("Prompt and generated tokens").Register(*registry);
+  prometheus::Family<prometheus::Gauge>& running =
+      prometheus::BuildGauge().Name("amoeba_running_requests").Help("Sequences in a batch").Register(*registry);
+  prometheus::Family<prometheus::Gauge>& global =
+      prometheus::BuildGauge().Name("amoeba_scheduler").Help("Scheduler state").Register(*registry);
+  prometheus::Gauge& waiting = global.Add({{"kind", "waiting_requests"}});
+  prometheus::Gauge& cache_bytes = prometheus::BuildGauge().Name("amoeba_cache_bytes").Help("Subnet cache bytes").Register(*registry).Add({});
+  prometheus::Gauge& lanes = global.Add({{"kind", "lanes"}});
+  prometheus::Family<prometheus::Counter>& cache = prometheus::BuildCounter().Name("amoeba_cache_lookups_total").Help("Subnet cache lookups").Register(*registry);
+  prometheus::Counter& hits = cache.Add({{"result", "hit"}});
+  prometheus::Counter& misses = cache.Add({{"result", "miss"}});
+  double last_hits = 0, last_misses = 0;
+  std::mutex mu;
+
+  static prometheus::Histogram::BucketBoundaries Buckets() {
+    return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+  }
+};
+
+Metrics::Metrics() : impl_(std::make_unique<Impl>()) {}
+
+Metrics::~Metrics() {
+  impl_->stop = true;
+  if (impl_->http.joinable()) impl_->http.join();
+  if (impl_->listen_fd >= 0) close(impl_->listen_fd);
+}
+
+std::string Metrics::Render() const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  return prometheus::TextSerializer().Serialize(impl_->registry->Collect());
+}
+
+absl::Status Metrics::Serve(const std::string& host, int port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  if (inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
+    close(fd);
+    return absl::InvalidArgumentError("metrics: bad host " + host);
+  }
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(fd, 16) != 0) {
+    close(fd);
+    return absl::UnavailableError("metrics: cannot listen on " + host + ":" + std::to_string(port));
+  }
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  impl_->listen_fd = fd;
+  impl_->port = ntohs(a.sin_port);
+  impl_->http = std::thread([this] {
+    while (!impl_->stop) {
+      pollfd p{impl_->listen_fd, POLLIN, 0};
+      if (poll(&p, 1, 200) <= 0) continue;
+      int c = accept4(impl_->listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (c < 0) continue;
+      timeval tv{2, 0};
+      setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+      char buf[2048];
+      const ssize_t n = recv(c, buf, sizeof(buf) - 1, 0);
+      std::string req(buf, n > 0 ? static_cast<size_t>(n) : 0);
+      std::string body, status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8";
+      if (req.rfind("GET /metrics", 0) == 0) {
+        body = Render();
+      } else {
+        status = "404 Not Found";
+        body = "try /metrics\n";
+        type = "text/plain";
+      }
+      const std::string head = "HTTP/1.0 " + status + "\r\nContent-Type: " + type +
+                               "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n";
+      const std::string out = head + body;
+      size_t sent = 0;
+      while (sent < out.size()) {
+        const ssize_t w = send(c, out.data() + sent, out.size() - sent, MSG_NOSIGNAL);
+        if (w <= 0) break;
+        sent += static_cast<size_t>(w);
+      }
+      close(c);
+    }
+  });
+  return absl::OkStatus();
+}
+
+int Metrics::port() const { return impl_->port; }
+
+void Metrics::ObserveRequest(const std::string& shape, const std::string& status, double queue_s, double ttft_s,
+                             double e2e_s, int64_t prompt_tokens, int64_t completion_tokens) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->queue.Add({{"shape", shape}}, Impl::Buckets()).Observe(queue_s);
+  if (ttft_s > 0) impl_->ttft.Add({{"shape", shape}}, Impl::Buckets()).Observe(ttft_s);
+  impl_->e2e.Add({{"shape", shape}}, Impl::Buckets()).Observe(e2e_s);
+  impl_->requests.Add({{"shape", shape}, {"status", status}}).Increment();
+  impl_->tokens.Add({{"shape", shape}, {"kind", "prompt"}}).Increment(static_cast<double>(prompt_tokens));
+  impl_->tokens.Add({{"shape", shape}, {"kind", "generated"}}).Increment(static_cast<double>(completion_tokens));
+}
+
+void Metrics::ObserveInterToken(const std::string& shape, double seconds) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->itl.Add({{"shape", shape}}, Impl::Buckets()).Observe(seconds);
+}
+
+void Metrics::SetRunning(const std::string& shape, int64_t n) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->running.Add({{"shape", shape}}).Set(static_cast<double>(n));
+}
+
+void Metrics::SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t hits, int64_t misses, int64_t lanes) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->waiting.Set(static_cast<double>(waiting));
+  impl_->cache_bytes.Set(static_cast<double>(cache_bytes));
+  impl_->lanes.Set(static_cast<double>(lanes));
+  if (hits > impl_->last_hits) impl_->hits.Increment(hits - impl_->last_hits);
+  if (misses > impl_->last_misses) impl_->misses.Increment(misses - impl_->last_misses);
+  impl_->last_hits = static_cast<double>(hits);
+  impl_->last_misses = static_cast<double>(misses);
+}
+
+}  // namespace amoeba

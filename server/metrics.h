@@ -1,0 +1,33 @@
+// Prometheus metrics (prometheus-cpp registry and text serializer), served on their own HTTP port
+// by a minimal HTTP/1.0 loop (prometheus-cpp's CivetWeb exposer would not start inside this
+// process). Labelled by shape.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+
+namespace amoeba {
+
+class Metrics {
+ public:
+  Metrics();
+  ~Metrics();
+  // Serves GET /metrics (Prometheus text format) on host:port; port 0 picks a free port.
+  absl::Status Serve(const std::string& host, int port);
+  int port() const;
+  // The current text exposition (also what /metrics returns).
+  std::string Render() const;
+
+  void ObserveRequest(const std::string& shape, const std::string& status, double queue_s, double ttft_s,
+                      double e2e_s, int64_t prompt_tokens, int64_t completion_tokens);
+  void ObserveInterToken(const std::string& shape, double seconds);
+  void SetRunning(const std::string& shape, int64_t n);
+  void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t cache_hits, int64_t cache_misses, int64_t lanes);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace amoeba

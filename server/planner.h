@@ -1,0 +1,64 @@
+// Budget → shape. Protocol-free: the service converts to and from amoeba.v1 messages.
+// Latency comes from this host's measured profile, or from a roofline estimate for the client's
+// platform (decode: weight bytes / bandwidth; prefill: 2·params·tokens / compute).
+#pragma once
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "subnet/supernet.h"
+
+namespace amoeba {
+
+struct ShapeProfile {
+  Shape shape;
+  int64_t params = 0;
+  int64_t weight_bytes = 0;         // all weights as stored
+  int64_t decode_weight_bytes = 0;  // read per decode step
+  int64_t kv_bytes_per_token = 0;
+  std::optional<double> measured_decode_ms;  // on this host
+  std::optional<double> heldout_perplexity;  // from `amoeba-admin eval`
+};
+
+struct PlanBudget {
+  std::optional<int64_t> max_params, max_memory_bytes;
+  std::optional<double> max_decode_ms_per_token, max_prefill_ms;
+  int64_t prompt_tokens = 128;
+  int64_t max_context_tokens = 2048;
+  // Client platform; unset fields fall back to this host.
+  std::optional<double> bandwidth_gbs, compute_gflops;
+  std::optional<int64_t> platform_memory_bytes;
+};
+
+struct HostSpeed {
+  double bandwidth_gbs = 20;
+  double compute_gflops = 50;
+};
+
+struct ShapeEstimateResult {
+  ShapeProfile profile;
+  double decode_ms = 0, prefill_ms = 0;
+  int64_t memory_bytes = 0;
+  double quality = 0;
+  std::string quality_source, latency_source;
+};
+
+struct PlanResult {
+  ShapeEstimateResult chosen;
+  std::vector<ShapeEstimateResult> frontier;
+  std::string explanation;
+};
+
+ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const HostSpeed& host);
+// Estimates for all shapes (no budget filter).
+std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
+                                             const HostSpeed& host);
+// The best-quality shape that fits; FAILED_PRECONDITION naming the smallest shape's cost if none.
+absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
+                                     const HostSpeed& host);
+
+// Profiles from the supernet's amoeba.json (static figures, eval results when present).
+std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s);
+
+}  // namespace amoeba

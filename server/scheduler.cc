@@ -1,0 +1,279 @@
+#include "server/scheduler.h"
+
+#include <spdlog/spdlog.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace amoeba {
+
+namespace {
+double Ms(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); }
+}  // namespace
+
+Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options) : supernet_(supernet), opt_(options) {
+  worker_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+    draining_ = true;
+  }
+  cv_.notify_all();
+  worker_.join();
+}
+
+absl::Status Scheduler::Submit(std::shared_ptr<Job> job) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (draining_) return absl::UnavailableError("server is draining");
+    if (static_cast<int64_t>(queue_.size()) >= opt_.max_queue) {
+      return absl::ResourceExhaustedError(absl::StrCat("queue full (", opt_.max_queue, " waiting requests)"));
+    }
+    job->enqueued = Clock::now();
+    queue_.push_back(std::move(job));
+  }
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+void Scheduler::Drain(Clock::time_point deadline) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    draining_ = true;
+  }
+  cv_.notify_all();
+  while (Clock::now() < deadline) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (queue_.empty() && running_ == 0) return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // Out of time: cancel what is left (the worker finishes them as CANCELLED).
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& j : queue_) j->cancelled = true;
+  stop_ = true;
+}
+
+SchedulerStats Scheduler::stats() const {
+  SchedulerStats s;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    s.waiting = static_cast<int64_t>(queue_.size());
+  }
+  s.running = running_;
+  s.lanes = lane_count_;
+  s.cache_bytes = cache_bytes_;
+  s.cache_hits = hits_;
+  s.cache_misses = misses_;
+  return s;
+}
+
+Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
+  const std::string key = s.ToString();
+  auto it = lanes_.find(key);
+  if (it != lanes_.end()) {
+    ++hits_;
+    return it->second.get();
+  }
+  ++misses_;
+  auto m = supernet_.Extract(s);
+  if (!m.ok()) return nullptr;
+  auto lane = std::make_unique<Lane>();
+  lane->shape = s;
+  // Views of the supernet (fp32), or a converted copy when serving fp16 weights.
+  lane->model = std::make_shared<const Model>(opt_.weights_dtype == at::kFloat ? std::move(*m)
+                                                                                : ConvertWeights(*m, opt_.weights_dtype));
+  EngineOptions eo;
+  eo.max_len = opt_.max_context;
+  lane->engine = std::make_unique<Engine>(lane->model, eo);
+  lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
+  lane->slot_used.assign(opt_.slots_per_shape, false);
+  lane->bytes = lane->cache.bytes() + (opt_.weights_dtype == at::kFloat ? 0 : lane->model->DecodeWeightBytes());
+  cache_bytes_ += lane->bytes;
+  spdlog::info("scheduler: new lane {} ({} KV bytes)", key, lane->cache.bytes());
+  Lane* raw = lane.get();
+  lanes_[key] = std::move(lane);
+  lane_count_ = static_cast<int64_t>(lanes_.size());
+  EvictIdleLanes();
+  return raw;
+}
+
+void Scheduler::EvictIdleLanes() {
+  while (cache_bytes_ > opt_.cache_bytes) {
+    Lane* victim = nullptr;
+    std::string key;
+    for (auto& [k, l] : lanes_) {
+      if (!l->seqs.empty()) continue;
+      if (!victim || l->last_used < victim->last_used) {
+        victim = l.get();
+        key = k;
+      }
+    }
+    if (!victim) return;
+    cache_bytes_ -= victim->bytes;
+    spdlog::info("scheduler: evict idle lane {}", key);
+    lanes_.erase(key);
+    lane_count_ = static_cast<int64_t>(lanes_.size());
+  }
+}
+
+bool Scheduler::Admit() {
+  std::deque<std::shared_ptr<Job>> pending;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    pending.swap(queue_);
+  }
+  bool moved = false;
+  std::deque<std::shared_ptr<Job>> keep;
+  for (auto& job : pending) {
+    if (job->cancelled) {
+      JobResult r;
+      r.reason = FinishReason::kCancelled;
+      r.shape = job->shape;
+      r.queue_ms = Ms(job->enqueued, Clock::now());
+      job->on_done(r);
+      continue;
+    }
+    Lane* lane = GetLane(job->shape);
+    if (!lane) {
+      JobResult r;
+      r.reason = FinishReason::kError;
+      r.error = absl::InvalidArgumentError(absl::StrCat("shape ", job->shape.ToString(), " cannot be built"));
+      job->on_done(r);
+      continue;
+    }
+    int64_t slot = -1;
+    for (int64_t i = 0; i < static_cast<int64_t>(lane->slot_used.size()); ++i)
+      if (!lane->slot_used[i]) {
+        slot = i;
+        break;
+      }
+    if (slot < 0) {
+      keep.push_back(std::move(job));  // lane full: stays queued, in order
+      continue;
+    }
+    lane->slot_used[slot] = true;
+    lane->cache.Reset(slot);
+    Seq s;
+    s.job = job;
+    s.slot = slot;
+    s.stream = std::make_unique<TokenStream>(*supernet_.tokenizer(), lane->model->config, job->gen, job->prompt);
+    s.started = Clock::now();
+    lane->seqs.push_back(std::move(s));
+    ++running_;
+    moved = true;
+  }
+  if (!keep.empty()) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = keep.rbegin(); it != keep.rend(); ++it) queue_.push_front(std::move(*it));
+  }
+  return moved;
+}
+
+void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error) {
+  Seq& s = lane.seqs[index];
+  std::string_view rest = s.stream->Finish(reason);
+  if (!rest.empty() && s.job->on_token) s.job->on_token(-1, rest);
+  const auto now = Clock::now();
+  JobResult r;
+  r.reason = s.stream->finish_reason();
+  r.error = std::move(error);
+  r.prompt_tokens = static_cast<int64_t>(s.job->prompt.size());
+  r.completion_tokens = static_cast<int64_t>(s.stream->tokens().size());
+  r.queue_ms = Ms(s.job->enqueued, s.started);
+  r.ttft_ms = s.has_first ? Ms(s.job->enqueued, s.first_token) : 0;
+  r.total_ms = Ms(s.job->enqueued, now);
+  r.shape = lane.shape;
+  s.job->on_done(r);
+  lane.slot_used[s.slot] = false;
+  lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(index));
+  --running_;
+}
+
+void Scheduler::Step(Lane& lane) {
+  const auto now = Clock::now();
+  // Cancellation and deadlines are honoured before spending a step on the sequence.
+  for (size_t i = lane.seqs.size(); i-- > 0;) {
+    Seq& s = lane.seqs[i];
+    if (s.job->cancelled) {
+      Finish(lane, i, FinishReason::kCancelled);
+    } else if ((s.job->deadline && now >= *s.job->deadline) ||
+               (s.job->gen.time_limit_ms > 0 && now >= s.started + std::chrono::milliseconds(s.job->gen.time_limit_ms))) {
+      Finish(lane, i, FinishReason::kTimeLimit);
+    }
+  }
+  if (lane.seqs.empty()) return;
+  lane.last_used = now;
+  std::vector<SeqInput> inputs;
+  inputs.reserve(lane.seqs.size());
+  for (Seq& s : lane.seqs) {
+    if (s.fed < s.job->prompt.size()) {
+      const size_t n = std::min<size_t>(opt_.prefill_chunk, s.job->prompt.size() - s.fed);
+      inputs.push_back({s.slot, std::span<const int32_t>(s.job->prompt.data() + s.fed, n)});
+    } else {
+      inputs.push_back({s.slot, std::span<const int32_t>(&s.next, 1)});
+    }
+  }
+  auto logits = lane.engine->Forward(lane.cache, inputs);
+  if (!logits.ok()) {
+    spdlog::error("scheduler: step on {} failed: {}", lane.shape.ToString(), logits.status().ToString());
+    for (size_t i = lane.seqs.size(); i-- > 0;) Finish(lane, i, FinishReason::kError, logits.status());
+    return;
+  }
+  std::vector<size_t> done;
+  for (size_t i = 0; i < lane.seqs.size(); ++i) {
+    Seq& s = lane.seqs[i];
+    if (s.fed < s.job->prompt.size()) {
+      s.fed += inputs[i].tokens.size();
+      if (s.fed < s.job->prompt.size()) continue;  // more prompt to feed
+    }
+    TokenStream::Step st = s.stream->Next(logits->select(0, static_cast<int64_t>(i)).data_ptr<float>());
+    if (!s.has_first) {
+      s.has_first = true;
+      s.first_token = Clock::now();
+    }
+    s.next = st.token;
+    if (s.job->on_token && (!st.text.empty() || !st.done)) s.job->on_token(st.token, st.text);
+    // The context is full: stop with LENGTH rather than overrunning the cache.
+    if (!st.done && lane.cache.length(s.slot) + 1 >= lane.cache.max_len()) {
+      done.push_back(i);
+      continue;
+    }
+    if (st.done) done.push_back(i);
+  }
+  for (auto it = done.rbegin(); it != done.rend(); ++it) Finish(lane, *it, FinishReason::kLength);
+  if (on_lane_step) on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
+}
+
+void Scheduler::Loop() {
+  at::InferenceMode guard;  // thread-local: the worker never builds autograd graphs
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (stop_) {
+        for (auto& j : queue_) j->cancelled = true;
+        break;
+      }
+    }
+    Admit();
+    bool any = false;
+    for (auto& [k, lane] : lanes_) {
+      if (lane->seqs.empty()) continue;
+      any = true;
+      Step(*lane);
+    }
+    EvictIdleLanes();
+    if (any) continue;
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, std::chrono::milliseconds(50), [&] { return !queue_.empty() || stop_; });
+  }
+  // Stopped: queued and running jobs end as CANCELLED.
+  Admit();
+  for (auto& [k, lane] : lanes_)
+    for (size_t i = lane->seqs.size(); i-- > 0;) Finish(*lane, i, FinishReason::kCancelled);
+}
+
+}  // namespace amoeba

@@ -1,0 +1,114 @@
+// Continuous batching over subnets. One worker thread owns every engine: each iteration it admits
+// waiting requests into their shape's lane (a free KV slot), then runs one step per lane in which
+// new sequences prefill a chunk and running ones decode one token, all in a single Forward call.
+// Lanes are built on demand from supernet views (cheap: no weight copies), kept under a memory cap
+// and evicted least-recently-used when idle. Protocol-free: the service adapts it to gRPC.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "model/engine.h"
+#include "model/generation.h"
+#include "subnet/supernet.h"
+
+namespace amoeba {
+
+using Clock = std::chrono::steady_clock;
+
+struct JobResult {
+  FinishReason reason = FinishReason::kNone;
+  absl::Status error;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+  double queue_ms = 0, ttft_ms = 0, total_ms = 0;
+  Shape shape;
+};
+
+struct Job {
+  std::string request_id;
+  Shape shape;
+  std::vector<int32_t> prompt;
+  GenerationOptions gen;
+  std::optional<Clock::time_point> deadline;  // gRPC deadline; time_limit_ms is in `gen`
+  std::atomic<bool> cancelled{false};
+  Clock::time_point enqueued;
+  // Called on the scheduler thread: new tokens with their text, then the result exactly once.
+  std::function<void(int32_t token, std::string_view text)> on_token;
+  std::function<void(const JobResult&)> on_done;
+};
+
+struct SchedulerOptions {
+  int64_t slots_per_shape = 8;       // concurrent sequences per shape (batch size)
+  int64_t max_context = 1024;        // KV cache length per slot
+  int64_t max_queue = 64;            // waiting requests before RESOURCE_EXHAUSTED
+  int64_t prefill_chunk = 64;        // prompt tokens per step, so long prompts don't stall decode
+  int64_t cache_bytes = 1ll << 30;   // memory cap for idle lanes (KV caches, subnet copies)
+  at::ScalarType weights_dtype = at::kFloat;
+};
+
+struct SchedulerStats {
+  int64_t running = 0, waiting = 0, lanes = 0, cache_bytes = 0, cache_hits = 0, cache_misses = 0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(const Supernet& supernet, SchedulerOptions options);
+  ~Scheduler();
+
+  // Queues a job; RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when draining.
+  absl::Status Submit(std::shared_ptr<Job> job);
+  // Stops accepting work, finishes running and queued jobs until `deadline`, cancels the rest.
+  void Drain(Clock::time_point deadline);
+  SchedulerStats stats() const;
+  // Lane statistics listener (metrics): called on the worker thread after each step.
+  std::function<void(const Shape&, int64_t running)> on_lane_step;
+
+ private:
+  struct Seq {
+    std::shared_ptr<Job> job;
+    int64_t slot = 0;
+    std::unique_ptr<TokenStream> stream;
+    size_t fed = 0;  // prompt tokens already in the cache
+    int32_t next = 0;
+    Clock::time_point started, first_token;
+    bool has_first = false;
+  };
+  struct Lane {
+    Shape shape;
+    std::shared_ptr<const Model> model;
+    std::unique_ptr<Engine> engine;
+    KVCache cache;
+    std::vector<Seq> seqs;
+    std::vector<bool> slot_used;
+    Clock::time_point last_used;
+    int64_t bytes = 0;
+  };
+
+  void Loop();
+  Lane* GetLane(const Shape& s);
+  void EvictIdleLanes();
+  bool Admit();  // moves waiting jobs into lanes; true if any moved
+  void Step(Lane& lane);
+  void Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error = absl::OkStatus());
+
+  const Supernet& supernet_;
+  SchedulerOptions opt_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool draining_ = false, stop_ = false;
+  std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
+  std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
+  std::thread worker_;
+};
+
+}  // namespace amoeba
