@@ -1,0 +1,238 @@
+// amoeba-cli: talks to amoeba-server. Exit codes: 0 ok, 2 bad input (usage or INVALID_ARGUMENT),
+// 1 any other failure.
+#include <google/protobuf/util/json_util.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+
+#include "client/amoeba_client.h"
+
+namespace {
+using namespace amoeba;
+
+std::string ToJson(const google::protobuf::Message& m) {
+  std::string s;
+  google::protobuf::util::JsonPrintOptions o;
+  o.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &s, o);
+  return s;
+}
+
+int Fail(const grpc::Status& s) {
+  std::fprintf(stderr, "error: %s (%d)\n", s.error_message().c_str(), static_cast<int>(s.error_code()));
+  return s.error_code() == grpc::StatusCode::INVALID_ARGUMENT ? 2 : 1;
+}
+
+struct ShapeFlags {
+  int depth = 0;
+  double width = 0;
+};
+
+struct BudgetFlags {
+  int64_t max_params = 0, max_memory = 0;
+  double max_decode_ms = 0, max_prefill_ms = 0, bandwidth = 0, gflops = 0;
+  int prompt_tokens = 0;
+  bool any() const { return max_params || max_memory || max_decode_ms || max_prefill_ms || bandwidth || gflops; }
+  void Fill(v1::Budget* b) const {
+    if (max_params) b->set_max_params(max_params);
+    if (max_memory) b->set_max_memory_bytes(max_memory);
+    if (max_decode_ms) b->set_max_decode_ms_per_token(max_decode_ms);
+    if (max_prefill_ms) b->set_max_prefill_ms(max_prefill_ms);
+    if (prompt_tokens) b->set_prompt_tokens(prompt_tokens);
+    if (bandwidth) b->mutable_platform()->set_memory_bandwidth_gbs(bandwidth);
+    if (gflops) b->mutable_platform()->set_compute_gflops(gflops);
+  }
+  void Add(CLI::App* c) {
+    c->add_option("--budget-params", max_params, "Max parameters");
+    c->add_option("--budget-memory", max_memory, "Max memory bytes (weights + KV)");
+    c->add_option("--budget-latency-ms", max_decode_ms, "Max decode ms per token");
+    c->add_option("--budget-prefill-ms", max_prefill_ms, "Max prefill ms");
+    c->add_option("--prompt-tokens", prompt_tokens, "Prompt length for the prefill estimate");
+    c->add_option("--platform-bandwidth-gbs", bandwidth, "Client memory bandwidth (roofline estimate)");
+    c->add_option("--platform-gflops", gflops, "Client compute (roofline estimate)");
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"amoeba-cli: client for amoeba-server"};
+  app.require_subcommand(1);
+  client::ClientOptions co;
+  bool json = false;
+  app.add_option("--target", co.target, "Server address")->envname("AMOEBA_TARGET")->capture_default_str();
+  app.add_flag("--tls", co.tls, "Use TLS");
+  app.add_option("--ca-cert", co.ca_cert_file, "PEM root certificates for TLS");
+  app.add_option("--token", co.token, "Bearer token")->envname("AMOEBA_TOKEN");
+  app.add_option("--timeout", co.timeout_s, "Per-call deadline in seconds");
+  app.add_flag("--json", json, "Print JSON");
+
+  // generate
+  auto* gen = app.add_subcommand("generate", "Stream a completion");
+  std::string prompt;
+  ShapeFlags shape;
+  BudgetFlags budget;
+  int max_new = 64;
+  float temperature = 0, top_p = 1, rep = 1;
+  int top_k = 0;
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+  std::string shape_str;
+  gen->add_option("prompt", prompt, "Prompt text")->required();
+  gen->add_option("--shape", shape_str, "depth=D,width=W");
+  budget.Add(gen);
+  gen->add_option("--max-new-tokens,-n", max_new)->capture_default_str();
+  gen->add_option("--temperature", temperature)->capture_default_str();
+  gen->add_option("--top-k", top_k)->capture_default_str();
+  gen->add_option("--top-p", top_p)->capture_default_str();
+  gen->add_option("--repetition-penalty", rep)->capture_default_str();
+  gen->add_option("--seed", seed)->capture_default_str();
+  gen->add_option("--stop", stop, "Stop string (repeatable)");
+
+  auto* plan = app.add_subcommand("plan", "Pick the best shape for a budget");
+  BudgetFlags plan_budget;
+  plan_budget.Add(plan);
+  auto* shapes = app.add_subcommand("shapes", "List the shapes with their estimates");
+  auto* info = app.add_subcommand("info", "Model information");
+  auto* health = app.add_subcommand("health", "grpc.health.v1 status");
+  auto* tok = app.add_subcommand("tokenize", "Token ids of a text");
+  std::string tok_text;
+  tok->add_option("text", tok_text)->required();
+  auto* exp = app.add_subcommand("export", "Download one shape as an HF directory");
+  std::string out_dir, exp_shape;
+  bool uniform = false;
+  exp->add_option("--shape", exp_shape, "depth=D,width=W")->required();
+  exp->add_option("--out", out_dir, "Output directory")->required();
+  exp->add_flag("--uniform-width", uniform, "Standard LlamaForCausalLM (same width in every layer)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  auto parse_shape = [](const std::string& s, v1::Shape* out) -> bool {
+    for (size_t pos = 0; pos < s.size();) {
+      size_t end = s.find(',', pos);
+      if (end == std::string::npos) end = s.size();
+      const std::string kv = s.substr(pos, end - pos);
+      const size_t eq = kv.find('=');
+      if (eq == std::string::npos) return false;
+      const std::string k = kv.substr(0, eq), v = kv.substr(eq + 1);
+      try {
+        if (k == "depth") out->set_depth(std::stoi(v));
+        else if (k == "width") out->set_width(std::stod(v));
+        else return false;
+      } catch (...) {
+        return false;
+      }
+      pos = end + 1;
+    }
+    return true;
+  };
+  client::Client c(co);
+  if (gen->parsed()) {
+    v1::GenerateRequest req;
+    req.set_text(prompt);
+    if (!shape_str.empty()) {
+      if (!parse_shape(shape_str, req.mutable_shape())) {
+        std::fprintf(stderr, "error: --shape: expected depth=D,width=W\n");
+        return 2;
+      }
+    } else if (budget.any()) {
+      budget.Fill(req.mutable_budget());
+    }
+    req.set_max_new_tokens(max_new);
+    auto* s = req.mutable_sampling();
+    s->set_temperature(temperature);
+    s->set_top_k(top_k);
+    s->set_top_p(top_p);
+    s->set_repetition_penalty(rep);
+    s->set_seed(seed);
+    for (const auto& st : stop) req.add_stop(st);
+    v1::GenerateResponse last;
+    if (!json) std::fputs(prompt.c_str(), stdout);
+    grpc::Status st = c.Generate(req, [&](const v1::GenerateResponse& r) {
+      if (json) {
+        std::printf("%s\n", ToJson(r).c_str());
+      } else {
+        std::fwrite(r.text().data(), 1, r.text().size(), stdout);
+      }
+      std::fflush(stdout);
+      last = r;
+    });
+    if (!st.ok()) return Fail(st);
+    if (!json) {
+      std::printf("\n");
+      std::fprintf(stderr, "[shape depth=%d,width=%g | %d tokens, finish=%s | ttft %.1f ms | %.1f tok/s]\n",
+                   last.shape().depth(), last.shape().width(), last.usage().completion_tokens(),
+                   v1::FinishReason_Name(last.finish_reason()).c_str(), last.timings().time_to_first_token_ms(),
+                   last.timings().decode_tokens_per_s());
+    }
+    return 0;
+  }
+  if (plan->parsed()) {
+    v1::PlanRequest req;
+    plan_budget.Fill(req.mutable_budget());
+    v1::PlanResponse resp;
+    grpc::Status st = c.Plan(req, &resp);
+    if (!st.ok()) return Fail(st);
+    if (json) std::printf("%s\n", ToJson(resp).c_str());
+    else std::printf("%s\n", resp.explanation().c_str());
+    return 0;
+  }
+  if (shapes->parsed()) {
+    v1::ListShapesResponse resp;
+    grpc::Status st = c.ListShapes(&resp);
+    if (!st.ok()) return Fail(st);
+    if (json) {
+      std::printf("%s\n", ToJson(resp).c_str());
+    } else {
+      std::printf("%-6s %-7s %-12s %-14s %-10s %s\n", "depth", "width", "params", "decode ms/tok", "latency", "quality");
+      for (const auto& e : resp.shapes())
+        std::printf("%-6d %-7g %-12lld %-14.3f %-10s %g (%s)\n", e.shape().depth(), e.shape().width(),
+                    static_cast<long long>(e.params()), e.decode_ms_per_token(), e.latency_source().c_str(), e.quality(),
+                    e.quality_source().c_str());
+    }
+    return 0;
+  }
+  if (info->parsed()) {
+    v1::ModelInfo resp;
+    grpc::Status st = c.GetModelInfo(&resp);
+    if (!st.ok()) return Fail(st);
+    std::printf("%s\n", json ? ToJson(resp).c_str() : resp.DebugString().c_str());
+    return 0;
+  }
+  if (health->parsed()) {
+    std::string status;
+    grpc::Status st = c.Health(&status);
+    if (!st.ok()) return Fail(st);
+    std::printf("%s\n", status.c_str());
+    return status == "SERVING" ? 0 : 1;
+  }
+  if (tok->parsed()) {
+    v1::TokenizeRequest req;
+    req.set_text(tok_text);
+    v1::TokenizeResponse resp;
+    grpc::Status st = c.Tokenize(req, &resp);
+    if (!st.ok()) return Fail(st);
+    std::printf("%s\n", ToJson(resp).c_str());
+    return 0;
+  }
+  if (exp->parsed()) {
+    v1::ExportSubnetRequest req;
+    if (!parse_shape(exp_shape, req.mutable_shape())) {
+      std::fprintf(stderr, "error: --shape: expected depth=D,width=W\n");
+      return 2;
+    }
+    req.set_uniform_width(uniform);
+    grpc::Status st = c.Export(req, out_dir);
+    if (!st.ok()) return Fail(st);
+    std::printf("exported %s to %s\n", exp_shape.c_str(), out_dir.c_str());
+    return 0;
+  }
+  return 2;
+}
