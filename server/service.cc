@@ -202,6 +202,9 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       grpc::Status final = grpc::Status::OK;
       if (res.reason == FinishReason::kError) final = ToGrpc(res.error.ok() ? absl::InternalError("generation failed") : res.error);
       if (res.reason == FinishReason::kCancelled && ctx_->IsCancelled()) final = grpc::Status::CANCELLED;
+      if (res.reason == FinishReason::kTimeLimit && ctx_->deadline() <= std::chrono::system_clock::now()) {
+        final = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded during generation");
+      }
       {
         std::lock_guard<std::mutex> l(mu_);
         final_status_ = final;

@@ -1,0 +1,354 @@
+// amoeba-server's service on a loopback port, driven through the C++ client library: streaming
+// generation by shape and budget, batching equivalence, cancellation, deadlines, back-pressure,
+// validation, health, reflection, metrics and export.
+#include <ATen/ATen.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <regex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "client/amoeba_client.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "model/engine.h"
+#include "model/generation.h"
+#include "model/presets.h"
+#include "model/torch_forward.h"
+#include "server/metrics.h"
+#include "server/service.h"
+#include "subnet/calibrate.h"
+#include "tests/test_util.h"
+
+namespace amoeba {
+namespace {
+using testing::TempDir;
+
+struct TestServer {
+  TempDir dir;
+  std::unique_ptr<Supernet> supernet;
+  std::unique_ptr<Scheduler> scheduler;
+  Metrics metrics;
+  std::unique_ptr<AmoebaService> service;
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+
+  explicit TestServer(SchedulerOptions so = {}, std::string token = "") {
+    ModelConfig c = testing::TinyConfig();
+    c.num_hidden_layers = 5;
+    c.vocab_size = 259;
+    Model m = RandomModel(c, 11, 0.3);
+    EXPECT_TRUE(SaveModel(m, dir.file("model")).ok());
+    EXPECT_TRUE(WriteByteTokenizer(dir.file("model")).ok());
+    std::ofstream(dir.file("calib.txt")) << std::string(300, 'a') << " some calibration text for the test server.";
+    CalibrateOptions o;
+    o.model_dir = dir.file("model");
+    o.out_dir = dir.file("super");
+    o.data_path = dir.file("calib.txt");
+    o.windows = 4;
+    o.window_len = 32;
+    o.dp_windows = 2;
+    auto s = Calibrate(o);
+    EXPECT_TRUE(s.ok()) << s.status();
+    supernet = std::move(*s);
+    so.max_context = 128;
+    scheduler = std::make_unique<Scheduler>(*supernet, so);
+    ServiceOptions svo;
+    svo.limits.max_prompt_tokens = 100;
+    svo.limits.max_new_tokens = 200;
+    svo.auth_token = token;
+    auto profiles = ProfilesFromSupernet(*supernet);
+    for (auto& p : profiles) p.measured_decode_ms = 0.001 * p.decode_weight_bytes / 1000.0;  // deterministic
+    service = std::make_unique<AmoebaService>(*supernet, *scheduler, &metrics, svo, HostSpeed{}, profiles);
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(service.get());
+    server = b.BuildAndStart();
+    server->GetHealthCheckService()->SetServingStatus(true);
+    EXPECT_TRUE(metrics.Serve("127.0.0.1", 0).ok());
+  }
+  ~TestServer() {
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+    scheduler.reset();
+  }
+  client::Client Client(const std::string& token = "", double timeout = 0) {
+    client::ClientOptions o;
+    o.target = absl::StrCat("127.0.0.1:", port);
+    o.token = token;
+    o.timeout_s = timeout;
+    return client::Client(o);
+  }
+};
+
+struct Streamed {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::string text;
+  v1::GenerateResponse last;
+  int messages = 0;
+};
+
+Streamed Stream(client::Client& c, const v1::GenerateRequest& r) {
+  Streamed s;
+  s.status = c.Generate(r, [&](const v1::GenerateResponse& m) {
+    for (int32_t t : m.token_ids()) s.tokens.push_back(t);
+    s.text += m.text();
+    s.last = m;
+    ++s.messages;
+  });
+  return s;
+}
+
+v1::GenerateRequest Req(const std::string& text, int depth, double width, int n) {
+  v1::GenerateRequest r;
+  r.set_text(text);
+  r.mutable_shape()->set_depth(depth);
+  r.mutable_shape()->set_width(width);
+  r.set_max_new_tokens(n);
+  return r;
+}
+
+// The same greedy generation locally, on the extracted subnet.
+std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const std::string& text, int n) {
+  at::InferenceMode g;
+  auto m = s.Extract(shape);
+  Engine e(std::make_shared<const Model>(std::move(*m)), {.max_len = 128});
+  KVCache c = e.NewCache(1);
+  std::vector<int32_t> prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
+  for (int32_t t : s.tokenizer()->Encode(text)) prompt.push_back(t);
+  GenerationOptions o;
+  o.max_new_tokens = n;
+  auto r = Generate(e, c, 0, *s.tokenizer(), prompt, o);
+  return r->tokens;
+}
+
+TEST(ServerTest, StreamsAnExplicitShapeAndMatchesLocalGeneration) {
+  TestServer ts;
+  auto c = ts.Client();
+  for (Shape sh : {Shape{5, 1.0}, Shape{3, 0.625}}) {
+    Streamed s = Stream(c, Req("Hello there", static_cast<int>(sh.depth), sh.width, 12));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.last.shape().depth(), sh.depth);
+    EXPECT_DOUBLE_EQ(s.last.shape().width(), sh.width);
+    EXPECT_GT(s.messages, 1);  // streamed, not one blob
+    EXPECT_EQ(s.last.usage().completion_tokens(), static_cast<int>(s.tokens.size()));
+    EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "Hello there", 12)) << sh.ToString();
+    EXPECT_EQ(s.text, ts.supernet->tokenizer()->Decode(s.tokens));
+  }
+}
+
+TEST(ServerTest, BudgetPicksThePlannedShape) {
+  TestServer ts;
+  auto c = ts.Client();
+  v1::PlanRequest pr;
+  pr.mutable_budget()->set_max_params(ts.supernet->base().config.ParameterCount() * 3 / 4);
+  v1::PlanResponse plan;
+  ASSERT_TRUE(c.Plan(pr, &plan).ok());
+  EXPECT_LE(plan.chosen().params(), pr.budget().max_params());
+  EXPECT_FALSE(plan.frontier().empty());
+  v1::GenerateRequest r;
+  r.set_text("Hi");
+  *r.mutable_budget() = pr.budget();
+  r.set_max_new_tokens(4);
+  Streamed s = Stream(c, r);
+  ASSERT_TRUE(s.status.ok());
+  EXPECT_EQ(s.last.shape().depth(), plan.chosen().shape().depth());
+  EXPECT_DOUBLE_EQ(s.last.shape().width(), plan.chosen().shape().width());
+  // A budget nothing fits names the smallest shape's cost.
+  v1::PlanRequest tiny;
+  tiny.mutable_budget()->set_max_params(10);
+  grpc::Status st = c.Plan(tiny, &plan);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(st.error_message().find("smallest"), std::string::npos);
+}
+
+TEST(ServerTest, ConcurrentShapesCompleteAndBatchingMatchesUnbatched) {
+  TestServer ts;
+  std::vector<std::pair<std::string, Shape>> jobs = {{"alpha", {5, 1.0}}, {"beta", {5, 1.0}}, {"gamma", {5, 1.0}},
+                                                     {"delta", {4, 0.75}}, {"eps", {3, 0.625}}};
+  std::vector<Streamed> results(jobs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto c = ts.Client();
+      results[i] = Stream(c, Req(jobs[i].first, static_cast<int>(jobs[i].second.depth), jobs[i].second.width, 16));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, LocalGreedy(*ts.supernet, jobs[i].second, jobs[i].first, 16)) << jobs[i].first;
+  }
+}
+
+TEST(ServerTest, CancelFreesTheSlotAndDeadlinesAreReported) {
+  SchedulerOptions so;
+  so.slots_per_shape = 1;
+  TestServer ts(so);
+  auto c = ts.Client();
+  {
+    // Cancel after the first streamed message.
+    grpc::ClientContext ctx;
+    auto stub = v1::Amoeba::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", ts.port), grpc::InsecureChannelCredentials()));
+    auto req = Req("cancel me", 5, 1.0, 200);
+    req.mutable_sampling()->set_temperature(1.0);
+    req.add_stop("\x01\x02\x03");
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse m;
+    ASSERT_TRUE(reader->Read(&m));
+    ctx.TryCancel();
+    while (reader->Read(&m)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // The only slot is free again: the next request completes.
+  Streamed s = Stream(c, Req("next", 5, 1.0, 4));
+  EXPECT_TRUE(s.status.ok()) << s.status.error_message();
+  // time_limit_ms ends the stream with TIME_LIMIT.
+  auto tl = Req("slow", 5, 1.0, 200);
+  tl.set_time_limit_ms(1);
+  tl.mutable_sampling()->set_temperature(1.0);
+  Streamed t = Stream(c, tl);
+  ASSERT_TRUE(t.status.ok());
+  EXPECT_EQ(t.last.finish_reason(), v1::TIME_LIMIT);
+  // A client deadline that passes is reported as DEADLINE_EXCEEDED.
+  auto quick = ts.Client("", 0.001);
+  auto dl = Req("deadline", 5, 1.0, 200);
+  dl.mutable_sampling()->set_temperature(1.0);
+  Streamed d = Stream(quick, dl);
+  EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+}
+
+TEST(ServerTest, FullQueueIsResourceExhausted) {
+  SchedulerOptions so;
+  so.slots_per_shape = 1;
+  so.max_queue = 1;
+  TestServer ts(so);
+  // Occupy the slot and the queue with long requests, then one more must be refused.
+  std::vector<std::thread> threads;
+  std::atomic<int> exhausted{0}, ok{0};
+  for (int i = 0; i < 6; ++i) {
+    threads.emplace_back([&, i] {
+      auto c = ts.Client();
+      auto r = Req(absl::StrCat("busy ", i), 5, 1.0, 60);
+      r.mutable_sampling()->set_temperature(1.0);
+      r.add_stop("\x01\x02");
+      Streamed s = Stream(c, r);
+      if (s.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) ++exhausted;
+      if (s.status.ok()) ++ok;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_GE(exhausted.load(), 1);
+  EXPECT_GE(ok.load(), 1);
+  EXPECT_EQ(exhausted + ok, 6);
+}
+
+TEST(ServerTest, InvalidFieldsAreInvalidArgumentAndTheServerKeepsServing) {
+  TestServer ts;
+  auto c = ts.Client();
+  struct Case {
+    const char* field;
+    std::function<void(v1::GenerateRequest&)> edit;
+  };
+  std::vector<Case> cases = {
+      {"shape.depth", [](auto& r) { r.mutable_shape()->set_depth(99); }},
+      {"shape.width", [](auto& r) { r.mutable_shape()->set_width(0.3); }},
+      {"prompt", [](auto& r) { r.clear_text(); }},
+      {"prompt.text", [](auto& r) { r.set_text(""); }},
+      {"prompt", [](auto& r) { r.set_text(std::string(500, 'x')); }},
+      {"prompt.tokens", [](auto& r) { r.mutable_tokens()->add_ids(100000); }},
+      {"sampling.temperature", [](auto& r) { r.mutable_sampling()->set_temperature(-0.5f); }},
+      {"sampling.top_p", [](auto& r) { r.mutable_sampling()->set_top_p(0.f); }},
+      {"sampling.top_p", [](auto& r) { r.mutable_sampling()->set_top_p(1.5f); }},
+      {"max_new_tokens", [](auto& r) { r.set_max_new_tokens(100000); }},
+      {"max_new_tokens", [](auto& r) { r.set_max_new_tokens(0); }},
+      {"stop", [](auto& r) { for (int i = 0; i < 20; ++i) *r.add_stop() = std::string(1, 's'); }},
+      {"budget.max_params", [](auto& r) { r.mutable_budget()->set_max_params(-1); }},
+  };
+  for (const auto& k : cases) {
+    auto r = Req("ok", 5, 1.0, 4);
+    k.edit(r);
+    Streamed s = Stream(c, r);
+    EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << k.field;
+    EXPECT_NE(s.status.error_message().find(k.field), std::string::npos) << s.status.error_message();
+  }
+  EXPECT_TRUE(Stream(c, Req("still fine", 5, 1.0, 3)).status.ok());
+}
+
+TEST(ServerTest, HealthReflectionAndMetrics) {
+  TestServer ts;
+  auto c = ts.Client();
+  std::string st;
+  ASSERT_TRUE(c.Health(&st).ok());
+  EXPECT_EQ(st, "SERVING");
+  ts.server->GetHealthCheckService()->SetServingStatus(false);
+  ASSERT_TRUE(c.Health(&st).ok());
+  EXPECT_EQ(st, "NOT_SERVING");
+  ts.server->GetHealthCheckService()->SetServingStatus(true);
+  // Reflection lists the service.
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", ts.port), grpc::InsecureChannelCredentials());
+  auto refl = grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
+  grpc::ClientContext ctx;
+  auto stream = refl->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest rq;
+  rq.set_list_services("");
+  ASSERT_TRUE(stream->Write(rq));
+  stream->WritesDone();
+  grpc::reflection::v1alpha::ServerReflectionResponse rs;
+  ASSERT_TRUE(stream->Read(&rs));
+  std::vector<std::string> names;
+  for (const auto& s : rs.list_services_response().service()) names.push_back(s.name());
+  EXPECT_NE(std::find(names.begin(), names.end(), "amoeba.v1.Amoeba"), names.end());
+  EXPECT_TRUE(stream->Finish().ok());
+  // Metrics after a request parse as Prometheus text format and carry the shape label.
+  ASSERT_TRUE(Stream(c, Req("metrics", 4, 0.875, 3)).status.ok());
+  const std::string text = ts.metrics.Render();
+  const std::regex sample(R"(^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.eE+\-]+|[-+]Inf|NaN$)");
+  int samples = 0;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') {
+      if (!line.empty()) {
+        EXPECT_TRUE(line.rfind("# HELP ", 0) == 0 || line.rfind("# TYPE ", 0) == 0) << line;
+      }
+      continue;
+    }
+    EXPECT_TRUE(std::regex_match(line, sample)) << line;
+    ++samples;
+  }
+  EXPECT_GT(samples, 10);
+  EXPECT_NE(text.find("amoeba_time_to_first_token_seconds_bucket{shape=\"depth=4,width=0.875\""), std::string::npos);
+}
+
+TEST(ServerTest, ExportOverGrpcMatchesTheServersSubnetAndNeedsTheToken) {
+  TestServer ts({}, "s3cret");
+  const std::string out = ts.dir.file("downloaded");
+  v1::ExportSubnetRequest req;
+  req.mutable_shape()->set_depth(4);
+  req.mutable_shape()->set_width(0.75);
+  auto anon = ts.Client();
+  EXPECT_EQ(anon.Export(req, out).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_FALSE(std::filesystem::exists(out));
+  auto wrong = ts.Client("nope");
+  EXPECT_EQ(wrong.Export(req, out).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  auto c = ts.Client("s3cret");
+  ASSERT_TRUE(c.Export(req, out).ok());
+  EXPECT_EQ(client::VerifyModelDirectory(out), "");
+  auto loaded = LoadModel(out);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  auto sub = ts.supernet->Extract({4, 0.75});
+  at::Tensor tok = at::randint(259, {1, 10}, at::kLong);
+  at::InferenceMode g;
+  EXPECT_LT(testing::MaxAbsDiff(TorchForward(*loaded, tok), TorchForward(*sub, tok)), 1e-6);
+  // Generation does not need the token unless --auth-all.
+  EXPECT_TRUE(Stream(anon, Req("free", 5, 1.0, 2)).status.ok());
+}
+
+}  // namespace
+}  // namespace amoeba
