@@ -167,6 +167,7 @@ int main(int argc, char** argv) {
     if (!st.ok()) return Fail(st);
     if (!json) {
       std::printf("\n");
+      std::fflush(stdout);
       std::fprintf(stderr, "[shape depth=%d,width=%g | %d tokens, finish=%s | ttft %.1f ms | %.1f tok/s]\n",
                    last.shape().depth(), last.shape().width(), last.usage().completion_tokens(),
                    v1::FinishReason_Name(last.finish_reason()).c_str(), last.timings().time_to_first_token_ms(),
