@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# bench/serve end to end: builds a supernet from a preset (random weights), starts amoeba-server on a
+# loopback port, runs the load generator, reports the server's resident memory with every grid
+# shape in use next to the supernet's weight bytes, and stops the server.
+#   bench/serve.sh [preset=tiny|100m] [extra amoeba-server flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PRESET=${1:-100m}
+shift || true
+B=build
+WORK=$(mktemp -d)
+trap 'kill -TERM ${PID:-0} 2>/dev/null || true; rm -rf "$WORK"' EXIT
+$B/admin/amoeba-admin init --out "$WORK/m" --preset "$PRESET" --seed 1 2>/dev/null
+python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 400))" > "$WORK/calib.txt"
+$B/admin/amoeba-admin calibrate --model "$WORK/m" --data "$WORK/calib.txt" --out "$WORK/s" \
+  --windows 4 --window-len 64 --dp-windows 2 > /dev/null 2>&1
+$B/server/amoeba-server --supernet "$WORK/s" --host 127.0.0.1 --port 0 --metrics-port -1 \
+  --port-file "$WORK/ports" --max-context 256 "$@" > "$WORK/server.log" 2>&1 &
+PID=$!
+for _ in $(seq 1 600); do [ -s "$WORK/ports" ] && break; sleep 0.2; done
+PORT=$(cut -d' ' -f1 "$WORK/ports")
+$B/bench/amoeba-bench-serve --target "127.0.0.1:$PORT"
+RSS=$(awk '/VmRSS/ {print $2 * 1024}' /proc/$PID/status)
+WEIGHTS=$(stat -c %s "$WORK/s/model.safetensors")
+python3 -c "print(f'Server RSS with every grid shape used: {$RSS/1e6:.0f} MB = {$RSS/$WEIGHTS:.2f}x the supernet weights ({$WEIGHTS/1e6:.0f} MB)')" | tee -a bench/results/serve.md

@@ -1,0 +1,169 @@
+// bench/serve: load generator against a running amoeba-server. For 1, 4 and 16 concurrent streams
+// on one shape, and for mixed shapes, it reports aggregate tokens/s and client-side TTFT and
+// inter-token latency percentiles; then the cold-shape switch cost (TTFT of a never-seen shape vs
+// a cached one). Bounded in requests and time; loopback only.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "client/amoeba_client.h"
+
+namespace {
+using Clock = std::chrono::steady_clock;
+using namespace amoeba;
+
+struct Sample {
+  std::vector<double> ttft_ms, itl_ms;
+  int64_t tokens = 0;
+  double seconds = 0;
+  int errors = 0;
+};
+
+double Pct(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
+}
+
+// `streams` clients, each sending `per_stream` requests back to back.
+Sample Load(const client::ClientOptions& co, int streams, int per_stream, int tokens,
+            const std::vector<v1::Shape>& shapes) {
+  Sample s;
+  std::mutex mu;
+  const auto t0 = Clock::now();
+  std::vector<std::thread> th;
+  for (int i = 0; i < streams; ++i) {
+    th.emplace_back([&, i] {
+      client::Client c(co);
+      for (int r = 0; r < per_stream; ++r) {
+        v1::GenerateRequest req;
+        req.set_text("Once upon a time there was");
+        *req.mutable_shape() = shapes[(i + r) % shapes.size()];
+        req.set_max_new_tokens(tokens);
+        req.mutable_sampling()->set_temperature(1.0);
+        req.mutable_sampling()->set_seed(i * 1000 + r);
+        req.add_stop("\x01\x02\x03");
+        const auto start = Clock::now();
+        auto last = start;
+        bool first = true;
+        std::vector<double> itl;
+        double ttft = 0;
+        int64_t n = 0;
+        grpc::Status st = c.Generate(req, [&](const v1::GenerateResponse& m) {
+          const auto now = Clock::now();
+          if (m.token_ids_size() == 0) return;
+          if (first) {
+            ttft = std::chrono::duration<double, std::milli>(now - start).count();
+            first = false;
+          } else {
+            itl.push_back(std::chrono::duration<double, std::milli>(now - last).count());
+          }
+          last = now;
+          n += m.token_ids_size();
+        });
+        std::lock_guard<std::mutex> l(mu);
+        if (!st.ok()) {
+          ++s.errors;
+          continue;
+        }
+        s.ttft_ms.push_back(ttft);
+        s.itl_ms.insert(s.itl_ms.end(), itl.begin(), itl.end());
+        s.tokens += n;
+      }
+    });
+  }
+  for (auto& t : th) t.join();
+  s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  client::ClientOptions co;
+  int tokens = 32, requests = 4;
+  std::string out_json = "bench/results/serve.json", out_md = "bench/results/serve.md";
+  CLI::App app{"bench/serve: load generator for amoeba-server"};
+  app.add_option("--target", co.target)->capture_default_str();
+  app.add_option("--tokens", tokens, "New tokens per request")->capture_default_str();
+  app.add_option("--requests", requests, "Requests per stream")->capture_default_str();
+  app.add_option("--json", out_json)->capture_default_str();
+  app.add_option("--md", out_md)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  client::Client c(co);
+  v1::ModelInfo info;
+  if (!c.GetModelInfo(&info).ok()) {
+    std::fprintf(stderr, "cannot reach %s\n", co.target.c_str());
+    return 1;
+  }
+  v1::Shape full;
+  full.set_depth(info.depths(info.depths_size() - 1));
+  full.set_width(info.widths(0));
+  std::vector<v1::Shape> mixed;
+  for (int d : {info.depths(0), info.depths(info.depths_size() / 2), info.depths(info.depths_size() - 1)}) {
+    v1::Shape s;
+    s.set_depth(d);
+    s.set_width(info.widths(info.widths_size() - 1));
+    mixed.push_back(s);
+  }
+  Load(co, 1, 1, 4, {full});  // warm-up: build the lane
+  nlohmann::json out = {{"target", co.target}, {"tokens_per_request", tokens}, {"runs", nlohmann::json::array()}};
+  std::string md = "# bench/serve\n\n| scenario | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |\n|---|---|---|---|---|---|---|---|\n";
+  double single = 0;
+  for (auto [name, streams, shapes] : {std::tuple{"one shape", 1, std::vector<v1::Shape>{full}},
+                                      std::tuple{"one shape", 4, std::vector<v1::Shape>{full}},
+                                      std::tuple{"one shape", 16, std::vector<v1::Shape>{full}},
+                                      std::tuple{"mixed shapes", 16, mixed}}) {
+    Sample s = Load(co, streams, requests, tokens, shapes);
+    const double rate = s.tokens / s.seconds;
+    if (streams == 1) single = rate;
+    out["runs"].push_back({{"scenario", name}, {"streams", streams}, {"tokens_per_s", rate},
+                           {"ttft_p50_ms", Pct(s.ttft_ms, 0.5)}, {"ttft_p99_ms", Pct(s.ttft_ms, 0.99)},
+                           {"itl_p50_ms", Pct(s.itl_ms, 0.5)}, {"itl_p99_ms", Pct(s.itl_ms, 0.99)}, {"errors", s.errors}});
+    char line[256];
+    std::snprintf(line, sizeof(line), "| %s | %d | %.1f | %.1f | %.1f | %.2f | %.2f | %d |\n", name, streams, rate,
+                  Pct(s.ttft_ms, 0.5), Pct(s.ttft_ms, 0.99), Pct(s.itl_ms, 0.5), Pct(s.itl_ms, 0.99), s.errors);
+    md += line;
+    std::fprintf(stderr, "%s", line);
+  }
+  // Cold vs cached shape: TTFT of the first request on a shape never used, then the same again.
+  std::vector<double> cold, warm;
+  for (int d : info.depths()) {
+    for (double w : info.widths()) {
+      if (d == full.depth() && w == full.width()) continue;
+      v1::Shape s;
+      s.set_depth(d);
+      s.set_width(w);
+      Sample a = Load(co, 1, 1, 2, {s});
+      Sample b = Load(co, 1, 1, 2, {s});
+      if (!a.ttft_ms.empty() && !b.ttft_ms.empty()) {
+        cold.push_back(a.ttft_ms[0]);
+        warm.push_back(b.ttft_ms[0]);
+      }
+    }
+  }
+  const double cold50 = Pct(cold, 0.5), warm50 = Pct(warm, 0.5);
+  out["cold_ttft_p50_ms"] = cold50;
+  out["cached_ttft_p50_ms"] = warm50;
+  char tail[512];
+  const double agg16 = out["runs"][2]["tokens_per_s"].get<double>();
+  std::snprintf(tail, sizeof(tail),
+                "\nAggregate at 16 streams / 1 stream (one shape): %.2fx. Never-seen shape TTFT p50 %.1f ms vs cached "
+                "%.1f ms (%.2fx) over %zu shapes.\n",
+                agg16 / single, cold50, warm50, warm50 > 0 ? cold50 / warm50 : 0.0, cold.size());
+  md += tail;
+  out["aggregate_16_over_1"] = agg16 / single;
+  std::filesystem::create_directories(std::filesystem::path(out_json).parent_path());
+  std::ofstream(out_json) << out.dump(2) << "\n";
+  std::ofstream(out_md) << md;
+  std::printf("%s", md.c_str());
+  return 0;
+}
