@@ -15,6 +15,8 @@ Runner AddInitCommand(CLI::App& app);
 Runner AddGenerateCommand(CLI::App& app);
 Runner AddCalibrateCommand(CLI::App& app);
 Runner AddExportCommand(CLI::App& app);
+Runner AddTuneCommand(CLI::App& app);
+Runner AddEvalCommand(CLI::App& app);
 
 // Exit code for a failed absl::Status: 2 for bad input, 1 otherwise.
 int ExitCodeFor(const absl::Status& st);

@@ -35,6 +35,8 @@ int main(int argc, char** argv) {
   add("generate", amoeba::admin::AddGenerateCommand(app));
   add("calibrate", amoeba::admin::AddCalibrateCommand(app));
   add("export", amoeba::admin::AddExportCommand(app));
+  add("tune", amoeba::admin::AddTuneCommand(app));
+  add("eval", amoeba::admin::AddEvalCommand(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,177 @@
+// amoeba-admin eval: every grid shape (or a list) on held-out text: perplexity, optional
+// multiple-choice accuracy, parameters, decode tokens/s on this host. Writes the figures into the
+// supernet's per-shape profile, prints a table and draws the quality-vs-latency frontier (SVG).
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "admin/commands.h"
+#include "distill/tuner.h"
+#include "model/engine.h"
+#include "model/progress.h"
+#include "model/runtime.h"
+#include "model/status_macros.h"
+#include "subnet/calibration_data.h"
+#include "subnet/metrics.h"
+
+namespace amoeba::admin {
+namespace fs = std::filesystem;
+
+namespace {
+struct EvalFlags {
+  std::string supernet, data, mc_data, shapes, svg;
+  int64_t windows = 16, window_len = 128;
+  uint64_t seed = 1;
+  int threads = 0;
+  bool no_adapters = false;
+};
+
+double DecodeMsPerToken(const Model& m) {
+  at::InferenceMode g;
+  Engine e(std::make_shared<const Model>(m), {.max_len = 64});
+  KVCache c = e.NewCache(1);
+  std::vector<int32_t> p = {static_cast<int32_t>(m.config.bos_token_id)};
+  SeqInput in{0, p};
+  (void)e.Forward(c, {&in, 1});
+  int32_t next = 3;
+  in.tokens = {&next, 1};
+  (void)e.Forward(c, {&in, 1});
+  const int steps = 16;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) (void)e.Forward(c, {&in, 1});
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
+}
+
+std::string FrontierSvg(const nlohmann::json& rows) {
+  double xmax = 0, ymin = 1e30, ymax = 0;
+  for (const auto& r : rows) {
+    xmax = std::max(xmax, r["decode_ms_per_token"].get<double>());
+    ymin = std::min(ymin, r["heldout_perplexity"].get<double>());
+    ymax = std::max(ymax, r["heldout_perplexity"].get<double>());
+  }
+  if (ymax <= ymin) ymax = ymin + 1;
+  const double W = 640, H = 420, L = 70, B = 50;
+  auto X = [&](double v) { return L + (W - L - 20) * v / (xmax * 1.05); };
+  auto Y = [&](double v) { return H - B - (H - B - 20) * (v - ymin) / (ymax - ymin); };
+  std::string svg = absl::StrFormat(
+      "<svg xmlns='http://www.w3.org/2000/svg' width='%g' height='%g' font-family='sans-serif' font-size='11'>"
+      "<rect width='100%%' height='100%%' fill='white'/><line x1='%g' y1='%g' x2='%g' y2='%g' stroke='black'/>"
+      "<line x1='%g' y1='20' x2='%g' y2='%g' stroke='black'/>"
+      "<text x='%g' y='%g'>decode ms/token (this host)</text><text x='10' y='14'>held-out perplexity</text>",
+      W, H, L, H - B, W - 20, H - B, L, L, H - B, W / 2 - 60, H - 15);
+  for (const auto& r : rows) {
+    const bool front = r.value("frontier", false);
+    svg += absl::StrFormat("<circle cx='%.1f' cy='%.1f' r='4' fill='%s'><title>depth=%d width=%g ppl=%.2f</title></circle>",
+                           X(r["decode_ms_per_token"].get<double>()), Y(r["heldout_perplexity"].get<double>()),
+                           front ? "crimson" : "steelblue", r["depth"].get<int>(), r["width"].get<double>(),
+                           r["heldout_perplexity"].get<double>());
+  }
+  svg += absl::StrFormat("<text x='%g' y='%g' fill='crimson'>red: frontier (no shape is both faster and better)</text></svg>\n",
+                         L + 10, 34.0);
+  return svg;
+}
+
+absl::Status RunEval(const EvalFlags& f) {
+  InitRuntime(f.threads);
+  ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
+  std::unique_ptr<Smol> smol;
+  const std::string smol_path = (fs::path(f.supernet) / "smol.safetensors").string();
+  if (!f.no_adapters && fs::exists(smol_path)) {
+    ASSIGN_OR_RETURN(Smol loaded, Smol::Load(smol_path, s->base()));
+    smol = std::make_unique<Smol>(std::move(loaded));
+  }
+  ASSIGN_OR_RETURN(std::string text, ReadCorpus(f.data));
+  WindowOptions wo{.num_windows = f.windows, .window_len = f.window_len, .seed = f.seed,
+                   .bos_token_id = s->base().config.bos_token_id};
+  ASSIGN_OR_RETURN(at::Tensor windows, MakeWindows(text, *s->tokenizer(), wo));
+  std::vector<MultipleChoiceItem> mc;
+  if (!f.mc_data.empty()) {
+    ASSIGN_OR_RETURN(mc, ReadMultipleChoice(f.mc_data));
+  }
+  std::vector<Shape> shapes;
+  if (f.shapes.empty()) {
+    shapes = s->GridShapes();
+  } else {
+    for (auto part : absl::StrSplit(f.shapes, ';', absl::SkipEmpty())) {
+      ASSIGN_OR_RETURN(Shape sh, Shape::Parse(std::string(part), s->base().config.num_hidden_layers));
+      RETURN_IF_ERROR(s->Validate(sh));
+      shapes.push_back(sh);
+    }
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  Progress bar("eval", static_cast<int64_t>(shapes.size()));
+  for (const Shape& sh : shapes) {
+    at::InferenceMode g;
+    const double nll = HeldoutNll(*s, smol.get(), sh, windows);
+    Model sub = *s->Extract(sh);
+    Model runnable = smol ? smol->Merge(sub, InferenceGate(*s, *smol, sh), s->spec().FindDepth(sh.depth)->layers) : sub;
+    nlohmann::json row = {{"depth", sh.depth}, {"width", sh.width}, {"params", sub.config.ParameterCount()},
+                          {"heldout_perplexity", std::exp(nll)}, {"decode_ms_per_token", DecodeMsPerToken(runnable)}};
+    if (!mc.empty()) row["mc_accuracy"] = MultipleChoiceAccuracy(runnable, *s->tokenizer(), mc);
+    rows.push_back(row);
+    bar.Advance(1, sh.ToString());
+  }
+  bar.Finish();
+  for (auto& r : rows) {
+    bool dominated = false;
+    for (const auto& o : rows) {
+      if (o["decode_ms_per_token"].get<double>() <= r["decode_ms_per_token"].get<double>() &&
+          o["heldout_perplexity"].get<double>() < r["heldout_perplexity"].get<double>()) dominated = true;
+    }
+    r["frontier"] = !dominated;
+  }
+  // Merge into the profile.
+  SupernetSpec spec = s->spec();
+  for (auto& p : spec.profile) {
+    for (const auto& r : rows) {
+      if (p["depth"] == r["depth"] && std::abs(p["width"].get<double>() - r["width"].get<double>()) < 1e-9) {
+        for (const char* k : {"heldout_perplexity", "decode_ms_per_token", "mc_accuracy"})
+          if (r.contains(k)) p[k] = r[k];
+        p["adapters"] = smol != nullptr;
+      }
+    }
+  }
+  s->set_spec(spec);
+  RETURN_IF_ERROR(s->SaveMetadata(f.supernet));
+  std::printf("%-6s %-7s %-12s %-12s %-14s %s\n", "depth", "width", "params", "perplexity", "decode ms/tok",
+              mc.empty() ? "" : "mc acc");
+  for (const auto& r : rows) {
+    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %s%s\n", r["depth"].get<int>(), r["width"].get<double>(),
+                static_cast<long long>(r["params"].get<int64_t>()), r["heldout_perplexity"].get<double>(),
+                r["decode_ms_per_token"].get<double>(),
+                r.contains("mc_accuracy") ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str() : "",
+                r["frontier"].get<bool>() ? "  *frontier" : "");
+  }
+  const std::string svg = f.svg.empty() ? (fs::path(f.supernet) / "frontier.svg").string() : f.svg;
+  std::ofstream(svg) << FrontierSvg(rows);
+  spdlog::info("eval: {} shapes{}; profile updated; frontier plot {}", rows.size(), smol ? " with adapters" : "", svg);
+  return absl::OkStatus();
+}
+}  // namespace
+
+Runner AddEvalCommand(CLI::App& app) {
+  auto f = std::make_shared<EvalFlags>();
+  CLI::App* cmd = app.add_subcommand("eval", "Quality, size and speed of every shape; updates the profile");
+  cmd->add_option("--supernet", f->supernet, "Supernet directory")->required();
+  cmd->add_option("--data", f->data, "Held-out text (.txt or .jsonl with \"text\")")->required();
+  cmd->add_option("--mc-data", f->mc_data, "Multiple-choice JSONL");
+  cmd->add_option("--shapes", f->shapes, "Shapes 'depth=D,width=W;...' (default: the grid)");
+  cmd->add_option("--windows", f->windows)->capture_default_str();
+  cmd->add_option("--window-len", f->window_len)->capture_default_str();
+  cmd->add_option("--seed", f->seed)->capture_default_str();
+  cmd->add_option("--svg", f->svg, "Frontier plot (default SUPERNET/frontier.svg)");
+  cmd->add_flag("--no-adapters", f->no_adapters, "Evaluate without smol.safetensors");
+  cmd->add_option("--threads", f->threads);
+  return [f]() {
+    absl::Status st = RunEval(*f);
+    if (!st.ok()) spdlog::error("eval: {}", st.ToString());
+    return ExitCodeFor(st);
+  };
+}
+
+}  // namespace amoeba::admin
