@@ -183,6 +183,7 @@ absl::StatusOr<TuneResult> Tune(const Supernet& s, Smol& smol, const TrainData& 
     if (!o.checkpoint.empty() && (r.step % o.checkpoint_every == 0 || r.step == o.steps)) {
       RETURN_IF_ERROR(SaveCheckpoint(o.checkpoint, smol, opt, r.step, fp));
     }
+    if (o.on_step) o.on_step(r.step);
   }
   if (r.interrupted && !o.checkpoint.empty()) {
     RETURN_IF_ERROR(SaveCheckpoint(o.checkpoint, smol, opt, r.step, fp));

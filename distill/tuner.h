@@ -5,6 +5,7 @@
 // continues bit for bit (data, shapes and router noise are functions of (seed, step)).
 #pragma once
 #include <atomic>
+#include <functional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -33,6 +34,7 @@ struct TuneOptions {
   bool resume = false;
   std::string metrics_log;   // JSONL, one line per step
   bool progress = true;
+  std::function<void(int64_t step)> on_step;  // after each optimizer step (e.g. to request a stop)
 };
 
 struct TuneResult {

@@ -1,0 +1,175 @@
+// SMoL adapters and in-place distillation: merged == unmerged, deterministic inference gate,
+// loss balancing, tuning lowers held-out loss, and resume == uninterrupted.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "distill/losses.h"
+#include "distill/tuner.h"
+#include "lora/smol.h"
+#include "model/presets.h"
+#include "model/torch_forward.h"
+#include "subnet/calibrate.h"
+#include "tests/test_util.h"
+
+namespace amoeba {
+namespace {
+using testing::MaxAbsDiff;
+using testing::TempDir;
+
+struct Fixture {
+  TempDir dir;
+  std::unique_ptr<Supernet> s;
+  std::unique_ptr<TrainData> data;
+  at::Tensor heldout;
+  Fixture() {
+    ModelConfig c = testing::TinyConfig();
+    c.num_hidden_layers = 4;
+    c.vocab_size = 259;
+    Model m = RandomModel(c, 5, 0.1);
+    EXPECT_TRUE(SaveModel(m, dir.file("m")).ok());
+    EXPECT_TRUE(WriteByteTokenizer(dir.file("m")).ok());
+    // Learnable text: a few repeated sentences.
+    std::ofstream(dir.file("text.txt")) << [] {
+      std::string t;
+      for (int i = 0; i < 200; ++i) t += "the cat sat on the mat. the dog ran in the park. ";
+      return t;
+    }();
+    CalibrateOptions o;
+    o.model_dir = dir.file("m");
+    o.out_dir = dir.file("s");
+    o.data_path = dir.file("text.txt");
+    o.windows = 4;
+    o.window_len = 32;
+    o.dp_windows = 2;
+    o.widths = {1.0, 0.75, 0.5};
+    s = std::move(*Calibrate(o));
+    data = std::make_unique<TrainData>(*TrainData::Load(dir.file("text.txt"), *s->tokenizer(), 1, 2));
+    heldout = data->Sample(999, 0, 0, 4, 32).tokens;
+  }
+  Smol NewSmol(uint64_t seed = 3) {
+    SmolConfig sc;
+    sc.rank = 4;
+    return Smol(s->base(), static_cast<int64_t>(s->spec().widths.size()), sc, seed);
+  }
+};
+
+TEST(SmolTest, MergedEqualsUnmergedForSeveralShapes) {
+  Fixture f;
+  Smol smol = f.NewSmol();
+  // B starts at zero (a no-op adapter): give it values so the test compares something.
+  for (auto& [n, t] : smol.NamedParameters())
+    if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.05);
+  at::Tensor tok = at::randint(259, {2, 12}, at::kLong);
+  at::InferenceMode g;
+  for (const Shape& sh : {f.s->FullShape(), Shape{3, 0.75}, f.s->SmallestShape()}) {
+    const auto& layers = f.s->spec().FindDepth(sh.depth)->layers;
+    Model sub = *f.s->Extract(sh);
+    at::Tensor gate = InferenceGate(*f.s, smol, sh);
+    TorchForwardOptions opt;
+    opt.linear = smol.Hook(gate, layers);
+    at::Tensor unmerged = TorchForward(sub, tok, opt);
+    at::Tensor merged = TorchForward(smol.Merge(sub, gate, layers), tok);
+    EXPECT_LT(MaxAbsDiff(unmerged, merged), 1e-4) << sh.ToString();
+    EXPECT_GT(MaxAbsDiff(unmerged, TorchForward(sub, tok)), 1e-3) << "the adapters change the output";
+  }
+}
+
+TEST(SmolTest, GateIsDeterministicAtInferenceAndTopK) {
+  Fixture f;
+  Smol smol = f.NewSmol();
+  at::Tensor phi = smol.ShapeFeature(f.s->spec().FindDepth(3)->layers, 1);
+  at::Tensor a = smol.Gate(phi, false), b = smol.Gate(phi, false);
+  EXPECT_TRUE(at::equal(a, b));
+  EXPECT_EQ((a > 0).sum().item<int64_t>(), 2);  // top-2 of 5
+  EXPECT_NEAR(a.sum().item<double>(), 1.0, 1e-6);
+  // Training adds noise.
+  bool differs = false;
+  for (int i = 0; i < 10 && !differs; ++i) differs = !at::equal(smol.Gate(phi, true), a);
+  EXPECT_TRUE(differs);
+}
+
+TEST(DistillTest, BalancedLossKeepsTheFullValueAndScalesGradients) {
+  at::Tensor x = at::tensor({2.0f}).set_requires_grad(true);
+  at::Tensor li = x * x / 8;             // L_i = 0.5, dL_i/dx = x/4 = 0.5
+  at::Tensor l0 = at::tensor({2.0f});    // L_0 = 2
+  at::Tensor b = BalanceLoss(li, l0);
+  EXPECT_FLOAT_EQ(b.item<float>(), 2.0f);  // equals the full subnet's loss value
+  b.backward();
+  EXPECT_FLOAT_EQ(x.grad().item<float>(), 0.5f * 2.0f / 0.5f);  // scaled by L_0 / L_i
+  // Soft CE to itself is the entropy; masked positions do not count.
+  at::Tensor logits = at::randn({1, 4, 7});
+  at::Tensor mask = at::tensor({0.f, 1.f, 1.f, 0.f}).unsqueeze(0);
+  at::Tensor p = at::softmax(logits.narrow(1, 0, 3), -1);
+  const double entropy = (-(p * p.log()).sum(-1)[0].narrow(0, 0, 2)).mean().item<double>();
+  EXPECT_NEAR(MaskedSoftCrossEntropy(logits, logits, mask).item<double>(), entropy, 1e-5);
+}
+
+TEST(DistillTest, ShortTuneLowersHeldoutLossOfFullAndSmallest) {
+  Fixture f;
+  Smol smol = f.NewSmol();
+  const double full0 = HeldoutNll(*f.s, &smol, f.s->FullShape(), f.heldout);
+  const double small0 = HeldoutNll(*f.s, &smol, f.s->SmallestShape(), f.heldout);
+  TuneOptions o;
+  o.steps = 25;
+  o.batch = 4;
+  o.seq_len = 32;
+  o.lr = 5e-3;
+  o.progress = false;
+  auto r = Tune(*f.s, smol, *f.data, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_LT(HeldoutNll(*f.s, &smol, f.s->FullShape(), f.heldout), full0 - 0.05);
+  EXPECT_LT(HeldoutNll(*f.s, &smol, f.s->SmallestShape(), f.heldout), small0 - 0.05);
+  // After training, different shapes get different gates.
+  EXPECT_FALSE(at::allclose(InferenceGate(*f.s, smol, f.s->FullShape()), InferenceGate(*f.s, smol, f.s->SmallestShape())));
+}
+
+TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
+  Fixture f;
+  TuneOptions o;
+  o.steps = 6;
+  o.batch = 2;
+  o.seq_len = 24;
+  o.lr = 3e-3;
+  o.progress = false;
+  o.checkpoint_every = 100;  // only the final / interrupt checkpoints
+  Smol straight = f.NewSmol(7);
+  ASSERT_TRUE(Tune(*f.s, straight, *f.data, o).ok());
+  // Stopped after 3 steps by the stop flag (what Ctrl-C sets), then resumed in a fresh Smol.
+  o.checkpoint = f.dir.file("ckpt.safetensors");
+  Smol first = f.NewSmol(7);
+  std::atomic<bool> stop{false};
+  o.on_step = [&](int64_t step) { stop = step >= 3; };
+  auto part = Tune(*f.s, first, *f.data, o, &stop);
+  ASSERT_TRUE(part.ok());
+  EXPECT_TRUE(part->interrupted);
+  EXPECT_EQ(part->step, 3);
+  o.on_step = nullptr;
+  o.resume = true;
+  Smol second = f.NewSmol(7);
+  auto r = Tune(*f.s, second, *f.data, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->step, 6);
+  auto a = straight.NamedParameters(), b = second.NamedParameters();
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(MaxAbsDiff(a[i].second, b[i].second), 1e-6) << a[i].first;
+  // A checkpoint from other options is refused instead of silently mixing runs.
+  o.lr = 1.0;
+  Smol third = f.NewSmol(7);
+  EXPECT_EQ(Tune(*f.s, third, *f.data, o).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(SmolTest, SaveLoadRoundTrip) {
+  Fixture f;
+  Smol smol = f.NewSmol();
+  ASSERT_TRUE(smol.Save(f.dir.file("smol.safetensors")).ok());
+  auto back = Smol::Load(f.dir.file("smol.safetensors"), f.s->base());
+  ASSERT_TRUE(back.ok()) << back.status();
+  auto a = smol.NamedParameters(), b = back->NamedParameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
+}
+
+}  // namespace
+}  // namespace amoeba
