@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <filesystem>
 #include <fstream>
 
 #include "model/file_util.h"
@@ -88,7 +89,19 @@ int Run(const Flags& f) {
   spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs, host.compute_gflops,
                profiles.size(), f.profile ? " profiled" : "");
 
+  std::unique_ptr<Smol> smol;
+  const std::string smol_path = f.supernet + "/smol.safetensors";
+  if (std::filesystem::exists(smol_path)) {
+    auto l = Smol::Load(smol_path, supernet.base());
+    if (!l.ok()) {
+      spdlog::error("server: {}", l.status().ToString());
+      return 2;
+    }
+    smol = std::make_unique<Smol>(std::move(*l));
+    spdlog::info("server: SMoL adapters loaded ({} experts, rank {})", smol->config().experts, smol->config().rank);
+  }
   SchedulerOptions so;
+  so.smol = smol.get();
   so.slots_per_shape = f.slots;
   so.max_context = f.max_context;
   so.max_queue = f.queue;

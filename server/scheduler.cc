@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 
 namespace amoeba {
@@ -83,15 +85,29 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   if (!m.ok()) return nullptr;
   auto lane = std::make_unique<Lane>();
   lane->shape = s;
-  // Views of the supernet (fp32), or a converted copy when serving fp16 weights.
-  lane->model = std::make_shared<const Model>(opt_.weights_dtype == at::kFloat ? std::move(*m)
-                                                                                : ConvertWeights(*m, opt_.weights_dtype));
+  // Views of the supernet; with adapters, a copy with ΔW merged for this shape's (deterministic)
+  // gate; fp16 serving converts the lane's weights.
+  Model model = std::move(*m);
+  bool copied = false;
+  if (opt_.smol) {
+    const auto& layers = supernet_.spec().FindDepth(s.depth)->layers;
+    int64_t wi = 0;
+    for (size_t i = 0; i < supernet_.spec().widths.size(); ++i)
+      if (std::abs(supernet_.spec().widths[i] - s.width) < 1e-9) wi = static_cast<int64_t>(i);
+    model = opt_.smol->Merge(model, opt_.smol->Gate(opt_.smol->ShapeFeature(layers, wi), false), layers);
+    copied = true;
+  }
+  if (opt_.weights_dtype != at::kFloat) {
+    model = ConvertWeights(model, opt_.weights_dtype);
+    copied = true;
+  }
+  lane->model = std::make_shared<const Model>(std::move(model));
   EngineOptions eo;
   eo.max_len = opt_.max_context;
   lane->engine = std::make_unique<Engine>(lane->model, eo);
   lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
   lane->slot_used.assign(opt_.slots_per_shape, false);
-  lane->bytes = lane->cache.bytes() + (opt_.weights_dtype == at::kFloat ? 0 : lane->model->DecodeWeightBytes());
+  lane->bytes = lane->cache.bytes() + (copied ? lane->model->DecodeWeightBytes() : 0);
   cache_bytes_ += lane->bytes;
   spdlog::info("scheduler: new lane {} ({} KV bytes)", key, lane->cache.bytes());
   Lane* raw = lane.get();

@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "model/engine.h"
 #include "model/generation.h"
+#include "lora/smol.h"
 #include "subnet/supernet.h"
 
 namespace amoeba {
@@ -53,6 +54,7 @@ struct SchedulerOptions {
   int64_t prefill_chunk = 64;        // prompt tokens per step, so long prompts don't stall decode
   int64_t cache_bytes = 1ll << 30;   // memory cap for idle lanes (KV caches, subnet copies)
   at::ScalarType weights_dtype = at::kFloat;
+  const Smol* smol = nullptr;        // adapters: lanes run the subnet with them merged
 };
 
 struct SchedulerStats {

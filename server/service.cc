@@ -476,7 +476,7 @@ grpc::ServerUnaryReactor* AmoebaService::GetModelInfo(grpc::CallbackServerContex
   resp->set_vocab_size(static_cast<int32_t>(c.vocab_size));
   for (int64_t d : supernet_.spec().depths) resp->add_depths(static_cast<int32_t>(d));
   for (double w : supernet_.spec().widths) resp->add_widths(w);
-  resp->set_has_adapters(!supernet_.spec().smol.is_null());
+  resp->set_has_adapters(!supernet_.spec().smol.is_null() && supernet_.spec().smol.contains("experts"));
   resp->set_tokenizer(supernet_.tokenizer() ? supernet_.tokenizer()->kind() : "");
   resp->set_max_context_tokens(static_cast<int32_t>(options_.limits.max_prompt_tokens));
   return Reply(ctx, grpc::Status::OK);

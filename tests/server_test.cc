@@ -36,7 +36,9 @@ struct TestServer {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 
-  explicit TestServer(SchedulerOptions so = {}, std::string token = "") {
+  std::unique_ptr<Smol> smol;
+
+  explicit TestServer(SchedulerOptions so = {}, std::string token = "", bool adapters = false) {
     ModelConfig c = testing::TinyConfig();
     c.num_hidden_layers = 5;
     c.vocab_size = 259;
@@ -54,6 +56,14 @@ struct TestServer {
     auto s = Calibrate(o);
     EXPECT_TRUE(s.ok()) << s.status();
     supernet = std::move(*s);
+    if (adapters) {
+      SmolConfig sc;
+      sc.rank = 4;
+      smol = std::make_unique<Smol>(supernet->base(), static_cast<int64_t>(supernet->spec().widths.size()), sc, 5);
+      for (auto& [n, t] : smol->NamedParameters())
+        if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.2);
+      so.smol = smol.get();
+    }
     so.max_context = 128;
     scheduler = std::make_unique<Scheduler>(*supernet, so);
     ServiceOptions svo;
@@ -113,10 +123,18 @@ v1::GenerateRequest Req(const std::string& text, int depth, double width, int n)
   return r;
 }
 
-// The same greedy generation locally, on the extracted subnet.
-std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const std::string& text, int n) {
+// The same greedy generation locally, on the extracted subnet (with adapters merged if given).
+std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const std::string& text, int n,
+                                 const Smol* smol = nullptr) {
   at::InferenceMode g;
   auto m = s.Extract(shape);
+  if (smol) {
+    const auto& layers = s.spec().FindDepth(shape.depth)->layers;
+    int64_t wi = 0;
+    for (size_t i = 0; i < s.spec().widths.size(); ++i)
+      if (s.spec().widths[i] == shape.width) wi = static_cast<int64_t>(i);
+    *m = smol->Merge(*m, smol->Gate(smol->ShapeFeature(layers, wi), false), layers);
+  }
   Engine e(std::make_shared<const Model>(std::move(*m)), {.max_len = 128});
   KVCache c = e.NewCache(1);
   std::vector<int32_t> prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
@@ -140,6 +158,19 @@ TEST(ServerTest, StreamsAnExplicitShapeAndMatchesLocalGeneration) {
     EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "Hello there", 12)) << sh.ToString();
     EXPECT_EQ(s.text, ts.supernet->tokenizer()->Decode(s.tokens));
   }
+}
+
+TEST(ServerTest, TunedSupernetServesWithMergedAdapters) {
+  TestServer ts({}, "", /*adapters=*/true);
+  auto c = ts.Client();
+  for (Shape sh : {Shape{5, 1.0}, Shape{3, 0.625}}) {
+    Streamed s = Stream(c, Req("Hello there", static_cast<int>(sh.depth), sh.width, 10));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "Hello there", 10, ts.smol.get())) << sh.ToString();
+  }
+  // The adapters matter: without them the output differs.
+  Streamed s = Stream(c, Req("Hello there", 5, 1.0, 10));
+  EXPECT_NE(s.tokens, LocalGreedy(*ts.supernet, {5, 1.0}, "Hello there", 10));
 }
 
 TEST(ServerTest, BudgetPicksThePlannedShape) {
