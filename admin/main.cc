@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
   add("export", amoeba::admin::AddExportCommand(app));
   add("tune", amoeba::admin::AddTuneCommand(app));
   add("eval", amoeba::admin::AddEvalCommand(app));
+  add("pretrain", amoeba::admin::AddPretrainCommand(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

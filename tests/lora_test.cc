@@ -7,6 +7,8 @@
 #include <fstream>
 
 #include "distill/losses.h"
+#include "distill/pretrain.h"
+#include "subnet/metrics.h"
 #include "distill/tuner.h"
 #include "lora/smol.h"
 #include "model/presets.h"
@@ -158,6 +160,38 @@ TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
   o.lr = 1.0;
   Smol third = f.NewSmol(7);
   EXPECT_EQ(Tune(*f.s, third, *f.data, o).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(PretrainTest, LowersLossAndResumesBitForBit) {
+  Fixture f;
+  Model m = *LoadModel(f.dir.file("m"));
+  at::Tensor held = f.heldout;
+  const double before = MeanNll(m, held);
+  PretrainOptions o;
+  o.batch = 4;
+  o.seq_len = 32;
+  o.loop.steps = 20;
+  o.loop.lr = 3e-3;
+  o.loop.progress = false;
+  ASSERT_TRUE(Pretrain(m, *f.data, o).ok());
+  EXPECT_LT(MeanNll(m, held), before - 0.5);
+  // Stop at step 2 and resume to 4 == 4 straight steps.
+  o.loop.steps = 4;
+  Model straight = *LoadModel(f.dir.file("m"));
+  ASSERT_TRUE(Pretrain(straight, *f.data, o).ok());
+  o.loop.checkpoint = f.dir.file("p.safetensors");
+  o.loop.checkpoint_every = 100;
+  std::atomic<bool> stop{false};
+  o.loop.on_step = [&](int64_t s) { stop = s >= 2; };
+  Model a = *LoadModel(f.dir.file("m"));
+  auto part = Pretrain(a, *f.data, o, &stop);
+  ASSERT_TRUE(part.ok() && part->interrupted);
+  o.loop.on_step = nullptr;
+  o.loop.resume = true;
+  Model b = *LoadModel(f.dir.file("m"));
+  ASSERT_TRUE(Pretrain(b, *f.data, o).ok());
+  auto x = NamedWeights(straight), y = NamedWeights(b);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_LT(MaxAbsDiff(x[i].second, y[i].second), 1e-6) << x[i].first;
 }
 
 TEST(SmolTest, SaveLoadRoundTrip) {
