@@ -31,22 +31,6 @@ struct EvalFlags {
   bool no_adapters = false;
 };
 
-double DecodeMsPerToken(const Model& m) {
-  at::InferenceMode g;
-  Engine e(std::make_shared<const Model>(m), {.max_len = 64});
-  KVCache c = e.NewCache(1);
-  std::vector<int32_t> p = {static_cast<int32_t>(m.config.bos_token_id)};
-  SeqInput in{0, p};
-  (void)e.Forward(c, {&in, 1});
-  int32_t next = 3;
-  in.tokens = {&next, 1};
-  (void)e.Forward(c, {&in, 1});
-  const int steps = 16;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < steps; ++i) (void)e.Forward(c, {&in, 1});
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
-}
-
 std::string FrontierSvg(const nlohmann::json& rows) {
   double xmax = 0, ymin = 1e30, ymax = 0;
   for (const auto& r : rows) {
@@ -111,7 +95,7 @@ absl::Status RunEval(const EvalFlags& f) {
     Model sub = *s->Extract(sh);
     Model runnable = smol ? smol->Merge(sub, InferenceGate(*s, *smol, sh), s->spec().FindDepth(sh.depth)->layers) : sub;
     nlohmann::json row = {{"depth", sh.depth}, {"width", sh.width}, {"params", sub.config.ParameterCount()},
-                          {"heldout_perplexity", std::exp(nll)}, {"decode_ms_per_token", DecodeMsPerToken(runnable)}};
+                          {"heldout_perplexity", std::exp(nll)}, {"decode_ms_per_token", MeasureDecodeMsPerToken(std::make_shared<const Model>(runnable))}};
     if (!mc.empty()) row["mc_accuracy"] = MultipleChoiceAccuracy(runnable, *s->tokenizer(), mc);
     rows.push_back(row);
     bar.Advance(1, sh.ToString());

@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
 
 namespace amoeba::bench {
 namespace {
@@ -40,6 +43,14 @@ double PrefillRate(Engine& e, int len) {
   const auto t0 = Clock::now();
   (void)e.Forward(cache, {&in, 1});
   return len / Seconds(t0);
+}
+
+void WriteReport(const std::string& json_path, const std::string& json_text, const std::string& md_path,
+                 const std::string& md) {
+  std::filesystem::create_directories(std::filesystem::path(json_path).parent_path());
+  std::ofstream(json_path) << json_text << "\n";
+  std::ofstream(md_path) << md;
+  std::printf("%s", md.c_str());
 }
 
 }  // namespace amoeba::bench

@@ -91,10 +91,7 @@ int Run(const Options& o) {
       md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {:.2f}x |\n", p, b, f / t, h / f, f / find(p, "amoeba-fp32", batches[0]));
     }
   }
-  std::filesystem::create_directories(std::filesystem::path(o.out_json).parent_path());
-  std::ofstream(o.out_json) << out.dump(2) << "\n";
-  std::ofstream(o.out_md) << md;
-  std::printf("%s", md.c_str());
+  WriteReport(o.out_json, out.dump(2), o.out_md, md);
   return 0;
 }
 

@@ -89,10 +89,7 @@ int Run(const Options& o) {
                       sh.depth, sh.width, params / 1e6, 100.0 * params / full_params, bytes / 1e6, extract_us,
                       rate, speedup, ideal, pct);
   }
-  std::filesystem::create_directories(std::filesystem::path(o.out_json).parent_path());
-  std::ofstream(o.out_json) << out.dump(2) << "\n";
-  std::ofstream(o.out_md) << md;
-  std::printf("%s", md.c_str());
+  WriteReport(o.out_json, out.dump(2), o.out_md, md);
   return 0;
 }
 

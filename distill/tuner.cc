@@ -19,13 +19,6 @@ namespace amoeba {
 
 namespace {
 
-int64_t WidthIndex(const Supernet& s, double w) {
-  const auto& ws = s.spec().widths;
-  for (size_t i = 0; i < ws.size(); ++i)
-    if (std::abs(ws[i] - w) < 1e-9) return static_cast<int64_t>(i);
-  return 0;
-}
-
 // The sandwich: full, K-2 random (depth uniform in [d_min, L), distinct widths), smallest.
 std::vector<Shape> SandwichShapes(const Supernet& s, int64_t K, uint64_t seed, int64_t step, int64_t micro) {
   std::mt19937_64 rng(seed * 31 + static_cast<uint64_t>(step) * 7919 + static_cast<uint64_t>(micro) + 17);
@@ -47,7 +40,7 @@ std::vector<Shape> SandwichShapes(const Supernet& s, int64_t K, uint64_t seed, i
 at::Tensor SubnetLogits(const Supernet& s, const Smol& smol, const Shape& sh, const at::Tensor& tokens, bool training) {
   const auto& layers = s.spec().FindDepth(sh.depth)->layers;
   Model sub = *s.Extract(sh);
-  at::Tensor gate = smol.Gate(smol.ShapeFeature(layers, WidthIndex(s, sh.width)), training);
+  at::Tensor gate = smol.Gate(smol.ShapeFeature(layers, s.WidthIndex(sh.width)), training);
   TorchForwardOptions opt;
   opt.linear = smol.Hook(gate, layers);
   return TorchForward(sub, tokens, opt);
@@ -62,7 +55,7 @@ std::string Fingerprint(const TuneOptions& o, const Smol& smol) {
 }  // namespace
 
 at::Tensor InferenceGate(const Supernet& s, const Smol& smol, const Shape& shape) {
-  return smol.Gate(smol.ShapeFeature(s.spec().FindDepth(shape.depth)->layers, WidthIndex(s, shape.width)), false);
+  return smol.Gate(smol.ShapeFeature(s.spec().FindDepth(shape.depth)->layers, s.WidthIndex(shape.width)), false);
 }
 
 SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatch& b, const TuneOptions& o,

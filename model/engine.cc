@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -228,6 +229,21 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   for (const SeqInput& s : seqs)
     cache.set_length(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
   return logits_.narrow(0, 0, out_rows);
+}
+
+double MeasureDecodeMsPerToken(std::shared_ptr<const Model> model, int steps) {
+  at::InferenceMode guard;
+  Engine e(std::move(model), {.max_len = steps + 8});
+  KVCache c = e.NewCache(1);
+  std::vector<int32_t> prompt = {static_cast<int32_t>(e.model().config.bos_token_id)};
+  SeqInput in{0, prompt};
+  (void)e.Forward(c, {&in, 1});
+  int32_t next = 0;
+  in.tokens = {&next, 1};
+  (void)e.Forward(c, {&in, 1});  // warm-up step
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) (void)e.Forward(c, {&in, 1});
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
 }
 
 }  // namespace amoeba

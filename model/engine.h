@@ -58,4 +58,7 @@ class Engine {
   std::vector<DecodeTask> decode_tasks_;  // reused: no allocation per decode step
 };
 
+// Batch-1 decode latency of `model` on this host (short context, after warm-up), in ms per token.
+double MeasureDecodeMsPerToken(std::shared_ptr<const Model> model, int steps = 16);
+
 }  // namespace amoeba

@@ -43,18 +43,7 @@ void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles, at::S
     auto m = s.Extract(p.shape);
     if (!m.ok()) continue;
     auto model = std::make_shared<const Model>(dtype == at::kFloat ? std::move(*m) : ConvertWeights(*m, dtype));
-    Engine e(model, {.max_len = 32});
-    KVCache c = e.NewCache(1);
-    std::vector<int32_t> prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
-    int32_t next = 0;
-    SeqInput in{0, prompt};
-    (void)e.Forward(c, {&in, 1});
-    in.tokens = {&next, 1};
-    (void)e.Forward(c, {&in, 1});
-    const int steps = 6;
-    const auto t0 = Clock::now();
-    for (int i = 0; i < steps; ++i) (void)e.Forward(c, {&in, 1});
-    p.measured_decode_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / steps;
+    p.measured_decode_ms = MeasureDecodeMsPerToken(std::move(model), 6);
   }
 }
 

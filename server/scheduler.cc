@@ -2,8 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <cmath>
-
 #include "absl/strings/str_cat.h"
 
 namespace amoeba {
@@ -91,10 +89,8 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   bool copied = false;
   if (opt_.smol) {
     const auto& layers = supernet_.spec().FindDepth(s.depth)->layers;
-    int64_t wi = 0;
-    for (size_t i = 0; i < supernet_.spec().widths.size(); ++i)
-      if (std::abs(supernet_.spec().widths[i] - s.width) < 1e-9) wi = static_cast<int64_t>(i);
-    model = opt_.smol->Merge(model, opt_.smol->Gate(opt_.smol->ShapeFeature(layers, wi), false), layers);
+    const at::Tensor gate = opt_.smol->Gate(opt_.smol->ShapeFeature(layers, supernet_.WidthIndex(s.width)), false);
+    model = opt_.smol->Merge(model, gate, layers);
     copied = true;
   }
   if (opt_.weights_dtype != at::kFloat) {

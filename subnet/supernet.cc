@@ -252,6 +252,12 @@ absl::StatusOr<Model> Supernet::ExtractWith(int64_t depth, const WidthAllocation
   return m;
 }
 
+int64_t Supernet::WidthIndex(double w) const {
+  for (size_t i = 0; i < spec_.widths.size(); ++i)
+    if (std::abs(spec_.widths[i] - w) < 1e-6) return static_cast<int64_t>(i);
+  return -1;
+}
+
 std::vector<Shape> Supernet::GridShapes() const {
   std::vector<Shape> out;
   for (auto it = spec_.depths.rbegin(); it != spec_.depths.rend(); ++it)

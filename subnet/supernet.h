@@ -80,6 +80,8 @@ class Supernet {
   absl::StatusOr<Model> ExtractWith(int64_t depth, const WidthAllocation& alloc, ExtractMode mode) const;
   // Shapes of the grid, largest first.
   std::vector<Shape> GridShapes() const;
+  // Index of grid width `w` in spec().widths (-1 if not on the grid).
+  int64_t WidthIndex(double w) const;
   Shape FullShape() const { return {base_.config.num_hidden_layers, 1.0}; }
   Shape SmallestShape() const { return {spec_.depths.front(), spec_.widths.back()}; }
 

@@ -130,10 +130,7 @@ std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const st
   auto m = s.Extract(shape);
   if (smol) {
     const auto& layers = s.spec().FindDepth(shape.depth)->layers;
-    int64_t wi = 0;
-    for (size_t i = 0; i < s.spec().widths.size(); ++i)
-      if (s.spec().widths[i] == shape.width) wi = static_cast<int64_t>(i);
-    *m = smol->Merge(*m, smol->Gate(smol->ShapeFeature(layers, wi), false), layers);
+    *m = smol->Merge(*m, smol->Gate(smol->ShapeFeature(layers, s.WidthIndex(shape.width)), false), layers);
   }
   Engine e(std::make_shared<const Model>(std::move(*m)), {.max_len = 128});
   KVCache c = e.NewCache(1);
