@@ -106,19 +106,20 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   lane->bytes = lane->cache.bytes() + (copied ? lane->model->DecodeWeightBytes() : 0);
   cache_bytes_ += lane->bytes;
   spdlog::info("scheduler: new lane {} ({} KV bytes)", key, lane->cache.bytes());
+  lane->last_used = Clock::now();
   Lane* raw = lane.get();
   lanes_[key] = std::move(lane);
   lane_count_ = static_cast<int64_t>(lanes_.size());
-  EvictIdleLanes();
+  EvictIdleLanes(raw);  // the new lane has no sequences yet: it must not be its own victim
   return raw;
 }
 
-void Scheduler::EvictIdleLanes() {
+void Scheduler::EvictIdleLanes(const Lane* keep) {
   while (cache_bytes_ > opt_.cache_bytes) {
     Lane* victim = nullptr;
     std::string key;
     for (auto& [k, l] : lanes_) {
-      if (!l->seqs.empty()) continue;
+      if (!l->seqs.empty() || l.get() == keep) continue;
       if (!victim || l->last_used < victim->last_used) {
         victim = l.get();
         key = k;

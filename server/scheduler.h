@@ -97,7 +97,8 @@ class Scheduler {
 
   void Loop();
   Lane* GetLane(const Shape& s);
-  void EvictIdleLanes();
+  // Evicts least-recently-used idle lanes while over the cap; never `keep`.
+  void EvictIdleLanes(const Lane* keep = nullptr);
   bool Admit();  // moves waiting jobs into lanes; true if any moved
   void Step(Lane& lane);
   void Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error = absl::OkStatus());

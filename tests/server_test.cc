@@ -252,6 +252,21 @@ TEST(ServerTest, CancelFreesTheSlotAndDeadlinesAreReported) {
   EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
 }
 
+TEST(ServerTest, LanesAreEvictedUnderATinyCacheCapAndRebuilt) {
+  SchedulerOptions so;
+  so.cache_bytes = 1;  // every idle lane is over the cap
+  TestServer ts(so);
+  auto c = ts.Client();
+  for (int round = 0; round < 2; ++round) {
+    for (Shape sh : {Shape{5, 1.0}, Shape{4, 0.75}, Shape{3, 0.625}, Shape{5, 0.875}}) {
+      Streamed s = Stream(c, Req("evict", static_cast<int>(sh.depth), sh.width, 4));
+      ASSERT_TRUE(s.status.ok()) << sh.ToString() << ": " << s.status.error_message();
+      EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "evict", 4)) << sh.ToString();
+    }
+  }
+  EXPECT_LE(ts.scheduler->stats().lanes, 2);  // idle lanes did not pile up
+}
+
 TEST(ServerTest, FullQueueIsResourceExhausted) {
   SchedulerOptions so;
   so.slots_per_shape = 1;
