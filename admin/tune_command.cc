@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "admin/commands.h"
+#include "distill/data_parallel.h"
 #include "distill/tuner.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"
@@ -42,6 +43,9 @@ absl::Status RunTune(TuneFlags& f) {
   f.o.distill = !f.no_distill;
   if (f.o.checkpoint.empty()) f.o.checkpoint = (fs::path(f.supernet) / "tune_checkpoint.safetensors").string();
   if (f.o.metrics_log.empty()) f.o.metrics_log = (fs::path(f.supernet) / "tune_metrics.jsonl").string();
+  ASSIGN_OR_RETURN(std::unique_ptr<DataParallel> dp, DataParallel::FromEnv());
+  f.o.dp = dp.get();
+  const bool lead = !dp || dp->rank() == 0;
   Smol smol(s->base(), static_cast<int64_t>(s->spec().widths.size()), f.smol, f.o.seed);
   spdlog::info("tune: {} experts of rank {} on {} layers; {} steps of {}x{} tokens, {} subnets per micro-batch ({}{})",
                smol.config().experts, smol.config().rank, c.num_hidden_layers, f.o.steps, f.o.batch, f.o.seq_len,
@@ -50,6 +54,7 @@ absl::Status RunTune(TuneFlags& f) {
   signal(SIGTERM, OnSignal);
   ASSIGN_OR_RETURN(TuneResult r, Tune(*s, smol, data, f.o, &g_stop));
   if (r.interrupted) return absl::CancelledError(absl::StrCat("interrupted at step ", r.step, "; resume with --resume"));
+  if (!lead) return absl::OkStatus();  // rank 0 writes the results
   RETURN_IF_ERROR(smol.Save((fs::path(f.supernet) / "smol.safetensors").string()));
   SupernetSpec spec = s->spec();
   spec.smol = smol.config().ToJson();

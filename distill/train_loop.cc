@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_format.h"
 #include "distill/adamw.h"
+#include "distill/data_parallel.h"
 #include "model/progress.h"
 #include "model/safetensors.h"
 #include "model/status_macros.h"
@@ -68,14 +69,17 @@ absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::stri
   ao.weight_decay = o.weight_decay;
   AdamW opt(params, ao);
   LoopResult r;
+  const int rank = o.dp ? o.dp->rank() : 0, world = o.dp ? o.dp->world() : 1;
+  const bool lead = rank == 0;
   if (o.resume && !o.checkpoint.empty() && std::filesystem::exists(o.checkpoint)) {
     ASSIGN_OR_RETURN(r.step, Load(o.checkpoint, opt, o.fingerprint));
     spdlog::info("{}: resumed from {} at step {}", o.label, o.checkpoint, r.step);
   }
+  if (o.dp) o.dp->BroadcastFromRankZero(params);  // identical starting point on every rank
   std::ofstream log;
-  if (!o.metrics_log.empty()) log.open(o.metrics_log, std::ios::app);
+  if (lead && !o.metrics_log.empty()) log.open(o.metrics_log, std::ios::app);
   std::unique_ptr<Progress> bar;
-  if (o.progress) bar = std::make_unique<Progress>(o.label, o.steps, r.step);
+  if (lead && o.progress) bar = std::make_unique<Progress>(o.label, o.steps, r.step);
   const auto t0 = std::chrono::steady_clock::now();
   int64_t tokens = 0;
   while (r.step < o.steps) {
@@ -83,15 +87,18 @@ absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::stri
       r.interrupted = true;
       break;
     }
-    at::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(r.step));  // in-step randomness (router noise)
     opt.ZeroGrad();
     double loss = 0, aux = 0;
-    for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
+    for (int64_t local = 0; local < o.grad_accum; ++local) {
+      const int64_t micro = local * world + rank;
+      // In-step randomness (router noise) is a function of (seed, step, global micro).
+      at::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(r.step) * 1009 + static_cast<uint64_t>(micro));
       MicroResult m = micro_step(r.step, micro);
       loss += m.loss / o.grad_accum;
       aux += m.aux / o.grad_accum;
       tokens += m.tokens;
     }
+    if (o.dp) o.dp->AllReduceMeanGradients(params);
     const double norm = opt.ClipGradNorm(o.clip);
     const double lr = ScheduledLr(o, r.step);
     opt.Step(lr);
@@ -106,12 +113,12 @@ absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::stri
       log.flush();
     }
     if (bar) bar->Advance(1, absl::StrFormat("loss %.3f (%.3f) %.0f tok/s", loss, aux, rate));
-    if (!o.checkpoint.empty() && (r.step % o.checkpoint_every == 0 || r.step == o.steps)) {
+    if (lead && !o.checkpoint.empty() && (r.step % o.checkpoint_every == 0 || r.step == o.steps)) {
       RETURN_IF_ERROR(Save(o.checkpoint, opt, r.step, o.fingerprint));
     }
     if (o.on_step) o.on_step(r.step);
   }
-  if (r.interrupted && !o.checkpoint.empty()) {
+  if (lead && r.interrupted && !o.checkpoint.empty()) {
     RETURN_IF_ERROR(Save(o.checkpoint, opt, r.step, o.fingerprint));
     spdlog::info("{}: stopped at step {}; checkpoint saved, rerun with --resume to continue", o.label, r.step);
   }

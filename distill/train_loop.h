@@ -15,6 +15,8 @@
 
 namespace amoeba {
 
+class DataParallel;
+
 struct LoopOptions {
   std::string label = "train";
   int64_t steps = 100;
@@ -32,6 +34,10 @@ struct LoopOptions {
   std::string metrics_log;      // JSONL
   bool progress = true;
   std::function<void(int64_t step)> on_step;
+  // Multi-process: gradients averaged across ranks; rank 0 alone logs and checkpoints. Each
+  // rank runs `grad_accum` micro-steps with global micro index micro * world + rank, so N ranks
+  // with accumulation A equal one process with accumulation N·A.
+  DataParallel* dp = nullptr;
 };
 
 struct MicroResult {
@@ -45,6 +51,7 @@ struct LoopResult {
   double loss = 0, aux = 0;
 };
 
+// `micro` is the global micro-batch index of the step (see LoopOptions::dp).
 using MicroStep = std::function<MicroResult(int64_t step, int64_t micro)>;
 
 double ScheduledLr(const LoopOptions& o, int64_t step);

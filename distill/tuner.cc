@@ -104,6 +104,7 @@ absl::StatusOr<TuneResult> Tune(const Supernet& s, Smol& smol, const TrainData& 
   lo.metrics_log = o.metrics_log;
   lo.progress = o.progress;
   lo.on_step = o.on_step;
+  lo.dp = o.dp;
   auto r = RunTrainingLoop(smol.NamedParameters(), lo, [&](int64_t step, int64_t micro) {
     TrainBatch b = data.Sample(o.seed, step, micro, o.batch, o.seq_len);
     SandwichLosses l = SandwichStep(s, smol, b, o, step, micro);

@@ -35,6 +35,7 @@ struct TuneOptions {
   std::string metrics_log;   // JSONL, one line per step
   bool progress = true;
   std::function<void(int64_t step)> on_step;  // after each optimizer step (e.g. to request a stop)
+  class DataParallel* dp = nullptr;           // multi-process (see LoopOptions::dp)
 };
 
 struct TuneResult {
