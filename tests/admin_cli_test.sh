@@ -48,4 +48,23 @@ expect_2 "shape off the grid" "$ADMIN" export --supernet "$dir/s" --shape depth=
 grep -q "shape.depth" "$dir/o" || fail "message names shape.depth"
 [ ! -e "$dir/e2" ] || fail "failed export left a directory"
 expect_2 "not a supernet" "$ADMIN" export --supernet "$dir/m2" --shape depth=3 --out "$dir/e3"
+
+# tune with each ablation switch, then eval writes the profile and the frontier plot.
+for ablation in "" --single-lora --no-balancing --no-distill; do
+  "$ADMIN" tune --supernet "$dir/s" --data "$dir/calib.txt" --steps 2 --batch 2 --seq-len 16 $ablation \
+    --checkpoint "$dir/ck$ablation.safetensors" >"$dir/o" 2>&1 || fail "tune $ablation: $(tail -2 "$dir/o")"
+done
+"$ADMIN" tune --supernet "$dir/s" --data "$dir/calib.txt" --steps 2 --batch 2 --seq-len 16 --single-lora \
+  --checkpoint "$dir/ck1.safetensors" >/dev/null 2>&1
+python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if j['smol']['experts']==1 else 1)" \
+  || fail "--single-lora should record one expert"
+"$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt" --windows 2 --window-len 16 > "$dir/eval" 2>&1 || fail "eval"
+[ -s "$dir/s/frontier.svg" ] || fail "eval writes frontier.svg"
+python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if all('heldout_perplexity' in p for p in j['profile']) else 1)" \
+  || fail "eval fills the profile"
+expect_2 "tune on a plain model" "$ADMIN" tune --supernet "$dir/m2" --data "$dir/calib.txt" --steps 1
+# pretrain writes a loadable model; --resume continues from its checkpoint.
+"$ADMIN" pretrain --model "$dir/m2" --data "$dir/calib.txt" --out "$dir/p" --steps 3 --batch 2 --seq-len 16 \
+  >/dev/null 2>&1 || fail "pretrain"
+"$ADMIN" generate --model "$dir/p" -n 2 "Hi" >/dev/null 2>&1 || fail "generate on the pretrained model"
 echo "admin_cli: 1 passed, 0 failed"
