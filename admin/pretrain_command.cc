@@ -12,6 +12,7 @@
 #include "model/file_util.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"
+#include "model/tokenizer.h"
 
 namespace amoeba::admin {
 namespace fs = std::filesystem;
@@ -45,9 +46,7 @@ absl::Status RunPretrain(PretrainFlags& f) {
   std::error_code ec;
   fs::remove_all(tmp, ec);
   RETURN_IF_ERROR(SaveModel(m, tmp));
-  for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}) {
-    if (fs::exists(fs::path(f.model) / name)) fs::copy_file(fs::path(f.model) / name, fs::path(tmp) / name, ec);
-  }
+  RETURN_IF_ERROR(CopyTokenizerFiles(f.model, tmp));
   RETURN_IF_ERROR(ReplaceDirectory(tmp, out));
   spdlog::info("pretrain: final loss {:.4f} (perplexity {:.1f}); wrote {}", r.loss, std::exp(r.loss), out);
   return absl::OkStatus();

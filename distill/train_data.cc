@@ -2,7 +2,6 @@
 
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -18,14 +17,7 @@ absl::StatusOr<TrainData> TrainData::Load(const std::string& path, const Tokeniz
   d.eos_ = eos;
   std::string text;
   if (absl::EndsWith(path, ".jsonl")) {
-    std::istringstream in(raw);
-    std::string line;
-    int64_t n = 0;
-    while (std::getline(in, line)) {
-      ++n;
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      auto j = nlohmann::json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": not a JSON object"));
+    RETURN_IF_ERROR(ForEachJsonLine(path, raw, [&](const nlohmann::json& j) -> absl::Status {
       if (j.contains("instruction") && j.contains("output")) {
         // Alpaca template; the loss covers the response and its EOS only.
         const std::string input = j.value("input", "");
@@ -51,9 +43,10 @@ absl::StatusOr<TrainData> TrainData::Load(const std::string& path, const Tokeniz
       } else if (j.contains("text")) {
         text += j["text"].get<std::string>() + "\n";
       } else {
-        return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": need \"text\" or \"instruction\"+\"output\""));
+        return absl::InvalidArgumentError("need \"text\" or \"instruction\"+\"output\"");
       }
-    }
+      return absl::OkStatus();
+    }));
   } else {
     text = std::move(raw);
   }

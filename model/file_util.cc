@@ -79,6 +79,21 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ss.str();
 }
 
+absl::Status ForEachJsonLine(const std::string& path, std::string_view text,
+                             const std::function<absl::Status(const nlohmann::json&)>& fn) {
+  std::istringstream in{std::string(text)};
+  std::string line;
+  int64_t lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    absl::Status st = j.is_discarded() || !j.is_object() ? absl::InvalidArgumentError("not a JSON object") : fn(j);
+    if (!st.ok()) return absl::Status(st.code(), absl::StrCat(path, ":", lineno, ": ", st.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ReplaceDirectory(const std::string& src, const std::string& dst) {
   std::error_code ec;
   const std::string old = dst + ".old";

@@ -4,6 +4,8 @@
 #include <string>
 #include <string_view>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
@@ -27,5 +29,10 @@ absl::Status ReplaceDirectory(const std::string& src, const std::string& dst);
 
 // Fsyncs a directory so a rename inside it is durable.
 absl::Status SyncDirectory(const std::string& dir);
+
+// Calls `fn` with each non-blank line of JSONL `text` parsed as a JSON object. A line that is not a
+// JSON object, or an error from `fn`, stops the walk with an INVALID_ARGUMENT "path:line: why".
+absl::Status ForEachJsonLine(const std::string& path, std::string_view text,
+                             const std::function<absl::Status(const nlohmann::json&)>& fn);
 
 }  // namespace amoeba

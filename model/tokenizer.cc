@@ -117,6 +117,18 @@ void StreamingDecoder::Reset(bool at_text_start) {
   at_start_ = at_text_start;
 }
 
+absl::Status CopyTokenizerFiles(const std::string& src_dir, const std::string& dst_dir) {
+  for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "generation_config.json"}) {
+    const fs::path src = fs::path(src_dir) / f;
+    if (!fs::exists(src)) continue;
+    std::error_code ec;
+    fs::copy_file(src, fs::path(dst_dir) / f, fs::copy_options::overwrite_existing, ec);
+    if (ec) return absl::InternalError(absl::StrCat("copy ", src.string(), ": ", ec.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir) {
   const fs::path sp = fs::path(dir) / "tokenizer.model";
   const fs::path js = fs::path(dir) / "tokenizer.json";

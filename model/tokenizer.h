@@ -33,6 +33,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadBpeTokenizerJson(const std::strin
 // tokenizer.model if present, else tokenizer.json.
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir);
 
+// Copies the tokenizer files that exist in `src_dir` (tokenizer.model / .json, tokenizer and
+// generation configs) into `dst_dir`.
+absl::Status CopyTokenizerFiles(const std::string& src_dir, const std::string& dst_dir);
+
 // Length of the longest prefix of `s` that is complete, valid UTF-8, and whether the rest could
 // still become valid (an incomplete trailing sequence) rather than being invalid.
 size_t CompleteUtf8Prefix(std::string_view s, bool* incomplete_tail);

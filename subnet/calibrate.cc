@@ -153,11 +153,7 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
                                                   (fs::path(o.out_dir) / "depth_search_state.json").string()));
   at::ScalarType st = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
   RETURN_IF_ERROR(SaveModel(b.supernet->base(), o.out_dir, st));
-  for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "generation_config.json"}) {
-    const fs::path src = fs::path(o.model_dir) / f;
-    if (fs::exists(src)) fs::copy_file(src, fs::path(o.out_dir) / f, fs::copy_options::overwrite_existing, ec);
-  }
+  RETURN_IF_ERROR(CopyTokenizerFiles(o.model_dir, o.out_dir));
   RETURN_IF_ERROR(b.supernet->SaveMetadata(o.out_dir));  // amoeba.json last: the directory is complete
   std::fprintf(stdout, "%s", b.table.c_str());
   spdlog::info("calibrate: wrote supernet {}", o.out_dir);

@@ -2,7 +2,6 @@
 
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -15,19 +14,12 @@ absl::StatusOr<std::string> ReadCorpus(const std::string& path) {
   ASSIGN_OR_RETURN(std::string raw, ReadFile(path));
   if (!absl::EndsWith(path, ".jsonl")) return raw;
   std::string out;
-  std::istringstream in(raw);
-  std::string line;
-  int64_t lineno = 0;
-  while (std::getline(in, line)) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("text") || !j["text"].is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": expected a JSON object with a \"text\" string"));
-    }
+  RETURN_IF_ERROR(ForEachJsonLine(path, raw, [&](const nlohmann::json& j) {
+    if (!j.contains("text") || !j["text"].is_string()) return absl::InvalidArgumentError("expected a \"text\" string");
     out += j["text"].get<std::string>();
     out += "\n";
-  }
+    return absl::OkStatus();
+  }));
   return out;
 }
 
@@ -55,17 +47,8 @@ absl::StatusOr<at::Tensor> MakeWindows(const std::string& text, const Tokenizer&
 absl::StatusOr<std::vector<MultipleChoiceItem>> ReadMultipleChoice(const std::string& path) {
   ASSIGN_OR_RETURN(std::string raw, ReadFile(path));
   std::vector<MultipleChoiceItem> items;
-  std::istringstream in(raw);
-  std::string line;
-  int64_t lineno = 0;
-  while (std::getline(in, line)) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    auto bad = [&](const char* why) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": ", why));
-    };
-    if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+  RETURN_IF_ERROR(ForEachJsonLine(path, raw, [&](const nlohmann::json& j) {
+    auto bad = [](const char* why) { return absl::InvalidArgumentError(why); };
     if (!j.contains("prompt") || !j["prompt"].is_string()) return bad("missing \"prompt\" string");
     if (!j.contains("choices") || !j["choices"].is_array() || j["choices"].size() < 2) return bad("\"choices\" needs >= 2 strings");
     if (!j.contains("answer") || !j["answer"].is_number_integer()) return bad("missing integer \"answer\"");
@@ -78,7 +61,8 @@ absl::StatusOr<std::vector<MultipleChoiceItem>> ReadMultipleChoice(const std::st
     it.answer = j["answer"].get<int>();
     if (it.answer < 0 || it.answer >= static_cast<int>(it.choices.size())) return bad("\"answer\" out of range");
     items.push_back(std::move(it));
-  }
+    return absl::OkStatus();
+  }));
   if (items.empty()) return absl::InvalidArgumentError(path + ": no items");
   return items;
 }

@@ -55,17 +55,7 @@ absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::stri
   fs::create_directories(tmp, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", ec.message()));
   absl::Status st = SaveModel(subnet, tmp, o.dtype);
-  if (st.ok() && !s.dir().empty()) {
-    for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                          "generation_config.json"}) {
-      const fs::path src = fs::path(s.dir()) / f;
-      if (fs::exists(src)) fs::copy_file(src, fs::path(tmp) / f, fs::copy_options::overwrite_existing, ec);
-      if (ec) {
-        st = absl::InternalError(absl::StrCat("copy ", src.string(), ": ", ec.message()));
-        break;
-      }
-    }
-  }
+  if (st.ok() && !s.dir().empty()) st = CopyTokenizerFiles(s.dir(), tmp);
   if (st.ok()) st = ReplaceDirectory(tmp, out_dir);
   if (!st.ok()) fs::remove_all(tmp, ec);
   return st;
