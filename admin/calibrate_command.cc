@@ -12,16 +12,23 @@ namespace amoeba::admin {
 Runner AddCalibrateCommand(CLI::App& app) {
   auto o = std::make_shared<CalibrateOptions>();
   auto threads = std::make_shared<int>(0);
-  CLI::App* cmd = app.add_subcommand("calibrate", "Width importance + DP depth table: HF model → supernet");
+  CLI::App* cmd =
+      app.add_subcommand("calibrate", "Width importance + DP depth table: HF model → supernet");
   cmd->add_option("--model", o->model_dir, "HF model directory")->required();
-  cmd->add_option("--data", o->data_path, "Calibration text (.txt, or .jsonl with a \"text\" field)")->required();
+  cmd->add_option("--data", o->data_path,
+                  "Calibration text (.txt, or .jsonl with a \"text\" field)")
+      ->required();
   cmd->add_option("--out", o->out_dir, "Supernet directory to write")->required();
   cmd->add_option("--windows", o->windows, "Calibration windows")->capture_default_str();
   cmd->add_option("--window-len", o->window_len, "Tokens per window")->capture_default_str();
-  cmd->add_option("--dp-windows", o->dp_windows, "Windows per DP evaluation")->capture_default_str();
+  cmd->add_option("--dp-windows", o->dp_windows, "Windows per DP evaluation")
+      ->capture_default_str();
   cmd->add_option("--seed", o->seed, "Window sampling seed")->capture_default_str();
-  cmd->add_option("--min-depth-ratio", o->min_depth_ratio, "Smallest depth = ceil(ratio * layers)")->capture_default_str();
-  cmd->add_option("--widths", o->widths, "Width ratios of the grid, descending from 1")->delimiter(',')->capture_default_str();
+  cmd->add_option("--min-depth-ratio", o->min_depth_ratio, "Smallest depth = ceil(ratio * layers)")
+      ->capture_default_str();
+  cmd->add_option("--widths", o->widths, "Width ratios of the grid, descending from 1")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--keep-last", o->keep_last, "Last layers never removed")->capture_default_str();
   cmd->add_flag("--uniform-width", o->uniform_width, "Same width fraction in every layer");
   cmd->add_option("--metric", o->metric, "DP metric: perplexity | accuracy")->capture_default_str();

@@ -43,20 +43,27 @@ std::string FrontierSvg(const nlohmann::json& rows) {
   auto X = [&](double v) { return L + (W - L - 20) * v / (xmax * 1.05); };
   auto Y = [&](double v) { return H - B - (H - B - 20) * (v - ymin) / (ymax - ymin); };
   std::string svg = absl::StrFormat(
-      "<svg xmlns='http://www.w3.org/2000/svg' width='%g' height='%g' font-family='sans-serif' font-size='11'>"
-      "<rect width='100%%' height='100%%' fill='white'/><line x1='%g' y1='%g' x2='%g' y2='%g' stroke='black'/>"
+      "<svg xmlns='http://www.w3.org/2000/svg' width='%g' height='%g' font-family='sans-serif' "
+      "font-size='11'>"
+      "<rect width='100%%' height='100%%' fill='white'/><line x1='%g' y1='%g' x2='%g' y2='%g' "
+      "stroke='black'/>"
       "<line x1='%g' y1='20' x2='%g' y2='%g' stroke='black'/>"
-      "<text x='%g' y='%g'>decode ms/token (this host)</text><text x='10' y='14'>held-out perplexity</text>",
+      "<text x='%g' y='%g'>decode ms/token (this host)</text><text x='10' y='14'>held-out "
+      "perplexity</text>",
       W, H, L, H - B, W - 20, H - B, L, L, H - B, W / 2 - 60, H - 15);
   for (const auto& r : rows) {
     const bool front = r.value("frontier", false);
-    svg += absl::StrFormat("<circle cx='%.1f' cy='%.1f' r='4' fill='%s'><title>depth=%d width=%g ppl=%.2f</title></circle>",
-                           X(r["decode_ms_per_token"].get<double>()), Y(r["heldout_perplexity"].get<double>()),
-                           front ? "crimson" : "steelblue", r["depth"].get<int>(), r["width"].get<double>(),
-                           r["heldout_perplexity"].get<double>());
+    svg += absl::StrFormat(
+        "<circle cx='%.1f' cy='%.1f' r='4' fill='%s'><title>depth=%d width=%g "
+        "ppl=%.2f</title></circle>",
+        X(r["decode_ms_per_token"].get<double>()), Y(r["heldout_perplexity"].get<double>()),
+        front ? "crimson" : "steelblue", r["depth"].get<int>(), r["width"].get<double>(),
+        r["heldout_perplexity"].get<double>());
   }
-  svg += absl::StrFormat("<text x='%g' y='%g' fill='crimson'>red: frontier (no shape is both faster and better)</text></svg>\n",
-                         L + 10, 34.0);
+  svg += absl::StrFormat(
+      "<text x='%g' y='%g' fill='crimson'>red: frontier (no shape is both faster and "
+      "better)</text></svg>\n",
+      L + 10, 34.0);
   return svg;
 }
 
@@ -70,7 +77,9 @@ absl::Status RunEval(const EvalFlags& f) {
     smol = std::make_unique<Smol>(std::move(loaded));
   }
   ASSIGN_OR_RETURN(std::string text, ReadCorpus(f.data));
-  WindowOptions wo{.num_windows = f.windows, .window_len = f.window_len, .seed = f.seed,
+  WindowOptions wo{.num_windows = f.windows,
+                   .window_len = f.window_len,
+                   .seed = f.seed,
                    .bos_token_id = s->base().config.bos_token_id};
   ASSIGN_OR_RETURN(at::Tensor windows, MakeWindows(text, *s->tokenizer(), wo));
   std::vector<MultipleChoiceItem> mc;
@@ -82,7 +91,8 @@ absl::Status RunEval(const EvalFlags& f) {
     shapes = s->GridShapes();
   } else {
     for (auto part : absl::StrSplit(f.shapes, ';', absl::SkipEmpty())) {
-      ASSIGN_OR_RETURN(Shape sh, Shape::Parse(std::string(part), s->base().config.num_hidden_layers));
+      ASSIGN_OR_RETURN(Shape sh,
+                       Shape::Parse(std::string(part), s->base().config.num_hidden_layers));
       RETURN_IF_ERROR(s->Validate(sh));
       shapes.push_back(sh);
     }
@@ -93,9 +103,15 @@ absl::Status RunEval(const EvalFlags& f) {
     at::InferenceMode g;
     const double nll = HeldoutNll(*s, smol.get(), sh, windows);
     Model sub = *s->Extract(sh);
-    Model runnable = smol ? smol->Merge(sub, InferenceGate(*s, *smol, sh), s->spec().FindDepth(sh.depth)->layers) : sub;
-    nlohmann::json row = {{"depth", sh.depth}, {"width", sh.width}, {"params", sub.config.ParameterCount()},
-                          {"heldout_perplexity", std::exp(nll)}, {"decode_ms_per_token", MeasureDecodeMsPerToken(std::make_shared<const Model>(runnable))}};
+    Model runnable =
+        smol ? smol->Merge(sub, InferenceGate(*s, *smol, sh), s->spec().FindDepth(sh.depth)->layers)
+             : sub;
+    nlohmann::json row = {
+        {"depth", sh.depth},
+        {"width", sh.width},
+        {"params", sub.config.ParameterCount()},
+        {"heldout_perplexity", std::exp(nll)},
+        {"decode_ms_per_token", MeasureDecodeMsPerToken(std::make_shared<const Model>(runnable))}};
     if (!mc.empty()) row["mc_accuracy"] = MultipleChoiceAccuracy(runnable, *s->tokenizer(), mc);
     rows.push_back(row);
     bar.Advance(1, sh.ToString());
@@ -105,7 +121,8 @@ absl::Status RunEval(const EvalFlags& f) {
     bool dominated = false;
     for (const auto& o : rows) {
       if (o["decode_ms_per_token"].get<double>() <= r["decode_ms_per_token"].get<double>() &&
-          o["heldout_perplexity"].get<double>() < r["heldout_perplexity"].get<double>()) dominated = true;
+          o["heldout_perplexity"].get<double>() < r["heldout_perplexity"].get<double>())
+        dominated = true;
     }
     r["frontier"] = !dominated;
   }
@@ -113,7 +130,8 @@ absl::Status RunEval(const EvalFlags& f) {
   SupernetSpec spec = s->spec();
   for (auto& p : spec.profile) {
     for (const auto& r : rows) {
-      if (p["depth"] == r["depth"] && std::abs(p["width"].get<double>() - r["width"].get<double>()) < 1e-9) {
+      if (p["depth"] == r["depth"] &&
+          std::abs(p["width"].get<double>() - r["width"].get<double>()) < 1e-9) {
         for (const char* k : {"heldout_perplexity", "decode_ms_per_token", "mc_accuracy"})
           if (r.contains(k)) p[k] = r[k];
         p["adapters"] = smol != nullptr;
@@ -122,25 +140,29 @@ absl::Status RunEval(const EvalFlags& f) {
   }
   s->set_spec(spec);
   RETURN_IF_ERROR(s->SaveMetadata(f.supernet));
-  std::printf("%-6s %-7s %-12s %-12s %-14s %s\n", "depth", "width", "params", "perplexity", "decode ms/tok",
-              mc.empty() ? "" : "mc acc");
+  std::printf("%-6s %-7s %-12s %-12s %-14s %s\n", "depth", "width", "params", "perplexity",
+              "decode ms/tok", mc.empty() ? "" : "mc acc");
   for (const auto& r : rows) {
-    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %s%s\n", r["depth"].get<int>(), r["width"].get<double>(),
-                static_cast<long long>(r["params"].get<int64_t>()), r["heldout_perplexity"].get<double>(),
-                r["decode_ms_per_token"].get<double>(),
-                r.contains("mc_accuracy") ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str() : "",
+    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %s%s\n", r["depth"].get<int>(),
+                r["width"].get<double>(), static_cast<long long>(r["params"].get<int64_t>()),
+                r["heldout_perplexity"].get<double>(), r["decode_ms_per_token"].get<double>(),
+                r.contains("mc_accuracy")
+                    ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str()
+                    : "",
                 r["frontier"].get<bool>() ? "  *frontier" : "");
   }
   const std::string svg = f.svg.empty() ? (fs::path(f.supernet) / "frontier.svg").string() : f.svg;
   std::ofstream(svg) << FrontierSvg(rows);
-  spdlog::info("eval: {} shapes{}; profile updated; frontier plot {}", rows.size(), smol ? " with adapters" : "", svg);
+  spdlog::info("eval: {} shapes{}; profile updated; frontier plot {}", rows.size(),
+               smol ? " with adapters" : "", svg);
   return absl::OkStatus();
 }
 }  // namespace
 
 Runner AddEvalCommand(CLI::App& app) {
   auto f = std::make_shared<EvalFlags>();
-  CLI::App* cmd = app.add_subcommand("eval", "Quality, size and speed of every shape; updates the profile");
+  CLI::App* cmd =
+      app.add_subcommand("eval", "Quality, size and speed of every shape; updates the profile");
   cmd->add_option("--supernet", f->supernet, "Supernet directory")->required();
   cmd->add_option("--data", f->data, "Held-out text (.txt or .jsonl with \"text\")")->required();
   cmd->add_option("--mc-data", f->mc_data, "Multiple-choice JSONL");

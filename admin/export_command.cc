@@ -19,9 +19,12 @@ struct ExportFlags {
 absl::Status RunExport(const ExportFlags& f) {
   ExportOptions o;
   o.uniform_width = f.uniform;
-  if (f.dtype == "f16") o.dtype = at::kHalf;
-  else if (f.dtype == "bf16") o.dtype = at::kBFloat16;
-  else if (f.dtype != "f32") return absl::InvalidArgumentError("--dtype: f32, f16 or bf16");
+  if (f.dtype == "f16")
+    o.dtype = at::kHalf;
+  else if (f.dtype == "bf16")
+    o.dtype = at::kBFloat16;
+  else if (f.dtype != "f32")
+    return absl::InvalidArgumentError("--dtype: f32, f16 or bf16");
   at::InferenceMode guard;
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   ASSIGN_OR_RETURN(Shape shape, Shape::Parse(f.shape, s->base().config.num_hidden_layers));
@@ -38,7 +41,8 @@ Runner AddExportCommand(CLI::App& app) {
   cmd->add_option("--supernet", f->supernet, "Supernet directory")->required();
   cmd->add_option("--shape", f->shape, "depth=D,width=W")->required();
   cmd->add_option("--out", f->out, "Output directory")->required();
-  cmd->add_flag("--uniform-width", f->uniform, "Same width in every layer: a standard LlamaForCausalLM");
+  cmd->add_flag("--uniform-width", f->uniform,
+                "Same width in every layer: a standard LlamaForCausalLM");
   cmd->add_option("--dtype", f->dtype, "f32 | f16 | bf16")->capture_default_str();
   return [f]() {
     absl::Status st = RunExport(*f);

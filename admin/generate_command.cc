@@ -31,7 +31,8 @@ struct GenerateFlags {
 absl::Status RunGenerate(const GenerateFlags& f) {
   if (f.prompt.empty()) return absl::InvalidArgumentError("prompt: empty");
   if (!IsValidUtf8(f.prompt)) return absl::InvalidArgumentError("prompt: not valid UTF-8");
-  if (f.gen.sampling.temperature < 0) return absl::InvalidArgumentError("--temperature: must be >= 0");
+  if (f.gen.sampling.temperature < 0)
+    return absl::InvalidArgumentError("--temperature: must be >= 0");
   if (!(f.gen.sampling.top_p > 0 && f.gen.sampling.top_p <= 1))
     return absl::InvalidArgumentError("--top-p: must be in (0, 1]");
   if (f.gen.max_new_tokens < 1) return absl::InvalidArgumentError("--max-new-tokens: must be >= 1");
@@ -62,11 +63,14 @@ absl::Status RunGenerate(const GenerateFlags& f) {
                      return true;
                    }));
   std::fputs("\n", stdout);
-  const double decode_tps = r.tokens.size() > 1 ? (r.tokens.size() - 1) * 1000.0 / r.decode_ms : 0.0;
+  const double decode_tps =
+      r.tokens.size() > 1 ? (r.tokens.size() - 1) * 1000.0 / r.decode_ms : 0.0;
   std::fprintf(stderr,
-               "[%zu new tokens, finish=%s | prefill %lld tokens %.1f ms (%.0f tok/s) | decode %.2f tok/s]\n",
-               r.tokens.size(), FinishReasonName(r.finish_reason), static_cast<long long>(r.prompt_tokens),
-               r.prefill_ms, r.prompt_tokens * 1000.0 / std::max(r.prefill_ms, 1e-3), decode_tps);
+               "[%zu new tokens, finish=%s | prefill %lld tokens %.1f ms (%.0f tok/s) | decode "
+               "%.2f tok/s]\n",
+               r.tokens.size(), FinishReasonName(r.finish_reason),
+               static_cast<long long>(r.prompt_tokens), r.prefill_ms,
+               r.prompt_tokens * 1000.0 / std::max(r.prefill_ms, 1e-3), decode_tps);
   return absl::OkStatus();
 }
 }  // namespace
@@ -74,21 +78,28 @@ absl::Status RunGenerate(const GenerateFlags& f) {
 Runner AddGenerateCommand(CLI::App& app) {
   auto f = std::make_shared<GenerateFlags>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text locally from a model directory");
-  cmd->add_option("--model", f->model, "HF model directory (config.json, safetensors, tokenizer)")->required();
+  cmd->add_option("--model", f->model, "HF model directory (config.json, safetensors, tokenizer)")
+      ->required();
   cmd->add_option("prompt", f->prompt, "Prompt text")->required();
-  cmd->add_option("--max-new-tokens,-n", f->gen.max_new_tokens, "Tokens to generate")->capture_default_str();
-  cmd->add_option("--temperature", f->gen.sampling.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--max-new-tokens,-n", f->gen.max_new_tokens, "Tokens to generate")
+      ->capture_default_str();
+  cmd->add_option("--temperature", f->gen.sampling.temperature, "0 = greedy")
+      ->capture_default_str();
   cmd->add_option("--top-k", f->gen.sampling.top_k, "0 = off")->capture_default_str();
   cmd->add_option("--top-p", f->gen.sampling.top_p, "1 = off")->capture_default_str();
-  cmd->add_option("--repetition-penalty", f->gen.sampling.repetition_penalty, "1 = off")->capture_default_str();
+  cmd->add_option("--repetition-penalty", f->gen.sampling.repetition_penalty, "1 = off")
+      ->capture_default_str();
   cmd->add_option("--seed", f->gen.sampling.seed, "Sampling seed")->capture_default_str();
   cmd->add_option("--stop", f->gen.stop, "Stop string (repeatable)");
-  cmd->add_flag("--ignore-eos", [f](int64_t) { f->gen.stop_at_eos = false; }, "Do not stop at EOS");
-  cmd->add_option("--threads", f->threads, "Compute threads (0 = all cores)")->capture_default_str();
+  cmd->add_flag(
+      "--ignore-eos", [f](int64_t) { f->gen.stop_at_eos = false; }, "Do not stop at EOS");
+  cmd->add_option("--threads", f->threads, "Compute threads (0 = all cores)")
+      ->capture_default_str();
   cmd->add_option("--max-len", f->max_len, "Context length to allocate")->capture_default_str();
   cmd->add_flag("--no-bos", f->no_bos, "Do not prepend BOS");
   cmd->add_flag("--baseline", f->baseline, "Use libtorch linear instead of Amoeba's kernels");
-  cmd->add_option("--weights-dtype", f->weights_dtype, "In-memory weights: f32 | f16 (half the bytes per token)")
+  cmd->add_option("--weights-dtype", f->weights_dtype,
+                  "In-memory weights: f32 | f16 (half the bytes per token)")
       ->capture_default_str();
   return [f]() {
     absl::Status st = RunGenerate(*f);

@@ -36,15 +36,20 @@ absl::Status RunInit(const InitOptions& o) {
   if (o.intermediate) c.intermediate_size = o.intermediate;
   if (o.layers) c.num_hidden_layers = o.layers;
   if (o.heads) c.num_attention_heads = o.heads;
-  if (o.kv_heads) c.num_key_value_heads = o.kv_heads;
-  else if (o.heads) c.num_key_value_heads = o.heads;
+  if (o.kv_heads)
+    c.num_key_value_heads = o.kv_heads;
+  else if (o.heads)
+    c.num_key_value_heads = o.heads;
   if (o.max_positions) c.max_position_embeddings = o.max_positions;
   c.tie_word_embeddings = o.tie;
   if (o.heads || o.hidden) c.head_dim = c.hidden_size / c.num_attention_heads;
   at::ScalarType dtype = at::kFloat;
-  if (o.dtype == "f16") dtype = at::kHalf;
-  else if (o.dtype == "bf16") dtype = at::kBFloat16;
-  else if (o.dtype != "f32") return absl::InvalidArgumentError("--dtype: f32, f16 or bf16");
+  if (o.dtype == "f16")
+    dtype = at::kHalf;
+  else if (o.dtype == "bf16")
+    dtype = at::kBFloat16;
+  else if (o.dtype != "f32")
+    return absl::InvalidArgumentError("--dtype: f32, f16 or bf16");
 
   // Build into a temp directory, then move into place: an interrupted init leaves nothing.
   const std::string tmp = o.out + ".tmp-init";
@@ -56,7 +61,8 @@ absl::Status RunInit(const InitOptions& o) {
   if (!o.train_tokenizer.empty()) {
     TokenizerTrainOptions to;
     to.vocab_size = o.tokenizer_vocab;
-    spdlog::info("init: training a SentencePiece tokenizer (vocab {}) on {}", to.vocab_size, o.train_tokenizer);
+    spdlog::info("init: training a SentencePiece tokenizer (vocab {}) on {}", to.vocab_size,
+                 o.train_tokenizer);
     RETURN_IF_ERROR(TrainSentencePiece(o.train_tokenizer, tmp, to));
   } else if (o.tokenizer == "bytes") {
     RETURN_IF_ERROR(WriteByteTokenizer(tmp));
@@ -69,8 +75,10 @@ absl::Status RunInit(const InitOptions& o) {
     } else if (fs::exists(src)) {
       files.push_back(src);
     }
-    if (files.empty()) return absl::NotFoundError(absl::StrCat("--tokenizer: no tokenizer at ", o.tokenizer));
-    for (const auto& f : files) fs::copy_file(f, fs::path(tmp) / f.filename(), fs::copy_options::overwrite_existing);
+    if (files.empty())
+      return absl::NotFoundError(absl::StrCat("--tokenizer: no tokenizer at ", o.tokenizer));
+    for (const auto& f : files)
+      fs::copy_file(f, fs::path(tmp) / f.filename(), fs::copy_options::overwrite_existing);
   }
   ASSIGN_OR_RETURN(auto tok, LoadTokenizer(tmp));
   if (o.vocab) {
@@ -79,13 +87,14 @@ absl::Status RunInit(const InitOptions& o) {
     c.vocab_size = tok->vocab_size();  // small models: the tokenizer decides
   }
   if (c.vocab_size < tok->vocab_size()) {
-    return absl::InvalidArgumentError(absl::StrCat("--vocab ", c.vocab_size, " is smaller than the tokenizer's ",
-                                                   tok->vocab_size()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--vocab ", c.vocab_size, " is smaller than the tokenizer's ", tok->vocab_size()));
   }
   RETURN_IF_ERROR(ValidateModelConfig(c));
-  spdlog::info("init: {} params (hidden {}, layers {}, heads {}/{}, intermediate {}, vocab {}), seed {}",
-               c.ParameterCount(), c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-               c.num_key_value_heads, c.intermediate_size, c.vocab_size, o.seed);
+  spdlog::info(
+      "init: {} params (hidden {}, layers {}, heads {}/{}, intermediate {}, vocab {}), seed {}",
+      c.ParameterCount(), c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+      c.num_key_value_heads, c.intermediate_size, c.vocab_size, o.seed);
   Model m = RandomModel(c, o.seed);
   RETURN_IF_ERROR(SaveModel(m, tmp, dtype));
   RETURN_IF_ERROR(ReplaceDirectory(tmp, o.out));
@@ -100,9 +109,11 @@ Runner AddInitCommand(CLI::App& app) {
   cmd->add_option("--out", o->out, "Output directory")->required();
   cmd->add_option("--preset", o->preset, "tiny | 100m | tinyllama")->capture_default_str();
   cmd->add_option("--tokenizer", o->tokenizer,
-                  "'bytes' (byte-level BPE, no merges) or a tokenizer.model/tokenizer.json file or directory")
+                  "'bytes' (byte-level BPE, no merges) or a tokenizer.model/tokenizer.json file or "
+                  "directory")
       ->capture_default_str();
-  cmd->add_option("--train-tokenizer", o->train_tokenizer, "Train a SentencePiece tokenizer on this text file");
+  cmd->add_option("--train-tokenizer", o->train_tokenizer,
+                  "Train a SentencePiece tokenizer on this text file");
   cmd->add_option("--tokenizer-vocab", o->tokenizer_vocab, "Vocabulary of the trained tokenizer")
       ->capture_default_str();
   cmd->add_option("--hidden", o->hidden, "Override hidden_size");

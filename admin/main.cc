@@ -11,14 +11,17 @@
 namespace amoeba::admin {
 int ExitCodeFor(const absl::Status& st) {
   switch (st.code()) {
-    case absl::StatusCode::kOk: return 0;
+    case absl::StatusCode::kOk:
+      return 0;
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kNotFound:
     case absl::StatusCode::kDataLoss:
     case absl::StatusCode::kOutOfRange:
     case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kUnimplemented: return 2;
-    default: return 1;
+    case absl::StatusCode::kUnimplemented:
+      return 2;
+    default:
+      return 1;
   }
 }
 }  // namespace amoeba::admin

@@ -19,7 +19,9 @@ namespace fs = std::filesystem;
 
 namespace {
 std::atomic<bool> g_stop{false};
-void OnSignal(int) { g_stop = true; }
+void OnSignal(int) {
+  g_stop = true;
+}
 
 struct TuneFlags {
   std::string supernet, data;
@@ -34,47 +36,64 @@ absl::Status RunTune(TuneFlags& f) {
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   if (!s->tokenizer()) return absl::FailedPreconditionError(f.supernet + ": no tokenizer");
   const ModelConfig& c = s->base().config;
-  ASSIGN_OR_RETURN(TrainData data, TrainData::Load(f.data, *s->tokenizer(), c.bos_token_id, c.eos_token_ids[0]));
+  ASSIGN_OR_RETURN(TrainData data,
+                   TrainData::Load(f.data, *s->tokenizer(), c.bos_token_id, c.eos_token_ids[0]));
   if (f.single_lora) {
     f.smol.experts = 1;
     f.smol.top_k = 1;
   }
   f.o.balancing = !f.no_balancing;
   f.o.distill = !f.no_distill;
-  if (f.o.checkpoint.empty()) f.o.checkpoint = (fs::path(f.supernet) / "tune_checkpoint.safetensors").string();
-  if (f.o.metrics_log.empty()) f.o.metrics_log = (fs::path(f.supernet) / "tune_metrics.jsonl").string();
+  if (f.o.checkpoint.empty())
+    f.o.checkpoint = (fs::path(f.supernet) / "tune_checkpoint.safetensors").string();
+  if (f.o.metrics_log.empty())
+    f.o.metrics_log = (fs::path(f.supernet) / "tune_metrics.jsonl").string();
   ASSIGN_OR_RETURN(std::unique_ptr<DataParallel> dp, DataParallel::FromEnv());
   f.o.dp = dp.get();
   const bool lead = !dp || dp->rank() == 0;
   Smol smol(s->base(), static_cast<int64_t>(s->spec().widths.size()), f.smol, f.o.seed);
-  spdlog::info("tune: {} experts of rank {} on {} layers; {} steps of {}x{} tokens, {} subnets per micro-batch ({}{})",
-               smol.config().experts, smol.config().rank, c.num_hidden_layers, f.o.steps, f.o.batch, f.o.seq_len,
-               f.o.subnets, f.o.distill ? "distillation" : "labels only", f.o.balancing ? ", balanced" : "");
+  spdlog::info(
+      "tune: {} experts of rank {} on {} layers; {} steps of {}x{} tokens, {} subnets per "
+      "micro-batch ({}{})",
+      smol.config().experts, smol.config().rank, c.num_hidden_layers, f.o.steps, f.o.batch,
+      f.o.seq_len, f.o.subnets, f.o.distill ? "distillation" : "labels only",
+      f.o.balancing ? ", balanced" : "");
   signal(SIGINT, OnSignal);
   signal(SIGTERM, OnSignal);
   ASSIGN_OR_RETURN(TuneResult r, Tune(*s, smol, data, f.o, &g_stop));
-  if (r.interrupted) return absl::CancelledError(absl::StrCat("interrupted at step ", r.step, "; resume with --resume"));
+  if (r.interrupted)
+    return absl::CancelledError(
+        absl::StrCat("interrupted at step ", r.step, "; resume with --resume"));
   if (!lead) return absl::OkStatus();  // rank 0 writes the results
   RETURN_IF_ERROR(smol.Save((fs::path(f.supernet) / "smol.safetensors").string()));
   SupernetSpec spec = s->spec();
   spec.smol = smol.config().ToJson();
-  spec.smol["tuning"] = {{"data", f.data},           {"steps", f.o.steps},       {"batch", f.o.batch},
-                         {"seq_len", f.o.seq_len},   {"lr", f.o.lr},             {"seed", f.o.seed},
-                         {"balancing", f.o.balancing}, {"distill", f.o.distill}, {"subnets", f.o.subnets},
-                         {"final_loss_full", r.loss_full}, {"final_loss_smallest", r.loss_smallest}};
+  spec.smol["tuning"] = {{"data", f.data},
+                         {"steps", f.o.steps},
+                         {"batch", f.o.batch},
+                         {"seq_len", f.o.seq_len},
+                         {"lr", f.o.lr},
+                         {"seed", f.o.seed},
+                         {"balancing", f.o.balancing},
+                         {"distill", f.o.distill},
+                         {"subnets", f.o.subnets},
+                         {"final_loss_full", r.loss_full},
+                         {"final_loss_smallest", r.loss_smallest}};
   s->set_spec(spec);
   RETURN_IF_ERROR(s->SaveMetadata(f.supernet));
-  spdlog::info("tune: wrote {}/smol.safetensors (final loss full {:.4f}, smallest {:.4f})", f.supernet, r.loss_full,
-               r.loss_smallest);
+  spdlog::info("tune: wrote {}/smol.safetensors (final loss full {:.4f}, smallest {:.4f})",
+               f.supernet, r.loss_full, r.loss_smallest);
   return absl::OkStatus();
 }
 }  // namespace
 
 Runner AddTuneCommand(CLI::App& app) {
   auto f = std::make_shared<TuneFlags>();
-  CLI::App* cmd = app.add_subcommand("tune", "SMoL adapters by in-place distillation (one-time fine-tuning)");
+  CLI::App* cmd =
+      app.add_subcommand("tune", "SMoL adapters by in-place distillation (one-time fine-tuning)");
   cmd->add_option("--supernet", f->supernet, "Supernet directory (from calibrate)")->required();
-  cmd->add_option("--data", f->data, "Text (.txt/.jsonl with \"text\") or instruction JSONL")->required();
+  cmd->add_option("--data", f->data, "Text (.txt/.jsonl with \"text\") or instruction JSONL")
+      ->required();
   cmd->add_option("--steps", f->o.steps)->capture_default_str();
   cmd->add_option("--batch", f->o.batch, "Sequences per micro-batch")->capture_default_str();
   cmd->add_option("--seq-len", f->o.seq_len)->capture_default_str();
@@ -91,11 +110,14 @@ Runner AddTuneCommand(CLI::App& app) {
   cmd->add_option("--top-k", f->smol.top_k)->capture_default_str();
   cmd->add_flag("--single-lora", f->single_lora, "Ablation: one LoRA (E = 1)");
   cmd->add_flag("--no-balancing", f->no_balancing, "Ablation: no loss-magnitude balancing");
-  cmd->add_flag("--no-distill", f->no_distill, "Ablation: cross-entropy on labels for every subnet");
-  cmd->add_option("--checkpoint", f->o.checkpoint, "Checkpoint file (default SUPERNET/tune_checkpoint.safetensors)");
+  cmd->add_flag("--no-distill", f->no_distill,
+                "Ablation: cross-entropy on labels for every subnet");
+  cmd->add_option("--checkpoint", f->o.checkpoint,
+                  "Checkpoint file (default SUPERNET/tune_checkpoint.safetensors)");
   cmd->add_option("--checkpoint-every", f->o.checkpoint_every)->capture_default_str();
   cmd->add_flag("--resume", f->o.resume, "Continue from the checkpoint");
-  cmd->add_option("--metrics-log", f->o.metrics_log, "JSONL metrics (default SUPERNET/tune_metrics.jsonl)");
+  cmd->add_option("--metrics-log", f->o.metrics_log,
+                  "JSONL metrics (default SUPERNET/tune_metrics.jsonl)");
   cmd->add_option("--threads", f->threads);
   return [f]() {
     absl::Status st = RunTune(*f);

@@ -13,7 +13,9 @@
 namespace amoeba::bench {
 namespace {
 using Clock = std::chrono::steady_clock;
-double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double Seconds(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 }  // namespace
 
 double DecodeRate(Engine& e, int batch, int steps) {
@@ -28,7 +30,8 @@ double DecodeRate(Engine& e, int batch, int steps) {
   const auto t0 = Clock::now();
   for (int s = 0; s < steps; ++s) {
     auto l = e.Forward(cache, seqs);
-    for (int b = 0; b < batch; ++b) next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
+    for (int b = 0; b < batch; ++b)
+      next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
   }
   return batch * steps / Seconds(t0);
 }
@@ -45,8 +48,8 @@ double PrefillRate(Engine& e, int len) {
   return len / Seconds(t0);
 }
 
-void WriteReport(const std::string& json_path, const std::string& json_text, const std::string& md_path,
-                 const std::string& md) {
+void WriteReport(const std::string& json_path, const std::string& json_text,
+                 const std::string& md_path, const std::string& md) {
   std::filesystem::create_directories(std::filesystem::path(json_path).parent_path());
   std::ofstream(json_path) << json_text << "\n";
   std::ofstream(md_path) << md;

@@ -17,7 +17,7 @@ double DecodeRate(Engine& e, int batch, int steps);
 double PrefillRate(Engine& e, int len);
 
 // Writes the machine-readable JSON and the Markdown summary, and prints the summary.
-void WriteReport(const std::string& json_path, const std::string& json_text, const std::string& md_path,
-                 const std::string& md);
+void WriteReport(const std::string& json_path, const std::string& json_text,
+                 const std::string& md_path, const std::string& md);
 
 }  // namespace amoeba::bench

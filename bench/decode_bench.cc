@@ -33,12 +33,16 @@ int Run(const Options& o) {
   at::InferenceMode guard;
   const double bw = MeasureReadBandwidthGBs();
   spdlog::info("bench/decode: memory read bandwidth {:.1f} GB/s", bw);
-  nlohmann::json out = {{"bandwidth_gbs", bw}, {"threads", at::get_num_threads()}, {"results", nlohmann::json::array()}};
+  nlohmann::json out = {{"bandwidth_gbs", bw},
+                        {"threads", at::get_num_threads()},
+                        {"results", nlohmann::json::array()}};
   std::vector<int> batches;
   for (auto s : absl::StrSplit(o.batches, ',')) batches.push_back(std::stoi(std::string(s)));
   std::string md = "# bench/decode\n\nMemory read bandwidth: " + fmt::format("{:.1f}", bw) +
-                   " GB/s, " + std::to_string(at::get_num_threads()) + " threads. Roofline = bandwidth / weight bytes per decode step.\n\n" +
-                   "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | per stream | roofline tok/s (batch 1) | % of roofline |\n"
+                   " GB/s, " + std::to_string(at::get_num_threads()) +
+                   " threads. Roofline = bandwidth / weight bytes per decode step.\n\n" +
+                   "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | "
+                   "per stream | roofline tok/s (batch 1) | % of roofline |\n"
                    "|---|---|---|---|---|---|---|---|---|\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     auto cfg = PresetConfig(std::string(name));
@@ -65,30 +69,44 @@ int Run(const Options& o) {
       for (int b : batches) {
         const double rate = DecodeRate(e, b, o.decode_steps);
         const double pct = 100.0 * (rate / b) / roof;  // per decode step vs one weight pass
-        spdlog::info("{} {} batch {}: decode {:.1f} tok/s aggregate ({:.1f}/stream), roofline {:.1f}, {:.0f}%; prefill {:.0f} tok/s",
-                     std::string(name), pname, b, rate, rate / b, roof, pct, prefill);
-        out["results"].push_back({{"preset", std::string(name)}, {"params", cfg->ParameterCount()},
-                                  {"weight_bytes_per_step", bytes}, {"path", pname}, {"batch", b},
-                                  {"prefill_tokens_per_s", prefill}, {"decode_tokens_per_s", rate},
-                                  {"decode_tokens_per_s_per_stream", rate / b}, {"roofline_tokens_per_s", roof},
+        spdlog::info(
+            "{} {} batch {}: decode {:.1f} tok/s aggregate ({:.1f}/stream), roofline {:.1f}, "
+            "{:.0f}%; prefill {:.0f} tok/s",
+            std::string(name), pname, b, rate, rate / b, roof, pct, prefill);
+        out["results"].push_back({{"preset", std::string(name)},
+                                  {"params", cfg->ParameterCount()},
+                                  {"weight_bytes_per_step", bytes},
+                                  {"path", pname},
+                                  {"batch", b},
+                                  {"prefill_tokens_per_s", prefill},
+                                  {"decode_tokens_per_s", rate},
+                                  {"decode_tokens_per_s_per_stream", rate / b},
+                                  {"roofline_tokens_per_s", roof},
                                   {"percent_of_roofline_per_step", pct}});
-        md += fmt::format("| {} | {:.0f}M | {} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% |\n", std::string(name),
-                          cfg->ParameterCount() / 1e6, pname, prefill, b, rate, rate / b, roof, pct);
+        md += fmt::format(
+            "| {} | {:.0f}M | {} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% |\n",
+            std::string(name), cfg->ParameterCount() / 1e6, pname, prefill, b, rate, rate / b, roof,
+            pct);
       }
     }
   }
   // Ratios measured side by side.
   auto find = [&](const std::string& preset, const std::string& path, int batch) -> double {
     for (const auto& r : out["results"])
-      if (r["preset"] == preset && r["path"] == path && r["batch"] == batch) return r["decode_tokens_per_s"].get<double>();
+      if (r["preset"] == preset && r["path"] == path && r["batch"] == batch)
+        return r["decode_tokens_per_s"].get<double>();
     return 0;
   };
-  md += "\nRatios (same run):\n\n| preset | batch | fp32 / libtorch | fp16 / fp32 | fp32 batch / fp32 batch 1 |\n|---|---|---|---|---|\n";
+  md +=
+      "\nRatios (same run):\n\n| preset | batch | fp32 / libtorch | fp16 / fp32 | fp32 batch / "
+      "fp32 batch 1 |\n|---|---|---|---|---|\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     const std::string p(name);
     for (int b : batches) {
-      const double t = find(p, "libtorch-linear", b), f = find(p, "amoeba-fp32", b), h = find(p, "amoeba-fp16", b);
-      md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {:.2f}x |\n", p, b, f / t, h / f, f / find(p, "amoeba-fp32", batches[0]));
+      const double t = find(p, "libtorch-linear", b), f = find(p, "amoeba-fp32", b),
+                   h = find(p, "amoeba-fp16", b);
+      md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {:.2f}x |\n", p, b, f / t, h / f,
+                        f / find(p, "amoeba-fp32", batches[0]));
     }
   }
   WriteReport(o.out_json, out.dump(2), o.out_md, md);
@@ -102,8 +120,10 @@ int main(int argc, char** argv) {
   amoeba::InitLogging();
   amoeba::bench::Options o;
   CLI::App app{"bench/decode: prefill and decode tokens/s against the memory roofline"};
-  app.add_option("--presets", o.presets, "Comma-separated presets (tiny, 100m, tinyllama)")->capture_default_str();
-  app.add_option("--batches", o.batches, "Comma-separated decode batch sizes")->capture_default_str();
+  app.add_option("--presets", o.presets, "Comma-separated presets (tiny, 100m, tinyllama)")
+      ->capture_default_str();
+  app.add_option("--batches", o.batches, "Comma-separated decode batch sizes")
+      ->capture_default_str();
   app.add_option("--prompt-len", o.prompt_len, "Prefill length")->capture_default_str();
   app.add_option("--steps", o.decode_steps, "Decode steps per measurement")->capture_default_str();
   app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();

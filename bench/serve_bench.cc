@@ -108,29 +108,39 @@ int main(int argc, char** argv) {
   full.set_depth(info.depths(info.depths_size() - 1));
   full.set_width(info.widths(0));
   std::vector<v1::Shape> mixed;
-  for (int d : {info.depths(0), info.depths(info.depths_size() / 2), info.depths(info.depths_size() - 1)}) {
+  for (int d :
+       {info.depths(0), info.depths(info.depths_size() / 2), info.depths(info.depths_size() - 1)}) {
     v1::Shape s;
     s.set_depth(d);
     s.set_width(info.widths(info.widths_size() - 1));
     mixed.push_back(s);
   }
   Load(co, 1, 1, 4, {full});  // warm-up: build the lane
-  nlohmann::json out = {{"target", co.target}, {"tokens_per_request", tokens}, {"runs", nlohmann::json::array()}};
-  std::string md = "# bench/serve\n\n| scenario | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |\n|---|---|---|---|---|---|---|---|\n";
+  nlohmann::json out = {
+      {"target", co.target}, {"tokens_per_request", tokens}, {"runs", nlohmann::json::array()}};
+  std::string md =
+      "# bench/serve\n\n| scenario | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | ITL "
+      "p50 ms | ITL p99 ms | errors |\n|---|---|---|---|---|---|---|---|\n";
   double single = 0;
   for (auto [name, streams, shapes] : {std::tuple{"one shape", 1, std::vector<v1::Shape>{full}},
-                                      std::tuple{"one shape", 4, std::vector<v1::Shape>{full}},
-                                      std::tuple{"one shape", 16, std::vector<v1::Shape>{full}},
-                                      std::tuple{"mixed shapes", 16, mixed}}) {
+                                       std::tuple{"one shape", 4, std::vector<v1::Shape>{full}},
+                                       std::tuple{"one shape", 16, std::vector<v1::Shape>{full}},
+                                       std::tuple{"mixed shapes", 16, mixed}}) {
     Sample s = Load(co, streams, requests, tokens, shapes);
     const double rate = s.tokens / s.seconds;
     if (streams == 1) single = rate;
-    out["runs"].push_back({{"scenario", name}, {"streams", streams}, {"tokens_per_s", rate},
-                           {"ttft_p50_ms", Pct(s.ttft_ms, 0.5)}, {"ttft_p99_ms", Pct(s.ttft_ms, 0.99)},
-                           {"itl_p50_ms", Pct(s.itl_ms, 0.5)}, {"itl_p99_ms", Pct(s.itl_ms, 0.99)}, {"errors", s.errors}});
+    out["runs"].push_back({{"scenario", name},
+                           {"streams", streams},
+                           {"tokens_per_s", rate},
+                           {"ttft_p50_ms", Pct(s.ttft_ms, 0.5)},
+                           {"ttft_p99_ms", Pct(s.ttft_ms, 0.99)},
+                           {"itl_p50_ms", Pct(s.itl_ms, 0.5)},
+                           {"itl_p99_ms", Pct(s.itl_ms, 0.99)},
+                           {"errors", s.errors}});
     char line[256];
-    std::snprintf(line, sizeof(line), "| %s | %d | %.1f | %.1f | %.1f | %.2f | %.2f | %d |\n", name, streams, rate,
-                  Pct(s.ttft_ms, 0.5), Pct(s.ttft_ms, 0.99), Pct(s.itl_ms, 0.5), Pct(s.itl_ms, 0.99), s.errors);
+    std::snprintf(line, sizeof(line), "| %s | %d | %.1f | %.1f | %.1f | %.2f | %.2f | %d |\n", name,
+                  streams, rate, Pct(s.ttft_ms, 0.5), Pct(s.ttft_ms, 0.99), Pct(s.itl_ms, 0.5),
+                  Pct(s.itl_ms, 0.99), s.errors);
     md += line;
     std::fprintf(stderr, "%s", line);
   }
@@ -156,7 +166,8 @@ int main(int argc, char** argv) {
   char tail[512];
   const double agg16 = out["runs"][2]["tokens_per_s"].get<double>();
   std::snprintf(tail, sizeof(tail),
-                "\nAggregate at 16 streams / 1 stream (one shape): %.2fx. Never-seen shape TTFT p50 %.1f ms vs cached "
+                "\nAggregate at 16 streams / 1 stream (one shape): %.2fx. Never-seen shape TTFT "
+                "p50 %.1f ms vs cached "
                 "%.1f ms (%.2fx) over %zu shapes.\n",
                 agg16 / single, cold50, warm50, warm50 > 0 ? cold50 / warm50 : 0.0, cold.size());
   md += tail;

@@ -36,7 +36,8 @@ int Run(const Options& o) {
     spdlog::error("{}", cfg.status().ToString());
     return 2;
   }
-  spdlog::info("bench/subnet: building a {} supernet (random weights and calibration tokens)", o.preset);
+  spdlog::info("bench/subnet: building a {} supernet (random weights and calibration tokens)",
+               o.preset);
   Model model = RandomModel(*cfg, 0);
   at::manual_seed(1);
   at::Tensor windows = at::randint(cfg->vocab_size, {4, 64}, at::kLong);
@@ -53,19 +54,23 @@ int Run(const Options& o) {
   }
   const Supernet& s = *built->supernet;
   const double bw = MeasureReadBandwidthGBs();
-  nlohmann::json out = {{"preset", o.preset}, {"bandwidth_gbs", bw}, {"threads", at::get_num_threads()},
+  nlohmann::json out = {{"preset", o.preset},
+                        {"bandwidth_gbs", bw},
+                        {"threads", at::get_num_threads()},
                         {"shapes", nlohmann::json::array()}};
   double full_rate = 0, full_bytes = 0;
   int64_t full_params = 0;
   std::string md = fmt::format(
       "# bench/subnet ({} preset, {} threads, {:.1f} GB/s)\n\n"
-      "| depth | width | params | decode MB/token | extract µs | decode tok/s (batch 1) | speed-up | ideal | % of roofline |\n"
+      "| depth | width | params | decode MB/token | extract µs | decode tok/s (batch 1) | speed-up "
+      "| ideal | % of roofline |\n"
       "|---|---|---|---|---|---|---|---|---|\n",
       o.preset, at::get_num_threads(), bw);
   for (const Shape& sh : s.GridShapes()) {
     const auto t0 = std::chrono::steady_clock::now();
     auto sub = s.Extract(sh);
-    const double extract_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    const double extract_us =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     if (!sub.ok()) return 1;
     const double bytes = static_cast<double>(sub->DecodeWeightBytes());
     const int64_t params = sub->config.ParameterCount();
@@ -78,16 +83,23 @@ int Run(const Options& o) {
     }
     const double speedup = rate / full_rate, ideal = full_bytes / bytes;
     const double pct = 100.0 * rate / (bw * 1e9 / bytes);
-    spdlog::info("{}: {:.1f}M params, {:.1f} tok/s, speed-up {:.2f}x (ideal {:.2f}x)", sh.ToString(), params / 1e6,
-                 rate, speedup, ideal);
-    out["shapes"].push_back({{"depth", sh.depth}, {"width", sh.width}, {"params", params},
+    spdlog::info("{}: {:.1f}M params, {:.1f} tok/s, speed-up {:.2f}x (ideal {:.2f}x)",
+                 sh.ToString(), params / 1e6, rate, speedup, ideal);
+    out["shapes"].push_back({{"depth", sh.depth},
+                             {"width", sh.width},
+                             {"params", params},
                              {"param_ratio", static_cast<double>(params) / full_params},
-                             {"decode_weight_bytes", bytes}, {"extract_us", extract_us},
-                             {"decode_tokens_per_s", rate}, {"speedup", speedup}, {"ideal_speedup", ideal},
+                             {"decode_weight_bytes", bytes},
+                             {"extract_us", extract_us},
+                             {"decode_tokens_per_s", rate},
+                             {"speedup", speedup},
+                             {"ideal_speedup", ideal},
                              {"percent_of_roofline", pct}});
-    md += fmt::format("| {} | {} | {:.1f}M ({:.0f}%) | {:.0f} | {:.0f} | {:.1f} | {:.2f}x | {:.2f}x | {:.0f}% |\n",
-                      sh.depth, sh.width, params / 1e6, 100.0 * params / full_params, bytes / 1e6, extract_us,
-                      rate, speedup, ideal, pct);
+    md += fmt::format(
+        "| {} | {} | {:.1f}M ({:.0f}%) | {:.0f} | {:.0f} | {:.1f} | {:.2f}x | {:.2f}x | {:.0f}% "
+        "|\n",
+        sh.depth, sh.width, params / 1e6, 100.0 * params / full_params, bytes / 1e6, extract_us,
+        rate, speedup, ideal, pct);
   }
   WriteReport(o.out_json, out.dump(2), o.out_md, md);
   return 0;
@@ -102,7 +114,8 @@ int main(int argc, char** argv) {
   CLI::App app{"bench/subnet: decode speed of every subnet shape"};
   app.add_option("--preset", o.preset, "tiny | 100m | tinyllama")->capture_default_str();
   app.add_option("--widths", o.widths, "Width grid")->delimiter(',')->capture_default_str();
-  app.add_option("--min-depth-ratio", o.min_depth_ratio, "Smallest depth ratio")->capture_default_str();
+  app.add_option("--min-depth-ratio", o.min_depth_ratio, "Smallest depth ratio")
+      ->capture_default_str();
   app.add_option("--steps", o.steps, "Decode steps per shape")->capture_default_str();
   app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();

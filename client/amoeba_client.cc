@@ -91,7 +91,8 @@ std::string VerifyModelDirectory(const std::string& dir) {
   std::ifstream cfg(fs::path(dir) / "config.json");
   if (!cfg) return "missing config.json";
   auto j = nlohmann::json::parse(cfg, nullptr, false);
-  if (j.is_discarded() || !j.contains("hidden_size") || !j.contains("num_hidden_layers")) return "config.json is not a LLaMA config";
+  if (j.is_discarded() || !j.contains("hidden_size") || !j.contains("num_hidden_layers"))
+    return "config.json is not a LLaMA config";
   const fs::path st = fs::path(dir) / "model.safetensors";
   std::ifstream in(st, std::ios::binary);
   if (!in) return "missing model.safetensors";
@@ -108,7 +109,8 @@ std::string VerifyModelDirectory(const std::string& dir) {
   for (auto& [name, v] : hj.items()) {
     if (name == "__metadata__") continue;
     auto off = v.value("data_offsets", std::vector<uint64_t>{});
-    if (off.size() != 2 || off[1] < off[0] || off[1] > data) return "model.safetensors: tensor " + name + " outside the file";
+    if (off.size() != 2 || off[1] < off[0] || off[1] > data)
+      return "model.safetensors: tensor " + name + " outside the file";
     ++tensors;
   }
   if (tensors == 0) return "model.safetensors: no tensors";
@@ -120,7 +122,8 @@ grpc::Status Client::Export(const v1::ExportSubnetRequest& req, const std::strin
   std::error_code ec;
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
-  if (ec) return grpc::Status(grpc::StatusCode::INTERNAL, "cannot create " + tmp + ": " + ec.message());
+  if (ec)
+    return grpc::Status(grpc::StatusCode::INTERNAL, "cannot create " + tmp + ": " + ec.message());
   grpc::ClientContext ctx;
   Prepare(&ctx);
   auto reader = stub_->ExportSubnet(&ctx, req);
@@ -153,7 +156,8 @@ grpc::Status Client::Export(const v1::ExportSubnetRequest& req, const std::strin
   if (s.ok() && bad) s = grpc::Status(grpc::StatusCode::DATA_LOSS, why);
   if (s.ok()) {
     const std::string problem = VerifyModelDirectory(tmp);
-    if (!problem.empty()) s = grpc::Status(grpc::StatusCode::DATA_LOSS, "export does not verify: " + problem);
+    if (!problem.empty())
+      s = grpc::Status(grpc::StatusCode::DATA_LOSS, "export does not verify: " + problem);
   }
   if (!s.ok()) {
     fs::remove_all(tmp, ec);
@@ -171,7 +175,8 @@ grpc::Status Client::Export(const v1::ExportSubnetRequest& req, const std::strin
   fs::remove_all(old, ec);
   if (fs::exists(out_dir)) fs::rename(out_dir, old, ec);
   fs::rename(tmp, out_dir, ec);
-  if (ec) return grpc::Status(grpc::StatusCode::INTERNAL, "rename into " + out_dir + ": " + ec.message());
+  if (ec)
+    return grpc::Status(grpc::StatusCode::INTERNAL, "rename into " + out_dir + ": " + ec.message());
   fs::remove_all(old, ec);
   return grpc::Status::OK;
 }

@@ -20,7 +20,8 @@ std::string ToJson(const google::protobuf::Message& m) {
 }
 
 int Fail(const grpc::Status& s) {
-  std::fprintf(stderr, "error: %s (%d)\n", s.error_message().c_str(), static_cast<int>(s.error_code()));
+  std::fprintf(stderr, "error: %s (%d)\n", s.error_message().c_str(),
+               static_cast<int>(s.error_code()));
   return s.error_code() == grpc::StatusCode::INVALID_ARGUMENT ? 2 : 1;
 }
 
@@ -33,7 +34,9 @@ struct BudgetFlags {
   int64_t max_params = 0, max_memory = 0;
   double max_decode_ms = 0, max_prefill_ms = 0, bandwidth = 0, gflops = 0;
   int prompt_tokens = 0;
-  bool any() const { return max_params || max_memory || max_decode_ms || max_prefill_ms || bandwidth || gflops; }
+  bool any() const {
+    return max_params || max_memory || max_decode_ms || max_prefill_ms || bandwidth || gflops;
+  }
   void Fill(v1::Budget* b) const {
     if (max_params) b->set_max_params(max_params);
     if (max_memory) b->set_max_memory_bytes(max_memory);
@@ -49,7 +52,8 @@ struct BudgetFlags {
     c->add_option("--budget-latency-ms", max_decode_ms, "Max decode ms per token");
     c->add_option("--budget-prefill-ms", max_prefill_ms, "Max prefill ms");
     c->add_option("--prompt-tokens", prompt_tokens, "Prompt length for the prefill estimate");
-    c->add_option("--platform-bandwidth-gbs", bandwidth, "Client memory bandwidth (roofline estimate)");
+    c->add_option("--platform-bandwidth-gbs", bandwidth,
+                  "Client memory bandwidth (roofline estimate)");
     c->add_option("--platform-gflops", gflops, "Client compute (roofline estimate)");
   }
 };
@@ -61,7 +65,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   client::ClientOptions co;
   bool json = false;
-  app.add_option("--target", co.target, "Server address")->envname("AMOEBA_TARGET")->capture_default_str();
+  app.add_option("--target", co.target, "Server address")
+      ->envname("AMOEBA_TARGET")
+      ->capture_default_str();
   app.add_flag("--tls", co.tls, "Use TLS");
   app.add_option("--ca-cert", co.ca_cert_file, "PEM root certificates for TLS");
   app.add_option("--token", co.token, "Bearer token")->envname("AMOEBA_TOKEN");
@@ -104,7 +110,8 @@ int main(int argc, char** argv) {
   bool uniform = false;
   exp->add_option("--shape", exp_shape, "depth=D,width=W")->required();
   exp->add_option("--out", out_dir, "Output directory")->required();
-  exp->add_flag("--uniform-width", uniform, "Standard LlamaForCausalLM (same width in every layer)");
+  exp->add_flag("--uniform-width", uniform,
+                "Standard LlamaForCausalLM (same width in every layer)");
 
   try {
     app.parse(argc, argv);
@@ -123,9 +130,12 @@ int main(int argc, char** argv) {
       if (eq == std::string::npos) return false;
       const std::string k = kv.substr(0, eq), v = kv.substr(eq + 1);
       try {
-        if (k == "depth") out->set_depth(std::stoi(v));
-        else if (k == "width") out->set_width(std::stod(v));
-        else return false;
+        if (k == "depth")
+          out->set_depth(std::stoi(v));
+        else if (k == "width")
+          out->set_width(std::stod(v));
+        else
+          return false;
       } catch (...) {
         return false;
       }
@@ -168,10 +178,11 @@ int main(int argc, char** argv) {
     if (!json) {
       std::printf("\n");
       std::fflush(stdout);
-      std::fprintf(stderr, "[shape depth=%d,width=%g | %d tokens, finish=%s | ttft %.1f ms | %.1f tok/s]\n",
+      std::fprintf(stderr,
+                   "[shape depth=%d,width=%g | %d tokens, finish=%s | ttft %.1f ms | %.1f tok/s]\n",
                    last.shape().depth(), last.shape().width(), last.usage().completion_tokens(),
-                   v1::FinishReason_Name(last.finish_reason()).c_str(), last.timings().time_to_first_token_ms(),
-                   last.timings().decode_tokens_per_s());
+                   v1::FinishReason_Name(last.finish_reason()).c_str(),
+                   last.timings().time_to_first_token_ms(), last.timings().decode_tokens_per_s());
     }
     return 0;
   }
@@ -181,8 +192,10 @@ int main(int argc, char** argv) {
     v1::PlanResponse resp;
     grpc::Status st = c.Plan(req, &resp);
     if (!st.ok()) return Fail(st);
-    if (json) std::printf("%s\n", ToJson(resp).c_str());
-    else std::printf("%s\n", resp.explanation().c_str());
+    if (json)
+      std::printf("%s\n", ToJson(resp).c_str());
+    else
+      std::printf("%s\n", resp.explanation().c_str());
     return 0;
   }
   if (shapes->parsed()) {
@@ -192,11 +205,12 @@ int main(int argc, char** argv) {
     if (json) {
       std::printf("%s\n", ToJson(resp).c_str());
     } else {
-      std::printf("%-6s %-7s %-12s %-14s %-10s %s\n", "depth", "width", "params", "decode ms/tok", "latency", "quality");
+      std::printf("%-6s %-7s %-12s %-14s %-10s %s\n", "depth", "width", "params", "decode ms/tok",
+                  "latency", "quality");
       for (const auto& e : resp.shapes())
-        std::printf("%-6d %-7g %-12lld %-14.3f %-10s %g (%s)\n", e.shape().depth(), e.shape().width(),
-                    static_cast<long long>(e.params()), e.decode_ms_per_token(), e.latency_source().c_str(), e.quality(),
-                    e.quality_source().c_str());
+        std::printf("%-6d %-7g %-12lld %-14.3f %-10s %g (%s)\n", e.shape().depth(),
+                    e.shape().width(), static_cast<long long>(e.params()), e.decode_ms_per_token(),
+                    e.latency_source().c_str(), e.quality(), e.quality_source().c_str());
     }
     return 0;
   }

@@ -4,7 +4,8 @@
 
 namespace amoeba {
 
-AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions o) : params_(std::move(params)), o_(o) {
+AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions o)
+    : params_(std::move(params)), o_(o) {
   for (auto& [n, p] : params_) {
     m_.push_back(at::zeros_like(p));
     v_.push_back(at::zeros_like(p));
@@ -55,7 +56,8 @@ NamedTensors AdamW::State() const {
   return out;
 }
 
-void AdamW::LoadState(const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& v, int64_t t) {
+void AdamW::LoadState(const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& v,
+                      int64_t t) {
   at::NoGradGuard g;
   for (size_t i = 0; i < params_.size(); ++i) {
     m_[i].copy_(m[i]);

@@ -24,11 +24,14 @@ absl::StatusOr<std::unique_ptr<DataParallel>> DataParallel::FromEnv() {
     return v ? v : "";
   };
   int world = 1, rank = 0, port = 0;
-  if (env("WORLD_SIZE").empty() || !absl::SimpleAtoi(env("WORLD_SIZE"), &world) || world <= 1) return nullptr;
+  if (env("WORLD_SIZE").empty() || !absl::SimpleAtoi(env("WORLD_SIZE"), &world) || world <= 1)
+    return nullptr;
   if (!absl::SimpleAtoi(env("RANK"), &rank) || rank < 0 || rank >= world)
-    return absl::InvalidArgumentError(absl::StrCat("RANK must be in [0, ", world, ") when WORLD_SIZE=", world));
+    return absl::InvalidArgumentError(
+        absl::StrCat("RANK must be in [0, ", world, ") when WORLD_SIZE=", world));
   const std::string addr = env("MASTER_ADDR").empty() ? "127.0.0.1" : env("MASTER_ADDR");
-  if (!absl::SimpleAtoi(env("MASTER_PORT").empty() ? "29500" : env("MASTER_PORT"), &port) || port <= 0 || port > 65535)
+  if (!absl::SimpleAtoi(env("MASTER_PORT").empty() ? "29500" : env("MASTER_PORT"), &port) ||
+      port <= 0 || port > 65535)
     return absl::InvalidArgumentError("MASTER_PORT must be a TCP port");
   auto dp = std::unique_ptr<DataParallel>(new DataParallel());
   dp->rank_ = rank;
@@ -43,18 +46,22 @@ absl::StatusOr<std::unique_ptr<DataParallel>> DataParallel::FromEnv() {
     dp->impl_->store = c10::make_intrusive<c10d::TCPStore>(addr, so);
     auto opts = c10d::ProcessGroupGloo::Options::create(std::chrono::seconds(300));
     opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-    dp->impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(dp->impl_->store, rank, world, opts);
+    dp->impl_->pg =
+        c10::make_intrusive<c10d::ProcessGroupGloo>(dp->impl_->store, rank, world, opts);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("c10d rendezvous at ", addr, ":", port, " failed: ", e.what()));
+    return absl::UnavailableError(
+        absl::StrCat("c10d rendezvous at ", addr, ":", port, " failed: ", e.what()));
   }
   spdlog::info("data parallel: rank {} of {} (rendezvous {}:{}, gloo)", rank, world, addr, port);
   return dp;
 }
 
-void DataParallel::AllReduceMeanGradients(const std::vector<std::pair<std::string, at::Tensor>>& params) {
+void DataParallel::AllReduceMeanGradients(
+    const std::vector<std::pair<std::string, at::Tensor>>& params) {
   at::NoGradGuard g;
   std::vector<at::Tensor> grads;
-  for (const auto& [n, p] : params) grads.push_back(p.grad().defined() ? p.grad().reshape({-1}) : at::zeros({p.numel()}));
+  for (const auto& [n, p] : params)
+    grads.push_back(p.grad().defined() ? p.grad().reshape({-1}) : at::zeros({p.numel()}));
   std::vector<at::Tensor> flat = {at::cat(grads)};
   impl_->pg->allreduce(flat)->wait();
   flat[0].div_(world_);
@@ -70,7 +77,8 @@ void DataParallel::AllReduceMeanGradients(const std::vector<std::pair<std::strin
   }
 }
 
-void DataParallel::BroadcastFromRankZero(const std::vector<std::pair<std::string, at::Tensor>>& params) {
+void DataParallel::BroadcastFromRankZero(
+    const std::vector<std::pair<std::string, at::Tensor>>& params) {
   at::NoGradGuard g;
   std::vector<at::Tensor> parts;
   for (const auto& [n, p] : params) parts.push_back(p.detach().reshape({-1}));

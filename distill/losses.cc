@@ -3,10 +3,13 @@
 namespace amoeba {
 
 namespace {
-at::Tensor TargetMask(const at::Tensor& mask) { return mask.narrow(1, 1, mask.size(1) - 1); }
+at::Tensor TargetMask(const at::Tensor& mask) {
+  return mask.narrow(1, 1, mask.size(1) - 1);
+}
 }  // namespace
 
-at::Tensor MaskedCrossEntropy(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& mask) {
+at::Tensor MaskedCrossEntropy(const at::Tensor& logits, const at::Tensor& tokens,
+                              const at::Tensor& mask) {
   const int64_t T = tokens.size(1);
   at::Tensor lp = at::log_softmax(logits.narrow(1, 0, T - 1), -1);
   at::Tensor nll = -lp.gather(-1, tokens.narrow(1, 1, T - 1).unsqueeze(-1)).squeeze(-1);
@@ -14,7 +17,8 @@ at::Tensor MaskedCrossEntropy(const at::Tensor& logits, const at::Tensor& tokens
   return (nll * m).sum() / m.sum().clamp_min(1);
 }
 
-at::Tensor MaskedSoftCrossEntropy(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask) {
+at::Tensor MaskedSoftCrossEntropy(const at::Tensor& student, const at::Tensor& teacher,
+                                  const at::Tensor& mask) {
   const int64_t T = student.size(1);
   at::Tensor p = at::softmax(teacher.narrow(1, 0, T - 1).detach(), -1);
   at::Tensor lp = at::log_softmax(student.narrow(1, 0, T - 1), -1);

@@ -10,7 +10,8 @@
 
 namespace amoeba {
 
-absl::StatusOr<TrainData> TrainData::Load(const std::string& path, const Tokenizer& tok, int64_t bos, int64_t eos) {
+absl::StatusOr<TrainData> TrainData::Load(const std::string& path, const Tokenizer& tok,
+                                          int64_t bos, int64_t eos) {
   ASSIGN_OR_RETURN(std::string raw, ReadFile(path));
   TrainData d;
   d.bos_ = bos;
@@ -22,13 +23,19 @@ absl::StatusOr<TrainData> TrainData::Load(const std::string& path, const Tokeniz
         // Alpaca template; the loss covers the response and its EOS only.
         const std::string input = j.value("input", "");
         std::string prompt = input.empty()
-            ? absl::StrCat("Below is an instruction that describes a task. Write a response that appropriately "
-                           "completes the request.\n\n### Instruction:\n", j["instruction"].get<std::string>(),
-                           "\n\n### Response:\n")
-            : absl::StrCat("Below is an instruction that describes a task, paired with an input that provides "
-                           "further context. Write a response that appropriately completes the request.\n\n"
-                           "### Instruction:\n", j["instruction"].get<std::string>(), "\n\n### Input:\n", input,
-                           "\n\n### Response:\n");
+                                 ? absl::StrCat(
+                                       "Below is an instruction that describes a task. Write a "
+                                       "response that appropriately "
+                                       "completes the request.\n\n### Instruction:\n",
+                                       j["instruction"].get<std::string>(), "\n\n### Response:\n")
+                                 : absl::StrCat(
+                                       "Below is an instruction that describes a task, paired with "
+                                       "an input that provides "
+                                       "further context. Write a response that appropriately "
+                                       "completes the request.\n\n"
+                                       "### Instruction:\n",
+                                       j["instruction"].get<std::string>(), "\n\n### Input:\n",
+                                       input, "\n\n### Response:\n");
         Example ex;
         ex.ids.push_back(static_cast<int32_t>(bos));
         for (int32_t t : tok.Encode(prompt)) ex.ids.push_back(t);
@@ -53,7 +60,8 @@ absl::StatusOr<TrainData> TrainData::Load(const std::string& path, const Tokeniz
   if (!text.empty()) {
     for (int32_t t : tok.Encode(text)) d.stream_.push_back(t);
   }
-  if (d.examples_.empty() && d.stream_.size() < 16) return absl::InvalidArgumentError(path + ": too little training text");
+  if (d.examples_.empty() && d.stream_.size() < 16)
+    return absl::InvalidArgumentError(path + ": too little training text");
   return d;
 }
 
@@ -64,8 +72,10 @@ int64_t TrainData::tokens() const {
   return n;
 }
 
-TrainBatch TrainData::Sample(uint64_t seed, int64_t step, int64_t micro, int64_t batch, int64_t T) const {
-  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(step) * 1000003ull + static_cast<uint64_t>(micro));
+TrainBatch TrainData::Sample(uint64_t seed, int64_t step, int64_t micro, int64_t batch,
+                             int64_t T) const {
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(step) * 1000003ull +
+                      static_cast<uint64_t>(micro));
   TrainBatch b;
   b.tokens = at::full({batch, T}, eos_, at::kLong);
   b.mask = at::zeros({batch, T});

@@ -21,8 +21,10 @@ class TrainData {
  public:
   // `path`: .jsonl with "instruction"/"output" → instruction data; anything else → plain text
   // (.jsonl with "text" fields is plain text too).
-  static absl::StatusOr<TrainData> Load(const std::string& path, const Tokenizer& tok, int64_t bos, int64_t eos);
-  TrainBatch Sample(uint64_t seed, int64_t step, int64_t micro, int64_t batch, int64_t seq_len) const;
+  static absl::StatusOr<TrainData> Load(const std::string& path, const Tokenizer& tok, int64_t bos,
+                                        int64_t eos);
+  TrainBatch Sample(uint64_t seed, int64_t step, int64_t micro, int64_t batch,
+                    int64_t seq_len) const;
   bool instruction() const { return !examples_.empty(); }
   int64_t tokens() const;
 

@@ -21,8 +21,10 @@ namespace amoeba {
 double ScheduledLr(const LoopOptions& o, int64_t step) {
   if (o.warmup > 0 && step < o.warmup) return o.lr * (step + 1) / o.warmup;
   if (o.schedule == "cosine") {
-    const double p = static_cast<double>(step - o.warmup) / std::max<int64_t>(1, o.steps - o.warmup);
-    return o.lr * (0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * std::min(1.0, p))));  // to 10% of the peak
+    const double p =
+        static_cast<double>(step - o.warmup) / std::max<int64_t>(1, o.steps - o.warmup);
+    return o.lr *
+           (0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * std::min(1.0, p))));  // to 10% of the peak
   }
   return o.lr;
 }
@@ -33,22 +35,28 @@ absl::Status Save(const std::string& path, const AdamW& opt, int64_t step, const
   NamedTensors t;
   for (const auto& [n, p] : opt.params()) t.emplace_back(n, p.detach());
   for (auto& e : opt.State()) t.push_back(std::move(e));
-  return WriteSafetensors(path, t, {{"format", "amoeba-checkpoint"}, {"step", std::to_string(step)},
-                                    {"adam_t", std::to_string(opt.steps())}, {"fingerprint", fp}});
+  return WriteSafetensors(path, t,
+                          {{"format", "amoeba-checkpoint"},
+                           {"step", std::to_string(step)},
+                           {"adam_t", std::to_string(opt.steps())},
+                           {"fingerprint", fp}});
 }
 
 absl::StatusOr<int64_t> Load(const std::string& path, AdamW& opt, const std::string& fp) {
   ASSIGN_OR_RETURN(auto f, SafetensorsFile::Open(path));
   auto md = f->metadata();
-  if (md["format"] != "amoeba-checkpoint") return absl::DataLossError(path + ": not an Amoeba checkpoint");
+  if (md["format"] != "amoeba-checkpoint")
+    return absl::DataLossError(path + ": not an Amoeba checkpoint");
   if (md["fingerprint"] != fp) {
-    return absl::FailedPreconditionError(path + ": checkpoint was made with other options; resume with the same flags");
+    return absl::FailedPreconditionError(
+        path + ": checkpoint was made with other options; resume with the same flags");
   }
   at::NoGradGuard g;
   std::vector<at::Tensor> m, v;
   for (const auto& [n, p] : opt.params()) {
     ASSIGN_OR_RETURN(at::Tensor x, f->GetF32(n));
-    if (x.sizes() != p.sizes()) return absl::DataLossError(path + ": tensor '" + n + "' has the wrong shape");
+    if (x.sizes() != p.sizes())
+      return absl::DataLossError(path + ": tensor '" + n + "' has the wrong shape");
     const_cast<at::Tensor&>(p).copy_(x);
     ASSIGN_OR_RETURN(at::Tensor mm, f->GetF32("adam.m." + n));
     ASSIGN_OR_RETURN(at::Tensor vv, f->GetF32("adam.v." + n));
@@ -61,10 +69,11 @@ absl::StatusOr<int64_t> Load(const std::string& path, AdamW& opt, const std::str
 
 }  // namespace
 
-absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::string, at::Tensor>>& params,
-                                           const LoopOptions& o, const MicroStep& micro_step,
-                                           const std::atomic<bool>* stop) {
-  if (o.steps < 1 || o.grad_accum < 1) return absl::InvalidArgumentError("steps and grad-accum must be >= 1");
+absl::StatusOr<LoopResult> RunTrainingLoop(
+    const std::vector<std::pair<std::string, at::Tensor>>& params, const LoopOptions& o,
+    const MicroStep& micro_step, const std::atomic<bool>* stop) {
+  if (o.steps < 1 || o.grad_accum < 1)
+    return absl::InvalidArgumentError("steps and grad-accum must be >= 1");
   AdamWOptions ao;
   ao.weight_decay = o.weight_decay;
   AdamW opt(params, ao);
@@ -92,7 +101,8 @@ absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::stri
     for (int64_t local = 0; local < o.grad_accum; ++local) {
       const int64_t micro = local * world + rank;
       // In-step randomness (router noise) is a function of (seed, step, global micro).
-      at::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(r.step) * 1009 + static_cast<uint64_t>(micro));
+      at::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(r.step) * 1009 +
+                      static_cast<uint64_t>(micro));
       MicroResult m = micro_step(r.step, micro);
       loss += m.loss / o.grad_accum;
       aux += m.aux / o.grad_accum;
@@ -105,10 +115,18 @@ absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::stri
     ++r.step;
     r.loss = loss;
     r.aux = aux;
-    const double rate = tokens / std::max(1e-9, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    const double rate =
+        tokens /
+        std::max(1e-9,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     if (log) {
-      log << nlohmann::json({{"step", r.step}, {"loss", loss}, {"aux_loss", aux}, {"lr", lr}, {"grad_norm", norm},
-                             {"tokens_per_s", rate}}).dump()
+      log << nlohmann::json({{"step", r.step},
+                             {"loss", loss},
+                             {"aux_loss", aux},
+                             {"lr", lr},
+                             {"grad_norm", norm},
+                             {"tokens_per_s", rate}})
+                 .dump()
           << "\n";
       log.flush();
     }
@@ -120,7 +138,8 @@ absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::stri
   }
   if (lead && r.interrupted && !o.checkpoint.empty()) {
     RETURN_IF_ERROR(Save(o.checkpoint, opt, r.step, o.fingerprint));
-    spdlog::info("{}: stopped at step {}; checkpoint saved, rerun with --resume to continue", o.label, r.step);
+    spdlog::info("{}: stopped at step {}; checkpoint saved, rerun with --resume to continue",
+                 o.label, r.step);
   }
   return r;
 }

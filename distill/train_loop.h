@@ -27,11 +27,11 @@ struct LoopOptions {
   double clip = 0.3;
   double weight_decay = 0.0;
   uint64_t seed = 0;
-  std::string checkpoint;       // "" = none
+  std::string checkpoint;  // "" = none
   int64_t checkpoint_every = 50;
   bool resume = false;
-  std::string fingerprint;      // a checkpoint with another fingerprint is refused
-  std::string metrics_log;      // JSONL
+  std::string fingerprint;  // a checkpoint with another fingerprint is refused
+  std::string metrics_log;  // JSONL
   bool progress = true;
   std::function<void(int64_t step)> on_step;
   // Multi-process: gradients averaged across ranks; rank 0 alone logs and checkpoints. Each
@@ -56,8 +56,8 @@ using MicroStep = std::function<MicroResult(int64_t step, int64_t micro)>;
 
 double ScheduledLr(const LoopOptions& o, int64_t step);
 
-absl::StatusOr<LoopResult> RunTrainingLoop(const std::vector<std::pair<std::string, at::Tensor>>& params,
-                                           const LoopOptions& o, const MicroStep& micro_step,
-                                           const std::atomic<bool>* stop = nullptr);
+absl::StatusOr<LoopResult> RunTrainingLoop(
+    const std::vector<std::pair<std::string, at::Tensor>>& params, const LoopOptions& o,
+    const MicroStep& micro_step, const std::atomic<bool>* stop = nullptr);
 
 }  // namespace amoeba

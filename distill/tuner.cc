@@ -10,8 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "distill/train_loop.h"
 #include "distill/losses.h"
+#include "distill/train_loop.h"
 #include "model/torch_forward.h"
 #include "subnet/metrics.h"
 
@@ -20,8 +20,10 @@ namespace amoeba {
 namespace {
 
 // The sandwich: full, K-2 random (depth uniform in [d_min, L), distinct widths), smallest.
-std::vector<Shape> SandwichShapes(const Supernet& s, int64_t K, uint64_t seed, int64_t step, int64_t micro) {
-  std::mt19937_64 rng(seed * 31 + static_cast<uint64_t>(step) * 7919 + static_cast<uint64_t>(micro) + 17);
+std::vector<Shape> SandwichShapes(const Supernet& s, int64_t K, uint64_t seed, int64_t step,
+                                  int64_t micro) {
+  std::mt19937_64 rng(seed * 31 + static_cast<uint64_t>(step) * 7919 +
+                      static_cast<uint64_t>(micro) + 17);
   std::vector<Shape> out = {s.FullShape()};
   const auto& depths = s.spec().depths;
   const auto& widths = s.spec().widths;
@@ -37,7 +39,8 @@ std::vector<Shape> SandwichShapes(const Supernet& s, int64_t K, uint64_t seed, i
   return out;
 }
 
-at::Tensor SubnetLogits(const Supernet& s, const Smol& smol, const Shape& sh, const at::Tensor& tokens, bool training) {
+at::Tensor SubnetLogits(const Supernet& s, const Smol& smol, const Shape& sh,
+                        const at::Tensor& tokens, bool training) {
   const auto& layers = s.spec().FindDepth(sh.depth)->layers;
   Model sub = *s.Extract(sh);
   at::Tensor gate = smol.Gate(smol.ShapeFeature(layers, s.WidthIndex(sh.width)), training);
@@ -47,19 +50,20 @@ at::Tensor SubnetLogits(const Supernet& s, const Smol& smol, const Shape& sh, co
 }
 
 std::string Fingerprint(const TuneOptions& o, const Smol& smol) {
-  return absl::StrCat(o.batch, "|", o.seq_len, "|", o.grad_accum, "|", o.subnets, "|", o.lr, "|", o.schedule, "|",
-                      o.warmup, "|", o.clip, "|", o.seed, "|", o.balancing, "|", o.distill, "|",
-                      smol.config().ToJson().dump());
+  return absl::StrCat(o.batch, "|", o.seq_len, "|", o.grad_accum, "|", o.subnets, "|", o.lr, "|",
+                      o.schedule, "|", o.warmup, "|", o.clip, "|", o.seed, "|", o.balancing, "|",
+                      o.distill, "|", smol.config().ToJson().dump());
 }
 
 }  // namespace
 
 at::Tensor InferenceGate(const Supernet& s, const Smol& smol, const Shape& shape) {
-  return smol.Gate(smol.ShapeFeature(s.spec().FindDepth(shape.depth)->layers, s.WidthIndex(shape.width)), false);
+  return smol.Gate(
+      smol.ShapeFeature(s.spec().FindDepth(shape.depth)->layers, s.WidthIndex(shape.width)), false);
 }
 
-SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatch& b, const TuneOptions& o,
-                            int64_t step, int64_t micro) {
+SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatch& b,
+                            const TuneOptions& o, int64_t step, int64_t micro) {
   SandwichLosses out;
   out.shapes = SandwichShapes(s, o.subnets, o.seed, step, micro);
   at::Tensor teacher, l0;
@@ -73,7 +77,8 @@ SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatc
       l0 = loss.detach();
       out.full = loss.item<double>();
     } else {
-      loss = o.distill ? MaskedSoftCrossEntropy(logits, teacher, b.mask) : MaskedCrossEntropy(logits, b.tokens, b.mask);
+      loss = o.distill ? MaskedSoftCrossEntropy(logits, teacher, b.mask)
+                       : MaskedCrossEntropy(logits, b.tokens, b.mask);
       if (i + 1 == out.shapes.size()) out.smallest = loss.item<double>();
       if (o.balancing) loss = BalanceLoss(loss, l0);
     }
@@ -82,8 +87,8 @@ SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatc
   return out;
 }
 
-absl::StatusOr<TuneResult> Tune(const Supernet& s, Smol& smol, const TrainData& data, const TuneOptions& o,
-                                const std::atomic<bool>* stop) {
+absl::StatusOr<TuneResult> Tune(const Supernet& s, Smol& smol, const TrainData& data,
+                                const TuneOptions& o, const std::atomic<bool>* stop) {
   if (o.batch < 1 || o.seq_len < 2 || o.subnets < 1)
     return absl::InvalidArgumentError("tune: batch and subnets must be >= 1, seq-len >= 2");
   smol.SetRequiresGrad(true);
@@ -105,21 +110,27 @@ absl::StatusOr<TuneResult> Tune(const Supernet& s, Smol& smol, const TrainData& 
   lo.progress = o.progress;
   lo.on_step = o.on_step;
   lo.dp = o.dp;
-  auto r = RunTrainingLoop(smol.NamedParameters(), lo, [&](int64_t step, int64_t micro) {
-    TrainBatch b = data.Sample(o.seed, step, micro, o.batch, o.seq_len);
-    SandwichLosses l = SandwichStep(s, smol, b, o, step, micro);
-    return MicroResult{l.full, l.smallest, b.tokens.numel()};
-  }, stop);
+  auto r = RunTrainingLoop(
+      smol.NamedParameters(), lo,
+      [&](int64_t step, int64_t micro) {
+        TrainBatch b = data.Sample(o.seed, step, micro, o.batch, o.seq_len);
+        SandwichLosses l = SandwichStep(s, smol, b, o, step, micro);
+        return MicroResult{l.full, l.smallest, b.tokens.numel()};
+      },
+      stop);
   smol.SetRequiresGrad(false);
   if (!r.ok()) return r.status();
   return TuneResult{r->step, r->interrupted, r->loss, r->aux};
 }
 
-double HeldoutNll(const Supernet& s, const Smol* smol, const Shape& shape, const at::Tensor& windows) {
+double HeldoutNll(const Supernet& s, const Smol* smol, const Shape& shape,
+                  const at::Tensor& windows) {
   at::InferenceMode g;
   Model sub = *s.Extract(shape);
   TorchForwardOptions opt;
-  if (smol) opt.linear = smol->Hook(InferenceGate(s, *smol, shape), s.spec().FindDepth(shape.depth)->layers);
+  if (smol)
+    opt.linear =
+        smol->Hook(InferenceGate(s, *smol, shape), s.spec().FindDepth(shape.depth)->layers);
   return MeanNll(sub, windows, 8, opt);
 }
 

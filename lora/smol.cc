@@ -14,7 +14,7 @@ json SmolConfig::ToJson() const {
   for (int p = 0; p < kNumProj; ++p)
     if (targets[p]) t.push_back(ProjName(static_cast<Proj>(p)));
   return {{"experts", experts}, {"rank", rank}, {"alpha", alpha}, {"router_hidden", router_hidden},
-          {"top_k", top_k}, {"targets", t}};
+          {"top_k", top_k},     {"targets", t}};
 }
 
 SmolConfig SmolConfig::FromJson(const json& j) {
@@ -41,13 +41,20 @@ at::Tensor Uniform(std::vector<int64_t> shape, int64_t fan_in) {
 }
 const at::Tensor& ProjWeight(const LayerWeights& l, Proj p) {
   switch (p) {
-    case Proj::kQ: return l.q;
-    case Proj::kK: return l.k;
-    case Proj::kV: return l.v;
-    case Proj::kO: return l.o;
-    case Proj::kGate: return l.gate;
-    case Proj::kUp: return l.up;
-    default: return l.down;
+    case Proj::kQ:
+      return l.q;
+    case Proj::kK:
+      return l.k;
+    case Proj::kV:
+      return l.v;
+    case Proj::kO:
+      return l.o;
+    case Proj::kGate:
+      return l.gate;
+    case Proj::kUp:
+      return l.up;
+    default:
+      return l.down;
   }
 }
 at::Tensor& ProjWeight(LayerWeights& l, Proj p) {
@@ -57,7 +64,8 @@ at::Tensor& ProjWeight(LayerWeights& l, Proj p) {
 
 Smol::Smol(const Model& base, int64_t num_widths, SmolConfig config, uint64_t seed)
     : cfg_(config), num_layers_(base.config.num_hidden_layers), num_widths_(num_widths) {
-  if (cfg_.rank <= 0) cfg_.rank = std::max<int64_t>(4, std::min<int64_t>(64, base.config.hidden_size / 8));
+  if (cfg_.rank <= 0)
+    cfg_.rank = std::max<int64_t>(4, std::min<int64_t>(64, base.config.hidden_size / 8));
   cfg_.top_k = std::min(cfg_.top_k, cfg_.experts);
   at::manual_seed(seed);
   const int64_t E = cfg_.experts, r = cfg_.rank;
@@ -90,7 +98,8 @@ at::Tensor Smol::ShapeFeature(const std::vector<int>& active, int64_t width_inde
 
 at::Tensor Smol::Gate(const at::Tensor& phi, bool training) const {
   at::Tensor logits = at::linear(at::linear(phi, r1_w, r1_b), r2_w, r2_b);
-  if (training) logits = logits + at::randn_like(logits) * at::softplus(at::linear(phi, noise_w, noise_b));
+  if (training)
+    logits = logits + at::randn_like(logits) * at::softplus(at::linear(phi, noise_w, noise_b));
   auto [top, idx] = logits.topk(cfg_.top_k);
   return at::zeros_like(logits).scatter(0, idx, at::softmax(top, 0));
 }
@@ -115,7 +124,8 @@ LinearHook Smol::Hook(const at::Tensor& gate, const std::vector<int>& layer_ids)
   };
 }
 
-Model Smol::Merge(const Model& subnet, const at::Tensor& gate, const std::vector<int>& layer_ids) const {
+Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
+                  const std::vector<int>& layer_ids) const {
   Model m = subnet;
   const double s = scale();
   for (size_t i = 0; i < m.layers.size(); ++i) {
@@ -160,13 +170,15 @@ absl::Status Smol::Save(const std::string& path) const {
   json meta = cfg_.ToJson();
   meta["num_layers"] = num_layers_;
   meta["num_widths"] = num_widths_;
-  return WriteSafetensors(path, NamedParameters(), {{"format", "amoeba-smol"}, {"config", meta.dump()}});
+  return WriteSafetensors(path, NamedParameters(),
+                          {{"format", "amoeba-smol"}, {"config", meta.dump()}});
 }
 
 absl::StatusOr<Smol> Smol::Load(const std::string& path, const Model& base) {
   ASSIGN_OR_RETURN(auto f, SafetensorsFile::Open(path));
   auto it = f->metadata().find("config");
-  if (it == f->metadata().end()) return absl::DataLossError(path + ": no SMoL config in the metadata");
+  if (it == f->metadata().end())
+    return absl::DataLossError(path + ": no SMoL config in the metadata");
   json meta = json::parse(it->second, nullptr, false);
   if (meta.is_discarded()) return absl::DataLossError(path + ": bad SMoL config");
   Smol s;
@@ -174,15 +186,17 @@ absl::StatusOr<Smol> Smol::Load(const std::string& path, const Model& base) {
   s.num_layers_ = meta.value("num_layers", int64_t{0});
   s.num_widths_ = meta.value("num_widths", int64_t{0});
   if (s.num_layers_ != base.config.num_hidden_layers)
-    return absl::DataLossError(absl::StrCat(path, ": adapters for ", s.num_layers_, " layers, model has ",
-                                            base.config.num_hidden_layers));
+    return absl::DataLossError(absl::StrCat(path, ": adapters for ", s.num_layers_,
+                                            " layers, model has ", base.config.num_hidden_layers));
   s.adapters_.resize(s.num_layers_);
   auto get = [&](const std::string& n, std::vector<int64_t> shape) -> absl::StatusOr<at::Tensor> {
     ASSIGN_OR_RETURN(at::Tensor t, f->GetF32(n));
-    if (t.sizes().vec() != shape) return absl::DataLossError(absl::StrCat(path, ": tensor '", n, "' has the wrong shape"));
+    if (t.sizes().vec() != shape)
+      return absl::DataLossError(absl::StrCat(path, ": tensor '", n, "' has the wrong shape"));
     return t.clone();  // trainable: own the memory
   };
-  const int64_t E = s.cfg_.experts, r = s.cfg_.rank, F = s.num_layers_ + s.num_widths_, H = s.cfg_.router_hidden;
+  const int64_t E = s.cfg_.experts, r = s.cfg_.rank, F = s.num_layers_ + s.num_widths_,
+                H = s.cfg_.router_hidden;
   for (int64_t l = 0; l < s.num_layers_; ++l) {
     for (int p = 0; p < kNumProj; ++p) {
       if (!s.cfg_.targets[p]) continue;

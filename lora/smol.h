@@ -3,8 +3,8 @@
 //   φ = [active-layer mask (L) ; one-hot width index (W)],
 //   logits = Linear(16→E)(Linear(φ→16)(φ)) (+ randn · softplus(Linear(φ→E)(φ)) while training),
 //   gate = softmax over the top-k logits, zeros elsewhere.
-// Weights are mixed, not outputs: y = W x + s · B_mix (A_mix x), A_mix = Σ g_k A_k, B_mix = Σ g_k B_k.
-// Adapters are defined on the supernet's full widths; a sliced subnet uses their prefixes.
+// Weights are mixed, not outputs: y = W x + s · B_mix (A_mix x), A_mix = Σ g_k A_k, B_mix = Σ g_k
+// B_k. Adapters are defined on the supernet's full widths; a sliced subnet uses their prefixes.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -68,8 +68,9 @@ class Smol {
 
   SmolConfig cfg_;
   int64_t num_layers_ = 0, num_widths_ = 0;
-  std::vector<std::array<Adapter, kNumProj>> adapters_;  // [layer][proj]; undefined when not targeted
-  at::Tensor r1_w, r1_b, r2_w, r2_b, noise_w, noise_b;   // router
+  std::vector<std::array<Adapter, kNumProj>>
+      adapters_;  // [layer][proj]; undefined when not targeted
+  at::Tensor r1_w, r1_b, r2_w, r2_b, noise_w, noise_b;  // router
 };
 
 }  // namespace amoeba

@@ -19,9 +19,9 @@ int64_t ModelConfig::ParameterCount() const {
   int64_t n = vocab_size * hidden_size * (tie_word_embeddings ? 1 : 2) + hidden_size;
   for (int64_t l = 0; l < num_hidden_layers; ++l) {
     const int64_t q = q_heads(l) * head_dim, kv = kv_heads(l) * head_dim;
-    n += 2 * hidden_size;                          // norms
+    n += 2 * hidden_size;                               // norms
     n += hidden_size * (q + 2 * kv) + q * hidden_size;  // q,k,v,o
-    n += 3 * hidden_size * intermediate(l);        // gate, up, down
+    n += 3 * hidden_size * intermediate(l);             // gate, up, down
     if (attention_bias) n += q + 2 * kv + hidden_size;
     if (mlp_bias) n += 2 * intermediate(l) + hidden_size;
   }
@@ -34,7 +34,8 @@ template <typename T>
 absl::Status Get(const json& j, const char* key, T* out, bool required) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
-    if (required) return absl::InvalidArgumentError(absl::StrCat("config.json: missing '", key, "'"));
+    if (required)
+      return absl::InvalidArgumentError(absl::StrCat("config.json: missing '", key, "'"));
     return absl::OkStatus();
   }
   try {
@@ -78,8 +79,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const json& j) {
   }
   if (auto it = j.find("rope_scaling"); it != j.end() && it->is_object()) {
     std::string type;
-    if (it->contains("rope_type")) type = (*it)["rope_type"].get<std::string>();
-    else if (it->contains("type")) type = (*it)["type"].get<std::string>();
+    if (it->contains("rope_type"))
+      type = (*it)["rope_type"].get<std::string>();
+    else if (it->contains("type"))
+      type = (*it)["type"].get<std::string>();
     RETURN_IF_ERROR(Get(*it, "factor", &c.rope_scaling.factor, type != "default"));
     if (type == "linear") {
       c.rope_scaling.type = RopeScaling::Type::kLinear;
@@ -90,8 +93,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const json& j) {
       RETURN_IF_ERROR(Get(*it, "original_max_position_embeddings",
                           &c.rope_scaling.original_max_position_embeddings, true));
     } else if (type != "default") {
-      return absl::UnimplementedError(
-          absl::StrCat("config.json: rope_scaling type '", type, "' is not supported (linear, llama3)"));
+      return absl::UnimplementedError(absl::StrCat("config.json: rope_scaling type '", type,
+                                                   "' is not supported (linear, llama3)"));
     }
   }
   RETURN_IF_ERROR(Get(j, "amoeba_layer_num_key_value_heads", &c.layer_kv_heads, false));
@@ -131,7 +134,8 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path) {
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, ": invalid JSON"));
   auto c = ParseModelConfig(j);
-  if (!c.ok()) return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
+  if (!c.ok())
+    return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
   return c;
 }
 
@@ -154,8 +158,10 @@ json ModelConfigToJson(const ModelConfig& c) {
   j["mlp_bias"] = c.mlp_bias;
   j["hidden_act"] = "silu";
   j["bos_token_id"] = c.bos_token_id;
-  if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
-  else j["eos_token_id"] = c.eos_token_ids;
+  if (c.eos_token_ids.size() == 1)
+    j["eos_token_id"] = c.eos_token_ids[0];
+  else
+    j["eos_token_id"] = c.eos_token_ids;
   j["torch_dtype"] = c.torch_dtype;
   switch (c.rope_scaling.type) {
     case RopeScaling::Type::kNone:

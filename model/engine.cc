@@ -63,8 +63,10 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t h = 0; h < hkv; ++h) {
-        std::memcpy(cache_row(kc, s.slot, h, p0 + t), kn + (row + t) * kvdim + h * hd, hd * sizeof(float));
-        std::memcpy(cache_row(vc, s.slot, h, p0 + t), vn + (row + t) * kvdim + h * hd, hd * sizeof(float));
+        std::memcpy(cache_row(kc, s.slot, h, p0 + t), kn + (row + t) * kvdim + h * hd,
+                    hd * sizeof(float));
+        std::memcpy(cache_row(vc, s.slot, h, p0 + t), vn + (row + t) * kvdim + h * hd,
+                    hd * sizeof(float));
       }
     }
     row += T;
@@ -101,7 +103,8 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
         float* out = att + tk.row * qdim + h * hd;
         std::memset(out, 0, hd * sizeof(float));
         const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < tk.len; ++j) Axpy(sc[j] * inv, cache_row(vc, tk.slot, kvh, j), out, hd);
+        for (int64_t j = 0; j < tk.len; ++j)
+          Axpy(sc[j] * inv, cache_row(vc, tk.slot, kvh, j), out, hd);
       }
     });
   }
@@ -114,7 +117,8 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
       const int64_t p0 = cache.length(s.slot), L = p0 + T;
       // Buffers hold rows packed at this layer's width.
       at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
-                         .permute({1, 2, 0, 3}).reshape({hkv, group * T, hd});
+                         .permute({1, 2, 0, 3})
+                         .reshape({hkv, group * T, hd});
       at::Tensor Ks = K[s.slot].narrow(1, 0, L);  // [hkv, L, hd]
       at::Tensor Vs = V[s.slot].narrow(1, 0, L);
       at::Tensor sc = at::bmm(Q, Ks.transpose(1, 2)).mul_(scale).view({hkv, group, T, L});
@@ -122,7 +126,8 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
       at::Tensor mask = at::ones({T, L}, at::kBool).triu_(p0 + 1);
       sc.masked_fill_(mask, -std::numeric_limits<float>::infinity());
       at::Tensor p = at::softmax(sc, -1).view({hkv, group * T, L});
-      at::Tensor o = at::bmm(p, Vs).view({hkv, group, T, hd}).permute({2, 0, 1, 3}).reshape({T, qdim});
+      at::Tensor o =
+          at::bmm(p, Vs).view({hkv, group, T, hd}).permute({2, 0, 1, 3}).reshape({T, qdim});
       at::from_blob(att + row * qdim, {T, qdim}).copy_(o);
     }
     row += T;
@@ -243,7 +248,8 @@ double MeasureDecodeMsPerToken(std::shared_ptr<const Model> model, int steps) {
   (void)e.Forward(c, {&in, 1});  // warm-up step
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < steps; ++i) (void)e.Forward(c, {&in, 1});
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() /
+         steps;
 }
 
 }  // namespace amoeba

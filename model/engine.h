@@ -18,12 +18,12 @@
 namespace amoeba {
 
 struct SeqInput {
-  int64_t slot = 0;                  // KV-cache slot; tokens append at cache.length(slot)
-  std::span<const int32_t> tokens;   // new tokens (>= 1)
+  int64_t slot = 0;                 // KV-cache slot; tokens append at cache.length(slot)
+  std::span<const int32_t> tokens;  // new tokens (>= 1)
 };
 
 struct EngineOptions {
-  int64_t max_len = 2048;            // longest sequence (RoPE table and cache length)
+  int64_t max_len = 2048;                      // longest sequence (RoPE table and cache length)
   LinearPath linear_path = LinearPath::kAuto;  // kTorch = libtorch linear baseline
 };
 

@@ -16,7 +16,9 @@ namespace amoeba {
 namespace fs = std::filesystem;
 
 namespace {
-std::string ErrnoText() { return std::strerror(errno); }
+std::string ErrnoText() {
+  return std::strerror(errno);
+}
 
 std::string TempNameFor(const std::string& path) {
   std::random_device rd;
@@ -88,8 +90,11 @@ absl::Status ForEachJsonLine(const std::string& path, std::string_view text,
     ++lineno;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     auto j = nlohmann::json::parse(line, nullptr, false);
-    absl::Status st = j.is_discarded() || !j.is_object() ? absl::InvalidArgumentError("not a JSON object") : fn(j);
-    if (!st.ok()) return absl::Status(st.code(), absl::StrCat(path, ":", lineno, ": ", st.message()));
+    absl::Status st = j.is_discarded() || !j.is_object()
+                          ? absl::InvalidArgumentError("not a JSON object")
+                          : fn(j);
+    if (!st.ok())
+      return absl::Status(st.code(), absl::StrCat(path, ":", lineno, ": ", st.message()));
   }
   return absl::OkStatus();
 }

@@ -8,13 +8,20 @@ namespace amoeba {
 
 const char* FinishReasonName(FinishReason r) {
   switch (r) {
-    case FinishReason::kNone: return "none";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kStopSequence: return "stop_sequence";
-    case FinishReason::kCancelled: return "cancelled";
-    case FinishReason::kTimeLimit: return "time_limit";
-    case FinishReason::kError: return "error";
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kStopSequence:
+      return "stop_sequence";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kTimeLimit:
+      return "time_limit";
+    case FinishReason::kError:
+      return "error";
   }
   return "?";
 }
@@ -59,8 +66,9 @@ TokenStream::Step TokenStream::Next(float* logits) {
   sampler_.Observe(tok);
   tokens_.push_back(tok);
   step.token = tok;
-  const bool eos = opt_.stop_at_eos && std::find(config_.eos_token_ids.begin(),
-                                                 config_.eos_token_ids.end(), tok) != config_.eos_token_ids.end();
+  const bool eos = opt_.stop_at_eos &&
+                   std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(), tok) !=
+                       config_.eos_token_ids.end();
   if (eos) {
     reason_ = FinishReason::kEos;
   } else {
@@ -110,8 +118,8 @@ absl::StatusOr<GenerationResult> Generate(Engine& engine, KVCache& cache, int64_
   if (options.max_new_tokens < 1) return absl::InvalidArgumentError("max_new_tokens: must be >= 1");
   const int64_t room = cache.max_len() - static_cast<int64_t>(prompt.size());
   if (room < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt: ", prompt.size(),
-                                                   " tokens leave no room in a context of ", cache.max_len()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt: ", prompt.size(), " tokens leave no room in a context of ", cache.max_len()));
   }
   GenerationOptions opt = options;
   opt.max_new_tokens = std::min(opt.max_new_tokens, room);

@@ -24,7 +24,7 @@ struct GenerationOptions {
   int64_t max_new_tokens = 128;
   std::vector<std::string> stop;  // stop strings (not included in the output)
   bool stop_at_eos = true;
-  int64_t time_limit_ms = 0;      // 0 = none
+  int64_t time_limit_ms = 0;  // 0 = none
 };
 
 class TokenStream {
@@ -54,8 +54,8 @@ class TokenStream {
   Sampler sampler_;
   StreamingDecoder decoder_;
   std::vector<int32_t> tokens_;
-  std::string text_;       // the output text (stop string removed)
-  size_t emitted_ = 0;     // bytes of text_ already returned
+  std::string text_;    // the output text (stop string removed)
+  size_t emitted_ = 0;  // bytes of text_ already returned
   std::string delta_;
   size_t max_stop_ = 0;
   FinishReason reason_ = FinishReason::kNone;

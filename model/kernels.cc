@@ -23,18 +23,24 @@ AMOEBA_AVX2 inline float HSum(__m256 v) {
 }
 
 // Eight weights as fp32: plain load, or IEEE half converted in registers (F16C).
-AMOEBA_AVX2 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+AMOEBA_AVX2 inline __m256 Load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
 AMOEBA_AVX2 inline __m256 Load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline float ToFloat(float v) { return v; }
-inline float ToFloat(at::Half v) { return static_cast<float>(v); }
+inline float ToFloat(float v) {
+  return v;
+}
+inline float ToFloat(at::Half v) {
+  return static_cast<float>(v);
+}
 
 // Rows [r0, r1) of y = W x, one row at a time: each thread reads one sequential stream (rows are
 // contiguous unless sliced), which the hardware prefetcher follows best; x stays in L1.
 template <typename T>
-AMOEBA_AVX2 void GemvAvx2(const T* W, int64_t ld, int64_t in, const float* x, float* y,
-                          int64_t r0, int64_t r1) {
+AMOEBA_AVX2 void GemvAvx2(const T* W, int64_t ld, int64_t in, const float* x, float* y, int64_t r0,
+                          int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* w = W + r * ld;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
@@ -57,8 +63,8 @@ AMOEBA_AVX2 void GemvAvx2(const T* W, int64_t ld, int64_t in, const float* x, fl
 // `accumulate`: add to y (later k-blocks) instead of overwriting it (the first).
 template <int R, int C, typename T>
 AMOEBA_AVX2 inline void SkinnyTile(const T* W, int64_t ld, int64_t in, const float* x, int64_t n0,
-                                   float* y, int64_t out, int64_t r, int rows, int64_t k0, int64_t k1,
-                                   bool accumulate) {
+                                   float* y, int64_t out, int64_t r, int rows, int64_t k0,
+                                   int64_t k1, bool accumulate) {
   const T* w[R];
   for (int a = 0; a < R; ++a) w[a] = W + (r + std::min(a, rows - 1)) * ld;
   __m256 acc[R][C];
@@ -69,7 +75,8 @@ AMOEBA_AVX2 inline void SkinnyTile(const T* W, int64_t ld, int64_t in, const flo
   const bool prefetch = n0 == 0;
   for (; i + 8 <= k1; i += 8) {
     if (prefetch && (i & 15) == 0) {
-      for (int a = 0; a < R; ++a) _mm_prefetch(reinterpret_cast<const char*>(w[a] + R * ld + i), _MM_HINT_T0);
+      for (int a = 0; a < R; ++a)
+        _mm_prefetch(reinterpret_cast<const char*>(w[a] + R * ld + i), _MM_HINT_T0);
     }
     __m256 wv[R];
     for (int a = 0; a < R; ++a) wv[a] = Load8(w[a] + i);
@@ -92,10 +99,11 @@ AMOEBA_AVX2 inline void SkinnyTile(const T* W, int64_t ld, int64_t in, const flo
 // Rows [r0, r1) for n inputs, k-blocked so the inputs' block stays in L1 while the weight rows
 // stream past it once.
 template <typename T>
-AMOEBA_AVX2 void SkinnyAvx2(const T* W, int64_t ld, int64_t in, const float* x, int64_t n,
-                            float* y, int64_t out, int64_t r0, int64_t r1) {
+AMOEBA_AVX2 void SkinnyAvx2(const T* W, int64_t ld, int64_t in, const float* x, int64_t n, float* y,
+                            int64_t out, int64_t r0, int64_t r1) {
   constexpr int R = 2, C = 4;
-  const int64_t kblock = std::max<int64_t>(64, (16384 / std::max<int64_t>(n, 1)) / 8 * 8);  // ~16 KB of x
+  const int64_t kblock =
+      std::max<int64_t>(64, (16384 / std::max<int64_t>(n, 1)) / 8 * 8);  // ~16 KB of x
   for (int64_t k0 = 0; k0 < in; k0 += kblock) {
     const int64_t k1 = std::min(in, k0 + kblock);
     const bool acc = k0 > 0;
@@ -104,10 +112,17 @@ AMOEBA_AVX2 void SkinnyAvx2(const T* W, int64_t ld, int64_t in, const float* x, 
       int64_t n0 = 0;
       for (; n0 + C <= n; n0 += C) SkinnyTile<R, C>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc);
       switch (n - n0) {
-        case 3: SkinnyTile<R, 3>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc); break;
-        case 2: SkinnyTile<R, 2>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc); break;
-        case 1: SkinnyTile<R, 1>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc); break;
-        default: break;
+        case 3:
+          SkinnyTile<R, 3>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc);
+          break;
+        case 2:
+          SkinnyTile<R, 2>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc);
+          break;
+        case 1:
+          SkinnyTile<R, 1>(W, ld, in, x, n0, y, out, r, rows, k0, k1, acc);
+          break;
+        default:
+          break;
       }
     }
   }
@@ -151,11 +166,15 @@ void LinearTyped(const float* x, int64_t n, const at::Tensor& W, float* y, Linea
       at::mm_out(yt, xt, wf.t());
     }
   } else if (!CpuHasAvx2Fma()) {
-    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) { SkinnyScalar(w, ld, in, x, n, y, out, r0, r1); });
+    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) {
+      SkinnyScalar(w, ld, in, x, n, y, out, r0, r1);
+    });
   } else if (n == 1) {
-    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) { GemvAvx2(w, ld, in, x, y, r0, r1); });
+    at::parallel_for(0, out, GrainRows(out),
+                     [&](int64_t r0, int64_t r1) { GemvAvx2(w, ld, in, x, y, r0, r1); });
   } else {
-    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) { SkinnyAvx2(w, ld, in, x, n, y, out, r0, r1); });
+    at::parallel_for(0, out, GrainRows(out),
+                     [&](int64_t r0, int64_t r1) { SkinnyAvx2(w, ld, in, x, n, y, out, r0, r1); });
   }
 }
 
@@ -167,7 +186,8 @@ bool CpuHasAvx2Fma() {
   return has;
 }
 
-void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y, LinearPath path) {
+void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y,
+            LinearPath path) {
   const int64_t out = W.size(0);
   if (n == 0 || out == 0) return;
   TORCH_CHECK(W.stride(1) == 1 || W.size(1) <= 1, "Linear: weight needs unit column stride");

@@ -13,8 +13,9 @@ inline constexpr int64_t kSkinnyMaxRows = 32;
 
 enum class LinearPath { kAuto, kTorch };
 
-// y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]). W is fp32 or fp16 (converted in registers). x rows are contiguous (stride `in`),
-// y rows contiguous (stride `out`). `path` = kTorch forces at::linear (the baseline).
+// y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]). W is fp32 or fp16 (converted in registers). x
+// rows are contiguous (stride `in`), y rows contiguous (stride `out`). `path` = kTorch forces
+// at::linear (the baseline).
 void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y,
             LinearPath path = LinearPath::kAuto);
 

@@ -8,7 +8,9 @@
 
 namespace amoeba {
 
-std::vector<std::string> PresetNames() { return {"tiny", "100m", "tinyllama"}; }
+std::vector<std::string> PresetNames() {
+  return {"tiny", "100m", "tinyllama"};
+}
 
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
   ModelConfig c;
@@ -40,7 +42,8 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
     c.max_position_embeddings = 2048;
     c.rms_norm_eps = 1e-5;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("unknown preset '", name, "' (tiny, 100m, tinyllama)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown preset '", name, "' (tiny, 100m, tinyllama)"));
   }
   c.head_dim = c.hidden_size / c.num_attention_heads;
   return c;

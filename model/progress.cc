@@ -18,7 +18,9 @@ Progress::Progress(std::string label, int64_t total, int64_t already_done)
   Draw(true);
 }
 
-Progress::~Progress() { Finish(); }
+Progress::~Progress() {
+  Finish();
+}
 
 void Progress::Advance(int64_t n, const std::string& status) {
   done_ += n;
@@ -44,12 +46,13 @@ void Progress::Draw(bool force) {
   const double rate = elapsed > 0 ? (done_ - start_done_) / elapsed : 0.0;
   const double eta = rate > 0 ? (total_ - done_) / rate : 0.0;
   const int width = 30;
-  const int filled = total_ > 0 ? static_cast<int>(width * std::min<double>(1.0, double(done_) / total_)) : 0;
+  const int filled =
+      total_ > 0 ? static_cast<int>(width * std::min<double>(1.0, double(done_) / total_)) : 0;
   std::string bar(filled, '#');
   bar.append(width - filled, '.');
-  std::fprintf(stderr, "%s%s [%s] %lld/%lld %.2f/s ETA %.0fs %s%s", tty_ ? "\r" : "", label_.c_str(),
-               bar.c_str(), static_cast<long long>(done_), static_cast<long long>(total_), rate, eta,
-               status_.c_str(), tty_ ? "\033[K" : "\n");
+  std::fprintf(stderr, "%s%s [%s] %lld/%lld %.2f/s ETA %.0fs %s%s", tty_ ? "\r" : "",
+               label_.c_str(), bar.c_str(), static_cast<long long>(done_),
+               static_cast<long long>(total_), rate, eta, status_.c_str(), tty_ ? "\033[K" : "\n");
   std::fflush(stderr);
 }
 

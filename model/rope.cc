@@ -6,7 +6,8 @@ namespace amoeba {
 
 at::Tensor RopeInvFreq(const ModelConfig& c) {
   const int64_t dim = c.head_dim;
-  at::Tensor inv = 1.0 / at::pow(c.rope_theta, at::arange(0, dim, 2, at::kLong).to(at::kFloat) / dim);
+  at::Tensor inv =
+      1.0 / at::pow(c.rope_theta, at::arange(0, dim, 2, at::kLong).to(at::kFloat) / dim);
   const RopeScaling& s = c.rope_scaling;
   if (s.type == RopeScaling::Type::kLinear) {
     inv = inv / s.factor;
@@ -16,7 +17,8 @@ at::Tensor RopeInvFreq(const ModelConfig& c) {
     const double high_wavelen = old_len / s.high_freq_factor;
     at::Tensor wavelen = 2 * M_PI / inv;
     at::Tensor scaled = at::where(wavelen > low_wavelen, inv / s.factor, inv);
-    at::Tensor smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+    at::Tensor smooth =
+        (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
     at::Tensor smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled;
     at::Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
     inv = at::where(medium, smoothed, scaled);

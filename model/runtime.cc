@@ -80,7 +80,7 @@ std::string DescribeBlas() {
   std::string line, found;
   while (std::getline(maps, line)) {
     if (line.find("openblas") != std::string::npos) {
-      return line.find("openmp") != std::string::npos ? "openblas-openmp"
+      return line.find("openmp") != std::string::npos    ? "openblas-openmp"
              : line.find("pthread") != std::string::npos ? "openblas-pthread"
                                                          : "openblas";
     }
@@ -106,8 +106,10 @@ void InitRuntime(int threads) {
   spdlog::info("runtime: {} threads, BLAS {}, AVX2/FMA kernels {}", at::get_num_threads(), blas,
                CpuHasAvx2Fma() ? "on" : "off (portable fallback)");
   if (blas == "reference" || blas == "unknown") {
-    spdlog::warn("!!! libtorch is using the {} BLAS: matrix products will be ~40x slower. "
-                 "Install libopenblas0-openmp (scripts/setup does) !!!", blas);
+    spdlog::warn(
+        "!!! libtorch is using the {} BLAS: matrix products will be ~40x slower. "
+        "Install libopenblas0-openmp (scripts/setup does) !!!",
+        blas);
   }
 }
 

@@ -44,17 +44,28 @@ std::optional<at::ScalarType> DtypeToScalar(const std::string& d) {
 
 const char* ScalarToDtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "F32";
-    case at::kHalf: return "F16";
-    case at::kBFloat16: return "BF16";
-    case at::kDouble: return "F64";
-    case at::kLong: return "I64";
-    case at::kInt: return "I32";
-    case at::kShort: return "I16";
-    case at::kChar: return "I8";
-    case at::kByte: return "U8";
-    case at::kBool: return "BOOL";
-    default: return nullptr;
+    case at::kFloat:
+      return "F32";
+    case at::kHalf:
+      return "F16";
+    case at::kBFloat16:
+      return "BF16";
+    case at::kDouble:
+      return "F64";
+    case at::kLong:
+      return "I64";
+    case at::kInt:
+      return "I32";
+    case at::kShort:
+      return "I16";
+    case at::kChar:
+      return "I8";
+    case at::kByte:
+      return "U8";
+    case at::kBool:
+      return "BOOL";
+    default:
+      return nullptr;
   }
 }
 
@@ -62,7 +73,8 @@ const char* ScalarToDtype(at::ScalarType t) {
 
 absl::StatusOr<std::shared_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  if (fd < 0)
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     ::close(fd);
@@ -88,7 +100,8 @@ absl::StatusOr<std::shared_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   std::memcpy(&header_len, map, 8);  // little-endian on every platform we target
   if (header_len > size - 8) {
     return absl::DataLossError(absl::StrCat(path, ": header length ", header_len,
-                                            " exceeds file size ", size, " (truncated or corrupt)"));
+                                            " exceeds file size ", size,
+                                            " (truncated or corrupt)"));
   }
   f->data_offset_ = 8 + header_len;
   const char* hp = static_cast<const char*>(map) + 8;
@@ -162,7 +175,9 @@ absl::StatusOr<at::Tensor> SafetensorsFile::Get(const std::string& name) const {
   const TensorInfo* ti = info(name);
   if (!ti) return absl::NotFoundError(absl::StrCat(path_, ": no tensor '", name, "'"));
   auto st = DtypeToScalar(ti->dtype);
-  if (!st) return absl::UnimplementedError(absl::StrCat(path_, ": tensor '", name, "': dtype ", ti->dtype));
+  if (!st)
+    return absl::UnimplementedError(
+        absl::StrCat(path_, ": tensor '", name, "': dtype ", ti->dtype));
   char* p = static_cast<char*>(map_) + data_offset_ + ti->begin;
   const int64_t es = DtypeSize(ti->dtype);
   if (reinterpret_cast<uintptr_t>(p) % es != 0) {
@@ -181,7 +196,8 @@ absl::StatusOr<at::Tensor> SafetensorsFile::GetF32(const std::string& name) cons
   ASSIGN_OR_RETURN(at::Tensor t, Get(name));
   if (t.scalar_type() == at::kFloat) return t;
   if (!at::isFloatingType(t.scalar_type())) {
-    return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor '", name, "' is not floating point"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": tensor '", name, "' is not floating point"));
   }
   return t.to(at::kFloat);
 }
@@ -210,7 +226,8 @@ absl::StatusOr<TensorStore> TensorStore::OpenDir(const std::string& dir) {
   TensorStore s;
   std::map<std::string, size_t> shard_ids;
   for (auto& [name, shard] : j["weight_map"].items()) {
-    if (!shard.is_string()) return absl::DataLossError(absl::StrCat(index.string(), ": bad entry for ", name));
+    if (!shard.is_string())
+      return absl::DataLossError(absl::StrCat(index.string(), ": bad entry for ", name));
     const std::string sh = shard.get<std::string>();
     if (!shard_ids.count(sh)) {
       ASSIGN_OR_RETURN(auto f, SafetensorsFile::Open((fs::path(dir) / sh).string()));
@@ -244,10 +261,9 @@ absl::StatusOr<at::Tensor> TensorStore::GetF32(const std::string& name,
   if (!expect_shape.empty()) {
     const TensorInfo* ti = f->info(name);
     if (ti->shape != expect_shape) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(f->path(), ": tensor '", name, "' has shape [",
-                       absl::StrJoin(ti->shape, ","), "], expected [",
-                       absl::StrJoin(expect_shape, ","), "]"));
+      return absl::InvalidArgumentError(absl::StrCat(f->path(), ": tensor '", name, "' has shape [",
+                                                     absl::StrJoin(ti->shape, ","), "], expected [",
+                                                     absl::StrJoin(expect_shape, ","), "]"));
     }
   }
   return f->GetF32(name);
@@ -265,9 +281,11 @@ absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tenso
     if (at::isFloatingType(c.scalar_type())) c = c.to(dtype);
     c = c.contiguous();
     const char* d = ScalarToDtype(c.scalar_type());
-    if (!d) return absl::InvalidArgumentError(absl::StrCat("cannot write tensor '", name, "': dtype"));
+    if (!d)
+      return absl::InvalidArgumentError(absl::StrCat("cannot write tensor '", name, "': dtype"));
     const uint64_t bytes = c.numel() * c.element_size();
-    header[name] = {{"dtype", d}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", d}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     data.push_back(std::move(c));
   }
@@ -277,7 +295,8 @@ absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tenso
   return WriteFileAtomicWith(path, [&](int fd) -> absl::Status {
     RETURN_IF_ERROR(WriteAll(fd, &hl, 8, path));
     RETURN_IF_ERROR(WriteAll(fd, h.data(), h.size(), path));
-    for (const auto& c : data) RETURN_IF_ERROR(WriteAll(fd, c.data_ptr(), c.numel() * c.element_size(), path));
+    for (const auto& c : data)
+      RETURN_IF_ERROR(WriteAll(fd, c.data_ptr(), c.numel() * c.element_size(), path));
     return absl::OkStatus();
   });
 }

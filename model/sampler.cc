@@ -22,7 +22,8 @@ void Sampler::Observe(int32_t token) {
 int32_t Sampler::Sample(float* logits) {
   if (opt_.repetition_penalty != 1.0f) {
     for (int32_t t : seen_) {
-      logits[t] = logits[t] < 0 ? logits[t] * opt_.repetition_penalty : logits[t] / opt_.repetition_penalty;
+      logits[t] =
+          logits[t] < 0 ? logits[t] * opt_.repetition_penalty : logits[t] / opt_.repetition_penalty;
     }
   }
   if (opt_.temperature <= 0.0f) {

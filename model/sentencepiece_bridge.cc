@@ -45,19 +45,22 @@ const Api& GetApi() {
       api.error = dlerror();
     }
     if (!h) {
-      if (api.error.empty()) api.error = "libamoeba_sentencepiece.so not found (set AMOEBA_SP_MODULE)";
+      if (api.error.empty())
+        api.error = "libamoeba_sentencepiece.so not found (set AMOEBA_SP_MODULE)";
       return;
     }
     auto sym = [&](const char* name) { return dlsym(h, name); };
     api.make = reinterpret_cast<void* (*)()>(sym("amoeba_sp_new"));
     api.free = reinterpret_cast<void (*)(void*)>(sym("amoeba_sp_free"));
     api.load = reinterpret_cast<int (*)(void*, const char*, char*, size_t)>(sym("amoeba_sp_load"));
-    api.encode = reinterpret_cast<size_t (*)(void*, const char*, size_t, int*, size_t)>(sym("amoeba_sp_encode"));
+    api.encode = reinterpret_cast<size_t (*)(void*, const char*, size_t, int*, size_t)>(
+        sym("amoeba_sp_encode"));
     api.size = reinterpret_cast<int (*)(void*)>(sym("amoeba_sp_size"));
     api.is_control = reinterpret_cast<int (*)(void*, int)>(sym("amoeba_sp_is_control"));
     api.is_unknown = reinterpret_cast<int (*)(void*, int)>(sym("amoeba_sp_is_unknown"));
     api.is_byte = reinterpret_cast<int (*)(void*, int)>(sym("amoeba_sp_is_byte"));
-    api.id_to_piece = reinterpret_cast<size_t (*)(void*, int, char*, size_t)>(sym("amoeba_sp_id_to_piece"));
+    api.id_to_piece =
+        reinterpret_cast<size_t (*)(void*, int, char*, size_t)>(sym("amoeba_sp_id_to_piece"));
     if (!api.make || !api.encode) api.error = "libamoeba_sentencepiece.so: missing symbols";
   });
   return api;
@@ -107,10 +110,18 @@ std::vector<int> Processor::Encode(std::string_view text) const {
   return ids;
 }
 
-int Processor::size() const { return GetApi().size(handle_->p); }
-bool Processor::IsControl(int id) const { return GetApi().is_control(handle_->p, id); }
-bool Processor::IsUnknown(int id) const { return GetApi().is_unknown(handle_->p, id); }
-bool Processor::IsByte(int id) const { return GetApi().is_byte(handle_->p, id); }
+int Processor::size() const {
+  return GetApi().size(handle_->p);
+}
+bool Processor::IsControl(int id) const {
+  return GetApi().is_control(handle_->p, id);
+}
+bool Processor::IsUnknown(int id) const {
+  return GetApi().is_unknown(handle_->p, id);
+}
+bool Processor::IsByte(int id) const {
+  return GetApi().is_byte(handle_->p, id);
+}
 
 std::string Processor::IdToPiece(int id) const {
   std::string s(64, '\0');

@@ -16,8 +16,12 @@ void CopyError(const std::string& s, char* err, size_t cap) {
 
 extern "C" {
 
-void* amoeba_sp_new() { return new sentencepiece::SentencePieceProcessor(); }
-void amoeba_sp_free(void* p) { delete static_cast<sentencepiece::SentencePieceProcessor*>(p); }
+void* amoeba_sp_new() {
+  return new sentencepiece::SentencePieceProcessor();
+}
+void amoeba_sp_free(void* p) {
+  delete static_cast<sentencepiece::SentencePieceProcessor*>(p);
+}
 
 int amoeba_sp_load(void* p, const char* path, char* err, size_t cap) {
   auto st = static_cast<sentencepiece::SentencePieceProcessor*>(p)->Load(path);
@@ -28,15 +32,25 @@ int amoeba_sp_load(void* p, const char* path, char* err, size_t cap) {
 // Returns the number of ids; writes at most `cap` of them.
 size_t amoeba_sp_encode(void* p, const char* text, size_t len, int* out, size_t cap) {
   std::vector<int> ids;
-  static_cast<sentencepiece::SentencePieceProcessor*>(p)->Encode(std::string(text, len), &ids).IgnoreError();
+  static_cast<sentencepiece::SentencePieceProcessor*>(p)
+      ->Encode(std::string(text, len), &ids)
+      .IgnoreError();
   for (size_t i = 0; i < ids.size() && i < cap; ++i) out[i] = ids[i];
   return ids.size();
 }
 
-int amoeba_sp_size(void* p) { return static_cast<sentencepiece::SentencePieceProcessor*>(p)->GetPieceSize(); }
-int amoeba_sp_is_control(void* p, int id) { return static_cast<sentencepiece::SentencePieceProcessor*>(p)->IsControl(id); }
-int amoeba_sp_is_unknown(void* p, int id) { return static_cast<sentencepiece::SentencePieceProcessor*>(p)->IsUnknown(id); }
-int amoeba_sp_is_byte(void* p, int id) { return static_cast<sentencepiece::SentencePieceProcessor*>(p)->IsByte(id); }
+int amoeba_sp_size(void* p) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(p)->GetPieceSize();
+}
+int amoeba_sp_is_control(void* p, int id) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(p)->IsControl(id);
+}
+int amoeba_sp_is_unknown(void* p, int id) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(p)->IsUnknown(id);
+}
+int amoeba_sp_is_byte(void* p, int id) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(p)->IsByte(id);
+}
 
 // Returns the piece length; writes at most `cap` bytes.
 size_t amoeba_sp_id_to_piece(void* p, int id, char* buf, size_t cap) {

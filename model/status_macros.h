@@ -6,10 +6,10 @@
 #define AMOEBA_CONCAT_INNER(a, b) a##b
 #define AMOEBA_CONCAT(a, b) AMOEBA_CONCAT_INNER(a, b)
 
-#define RETURN_IF_ERROR(expr)                \
-  do {                                       \
-    ::absl::Status _st = (expr);             \
-    if (!_st.ok()) return _st;               \
+#define RETURN_IF_ERROR(expr)    \
+  do {                           \
+    ::absl::Status _st = (expr); \
+    if (!_st.ok()) return _st;   \
   } while (0)
 
 #define ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \

@@ -118,8 +118,8 @@ void StreamingDecoder::Reset(bool at_text_start) {
 }
 
 absl::Status CopyTokenizerFiles(const std::string& src_dir, const std::string& dst_dir) {
-  for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "generation_config.json"}) {
+  for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json", "generation_config.json"}) {
     const fs::path src = fs::path(src_dir) / f;
     if (!fs::exists(src)) continue;
     std::error_code ec;

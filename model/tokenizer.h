@@ -60,7 +60,7 @@ class StreamingDecoder {
   const Tokenizer& tok_;
   std::string pending_;  // bytes not yet emitted
   std::string delta_;
-  std::string text_;     // everything emitted so far
+  std::string text_;  // everything emitted so far
   bool at_start_ = true;
 };
 

@@ -101,7 +101,8 @@ class BpeTokenizer : public Tokenizer {
   absl::Status Init(const std::string& path) {
     ASSIGN_OR_RETURN(std::string text, ReadFile(path));
     json j = json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(path + ": invalid JSON");
+    if (j.is_discarded() || !j.is_object())
+      return absl::InvalidArgumentError(path + ": invalid JSON");
     const json& model = j.value("model", json::object());
     if (model.value("type", std::string("BPE")) != "BPE" || !model.contains("vocab")) {
       return absl::UnimplementedError(path + ": only BPE tokenizer.json models are supported");
@@ -118,7 +119,8 @@ class BpeTokenizer : public Tokenizer {
       if (m.is_string()) {
         const std::string s = m.get<std::string>();
         const size_t sp = s.find(' ');
-        if (sp == std::string::npos) return absl::InvalidArgumentError(path + ": bad merge '" + s + "'");
+        if (sp == std::string::npos)
+          return absl::InvalidArgumentError(path + ": bad merge '" + s + "'");
         a = s.substr(0, sp);
         b = s.substr(sp + 1);
       } else if (m.is_array() && m.size() == 2) {
@@ -201,15 +203,14 @@ class BpeTokenizer : public Tokenizer {
     bool special;
   };
 
-  static int Utf8Len(unsigned char c) {
-    return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-  }
+  static int Utf8Len(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
 
   absl::Status ParsePreTokenizer(const json& p) {
     if (p.is_null()) return absl::OkStatus();
     const std::string type = p.value("type", "");
     if (type == "Sequence") {
-      for (const auto& sub : p.value("pretokenizers", json::array())) RETURN_IF_ERROR(ParsePreTokenizer(sub));
+      for (const auto& sub : p.value("pretokenizers", json::array()))
+        RETURN_IF_ERROR(ParsePreTokenizer(sub));
       return absl::OkStatus();
     }
     if (type == "ByteLevel") {
@@ -219,13 +220,16 @@ class BpeTokenizer : public Tokenizer {
     }
     if (type == "Split") {
       if (p.value("behavior", "Isolated") != "Isolated" || p.value("invert", false)) {
-        return absl::UnimplementedError("tokenizer.json: only Split with behavior Isolated is supported");
+        return absl::UnimplementedError(
+            "tokenizer.json: only Split with behavior Isolated is supported");
       }
       const json& pat = p.value("pattern", json::object());
       if (pat.contains("Regex")) return AddRegex(pat["Regex"].get<std::string>());
-      return absl::UnimplementedError("tokenizer.json: Split with a String pattern is not supported");
+      return absl::UnimplementedError(
+          "tokenizer.json: Split with a String pattern is not supported");
     }
-    return absl::UnimplementedError(absl::StrCat("tokenizer.json: pre_tokenizer ", type, " not supported"));
+    return absl::UnimplementedError(
+        absl::StrCat("tokenizer.json: pre_tokenizer ", type, " not supported"));
   }
 
   absl::Status AddRegex(const std::string& pattern) {

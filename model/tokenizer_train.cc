@@ -32,7 +32,10 @@ absl::Status TrainSentencePiece(const std::string& text_file, const std::string&
       "--character_coverage=0.9995",
       absl::StrCat("--input_sentence_size=", o.max_sentences),
       "--shuffle_input_sentence=true",
-      "--unk_id=0", "--bos_id=1", "--eos_id=2", "--pad_id=-1",
+      "--unk_id=0",
+      "--bos_id=1",
+      "--eos_id=2",
+      "--pad_id=-1",
       "--split_digits=true",
       "--hard_vocab_limit=false",  // small corpora: a smaller vocabulary instead of an error
       "--remove_extra_whitespaces=false",
@@ -43,13 +46,15 @@ absl::Status TrainSentencePiece(const std::string& text_file, const std::string&
   argv.push_back(nullptr);
   pid_t pid = 0;
   if (posix_spawnp(&pid, "spm_train", nullptr, nullptr, argv.data(), environ) != 0) {
-    return absl::FailedPreconditionError("cannot run spm_train (install Debian's sentencepiece package)");
+    return absl::FailedPreconditionError(
+        "cannot run spm_train (install Debian's sentencepiece package)");
   }
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    return absl::InternalError(absl::StrCat("spm_train failed on ", text_file, " (status ", status, ")"));
+    return absl::InternalError(
+        absl::StrCat("spm_train failed on ", text_file, " (status ", status, ")"));
   }
   fs::rename(prefix + ".model", fs::path(out_dir) / "tokenizer.model", ec);
   if (ec) return absl::InternalError(absl::StrCat("move tokenizer.model: ", ec.message()));

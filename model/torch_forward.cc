@@ -8,7 +8,8 @@
 namespace amoeba {
 
 const char* ProjName(Proj p) {
-  static const char* names[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  static const char* names[] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                "gate_proj", "up_proj", "down_proj"};
   return names[static_cast<int>(p)];
 }
 
@@ -54,7 +55,8 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
   at::Tensor masked = causal.view({1, 1, T, T});
   if (key_ok.defined()) masked = masked.logical_or(key_ok.logical_not());
 
-  at::Tensor x = m.embed.index_select(0, tokens.reshape({-1})).to(at::kFloat).view({B, T, c.hidden_size});
+  at::Tensor x =
+      m.embed.index_select(0, tokens.reshape({-1})).to(at::kFloat).view({B, T, c.hidden_size});
   for (size_t li = 0; li < m.layers.size(); ++li) {
     const LayerWeights& l = m.layers[li];
     const int layer = static_cast<int>(li);
@@ -95,7 +97,8 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
 
 at::Tensor TorchForward(const Model& m, const at::Tensor& tokens, const TorchForwardOptions& opt) {
   at::Tensor h = TorchHidden(m, tokens, opt);
-  return at::linear(h, m.lm_head.scalar_type() == h.scalar_type() ? m.lm_head : m.lm_head.to(h.scalar_type()));
+  return at::linear(
+      h, m.lm_head.scalar_type() == h.scalar_type() ? m.lm_head : m.lm_head.to(h.scalar_type()));
 }
 
 }  // namespace amoeba

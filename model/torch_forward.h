@@ -27,10 +27,12 @@ struct TorchForwardOptions {
 };
 
 // tokens: [B, T] int64. Returns logits [B, T, vocab].
-at::Tensor TorchForward(const Model& m, const at::Tensor& tokens, const TorchForwardOptions& opt = {});
+at::Tensor TorchForward(const Model& m, const at::Tensor& tokens,
+                        const TorchForwardOptions& opt = {});
 
 // Hidden states after the final norm, [B, T, hidden] (for losses that want to chunk the head).
-at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForwardOptions& opt = {});
+at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens,
+                       const TorchForwardOptions& opt = {});
 
 at::Tensor RmsNormTorch(const at::Tensor& x, const at::Tensor& w, double eps);
 // Rotate-half RoPE on [B, heads, T, hd] with cos/sin [B or 1, T, hd/2].

@@ -37,10 +37,11 @@ void Model::SyncConfigWithWeights() {
 }
 
 int64_t Model::DecodeWeightBytes() const {
-  int64_t n = lm_head.numel() * lm_head.element_size() + final_norm.numel() * final_norm.element_size();
+  int64_t n =
+      lm_head.numel() * lm_head.element_size() + final_norm.numel() * final_norm.element_size();
   for (const auto& l : layers) {
-    for (const at::Tensor* t : {&l.attn_norm, &l.mlp_norm, &l.q, &l.k, &l.v, &l.o, &l.gate, &l.up,
-                                &l.down}) {
+    for (const at::Tensor* t :
+         {&l.attn_norm, &l.mlp_norm, &l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
       n += t->numel() * t->element_size();
     }
   }

@@ -12,9 +12,9 @@
 namespace amoeba {
 
 struct LayerWeights {
-  at::Tensor attn_norm, mlp_norm;        // [hidden]
-  at::Tensor q, k, v, o;                 // [q_heads*hd, hidden], [kv*hd, hidden] x2, [hidden, q_heads*hd]
-  at::Tensor gate, up, down;             // [inter, hidden] x2, [hidden, inter]
+  at::Tensor attn_norm, mlp_norm;  // [hidden]
+  at::Tensor q, k, v, o;           // [q_heads*hd, hidden], [kv*hd, hidden] x2, [hidden, q_heads*hd]
+  at::Tensor gate, up, down;       // [inter, hidden] x2, [hidden, inter]
   at::Tensor q_bias, k_bias, v_bias, o_bias;  // optional (undefined when absent)
   at::Tensor gate_bias, up_bias, down_bias;   // optional
 

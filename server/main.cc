@@ -42,7 +42,8 @@ void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles, at::S
   for (auto& p : profiles) {
     auto m = s.Extract(p.shape);
     if (!m.ok()) continue;
-    auto model = std::make_shared<const Model>(dtype == at::kFloat ? std::move(*m) : ConvertWeights(*m, dtype));
+    auto model = std::make_shared<const Model>(dtype == at::kFloat ? std::move(*m)
+                                                                   : ConvertWeights(*m, dtype));
     p.measured_decode_ms = MeasureDecodeMsPerToken(std::move(model), 6);
   }
 }
@@ -50,7 +51,8 @@ void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles, at::S
 int Run(const Flags& f) {
   InitRuntime(f.threads);
   at::ScalarType dtype = at::kFloat;
-  if (f.weights_dtype == "f16") dtype = at::kHalf;
+  if (f.weights_dtype == "f16")
+    dtype = at::kHalf;
   else if (f.weights_dtype != "f32") {
     spdlog::error("--weights-dtype: f32 or f16");
     return 2;
@@ -75,8 +77,8 @@ int Run(const Flags& f) {
   host.compute_gflops = MeasureGemmGflops();
   auto profiles = ProfilesFromSupernet(supernet);
   if (f.profile) ProfileShapes(supernet, profiles, dtype);
-  spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs, host.compute_gflops,
-               profiles.size(), f.profile ? " profiled" : "");
+  spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
+               host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
 
   std::unique_ptr<Smol> smol;
   const std::string smol_path = f.supernet + "/smol.safetensors";
@@ -87,7 +89,8 @@ int Run(const Flags& f) {
       return 2;
     }
     smol = std::make_unique<Smol>(std::move(*l));
-    spdlog::info("server: SMoL adapters loaded ({} experts, rank {})", smol->config().experts, smol->config().rank);
+    spdlog::info("server: SMoL adapters loaded ({} experts, rank {})", smol->config().experts,
+                 smol->config().rank);
   }
   SchedulerOptions so;
   so.smol = smol.get();
@@ -108,7 +111,9 @@ int Run(const Flags& f) {
     }
     spdlog::info("server: metrics on http://{}:{}/metrics", f.metrics_host, metrics.port());
   }
-  scheduler.on_lane_step = [&](const Shape& s, int64_t running) { metrics.SetRunning(s.ToString(), running); };
+  scheduler.on_lane_step = [&](const Shape& s, int64_t running) {
+    metrics.SetRunning(s.ToString(), running);
+  };
 
   ServiceOptions svo;
   svo.limits.max_prompt_tokens = std::min(f.max_prompt_tokens, f.max_context - 1);
@@ -144,7 +149,9 @@ int Run(const Flags& f) {
   health->SetServingStatus(true);
   spdlog::info("server: serving amoeba.v1.Amoeba on {}:{} ({})", f.host, bound_port,
                f.tls_cert.empty() ? "insecure" : "TLS");
-  if (!f.port_file.empty()) (void)WriteFileAtomic(f.port_file, std::to_string(bound_port) + " " + std::to_string(metrics.port()) + "\n");
+  if (!f.port_file.empty())
+    (void)WriteFileAtomic(f.port_file,
+                          std::to_string(bound_port) + " " + std::to_string(metrics.port()) + "\n");
 
   // Wait for SIGTERM/SIGINT (blocked in every thread, so sigwait sees them), then drain.
   sigset_t set;
@@ -163,7 +170,8 @@ int Run(const Flags& f) {
   sigwait(&set, &sig);
   spdlog::info("server: signal {}, draining for up to {:.0f}s", sig, f.drain_seconds);
   health->SetServingStatus(false);
-  const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000));
+  const auto deadline =
+      Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000));
   scheduler.Drain(deadline);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
   stop_metrics = true;
@@ -185,27 +193,59 @@ int main(int argc, char** argv) {
   amoeba::InitLogging();
   amoeba::Flags f;
   CLI::App app{"amoeba-server: serve any subnet of an Amoeba supernet over gRPC"};
-  app.add_option("--supernet", f.supernet, "Supernet directory")->envname("AMOEBA_SUPERNET")->required();
+  app.add_option("--supernet", f.supernet, "Supernet directory")
+      ->envname("AMOEBA_SUPERNET")
+      ->required();
   app.add_option("--host", f.host, "Listen address")->envname("AMOEBA_HOST")->capture_default_str();
-  app.add_option("--port", f.port, "gRPC port (0 = any free port)")->envname("AMOEBA_PORT")->capture_default_str();
+  app.add_option("--port", f.port, "gRPC port (0 = any free port)")
+      ->envname("AMOEBA_PORT")
+      ->capture_default_str();
   app.add_option("--metrics-port", f.metrics_port, "Prometheus /metrics port (-1 = off, 0 = any)")
-      ->envname("AMOEBA_METRICS_PORT")->capture_default_str();
-  app.add_option("--metrics-host", f.metrics_host, "Metrics listen address")->envname("AMOEBA_METRICS_HOST")->capture_default_str();
-  app.add_option("--threads", f.threads, "Compute threads (0 = all cores)")->envname("AMOEBA_THREADS")->capture_default_str();
-  app.add_option("--max-prompt-tokens", f.max_prompt_tokens, "Longest prompt")->envname("AMOEBA_MAX_PROMPT_TOKENS")->capture_default_str();
-  app.add_option("--max-new-tokens", f.max_new_tokens, "Largest max_new_tokens")->envname("AMOEBA_MAX_NEW_TOKENS")->capture_default_str();
-  app.add_option("--max-context", f.max_context, "KV cache length per sequence")->envname("AMOEBA_MAX_CONTEXT")->capture_default_str();
-  app.add_option("--max-concurrent", f.slots, "Concurrent sequences per shape (batch size)")->envname("AMOEBA_MAX_CONCURRENT")->capture_default_str();
-  app.add_option("--queue-size", f.queue, "Waiting requests before RESOURCE_EXHAUSTED")->envname("AMOEBA_QUEUE_SIZE")->capture_default_str();
-  app.add_option("--cache-mb", f.cache_mb, "Memory cap for idle subnet lanes")->envname("AMOEBA_CACHE_MB")->capture_default_str();
-  app.add_option("--prefill-chunk", f.prefill_chunk, "Prompt tokens per scheduler step")->envname("AMOEBA_PREFILL_CHUNK")->capture_default_str();
-  app.add_option("--weights-dtype", f.weights_dtype, "f32 | f16 (per-lane converted copies)")->envname("AMOEBA_WEIGHTS_DTYPE")->capture_default_str();
-  app.add_option("--tls-cert", f.tls_cert, "PEM certificate (enables TLS)")->envname("AMOEBA_TLS_CERT");
+      ->envname("AMOEBA_METRICS_PORT")
+      ->capture_default_str();
+  app.add_option("--metrics-host", f.metrics_host, "Metrics listen address")
+      ->envname("AMOEBA_METRICS_HOST")
+      ->capture_default_str();
+  app.add_option("--threads", f.threads, "Compute threads (0 = all cores)")
+      ->envname("AMOEBA_THREADS")
+      ->capture_default_str();
+  app.add_option("--max-prompt-tokens", f.max_prompt_tokens, "Longest prompt")
+      ->envname("AMOEBA_MAX_PROMPT_TOKENS")
+      ->capture_default_str();
+  app.add_option("--max-new-tokens", f.max_new_tokens, "Largest max_new_tokens")
+      ->envname("AMOEBA_MAX_NEW_TOKENS")
+      ->capture_default_str();
+  app.add_option("--max-context", f.max_context, "KV cache length per sequence")
+      ->envname("AMOEBA_MAX_CONTEXT")
+      ->capture_default_str();
+  app.add_option("--max-concurrent", f.slots, "Concurrent sequences per shape (batch size)")
+      ->envname("AMOEBA_MAX_CONCURRENT")
+      ->capture_default_str();
+  app.add_option("--queue-size", f.queue, "Waiting requests before RESOURCE_EXHAUSTED")
+      ->envname("AMOEBA_QUEUE_SIZE")
+      ->capture_default_str();
+  app.add_option("--cache-mb", f.cache_mb, "Memory cap for idle subnet lanes")
+      ->envname("AMOEBA_CACHE_MB")
+      ->capture_default_str();
+  app.add_option("--prefill-chunk", f.prefill_chunk, "Prompt tokens per scheduler step")
+      ->envname("AMOEBA_PREFILL_CHUNK")
+      ->capture_default_str();
+  app.add_option("--weights-dtype", f.weights_dtype, "f32 | f16 (per-lane converted copies)")
+      ->envname("AMOEBA_WEIGHTS_DTYPE")
+      ->capture_default_str();
+  app.add_option("--tls-cert", f.tls_cert, "PEM certificate (enables TLS)")
+      ->envname("AMOEBA_TLS_CERT");
   app.add_option("--tls-key", f.tls_key, "PEM private key")->envname("AMOEBA_TLS_KEY");
-  app.add_option("--auth-token", f.auth_token, "Bearer token required for ExportSubnet")->envname("AMOEBA_AUTH_TOKEN");
-  app.add_flag("--auth-all", f.auth_all, "Require the token for every RPC")->envname("AMOEBA_AUTH_ALL");
-  app.add_option("--drain-seconds", f.drain_seconds, "Graceful drain on SIGTERM")->envname("AMOEBA_DRAIN_SECONDS")->capture_default_str();
-  app.add_option("--profile", f.profile, "Measure every shape's decode latency at start-up")->envname("AMOEBA_PROFILE")->capture_default_str();
+  app.add_option("--auth-token", f.auth_token, "Bearer token required for ExportSubnet")
+      ->envname("AMOEBA_AUTH_TOKEN");
+  app.add_flag("--auth-all", f.auth_all, "Require the token for every RPC")
+      ->envname("AMOEBA_AUTH_ALL");
+  app.add_option("--drain-seconds", f.drain_seconds, "Graceful drain on SIGTERM")
+      ->envname("AMOEBA_DRAIN_SECONDS")
+      ->capture_default_str();
+  app.add_option("--profile", f.profile, "Measure every shape's decode latency at start-up")
+      ->envname("AMOEBA_PROFILE")
+      ->capture_default_str();
   app.add_option("--port-file", f.port_file, "Write the bound ports here (tests)");
   try {
     app.parse(argc, argv);

@@ -1,10 +1,10 @@
 #include "server/metrics.h"
 
 #include <prometheus/counter.h>
-#include <prometheus/text_serializer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -24,26 +24,47 @@ struct Metrics::Impl {
   int port = 0;
   std::atomic<bool> stop{false};
   std::thread http;
-  prometheus::Family<prometheus::Histogram>& ttft =
-      prometheus::BuildHistogram().Name("amoeba_time_to_first_token_seconds").Help("Time to first token").Register(*registry);
-  prometheus::Family<prometheus::Histogram>& itl =
-      prometheus::BuildHistogram().Name("amoeba_inter_token_latency_seconds").Help("Time between tokens").Register(*registry);
-  prometheus::Family<prometheus::Histogram>& e2e =
-      prometheus::BuildHistogram().Name("amoeba_request_latency_seconds").Help("End-to-end latency").Register(*registry);
-  prometheus::Family<prometheus::Histogram>& queue =
-      prometheus::BuildHistogram().Name("amoeba_queue_time_seconds").Help("Time waiting for a slot").Register(*registry);
-  prometheus::Family<prometheus::Counter>& requests =
-      prometheus::BuildCounter().Name("amoeba_requests_total").Help("Finished requests").Register(*registry);
-  prometheus::Family<prometheus::Counter>& tokens =
-      prometheus::BuildCounter().Name("amoeba_tokens_total").Help("Prompt and generated tokens").Register(*registry);
-  prometheus::Family<prometheus::Gauge>& running =
-      prometheus::BuildGauge().Name("amoeba_running_requests").Help("Sequences in a batch").Register(*registry);
+  prometheus::Family<prometheus::Histogram>& ttft = prometheus::BuildHistogram()
+                                                        .Name("amoeba_time_to_first_token_seconds")
+                                                        .Help("Time to first token")
+                                                        .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& itl = prometheus::BuildHistogram()
+                                                       .Name("amoeba_inter_token_latency_seconds")
+                                                       .Help("Time between tokens")
+                                                       .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& e2e = prometheus::BuildHistogram()
+                                                       .Name("amoeba_request_latency_seconds")
+                                                       .Help("End-to-end latency")
+                                                       .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& queue = prometheus::BuildHistogram()
+                                                         .Name("amoeba_queue_time_seconds")
+                                                         .Help("Time waiting for a slot")
+                                                         .Register(*registry);
+  prometheus::Family<prometheus::Counter>& requests = prometheus::BuildCounter()
+                                                          .Name("amoeba_requests_total")
+                                                          .Help("Finished requests")
+                                                          .Register(*registry);
+  prometheus::Family<prometheus::Counter>& tokens = prometheus::BuildCounter()
+                                                        .Name("amoeba_tokens_total")
+                                                        .Help("Prompt and generated tokens")
+                                                        .Register(*registry);
+  prometheus::Family<prometheus::Gauge>& running = prometheus::BuildGauge()
+                                                       .Name("amoeba_running_requests")
+                                                       .Help("Sequences in a batch")
+                                                       .Register(*registry);
   prometheus::Family<prometheus::Gauge>& global =
       prometheus::BuildGauge().Name("amoeba_scheduler").Help("Scheduler state").Register(*registry);
   prometheus::Gauge& waiting = global.Add({{"kind", "waiting_requests"}});
-  prometheus::Gauge& cache_bytes = prometheus::BuildGauge().Name("amoeba_cache_bytes").Help("Subnet cache bytes").Register(*registry).Add({});
+  prometheus::Gauge& cache_bytes = prometheus::BuildGauge()
+                                       .Name("amoeba_cache_bytes")
+                                       .Help("Subnet cache bytes")
+                                       .Register(*registry)
+                                       .Add({});
   prometheus::Gauge& lanes = global.Add({{"kind", "lanes"}});
-  prometheus::Family<prometheus::Counter>& cache = prometheus::BuildCounter().Name("amoeba_cache_lookups_total").Help("Subnet cache lookups").Register(*registry);
+  prometheus::Family<prometheus::Counter>& cache = prometheus::BuildCounter()
+                                                       .Name("amoeba_cache_lookups_total")
+                                                       .Help("Subnet cache lookups")
+                                                       .Register(*registry);
   prometheus::Counter& hits = cache.Add({{"result", "hit"}});
   prometheus::Counter& misses = cache.Add({{"result", "miss"}});
   double last_hits = 0, last_misses = 0;
@@ -106,7 +127,8 @@ absl::Status Metrics::Serve(const std::string& host, int port) {
         type = "text/plain";
       }
       const std::string head = "HTTP/1.0 " + status + "\r\nContent-Type: " + type +
-                               "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n";
+                               "\r\nContent-Length: " + std::to_string(body.size()) +
+                               "\r\nConnection: close\r\n\r\n";
       const std::string out = head + body;
       size_t sent = 0;
       while (sent < out.size()) {
@@ -120,17 +142,22 @@ absl::Status Metrics::Serve(const std::string& host, int port) {
   return absl::OkStatus();
 }
 
-int Metrics::port() const { return impl_->port; }
+int Metrics::port() const {
+  return impl_->port;
+}
 
-void Metrics::ObserveRequest(const std::string& shape, const std::string& status, double queue_s, double ttft_s,
-                             double e2e_s, int64_t prompt_tokens, int64_t completion_tokens) {
+void Metrics::ObserveRequest(const std::string& shape, const std::string& status, double queue_s,
+                             double ttft_s, double e2e_s, int64_t prompt_tokens,
+                             int64_t completion_tokens) {
   std::lock_guard<std::mutex> l(impl_->mu);
   impl_->queue.Add({{"shape", shape}}, Impl::Buckets()).Observe(queue_s);
   if (ttft_s > 0) impl_->ttft.Add({{"shape", shape}}, Impl::Buckets()).Observe(ttft_s);
   impl_->e2e.Add({{"shape", shape}}, Impl::Buckets()).Observe(e2e_s);
   impl_->requests.Add({{"shape", shape}, {"status", status}}).Increment();
-  impl_->tokens.Add({{"shape", shape}, {"kind", "prompt"}}).Increment(static_cast<double>(prompt_tokens));
-  impl_->tokens.Add({{"shape", shape}, {"kind", "generated"}}).Increment(static_cast<double>(completion_tokens));
+  impl_->tokens.Add({{"shape", shape}, {"kind", "prompt"}})
+      .Increment(static_cast<double>(prompt_tokens));
+  impl_->tokens.Add({{"shape", shape}, {"kind", "generated"}})
+      .Increment(static_cast<double>(completion_tokens));
 }
 
 void Metrics::ObserveInterToken(const std::string& shape, double seconds) {
@@ -143,7 +170,8 @@ void Metrics::SetRunning(const std::string& shape, int64_t n) {
   impl_->running.Add({{"shape", shape}}).Set(static_cast<double>(n));
 }
 
-void Metrics::SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t hits, int64_t misses, int64_t lanes) {
+void Metrics::SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t hits, int64_t misses,
+                        int64_t lanes) {
   std::lock_guard<std::mutex> l(impl_->mu);
   impl_->waiting.Set(static_cast<double>(waiting));
   impl_->cache_bytes.Set(static_cast<double>(cache_bytes));

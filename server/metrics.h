@@ -19,11 +19,13 @@ class Metrics {
   // The current text exposition (also what /metrics returns).
   std::string Render() const;
 
-  void ObserveRequest(const std::string& shape, const std::string& status, double queue_s, double ttft_s,
-                      double e2e_s, int64_t prompt_tokens, int64_t completion_tokens);
+  void ObserveRequest(const std::string& shape, const std::string& status, double queue_s,
+                      double ttft_s, double e2e_s, int64_t prompt_tokens,
+                      int64_t completion_tokens);
   void ObserveInterToken(const std::string& shape, double seconds);
   void SetRunning(const std::string& shape, int64_t n);
-  void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t cache_hits, int64_t cache_misses, int64_t lanes);
+  void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t cache_hits, int64_t cache_misses,
+                 int64_t lanes);
 
  private:
   struct Impl;

@@ -52,8 +52,8 @@ struct PlanResult {
 
 ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const HostSpeed& host);
 // Estimates for all shapes (no budget filter).
-std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
-                                             const HostSpeed& host);
+std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& profiles,
+                                             const PlanBudget& b, const HostSpeed& host);
 // The best-quality shape that fits; FAILED_PRECONDITION naming the smallest shape's cost if none.
 absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
                                      const HostSpeed& host);

@@ -7,10 +7,13 @@
 namespace amoeba {
 
 namespace {
-double Ms(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); }
+double Ms(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
 }  // namespace
 
-Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options) : supernet_(supernet), opt_(options) {
+Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
+    : supernet_(supernet), opt_(options) {
   worker_ = std::thread([this] { Loop(); });
 }
 
@@ -29,7 +32,8 @@ absl::Status Scheduler::Submit(std::shared_ptr<Job> job) {
     std::lock_guard<std::mutex> l(mu_);
     if (draining_) return absl::UnavailableError("server is draining");
     if (static_cast<int64_t>(queue_.size()) >= opt_.max_queue) {
-      return absl::ResourceExhaustedError(absl::StrCat("queue full (", opt_.max_queue, " waiting requests)"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("queue full (", opt_.max_queue, " waiting requests)"));
     }
     job->enqueued = Clock::now();
     queue_.push_back(std::move(job));
@@ -89,7 +93,8 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   bool copied = false;
   if (opt_.smol) {
     const auto& layers = supernet_.spec().FindDepth(s.depth)->layers;
-    const at::Tensor gate = opt_.smol->Gate(opt_.smol->ShapeFeature(layers, supernet_.WidthIndex(s.width)), false);
+    const at::Tensor gate =
+        opt_.smol->Gate(opt_.smol->ShapeFeature(layers, supernet_.WidthIndex(s.width)), false);
     model = opt_.smol->Merge(model, gate, layers);
     copied = true;
   }
@@ -154,7 +159,8 @@ bool Scheduler::Admit() {
     if (!lane) {
       JobResult r;
       r.reason = FinishReason::kError;
-      r.error = absl::InvalidArgumentError(absl::StrCat("shape ", job->shape.ToString(), " cannot be built"));
+      r.error = absl::InvalidArgumentError(
+          absl::StrCat("shape ", job->shape.ToString(), " cannot be built"));
       job->on_done(r);
       continue;
     }
@@ -173,7 +179,8 @@ bool Scheduler::Admit() {
     Seq s;
     s.job = job;
     s.slot = slot;
-    s.stream = std::make_unique<TokenStream>(*supernet_.tokenizer(), lane->model->config, job->gen, job->prompt);
+    s.stream = std::make_unique<TokenStream>(*supernet_.tokenizer(), lane->model->config, job->gen,
+                                             job->prompt);
     s.started = Clock::now();
     lane->seqs.push_back(std::move(s));
     ++running_;
@@ -214,7 +221,8 @@ void Scheduler::Step(Lane& lane) {
     if (s.job->cancelled) {
       Finish(lane, i, FinishReason::kCancelled);
     } else if ((s.job->deadline && now >= *s.job->deadline) ||
-               (s.job->gen.time_limit_ms > 0 && now >= s.started + std::chrono::milliseconds(s.job->gen.time_limit_ms))) {
+               (s.job->gen.time_limit_ms > 0 &&
+                now >= s.started + std::chrono::milliseconds(s.job->gen.time_limit_ms))) {
       Finish(lane, i, FinishReason::kTimeLimit);
     }
   }
@@ -232,8 +240,10 @@ void Scheduler::Step(Lane& lane) {
   }
   auto logits = lane.engine->Forward(lane.cache, inputs);
   if (!logits.ok()) {
-    spdlog::error("scheduler: step on {} failed: {}", lane.shape.ToString(), logits.status().ToString());
-    for (size_t i = lane.seqs.size(); i-- > 0;) Finish(lane, i, FinishReason::kError, logits.status());
+    spdlog::error("scheduler: step on {} failed: {}", lane.shape.ToString(),
+                  logits.status().ToString());
+    for (size_t i = lane.seqs.size(); i-- > 0;)
+      Finish(lane, i, FinishReason::kError, logits.status());
     return;
   }
   std::vector<size_t> done;
@@ -243,7 +253,8 @@ void Scheduler::Step(Lane& lane) {
       s.fed += inputs[i].tokens.size();
       if (s.fed < s.job->prompt.size()) continue;  // more prompt to feed
     }
-    TokenStream::Step st = s.stream->Next(logits->select(0, static_cast<int64_t>(i)).data_ptr<float>());
+    TokenStream::Step st =
+        s.stream->Next(logits->select(0, static_cast<int64_t>(i)).data_ptr<float>());
     if (!s.has_first) {
       s.has_first = true;
       s.first_token = Clock::now();

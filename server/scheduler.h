@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "lora/smol.h"
 #include "model/engine.h"
 #include "model/generation.h"
-#include "lora/smol.h"
 #include "subnet/supernet.h"
 
 namespace amoeba {
@@ -48,13 +48,13 @@ struct Job {
 };
 
 struct SchedulerOptions {
-  int64_t slots_per_shape = 8;       // concurrent sequences per shape (batch size)
-  int64_t max_context = 1024;        // KV cache length per slot
-  int64_t max_queue = 64;            // waiting requests before RESOURCE_EXHAUSTED
-  int64_t prefill_chunk = 64;        // prompt tokens per step, so long prompts don't stall decode
-  int64_t cache_bytes = 1ll << 30;   // memory cap for idle lanes (KV caches, subnet copies)
+  int64_t slots_per_shape = 8;      // concurrent sequences per shape (batch size)
+  int64_t max_context = 1024;       // KV cache length per slot
+  int64_t max_queue = 64;           // waiting requests before RESOURCE_EXHAUSTED
+  int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
+  int64_t cache_bytes = 1ll << 30;  // memory cap for idle lanes (KV caches, subnet copies)
   at::ScalarType weights_dtype = at::kFloat;
-  const Smol* smol = nullptr;        // adapters: lanes run the subnet with them merged
+  const Smol* smol = nullptr;  // adapters: lanes run the subnet with them merged
 };
 
 struct SchedulerStats {

@@ -24,31 +24,35 @@ struct ServiceLimits {
 
 struct ServiceOptions {
   ServiceLimits limits;
-  std::string auth_token;       // when set, ExportSubnet needs "authorization: Bearer <token>"
-  bool token_for_all = false;   // ... and so does every RPC
-  std::string export_tmp_dir;   // where exports are staged before streaming ("" = system temp)
+  std::string auth_token;      // when set, ExportSubnet needs "authorization: Bearer <token>"
+  bool token_for_all = false;  // ... and so does every RPC
+  std::string export_tmp_dir;  // where exports are staged before streaming ("" = system temp)
 };
 
 // Validates a GenerateRequest (everything but the shape/budget); the message names the field.
-absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const ServiceLimits& l, int64_t vocab_size);
+absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const ServiceLimits& l,
+                                     int64_t vocab_size);
 
 class AmoebaService final : public v1::Amoeba::CallbackService {
  public:
-  AmoebaService(const Supernet& supernet, Scheduler& scheduler, Metrics* metrics, ServiceOptions options,
-                HostSpeed host, std::vector<ShapeProfile> profiles);
+  AmoebaService(const Supernet& supernet, Scheduler& scheduler, Metrics* metrics,
+                ServiceOptions options, HostSpeed host, std::vector<ShapeProfile> profiles);
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
                                                            const v1::GenerateRequest* req) override;
   grpc::ServerUnaryReactor* Plan(grpc::CallbackServerContext* ctx, const v1::PlanRequest* req,
                                  v1::PlanResponse* resp) override;
-  grpc::ServerUnaryReactor* ListShapes(grpc::CallbackServerContext* ctx, const v1::ListShapesRequest* req,
+  grpc::ServerUnaryReactor* ListShapes(grpc::CallbackServerContext* ctx,
+                                       const v1::ListShapesRequest* req,
                                        v1::ListShapesResponse* resp) override;
-  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx, const v1::GetModelInfoRequest* req,
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx,
+                                         const v1::GetModelInfoRequest* req,
                                          v1::ModelInfo* resp) override;
-  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx, const v1::TokenizeRequest* req,
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
+                                     const v1::TokenizeRequest* req,
                                      v1::TokenizeResponse* resp) override;
-  grpc::ServerWriteReactor<v1::FileChunk>* ExportSubnet(grpc::CallbackServerContext* ctx,
-                                                        const v1::ExportSubnetRequest* req) override;
+  grpc::ServerWriteReactor<v1::FileChunk>* ExportSubnet(
+      grpc::CallbackServerContext* ctx, const v1::ExportSubnetRequest* req) override;
 
   const Supernet& supernet() const { return supernet_; }
   Scheduler& scheduler() { return scheduler_; }

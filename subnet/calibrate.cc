@@ -34,8 +34,9 @@ nlohmann::json StaticProfile(const Supernet& s) {
   return out;
 }
 
-absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windows, const at::Tensor& dp_windows,
-                                            const CalibrateOptions& o, const DepthMetric* custom_metric,
+absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windows,
+                                            const at::Tensor& dp_windows, const CalibrateOptions& o,
+                                            const DepthMetric* custom_metric,
                                             const std::string& dp_state_path) {
   at::InferenceMode guard;
   const int64_t L = model.config.num_hidden_layers;
@@ -44,8 +45,10 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
   for (size_t i = 1; i < o.widths.size(); ++i)
     if (!(o.widths[i] < o.widths[i - 1] && o.widths[i] > 0))
       return absl::InvalidArgumentError("--widths: must be strictly decreasing and positive");
-  if (!(o.min_depth_ratio > 0 && o.min_depth_ratio <= 1)) return absl::InvalidArgumentError("--min-depth-ratio: must be in (0, 1]");
-  const int64_t d_min = std::max<int64_t>(o.keep_last, static_cast<int64_t>(std::ceil(o.min_depth_ratio * L - 1e-9)));
+  if (!(o.min_depth_ratio > 0 && o.min_depth_ratio <= 1))
+    return absl::InvalidArgumentError("--min-depth-ratio: must be in (0, 1]");
+  const int64_t d_min =
+      std::max<int64_t>(o.keep_last, static_cast<int64_t>(std::ceil(o.min_depth_ratio * L - 1e-9)));
 
   // 1. Width: statistics, scores, permutation, allocation.
   ActivationStats stats;
@@ -58,14 +61,17 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
   SupernetSpec spec;
   spec.widths = o.widths;
   for (double w : o.widths) {
-    spec.width_table.push_back({w, o.uniform_width ? AllocateUniform(model, w) : AllocateGlobal(model, scores, w)});
+    spec.width_table.push_back(
+        {w, o.uniform_width ? AllocateUniform(model, w) : AllocateGlobal(model, scores, w)});
   }
   for (int64_t d = d_min; d <= L; ++d) spec.depths.push_back(d);
 
   // 2. Depth: DP and baselines on the (function-identical) permuted model.
   DepthMetric ppl;
   ppl.name = "perplexity";
-  ppl.eval = [&](const std::vector<int>& active) { return Perplexity(model.WithLayers(active), dp_windows, o.batch); };
+  ppl.eval = [&](const std::vector<int>& active) {
+    return Perplexity(model.WithLayers(active), dp_windows, o.batch);
+  };
   const DepthMetric& metric = custom_metric ? *custom_metric : ppl;
   spec.metric = metric.name;
   DepthSearchOptions dso;
@@ -73,8 +79,9 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
   dso.min_depth = d_min;
   dso.keep_last = o.keep_last;
   dso.state_path = dp_state_path;
-  dso.fingerprint = absl::StrCat(ModelConfigToJson(model.config).dump(), "|", o.data_path, "|", o.windows, "|",
-                                 o.window_len, "|", o.dp_windows, "|", o.seed, "|", metric.name, "|", o.keep_last);
+  dso.fingerprint = absl::StrCat(ModelConfigToJson(model.config).dump(), "|", o.data_path, "|",
+                                 o.windows, "|", o.window_len, "|", o.dp_windows, "|", o.seed, "|",
+                                 metric.name, "|", o.keep_last);
   ASSIGN_OR_RETURN(spec.depth_table, DpDepthSearch(dso, metric));
   const std::vector<double> bi = BlockInfluence(model, dp_windows, o.batch);
   {
@@ -87,20 +94,29 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
       bar.Advance();
     }
   }
-  spec.calibration = {{"data", o.data_path},       {"windows", o.windows},       {"window_len", o.window_len},
-                      {"dp_windows", o.dp_windows}, {"seed", o.seed},             {"keep_last", o.keep_last},
-                      {"min_depth", d_min},         {"uniform_width", o.uniform_width}, {"metric", metric.name},
+  spec.calibration = {{"data", o.data_path},
+                      {"windows", o.windows},
+                      {"window_len", o.window_len},
+                      {"dp_windows", o.dp_windows},
+                      {"seed", o.seed},
+                      {"keep_last", o.keep_last},
+                      {"min_depth", d_min},
+                      {"uniform_width", o.uniform_width},
+                      {"metric", metric.name},
                       {"block_influence", bi}};
-  std::string table = absl::StrFormat("%-6s %-14s %-14s %-16s  %s\n", "depth", ("dp " + metric.name).c_str(),
-                                      "drop_last", "block_influence", "dp layers");
+  std::string table =
+      absl::StrFormat("%-6s %-14s %-14s %-16s  %s\n", "depth", ("dp " + metric.name).c_str(),
+                      "drop_last", "block_influence", "dp layers");
   for (auto it = spec.depth_table.rbegin(); it != spec.depth_table.rend(); ++it) {
     std::string layers;
     for (int l : it->layers) absl::StrAppend(&layers, layers.empty() ? "" : ",", l);
     table += absl::StrFormat("%-6d %-14.4f %-14.4f %-16.4f  [%s]\n", it->depth, it->metric,
-                             it->baselines["drop_last"].second, it->baselines["block_influence"].second, layers);
+                             it->baselines["drop_last"].second,
+                             it->baselines["block_influence"].second, layers);
   }
   SupernetBuild out;
-  out.supernet = std::make_unique<Supernet>(std::move(model), std::move(spec), stats.o_mean, stats.down_mean);
+  out.supernet =
+      std::make_unique<Supernet>(std::move(model), std::move(spec), stats.o_mean, stats.down_mean);
   SupernetSpec s = out.supernet->spec();
   s.profile = StaticProfile(*out.supernet);
   out.supernet->set_spec(std::move(s));
@@ -110,7 +126,8 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
 
 absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
   if (fs::exists(fs::path(o.out_dir) / "amoeba.json") && !o.force) {
-    return absl::FailedPreconditionError(absl::StrCat(o.out_dir, " already holds a supernet (use --force to overwrite)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(o.out_dir, " already holds a supernet (use --force to overwrite)"));
   }
   ASSIGN_OR_RETURN(Model model, LoadModel(o.model_dir));
   ASSIGN_OR_RETURN(auto tok, LoadTokenizer(o.model_dir));
@@ -121,7 +138,8 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
   wo.seed = o.seed;
   wo.bos_token_id = model.config.bos_token_id;
   ASSIGN_OR_RETURN(at::Tensor windows, MakeWindows(text, *tok, wo));
-  if (o.dp_windows < 1 || o.dp_windows > o.windows) return absl::InvalidArgumentError("--dp-windows: must be in [1, --windows]");
+  if (o.dp_windows < 1 || o.dp_windows > o.windows)
+    return absl::InvalidArgumentError("--dp-windows: must be in [1, --windows]");
   at::Tensor dp_windows = windows.narrow(0, 0, o.dp_windows);
 
   std::unique_ptr<DepthMetric> acc;
@@ -135,9 +153,10 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
   std::error_code ec;
   fs::create_directories(o.out_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", o.out_dir, ": ", ec.message()));
-  fs::remove(fs::path(o.out_dir) / "amoeba.json", ec);  // marks the directory incomplete until the end
-  spdlog::info("calibrate: {} layers, {} windows x {} tokens from {}", model.config.num_hidden_layers, o.windows,
-               o.window_len, o.data_path);
+  fs::remove(fs::path(o.out_dir) / "amoeba.json",
+             ec);  // marks the directory incomplete until the end
+  spdlog::info("calibrate: {} layers, {} windows x {} tokens from {}",
+               model.config.num_hidden_layers, o.windows, o.window_len, o.data_path);
   const std::string dtype = model.config.torch_dtype;
   if (!items.empty()) {
     // Evaluated on the unpermuted model: permutation preserves the function.
@@ -149,12 +168,16 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
     };
   }
   Model work = model;  // shares storage; permutation replaces tensors, leaving `model` intact
-  ASSIGN_OR_RETURN(SupernetBuild b, BuildSupernet(std::move(work), windows, dp_windows, o, acc.get(),
-                                                  (fs::path(o.out_dir) / "depth_search_state.json").string()));
-  at::ScalarType st = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
+  ASSIGN_OR_RETURN(SupernetBuild b,
+                   BuildSupernet(std::move(work), windows, dp_windows, o, acc.get(),
+                                 (fs::path(o.out_dir) / "depth_search_state.json").string()));
+  at::ScalarType st = dtype == "bfloat16"  ? at::kBFloat16
+                      : dtype == "float16" ? at::kHalf
+                                           : at::kFloat;
   RETURN_IF_ERROR(SaveModel(b.supernet->base(), o.out_dir, st));
   RETURN_IF_ERROR(CopyTokenizerFiles(o.model_dir, o.out_dir));
-  RETURN_IF_ERROR(b.supernet->SaveMetadata(o.out_dir));  // amoeba.json last: the directory is complete
+  RETURN_IF_ERROR(
+      b.supernet->SaveMetadata(o.out_dir));  // amoeba.json last: the directory is complete
   std::fprintf(stdout, "%s", b.table.c_str());
   spdlog::info("calibrate: wrote supernet {}", o.out_dir);
   return Supernet::Load(o.out_dir);

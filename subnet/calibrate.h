@@ -12,11 +12,11 @@ namespace amoeba {
 
 struct CalibrateOptions {
   std::string model_dir;
-  std::string data_path;      // .txt or .jsonl with "text"
+  std::string data_path;  // .txt or .jsonl with "text"
   std::string out_dir;
-  int64_t windows = 32;       // calibration windows for the width statistics
+  int64_t windows = 32;  // calibration windows for the width statistics
   int64_t window_len = 256;
-  int64_t dp_windows = 8;     // windows per DP evaluation (a prefix of the above)
+  int64_t dp_windows = 8;  // windows per DP evaluation (a prefix of the above)
   uint64_t seed = 0;
   double min_depth_ratio = 0.6;  // d_min = ceil(ratio * L)
   std::vector<double> widths = {1.0, 0.875, 0.75, 0.625};
@@ -25,7 +25,7 @@ struct CalibrateOptions {
   std::string metric = "perplexity";  // or "accuracy" (needs mc_data)
   std::string mc_data;                // multiple-choice JSONL
   int64_t batch = 4;
-  bool force = false;                 // overwrite an existing supernet
+  bool force = false;  // overwrite an existing supernet
 };
 
 // Shape grid, width table and depth table for a model already permuted by score. `depth_metric`
@@ -36,8 +36,9 @@ struct SupernetBuild {
 };
 
 // In memory: statistics, permutation, width table, depth DP and baselines.
-absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windows, const at::Tensor& dp_windows,
-                                            const CalibrateOptions& o, const DepthMetric* custom_metric = nullptr,
+absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windows,
+                                            const at::Tensor& dp_windows, const CalibrateOptions& o,
+                                            const DepthMetric* custom_metric = nullptr,
                                             const std::string& dp_state_path = "");
 
 // Per-shape static profile: params, weight bytes, KV bytes per token.

@@ -15,7 +15,8 @@ absl::StatusOr<std::string> ReadCorpus(const std::string& path) {
   if (!absl::EndsWith(path, ".jsonl")) return raw;
   std::string out;
   RETURN_IF_ERROR(ForEachJsonLine(path, raw, [&](const nlohmann::json& j) {
-    if (!j.contains("text") || !j["text"].is_string()) return absl::InvalidArgumentError("expected a \"text\" string");
+    if (!j.contains("text") || !j["text"].is_string())
+      return absl::InvalidArgumentError("expected a \"text\" string");
     out += j["text"].get<std::string>();
     out += "\n";
     return absl::OkStatus();
@@ -23,8 +24,10 @@ absl::StatusOr<std::string> ReadCorpus(const std::string& path) {
   return out;
 }
 
-absl::StatusOr<at::Tensor> MakeWindows(const std::string& text, const Tokenizer& tok, const WindowOptions& o) {
-  if (o.num_windows < 1 || o.window_len < 2) return absl::InvalidArgumentError("windows: need >= 1 window of >= 2 tokens");
+absl::StatusOr<at::Tensor> MakeWindows(const std::string& text, const Tokenizer& tok,
+                                       const WindowOptions& o) {
+  if (o.num_windows < 1 || o.window_len < 2)
+    return absl::InvalidArgumentError("windows: need >= 1 window of >= 2 tokens");
   const std::vector<int32_t> ids = tok.Encode(text);
   const int64_t body = o.window_len - (o.bos_token_id >= 0 ? 1 : 0);
   if (static_cast<int64_t>(ids.size()) < body) {
@@ -50,8 +53,10 @@ absl::StatusOr<std::vector<MultipleChoiceItem>> ReadMultipleChoice(const std::st
   RETURN_IF_ERROR(ForEachJsonLine(path, raw, [&](const nlohmann::json& j) {
     auto bad = [](const char* why) { return absl::InvalidArgumentError(why); };
     if (!j.contains("prompt") || !j["prompt"].is_string()) return bad("missing \"prompt\" string");
-    if (!j.contains("choices") || !j["choices"].is_array() || j["choices"].size() < 2) return bad("\"choices\" needs >= 2 strings");
-    if (!j.contains("answer") || !j["answer"].is_number_integer()) return bad("missing integer \"answer\"");
+    if (!j.contains("choices") || !j["choices"].is_array() || j["choices"].size() < 2)
+      return bad("\"choices\" needs >= 2 strings");
+    if (!j.contains("answer") || !j["answer"].is_number_integer())
+      return bad("missing integer \"answer\"");
     MultipleChoiceItem it;
     it.prompt = j["prompt"].get<std::string>();
     for (const auto& c : j["choices"]) {
@@ -59,7 +64,8 @@ absl::StatusOr<std::vector<MultipleChoiceItem>> ReadMultipleChoice(const std::st
       it.choices.push_back(c.get<std::string>());
     }
     it.answer = j["answer"].get<int>();
-    if (it.answer < 0 || it.answer >= static_cast<int>(it.choices.size())) return bad("\"answer\" out of range");
+    if (it.answer < 0 || it.answer >= static_cast<int>(it.choices.size()))
+      return bad("\"answer\" out of range");
     items.push_back(std::move(it));
     return absl::OkStatus();
   }));

@@ -15,7 +15,8 @@ struct WindowOptions {
   int64_t num_windows = 32;
   int64_t window_len = 256;
   uint64_t seed = 0;
-  int64_t bos_token_id = -1;  // >= 0: every window starts with BOS (then window_len - 1 text tokens)
+  int64_t bos_token_id =
+      -1;  // >= 0: every window starts with BOS (then window_len - 1 text tokens)
 };
 
 // Reads a .txt file (whole text) or .jsonl file (concatenated "text" fields, newline-separated).
@@ -23,7 +24,8 @@ absl::StatusOr<std::string> ReadCorpus(const std::string& path);
 
 // [num_windows, window_len] int64 token windows. Fewer tokens than one window is an error;
 // fewer than num_windows distinct windows gives overlapping ones.
-absl::StatusOr<at::Tensor> MakeWindows(const std::string& text, const Tokenizer& tok, const WindowOptions& o);
+absl::StatusOr<at::Tensor> MakeWindows(const std::string& text, const Tokenizer& tok,
+                                       const WindowOptions& o);
 
 struct MultipleChoiceItem {
   std::string prompt;

@@ -35,7 +35,8 @@ std::vector<int> ActiveFromRemoved(int64_t L, const std::vector<int>& removed) {
 // Evaluations cached by removed set, persisted after each one.
 class EvalCache {
  public:
-  EvalCache(std::string path, std::string fingerprint) : path_(std::move(path)), fp_(std::move(fingerprint)) {
+  EvalCache(std::string path, std::string fingerprint)
+      : path_(std::move(path)), fp_(std::move(fingerprint)) {
     if (path_.empty() || !std::filesystem::exists(path_)) return;
     auto text = ReadFile(path_);
     if (!text.ok()) return;
@@ -63,13 +64,15 @@ class EvalCache {
 
 }  // namespace
 
-absl::StatusOr<std::vector<DepthEntry>> DpDepthSearch(const DepthSearchOptions& o, const DepthMetric& metric) {
+absl::StatusOr<std::vector<DepthEntry>> DpDepthSearch(const DepthSearchOptions& o,
+                                                      const DepthMetric& metric) {
   const int64_t L = o.num_layers, K = o.keep_last;
   const int64_t N = L - K, M = L - o.min_depth;
   if (K < 0 || N < 0) return absl::InvalidArgumentError("depth search: keep_last out of range");
   if (o.min_depth < K || o.min_depth > L || M > N) {
-    return absl::InvalidArgumentError(absl::StrCat("depth search: min depth ", o.min_depth, " must be in [",
-                                                   std::max<int64_t>(K, 1), ", ", L, "]"));
+    return absl::InvalidArgumentError(absl::StrCat("depth search: min depth ", o.min_depth,
+                                                   " must be in [", std::max<int64_t>(K, 1), ", ",
+                                                   L, "]"));
   }
   auto better = [&](double a, double b) { return metric.higher_is_better ? a > b : a < b; };
   EvalCache cache(o.state_path, o.fingerprint);
@@ -153,7 +156,8 @@ std::vector<double> BlockInfluence(const Model& m, const at::Tensor& windows, in
   return sum;
 }
 
-std::vector<int> BlockInfluenceLayers(const std::vector<double>& bi, int64_t depth, int64_t keep_last) {
+std::vector<int> BlockInfluenceLayers(const std::vector<double>& bi, int64_t depth,
+                                      int64_t keep_last) {
   const int64_t L = static_cast<int64_t>(bi.size()), N = L - keep_last;
   std::vector<int> cand(N);
   std::iota(cand.begin(), cand.end(), 0);

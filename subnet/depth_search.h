@@ -22,9 +22,9 @@ struct DepthMetric {
 struct DepthSearchOptions {
   int64_t num_layers = 0;
   int64_t min_depth = 0;
-  int64_t keep_last = 1;   // the last K layers are never removed
-  std::string state_path;  // evaluations are cached here so an interrupted search resumes
-  std::string fingerprint; // a state file with another fingerprint is ignored
+  int64_t keep_last = 1;    // the last K layers are never removed
+  std::string state_path;   // evaluations are cached here so an interrupted search resumes
+  std::string fingerprint;  // a state file with another fingerprint is ignored
   bool show_progress = true;
 };
 
@@ -32,13 +32,15 @@ struct DepthSearchOptions {
 int64_t DpEvaluationCount(int64_t num_layers, int64_t min_depth, int64_t keep_last);
 
 // For every depth in [min_depth, num_layers], the DP's active layers and their metric.
-absl::StatusOr<std::vector<DepthEntry>> DpDepthSearch(const DepthSearchOptions& o, const DepthMetric& metric);
+absl::StatusOr<std::vector<DepthEntry>> DpDepthSearch(const DepthSearchOptions& o,
+                                                      const DepthMetric& metric);
 
 // Baseline layer sets: the first d-K candidates plus the last K layers.
 std::vector<int> DropLastLayers(int64_t num_layers, int64_t depth, int64_t keep_last);
 // Block influence 1 - cos(layer input, layer output), averaged over tokens, per layer.
 std::vector<double> BlockInfluence(const Model& m, const at::Tensor& windows, int64_t batch = 4);
 // Removes the candidates with the lowest influence.
-std::vector<int> BlockInfluenceLayers(const std::vector<double>& influence, int64_t depth, int64_t keep_last);
+std::vector<int> BlockInfluenceLayers(const std::vector<double>& influence, int64_t depth,
+                                      int64_t keep_last);
 
 }  // namespace amoeba

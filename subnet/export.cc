@@ -9,11 +9,14 @@
 namespace amoeba {
 namespace fs = std::filesystem;
 
-absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape, const ExportOptions& o) {
+absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape,
+                                      const ExportOptions& o) {
   if (!o.uniform_width) return s.Extract(shape);
   if (!s.spec().FindDepth(shape.depth)) RETURN_IF_ERROR(s.Validate(shape));
-  if (!(shape.width > 0 && shape.width <= 1)) return absl::InvalidArgumentError("shape.width: must be in (0, 1]");
-  ASSIGN_OR_RETURN(Model m, s.ExtractWith(shape.depth, AllocateUniform(s.base(), shape.width), ExtractMode::kSliced));
+  if (!(shape.width > 0 && shape.width <= 1))
+    return absl::InvalidArgumentError("shape.width: must be in (0, 1]");
+  ASSIGN_OR_RETURN(Model m, s.ExtractWith(shape.depth, AllocateUniform(s.base(), shape.width),
+                                          ExtractMode::kSliced));
   // Standard HF Llama: one kv-head count and intermediate size for all layers, and biases on all
   // attention (resp. MLP) projections once any of them has one.
   const int64_t H = m.config.hidden_size;
@@ -48,7 +51,8 @@ absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape, con
   return m;
 }
 
-absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::string& out_dir, const ExportOptions& o) {
+absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::string& out_dir,
+                         const ExportOptions& o) {
   const std::string tmp = out_dir + ".tmp-export";
   std::error_code ec;
   fs::remove_all(tmp, ec);

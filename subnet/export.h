@@ -15,10 +15,12 @@ struct ExportOptions {
 };
 
 // The sliced subnet, with LoRA already merged if the caller passes a merged model.
-absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape, const ExportOptions& o);
+absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape,
+                                      const ExportOptions& o);
 
 // Writes config.json, model.safetensors and the tokenizer into `out_dir` atomically (a temp
 // directory renamed into place).
-absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::string& out_dir, const ExportOptions& o);
+absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::string& out_dir,
+                         const ExportOptions& o);
 
 }  // namespace amoeba

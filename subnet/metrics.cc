@@ -4,7 +4,8 @@
 
 namespace amoeba {
 
-double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch, const TorchForwardOptions& opt) {
+double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch,
+               const TorchForwardOptions& opt) {
   at::InferenceMode guard;
   double total = 0;
   int64_t count = 0;
@@ -20,7 +21,8 @@ double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch, const T
   return count ? total / count : 0.0;
 }
 
-double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok, const std::vector<MultipleChoiceItem>& items) {
+double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok,
+                              const std::vector<MultipleChoiceItem>& items) {
   at::InferenceMode guard;
   int64_t correct = 0;
   for (const auto& it : items) {

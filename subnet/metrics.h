@@ -13,12 +13,14 @@
 namespace amoeba {
 
 // Mean next-token cross-entropy over all windows ([N, T] int64), evaluated in batches.
-double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch = 8, const TorchForwardOptions& opt = {});
+double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch = 8,
+               const TorchForwardOptions& opt = {});
 inline double Perplexity(const Model& m, const at::Tensor& windows, int64_t batch = 8) {
   return std::exp(MeanNll(m, windows, batch));
 }
 
 // Fraction of items whose answer has the highest summed log-likelihood (given the prompt).
-double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok, const std::vector<MultipleChoiceItem>& items);
+double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok,
+                              const std::vector<MultipleChoiceItem>& items);
 
 }  // namespace amoeba

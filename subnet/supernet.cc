@@ -23,13 +23,18 @@ absl::StatusOr<Shape> Shape::Parse(const std::string& s, int64_t full_depth) {
   Shape out{full_depth, 1.0};
   for (auto part : absl::StrSplit(s, ',', absl::SkipEmpty())) {
     std::vector<std::string> kv = absl::StrSplit(part, '=');
-    if (kv.size() != 2) return absl::InvalidArgumentError(absl::StrCat("shape: expected key=value, got '", part, "'"));
+    if (kv.size() != 2)
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape: expected key=value, got '", part, "'"));
     if (kv[0] == "depth") {
-      if (!absl::SimpleAtoi(kv[1], &out.depth)) return absl::InvalidArgumentError("shape: depth must be an integer");
+      if (!absl::SimpleAtoi(kv[1], &out.depth))
+        return absl::InvalidArgumentError("shape: depth must be an integer");
     } else if (kv[0] == "width") {
-      if (!absl::SimpleAtod(kv[1], &out.width)) return absl::InvalidArgumentError("shape: width must be a number");
+      if (!absl::SimpleAtod(kv[1], &out.width))
+        return absl::InvalidArgumentError("shape: width must be a number");
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("shape: unknown key '", kv[0], "' (depth, width)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape: unknown key '", kv[0], "' (depth, width)"));
     }
   }
   return out;
@@ -55,8 +60,12 @@ json SupernetSpec::ToJson() const {
   j["metric"] = metric;
   j["depth_table"] = json::array();
   for (const auto& d : depth_table) {
-    json e = {{"depth", d.depth}, {"layers", d.layers}, {"metric", d.metric}, {"baselines", json::object()}};
-    for (const auto& [name, b] : d.baselines) e["baselines"][name] = {{"layers", b.first}, {"metric", b.second}};
+    json e = {{"depth", d.depth},
+              {"layers", d.layers},
+              {"metric", d.metric},
+              {"baselines", json::object()}};
+    for (const auto& [name, b] : d.baselines)
+      e["baselines"][name] = {{"layers", b.first}, {"metric", b.second}};
     j["depth_table"].push_back(e);
   }
   j["width_table"] = json::array();
@@ -74,7 +83,8 @@ json SupernetSpec::ToJson() const {
 
 absl::StatusOr<SupernetSpec> SupernetSpec::FromJson(const json& j, int64_t L) {
   auto bad = [](const std::string& m) { return absl::DataLossError("amoeba.json: " + m); };
-  if (!j.is_object() || j.value("format", "") != "amoeba-supernet") return bad("not an Amoeba supernet file");
+  if (!j.is_object() || j.value("format", "") != "amoeba-supernet")
+    return bad("not an Amoeba supernet file");
   SupernetSpec s;
   try {
     s.depths = j.at("grid").at("depths").get<std::vector<int64_t>>();
@@ -89,9 +99,11 @@ absl::StatusOr<SupernetSpec> SupernetSpec::FromJson(const json& j, int64_t L) {
         for (auto& [name, b] : e["baselines"].items())
           d.baselines[name] = {b.at("layers").get<std::vector<int>>(), b.value("metric", 0.0)};
       }
-      if (static_cast<int64_t>(d.layers.size()) != d.depth) return bad(absl::StrCat("depth ", d.depth, ": layer list has the wrong length"));
+      if (static_cast<int64_t>(d.layers.size()) != d.depth)
+        return bad(absl::StrCat("depth ", d.depth, ": layer list has the wrong length"));
       for (int l : d.layers)
-        if (l < 0 || l >= L) return bad(absl::StrCat("depth ", d.depth, ": layer ", l, " out of range"));
+        if (l < 0 || l >= L)
+          return bad(absl::StrCat("depth ", d.depth, ": layer ", l, " out of range"));
       s.depth_table.push_back(std::move(d));
     }
     for (const auto& e : j.at("width_table")) {
@@ -100,7 +112,8 @@ absl::StatusOr<SupernetSpec> SupernetSpec::FromJson(const json& j, int64_t L) {
       w.alloc.kv_groups = e.at("kv_groups").get<std::vector<int64_t>>();
       w.alloc.channels = e.at("channels").get<std::vector<int64_t>>();
       w.alloc.params = e.value("params", int64_t{0});
-      if (static_cast<int64_t>(w.alloc.kv_groups.size()) != L || static_cast<int64_t>(w.alloc.channels.size()) != L)
+      if (static_cast<int64_t>(w.alloc.kv_groups.size()) != L ||
+          static_cast<int64_t>(w.alloc.channels.size()) != L)
         return bad(absl::StrCat("width ", w.ratio, ": per-layer lists need ", L, " entries"));
       s.width_table.push_back(std::move(w));
     }
@@ -120,31 +133,40 @@ absl::StatusOr<SupernetSpec> SupernetSpec::FromJson(const json& j, int64_t L) {
 
 Supernet::Supernet(Model permuted, SupernetSpec spec, std::vector<at::Tensor> o_mean,
                    std::vector<at::Tensor> down_mean)
-    : base_(std::move(permuted)), spec_(std::move(spec)), o_mean_(std::move(o_mean)), down_mean_(std::move(down_mean)) {}
+    : base_(std::move(permuted)),
+      spec_(std::move(spec)),
+      o_mean_(std::move(o_mean)),
+      down_mean_(std::move(down_mean)) {}
 
 absl::StatusOr<std::unique_ptr<Supernet>> Supernet::Load(const std::string& dir) {
   const std::string meta = (fs::path(dir) / "amoeba.json").string();
   if (!fs::exists(meta)) {
-    return absl::NotFoundError(absl::StrCat(dir, ": no amoeba.json (not a supernet, or calibration did not finish)"));
+    return absl::NotFoundError(
+        absl::StrCat(dir, ": no amoeba.json (not a supernet, or calibration did not finish)"));
   }
   ASSIGN_OR_RETURN(Model m, LoadModel(dir));
   ASSIGN_OR_RETURN(std::string text, ReadFile(meta));
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded()) return absl::DataLossError(meta + ": invalid JSON");
   ASSIGN_OR_RETURN(SupernetSpec spec, SupernetSpec::FromJson(j, m.config.num_hidden_layers));
-  ASSIGN_OR_RETURN(TensorStore ws, TensorStore::OpenFile((fs::path(dir) / "width.safetensors").string()));
+  ASSIGN_OR_RETURN(TensorStore ws,
+                   TensorStore::OpenFile((fs::path(dir) / "width.safetensors").string()));
   std::vector<at::Tensor> om, dm;
   for (int64_t l = 0; l < m.config.num_hidden_layers; ++l) {
     const auto& layer = m.layers[l];
-    ASSIGN_OR_RETURN(at::Tensor o, ws.GetF32(absl::StrCat("layers.", l, ".o_proj.input_mean"), {layer.o.size(1)}));
-    ASSIGN_OR_RETURN(at::Tensor d, ws.GetF32(absl::StrCat("layers.", l, ".down_proj.input_mean"), {layer.down.size(1)}));
+    ASSIGN_OR_RETURN(at::Tensor o, ws.GetF32(absl::StrCat("layers.", l, ".o_proj.input_mean"),
+                                             {layer.o.size(1)}));
+    ASSIGN_OR_RETURN(at::Tensor d, ws.GetF32(absl::StrCat("layers.", l, ".down_proj.input_mean"),
+                                             {layer.down.size(1)}));
     om.push_back(o);
     dm.push_back(d);
   }
   for (const auto& w : spec.width_table) {
     for (int64_t l = 0; l < m.config.num_hidden_layers; ++l) {
-      if (w.alloc.kv_groups[l] > m.layers[l].kv_heads(m.config.head_dim) || w.alloc.channels[l] > m.layers[l].intermediate())
-        return absl::DataLossError(absl::StrCat(meta, ": width ", w.ratio, " keeps more units than layer ", l, " has"));
+      if (w.alloc.kv_groups[l] > m.layers[l].kv_heads(m.config.head_dim) ||
+          w.alloc.channels[l] > m.layers[l].intermediate())
+        return absl::DataLossError(
+            absl::StrCat(meta, ": width ", w.ratio, " keeps more units than layer ", l, " has"));
     }
   }
   auto s = std::make_unique<Supernet>(std::move(m), std::move(spec), std::move(om), std::move(dm));
@@ -156,8 +178,10 @@ absl::StatusOr<std::unique_ptr<Supernet>> Supernet::Load(const std::string& dir)
     const auto& a = s->spec_.width_table[wi].alloc;
     for (int64_t l = 0; l < s->base_.config.num_hidden_layers; ++l) {
       const std::string p = absl::StrCat("width.", wi, ".layers.", l, ".");
-      if (ws.contains(p + "o_proj.bias")) s->bias_cache_[{l, true, a.kv_groups[l]}] = *ws.GetF32(p + "o_proj.bias");
-      if (ws.contains(p + "down_proj.bias")) s->bias_cache_[{l, false, a.channels[l]}] = *ws.GetF32(p + "down_proj.bias");
+      if (ws.contains(p + "o_proj.bias"))
+        s->bias_cache_[{l, true, a.kv_groups[l]}] = *ws.GetF32(p + "o_proj.bias");
+      if (ws.contains(p + "down_proj.bias"))
+        s->bias_cache_[{l, false, a.channels[l]}] = *ws.GetF32(p + "down_proj.bias");
     }
   }
   return s;
@@ -177,7 +201,8 @@ absl::Status Supernet::SaveMetadata(const std::string& dir) const {
       t.emplace_back(p + "down_proj.bias", Bias(l, false, a.channels[l]));
     }
   }
-  RETURN_IF_ERROR(WriteSafetensors((fs::path(dir) / "width.safetensors").string(), t, {{"format", "amoeba-width"}}));
+  RETURN_IF_ERROR(WriteSafetensors((fs::path(dir) / "width.safetensors").string(), t,
+                                   {{"format", "amoeba-width"}}));
   return WriteFileAtomic((fs::path(dir) / "amoeba.json").string(), spec_.ToJson().dump(2) + "\n");
 }
 
@@ -188,21 +213,25 @@ at::Tensor Supernet::Bias(int64_t layer, bool attention, int64_t kept) const {
   if (it != bias_cache_.end()) return it->second;
   at::InferenceMode guard;
   const LayerWeights& w = base_.layers[layer];
-  at::Tensor b = attention ? CompensationBias(w.o, o_mean_[layer], kept * base_.config.group_size() * base_.config.head_dim)
-                           : CompensationBias(w.down, down_mean_[layer], kept);
+  at::Tensor b = attention
+                     ? CompensationBias(w.o, o_mean_[layer],
+                                        kept * base_.config.group_size() * base_.config.head_dim)
+                     : CompensationBias(w.down, down_mean_[layer], kept);
   bias_cache_[key] = b;
   return b;
 }
 
 absl::Status Supernet::Validate(const Shape& s) const {
   if (!spec_.FindDepth(s.depth)) {
-    return absl::InvalidArgumentError(absl::StrCat("shape.depth: ", s.depth, " is not in the grid [",
-                                                   spec_.depths.front(), ", ", spec_.depths.back(), "]"));
+    return absl::InvalidArgumentError(absl::StrCat("shape.depth: ", s.depth,
+                                                   " is not in the grid [", spec_.depths.front(),
+                                                   ", ", spec_.depths.back(), "]"));
   }
   if (!spec_.FindWidth(s.width)) {
     std::string ws;
     for (double w : spec_.widths) absl::StrAppend(&ws, ws.empty() ? "" : ", ", w);
-    return absl::InvalidArgumentError(absl::StrCat("shape.width: ", s.width, " is not in the grid {", ws, "}"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("shape.width: ", s.width, " is not in the grid {", ws, "}"));
   }
   return absl::OkStatus();
 }
@@ -212,9 +241,12 @@ absl::StatusOr<Model> Supernet::Extract(const Shape& s, ExtractMode mode) const 
   return ExtractWith(s.depth, spec_.FindWidth(s.width)->alloc, mode);
 }
 
-absl::StatusOr<Model> Supernet::ExtractWith(int64_t depth, const WidthAllocation& alloc, ExtractMode mode) const {
+absl::StatusOr<Model> Supernet::ExtractWith(int64_t depth, const WidthAllocation& alloc,
+                                            ExtractMode mode) const {
   const DepthEntry* d = spec_.FindDepth(depth);
-  if (!d) return absl::InvalidArgumentError(absl::StrCat("shape.depth: ", depth, " is not in the depth table"));
+  if (!d)
+    return absl::InvalidArgumentError(
+        absl::StrCat("shape.depth: ", depth, " is not in the depth table"));
   const int64_t hd = base_.config.head_dim, G = base_.config.group_size();
   Model m = base_.WithLayers(d->layers);
   auto add_bias = [](const at::Tensor& existing, const at::Tensor& comp) {

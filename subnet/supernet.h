@@ -48,7 +48,7 @@ struct SupernetSpec {
   std::vector<WidthEntry> width_table;
   nlohmann::json calibration = nlohmann::json::object();  // provenance
   nlohmann::json profile = nlohmann::json::array();       // per-shape figures
-  nlohmann::json smol;                                     // adapters config, null when untuned
+  nlohmann::json smol;                                    // adapters config, null when untuned
 
   const DepthEntry* FindDepth(int64_t d) const;
   const WidthEntry* FindWidth(double w) const;
@@ -66,7 +66,8 @@ class Supernet {
   // Loads a finished supernet directory; errors name the missing or corrupt piece.
   static absl::StatusOr<std::unique_ptr<Supernet>> Load(const std::string& dir);
   // Builds one in memory (calibration, tests, benchmarks).
-  Supernet(Model permuted, SupernetSpec spec, std::vector<at::Tensor> o_mean, std::vector<at::Tensor> down_mean);
+  Supernet(Model permuted, SupernetSpec spec, std::vector<at::Tensor> o_mean,
+           std::vector<at::Tensor> down_mean);
 
   const Model& base() const { return base_; }
   const SupernetSpec& spec() const { return spec_; }
@@ -77,7 +78,8 @@ class Supernet {
   absl::Status Validate(const Shape& s) const;
   absl::StatusOr<Model> Extract(const Shape& s, ExtractMode mode = ExtractMode::kSliced) const;
   // Any allocation (e.g. uniform widths), with the layers of `depth`.
-  absl::StatusOr<Model> ExtractWith(int64_t depth, const WidthAllocation& alloc, ExtractMode mode) const;
+  absl::StatusOr<Model> ExtractWith(int64_t depth, const WidthAllocation& alloc,
+                                    ExtractMode mode) const;
   // Shapes of the grid, largest first.
   std::vector<Shape> GridShapes() const;
   // Index of grid width `w` in spec().widths (-1 if not on the grid).

@@ -9,13 +9,15 @@
 
 namespace amoeba {
 
-ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows, int64_t batch, Progress* progress) {
+ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows, int64_t batch,
+                                       Progress* progress) {
   at::InferenceMode guard;
   const size_t L = m.layers.size();
   std::vector<at::Tensor> o_sum(L), o_sq(L), d_sum(L), d_sq(L);
   int64_t tokens = 0;
   TorchForwardOptions opt;
-  opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& b) {
     if (p == Proj::kO || p == Proj::kDown) {
       at::Tensor xd = x.reshape({-1, x.size(-1)}).to(at::kDouble);  // sums in fp64
       at::Tensor s = xd.sum(0), q = xd.pow(2).sum(0);
@@ -35,7 +37,8 @@ ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows
   ActivationStats st;
   for (size_t l = 0; l < L; ++l) {
     const auto& layer = m.layers[l];
-    auto finish = [&](const at::Tensor& s, const at::Tensor& q, int64_t n, at::Tensor* mean, at::Tensor* var) {
+    auto finish = [&](const at::Tensor& s, const at::Tensor& q, int64_t n, at::Tensor* mean,
+                      at::Tensor* var) {
       if (!s.defined()) {  // zero-width layer
         *mean = at::zeros({n});
         *var = at::zeros({n});
@@ -83,12 +86,15 @@ int64_t GroupParams(const ModelConfig& c) {
   const int64_t G = c.group_size();
   return c.hidden_size * c.head_dim * (2 * G + 2);  // q (G heads), k, v rows + o columns
 }
-int64_t ChannelParams(const ModelConfig& c) { return 3 * c.hidden_size; }
+int64_t ChannelParams(const ModelConfig& c) {
+  return 3 * c.hidden_size;
+}
 
 int64_t WidthParams(const Model& m) {
   int64_t n = 0;
   for (const auto& l : m.layers) {
-    n += l.kv_heads(m.config.head_dim) * GroupParams(m.config) + l.intermediate() * ChannelParams(m.config);
+    n += l.kv_heads(m.config.head_dim) * GroupParams(m.config) +
+         l.intermediate() * ChannelParams(m.config);
   }
   return n;
 }
@@ -104,9 +110,11 @@ WidthAllocation AllocateGlobal(const Model& m, const WidthScores& sc, double rat
   const size_t L = m.layers.size();
   for (size_t l = 0; l < L; ++l) {
     auto g = sc.group[l].contiguous();
-    for (int64_t i = 0; i < g.numel(); ++i) units.push_back({g.data_ptr<float>()[i], static_cast<int>(l), i, true});
+    for (int64_t i = 0; i < g.numel(); ++i)
+      units.push_back({g.data_ptr<float>()[i], static_cast<int>(l), i, true});
     auto c = sc.channel[l].contiguous();
-    for (int64_t i = 0; i < c.numel(); ++i) units.push_back({c.data_ptr<float>()[i], static_cast<int>(l), i, false});
+    for (int64_t i = 0; i < c.numel(); ++i)
+      units.push_back({c.data_ptr<float>()[i], static_cast<int>(l), i, false});
   }
   // Best first; ties by (layer, index) so that within a layer the kept set stays a prefix.
   std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) {
@@ -137,7 +145,8 @@ WidthAllocation AllocateUniform(const Model& m, double ratio) {
   for (const auto& l : m.layers) {
     a.kv_groups.push_back(std::max<int64_t>(1, std::llround(ratio * l.kv_heads(hd))));
     a.channels.push_back(std::max<int64_t>(1, std::llround(ratio * l.intermediate())));
-    a.params += a.kv_groups.back() * GroupParams(m.config) + a.channels.back() * ChannelParams(m.config);
+    a.params +=
+        a.kv_groups.back() * GroupParams(m.config) + a.channels.back() * ChannelParams(m.config);
   }
   return a;
 }
@@ -147,11 +156,13 @@ void PermuteByScore(Model& m, WidthScores& scores, ActivationStats& stats) {
   for (size_t l = 0; l < m.layers.size(); ++l) {
     LayerWeights& w = m.layers[l];
     const int64_t groups = w.kv_heads(hd);
-    at::Tensor gorder = std::get<1>(scores.group[l].sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+    at::Tensor gorder =
+        std::get<1>(scores.group[l].sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
     at::Tensor corder = std::get<1>(scores.channel[l].sort(true, 0, true));
     // Row indices: KV group g owns k/v rows [g*hd, (g+1)*hd) and q rows [g*G*hd, (g+1)*G*hd).
     at::Tensor kv_rows = (gorder.unsqueeze(1) * hd + at::arange(hd, at::kLong)).reshape({-1});
-    at::Tensor q_rows = (gorder.unsqueeze(1) * (G * hd) + at::arange(G * hd, at::kLong)).reshape({-1});
+    at::Tensor q_rows =
+        (gorder.unsqueeze(1) * (G * hd) + at::arange(G * hd, at::kLong)).reshape({-1});
     if (groups > 0) {
       w.q = w.q.index_select(0, q_rows).contiguous();
       w.k = w.k.index_select(0, kv_rows).contiguous();

@@ -87,7 +87,8 @@ TEST(GenerationTest, CallbackCancels) {
   o.max_new_tokens = 30;
   o.stop_at_eos = false;
   int calls = 0;
-  auto r = Generate(engine, cache, 0, *f.tok, prompt, o, [&](int32_t, std::string_view) { return ++calls < 3; });
+  auto r = Generate(engine, cache, 0, *f.tok, prompt, o,
+                    [&](int32_t, std::string_view) { return ++calls < 3; });
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->finish_reason, FinishReason::kCancelled);
   EXPECT_EQ(r->tokens.size(), 3u);

@@ -8,12 +8,12 @@
 
 #include "distill/losses.h"
 #include "distill/pretrain.h"
-#include "subnet/metrics.h"
 #include "distill/tuner.h"
 #include "lora/smol.h"
 #include "model/presets.h"
 #include "model/torch_forward.h"
 #include "subnet/calibrate.h"
+#include "subnet/metrics.h"
 #include "tests/test_util.h"
 
 namespace amoeba {
@@ -48,7 +48,8 @@ struct Fixture {
     o.dp_windows = 2;
     o.widths = {1.0, 0.75, 0.5};
     s = std::move(*Calibrate(o));
-    data = std::make_unique<TrainData>(*TrainData::Load(dir.file("text.txt"), *s->tokenizer(), 1, 2));
+    data =
+        std::make_unique<TrainData>(*TrainData::Load(dir.file("text.txt"), *s->tokenizer(), 1, 2));
     heldout = data->Sample(999, 0, 0, 4, 32).tokens;
   }
   Smol NewSmol(uint64_t seed = 3) {
@@ -75,7 +76,8 @@ TEST(SmolTest, MergedEqualsUnmergedForSeveralShapes) {
     at::Tensor unmerged = TorchForward(sub, tok, opt);
     at::Tensor merged = TorchForward(smol.Merge(sub, gate, layers), tok);
     EXPECT_LT(MaxAbsDiff(unmerged, merged), 1e-4) << sh.ToString();
-    EXPECT_GT(MaxAbsDiff(unmerged, TorchForward(sub, tok)), 1e-3) << "the adapters change the output";
+    EXPECT_GT(MaxAbsDiff(unmerged, TorchForward(sub, tok)), 1e-3)
+        << "the adapters change the output";
   }
 }
 
@@ -95,8 +97,8 @@ TEST(SmolTest, GateIsDeterministicAtInferenceAndTopK) {
 
 TEST(DistillTest, BalancedLossKeepsTheFullValueAndScalesGradients) {
   at::Tensor x = at::tensor({2.0f}).set_requires_grad(true);
-  at::Tensor li = x * x / 8;             // L_i = 0.5, dL_i/dx = x/4 = 0.5
-  at::Tensor l0 = at::tensor({2.0f});    // L_0 = 2
+  at::Tensor li = x * x / 8;           // L_i = 0.5, dL_i/dx = x/4 = 0.5
+  at::Tensor l0 = at::tensor({2.0f});  // L_0 = 2
   at::Tensor b = BalanceLoss(li, l0);
   EXPECT_FLOAT_EQ(b.item<float>(), 2.0f);  // equals the full subnet's loss value
   b.backward();
@@ -125,7 +127,8 @@ TEST(DistillTest, ShortTuneLowersHeldoutLossOfFullAndSmallest) {
   EXPECT_LT(HeldoutNll(*f.s, &smol, f.s->FullShape(), f.heldout), full0 - 0.05);
   EXPECT_LT(HeldoutNll(*f.s, &smol, f.s->SmallestShape(), f.heldout), small0 - 0.05);
   // After training, different shapes get different gates.
-  EXPECT_FALSE(at::allclose(InferenceGate(*f.s, smol, f.s->FullShape()), InferenceGate(*f.s, smol, f.s->SmallestShape())));
+  EXPECT_FALSE(at::allclose(InferenceGate(*f.s, smol, f.s->FullShape()),
+                            InferenceGate(*f.s, smol, f.s->SmallestShape())));
 }
 
 TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
@@ -155,7 +158,8 @@ TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->step, 6);
   auto a = straight.NamedParameters(), b = second.NamedParameters();
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(MaxAbsDiff(a[i].second, b[i].second), 1e-6) << a[i].first;
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_LT(MaxAbsDiff(a[i].second, b[i].second), 1e-6) << a[i].first;
   // A checkpoint from other options is refused instead of silently mixing runs.
   o.lr = 1.0;
   Smol third = f.NewSmol(7);
@@ -191,7 +195,8 @@ TEST(PretrainTest, LowersLossAndResumesBitForBit) {
   Model b = *LoadModel(f.dir.file("m"));
   ASSERT_TRUE(Pretrain(b, *f.data, o).ok());
   auto x = NamedWeights(straight), y = NamedWeights(b);
-  for (size_t i = 0; i < x.size(); ++i) EXPECT_LT(MaxAbsDiff(x[i].second, y[i].second), 1e-6) << x[i].first;
+  for (size_t i = 0; i < x.size(); ++i)
+    EXPECT_LT(MaxAbsDiff(x[i].second, y[i].second), 1e-6) << x[i].first;
 }
 
 TEST(SmolTest, SaveLoadRoundTrip) {
@@ -202,7 +207,8 @@ TEST(SmolTest, SaveLoadRoundTrip) {
   ASSERT_TRUE(back.ok()) << back.status();
   auto a = smol.NamedParameters(), b = back->NamedParameters();
   ASSERT_EQ(a.size(), b.size());
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
 }
 
 }  // namespace

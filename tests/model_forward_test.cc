@@ -72,7 +72,8 @@ TEST(EngineTest, BatchOfDifferentLengthsMatchesEachAlone) {
                                                RandomTokens(1, 97, 3), RandomTokens(7, 97, 4)};
   KVCache batch_cache = engine.NewCache(4);
   std::vector<SeqInput> batch;
-  for (size_t i = 0; i < prompts.size(); ++i) batch.push_back({static_cast<int64_t>(i), prompts[i]});
+  for (size_t i = 0; i < prompts.size(); ++i)
+    batch.push_back({static_cast<int64_t>(i), prompts[i]});
   auto bl = engine.Forward(batch_cache, batch);
   ASSERT_TRUE(bl.ok());
   at::Tensor batched = bl->clone();
@@ -86,7 +87,8 @@ TEST(EngineTest, BatchOfDifferentLengthsMatchesEachAlone) {
   // Then a batched decode step (all single tokens: the skinny-GEMM path) against the reference.
   std::vector<int32_t> next = {5, 6, 7, 8};
   std::vector<SeqInput> step;
-  for (size_t i = 0; i < prompts.size(); ++i) step.push_back({static_cast<int64_t>(i), {&next[i], 1}});
+  for (size_t i = 0; i < prompts.size(); ++i)
+    step.push_back({static_cast<int64_t>(i), {&next[i], 1}});
   auto sl = engine.Forward(batch_cache, step);
   ASSERT_TRUE(sl.ok());
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -260,7 +262,9 @@ TEST(TorchForwardTest, PaddingMaskMatchesUnpadded) {
   for (int32_t t : ids) padded.push_back(t);
   at::Tensor tok = at::tensor(padded).unsqueeze(0);
   at::Tensor mask = at::tensor(std::vector<int64_t>{0, 0, 0, 1, 1, 1, 1, 1, 1}).unsqueeze(0);
-  at::Tensor out = TorchForward(m, tok, {.linear = nullptr, .on_layer = nullptr, .attention_mask = mask})[0].narrow(0, 3, 6);
+  at::Tensor out =
+      TorchForward(m, tok, {.linear = nullptr, .on_layer = nullptr, .attention_mask = mask})[0]
+          .narrow(0, 3, 6);
   EXPECT_LT(MaxAbsDiff(out, ref), 1e-5);
 }
 
@@ -268,7 +272,8 @@ TEST(TorchForwardTest, GradientsFlowToHookedProjections) {
   Model m = TinyModel(8);
   at::Tensor extra = at::zeros({m.config.hidden_size}).set_requires_grad(true);
   TorchForwardOptions opt;
-  opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& b) {
     at::Tensor y = at::linear(x, w, b);
     if (p == Proj::kDown && layer == 1) y = y + extra;
     return y;

@@ -112,12 +112,15 @@ TEST(SafetensorsTest, BadFilesGiveClearErrors) {
       {"header_len", len_too_big + "{}", "exceeds file size"},
       {"json", RawFile("{not json", ""), "not a JSON object"},
       {"truncated_data", RawFile(ok_header, std::string(4, '\0')), "outside data"},
-      {"size_mismatch", RawFile(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0')),
+      {"size_mismatch",
+       RawFile(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0')),
        "does not match"},
-      {"dtype", RawFile(R"({"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", std::string(8, '\0')),
+      {"dtype",
+       RawFile(R"({"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", std::string(8, '\0')),
        "unknown dtype"},
       {"fields", RawFile(R"({"w":{"dtype":"F32"}})", ""), "needs dtype"},
-      {"offsets", RawFile(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", std::string(8, '\0')),
+      {"offsets",
+       RawFile(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", std::string(8, '\0')),
        "outside data"},
   };
   for (const auto& c : cases) {
@@ -125,10 +128,13 @@ TEST(SafetensorsTest, BadFilesGiveClearErrors) {
     WriteRaw(p, c.bytes);
     auto f = SafetensorsFile::Open(p);
     ASSERT_FALSE(f.ok()) << c.name;
-    EXPECT_NE(f.status().message().find(c.expect), std::string::npos) << c.name << ": " << f.status();
-    EXPECT_NE(f.status().message().find(p), std::string::npos) << "error names the file: " << f.status();
+    EXPECT_NE(f.status().message().find(c.expect), std::string::npos)
+        << c.name << ": " << f.status();
+    EXPECT_NE(f.status().message().find(p), std::string::npos)
+        << "error names the file: " << f.status();
   }
-  EXPECT_EQ(SafetensorsFile::Open(dir.file("missing.safetensors")).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(SafetensorsFile::Open(dir.file("missing.safetensors")).status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 TEST(ModelLoadTest, MissingTensorAndWrongShapeNameTheTensor) {
@@ -143,7 +149,8 @@ TEST(ModelLoadTest, MissingTensorAndWrongShapeNameTheTensor) {
   ASSERT_TRUE(WriteSafetensors(dir.file("model.safetensors"), fewer).ok());
   auto r = LoadModel(dir.path());
   ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.status().message().find("model.layers.1.mlp.up_proj.weight"), std::string::npos) << r.status();
+  EXPECT_NE(r.status().message().find("model.layers.1.mlp.up_proj.weight"), std::string::npos)
+      << r.status();
   // Wrong shape.
   NamedTensors wrong;
   for (auto& [n, t] : named) wrong.emplace_back(n, n == "model.norm.weight" ? at::ones({3}) : t);
@@ -163,14 +170,23 @@ TEST(ModelLoadTest, MissingTensorAndWrongShapeNameTheTensor) {
 }
 
 TEST(ConfigTest, ParsesHuggingFaceFields) {
-  nlohmann::json j = {{"hidden_size", 2048},       {"intermediate_size", 8192},
-                      {"num_hidden_layers", 16},   {"num_attention_heads", 32},
-                      {"num_key_value_heads", 8},  {"vocab_size", 128256},
-                      {"rms_norm_eps", 1e-5},      {"rope_theta", 500000.0},
-                      {"tie_word_embeddings", true}, {"bos_token_id", 128000},
+  nlohmann::json j = {{"hidden_size", 2048},
+                      {"intermediate_size", 8192},
+                      {"num_hidden_layers", 16},
+                      {"num_attention_heads", 32},
+                      {"num_key_value_heads", 8},
+                      {"vocab_size", 128256},
+                      {"rms_norm_eps", 1e-5},
+                      {"rope_theta", 500000.0},
+                      {"tie_word_embeddings", true},
+                      {"bos_token_id", 128000},
                       {"eos_token_id", {128001, 128008, 128009}},
-                      {"rope_scaling", {{"rope_type", "llama3"}, {"factor", 32.0}, {"low_freq_factor", 1.0},
-                                        {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}}}};
+                      {"rope_scaling",
+                       {{"rope_type", "llama3"},
+                        {"factor", 32.0},
+                        {"low_freq_factor", 1.0},
+                        {"high_freq_factor", 4.0},
+                        {"original_max_position_embeddings", 8192}}}};
   auto c = ParseModelConfig(j);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->head_dim, 64);

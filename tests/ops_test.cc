@@ -93,14 +93,16 @@ TEST(RmsNormTest, ByHand) {
   EXPECT_NEAR(out[0], 1 * r * 1, 1e-6);
   EXPECT_NEAR(out[1], 2 * r * 0.5, 1e-6);
   EXPECT_NEAR(out[2], 3 * r * 2, 1e-6);
-  at::Tensor t = RmsNormTorch(at::tensor({1.f, 2.f, 3.f, 4.f}), at::tensor({1.f, 0.5f, 2.f, 1.f}), 1e-6);
+  at::Tensor t =
+      RmsNormTorch(at::tensor({1.f, 2.f, 3.f, 4.f}), at::tensor({1.f, 0.5f, 2.f, 1.f}), 1e-6);
   EXPECT_NEAR(t[3].item<float>(), 4 * r, 1e-6);
 }
 
 // Every path (GEMV, skinny, GEMM) on odd sizes, prefix (strided) weights, batch 1..33.
 TEST(KernelTest, LinearMatchesTorchOnOddSizesAndPrefixViews) {
   at::manual_seed(0);
-  for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {5, 131}, {64, 70}, {129, 3}}) {
+  for (auto [out, in] :
+       std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {5, 131}, {64, 70}, {129, 3}}) {
     at::Tensor full = at::randn({out + 7, in + 11});
     at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);  // prefix view, row stride in+11
     at::Tensor bias = at::randn({out});

@@ -45,7 +45,8 @@ struct TestServer {
     Model m = RandomModel(c, 11, 0.3);
     EXPECT_TRUE(SaveModel(m, dir.file("model")).ok());
     EXPECT_TRUE(WriteByteTokenizer(dir.file("model")).ok());
-    std::ofstream(dir.file("calib.txt")) << std::string(300, 'a') << " some calibration text for the test server.";
+    std::ofstream(dir.file("calib.txt"))
+        << std::string(300, 'a') << " some calibration text for the test server.";
     CalibrateOptions o;
     o.model_dir = dir.file("model");
     o.out_dir = dir.file("super");
@@ -59,7 +60,8 @@ struct TestServer {
     if (adapters) {
       SmolConfig sc;
       sc.rank = 4;
-      smol = std::make_unique<Smol>(supernet->base(), static_cast<int64_t>(supernet->spec().widths.size()), sc, 5);
+      smol = std::make_unique<Smol>(supernet->base(),
+                                    static_cast<int64_t>(supernet->spec().widths.size()), sc, 5);
       for (auto& [n, t] : smol->NamedParameters())
         if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.2);
       so.smol = smol.get();
@@ -71,8 +73,10 @@ struct TestServer {
     svo.limits.max_new_tokens = 200;
     svo.auth_token = token;
     auto profiles = ProfilesFromSupernet(*supernet);
-    for (auto& p : profiles) p.measured_decode_ms = 0.001 * p.decode_weight_bytes / 1000.0;  // deterministic
-    service = std::make_unique<AmoebaService>(*supernet, *scheduler, &metrics, svo, HostSpeed{}, profiles);
+    for (auto& p : profiles)
+      p.measured_decode_ms = 0.001 * p.decode_weight_bytes / 1000.0;  // deterministic
+    service = std::make_unique<AmoebaService>(*supernet, *scheduler, &metrics, svo, HostSpeed{},
+                                              profiles);
     grpc::EnableDefaultHealthCheckService(true);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
     grpc::ServerBuilder b;
@@ -124,13 +128,14 @@ v1::GenerateRequest Req(const std::string& text, int depth, double width, int n)
 }
 
 // The same greedy generation locally, on the extracted subnet (with adapters merged if given).
-std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const std::string& text, int n,
-                                 const Smol* smol = nullptr) {
+std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const std::string& text,
+                                 int n, const Smol* smol = nullptr) {
   at::InferenceMode g;
   auto m = s.Extract(shape);
   if (smol) {
     const auto& layers = s.spec().FindDepth(shape.depth)->layers;
-    *m = smol->Merge(*m, smol->Gate(smol->ShapeFeature(layers, s.WidthIndex(shape.width)), false), layers);
+    *m = smol->Merge(*m, smol->Gate(smol->ShapeFeature(layers, s.WidthIndex(shape.width)), false),
+                     layers);
   }
   Engine e(std::make_shared<const Model>(std::move(*m)), {.max_len = 128});
   KVCache c = e.NewCache(1);
@@ -163,7 +168,8 @@ TEST(ServerTest, TunedSupernetServesWithMergedAdapters) {
   for (Shape sh : {Shape{5, 1.0}, Shape{3, 0.625}}) {
     Streamed s = Stream(c, Req("Hello there", static_cast<int>(sh.depth), sh.width, 10));
     ASSERT_TRUE(s.status.ok()) << s.status.error_message();
-    EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "Hello there", 10, ts.smol.get())) << sh.ToString();
+    EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "Hello there", 10, ts.smol.get()))
+        << sh.ToString();
   }
   // The adapters matter: without them the output differs.
   Streamed s = Stream(c, Req("Hello there", 5, 1.0, 10));
@@ -197,20 +203,25 @@ TEST(ServerTest, BudgetPicksThePlannedShape) {
 
 TEST(ServerTest, ConcurrentShapesCompleteAndBatchingMatchesUnbatched) {
   TestServer ts;
-  std::vector<std::pair<std::string, Shape>> jobs = {{"alpha", {5, 1.0}}, {"beta", {5, 1.0}}, {"gamma", {5, 1.0}},
-                                                     {"delta", {4, 0.75}}, {"eps", {3, 0.625}}};
+  std::vector<std::pair<std::string, Shape>> jobs = {{"alpha", {5, 1.0}},
+                                                     {"beta", {5, 1.0}},
+                                                     {"gamma", {5, 1.0}},
+                                                     {"delta", {4, 0.75}},
+                                                     {"eps", {3, 0.625}}};
   std::vector<Streamed> results(jobs.size());
   std::vector<std::thread> threads;
   for (size_t i = 0; i < jobs.size(); ++i) {
     threads.emplace_back([&, i] {
       auto c = ts.Client();
-      results[i] = Stream(c, Req(jobs[i].first, static_cast<int>(jobs[i].second.depth), jobs[i].second.width, 16));
+      results[i] = Stream(
+          c, Req(jobs[i].first, static_cast<int>(jobs[i].second.depth), jobs[i].second.width, 16));
     });
   }
   for (auto& t : threads) t.join();
   for (size_t i = 0; i < jobs.size(); ++i) {
     ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
-    EXPECT_EQ(results[i].tokens, LocalGreedy(*ts.supernet, jobs[i].second, jobs[i].first, 16)) << jobs[i].first;
+    EXPECT_EQ(results[i].tokens, LocalGreedy(*ts.supernet, jobs[i].second, jobs[i].first, 16))
+        << jobs[i].first;
   }
 }
 
@@ -222,7 +233,8 @@ TEST(ServerTest, CancelFreesTheSlotAndDeadlinesAreReported) {
   {
     // Cancel after the first streamed message.
     grpc::ClientContext ctx;
-    auto stub = v1::Amoeba::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", ts.port), grpc::InsecureChannelCredentials()));
+    auto stub = v1::Amoeba::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", ts.port),
+                                                        grpc::InsecureChannelCredentials()));
     auto req = Req("cancel me", 5, 1.0, 200);
     req.mutable_sampling()->set_temperature(1.0);
     req.add_stop("\x01\x02\x03");
@@ -311,7 +323,10 @@ TEST(ServerTest, InvalidFieldsAreInvalidArgumentAndTheServerKeepsServing) {
       {"sampling.top_p", [](auto& r) { r.mutable_sampling()->set_top_p(1.5f); }},
       {"max_new_tokens", [](auto& r) { r.set_max_new_tokens(100000); }},
       {"max_new_tokens", [](auto& r) { r.set_max_new_tokens(0); }},
-      {"stop", [](auto& r) { for (int i = 0; i < 20; ++i) *r.add_stop() = std::string(1, 's'); }},
+      {"stop",
+       [](auto& r) {
+         for (int i = 0; i < 20; ++i) *r.add_stop() = std::string(1, 's');
+       }},
       {"budget.max_params", [](auto& r) { r.mutable_budget()->set_max_params(-1); }},
   };
   for (const auto& k : cases) {
@@ -319,7 +334,8 @@ TEST(ServerTest, InvalidFieldsAreInvalidArgumentAndTheServerKeepsServing) {
     k.edit(r);
     Streamed s = Stream(c, r);
     EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << k.field;
-    EXPECT_NE(s.status.error_message().find(k.field), std::string::npos) << s.status.error_message();
+    EXPECT_NE(s.status.error_message().find(k.field), std::string::npos)
+        << s.status.error_message();
   }
   EXPECT_TRUE(Stream(c, Req("still fine", 5, 1.0, 3)).status.ok());
 }
@@ -335,7 +351,8 @@ TEST(ServerTest, HealthReflectionAndMetrics) {
   EXPECT_EQ(st, "NOT_SERVING");
   ts.server->GetHealthCheckService()->SetServingStatus(true);
   // Reflection lists the service.
-  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", ts.port), grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", ts.port), grpc::InsecureChannelCredentials());
   auto refl = grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
   grpc::ClientContext ctx;
   auto stream = refl->ServerReflectionInfo(&ctx);
@@ -352,7 +369,8 @@ TEST(ServerTest, HealthReflectionAndMetrics) {
   // Metrics after a request parse as Prometheus text format and carry the shape label.
   ASSERT_TRUE(Stream(c, Req("metrics", 4, 0.875, 3)).status.ok());
   const std::string text = ts.metrics.Render();
-  const std::regex sample(R"(^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.eE+\-]+|[-+]Inf|NaN$)");
+  const std::regex sample(
+      R"(^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.eE+\-]+|[-+]Inf|NaN$)");
   int samples = 0;
   std::istringstream in(text);
   for (std::string line; std::getline(in, line);) {
@@ -366,7 +384,8 @@ TEST(ServerTest, HealthReflectionAndMetrics) {
     ++samples;
   }
   EXPECT_GT(samples, 10);
-  EXPECT_NE(text.find("amoeba_time_to_first_token_seconds_bucket{shape=\"depth=4,width=0.875\""), std::string::npos);
+  EXPECT_NE(text.find("amoeba_time_to_first_token_seconds_bucket{shape=\"depth=4,width=0.875\""),
+            std::string::npos);
 }
 
 TEST(ServerTest, ExportOverGrpcMatchesTheServersSubnetAndNeedsTheToken) {

@@ -236,8 +236,12 @@ TEST(DepthTest, InterruptedSearchResumesFromItsState) {
     for (int l : active) s += (l * 7 % 5) + 0.1 * l;
     return s;
   };
-  DepthSearchOptions o{.num_layers = 8, .min_depth = 4, .keep_last = 1, .state_path = dir.file("state.json"),
-                       .fingerprint = "fp", .show_progress = false};
+  DepthSearchOptions o{.num_layers = 8,
+                       .min_depth = 4,
+                       .keep_last = 1,
+                       .state_path = dir.file("state.json"),
+                       .fingerprint = "fp",
+                       .show_progress = false};
   auto full = DpDepthSearch(o, add);
   ASSERT_TRUE(full.ok());
   const int first = evals;
@@ -272,8 +276,9 @@ struct SupernetOnDisk {
     m = RandomModel(m.config, 7, 0.15);
     EXPECT_TRUE(SaveModel(m, model_dir).ok());
     EXPECT_TRUE(WriteByteTokenizer(model_dir).ok());
-    std::ofstream(dir.file("calib.txt")) << std::string(200, 'x') << " the quick brown fox jumps over the lazy dog "
-                                         << "and keeps on running until the end of the calibration text.";
+    std::ofstream(dir.file("calib.txt"))
+        << std::string(200, 'x') << " the quick brown fox jumps over the lazy dog "
+        << "and keeps on running until the end of the calibration text.";
     CalibrateOptions o = SmallOptions();
     o.model_dir = model_dir;
     o.out_dir = super_dir;
@@ -372,8 +377,10 @@ TEST(CalibrationDataTest, WindowsAreDeterministicAndJsonlWorks) {
   std::ofstream(dir.file("bad.jsonl")) << "{\"txt\": 1}\n";
   auto bad = ReadCorpus(dir.file("bad.jsonl"));
   EXPECT_NE(bad.status().message().find("bad.jsonl:1"), std::string::npos);
-  std::ofstream(dir.file("mc.jsonl")) << R"({"prompt": "2+2=", "choices": ["4", "5"], "answer": 0})" << "\n"
-                                      << R"({"prompt": "x", "choices": ["a"], "answer": 0})" << "\n";
+  std::ofstream(dir.file("mc.jsonl")) << R"({"prompt": "2+2=", "choices": ["4", "5"], "answer": 0})"
+                                      << "\n"
+                                      << R"({"prompt": "x", "choices": ["a"], "answer": 0})"
+                                      << "\n";
   EXPECT_FALSE(ReadMultipleChoice(dir.file("mc.jsonl")).ok());
 }
 

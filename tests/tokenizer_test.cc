@@ -24,7 +24,8 @@ std::string ByteSymbol(int b) {  // GPT-2 bytes_to_unicode, written out for the 
     if (x == b) cp = c;
   }
   std::string s;
-  if (cp < 0x80) s.push_back(static_cast<char>(cp));
+  if (cp < 0x80)
+    s.push_back(static_cast<char>(cp));
   else {
     s.push_back(static_cast<char>(0xC0 | (cp >> 6)));
     s.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
@@ -42,16 +43,20 @@ std::string WriteTestBpe(const TempDir& dir) {
   vocab["hell"] = 258;
   vocab[G + "w"] = 259;
   vocab["or"] = 260;
-  json j = {{"added_tokens", {{{"id", 261}, {"content", "<|end|>"}, {"special", true}}}},
-            {"pre_tokenizer",
-             {{"type", "Sequence"},
-              {"pretokenizers",
-               {{{"type", "Split"},
-                 {"pattern", {{"Regex", R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"}}},
-                 {"behavior", "Isolated"},
-                 {"invert", false}},
-                {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}}},
-            {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"h e", "l l", "he ll", G + " w", "o r"}}}}};
+  json j = {
+      {"added_tokens", {{{"id", 261}, {"content", "<|end|>"}, {"special", true}}}},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         {{{"type", "Split"},
+           {"pattern",
+            {{"Regex",
+              R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"}}},
+           {"behavior", "Isolated"},
+           {"invert", false}},
+          {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}}},
+      {"model",
+       {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"h e", "l l", "he ll", G + " w", "o r"}}}}};
   const std::string p = dir.file("tokenizer.json");
   EXPECT_TRUE(WriteFileAtomic(p, j.dump()).ok());
   return p;
@@ -74,8 +79,9 @@ TEST(BpeTokenizerTest, UnicodeRoundTrip) {
   TempDir dir;
   auto tok = LoadBpeTokenizerJson(WriteTestBpe(dir));
   ASSERT_TRUE(tok.ok());
-  for (std::string s : {"héllo wörld — 日本語のテキスト 🙂🚀", "tabs\tand\n\nnewlines  spaces ",
-                        "don't 123456 x²", "Ελληνικά кириллица عربى"}) {
+  for (std::string s :
+       {"héllo wörld — 日本語のテキスト 🙂🚀", "tabs\tand\n\nnewlines  spaces ",
+        "don't 123456 x²", "Ελληνικά кириллица عربى"}) {
     auto ids = (*tok)->Encode(s);
     EXPECT_EQ((*tok)->Decode(ids), s);
   }
@@ -107,7 +113,10 @@ TEST(StreamingDecoderTest, NeverEmitsHalfACharacter) {
   out += bad.Push(3 + 'a');
   out += bad.Push(3 + 0xE6);
   out += bad.Flush();
-  EXPECT_EQ(out, "\xEF\xBF\xBD" "a" "\xEF\xBF\xBD");
+  EXPECT_EQ(out,
+            "\xEF\xBF\xBD"
+            "a"
+            "\xEF\xBF\xBD");
 }
 
 TEST(SentencePieceTest, TrainEncodeDecode) {
@@ -115,7 +124,8 @@ TEST(SentencePieceTest, TrainEncodeDecode) {
   const std::string text = dir.file("corpus.txt");
   {
     std::ofstream f(text);
-    const char* words[] = {"the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "and", "big", "red"};
+    const char* words[] = {"the", "cat", "sat",  "on",  "mat", "a",  "dog",
+                           "ran", "to",  "park", "and", "big", "red"};
     uint64_t x = 7;
     for (int line = 0; line < 3000; ++line) {
       for (int w = 0; w < 8; ++w) {
