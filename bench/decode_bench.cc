@@ -22,7 +22,7 @@ struct Options {
   std::string presets = "100m";
   std::string batches = "1,8";
   int prompt_len = 128;
-  int decode_steps = 32;
+  int decode_steps = 64;
   int threads = 0;
   std::string out_json = "bench/results/decode.json";
   std::string out_md = "bench/results/decode.md";
@@ -38,12 +38,14 @@ int Run(const Options& o) {
                         {"results", nlohmann::json::array()}};
   std::vector<int> batches;
   for (auto s : absl::StrSplit(o.batches, ',')) batches.push_back(std::stoi(std::string(s)));
-  std::string md = "# bench/decode\n\nMemory read bandwidth: " + fmt::format("{:.1f}", bw) +
-                   " GB/s, " + std::to_string(at::get_num_threads()) +
-                   " threads. Roofline = bandwidth / weight bytes per decode step.\n\n" +
-                   "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | "
-                   "per stream | roofline tok/s (batch 1) | % of roofline |\n"
-                   "|---|---|---|---|---|---|---|---|---|\n";
+  std::string md =
+      "# bench/decode\n\nMemory read bandwidth: " + fmt::format("{:.1f}", bw) + " GB/s, " +
+      std::to_string(at::get_num_threads()) +
+      " threads. Roofline = bandwidth / weight bytes per decode step.\n\n" +
+      "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | "
+      "per stream | GB/s probed just before | fp32 roofline tok/s (batch 1) | % of roofline per "
+      "step |\n"
+      "|---|---|---|---|---|---|---|---|---|---|\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     auto cfg = PresetConfig(std::string(name));
     if (!cfg.ok()) {
@@ -54,7 +56,6 @@ int Run(const Options& o) {
     auto model = std::make_shared<const Model>(RandomModel(*cfg, 0));
     auto model16 = std::make_shared<const Model>(ConvertWeights(*model, at::kHalf));
     const double bytes = static_cast<double>(model->DecodeWeightBytes());
-    const double roof = bw * 1e9 / bytes;  // the fp32 roofline (fp16's is twice that)
     struct Variant {
       LinearPath path;
       const char* name;
@@ -67,6 +68,10 @@ int Run(const Options& o) {
       Engine e(v.model, {.max_len = std::max(256, o.prompt_len + 64), .linear_path = v.path});
       const double prefill = PrefillRate(e, o.prompt_len);
       for (int b : batches) {
+        // The shared machine's bandwidth drifts by ~1.5x within minutes: probe it right before
+        // each measurement and compare with that (the header's figure is the first probe).
+        const double bw_now = MeasureReadBandwidthGBs(512, 3);
+        const double roof = bw_now * 1e9 / bytes;
         const double rate = DecodeRate(e, b, o.decode_steps);
         const double pct = 100.0 * (rate / b) / roof;  // per decode step vs one weight pass
         spdlog::info(
@@ -81,12 +86,13 @@ int Run(const Options& o) {
                                   {"prefill_tokens_per_s", prefill},
                                   {"decode_tokens_per_s", rate},
                                   {"decode_tokens_per_s_per_stream", rate / b},
+                                  {"bandwidth_gbs", bw_now},
                                   {"roofline_tokens_per_s", roof},
                                   {"percent_of_roofline_per_step", pct}});
         md += fmt::format(
-            "| {} | {:.0f}M | {} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% |\n",
-            std::string(name), cfg->ParameterCount() / 1e6, pname, prefill, b, rate, rate / b, roof,
-            pct);
+            "| {} | {:.0f}M | {} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% |\n",
+            std::string(name), cfg->ParameterCount() / 1e6, pname, prefill, b, rate, rate / b,
+            bw_now, roof, pct);
       }
     }
   }

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -128,6 +129,114 @@ AMOEBA_AVX2 void SkinnyAvx2(const T* W, int64_t ld, int64_t in, const float* x, 
   }
 }
 
+// GCC 12's _mm512_undefined_ps (inside _mm512_cvtph_ps, _mm512_reduce_add_ps) trips
+// -Wmaybe-uninitialized by design; the value is never read.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define AMOEBA_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma,f16c")))
+
+// Sixteen weights as fp32 (all, or the first `count` with the rest zero).
+AMOEBA_AVX512 inline __m512 Load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+AMOEBA_AVX512 inline __m512 Load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+AMOEBA_AVX512 inline __m512 Load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+AMOEBA_AVX512 inline __m512 Load16(const at::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// R weight rows against C inputs over the whole of `in`: R*C zmm accumulators (≤ 24 of the 32
+// registers), R + C loads per R*C FMAs, one horizontal sum per output at the end. The first input
+// group pulls the rows from DRAM and prefetches the next tile; later groups find them in L1/L2.
+template <int R, int C, typename T>
+AMOEBA_AVX512 inline void TileAvx512(const T* W, int64_t ld, int64_t in, const float* x, int64_t n0,
+                                     float* y, int64_t out, int64_t r, int rows, int group,
+                                     int groups) {
+  const T* w[R];
+  for (int a = 0; a < R; ++a) w[a] = W + (r + std::min(a, rows - 1)) * ld;
+  const float* xr[C];
+  for (int j = 0; j < C; ++j) xr[j] = x + (n0 + j) * in;
+  __m512 acc[R][C];
+  for (int a = 0; a < R; ++a)
+    for (int j = 0; j < C; ++j) acc[a][j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    if (((i >> 4) % groups) == group) {
+      for (int a = 0; a < R; ++a)
+        _mm_prefetch(reinterpret_cast<const char*>(w[a] + R * ld + i), _MM_HINT_T0);
+    }
+    __m512 wv[R];
+    for (int a = 0; a < R; ++a) wv[a] = Load16(w[a] + i);
+    for (int j = 0; j < C; ++j) {
+      __m512 xv = _mm512_loadu_ps(xr[j] + i);
+      // Keep xv in a register: folded into each FMA as a memory operand, it would be loaded R
+      // times, and loads (not FMAs) would bound the loop.
+      asm("" : "+v"(xv));
+      for (int a = 0; a < R; ++a) acc[a][j] = _mm512_fmadd_ps(wv[a], xv, acc[a][j]);
+    }
+  }
+  if (i < in) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (in - i)) - 1);
+    __m512 wv[R];
+    for (int a = 0; a < R; ++a) wv[a] = Load16(w[a] + i, m);
+    for (int j = 0; j < C; ++j) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xr[j] + i);
+      for (int a = 0; a < R; ++a) acc[a][j] = _mm512_fmadd_ps(wv[a], xv, acc[a][j]);
+    }
+  }
+  for (int j = 0; j < C; ++j)
+    for (int a = 0; a < rows; ++a) y[(n0 + j) * out + r + a] = _mm512_reduce_add_ps(acc[a][j]);
+}
+
+// Tiles of R rows; inputs in groups of C (the remainder group uses a narrower tile).
+template <int R, int C, typename T>
+AMOEBA_AVX512 void SkinnyRowsAvx512(const T* W, int64_t ld, int64_t in, const float* x, int64_t n,
+                                    float* y, int64_t out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
+    // Every input group prefetches its share of the next tile's rows, so DRAM reads are spread
+    // over the whole tile's compute instead of bunched into the first group.
+    const int groups = static_cast<int>((n + C - 1) / C);
+    int64_t n0 = 0;
+    for (; n0 + C <= n; n0 += C)
+      TileAvx512<R, C>(W, ld, in, x, n0, y, out, r, rows, static_cast<int>(n0 / C), groups);
+    const int g = static_cast<int>(n0 / C);
+    switch (n - n0) {
+      case 4:
+        TileAvx512<R, 4>(W, ld, in, x, n0, y, out, r, rows, g, groups);
+        break;
+      case 3:
+        TileAvx512<R, 3>(W, ld, in, x, n0, y, out, r, rows, g, groups);
+        break;
+      case 2:
+        TileAvx512<R, 2>(W, ld, in, x, n0, y, out, r, rows, g, groups);
+        break;
+      case 1:
+        TileAvx512<R, 1>(W, ld, in, x, n0, y, out, r, rows, g, groups);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// Tile shape by batch: groups of C = 4 inputs against R = 6 weight rows (24 accumulators) measured
+// best on streamed weights (wider input groups, e.g. 3x8, spill x out of L1 at n = 16).
+template <typename T>
+void SkinnyAvx512(const T* W, int64_t ld, int64_t in, const float* x, int64_t n, float* y,
+                  int64_t out, int64_t r0, int64_t r1) {
+  if (n >= 4) {
+    SkinnyRowsAvx512<6, 4>(W, ld, in, x, n, y, out, r0, r1);
+  } else if (n == 3) {
+    SkinnyRowsAvx512<6, 3>(W, ld, in, x, n, y, out, r0, r1);
+  } else {
+    SkinnyRowsAvx512<8, 2>(W, ld, in, x, n, y, out, r0, r1);
+  }
+}
+
 template <typename T>
 void SkinnyScalar(const T* W, int64_t ld, int64_t in, const float* x, int64_t n, float* y,
                   int64_t out, int64_t r0, int64_t r1) {
@@ -165,13 +274,17 @@ void LinearTyped(const float* x, int64_t n, const at::Tensor& W, float* y, Linea
     } else {
       at::mm_out(yt, xt, wf.t());
     }
-  } else if (!CpuHasAvx2Fma()) {
+  } else if (ActiveKernelIsa() == KernelIsa::kScalar) {
     at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) {
       SkinnyScalar(w, ld, in, x, n, y, out, r0, r1);
     });
   } else if (n == 1) {
     at::parallel_for(0, out, GrainRows(out),
                      [&](int64_t r0, int64_t r1) { GemvAvx2(w, ld, in, x, y, r0, r1); });
+  } else if (ActiveKernelIsa() == KernelIsa::kAvx512) {
+    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) {
+      SkinnyAvx512(w, ld, in, x, n, y, out, r0, r1);
+    });
   } else {
     at::parallel_for(0, out, GrainRows(out),
                      [&](int64_t r0, int64_t r1) { SkinnyAvx2(w, ld, in, x, n, y, out, r0, r1); });
@@ -179,6 +292,42 @@ void LinearTyped(const float* x, int64_t n, const at::Tensor& W, float* y, Linea
 }
 
 }  // namespace
+
+namespace {
+std::atomic<int> g_forced_isa{static_cast<int>(KernelIsa::kAuto)};
+}  // namespace
+
+bool CpuHasAvx512() {
+  static const bool has = CpuHasAvx2Fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+
+void ForceKernelIsa(KernelIsa isa) {
+  g_forced_isa.store(static_cast<int>(isa));
+}
+
+KernelIsa ActiveKernelIsa() {
+  const auto best = CpuHasAvx512()    ? KernelIsa::kAvx512
+                    : CpuHasAvx2Fma() ? KernelIsa::kAvx2
+                                      : KernelIsa::kScalar;
+  const auto forced = static_cast<KernelIsa>(g_forced_isa.load(std::memory_order_relaxed));
+  if (forced == KernelIsa::kAuto || static_cast<int>(forced) > static_cast<int>(best)) return best;
+  return forced;
+}
+
+const char* KernelIsaName(KernelIsa isa) {
+  switch (isa) {
+    case KernelIsa::kAvx512:
+      return "avx512";
+    case KernelIsa::kAvx2:
+      return "avx2";
+    case KernelIsa::kScalar:
+      return "scalar";
+    default:
+      return "auto";
+  }
+}
 
 bool CpuHasAvx2Fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&

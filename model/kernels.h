@@ -34,5 +34,13 @@ void Axpy(float alpha, const float* x, float* y, int64_t n);
 
 // True when the CPU has AVX2, FMA and F16C (the fast paths are used).
 bool CpuHasAvx2Fma();
+bool CpuHasAvx512();
+
+// Instruction sets of the skinny-GEMM path, best last. kAuto = the best this CPU has.
+enum class KernelIsa { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// Caps the instruction set (tests and benchmarks compare paths); never raises it above the CPU's.
+void ForceKernelIsa(KernelIsa isa);
+KernelIsa ActiveKernelIsa();
+const char* KernelIsaName(KernelIsa isa);
 
 }  // namespace amoeba

@@ -98,22 +98,38 @@ TEST(RmsNormTest, ByHand) {
   EXPECT_NEAR(t[3].item<float>(), 4 * r, 1e-6);
 }
 
-// Every path (GEMV, skinny, GEMM) on odd sizes, prefix (strided) weights, batch 1..33.
+// The instruction sets this CPU can run (each test covers all of them, not only the best).
+std::vector<KernelIsa> AvailableIsas() {
+  std::vector<KernelIsa> isas;
+  for (KernelIsa isa : {KernelIsa::kScalar, KernelIsa::kAvx2, KernelIsa::kAvx512}) {
+    ForceKernelIsa(isa);
+    if (ActiveKernelIsa() == isa) isas.push_back(isa);
+  }
+  ForceKernelIsa(KernelIsa::kAuto);
+  return isas;
+}
+
+// Every path (GEMV, skinny, GEMM) × instruction set on odd sizes, prefix (strided) weights,
+// batch 1..33.
 TEST(KernelTest, LinearMatchesTorchOnOddSizesAndPrefixViews) {
   at::manual_seed(0);
   for (auto [out, in] :
-       std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {5, 131}, {64, 70}, {129, 3}}) {
+       std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {5, 131}, {64, 70}, {129, 3}, {50, 47}}) {
     at::Tensor full = at::randn({out + 7, in + 11});
     at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);  // prefix view, row stride in+11
     at::Tensor bias = at::randn({out});
-    for (int64_t n = 1; n <= 33; ++n) {
-      at::Tensor x = at::randn({n, in});
-      at::Tensor y = at::empty({n, out});
-      Linear(x.data_ptr<float>(), n, W, bias.data_ptr<float>(), y.data_ptr<float>());
-      at::Tensor ref = at::linear(x, W, bias);
-      const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
-      EXPECT_LT(rel, 1e-5) << out << "x" << in << " n=" << n;
+    for (KernelIsa isa : AvailableIsas()) {
+      ForceKernelIsa(isa);
+      for (int64_t n = 1; n <= 33; ++n) {
+        at::Tensor x = at::randn({n, in});
+        at::Tensor y = at::empty({n, out});
+        Linear(x.data_ptr<float>(), n, W, bias.data_ptr<float>(), y.data_ptr<float>());
+        at::Tensor ref = at::linear(x, W, bias);
+        const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
+        EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
+      }
     }
+    ForceKernelIsa(KernelIsa::kAuto);
   }
 }
 
@@ -130,14 +146,18 @@ TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
     at::Tensor full = at::randn({out + 5, in + 9}).to(at::kHalf);
     at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);  // prefix view of half weights
     at::Tensor Wf = W.to(at::kFloat);
-    for (int64_t n = 1; n <= 33; ++n) {
-      at::Tensor x = at::randn({n, in});
-      at::Tensor y = at::empty({n, out});
-      Linear(x.data_ptr<float>(), n, W, nullptr, y.data_ptr<float>());
-      at::Tensor ref = at::linear(x, Wf);
-      const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
-      EXPECT_LT(rel, 1e-5) << out << "x" << in << " n=" << n;
+    for (KernelIsa isa : AvailableIsas()) {
+      ForceKernelIsa(isa);
+      for (int64_t n = 1; n <= 33; ++n) {
+        at::Tensor x = at::randn({n, in});
+        at::Tensor y = at::empty({n, out});
+        Linear(x.data_ptr<float>(), n, W, nullptr, y.data_ptr<float>());
+        at::Tensor ref = at::linear(x, Wf);
+        const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
+        EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
+      }
     }
+    ForceKernelIsa(KernelIsa::kAuto);
   }
 }
 
