@@ -142,6 +142,25 @@ Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
   return m;
 }
 
+Model Smol::AttachUnmerged(const Model& subnet, const at::Tensor& gate,
+                           const std::vector<int>& layer_ids) const {
+  Model m = subnet;
+  const double s = scale();
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    for (int p = 0; p < kNumProj; ++p) {
+      const Adapter* a = Find(layer_ids.at(i), static_cast<Proj>(p));
+      if (!a) continue;
+      const at::Tensor& W = ProjWeight(m.layers[i], static_cast<Proj>(p));
+      const int64_t out = W.size(0), in = W.size(1);
+      if (out == 0 || in == 0) continue;
+      LowRankDelta& d = m.layers[i].deltas[p];
+      d.down = (at::tensordot(gate, a->A.narrow(2, 0, in), {0}, {0}) * s).contiguous();
+      d.up = at::tensordot(gate, a->B.narrow(1, 0, out), {0}, {0}).contiguous();
+    }
+  }
+  return m;
+}
+
 std::vector<std::pair<std::string, at::Tensor>> Smol::NamedParameters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (int64_t l = 0; l < num_layers_; ++l) {

@@ -52,6 +52,12 @@ class Smol {
   // The subnet with ΔW = s · B_mix A_mix folded into (copies of) its sliced weights.
   Model Merge(const Model& subnet, const at::Tensor& gate, const std::vector<int>& layer_ids) const;
 
+  // The subnet (still views of the supernet) with each adapted projection carrying ΔW unmerged as
+  // a low-rank delta: down = s · A_mix, up = B_mix, sliced to the subnet's widths. Costs only the
+  // adapters' size, so any shape can run at once; Merge is the faster copy for hot shapes.
+  Model AttachUnmerged(const Model& subnet, const at::Tensor& gate,
+                       const std::vector<int>& layer_ids) const;
+
   // Trainable tensors (experts and router), in a stable order with names.
   std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;
   void SetRequiresGrad(bool on);

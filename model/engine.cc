@@ -37,6 +37,19 @@ void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
   }
 }
 
+void Engine::Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& bias,
+                     const LowRankDelta& delta, float* y) {
+  const LinearPath path = options_.linear_path;
+  Linear(x, n, W, bias.defined() ? bias.data_ptr<float>() : nullptr, y, path);
+  if (!delta.defined()) return;
+  const int64_t r = delta.down.size(0), out = delta.up.size(0);
+  if (static_cast<int64_t>(delta_mid_.size()) < n * r) delta_mid_.resize(n * r);
+  if (static_cast<int64_t>(delta_out_.size()) < n * out) delta_out_.resize(n * out);
+  Linear(x, n, delta.down, nullptr, delta_mid_.data(), path);
+  Linear(delta_mid_.data(), n, delta.up, nullptr, delta_out_.data(), path);
+  AddInPlace(y, delta_out_.data(), n * out);
+}
+
 void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs) {
   const LayerWeights& lw = model_->layers[layer];
   const int64_t hd = model_->config.head_dim;
@@ -45,16 +58,15 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   const int64_t group = hq / hkv;
   const int64_t qdim = hq * hd, kvdim = hkv * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  at::Tensor K = cache.k(layer), V = cache.v(layer);  // [slots, hkv, max_len, hd]
   const int64_t max_len = cache.max_len();
-  float* kc = K.data_ptr<float>();
-  float* vc = V.data_ptr<float>();
   const float* q = q_.data_ptr<float>();
   const float* kn = k_.data_ptr<float>();
   const float* vn = v_.data_ptr<float>();
   float* att = att_.data_ptr<float>();
-  auto cache_row = [&](float* base, int64_t slot, int64_t head, int64_t pos) {
-    return base + ((slot * hkv + head) * max_len + pos) * hd;
+  // Slot storage is [hkv, capacity, hd] per layer (Forward reserved room for the new tokens).
+  auto cache_row = [&](bool key, int64_t slot, int64_t head, int64_t pos) {
+    at::Tensor& t = key ? cache.k(layer, slot) : cache.v(layer, slot);
+    return t.data_ptr<float>() + (head * cache.capacity(slot) + pos) * hd;
   };
 
   // 1. Append the new keys/values.
@@ -63,9 +75,9 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t h = 0; h < hkv; ++h) {
-        std::memcpy(cache_row(kc, s.slot, h, p0 + t), kn + (row + t) * kvdim + h * hd,
+        std::memcpy(cache_row(true, s.slot, h, p0 + t), kn + (row + t) * kvdim + h * hd,
                     hd * sizeof(float));
-        std::memcpy(cache_row(vc, s.slot, h, p0 + t), vn + (row + t) * kvdim + h * hd,
+        std::memcpy(cache_row(false, s.slot, h, p0 + t), vn + (row + t) * kvdim + h * hd,
                     hd * sizeof(float));
       }
     }
@@ -90,9 +102,11 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
         const int64_t h = t % hq, kvh = h / group;
         const float* qv = q + tk.row * qdim + h * hd;
         float* sc = scores + t * max_len;
+        const float* keys = cache_row(true, tk.slot, kvh, 0);
+        const float* values = cache_row(false, tk.slot, kvh, 0);
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < tk.len; ++j) {
-          sc[j] = Dot(qv, cache_row(kc, tk.slot, kvh, j), hd) * scale;
+          sc[j] = Dot(qv, keys + j * hd, hd) * scale;
           mx = std::max(mx, sc[j]);
         }
         float sum = 0.f;
@@ -103,8 +117,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
         float* out = att + tk.row * qdim + h * hd;
         std::memset(out, 0, hd * sizeof(float));
         const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < tk.len; ++j)
-          Axpy(sc[j] * inv, cache_row(vc, tk.slot, kvh, j), out, hd);
+        for (int64_t j = 0; j < tk.len; ++j) Axpy(sc[j] * inv, values + j * hd, out, hd);
       }
     });
   }
@@ -119,8 +132,8 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
       at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
                          .permute({1, 2, 0, 3})
                          .reshape({hkv, group * T, hd});
-      at::Tensor Ks = K[s.slot].narrow(1, 0, L);  // [hkv, L, hd]
-      at::Tensor Vs = V[s.slot].narrow(1, 0, L);
+      at::Tensor Ks = cache.k(layer, s.slot).narrow(1, 0, L);  // [hkv, L, hd]
+      at::Tensor Vs = cache.v(layer, s.slot).narrow(1, 0, L);
       at::Tensor sc = at::bmm(Q, Ks.transpose(1, 2)).mul_(scale).view({hkv, group, T, L});
       // Query t (absolute position p0+t) sees keys j <= p0+t.
       at::Tensor mask = at::ones({T, L}, at::kBool).triu_(p0 + 1);
@@ -162,6 +175,8 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   }
   const int64_t out_rows = all_logits ? n : static_cast<int64_t>(seqs.size());
   EnsureWorkspace(n, out_rows);
+  for (const SeqInput& s : seqs)
+    cache.Reserve(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
 
   const int64_t H = c.hidden_size, hd = c.head_dim;
   float* x = x_.data_ptr<float>();
@@ -183,24 +198,23 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     }
   }
 
-  const LinearPath path = options_.linear_path;
-  auto bias = [](const at::Tensor& b) { return b.defined() ? b.data_ptr<float>() : nullptr; };
   for (size_t li = 0; li < m.layers.size(); ++li) {
     const LayerWeights& l = m.layers[li];
+    const auto& d = l.deltas;
     const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
     RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
     float* q = q_.data_ptr<float>();
     float* k = k_.data_ptr<float>();
-    Linear(h, n, l.q, bias(l.q_bias), q, path);
-    Linear(h, n, l.k, bias(l.k_bias), k, path);
-    Linear(h, n, l.v, bias(l.v_bias), v_.data_ptr<float>(), path);
+    Project(h, n, l.q, l.q_bias, d[0], q);
+    Project(h, n, l.k, l.k_bias, d[1], k);
+    Project(h, n, l.v, l.v_bias, d[2], v_.data_ptr<float>());
     for (int64_t r = 0; r < n; ++r) {
       ApplyRope(q + r * hq * hd, hq, hd, rope_, pos_[r]);
       ApplyRope(k + r * hkv * hd, hkv, hd, rope_, pos_[r]);
     }
     Attention(static_cast<int64_t>(li), cache, seqs);
     if (hq > 0) {
-      Linear(att_.data_ptr<float>(), n, l.o, bias(l.o_bias), tmp, path);
+      Project(att_.data_ptr<float>(), n, l.o, l.o_bias, d[3], tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.o_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
@@ -209,10 +223,10 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     if (inter > 0) {
       float* g = gate_.data_ptr<float>();
       float* u = up_.data_ptr<float>();
-      Linear(h, n, l.gate, bias(l.gate_bias), g, path);
-      Linear(h, n, l.up, bias(l.up_bias), u, path);
+      Project(h, n, l.gate, l.gate_bias, d[4], g);
+      Project(h, n, l.up, l.up_bias, d[5], u);
       SiluMul(g, u, n * inter);
-      Linear(g, n, l.down, bias(l.down_bias), tmp, path);
+      Project(g, n, l.down, l.down_bias, d[6], tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.down_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);
@@ -230,7 +244,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       RmsNorm(x + (row - 1) * H, fn, 1, H, c.rms_norm_eps, h + i * H);
     }
   }
-  Linear(h, out_rows, m.lm_head, nullptr, logits_.data_ptr<float>(), path);
+  Linear(h, out_rows, m.lm_head, nullptr, logits_.data_ptr<float>(), options_.linear_path);
   for (const SeqInput& s : seqs)
     cache.set_length(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
   return logits_.narrow(0, 0, out_rows);

@@ -44,6 +44,9 @@ class Engine {
  private:
   void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
   void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
+  // y[n, out] = x W^T + bias (+ up · down · x when the projection carries a low-rank delta).
+  void Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& bias,
+               const LowRankDelta& delta, float* y);
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
@@ -52,6 +55,7 @@ class Engine {
   int64_t cap_tokens_ = 0, cap_logits_ = 0;
   at::Tensor x_, h_, q_, k_, v_, att_, tmp_, gate_, up_, logits_, scores_;
   std::vector<int64_t> pos_;
+  std::vector<float> delta_mid_, delta_out_;  // low-rank delta scratch (grown, never shrunk)
   struct DecodeTask {
     int64_t row, slot, len;
   };

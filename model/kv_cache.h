@@ -1,6 +1,8 @@
-// Preallocated KV cache: per layer of the model it serves, K and V of shape
-// [slots, kv_heads_of_layer, max_len, head_dim]. A slot holds one sequence; `length(slot)` is how
-// many positions are filled. Layers a subnet skips have no cache at all.
+// KV cache with per-slot storage that grows with the sequence: for each slot and each layer of the
+// model it serves, K and V of shape [kv_heads_of_layer, capacity, head_dim]. A slot holds one
+// sequence; `length(slot)` is how many positions are filled. Capacity grows by doubling (from
+// kMinCapacity, up to max_len) when a call needs more, and Reset() releases it, so memory follows
+// the tokens actually held, not slots × max_len. Layers a subnet skips have no cache at all.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -12,23 +14,35 @@ namespace amoeba {
 
 class KVCache {
  public:
+  static constexpr int64_t kMinCapacity = 64;
+
   KVCache() = default;
   KVCache(const Model& model, int64_t slots, int64_t max_len);
 
-  int64_t slots() const { return static_cast<int64_t>(lengths_.size()); }
+  int64_t slots() const { return static_cast<int64_t>(slots_.size()); }
   int64_t max_len() const { return max_len_; }
-  int64_t length(int64_t slot) const { return lengths_.at(slot); }
-  void set_length(int64_t slot, int64_t len) { lengths_.at(slot) = len; }
-  void Reset(int64_t slot) { lengths_.at(slot) = 0; }
-  int64_t num_layers() const { return static_cast<int64_t>(k_.size()); }
-  at::Tensor& k(int64_t layer) { return k_[layer]; }
-  at::Tensor& v(int64_t layer) { return v_[layer]; }
+  int64_t length(int64_t slot) const { return slots_.at(slot).length; }
+  void set_length(int64_t slot, int64_t len) { slots_.at(slot).length = len; }
+  // Empties the slot and gives its memory back.
+  void Reset(int64_t slot);
+  // Makes room for `len` positions in `slot` (keeping what it holds); len <= max_len.
+  void Reserve(int64_t slot, int64_t len);
+  int64_t capacity(int64_t slot) const { return slots_.at(slot).capacity; }
+  int64_t num_layers() const { return static_cast<int64_t>(kv_heads_.size()); }
+  // [kv_heads, capacity(slot), head_dim] of one layer.
+  at::Tensor& k(int64_t layer, int64_t slot) { return slots_[slot].k[layer]; }
+  at::Tensor& v(int64_t layer, int64_t slot) { return slots_[slot].v[layer]; }
+  // Bytes held now (grows and shrinks with the sequences).
   int64_t bytes() const;
 
  private:
-  std::vector<at::Tensor> k_, v_;
-  std::vector<int64_t> lengths_;
-  int64_t max_len_ = 0;
+  struct Slot {
+    std::vector<at::Tensor> k, v;
+    int64_t length = 0, capacity = 0;
+  };
+  std::vector<Slot> slots_;
+  std::vector<int64_t> kv_heads_;
+  int64_t head_dim_ = 0, max_len_ = 0;
 };
 
 }  // namespace amoeba

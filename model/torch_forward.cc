@@ -33,8 +33,13 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
   const ModelConfig& c = m.config;
   const int64_t B = tokens.size(0), T = tokens.size(1), hd = c.head_dim;
   auto lin = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-    if (opt.linear) return opt.linear(layer, p, x, w, b);
-    return at::linear(x, w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()), b);
+    at::Tensor y =
+        opt.linear
+            ? opt.linear(layer, p, x, w, b)
+            : at::linear(x, w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()), b);
+    const LowRankDelta& d = m.layers[layer].deltas[static_cast<int>(p)];
+    if (d.defined()) y = y + at::linear(at::linear(x, d.down), d.up);
+    return y;
   };
 
   // Positions: with a padding mask, each sequence counts only its real tokens (as HF does with

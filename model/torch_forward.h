@@ -10,8 +10,6 @@
 
 namespace amoeba {
 
-enum class Proj { kQ, kK, kV, kO, kGate, kUp, kDown };
-inline constexpr int kNumProj = 7;
 const char* ProjName(Proj p);
 
 // Computes one projection. Default: at::linear(x, weight, bias).

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <string>
 #include <vector>
 
@@ -11,12 +12,25 @@
 
 namespace amoeba {
 
+// The seven projections of a layer, in this order wherever they are indexed.
+enum class Proj { kQ, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kNumProj = 7;
+
+// An additive low-rank term on a projection, y += up · (down · x): runtime adapters (LoRA kept
+// unmerged) run this way without copying the weight. Undefined tensors when absent.
+struct LowRankDelta {
+  at::Tensor down;  // [r, in], fp32, contiguous
+  at::Tensor up;    // [out, r], fp32, contiguous
+  bool defined() const { return down.defined(); }
+};
+
 struct LayerWeights {
   at::Tensor attn_norm, mlp_norm;  // [hidden]
   at::Tensor q, k, v, o;           // [q_heads*hd, hidden], [kv*hd, hidden] x2, [hidden, q_heads*hd]
   at::Tensor gate, up, down;       // [inter, hidden] x2, [hidden, inter]
   at::Tensor q_bias, k_bias, v_bias, o_bias;  // optional (undefined when absent)
   at::Tensor gate_bias, up_bias, down_bias;   // optional
+  std::array<LowRankDelta, kNumProj> deltas;  // by Proj; usually all absent
 
   int64_t q_heads(int64_t head_dim) const { return q.size(0) / head_dim; }
   int64_t kv_heads(int64_t head_dim) const { return k.size(0) / head_dim; }

@@ -10,6 +10,7 @@
 #include "distill/pretrain.h"
 #include "distill/tuner.h"
 #include "lora/smol.h"
+#include "model/engine.h"
 #include "model/presets.h"
 #include "model/torch_forward.h"
 #include "subnet/calibrate.h"
@@ -78,6 +79,46 @@ TEST(SmolTest, MergedEqualsUnmergedForSeveralShapes) {
     EXPECT_LT(MaxAbsDiff(unmerged, merged), 1e-4) << sh.ToString();
     EXPECT_GT(MaxAbsDiff(unmerged, TorchForward(sub, tok)), 1e-3)
         << "the adapters change the output";
+  }
+}
+
+// The serving path for cold shapes: adapters attached as low-rank deltas to supernet views, run by
+// the fast engine (prefill + KV decode), equal the merged copy and the reference forward.
+TEST(SmolTest, EngineWithUnmergedDeltasEqualsMergedCopy) {
+  Fixture f;
+  Smol smol = f.NewSmol();
+  for (auto& [n, t] : smol.NamedParameters())
+    if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.05);
+  at::InferenceMode g;
+  const std::vector<int32_t> prompt = {5, 17, 99, 3, 250, 42, 7};
+  const std::vector<int32_t> next = {11, 12, 13};
+  for (const Shape& sh : {f.s->FullShape(), Shape{3, 0.75}, f.s->SmallestShape()}) {
+    const auto& layers = f.s->spec().FindDepth(sh.depth)->layers;
+    Model sub = *f.s->Extract(sh);
+    at::Tensor gate = InferenceGate(*f.s, smol, sh);
+    Model unmerged = smol.AttachUnmerged(sub, gate, layers);
+    // No weight was copied: the projections still share the supernet's storage.
+    EXPECT_EQ(unmerged.layers[0].q.data_ptr(), sub.layers[0].q.data_ptr());
+    auto run = [&](const Model& m) {
+      Engine e(std::make_shared<const Model>(m), {.max_len = 64});
+      KVCache c = e.NewCache(1);
+      std::vector<at::Tensor> out;
+      SeqInput in{0, prompt};
+      out.push_back(e.Forward(c, {&in, 1}).value().clone());
+      for (int32_t t : next) {
+        SeqInput step{0, {&t, 1}};
+        out.push_back(e.Forward(c, {&step, 1}).value().clone());
+      }
+      return at::cat(out);
+    };
+    at::Tensor a = run(unmerged), b = run(smol.Merge(sub, gate, layers));
+    EXPECT_LT(MaxAbsDiff(a, b), 1e-4) << sh.ToString();
+    EXPECT_GT(MaxAbsDiff(a, run(sub)), 1e-3) << "the deltas change the output";
+    // The reference forward applies the deltas too.
+    std::vector<int64_t> all(prompt.begin(), prompt.end());
+    all.insert(all.end(), next.begin(), next.end());
+    at::Tensor ref = TorchForward(unmerged, at::tensor(all).view({1, -1}))[0];
+    EXPECT_LT(MaxAbsDiff(a, ref.narrow(0, prompt.size() - 1, next.size() + 1)), 1e-4);
   }
 }
 
