@@ -27,7 +27,7 @@ struct Flags {
   std::string metrics_host = "0.0.0.0";
   int threads = 0;
   int64_t max_prompt_tokens = 2048, max_new_tokens = 1024, max_context = 2048;
-  int64_t slots = 8, queue = 64, cache_mb = 1024, prefill_chunk = 64;
+  int64_t slots = 8, queue = 64, cache_mb = 1024, prefill_chunk = 64, merge_after = 2;
   std::string weights_dtype = "f32";
   std::string tls_cert, tls_key, auth_token;
   bool auth_all = false;
@@ -67,6 +67,8 @@ int Run(const Flags& f) {
     spdlog::error("server: {}", loaded.status().ToString());
     return 2;
   }
+  // fp16 serving converts the supernet once: every lane's views share the half-size storage.
+  if (dtype != at::kFloat) (*loaded)->ConvertBaseWeights(dtype);
   const Supernet& supernet = **loaded;
   if (!supernet.tokenizer()) {
     spdlog::error("server: {} has no tokenizer", f.supernet);
@@ -76,7 +78,7 @@ int Run(const Flags& f) {
   host.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
   host.compute_gflops = MeasureGemmGflops();
   auto profiles = ProfilesFromSupernet(supernet);
-  if (f.profile) ProfileShapes(supernet, profiles, dtype);
+  if (f.profile) ProfileShapes(supernet, profiles, at::kFloat);  // views are already `dtype`
   spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
                host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
 
@@ -100,6 +102,7 @@ int Run(const Flags& f) {
   so.prefill_chunk = f.prefill_chunk;
   so.cache_bytes = f.cache_mb << 20;
   so.weights_dtype = dtype;
+  so.merge_after_requests = f.merge_after;
   Scheduler scheduler(supernet, so);
 
   Metrics metrics;
@@ -224,13 +227,19 @@ int main(int argc, char** argv) {
   app.add_option("--queue-size", f.queue, "Waiting requests before RESOURCE_EXHAUSTED")
       ->envname("AMOEBA_QUEUE_SIZE")
       ->capture_default_str();
-  app.add_option("--cache-mb", f.cache_mb, "Memory cap for idle subnet lanes")
+  app.add_option("--merge-after", f.merge_after,
+                 "Requests before a shape gets a merged-adapter copy, built in the background "
+                 "(0 = always unmerged; cold shapes always start unmerged)")
+      ->envname("AMOEBA_MERGE_AFTER")
+      ->capture_default_str();
+  app.add_option("--cache-mb", f.cache_mb, "Memory cap for merged subnet copies")
       ->envname("AMOEBA_CACHE_MB")
       ->capture_default_str();
   app.add_option("--prefill-chunk", f.prefill_chunk, "Prompt tokens per scheduler step")
       ->envname("AMOEBA_PREFILL_CHUNK")
       ->capture_default_str();
-  app.add_option("--weights-dtype", f.weights_dtype, "f32 | f16 (per-lane converted copies)")
+  app.add_option("--weights-dtype", f.weights_dtype,
+                 "f32 | f16 (the supernet is converted once at start)")
       ->envname("AMOEBA_WEIGHTS_DTYPE")
       ->capture_default_str();
   app.add_option("--tls-cert", f.tls_cert, "PEM certificate (enables TLS)")

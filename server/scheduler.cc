@@ -10,11 +10,21 @@ namespace {
 double Ms(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
+
+// Bytes of the projection matrices (what a merged copy duplicates; embedding and head are shared).
+int64_t ProjectionBytes(const Model& m) {
+  int64_t b = 0;
+  for (const auto& l : m.layers)
+    for (const at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
+      b += t->numel() * static_cast<int64_t>(t->element_size());
+  return b;
+}
 }  // namespace
 
 Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
     : supernet_(supernet), opt_(options) {
   worker_ = std::thread([this] { Loop(); });
+  if (opt_.smol && opt_.merge_after_requests > 0) builder_ = std::thread([this] { BuilderLoop(); });
 }
 
 Scheduler::~Scheduler() {
@@ -24,7 +34,9 @@ Scheduler::~Scheduler() {
     draining_ = true;
   }
   cv_.notify_all();
+  build_cv_.notify_all();
   worker_.join();
+  if (builder_.joinable()) builder_.join();
 }
 
 absl::Status Scheduler::Submit(std::shared_ptr<Job> job) {
@@ -69,9 +81,11 @@ SchedulerStats Scheduler::stats() const {
   }
   s.running = running_;
   s.lanes = lane_count_;
-  s.cache_bytes = cache_bytes_;
+  s.cache_bytes = cache_bytes_ + kv_bytes_;
   s.cache_hits = hits_;
   s.cache_misses = misses_;
+  s.kv_bytes = kv_bytes_;
+  s.merged_lanes = merged_lanes_;
   return s;
 }
 
@@ -87,20 +101,14 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   if (!m.ok()) return nullptr;
   auto lane = std::make_unique<Lane>();
   lane->shape = s;
-  // Views of the supernet; with adapters, a copy with ΔW merged for this shape's (deterministic)
-  // gate; fp16 serving converts the lane's weights.
+  // Views of the supernet (already in the serving dtype); adapters ride along unmerged, so the
+  // first request of a shape pays no copy. Hot shapes get a merged copy later (MaybeStartBuild).
   Model model = std::move(*m);
-  bool copied = false;
   if (opt_.smol) {
     const auto& layers = supernet_.spec().FindDepth(s.depth)->layers;
     const at::Tensor gate =
         opt_.smol->Gate(opt_.smol->ShapeFeature(layers, supernet_.WidthIndex(s.width)), false);
-    model = opt_.smol->Merge(model, gate, layers);
-    copied = true;
-  }
-  if (opt_.weights_dtype != at::kFloat) {
-    model = ConvertWeights(model, opt_.weights_dtype);
-    copied = true;
+    model = opt_.smol->AttachUnmerged(model, gate, layers);
   }
   lane->model = std::make_shared<const Model>(std::move(model));
   EngineOptions eo;
@@ -108,34 +116,107 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   lane->engine = std::make_unique<Engine>(lane->model, eo);
   lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
   lane->slot_used.assign(opt_.slots_per_shape, false);
-  lane->bytes = lane->cache.bytes() + (copied ? lane->model->DecodeWeightBytes() : 0);
-  cache_bytes_ += lane->bytes;
-  spdlog::info("scheduler: new lane {} ({} KV bytes)", key, lane->cache.bytes());
+  spdlog::info("scheduler: new lane {} (supernet views{})", key,
+               opt_.smol ? ", adapters unmerged" : "");
   lane->last_used = Clock::now();
   Lane* raw = lane.get();
   lanes_[key] = std::move(lane);
   lane_count_ = static_cast<int64_t>(lanes_.size());
-  EvictIdleLanes(raw);  // the new lane has no sequences yet: it must not be its own victim
   return raw;
 }
 
-void Scheduler::EvictIdleLanes(const Lane* keep) {
-  while (cache_bytes_ > opt_.cache_bytes) {
+void Scheduler::MaybeStartBuild(Lane& lane) {
+  if (!opt_.smol || opt_.merge_after_requests <= 0 || lane.merged || lane.building) return;
+  if (lane.requests < opt_.merge_after_requests) return;
+  auto views = supernet_.Extract(lane.shape);
+  if (!views.ok()) return;
+  // Views are already in the serving dtype, as the merged copy will be.
+  const int64_t need = ProjectionBytes(*views);
+  if (!EvictIdleLanes(&lane, need)) return;  // no room under the cap: stay unmerged
+  Build b;
+  b.key = lane.shape.ToString();
+  const auto& layers = supernet_.spec().FindDepth(lane.shape.depth)->layers;
+  b.gate = opt_.smol->Gate(opt_.smol->ShapeFeature(layers, supernet_.WidthIndex(lane.shape.width)),
+                           false);
+  b.layers = layers;
+  b.views = std::make_shared<const Model>(std::move(*views));
+  lane.building = true;
+  spdlog::info("scheduler: building merged copy of {} in the background", lane.shape.ToString());
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    builds_.push_back(std::move(b));
+  }
+  build_cv_.notify_all();
+}
+
+void Scheduler::BuilderLoop() {
+  at::InferenceMode guard;
+  for (;;) {
+    Build b;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      build_cv_.wait(l, [&] { return stop_ || !builds_.empty(); });
+      if (stop_) return;
+      b = std::move(builds_.front());
+      builds_.pop_front();
+    }
+    const auto t0 = Clock::now();
+    Model merged = opt_.smol->Merge(*b.views, b.gate, b.layers);
+    if (opt_.weights_dtype != at::kFloat) merged = ConvertWeights(merged, opt_.weights_dtype);
+    b.result = std::make_shared<const Model>(std::move(merged));
+    b.views.reset();
+    spdlog::info("scheduler: merged copy of {} built in {:.0f} ms", b.key, Ms(t0, Clock::now()));
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      built_.push_back(std::move(b));
+    }
+    cv_.notify_all();  // wakes an idle worker to swap it in
+  }
+}
+
+void Scheduler::SwapInFinishedBuilds() {
+  std::deque<Build> done;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    done.swap(built_);
+  }
+  for (Build& b : done) {
+    auto it = lanes_.find(b.key);
+    if (it == lanes_.end() || it->second->merged) continue;  // evicted meanwhile: drop the copy
+    Lane& lane = *it->second;
+    // Same shape, same KV layout: running sequences continue on the merged copy next step.
+    lane.model = std::move(b.result);
+    EngineOptions eo;
+    eo.max_len = opt_.max_context;
+    lane.engine = std::make_unique<Engine>(lane.model, eo);
+    lane.merged = true;
+    lane.building = false;
+    lane.bytes = ProjectionBytes(*lane.model);
+    cache_bytes_ += lane.bytes;
+    ++merged_lanes_;
+  }
+}
+
+bool Scheduler::EvictIdleLanes(const Lane* keep, int64_t extra) {
+  while (cache_bytes_ + extra > opt_.cache_bytes) {
     Lane* victim = nullptr;
     std::string key;
     for (auto& [k, l] : lanes_) {
-      if (!l->seqs.empty() || l.get() == keep) continue;
+      // Only merged copies cost memory; lanes running on views are free to keep.
+      if (!l->seqs.empty() || l.get() == keep || l->bytes == 0) continue;
       if (!victim || l->last_used < victim->last_used) {
         victim = l.get();
         key = k;
       }
     }
-    if (!victim) return;
+    if (!victim) return false;
     cache_bytes_ -= victim->bytes;
-    spdlog::info("scheduler: evict idle lane {}", key);
+    if (victim->merged) --merged_lanes_;
+    spdlog::info("scheduler: evict idle lane {} (merged copy, {} MB)", key, victim->bytes >> 20);
     lanes_.erase(key);
     lane_count_ = static_cast<int64_t>(lanes_.size());
   }
+  return true;
 }
 
 bool Scheduler::Admit() {
@@ -176,6 +257,8 @@ bool Scheduler::Admit() {
     }
     lane->slot_used[slot] = true;
     lane->cache.Reset(slot);
+    ++lane->requests;
+    MaybeStartBuild(*lane);
     Seq s;
     s.job = job;
     s.slot = slot;
@@ -209,6 +292,7 @@ void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Stat
   r.shape = lane.shape;
   s.job->on_done(r);
   lane.slot_used[s.slot] = false;
+  lane.cache.Reset(s.slot);  // gives the slot's KV memory back
   lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(index));
   --running_;
 }
@@ -282,17 +366,22 @@ void Scheduler::Loop() {
         break;
       }
     }
+    SwapInFinishedBuilds();
     Admit();
     bool any = false;
+    int64_t kv = 0;
     for (auto& [k, lane] : lanes_) {
       if (lane->seqs.empty()) continue;
       any = true;
       Step(*lane);
+      kv += lane->cache.bytes();
     }
+    kv_bytes_ = kv;
     EvictIdleLanes();
     if (any) continue;
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait_for(l, std::chrono::milliseconds(50), [&] { return !queue_.empty() || stop_; });
+    cv_.wait_for(l, std::chrono::milliseconds(50),
+                 [&] { return !queue_.empty() || !built_.empty() || stop_; });
   }
   // Stopped: queued and running jobs end as CANCELLED.
   Admit();

@@ -1,8 +1,11 @@
 // Continuous batching over subnets. One worker thread owns every engine: each iteration it admits
 // waiting requests into their shape's lane (a free KV slot), then runs one step per lane in which
 // new sequences prefill a chunk and running ones decode one token, all in a single Forward call.
-// Lanes are built on demand from supernet views (cheap: no weight copies), kept under a memory cap
-// and evicted least-recently-used when idle. Protocol-free: the service adapts it to gRPC.
+// Lanes are built on demand from supernet views (cheap: no weight copies; SMoL adapters attached
+// unmerged as low-rank deltas), so a never-seen shape starts at once. A shape that keeps being
+// asked for gets a merged copy built on a background thread (one build at a time), swapped in
+// between steps; copies are kept under a memory cap, idle lanes evicted least-recently-used.
+// Protocol-free: the service adapts it to gRPC.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -52,13 +55,15 @@ struct SchedulerOptions {
   int64_t max_context = 1024;       // KV cache length per slot
   int64_t max_queue = 64;           // waiting requests before RESOURCE_EXHAUSTED
   int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
-  int64_t cache_bytes = 1ll << 30;  // memory cap for idle lanes (KV caches, subnet copies)
-  at::ScalarType weights_dtype = at::kFloat;
-  const Smol* smol = nullptr;  // adapters: lanes run the subnet with them merged
+  int64_t cache_bytes = 1ll << 30;  // memory cap for merged subnet copies
+  at::ScalarType weights_dtype = at::kFloat;  // of merged copies (the supernet is converted once)
+  const Smol* smol = nullptr;                 // adapters: unmerged when cold, merged when hot
+  int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
 };
 
 struct SchedulerStats {
   int64_t running = 0, waiting = 0, lanes = 0, cache_bytes = 0, cache_hits = 0, cache_misses = 0;
+  int64_t kv_bytes = 0, merged_lanes = 0;
 };
 
 class Scheduler {
@@ -92,13 +97,26 @@ class Scheduler {
     std::vector<Seq> seqs;
     std::vector<bool> slot_used;
     Clock::time_point last_used;
-    int64_t bytes = 0;
+    int64_t bytes = 0;     // merged copy (0 while the lane runs on views)
+    int64_t requests = 0;  // admitted so far
+    bool merged = false, building = false;
+  };
+  struct Build {  // a merged copy being made on the builder thread
+    std::string key;
+    std::shared_ptr<const Model> views;
+    at::Tensor gate;
+    std::vector<int> layers;
+    std::shared_ptr<const Model> result;
   };
 
   void Loop();
+  void BuilderLoop();
+  void MaybeStartBuild(Lane& lane);
+  void SwapInFinishedBuilds();
   Lane* GetLane(const Shape& s);
-  // Evicts least-recently-used idle lanes while over the cap; never `keep`.
-  void EvictIdleLanes(const Lane* keep = nullptr);
+  // Evicts least-recently-used idle merged lanes until `extra` more bytes fit under the cap;
+  // never `keep`. False when they cannot be made to fit.
+  bool EvictIdleLanes(const Lane* keep = nullptr, int64_t extra = 0);
   bool Admit();  // moves waiting jobs into lanes; true if any moved
   void Step(Lane& lane);
   void Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error = absl::OkStatus());
@@ -111,7 +129,11 @@ class Scheduler {
   bool draining_ = false, stop_ = false;
   std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
   std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
-  std::thread worker_;
+  std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0};
+  // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
+  std::deque<Build> builds_, built_;
+  std::condition_variable build_cv_;
+  std::thread worker_, builder_;
 };
 
 }  // namespace amoeba

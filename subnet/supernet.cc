@@ -214,11 +214,15 @@ at::Tensor Supernet::Bias(int64_t layer, bool attention, int64_t kept) const {
   at::InferenceMode guard;
   const LayerWeights& w = base_.layers[layer];
   at::Tensor b = attention
-                     ? CompensationBias(w.o, o_mean_[layer],
+                     ? CompensationBias(w.o.to(at::kFloat), o_mean_[layer],
                                         kept * base_.config.group_size() * base_.config.head_dim)
-                     : CompensationBias(w.down, down_mean_[layer], kept);
+                     : CompensationBias(w.down.to(at::kFloat), down_mean_[layer], kept);
   bias_cache_[key] = b;
   return b;
+}
+
+void Supernet::ConvertBaseWeights(at::ScalarType dtype) {
+  base_ = ConvertWeights(base_, dtype);
 }
 
 absl::Status Supernet::Validate(const Shape& s) const {

@@ -162,18 +162,83 @@ TEST(ServerTest, StreamsAnExplicitShapeAndMatchesLocalGeneration) {
   }
 }
 
-TEST(ServerTest, TunedSupernetServesWithMergedAdapters) {
-  TestServer ts({}, "", /*adapters=*/true);
+// Cold shapes run on supernet views with the adapters unmerged; after `merge_after_requests` a
+// merged copy is built in the background and swapped in. Both give the merged model's output.
+TEST(ServerTest, TunedSupernetServesColdUnmergedThenHotMerged) {
+  SchedulerOptions so;
+  so.merge_after_requests = 2;
+  TestServer ts(so, "", /*adapters=*/true);
   auto c = ts.Client();
   for (Shape sh : {Shape{5, 1.0}, Shape{3, 0.625}}) {
+    const auto want = LocalGreedy(*ts.supernet, sh, "Hello there", 10, ts.smol.get());
+    for (int round = 0; round < 2; ++round) {  // round 0: cold, round 1 starts the build
+      Streamed s = Stream(c, Req("Hello there", static_cast<int>(sh.depth), sh.width, 10));
+      ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+      EXPECT_EQ(s.tokens, want) << sh.ToString() << " round " << round;
+    }
+  }
+  // Both shapes were asked for twice: their merged copies get built and swapped in.
+  for (int i = 0; i < 200 && ts.scheduler->stats().merged_lanes < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    Stream(c, Req("x", 5, 1.0, 1));  // keeps the worker stepping
+  }
+  EXPECT_EQ(ts.scheduler->stats().merged_lanes, 2);
+  EXPECT_GT(ts.scheduler->stats().cache_bytes, 0);
+  for (Shape sh : {Shape{5, 1.0}, Shape{3, 0.625}}) {
     Streamed s = Stream(c, Req("Hello there", static_cast<int>(sh.depth), sh.width, 10));
-    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
     EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "Hello there", 10, ts.smol.get()))
-        << sh.ToString();
+        << sh.ToString() << " merged";
   }
   // The adapters matter: without them the output differs.
   Streamed s = Stream(c, Req("Hello there", 5, 1.0, 10));
   EXPECT_NE(s.tokens, LocalGreedy(*ts.supernet, {5, 1.0}, "Hello there", 10));
+}
+
+// Under a cap too small for any merged copy, hot shapes keep running unmerged (and correctly);
+// lanes on views cost no weight memory, so nothing needs evicting.
+TEST(ServerTest, TinyCacheCapKeepsHotShapesUnmerged) {
+  SchedulerOptions so;
+  so.cache_bytes = 1;
+  so.merge_after_requests = 1;
+  TestServer ts(so, "", /*adapters=*/true);
+  auto c = ts.Client();
+  for (int round = 0; round < 2; ++round) {
+    for (Shape sh : {Shape{5, 1.0}, Shape{4, 0.75}, Shape{3, 0.625}}) {
+      Streamed s = Stream(c, Req("evict", static_cast<int>(sh.depth), sh.width, 4));
+      ASSERT_TRUE(s.status.ok()) << sh.ToString() << ": " << s.status.error_message();
+      EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "evict", 4, ts.smol.get()))
+          << sh.ToString();
+    }
+  }
+  EXPECT_EQ(ts.scheduler->stats().merged_lanes, 0);
+}
+
+// Merged copies beyond the cap: idle ones are evicted least-recently-used, and an evicted shape
+// is rebuilt (cold again) on its next request with the same output.
+TEST(ServerTest, MergedCopiesAreEvictedUnderTheCapAndRebuilt) {
+  SchedulerOptions so;
+  so.merge_after_requests = 1;
+  TestServer probe(so, "", /*adapters=*/true);
+  // Room for about one merged full-width copy.
+  const auto full = probe.supernet->Extract({5, 1.0});
+  int64_t one = 0;
+  for (const auto& l : full->layers)
+    for (const at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
+      one += t->numel() * 4;
+  so.cache_bytes = one + one / 2;
+  TestServer ts(so, "", /*adapters=*/true);
+  auto c = ts.Client();
+  for (int round = 0; round < 3; ++round) {
+    for (Shape sh : {Shape{5, 1.0}, Shape{5, 0.875}}) {
+      Streamed s = Stream(c, Req("evict", static_cast<int>(sh.depth), sh.width, 4));
+      ASSERT_TRUE(s.status.ok()) << sh.ToString() << ": " << s.status.error_message();
+      EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "evict", 4, ts.smol.get()))
+          << sh.ToString() << " round " << round;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let a build finish
+    }
+  }
+  EXPECT_LE(ts.scheduler->stats().merged_lanes, 1);
+  EXPECT_LE(ts.scheduler->stats().cache_bytes, so.cache_bytes);
 }
 
 TEST(ServerTest, BudgetPicksThePlannedShape) {
@@ -262,21 +327,6 @@ TEST(ServerTest, CancelFreesTheSlotAndDeadlinesAreReported) {
   dl.mutable_sampling()->set_temperature(1.0);
   Streamed d = Stream(quick, dl);
   EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
-}
-
-TEST(ServerTest, LanesAreEvictedUnderATinyCacheCapAndRebuilt) {
-  SchedulerOptions so;
-  so.cache_bytes = 1;  // every idle lane is over the cap
-  TestServer ts(so);
-  auto c = ts.Client();
-  for (int round = 0; round < 2; ++round) {
-    for (Shape sh : {Shape{5, 1.0}, Shape{4, 0.75}, Shape{3, 0.625}, Shape{5, 0.875}}) {
-      Streamed s = Stream(c, Req("evict", static_cast<int>(sh.depth), sh.width, 4));
-      ASSERT_TRUE(s.status.ok()) << sh.ToString() << ": " << s.status.error_message();
-      EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "evict", 4)) << sh.ToString();
-    }
-  }
-  EXPECT_LE(ts.scheduler->stats().lanes, 2);  // idle lanes did not pile up
 }
 
 TEST(ServerTest, FullQueueIsResourceExhausted) {
