@@ -12,28 +12,39 @@
 namespace amoeba {
 
 Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
-    : model_(std::move(model)), options_(options), rope_(model_->config, options.max_len) {}
+    : model_(std::move(model)),
+      options_(options),
+      rope_(model_->config, options.max_len),
+      ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {}
 
 void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
   const ModelConfig& c = model_->config;
-  if (tokens > cap_tokens_) {
-    const int64_t n = std::max<int64_t>(tokens, 1);
-    x_ = at::empty({n, c.hidden_size});
-    h_ = at::empty({n, c.hidden_size});
-    tmp_ = at::empty({n, c.hidden_size});
-    q_ = at::empty({n, c.num_attention_heads * c.head_dim});
-    att_ = at::empty({n, c.num_attention_heads * c.head_dim});
-    k_ = at::empty({n, c.num_key_value_heads * c.head_dim});
-    v_ = at::empty({n, c.num_key_value_heads * c.head_dim});
-    gate_ = at::empty({n, c.intermediate_size});
-    up_ = at::empty({n, c.intermediate_size});
-    scores_ = at::empty({n * c.num_attention_heads, options_.max_len});
-    pos_.resize(n);
-    cap_tokens_ = n;
+  // A shared workspace may have been sized for another model: start over if the widths differ.
+  const int64_t signature = c.hidden_size ^ (c.num_attention_heads << 16) ^
+                            (c.num_key_value_heads << 24) ^ (c.intermediate_size << 32) ^
+                            (options_.max_len << 48) ^ (c.vocab_size * 7919);
+  if (signature != ws_->signature) {
+    *ws_ = EngineWorkspace{};
+    ws_->signature = signature;
   }
-  if (logit_rows > cap_logits_) {
-    logits_ = at::empty({logit_rows, c.vocab_size});
-    cap_logits_ = logit_rows;
+  if (tokens > ws_->cap_tokens) {
+    const int64_t n = std::max<int64_t>(tokens, 1);
+    ws_->x = at::empty({n, c.hidden_size});
+    ws_->h = at::empty({n, c.hidden_size});
+    ws_->tmp = at::empty({n, c.hidden_size});
+    ws_->q = at::empty({n, c.num_attention_heads * c.head_dim});
+    ws_->att = at::empty({n, c.num_attention_heads * c.head_dim});
+    ws_->k = at::empty({n, c.num_key_value_heads * c.head_dim});
+    ws_->v = at::empty({n, c.num_key_value_heads * c.head_dim});
+    ws_->gate = at::empty({n, c.intermediate_size});
+    ws_->up = at::empty({n, c.intermediate_size});
+    ws_->scores = at::empty({n * c.num_attention_heads, options_.max_len});
+    ws_->pos.resize(n);
+    ws_->cap_tokens = n;
+  }
+  if (logit_rows > ws_->cap_logits) {
+    ws_->logits = at::empty({logit_rows, c.vocab_size});
+    ws_->cap_logits = logit_rows;
   }
 }
 
@@ -43,11 +54,11 @@ void Engine::Project(const float* x, int64_t n, const at::Tensor& W, const at::T
   Linear(x, n, W, bias.defined() ? bias.data_ptr<float>() : nullptr, y, path);
   if (!delta.defined()) return;
   const int64_t r = delta.down.size(0), out = delta.up.size(0);
-  if (static_cast<int64_t>(delta_mid_.size()) < n * r) delta_mid_.resize(n * r);
-  if (static_cast<int64_t>(delta_out_.size()) < n * out) delta_out_.resize(n * out);
-  Linear(x, n, delta.down, nullptr, delta_mid_.data(), path);
-  Linear(delta_mid_.data(), n, delta.up, nullptr, delta_out_.data(), path);
-  AddInPlace(y, delta_out_.data(), n * out);
+  if (static_cast<int64_t>(ws_->delta_mid.size()) < n * r) ws_->delta_mid.resize(n * r);
+  if (static_cast<int64_t>(ws_->delta_out.size()) < n * out) ws_->delta_out.resize(n * out);
+  Linear(x, n, delta.down, nullptr, ws_->delta_mid.data(), path);
+  Linear(ws_->delta_mid.data(), n, delta.up, nullptr, ws_->delta_out.data(), path);
+  AddInPlace(y, ws_->delta_out.data(), n * out);
 }
 
 void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs) {
@@ -59,10 +70,10 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   const int64_t qdim = hq * hd, kvdim = hkv * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int64_t max_len = cache.max_len();
-  const float* q = q_.data_ptr<float>();
-  const float* kn = k_.data_ptr<float>();
-  const float* vn = v_.data_ptr<float>();
-  float* att = att_.data_ptr<float>();
+  const float* q = ws_->q.data_ptr<float>();
+  const float* kn = ws_->k.data_ptr<float>();
+  const float* vn = ws_->v.data_ptr<float>();
+  float* att = ws_->att.data_ptr<float>();
   // Slot storage is [hkv, capacity, hd] per layer (Forward reserved room for the new tokens).
   auto cache_row = [&](bool key, int64_t slot, int64_t head, int64_t pos) {
     at::Tensor& t = key ? cache.k(layer, slot) : cache.v(layer, slot);
@@ -94,7 +105,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     row += T;
   }
   if (!single.empty()) {
-    float* scores = scores_.data_ptr<float>();
+    float* scores = ws_->scores.data_ptr<float>();
     const int64_t ntask = static_cast<int64_t>(single.size()) * hq;
     at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
@@ -179,9 +190,9 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     cache.Reserve(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
 
   const int64_t H = c.hidden_size, hd = c.head_dim;
-  float* x = x_.data_ptr<float>();
-  float* h = h_.data_ptr<float>();
-  float* tmp = tmp_.data_ptr<float>();
+  float* x = ws_->x.data_ptr<float>();
+  float* h = ws_->h.data_ptr<float>();
+  float* tmp = ws_->tmp.data_ptr<float>();
   const bool half_embed = m.embed.scalar_type() == at::kHalf;
   int64_t row = 0;
   for (const SeqInput& s : seqs) {
@@ -194,7 +205,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       } else {
         std::memcpy(x + row * H, m.embed.data_ptr<float>() + id * H, H * sizeof(float));
       }
-      pos_[row] = p0 + static_cast<int64_t>(t);
+      ws_->pos[row] = p0 + static_cast<int64_t>(t);
     }
   }
 
@@ -203,26 +214,26 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     const auto& d = l.deltas;
     const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
     RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
-    float* q = q_.data_ptr<float>();
-    float* k = k_.data_ptr<float>();
+    float* q = ws_->q.data_ptr<float>();
+    float* k = ws_->k.data_ptr<float>();
     Project(h, n, l.q, l.q_bias, d[0], q);
     Project(h, n, l.k, l.k_bias, d[1], k);
-    Project(h, n, l.v, l.v_bias, d[2], v_.data_ptr<float>());
+    Project(h, n, l.v, l.v_bias, d[2], ws_->v.data_ptr<float>());
     for (int64_t r = 0; r < n; ++r) {
-      ApplyRope(q + r * hq * hd, hq, hd, rope_, pos_[r]);
-      ApplyRope(k + r * hkv * hd, hkv, hd, rope_, pos_[r]);
+      ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
+      ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
     }
     Attention(static_cast<int64_t>(li), cache, seqs);
     if (hq > 0) {
-      Project(att_.data_ptr<float>(), n, l.o, l.o_bias, d[3], tmp);
+      Project(ws_->att.data_ptr<float>(), n, l.o, l.o_bias, d[3], tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.o_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
     }
     RmsNorm(x, l.mlp_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
     if (inter > 0) {
-      float* g = gate_.data_ptr<float>();
-      float* u = up_.data_ptr<float>();
+      float* g = ws_->gate.data_ptr<float>();
+      float* u = ws_->up.data_ptr<float>();
       Project(h, n, l.gate, l.gate_bias, d[4], g);
       Project(h, n, l.up, l.up_bias, d[5], u);
       SiluMul(g, u, n * inter);
@@ -244,10 +255,10 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       RmsNorm(x + (row - 1) * H, fn, 1, H, c.rms_norm_eps, h + i * H);
     }
   }
-  Linear(h, out_rows, m.lm_head, nullptr, logits_.data_ptr<float>(), options_.linear_path);
+  Linear(h, out_rows, m.lm_head, nullptr, ws_->logits.data_ptr<float>(), options_.linear_path);
   for (const SeqInput& s : seqs)
     cache.set_length(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
-  return logits_.narrow(0, 0, out_rows);
+  return ws_->logits.narrow(0, 0, out_rows);
 }
 
 double MeasureDecodeMsPerToken(std::shared_ptr<const Model> model, int steps) {

@@ -22,9 +22,21 @@ struct SeqInput {
   std::span<const int32_t> tokens;  // new tokens (>= 1)
 };
 
+// Activation buffers of a forward pass (grown on demand, never shrunk). Engines that run on one
+// thread, one after another (the server's lanes), can share one, so memory does not grow with
+// the number of shapes in use.
+struct EngineWorkspace {
+  int64_t cap_tokens = 0, cap_logits = 0, signature = 0;
+  at::Tensor x, h, q, k, v, att, tmp, gate, up, logits, scores;
+  std::vector<int64_t> pos;
+  std::vector<float> delta_mid, delta_out;  // low-rank delta scratch
+};
+
 struct EngineOptions {
   int64_t max_len = 2048;                      // longest sequence (RoPE table and cache length)
   LinearPath linear_path = LinearPath::kAuto;  // kTorch = libtorch linear baseline
+  std::shared_ptr<EngineWorkspace> workspace =
+      nullptr;  // shared by engines used from one thread; null = own
 };
 
 class Engine {
@@ -51,11 +63,7 @@ class Engine {
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
   RopeTable rope_;
-  // Workspace (grown on demand, never shrunk).
-  int64_t cap_tokens_ = 0, cap_logits_ = 0;
-  at::Tensor x_, h_, q_, k_, v_, att_, tmp_, gate_, up_, logits_, scores_;
-  std::vector<int64_t> pos_;
-  std::vector<float> delta_mid_, delta_out_;  // low-rank delta scratch (grown, never shrunk)
+  std::shared_ptr<EngineWorkspace> ws_;
   struct DecodeTask {
     int64_t row, slot, len;
   };

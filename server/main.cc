@@ -27,7 +27,7 @@ struct Flags {
   std::string metrics_host = "0.0.0.0";
   int threads = 0;
   int64_t max_prompt_tokens = 2048, max_new_tokens = 1024, max_context = 2048;
-  int64_t slots = 8, queue = 64, cache_mb = 1024, prefill_chunk = 64, merge_after = 2;
+  int64_t slots = 16, queue = 64, cache_mb = 1024, prefill_chunk = 64, merge_after = 2;
   std::string weights_dtype = "f32";
   std::string tls_cert, tls_key, auth_token;
   bool auth_all = false;

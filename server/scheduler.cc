@@ -113,6 +113,7 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   lane->model = std::make_shared<const Model>(std::move(model));
   EngineOptions eo;
   eo.max_len = opt_.max_context;
+  eo.workspace = workspace_;  // one worker thread: all lanes share the activations
   lane->engine = std::make_unique<Engine>(lane->model, eo);
   lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
   lane->slot_used.assign(opt_.slots_per_shape, false);
@@ -188,6 +189,8 @@ void Scheduler::SwapInFinishedBuilds() {
     lane.model = std::move(b.result);
     EngineOptions eo;
     eo.max_len = opt_.max_context;
+    eo.workspace = workspace_;
+    eo.workspace = workspace_;  // one worker thread: all lanes share the activations
     lane.engine = std::make_unique<Engine>(lane.model, eo);
     lane.merged = true;
     lane.building = false;

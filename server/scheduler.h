@@ -128,6 +128,7 @@ class Scheduler {
   std::deque<std::shared_ptr<Job>> queue_;
   bool draining_ = false, stop_ = false;
   std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
+  std::shared_ptr<EngineWorkspace> workspace_ = std::make_shared<EngineWorkspace>();
   std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
