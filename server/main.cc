@@ -2,6 +2,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <malloc.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
@@ -50,6 +51,10 @@ void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles, at::S
 
 int Run(const Flags& f) {
   InitRuntime(f.threads);
+  // KV slots and activation buffers come and go with requests. A fixed mmap threshold (glibc
+  // otherwise raises it after the first large free) makes big buffers go back to the OS when
+  // freed, so resident memory follows the work in flight instead of its high-water mark.
+  mallopt(M_MMAP_THRESHOLD, 256 * 1024);
   at::ScalarType dtype = at::kFloat;
   if (f.weights_dtype == "f16")
     dtype = at::kHalf;

@@ -1,5 +1,6 @@
 #include "server/scheduler.h"
 
+#include <malloc.h>
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
@@ -361,6 +362,7 @@ void Scheduler::Step(Lane& lane) {
 
 void Scheduler::Loop() {
   at::InferenceMode guard;  // thread-local: the worker never builds autograd graphs
+  bool trimmed = true;
   for (;;) {
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -381,7 +383,15 @@ void Scheduler::Loop() {
     }
     kv_bytes_ = kv;
     EvictIdleLanes();
-    if (any) continue;
+    if (any) {
+      trimmed = false;
+      continue;
+    }
+    if (!trimmed) {  // just went idle: drop the activations and hand freed pages to the OS
+      *workspace_ = EngineWorkspace{};
+      malloc_trim(0);
+      trimmed = true;
+    }
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, std::chrono::milliseconds(50),
                  [&] { return !queue_.empty() || !built_.empty() || stop_; });
