@@ -2,6 +2,9 @@
 
 #include <malloc.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "absl/strings/str_cat.h"
 
@@ -143,6 +146,8 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   b.layers = layers;
   b.views = std::make_shared<const Model>(std::move(*views));
   lane.building = true;
+  lane.bytes = need;  // reserved now, so queued builds cannot overshoot the cap together
+  cache_bytes_ += need;
   spdlog::info("scheduler: building merged copy of {} in the background", lane.shape.ToString());
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -153,6 +158,9 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
 
 void Scheduler::BuilderLoop() {
   at::InferenceMode guard;
+  // Builds are background work: below the decode loop in the kernel's eyes (threads this one
+  // starts, e.g. its OpenMP team, inherit the niceness).
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
   for (;;) {
     Build b;
     {
@@ -184,8 +192,11 @@ void Scheduler::SwapInFinishedBuilds() {
   }
   for (Build& b : done) {
     auto it = lanes_.find(b.key);
-    if (it == lanes_.end() || it->second->merged) continue;  // evicted meanwhile: drop the copy
+    if (it == lanes_.end() || it->second->merged || !it->second->building) {
+      continue;  // the lane went away meanwhile (its reservation with it): drop the copy
+    }
     Lane& lane = *it->second;
+    cache_bytes_ -= lane.bytes;  // the reservation, replaced by the real size below
     // Same shape, same KV layout: running sequences continue on the merged copy next step.
     lane.model = std::move(b.result);
     EngineOptions eo;
@@ -207,7 +218,7 @@ bool Scheduler::EvictIdleLanes(const Lane* keep, int64_t extra) {
     std::string key;
     for (auto& [k, l] : lanes_) {
       // Only merged copies cost memory; lanes running on views are free to keep.
-      if (!l->seqs.empty() || l.get() == keep || l->bytes == 0) continue;
+      if (!l->seqs.empty() || l.get() == keep || l->bytes == 0 || l->building) continue;
       if (!victim || l->last_used < victim->last_used) {
         victim = l.get();
         key = k;
