@@ -126,17 +126,15 @@ LinearHook Smol::Hook(const at::Tensor& gate, const std::vector<int>& layer_ids)
 
 Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
                   const std::vector<int>& layer_ids) const {
-  Model m = subnet;
-  const double s = scale();
-  for (size_t i = 0; i < m.layers.size(); ++i) {
+  Model m = AttachUnmerged(subnet, gate, layer_ids);
+  for (auto& l : m.layers) {
     for (int p = 0; p < kNumProj; ++p) {
-      const Adapter* a = Find(layer_ids.at(i), static_cast<Proj>(p));
-      if (!a) continue;
-      at::Tensor& W = ProjWeight(m.layers[i], static_cast<Proj>(p));
-      const int64_t out = W.size(0), in = W.size(1);
-      at::Tensor A = at::tensordot(gate, a->A.narrow(2, 0, in), {0}, {0});
-      at::Tensor B = at::tensordot(gate, a->B.narrow(1, 0, out), {0}, {0});
-      W = W.to(at::kFloat) + s * at::mm(B, A);  // a new contiguous copy; the supernet is untouched
+      LowRankDelta& d = l.deltas[p];
+      if (!d.defined()) continue;
+      at::Tensor& W = ProjWeight(l, static_cast<Proj>(p));
+      // A new contiguous copy; the supernet is untouched.
+      W = at::addmm(W.to(at::kFloat), d.Up(), d.Down());
+      d = {};
     }
   }
   return m;
@@ -145,7 +143,21 @@ Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
 Model Smol::AttachUnmerged(const Model& subnet, const at::Tensor& gate,
                            const std::vector<int>& layer_ids) const {
   Model m = subnet;
-  const double s = scale();
+  // Only the experts the gate selects (top-k of E) contribute; their factors stay views of the
+  // adapter tensors, so a lane costs no adapter memory of its own.
+  std::vector<int64_t> experts;
+  std::vector<float> weights;
+  const at::Tensor g = gate.to(at::kFloat).contiguous();
+  for (int64_t e = 0; e < g.numel(); ++e) {
+    const float w = g.data_ptr<float>()[e];
+    if (w == 0.f) continue;
+    experts.push_back(e);
+    weights.push_back(w);
+  }
+  if (experts.empty()) return m;
+  const float s = static_cast<float>(scale());
+  std::vector<float> down_weights;
+  for (float w : weights) down_weights.push_back(w * s);
   for (size_t i = 0; i < m.layers.size(); ++i) {
     for (int p = 0; p < kNumProj; ++p) {
       const Adapter* a = Find(layer_ids.at(i), static_cast<Proj>(p));
@@ -154,8 +166,12 @@ Model Smol::AttachUnmerged(const Model& subnet, const at::Tensor& gate,
       const int64_t out = W.size(0), in = W.size(1);
       if (out == 0 || in == 0) continue;
       LowRankDelta& d = m.layers[i].deltas[p];
-      d.down = (at::tensordot(gate, a->A.narrow(2, 0, in), {0}, {0}) * s).contiguous();
-      d.up = at::tensordot(gate, a->B.narrow(1, 0, out), {0}, {0}).contiguous();
+      for (int64_t e : experts) {
+        d.downs.push_back(a->A[e].narrow(1, 0, in));  // [r, in], row stride = full in
+        d.ups.push_back(a->B[e].narrow(0, 0, out));   // [out, r], contiguous prefix
+      }
+      d.down_weights = down_weights;
+      d.up_weights = weights;
     }
   }
   return m;

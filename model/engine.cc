@@ -53,12 +53,25 @@ void Engine::Project(const float* x, int64_t n, const at::Tensor& W, const at::T
   const LinearPath path = options_.linear_path;
   Linear(x, n, W, bias.defined() ? bias.data_ptr<float>() : nullptr, y, path);
   if (!delta.defined()) return;
-  const int64_t r = delta.down.size(0), out = delta.up.size(0);
+  // mid = Σ a_i (D_i x), then y += Σ b_j (U_j mid): two skinny products per factor.
+  const int64_t r = delta.downs[0].size(0), out = delta.ups[0].size(0);
+  const int64_t big = std::max(r, out);
   if (static_cast<int64_t>(ws_->delta_mid.size()) < n * r) ws_->delta_mid.resize(n * r);
-  if (static_cast<int64_t>(ws_->delta_out.size()) < n * out) ws_->delta_out.resize(n * out);
-  Linear(x, n, delta.down, nullptr, ws_->delta_mid.data(), path);
-  Linear(ws_->delta_mid.data(), n, delta.up, nullptr, ws_->delta_out.data(), path);
-  AddInPlace(y, ws_->delta_out.data(), n * out);
+  if (static_cast<int64_t>(ws_->delta_out.size()) < n * big) ws_->delta_out.resize(n * big);
+  float* mid = ws_->delta_mid.data();
+  float* part = ws_->delta_out.data();
+  for (size_t i = 0; i < delta.downs.size(); ++i) {
+    Linear(x, n, delta.downs[i], nullptr, i == 0 ? mid : part, path);
+    if (i == 0) {
+      Scale(mid, delta.down_weights[0], n * r);
+    } else {
+      Axpy(delta.down_weights[i], part, mid, n * r);
+    }
+  }
+  for (size_t j = 0; j < delta.ups.size(); ++j) {
+    Linear(mid, n, delta.ups[j], nullptr, part, path);
+    Axpy(delta.up_weights[j], part, y, n * out);
+  }
 }
 
 void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs) {

@@ -37,27 +37,30 @@ inline float ToFloat(at::Half v) {
   return static_cast<float>(v);
 }
 
+// Sum of w[i] * x[i] with four independent FMA chains; w is fp32 or fp16.
+template <typename T>
+AMOEBA_AVX2 inline float DotAvx2(const T* w, const float* x, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+         a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(Load8(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(Load8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(Load8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(Load8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(Load8(w + i), _mm256_loadu_ps(x + i), a0);
+  float s = HSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += ToFloat(w[i]) * x[i];
+  return s;
+}
+
 // Rows [r0, r1) of y = W x, one row at a time: each thread reads one sequential stream (rows are
 // contiguous unless sliced), which the hardware prefetcher follows best; x stays in L1.
 template <typename T>
 AMOEBA_AVX2 void GemvAvx2(const T* W, int64_t ld, int64_t in, const float* x, float* y, int64_t r0,
                           int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* w = W + r * ld;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-           a3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= in; i += 32) {
-      a0 = _mm256_fmadd_ps(Load8(w + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(Load8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(Load8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(Load8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= in; i += 8) a0 = _mm256_fmadd_ps(Load8(w + i), _mm256_loadu_ps(x + i), a0);
-    float s = HSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < in; ++i) s += ToFloat(w[i]) * x[i];
-    y[r] = s;
-  }
+  for (int64_t r = r0; r < r1; ++r) y[r] = DotAvx2(W + r * ld, x, in);
 }
 
 // R weight rows against C inputs over one k-block [k0, k1): R*C accumulators stay in registers.
@@ -353,24 +356,6 @@ void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, f
 
 namespace {
 
-// Sum of a[i] * b[i] with four independent FMA chains (the attention scores and RmsNorm).
-AMOEBA_AVX2 float DotAvx2(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
-         s3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
-  }
-  for (; i + 8 <= n; i += 8)
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-  float s = HSum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 float DotScalar(const float* a, const float* b, int64_t n) {
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -383,7 +368,7 @@ float DotScalar(const float* a, const float* b, int64_t n) {
 #define AMOEBA_CLONES __attribute__((target_clones("avx2", "default")))
 
 float Dot(const float* a, const float* b, int64_t n) {
-  return CpuHasAvx2Fma() ? DotAvx2(a, b, n) : DotScalar(a, b, n);
+  return CpuHasAvx2Fma() ? DotAvx2(a, b, n) : DotScalar(a, b, n);  // scores, RmsNorm
 }
 
 AMOEBA_CLONES void RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, double eps,
@@ -407,6 +392,10 @@ AMOEBA_CLONES void AddInPlace(float* y, const float* x, int64_t n) {
 
 AMOEBA_CLONES void Axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+AMOEBA_CLONES void Scale(float* y, float alpha, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= alpha;
 }
 
 }  // namespace amoeba

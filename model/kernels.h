@@ -31,6 +31,8 @@ void AddInPlace(float* y, const float* x, int64_t n);
 float Dot(const float* a, const float* b, int64_t n);
 // y += alpha * x
 void Axpy(float alpha, const float* x, float* y, int64_t n);
+// y *= alpha
+void Scale(float* y, float alpha, int64_t n);
 
 // True when the CPU has AVX2, FMA and F16C (the fast paths are used).
 bool CpuHasAvx2Fma();

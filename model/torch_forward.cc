@@ -38,7 +38,7 @@ at::Tensor TorchHidden(const Model& m, const at::Tensor& tokens, const TorchForw
             ? opt.linear(layer, p, x, w, b)
             : at::linear(x, w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()), b);
     const LowRankDelta& d = m.layers[layer].deltas[static_cast<int>(p)];
-    if (d.defined()) y = y + at::linear(at::linear(x, d.down), d.up);
+    if (d.defined()) y = y + at::linear(at::linear(x, d.Down()), d.Up());
     return y;
   };
 

@@ -21,6 +21,22 @@ Model Model::WithLayers(const std::vector<int>& layer_ids) const {
   return m;
 }
 
+namespace {
+at::Tensor WeightedSum(const std::vector<at::Tensor>& ts, const std::vector<float>& ws) {
+  at::Tensor out = ts.at(0) * ws.at(0);
+  for (size_t i = 1; i < ts.size(); ++i) out.add_(ts[i], ws.at(i));
+  return out;
+}
+}  // namespace
+
+at::Tensor LowRankDelta::Down() const {
+  return WeightedSum(downs, down_weights);
+}
+
+at::Tensor LowRankDelta::Up() const {
+  return WeightedSum(ups, up_weights);
+}
+
 void Model::SyncConfigWithWeights() {
   const int64_t hd = config.head_dim;
   config.num_hidden_layers = static_cast<int64_t>(layers.size());

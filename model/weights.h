@@ -16,12 +16,19 @@ namespace amoeba {
 enum class Proj { kQ, kK, kV, kO, kGate, kUp, kDown };
 inline constexpr int kNumProj = 7;
 
-// An additive low-rank term on a projection, y += up · (down · x): runtime adapters (LoRA kept
-// unmerged) run this way without copying the weight. Undefined tensors when absent.
+// An additive low-rank term on a projection, y += U · (D · x), where D and U are weighted sums of
+// factor matrices: D = Σ down_weights[i] · downs[i], U = Σ up_weights[j] · ups[j]. Runtime adapters
+// (LoRA experts kept unmerged, mixed per subnet) run this way without copying the weight or even
+// the factors: the factors are views (unit column stride, any row stride) of shared tensors.
 struct LowRankDelta {
-  at::Tensor down;  // [r, in], fp32, contiguous
-  at::Tensor up;    // [out, r], fp32, contiguous
-  bool defined() const { return down.defined(); }
+  std::vector<at::Tensor> downs;  // [r, in] each, fp32
+  std::vector<float> down_weights;
+  std::vector<at::Tensor> ups;  // [out, r] each, fp32
+  std::vector<float> up_weights;
+  bool defined() const { return !downs.empty(); }
+  // D and U as tensors (for merging and for the reference forward).
+  at::Tensor Down() const;
+  at::Tensor Up() const;
 };
 
 struct LayerWeights {
