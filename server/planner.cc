@@ -95,11 +95,13 @@ absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, 
                                                       ", needs ", Why(*smallest, b)));
   }
   r.chosen = *best;
+  // Quality is "higher is better" (minus the perplexity); show the perplexity itself.
+  const bool by_ppl = best->profile.heldout_perplexity.has_value();
   r.explanation = absl::StrFormat(
-      "%s: best %s (%g) among shapes within the budget; %.2f ms/token decode (%s), %.1f ms prefill "
-      "for %d tokens, "
-      "%lld bytes with a %d-token context",
-      best->profile.shape.ToString(), best->quality_source, best->quality, best->decode_ms,
+      "%s: %s %g, the best among shapes within the budget; %.2f ms/token decode (%s), %.1f ms "
+      "prefill for %d tokens, %lld bytes with a %d-token context",
+      best->profile.shape.ToString(), by_ppl ? "held-out perplexity" : "parameters",
+      by_ppl ? -best->quality : best->quality, best->decode_ms,
       best->latency_source, best->prefill_ms, b.prompt_tokens,
       static_cast<long long>(best->memory_bytes), b.max_context_tokens);
   return r;
