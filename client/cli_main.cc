@@ -207,10 +207,14 @@ int main(int argc, char** argv) {
     } else {
       std::printf("%-6s %-7s %-12s %-14s %-10s %s\n", "depth", "width", "params", "decode ms/tok",
                   "latency", "quality");
-      for (const auto& e : resp.shapes())
-        std::printf("%-6d %-7g %-12lld %-14.3f %-10s %g (%s)\n", e.shape().depth(),
-                    e.shape().width(), static_cast<long long>(e.params()), e.decode_ms_per_token(),
-                    e.latency_source().c_str(), e.quality(), e.quality_source().c_str());
+      for (const auto& e : resp.shapes()) {
+        // Perplexities travel negated (higher quality is better); print the perplexity itself.
+        const bool ppl = e.quality_source().find("perplexity") != std::string::npos;
+        std::printf("%-6d %-7g %-12lld %-14.3f %-10s %s %g\n", e.shape().depth(), e.shape().width(),
+                    static_cast<long long>(e.params()), e.decode_ms_per_token(),
+                    e.latency_source().c_str(), e.quality_source().c_str(),
+                    ppl ? -e.quality() : e.quality());
+      }
     }
     return 0;
   }
