@@ -36,5 +36,5 @@ awk '/^[0-9a-f]+-[0-9a-f]+ / {name=$6} /^Rss/ {if (name ~ /safetensors/) w+=$2; 
      END {printf "RSS breakdown: weights file %.0f MB, anonymous %.0f MB, shared libraries %.0f MB\n", w/1024, a/1024, l/1024}' \
   /proc/$PID/smaps | tee -a bench/results/serve.md
 # The supernet's weight bytes: the model, plus the SMoL adapters when tuned.
-WEIGHTS=$(cat "$WORK"/s/model.safetensors "$WORK"/s/smol.safetensors 2>/dev/null | wc -c)
+WEIGHTS=$( (cat "$WORK"/s/model.safetensors "$WORK"/s/smol.safetensors 2>/dev/null || true) | wc -c)
 python3 -c "print(f'Server RSS with every grid shape used: {$RSS/1e6:.0f} MB = {$RSS/$WEIGHTS:.2f}x the supernet weights ({$WEIGHTS/1e6:.0f} MB)')" | tee -a bench/results/serve.md
