@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 namespace amoeba {
 
@@ -266,9 +267,27 @@ void LinearTyped(const float* x, int64_t n, const at::Tensor& W, float* y, Linea
   const int64_t out = W.size(0), in = W.size(1);
   const T* w = W.data_ptr<T>();
   const int64_t ld = W.stride(0);
+  // Half weights with many rows (prefill): the skinny kernel over blocks of inputs that stay in
+  // L2, instead of widening the whole matrix to fp32 for BLAS on every call.
+  constexpr bool kHalf = std::is_same_v<T, at::Half>;
+  if (kHalf && path != LinearPath::kTorch && n > kSkinnyMaxRows &&
+      ActiveKernelIsa() != KernelIsa::kScalar) {
+    constexpr int64_t kBlock = 128;
+    for (int64_t r0 = 0; r0 < n; r0 += kBlock) {
+      const int64_t rows = std::min(kBlock, n - r0);
+      at::parallel_for(0, out, GrainRows(out), [&](int64_t a, int64_t b) {
+        if (ActiveKernelIsa() == KernelIsa::kAvx512) {
+          SkinnyAvx512(w, ld, in, x + r0 * in, rows, y + r0 * out, out, a, b);
+        } else {
+          SkinnyAvx2(w, ld, in, x + r0 * in, rows, y + r0 * out, out, a, b);
+        }
+      });
+    }
+    return;
+  }
   if (path == LinearPath::kTorch || n > kSkinnyMaxRows) {
-    // BLAS GEMM (prefill) or the libtorch baseline; half weights are widened first, since
-    // libtorch 1.13 has no half GEMM on CPU. The widened copy is per call: prefill only.
+    // BLAS GEMM (prefill) or the libtorch baseline; half weights are widened first (libtorch
+    // 1.13 has no half GEMM on CPU): the baseline and the scalar fallback only.
     at::Tensor xt = at::from_blob(const_cast<float*>(x), {n, in});
     at::Tensor yt = at::from_blob(y, {n, out});
     at::Tensor wf = W.scalar_type() == at::kFloat ? W : W.to(at::kFloat);

@@ -148,7 +148,8 @@ TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
     at::Tensor Wf = W.to(at::kFloat);
     for (KernelIsa isa : AvailableIsas()) {
       ForceKernelIsa(isa);
-      for (int64_t n = 1; n <= 33; ++n) {
+      // 1..33 (GEMV, skinny) and prefill sizes (blocks of 128 inputs through the skinny kernel).
+      for (int64_t n : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 127, 128, 129, 300}) {
         at::Tensor x = at::randn({n, in});
         at::Tensor y = at::empty({n, out});
         Linear(x.data_ptr<float>(), n, W, nullptr, y.data_ptr<float>());
