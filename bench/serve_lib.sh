@@ -1,0 +1,43 @@
+# Shared by bench/serve.sh and bench/serve_rss.sh (sourced, not run): a supernet from a preset and
+# a server on a loopback port.
+#   start_server PRESET [extra amoeba-server flags...]
+# builds the supernet in $WORK (random weights; INIT_ARGS overrides dims; TUNED=1 adds SMoL
+# adapters from a one-step tune), starts amoeba-server, sets PID and TARGET, and stops the server
+# and removes $WORK on exit.
+#   rss_report: prints "RSS ... = Nx the supernet weights" with a breakdown (weights file,
+# anonymous memory, shared-library code) of the running server.
+B=build
+WORK=$(mktemp -d)
+trap 'kill -TERM ${PID:-0} 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+start_server() {
+  local preset=$1
+  shift
+  # shellcheck disable=SC2086
+  $B/admin/amoeba-admin init --out "$WORK/m" --preset "$preset" --seed 1 ${INIT_ARGS:-} > /dev/null 2>&1
+  python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 400))" > "$WORK/calib.txt"
+  $B/admin/amoeba-admin calibrate --model "$WORK/m" --data "$WORK/calib.txt" --out "$WORK/s" \
+    --windows 4 --window-len 64 --dp-windows 2 > /dev/null 2>&1
+  if [ "${TUNED:-0}" = 1 ]; then
+    $B/admin/amoeba-admin tune --supernet "$WORK/s" --data "$WORK/calib.txt" --steps 1 --batch 1 \
+      --seq-len 32 --subnets 2 > /dev/null 2>&1
+  fi
+  $B/server/amoeba-server --supernet "$WORK/s" --host 127.0.0.1 --port 0 --metrics-port -1 \
+    --port-file "$WORK/ports" --max-context 256 "$@" > "$WORK/server.log" 2>&1 &
+  PID=$!
+  for _ in $(seq 1 1200); do [ -s "$WORK/ports" ] && break; sleep 0.5; done
+  TARGET="127.0.0.1:$(cut -d' ' -f1 "$WORK/ports")"
+}
+
+rss_report() {
+  local label=$1
+  # The supernet's weight bytes: the model, plus the SMoL adapters when tuned.
+  local weights rss
+  weights=$( (cat "$WORK"/s/model.safetensors "$WORK"/s/smol.safetensors 2>/dev/null || true) | wc -c)
+  rss=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$PID/status")
+  awk -v rss="$rss" -v w="$weights" -v label="$label" '
+    /^[0-9a-f]+-[0-9a-f]+ / {name = $6}
+    /^Rss/ {if (name ~ /safetensors/) f += $2; else if (name ~ /\.so/) l += $2; else a += $2}
+    END {printf "%s: RSS %.0f MB = %.2fx the supernet weights (%.0f MB); weights file %.0f MB, anonymous %.0f MB, shared libraries %.0f MB\n",
+         label, rss / 1e6, rss / w, w / 1e6, f / 1024, a / 1024, l / 1024}' "/proc/$PID/smaps"
+}
