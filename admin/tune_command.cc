@@ -28,6 +28,7 @@ struct TuneFlags {
   TuneOptions o;
   SmolConfig smol;
   bool single_lora = false, no_balancing = false, no_distill = false;
+  std::vector<std::string> targets;  // projection names; empty = all seven
   int threads = 0;
 };
 
@@ -41,6 +42,22 @@ absl::Status RunTune(TuneFlags& f) {
   if (f.single_lora) {
     f.smol.experts = 1;
     f.smol.top_k = 1;
+  }
+  if (!f.targets.empty()) {
+    f.smol.targets.fill(false);
+    for (const std::string& t : f.targets) {
+      bool known = false;
+      for (int p = 0; p < kNumProj; ++p) {
+        const std::string name = ProjName(static_cast<Proj>(p));  // "q_proj", …
+        if (t == name || t + "_proj" == name) {
+          f.smol.targets[p] = true;
+          known = true;
+        }
+      }
+      if (!known)
+        return absl::InvalidArgumentError("--targets: unknown projection '" + t +
+                                          "' (q, k, v, o, gate, up, down)");
+    }
   }
   f.o.balancing = !f.no_balancing;
   f.o.distill = !f.no_distill;
@@ -108,6 +125,10 @@ Runner AddTuneCommand(CLI::App& app) {
   cmd->add_option("--rank", f->smol.rank, "0 = min(64, hidden/8)")->capture_default_str();
   cmd->add_option("--alpha", f->smol.alpha)->capture_default_str();
   cmd->add_option("--top-k", f->smol.top_k)->capture_default_str();
+  cmd->add_option("--targets", f->targets,
+                  "Projections that get adapters, comma-separated (q,k,v,o,gate,up,down; default "
+                  "all)")
+      ->delimiter(',');
   cmd->add_flag("--single-lora", f->single_lora, "Ablation: one LoRA (E = 1)");
   cmd->add_flag("--no-balancing", f->no_balancing, "Ablation: no loss-magnitude balancing");
   cmd->add_flag("--no-distill", f->no_distill,

@@ -58,6 +58,16 @@ done
   --checkpoint "$dir/ck1.safetensors" >/dev/null 2>&1
 python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if j['smol']['experts']==1 else 1)" \
   || fail "--single-lora should record one expert"
+# --targets: only the named projections get adapters (the tensors in smol.safetensors say so).
+"$ADMIN" tune --supernet "$dir/s" --data "$dir/calib.txt" --steps 1 --batch 2 --seq-len 16 \
+  --targets q,v_proj --checkpoint "$dir/ck2.safetensors" >/dev/null 2>&1 || fail "tune --targets"
+/usr/bin/python3 -c "
+import json, struct, sys
+f = open('$dir/s/smol.safetensors', 'rb'); n = struct.unpack('<Q', f.read(8))[0]
+names = [k for k in json.loads(f.read(n)) if 'lora_A' in k]
+ok = names and all(('q_proj' in k or 'v_proj' in k) for k in names) and any('v_proj' in k for k in names)
+sys.exit(0 if ok else 1)" || fail "--targets q,v_proj should adapt only q_proj and v_proj"
+expect_2 "unknown --targets" "$ADMIN" tune --supernet "$dir/s" --data "$dir/calib.txt" --steps 1 --targets qq
 "$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt" --windows 2 --window-len 16 > "$dir/eval" 2>&1 || fail "eval"
 [ -s "$dir/s/frontier.svg" ] || fail "eval writes frontier.svg"
 python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if all('heldout_perplexity' in p for p in j['profile']) else 1)" \
