@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "model/kernels.h"
+#include "model/packed_linear.h"
 #include "model/rope.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -154,6 +155,38 @@ TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
         at::Tensor y = at::empty({n, out});
         Linear(x.data_ptr<float>(), n, W, nullptr, y.data_ptr<float>());
         at::Tensor ref = at::linear(x, Wf);
+        const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
+        EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
+      }
+    }
+    ForceKernelIsa(KernelIsa::kAuto);
+  }
+}
+
+}  // namespace
+}  // namespace amoeba
+
+namespace amoeba {
+namespace {
+
+// Packed panels: equal to torch::linear on the prefix of the packed matrix, for odd sizes (panel
+// tails), prefixes in both dimensions, batch 1..33 (every input-group width), every ISA.
+TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
+  at::manual_seed(2);
+  for (auto [out, in] :
+       std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {5, 131}, {64, 70}, {129, 3}, {16, 16}}) {
+    at::Tensor full = at::randn({out + 7, in + 11});
+    at::Tensor panels = PackPanels(full);
+    at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);
+    at::Tensor bias = at::randn({out});
+    for (KernelIsa isa : AvailableIsas()) {
+      ForceKernelIsa(isa);
+      for (int64_t n = 1; n <= 33; ++n) {
+        at::Tensor x = at::randn({n, in});
+        at::Tensor y = at::full({n, out}, 7.f);
+        LinearPacked(x.data_ptr<float>(), n, panels, out, in, bias.data_ptr<float>(),
+                     y.data_ptr<float>());
+        at::Tensor ref = at::linear(x, W, bias);
         const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
         EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
       }
