@@ -60,12 +60,16 @@ int Run(const Options& o) {
       LinearPath path;
       const char* name;
       std::shared_ptr<const Model> model;
+      bool packed = false;
     };
     for (const Variant& v : {Variant{LinearPath::kTorch, "libtorch-linear", model},
                              Variant{LinearPath::kAuto, "amoeba-fp32", model},
+                             Variant{LinearPath::kAuto, "amoeba-fp32-packed", model, true},
                              Variant{LinearPath::kAuto, "amoeba-fp16", model16}}) {
       const char* pname = v.name;
-      Engine e(v.model, {.max_len = std::max(256, o.prompt_len + 64), .linear_path = v.path});
+      Engine e(v.model, {.max_len = std::max(256, o.prompt_len + 64),
+                         .linear_path = v.path,
+                         .packed_weights = v.packed});
       const double prefill = PrefillRate(e, o.prompt_len);
       for (int b : batches) {
         // The shared machine's bandwidth drifts by ~1.5x within minutes: probe it right before
@@ -105,14 +109,15 @@ int Run(const Options& o) {
   };
   md +=
       "\nRatios (same run):\n\n| preset | batch | fp32 / libtorch | fp16 / fp32 | fp32 batch / "
-      "fp32 batch 1 |\n|---|---|---|---|---|\n";
+      "fp32 batch 1 | fp32-packed batch / fp32 batch 1 |\n|---|---|---|---|---|---|\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     const std::string p(name);
     for (int b : batches) {
       const double t = find(p, "libtorch-linear", b), f = find(p, "amoeba-fp32", b),
                    h = find(p, "amoeba-fp16", b);
-      md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {:.2f}x |\n", p, b, f / t, h / f,
-                        f / find(p, "amoeba-fp32", batches[0]));
+      md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {:.2f}x | {:.2f}x |\n", p, b, f / t, h / f,
+                        f / find(p, "amoeba-fp32", batches[0]),
+                        find(p, "amoeba-fp32-packed", b) / find(p, "amoeba-fp32", batches[0]));
     }
   }
   WriteReport(o.out_json, out.dump(2), o.out_md, md);

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "model/packed_linear.h"
 
 namespace amoeba {
 
@@ -15,7 +16,22 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
     : model_(std::move(model)),
       options_(options),
       rope_(model_->config, options.max_len),
-      ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {}
+      ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {
+  if (!options_.packed_weights) return;
+  for (const LayerWeights& l : model_->layers) {
+    std::array<at::Tensor, kNumProj> panels;
+    const at::Tensor* w[kNumProj] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
+    for (int p = 0; p < kNumProj; ++p)
+      if (w[p]->numel() > 0) panels[p] = PackPanels(*w[p]);
+    packed_.push_back(std::move(panels));
+  }
+  packed_head_ = PackPanels(model_->lm_head);
+}
+
+const at::Tensor& Engine::Packed(size_t layer, Proj p) const {
+  static const at::Tensor kNone;
+  return packed_.empty() ? kNone : packed_[layer][static_cast<int>(p)];
+}
 
 void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
   const ModelConfig& c = model_->config;
@@ -49,9 +65,14 @@ void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
 }
 
 void Engine::Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& bias,
-                     const LowRankDelta& delta, float* y) {
+                     const LowRankDelta& delta, const at::Tensor& packed, float* y) {
   const LinearPath path = options_.linear_path;
-  Linear(x, n, W, bias.defined() ? bias.data_ptr<float>() : nullptr, y, path);
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (packed.defined() && n >= 2 && n <= kSkinnyMaxRows && path == LinearPath::kAuto) {
+    LinearPacked(x, n, packed, W.size(0), W.size(1), b, y);
+  } else {
+    Linear(x, n, W, b, y, path);
+  }
   if (!delta.defined()) return;
   // mid = Σ a_i (D_i x), then y += Σ b_j (U_j mid): two skinny products per factor.
   const int64_t r = delta.downs[0].size(0), out = delta.ups[0].size(0);
@@ -229,16 +250,16 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
     float* q = ws_->q.data_ptr<float>();
     float* k = ws_->k.data_ptr<float>();
-    Project(h, n, l.q, l.q_bias, d[0], q);
-    Project(h, n, l.k, l.k_bias, d[1], k);
-    Project(h, n, l.v, l.v_bias, d[2], ws_->v.data_ptr<float>());
+    Project(h, n, l.q, l.q_bias, d[0], Packed(li, Proj::kQ), q);
+    Project(h, n, l.k, l.k_bias, d[1], Packed(li, Proj::kK), k);
+    Project(h, n, l.v, l.v_bias, d[2], Packed(li, Proj::kV), ws_->v.data_ptr<float>());
     for (int64_t r = 0; r < n; ++r) {
       ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
       ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
     }
     Attention(static_cast<int64_t>(li), cache, seqs);
     if (hq > 0) {
-      Project(ws_->att.data_ptr<float>(), n, l.o, l.o_bias, d[3], tmp);
+      Project(ws_->att.data_ptr<float>(), n, l.o, l.o_bias, d[3], Packed(li, Proj::kO), tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.o_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
@@ -247,10 +268,10 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     if (inter > 0) {
       float* g = ws_->gate.data_ptr<float>();
       float* u = ws_->up.data_ptr<float>();
-      Project(h, n, l.gate, l.gate_bias, d[4], g);
-      Project(h, n, l.up, l.up_bias, d[5], u);
+      Project(h, n, l.gate, l.gate_bias, d[4], Packed(li, Proj::kGate), g);
+      Project(h, n, l.up, l.up_bias, d[5], Packed(li, Proj::kUp), u);
       SiluMul(g, u, n * inter);
-      Project(g, n, l.down, l.down_bias, d[6], tmp);
+      Project(g, n, l.down, l.down_bias, d[6], Packed(li, Proj::kDown), tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.down_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);
@@ -268,7 +289,13 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       RmsNorm(x + (row - 1) * H, fn, 1, H, c.rms_norm_eps, h + i * H);
     }
   }
-  Linear(h, out_rows, m.lm_head, nullptr, ws_->logits.data_ptr<float>(), options_.linear_path);
+  if (packed_head_.defined() && out_rows >= 2 && out_rows <= kSkinnyMaxRows &&
+      options_.linear_path == LinearPath::kAuto) {
+    LinearPacked(h, out_rows, packed_head_, m.lm_head.size(0), m.lm_head.size(1), nullptr,
+                 ws_->logits.data_ptr<float>());
+  } else {
+    Linear(h, out_rows, m.lm_head, nullptr, ws_->logits.data_ptr<float>(), options_.linear_path);
+  }
   for (const SeqInput& s : seqs)
     cache.set_length(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
   return ws_->logits.narrow(0, 0, out_rows);

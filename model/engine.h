@@ -35,8 +35,11 @@ struct EngineWorkspace {
 struct EngineOptions {
   int64_t max_len = 2048;                      // longest sequence (RoPE table and cache length)
   LinearPath linear_path = LinearPath::kAuto;  // kTorch = libtorch linear baseline
-  std::shared_ptr<EngineWorkspace> workspace =
-      nullptr;  // shared by engines used from one thread; null = own
+  // Shared by engines used from one thread, one after another; null = the engine's own.
+  std::shared_ptr<EngineWorkspace> workspace = nullptr;
+  // Decode batches of 2..32 rows on weights packed as panels (model/packed_linear.h). Packs a
+  // copy of every projection and the LM head: for measuring the packed kernel in the whole model.
+  bool packed_weights = false;
 };
 
 class Engine {
@@ -58,12 +61,16 @@ class Engine {
   void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
   // y[n, out] = x W^T + bias (+ up · down · x when the projection carries a low-rank delta).
   void Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& bias,
-               const LowRankDelta& delta, float* y);
+               const LowRankDelta& delta, const at::Tensor& packed, float* y);
+  // The packed copy of W when packed_weights is on (undefined otherwise).
+  const at::Tensor& Packed(size_t layer, Proj p) const;
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
   RopeTable rope_;
   std::shared_ptr<EngineWorkspace> ws_;
+  std::vector<std::array<at::Tensor, kNumProj>> packed_;  // [layer][proj], with packed_weights
+  at::Tensor packed_head_;
   struct DecodeTask {
     int64_t row, slot, len;
   };
