@@ -39,27 +39,6 @@ at::Tensor Uniform(std::vector<int64_t> shape, int64_t fan_in) {
   const double b = 1.0 / std::sqrt(static_cast<double>(fan_in));
   return at::rand(shape) * (2 * b) - b;
 }
-const at::Tensor& ProjWeight(const LayerWeights& l, Proj p) {
-  switch (p) {
-    case Proj::kQ:
-      return l.q;
-    case Proj::kK:
-      return l.k;
-    case Proj::kV:
-      return l.v;
-    case Proj::kO:
-      return l.o;
-    case Proj::kGate:
-      return l.gate;
-    case Proj::kUp:
-      return l.up;
-    default:
-      return l.down;
-  }
-}
-at::Tensor& ProjWeight(LayerWeights& l, Proj p) {
-  return const_cast<at::Tensor&>(ProjWeight(const_cast<const LayerWeights&>(l), p));
-}
 }  // namespace
 
 Smol::Smol(const Model& base, int64_t num_widths, SmolConfig config, uint64_t seed)
@@ -73,7 +52,7 @@ Smol::Smol(const Model& base, int64_t num_widths, SmolConfig config, uint64_t se
   for (int64_t l = 0; l < num_layers_; ++l) {
     for (int p = 0; p < kNumProj; ++p) {
       if (!cfg_.targets[p]) continue;
-      const at::Tensor& W = ProjWeight(base.layers[l], static_cast<Proj>(p));
+      const at::Tensor& W = base.layers[l].proj(static_cast<Proj>(p));
       const int64_t out = W.size(0), in = W.size(1);
       // Kaiming-uniform A (a = sqrt(5), as PEFT's LoRA): bound = 1/sqrt(in).
       adapters_[l][p] = {Uniform({E, r, in}, in), at::zeros({E, out, r})};
@@ -131,7 +110,7 @@ Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
     for (int p = 0; p < kNumProj; ++p) {
       LowRankDelta& d = l.deltas[p];
       if (!d.defined()) continue;
-      at::Tensor& W = ProjWeight(l, static_cast<Proj>(p));
+      at::Tensor& W = l.proj(static_cast<Proj>(p));
       // A new contiguous copy; the supernet is untouched.
       W = at::addmm(W.to(at::kFloat), d.Up(), d.Down());
       d = {};
@@ -162,7 +141,7 @@ Model Smol::AttachUnmerged(const Model& subnet, const at::Tensor& gate,
     for (int p = 0; p < kNumProj; ++p) {
       const Adapter* a = Find(layer_ids.at(i), static_cast<Proj>(p));
       if (!a) continue;
-      const at::Tensor& W = ProjWeight(m.layers[i], static_cast<Proj>(p));
+      const at::Tensor& W = m.layers[i].proj(static_cast<Proj>(p));
       const int64_t out = W.size(0), in = W.size(1);
       if (out == 0 || in == 0) continue;
       LowRankDelta& d = m.layers[i].deltas[p];
@@ -235,7 +214,7 @@ absl::StatusOr<Smol> Smol::Load(const std::string& path, const Model& base) {
   for (int64_t l = 0; l < s.num_layers_; ++l) {
     for (int p = 0; p < kNumProj; ++p) {
       if (!s.cfg_.targets[p]) continue;
-      const at::Tensor& W = ProjWeight(base.layers[l], static_cast<Proj>(p));
+      const at::Tensor& W = base.layers[l].proj(static_cast<Proj>(p));
       const std::string n = absl::StrCat("layers.", l, ".", ProjName(static_cast<Proj>(p)));
       ASSIGN_OR_RETURN(s.adapters_[l][p].A, get(n + ".lora_A", {E, r, W.size(1)}));
       ASSIGN_OR_RETURN(s.adapters_[l][p].B, get(n + ".lora_B", {E, W.size(0), r}));

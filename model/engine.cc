@@ -20,9 +20,10 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
   if (!options_.packed_weights) return;
   for (const LayerWeights& l : model_->layers) {
     std::array<at::Tensor, kNumProj> panels;
-    const at::Tensor* w[kNumProj] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
-    for (int p = 0; p < kNumProj; ++p)
-      if (w[p]->numel() > 0) panels[p] = PackPanels(*w[p]);
+    for (int p = 0; p < kNumProj; ++p) {
+      const at::Tensor& w = l.proj(static_cast<Proj>(p));
+      if (w.numel() > 0) panels[p] = PackPanels(w);
+    }
     packed_.push_back(std::move(panels));
   }
   packed_head_ = PackPanels(model_->lm_head);

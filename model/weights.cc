@@ -52,6 +52,39 @@ void Model::SyncConfigWithWeights() {
   config.layer_intermediate = uniform ? std::vector<int64_t>{} : inter;
 }
 
+const at::Tensor& LayerWeights::proj(Proj p) const {
+  switch (p) {
+    case Proj::kQ:
+      return q;
+    case Proj::kK:
+      return k;
+    case Proj::kV:
+      return v;
+    case Proj::kO:
+      return o;
+    case Proj::kGate:
+      return gate;
+    case Proj::kUp:
+      return up;
+    default:
+      return down;
+  }
+}
+
+at::Tensor& LayerWeights::proj(Proj p) {
+  return const_cast<at::Tensor&>(static_cast<const LayerWeights&>(*this).proj(p));
+}
+
+int64_t Model::ProjectionBytes() const {
+  int64_t n = 0;
+  for (const auto& l : layers)
+    for (int p = 0; p < kNumProj; ++p) {
+      const at::Tensor& t = l.proj(static_cast<Proj>(p));
+      n += t.numel() * static_cast<int64_t>(t.element_size());
+    }
+  return n;
+}
+
 int64_t Model::DecodeWeightBytes() const {
   int64_t n =
       lm_head.numel() * lm_head.element_size() + final_norm.numel() * final_norm.element_size();

@@ -39,6 +39,10 @@ struct LayerWeights {
   at::Tensor gate_bias, up_bias, down_bias;   // optional
   std::array<LowRankDelta, kNumProj> deltas;  // by Proj; usually all absent
 
+  // The projection matrix `p`.
+  const at::Tensor& proj(Proj p) const;
+  at::Tensor& proj(Proj p);
+
   int64_t q_heads(int64_t head_dim) const { return q.size(0) / head_dim; }
   int64_t kv_heads(int64_t head_dim) const { return k.size(0) / head_dim; }
   int64_t intermediate() const { return gate.size(0); }
@@ -55,6 +59,8 @@ struct Model {
   Model WithLayers(const std::vector<int>& layer_ids) const;
   // Bytes of weights one decode step reads (all layers, head; the embedding row is negligible).
   int64_t DecodeWeightBytes() const;
+  // Bytes of the projection matrices of all layers (what a merged-adapter copy duplicates).
+  int64_t ProjectionBytes() const;
   // Syncs config's per-layer widths and layer count with the tensors.
   void SyncConfigWithWeights();
 };

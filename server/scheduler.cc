@@ -15,14 +15,6 @@ double Ms(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-// Bytes of the projection matrices (what a merged copy duplicates; embedding and head are shared).
-int64_t ProjectionBytes(const Model& m) {
-  int64_t b = 0;
-  for (const auto& l : m.layers)
-    for (const at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
-      b += t->numel() * static_cast<int64_t>(t->element_size());
-  return b;
-}
 }  // namespace
 
 Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
@@ -93,6 +85,17 @@ SchedulerStats Scheduler::stats() const {
   return s;
 }
 
+const std::vector<int>& Scheduler::ShapeLayers(const Shape& s) const {
+  return supernet_.spec().FindDepth(s.depth)->layers;
+}
+
+std::unique_ptr<Engine> Scheduler::NewEngine(std::shared_ptr<const Model> model) const {
+  EngineOptions eo;
+  eo.max_len = opt_.max_context;
+  eo.workspace = workspace_;  // one worker thread: all lanes share the activations
+  return std::make_unique<Engine>(std::move(model), eo);
+}
+
 Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   const std::string key = s.ToString();
   auto it = lanes_.find(key);
@@ -109,16 +112,13 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
   // first request of a shape pays no copy. Hot shapes get a merged copy later (MaybeStartBuild).
   Model model = std::move(*m);
   if (opt_.smol) {
-    const auto& layers = supernet_.spec().FindDepth(s.depth)->layers;
-    const at::Tensor gate =
-        opt_.smol->Gate(opt_.smol->ShapeFeature(layers, supernet_.WidthIndex(s.width)), false);
-    model = opt_.smol->AttachUnmerged(model, gate, layers);
+    // The shape's (deterministic) gate, kept for the merged copy's build.
+    lane->gate = opt_.smol->Gate(
+        opt_.smol->ShapeFeature(ShapeLayers(s), supernet_.WidthIndex(s.width)), false);
+    model = opt_.smol->AttachUnmerged(model, lane->gate, ShapeLayers(s));
   }
   lane->model = std::make_shared<const Model>(std::move(model));
-  EngineOptions eo;
-  eo.max_len = opt_.max_context;
-  eo.workspace = workspace_;  // one worker thread: all lanes share the activations
-  lane->engine = std::make_unique<Engine>(lane->model, eo);
+  lane->engine = NewEngine(lane->model);
   lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
   lane->slot_used.assign(opt_.slots_per_shape, false);
   spdlog::info("scheduler: new lane {} (supernet views{})", key,
@@ -136,14 +136,12 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   auto views = supernet_.Extract(lane.shape);
   if (!views.ok()) return;
   // Views are already in the serving dtype, as the merged copy will be.
-  const int64_t need = ProjectionBytes(*views);
+  const int64_t need = views->ProjectionBytes();
   if (!EvictIdleLanes(&lane, need)) return;  // no room under the cap: stay unmerged
   Build b;
   b.key = lane.shape.ToString();
-  const auto& layers = supernet_.spec().FindDepth(lane.shape.depth)->layers;
-  b.gate = opt_.smol->Gate(opt_.smol->ShapeFeature(layers, supernet_.WidthIndex(lane.shape.width)),
-                           false);
-  b.layers = layers;
+  b.gate = lane.gate;
+  b.layers = ShapeLayers(lane.shape);
   b.views = std::make_shared<const Model>(std::move(*views));
   lane.building = true;
   lane.bytes = need;  // reserved now, so queued builds cannot overshoot the cap together
@@ -199,14 +197,10 @@ void Scheduler::SwapInFinishedBuilds() {
     cache_bytes_ -= lane.bytes;  // the reservation, replaced by the real size below
     // Same shape, same KV layout: running sequences continue on the merged copy next step.
     lane.model = std::move(b.result);
-    EngineOptions eo;
-    eo.max_len = opt_.max_context;
-    eo.workspace = workspace_;
-    eo.workspace = workspace_;  // one worker thread: all lanes share the activations
-    lane.engine = std::make_unique<Engine>(lane.model, eo);
+    lane.engine = NewEngine(lane.model);
     lane.merged = true;
     lane.building = false;
-    lane.bytes = ProjectionBytes(*lane.model);
+    lane.bytes = lane.model->ProjectionBytes();
     cache_bytes_ += lane.bytes;
     ++merged_lanes_;
   }

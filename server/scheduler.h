@@ -99,6 +99,7 @@ class Scheduler {
     Clock::time_point last_used;
     int64_t bytes = 0;     // merged copy (0 while the lane runs on views)
     int64_t requests = 0;  // admitted so far
+    at::Tensor gate;       // SMoL gate of this shape (adapters only)
     bool merged = false, building = false;
   };
   struct Build {  // a merged copy being made on the builder thread
@@ -111,6 +112,8 @@ class Scheduler {
 
   void Loop();
   void BuilderLoop();
+  const std::vector<int>& ShapeLayers(const Shape& s) const;  // supernet layer ids of s.depth
+  std::unique_ptr<Engine> NewEngine(std::shared_ptr<const Model> model) const;
   void MaybeStartBuild(Lane& lane);
   void SwapInFinishedBuilds();
   Lane* GetLane(const Shape& s);

@@ -110,6 +110,31 @@ std::vector<KernelIsa> AvailableIsas() {
   return isas;
 }
 
+// For every ISA and batch size: `run(x, n, y)` writes y [n, out] equal to `ref(x)` within 1e-5
+// relative; x is random [n, in].
+template <typename Run, typename Ref>
+void ExpectEveryIsaMatches(int64_t out, int64_t in, const std::vector<int64_t>& batches, Run run,
+                           Ref ref) {
+  for (KernelIsa isa : AvailableIsas()) {
+    ForceKernelIsa(isa);
+    for (int64_t n : batches) {
+      at::Tensor x = at::randn({n, in});
+      at::Tensor y = at::full({n, out}, 7.f);
+      run(x.data_ptr<float>(), n, y.data_ptr<float>());
+      at::Tensor want = ref(x);
+      const double rel = testing::MaxAbsDiff(y, want) / want.abs().max().item<double>();
+      EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
+    }
+  }
+  ForceKernelIsa(KernelIsa::kAuto);
+}
+
+std::vector<int64_t> Batches1To33() {
+  std::vector<int64_t> b;
+  for (int64_t n = 1; n <= 33; ++n) b.push_back(n);
+  return b;
+}
+
 // Every path (GEMV, skinny, GEMM) × instruction set on odd sizes, prefix (strided) weights,
 // batch 1..33.
 TEST(KernelTest, LinearMatchesTorchOnOddSizesAndPrefixViews) {
@@ -119,18 +144,10 @@ TEST(KernelTest, LinearMatchesTorchOnOddSizesAndPrefixViews) {
     at::Tensor full = at::randn({out + 7, in + 11});
     at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);  // prefix view, row stride in+11
     at::Tensor bias = at::randn({out});
-    for (KernelIsa isa : AvailableIsas()) {
-      ForceKernelIsa(isa);
-      for (int64_t n = 1; n <= 33; ++n) {
-        at::Tensor x = at::randn({n, in});
-        at::Tensor y = at::empty({n, out});
-        Linear(x.data_ptr<float>(), n, W, bias.data_ptr<float>(), y.data_ptr<float>());
-        at::Tensor ref = at::linear(x, W, bias);
-        const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
-        EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
-      }
-    }
-    ForceKernelIsa(KernelIsa::kAuto);
+    ExpectEveryIsaMatches(
+        out, in, Batches1To33(),
+        [&](const float* x, int64_t n, float* y) { Linear(x, n, W, bias.data_ptr<float>(), y); },
+        [&](const at::Tensor& x) { return at::linear(x, W, bias); });
   }
 }
 
@@ -147,19 +164,11 @@ TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
     at::Tensor full = at::randn({out + 5, in + 9}).to(at::kHalf);
     at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);  // prefix view of half weights
     at::Tensor Wf = W.to(at::kFloat);
-    for (KernelIsa isa : AvailableIsas()) {
-      ForceKernelIsa(isa);
-      // 1..33 (GEMV, skinny) and prefill sizes (blocks of 128 inputs through the skinny kernel).
-      for (int64_t n : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 127, 128, 129, 300}) {
-        at::Tensor x = at::randn({n, in});
-        at::Tensor y = at::empty({n, out});
-        Linear(x.data_ptr<float>(), n, W, nullptr, y.data_ptr<float>());
-        at::Tensor ref = at::linear(x, Wf);
-        const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
-        EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
-      }
-    }
-    ForceKernelIsa(KernelIsa::kAuto);
+    // 1..33 (GEMV, skinny) and prefill sizes (blocks of 128 inputs through the skinny kernel).
+    ExpectEveryIsaMatches(
+        out, in, {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 127, 128, 129, 300},
+        [&](const float* x, int64_t n, float* y) { Linear(x, n, W, nullptr, y); },
+        [&](const at::Tensor& x) { return at::linear(x, Wf); });
   }
 }
 
@@ -179,19 +188,12 @@ TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
     at::Tensor panels = PackPanels(full);
     at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);
     at::Tensor bias = at::randn({out});
-    for (KernelIsa isa : AvailableIsas()) {
-      ForceKernelIsa(isa);
-      for (int64_t n = 1; n <= 33; ++n) {
-        at::Tensor x = at::randn({n, in});
-        at::Tensor y = at::full({n, out}, 7.f);
-        LinearPacked(x.data_ptr<float>(), n, panels, out, in, bias.data_ptr<float>(),
-                     y.data_ptr<float>());
-        at::Tensor ref = at::linear(x, W, bias);
-        const double rel = testing::MaxAbsDiff(y, ref) / ref.abs().max().item<double>();
-        EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
-      }
-    }
-    ForceKernelIsa(KernelIsa::kAuto);
+    ExpectEveryIsaMatches(
+        out, in, Batches1To33(),
+        [&](const float* x, int64_t n, float* y) {
+          LinearPacked(x, n, panels, out, in, bias.data_ptr<float>(), y);
+        },
+        [&](const at::Tensor& x) { return at::linear(x, W, bias); });
   }
 }
 

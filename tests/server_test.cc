@@ -221,10 +221,7 @@ TEST(ServerTest, MergedCopiesAreEvictedUnderTheCapAndRebuilt) {
   TestServer probe(so, "", /*adapters=*/true);
   // Room for about one merged full-width copy.
   const auto full = probe.supernet->Extract({5, 1.0});
-  int64_t one = 0;
-  for (const auto& l : full->layers)
-    for (const at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
-      one += t->numel() * 4;
+  const int64_t one = full->ProjectionBytes();
   so.cache_bytes = one + one / 2;
   TestServer ts(so, "", /*adapters=*/true);
   auto c = ts.Client();
