@@ -9,6 +9,7 @@
 #include "admin/commands.h"
 #include "model/engine.h"
 #include "model/generation.h"
+#include "model/packed_linear.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"
 #include "model/tokenizer.h"
@@ -46,10 +47,14 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   EngineOptions eo;
   eo.max_len = std::min<int64_t>(f.max_len, m.config.max_position_embeddings);
   eo.linear_path = f.baseline ? LinearPath::kTorch : LinearPath::kAuto;
-  if (f.weights_dtype == "f16") {
-    m = ConvertWeights(m, at::kHalf);
-  } else if (f.weights_dtype != "f32") {
+  if (f.weights_dtype != "f16" && f.weights_dtype != "f32")
     return absl::InvalidArgumentError("--weights-dtype: f32 or f16");
+  const at::ScalarType dtype = f.weights_dtype == "f16" ? at::kHalf : at::kFloat;
+  if (f.baseline) {
+    if (dtype != at::kFloat) m = ConvertWeights(m, dtype);  // libtorch linear on row-major
+  } else {
+    PackWeights(m, dtype);  // decode from panels; the row-major pages can go
+    ReleaseRowMajorPages(m);
   }
   auto shared = std::make_shared<const Model>(std::move(m));
   Engine engine(shared, eo);

@@ -5,13 +5,17 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "model/engine.h"
+#include "model/packed_linear.h"
 #include "model/presets.h"
 #include "model/runtime.h"
 
@@ -24,9 +28,18 @@ struct Options {
   int prompt_len = 128;
   int decode_steps = 64;
   int threads = 0;
+  int rounds = 3;     // interleaved repetitions; the median is reported
+  std::string paths;  // comma-separated path names to run; empty = all
   std::string out_json = "bench/results/decode.json";
   std::string out_md = "bench/results/decode.md";
 };
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty()      ? 0
+         : v.size() % 2 ? v[v.size() / 2]
+                        : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
 
 int Run(const Options& o) {
   InitRuntime(o.threads);
@@ -35,17 +48,23 @@ int Run(const Options& o) {
   spdlog::info("bench/decode: memory read bandwidth {:.1f} GB/s", bw);
   nlohmann::json out = {{"bandwidth_gbs", bw},
                         {"threads", at::get_num_threads()},
+                        {"rounds", o.rounds},
                         {"results", nlohmann::json::array()}};
   std::vector<int> batches;
   for (auto s : absl::StrSplit(o.batches, ',')) batches.push_back(std::stoi(std::string(s)));
-  std::string md =
-      "# bench/decode\n\nMemory read bandwidth: " + fmt::format("{:.1f}", bw) + " GB/s, " +
-      std::to_string(at::get_num_threads()) +
-      " threads. Roofline = bandwidth / weight bytes per decode step.\n\n" +
-      "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | "
-      "per stream | GB/s probed just before | fp32 roofline tok/s (batch 1) | % of roofline per "
-      "step |\n"
-      "|---|---|---|---|---|---|---|---|---|---|\n";
+  std::string md = fmt::format(
+      "# bench/decode\n\n{} threads, {} rounds: every (path, batch) is measured once per round, "
+      "rounds interleaved, and the median is reported (this shared machine's bandwidth drifts by "
+      "~1.5x within minutes). Roofline = bandwidth probed right before the measurement / fp32 "
+      "weight bytes per decode step.\n\n"
+      "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | per stream | "
+      "GB/s probed just before | fp32 roofline tok/s (batch 1) | % of roofline per step |\n"
+      "|---|---|---|---|---|---|---|---|---|---|\n",
+      at::get_num_threads(), o.rounds);
+  auto wanted = [&](const std::string& path) {
+    return o.paths.empty() ||
+           absl::StrContains(absl::StrCat(",", o.paths, ","), absl::StrCat(",", path, ","));
+  };
   for (auto name : absl::StrSplit(o.presets, ',')) {
     auto cfg = PresetConfig(std::string(name));
     if (!cfg.ok()) {
@@ -53,71 +72,97 @@ int Run(const Options& o) {
       return 2;
     }
     spdlog::info("bench/decode: building random {} model", std::string(name));
-    auto model = std::make_shared<const Model>(RandomModel(*cfg, 0));
-    auto model16 = std::make_shared<const Model>(ConvertWeights(*model, at::kHalf));
-    const double bytes = static_cast<double>(model->DecodeWeightBytes());
+    // Row-major weights (libtorch baseline, Amoeba's row-major GEMV/skinny kernels) and the same
+    // weights as packed panels, fp32 and fp16 (what the engine decodes from by default).
+    auto rowmajor = std::make_shared<const Model>(RandomModel(*cfg, 0));
+    Model p32 = *rowmajor, p16 = *rowmajor;
+    PackWeights(p32, at::kFloat);
+    PackWeights(p16, at::kHalf);
+    DropPackedRowMajor(p16);  // panels only: keeps the TinyLlama run's memory in bounds
+    const double bytes = static_cast<double>(rowmajor->DecodeWeightBytes());
     struct Variant {
       LinearPath path;
       const char* name;
       std::shared_ptr<const Model> model;
-      bool packed = false;
+      std::unique_ptr<Engine> engine = nullptr;
+      double prefill = 0;
+      std::vector<std::vector<double>> rates = {}, bws = {};  // [batch][round]
     };
-    for (const Variant& v : {Variant{LinearPath::kTorch, "libtorch-linear", model},
-                             Variant{LinearPath::kAuto, "amoeba-fp32", model},
-                             Variant{LinearPath::kAuto, "amoeba-fp32-packed", model, true},
-                             Variant{LinearPath::kAuto, "amoeba-fp16", model16}}) {
-      const char* pname = v.name;
-      Engine e(v.model, {.max_len = std::max(256, o.prompt_len + 64),
-                         .linear_path = v.path,
-                         .packed_weights = v.packed});
-      const double prefill = PrefillRate(e, o.prompt_len);
-      for (int b : batches) {
-        // The shared machine's bandwidth drifts by ~1.5x within minutes: probe it right before
-        // each measurement and compare with that (the header's figure is the first probe).
-        const double bw_now = MeasureReadBandwidthGBs(512, 3);
+    std::vector<Variant> variants;
+    variants.push_back({LinearPath::kTorch, "libtorch-linear", rowmajor});
+    variants.push_back({LinearPath::kAuto, "amoeba-fp32-rowmajor", rowmajor});
+    variants.push_back(
+        {LinearPath::kAuto, "amoeba-fp32", std::make_shared<const Model>(std::move(p32))});
+    variants.push_back(
+        {LinearPath::kAuto, "amoeba-fp16", std::make_shared<const Model>(std::move(p16))});
+    std::erase_if(variants, [&](const Variant& v) { return !wanted(v.name); });
+    for (Variant& v : variants) {
+      v.engine = std::make_unique<Engine>(
+          v.model,
+          EngineOptions{.max_len = std::max(256, o.prompt_len + 64), .linear_path = v.path});
+      v.prefill = PrefillRate(*v.engine, o.prompt_len);
+      v.rates.assign(batches.size(), {});
+      v.bws.assign(batches.size(), {});
+    }
+    for (int r = 0; r < o.rounds; ++r) {
+      for (Variant& v : variants) {
+        for (size_t bi = 0; bi < batches.size(); ++bi) {
+          v.bws[bi].push_back(MeasureReadBandwidthGBs(512, 3));
+          v.rates[bi].push_back(DecodeRate(*v.engine, batches[bi], o.decode_steps));
+          spdlog::info("{} {} batch {} round {}: {:.1f} tok/s ({:.1f} GB/s probed)",
+                       std::string(name), v.name, batches[bi], r + 1, v.rates[bi].back(),
+                       v.bws[bi].back());
+        }
+      }
+    }
+    for (const Variant& v : variants) {
+      for (size_t bi = 0; bi < batches.size(); ++bi) {
+        const int b = batches[bi];
+        const double rate = Median(v.rates[bi]), bw_now = Median(v.bws[bi]);
         const double roof = bw_now * 1e9 / bytes;
-        const double rate = DecodeRate(e, b, o.decode_steps);
         const double pct = 100.0 * (rate / b) / roof;  // per decode step vs one weight pass
-        spdlog::info(
-            "{} {} batch {}: decode {:.1f} tok/s aggregate ({:.1f}/stream), roofline {:.1f}, "
-            "{:.0f}%; prefill {:.0f} tok/s",
-            std::string(name), pname, b, rate, rate / b, roof, pct, prefill);
         out["results"].push_back({{"preset", std::string(name)},
                                   {"params", cfg->ParameterCount()},
                                   {"weight_bytes_per_step", bytes},
-                                  {"path", pname},
+                                  {"path", v.name},
                                   {"batch", b},
-                                  {"prefill_tokens_per_s", prefill},
+                                  {"prefill_tokens_per_s", v.prefill},
                                   {"decode_tokens_per_s", rate},
+                                  {"decode_tokens_per_s_rounds", v.rates[bi]},
                                   {"decode_tokens_per_s_per_stream", rate / b},
                                   {"bandwidth_gbs", bw_now},
+                                  {"bandwidth_gbs_rounds", v.bws[bi]},
                                   {"roofline_tokens_per_s", roof},
                                   {"percent_of_roofline_per_step", pct}});
         md += fmt::format(
             "| {} | {:.0f}M | {} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% |\n",
-            std::string(name), cfg->ParameterCount() / 1e6, pname, prefill, b, rate, rate / b,
+            std::string(name), cfg->ParameterCount() / 1e6, v.name, v.prefill, b, rate, rate / b,
             bw_now, roof, pct);
       }
     }
   }
-  // Ratios measured side by side.
+  // Ratios of medians measured side by side ("-" where a path was not run).
   auto find = [&](const std::string& preset, const std::string& path, int batch) -> double {
     for (const auto& r : out["results"])
       if (r["preset"] == preset && r["path"] == path && r["batch"] == batch)
         return r["decode_tokens_per_s"].get<double>();
     return 0;
   };
+  auto ratio = [](double a, double b) {
+    return a > 0 && b > 0 ? fmt::format("{:.2f}x", a / b) : std::string("-");
+  };
   md +=
-      "\nRatios (same run):\n\n| preset | batch | fp32 / libtorch | fp16 / fp32 | fp32 batch / "
-      "fp32 batch 1 | fp32-packed batch / fp32 batch 1 |\n|---|---|---|---|---|---|\n";
+      "\nRatios (same run; amoeba-fp32 = packed panels, the default path):\n\n| preset | batch | "
+      "fp32 / libtorch | fp32 / fp32-rowmajor | fp16 / fp32 | fp32 batch / fp32 batch 1 | fp16 "
+      "batch / fp16 batch 1 |\n|---|---|---|---|---|---|---|\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     const std::string p(name);
     for (int b : batches) {
-      const double t = find(p, "libtorch-linear", b), f = find(p, "amoeba-fp32", b),
-                   h = find(p, "amoeba-fp16", b);
-      md += fmt::format("| {} | {} | {:.2f}x | {:.2f}x | {:.2f}x | {:.2f}x |\n", p, b, f / t, h / f,
-                        f / find(p, "amoeba-fp32", batches[0]),
-                        find(p, "amoeba-fp32-packed", b) / find(p, "amoeba-fp32", batches[0]));
+      const double f = find(p, "amoeba-fp32", b), h = find(p, "amoeba-fp16", b);
+      md += fmt::format("| {} | {} | {} | {} | {} | {} | {} |\n", p, b,
+                        ratio(f, find(p, "libtorch-linear", b)),
+                        ratio(f, find(p, "amoeba-fp32-rowmajor", b)), ratio(h, f),
+                        ratio(f, find(p, "amoeba-fp32", 1)), ratio(h, find(p, "amoeba-fp16", 1)));
     }
   }
   WriteReport(o.out_json, out.dump(2), o.out_md, md);
@@ -138,6 +183,12 @@ int main(int argc, char** argv) {
   app.add_option("--prompt-len", o.prompt_len, "Prefill length")->capture_default_str();
   app.add_option("--steps", o.decode_steps, "Decode steps per measurement")->capture_default_str();
   app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_option("--rounds", o.rounds, "Interleaved repetitions (median reported)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--paths", o.paths,
+                 "Comma-separated paths to run (libtorch-linear, amoeba-fp32-rowmajor, "
+                 "amoeba-fp32, amoeba-fp16); empty = all");
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
   try {

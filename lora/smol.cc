@@ -114,6 +114,7 @@ Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
       // A new contiguous copy; the supernet is untouched.
       W = at::addmm(W.to(at::kFloat), d.Up(), d.Down());
       d = {};
+      l.panels[p].reset();  // packed from the unmerged values: repack (PackWeights) to decode fast
     }
   }
   return m;

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "model/decode_attention.h"
 #include "model/packed_linear.h"
 
 namespace amoeba {
@@ -16,23 +17,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
     : model_(std::move(model)),
       options_(options),
       rope_(model_->config, options.max_len),
-      ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {
-  if (!options_.packed_weights) return;
-  for (const LayerWeights& l : model_->layers) {
-    std::array<at::Tensor, kNumProj> panels;
-    for (int p = 0; p < kNumProj; ++p) {
-      const at::Tensor& w = l.proj(static_cast<Proj>(p));
-      if (w.numel() > 0) panels[p] = PackPanels(w);
-    }
-    packed_.push_back(std::move(panels));
-  }
-  packed_head_ = PackPanels(model_->lm_head);
-}
-
-const at::Tensor& Engine::Packed(size_t layer, Proj p) const {
-  static const at::Tensor kNone;
-  return packed_.empty() ? kNone : packed_[layer][static_cast<int>(p)];
-}
+      ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {}
 
 void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
   const ModelConfig& c = model_->config;
@@ -65,12 +50,13 @@ void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
   }
 }
 
-void Engine::Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& bias,
-                     const LowRankDelta& delta, const at::Tensor& packed, float* y) {
+void Engine::Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& panels,
+                     const at::Tensor& bias, const LowRankDelta& delta, float* y) {
   const LinearPath path = options_.linear_path;
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (packed.defined() && n >= 2 && n <= kSkinnyMaxRows && path == LinearPath::kAuto) {
-    LinearPacked(x, n, packed, W.size(0), W.size(1), b, y);
+  // Packed weights serve every batch size (prefill too), so the row-major pages stay unread.
+  if (panels.defined() && path == LinearPath::kAuto) {
+    LinearPacked(x, n, panels, W.size(0), W.size(1), b, y);
   } else {
     Linear(x, n, W, b, y, path);
   }
@@ -130,7 +116,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     row += T;
   }
 
-  // 2a. Single-token sequences (decode): one task per (sequence, head), no allocation.
+  // 2a. Single-token sequences (decode): one task per (sequence, KV head), no allocation.
   std::vector<DecodeTask>& single = decode_tasks_;
   single.clear();
   row = 0;
@@ -141,29 +127,15 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   }
   if (!single.empty()) {
     float* scores = ws_->scores.data_ptr<float>();
-    const int64_t ntask = static_cast<int64_t>(single.size()) * hq;
+    const int64_t ntask = static_cast<int64_t>(single.size()) * hkv;
     at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const DecodeTask& tk = single[t / hq];
-        const int64_t h = t % hq, kvh = h / group;
-        const float* qv = q + tk.row * qdim + h * hd;
-        float* sc = scores + t * max_len;
-        const float* keys = cache_row(true, tk.slot, kvh, 0);
-        const float* values = cache_row(false, tk.slot, kvh, 0);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < tk.len; ++j) {
-          sc[j] = Dot(qv, keys + j * hd, hd) * scale;
-          mx = std::max(mx, sc[j]);
-        }
-        float sum = 0.f;
-        for (int64_t j = 0; j < tk.len; ++j) {
-          sc[j] = std::exp(sc[j] - mx);
-          sum += sc[j];
-        }
-        float* out = att + tk.row * qdim + h * hd;
-        std::memset(out, 0, hd * sizeof(float));
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < tk.len; ++j) Axpy(sc[j] * inv, values + j * hd, out, hd);
+        const DecodeTask& tk = single[t / hkv];
+        const int64_t kvh = t % hkv;
+        const int64_t first_q = tk.row * qdim + kvh * group * hd;  // the group's query heads
+        DecodeAttention(q + first_q, group, cache_row(true, tk.slot, kvh, 0),
+                        cache_row(false, tk.slot, kvh, 0), tk.len, hd, scale, scores + t * max_len,
+                        att + first_q);
       }
     });
   }
@@ -251,16 +223,16 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
     float* q = ws_->q.data_ptr<float>();
     float* k = ws_->k.data_ptr<float>();
-    Project(h, n, l.q, l.q_bias, d[0], Packed(li, Proj::kQ), q);
-    Project(h, n, l.k, l.k_bias, d[1], Packed(li, Proj::kK), k);
-    Project(h, n, l.v, l.v_bias, d[2], Packed(li, Proj::kV), ws_->v.data_ptr<float>());
+    Project(h, n, l.q, l.panels[0], l.q_bias, d[0], q);
+    Project(h, n, l.k, l.panels[1], l.k_bias, d[1], k);
+    Project(h, n, l.v, l.panels[2], l.v_bias, d[2], ws_->v.data_ptr<float>());
     for (int64_t r = 0; r < n; ++r) {
       ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
       ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
     }
     Attention(static_cast<int64_t>(li), cache, seqs);
     if (hq > 0) {
-      Project(ws_->att.data_ptr<float>(), n, l.o, l.o_bias, d[3], Packed(li, Proj::kO), tmp);
+      Project(ws_->att.data_ptr<float>(), n, l.o, l.panels[3], l.o_bias, d[3], tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.o_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
@@ -269,10 +241,10 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     if (inter > 0) {
       float* g = ws_->gate.data_ptr<float>();
       float* u = ws_->up.data_ptr<float>();
-      Project(h, n, l.gate, l.gate_bias, d[4], Packed(li, Proj::kGate), g);
-      Project(h, n, l.up, l.up_bias, d[5], Packed(li, Proj::kUp), u);
+      Project(h, n, l.gate, l.panels[4], l.gate_bias, d[4], g);
+      Project(h, n, l.up, l.panels[5], l.up_bias, d[5], u);
       SiluMul(g, u, n * inter);
-      Project(g, n, l.down, l.down_bias, d[6], Packed(li, Proj::kDown), tmp);
+      Project(g, n, l.down, l.panels[6], l.down_bias, d[6], tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.down_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);
@@ -290,9 +262,8 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       RmsNorm(x + (row - 1) * H, fn, 1, H, c.rms_norm_eps, h + i * H);
     }
   }
-  if (packed_head_.defined() && out_rows >= 2 && out_rows <= kSkinnyMaxRows &&
-      options_.linear_path == LinearPath::kAuto) {
-    LinearPacked(h, out_rows, packed_head_, m.lm_head.size(0), m.lm_head.size(1), nullptr,
+  if (m.head_panels.defined() && options_.linear_path == LinearPath::kAuto) {
+    LinearPacked(h, out_rows, m.head_panels, m.lm_head.size(0), m.lm_head.size(1), nullptr,
                  ws_->logits.data_ptr<float>());
   } else {
     Linear(h, out_rows, m.lm_head, nullptr, ws_->logits.data_ptr<float>(), options_.linear_path);

@@ -37,9 +37,6 @@ struct EngineOptions {
   LinearPath linear_path = LinearPath::kAuto;  // kTorch = libtorch linear baseline
   // Shared by engines used from one thread, one after another; null = the engine's own.
   std::shared_ptr<EngineWorkspace> workspace = nullptr;
-  // Decode batches of 2..32 rows on weights packed as panels (model/packed_linear.h). Packs a
-  // copy of every projection and the LM head: for measuring the packed kernel in the whole model.
-  bool packed_weights = false;
 };
 
 class Engine {
@@ -59,18 +56,15 @@ class Engine {
  private:
   void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
   void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
-  // y[n, out] = x W^T + bias (+ up · down · x when the projection carries a low-rank delta).
-  void Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& bias,
-               const LowRankDelta& delta, const at::Tensor& packed, float* y);
-  // The packed copy of W when packed_weights is on (undefined otherwise).
-  const at::Tensor& Packed(size_t layer, Proj p) const;
+  // y[n, out] = x W^T + bias (+ up · down · x when the projection carries a low-rank delta),
+  // from W's panels when the model has them (PackWeights), else from W.
+  void Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& panels,
+               const at::Tensor& bias, const LowRankDelta& delta, float* y);
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
   RopeTable rope_;
   std::shared_ptr<EngineWorkspace> ws_;
-  std::vector<std::array<at::Tensor, kNumProj>> packed_;  // [layer][proj], with packed_weights
-  at::Tensor packed_head_;
   struct DecodeTask {
     int64_t row, slot, len;
   };

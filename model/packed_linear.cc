@@ -2,11 +2,16 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "model/kernels.h"
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace amoeba {
 
@@ -18,8 +23,16 @@ constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead in the panel stream (me
 // J inputs against one panel: J zmm accumulators holding 16 outputs each. xt is [in][J] (inputs
 // transposed, padded to J columns). Writes the first `valid` outputs of the panel for the first
 // `rows` (<= J) inputs.
-template <int J>
-__attribute__((target("avx512f"))) void PanelAvx512(const float* panel, const float* xt, int64_t in,
+// Sixteen weights as fp32: plain load, or IEEE half converted in registers.
+__attribute__((target("avx512f"))) inline __m512 Load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"))) inline __m512 Load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int J, typename T>
+__attribute__((target("avx512f"))) void PanelAvx512(const T* panel, const float* xt, int64_t in,
                                                     float* y, int64_t out, int64_t col,
                                                     int64_t valid, int64_t rows) {
   // Below 4 inputs there are too few accumulator chains to hide the FMA latency: unroll k by U
@@ -28,17 +41,22 @@ __attribute__((target("avx512f"))) void PanelAvx512(const float* panel, const fl
   __m512 acc[U][J];
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < J; ++j) acc[u][j] = _mm512_setzero_ps();
+  // Software prefetch pays only where computing a line takes long enough (8+ inputs) for the
+  // hardware prefetcher to fall behind; at 1-2 inputs it measured 0.4-0.8x without it.
+  constexpr bool kPrefetch = J >= 8;
   int64_t k = 0;
   for (; k + U <= in; k += U) {
-    _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats), _MM_HINT_T0);
+    if constexpr (kPrefetch)
+      _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats),
+                   _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
-      const __m512 w = _mm512_loadu_ps(panel + (k + u) * kPanel);
+      const __m512 w = Load16(panel + (k + u) * kPanel);
       const float* xk = xt + (k + u) * J;
       for (int j = 0; j < J; ++j) acc[u][j] = _mm512_fmadd_ps(w, _mm512_set1_ps(xk[j]), acc[u][j]);
     }
   }
   for (; k < in; ++k) {
-    const __m512 w = _mm512_loadu_ps(panel + k * kPanel);
+    const __m512 w = Load16(panel + k * kPanel);
     for (int j = 0; j < J; ++j)
       acc[0][j] = _mm512_fmadd_ps(w, _mm512_set1_ps(xt[k * J + j]), acc[0][j]);
   }
@@ -49,25 +67,27 @@ __attribute__((target("avx512f"))) void PanelAvx512(const float* panel, const fl
     if (j < rows) _mm512_mask_storeu_ps(y + j * out + col, m, acc[0][j]);
 }
 
-void PanelScalar(const float* panel, const float* xt, int64_t J, int64_t in, float* y, int64_t out,
+template <typename T>
+void PanelScalar(const T* panel, const float* xt, int64_t J, int64_t in, float* y, int64_t out,
                  int64_t col, int64_t valid, int64_t rows) {
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t c = 0; c < valid; ++c) {
       float s = 0.f;
-      for (int64_t k = 0; k < in; ++k) s += panel[k * kPanel + c] * xt[k * J + j];
+      for (int64_t k = 0; k < in; ++k)
+        s += static_cast<float>(panel[k * kPanel + c]) * xt[k * J + j];
       y[j * out + col + c] = s;
     }
 }
 
-template <int J>
-void RunGroup(const float* panels, int64_t panel_stride, const float* xt, int64_t in, float* y,
+template <int J, typename T>
+void RunGroup(const T* panels, int64_t panel_stride, const float* xt, int64_t in, float* y,
               int64_t out, int64_t rows, bool avx512) {
   const int64_t num = (out + kPanel - 1) / kPanel;
   at::parallel_for(0, num, 4, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t valid = std::min(kPanel, out - p * kPanel);
       if (avx512) {
-        PanelAvx512<J>(panels + p * panel_stride, xt, in, y, out, p * kPanel, valid, rows);
+        PanelAvx512<J, T>(panels + p * panel_stride, xt, in, y, out, p * kPanel, valid, rows);
       } else {
         PanelScalar(panels + p * panel_stride, xt, J, in, y, out, p * kPanel, valid, rows);
       }
@@ -75,26 +95,10 @@ void RunGroup(const float* panels, int64_t panel_stride, const float* xt, int64_
   });
 }
 
-}  // namespace
-
-at::Tensor PackPanels(const at::Tensor& W) {
-  TORCH_CHECK(W.dim() == 2, "PackPanels: a matrix");
-  const int64_t out = W.size(0), in = W.size(1);
-  const int64_t num = (out + kPanel - 1) / kPanel;
-  at::Tensor padded = at::zeros({num * kPanel, in});
-  padded.narrow(0, 0, out).copy_(W);
-  return padded.view({num, kPanel, in}).permute({0, 2, 1}).contiguous();  // [num, in, 16]
-}
-
-void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
-                  const float* bias, float* y) {
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanel && panels.is_contiguous() &&
-                  panels.scalar_type() == at::kFloat,
-              "LinearPacked: panels from PackPanels");
-  TORCH_CHECK(out <= panels.size(0) * kPanel && in <= panels.size(1),
-              "LinearPacked: the prefix exceeds the packed matrix");
-  if (n == 0 || out == 0) return;
-  const float* base = panels.data_ptr<float>();
+template <typename T>
+void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
+                       float* y) {
+  const T* base = panels.data_ptr<T>();
   const int64_t panel_stride = panels.size(1) * kPanel;  // a prefix of `in` keeps the stride
   const bool avx512 = ActiveKernelIsa() == KernelIsa::kAvx512;
   thread_local std::vector<float> xt;  // grown once, reused: no allocation per decode step
@@ -103,30 +107,101 @@ void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t o
     const int64_t rows = std::min(kPanel, n - r0);
     // Inputs per group: the next of 1, 2, 4, 8, 16 that covers `rows`; padding columns are zero.
     const int64_t J = rows <= 2 ? rows : rows <= 4 ? 4 : rows <= 8 ? 8 : 16;
-    // Transpose the group to [in][J], so each k reads J adjacent values.
-    std::fill(xt.begin(), xt.begin() + in * J, 0.f);
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t k = 0; k < in; ++k) xt[k * J + j] = x[(r0 + j) * in + k];
+    // Transpose the group to [in][J], so each k reads J adjacent values (one row needs none).
+    const float* xg = x + r0 * in;
+    if (J > 1) {
+      std::fill(xt.begin(), xt.begin() + in * J, 0.f);
+      for (int64_t j = 0; j < rows; ++j)
+        for (int64_t k = 0; k < in; ++k) xt[k * J + j] = xg[j * in + k];
+      xg = xt.data();
+    }
     float* yg = y + r0 * out;
     switch (J) {
       case 1:
-        RunGroup<1>(base, panel_stride, xt.data(), in, yg, out, rows, avx512);
+        RunGroup<1, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
         break;
       case 2:
-        RunGroup<2>(base, panel_stride, xt.data(), in, yg, out, rows, avx512);
+        RunGroup<2, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
         break;
       case 4:
-        RunGroup<4>(base, panel_stride, xt.data(), in, yg, out, rows, avx512);
+        RunGroup<4, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
         break;
       case 8:
-        RunGroup<8>(base, panel_stride, xt.data(), in, yg, out, rows, avx512);
+        RunGroup<8, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
         break;
       default:
-        RunGroup<16>(base, panel_stride, xt.data(), in, yg, out, rows, avx512);
+        RunGroup<16, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
     }
+  }
+}
+
+}  // namespace
+
+at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(W.dim() == 2, "PackPanels: a matrix");
+  const at::ScalarType st = dtype.value_or(W.scalar_type());
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf, "PackPanels: fp32 or fp16 panels");
+  const int64_t out = W.size(0), in = W.size(1);
+  const int64_t num = (out + kPanel - 1) / kPanel;
+  // One panel at a time: peak extra memory is one panel, not a padded copy of W.
+  at::Tensor panels = at::empty({num, in, kPanel}, at::TensorOptions().dtype(st));
+  for (int64_t p = 0; p < num; ++p) {
+    const int64_t rows = std::min(kPanel, out - p * kPanel);
+    at::Tensor dst = panels[p];  // [in, 16]
+    if (rows < kPanel) dst.zero_();
+    dst.narrow(1, 0, rows).copy_(W.narrow(0, p * kPanel, rows).t());
+  }
+  return panels;
+}
+
+void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
+                  const float* bias, float* y) {
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanel && panels.is_contiguous() &&
+                  (panels.scalar_type() == at::kFloat || panels.scalar_type() == at::kHalf),
+              "LinearPacked: panels from PackPanels");
+  TORCH_CHECK(out <= panels.size(0) * kPanel && in <= panels.size(1),
+              "LinearPacked: the prefix exceeds the packed matrix");
+  if (n == 0 || out == 0) return;
+  if (panels.scalar_type() == at::kHalf) {
+    LinearPackedTyped<at::Half>(x, n, panels, out, in, y);
+  } else {
+    LinearPackedTyped<float>(x, n, panels, out, in, y);
   }
   if (bias)
     for (int64_t j = 0; j < n; ++j) AddInPlace(y + j * out, bias, out);
+}
+
+void PackWeights(Model& m, at::ScalarType dtype) {
+  for (LayerWeights& l : m.layers)
+    for (int p = 0; p < kNumProj; ++p) {
+      const at::Tensor& w = l.proj(static_cast<Proj>(p));
+      if (!l.panels[p].defined() && w.numel() > 0) l.panels[p] = PackPanels(w, dtype);
+    }
+  if (!m.head_panels.defined()) m.head_panels = PackPanels(m.lm_head, dtype);
+}
+
+void DropPackedRowMajor(Model& m) {
+  for (LayerWeights& l : m.layers)
+    for (int p = 0; p < kNumProj; ++p) {
+      at::Tensor& w = l.proj(static_cast<Proj>(p));
+      if (l.panels[p].defined())
+        w = at::empty(w.sizes(), at::TensorOptions().dtype(w.scalar_type()).device(at::kMeta));
+    }
+}
+
+void ReleaseRowMajorPages(const Model& m) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  auto release = [](const at::Tensor& t) {
+    if (!t.defined() || t.numel() == 0) return;
+    // Whole pages inside the tensor's storage only: neighbours must not be touched.
+    const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
+    const uintptr_t end = begin + t.storage().nbytes();
+    const uintptr_t first = (begin + page - 1) & ~(page - 1), last = end & ~(page - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
+  };
+  release(m.lm_head);
+  for (const LayerWeights& l : m.layers)
+    for (int p = 0; p < kNumProj; ++p) release(l.proj(static_cast<Proj>(p)));
 }
 
 }  // namespace amoeba

@@ -1,5 +1,5 @@
-// Weights packed for batched decode (the next step of issue 7, not wired into the engine yet):
-// panels of 16 output rows stored k-major, [ceil(out/16), in, 16] fp32, zero-padded. The kernel is
+// Weights packed for decode: panels of 16 output rows stored k-major, [ceil(out/16), in, 16] fp32
+// or fp16, zero-padded. The kernel is
 // an outer product per k: one 16-wide weight load feeds up to 16 inputs' accumulators (no
 // horizontal sums), and each thread reads its panels as one sequential stream with a software
 // prefetch ahead, so computing and streaming from DRAM overlap (bench/kernels: 1.25-1.6x the
@@ -9,15 +9,34 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
+
+#include "model/weights.h"
 
 namespace amoeba {
 
-// Packs W [out, in] (fp32 or fp16, unit column stride) into panels.
-at::Tensor PackPanels(const at::Tensor& W);
+// Packs W [out, in] (fp32 or fp16, any strides) into panels of `dtype` (default: W's; fp32 or
+// fp16 — fp16 panels are converted to fp32 in registers, accumulation stays fp32).
+at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype = std::nullopt);
 
 // y[n, out] = x[n, in] · W[:out, :in]^T (+ bias[out]) for `panels` = PackPanels(W), with out and
 // in at most W's sizes. x rows are contiguous (stride in), y rows contiguous (stride out).
 void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
                   const float* bias, float* y);
+
+// Packs every projection and the LM head of `m` that has no panels yet into panels of `dtype`
+// (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels.
+void PackWeights(Model& m, at::ScalarType dtype = at::kFloat);
+
+// Tells the kernel that the row-major projection and LM head pages of `m` will not be read soon
+// (madvise MADV_PAGEOUT): pages mapped from a safetensors file leave resident memory and come
+// back from the file if something reads them (merging adapters, export). Contents never change;
+// anonymous pages stay unless there is swap. For models decoded from panels.
+void ReleaseRowMajorPages(const Model& m);
+
+// For decode-only copies (a server lane's merged adapters): replaces every projection that has
+// panels by a storage-less (meta) tensor of its shape and dtype, freeing the row-major copy. The
+// engine needs only the shape; reading the values (TorchForward, merging, saving) fails loudly.
+void DropPackedRowMajor(Model& m);
 
 }  // namespace amoeba

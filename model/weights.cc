@@ -16,6 +16,7 @@ Model Model::WithLayers(const std::vector<int>& layer_ids) const {
   m.embed = embed;
   m.final_norm = final_norm;
   m.lm_head = lm_head;
+  m.head_panels = head_panels;
   for (int id : layer_ids) m.layers.push_back(layers.at(id));
   m.SyncConfigWithWeights();
   return m;
@@ -80,19 +81,23 @@ int64_t Model::ProjectionBytes() const {
   for (const auto& l : layers)
     for (int p = 0; p < kNumProj; ++p) {
       const at::Tensor& t = l.proj(static_cast<Proj>(p));
-      n += t.numel() * static_cast<int64_t>(t.element_size());
+      if (!t.is_meta()) n += t.numel() * static_cast<int64_t>(t.element_size());
+      const at::Tensor& panels = l.panels[p];
+      if (panels.defined()) n += panels.numel() * static_cast<int64_t>(panels.element_size());
     }
   return n;
 }
 
 int64_t Model::DecodeWeightBytes() const {
-  int64_t n =
-      lm_head.numel() * lm_head.element_size() + final_norm.numel() * final_norm.element_size();
+  // A projection is read from its panels when packed (maybe another dtype), else row-major.
+  auto read = [](const at::Tensor& w, const at::Tensor& panels) -> int64_t {
+    return w.numel() *
+           static_cast<int64_t>(panels.defined() ? panels.element_size() : w.element_size());
+  };
+  int64_t n = read(lm_head, head_panels) + final_norm.numel() * final_norm.element_size();
   for (const auto& l : layers) {
-    for (const at::Tensor* t :
-         {&l.attn_norm, &l.mlp_norm, &l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
-      n += t->numel() * t->element_size();
-    }
+    n += (l.attn_norm.numel() + l.mlp_norm.numel()) * l.attn_norm.element_size();
+    for (int p = 0; p < kNumProj; ++p) n += read(l.proj(static_cast<Proj>(p)), l.panels[p]);
   }
   return n;
 }
@@ -105,8 +110,10 @@ Model ConvertWeights(const Model& m, at::ScalarType dtype) {
   conv(out.embed);
   out.lm_head = m.config.tie_word_embeddings ? out.embed : out.lm_head;
   if (!m.config.tie_word_embeddings) conv(out.lm_head);
+  conv(out.head_panels);
   for (auto& l : out.layers) {
     for (at::Tensor* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) conv(*t);
+    for (at::Tensor& panels : l.panels) conv(panels);
   }
   return out;
 }

@@ -38,6 +38,11 @@ struct LayerWeights {
   at::Tensor q_bias, k_bias, v_bias, o_bias;  // optional (undefined when absent)
   at::Tensor gate_bias, up_bias, down_bias;   // optional
   std::array<LowRankDelta, kNumProj> deltas;  // by Proj; usually all absent
+  // Decode copies of the projections packed as panels (model/packed_linear.h), by Proj; undefined
+  // when not packed. Invariant: the row-major matrix is a prefix (a sliced view) of the matrix
+  // that was packed, so a subnet shares its supernet's panels. Whoever changes a projection's
+  // values must reset its panels.
+  std::array<at::Tensor, kNumProj> panels;
 
   // The projection matrix `p`.
   const at::Tensor& proj(Proj p) const;
@@ -54,12 +59,14 @@ struct Model {
   at::Tensor final_norm;  // [hidden]
   at::Tensor lm_head;     // [vocab, hidden]; shares storage with embed when tied
   std::vector<LayerWeights> layers;
+  at::Tensor head_panels;  // lm_head packed as panels, or undefined (same invariant as above)
 
   // A model running only `layer_ids` (in order), sharing all storage with this one.
   Model WithLayers(const std::vector<int>& layer_ids) const;
   // Bytes of weights one decode step reads (all layers, head; the embedding row is negligible).
   int64_t DecodeWeightBytes() const;
-  // Bytes of the projection matrices of all layers (what a merged-adapter copy duplicates).
+  // Bytes of the projection matrices of all layers, plus their packed panels where present
+  // (what a merged-adapter copy duplicates).
   int64_t ProjectionBytes() const;
   // Syncs config's per-layer widths and layer count with the tensors.
   void SyncConfigWithWeights();
@@ -72,7 +79,8 @@ absl::Status SaveModel(const Model& m, const std::string& dir, at::ScalarType dt
 // HF tensor names for all weights, in a stable order.
 std::vector<std::pair<std::string, at::Tensor>> NamedWeights(const Model& m);
 // A copy whose projection matrices, LM head and embedding are stored as `dtype` (kHalf halves
-// the bytes each decode step reads); norms and biases stay fp32. Compute stays fp32.
+// the bytes each decode step reads); norms and biases stay fp32. Compute stays fp32. Panels, if
+// any, are converted too.
 Model ConvertWeights(const Model& m, at::ScalarType dtype);
 
 // Random init as HF does it (normal(0, 0.02) for matrices, ones for norms), seeded.

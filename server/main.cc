@@ -72,8 +72,8 @@ int Run(const Flags& f) {
     spdlog::error("server: {}", loaded.status().ToString());
     return 2;
   }
-  // fp16 serving converts the supernet once: every lane's views share the half-size storage.
-  if (dtype != at::kFloat) (*loaded)->ConvertBaseWeights(dtype);
+  // Decode runs from panels packed once (fp16 halves them): every lane's views share them.
+  (*loaded)->PackBaseWeights(dtype);
   const Supernet& supernet = **loaded;
   if (!supernet.tokenizer()) {
     spdlog::error("server: {} has no tokenizer", f.supernet);
@@ -83,7 +83,7 @@ int Run(const Flags& f) {
   host.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
   host.compute_gflops = MeasureGemmGflops();
   auto profiles = ProfilesFromSupernet(supernet);
-  if (f.profile) ProfileShapes(supernet, profiles, at::kFloat);  // views are already `dtype`
+  if (f.profile) ProfileShapes(supernet, profiles, at::kFloat);  // views carry `dtype` panels
   spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
                host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
 

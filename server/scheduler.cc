@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "absl/strings/str_cat.h"
+#include "model/packed_linear.h"
 
 namespace amoeba {
 
@@ -135,8 +136,11 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   if (lane.requests < opt_.merge_after_requests) return;
   auto views = supernet_.Extract(lane.shape);
   if (!views.ok()) return;
-  // Views are already in the serving dtype, as the merged copy will be.
-  const int64_t need = views->ProjectionBytes();
+  // The merged copy keeps only panels in the serving dtype (PackWeights + DropPackedRowMajor).
+  int64_t need = 0;
+  for (const LayerWeights& l : views->layers)
+    for (int p = 0; p < kNumProj; ++p)
+      need += l.proj(static_cast<Proj>(p)).numel() * at::elementSize(opt_.weights_dtype);
   if (!EvictIdleLanes(&lane, need)) return;  // no room under the cap: stay unmerged
   Build b;
   b.key = lane.shape.ToString();
@@ -170,7 +174,8 @@ void Scheduler::BuilderLoop() {
     }
     const auto t0 = Clock::now();
     Model merged = opt_.smol->Merge(*b.views, b.gate, b.layers);
-    if (opt_.weights_dtype != at::kFloat) merged = ConvertWeights(merged, opt_.weights_dtype);
+    PackWeights(merged, opt_.weights_dtype);  // the merged projections; the rest share the base's
+    DropPackedRowMajor(merged);
     b.result = std::make_shared<const Model>(std::move(merged));
     b.views.reset();
     spdlog::info("scheduler: merged copy of {} built in {:.0f} ms", b.key, Ms(t0, Clock::now()));

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "model/file_util.h"
+#include "model/packed_linear.h"
 #include "model/safetensors.h"
 #include "model/status_macros.h"
 
@@ -221,8 +222,9 @@ at::Tensor Supernet::Bias(int64_t layer, bool attention, int64_t kept) const {
   return b;
 }
 
-void Supernet::ConvertBaseWeights(at::ScalarType dtype) {
-  base_ = ConvertWeights(base_, dtype);
+void Supernet::PackBaseWeights(at::ScalarType dtype) {
+  PackWeights(base_, dtype);
+  ReleaseRowMajorPages(base_);
 }
 
 absl::Status Supernet::Validate(const Shape& s) const {
@@ -282,6 +284,8 @@ absl::StatusOr<Model> Supernet::ExtractWith(int64_t depth, const WidthAllocation
       w.o.narrow(1, g * G * hd, w.o.size(1) - g * G * hd).zero_();
       w.down = w.down.clone();
       w.down.narrow(1, c, w.down.size(1) - c).zero_();
+      w.panels[static_cast<int>(Proj::kO)].reset();  // packed from the unmasked values
+      w.panels[static_cast<int>(Proj::kDown)].reset();
     }
   }
   m.SyncConfigWithWeights();

@@ -87,9 +87,10 @@ class Supernet {
   Shape FullShape() const { return {base_.config.num_hidden_layers, 1.0}; }
   Shape SmallestShape() const { return {spec_.depths.front(), spec_.widths.back()}; }
 
-  // Stores the supernet's matrices as `dtype` (kHalf halves memory and decode bytes), once, so
-  // that every subnet view shares the converted storage. Call before serving starts.
-  void ConvertBaseWeights(at::ScalarType dtype);
+  // Packs the supernet's projections and LM head into decode panels of `dtype` (kHalf halves
+  // decode bytes), once, so that every subnet view shares them, and releases the row-major pages
+  // (they stay readable from the file for merging adapters and export). Call before serving.
+  void PackBaseWeights(at::ScalarType dtype);
 
   // Writes amoeba.json and width.safetensors into `dir` (the HF files are written separately).
   absl::Status SaveMetadata(const std::string& dir) const;

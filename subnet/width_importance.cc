@@ -178,6 +178,7 @@ void PermuteByScore(Model& m, WidthScores& scores, ActivationStats& stats) {
     w.gate = w.gate.index_select(0, corder).contiguous();
     w.up = w.up.index_select(0, corder).contiguous();
     w.down = w.down.index_select(1, corder).contiguous();
+    for (at::Tensor& panels : w.panels) panels.reset();  // packed in the old order
     if (w.gate_bias.defined()) w.gate_bias = w.gate_bias.index_select(0, corder);
     if (w.up_bias.defined()) w.up_bias = w.up_bias.index_select(0, corder);
     stats.down_mean[l] = stats.down_mean[l].index_select(0, corder);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/engine.h"
+#include "model/packed_linear.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
 
@@ -130,25 +131,76 @@ TEST(EngineTest, BaselineLinearPathMatchesKernels) {
   }
 }
 
-// Batched decode on packed panels (4 sequences: 4 rows per step) equals the row-major kernels.
-TEST(EngineTest, PackedWeightsMatchRowMajorInBatchedDecode) {
-  at::InferenceMode guard;
-  auto m = std::make_shared<const Model>(TinyModel(4));
-  Engine rowmajor(m, {.max_len = 32});
-  Engine packed(m, {.max_len = 32, .packed_weights = true});
-  KVCache c1 = rowmajor.NewCache(4), c2 = packed.NewCache(4);
+// Prefill, then batched decode (4 sequences: 4 rows per step) on `b` equals `a` step by step.
+void ExpectSameDecode(const std::shared_ptr<const Model>& a, const std::shared_ptr<const Model>& b,
+                      double tol) {
+  Engine ea(a, {.max_len = 32}), eb(b, {.max_len = 32});
+  KVCache c1 = ea.NewCache(4), c2 = eb.NewCache(4);
   std::vector<std::vector<int32_t>> ids;
-  for (int s = 0; s < 4; ++s) ids.push_back(RandomTokens(8, 97, 20 + s));
-  for (size_t t = 0; t < 8; ++t) {
-    std::vector<SeqInput> in;
-    for (int s = 0; s < 4; ++s) in.push_back({s, std::span<const int32_t>(&ids[s][t], 1)});
-    auto a = rowmajor.Forward(c1, in);
-    ASSERT_TRUE(a.ok());
-    const at::Tensor ref = a->clone();
-    auto b = packed.Forward(c2, in);
-    ASSERT_TRUE(b.ok());
-    EXPECT_LT(MaxAbsDiff(*b, ref), 1e-4) << "step " << t;
+  for (int s = 0; s < 4; ++s) ids.push_back(RandomTokens(12, 97, 20 + s));
+  std::vector<SeqInput> prompts;
+  for (int s = 0; s < 4; ++s) prompts.push_back({s, std::span<const int32_t>(ids[s]).first(4)});
+  for (size_t t = 4; t <= 12; ++t) {
+    std::vector<SeqInput> in = prompts;
+    if (t > 4) {
+      in.clear();
+      for (int s = 0; s < 4; ++s) in.push_back({s, std::span<const int32_t>(&ids[s][t - 1], 1)});
+    }
+    auto x = ea.Forward(c1, in);
+    ASSERT_TRUE(x.ok());
+    const at::Tensor ref = x->clone();
+    auto y = eb.Forward(c2, in);
+    ASSERT_TRUE(y.ok());
+    EXPECT_LT(MaxAbsDiff(*y, ref), tol) << "step " << t;
   }
+}
+
+// The engine decodes from packed panels when the model has them: prefill and batched decode
+// equal the row-major kernels, in fp32 and in fp16 (against the fp16 row-major weights), and a
+// packed model whose row-major copies were dropped runs the same.
+TEST(EngineTest, PackedPanelsMatchRowMajorWeights) {
+  at::InferenceMode guard;
+  Model base = TinyModel(4);
+  Model p32 = base;
+  PackWeights(p32);
+  ASSERT_TRUE(p32.layers[0].panels[0].defined() && p32.head_panels.defined());
+  ExpectSameDecode(std::make_shared<const Model>(base), std::make_shared<const Model>(p32), 1e-4);
+  DropPackedRowMajor(p32);
+  EXPECT_TRUE(p32.layers[0].q.is_meta());
+  ExpectSameDecode(std::make_shared<const Model>(base), std::make_shared<const Model>(p32), 1e-4);
+  Model p16 = base;
+  PackWeights(p16, at::kHalf);
+  Model rounded = ConvertWeights(base, at::kHalf);  // the fp16-rounded matrices...
+  rounded.embed = base.embed;                       // ...with the fp32 embedding panels leave
+  ExpectSameDecode(std::make_shared<const Model>(rounded), std::make_shared<const Model>(p16),
+                   1e-4);
+}
+
+// A sliced subnet (fewer layers, prefix views) keeps the full model's panels and decodes from
+// their prefixes: equal to the same subnet without panels.
+TEST(EngineTest, SlicedViewsDecodeFromPrefixesOfTheFullPanels) {
+  at::InferenceMode guard;
+  Model full = TinyModel(4);
+  PackWeights(full);
+  Model sub = full.WithLayers({0, 2});
+  const int64_t hd = full.config.head_dim;
+  for (LayerWeights& l : sub.layers) {
+    l.q = l.q.narrow(0, 0, 2 * hd);
+    l.k = l.k.narrow(0, 0, hd);
+    l.v = l.v.narrow(0, 0, hd);
+    l.o = l.o.narrow(1, 0, 2 * hd);
+    l.gate = l.gate.narrow(0, 0, 40);
+    l.up = l.up.narrow(0, 0, 40);
+    l.down = l.down.narrow(1, 0, 40);
+  }
+  sub.SyncConfigWithWeights();
+  EXPECT_EQ(sub.layers[1].panels[0].data_ptr(), full.layers[2].panels[0].data_ptr());
+  Model unpacked = sub;
+  for (LayerWeights& l : unpacked.layers)
+    for (at::Tensor& p : l.panels) p.reset();
+  unpacked.head_panels.reset();
+  ExpectSameDecode(std::make_shared<const Model>(unpacked), std::make_shared<const Model>(sub),
+                   1e-4);
 }
 
 TEST(EngineTest, SubsetOfLayersAndNarrowWidthsRunAsAnOrdinaryModel) {

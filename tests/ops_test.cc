@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "model/decode_attention.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/rope.h"
@@ -178,8 +179,9 @@ TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
 namespace amoeba {
 namespace {
 
-// Packed panels: equal to torch::linear on the prefix of the packed matrix, for odd sizes (panel
-// tails), prefixes in both dimensions, batch 1..33 (every input-group width), every ISA.
+// Packed panels (fp32 and fp16): equal to torch::linear on the prefix of the packed matrix, for
+// odd sizes (panel tails), prefixes in both dimensions, batch 1..33 (every input-group width),
+// every ISA.
 TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
   at::manual_seed(2);
   for (auto [out, in] :
@@ -194,6 +196,49 @@ TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
           LinearPacked(x, n, panels, out, in, bias.data_ptr<float>(), y);
         },
         [&](const at::Tensor& x) { return at::linear(x, W, bias); });
+    // fp16 panels: equal to the product with the half-rounded weights.
+    at::Tensor panels16 = PackPanels(full, at::kHalf);
+    at::Tensor W16 = W.to(at::kHalf).to(at::kFloat);
+    ExpectEveryIsaMatches(
+        out, in, Batches1To33(),
+        [&](const float* x, int64_t n, float* y) {
+          LinearPacked(x, n, panels16, out, in, bias.data_ptr<float>(), y);
+        },
+        [&](const at::Tensor& x) { return at::linear(x, W16, bias); });
+  }
+}
+
+}  // namespace
+}  // namespace amoeba
+
+namespace amoeba {
+namespace {
+
+// Decode attention equals softmax(q K^T · scale) V computed by libtorch, for head sizes with
+// and without the AVX-512 path, GQA groups, and lengths around the 16-key block (tails, one key),
+// on every ISA.
+TEST(KernelTest, DecodeAttentionMatchesSoftmaxReference) {
+  at::manual_seed(3);
+  for (int64_t hd : {16, 24, 64, 128}) {
+    for (int64_t group : {1, 3}) {
+      for (int64_t len : {1, 2, 15, 16, 17, 33, 100}) {
+        at::Tensor q = at::randn({group, hd});
+        at::Tensor keys = at::randn({len, hd}), values = at::randn({len, hd});
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+        at::Tensor want = at::matmul(at::softmax(at::matmul(q, keys.t()) * scale, -1), values);
+        for (KernelIsa isa : AvailableIsas()) {
+          ForceKernelIsa(isa);
+          at::Tensor out = at::full({group, hd}, 7.f);
+          std::vector<float> scores(len, -1.f);
+          DecodeAttention(q.data_ptr<float>(), group, keys.data_ptr<float>(),
+                          values.data_ptr<float>(), len, hd, scale, scores.data(),
+                          out.data_ptr<float>());
+          EXPECT_LT(testing::MaxAbsDiff(out, want), 1e-5)
+              << KernelIsaName(isa) << " hd=" << hd << " group=" << group << " len=" << len;
+        }
+        ForceKernelIsa(KernelIsa::kAuto);
+      }
+    }
   }
 }
 

@@ -1,0 +1,149 @@
+#include "model/decode_attention.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "model/kernels.h"
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace amoeba {
+namespace {
+
+#define AMOEBA_AVX512 __attribute__((target("avx512f")))
+
+// Softmax in place over scores[0, len): exp(s - max) / sum.
+void SoftmaxInPlace(float* s, int64_t len) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < len; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.f;
+  for (int64_t j = 0; j < len; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+}
+
+void DecodeAttentionPortable(const float* q, int64_t group, const float* keys, const float* values,
+                             int64_t len, int64_t hd, float scale, float* scores, float* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * hd;
+    for (int64_t j = 0; j < len; ++j) scores[j] = Dot(qg, keys + j * hd, hd) * scale;
+    SoftmaxInPlace(scores, len);
+    float* o = out + g * hd;
+    std::memset(o, 0, hd * sizeof(float));
+    for (int64_t j = 0; j < len; ++j) Axpy(scores[j], values + j * hd, o, hd);
+  }
+}
+
+// Sixteen vectors in, one out: lane t holds the sum of a[t]'s 16 lanes.
+AMOEBA_AVX512 inline __m512 TransposeSum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: two partial sums of each of a pair
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: partial sums of 4 vectors, in order
+    const __m512d lo =
+        _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    const __m512d hi =
+        _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  // Sum the four 128-bit lanes of each c while gathering them into one vector.
+  const __m512 e01 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 e23 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
+}
+
+// NV = head_dim / 16 vectors per row.
+template <int NV>
+AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const float* keys,
+                                         const float* values, int64_t len, float scale,
+                                         float* scores, float* out) {
+  constexpr int64_t hd = NV * 16;
+  for (int64_t g = 0; g < group; ++g) {
+    __m512 qv[NV];
+    for (int v = 0; v < NV; ++v)
+      qv[v] = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd + v * 16), _mm512_set1_ps(scale));
+    // Scores, 16 keys per block.
+    int64_t j = 0;
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (; j + 16 <= len; j += 16) {
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) {
+        const float* kr = keys + (j + t) * hd;
+        acc[t] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+        for (int v = 1; v < NV; ++v)
+          acc[t] = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kr + v * 16), acc[t]);
+      }
+      const __m512 s = TransposeSum16(acc);
+      _mm512_storeu_ps(scores + j, s);
+      vmax = _mm512_max_ps(vmax, s);
+    }
+    float mx = _mm512_reduce_max_ps(vmax);
+    for (; j < len; ++j) {
+      const float* kr = keys + j * hd;
+      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+      for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kr + v * 16), acc);
+      scores[j] = _mm512_reduce_add_ps(acc);
+      mx = std::max(mx, scores[j]);
+    }
+    float sum = 0.f;
+    for (j = 0; j < len; ++j) {
+      scores[j] = std::exp(scores[j] - mx);
+      sum += scores[j];
+    }
+    // Output: two accumulator sets (even/odd keys) so the FMA chains hide their latency.
+    __m512 o0[NV], o1[NV];
+    for (int v = 0; v < NV; ++v) o0[v] = o1[v] = _mm512_setzero_ps();
+    for (j = 0; j + 2 <= len; j += 2) {
+      const __m512 p0 = _mm512_set1_ps(scores[j]), p1 = _mm512_set1_ps(scores[j + 1]);
+      const float* v0 = values + j * hd;
+      for (int v = 0; v < NV; ++v) {
+        o0[v] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + v * 16), o0[v]);
+        o1[v] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v0 + hd + v * 16), o1[v]);
+      }
+    }
+    if (j < len) {
+      const __m512 p0 = _mm512_set1_ps(scores[j]);
+      for (int v = 0; v < NV; ++v)
+        o0[v] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(values + j * hd + v * 16), o0[v]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_ps(out + g * hd + v * 16, _mm512_mul_ps(_mm512_add_ps(o0[v], o1[v]), inv));
+  }
+}
+
+}  // namespace
+
+void DecodeAttention(const float* q, int64_t group, const float* keys, const float* values,
+                     int64_t len, int64_t hd, float scale, float* scores, float* out) {
+  if (ActiveKernelIsa() == KernelIsa::kAvx512 && hd % 16 == 0) {
+    switch (hd / 16) {
+      case 1:
+        return DecodeAttentionAvx512<1>(q, group, keys, values, len, scale, scores, out);
+      case 2:
+        return DecodeAttentionAvx512<2>(q, group, keys, values, len, scale, scores, out);
+      case 4:
+        return DecodeAttentionAvx512<4>(q, group, keys, values, len, scale, scores, out);
+      case 6:
+        return DecodeAttentionAvx512<6>(q, group, keys, values, len, scale, scores, out);
+      case 8:
+        return DecodeAttentionAvx512<8>(q, group, keys, values, len, scale, scores, out);
+      default:
+        break;
+    }
+  }
+  DecodeAttentionPortable(q, group, keys, values, len, hd, scale, scores, out);
+}
+
+}  // namespace amoeba
