@@ -79,11 +79,48 @@ void PanelScalar(const T* panel, const float* xt, int64_t J, int64_t in, float* 
     }
 }
 
+// xt[k][16] = x[j][k] for 16 rows of length `in` (row stride `in`): 16x16 tiles transposed in
+// registers (unpack 32/64-bit, then shuffle 128-bit lanes twice), the scalar loop for the tail.
+__attribute__((target("avx512f"))) void Transpose16Avx512(const float* x, int64_t in, float* xt) {
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16) {
+    __m512 r[16], t[16];
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(x + j * in + k);
+    for (int j = 0; j < 16; j += 2) {
+      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) {
+      for (int h = 0; h < 2; ++h) {
+        const __m512d a = _mm512_castps_pd(t[j + h]), b = _mm512_castps_pd(t[j + 2 + h]);
+        r[j + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        r[j + 2 + h] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+      }
+    }
+    // r[4q + m] now holds, in 128-bit lane L, rows 4q..4q+3 at column 4L + m' (m' = 0,2,1,3 for
+    // m = 0,1,2,3). Gather lanes: first pairs of row-quads, then quads of quads.
+    for (int q = 0; q < 16; q += 8)
+      for (int m = 0; m < 4; ++m) {
+        t[q + m] = _mm512_shuffle_f32x4(r[q + m], r[q + 4 + m], 0x88);
+        t[q + 4 + m] = _mm512_shuffle_f32x4(r[q + m], r[q + 4 + m], 0xDD);
+      }
+    for (int m = 0; m < 8; ++m) {
+      r[m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88);
+      r[8 + m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD);
+    }
+    // r[i] is column k + kOrder[i] across the 16 rows.
+    static constexpr int kOrder[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(xt + (k + kOrder[i]) * 16, r[i]);
+  }
+  for (; k < in; ++k)
+    for (int64_t j = 0; j < 16; ++j) xt[k * 16 + j] = x[j * in + k];
+}
+
 template <int J, typename T>
 void RunGroup(const T* panels, int64_t panel_stride, const float* xt, int64_t in, float* y,
               int64_t out, int64_t rows, bool avx512) {
   const int64_t num = (out + kPanel - 1) / kPanel;
-  at::parallel_for(0, num, 4, [&](int64_t b, int64_t e) {
+  auto run = [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t valid = std::min(kPanel, out - p * kPanel);
       if (avx512) {
@@ -92,7 +129,8 @@ void RunGroup(const T* panels, int64_t panel_stride, const float* xt, int64_t in
         PanelScalar(panels + p * panel_stride, xt, J, in, y, out, p * kPanel, valid, rows);
       }
     }
-  });
+  };
+  at::parallel_for(0, num, 4, run);
 }
 
 template <typename T>
@@ -110,9 +148,13 @@ void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int6
     // Transpose the group to [in][J], so each k reads J adjacent values (one row needs none).
     const float* xg = x + r0 * in;
     if (J > 1) {
-      std::fill(xt.begin(), xt.begin() + in * J, 0.f);
-      for (int64_t j = 0; j < rows; ++j)
-        for (int64_t k = 0; k < in; ++k) xt[k * J + j] = xg[j * in + k];
+      if (rows < J) std::fill(xt.begin(), xt.begin() + in * J, 0.f);  // zero padding columns
+      if (rows == 16 && avx512) {
+        Transpose16Avx512(xg, in, xt.data());
+      } else {  // k outer: sequential writes; the row streams stay in L1 across 16 k's
+        for (int64_t k = 0; k < in; ++k)
+          for (int64_t j = 0; j < rows; ++j) xt[k * J + j] = xg[j * in + k];
+      }
       xg = xt.data();
     }
     float* yg = y + r0 * out;
