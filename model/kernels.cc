@@ -9,11 +9,14 @@
 #include <cstring>
 #include <type_traits>
 
+#include "model/simd.h"
+
 namespace amoeba {
 
 namespace {
 
-#define AMOEBA_AVX2 __attribute__((target("avx2,fma,f16c")))
+using simd::Load16;
+using simd::Load8;
 
 AMOEBA_AVX2 inline float HSum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -24,13 +27,6 @@ AMOEBA_AVX2 inline float HSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, sh));
 }
 
-// Eight weights as fp32: plain load, or IEEE half converted in registers (F16C).
-AMOEBA_AVX2 inline __m256 Load8(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-AMOEBA_AVX2 inline __m256 Load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 inline float ToFloat(float v) {
   return v;
 }
@@ -131,25 +127,6 @@ AMOEBA_AVX2 void SkinnyAvx2(const T* W, int64_t ld, int64_t in, const float* x, 
       }
     }
   }
-}
-
-// GCC 12's _mm512_undefined_ps (inside _mm512_cvtph_ps, _mm512_reduce_add_ps) trips
-// -Wmaybe-uninitialized by design; the value is never read.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define AMOEBA_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma,f16c")))
-
-// Sixteen weights as fp32 (all, or the first `count` with the rest zero).
-AMOEBA_AVX512 inline __m512 Load16(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-AMOEBA_AVX512 inline __m512 Load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-AMOEBA_AVX512 inline __m512 Load16(const float* p, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, p);
-}
-AMOEBA_AVX512 inline __m512 Load16(const at::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
 // R weight rows against C inputs over the whole of `in`: R*C zmm accumulators (≤ 24 of the 32

@@ -9,9 +9,7 @@
 #include <vector>
 
 #include "model/kernels.h"
-
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "model/simd.h"
 
 namespace amoeba {
 
@@ -23,18 +21,12 @@ constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead in the panel stream (me
 // J inputs against one panel: J zmm accumulators holding 16 outputs each. xt is [in][J] (inputs
 // transposed, padded to J columns). Writes the first `valid` outputs of the panel for the first
 // `rows` (<= J) inputs.
-// Sixteen weights as fp32: plain load, or IEEE half converted in registers.
-__attribute__((target("avx512f"))) inline __m512 Load16(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-__attribute__((target("avx512f"))) inline __m512 Load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using simd::Load16;
+using simd::Load8;
 
 template <int J, typename T>
-__attribute__((target("avx512f"))) void PanelAvx512(const T* panel, const float* xt, int64_t in,
-                                                    float* y, int64_t out, int64_t col,
-                                                    int64_t valid, int64_t rows) {
+AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, float* y, int64_t out,
+                               int64_t col, int64_t valid, int64_t rows) {
   // Below 4 inputs there are too few accumulator chains to hide the FMA latency: unroll k by U
   // with separate accumulators and add them up at the end.
   constexpr int U = J >= 4 ? 1 : 4 / J;
@@ -67,6 +59,33 @@ __attribute__((target("avx512f"))) void PanelAvx512(const T* panel, const float*
     if (j < rows) _mm512_mask_storeu_ps(y + j * out + col, m, acc[0][j]);
 }
 
+// AVX2 (no AVX-512): a panel row is two ymm; up to 4 inputs at a time (8 accumulators of the 16
+// registers), so a group of J inputs re-reads the panel J/4 times from L1/L2.
+template <int J, typename T>
+AMOEBA_AVX2 void PanelAvx2(const T* panel, const float* xt, int64_t in, float* y, int64_t out,
+                           int64_t col, int64_t valid, int64_t rows) {
+  constexpr int B = J < 4 ? J : 4;
+  for (int j0 = 0; j0 < J && j0 < rows; j0 += B) {
+    __m256 lo[B], hi[B];
+    for (int b = 0; b < B; ++b) lo[b] = hi[b] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; ++k) {
+      const __m256 wl = Load8(panel + k * kPanel), wh = Load8(panel + k * kPanel + 8);
+      const float* xk = xt + k * J + j0;
+      for (int b = 0; b < B; ++b) {
+        const __m256 xv = _mm256_broadcast_ss(xk + b);
+        lo[b] = _mm256_fmadd_ps(wl, xv, lo[b]);
+        hi[b] = _mm256_fmadd_ps(wh, xv, hi[b]);
+      }
+    }
+    for (int b = 0; b < B && j0 + b < rows; ++b) {
+      alignas(32) float tmp[kPanel];
+      _mm256_store_ps(tmp, lo[b]);
+      _mm256_store_ps(tmp + 8, hi[b]);
+      std::copy(tmp, tmp + valid, y + (j0 + b) * out + col);
+    }
+  }
+}
+
 template <typename T>
 void PanelScalar(const T* panel, const float* xt, int64_t J, int64_t in, float* y, int64_t out,
                  int64_t col, int64_t valid, int64_t rows) {
@@ -81,7 +100,7 @@ void PanelScalar(const T* panel, const float* xt, int64_t J, int64_t in, float* 
 
 // xt[k][16] = x[j][k] for 16 rows of length `in` (row stride `in`): 16x16 tiles transposed in
 // registers (unpack 32/64-bit, then shuffle 128-bit lanes twice), the scalar loop for the tail.
-__attribute__((target("avx512f"))) void Transpose16Avx512(const float* x, int64_t in, float* xt) {
+AMOEBA_AVX512 void Transpose16Avx512(const float* x, int64_t in, float* xt) {
   int64_t k = 0;
   for (; k + 16 <= in; k += 16) {
     __m512 r[16], t[16];
@@ -118,13 +137,15 @@ __attribute__((target("avx512f"))) void Transpose16Avx512(const float* x, int64_
 
 template <int J, typename T>
 void RunGroup(const T* panels, int64_t panel_stride, const float* xt, int64_t in, float* y,
-              int64_t out, int64_t rows, bool avx512) {
+              int64_t out, int64_t rows, KernelIsa isa) {
   const int64_t num = (out + kPanel - 1) / kPanel;
   auto run = [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t valid = std::min(kPanel, out - p * kPanel);
-      if (avx512) {
+      if (isa == KernelIsa::kAvx512) {
         PanelAvx512<J, T>(panels + p * panel_stride, xt, in, y, out, p * kPanel, valid, rows);
+      } else if (isa == KernelIsa::kAvx2) {
+        PanelAvx2<J, T>(panels + p * panel_stride, xt, in, y, out, p * kPanel, valid, rows);
       } else {
         PanelScalar(panels + p * panel_stride, xt, J, in, y, out, p * kPanel, valid, rows);
       }
@@ -138,7 +159,7 @@ void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int6
                        float* y) {
   const T* base = panels.data_ptr<T>();
   const int64_t panel_stride = panels.size(1) * kPanel;  // a prefix of `in` keeps the stride
-  const bool avx512 = ActiveKernelIsa() == KernelIsa::kAvx512;
+  const KernelIsa isa = ActiveKernelIsa();
   thread_local std::vector<float> xt;  // grown once, reused: no allocation per decode step
   if (static_cast<int64_t>(xt.size()) < in * kPanel) xt.resize(in * kPanel);
   for (int64_t r0 = 0; r0 < n; r0 += kPanel) {
@@ -149,7 +170,7 @@ void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int6
     const float* xg = x + r0 * in;
     if (J > 1) {
       if (rows < J) std::fill(xt.begin(), xt.begin() + in * J, 0.f);  // zero padding columns
-      if (rows == 16 && avx512) {
+      if (rows == 16 && isa == KernelIsa::kAvx512) {
         Transpose16Avx512(xg, in, xt.data());
       } else {  // k outer: sequential writes; the row streams stay in L1 across 16 k's
         for (int64_t k = 0; k < in; ++k)
@@ -160,19 +181,19 @@ void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int6
     float* yg = y + r0 * out;
     switch (J) {
       case 1:
-        RunGroup<1, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
+        RunGroup<1, T>(base, panel_stride, xg, in, yg, out, rows, isa);
         break;
       case 2:
-        RunGroup<2, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
+        RunGroup<2, T>(base, panel_stride, xg, in, yg, out, rows, isa);
         break;
       case 4:
-        RunGroup<4, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
+        RunGroup<4, T>(base, panel_stride, xg, in, yg, out, rows, isa);
         break;
       case 8:
-        RunGroup<8, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
+        RunGroup<8, T>(base, panel_stride, xg, in, yg, out, rows, isa);
         break;
       default:
-        RunGroup<16, T>(base, panel_stride, xg, in, yg, out, rows, avx512);
+        RunGroup<16, T>(base, panel_stride, xg, in, yg, out, rows, isa);
     }
   }
 }
