@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "model/kernels.h"
@@ -200,20 +202,32 @@ void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int6
 
 }  // namespace
 
-at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK(W.dim() == 2, "PackPanels: a matrix");
-  const at::ScalarType st = dtype.value_or(W.scalar_type());
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf, "PackPanels: fp32 or fp16 panels");
-  const int64_t out = W.size(0), in = W.size(1);
-  const int64_t num = (out + kPanel - 1) / kPanel;
-  // One panel at a time: peak extra memory is one panel, not a padded copy of W.
-  at::Tensor panels = at::empty({num, in, kPanel}, at::TensorOptions().dtype(st));
-  for (int64_t p = 0; p < num; ++p) {
+namespace {
+
+// Fills `panels` [ceil(out/16), in, 16] from W [out, in], one panel at a time (peak extra memory
+// is one panel, not a padded copy of W).
+void FillPanels(const at::Tensor& W, at::Tensor& panels) {
+  const int64_t out = W.size(0);
+  for (int64_t p = 0; p < panels.size(0); ++p) {
     const int64_t rows = std::min(kPanel, out - p * kPanel);
     at::Tensor dst = panels[p];  // [in, 16]
     if (rows < kPanel) dst.zero_();
     dst.narrow(1, 0, rows).copy_(W.narrow(0, p * kPanel, rows).t());
   }
+}
+
+std::vector<int64_t> PanelSizes(const at::Tensor& W) {
+  return {(W.size(0) + kPanel - 1) / kPanel, W.size(1), kPanel};
+}
+
+}  // namespace
+
+at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(W.dim() == 2, "PackPanels: a matrix");
+  const at::ScalarType st = dtype.value_or(W.scalar_type());
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf, "PackPanels: fp32 or fp16 panels");
+  at::Tensor panels = at::empty(PanelSizes(W), at::TensorOptions().dtype(st));
+  FillPanels(W, panels);
   return panels;
 }
 
@@ -235,12 +249,39 @@ void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t o
 }
 
 void PackWeights(Model& m, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf, "PackWeights: fp32 or fp16 panels");
+  // Every panel tensor of the model lives in one arena on 2 MB pages: decode streams all of it
+  // each step, and huge pages spare the page walks that 4 KB pages cost on such a stream.
+  std::vector<std::pair<const at::Tensor*, at::Tensor*>> todo;  // (row-major, its panels)
   for (LayerWeights& l : m.layers)
     for (int p = 0; p < kNumProj; ++p) {
       const at::Tensor& w = l.proj(static_cast<Proj>(p));
-      if (!l.panels[p].defined() && w.numel() > 0) l.panels[p] = PackPanels(w, dtype);
+      if (!l.panels[p].defined() && w.numel() > 0) todo.emplace_back(&w, &l.panels[p]);
     }
-  if (!m.head_panels.defined()) m.head_panels = PackPanels(m.lm_head, dtype);
+  if (!m.head_panels.defined() && m.lm_head.numel() > 0)
+    todo.emplace_back(&m.lm_head, &m.head_panels);
+  if (todo.empty()) return;
+  constexpr size_t kAlign = 64, kHuge = size_t{2} << 20;
+  const size_t elem = at::elementSize(dtype);
+  std::vector<size_t> offsets;
+  size_t total = 0;
+  for (const auto& [w, panels] : todo) {
+    offsets.push_back(total);
+    size_t bytes = elem;
+    for (int64_t d : PanelSizes(*w)) bytes *= static_cast<size_t>(d);
+    total += (bytes + kAlign - 1) / kAlign * kAlign;
+  }
+  const size_t reserved = (total + kHuge - 1) / kHuge * kHuge;
+  void* raw = std::aligned_alloc(kHuge, reserved);
+  TORCH_CHECK(raw, "PackWeights: out of memory for ", reserved >> 20, " MB of panels");
+  madvise(raw, reserved, MADV_HUGEPAGE);  // a hint: 4 KB pages if the kernel says no
+  std::shared_ptr<void> arena(raw, std::free);
+  for (size_t i = 0; i < todo.size(); ++i) {
+    char* data = static_cast<char*>(raw) + offsets[i];
+    *todo[i].second = at::from_blob(
+        data, PanelSizes(*todo[i].first), [arena](void*) {}, at::TensorOptions().dtype(dtype));
+    FillPanels(*todo[i].first, *todo[i].second);
+  }
 }
 
 void DropPackedRowMajor(Model& m) {
