@@ -28,7 +28,7 @@ const char* FinishReasonName(FinishReason r) {
 
 TokenStream::TokenStream(const Tokenizer& tok, const ModelConfig& config,
                          const GenerationOptions& options, std::span<const int32_t> prompt)
-    : config_(config),
+    : eos_token_ids_(config.eos_token_ids.begin(), config.eos_token_ids.end()),
       opt_(options),
       sampler_(options.sampling, config.vocab_size),
       // Only a prompt of nothing but BOS makes the output the start of the text.
@@ -66,9 +66,8 @@ TokenStream::Step TokenStream::Next(float* logits) {
   sampler_.Observe(tok);
   tokens_.push_back(tok);
   step.token = tok;
-  const bool eos = opt_.stop_at_eos &&
-                   std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(), tok) !=
-                       config_.eos_token_ids.end();
+  const bool eos = opt_.stop_at_eos && std::find(eos_token_ids_.begin(), eos_token_ids_.end(),
+                                                 tok) != eos_token_ids_.end();
   if (eos) {
     reason_ = FinishReason::kEos;
   } else {

@@ -49,7 +49,8 @@ class TokenStream {
  private:
   std::string_view Emit(bool final);
 
-  const ModelConfig& config_;
+  // A copy: a server lane may swap its model (a merged copy) while the stream runs.
+  std::vector<int64_t> eos_token_ids_;
   GenerationOptions opt_;
   Sampler sampler_;
   StreamingDecoder decoder_;
