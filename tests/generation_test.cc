@@ -142,6 +142,22 @@ TEST(TokenStreamTest, EosAndLength) {
   EXPECT_EQ(l.text(), "abc");
 }
 
+// A server lane can swap its model (a merged copy) under running streams: a stream must not
+// depend on the config it was built from staying alive.
+TEST(TokenStreamTest, OutlivesTheConfigItWasBuiltFrom) {
+  Forced x;
+  GenerationOptions o;
+  o.max_new_tokens = 8;
+  auto config = std::make_unique<ModelConfig>(x.f.model->config);
+  config->eos_token_ids = {7, 9};
+  TokenStream s(*x.f.tok, *config, o, {});
+  config->eos_token_ids.assign(64, 3 + 'a');  // reallocated, then freed: stale data if retained
+  config.reset();
+  EXPECT_FALSE(s.Next(x.For(3 + 'a')).done);
+  EXPECT_TRUE(s.Next(x.For(9)).done);
+  EXPECT_EQ(s.finish_reason(), FinishReason::kEos);
+}
+
 TEST(SamplerTest, RepetitionPenaltyTopKAndTopP) {
   // Repetition penalty: positive logits divided, negative multiplied (HF semantics).
   Sampler s({.temperature = 0.f, .repetition_penalty = 2.0f}, 3);
