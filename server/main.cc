@@ -11,6 +11,7 @@
 #include <fstream>
 
 #include "model/file_util.h"
+#include "model/kernels.h"
 #include "model/runtime.h"
 #include "server/metrics.h"
 #include "server/planner.h"
@@ -74,6 +75,11 @@ int Run(const Flags& f) {
   }
   // Decode runs from panels packed once (fp16 halves them): every lane's views share them.
   (*loaded)->PackBaseWeights(dtype);
+  spdlog::info(
+      "server: decode weights packed as {} panels ({} MB read per token at full shape), "
+      "{} kernels",
+      dtype == at::kHalf ? "fp16" : "fp32", (*loaded)->base().DecodeWeightBytes() >> 20,
+      KernelIsaName(ActiveKernelIsa()));
   const Supernet& supernet = **loaded;
   if (!supernet.tokenizer()) {
     spdlog::error("server: {} has no tokenizer", f.supernet);
