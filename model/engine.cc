@@ -50,17 +50,45 @@ void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
   }
 }
 
-void Engine::Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& panels,
-                     const at::Tensor& bias, const LowRankDelta& delta, float* y) {
-  const LinearPath path = options_.linear_path;
+void Engine::Project(const float* x, int64_t n, const LayerWeights& l, Proj p, float* y) {
+  const at::Tensor& W = l.proj(p);
+  const at::Tensor& panels = l.panels[static_cast<int>(p)];
+  const at::Tensor& bias = l.bias(p);
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
   // Packed weights serve every batch size (prefill too), so the row-major pages stay unread.
-  if (panels.defined() && path == LinearPath::kAuto) {
+  if (panels.defined() && options_.linear_path == LinearPath::kAuto) {
     LinearPacked(x, n, panels, W.size(0), W.size(1), b, y);
   } else {
-    Linear(x, n, W, b, y, path);
+    Linear(x, n, W, b, y, options_.linear_path);
   }
+  ApplyDelta(x, n, l.deltas[static_cast<int>(p)], y);
+}
+
+void Engine::ProjectSameInput(const float* x, int64_t n, const LayerWeights& l,
+                              std::span<const Proj> ps, std::span<float* const> ys) {
+  bool packed = options_.linear_path == LinearPath::kAuto;
+  for (Proj p : ps) {
+    const at::Tensor& panels = l.panels[static_cast<int>(p)];
+    packed = packed && panels.defined() &&
+             panels.scalar_type() == l.panels[static_cast<int>(ps[0])].scalar_type();
+  }
+  if (!packed) {
+    for (size_t i = 0; i < ps.size(); ++i) Project(x, n, l, ps[i], ys[i]);
+    return;
+  }
+  std::array<PackedOutput, kNumProj> outs;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const at::Tensor& bias = l.bias(ps[i]);
+    outs[i] = {&l.panels[static_cast<int>(ps[i])], l.proj(ps[i]).size(0),
+               bias.defined() ? bias.data_ptr<float>() : nullptr, ys[i]};
+  }
+  LinearPackedMany(x, n, l.proj(ps[0]).size(1), {outs.data(), ps.size()});
+  for (size_t i = 0; i < ps.size(); ++i) ApplyDelta(x, n, l.deltas[static_cast<int>(ps[i])], ys[i]);
+}
+
+void Engine::ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, float* y) {
   if (!delta.defined()) return;
+  const LinearPath path = options_.linear_path;
   // mid = Σ a_i (D_i x), then y += Σ b_j (U_j mid): two skinny products per factor.
   const int64_t r = delta.downs[0].size(0), out = delta.ups[0].size(0);
   const int64_t big = std::max(r, out);
@@ -218,21 +246,22 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
 
   for (size_t li = 0; li < m.layers.size(); ++li) {
     const LayerWeights& l = m.layers[li];
-    const auto& d = l.deltas;
     const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
     RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
     float* q = ws_->q.data_ptr<float>();
     float* k = ws_->k.data_ptr<float>();
-    Project(h, n, l.q, l.panels[0], l.q_bias, d[0], q);
-    Project(h, n, l.k, l.panels[1], l.k_bias, d[1], k);
-    Project(h, n, l.v, l.panels[2], l.v_bias, d[2], ws_->v.data_ptr<float>());
+    {
+      constexpr std::array<Proj, 3> kQkv = {Proj::kQ, Proj::kK, Proj::kV};
+      const std::array<float*, 3> out = {q, k, ws_->v.data_ptr<float>()};
+      ProjectSameInput(h, n, l, kQkv, out);
+    }
     for (int64_t r = 0; r < n; ++r) {
       ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
       ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
     }
     Attention(static_cast<int64_t>(li), cache, seqs);
     if (hq > 0) {
-      Project(ws_->att.data_ptr<float>(), n, l.o, l.panels[3], l.o_bias, d[3], tmp);
+      Project(ws_->att.data_ptr<float>(), n, l, Proj::kO, tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.o_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
@@ -241,10 +270,11 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     if (inter > 0) {
       float* g = ws_->gate.data_ptr<float>();
       float* u = ws_->up.data_ptr<float>();
-      Project(h, n, l.gate, l.panels[4], l.gate_bias, d[4], g);
-      Project(h, n, l.up, l.panels[5], l.up_bias, d[5], u);
+      constexpr std::array<Proj, 2> kGateUp = {Proj::kGate, Proj::kUp};
+      const std::array<float*, 2> out = {g, u};
+      ProjectSameInput(h, n, l, kGateUp, out);
       SiluMul(g, u, n * inter);
-      Project(g, n, l.down, l.panels[6], l.down_bias, d[6], tmp);
+      Project(g, n, l, Proj::kDown, tmp);
       AddInPlace(x, tmp, n * H);
     } else if (l.down_bias.defined()) {
       for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);

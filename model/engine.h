@@ -58,8 +58,12 @@ class Engine {
   void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
   // y[n, out] = x W^T + bias (+ up · down · x when the projection carries a low-rank delta),
   // from W's panels when the model has them (PackWeights), else from W.
-  void Project(const float* x, int64_t n, const at::Tensor& W, const at::Tensor& panels,
-               const at::Tensor& bias, const LowRankDelta& delta, float* y);
+  void Project(const float* x, int64_t n, const LayerWeights& l, Proj p, float* y);
+  // Projections of one input (q, k, v; gate, up): with panels, in one pass (LinearPackedMany).
+  void ProjectSameInput(const float* x, int64_t n, const LayerWeights& l, std::span<const Proj> ps,
+                        std::span<float* const> ys);
+  // y += the projection's low-rank delta applied to x (nothing when absent).
+  void ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, float* y);
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;

@@ -137,30 +137,37 @@ AMOEBA_AVX512 void Transpose16Avx512(const float* x, int64_t in, float* xt) {
     for (int64_t j = 0; j < 16; ++j) xt[k * 16 + j] = x[j * in + k];
 }
 
+// One input group (rows r0.., transposed to xt) against every output's panels, all in one
+// parallel region: panel indices run over the outputs back to back.
 template <int J, typename T>
-void RunGroup(const T* panels, int64_t panel_stride, const float* xt, int64_t in, float* y,
-              int64_t out, int64_t rows, KernelIsa isa) {
-  const int64_t num = (out + kPanel - 1) / kPanel;
+void RunGroup(std::span<const PackedOutput> outs, const float* xt, int64_t in, int64_t r0,
+              int64_t rows, KernelIsa isa) {
+  int64_t total = 0;
+  for (const PackedOutput& o : outs) total += (o.out + kPanel - 1) / kPanel;
   auto run = [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t valid = std::min(kPanel, out - p * kPanel);
+    size_t i = 0;
+    int64_t first = 0;  // global index of outs[i]'s first panel
+    for (int64_t g = b; g < e; ++g) {
+      while (g >= first + (outs[i].out + kPanel - 1) / kPanel)
+        first += (outs[i++].out + kPanel - 1) / kPanel;
+      const PackedOutput& o = outs[i];
+      const int64_t p = g - first, valid = std::min(kPanel, o.out - p * kPanel);
+      const T* panel = o.panels->data_ptr<T>() + p * o.panels->size(1) * kPanel;
+      float* y = o.y + r0 * o.out;
       if (isa == KernelIsa::kAvx512) {
-        PanelAvx512<J, T>(panels + p * panel_stride, xt, in, y, out, p * kPanel, valid, rows);
+        PanelAvx512<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
       } else if (isa == KernelIsa::kAvx2) {
-        PanelAvx2<J, T>(panels + p * panel_stride, xt, in, y, out, p * kPanel, valid, rows);
+        PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
       } else {
-        PanelScalar(panels + p * panel_stride, xt, J, in, y, out, p * kPanel, valid, rows);
+        PanelScalar(panel, xt, J, in, y, o.out, p * kPanel, valid, rows);
       }
     }
   };
-  at::parallel_for(0, num, 4, run);
+  at::parallel_for(0, total, 4, run);
 }
 
 template <typename T>
-void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
-                       float* y) {
-  const T* base = panels.data_ptr<T>();
-  const int64_t panel_stride = panels.size(1) * kPanel;  // a prefix of `in` keeps the stride
+void LinearPackedTyped(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs) {
   const KernelIsa isa = ActiveKernelIsa();
   thread_local std::vector<float> xt;  // grown once, reused: no allocation per decode step
   if (static_cast<int64_t>(xt.size()) < in * kPanel) xt.resize(in * kPanel);
@@ -180,22 +187,21 @@ void LinearPackedTyped(const float* x, int64_t n, const at::Tensor& panels, int6
       }
       xg = xt.data();
     }
-    float* yg = y + r0 * out;
     switch (J) {
       case 1:
-        RunGroup<1, T>(base, panel_stride, xg, in, yg, out, rows, isa);
+        RunGroup<1, T>(outs, xg, in, r0, rows, isa);
         break;
       case 2:
-        RunGroup<2, T>(base, panel_stride, xg, in, yg, out, rows, isa);
+        RunGroup<2, T>(outs, xg, in, r0, rows, isa);
         break;
       case 4:
-        RunGroup<4, T>(base, panel_stride, xg, in, yg, out, rows, isa);
+        RunGroup<4, T>(outs, xg, in, r0, rows, isa);
         break;
       case 8:
-        RunGroup<8, T>(base, panel_stride, xg, in, yg, out, rows, isa);
+        RunGroup<8, T>(outs, xg, in, r0, rows, isa);
         break;
       default:
-        RunGroup<16, T>(base, panel_stride, xg, in, yg, out, rows, isa);
+        RunGroup<16, T>(outs, xg, in, r0, rows, isa);
     }
   }
 }
@@ -233,19 +239,30 @@ at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype) 
 
 void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
                   const float* bias, float* y) {
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanel && panels.is_contiguous() &&
-                  (panels.scalar_type() == at::kFloat || panels.scalar_type() == at::kHalf),
-              "LinearPacked: panels from PackPanels");
-  TORCH_CHECK(out <= panels.size(0) * kPanel && in <= panels.size(1),
-              "LinearPacked: the prefix exceeds the packed matrix");
-  if (n == 0 || out == 0) return;
-  if (panels.scalar_type() == at::kHalf) {
-    LinearPackedTyped<at::Half>(x, n, panels, out, in, y);
-  } else {
-    LinearPackedTyped<float>(x, n, panels, out, in, y);
+  const PackedOutput o{&panels, out, bias, y};
+  LinearPackedMany(x, n, in, {&o, 1});
+}
+
+void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs) {
+  TORCH_CHECK(!outs.empty(), "LinearPacked: no outputs");
+  const at::ScalarType st = outs[0].panels->scalar_type();
+  for (const PackedOutput& o : outs) {
+    const at::Tensor& p = *o.panels;
+    TORCH_CHECK(p.dim() == 3 && p.size(2) == kPanel && p.is_contiguous() &&
+                    (st == at::kFloat || st == at::kHalf) && p.scalar_type() == st,
+                "LinearPacked: panels from PackPanels, all of one dtype");
+    TORCH_CHECK(o.out <= p.size(0) * kPanel && in <= p.size(1),
+                "LinearPacked: the prefix exceeds the packed matrix");
   }
-  if (bias)
-    for (int64_t j = 0; j < n; ++j) AddInPlace(y + j * out, bias, out);
+  if (n == 0) return;
+  if (st == at::kHalf) {
+    LinearPackedTyped<at::Half>(x, n, in, outs);
+  } else {
+    LinearPackedTyped<float>(x, n, in, outs);
+  }
+  for (const PackedOutput& o : outs)
+    if (o.bias)
+      for (int64_t j = 0; j < n; ++j) AddInPlace(o.y + j * o.out, o.bias, o.out);
 }
 
 void PackWeights(Model& m, at::ScalarType dtype) {

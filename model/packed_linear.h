@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 
 #include "model/weights.h"
 
@@ -22,6 +23,16 @@ at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype =
 // in at most W's sizes. x rows are contiguous (stride in), y rows contiguous (stride out).
 void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
                   const float* bias, float* y);
+
+// Several projections of one input (q, k, v; gate, up) in one pass: the input is transposed once
+// and all their panels run in one parallel region. Panels must share a dtype; y_i[n, out_i].
+struct PackedOutput {
+  const at::Tensor* panels = nullptr;
+  int64_t out = 0;
+  const float* bias = nullptr;  // optional
+  float* y = nullptr;
+};
+void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs);
 
 // Packs every projection and the LM head of `m` that has no panels yet into panels of `dtype`
 // (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels.

@@ -14,9 +14,9 @@
 #include <memory>
 #include <string>
 
-#include "model/kernels.h"
 #include <chrono>
 #include <vector>
+#include "model/kernels.h"
 
 namespace amoeba {
 

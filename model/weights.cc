@@ -72,6 +72,12 @@ const at::Tensor& LayerWeights::proj(Proj p) const {
   }
 }
 
+const at::Tensor& LayerWeights::bias(Proj p) const {
+  const std::array<const at::Tensor*, kNumProj> biases = {&q_bias,    &k_bias,  &v_bias,   &o_bias,
+                                                          &gate_bias, &up_bias, &down_bias};
+  return *biases[static_cast<int>(p)];
+}
+
 at::Tensor& LayerWeights::proj(Proj p) {
   return const_cast<at::Tensor&>(static_cast<const LayerWeights&>(*this).proj(p));
 }

@@ -44,9 +44,10 @@ struct LayerWeights {
   // values must reset its panels.
   std::array<at::Tensor, kNumProj> panels;
 
-  // The projection matrix `p`.
+  // The projection matrix `p`, and its bias (undefined when absent).
   const at::Tensor& proj(Proj p) const;
   at::Tensor& proj(Proj p);
+  const at::Tensor& bias(Proj p) const;
 
   int64_t q_heads(int64_t head_dim) const { return q.size(0) / head_dim; }
   int64_t kv_heads(int64_t head_dim) const { return k.size(0) / head_dim; }
