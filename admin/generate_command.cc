@@ -27,6 +27,7 @@ struct GenerateFlags {
   bool no_bos = false;
   bool baseline = false;
   std::string weights_dtype = "f32";
+  std::string kv_dtype = "f32";
 };
 
 absl::Status RunGenerate(const GenerateFlags& f) {
@@ -47,6 +48,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   EngineOptions eo;
   eo.max_len = std::min<int64_t>(f.max_len, m.config.max_position_embeddings);
   eo.linear_path = f.baseline ? LinearPath::kTorch : LinearPath::kAuto;
+  eo.kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   if (f.weights_dtype != "f16" && f.weights_dtype != "f32")
     return absl::InvalidArgumentError("--weights-dtype: f32 or f16");
   const at::ScalarType dtype = f.weights_dtype == "f16" ? at::kHalf : at::kFloat;
@@ -105,6 +107,9 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_flag("--baseline", f->baseline, "Use libtorch linear instead of Amoeba's kernels");
   cmd->add_option("--weights-dtype", f->weights_dtype,
                   "In-memory weights: f32 | f16 (half the bytes per token)")
+      ->capture_default_str();
+  cmd->add_option("--kv-dtype", f->kv_dtype, "KV cache: f32 | f16 (half the memory)")
+      ->check(CLI::IsMember({"f32", "f16"}))
       ->capture_default_str();
   return [f]() {
     absl::Status st = RunGenerate(*f);

@@ -8,14 +8,12 @@
 #include <limits>
 
 #include "model/kernels.h"
-
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "model/simd.h"
 
 namespace amoeba {
 namespace {
 
-#define AMOEBA_AVX512 __attribute__((target("avx512f")))
+using simd::Load16;
 
 // Softmax in place over scores[0, len): exp(s - max) / sum.
 void SoftmaxInPlace(float* s, int64_t len) {
@@ -42,6 +40,24 @@ void DecodeAttentionPortable(const float* q, int64_t group, const float* keys, c
   }
 }
 
+void DecodeAttentionPortable(const float* q, int64_t group, const at::Half* keys,
+                             const at::Half* values, int64_t len, int64_t hd, float scale,
+                             float* scores, float* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * hd;
+    for (int64_t j = 0; j < len; ++j) {
+      float s = 0.f;
+      for (int64_t i = 0; i < hd; ++i) s += qg[i] * static_cast<float>(keys[j * hd + i]);
+      scores[j] = s * scale;
+    }
+    SoftmaxInPlace(scores, len);
+    float* o = out + g * hd;
+    std::memset(o, 0, hd * sizeof(float));
+    for (int64_t j = 0; j < len; ++j)
+      for (int64_t i = 0; i < hd; ++i) o[i] += scores[j] * static_cast<float>(values[j * hd + i]);
+  }
+}
+
 // Sixteen vectors in, one out: lane t holds the sum of a[t]'s 16 lanes.
 AMOEBA_AVX512 inline __m512 TransposeSum16(const __m512* a) {
   __m512 b[8], c[4];
@@ -64,10 +80,10 @@ AMOEBA_AVX512 inline __m512 TransposeSum16(const __m512* a) {
 }
 
 // NV = head_dim / 16 vectors per row.
-template <int NV>
-AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const float* keys,
-                                         const float* values, int64_t len, float scale,
-                                         float* scores, float* out) {
+template <int NV, typename T>
+AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const T* keys,
+                                         const T* values, int64_t len, float scale, float* scores,
+                                         float* out) {
   constexpr int64_t hd = NV * 16;
   for (int64_t g = 0; g < group; ++g) {
     __m512 qv[NV];
@@ -79,10 +95,9 @@ AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const fl
     for (; j + 16 <= len; j += 16) {
       __m512 acc[16];
       for (int t = 0; t < 16; ++t) {
-        const float* kr = keys + (j + t) * hd;
-        acc[t] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-        for (int v = 1; v < NV; ++v)
-          acc[t] = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kr + v * 16), acc[t]);
+        const T* kr = keys + (j + t) * hd;
+        acc[t] = _mm512_mul_ps(qv[0], Load16(kr));
+        for (int v = 1; v < NV; ++v) acc[t] = _mm512_fmadd_ps(qv[v], Load16(kr + v * 16), acc[t]);
       }
       const __m512 s = TransposeSum16(acc);
       _mm512_storeu_ps(scores + j, s);
@@ -90,9 +105,9 @@ AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const fl
     }
     float mx = _mm512_reduce_max_ps(vmax);
     for (; j < len; ++j) {
-      const float* kr = keys + j * hd;
-      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-      for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kr + v * 16), acc);
+      const T* kr = keys + j * hd;
+      __m512 acc = _mm512_mul_ps(qv[0], Load16(kr));
+      for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], Load16(kr + v * 16), acc);
       scores[j] = _mm512_reduce_add_ps(acc);
       mx = std::max(mx, scores[j]);
     }
@@ -106,16 +121,16 @@ AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const fl
     for (int v = 0; v < NV; ++v) o0[v] = o1[v] = _mm512_setzero_ps();
     for (j = 0; j + 2 <= len; j += 2) {
       const __m512 p0 = _mm512_set1_ps(scores[j]), p1 = _mm512_set1_ps(scores[j + 1]);
-      const float* v0 = values + j * hd;
+      const T* v0 = values + j * hd;
       for (int v = 0; v < NV; ++v) {
-        o0[v] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + v * 16), o0[v]);
-        o1[v] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v0 + hd + v * 16), o1[v]);
+        o0[v] = _mm512_fmadd_ps(p0, Load16(v0 + v * 16), o0[v]);
+        o1[v] = _mm512_fmadd_ps(p1, Load16(v0 + hd + v * 16), o1[v]);
       }
     }
     if (j < len) {
       const __m512 p0 = _mm512_set1_ps(scores[j]);
       for (int v = 0; v < NV; ++v)
-        o0[v] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(values + j * hd + v * 16), o0[v]);
+        o0[v] = _mm512_fmadd_ps(p0, Load16(values + j * hd + v * 16), o0[v]);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / sum);
     for (int v = 0; v < NV; ++v)
@@ -123,10 +138,9 @@ AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const fl
   }
 }
 
-}  // namespace
-
-void DecodeAttention(const float* q, int64_t group, const float* keys, const float* values,
-                     int64_t len, int64_t hd, float scale, float* scores, float* out) {
+template <typename T>
+void Dispatch(const float* q, int64_t group, const T* keys, const T* values, int64_t len,
+              int64_t hd, float scale, float* scores, float* out) {
   if (ActiveKernelIsa() == KernelIsa::kAvx512 && hd % 16 == 0) {
     switch (hd / 16) {
       case 1:
@@ -144,6 +158,18 @@ void DecodeAttention(const float* q, int64_t group, const float* keys, const flo
     }
   }
   DecodeAttentionPortable(q, group, keys, values, len, hd, scale, scores, out);
+}
+
+}  // namespace
+
+void DecodeAttention(const float* q, int64_t group, const float* keys, const float* values,
+                     int64_t len, int64_t hd, float scale, float* scores, float* out) {
+  Dispatch(q, group, keys, values, len, hd, scale, scores, out);
+}
+
+void DecodeAttention(const float* q, int64_t group, const at::Half* keys, const at::Half* values,
+                     int64_t len, int64_t hd, float scale, float* scores, float* out) {
+  Dispatch(q, group, keys, values, len, hd, scale, scores, out);
 }
 
 }  // namespace amoeba

@@ -3,6 +3,8 @@
 // registers and scores 16 keys per block (one transposing reduction instead of a horizontal sum
 // per key); other instruction sets and head sizes use the portable loop.
 #pragma once
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 namespace amoeba {
@@ -11,6 +13,9 @@ namespace amoeba {
 // q, out: [group, head_dim] contiguous; keys, values: [len, head_dim] contiguous rows;
 // scores: scratch of at least len floats. len >= 1.
 void DecodeAttention(const float* q, int64_t group, const float* keys, const float* values,
+                     int64_t len, int64_t head_dim, float scale, float* scores, float* out);
+// The same over an fp16 KV cache (values widened to fp32 in registers).
+void DecodeAttention(const float* q, int64_t group, const at::Half* keys, const at::Half* values,
                      int64_t len, int64_t head_dim, float scale, float* scores, float* out);
 
 }  // namespace amoeba

@@ -123,22 +123,31 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   const float* kn = ws_->k.data_ptr<float>();
   const float* vn = ws_->v.data_ptr<float>();
   float* att = ws_->att.data_ptr<float>();
-  // Slot storage is [hkv, capacity, hd] per layer (Forward reserved room for the new tokens).
-  auto cache_row = [&](bool key, int64_t slot, int64_t head, int64_t pos) {
-    at::Tensor& t = key ? cache.k(layer, slot) : cache.v(layer, slot);
-    return t.data_ptr<float>() + (head * cache.capacity(slot) + pos) * hd;
+  // Slot storage is [hkv, capacity, hd] per layer (Forward reserved room for the new tokens),
+  // fp32 or fp16.
+  const bool half = cache.dtype() == at::kHalf;
+  auto offset = [&](int64_t slot, int64_t head, int64_t pos) {
+    return (head * cache.capacity(slot) + pos) * hd;
   };
 
   // 1. Append the new keys/values.
   int64_t row = 0;
   for (const SeqInput& s : seqs) {
     const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
+    at::Tensor& K = cache.k(layer, s.slot);
+    at::Tensor& V = cache.v(layer, s.slot);
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t h = 0; h < hkv; ++h) {
-        std::memcpy(cache_row(true, s.slot, h, p0 + t), kn + (row + t) * kvdim + h * hd,
-                    hd * sizeof(float));
-        std::memcpy(cache_row(false, s.slot, h, p0 + t), vn + (row + t) * kvdim + h * hd,
-                    hd * sizeof(float));
+        const float* kr = kn + (row + t) * kvdim + h * hd;
+        const float* vr = vn + (row + t) * kvdim + h * hd;
+        const int64_t at_row = offset(s.slot, h, p0 + t);
+        if (half) {
+          FloatToHalf(kr, K.data_ptr<at::Half>() + at_row, hd);
+          FloatToHalf(vr, V.data_ptr<at::Half>() + at_row, hd);
+        } else {
+          std::memcpy(K.data_ptr<float>() + at_row, kr, hd * sizeof(float));
+          std::memcpy(V.data_ptr<float>() + at_row, vr, hd * sizeof(float));
+        }
       }
     }
     row += T;
@@ -159,11 +168,19 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const DecodeTask& tk = single[t / hkv];
-        const int64_t kvh = t % hkv;
+        const int64_t kvh = t % hkv, first = offset(tk.slot, kvh, 0);
         const int64_t first_q = tk.row * qdim + kvh * group * hd;  // the group's query heads
-        DecodeAttention(q + first_q, group, cache_row(true, tk.slot, kvh, 0),
-                        cache_row(false, tk.slot, kvh, 0), tk.len, hd, scale, scores + t * max_len,
-                        att + first_q);
+        const at::Tensor& K = cache.k(layer, tk.slot);
+        const at::Tensor& V = cache.v(layer, tk.slot);
+        if (half) {
+          DecodeAttention(q + first_q, group, K.data_ptr<at::Half>() + first,
+                          V.data_ptr<at::Half>() + first, tk.len, hd, scale, scores + t * max_len,
+                          att + first_q);
+        } else {
+          DecodeAttention(q + first_q, group, K.data_ptr<float>() + first,
+                          V.data_ptr<float>() + first, tk.len, hd, scale, scores + t * max_len,
+                          att + first_q);
+        }
       }
     });
   }
@@ -178,8 +195,8 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
       at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
                          .permute({1, 2, 0, 3})
                          .reshape({hkv, group * T, hd});
-      at::Tensor Ks = cache.k(layer, s.slot).narrow(1, 0, L);  // [hkv, L, hd]
-      at::Tensor Vs = cache.v(layer, s.slot).narrow(1, 0, L);
+      at::Tensor Ks = cache.k(layer, s.slot).narrow(1, 0, L).to(at::kFloat);  // [hkv, L, hd]
+      at::Tensor Vs = cache.v(layer, s.slot).narrow(1, 0, L).to(at::kFloat);
       at::Tensor sc = at::bmm(Q, Ks.transpose(1, 2)).mul_(scale).view({hkv, group, T, L});
       // Query t (absolute position p0+t) sees keys j <= p0+t.
       at::Tensor mask = at::ones({T, L}, at::kBool).triu_(p0 + 1);

@@ -37,6 +37,8 @@ struct EngineOptions {
   LinearPath linear_path = LinearPath::kAuto;  // kTorch = libtorch linear baseline
   // Shared by engines used from one thread, one after another; null = the engine's own.
   std::shared_ptr<EngineWorkspace> workspace = nullptr;
+  // KV cache storage: kFloat, or kHalf (half the KV memory and attention reads; K/V rounded).
+  at::ScalarType kv_dtype = at::kFloat;
 };
 
 class Engine {
@@ -45,7 +47,9 @@ class Engine {
 
   const Model& model() const { return *model_; }
   const EngineOptions& options() const { return options_; }
-  KVCache NewCache(int64_t slots) const { return KVCache(*model_, slots, options_.max_len); }
+  KVCache NewCache(int64_t slots) const {
+    return KVCache(*model_, slots, options_.max_len, options_.kv_dtype);
+  }
 
   // Appends each sequence's tokens to its slot and returns logits [num_seqs, vocab] for the last
   // new token of each sequence, or [total_tokens, vocab] with all_logits. The returned tensor is a

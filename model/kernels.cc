@@ -397,6 +397,21 @@ AMOEBA_CLONES void Axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+namespace {
+AMOEBA_AVX2 void FloatToHalfF16c(const float* x, at::Half* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = static_cast<at::Half>(x[i]);
+}
+}  // namespace
+
+void FloatToHalf(const float* x, at::Half* y, int64_t n) {
+  if (CpuHasAvx2Fma()) return FloatToHalfF16c(x, y, n);
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<at::Half>(x[i]);
+}
+
 AMOEBA_CLONES void Scale(float* y, float alpha, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= alpha;
 }

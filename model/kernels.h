@@ -33,6 +33,8 @@ float Dot(const float* a, const float* b, int64_t n);
 void Axpy(float alpha, const float* x, float* y, int64_t n);
 // y *= alpha
 void Scale(float* y, float alpha, int64_t n);
+// y = x rounded to IEEE half (round to nearest even).
+void FloatToHalf(const float* x, at::Half* y, int64_t n);
 
 // True when the CPU has AVX2, FMA and F16C (the fast paths are used).
 bool CpuHasAvx2Fma();

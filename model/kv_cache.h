@@ -17,10 +17,12 @@ class KVCache {
   static constexpr int64_t kMinCapacity = 64;
 
   KVCache() = default;
-  KVCache(const Model& model, int64_t slots, int64_t max_len);
+  // dtype: kFloat, or kHalf (half the memory and attention reads; values rounded to fp16).
+  KVCache(const Model& model, int64_t slots, int64_t max_len, at::ScalarType dtype = at::kFloat);
 
   int64_t slots() const { return static_cast<int64_t>(slots_.size()); }
   int64_t max_len() const { return max_len_; }
+  at::ScalarType dtype() const { return dtype_; }
   int64_t length(int64_t slot) const { return slots_.at(slot).length; }
   void set_length(int64_t slot, int64_t len) { slots_.at(slot).length = len; }
   // Empties the slot and gives its memory back.
@@ -43,6 +45,7 @@ class KVCache {
   std::vector<Slot> slots_;
   std::vector<int64_t> kv_heads_;
   int64_t head_dim_ = 0, max_len_ = 0;
+  at::ScalarType dtype_ = at::kFloat;
 };
 
 }  // namespace amoeba

@@ -31,6 +31,7 @@ struct Flags {
   int64_t max_prompt_tokens = 2048, max_new_tokens = 1024, max_context = 2048;
   int64_t slots = 16, queue = 64, cache_mb = 1024, prefill_chunk = 64, merge_after = 2;
   std::string weights_dtype = "f32";
+  std::string kv_dtype = "f32";
   std::string tls_cert, tls_key, auth_token;
   bool auth_all = false;
   double drain_seconds = 20;
@@ -113,6 +114,7 @@ int Run(const Flags& f) {
   so.prefill_chunk = f.prefill_chunk;
   so.cache_bytes = f.cache_mb << 20;
   so.weights_dtype = dtype;
+  so.kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   so.merge_after_requests = f.merge_after;
   Scheduler scheduler(supernet, so);
 
@@ -250,8 +252,13 @@ int main(int argc, char** argv) {
       ->envname("AMOEBA_PREFILL_CHUNK")
       ->capture_default_str();
   app.add_option("--weights-dtype", f.weights_dtype,
-                 "f32 | f16 (the supernet is converted once at start)")
+                 "f32 | f16 (decode panels packed once at start)")
       ->envname("AMOEBA_WEIGHTS_DTYPE")
+      ->capture_default_str();
+  app.add_option("--kv-dtype", f.kv_dtype,
+                 "f32 | f16 (KV cache: half the memory and attention reads, K/V rounded)")
+      ->envname("AMOEBA_KV_DTYPE")
+      ->check(CLI::IsMember({"f32", "f16"}))
       ->capture_default_str();
   app.add_option("--tls-cert", f.tls_cert, "PEM certificate (enables TLS)")
       ->envname("AMOEBA_TLS_CERT");

@@ -101,9 +101,9 @@ absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, 
       "%s: %s %g, the best among shapes within the budget; %.2f ms/token decode (%s), %.1f ms "
       "prefill for %d tokens, %lld bytes with a %d-token context",
       best->profile.shape.ToString(), by_ppl ? "held-out perplexity" : "parameters",
-      by_ppl ? -best->quality : best->quality, best->decode_ms,
-      best->latency_source, best->prefill_ms, b.prompt_tokens,
-      static_cast<long long>(best->memory_bytes), b.max_context_tokens);
+      by_ppl ? -best->quality : best->quality, best->decode_ms, best->latency_source,
+      best->prefill_ms, b.prompt_tokens, static_cast<long long>(best->memory_bytes),
+      b.max_context_tokens);
   return r;
 }
 

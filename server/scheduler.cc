@@ -94,6 +94,7 @@ std::unique_ptr<Engine> Scheduler::NewEngine(std::shared_ptr<const Model> model)
   EngineOptions eo;
   eo.max_len = opt_.max_context;
   eo.workspace = workspace_;  // one worker thread: all lanes share the activations
+  eo.kv_dtype = opt_.kv_dtype;
   return std::make_unique<Engine>(std::move(model), eo);
 }
 

@@ -56,7 +56,8 @@ struct SchedulerOptions {
   int64_t max_queue = 64;           // waiting requests before RESOURCE_EXHAUSTED
   int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
   int64_t cache_bytes = 1ll << 30;  // memory cap for merged subnet copies
-  at::ScalarType weights_dtype = at::kFloat;  // of merged copies (the supernet is converted once)
+  at::ScalarType weights_dtype = at::kFloat;  // panels of merged copies (as the supernet's)
+  at::ScalarType kv_dtype = at::kFloat;       // KV cache storage (kHalf: half the memory)
   const Smol* smol = nullptr;                 // adapters: unmerged when cold, merged when hot
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
 };

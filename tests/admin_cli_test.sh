@@ -16,6 +16,9 @@ grep -q "tok/s" "$dir/err" || fail "no tokens/s"
 # Same seed, same output.
 out2=$("$ADMIN" generate --model "$dir/m" -n 8 --seed 1 --temperature 0.7 "Hello" 2>/dev/null)
 [ "$out" == "$out2" ] || fail "not deterministic"
+# fp16 weights and an fp16 KV cache run too (greedy, a few tokens).
+"$ADMIN" generate --model "$dir/m" -n 6 --weights-dtype f16 --kv-dtype f16 "Hello" >/dev/null 2>"$dir/err16" \
+  || fail "generate with f16 weights and KV cache: $(cat "$dir/err16")"
 
 expect_2() {
   local what=$1; shift
@@ -27,6 +30,7 @@ expect_2 "missing model" "$ADMIN" generate --model "$dir/nope" "x"
 expect_2 "bad top-p" "$ADMIN" generate --model "$dir/m" --top-p 1.5 "x"
 expect_2 "negative temperature" "$ADMIN" generate --model "$dir/m" --temperature -1 "x"
 expect_2 "unknown flag" "$ADMIN" generate --model "$dir/m" --bogus "x"
+expect_2 "bad KV dtype" "$ADMIN" generate --model "$dir/m" --kv-dtype f8 "x"
 expect_2 "unknown preset" "$ADMIN" init --out "$dir/z" --preset huge
 grep -q "unknown preset" "$dir/o" || fail "message should name the preset"
 [ ! -e "$dir/z" ] || fail "failed init left a directory"

@@ -176,6 +176,35 @@ TEST(EngineTest, PackedPanelsMatchRowMajorWeights) {
                    1e-4);
 }
 
+// An fp16 KV cache: prefill and batched decode stay close to the fp32 cache (K/V rounded to
+// half), and the cache holds half the bytes.
+TEST(EngineTest, HalfKvCacheTracksTheFp32Cache) {
+  at::InferenceMode guard;
+  Model base = TinyModel(4);
+  PackWeights(base);
+  auto m = std::make_shared<const Model>(std::move(base));
+  Engine e32(m, {.max_len = 32}), e16(m, {.max_len = 32, .kv_dtype = at::kHalf});
+  KVCache c32 = e32.NewCache(4), c16 = e16.NewCache(4);
+  EXPECT_EQ(c16.dtype(), at::kHalf);
+  std::vector<std::vector<int32_t>> ids;
+  for (int s = 0; s < 4; ++s) ids.push_back(RandomTokens(12, 97, 40 + s));
+  for (size_t t = 4; t <= 12; ++t) {
+    std::vector<SeqInput> in;
+    for (int s = 0; s < 4; ++s)
+      in.push_back(t == 4 ? SeqInput{s, std::span<const int32_t>(ids[s]).first(4)}
+                          : SeqInput{s, std::span<const int32_t>(&ids[s][t - 1], 1)});
+    auto a = e32.Forward(c32, in);
+    ASSERT_TRUE(a.ok());
+    const at::Tensor ref = a->clone();
+    auto b = e16.Forward(c16, in);
+    ASSERT_TRUE(b.ok());
+    const double rel = MaxAbsDiff(*b, ref) / ref.abs().max().item<double>();
+    EXPECT_LT(rel, 5e-3) << "step " << t;
+    EXPECT_GT(rel, 0.0) << "step " << t;  // the half cache really is in use
+  }
+  EXPECT_EQ(c16.bytes() * 2, c32.bytes());
+}
+
 // A sliced subnet (fewer layers, prefix views) keeps the full model's panels and decodes from
 // their prefixes: equal to the same subnet without panels.
 TEST(EngineTest, SlicedViewsDecodeFromPrefixesOfTheFullPanels) {

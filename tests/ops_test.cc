@@ -214,9 +214,9 @@ TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
 namespace amoeba {
 namespace {
 
-// Decode attention equals softmax(q K^T · scale) V computed by libtorch, for head sizes with
-// and without the AVX-512 path, GQA groups, and lengths around the 16-key block (tails, one key),
-// on every ISA.
+// Decode attention equals softmax(q K^T · scale) V computed by libtorch (over fp32 and fp16 K/V),
+// for head sizes with and without the AVX-512 path, GQA groups, and lengths around the 16-key
+// block (tails, one key), on every ISA.
 TEST(KernelTest, DecodeAttentionMatchesSoftmaxReference) {
   at::manual_seed(3);
   for (int64_t hd : {16, 24, 64, 128}) {
@@ -235,6 +235,16 @@ TEST(KernelTest, DecodeAttentionMatchesSoftmaxReference) {
                           out.data_ptr<float>());
           EXPECT_LT(testing::MaxAbsDiff(out, want), 1e-5)
               << KernelIsaName(isa) << " hd=" << hd << " group=" << group << " len=" << len;
+          // fp16 KV cache: equal to the same attention over the half-rounded keys and values.
+          at::Tensor k16 = keys.to(at::kHalf), v16 = values.to(at::kHalf);
+          at::Tensor want16 = at::matmul(
+              at::softmax(at::matmul(q, k16.to(at::kFloat).t()) * scale, -1), v16.to(at::kFloat));
+          at::Tensor out16 = at::full({group, hd}, 7.f);
+          DecodeAttention(q.data_ptr<float>(), group, k16.data_ptr<at::Half>(),
+                          v16.data_ptr<at::Half>(), len, hd, scale, scores.data(),
+                          out16.data_ptr<float>());
+          EXPECT_LT(testing::MaxAbsDiff(out16, want16), 1e-5)
+              << "fp16 KV " << KernelIsaName(isa) << " hd=" << hd << " len=" << len;
         }
         ForceKernelIsa(KernelIsa::kAuto);
       }

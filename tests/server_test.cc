@@ -129,7 +129,8 @@ v1::GenerateRequest Req(const std::string& text, int depth, double width, int n)
 
 // The same greedy generation locally, on the extracted subnet (with adapters merged if given).
 std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const std::string& text,
-                                 int n, const Smol* smol = nullptr) {
+                                 int n, const Smol* smol = nullptr,
+                                 at::ScalarType kv_dtype = at::kFloat) {
   at::InferenceMode g;
   auto m = s.Extract(shape);
   if (smol) {
@@ -137,7 +138,7 @@ std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const st
     *m = smol->Merge(*m, smol->Gate(smol->ShapeFeature(layers, s.WidthIndex(shape.width)), false),
                      layers);
   }
-  Engine e(std::make_shared<const Model>(std::move(*m)), {.max_len = 128});
+  Engine e(std::make_shared<const Model>(std::move(*m)), {.max_len = 128, .kv_dtype = kv_dtype});
   KVCache c = e.NewCache(1);
   std::vector<int32_t> prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
   for (int32_t t : s.tokenizer()->Encode(text)) prompt.push_back(t);
@@ -236,6 +237,19 @@ TEST(ServerTest, MergedCopiesAreEvictedUnderTheCapAndRebuilt) {
   }
   EXPECT_LE(ts.scheduler->stats().merged_lanes, 1);
   EXPECT_LE(ts.scheduler->stats().cache_bytes, so.cache_bytes);
+}
+
+// --kv-dtype f16: the server's lanes keep an fp16 KV cache and generate what a local engine with
+// the same cache does.
+TEST(ServerTest, HalfKvCacheServesLikeALocalHalfCache) {
+  SchedulerOptions so;
+  so.kv_dtype = at::kHalf;
+  TestServer ts(so);
+  auto c = ts.Client();
+  const Shape sh{5, 1.0};
+  Streamed s = Stream(c, Req("Hello there", static_cast<int>(sh.depth), sh.width, 12));
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "Hello there", 12, nullptr, at::kHalf));
 }
 
 TEST(ServerTest, BudgetPicksThePlannedShape) {
