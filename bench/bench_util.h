@@ -10,8 +10,9 @@ namespace amoeba::bench {
 
 using amoeba::MeasureReadBandwidthGBs;
 
-// Aggregate decode tokens/s for `batch` concurrent sequences after a short prompt each.
-double DecodeRate(Engine& e, int batch, int steps);
+// Aggregate decode tokens/s for `batch` concurrent sequences, each after a prompt of `context`
+// tokens (attention reads grow with it).
+double DecodeRate(Engine& e, int batch, int steps, int context = 8);
 
 // Prefill tokens/s of one prompt of `len` tokens.
 double PrefillRate(Engine& e, int len);

@@ -27,6 +27,7 @@ struct Options {
   std::string batches = "1,8";
   int prompt_len = 128;
   int decode_steps = 64;
+  int context = 8;  // prompt tokens before the decode steps (KV read per step grows with it)
   int threads = 0;
   int rounds = 3;     // interleaved repetitions; the median is reported
   std::string paths;  // comma-separated path names to run; empty = all
@@ -53,14 +54,15 @@ int Run(const Options& o) {
   std::vector<int> batches;
   for (auto s : absl::StrSplit(o.batches, ',')) batches.push_back(std::stoi(std::string(s)));
   std::string md = fmt::format(
-      "# bench/decode\n\n{} threads, {} rounds: every (path, batch) is measured once per round, "
+      "# bench/decode\n\n{} threads, {} rounds, decode after {}-token prompts: every (path, batch) "
+      "is measured once per round, "
       "rounds interleaved, and the median is reported (this shared machine's bandwidth drifts by "
       "~1.5x within minutes). Roofline = bandwidth probed right before the measurement / fp32 "
       "weight bytes per decode step.\n\n"
       "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | per stream | "
       "GB/s probed just before | fp32 roofline tok/s (batch 1) | % of roofline per step |\n"
       "|---|---|---|---|---|---|---|---|---|---|\n",
-      at::get_num_threads(), o.rounds);
+      at::get_num_threads(), o.rounds, o.context);
   auto wanted = [&](const std::string& path) {
     return o.paths.empty() ||
            absl::StrContains(absl::StrCat(",", o.paths, ","), absl::StrCat(",", path, ","));
@@ -87,19 +89,24 @@ int Run(const Options& o) {
       std::unique_ptr<Engine> engine = nullptr;
       double prefill = 0;
       std::vector<std::vector<double>> rates = {}, bws = {};  // [batch][round]
+      at::ScalarType kv_dtype = at::kFloat;
     };
     std::vector<Variant> variants;
     variants.push_back({LinearPath::kTorch, "libtorch-linear", rowmajor});
     variants.push_back({LinearPath::kAuto, "amoeba-fp32-rowmajor", rowmajor});
-    variants.push_back(
-        {LinearPath::kAuto, "amoeba-fp32", std::make_shared<const Model>(std::move(p32))});
+    auto packed32 = std::make_shared<const Model>(std::move(p32));
+    variants.push_back({LinearPath::kAuto, "amoeba-fp32", packed32});
     variants.push_back(
         {LinearPath::kAuto, "amoeba-fp16", std::make_shared<const Model>(std::move(p16))});
+    variants.push_back(
+        {LinearPath::kAuto, "amoeba-fp32-kv16", packed32, nullptr, 0, {}, {}, at::kHalf});
     std::erase_if(variants, [&](const Variant& v) { return !wanted(v.name); });
     for (Variant& v : variants) {
       v.engine = std::make_unique<Engine>(
-          v.model,
-          EngineOptions{.max_len = std::max(256, o.prompt_len + 64), .linear_path = v.path});
+          v.model, EngineOptions{.max_len = std::max(
+                                     256, std::max(o.prompt_len, o.context) + o.decode_steps + 8),
+                                 .linear_path = v.path,
+                                 .kv_dtype = v.kv_dtype});
       v.prefill = PrefillRate(*v.engine, o.prompt_len);
       v.rates.assign(batches.size(), {});
       v.bws.assign(batches.size(), {});
@@ -108,7 +115,7 @@ int Run(const Options& o) {
       for (Variant& v : variants) {
         for (size_t bi = 0; bi < batches.size(); ++bi) {
           v.bws[bi].push_back(MeasureReadBandwidthGBs(512, 3));
-          v.rates[bi].push_back(DecodeRate(*v.engine, batches[bi], o.decode_steps));
+          v.rates[bi].push_back(DecodeRate(*v.engine, batches[bi], o.decode_steps, o.context));
           spdlog::info("{} {} batch {} round {}: {:.1f} tok/s ({:.1f} GB/s probed)",
                        std::string(name), v.name, batches[bi], r + 1, v.rates[bi].back(),
                        v.bws[bi].back());
@@ -153,15 +160,16 @@ int Run(const Options& o) {
   };
   md +=
       "\nRatios (same run; amoeba-fp32 = packed panels, the default path):\n\n| preset | batch | "
-      "fp32 / libtorch | fp32 / fp32-rowmajor | fp16 / fp32 | fp32 batch / fp32 batch 1 | fp16 "
-      "batch / fp16 batch 1 |\n|---|---|---|---|---|---|---|\n";
+      "fp32 / libtorch | fp32 / fp32-rowmajor | fp16 / fp32 | fp32-kv16 / fp32 | fp32 batch / "
+      "fp32 batch 1 | fp16 batch / fp16 batch 1 |\n|---|---|---|---|---|---|---|---|\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     const std::string p(name);
     for (int b : batches) {
       const double f = find(p, "amoeba-fp32", b), h = find(p, "amoeba-fp16", b);
-      md += fmt::format("| {} | {} | {} | {} | {} | {} | {} |\n", p, b,
+      md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} |\n", p, b,
                         ratio(f, find(p, "libtorch-linear", b)),
                         ratio(f, find(p, "amoeba-fp32-rowmajor", b)), ratio(h, f),
+                        ratio(find(p, "amoeba-fp32-kv16", b), f),
                         ratio(f, find(p, "amoeba-fp32", 1)), ratio(h, find(p, "amoeba-fp16", 1)));
     }
   }
@@ -182,13 +190,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--prompt-len", o.prompt_len, "Prefill length")->capture_default_str();
   app.add_option("--steps", o.decode_steps, "Decode steps per measurement")->capture_default_str();
+  app.add_option("--context", o.context, "Prompt tokens before the decode steps")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 8192));
   app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();
   app.add_option("--rounds", o.rounds, "Interleaved repetitions (median reported)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--paths", o.paths,
                  "Comma-separated paths to run (libtorch-linear, amoeba-fp32-rowmajor, "
-                 "amoeba-fp32, amoeba-fp16); empty = all");
+                 "amoeba-fp32, amoeba-fp16, amoeba-fp32-kv16); empty = all");
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
   try {
