@@ -98,8 +98,10 @@ int Run(const Options& o) {
     variants.push_back({LinearPath::kAuto, "amoeba-fp32", packed32});
     variants.push_back(
         {LinearPath::kAuto, "amoeba-fp16", std::make_shared<const Model>(std::move(p16))});
-    variants.push_back(
-        {LinearPath::kAuto, "amoeba-fp32-kv16", packed32, nullptr, 0, {}, {}, at::kHalf});
+    variants.push_back({.path = LinearPath::kAuto,
+                        .name = "amoeba-fp32-kv16",
+                        .model = packed32,
+                        .kv_dtype = at::kHalf});
     std::erase_if(variants, [&](const Variant& v) { return !wanted(v.name); });
     for (Variant& v : variants) {
       v.engine = std::make_unique<Engine>(

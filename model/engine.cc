@@ -50,39 +50,27 @@ void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
   }
 }
 
-void Engine::Project(const float* x, int64_t n, const LayerWeights& l, Proj p, float* y) {
-  const at::Tensor& W = l.proj(p);
-  const at::Tensor& panels = l.panels[static_cast<int>(p)];
-  const at::Tensor& bias = l.bias(p);
-  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+void Engine::Project(const float* x, int64_t n, const LayerWeights& l, std::span<const Proj> ps,
+                     std::span<float* const> ys) {
+  auto bias = [&](Proj p) {
+    const at::Tensor& t = l.bias(p);
+    return t.defined() ? t.data_ptr<float>() : nullptr;
+  };
+  auto panels = [&](Proj p) -> const at::Tensor& { return l.panels[static_cast<int>(p)]; };
   // Packed weights serve every batch size (prefill too), so the row-major pages stay unread.
-  if (panels.defined() && options_.linear_path == LinearPath::kAuto) {
-    LinearPacked(x, n, panels, W.size(0), W.size(1), b, y);
-  } else {
-    Linear(x, n, W, b, y, options_.linear_path);
-  }
-  ApplyDelta(x, n, l.deltas[static_cast<int>(p)], y);
-}
-
-void Engine::ProjectSameInput(const float* x, int64_t n, const LayerWeights& l,
-                              std::span<const Proj> ps, std::span<float* const> ys) {
   bool packed = options_.linear_path == LinearPath::kAuto;
-  for (Proj p : ps) {
-    const at::Tensor& panels = l.panels[static_cast<int>(p)];
-    packed = packed && panels.defined() &&
-             panels.scalar_type() == l.panels[static_cast<int>(ps[0])].scalar_type();
+  for (Proj p : ps)
+    packed =
+        packed && panels(p).defined() && panels(p).scalar_type() == panels(ps[0]).scalar_type();
+  if (packed) {
+    std::array<PackedOutput, kNumProj> outs;
+    for (size_t i = 0; i < ps.size(); ++i)
+      outs[i] = {&panels(ps[i]), l.proj(ps[i]).size(0), bias(ps[i]), ys[i]};
+    LinearPackedMany(x, n, l.proj(ps[0]).size(1), {outs.data(), ps.size()});
+  } else {
+    for (size_t i = 0; i < ps.size(); ++i)
+      Linear(x, n, l.proj(ps[i]), bias(ps[i]), ys[i], options_.linear_path);
   }
-  if (!packed) {
-    for (size_t i = 0; i < ps.size(); ++i) Project(x, n, l, ps[i], ys[i]);
-    return;
-  }
-  std::array<PackedOutput, kNumProj> outs;
-  for (size_t i = 0; i < ps.size(); ++i) {
-    const at::Tensor& bias = l.bias(ps[i]);
-    outs[i] = {&l.panels[static_cast<int>(ps[i])], l.proj(ps[i]).size(0),
-               bias.defined() ? bias.data_ptr<float>() : nullptr, ys[i]};
-  }
-  LinearPackedMany(x, n, l.proj(ps[0]).size(1), {outs.data(), ps.size()});
   for (size_t i = 0; i < ps.size(); ++i) ApplyDelta(x, n, l.deltas[static_cast<int>(ps[i])], ys[i]);
 }
 
@@ -270,7 +258,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     {
       constexpr std::array<Proj, 3> kQkv = {Proj::kQ, Proj::kK, Proj::kV};
       const std::array<float*, 3> out = {q, k, ws_->v.data_ptr<float>()};
-      ProjectSameInput(h, n, l, kQkv, out);
+      Project(h, n, l, kQkv, out);
     }
     for (int64_t r = 0; r < n; ++r) {
       ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
@@ -289,7 +277,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       float* u = ws_->up.data_ptr<float>();
       constexpr std::array<Proj, 2> kGateUp = {Proj::kGate, Proj::kUp};
       const std::array<float*, 2> out = {g, u};
-      ProjectSameInput(h, n, l, kGateUp, out);
+      Project(h, n, l, kGateUp, out);
       SiluMul(g, u, n * inter);
       Project(g, n, l, Proj::kDown, tmp);
       AddInPlace(x, tmp, n * H);

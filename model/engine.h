@@ -60,12 +60,14 @@ class Engine {
  private:
   void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
   void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
-  // y[n, out] = x W^T + bias (+ up · down · x when the projection carries a low-rank delta),
-  // from W's panels when the model has them (PackWeights), else from W.
-  void Project(const float* x, int64_t n, const LayerWeights& l, Proj p, float* y);
-  // Projections of one input (q, k, v; gate, up): with panels, in one pass (LinearPackedMany).
-  void ProjectSameInput(const float* x, int64_t n, const LayerWeights& l, std::span<const Proj> ps,
-                        std::span<float* const> ys);
+  // y_i[n, out_i] = x W_i^T + bias_i (+ U_i D_i x where projection i carries a low-rank delta)
+  // for projections `ps` of one input (q, k, v; gate, up; or one): with panels (PackWeights) in
+  // one pass (LinearPackedMany), else with the row-major kernels one by one.
+  void Project(const float* x, int64_t n, const LayerWeights& l, std::span<const Proj> ps,
+               std::span<float* const> ys);
+  void Project(const float* x, int64_t n, const LayerWeights& l, Proj p, float* y) {
+    Project(x, n, l, {&p, 1}, {&y, 1});
+  }
   // y += the projection's low-rank delta applied to x (nothing when absent).
   void ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, float* y);
 

@@ -6,11 +6,11 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <memory>
 #include <vector>
 
 #include "model/kernels.h"
+#include "model/runtime.h"
 #include "model/simd.h"
 
 namespace amoeba {
@@ -278,7 +278,7 @@ void PackWeights(Model& m, at::ScalarType dtype) {
   if (!m.head_panels.defined() && m.lm_head.numel() > 0)
     todo.emplace_back(&m.lm_head, &m.head_panels);
   if (todo.empty()) return;
-  constexpr size_t kAlign = 64, kHuge = size_t{2} << 20;
+  constexpr size_t kAlign = 64;
   const size_t elem = at::elementSize(dtype);
   std::vector<size_t> offsets;
   size_t total = 0;
@@ -288,13 +288,10 @@ void PackWeights(Model& m, at::ScalarType dtype) {
     for (int64_t d : PanelSizes(*w)) bytes *= static_cast<size_t>(d);
     total += (bytes + kAlign - 1) / kAlign * kAlign;
   }
-  const size_t reserved = (total + kHuge - 1) / kHuge * kHuge;
-  void* raw = std::aligned_alloc(kHuge, reserved);
-  TORCH_CHECK(raw, "PackWeights: out of memory for ", reserved >> 20, " MB of panels");
-  madvise(raw, reserved, MADV_HUGEPAGE);  // a hint: 4 KB pages if the kernel says no
-  std::shared_ptr<void> arena(raw, std::free);
+  std::shared_ptr<void> arena = AllocateHugePages(total);
+  TORCH_CHECK(arena, "PackWeights: out of memory for ", total >> 20, " MB of panels");
   for (size_t i = 0; i < todo.size(); ++i) {
-    char* data = static_cast<char*>(raw) + offsets[i];
+    char* data = static_cast<char*>(arena.get()) + offsets[i];
     *todo[i].second = at::from_blob(
         data, PanelSizes(*todo[i].first), [arena](void*) {}, at::TensorOptions().dtype(dtype));
     FillPanels(*todo[i].first, *todo[i].second);

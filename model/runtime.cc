@@ -9,13 +9,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <string>
-
-#include <chrono>
 #include <vector>
+
 #include "model/kernels.h"
 
 namespace amoeba {
@@ -42,15 +42,21 @@ __attribute__((target("avx2"))) float SumAvx2(const float* p, int64_t n) {
 
 }  // namespace
 
+std::shared_ptr<void> AllocateHugePages(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t reserved = (std::max<size_t>(bytes, 1) + kHuge - 1) / kHuge * kHuge;
+  void* raw = std::aligned_alloc(kHuge, reserved);
+  if (!raw) return nullptr;
+  madvise(raw, reserved, MADV_HUGEPAGE);
+  return std::shared_ptr<void>(raw, std::free);
+}
+
 double MeasureReadBandwidthGBs(double buffer_mib, int repeats) {
   const int64_t n = static_cast<int64_t>(buffer_mib * 1024 * 1024 / sizeof(float));
   // On 2 MB pages, as the engine's packed weights are (4 KB pages read measurably slower: page
   // walks), so the roofline is what the memory can do, not what a 4 KB-page stream gets.
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t bytes = (n * sizeof(float) + kHuge - 1) / kHuge * kHuge;
-  std::unique_ptr<void, decltype(&std::free)> mem(std::aligned_alloc(kHuge, bytes), &std::free);
+  std::shared_ptr<void> mem = AllocateHugePages(n * sizeof(float));
   if (!mem) return 0;
-  madvise(mem.get(), bytes, MADV_HUGEPAGE);
   float* p = static_cast<float*>(mem.get());
   std::fill(p, p + n, 1.0f);
   double best = 0;

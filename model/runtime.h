@@ -1,6 +1,8 @@
 // Process-wide runtime set-up: thread count and a check that libtorch uses an optimised BLAS.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace amoeba {
@@ -14,6 +16,11 @@ void InitRuntime(int threads);
 
 // GB/s reading a buffer much larger than the last-level cache with all threads (the roofline's
 // denominator for decode).
+// `bytes` (rounded up to 2 MB) aligned to 2 MB and advised onto transparent huge pages (a hint:
+// 4 KB pages if the kernel says no), freed with the last owner; null when out of memory. For
+// buffers streamed end to end (decode weights), where 4 KB pages cost page walks.
+std::shared_ptr<void> AllocateHugePages(size_t bytes);
+
 double MeasureReadBandwidthGBs(double buffer_mib = 512, int repeats = 5);
 // GFLOP/s of an n×n fp32 GEMM (the roofline's denominator for prefill).
 double MeasureGemmGflops(int64_t n = 512, int repeats = 3);

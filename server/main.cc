@@ -39,15 +39,14 @@ struct Flags {
   std::string port_file;
 };
 
-// Measures decode ms/token of every grid shape on this host (also warms the engine up).
-void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles, at::ScalarType dtype) {
+// Measures decode ms/token of every grid shape on this host (also warms the engine up). The
+// views carry the supernet's panels, in the serving dtype.
+void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles) {
   at::InferenceMode guard;
   for (auto& p : profiles) {
     auto m = s.Extract(p.shape);
     if (!m.ok()) continue;
-    auto model = std::make_shared<const Model>(dtype == at::kFloat ? std::move(*m)
-                                                                   : ConvertWeights(*m, dtype));
-    p.measured_decode_ms = MeasureDecodeMsPerToken(std::move(model), 6);
+    p.measured_decode_ms = MeasureDecodeMsPerToken(std::make_shared<const Model>(std::move(*m)), 6);
   }
 }
 
@@ -90,7 +89,7 @@ int Run(const Flags& f) {
   host.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
   host.compute_gflops = MeasureGemmGflops();
   auto profiles = ProfilesFromSupernet(supernet);
-  if (f.profile) ProfileShapes(supernet, profiles, at::kFloat);  // views carry `dtype` panels
+  if (f.profile) ProfileShapes(supernet, profiles);
   spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
                host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
 
