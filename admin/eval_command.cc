@@ -18,19 +18,15 @@
 #include "model/runtime.h"
 #include "model/status_macros.h"
 #include "subnet/calibration_data.h"
+#include "subnet/frontier.h"
+#include "subnet/latency_profile.h"
 #include "subnet/metrics.h"
+#include "subnet/subnet_builder.h"
 
 namespace amoeba::admin {
 namespace fs = std::filesystem;
 
 namespace {
-
-// Decode latency of `m` as the server runs it: from panels packed on the side.
-double DecodeMsPerToken(const Model& m) {
-  Model packed = m;
-  PackWeights(packed);
-  return MeasureDecodeMsPerToken(std::make_shared<const Model>(std::move(packed)));
-}
 
 struct EvalFlags {
   std::string supernet, data, mc_data, shapes, svg;
@@ -80,10 +76,8 @@ absl::Status RunEval(const EvalFlags& f) {
   InitRuntime(f.threads);
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   std::unique_ptr<Smol> smol;
-  const std::string smol_path = (fs::path(f.supernet) / "smol.safetensors").string();
-  if (!f.no_adapters && fs::exists(smol_path)) {
-    ASSIGN_OR_RETURN(Smol loaded, Smol::Load(smol_path, s->base()));
-    smol = std::make_unique<Smol>(std::move(loaded));
+  if (!f.no_adapters) {
+    ASSIGN_OR_RETURN(smol, LoadAdapters(*s));
   }
   ASSIGN_OR_RETURN(std::string text, ReadCorpus(f.data));
   WindowOptions wo{.num_windows = f.windows,
@@ -111,53 +105,68 @@ absl::Status RunEval(const EvalFlags& f) {
   for (const Shape& sh : shapes) {
     at::InferenceMode g;
     const double nll = HeldoutNll(*s, smol.get(), sh, windows);
-    Model sub = *s->Extract(sh);
-    Model runnable =
-        smol ? smol->Merge(sub, InferenceGate(*s, *smol, sh), s->spec().FindDepth(sh.depth)->layers)
-             : sub;
+    ASSIGN_OR_RETURN(Model m, BuildSubnet(*s, smol.get(), sh));
     nlohmann::json row = {{"depth", sh.depth},
                           {"width", sh.width},
-                          {"params", sub.config.ParameterCount()},
-                          {"heldout_perplexity", std::exp(nll)},
-                          {"decode_ms_per_token", DecodeMsPerToken(runnable)}};
-    if (!mc.empty()) row["mc_accuracy"] = MultipleChoiceAccuracy(runnable, *s->tokenizer(), mc);
+                          {"params", m.config.ParameterCount()},
+                          {"heldout_perplexity", std::exp(nll)}};
+    if (!mc.empty()) row["mc_accuracy"] = MultipleChoiceAccuracy(m, *s->tokenizer(), mc);
     rows.push_back(row);
     bar.Advance(1, sh.ToString());
   }
   bar.Finish();
-  for (auto& r : rows) {
-    bool dominated = false;
-    for (const auto& o : rows) {
-      if (o["decode_ms_per_token"].get<double>() <= r["decode_ms_per_token"].get<double>() &&
-          o["heldout_perplexity"].get<double>() < r["heldout_perplexity"].get<double>())
-        dominated = true;
-    }
-    r["frontier"] = !dominated;
+  // Latency as the server decodes: from packed panels. Views of the packed supernet have the
+  // sizes of the merged copies, so they read the same bytes without holding a copy per shape.
+  s->PackBaseWeights(at::kFloat);
+  std::vector<std::pair<Shape, std::shared_ptr<const Model>>> runnable;
+  for (const Shape& sh : shapes) {
+    ASSIGN_OR_RETURN(Model m, s->Extract(sh));
+    runnable.emplace_back(sh, std::make_shared<const Model>(std::move(m)));
   }
+  LatencyOptions lo;
+  lo.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
+  const std::vector<ShapeLatency> latency = ProfileDecodeLatency(runnable, lo);
+  LogLatencyProfile(latency, "eval");
+  std::vector<FrontierPoint> points;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i]["decode_ms_per_token"] = latency[i].ms_per_token;
+    rows[i]["predicted_ms_per_token"] = latency[i].predicted_ms;
+    rows[i]["latency_outlier"] = latency[i].outlier;
+    rows[i]["frontier"] = false;
+    points.push_back({latency[i].ms_per_token, -rows[i]["heldout_perplexity"].get<double>()});
+  }
+  for (size_t i : ParetoFrontier(points)) rows[i]["frontier"] = true;
   // Merge into the profile.
   SupernetSpec spec = s->spec();
-  for (auto& p : spec.profile) {
-    for (const auto& r : rows) {
-      if (p["depth"] == r["depth"] &&
-          std::abs(p["width"].get<double>() - r["width"].get<double>()) < 1e-9) {
-        for (const char* k : {"heldout_perplexity", "decode_ms_per_token", "mc_accuracy"})
-          if (r.contains(k)) p[k] = r[k];
-        p["adapters"] = smol != nullptr;
-      }
+  for (const auto& r : rows) {
+    const Shape sh{r["depth"].get<int64_t>(), r["width"].get<double>()};
+    ShapeRecord* p = spec.FindRecord(sh);
+    if (!p) {
+      ShapeRecord fresh;
+      fresh.shape = sh;
+      spec.profile.push_back(fresh);
+      p = &spec.profile.back();
     }
+    p->params = r["params"].get<int64_t>();
+    p->heldout_perplexity = r["heldout_perplexity"].get<double>();
+    p->decode_ms_per_token = r["decode_ms_per_token"].get<double>();
+    if (r.contains("mc_accuracy")) p->mc_accuracy = r["mc_accuracy"].get<double>();
+    p->adapters = smol != nullptr;
   }
   s->set_spec(spec);
   RETURN_IF_ERROR(s->SaveMetadata(f.supernet));
-  std::printf("%-6s %-7s %-12s %-12s %-14s %s\n", "depth", "width", "params", "perplexity",
-              "decode ms/tok", mc.empty() ? "" : "mc acc");
+  std::printf("%-6s %-7s %-12s %-12s %-14s %-14s %s\n", "depth", "width", "params", "perplexity",
+              "decode ms/tok", "predicted ms", mc.empty() ? "" : "mc acc");
   for (const auto& r : rows) {
-    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %s%s\n", r["depth"].get<int>(),
+    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %-14.3f %s%s%s\n", r["depth"].get<int>(),
                 r["width"].get<double>(), static_cast<long long>(r["params"].get<int64_t>()),
                 r["heldout_perplexity"].get<double>(), r["decode_ms_per_token"].get<double>(),
+                r["predicted_ms_per_token"].get<double>(),
                 r.contains("mc_accuracy")
                     ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str()
                     : "",
-                r["frontier"].get<bool>() ? "  *frontier" : "");
+                r["frontier"].get<bool>() ? "  *frontier" : "",
+                r["latency_outlier"].get<bool>() ? "  (latency outlier)" : "");
   }
   const std::string svg = f.svg.empty() ? (fs::path(f.supernet) / "frontier.svg").string() : f.svg;
   std::ofstream(svg) << FrontierSvg(rows);

@@ -13,12 +13,13 @@ namespace amoeba::admin {
 namespace {
 struct ExportFlags {
   std::string supernet, shape, out, dtype = "f32";
-  bool uniform = false;
+  bool uniform = false, no_adapters = false;
 };
 
 absl::Status RunExport(const ExportFlags& f) {
   ExportOptions o;
   o.uniform_width = f.uniform;
+  o.adapters = !f.no_adapters;
   if (f.dtype == "f16")
     o.dtype = at::kHalf;
   else if (f.dtype == "bf16")
@@ -28,9 +29,11 @@ absl::Status RunExport(const ExportFlags& f) {
   at::InferenceMode guard;
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   ASSIGN_OR_RETURN(Shape shape, Shape::Parse(f.shape, s->base().config.num_hidden_layers));
-  ASSIGN_OR_RETURN(Model m, SubnetForExport(*s, shape, o));
+  ASSIGN_OR_RETURN(std::unique_ptr<Smol> smol, LoadAdapters(*s));
+  ASSIGN_OR_RETURN(Model m, SubnetForExport(*s, smol.get(), shape, o));
   RETURN_IF_ERROR(WriteExport(*s, m, f.out, o));
-  spdlog::info("export: {} ({} params) → {}", shape.ToString(), m.config.ParameterCount(), f.out);
+  spdlog::info("export: {} ({} params{}) → {}", shape.ToString(), m.config.ParameterCount(),
+               smol && o.adapters ? ", SMoL adapters merged" : "", f.out);
   return absl::OkStatus();
 }
 }  // namespace
@@ -44,6 +47,8 @@ Runner AddExportCommand(CLI::App& app) {
   cmd->add_flag("--uniform-width", f->uniform,
                 "Same width in every layer: a standard LlamaForCausalLM");
   cmd->add_option("--dtype", f->dtype, "f32 | f16 | bf16")->capture_default_str();
+  cmd->add_flag("--no-adapters", f->no_adapters,
+                "Export the base subnet without the tuned SMoL adapters merged in");
   return [f]() {
     absl::Status st = RunExport(*f);
     if (!st.ok()) spdlog::error("export: {}", st.ToString());

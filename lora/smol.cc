@@ -197,9 +197,20 @@ absl::StatusOr<Smol> Smol::Load(const std::string& path, const Model& base) {
   json meta = json::parse(it->second, nullptr, false);
   if (meta.is_discarded()) return absl::DataLossError(path + ": bad SMoL config");
   Smol s;
-  s.cfg_ = SmolConfig::FromJson(meta);
-  s.num_layers_ = meta.value("num_layers", int64_t{0});
-  s.num_widths_ = meta.value("num_widths", int64_t{0});
+  try {
+    s.cfg_ = SmolConfig::FromJson(meta);
+    s.num_layers_ = meta.value("num_layers", int64_t{0});
+    s.num_widths_ = meta.value("num_widths", int64_t{0});
+  } catch (const json::exception& e) {
+    return absl::DataLossError(absl::StrCat(path, ": bad SMoL config: ", e.what()));
+  }
+  const SmolConfig& c = s.cfg_;
+  if (c.experts < 1 || c.rank < 1 || c.router_hidden < 1 || c.top_k < 1 || c.top_k > c.experts ||
+      !(c.alpha > 0 && std::isfinite(c.alpha)) || s.num_widths_ < 1)
+    return absl::DataLossError(absl::StrCat(
+        path,
+        ": bad SMoL config (needs experts, rank, router_hidden, num_widths >= 1, top_k in "
+        "[1, experts], alpha > 0)"));
   if (s.num_layers_ != base.config.num_hidden_layers)
     return absl::DataLossError(absl::StrCat(path, ": adapters for ", s.num_layers_,
                                             " layers, model has ", base.config.num_hidden_layers));
@@ -208,6 +219,8 @@ absl::StatusOr<Smol> Smol::Load(const std::string& path, const Model& base) {
     ASSIGN_OR_RETURN(at::Tensor t, f->GetF32(n));
     if (t.sizes().vec() != shape)
       return absl::DataLossError(absl::StrCat(path, ": tensor '", n, "' has the wrong shape"));
+    if (!at::isfinite(t).all().item<bool>())
+      return absl::DataLossError(absl::StrCat(path, ": tensor '", n, "' holds NaN or Inf"));
     return t.clone();  // trainable: own the memory
   };
   const int64_t E = s.cfg_.experts, r = s.cfg_.rank, F = s.num_layers_ + s.num_widths_,

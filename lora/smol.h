@@ -40,6 +40,7 @@ class Smol {
   const SmolConfig& config() const { return cfg_; }
   double scale() const { return cfg_.alpha / static_cast<double>(cfg_.rank); }
   int64_t num_layers() const { return num_layers_; }
+  int64_t num_widths() const { return num_widths_; }
 
   // φ for a subnet running `active_layers` (supernet ids) at width index `width_index`.
   at::Tensor ShapeFeature(const std::vector<int>& active_layers, int64_t width_index) const;

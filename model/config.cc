@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "model/file_util.h"
 #include "model/status_macros.h"
@@ -114,6 +116,21 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
     return bad("num_attention_heads must be a multiple of num_key_value_heads");
   }
   if (c.head_dim % 2 != 0) return bad("head_dim must be even (rotary embedding)");
+  // Bounds that keep every size product far from int64 overflow.
+  constexpr int64_t kMaxDim = int64_t{1} << 24;
+  for (int64_t v : {c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                    c.vocab_size, c.head_dim})
+    if (v > kMaxDim) return bad("a size exceeds 2^24");
+  if (c.max_position_embeddings <= 0) return bad("max_position_embeddings must be positive");
+  if (!(c.rope_theta > 0 && std::isfinite(c.rope_theta))) return bad("rope_theta must be > 0");
+  if (!(c.rms_norm_eps > 0 && c.rms_norm_eps < 1)) return bad("rms_norm_eps must be in (0, 1)");
+  if (!(c.rope_scaling.factor > 0 && std::isfinite(c.rope_scaling.factor)))
+    return bad("rope_scaling.factor must be > 0");
+  if (c.bos_token_id < 0 || c.bos_token_id >= c.vocab_size)
+    return bad(absl::StrCat("bos_token_id ", c.bos_token_id, " outside [0, vocab_size)"));
+  for (int64_t e : c.eos_token_ids)
+    if (e < 0 || e >= c.vocab_size)
+      return bad(absl::StrCat("eos_token_id ", e, " outside [0, vocab_size)"));
   if (!c.layer_kv_heads.empty() &&
       static_cast<int64_t>(c.layer_kv_heads.size()) != c.num_hidden_layers) {
     return bad("amoeba_layer_num_key_value_heads must have num_hidden_layers entries");
@@ -123,9 +140,10 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
     return bad("amoeba_layer_intermediate_size must have num_hidden_layers entries");
   }
   for (int64_t v : c.layer_kv_heads)
-    if (v < 0 || v > c.num_key_value_heads) return bad("per-layer kv heads out of range");
+    if (v < 1 || v > c.num_key_value_heads) return bad("per-layer kv heads out of [1, kv heads]");
   for (int64_t v : c.layer_intermediate)
-    if (v < 0 || v > c.intermediate_size) return bad("per-layer intermediate size out of range");
+    if (v < 1 || v > c.intermediate_size)
+      return bad("per-layer intermediate size out of [1, intermediate_size]");
   return absl::OkStatus();
 }
 

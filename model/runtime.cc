@@ -117,8 +117,8 @@ void InitRuntime(int threads) {
   const int n = threads > 0 ? threads : std::max(1, cores);
   at::set_num_threads(n);
   const std::string blas = DescribeBlas();
-  spdlog::info("runtime: {} threads, BLAS {}, AVX2/FMA kernels {}", at::get_num_threads(), blas,
-               CpuHasAvx2Fma() ? "on" : "off (portable fallback)");
+  spdlog::info("runtime: {} threads, BLAS {}, {} kernels", at::get_num_threads(), blas,
+               KernelIsaName(ActiveKernelIsa()));
   if (blas == "reference" || blas == "unknown") {
     spdlog::warn(
         "!!! libtorch is using the {} BLAS: matrix products will be ~40x slower. "

@@ -1,5 +1,7 @@
 #include "model/safetensors.h"
 
+#include <limits>
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -138,9 +140,12 @@ absl::StatusOr<std::shared_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     const int64_t es = DtypeSize(ti.dtype);
     if (es == 0) return bad("unknown dtype " + ti.dtype);
+    // Checked as it grows, so a crafted shape cannot overflow the element or byte count.
     int64_t numel = 1;
     for (int64_t d : ti.shape) {
       if (d < 0) return bad("negative dimension");
+      if (d != 0 && numel > std::numeric_limits<int64_t>::max() / es / d)
+        return bad("shape overflows the element count");
       numel *= d;
     }
     if (ti.end < ti.begin || ti.end > data_size) {

@@ -200,6 +200,11 @@ absl::StatusOr<Model> LoadModel(const std::string& dir) {
     }
     m.layers.push_back(std::move(l));
   }
+  // A NaN or Inf weight would serve empty or garbage text without any error: refuse it here.
+  for (const auto& [name, t] : NamedWeights(m)) {
+    if (!at::isfinite(t).all().item<bool>())
+      return absl::DataLossError(absl::StrCat(dir, ": tensor '", name, "' holds NaN or Inf"));
+  }
   return m;
 }
 

@@ -17,6 +17,8 @@
 #include "server/planner.h"
 #include "server/scheduler.h"
 #include "server/service.h"
+#include "subnet/latency_profile.h"
+#include "subnet/subnet_builder.h"
 
 namespace amoeba {
 namespace {
@@ -33,21 +35,30 @@ struct Flags {
   std::string weights_dtype = "f32";
   std::string kv_dtype = "f32";
   std::string tls_cert, tls_key, auth_token;
-  bool auth_all = false;
+  bool auth_all = false, allow_unauthenticated_export = false;
+  std::string export_dir;
+  int export_workers = 1;
   double drain_seconds = 20;
   bool profile = true;
   std::string port_file;
 };
 
-// Measures decode ms/token of every grid shape on this host (also warms the engine up). The
-// views carry the supernet's panels, in the serving dtype.
-void ProfileShapes(const Supernet& s, std::vector<ShapeProfile>& profiles) {
-  at::InferenceMode guard;
-  for (auto& p : profiles) {
+// Measures decode ms/token of every grid shape on this host: warm-up, interleaved rounds,
+// medians, each next to its roofline prediction. The views carry the supernet's panels, in the
+// serving dtype, so they read what a merged copy of the shape reads.
+void ProfileShapes(const Supernet& s, double bandwidth_gbs, std::vector<ShapeProfile>& profiles) {
+  std::vector<std::pair<Shape, std::shared_ptr<const Model>>> models;
+  for (const auto& p : profiles) {
     auto m = s.Extract(p.shape);
-    if (!m.ok()) continue;
-    p.measured_decode_ms = MeasureDecodeMsPerToken(std::make_shared<const Model>(std::move(*m)), 6);
+    if (m.ok()) models.emplace_back(p.shape, std::make_shared<const Model>(std::move(*m)));
   }
+  LatencyOptions lo;
+  lo.bandwidth_gbs = bandwidth_gbs;
+  const auto measured = ProfileDecodeLatency(models, lo);
+  LogLatencyProfile(measured, "server");
+  for (auto& p : profiles)
+    for (const auto& m : measured)
+      if (m.shape == p.shape) p.measured_decode_ms = m.ms_per_token;
 }
 
 int Run(const Flags& f) {
@@ -73,6 +84,19 @@ int Run(const Flags& f) {
     spdlog::error("server: {}", loaded.status().ToString());
     return 2;
   }
+  if (!(*loaded)->tokenizer()) {
+    spdlog::error("server: {} has no tokenizer", f.supernet);
+    return 2;
+  }
+  auto adapters = LoadAdapters(**loaded);
+  if (!adapters.ok()) {
+    spdlog::error("server: {}", adapters.status().ToString());
+    return 2;
+  }
+  std::unique_ptr<Smol> smol = std::move(*adapters);
+  if (smol)
+    spdlog::info("server: SMoL adapters loaded ({} experts, rank {})", smol->config().experts,
+                 smol->config().rank);
   // Decode runs from panels packed once (fp16 halves them): every lane's views share them.
   (*loaded)->PackBaseWeights(dtype);
   spdlog::info(
@@ -81,41 +105,14 @@ int Run(const Flags& f) {
       dtype == at::kHalf ? "fp16" : "fp32", (*loaded)->base().DecodeWeightBytes() >> 20,
       KernelIsaName(ActiveKernelIsa()));
   const Supernet& supernet = **loaded;
-  if (!supernet.tokenizer()) {
-    spdlog::error("server: {} has no tokenizer", f.supernet);
-    return 2;
-  }
+  const at::ScalarType kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   HostSpeed host;
   host.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
   host.compute_gflops = MeasureGemmGflops();
-  auto profiles = ProfilesFromSupernet(supernet);
-  if (f.profile) ProfileShapes(supernet, profiles);
+  auto profiles = ProfilesFromSupernet(supernet, at::elementSize(kv_dtype));
+  if (f.profile) ProfileShapes(supernet, host.bandwidth_gbs, profiles);
   spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
                host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
-
-  std::unique_ptr<Smol> smol;
-  const std::string smol_path = f.supernet + "/smol.safetensors";
-  if (std::filesystem::exists(smol_path)) {
-    auto l = Smol::Load(smol_path, supernet.base());
-    if (!l.ok()) {
-      spdlog::error("server: {}", l.status().ToString());
-      return 2;
-    }
-    smol = std::make_unique<Smol>(std::move(*l));
-    spdlog::info("server: SMoL adapters loaded ({} experts, rank {})", smol->config().experts,
-                 smol->config().rank);
-  }
-  SchedulerOptions so;
-  so.smol = smol.get();
-  so.slots_per_shape = f.slots;
-  so.max_context = f.max_context;
-  so.max_queue = f.queue;
-  so.prefill_chunk = f.prefill_chunk;
-  so.cache_bytes = f.cache_mb << 20;
-  so.weights_dtype = dtype;
-  so.kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
-  so.merge_after_requests = f.merge_after;
-  Scheduler scheduler(supernet, so);
 
   Metrics metrics;
   if (f.metrics_port >= 0) {
@@ -126,16 +123,37 @@ int Run(const Flags& f) {
     }
     spdlog::info("server: metrics on http://{}:{}/metrics", f.metrics_host, metrics.port());
   }
-  scheduler.on_lane_step = [&](const Shape& s, int64_t running) {
+  SchedulerOptions so;
+  so.smol = smol.get();
+  so.slots_per_shape = f.slots;
+  so.max_context = f.max_context;
+  so.max_queue = f.queue;
+  so.prefill_chunk = f.prefill_chunk;
+  so.cache_bytes = f.cache_mb << 20;
+  so.weights_dtype = dtype;
+  so.kv_dtype = kv_dtype;
+  so.merge_after_requests = f.merge_after;
+  so.on_lane_step = [&metrics](const Shape& s, int64_t running) {
     metrics.SetRunning(s.ToString(), running);
   };
+  Scheduler scheduler(supernet, so);
 
   ServiceOptions svo;
   svo.limits.max_prompt_tokens = std::min(f.max_prompt_tokens, f.max_context - 1);
   svo.limits.max_new_tokens = f.max_new_tokens;
   svo.auth_token = f.auth_token;
   svo.token_for_all = f.auth_all;
-  AmoebaService service(supernet, scheduler, &metrics, svo, host, profiles);
+  svo.allow_unauthenticated_export = f.allow_unauthenticated_export;
+  svo.export_tmp_dir = f.export_dir;
+  svo.export_workers = f.export_workers;
+  svo.weights_dtype = f.weights_dtype;
+  if (f.auth_token.empty() && f.allow_unauthenticated_export) {
+    spdlog::warn(
+        "server: --allow-unauthenticated-export: ANY client that reaches {}:{} can download the "
+        "whole model",
+        f.host, f.port);
+  }
+  AmoebaService service(supernet, smol.get(), scheduler, &metrics, svo, host, profiles);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -177,7 +195,8 @@ int Run(const Flags& f) {
   std::thread gauges([&] {
     while (!stop_metrics) {
       auto s = scheduler.stats();
-      metrics.SetGlobal(s.waiting, s.cache_bytes, s.cache_hits, s.cache_misses, s.lanes);
+      metrics.SetGlobal(s.waiting, s.cache_bytes, s.kv_bytes, s.cache_hits, s.cache_misses,
+                        s.lanes);
       std::this_thread::sleep_for(std::chrono::milliseconds(500));
     }
   });
@@ -266,6 +285,18 @@ int main(int argc, char** argv) {
       ->envname("AMOEBA_AUTH_TOKEN");
   app.add_flag("--auth-all", f.auth_all, "Require the token for every RPC")
       ->envname("AMOEBA_AUTH_ALL");
+  app.add_flag("--allow-unauthenticated-export", f.allow_unauthenticated_export,
+               "Serve ExportSubnet without --auth-token (anyone who reaches the port can download "
+               "the model)")
+      ->envname("AMOEBA_ALLOW_UNAUTHENTICATED_EXPORT");
+  app.add_option("--export-dir", f.export_dir,
+                 "Where exports are staged before streaming (default: the system temp directory)")
+      ->envname("AMOEBA_EXPORT_DIR");
+  app.add_option("--export-workers", f.export_workers,
+                 "Exports at once (more are RESOURCE_EXHAUSTED)")
+      ->envname("AMOEBA_EXPORT_WORKERS")
+      ->check(CLI::Range(1, 16))
+      ->capture_default_str();
   app.add_option("--drain-seconds", f.drain_seconds, "Graceful drain on SIGTERM")
       ->envname("AMOEBA_DRAIN_SECONDS")
       ->capture_default_str();

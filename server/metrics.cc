@@ -57,9 +57,14 @@ struct Metrics::Impl {
   prometheus::Gauge& waiting = global.Add({{"kind", "waiting_requests"}});
   prometheus::Gauge& cache_bytes = prometheus::BuildGauge()
                                        .Name("amoeba_cache_bytes")
-                                       .Help("Subnet cache bytes")
+                                       .Help("Merged subnet copies (capped by --cache-mb)")
                                        .Register(*registry)
                                        .Add({});
+  prometheus::Gauge& kv_bytes = prometheus::BuildGauge()
+                                    .Name("amoeba_kv_cache_bytes")
+                                    .Help("KV caches of running sequences")
+                                    .Register(*registry)
+                                    .Add({});
   prometheus::Gauge& lanes = global.Add({{"kind", "lanes"}});
   prometheus::Family<prometheus::Counter>& cache = prometheus::BuildCounter()
                                                        .Name("amoeba_cache_lookups_total")
@@ -170,11 +175,12 @@ void Metrics::SetRunning(const std::string& shape, int64_t n) {
   impl_->running.Add({{"shape", shape}}).Set(static_cast<double>(n));
 }
 
-void Metrics::SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t hits, int64_t misses,
-                        int64_t lanes) {
+void Metrics::SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t kv_bytes, int64_t hits,
+                        int64_t misses, int64_t lanes) {
   std::lock_guard<std::mutex> l(impl_->mu);
   impl_->waiting.Set(static_cast<double>(waiting));
   impl_->cache_bytes.Set(static_cast<double>(cache_bytes));
+  impl_->kv_bytes.Set(static_cast<double>(kv_bytes));
   impl_->lanes.Set(static_cast<double>(lanes));
   if (hits > impl_->last_hits) impl_->hits.Increment(hits - impl_->last_hits);
   if (misses > impl_->last_misses) impl_->misses.Increment(misses - impl_->last_misses);

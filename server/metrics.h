@@ -24,8 +24,9 @@ class Metrics {
                       int64_t completion_tokens);
   void ObserveInterToken(const std::string& shape, double seconds);
   void SetRunning(const std::string& shape, int64_t n);
-  void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t cache_hits, int64_t cache_misses,
-                 int64_t lanes);
+  // cache_bytes: merged subnet copies; kv_bytes: KV caches (reported apart).
+  void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t kv_bytes, int64_t cache_hits,
+                 int64_t cache_misses, int64_t lanes);
 
  private:
   struct Impl;

@@ -4,16 +4,39 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "subnet/frontier.h"
 
 namespace amoeba {
 
-ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const HostSpeed& host) {
+namespace {
+
+// What every shape of a set shares: the planner ranks and times all shapes alike, never a
+// measured figure for some against an estimate for others.
+struct Sources {
+  bool perplexity = true;  // every shape has a held-out perplexity
+  bool measured = true;    // every shape has a measured decode latency on this host
+  int64_t with_perplexity = 0, total = 0;
+};
+
+Sources CommonSources(const std::vector<ShapeProfile>& profiles) {
+  Sources s;
+  s.total = static_cast<int64_t>(profiles.size());
+  for (const auto& p : profiles) {
+    s.perplexity &= p.heldout_perplexity.has_value();
+    s.measured &= p.measured_decode_ms.has_value();
+    s.with_perplexity += p.heldout_perplexity.has_value();
+  }
+  return s;
+}
+
+ShapeEstimateResult EstimateWith(const ShapeProfile& p, const PlanBudget& b, const HostSpeed& host,
+                                 const Sources& src) {
   ShapeEstimateResult e;
   e.profile = p;
   const bool client = b.bandwidth_gbs.has_value() || b.compute_gflops.has_value();
   const double bw = b.bandwidth_gbs.value_or(host.bandwidth_gbs);
   const double gflops = b.compute_gflops.value_or(host.compute_gflops);
-  if (!client && p.measured_decode_ms) {
+  if (!client && src.measured && p.measured_decode_ms) {
     e.decode_ms = *p.measured_decode_ms;
     e.latency_source = "measured";
   } else {
@@ -21,11 +44,14 @@ ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const H
     e.latency_source = "roofline";
   }
   // Prefill is compute-bound: 2 FLOPs per weight per token, but never faster than one weight pass.
-  e.prefill_ms =
-      std::max(2.0 * static_cast<double>(p.params) * b.prompt_tokens / (gflops * 1e9) * 1e3,
-               static_cast<double>(p.decode_weight_bytes) / (bw * 1e9) * 1e3);
-  e.memory_bytes = p.weight_bytes + p.kv_bytes_per_token * b.max_context_tokens;
-  if (p.heldout_perplexity) {
+  e.prefill_ms = std::max(2.0 * static_cast<double>(p.params) *
+                              static_cast<double>(b.prompt_tokens) / (gflops * 1e9) * 1e3,
+                          static_cast<double>(p.decode_weight_bytes) / (bw * 1e9) * 1e3);
+  // In double: a client's context length times KV bytes must not overflow.
+  e.memory_bytes = static_cast<int64_t>(std::min(
+      9e18, static_cast<double>(p.weight_bytes) + static_cast<double>(p.kv_bytes_per_token) *
+                                                      static_cast<double>(b.max_context_tokens)));
+  if (src.perplexity && p.heldout_perplexity) {
     e.quality = -*p.heldout_perplexity;
     e.quality_source = "heldout_perplexity";
   } else {
@@ -35,10 +61,17 @@ ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const H
   return e;
 }
 
+}  // namespace
+
+ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const HostSpeed& host) {
+  return EstimateWith(p, b, host, CommonSources({p}));
+}
+
 std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& profiles,
                                              const PlanBudget& b, const HostSpeed& host) {
+  const Sources src = CommonSources(profiles);
   std::vector<ShapeEstimateResult> out;
-  for (const auto& p : profiles) out.push_back(Estimate(p, b, host));
+  for (const auto& p : profiles) out.push_back(EstimateWith(p, b, host, src));
   return out;
 }
 
@@ -63,22 +96,12 @@ std::string Why(const ShapeEstimateResult& e, const PlanBudget& b) {
 absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
                                      const HostSpeed& host) {
   if (profiles.empty()) return absl::FailedPreconditionError("no shapes");
+  const Sources src = CommonSources(profiles);
   auto all = EstimateAll(profiles, b, host);
   PlanResult r;
-  // Frontier: no other shape has higher-or-equal quality and lower-or-equal latency (one strictly).
-  for (const auto& e : all) {
-    bool dominated = false;
-    for (const auto& o : all) {
-      if ((o.quality >= e.quality && o.decode_ms <= e.decode_ms) &&
-          (o.quality > e.quality || o.decode_ms < e.decode_ms)) {
-        dominated = true;
-        break;
-      }
-    }
-    if (!dominated) r.frontier.push_back(e);
-  }
-  std::sort(r.frontier.begin(), r.frontier.end(),
-            [](const auto& a, const auto& b) { return a.decode_ms < b.decode_ms; });
+  std::vector<FrontierPoint> points;
+  for (const auto& e : all) points.push_back({e.decode_ms, e.quality});
+  for (size_t i : ParetoFrontier(points)) r.frontier.push_back(all[i]);
   const ShapeEstimateResult* best = nullptr;
   for (const auto& e : all) {
     if (!Why(e, b).empty()) continue;
@@ -96,7 +119,7 @@ absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, 
   }
   r.chosen = *best;
   // Quality is "higher is better" (minus the perplexity); show the perplexity itself.
-  const bool by_ppl = best->profile.heldout_perplexity.has_value();
+  const bool by_ppl = best->quality_source == "heldout_perplexity";
   r.explanation = absl::StrFormat(
       "%s: %s %g, the best among shapes within the budget; %.2f ms/token decode (%s), %.1f ms "
       "prefill for %d tokens, %lld bytes with a %d-token context",
@@ -104,22 +127,28 @@ absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, 
       by_ppl ? -best->quality : best->quality, best->decode_ms, best->latency_source,
       best->prefill_ms, b.prompt_tokens, static_cast<long long>(best->memory_bytes),
       b.max_context_tokens);
+  if (!by_ppl) {
+    absl::StrAppend(&r.explanation, "; ranked by parameters: held-out perplexity is known for ",
+                    src.with_perplexity, " of ", src.total, " shapes (run amoeba-admin eval)");
+  }
   return r;
 }
 
-std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s) {
+std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s, int64_t kv_element_bytes) {
   std::vector<ShapeProfile> out;
-  for (const auto& j : s.spec().profile) {
+  for (const Shape& sh : s.GridShapes()) {
+    auto m = s.Extract(sh);
+    if (!m.ok()) continue;
     ShapeProfile p;
-    p.shape = {j.value("depth", int64_t{0}), j.value("width", 1.0)};
-    p.params = j.value("params", int64_t{0});
-    p.weight_bytes = j.value("weight_bytes", int64_t{0});
-    p.decode_weight_bytes = j.value("decode_weight_bytes", p.weight_bytes);
-    p.kv_bytes_per_token = j.value("kv_bytes_per_token", int64_t{0});
-    if (j.contains("heldout_perplexity"))
-      p.heldout_perplexity = j["heldout_perplexity"].get<double>();
-    if (j.contains("decode_ms_per_token"))
-      p.measured_decode_ms = j["decode_ms_per_token"].get<double>();
+    p.shape = sh;
+    p.params = m->config.ParameterCount();
+    p.decode_weight_bytes = m->DecodeWeightBytes();
+    // Decode reads the projections and the head; the embedding is resident too.
+    p.weight_bytes = p.decode_weight_bytes + m->embed.numel() * m->embed.element_size();
+    for (const auto& l : m->layers) p.kv_bytes_per_token += 2 * l.k.size(0) * kv_element_bytes;
+    for (const ShapeRecord& r : s.spec().profile) {
+      if (r.shape == sh && r.heldout_perplexity) p.heldout_perplexity = r.heldout_perplexity;
+    }
     out.push_back(p);
   }
   return out;

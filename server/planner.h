@@ -14,9 +14,9 @@ namespace amoeba {
 struct ShapeProfile {
   Shape shape;
   int64_t params = 0;
-  int64_t weight_bytes = 0;         // all weights as stored
-  int64_t decode_weight_bytes = 0;  // read per decode step
-  int64_t kv_bytes_per_token = 0;
+  int64_t weight_bytes = 0;                  // resident weights, in the dtype served
+  int64_t decode_weight_bytes = 0;           // read per decode step, in the dtype served
+  int64_t kv_bytes_per_token = 0;            // in the KV dtype served
   std::optional<double> measured_decode_ms;  // on this host
   std::optional<double> heldout_perplexity;  // from `amoeba-admin eval`
 };
@@ -58,7 +58,9 @@ std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& pr
 absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
                                      const HostSpeed& host);
 
-// Profiles from the supernet's amoeba.json (static figures, eval results when present).
-std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s);
+// Profiles of every grid shape: sizes and bytes from the supernet as it is held (pack it first, so
+// bytes are those of the served panels) with `kv_element_bytes` per cached K/V value, and the
+// held-out perplexities `amoeba-admin eval` recorded. Measured latency is the caller's to fill.
+std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s, int64_t kv_element_bytes = 4);
 
 }  // namespace amoeba

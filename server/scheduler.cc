@@ -16,10 +16,29 @@ double Ms(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+// What an exception means for the requests it hits.
+absl::Status StatusFromException(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory");
+  } catch (const c10::Error& err) {
+    const std::string m = err.what_without_backtrace();
+    if (m.find("alloc") != std::string::npos || m.find("memory") != std::string::npos)
+      return absl::ResourceExhaustedError("out of memory");
+    return absl::InternalError(absl::StrCat("engine error: ", m.substr(0, 200)));
+  } catch (const std::exception& err) {
+    return absl::InternalError(
+        absl::StrCat("engine error: ", std::string(err.what()).substr(0, 200)));
+  } catch (...) {
+    return absl::InternalError("engine error");
+  }
+}
+
 }  // namespace
 
 Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
-    : supernet_(supernet), opt_(options) {
+    : supernet_(supernet), opt_(std::move(options)) {
   worker_ = std::thread([this] { Loop(); });
   if (opt_.smol && opt_.merge_after_requests > 0) builder_ = std::thread([this] { BuilderLoop(); });
 }
@@ -78,16 +97,16 @@ SchedulerStats Scheduler::stats() const {
   }
   s.running = running_;
   s.lanes = lane_count_;
-  s.cache_bytes = cache_bytes_ + kv_bytes_;
+  s.cache_bytes = cache_bytes_;
   s.cache_hits = hits_;
   s.cache_misses = misses_;
   s.kv_bytes = kv_bytes_;
   s.merged_lanes = merged_lanes_;
+  s.merges_built = merges_built_;
+  s.evictions = evictions_;
+  s.lane_failures = lane_failures_;
+  s.build_failures = build_failures_;
   return s;
-}
-
-const std::vector<int>& Scheduler::ShapeLayers(const Shape& s) const {
-  return supernet_.spec().FindDepth(s.depth)->layers;
 }
 
 std::unique_ptr<Engine> Scheduler::NewEngine(std::shared_ptr<const Model> model) const {
@@ -98,28 +117,19 @@ std::unique_ptr<Engine> Scheduler::NewEngine(std::shared_ptr<const Model> model)
   return std::make_unique<Engine>(std::move(model), eo);
 }
 
-Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
+Scheduler::Lane* Scheduler::GetLane(const Shape& s, bool* existed) {
   const std::string key = s.ToString();
   auto it = lanes_.find(key);
-  if (it != lanes_.end()) {
-    ++hits_;
-    return it->second.get();
-  }
-  ++misses_;
-  auto m = supernet_.Extract(s);
+  *existed = it != lanes_.end();
+  if (*existed) return it->second.get();
+  // Views of the supernet (already in the serving dtype); adapters ride along unmerged, so the
+  // first request of a shape pays no copy. Hot shapes get a merged copy later (MaybeStartBuild).
+  auto m = BuildSubnet(supernet_, opt_.smol, s,
+                       {.adapters = AdapterMode::kUnmerged, .uniform_width = false});
   if (!m.ok()) return nullptr;
   auto lane = std::make_unique<Lane>();
   lane->shape = s;
-  // Views of the supernet (already in the serving dtype); adapters ride along unmerged, so the
-  // first request of a shape pays no copy. Hot shapes get a merged copy later (MaybeStartBuild).
-  Model model = std::move(*m);
-  if (opt_.smol) {
-    // The shape's (deterministic) gate, kept for the merged copy's build.
-    lane->gate = opt_.smol->Gate(
-        opt_.smol->ShapeFeature(ShapeLayers(s), supernet_.WidthIndex(s.width)), false);
-    model = opt_.smol->AttachUnmerged(model, lane->gate, ShapeLayers(s));
-  }
-  lane->model = std::make_shared<const Model>(std::move(model));
+  lane->model = std::make_shared<const Model>(std::move(*m));
   lane->engine = NewEngine(lane->model);
   lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
   lane->slot_used.assign(opt_.slots_per_shape, false);
@@ -133,25 +143,24 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s) {
 }
 
 void Scheduler::MaybeStartBuild(Lane& lane) {
-  if (!opt_.smol || opt_.merge_after_requests <= 0 || lane.merged || lane.building) return;
+  if (!opt_.smol || opt_.merge_after_requests <= 0 || lane.merged || lane.building ||
+      lane.merge_failed)
+    return;
   if (lane.requests < opt_.merge_after_requests) return;
-  auto views = supernet_.Extract(lane.shape);
-  if (!views.ok()) return;
-  // The merged copy keeps only panels in the serving dtype (PackWeights + DropPackedRowMajor).
+  // The merged copy keeps only panels in the serving dtype (PackWeights + DropPackedRowMajor):
+  // the sliced projections' element count in that dtype.
   int64_t need = 0;
-  for (const LayerWeights& l : views->layers)
+  for (const LayerWeights& l : lane.model->layers)
     for (int p = 0; p < kNumProj; ++p)
       need += l.proj(static_cast<Proj>(p)).numel() * at::elementSize(opt_.weights_dtype);
   if (!EvictIdleLanes(&lane, need)) return;  // no room under the cap: stay unmerged
   Build b;
   b.key = lane.shape.ToString();
-  b.gate = lane.gate;
-  b.layers = ShapeLayers(lane.shape);
-  b.views = std::make_shared<const Model>(std::move(*views));
+  b.shape = lane.shape;
   lane.building = true;
   lane.bytes = need;  // reserved now, so queued builds cannot overshoot the cap together
   cache_bytes_ += need;
-  spdlog::info("scheduler: building merged copy of {} in the background", lane.shape.ToString());
+  spdlog::info("scheduler: building merged copy of {} in the background", b.key);
   {
     std::lock_guard<std::mutex> l(mu_);
     builds_.push_back(std::move(b));
@@ -174,12 +183,21 @@ void Scheduler::BuilderLoop() {
       builds_.pop_front();
     }
     const auto t0 = Clock::now();
-    Model merged = opt_.smol->Merge(*b.views, b.gate, b.layers);
-    PackWeights(merged, opt_.weights_dtype);  // the merged projections; the rest share the base's
-    DropPackedRowMajor(merged);
-    b.result = std::make_shared<const Model>(std::move(merged));
-    b.views.reset();
-    spdlog::info("scheduler: merged copy of {} built in {:.0f} ms", b.key, Ms(t0, Clock::now()));
+    try {
+      if (opt_.fault_hook) opt_.fault_hook(b.shape);
+      auto merged = BuildSubnet(supernet_, opt_.smol, b.shape,
+                                {.adapters = AdapterMode::kMerged, .uniform_width = false});
+      if (!merged.ok()) throw std::runtime_error(std::string(merged.status().message()));
+      // The merged projections get panels; the rest share the base's.
+      PackWeights(*merged, opt_.weights_dtype);
+      DropPackedRowMajor(*merged);
+      b.result = std::make_shared<const Model>(std::move(*merged));
+      spdlog::info("scheduler: merged copy of {} built in {:.0f} ms", b.key, Ms(t0, Clock::now()));
+    } catch (...) {
+      b.result.reset();
+      spdlog::error("scheduler: merged copy of {} failed: {}; the shape stays unmerged", b.key,
+                    std::string(StatusFromException(std::current_exception()).message()));
+    }
     {
       std::lock_guard<std::mutex> l(mu_);
       built_.push_back(std::move(b));
@@ -201,14 +219,21 @@ void Scheduler::SwapInFinishedBuilds() {
     }
     Lane& lane = *it->second;
     cache_bytes_ -= lane.bytes;  // the reservation, replaced by the real size below
+    lane.building = false;
+    if (!b.result) {
+      lane.bytes = 0;
+      lane.merge_failed = true;
+      ++build_failures_;
+      continue;
+    }
     // Same shape, same KV layout: running sequences continue on the merged copy next step.
     lane.model = std::move(b.result);
     lane.engine = NewEngine(lane.model);
     lane.merged = true;
-    lane.building = false;
     lane.bytes = lane.model->ProjectionBytes();
     cache_bytes_ += lane.bytes;
     ++merged_lanes_;
+    ++merges_built_;
   }
 }
 
@@ -228,6 +253,7 @@ bool Scheduler::EvictIdleLanes(const Lane* keep, int64_t extra) {
     cache_bytes_ -= victim->bytes;
     if (victim->merged) --merged_lanes_;
     spdlog::info("scheduler: evict idle lane {} (merged copy, {} MB)", key, victim->bytes >> 20);
+    ++evictions_;
     lanes_.erase(key);
     lane_count_ = static_cast<int64_t>(lanes_.size());
   }
@@ -251,14 +277,31 @@ bool Scheduler::Admit() {
       job->on_done(r);
       continue;
     }
-    Lane* lane = GetLane(job->shape);
+    bool existed = false;
+    Lane* lane = nullptr;
+    absl::Status error;
+    try {
+      lane = GetLane(job->shape, &existed);
+      if (!lane)
+        error = absl::InvalidArgumentError(
+            absl::StrCat("shape ", job->shape.ToString(), " cannot be built"));
+    } catch (...) {
+      error = StatusFromException(std::current_exception());
+      spdlog::error("[{}] scheduler: lane {} failed: {}", job->request_id, job->shape.ToString(),
+                    std::string(error.message()));
+    }
     if (!lane) {
       JobResult r;
       r.reason = FinishReason::kError;
-      r.error = absl::InvalidArgumentError(
-          absl::StrCat("shape ", job->shape.ToString(), " cannot be built"));
+      r.error = error;
+      r.shape = job->shape;
+      r.queue_ms = Ms(job->enqueued, Clock::now());
       job->on_done(r);
       continue;
+    }
+    if (!job->lane_lookup_counted) {
+      job->lane_lookup_counted = true;
+      ++(existed ? hits_ : misses_);
     }
     int64_t slot = -1;
     for (int64_t i = 0; i < static_cast<int64_t>(lane->slot_used.size()); ++i)
@@ -270,16 +313,21 @@ bool Scheduler::Admit() {
       keep.push_back(std::move(job));  // lane full: stays queued, in order
       continue;
     }
-    lane->slot_used[slot] = true;
-    lane->cache.Reset(slot);
-    ++lane->requests;
-    MaybeStartBuild(*lane);
     Seq s;
     s.job = job;
     s.slot = slot;
     s.stream = std::make_unique<TokenStream>(*supernet_.tokenizer(), lane->model->config, job->gen,
                                              job->prompt);
     s.started = Clock::now();
+    if (job->gen.time_limit_ms > 0) {
+      // Validated by the service; clamped here too so the sum cannot overflow.
+      s.time_limit = s.started + std::chrono::milliseconds(
+                                     std::min<int64_t>(job->gen.time_limit_ms, 365ll * 86400000));
+    }
+    lane->slot_used[slot] = true;
+    lane->cache.Reset(slot);
+    ++lane->requests;
+    MaybeStartBuild(*lane);
     lane->seqs.push_back(std::move(s));
     ++running_;
     moved = true;
@@ -300,7 +348,7 @@ void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Stat
   r.reason = s.stream->finish_reason();
   r.error = std::move(error);
   r.prompt_tokens = static_cast<int64_t>(s.job->prompt.size());
-  r.completion_tokens = static_cast<int64_t>(s.stream->tokens().size());
+  r.completion_tokens = s.sent_tokens;  // what the client received, not what was sampled
   r.queue_ms = Ms(s.job->enqueued, s.started);
   r.ttft_ms = s.has_first ? Ms(s.job->enqueued, s.first_token) : 0;
   r.total_ms = Ms(s.job->enqueued, now);
@@ -320,13 +368,13 @@ void Scheduler::Step(Lane& lane) {
     if (s.job->cancelled) {
       Finish(lane, i, FinishReason::kCancelled);
     } else if ((s.job->deadline && now >= *s.job->deadline) ||
-               (s.job->gen.time_limit_ms > 0 &&
-                now >= s.started + std::chrono::milliseconds(s.job->gen.time_limit_ms))) {
+               (s.time_limit && now >= *s.time_limit)) {
       Finish(lane, i, FinishReason::kTimeLimit);
     }
   }
   if (lane.seqs.empty()) return;
   lane.last_used = now;
+  if (opt_.fault_hook) opt_.fault_hook(lane.shape);
   std::vector<SeqInput> inputs;
   inputs.reserve(lane.seqs.size());
   for (Seq& s : lane.seqs) {
@@ -359,7 +407,10 @@ void Scheduler::Step(Lane& lane) {
       s.first_token = Clock::now();
     }
     s.next = st.token;
-    if (s.job->on_token && (!st.text.empty() || !st.done)) s.job->on_token(st.token, st.text);
+    if (s.job->on_token && (!st.text.empty() || !st.done)) {
+      s.job->on_token(st.token, st.text);
+      ++s.sent_tokens;
+    }
     // The context is full: stop with LENGTH rather than overrunning the cache.
     if (!st.done && lane.cache.length(s.slot) + 1 >= lane.cache.max_len()) {
       done.push_back(i);
@@ -368,7 +419,34 @@ void Scheduler::Step(Lane& lane) {
     if (st.done) done.push_back(i);
   }
   for (auto it = done.rbegin(); it != done.rend(); ++it) Finish(lane, *it, FinishReason::kLength);
-  if (on_lane_step) on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
+  if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
+}
+
+void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
+  auto it = lanes_.find(key);
+  if (it == lanes_.end()) return;
+  Lane& lane = *it->second;
+  for (size_t i = lane.seqs.size(); i-- > 0;) {
+    spdlog::error("[{}] scheduler: step on {} failed: {}", lane.seqs[i].job->request_id, key,
+                  std::string(error.message()));
+    try {
+      Finish(lane, i, FinishReason::kError, error);
+    } catch (...) {  // the sequence's state is broken too: end it without its held-back text
+      lane.slot_used[lane.seqs[i].slot] = false;
+      JobResult r;
+      r.reason = FinishReason::kError;
+      r.error = error;
+      r.shape = lane.shape;
+      lane.seqs[i].job->on_done(r);
+      lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(i));
+      --running_;
+    }
+  }
+  ++lane_failures_;
+  cache_bytes_ -= lane.bytes;  // a merged copy, or a build's reservation
+  if (lane.merged) --merged_lanes_;
+  lanes_.erase(it);  // a build in flight for it is dropped when it arrives
+  lane_count_ = static_cast<int64_t>(lanes_.size());
 }
 
 void Scheduler::Loop() {
@@ -386,12 +464,19 @@ void Scheduler::Loop() {
     Admit();
     bool any = false;
     int64_t kv = 0;
+    std::vector<std::pair<std::string, absl::Status>> failed;
     for (auto& [k, lane] : lanes_) {
       if (lane->seqs.empty()) continue;
       any = true;
-      Step(*lane);
+      try {
+        Step(*lane);
+      } catch (...) {
+        failed.emplace_back(k, StatusFromException(std::current_exception()));
+        continue;
+      }
       kv += lane->cache.bytes();
     }
+    for (const auto& [k, error] : failed) FailLane(k, error);
     kv_bytes_ = kv;
     EvictIdleLanes();
     if (any) {

@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -23,7 +24,7 @@
 #include "lora/smol.h"
 #include "model/engine.h"
 #include "model/generation.h"
-#include "subnet/supernet.h"
+#include "subnet/subnet_builder.h"
 
 namespace amoeba {
 
@@ -45,6 +46,7 @@ struct Job {
   std::optional<Clock::time_point> deadline;  // gRPC deadline; time_limit_ms is in `gen`
   std::atomic<bool> cancelled{false};
   Clock::time_point enqueued;
+  bool lane_lookup_counted = false;  // cache hit/miss counted once per request (worker thread)
   // Called on the scheduler thread: new tokens with their text, then the result exactly once.
   std::function<void(int32_t token, std::string_view text)> on_token;
   std::function<void(const JobResult&)> on_done;
@@ -60,11 +62,21 @@ struct SchedulerOptions {
   at::ScalarType kv_dtype = at::kFloat;       // KV cache storage (kHalf: half the memory)
   const Smol* smol = nullptr;                 // adapters: unmerged when cold, merged when hot
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
+  // Lane statistics listener (metrics): called on the worker thread after each step.
+  std::function<void(const Shape&, int64_t running)> on_lane_step;
+  // Test-only fault injection: called on the worker thread before each step of a lane and before
+  // each merged-copy build; whatever it throws goes through the error boundary.
+  std::function<void(const Shape&)> fault_hook;
 };
 
 struct SchedulerStats {
-  int64_t running = 0, waiting = 0, lanes = 0, cache_bytes = 0, cache_hits = 0, cache_misses = 0;
-  int64_t kv_bytes = 0, merged_lanes = 0;
+  int64_t running = 0, waiting = 0, lanes = 0;
+  int64_t cache_hits = 0, cache_misses = 0;  // once per request: its shape had a lane, or not
+  int64_t cache_bytes = 0;                   // merged copies (what --cache-mb caps)
+  int64_t kv_bytes = 0;                      // KV caches of running sequences
+  int64_t merged_lanes = 0;
+  int64_t merges_built = 0, evictions = 0;  // since start
+  int64_t lane_failures = 0, build_failures = 0;
 };
 
 class Scheduler {
@@ -77,8 +89,6 @@ class Scheduler {
   // Stops accepting work, finishes running and queued jobs until `deadline`, cancels the rest.
   void Drain(Clock::time_point deadline);
   SchedulerStats stats() const;
-  // Lane statistics listener (metrics): called on the worker thread after each step.
-  std::function<void(const Shape&, int64_t running)> on_lane_step;
 
  private:
   struct Seq {
@@ -88,6 +98,8 @@ class Scheduler {
     size_t fed = 0;  // prompt tokens already in the cache
     int32_t next = 0;
     Clock::time_point started, first_token;
+    std::optional<Clock::time_point> time_limit;  // started + time_limit_ms
+    int64_t sent_tokens = 0;                      // tokens streamed to the client
     bool has_first = false;
   };
   struct Lane {
@@ -100,29 +112,30 @@ class Scheduler {
     Clock::time_point last_used;
     int64_t bytes = 0;     // merged copy (0 while the lane runs on views)
     int64_t requests = 0;  // admitted so far
-    at::Tensor gate;       // SMoL gate of this shape (adapters only)
     bool merged = false, building = false;
+    bool merge_failed = false;  // a build threw: stay unmerged rather than retry forever
   };
   struct Build {  // a merged copy being made on the builder thread
     std::string key;
-    std::shared_ptr<const Model> views;
-    at::Tensor gate;
-    std::vector<int> layers;
-    std::shared_ptr<const Model> result;
+    Shape shape;
+    std::shared_ptr<const Model> result;  // null when the build failed
   };
 
   void Loop();
   void BuilderLoop();
-  const std::vector<int>& ShapeLayers(const Shape& s) const;  // supernet layer ids of s.depth
   std::unique_ptr<Engine> NewEngine(std::shared_ptr<const Model> model) const;
   void MaybeStartBuild(Lane& lane);
   void SwapInFinishedBuilds();
-  Lane* GetLane(const Shape& s);
+  // The shape's lane, made on first use; `existed` says whether it was there already.
+  Lane* GetLane(const Shape& s, bool* existed);
   // Evicts least-recently-used idle merged lanes until `extra` more bytes fit under the cap;
   // never `keep`. False when they cannot be made to fit.
   bool EvictIdleLanes(const Lane* keep = nullptr, int64_t extra = 0);
   bool Admit();  // moves waiting jobs into lanes; true if any moved
   void Step(Lane& lane);
+  // The error boundary: every sequence of a lane whose step threw ends with `error`, and the lane
+  // (whose engine state is unknown now) is dropped; other lanes go on.
+  void FailLane(const std::string& key, const absl::Status& error);
   void Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error = absl::OkStatus());
 
   const Supernet& supernet_;
@@ -134,7 +147,8 @@ class Scheduler {
   std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
   std::shared_ptr<EngineWorkspace> workspace_ = std::make_shared<EngineWorkspace>();
   std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
-  std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0};
+  std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
+  std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
   std::deque<Build> builds_, built_;
   std::condition_variable build_cv_;

@@ -9,17 +9,13 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "file_digest.h"
+#include "model/status_macros.h"
 #include "model/tokenizer.h"
 #include "subnet/export.h"
 
 namespace amoeba {
 namespace fs = std::filesystem;
-
-grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())),
-                      std::string(s.message()));
-}
 
 PlanBudget BudgetFromProto(const v1::Budget& b) {
   PlanBudget p;
@@ -44,6 +40,21 @@ absl::Status Bad(const std::string& field, const std::string& why) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
 }
 
+// Runs `fn` (a handler's work); an exception becomes a status instead of ending the process.
+template <typename Fn>
+grpc::Status Guarded(const char* rpc, const std::string& id, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    spdlog::error("[{}] {}: out of memory", id, rpc);
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "out of memory");
+  } catch (const std::exception& e) {
+    spdlog::error("[{}] {}: {}", id, rpc, LogSafe(e.what(), 300));
+    return grpc::Status(grpc::StatusCode::INTERNAL,
+                        absl::StrCat(rpc, " failed (request ", id, ")"));
+  }
+}
+
 absl::Status ValidateBudget(const v1::Budget& b) {
   if (b.has_max_params() && b.max_params() <= 0) return Bad("budget.max_params", "must be > 0");
   if (b.has_max_memory_bytes() && b.max_memory_bytes() <= 0)
@@ -58,10 +69,11 @@ absl::Status ValidateBudget(const v1::Budget& b) {
     return Bad("budget.max_context_tokens", "must be > 0");
   if (b.has_platform()) {
     const auto& p = b.platform();
-    if (p.has_memory_bandwidth_gbs() && !(p.memory_bandwidth_gbs() > 0))
-      return Bad("budget.platform.memory_bandwidth_gbs", "must be > 0");
-    if (p.has_compute_gflops() && !(p.compute_gflops() > 0))
-      return Bad("budget.platform.compute_gflops", "must be > 0");
+    if (p.has_memory_bandwidth_gbs() &&
+        !(p.memory_bandwidth_gbs() > 0 && p.memory_bandwidth_gbs() <= 1e6))
+      return Bad("budget.platform.memory_bandwidth_gbs", "must be in (0, 1e6]");
+    if (p.has_compute_gflops() && !(p.compute_gflops() > 0 && p.compute_gflops() <= 1e9))
+      return Bad("budget.platform.compute_gflops", "must be in (0, 1e9]");
     if (p.has_memory_bytes() && p.memory_bytes() <= 0)
       return Bad("budget.platform.memory_bytes", "must be > 0");
   }
@@ -116,7 +128,12 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   GenerateReactor(AmoebaService* svc, grpc::CallbackServerContext* ctx,
                   const v1::GenerateRequest* req)
       : svc_(svc), ctx_(ctx) {
-    Start(req);
+    // Everything before the job reaches the scheduler; nothing after Submit can throw.
+    const grpc::Status st = Guarded("generate", id_, [&] {
+      Start(req);
+      return grpc::Status::OK;
+    });
+    if (!st.ok()) FinishNow(st);
   }
 
   void OnWriteDone(bool ok) override {
@@ -144,7 +161,9 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
 
  private:
   void Start(const v1::GenerateRequest* req) {
-    id_ = req->request_id().empty() ? svc_->NewRequestId() : req->request_id();
+    const absl::Status id_ok = ValidateRequestId(req->request_id());
+    id_ = req->request_id().empty() || !id_ok.ok() ? svc_->NewRequestId() : req->request_id();
+    if (!id_ok.ok()) return FinishNow(ToGrpc(id_ok));
     grpc::Status auth = svc_->CheckAuth(ctx_, false);
     if (!auth.ok()) return FinishNow(auth);
     const Supernet& s = svc_->supernet();
@@ -179,7 +198,11 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     job->gen.stop.assign(req->stop().begin(), req->stop().end());
     job->gen.time_limit_ms = req->has_time_limit_ms() ? req->time_limit_ms() : 0;
     if (ctx_->deadline() != std::chrono::system_clock::time_point::max()) {
-      job->deadline = Clock::now() + (ctx_->deadline() - std::chrono::system_clock::now());
+      // Deadlines beyond a day are treated as a day: no later arithmetic can overflow.
+      const auto left = std::clamp<std::chrono::system_clock::duration>(
+          ctx_->deadline() - std::chrono::system_clock::now(),
+          std::chrono::system_clock::duration::zero(), std::chrono::hours(24));
+      job->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
     }
     shape_ = *shape;
     const std::string shape_name = shape->ToString();
@@ -297,7 +320,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     }
     if (!s.ok())
       spdlog::warn("[{}] generate: {} {}", id_, static_cast<int>(s.error_code()),
-                   s.error_message());
+                   LogSafe(s.error_message(), 200));
     Finish(s);
   }
 
@@ -314,93 +337,152 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   Clock::time_point last_token_;
 };
 
-// Streams the files of an export directory in chunks, then removes it.
+// ExportSubnet as a job: checks on the callback thread, the subnet built and written on an export
+// worker into a mkdtemp staging directory, then the files streamed in chunks with their SHA-256.
+// The staging directory is removed in OnDone, which gRPC calls on every exit path (done, error,
+// client cancel, shutdown); Finish is called exactly once, by whichever step ends the call.
 class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
  public:
   ExportReactor(AmoebaService* svc, grpc::CallbackServerContext* ctx,
-                const v1::ExportSubnetRequest* req) {
-    const std::string id = req->request_id().empty() ? svc->NewRequestId() : req->request_id();
+                const v1::ExportSubnetRequest* req)
+      : svc_(svc) {
+    const absl::Status id_ok = ValidateRequestId(req->request_id());
+    id_ = req->request_id().empty() || !id_ok.ok() ? svc->NewRequestId() : req->request_id();
+    if (!id_ok.ok()) {
+      End(ToGrpc(id_ok));
+      return;
+    }
     grpc::Status auth = svc->CheckAuth(ctx, true);
     if (!auth.ok()) {
-      Finish(auth);
+      End(auth);
       return;
     }
-    const Shape shape{req->shape().depth(), req->shape().width()};
-    ExportOptions eo;
-    eo.uniform_width = req->uniform_width();
-    absl::Status st = eo.uniform_width ? absl::OkStatus() : svc->supernet().Validate(shape);
+    shape_ = Shape{req->shape().depth(), req->shape().width()};
+    if (shape_.depth == 0) shape_.depth = svc->supernet().base().config.num_hidden_layers;
+    if (shape_.width == 0) shape_.width = 1.0;
+    options_.uniform_width = req->uniform_width();
+    options_.adapters = !req->no_adapters();
+    // Cheap checks here, so a bad shape never takes a worker.
+    absl::Status st =
+        options_.uniform_width && !(svc->smol() && options_.adapters)
+            ? (svc->supernet().spec().FindDepth(shape_.depth) ? absl::OkStatus()
+                                                              : svc->supernet().Validate(shape_))
+            : svc->supernet().Validate(shape_);
     if (!st.ok()) {
-      Finish(ToGrpc(st));
+      End(ToGrpc(st));
       return;
     }
-    auto sub = SubnetForExport(svc->supernet(), shape, eo);
-    if (!sub.ok()) {
-      Finish(ToGrpc(sub.status()));
-      return;
-    }
-    const fs::path base = svc->options().export_tmp_dir.empty()
-                              ? fs::temp_directory_path()
-                              : fs::path(svc->options().export_tmp_dir);
-    dir_ = (base / absl::StrCat("amoeba-export-", id, "-", getpid(), "-",
-                                reinterpret_cast<uintptr_t>(this)))
-               .string();
-    st = WriteExport(svc->supernet(), *sub, dir_, eo);
+    st = svc->export_workers().TrySubmit([this] { Prepare(); });
     if (!st.ok()) {
-      Finish(ToGrpc(st));
+      End(ToGrpc(st));
       return;
     }
-    for (const auto& e : fs::directory_iterator(dir_)) files_.push_back(e.path());
-    std::sort(files_.begin(), files_.end());
-    spdlog::info("[{}] export: {} ({} files)", id, shape.ToString(), files_.size());
-    Next();
   }
+
+  void OnCancel() override { cancelled_ = true; }
+
   void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "client went away"));
-      return;
-    }
+    if (!ok || cancelled_)
+      return End(grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled"));
     Next();
   }
+
   void OnDone() override {
     std::error_code ec;
-    if (!dir_.empty()) fs::remove_all(dir_, ec);
+    if (!staging_.empty()) std::filesystem::remove_all(staging_, ec);
+    if (ec) spdlog::warn("[{}] export: cannot remove {}: {}", id_, staging_, ec.message());
     delete this;
   }
 
  private:
-  void Next() {
-    constexpr size_t kChunk = 1 << 20;
-    while (file_ < files_.size()) {
-      if (!in_.is_open()) {
-        in_.open(files_[file_], std::ios::binary);
-        size_ = fs::file_size(files_[file_]);
-        offset_ = 0;
-      }
-      std::string buf(std::min<uint64_t>(kChunk, size_ - offset_), '\0');
-      in_.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-      chunk_.Clear();
-      chunk_.set_path(files_[file_].filename().string());
-      chunk_.set_offset(offset_);
-      chunk_.set_total_size(size_);
-      offset_ += buf.size();
-      chunk_.set_data(std::move(buf));
-      const bool last = offset_ >= size_;
-      chunk_.set_last_chunk(last);
-      if (last) {
-        in_.close();
-        ++file_;
-      }
-      StartWrite(&chunk_);
-      return;
-    }
-    Finish(grpc::Status::OK);
+  // On an export worker.
+  void Prepare() {
+    const grpc::Status st = Guarded("export", id_, [&] { return Write(); });
+    if (!st.ok()) return End(st);
+    if (cancelled_) return End(grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled"));
+    Next();
   }
 
-  std::string dir_;
-  std::vector<fs::path> files_;
+  grpc::Status Write() {
+    if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled");
+    const auto t0 = Clock::now();
+    auto sub = SubnetForExport(svc_->supernet(), svc_->smol(), shape_, options_);
+    if (!sub.ok()) return ToGrpc(sub.status());
+    auto dir = MakeStagingDir(svc_->export_dir());
+    if (!dir.ok()) {
+      spdlog::error("[{}] export: {} in {}", id_, std::string(dir.status().message()),
+                    svc_->export_dir());
+      return grpc::Status(grpc::StatusCode::INTERNAL, "export failed: no staging directory");
+    }
+    staging_ = *dir;
+    if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled");
+    const std::string out = (std::filesystem::path(staging_) / "model").string();
+    const absl::Status w = WriteExport(svc_->supernet(), *sub, out, options_);
+    if (!w.ok()) {
+      // The detail names server paths: it goes to the log, the client gets the request id.
+      spdlog::error("[{}] export: {}", id_, w.ToString());
+      return grpc::Status(grpc::StatusCode::INTERNAL,
+                          absl::StrCat("export failed (request ", id_, "; see the server log)"));
+    }
+    for (const auto& e : std::filesystem::directory_iterator(out)) files_.push_back(e.path());
+    std::sort(files_.begin(), files_.end());
+    spdlog::info("[{}] export: {}{} written in {:.0f} ms ({} files)", id_, shape_.ToString(),
+                 svc_->smol() && options_.adapters ? " with adapters merged" : "",
+                 std::chrono::duration<double, std::milli>(Clock::now() - t0).count(),
+                 files_.size());
+    return grpc::Status::OK;
+  }
+
+  // Reads the next chunk and starts its write, or finishes after the last file.
+  void Next() {
+    constexpr size_t kChunk = 1 << 20;
+    if (file_ >= files_.size()) return End(grpc::Status::OK);
+    if (!in_.is_open()) {
+      in_.open(files_[file_], std::ios::binary);
+      size_ = std::filesystem::file_size(files_[file_]);
+      offset_ = 0;
+    }
+    std::string buf(std::min<uint64_t>(kChunk, size_ - offset_), '\0');
+    in_.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    if (!in_) {
+      spdlog::error("[{}] export: reading {} failed", id_, files_[file_].string());
+      return End(grpc::Status(grpc::StatusCode::INTERNAL, "export failed while streaming"));
+    }
+    digest_.Update(buf);
+    chunk_.Clear();
+    chunk_.set_path(files_[file_].filename().string());
+    chunk_.set_offset(offset_);
+    chunk_.set_total_size(size_);
+    offset_ += buf.size();
+    chunk_.set_data(std::move(buf));
+    const bool last = offset_ >= size_;
+    chunk_.set_last_chunk(last);
+    if (last) {
+      chunk_.set_sha256(digest_.HexDigest());
+      in_.close();
+      ++file_;
+    }
+    StartWrite(&chunk_);
+  }
+
+  void End(const grpc::Status& s) {
+    if (!s.ok())
+      spdlog::warn("[{}] export: {} {}", id_, static_cast<int>(s.error_code()),
+                   LogSafe(s.error_message(), 200));
+    Finish(s);
+  }
+
+  AmoebaService* svc_;
+  std::string id_;
+  Shape shape_;
+  ExportOptions options_;
+  std::atomic<bool> cancelled_{false};
+  std::string staging_;  // made by mkdtemp; removed in OnDone
+  std::vector<std::filesystem::path> files_;
   size_t file_ = 0;
   std::ifstream in_;
   uint64_t size_ = 0, offset_ = 0;
+  Sha256 digest_;
   v1::FileChunk chunk_;
 };
 
@@ -408,8 +490,7 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
 
 absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const ServiceLimits& l,
                                      int64_t vocab) {
-  if (static_cast<int64_t>(r.request_id().size()) > l.max_request_id_length)
-    return Bad("request_id", absl::StrCat("longer than ", l.max_request_id_length, " bytes"));
+  RETURN_IF_ERROR(ValidateRequestId(r.request_id()));
   if (r.prompt_case() == v1::GenerateRequest::PROMPT_NOT_SET)
     return Bad("prompt", "empty (set text or tokens)");
   if (r.has_tokens()) {
@@ -423,6 +504,9 @@ absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const Service
           absl::StrCat(r.tokens().ids_size(), " tokens exceed the limit of ", l.max_prompt_tokens));
   } else {
     if (r.text().empty()) return Bad("prompt.text", "empty");
+    if (static_cast<int64_t>(r.text().size()) > l.max_prompt_bytes)
+      return Bad("prompt.text",
+                 absl::StrCat(r.text().size(), " bytes exceed the limit of ", l.max_prompt_bytes));
     if (!IsValidUtf8(r.text())) return Bad("prompt.text", "not valid UTF-8");
   }
   const auto& s = r.sampling();
@@ -444,34 +528,55 @@ absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const Service
       return Bad("stop", absl::StrCat("longer than ", l.max_stop_length, " bytes"));
     if (!IsValidUtf8(st)) return Bad("stop", "not valid UTF-8");
   }
-  if (r.has_time_limit_ms() && r.time_limit_ms() <= 0) return Bad("time_limit_ms", "must be > 0");
+  if (r.has_time_limit_ms() && (r.time_limit_ms() <= 0 || r.time_limit_ms() > l.max_time_limit_ms))
+    return Bad("time_limit_ms", absl::StrCat("must be in [1, ", l.max_time_limit_ms, "]"));
+  if (s.has_top_k() && s.top_k() > vocab)
+    return Bad("sampling.top_k", absl::StrCat("must be <= the vocabulary size ", vocab));
   if (r.has_budget()) return ValidateBudget(r.budget());
   return absl::OkStatus();
 }
 
-AmoebaService::AmoebaService(const Supernet& supernet, Scheduler& scheduler, Metrics* metrics,
-                             ServiceOptions options, HostSpeed host,
+AmoebaService::AmoebaService(const Supernet& supernet, const Smol* smol, Scheduler& scheduler,
+                             Metrics* metrics, ServiceOptions options, HostSpeed host,
                              std::vector<ShapeProfile> profiles)
     : supernet_(supernet),
+      smol_(smol),
       scheduler_(scheduler),
       metrics_(metrics),
       options_(std::move(options)),
       host_(host),
-      profiles_(std::move(profiles)) {}
+      profiles_(std::move(profiles)),
+      export_dir_(options_.export_tmp_dir.empty() ? fs::temp_directory_path().string()
+                                                  : options_.export_tmp_dir),
+      export_workers_(options_.export_workers) {
+  RemoveStaleStagingDirs(export_dir_);
+}
 
 std::string AmoebaService::NewRequestId() {
   return absl::StrCat("req-", next_id_++);
 }
 
 grpc::Status AmoebaService::CheckAuth(grpc::CallbackServerContext* ctx, bool export_call) const {
-  if (options_.auth_token.empty() || (!export_call && !options_.token_for_all))
+  if (options_.auth_token.empty()) {
+    if (export_call && !options_.allow_unauthenticated_export) {
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                          "ExportSubnet is disabled: the server has no --auth-token (an operator "
+                          "may pass --allow-unauthenticated-export)");
+    }
     return grpc::Status::OK;
+  }
+  if (!export_call && !options_.token_for_all) return grpc::Status::OK;
   const auto& md = ctx->client_metadata();
   auto it = md.find("authorization");
   if (it == md.end())
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "missing authorization: Bearer <token>");
-  if (std::string(it->second.data(), it->second.size()) != "Bearer " + options_.auth_token)
-    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "invalid token");
+  // Compared in time independent of where the first difference is.
+  const std::string want = "Bearer " + options_.auth_token;
+  const std::string_view got(it->second.data(), it->second.size());
+  unsigned char diff = got.size() == want.size() ? 0 : 1;
+  for (size_t i = 0; i < want.size(); ++i)
+    diff |= static_cast<unsigned char>(want[i] ^ (i < got.size() ? got[i] : 0));
+  if (diff != 0) return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "invalid token");
   return grpc::Status::OK;
 }
 
@@ -499,66 +604,84 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* AmoebaService::Generate(
 
 grpc::ServerUnaryReactor* AmoebaService::Plan(grpc::CallbackServerContext* ctx,
                                               const v1::PlanRequest* req, v1::PlanResponse* resp) {
-  grpc::Status auth = CheckAuth(ctx, false);
-  if (!auth.ok()) return Reply(ctx, auth);
-  absl::Status v = ValidateBudget(req->budget());
-  if (!v.ok()) return Reply(ctx, ToGrpc(v));
-  auto p = PlanShape(profiles_, BudgetFromProto(req->budget()), host_);
-  if (!p.ok()) return Reply(ctx, ToGrpc(p.status()));
-  resp->set_request_id(req->request_id());
-  *resp->mutable_chosen() = ToProto(p->chosen);
-  for (const auto& f : p->frontier) *resp->add_frontier() = ToProto(f);
-  resp->set_explanation(p->explanation);
-  spdlog::info("[{}] plan: {}", req->request_id(), p->explanation);
-  return Reply(ctx, grpc::Status::OK);
+  const absl::Status id_ok = ValidateRequestId(req->request_id());
+  if (!id_ok.ok()) return Reply(ctx, ToGrpc(id_ok));
+  const std::string id = req->request_id().empty() ? NewRequestId() : req->request_id();
+  return Reply(ctx, Guarded("plan", id, [&] {
+                 grpc::Status auth = CheckAuth(ctx, false);
+                 if (!auth.ok()) return auth;
+                 absl::Status v = ValidateBudget(req->budget());
+                 if (!v.ok()) return ToGrpc(v);
+                 auto p = PlanShape(profiles_, BudgetFromProto(req->budget()), host_);
+                 if (!p.ok()) return ToGrpc(p.status());
+                 resp->set_request_id(id);
+                 *resp->mutable_chosen() = ToProto(p->chosen);
+                 for (const auto& f : p->frontier) *resp->add_frontier() = ToProto(f);
+                 resp->set_explanation(p->explanation);
+                 spdlog::info("[{}] plan: {}", id, p->explanation);
+                 return grpc::Status::OK;
+               }));
 }
 
 grpc::ServerUnaryReactor* AmoebaService::ListShapes(grpc::CallbackServerContext* ctx,
                                                     const v1::ListShapesRequest*,
                                                     v1::ListShapesResponse* resp) {
-  grpc::Status auth = CheckAuth(ctx, false);
-  if (!auth.ok()) return Reply(ctx, auth);
-  for (const auto& e : EstimateAll(profiles_, PlanBudget{}, host_))
-    *resp->add_shapes() = ToProto(e);
-  return Reply(ctx, grpc::Status::OK);
+  return Reply(ctx, Guarded("list-shapes", "-", [&] {
+                 grpc::Status auth = CheckAuth(ctx, false);
+                 if (!auth.ok()) return auth;
+                 for (const auto& e : EstimateAll(profiles_, PlanBudget{}, host_))
+                   *resp->add_shapes() = ToProto(e);
+                 return grpc::Status::OK;
+               }));
 }
 
 grpc::ServerUnaryReactor* AmoebaService::GetModelInfo(grpc::CallbackServerContext* ctx,
                                                       const v1::GetModelInfoRequest*,
                                                       v1::ModelInfo* resp) {
-  grpc::Status auth = CheckAuth(ctx, false);
-  if (!auth.ok()) return Reply(ctx, auth);
-  const ModelConfig& c = supernet_.base().config;
-  resp->set_model_type("llama");
-  resp->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));
-  resp->set_hidden_size(static_cast<int32_t>(c.hidden_size));
-  resp->set_vocab_size(static_cast<int32_t>(c.vocab_size));
-  for (int64_t d : supernet_.spec().depths) resp->add_depths(static_cast<int32_t>(d));
-  for (double w : supernet_.spec().widths) resp->add_widths(w);
-  resp->set_has_adapters(!supernet_.spec().smol.is_null() &&
-                         supernet_.spec().smol.contains("experts"));
-  resp->set_tokenizer(supernet_.tokenizer() ? supernet_.tokenizer()->kind() : "");
-  resp->set_max_context_tokens(static_cast<int32_t>(options_.limits.max_prompt_tokens));
-  return Reply(ctx, grpc::Status::OK);
+  return Reply(
+      ctx, Guarded("model-info", "-", [&] {
+        grpc::Status auth = CheckAuth(ctx, false);
+        if (!auth.ok()) return auth;
+        const ModelConfig& c = supernet_.base().config;
+        resp->set_model_type("llama");
+        resp->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));
+        resp->set_hidden_size(static_cast<int32_t>(c.hidden_size));
+        resp->set_vocab_size(static_cast<int32_t>(c.vocab_size));
+        for (int64_t d : supernet_.spec().depths) resp->add_depths(static_cast<int32_t>(d));
+        for (double w : supernet_.spec().widths) resp->add_widths(w);
+        resp->set_has_adapters(smol_ != nullptr);
+        resp->set_tokenizer(supernet_.tokenizer() ? supernet_.tokenizer()->kind() : "");
+        resp->set_max_context_tokens(static_cast<int32_t>(options_.limits.max_prompt_tokens));
+        resp->set_weights_dtype(options_.weights_dtype);
+        return grpc::Status::OK;
+      }));
 }
 
 grpc::ServerUnaryReactor* AmoebaService::Tokenize(grpc::CallbackServerContext* ctx,
                                                   const v1::TokenizeRequest* req,
                                                   v1::TokenizeResponse* resp) {
-  grpc::Status auth = CheckAuth(ctx, false);
-  if (!auth.ok()) return Reply(ctx, auth);
-  if (!IsValidUtf8(req->text())) return Reply(ctx, ToGrpc(Bad("text", "not valid UTF-8")));
-  const Tokenizer& tok = *supernet_.tokenizer();
-  if (req->has_add_bos() && req->add_bos())
-    resp->add_ids(static_cast<int32_t>(supernet_.base().config.bos_token_id));
-  for (int32_t id : tok.Encode(req->text())) resp->add_ids(id);
-  for (int32_t id : resp->ids()) {
-    // Pieces as text: a byte token that is part of a character becomes U+FFFD (proto strings are
-    // UTF-8).
-    const std::string& b = tok.TokenBytes(id);
-    resp->add_pieces(IsValidUtf8(b) ? b : std::string("\xEF\xBF\xBD"));
-  }
-  return Reply(ctx, grpc::Status::OK);
+  return Reply(
+      ctx, Guarded("tokenize", "-", [&] {
+        grpc::Status auth = CheckAuth(ctx, false);
+        if (!auth.ok()) return auth;
+        // Bounded before any work: the text's size decides the memory tokenising takes.
+        if (static_cast<int64_t>(req->text().size()) > options_.limits.max_prompt_bytes) {
+          return ToGrpc(Bad("text", absl::StrCat(req->text().size(), " bytes exceed the limit of ",
+                                                 options_.limits.max_prompt_bytes)));
+        }
+        if (!IsValidUtf8(req->text())) return ToGrpc(Bad("text", "not valid UTF-8"));
+        const Tokenizer& tok = *supernet_.tokenizer();
+        if (req->has_add_bos() && req->add_bos())
+          resp->add_ids(static_cast<int32_t>(supernet_.base().config.bos_token_id));
+        for (int32_t id : tok.Encode(req->text())) resp->add_ids(id);
+        for (int32_t id : resp->ids()) {
+          // Pieces as text: a byte token that is part of a character becomes U+FFFD (proto strings
+          // are UTF-8).
+          const std::string& b = tok.TokenBytes(id);
+          resp->add_pieces(IsValidUtf8(b) ? b : std::string("\xEF\xBF\xBD"));
+        }
+        return grpc::Status::OK;
+      }));
 }
 
 grpc::ServerWriteReactor<v1::FileChunk>* AmoebaService::ExportSubnet(

@@ -7,26 +7,34 @@
 #include <vector>
 
 #include "amoeba/v1/amoeba.grpc.pb.h"
+#include "server/export_job.h"
 #include "server/metrics.h"
 #include "server/planner.h"
+#include "server/request_checks.h"
 #include "server/scheduler.h"
 #include "subnet/supernet.h"
 
 namespace amoeba {
 
+// Every limit is checked before any work is done for a request (docs/api.md lists them).
 struct ServiceLimits {
   int64_t max_prompt_tokens = 2048;
+  int64_t max_prompt_bytes = 32768;  // text prompts and Tokenize text, checked before tokenising
   int64_t max_new_tokens = 1024;
   int64_t max_stop_strings = 16;
   int64_t max_stop_length = 256;
-  int64_t max_request_id_length = 128;
+  int64_t max_time_limit_ms = 24ll * 3600 * 1000;
 };
 
 struct ServiceOptions {
   ServiceLimits limits;
   std::string auth_token;      // when set, ExportSubnet needs "authorization: Bearer <token>"
   bool token_for_all = false;  // ... and so does every RPC
+  // Without a token ExportSubnet is refused unless the operator allows it explicitly.
+  bool allow_unauthenticated_export = false;
   std::string export_tmp_dir;  // where exports are staged before streaming ("" = system temp)
+  int export_workers = 1;      // exports at once; more are RESOURCE_EXHAUSTED
+  std::string weights_dtype = "f32";  // reported by GetModelInfo
 };
 
 // Validates a GenerateRequest (everything but the shape/budget); the message names the field.
@@ -35,7 +43,8 @@ absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const Service
 
 class AmoebaService final : public v1::Amoeba::CallbackService {
  public:
-  AmoebaService(const Supernet& supernet, Scheduler& scheduler, Metrics* metrics,
+  // `smol` (may be null) are the adapters the scheduler serves with; exports merge them.
+  AmoebaService(const Supernet& supernet, const Smol* smol, Scheduler& scheduler, Metrics* metrics,
                 ServiceOptions options, HostSpeed host, std::vector<ShapeProfile> profiles);
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
@@ -55,6 +64,9 @@ class AmoebaService final : public v1::Amoeba::CallbackService {
       grpc::CallbackServerContext* ctx, const v1::ExportSubnetRequest* req) override;
 
   const Supernet& supernet() const { return supernet_; }
+  const Smol* smol() const { return smol_; }
+  ExportWorkers& export_workers() { return export_workers_; }
+  const std::string& export_dir() const { return export_dir_; }
   Scheduler& scheduler() { return scheduler_; }
   Metrics* metrics() { return metrics_; }
   const ServiceOptions& options() const { return options_; }
@@ -65,15 +77,17 @@ class AmoebaService final : public v1::Amoeba::CallbackService {
 
  private:
   const Supernet& supernet_;
+  const Smol* smol_;
   Scheduler& scheduler_;
   Metrics* metrics_;
   ServiceOptions options_;
   HostSpeed host_;
   std::vector<ShapeProfile> profiles_;
   std::atomic<uint64_t> next_id_{1};
+  std::string export_dir_;
+  ExportWorkers export_workers_;
 };
 
-grpc::Status ToGrpc(const absl::Status& s);
 PlanBudget BudgetFromProto(const v1::Budget& b);
 
 }  // namespace amoeba

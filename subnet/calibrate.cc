@@ -16,20 +16,15 @@ namespace amoeba {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-nlohmann::json StaticProfile(const Supernet& s) {
-  json out = json::array();
+std::vector<ShapeRecord> StaticProfile(const Supernet& s) {
+  std::vector<ShapeRecord> out;
   for (const Shape& sh : s.GridShapes()) {
     auto m = s.Extract(sh);
     if (!m.ok()) continue;
-    int64_t kv = 0;
-    for (const auto& l : m->layers) kv += 2 * l.k.size(0) * static_cast<int64_t>(sizeof(float));
-    const int64_t params = m->config.ParameterCount();
-    out.push_back({{"depth", sh.depth},
-                   {"width", sh.width},
-                   {"params", params},
-                   {"weight_bytes", params * static_cast<int64_t>(sizeof(float))},
-                   {"decode_weight_bytes", m->DecodeWeightBytes()},
-                   {"kv_bytes_per_token", kv}});
+    ShapeRecord r;
+    r.shape = sh;
+    r.params = m->config.ParameterCount();
+    out.push_back(r);
   }
   return out;
 }

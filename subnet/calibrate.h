@@ -41,8 +41,8 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
                                             const DepthMetric* custom_metric = nullptr,
                                             const std::string& dp_state_path = "");
 
-// Per-shape static profile: params, weight bytes, KV bytes per token.
-nlohmann::json StaticProfile(const Supernet& s);
+// Per-shape profile rows with the static figures (parameters); eval adds measurements.
+std::vector<ShapeRecord> StaticProfile(const Supernet& s);
 
 // The whole command: loads, builds, writes `out_dir`, prints the table.
 absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o);

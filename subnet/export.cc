@@ -9,14 +9,13 @@
 namespace amoeba {
 namespace fs = std::filesystem;
 
-absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape,
+absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const Shape& shape,
                                       const ExportOptions& o) {
-  if (!o.uniform_width) return s.Extract(shape);
-  if (!s.spec().FindDepth(shape.depth)) RETURN_IF_ERROR(s.Validate(shape));
-  if (!(shape.width > 0 && shape.width <= 1))
-    return absl::InvalidArgumentError("shape.width: must be in (0, 1]");
-  ASSIGN_OR_RETURN(Model m, s.ExtractWith(shape.depth, AllocateUniform(s.base(), shape.width),
-                                          ExtractMode::kSliced));
+  SubnetOptions so;
+  so.adapters = o.adapters ? AdapterMode::kMerged : AdapterMode::kNone;
+  so.uniform_width = o.uniform_width;
+  ASSIGN_OR_RETURN(Model m, BuildSubnet(s, smol, shape, so));
+  if (!o.uniform_width) return m;
   // Standard HF Llama: one kv-head count and intermediate size for all layers, and biases on all
   // attention (resp. MLP) projections once any of them has one.
   const int64_t H = m.config.hidden_size;

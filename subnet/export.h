@@ -3,7 +3,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "subnet/supernet.h"
+#include "subnet/subnet_builder.h"
 
 namespace amoeba {
 
@@ -12,10 +12,14 @@ struct ExportOptions {
   // (biases written for all projections, zeros where there is no compensation).
   bool uniform_width = false;
   at::ScalarType dtype = at::kFloat;
+  // Merge the shape's SMoL adapters (when the supernet has them): the export is the tuned subnet
+  // the server serves. false (`--no-adapters`) exports the base subnet.
+  bool adapters = true;
 };
 
-// The sliced subnet, with LoRA already merged if the caller passes a merged model.
-absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Shape& shape,
+// The subnet as BuildSubnet makes it (adapters merged unless `o.adapters` is false), in the
+// layout the export format needs.
+absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const Shape& shape,
                                       const ExportOptions& o);
 
 // Writes config.json, model.safetensors and the tokenizer into `out_dir` atomically (a temp

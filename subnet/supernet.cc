@@ -53,6 +53,12 @@ const WidthEntry* SupernetSpec::FindWidth(double w) const {
   return nullptr;
 }
 
+ShapeRecord* SupernetSpec::FindRecord(const Shape& sh) {
+  for (auto& r : profile)
+    if (r.shape.depth == sh.depth && std::abs(r.shape.width - sh.width) < 1e-6) return &r;
+  return nullptr;
+}
+
 json SupernetSpec::ToJson() const {
   json j;
   j["format"] = "amoeba-supernet";
@@ -77,58 +83,192 @@ json SupernetSpec::ToJson() const {
                                 {"params", w.alloc.params}});
   }
   j["calibration"] = calibration;
-  j["profile"] = profile;
+  j["profile"] = json::array();
+  for (const auto& r : profile) {
+    json e = {{"depth", r.shape.depth}, {"width", r.shape.width}, {"params", r.params}};
+    if (r.heldout_perplexity) e["heldout_perplexity"] = *r.heldout_perplexity;
+    if (r.decode_ms_per_token) e["decode_ms_per_token"] = *r.decode_ms_per_token;
+    if (r.mc_accuracy) e["mc_accuracy"] = *r.mc_accuracy;
+    e["adapters"] = r.adapters;
+    j["profile"].push_back(e);
+  }
   j["smol"] = smol;
   return j;
 }
 
+namespace {
+
+// A field of the wrong type or range; FromJson turns it into DATA_LOSS naming the field.
+struct SpecError {
+  std::string message;
+};
+
+[[noreturn]] void Fail(const std::string& where, const std::string& why) {
+  throw SpecError{absl::StrCat(where, ": ", why)};
+}
+
+const json& At(const json& obj, const std::string& key, const std::string& where) {
+  if (!obj.is_object()) Fail(where, "must be an object");
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) Fail(absl::StrCat(where, ".", key), "missing");
+  return *it;
+}
+
+int64_t Int(const json& v, const std::string& where, int64_t lo, int64_t hi) {
+  if (!v.is_number_integer()) Fail(where, "must be an integer");
+  const int64_t x = v.get<int64_t>();
+  if (x < lo || x > hi) Fail(where, absl::StrCat(x, " outside [", lo, ", ", hi, "]"));
+  return x;
+}
+
+double Number(const json& v, const std::string& where) {
+  if (!v.is_number()) Fail(where, "must be a number");
+  const double x = v.get<double>();
+  if (!std::isfinite(x)) Fail(where, "must be finite");
+  return x;
+}
+
+std::vector<int64_t> IntList(const json& v, const std::string& where, int64_t lo, int64_t hi) {
+  if (!v.is_array()) Fail(where, "must be a list");
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < v.size(); ++i)
+    out.push_back(Int(v[i], absl::StrCat(where, "[", i, "]"), lo, hi));
+  return out;
+}
+
+std::vector<int> LayerList(const json& v, const std::string& where, int64_t L) {
+  std::vector<int> out;
+  for (int64_t l : IntList(v, where, 0, L - 1)) {
+    if (!out.empty() && l <= out.back()) Fail(where, "layers must be ascending, without repeats");
+    out.push_back(static_cast<int>(l));
+  }
+  return out;
+}
+
+std::optional<double> Positive(const json& obj, const char* key, const std::string& where) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return std::nullopt;
+  const double x = Number(*it, absl::StrCat(where, ".", key));
+  if (!(x > 0)) Fail(absl::StrCat(where, ".", key), "must be > 0");
+  return x;
+}
+
+}  // namespace
+
 absl::StatusOr<SupernetSpec> SupernetSpec::FromJson(const json& j, int64_t L) {
-  auto bad = [](const std::string& m) { return absl::DataLossError("amoeba.json: " + m); };
-  if (!j.is_object() || j.value("format", "") != "amoeba-supernet")
-    return bad("not an Amoeba supernet file");
+  if (!j.is_object() || !j.contains("format") || j["format"] != "amoeba-supernet")
+    return absl::DataLossError("amoeba.json: not an Amoeba supernet file");
   SupernetSpec s;
   try {
-    s.depths = j.at("grid").at("depths").get<std::vector<int64_t>>();
-    s.widths = j.at("grid").at("widths").get<std::vector<double>>();
-    s.metric = j.value("metric", "perplexity");
-    for (const auto& e : j.at("depth_table")) {
+    const json& grid = At(j, "grid", "grid");
+    s.depths = IntList(At(grid, "depths", "grid"), "grid.depths", 1, L);
+    const json& widths = At(grid, "widths", "grid");
+    if (!widths.is_array()) Fail("grid.widths", "must be a list");
+    for (size_t i = 0; i < widths.size(); ++i) {
+      const double w = Number(widths[i], absl::StrCat("grid.widths[", i, "]"));
+      if (!(w > 0 && w <= 1)) Fail(absl::StrCat("grid.widths[", i, "]"), "must be in (0, 1]");
+      s.widths.push_back(w);
+    }
+    if (s.depths.empty() || s.widths.empty()) Fail("grid", "empty");
+    for (size_t i = 1; i < s.depths.size(); ++i)
+      if (s.depths[i] <= s.depths[i - 1]) Fail("grid.depths", "must be ascending, without repeats");
+    for (size_t i = 1; i < s.widths.size(); ++i)
+      if (s.widths[i] >= s.widths[i - 1])
+        Fail("grid.widths", "must be descending, without repeats");
+    if (s.widths.front() != 1.0) Fail("grid.widths", "must start with 1");
+    if (j.contains("metric")) {
+      if (!j["metric"].is_string()) Fail("metric", "must be a string");
+      s.metric = j["metric"].get<std::string>();
+    }
+    const json& dt = At(j, "depth_table", "amoeba.json");
+    if (!dt.is_array()) Fail("depth_table", "must be a list");
+    for (size_t i = 0; i < dt.size(); ++i) {
+      const std::string where = absl::StrCat("depth_table[", i, "]");
       DepthEntry d;
-      d.depth = e.at("depth").get<int64_t>();
-      d.layers = e.at("layers").get<std::vector<int>>();
-      d.metric = e.value("metric", 0.0);
-      if (e.contains("baselines")) {
-        for (auto& [name, b] : e["baselines"].items())
-          d.baselines[name] = {b.at("layers").get<std::vector<int>>(), b.value("metric", 0.0)};
-      }
+      d.depth = Int(At(dt[i], "depth", where), where + ".depth", 1, L);
+      d.layers = LayerList(At(dt[i], "layers", where), where + ".layers", L);
       if (static_cast<int64_t>(d.layers.size()) != d.depth)
-        return bad(absl::StrCat("depth ", d.depth, ": layer list has the wrong length"));
-      for (int l : d.layers)
-        if (l < 0 || l >= L)
-          return bad(absl::StrCat("depth ", d.depth, ": layer ", l, " out of range"));
+        Fail(where + ".layers",
+             absl::StrCat("lists ", d.layers.size(), " layers for depth ", d.depth));
+      if (dt[i].contains("metric")) d.metric = Number(dt[i]["metric"], where + ".metric");
+      if (dt[i].contains("baselines")) {
+        const json& b = dt[i]["baselines"];
+        if (!b.is_object()) Fail(where + ".baselines", "must be an object");
+        for (auto& [name, e] : b.items()) {
+          const std::string bw = absl::StrCat(where, ".baselines.", name);
+          d.baselines[name] = {LayerList(At(e, "layers", bw), bw + ".layers", L),
+                               e.contains("metric") ? Number(e["metric"], bw + ".metric") : 0.0};
+        }
+      }
+      if (s.FindDepth(d.depth)) Fail(where, absl::StrCat("depth ", d.depth, " listed twice"));
       s.depth_table.push_back(std::move(d));
     }
-    for (const auto& e : j.at("width_table")) {
+    const json& wt = At(j, "width_table", "amoeba.json");
+    if (!wt.is_array()) Fail("width_table", "must be a list");
+    for (size_t i = 0; i < wt.size(); ++i) {
+      const std::string where = absl::StrCat("width_table[", i, "]");
       WidthEntry w;
-      w.ratio = e.at("ratio").get<double>();
-      w.alloc.kv_groups = e.at("kv_groups").get<std::vector<int64_t>>();
-      w.alloc.channels = e.at("channels").get<std::vector<int64_t>>();
-      w.alloc.params = e.value("params", int64_t{0});
+      w.ratio = Number(At(wt[i], "ratio", where), where + ".ratio");
+      if (!(w.ratio > 0 && w.ratio <= 1)) Fail(where + ".ratio", "must be in (0, 1]");
+      constexpr int64_t kBig = int64_t{1} << 24;
+      w.alloc.kv_groups = IntList(At(wt[i], "kv_groups", where), where + ".kv_groups", 1, kBig);
+      w.alloc.channels = IntList(At(wt[i], "channels", where), where + ".channels", 1, kBig);
+      if (wt[i].contains("params"))
+        w.alloc.params = Int(wt[i]["params"], where + ".params", 0, int64_t{1} << 50);
       if (static_cast<int64_t>(w.alloc.kv_groups.size()) != L ||
           static_cast<int64_t>(w.alloc.channels.size()) != L)
-        return bad(absl::StrCat("width ", w.ratio, ": per-layer lists need ", L, " entries"));
+        Fail(where, absl::StrCat("kv_groups and channels need ", L, " entries (one per layer)"));
+      if (s.FindWidth(w.ratio)) Fail(where, absl::StrCat("width ", w.ratio, " listed twice"));
       s.width_table.push_back(std::move(w));
     }
-    s.calibration = j.value("calibration", json::object());
-    s.profile = j.value("profile", json::array());
-    s.smol = j.value("smol", json());
+    if (j.contains("calibration")) s.calibration = j["calibration"];
+    if (j.contains("smol") && !j["smol"].is_null()) {
+      const json& sm = j["smol"];
+      if (!sm.is_object()) Fail("smol", "must be an object or null");
+      if (sm.contains("experts")) {
+        Int(sm["experts"], "smol.experts", 1, 1024);
+        Int(At(sm, "rank", "smol"), "smol.rank", 1, int64_t{1} << 20);
+      }
+      s.smol = sm;
+    }
+    for (int64_t d : s.depths)
+      if (!s.FindDepth(d))
+        Fail("grid.depths", absl::StrCat("depth ", d, " has no depth_table entry"));
+    for (double w : s.widths)
+      if (!s.FindWidth(w))
+        Fail("grid.widths", absl::StrCat("width ", w, " has no width_table entry"));
+    if (j.contains("profile")) {
+      const json& pr = j["profile"];
+      if (!pr.is_array()) Fail("profile", "must be a list");
+      for (size_t i = 0; i < pr.size(); ++i) {
+        const std::string where = absl::StrCat("profile[", i, "]");
+        ShapeRecord r;
+        r.shape.depth = Int(At(pr[i], "depth", where), where + ".depth", 1, L);
+        r.shape.width = Number(At(pr[i], "width", where), where + ".width");
+        if (!s.FindDepth(r.shape.depth) || !s.FindWidth(r.shape.width))
+          Fail(where, absl::StrCat("shape ", r.shape.ToString(), " is not on the grid"));
+        if (s.FindRecord(r.shape)) Fail(where, absl::StrCat(r.shape.ToString(), " listed twice"));
+        if (pr[i].contains("params"))
+          r.params = Int(pr[i]["params"], where + ".params", 0, int64_t{1} << 50);
+        r.heldout_perplexity = Positive(pr[i], "heldout_perplexity", where);
+        r.decode_ms_per_token = Positive(pr[i], "decode_ms_per_token", where);
+        if (pr[i].contains("mc_accuracy")) {
+          r.mc_accuracy = Number(pr[i]["mc_accuracy"], where + ".mc_accuracy");
+          if (*r.mc_accuracy < 0 || *r.mc_accuracy > 1)
+            Fail(where + ".mc_accuracy", "must be in [0, 1]");
+        }
+        if (pr[i].contains("adapters")) {
+          if (!pr[i]["adapters"].is_boolean()) Fail(where + ".adapters", "must be true or false");
+          r.adapters = pr[i]["adapters"].get<bool>();
+        }
+        s.profile.push_back(r);
+      }
+    }
+  } catch (const SpecError& e) {
+    return absl::DataLossError("amoeba.json: " + e.message);
   } catch (const json::exception& e) {
-    return bad(e.what());
+    return absl::DataLossError(absl::StrCat("amoeba.json: ", e.what()));
   }
-  for (int64_t d : s.depths)
-    if (!s.FindDepth(d)) return bad(absl::StrCat("grid depth ", d, " has no depth_table entry"));
-  for (double w : s.widths)
-    if (!s.FindWidth(w)) return bad(absl::StrCat("grid width ", w, " has no width_table entry"));
-  if (s.depths.empty() || s.widths.empty()) return bad("empty grid");
   return s;
 }
 
@@ -150,40 +290,76 @@ absl::StatusOr<std::unique_ptr<Supernet>> Supernet::Load(const std::string& dir)
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded()) return absl::DataLossError(meta + ": invalid JSON");
   ASSIGN_OR_RETURN(SupernetSpec spec, SupernetSpec::FromJson(j, m.config.num_hidden_layers));
-  ASSIGN_OR_RETURN(TensorStore ws,
-                   TensorStore::OpenFile((fs::path(dir) / "width.safetensors").string()));
+  const int64_t L = m.config.num_hidden_layers, H = m.config.hidden_size;
+  // The width table against the model: in range, nested (a smaller width keeps a prefix of a
+  // larger one's units), and width 1 keeps everything.
+  std::vector<const WidthEntry*> by_ratio;
+  for (const auto& w : spec.width_table) by_ratio.push_back(&w);
+  std::sort(by_ratio.begin(), by_ratio.end(),
+            [](const WidthEntry* a, const WidthEntry* b) { return a->ratio > b->ratio; });
+  for (size_t i = 0; i < by_ratio.size(); ++i) {
+    const WidthEntry& w = *by_ratio[i];
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t groups = m.layers[l].kv_heads(m.config.head_dim);
+      const int64_t channels = m.layers[l].intermediate();
+      if (w.alloc.kv_groups[l] > groups || w.alloc.channels[l] > channels)
+        return absl::DataLossError(
+            absl::StrCat(meta, ": width ", w.ratio, " keeps more units than layer ", l, " has"));
+      if (w.ratio == 1.0 && (w.alloc.kv_groups[l] != groups || w.alloc.channels[l] != channels))
+        return absl::DataLossError(absl::StrCat(meta, ": width 1 does not keep all of layer ", l));
+      if (i > 0 && (w.alloc.kv_groups[l] > by_ratio[i - 1]->alloc.kv_groups[l] ||
+                    w.alloc.channels[l] > by_ratio[i - 1]->alloc.channels[l]))
+        return absl::DataLossError(absl::StrCat(meta, ": width ", w.ratio, " keeps more of layer ",
+                                                l, " than width ", by_ratio[i - 1]->ratio,
+                                                " (widths must be nested)"));
+    }
+  }
+  const std::string width_path = (fs::path(dir) / "width.safetensors").string();
+  ASSIGN_OR_RETURN(TensorStore ws, TensorStore::OpenFile(width_path));
+  auto finite = [&](const at::Tensor& t, const std::string& name) -> absl::Status {
+    if (at::isfinite(t).all().item<bool>()) return absl::OkStatus();
+    return absl::DataLossError(absl::StrCat(width_path, ": tensor '", name, "' holds NaN or Inf"));
+  };
   std::vector<at::Tensor> om, dm;
-  for (int64_t l = 0; l < m.config.num_hidden_layers; ++l) {
+  for (int64_t l = 0; l < L; ++l) {
     const auto& layer = m.layers[l];
-    ASSIGN_OR_RETURN(at::Tensor o, ws.GetF32(absl::StrCat("layers.", l, ".o_proj.input_mean"),
-                                             {layer.o.size(1)}));
-    ASSIGN_OR_RETURN(at::Tensor d, ws.GetF32(absl::StrCat("layers.", l, ".down_proj.input_mean"),
-                                             {layer.down.size(1)}));
+    const std::string on = absl::StrCat("layers.", l, ".o_proj.input_mean");
+    const std::string dn = absl::StrCat("layers.", l, ".down_proj.input_mean");
+    ASSIGN_OR_RETURN(at::Tensor o, ws.GetF32(on, {layer.o.size(1)}));
+    ASSIGN_OR_RETURN(at::Tensor d, ws.GetF32(dn, {layer.down.size(1)}));
+    RETURN_IF_ERROR(finite(o, on));
+    RETURN_IF_ERROR(finite(d, dn));
     om.push_back(o);
     dm.push_back(d);
   }
-  for (const auto& w : spec.width_table) {
-    for (int64_t l = 0; l < m.config.num_hidden_layers; ++l) {
-      if (w.alloc.kv_groups[l] > m.layers[l].kv_heads(m.config.head_dim) ||
-          w.alloc.channels[l] > m.layers[l].intermediate())
-        return absl::DataLossError(
-            absl::StrCat(meta, ": width ", w.ratio, " keeps more units than layer ", l, " has"));
+  // Grid biases as stored (identical to recomputing them from the means; loading saves work).
+  std::map<std::tuple<int64_t, bool, int64_t>, at::Tensor> biases;
+  for (size_t wi = 0; wi < spec.width_table.size(); ++wi) {
+    const auto& a = spec.width_table[wi].alloc;
+    for (int64_t l = 0; l < L; ++l) {
+      const std::string p = absl::StrCat("width.", wi, ".layers.", l, ".");
+      for (bool attention : {true, false}) {
+        const std::string name = p + (attention ? "o_proj.bias" : "down_proj.bias");
+        if (!ws.contains(name)) continue;  // recomputed from the means when needed
+        ASSIGN_OR_RETURN(at::Tensor b, ws.GetF32(name, {H}));
+        RETURN_IF_ERROR(finite(b, name));
+        biases[{l, attention, attention ? a.kv_groups[l] : a.channels[l]}] = b;
+      }
     }
   }
   auto s = std::make_unique<Supernet>(std::move(m), std::move(spec), std::move(om), std::move(dm));
   s->dir_ = dir;
+  s->bias_cache_ = std::move(biases);
   auto tok = LoadTokenizer(dir);
   if (tok.ok()) s->tokenizer_ = std::move(*tok);
-  // Grid biases as stored (identical to recomputing them from the means; loading them saves work).
-  for (size_t wi = 0; wi < s->spec_.width_table.size(); ++wi) {
-    const auto& a = s->spec_.width_table[wi].alloc;
-    for (int64_t l = 0; l < s->base_.config.num_hidden_layers; ++l) {
-      const std::string p = absl::StrCat("width.", wi, ".layers.", l, ".");
-      if (ws.contains(p + "o_proj.bias"))
-        s->bias_cache_[{l, true, a.kv_groups[l]}] = *ws.GetF32(p + "o_proj.bias");
-      if (ws.contains(p + "down_proj.bias"))
-        s->bias_cache_[{l, false, a.channels[l]}] = *ws.GetF32(p + "down_proj.bias");
-    }
+  // Recorded sizes must be this model's (an amoeba.json copied next to other weights is not).
+  for (const ShapeRecord& r : s->spec_.profile) {
+    if (r.params == 0) continue;
+    ASSIGN_OR_RETURN(Model sub, s->Extract(r.shape));
+    if (sub.config.ParameterCount() != r.params)
+      return absl::DataLossError(absl::StrCat(meta, ": profile of ", r.shape.ToString(),
+                                              " records ", r.params, " parameters, the model has ",
+                                              sub.config.ParameterCount()));
   }
   return s;
 }

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,17 @@ struct WidthEntry {
   WidthAllocation alloc;
 };
 
+// One row of amoeba.json's "profile": what was measured for one grid shape. Sizes and bytes are
+// not stored: they follow from the model and the dtype it is served in.
+struct ShapeRecord {
+  Shape shape;
+  int64_t params = 0;
+  std::optional<double> heldout_perplexity;   // `amoeba-admin eval` on held-out text
+  std::optional<double> decode_ms_per_token;  // on the host that ran eval
+  std::optional<double> mc_accuracy;          // multiple-choice accuracy, in [0, 1]
+  bool adapters = false;                      // measured with the SMoL adapters
+};
+
 struct SupernetSpec {
   std::vector<int64_t> depths;  // ascending
   std::vector<double> widths;   // descending, widths[0] == 1
@@ -47,11 +59,12 @@ struct SupernetSpec {
   std::vector<DepthEntry> depth_table;
   std::vector<WidthEntry> width_table;
   nlohmann::json calibration = nlohmann::json::object();  // provenance
-  nlohmann::json profile = nlohmann::json::array();       // per-shape figures
+  std::vector<ShapeRecord> profile;                       // per-shape figures
   nlohmann::json smol;                                    // adapters config, null when untuned
 
   const DepthEntry* FindDepth(int64_t d) const;
   const WidthEntry* FindWidth(double w) const;
+  ShapeRecord* FindRecord(const Shape& s);
   nlohmann::json ToJson() const;
   static absl::StatusOr<SupernetSpec> FromJson(const nlohmann::json& j, int64_t num_layers);
 };

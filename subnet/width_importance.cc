@@ -121,13 +121,17 @@ WidthAllocation AllocateGlobal(const Model& m, const WidthScores& sc, double rat
     if (a.score != b.score) return a.score > b.score;
     return std::tie(a.layer, a.attention, a.index) < std::tie(b.layer, b.attention, b.index);
   });
+  // Every layer keeps its best head group and MLP channel: a layer with none would be no valid
+  // LLaMA layer (and the loader rejects it).
   WidthAllocation a;
-  a.kv_groups.assign(L, 0);
-  a.channels.assign(L, 0);
+  a.kv_groups.assign(L, 1);
+  a.channels.assign(L, 1);
   const double target = ratio * static_cast<double>(WidthParams(m));
   const int64_t gp = GroupParams(m.config), cp = ChannelParams(m.config);
+  a.params = static_cast<int64_t>(L) * (gp + cp);
   for (const Unit& u : units) {
     if (static_cast<double>(a.params) >= target) break;
+    if (u.index == 0) continue;  // already kept
     if (u.attention) {
       a.kv_groups[u.layer] = std::max(a.kv_groups[u.layer], u.index + 1);
       a.params += gp;

@@ -75,8 +75,8 @@ struct TestServer {
     auto profiles = ProfilesFromSupernet(*supernet);
     for (auto& p : profiles)
       p.measured_decode_ms = 0.001 * p.decode_weight_bytes / 1000.0;  // deterministic
-    service = std::make_unique<AmoebaService>(*supernet, *scheduler, &metrics, svo, HostSpeed{},
-                                              profiles);
+    service = std::make_unique<AmoebaService>(*supernet, smol.get(), *scheduler, &metrics, svo,
+                                              HostSpeed{}, profiles);
     grpc::EnableDefaultHealthCheckService(true);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
     grpc::ServerBuilder b;

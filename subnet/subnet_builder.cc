@@ -1,0 +1,63 @@
+#include "subnet/subnet_builder.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "model/status_macros.h"
+
+namespace amoeba {
+namespace fs = std::filesystem;
+
+at::Tensor ShapeGate(const Supernet& s, const Smol& smol, const Shape& shape) {
+  return smol.Gate(
+      smol.ShapeFeature(s.spec().FindDepth(shape.depth)->layers, s.WidthIndex(shape.width)), false);
+}
+
+absl::StatusOr<Model> BuildSubnet(const Supernet& s, const Smol* smol, const Shape& shape,
+                                  const SubnetOptions& o) {
+  const bool adapters = smol != nullptr && o.adapters != AdapterMode::kNone;
+  Model m;
+  if (!o.uniform_width || adapters) {
+    RETURN_IF_ERROR(s.Validate(shape));
+  } else if (!s.spec().FindDepth(shape.depth)) {
+    RETURN_IF_ERROR(s.Validate(shape));  // names the depth grid
+  } else if (!(shape.width > 0 && shape.width <= 1)) {
+    return absl::InvalidArgumentError("shape.width: must be in (0, 1]");
+  }
+  if (o.uniform_width) {
+    ASSIGN_OR_RETURN(m, s.ExtractWith(shape.depth, AllocateUniform(s.base(), shape.width),
+                                      ExtractMode::kSliced));
+  } else {
+    ASSIGN_OR_RETURN(m, s.Extract(shape));
+  }
+  if (!adapters) return m;
+  const std::vector<int>& layers = s.spec().FindDepth(shape.depth)->layers;
+  const at::Tensor gate = ShapeGate(s, *smol, shape);
+  return o.adapters == AdapterMode::kMerged ? smol->Merge(m, gate, layers)
+                                            : smol->AttachUnmerged(m, gate, layers);
+}
+
+absl::StatusOr<std::unique_ptr<Smol>> LoadAdapters(const Supernet& s) {
+  const bool named = s.spec().smol.is_object() && s.spec().smol.contains("experts");
+  const fs::path path = fs::path(s.dir()) / "smol.safetensors";
+  const bool present = !s.dir().empty() && fs::exists(path);
+  if (!named && !present) return std::unique_ptr<Smol>();
+  if (named && !present) {
+    return absl::DataLossError(
+        "amoeba.json names SMoL adapters but smol.safetensors is missing (copy it back, or remove "
+        "the \"smol\" entry to serve the untuned supernet)");
+  }
+  if (!named) {
+    return absl::DataLossError(
+        "smol.safetensors is present but amoeba.json names no adapters (tuning did not finish?)");
+  }
+  ASSIGN_OR_RETURN(Smol loaded, Smol::Load(path.string(), s.base()));
+  if (loaded.config().experts != s.spec().smol.value("experts", int64_t{-1}) ||
+      loaded.config().rank != s.spec().smol.value("rank", int64_t{-1})) {
+    return absl::DataLossError(
+        "smol.safetensors does not match the adapters amoeba.json names (experts/rank differ)");
+  }
+  return std::make_unique<Smol>(std::move(loaded));
+}
+
+}  // namespace amoeba
