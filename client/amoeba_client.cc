@@ -1,5 +1,7 @@
 #include "client/amoeba_client.h"
 
+#include "file_digest.h"
+
 #include <unistd.h>
 
 #include <cstring>
@@ -130,27 +132,53 @@ grpc::Status Client::Export(const v1::ExportSubnetRequest& req, const std::strin
   v1::FileChunk c;
   std::ofstream out;
   std::string current;
+  uint64_t received = 0;  // bytes of `current` so far: chunks must arrive in order
+  Sha256 digest;
   bool bad = false;
   std::string why;
+  auto fail = [&](const std::string& w) {
+    if (!bad) why = w;
+    bad = true;
+  };
   while (reader->Read(&c)) {
+    if (bad) continue;                                    // drain; the call's result is DATA_LOSS
     const fs::path name = fs::path(c.path()).filename();  // never write outside the directory
-    if (name.empty() || name.string() != c.path()) {
-      bad = true;
-      why = "server sent a bad file name: " + c.path();
+    if (name.empty() || name.string() != c.path() || c.path() == "." || c.path() == "..") {
+      fail("server sent a bad file name: " + c.path().substr(0, 100));
       continue;
     }
     if (current != c.path()) {
-      out.close();
+      if (!current.empty()) {
+        fail("file " + current + " ended without its last chunk");
+        continue;
+      }
       out.open(fs::path(tmp) / name, std::ios::binary | std::ios::trunc);
       current = c.path();
+      received = 0;
     }
-    out.seekp(static_cast<std::streamoff>(c.offset()));
+    if (c.offset() != received) {
+      fail("chunks of " + current + " out of order");
+      continue;
+    }
     out.write(c.data().data(), static_cast<std::streamsize>(c.data().size()));
+    digest.Update(c.data());
+    received += c.data().size();
     if (c.last_chunk()) {
       out.close();
+      const std::string got = digest.HexDigest();
+      if (!out) {
+        fail("cannot write " + current);
+      } else if (c.sha256().empty()) {
+        fail("server sent no SHA-256 for " + current);
+      } else if (got != c.sha256()) {
+        fail("SHA-256 of " + current + " does not match: the download is corrupt");
+      } else if (received != c.total_size()) {
+        fail("size of " + current + " does not match");
+      }
       current.clear();
     }
   }
+  if (!current.empty()) fail("file " + current + " ended without its last chunk");
   out.close();
   grpc::Status s = reader->Finish();
   if (s.ok() && bad) s = grpc::Status(grpc::StatusCode::DATA_LOSS, why);

@@ -107,8 +107,10 @@ int main(int argc, char** argv) {
   tok->add_option("text", tok_text)->required();
   auto* exp = app.add_subcommand("export", "Download one shape as an HF directory");
   std::string out_dir, exp_shape;
-  bool uniform = false;
+  bool uniform = false, no_adapters = false;
   exp->add_option("--shape", exp_shape, "depth=D,width=W")->required();
+  exp->add_flag("--no-adapters", no_adapters,
+                "The base subnet, without the tuned SMoL adapters merged in");
   exp->add_option("--out", out_dir, "Output directory")->required();
   exp->add_flag("--uniform-width", uniform,
                 "Standard LlamaForCausalLM (same width in every layer)");
@@ -248,9 +250,11 @@ int main(int argc, char** argv) {
       return 2;
     }
     req.set_uniform_width(uniform);
+    req.set_no_adapters(no_adapters);
     grpc::Status st = c.Export(req, out_dir);
     if (!st.ok()) return Fail(st);
-    std::printf("exported %s to %s\n", exp_shape.c_str(), out_dir.c_str());
+    std::printf("exported %s to %s (every file's SHA-256 verified)\n", exp_shape.c_str(),
+                out_dir.c_str());
     return 0;
   }
   return 2;

@@ -184,7 +184,7 @@ void Scheduler::BuilderLoop() {
     }
     const auto t0 = Clock::now();
     try {
-      if (opt_.fault_hook) opt_.fault_hook(b.shape);
+      if (opt_.fault_hook) opt_.fault_hook("build", b.shape);
       auto merged = BuildSubnet(supernet_, opt_.smol, b.shape,
                                 {.adapters = AdapterMode::kMerged, .uniform_width = false});
       if (!merged.ok()) throw std::runtime_error(std::string(merged.status().message()));
@@ -365,16 +365,17 @@ void Scheduler::Step(Lane& lane) {
   // Cancellation and deadlines are honoured before spending a step on the sequence.
   for (size_t i = lane.seqs.size(); i-- > 0;) {
     Seq& s = lane.seqs[i];
-    if (s.job->cancelled) {
-      Finish(lane, i, FinishReason::kCancelled);
-    } else if ((s.job->deadline && now >= *s.job->deadline) ||
-               (s.time_limit && now >= *s.time_limit)) {
+    // A passed deadline first: gRPC cancels the call when it passes, and the request ended by
+    // its deadline, not by the client.
+    if ((s.job->deadline && now >= *s.job->deadline) || (s.time_limit && now >= *s.time_limit)) {
       Finish(lane, i, FinishReason::kTimeLimit);
+    } else if (s.job->cancelled) {
+      Finish(lane, i, FinishReason::kCancelled);
     }
   }
   if (lane.seqs.empty()) return;
   lane.last_used = now;
-  if (opt_.fault_hook) opt_.fault_hook(lane.shape);
+  if (opt_.fault_hook) opt_.fault_hook("step", lane.shape);
   std::vector<SeqInput> inputs;
   inputs.reserve(lane.seqs.size());
   for (Seq& s : lane.seqs) {

@@ -64,9 +64,10 @@ struct SchedulerOptions {
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
   // Lane statistics listener (metrics): called on the worker thread after each step.
   std::function<void(const Shape&, int64_t running)> on_lane_step;
-  // Test-only fault injection: called on the worker thread before each step of a lane and before
-  // each merged-copy build; whatever it throws goes through the error boundary.
-  std::function<void(const Shape&)> fault_hook;
+  // Test-only fault injection: called with "step" on the worker thread before each step of a lane
+  // and with "build" on the builder thread before each merged-copy build; whatever it throws goes
+  // through the error boundary.
+  std::function<void(const char* site, const Shape&)> fault_hook;
 };
 
 struct SchedulerStats {

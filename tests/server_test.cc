@@ -21,132 +21,16 @@
 #include "server/metrics.h"
 #include "server/service.h"
 #include "subnet/calibrate.h"
-#include "tests/test_util.h"
+#include "tests/server_fixture.h"
 
 namespace amoeba {
 namespace {
+using testing::LocalGreedy;
+using testing::Req;
+using testing::Stream;
+using testing::Streamed;
 using testing::TempDir;
-
-struct TestServer {
-  TempDir dir;
-  std::unique_ptr<Supernet> supernet;
-  std::unique_ptr<Scheduler> scheduler;
-  Metrics metrics;
-  std::unique_ptr<AmoebaService> service;
-  std::unique_ptr<grpc::Server> server;
-  int port = 0;
-
-  std::unique_ptr<Smol> smol;
-
-  explicit TestServer(SchedulerOptions so = {}, std::string token = "", bool adapters = false) {
-    ModelConfig c = testing::TinyConfig();
-    c.num_hidden_layers = 5;
-    c.vocab_size = 259;
-    Model m = RandomModel(c, 11, 0.3);
-    EXPECT_TRUE(SaveModel(m, dir.file("model")).ok());
-    EXPECT_TRUE(WriteByteTokenizer(dir.file("model")).ok());
-    std::ofstream(dir.file("calib.txt"))
-        << std::string(300, 'a') << " some calibration text for the test server.";
-    CalibrateOptions o;
-    o.model_dir = dir.file("model");
-    o.out_dir = dir.file("super");
-    o.data_path = dir.file("calib.txt");
-    o.windows = 4;
-    o.window_len = 32;
-    o.dp_windows = 2;
-    auto s = Calibrate(o);
-    EXPECT_TRUE(s.ok()) << s.status();
-    supernet = std::move(*s);
-    if (adapters) {
-      SmolConfig sc;
-      sc.rank = 4;
-      smol = std::make_unique<Smol>(supernet->base(),
-                                    static_cast<int64_t>(supernet->spec().widths.size()), sc, 5);
-      for (auto& [n, t] : smol->NamedParameters())
-        if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.2);
-      so.smol = smol.get();
-    }
-    so.max_context = 128;
-    scheduler = std::make_unique<Scheduler>(*supernet, so);
-    ServiceOptions svo;
-    svo.limits.max_prompt_tokens = 100;
-    svo.limits.max_new_tokens = 200;
-    svo.auth_token = token;
-    auto profiles = ProfilesFromSupernet(*supernet);
-    for (auto& p : profiles)
-      p.measured_decode_ms = 0.001 * p.decode_weight_bytes / 1000.0;  // deterministic
-    service = std::make_unique<AmoebaService>(*supernet, smol.get(), *scheduler, &metrics, svo,
-                                              HostSpeed{}, profiles);
-    grpc::EnableDefaultHealthCheckService(true);
-    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-    grpc::ServerBuilder b;
-    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    b.RegisterService(service.get());
-    server = b.BuildAndStart();
-    server->GetHealthCheckService()->SetServingStatus(true);
-    EXPECT_TRUE(metrics.Serve("127.0.0.1", 0).ok());
-  }
-  ~TestServer() {
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
-    scheduler.reset();
-  }
-  client::Client Client(const std::string& token = "", double timeout = 0) {
-    client::ClientOptions o;
-    o.target = absl::StrCat("127.0.0.1:", port);
-    o.token = token;
-    o.timeout_s = timeout;
-    return client::Client(o);
-  }
-};
-
-struct Streamed {
-  grpc::Status status;
-  std::vector<int32_t> tokens;
-  std::string text;
-  v1::GenerateResponse last;
-  int messages = 0;
-};
-
-Streamed Stream(client::Client& c, const v1::GenerateRequest& r) {
-  Streamed s;
-  s.status = c.Generate(r, [&](const v1::GenerateResponse& m) {
-    for (int32_t t : m.token_ids()) s.tokens.push_back(t);
-    s.text += m.text();
-    s.last = m;
-    ++s.messages;
-  });
-  return s;
-}
-
-v1::GenerateRequest Req(const std::string& text, int depth, double width, int n) {
-  v1::GenerateRequest r;
-  r.set_text(text);
-  r.mutable_shape()->set_depth(depth);
-  r.mutable_shape()->set_width(width);
-  r.set_max_new_tokens(n);
-  return r;
-}
-
-// The same greedy generation locally, on the extracted subnet (with adapters merged if given).
-std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape, const std::string& text,
-                                 int n, const Smol* smol = nullptr,
-                                 at::ScalarType kv_dtype = at::kFloat) {
-  at::InferenceMode g;
-  auto m = s.Extract(shape);
-  if (smol) {
-    const auto& layers = s.spec().FindDepth(shape.depth)->layers;
-    *m = smol->Merge(*m, smol->Gate(smol->ShapeFeature(layers, s.WidthIndex(shape.width)), false),
-                     layers);
-  }
-  Engine e(std::make_shared<const Model>(std::move(*m)), {.max_len = 128, .kv_dtype = kv_dtype});
-  KVCache c = e.NewCache(1);
-  std::vector<int32_t> prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
-  for (int32_t t : s.tokenizer()->Encode(text)) prompt.push_back(t);
-  GenerationOptions o;
-  o.max_new_tokens = n;
-  auto r = Generate(e, c, 0, *s.tokenizer(), prompt, o);
-  return r->tokens;
-}
+using testing::TestServer;
 
 TEST(ServerTest, StreamsAnExplicitShapeAndMatchesLocalGeneration) {
   TestServer ts;
@@ -214,29 +98,51 @@ TEST(ServerTest, TinyCacheCapKeepsHotShapesUnmerged) {
   EXPECT_EQ(ts.scheduler->stats().merged_lanes, 0);
 }
 
+// Waits (bounded) until `pred` holds for the scheduler's stats.
+bool WaitForStats(Scheduler& s, const std::function<bool(const SchedulerStats&)>& pred) {
+  for (int i = 0; i < 500; ++i) {
+    if (pred(s.stats())) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return pred(s.stats());
+}
+
 // Merged copies beyond the cap: idle ones are evicted least-recently-used, and an evicted shape
-// is rebuilt (cold again) on its next request with the same output.
+// is rebuilt (cold again, then merged again) on its next requests with the same output.
 TEST(ServerTest, MergedCopiesAreEvictedUnderTheCapAndRebuilt) {
   SchedulerOptions so;
   so.merge_after_requests = 1;
   TestServer probe(so, "", /*adapters=*/true);
-  // Room for about one merged full-width copy.
+  // Room for one merged full-depth copy, not two.
   const auto full = probe.supernet->Extract({5, 1.0});
   const int64_t one = full->ProjectionBytes();
   so.cache_bytes = one + one / 2;
   TestServer ts(so, "", /*adapters=*/true);
   auto c = ts.Client();
-  for (int round = 0; round < 3; ++round) {
+  int64_t built = 0;
+  for (int round = 0; round < 2; ++round) {
     for (Shape sh : {Shape{5, 1.0}, Shape{5, 0.875}}) {
       Streamed s = Stream(c, Req("evict", static_cast<int>(sh.depth), sh.width, 4));
       ASSERT_TRUE(s.status.ok()) << sh.ToString() << ": " << s.status.error_message();
       EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, sh, "evict", 4, ts.smol.get()))
           << sh.ToString() << " round " << round;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let a build finish
+      // The request started a build (the lane is new: the other shape's copy was evicted).
+      ++built;
+      ASSERT_TRUE(WaitForStats(*ts.scheduler,
+                               [&](const SchedulerStats& st) { return st.merges_built == built; }))
+          << "merged copy " << built << " never built";
+      // Served by the merged copy now, with the same output.
+      Streamed hot = Stream(c, Req("evict", static_cast<int>(sh.depth), sh.width, 4));
+      EXPECT_EQ(hot.tokens, s.tokens) << sh.ToString() << " merged";
+      const SchedulerStats st = ts.scheduler->stats();
+      EXPECT_EQ(st.merged_lanes, 1);
+      EXPECT_LE(st.cache_bytes, so.cache_bytes);
+      EXPECT_GT(st.cache_bytes, 0);
     }
   }
-  EXPECT_LE(ts.scheduler->stats().merged_lanes, 1);
-  EXPECT_LE(ts.scheduler->stats().cache_bytes, so.cache_bytes);
+  // Every shape change after the first evicted the other shape's copy.
+  EXPECT_EQ(ts.scheduler->stats().evictions, 3);
+  EXPECT_EQ(ts.scheduler->stats().merges_built, 4);
 }
 
 // --kv-dtype f16: the server's lanes keep an fp16 KV cache and generate what a local engine with
@@ -332,12 +238,33 @@ TEST(ServerTest, CancelFreesTheSlotAndDeadlinesAreReported) {
   Streamed t = Stream(c, tl);
   ASSERT_TRUE(t.status.ok());
   EXPECT_EQ(t.last.finish_reason(), v1::TIME_LIMIT);
-  // A client deadline that passes is reported as DEADLINE_EXCEEDED.
-  auto quick = ts.Client("", 0.001);
+}
+
+// The gRPC deadline reaches the server's deadline path: a slowed-down worker (5 ms a step) runs
+// past a 300 ms deadline, the server ends the sequence as TIME_LIMIT and the client sees
+// DEADLINE_EXCEEDED. The server-side finish is what the metrics record.
+TEST(ServerTest, ClientDeadlineEndsTheSequenceOnTheServer) {
+  SchedulerOptions so;
+  so.fault_hook = [](const char*, const Shape&) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  };
+  TestServer ts(so);
+  auto quick = ts.Client("", 0.3);
   auto dl = Req("deadline", 5, 1.0, 200);
   dl.mutable_sampling()->set_temperature(1.0);
   Streamed d = Stream(quick, dl);
   EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_GT(d.tokens.size(), 0u);  // it was running on the server when the deadline passed
+  const std::regex finished(R"(amoeba_requests_total\{[^}]*status="time_limit"[^}]*\} 1)");
+  bool seen = false;
+  for (int i = 0; i < 100 && !seen; ++i) {
+    seen = std::regex_search(ts.metrics.Render(), finished);
+    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(seen) << ts.metrics.Render();
+  for (int i = 0; i < 100 && ts.scheduler->stats().running != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(ts.scheduler->stats().running, 0);
 }
 
 TEST(ServerTest, FullQueueIsResourceExhausted) {

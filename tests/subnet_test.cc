@@ -3,20 +3,25 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "model/engine.h"
 #include "model/file_util.h"
 #include "model/presets.h"
+#include "model/safetensors.h"
 #include "model/torch_forward.h"
 #include "subnet/calibrate.h"
 #include "subnet/calibration_data.h"
 #include "subnet/depth_search.h"
 #include "subnet/export.h"
 #include "subnet/metrics.h"
+#include "subnet/subnet_builder.h"
 #include "subnet/width_importance.h"
 #include "tests/test_util.h"
 
@@ -274,8 +279,8 @@ struct SupernetOnDisk {
     Model m = SixLayerModel(7);
     m.config.vocab_size = 259;
     m = RandomModel(m.config, 7, 0.15);
-    EXPECT_TRUE(SaveModel(m, model_dir).ok());
-    EXPECT_TRUE(WriteByteTokenizer(model_dir).ok());
+    testing::MustOk(SaveModel(m, model_dir), "save model");
+    testing::MustOk(WriteByteTokenizer(model_dir), "tokenizer");
     std::ofstream(dir.file("calib.txt"))
         << std::string(200, 'x') << " the quick brown fox jumps over the lazy dog "
         << "and keeps on running until the end of the calibration text.";
@@ -283,8 +288,7 @@ struct SupernetOnDisk {
     o.model_dir = model_dir;
     o.out_dir = super_dir;
     o.data_path = dir.file("calib.txt");
-    auto s = Calibrate(o);
-    EXPECT_TRUE(s.ok()) << s.status();
+    testing::MustOk(Calibrate(o), "calibrate");
   }
 };
 
@@ -357,6 +361,144 @@ TEST(SupernetTest, BadSupernetDirectoriesAndShapes) {
   EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
   EXPECT_NE(none.status().message().find("calibration did not finish"), std::string::npos);
   EXPECT_FALSE(Supernet::Load(d.model_dir).ok());  // a plain model is not a supernet
+}
+
+// Rewrites a safetensors file with `edit` applied to its tensors (dtype per tensor kept as F32).
+void RewriteTensors(const std::string& path,
+                    const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
+  auto f = testing::MustOk(SafetensorsFile::Open(path), "open");
+  std::map<std::string, at::Tensor> t;
+  for (const auto& n : f->names()) t[n] = testing::MustOk(f->GetF32(n), "read").clone();
+  f.reset();
+  edit(t);
+  NamedTensors out(t.begin(), t.end());
+  testing::MustOk(WriteSafetensors(path, out), "write");
+}
+
+// Changes the stored dtype string of one tensor in a safetensors header (same byte size).
+void SetStoredDtype(const std::string& path, const std::string& name, const std::string& dtype) {
+  const std::string bytes = testing::MustOk(ReadFile(path), "read");
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  auto header = nlohmann::json::parse(bytes.substr(8, n));
+  header[name]["dtype"] = dtype;
+  const std::string h = header.dump();
+  const uint64_t m = h.size();
+  std::string out(reinterpret_cast<const char*>(&m), 8);
+  out += h + bytes.substr(8 + n);
+  testing::MustOk(WriteFileAtomic(path, out), "write");
+}
+
+// Each of these corrupt supernets used to abort the server (SIGABRT) or be silently accepted
+// (then serve empty text or fail every request). Each is now a clear error at load that names
+// what is wrong, and the directory is intact afterwards for the next case.
+TEST(SupernetTest, EveryCorruptPieceIsAClearLoadError) {
+  SupernetOnDisk d;
+  const std::string meta = d.super_dir + "/amoeba.json";
+  const std::string config = d.super_dir + "/config.json";
+  const std::string width = d.super_dir + "/width.safetensors";
+  const std::string weights = d.super_dir + "/model.safetensors";
+  const std::string good_meta = *ReadFile(meta), good_config = *ReadFile(config);
+  const std::string good_width = *ReadFile(width), good_weights = *ReadFile(weights);
+  auto restore = [&] {
+    testing::MustOk(WriteFileAtomic(meta, good_meta), "restore");
+    testing::MustOk(WriteFileAtomic(config, good_config), "restore");
+    testing::MustOk(WriteFileAtomic(width, good_width), "restore");
+    testing::MustOk(WriteFileAtomic(weights, good_weights), "restore");
+  };
+  auto expect_error = [&](const std::string& what, const std::string& needle) {
+    auto s = Supernet::Load(d.super_dir);
+    EXPECT_FALSE(s.ok()) << what << ": loaded";
+    if (!s.ok()) {
+      EXPECT_NE(s.status().message().find(needle), std::string::npos)
+          << what << ": " << s.status().message();
+    }
+    restore();
+    ASSERT_TRUE(Supernet::Load(d.super_dir).ok()) << "restored after " << what;
+  };
+  auto edit_meta = [&](const std::function<void(nlohmann::json&)>& f) {
+    auto j = nlohmann::json::parse(good_meta);
+    f(j);
+    testing::MustOk(WriteFileAtomic(meta, j.dump()), "write");
+  };
+  auto edit_config = [&](const std::function<void(nlohmann::json&)>& f) {
+    auto j = nlohmann::json::parse(good_config);
+    f(j);
+    testing::MustOk(WriteFileAtomic(config, j.dump()), "write");
+  };
+  const int64_t H = 64;
+
+  SetStoredDtype(width, "width.1.layers.0.o_proj.bias", "I32");
+  expect_error("bias stored as I32", "width.1.layers.0.o_proj.bias");
+  RewriteTensors(width, [](auto& t) { t["width.1.layers.0.o_proj.bias"] = at::zeros({1}); });
+  expect_error("bias of shape [1]", "width.1.layers.0.o_proj.bias");
+  RewriteTensors(width, [](auto& t) { t["width.1.layers.2.down_proj.bias"] = at::zeros({2, 88}); });
+  expect_error("bias of shape [2, 88]", "width.1.layers.2.down_proj.bias");
+  RewriteTensors(width,
+                 [&](auto& t) { t["width.1.layers.0.o_proj.bias"] = at::full({H}, std::nan("")); });
+  expect_error("NaN bias", "NaN");
+  edit_meta([](auto& j) { j["width_table"][1]["kv_groups"][0] = -1; });
+  expect_error("kv_groups -1", "width_table[1].kv_groups[0]");
+  edit_meta([](auto& j) { j["width_table"][1]["kv_groups"][0] = 0; });
+  expect_error("zero kv groups", "width_table[1].kv_groups[0]");
+  edit_meta([](auto& j) { j["width_table"][2]["channels"][3] = 0; });
+  expect_error("zero channels", "width_table[2].channels[3]");
+  edit_meta([](auto& j) { j["width_table"][2]["channels"][3] = "many"; });
+  expect_error("channels not a number", "must be an integer");
+  edit_meta([](auto& j) { j["width_table"][3]["channels"][0] = 96; });
+  expect_error("widths not nested", "nested");
+  edit_meta([](auto& j) { j["profile"][0]["decode_ms_per_token"] = "fast"; });
+  expect_error("latency as text", "profile[0].decode_ms_per_token");
+  edit_meta([](auto& j) { j["profile"][0]["depth"] = "six"; });
+  expect_error("depth as text", "profile[0].depth");
+  edit_meta([](auto& j) { j["profile"] = nlohmann::json::object(); });
+  expect_error("profile an object", "profile");
+  edit_meta([](auto& j) { j["profile"][0]["params"] = 12345; });
+  expect_error("profile of another model", "parameters");
+  edit_meta([](auto& j) {
+    auto& layers = j["depth_table"][1]["layers"];
+    layers[1] = layers[0];
+  });
+  expect_error("duplicate layers", "without repeats");
+  edit_meta([](auto& j) { j["grid"]["widths"][0] = 0.9; });
+  expect_error("grid without width 1", "grid.widths");
+  edit_meta([](auto& j) { j["smol"] = "yes"; });
+  expect_error("smol not an object", "smol");
+  edit_config([](auto& j) { j["rope_theta"] = 0; });
+  expect_error("rope_theta 0", "rope_theta");
+  edit_config([](auto& j) { j["rms_norm_eps"] = -1e-5; });
+  expect_error("negative eps", "rms_norm_eps");
+  edit_config([](auto& j) { j["bos_token_id"] = 1000000; });
+  expect_error("bos_token_id out of range", "bos_token_id");
+  edit_config([](auto& j) { j["eos_token_id"] = -3; });
+  expect_error("eos_token_id out of range", "eos_token_id");
+  RewriteTensors(weights, [](auto& t) {
+    t["model.layers.1.mlp.up_proj.weight"][3][4] = std::numeric_limits<float>::quiet_NaN();
+  });
+  expect_error("NaN weight", "model.layers.1.mlp.up_proj.weight");
+
+  // Adapters named in amoeba.json but missing: an error, not an untuned server that says it is
+  // tuned. And the reverse.
+  edit_meta([](auto& j) { j["smol"] = {{"experts", 2}, {"rank", 4}}; });
+  {
+    auto s = Supernet::Load(d.super_dir);
+    ASSERT_TRUE(s.ok());
+    auto a = LoadAdapters(**s);
+    EXPECT_EQ(a.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(a.status().message().find("smol.safetensors is missing"), std::string::npos);
+  }
+  restore();
+  {
+    auto s = Supernet::Load(d.super_dir);
+    ASSERT_TRUE(s.ok());
+    Smol smol((*s)->base(), static_cast<int64_t>((*s)->spec().widths.size()), SmolConfig{}, 1);
+    ASSERT_TRUE(smol.Save(d.super_dir + "/smol.safetensors").ok());
+    EXPECT_FALSE(LoadAdapters(**s).ok());  // present, but amoeba.json names none
+    fs::remove(d.super_dir + "/smol.safetensors");
+    auto none = LoadAdapters(**s);
+    ASSERT_TRUE(none.ok());
+    EXPECT_EQ(none->get(), nullptr);
+  }
 }
 
 TEST(CalibrationDataTest, WindowsAreDeterministicAndJsonlWorks) {

@@ -3,10 +3,13 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <random>
 #include <string>
 
+#include "absl/status/statusor.h"
 #include "model/config.h"
 #include "model/weights.h"
 
@@ -58,6 +61,19 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// For fixtures, which cannot ASSERT: a failed set-up step stops the test binary with the status
+// instead of a later dereference of an empty result.
+inline void MustOk(const absl::Status& s, const char* what) {
+  if (s.ok()) return;
+  std::fprintf(stderr, "fixture set-up failed: %s: %s\n", what, s.ToString().c_str());
+  std::abort();
+}
+template <typename T>
+T MustOk(absl::StatusOr<T> s, const char* what) {
+  MustOk(s.status(), what);
+  return std::move(*s);
+}
 
 inline double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) {
   return (a - b).abs().max().item<double>();

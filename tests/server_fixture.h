@@ -1,0 +1,150 @@
+// A real AmoebaService on a loopback port over a small calibrated supernet (optionally with
+// random SMoL adapters), plus helpers to stream a generation and to run the same greedy
+// generation locally. Shared by the server test files.
+#pragma once
+#include <ATen/ATen.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <functional>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "client/amoeba_client.h"
+#include "model/engine.h"
+#include "model/generation.h"
+#include "model/presets.h"
+#include "server/metrics.h"
+#include "server/service.h"
+#include "subnet/calibrate.h"
+#include "subnet/subnet_builder.h"
+#include "tests/test_util.h"
+
+namespace amoeba::testing {
+
+struct TestServer {
+  TempDir dir;
+  std::unique_ptr<Supernet> supernet;
+  std::unique_ptr<Smol> smol;
+  std::unique_ptr<Scheduler> scheduler;
+  Metrics metrics;
+  std::unique_ptr<AmoebaService> service;
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+
+  explicit TestServer(SchedulerOptions so = {}, std::string token = "", bool adapters = false,
+                      const std::function<void(ServiceOptions&)>& edit_service = nullptr) {
+    ModelConfig c = TinyConfig();
+    c.num_hidden_layers = 5;
+    c.vocab_size = 259;
+    Model m = RandomModel(c, 11, 0.3);
+    MustOk(SaveModel(m, dir.file("model")), "save model");
+    MustOk(WriteByteTokenizer(dir.file("model")), "tokenizer");
+    std::ofstream(dir.file("calib.txt"))
+        << std::string(300, 'a') << " some calibration text for the test server.";
+    CalibrateOptions o;
+    o.model_dir = dir.file("model");
+    o.out_dir = dir.file("super");
+    o.data_path = dir.file("calib.txt");
+    o.windows = 4;
+    o.window_len = 32;
+    o.dp_windows = 2;
+    supernet = MustOk(Calibrate(o), "calibrate");
+    if (adapters) {
+      SmolConfig sc;
+      sc.rank = 4;
+      smol = std::make_unique<Smol>(supernet->base(),
+                                    static_cast<int64_t>(supernet->spec().widths.size()), sc, 5);
+      for (auto& [n, t] : smol->NamedParameters())
+        if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.2);
+      so.smol = smol.get();
+    }
+    so.max_context = 128;
+    scheduler = std::make_unique<Scheduler>(*supernet, so);
+    ServiceOptions svo;
+    svo.limits.max_prompt_tokens = 100;
+    svo.limits.max_new_tokens = 200;
+    svo.auth_token = token;
+    if (edit_service) edit_service(svo);
+    auto profiles = ProfilesFromSupernet(*supernet);
+    for (auto& p : profiles)
+      p.measured_decode_ms = 0.001 * p.decode_weight_bytes / 1000.0;  // deterministic
+    service = std::make_unique<AmoebaService>(*supernet, smol.get(), *scheduler, &metrics, svo,
+                                              HostSpeed{}, profiles);
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(service.get());
+    server = b.BuildAndStart();
+    server->GetHealthCheckService()->SetServingStatus(true);
+    MustOk(metrics.Serve("127.0.0.1", 0), "metrics");
+  }
+  ~TestServer() {
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+    scheduler.reset();
+  }
+  client::Client Client(const std::string& token = "", double timeout = 0) {
+    client::ClientOptions o;
+    o.target = absl::StrCat("127.0.0.1:", port);
+    o.token = token;
+    o.timeout_s = timeout;
+    return client::Client(o);
+  }
+};
+
+struct Streamed {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::string text;
+  v1::GenerateResponse last;
+  int messages = 0;
+};
+
+inline Streamed Stream(client::Client& c, const v1::GenerateRequest& r) {
+  Streamed s;
+  s.status = c.Generate(r, [&](const v1::GenerateResponse& m) {
+    for (int32_t t : m.token_ids()) s.tokens.push_back(t);
+    s.text += m.text();
+    s.last = m;
+    ++s.messages;
+  });
+  return s;
+}
+
+inline v1::GenerateRequest Req(const std::string& text, int depth, double width, int n) {
+  v1::GenerateRequest r;
+  r.set_text(text);
+  r.mutable_shape()->set_depth(depth);
+  r.mutable_shape()->set_width(width);
+  r.set_max_new_tokens(n);
+  return r;
+}
+
+// Greedy generation of `model` from BOS + the text's tokens.
+inline std::vector<int32_t> GreedyOn(std::shared_ptr<const Model> model, const Tokenizer& tok,
+                                     const std::string& text, int n,
+                                     at::ScalarType kv_dtype = at::kFloat) {
+  at::InferenceMode g;
+  Engine e(model, {.max_len = 128, .kv_dtype = kv_dtype});
+  KVCache c = e.NewCache(1);
+  std::vector<int32_t> prompt = {static_cast<int32_t>(model->config.bos_token_id)};
+  for (int32_t t : tok.Encode(text)) prompt.push_back(t);
+  GenerationOptions o;
+  o.max_new_tokens = n;
+  return Generate(e, c, 0, tok, prompt, o)->tokens;
+}
+
+// The same greedy generation locally, on the subnet with its adapters merged (if given).
+inline std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape,
+                                        const std::string& text, int n, const Smol* smol = nullptr,
+                                        at::ScalarType kv_dtype = at::kFloat) {
+  at::InferenceMode g;
+  Model m = MustOk(BuildSubnet(s, smol, shape), "build subnet");
+  return GreedyOn(std::make_shared<const Model>(std::move(m)), *s.tokenizer(), text, n, kv_dtype);
+}
+
+}  // namespace amoeba::testing
