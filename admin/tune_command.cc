@@ -11,6 +11,7 @@
 #include "admin/commands.h"
 #include "distill/data_parallel.h"
 #include "distill/tuner.h"
+#include "model/file_util.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"
 
@@ -65,6 +66,12 @@ absl::Status RunTune(TuneFlags& f) {
     f.o.checkpoint = (fs::path(f.supernet) / "tune_checkpoint.safetensors").string();
   if (f.o.metrics_log.empty())
     f.o.metrics_log = (fs::path(f.supernet) / "tune_metrics.jsonl").string();
+  // A run killed mid-write (kill -9) leaves temp files next to what it was writing.
+  int stale = 0;
+  for (const std::string& p : {f.o.checkpoint, (fs::path(f.supernet) / "smol.safetensors").string(),
+                               (fs::path(f.supernet) / "amoeba.json").string()})
+    stale += RemoveStaleTempFiles(p);
+  if (stale > 0) spdlog::info("tune: removed {} temp files left by an interrupted run", stale);
   ASSIGN_OR_RETURN(std::unique_ptr<DataParallel> dp, DataParallel::FromEnv());
   f.o.dp = dp.get();
   const bool lead = !dp || dp->rank() == 0;

@@ -1,4 +1,4 @@
-// Losses of in-place distillation (design §2.4). Position t's logits predict token t+1; `mask`
+// Losses of in-place distillation (docs/method.md §4). Position t's logits predict token t+1; `mask`
 // marks target tokens (mask[:, t+1] weighs the prediction made at t).
 #pragma once
 #include <ATen/ATen.h>

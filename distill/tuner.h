@@ -1,4 +1,4 @@
-// One-time fine-tuning of a supernet (design §2.4): SMoL adapters trained by in-place
+// One-time fine-tuning of a supernet (docs/method.md §4): SMoL adapters trained by in-place
 // distillation. Each micro-batch runs the sandwich of subnets: the full shape on the labels, then
 // random and smallest shapes on the full shape's detached logits, each loss rescaled to the full
 // shape's magnitude. Base weights stay frozen. Checkpoints are atomic single files; a resumed run

@@ -1,4 +1,4 @@
-// Shape-aware mixture of LoRAs (design §2.3). E experts of rank r on each adapted linear of every
+// Shape-aware mixture of LoRAs (docs/method.md §3). E experts of rank r on each adapted linear of every
 // layer, mixed by one router whose input is the subnet's shape:
 //   φ = [active-layer mask (L) ; one-hot width index (W)],
 //   logits = Linear(16→E)(Linear(φ→16)(φ)) (+ randn · softplus(Linear(φ→E)(φ)) while training),

@@ -1,5 +1,7 @@
 #include "model/file_util.h"
 
+#include <signal.h>
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -25,6 +27,27 @@ std::string TempNameFor(const std::string& path) {
   return absl::StrCat(path, ".tmp.", getpid(), ".", rd() % 1000000);
 }
 }  // namespace
+
+int RemoveStaleTempFiles(const std::string& path) {
+  const fs::path target(path);
+  const std::string prefix = target.filename().string() + ".tmp.";
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  int removed = 0;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) != 0 || !e.is_regular_file(ec)) continue;
+    const std::string rest = name.substr(prefix.size());
+    const size_t dot = rest.find('.');
+    if (dot == std::string::npos) continue;
+    char* end = nullptr;
+    const long pid = std::strtol(rest.c_str(), &end, 10);
+    if (end != rest.c_str() + dot || pid <= 0) continue;
+    if (pid == getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    if (fs::remove(e.path(), ec)) ++removed;
+  }
+  return removed;
+}
 
 absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& what) {
   const char* p = static_cast<const char*>(data);

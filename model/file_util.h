@@ -27,6 +27,10 @@ absl::StatusOr<std::string> ReadFile(const std::string& path);
 // dst is first moved aside, src renamed into place, then the old copy removed.
 absl::Status ReplaceDirectory(const std::string& src, const std::string& dst);
 
+// Removes the temp files that WriteFileAtomic* left next to `path` ("<path>.tmp.<pid>.<n>") when
+// process <pid> was killed mid-write and no longer runs. Returns how many were removed.
+int RemoveStaleTempFiles(const std::string& path);
+
 // Fsyncs a directory so a rename inside it is durable.
 absl::Status SyncDirectory(const std::string& dir);
 

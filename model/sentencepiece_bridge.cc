@@ -28,6 +28,12 @@ const Api& GetApi() {
   static Api api;
   static std::once_flag once;
   std::call_once(once, [] {
+#if defined(__SANITIZE_ADDRESS__)
+    // The sanitizer runtime refuses RTLD_DEEPBIND, and without it Debian's libsentencepiece
+    // clashes with libtorch's protobuf: sanitizer builds have no SentencePiece tokenizer.
+    api.error = "SentencePiece is not available in sanitizer builds (RTLD_DEEPBIND)";
+    return;
+#endif
     std::vector<std::string> paths;
     if (const char* env = std::getenv("AMOEBA_SP_MODULE")) paths.push_back(env);
     std::error_code ec;

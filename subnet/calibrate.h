@@ -1,4 +1,4 @@
-// `amoeba-admin calibrate`: HF model + calibration text → supernet directory (design §2.1, §2.2).
+// `amoeba-admin calibrate`: HF model + calibration text → supernet directory (docs/method.md §1-2).
 #pragma once
 #include <memory>
 #include <string>

@@ -1,4 +1,4 @@
-// Depth selection (design §2.2): the dynamic programme over removed layers, plus the two
+// Depth selection (docs/method.md §2): the dynamic programme over removed layers, plus the two
 // baselines (drop the last layers; block-influence ranking). The metric is a callback so that
 // perplexity or multiple-choice accuracy plug in the same way.
 #pragma once

@@ -1,4 +1,4 @@
-// Export of one shape as a standalone Hugging Face directory (design §3).
+// Export of one shape as a standalone Hugging Face directory (docs/supernet-format.md).
 #pragma once
 #include <string>
 

@@ -53,6 +53,8 @@ grep -q "shape.depth" "$dir/o" || fail "message names shape.depth"
 [ ! -e "$dir/e2" ] || fail "failed export left a directory"
 expect_2 "not a supernet" "$ADMIN" export --supernet "$dir/m2" --shape depth=3 --out "$dir/e3"
 
+# A kill -9 mid-write leaves "<file>.tmp.<pid>.<n>": the next tune removes those of dead processes.
+touch "$dir/s/smol.safetensors.tmp.4194305.77" "$dir/s/amoeba.json.tmp.$$.1"
 # tune with each ablation switch, then eval writes the profile and the frontier plot.
 for ablation in "" --single-lora --no-balancing --no-distill; do
   "$ADMIN" tune --supernet "$dir/s" --data "$dir/calib.txt" --steps 2 --batch 2 --seq-len 16 $ablation \
@@ -60,6 +62,9 @@ for ablation in "" --single-lora --no-balancing --no-distill; do
 done
 "$ADMIN" tune --supernet "$dir/s" --data "$dir/calib.txt" --steps 2 --batch 2 --seq-len 16 --single-lora \
   --checkpoint "$dir/ck1.safetensors" >/dev/null 2>&1
+[ ! -e "$dir/s/smol.safetensors.tmp.4194305.77" ] || fail "tune should remove stale temp files"
+[ -e "$dir/s/amoeba.json.tmp.$$.1" ] || fail "tune must keep the temp files of live processes"
+rm -f "$dir/s/amoeba.json.tmp.$$.1"
 python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if j['smol']['experts']==1 else 1)" \
   || fail "--single-lora should record one expert"
 # --targets: only the named projections get adapters (the tensors in smol.safetensors say so).
@@ -76,6 +81,21 @@ expect_2 "unknown --targets" "$ADMIN" tune --supernet "$dir/s" --data "$dir/cali
 [ -s "$dir/s/frontier.svg" ] || fail "eval writes frontier.svg"
 python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if all('heldout_perplexity' in p for p in j['profile']) else 1)" \
   || fail "eval fills the profile"
+# A corrupt amoeba.json or missing adapters: exit 2 with the field named, never an abort.
+cp "$dir/s/amoeba.json" "$dir/good.json"
+sed -i 's/"kv_groups": \[/"kv_groups": [-1, /' "$dir/s/amoeba.json"
+expect_2 "corrupt width table" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --out "$dir/e4"
+grep -q "kv_groups" "$dir/o" || fail "message names kv_groups"
+cp "$dir/good.json" "$dir/s/amoeba.json"
+mv "$dir/s/smol.safetensors" "$dir/smol.bak"
+expect_2 "adapters named but missing" "$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt"
+grep -q "smol.safetensors is missing" "$dir/o" || fail "message names smol.safetensors"
+mv "$dir/smol.bak" "$dir/s/smol.safetensors"
+# Export of the tuned supernet merges the adapters by default; --no-adapters is the base subnet.
+"$ADMIN" export --supernet "$dir/s" --shape depth=3 --out "$dir/t1" >"$dir/o" 2>&1 || fail "tuned export"
+grep -q "adapters merged" "$dir/o" || fail "tuned export should say the adapters are merged"
+"$ADMIN" export --supernet "$dir/s" --shape depth=3 --out "$dir/t2" --no-adapters >/dev/null 2>&1 || fail "export --no-adapters"
+cmp -s "$dir/t1/model.safetensors" "$dir/t2/model.safetensors" && fail "--no-adapters should differ from the tuned export"
 expect_2 "tune on a plain model" "$ADMIN" tune --supernet "$dir/m2" --data "$dir/calib.txt" --steps 1
 # pretrain writes a loadable model; --resume continues from its checkpoint.
 "$ADMIN" pretrain --model "$dir/m2" --data "$dir/calib.txt" --out "$dir/p" --steps 3 --batch 2 --seq-len 16 \

@@ -59,7 +59,8 @@ struct TestServer {
       smol = std::make_unique<Smol>(supernet->base(),
                                     static_cast<int64_t>(supernet->spec().widths.size()), sc, 5);
       for (auto& [n, t] : smol->NamedParameters())
-        if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.2);
+        if (n.find("lora_B") != std::string::npos)
+          const_cast<at::Tensor&>(t).copy_(at::randn_like(t) * 0.2);
       so.smol = smol.get();
     }
     so.max_context = 128;
