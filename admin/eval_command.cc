@@ -131,6 +131,7 @@ absl::Status RunEval(const EvalFlags& f) {
   for (size_t i = 0; i < rows.size(); ++i) {
     rows[i]["decode_ms_per_token"] = latency[i].ms_per_token;
     rows[i]["predicted_ms_per_token"] = latency[i].predicted_ms;
+    rows[i]["fitted_ms_per_token"] = latency[i].fitted_ms;
     rows[i]["latency_outlier"] = latency[i].outlier;
     rows[i]["frontier"] = false;
     points.push_back({latency[i].ms_per_token, -rows[i]["heldout_perplexity"].get<double>()});
@@ -155,13 +156,13 @@ absl::Status RunEval(const EvalFlags& f) {
   }
   s->set_spec(spec);
   RETURN_IF_ERROR(s->SaveMetadata(f.supernet));
-  std::printf("%-6s %-7s %-12s %-12s %-14s %-14s %s\n", "depth", "width", "params", "perplexity",
-              "decode ms/tok", "predicted ms", mc.empty() ? "" : "mc acc");
+  std::printf("%-6s %-7s %-12s %-12s %-14s %-10s %-12s %s\n", "depth", "width", "params",
+              "perplexity", "decode ms/tok", "fitted", "roofline ms", mc.empty() ? "" : "mc acc");
   for (const auto& r : rows) {
-    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %-14.3f %s%s%s\n", r["depth"].get<int>(),
+    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %-10.3f %-12.3f %s%s%s\n", r["depth"].get<int>(),
                 r["width"].get<double>(), static_cast<long long>(r["params"].get<int64_t>()),
                 r["heldout_perplexity"].get<double>(), r["decode_ms_per_token"].get<double>(),
-                r["predicted_ms_per_token"].get<double>(),
+                r["fitted_ms_per_token"].get<double>(), r["predicted_ms_per_token"].get<double>(),
                 r.contains("mc_accuracy")
                     ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str()
                     : "",

@@ -233,9 +233,14 @@ void SkinnyScalar(const T* W, int64_t ld, int64_t in, const float* x, int64_t n,
 }
 
 // Rows per parallel task: large enough to amortise scheduling, multiple of 4 for the GEMV.
-int64_t GrainRows(int64_t out) {
+// Rows per parallel chunk: a few chunks per thread, but never less work per chunk than the cost
+// of waking a thread (small products, e.g. unmerged adapters' rank-r factors, run serially).
+int64_t GrainRows(int64_t out, int64_t macs_per_row) {
+  constexpr int64_t kMinMacsPerChunk = 32768;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t g = (out + threads * 4 - 1) / (threads * 4);
+  g = std::max<int64_t>(g,
+                        (kMinMacsPerChunk + macs_per_row - 1) / std::max<int64_t>(1, macs_per_row));
   return std::max<int64_t>(16, (g + 3) / 4 * 4);
 }
 
@@ -252,7 +257,7 @@ void LinearTyped(const float* x, int64_t n, const at::Tensor& W, float* y, Linea
     constexpr int64_t kBlock = 128;
     for (int64_t r0 = 0; r0 < n; r0 += kBlock) {
       const int64_t rows = std::min(kBlock, n - r0);
-      at::parallel_for(0, out, GrainRows(out), [&](int64_t a, int64_t b) {
+      at::parallel_for(0, out, GrainRows(out, in * rows), [&](int64_t a, int64_t b) {
         if (ActiveKernelIsa() == KernelIsa::kAvx512) {
           SkinnyAvx512(w, ld, in, x + r0 * in, rows, y + r0 * out, out, a, b);
         } else {
@@ -274,18 +279,18 @@ void LinearTyped(const float* x, int64_t n, const at::Tensor& W, float* y, Linea
       at::mm_out(yt, xt, wf.t());
     }
   } else if (ActiveKernelIsa() == KernelIsa::kScalar) {
-    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, out, GrainRows(out, in * n), [&](int64_t r0, int64_t r1) {
       SkinnyScalar(w, ld, in, x, n, y, out, r0, r1);
     });
   } else if (n == 1) {
-    at::parallel_for(0, out, GrainRows(out),
+    at::parallel_for(0, out, GrainRows(out, in * n),
                      [&](int64_t r0, int64_t r1) { GemvAvx2(w, ld, in, x, y, r0, r1); });
   } else if (ActiveKernelIsa() == KernelIsa::kAvx512) {
-    at::parallel_for(0, out, GrainRows(out), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, out, GrainRows(out, in * n), [&](int64_t r0, int64_t r1) {
       SkinnyAvx512(w, ld, in, x, n, y, out, r0, r1);
     });
   } else {
-    at::parallel_for(0, out, GrainRows(out),
+    at::parallel_for(0, out, GrainRows(out, in * n),
                      [&](int64_t r0, int64_t r1) { SkinnyAvx2(w, ld, in, x, n, y, out, r0, r1); });
   }
 }

@@ -16,6 +16,7 @@
 #include "server/metrics.h"
 #include "server/planner.h"
 #include "server/scheduler.h"
+#include "server/served_latency.h"
 #include "server/service.h"
 #include "subnet/latency_profile.h"
 #include "subnet/subnet_builder.h"
@@ -42,24 +43,6 @@ struct Flags {
   bool profile = true;
   std::string port_file;
 };
-
-// Measures decode ms/token of every grid shape on this host: warm-up, interleaved rounds,
-// medians, each next to its roofline prediction. The views carry the supernet's panels, in the
-// serving dtype, so they read what a merged copy of the shape reads.
-void ProfileShapes(const Supernet& s, double bandwidth_gbs, std::vector<ShapeProfile>& profiles) {
-  std::vector<std::pair<Shape, std::shared_ptr<const Model>>> models;
-  for (const auto& p : profiles) {
-    auto m = s.Extract(p.shape);
-    if (m.ok()) models.emplace_back(p.shape, std::make_shared<const Model>(std::move(*m)));
-  }
-  LatencyOptions lo;
-  lo.bandwidth_gbs = bandwidth_gbs;
-  const auto measured = ProfileDecodeLatency(models, lo);
-  LogLatencyProfile(measured, "server");
-  for (auto& p : profiles)
-    for (const auto& m : measured)
-      if (m.shape == p.shape) p.measured_decode_ms = m.ms_per_token;
-}
 
 int Run(const Flags& f) {
   InitRuntime(f.threads);
@@ -110,9 +93,6 @@ int Run(const Flags& f) {
   host.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
   host.compute_gflops = MeasureGemmGflops();
   auto profiles = ProfilesFromSupernet(supernet, at::elementSize(kv_dtype));
-  if (f.profile) ProfileShapes(supernet, host.bandwidth_gbs, profiles);
-  spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
-               host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
 
   Metrics metrics;
   if (f.metrics_port >= 0) {
@@ -137,6 +117,20 @@ int Run(const Flags& f) {
     metrics.SetRunning(s.ToString(), running);
   };
   Scheduler scheduler(supernet, so);
+  if (f.profile) {
+    // Through the scheduler, as requests will see it (before any client can connect).
+    ServedLatencyOptions lo;
+    lo.bandwidth_gbs = host.bandwidth_gbs;
+    const auto measured = ProfileServedLatency(
+        scheduler, profiles, static_cast<int32_t>(supernet.base().config.bos_token_id), lo);
+    LogLatencyProfile(measured, "server profile");
+    // The planner uses the line fitted through every shape's median: noise in one shape's
+    // figure cannot make it look faster than a smaller shape.
+    for (size_t i = 0; i < profiles.size(); ++i)
+      if (measured[i].fitted_ms > 0) profiles[i].measured_decode_ms = measured[i].fitted_ms;
+  }
+  spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
+               host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
 
   ServiceOptions svo;
   svo.limits.max_prompt_tokens = std::min(f.max_prompt_tokens, f.max_context - 1);

@@ -299,7 +299,7 @@ bool Scheduler::Admit() {
       job->on_done(r);
       continue;
     }
-    if (!job->lane_lookup_counted) {
+    if (!job->lane_lookup_counted && !job->for_profiling) {
       job->lane_lookup_counted = true;
       ++(existed ? hits_ : misses_);
     }
@@ -326,8 +326,10 @@ bool Scheduler::Admit() {
     }
     lane->slot_used[slot] = true;
     lane->cache.Reset(slot);
-    ++lane->requests;
-    MaybeStartBuild(*lane);
+    if (!job->for_profiling) {
+      ++lane->requests;
+      MaybeStartBuild(*lane);
+    }
     lane->seqs.push_back(std::move(s));
     ++running_;
     moved = true;

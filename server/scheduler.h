@@ -47,6 +47,7 @@ struct Job {
   std::atomic<bool> cancelled{false};
   Clock::time_point enqueued;
   bool lane_lookup_counted = false;  // cache hit/miss counted once per request (worker thread)
+  bool for_profiling = false;        // start-up latency profile: no statistics, no merge builds
   // Called on the scheduler thread: new tokens with their text, then the result exactly once.
   std::function<void(int32_t token, std::string_view text)> on_token;
   std::function<void(const JobResult&)> on_done;

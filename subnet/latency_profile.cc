@@ -12,13 +12,6 @@ namespace {
 
 using SteadyClock = std::chrono::steady_clock;
 
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // One model's engine and single-sequence cache; decodes `steps` tokens per call, restarting the
 // sequence when the cache would fill.
 struct Runner {
@@ -40,6 +33,47 @@ struct Runner {
 };
 
 }  // namespace
+
+double MedianOf(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void MarkLatencyOutliers(std::vector<ShapeLatency>& profile, double factor) {
+  std::vector<double> ratios;
+  for (const auto& s : profile)
+    if (s.predicted_ms > 0) ratios.push_back(s.ms_per_token / s.predicted_ms);
+  if (ratios.empty()) return;
+  const double typical = MedianOf(ratios);
+  for (auto& s : profile) {
+    if (s.predicted_ms <= 0) continue;
+    const double rel = s.ms_per_token / s.predicted_ms / typical;
+    s.outlier = rel > factor || rel < 1 / factor;
+  }
+}
+
+void FitLatencyLine(std::vector<ShapeLatency>& profile) {
+  double n = 0, sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (const auto& s : profile) {
+    if (s.outlier || s.ms_per_token <= 0) continue;
+    const double x = static_cast<double>(s.decode_weight_bytes), y = s.ms_per_token;
+    n += 1;
+    sx += x;
+    sy += y;
+    sxx += x * x;
+    sxy += x * y;
+  }
+  const double det = n * sxx - sx * sx;
+  const bool line = n >= 2 && det > 1e-9 * sxx * n;
+  const double b = line ? std::max(0.0, (n * sxy - sx * sy) / det) : 0;
+  const double a = line ? (sy - b * sx) / n : 0;
+  for (auto& s : profile) {
+    const double fit = a + b * static_cast<double>(s.decode_weight_bytes);
+    s.fitted_ms = line && fit > 0 ? fit : s.ms_per_token;
+  }
+}
 
 std::vector<ShapeLatency> ProfileDecodeLatency(
     const std::vector<std::pair<Shape, std::shared_ptr<const Model>>>& models,
@@ -75,19 +109,9 @@ std::vector<ShapeLatency> ProfileDecodeLatency(
       out[i].rounds.push_back(runners[i].Run(steps[i]) / steps[i]);
     }
   }
-  std::vector<double> ratios;
-  for (auto& s : out) {
-    s.ms_per_token = Median(s.rounds);
-    if (s.predicted_ms > 0) ratios.push_back(s.ms_per_token / s.predicted_ms);
-  }
-  if (!ratios.empty()) {
-    const double typical = Median(ratios);
-    for (auto& s : out) {
-      if (s.predicted_ms <= 0) continue;
-      const double rel = s.ms_per_token / s.predicted_ms / typical;
-      s.outlier = rel > o.outlier_factor || rel < 1 / o.outlier_factor;
-    }
-  }
+  for (auto& s : out) s.ms_per_token = MedianOf(s.rounds);
+  MarkLatencyOutliers(out, o.outlier_factor);
+  FitLatencyLine(out);
   return out;
 }
 
@@ -95,11 +119,11 @@ void LogLatencyProfile(const std::vector<ShapeLatency>& profile, const char* who
   for (const auto& s : profile) {
     const auto [lo, hi] = std::minmax_element(s.rounds.begin(), s.rounds.end());
     spdlog::info(
-        "{}: {} decode {:.3f} ms/token (rounds {:.3f}-{:.3f}), predicted {:.3f} ms from {} "
-        "MB/token{}",
+        "{}: {} decode {:.3f} ms/token (rounds {:.3f}-{:.3f}; fitted {:.3f}), roofline {:.3f} ms "
+        "from {} MB/token{}",
         who, s.shape.ToString(), s.ms_per_token, s.rounds.empty() ? 0 : *lo,
-        s.rounds.empty() ? 0 : *hi, s.predicted_ms, s.decode_weight_bytes >> 20,
-        s.outlier ? "  OUTLIER: far from the other shapes' measured/predicted ratio" : "");
+        s.rounds.empty() ? 0 : *hi, s.fitted_ms, s.predicted_ms, s.decode_weight_bytes >> 20,
+        s.outlier ? "  OUTLIER: far from the other shapes' measured/roofline ratio" : "");
   }
 }
 

@@ -29,12 +29,25 @@ struct ShapeLatency {
   int64_t decode_weight_bytes = 0;
   std::vector<double> rounds;  // every round's ms per token, in order
   bool outlier = false;
+  // ms_per_token smoothed across shapes: the least-squares line ms = a + b · decode bytes through
+  // every non-outlier median. One noisy shape cannot then look faster than a smaller one; this is
+  // what a planner should use. 0 until FitLatencyLine runs.
+  double fitted_ms = 0;
 };
 
 // Measures batch-1 decode of each model (a subnet as served: packed panels, merged or not).
 std::vector<ShapeLatency> ProfileDecodeLatency(
     const std::vector<std::pair<Shape, std::shared_ptr<const Model>>>& models,
     const LatencyOptions& options = {});
+
+// Flags the shapes whose measured/predicted ratio is more than `factor` off the median ratio.
+void MarkLatencyOutliers(std::vector<ShapeLatency>& profile, double factor);
+
+// Fills fitted_ms (falls back to the median when fewer than two shapes or no spread in bytes).
+void FitLatencyLine(std::vector<ShapeLatency>& profile);
+
+// The median of `v` (0 when empty).
+double MedianOf(std::vector<double> v);
 
 // One log line per shape: measured, predicted, the ratio, and a flag when it is an outlier.
 void LogLatencyProfile(const std::vector<ShapeLatency>& profile, const char* who);

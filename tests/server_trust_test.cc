@@ -13,6 +13,7 @@
 #include "model/torch_forward.h"
 #include "server/export_job.h"
 #include "server/request_checks.h"
+#include "server/served_latency.h"
 #include "subnet/export.h"
 #include "tests/server_fixture.h"
 
@@ -474,6 +475,48 @@ TEST(ServerTrustTest, ProfilesCountTheBytesOfTheServedDtype) {
     EXPECT_GT(ratio, 0.49) << f32[i].shape.ToString();  // norms stay fp32
     EXPECT_LT(ratio, 0.52) << f32[i].shape.ToString();
   }
+}
+
+// The start-up profile was noise: one bare-engine run per shape, the first one cold, so a larger
+// shape could look faster than a smaller one. It now runs jobs through the scheduler in rounds,
+// takes medians, and fits one line through them, which orders shapes by bytes; profiling counts
+// toward no statistics and starts no merged-copy build.
+TEST(ServerTrustTest, ServedLatencyProfileIsOrderedAndLeavesNoTrace) {
+  SchedulerOptions so;
+  so.merge_after_requests = 1;
+  TestServer ts(so, "", /*adapters=*/true);
+  const auto profiles = ProfilesFromSupernet(*ts.supernet);
+  ServedLatencyOptions lo;
+  lo.bandwidth_gbs = 10;
+  const auto m = ProfileServedLatency(
+      *ts.scheduler, profiles, static_cast<int32_t>(ts.supernet->base().config.bos_token_id), lo);
+  ASSERT_EQ(m.size(), profiles.size());
+  for (size_t i = 0; i < m.size(); ++i) {
+    EXPECT_EQ(m[i].rounds.size(), 3u) << m[i].shape.ToString();
+    EXPECT_GT(m[i].ms_per_token, 0);
+    EXPECT_GT(m[i].predicted_ms, 0);
+    for (size_t j = 0; j < m.size(); ++j) {
+      if (m[j].decode_weight_bytes < m[i].decode_weight_bytes) {
+        EXPECT_LE(m[j].fitted_ms, m[i].fitted_ms)
+            << m[j].shape.ToString() << " vs " << m[i].shape.ToString();
+      }
+    }
+  }
+  const SchedulerStats st = ts.scheduler->stats();
+  EXPECT_EQ(st.cache_hits + st.cache_misses, 0);
+  EXPECT_EQ(st.merges_built, 0);
+  EXPECT_EQ(st.merged_lanes, 0);
+}
+
+TEST(ServerTrustTest, LatencyLineSmoothsOneNoisyShape) {
+  std::vector<ShapeLatency> p(4);
+  for (int i = 0; i < 4; ++i) {
+    p[i].decode_weight_bytes = (i + 1) * 1000000;
+    p[i].ms_per_token = 0.5 + 0.25 * (i + 1);
+  }
+  p[2].ms_per_token = 0.6;  // noise: looks faster than two smaller shapes
+  FitLatencyLine(p);
+  for (int i = 1; i < 4; ++i) EXPECT_GT(p[i].fitted_ms, p[i - 1].fitted_ms);
 }
 
 }  // namespace
