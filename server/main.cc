@@ -147,7 +147,8 @@ int Run(const Flags& f) {
         "whole model",
         f.host, f.port);
   }
-  AmoebaService service(supernet, smol.get(), scheduler, &metrics, svo, host, profiles);
+  Serving serving(supernet, smol.get(), scheduler, &metrics, svo, host, profiles);
+  AmoebaService service(serving);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

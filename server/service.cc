@@ -55,31 +55,6 @@ grpc::Status Guarded(const char* rpc, const std::string& id, Fn&& fn) {
   }
 }
 
-absl::Status ValidateBudget(const v1::Budget& b) {
-  if (b.has_max_params() && b.max_params() <= 0) return Bad("budget.max_params", "must be > 0");
-  if (b.has_max_memory_bytes() && b.max_memory_bytes() <= 0)
-    return Bad("budget.max_memory_bytes", "must be > 0");
-  if (b.has_max_decode_ms_per_token() && !(b.max_decode_ms_per_token() > 0))
-    return Bad("budget.max_decode_ms_per_token", "must be > 0");
-  if (b.has_max_prefill_ms() && !(b.max_prefill_ms() > 0))
-    return Bad("budget.max_prefill_ms", "must be > 0");
-  if (b.has_prompt_tokens() && b.prompt_tokens() <= 0)
-    return Bad("budget.prompt_tokens", "must be > 0");
-  if (b.has_max_context_tokens() && b.max_context_tokens() <= 0)
-    return Bad("budget.max_context_tokens", "must be > 0");
-  if (b.has_platform()) {
-    const auto& p = b.platform();
-    if (p.has_memory_bandwidth_gbs() &&
-        !(p.memory_bandwidth_gbs() > 0 && p.memory_bandwidth_gbs() <= 1e6))
-      return Bad("budget.platform.memory_bandwidth_gbs", "must be in (0, 1e6]");
-    if (p.has_compute_gflops() && !(p.compute_gflops() > 0 && p.compute_gflops() <= 1e9))
-      return Bad("budget.platform.compute_gflops", "must be in (0, 1e9]");
-    if (p.has_memory_bytes() && p.memory_bytes() <= 0)
-      return Bad("budget.platform.memory_bytes", "must be > 0");
-  }
-  return absl::OkStatus();
-}
-
 v1::ShapeEstimate ToProto(const ShapeEstimateResult& e) {
   v1::ShapeEstimate p;
   p.mutable_shape()->set_depth(static_cast<int32_t>(e.profile.shape.depth));
@@ -162,41 +137,15 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  private:
   void Start(const v1::GenerateRequest* req) {
     const absl::Status id_ok = ValidateRequestId(req->request_id());
-    id_ = req->request_id().empty() || !id_ok.ok() ? svc_->NewRequestId() : req->request_id();
+    id_ = req->request_id().empty() || !id_ok.ok() ? svc_->serving().NewRequestId()
+                                                   : req->request_id();
     if (!id_ok.ok()) return FinishNow(ToGrpc(id_ok));
     grpc::Status auth = svc_->CheckAuth(ctx_, false);
     if (!auth.ok()) return FinishNow(auth);
-    const Supernet& s = svc_->supernet();
-    absl::Status v =
-        ValidateGenerateRequest(*req, svc_->options().limits, s.base().config.vocab_size);
-    if (!v.ok()) return FinishNow(ToGrpc(v));
-    auto shape = svc_->ResolveTarget(*req);
-    if (!shape.ok()) return FinishNow(ToGrpc(shape.status()));
-    auto job = std::make_shared<Job>();
-    job->request_id = id_;
-    job->shape = *shape;
-    if (req->has_tokens()) {
-      job->prompt.assign(req->tokens().ids().begin(), req->tokens().ids().end());
-    } else {
-      if (!req->has_add_bos() || req->add_bos())
-        job->prompt.push_back(static_cast<int32_t>(s.base().config.bos_token_id));
-      for (int32_t t : s.tokenizer()->Encode(req->text())) job->prompt.push_back(t);
-    }
-    if (static_cast<int64_t>(job->prompt.size()) > svc_->options().limits.max_prompt_tokens) {
-      return FinishNow(
-          ToGrpc(Bad("prompt", absl::StrCat(job->prompt.size(), " tokens exceed the limit of ",
-                                            svc_->options().limits.max_prompt_tokens))));
-    }
-    const auto& sp = req->sampling();
-    job->gen.sampling.temperature = sp.has_temperature() ? sp.temperature() : 0.f;
-    job->gen.sampling.top_k = sp.has_top_k() ? sp.top_k() : 0;
-    job->gen.sampling.top_p = sp.has_top_p() ? sp.top_p() : 1.f;
-    job->gen.sampling.repetition_penalty =
-        sp.has_repetition_penalty() ? sp.repetition_penalty() : 1.f;
-    job->gen.sampling.seed = sp.has_seed() ? sp.seed() : 0;
-    job->gen.max_new_tokens = req->has_max_new_tokens() ? req->max_new_tokens() : 128;
-    job->gen.stop.assign(req->stop().begin(), req->stop().end());
-    job->gen.time_limit_ms = req->has_time_limit_ms() ? req->time_limit_ms() : 0;
+    auto prepared = svc_->serving().PrepareJob(GenerationRequestFromProto(*req), id_);
+    if (!prepared.ok()) return FinishNow(ToGrpc(prepared.status()));
+    std::shared_ptr<Job> job = std::move(*prepared);
+    const Shape* shape = &job->shape;
     if (ctx_->deadline() != std::chrono::system_clock::time_point::max()) {
       // Deadlines beyond a day are treated as a day: no later arithmetic can overflow.
       const auto left = std::clamp<std::chrono::system_clock::duration>(
@@ -208,8 +157,8 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     const std::string shape_name = shape->ToString();
     job->on_token = [this, shape_name](int32_t token, std::string_view text) {
       const auto now = Clock::now();
-      if (have_last_ && svc_->metrics()) {
-        svc_->metrics()->ObserveInterToken(
+      if (have_last_ && svc_->serving().metrics()) {
+        svc_->serving().metrics()->ObserveInterToken(
             shape_name, std::chrono::duration<double>(now - last_token_).count());
       }
       have_last_ = true;
@@ -239,10 +188,10 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
                                      ? (res.completion_tokens - 1) * 1000.0 / decode_ms
                                      : 0);
       SetShape(&r);
-      if (svc_->metrics()) {
-        svc_->metrics()->ObserveRequest(shape_name, FinishReasonName(res.reason),
-                                        res.queue_ms / 1e3, res.ttft_ms / 1e3, res.total_ms / 1e3,
-                                        res.prompt_tokens, res.completion_tokens);
+      if (svc_->serving().metrics()) {
+        svc_->serving().metrics()->ObserveRequest(
+            shape_name, FinishReasonName(res.reason), res.queue_ms / 1e3, res.ttft_ms / 1e3,
+            res.total_ms / 1e3, res.prompt_tokens, res.completion_tokens);
       }
       spdlog::info(
           "[{}] generate: {} finish={} prompt={} completion={} ttft={:.1f}ms total={:.1f}ms", id_,
@@ -270,7 +219,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     }
     spdlog::info("[{}] generate: shape {} prompt {} tokens max_new {}", id_, shape_name,
                  job->prompt.size(), job->gen.max_new_tokens);
-    absl::Status st = svc_->scheduler().Submit(job);
+    absl::Status st = svc_->serving().scheduler().Submit(job);
     if (!st.ok()) {
       {
         std::lock_guard<std::mutex> l(mu_);
@@ -347,7 +296,8 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
                 const v1::ExportSubnetRequest* req)
       : svc_(svc) {
     const absl::Status id_ok = ValidateRequestId(req->request_id());
-    id_ = req->request_id().empty() || !id_ok.ok() ? svc->NewRequestId() : req->request_id();
+    id_ = req->request_id().empty() || !id_ok.ok() ? svc->serving().NewRequestId()
+                                                   : req->request_id();
     if (!id_ok.ok()) {
       End(ToGrpc(id_ok));
       return;
@@ -358,21 +308,21 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
       return;
     }
     shape_ = Shape{req->shape().depth(), req->shape().width()};
-    if (shape_.depth == 0) shape_.depth = svc->supernet().base().config.num_hidden_layers;
+    if (shape_.depth == 0) shape_.depth = svc->serving().supernet().base().config.num_hidden_layers;
     if (shape_.width == 0) shape_.width = 1.0;
     options_.uniform_width = req->uniform_width();
     options_.adapters = !req->no_adapters();
     // Cheap checks here, so a bad shape never takes a worker.
-    absl::Status st =
-        options_.uniform_width && !(svc->smol() && options_.adapters)
-            ? (svc->supernet().spec().FindDepth(shape_.depth) ? absl::OkStatus()
-                                                              : svc->supernet().Validate(shape_))
-            : svc->supernet().Validate(shape_);
+    absl::Status st = options_.uniform_width && !(svc->serving().smol() && options_.adapters)
+                          ? (svc->serving().supernet().spec().FindDepth(shape_.depth)
+                                 ? absl::OkStatus()
+                                 : svc->serving().supernet().Validate(shape_))
+                          : svc->serving().supernet().Validate(shape_);
     if (!st.ok()) {
       End(ToGrpc(st));
       return;
     }
-    st = svc->export_workers().TrySubmit([this] { Prepare(); });
+    st = svc->serving().export_workers().TrySubmit([this] { Prepare(); });
     if (!st.ok()) {
       End(ToGrpc(st));
       return;
@@ -406,18 +356,19 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
   grpc::Status Write() {
     if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled");
     const auto t0 = Clock::now();
-    auto sub = SubnetForExport(svc_->supernet(), svc_->smol(), shape_, options_);
+    auto sub =
+        SubnetForExport(svc_->serving().supernet(), svc_->serving().smol(), shape_, options_);
     if (!sub.ok()) return ToGrpc(sub.status());
-    auto dir = MakeStagingDir(svc_->export_dir());
+    auto dir = MakeStagingDir(svc_->serving().export_dir());
     if (!dir.ok()) {
       spdlog::error("[{}] export: {} in {}", id_, std::string(dir.status().message()),
-                    svc_->export_dir());
+                    svc_->serving().export_dir());
       return grpc::Status(grpc::StatusCode::INTERNAL, "export failed: no staging directory");
     }
     staging_ = *dir;
     if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled");
     const std::string out = (std::filesystem::path(staging_) / "model").string();
-    const absl::Status w = WriteExport(svc_->supernet(), *sub, out, options_);
+    const absl::Status w = WriteExport(svc_->serving().supernet(), *sub, out, options_);
     if (!w.ok()) {
       // The detail names server paths: it goes to the log, the client gets the request id.
       spdlog::error("[{}] export: {}", id_, w.ToString());
@@ -427,7 +378,7 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
     for (const auto& e : std::filesystem::directory_iterator(out)) files_.push_back(e.path());
     std::sort(files_.begin(), files_.end());
     spdlog::info("[{}] export: {}{} written in {:.0f} ms ({} files)", id_, shape_.ToString(),
-                 svc_->smol() && options_.adapters ? " with adapters merged" : "",
+                 svc_->serving().smol() && options_.adapters ? " with adapters merged" : "",
                  std::chrono::duration<double, std::milli>(Clock::now() - t0).count(),
                  files_.size());
     return grpc::Status::OK;
@@ -488,113 +439,39 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
 
 }  // namespace
 
+GenerationRequest GenerationRequestFromProto(const v1::GenerateRequest& r) {
+  GenerationRequest g;
+  g.request_id = r.request_id();
+  if (r.has_tokens())
+    g.tokens = std::vector<int32_t>(r.tokens().ids().begin(), r.tokens().ids().end());
+  else if (r.prompt_case() == v1::GenerateRequest::kText)
+    g.text = r.text();
+  g.add_bos = !r.has_add_bos() || r.add_bos();
+  if (r.has_shape()) g.shape = Shape{r.shape().depth(), r.shape().width()};
+  if (r.has_budget()) g.budget = BudgetFromProto(r.budget());
+  const auto& sp = r.sampling();
+  if (sp.has_temperature()) g.temperature = sp.temperature();
+  if (sp.has_top_k()) g.top_k = sp.top_k();
+  if (sp.has_top_p()) g.top_p = sp.top_p();
+  if (sp.has_repetition_penalty()) g.repetition_penalty = sp.repetition_penalty();
+  if (sp.has_seed()) g.seed = sp.seed();
+  if (r.has_max_new_tokens()) g.max_new_tokens = r.max_new_tokens();
+  g.stop.assign(r.stop().begin(), r.stop().end());
+  if (r.has_time_limit_ms()) g.time_limit_ms = r.time_limit_ms();
+  return g;
+}
+
 absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const ServiceLimits& l,
                                      int64_t vocab) {
-  RETURN_IF_ERROR(ValidateRequestId(r.request_id()));
-  if (r.prompt_case() == v1::GenerateRequest::PROMPT_NOT_SET)
-    return Bad("prompt", "empty (set text or tokens)");
-  if (r.has_tokens()) {
-    if (r.tokens().ids().empty()) return Bad("prompt.tokens", "empty");
-    for (int32_t id : r.tokens().ids())
-      if (id < 0 || id >= vocab)
-        return Bad("prompt.tokens", absl::StrCat("id ", id, " outside [0, ", vocab, ")"));
-    if (r.tokens().ids_size() > l.max_prompt_tokens)
-      return Bad(
-          "prompt.tokens",
-          absl::StrCat(r.tokens().ids_size(), " tokens exceed the limit of ", l.max_prompt_tokens));
-  } else {
-    if (r.text().empty()) return Bad("prompt.text", "empty");
-    if (static_cast<int64_t>(r.text().size()) > l.max_prompt_bytes)
-      return Bad("prompt.text",
-                 absl::StrCat(r.text().size(), " bytes exceed the limit of ", l.max_prompt_bytes));
-    if (!IsValidUtf8(r.text())) return Bad("prompt.text", "not valid UTF-8");
-  }
-  const auto& s = r.sampling();
-  if (s.has_temperature() && !(s.temperature() >= 0 && std::isfinite(s.temperature())))
-    return Bad("sampling.temperature", "must be >= 0");
-  if (s.has_top_k() && s.top_k() < 0) return Bad("sampling.top_k", "must be >= 0");
-  if (s.has_top_p() && !(s.top_p() > 0 && s.top_p() <= 1))
-    return Bad("sampling.top_p", "must be in (0, 1]");
-  if (s.has_repetition_penalty() &&
-      !(s.repetition_penalty() > 0 && std::isfinite(s.repetition_penalty())))
-    return Bad("sampling.repetition_penalty", "must be > 0");
-  if (r.has_max_new_tokens() && (r.max_new_tokens() < 1 || r.max_new_tokens() > l.max_new_tokens))
-    return Bad("max_new_tokens", absl::StrCat("must be in [1, ", l.max_new_tokens, "]"));
-  if (r.stop_size() > l.max_stop_strings)
-    return Bad("stop", absl::StrCat("more than ", l.max_stop_strings, " strings"));
-  for (const auto& st : r.stop()) {
-    if (st.empty()) return Bad("stop", "empty string");
-    if (static_cast<int64_t>(st.size()) > l.max_stop_length)
-      return Bad("stop", absl::StrCat("longer than ", l.max_stop_length, " bytes"));
-    if (!IsValidUtf8(st)) return Bad("stop", "not valid UTF-8");
-  }
-  if (r.has_time_limit_ms() && (r.time_limit_ms() <= 0 || r.time_limit_ms() > l.max_time_limit_ms))
-    return Bad("time_limit_ms", absl::StrCat("must be in [1, ", l.max_time_limit_ms, "]"));
-  if (s.has_top_k() && s.top_k() > vocab)
-    return Bad("sampling.top_k", absl::StrCat("must be <= the vocabulary size ", vocab));
-  if (r.has_budget()) return ValidateBudget(r.budget());
-  return absl::OkStatus();
-}
-
-AmoebaService::AmoebaService(const Supernet& supernet, const Smol* smol, Scheduler& scheduler,
-                             Metrics* metrics, ServiceOptions options, HostSpeed host,
-                             std::vector<ShapeProfile> profiles)
-    : supernet_(supernet),
-      smol_(smol),
-      scheduler_(scheduler),
-      metrics_(metrics),
-      options_(std::move(options)),
-      host_(host),
-      profiles_(std::move(profiles)),
-      export_dir_(options_.export_tmp_dir.empty() ? fs::temp_directory_path().string()
-                                                  : options_.export_tmp_dir),
-      export_workers_(options_.export_workers) {
-  RemoveStaleStagingDirs(export_dir_);
-}
-
-std::string AmoebaService::NewRequestId() {
-  return absl::StrCat("req-", next_id_++);
+  return ValidateGenerationRequest(GenerationRequestFromProto(r), l, vocab);
 }
 
 grpc::Status AmoebaService::CheckAuth(grpc::CallbackServerContext* ctx, bool export_call) const {
-  if (options_.auth_token.empty()) {
-    if (export_call && !options_.allow_unauthenticated_export) {
-      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                          "ExportSubnet is disabled: the server has no --auth-token (an operator "
-                          "may pass --allow-unauthenticated-export)");
-    }
-    return grpc::Status::OK;
-  }
-  if (!export_call && !options_.token_for_all) return grpc::Status::OK;
   const auto& md = ctx->client_metadata();
   auto it = md.find("authorization");
-  if (it == md.end())
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "missing authorization: Bearer <token>");
-  // Compared in time independent of where the first difference is.
-  const std::string want = "Bearer " + options_.auth_token;
-  const std::string_view got(it->second.data(), it->second.size());
-  unsigned char diff = got.size() == want.size() ? 0 : 1;
-  for (size_t i = 0; i < want.size(); ++i)
-    diff |= static_cast<unsigned char>(want[i] ^ (i < got.size() ? got[i] : 0));
-  if (diff != 0) return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "invalid token");
-  return grpc::Status::OK;
-}
-
-absl::StatusOr<Shape> AmoebaService::ResolveTarget(const v1::GenerateRequest& r) const {
-  if (r.has_shape()) {
-    Shape s{r.shape().depth(), r.shape().width()};
-    if (s.width == 0) s.width = 1.0;  // unset width: full
-    if (s.depth == 0) s.depth = supernet_.base().config.num_hidden_layers;
-    auto st = supernet_.Validate(s);
-    if (!st.ok()) return st;
-    return s;
-  }
-  if (r.has_budget()) {
-    auto p = PlanShape(profiles_, BudgetFromProto(r.budget()), host_);
-    if (!p.ok()) return p.status();
-    return p->chosen.profile.shape;
-  }
-  return supernet_.FullShape();
+  std::optional<std::string_view> header;
+  if (it != md.end()) header = std::string_view(it->second.data(), it->second.size());
+  return ToGrpc(serving_.CheckAuth(header, export_call));
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* AmoebaService::Generate(
@@ -606,13 +483,11 @@ grpc::ServerUnaryReactor* AmoebaService::Plan(grpc::CallbackServerContext* ctx,
                                               const v1::PlanRequest* req, v1::PlanResponse* resp) {
   const absl::Status id_ok = ValidateRequestId(req->request_id());
   if (!id_ok.ok()) return Reply(ctx, ToGrpc(id_ok));
-  const std::string id = req->request_id().empty() ? NewRequestId() : req->request_id();
+  const std::string id = req->request_id().empty() ? serving_.NewRequestId() : req->request_id();
   return Reply(ctx, Guarded("plan", id, [&] {
                  grpc::Status auth = CheckAuth(ctx, false);
                  if (!auth.ok()) return auth;
-                 absl::Status v = ValidateBudget(req->budget());
-                 if (!v.ok()) return ToGrpc(v);
-                 auto p = PlanShape(profiles_, BudgetFromProto(req->budget()), host_);
+                 auto p = serving_.Plan(BudgetFromProto(req->budget()));
                  if (!p.ok()) return ToGrpc(p.status());
                  resp->set_request_id(id);
                  *resp->mutable_chosen() = ToProto(p->chosen);
@@ -629,8 +504,7 @@ grpc::ServerUnaryReactor* AmoebaService::ListShapes(grpc::CallbackServerContext*
   return Reply(ctx, Guarded("list-shapes", "-", [&] {
                  grpc::Status auth = CheckAuth(ctx, false);
                  if (!auth.ok()) return auth;
-                 for (const auto& e : EstimateAll(profiles_, PlanBudget{}, host_))
-                   *resp->add_shapes() = ToProto(e);
+                 for (const auto& e : serving_.Shapes()) *resp->add_shapes() = ToProto(e);
                  return grpc::Status::OK;
                }));
 }
@@ -638,23 +512,27 @@ grpc::ServerUnaryReactor* AmoebaService::ListShapes(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* AmoebaService::GetModelInfo(grpc::CallbackServerContext* ctx,
                                                       const v1::GetModelInfoRequest*,
                                                       v1::ModelInfo* resp) {
-  return Reply(
-      ctx, Guarded("model-info", "-", [&] {
-        grpc::Status auth = CheckAuth(ctx, false);
-        if (!auth.ok()) return auth;
-        const ModelConfig& c = supernet_.base().config;
-        resp->set_model_type("llama");
-        resp->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));
-        resp->set_hidden_size(static_cast<int32_t>(c.hidden_size));
-        resp->set_vocab_size(static_cast<int32_t>(c.vocab_size));
-        for (int64_t d : supernet_.spec().depths) resp->add_depths(static_cast<int32_t>(d));
-        for (double w : supernet_.spec().widths) resp->add_widths(w);
-        resp->set_has_adapters(smol_ != nullptr);
-        resp->set_tokenizer(supernet_.tokenizer() ? supernet_.tokenizer()->kind() : "");
-        resp->set_max_context_tokens(static_cast<int32_t>(options_.limits.max_prompt_tokens));
-        resp->set_weights_dtype(options_.weights_dtype);
-        return grpc::Status::OK;
-      }));
+  return Reply(ctx, Guarded("model-info", "-", [&] {
+                 grpc::Status auth = CheckAuth(ctx, false);
+                 if (!auth.ok()) return auth;
+                 const Supernet& supernet_ = serving_.supernet();
+                 const ModelConfig& c = serving_.supernet().base().config;
+                 resp->set_model_type("llama");
+                 resp->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));
+                 resp->set_hidden_size(static_cast<int32_t>(c.hidden_size));
+                 resp->set_vocab_size(static_cast<int32_t>(c.vocab_size));
+                 for (int64_t d : serving_.supernet().spec().depths)
+                   resp->add_depths(static_cast<int32_t>(d));
+                 for (double w : serving_.supernet().spec().widths) resp->add_widths(w);
+                 resp->set_has_adapters(serving_.smol() != nullptr);
+                 resp->set_tokenizer(serving_.supernet().tokenizer()
+                                         ? serving_.supernet().tokenizer()->kind()
+                                         : "");
+                 resp->set_max_context_tokens(
+                     static_cast<int32_t>(serving_.options().limits.max_prompt_tokens));
+                 resp->set_weights_dtype(serving_.options().weights_dtype);
+                 return grpc::Status::OK;
+               }));
 }
 
 grpc::ServerUnaryReactor* AmoebaService::Tokenize(grpc::CallbackServerContext* ctx,
@@ -665,14 +543,14 @@ grpc::ServerUnaryReactor* AmoebaService::Tokenize(grpc::CallbackServerContext* c
         grpc::Status auth = CheckAuth(ctx, false);
         if (!auth.ok()) return auth;
         // Bounded before any work: the text's size decides the memory tokenising takes.
-        if (static_cast<int64_t>(req->text().size()) > options_.limits.max_prompt_bytes) {
+        if (static_cast<int64_t>(req->text().size()) > serving_.options().limits.max_prompt_bytes) {
           return ToGrpc(Bad("text", absl::StrCat(req->text().size(), " bytes exceed the limit of ",
-                                                 options_.limits.max_prompt_bytes)));
+                                                 serving_.options().limits.max_prompt_bytes)));
         }
         if (!IsValidUtf8(req->text())) return ToGrpc(Bad("text", "not valid UTF-8"));
-        const Tokenizer& tok = *supernet_.tokenizer();
+        const Tokenizer& tok = *serving_.supernet().tokenizer();
         if (req->has_add_bos() && req->add_bos())
-          resp->add_ids(static_cast<int32_t>(supernet_.base().config.bos_token_id));
+          resp->add_ids(static_cast<int32_t>(serving_.supernet().base().config.bos_token_id));
         for (int32_t id : tok.Encode(req->text())) resp->add_ids(id);
         for (int32_t id : resp->ids()) {
           // Pieces as text: a byte token that is part of a character becomes U+FFFD (proto strings

@@ -1,5 +1,5 @@
-// The amoeba.v1.Amoeba gRPC service (callback API): validation, planning, and adapters from the
-// protocol to the scheduler, supernet and exporter.
+// The amoeba.v1.Amoeba gRPC front end (callback API): streaming reactors, export jobs, and the
+// translation of amoeba.v1 messages to and from the protocol-free Serving core.
 #pragma once
 #include <atomic>
 #include <memory>
@@ -7,45 +7,21 @@
 #include <vector>
 
 #include "amoeba/v1/amoeba.grpc.pb.h"
-#include "server/export_job.h"
-#include "server/metrics.h"
-#include "server/planner.h"
 #include "server/request_checks.h"
-#include "server/scheduler.h"
-#include "subnet/supernet.h"
+#include "server/serving.h"
 
 namespace amoeba {
 
-// Every limit is checked before any work is done for a request (docs/api.md lists them).
-struct ServiceLimits {
-  int64_t max_prompt_tokens = 2048;
-  int64_t max_prompt_bytes = 32768;  // text prompts and Tokenize text, checked before tokenising
-  int64_t max_new_tokens = 1024;
-  int64_t max_stop_strings = 16;
-  int64_t max_stop_length = 256;
-  int64_t max_time_limit_ms = 24ll * 3600 * 1000;
-};
-
-struct ServiceOptions {
-  ServiceLimits limits;
-  std::string auth_token;      // when set, ExportSubnet needs "authorization: Bearer <token>"
-  bool token_for_all = false;  // ... and so does every RPC
-  // Without a token ExportSubnet is refused unless the operator allows it explicitly.
-  bool allow_unauthenticated_export = false;
-  std::string export_tmp_dir;  // where exports are staged before streaming ("" = system temp)
-  int export_workers = 1;      // exports at once; more are RESOURCE_EXHAUSTED
-  std::string weights_dtype = "f32";  // reported by GetModelInfo
-};
-
-// Validates a GenerateRequest (everything but the shape/budget); the message names the field.
+// The gRPC wire format to the protocol-free request (no validation: Serving does that).
+GenerationRequest GenerationRequestFromProto(const v1::GenerateRequest& r);
+// Validates a GenerateRequest; the message names the field.
 absl::Status ValidateGenerateRequest(const v1::GenerateRequest& r, const ServiceLimits& l,
                                      int64_t vocab_size);
 
+// A thin adapter: translates amoeba.v1 messages to and from the protocol-free Serving core.
 class AmoebaService final : public v1::Amoeba::CallbackService {
  public:
-  // `smol` (may be null) are the adapters the scheduler serves with; exports merge them.
-  AmoebaService(const Supernet& supernet, const Smol* smol, Scheduler& scheduler, Metrics* metrics,
-                ServiceOptions options, HostSpeed host, std::vector<ShapeProfile> profiles);
+  explicit AmoebaService(Serving& serving) : serving_(serving) {}
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
                                                            const v1::GenerateRequest* req) override;
@@ -63,29 +39,11 @@ class AmoebaService final : public v1::Amoeba::CallbackService {
   grpc::ServerWriteReactor<v1::FileChunk>* ExportSubnet(
       grpc::CallbackServerContext* ctx, const v1::ExportSubnetRequest* req) override;
 
-  const Supernet& supernet() const { return supernet_; }
-  const Smol* smol() const { return smol_; }
-  ExportWorkers& export_workers() { return export_workers_; }
-  const std::string& export_dir() const { return export_dir_; }
-  Scheduler& scheduler() { return scheduler_; }
-  Metrics* metrics() { return metrics_; }
-  const ServiceOptions& options() const { return options_; }
-  // Resolves the request's target (shape, budget or neither) to a grid shape.
-  absl::StatusOr<Shape> ResolveTarget(const v1::GenerateRequest& r) const;
+  Serving& serving() { return serving_; }
   grpc::Status CheckAuth(grpc::CallbackServerContext* ctx, bool export_call) const;
-  std::string NewRequestId();
 
  private:
-  const Supernet& supernet_;
-  const Smol* smol_;
-  Scheduler& scheduler_;
-  Metrics* metrics_;
-  ServiceOptions options_;
-  HostSpeed host_;
-  std::vector<ShapeProfile> profiles_;
-  std::atomic<uint64_t> next_id_{1};
-  std::string export_dir_;
-  ExportWorkers export_workers_;
+  Serving& serving_;
 };
 
 PlanBudget BudgetFromProto(const v1::Budget& b);

@@ -31,6 +31,7 @@ struct TestServer {
   std::unique_ptr<Smol> smol;
   std::unique_ptr<Scheduler> scheduler;
   Metrics metrics;
+  std::unique_ptr<Serving> serving;
   std::unique_ptr<AmoebaService> service;
   std::unique_ptr<grpc::Server> server;
   int port = 0;
@@ -73,8 +74,9 @@ struct TestServer {
     auto profiles = ProfilesFromSupernet(*supernet);
     for (auto& p : profiles)
       p.measured_decode_ms = 0.001 * p.decode_weight_bytes / 1000.0;  // deterministic
-    service = std::make_unique<AmoebaService>(*supernet, smol.get(), *scheduler, &metrics, svo,
-                                              HostSpeed{}, profiles);
+    serving = std::make_unique<Serving>(*supernet, smol.get(), *scheduler, &metrics, svo,
+                                        HostSpeed{}, profiles);
+    service = std::make_unique<AmoebaService>(*serving);
     grpc::EnableDefaultHealthCheckService(true);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
     grpc::ServerBuilder b;
