@@ -13,6 +13,7 @@
 #include "model/file_util.h"
 #include "model/kernels.h"
 #include "model/runtime.h"
+#include "server/http_frontend.h"
 #include "server/metrics.h"
 #include "server/planner.h"
 #include "server/scheduler.h"
@@ -39,6 +40,9 @@ struct Flags {
   bool auth_all = false, allow_unauthenticated_export = false;
   std::string export_dir;
   int export_workers = 1;
+  int http_port = -1;
+  std::vector<std::string> model_aliases;
+  std::string chat_template = "auto";
   double drain_seconds = 20;
   bool profile = true;
   std::string port_file;
@@ -150,6 +154,49 @@ int Run(const Flags& f) {
   Serving serving(supernet, smol.get(), scheduler, &metrics, svo, host, profiles);
   AmoebaService service(serving);
 
+  // The OpenAI-compatible HTTP front end, over the same core, TLS and token.
+  std::unique_ptr<HttpFrontend> http;
+  if (f.http_port >= 0) {
+    HttpOptions ho;
+    ho.host = f.host;
+    ho.port = f.http_port;
+    ho.tls_cert = f.tls_cert;
+    ho.tls_key = f.tls_key;
+    for (const std::string& a : f.model_aliases) {
+      const size_t eq = a.find('=');
+      auto shape = eq == std::string::npos
+                       ? absl::StatusOr<Shape>(absl::InvalidArgumentError("expected name=shape"))
+                       : Shape::Parse(a.substr(eq + 1), supernet.base().config.num_hidden_layers);
+      if (shape.ok()) {
+        absl::Status v = supernet.Validate(*shape);
+        if (!v.ok()) shape = v;
+      }
+      if (!shape.ok()) {
+        spdlog::error("--model-alias {}: {}", a, std::string(shape.status().message()));
+        return 2;
+      }
+      ho.aliases[a.substr(0, eq)] = *shape;
+    }
+    if (f.chat_template == "auto") {
+      ho.chat_template = ChatTemplateForModel(f.supernet);
+    } else {
+      auto t = ParseChatTemplate(f.chat_template);
+      if (!t.ok()) {
+        spdlog::error("--chat-template: {}", std::string(t.status().message()));
+        return 2;
+      }
+      ho.chat_template = *t;
+    }
+    http = std::make_unique<HttpFrontend>(serving, ho);
+    const absl::Status st = http->Start();
+    if (!st.ok()) {
+      spdlog::error("server: {}", std::string(st.message()));
+      return 1;
+    }
+    spdlog::info("server: OpenAI-compatible HTTP on {}:{} (chat template {})", f.host, http->port(),
+                 ChatTemplateName(ho.chat_template));
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -178,8 +225,9 @@ int Run(const Flags& f) {
   spdlog::info("server: serving amoeba.v1.Amoeba on {}:{} ({})", f.host, bound_port,
                f.tls_cert.empty() ? "insecure" : "TLS");
   if (!f.port_file.empty())
-    (void)WriteFileAtomic(f.port_file,
-                          std::to_string(bound_port) + " " + std::to_string(metrics.port()) + "\n");
+    (void)WriteFileAtomic(f.port_file, std::to_string(bound_port) + " " +
+                                           std::to_string(metrics.port()) + " " +
+                                           std::to_string(http ? http->port() : -1) + "\n");
 
   // Wait for SIGTERM/SIGINT (blocked in every thread, so sigwait sees them), then drain.
   sigset_t set;
@@ -199,10 +247,12 @@ int Run(const Flags& f) {
   sigwait(&set, &sig);
   spdlog::info("server: signal {}, draining for up to {:.0f}s", sig, f.drain_seconds);
   health->SetServingStatus(false);
+  if (http) http->SetDraining();
   const auto deadline =
       Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000));
   scheduler.Drain(deadline);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  if (http) http->Stop();
   stop_metrics = true;
   gauges.join();
   spdlog::info("server: stopped");
@@ -297,6 +347,17 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--profile", f.profile, "Measure every shape's decode latency at start-up")
       ->envname("AMOEBA_PROFILE")
+      ->capture_default_str();
+  app.add_option("--http-port", f.http_port,
+                 "OpenAI-compatible HTTP API port (-1 = off, 0 = any free port)")
+      ->envname("AMOEBA_HTTP_PORT")
+      ->capture_default_str();
+  app.add_option("--model-alias", f.model_aliases,
+                 "Extra HTTP model name for a shape: name=depth=D,width=W (repeatable)")
+      ->envname("AMOEBA_MODEL_ALIAS");
+  app.add_option("--chat-template", f.chat_template,
+                 "auto (from tokenizer_config.json) | plain | chatml | llama2 | llama3 | zephyr")
+      ->envname("AMOEBA_CHAT_TEMPLATE")
       ->capture_default_str();
   app.add_option("--port-file", f.port_file, "Write the bound ports here (tests)");
   try {

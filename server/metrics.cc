@@ -1,16 +1,11 @@
 #include "server/metrics.h"
 
+#include <httplib.h>
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
-
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <mutex>
@@ -20,10 +15,9 @@ namespace amoeba {
 
 struct Metrics::Impl {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
-  int listen_fd = -1;
   int port = 0;
-  std::atomic<bool> stop{false};
-  std::thread http;
+  std::unique_ptr<httplib::Server> http;
+  std::thread http_thread;
   prometheus::Family<prometheus::Histogram>& ttft = prometheus::BuildHistogram()
                                                         .Name("amoeba_time_to_first_token_seconds")
                                                         .Help("Time to first token")
@@ -70,6 +64,11 @@ struct Metrics::Impl {
                                                        .Name("amoeba_cache_lookups_total")
                                                        .Help("Subnet cache lookups")
                                                        .Register(*registry);
+  prometheus::Family<prometheus::Counter>& http_requests =
+      prometheus::BuildCounter()
+          .Name("amoeba_http_requests_total")
+          .Help("HTTP requests by route and status")
+          .Register(*registry);
   prometheus::Counter& hits = cache.Add({{"result", "hit"}});
   prometheus::Counter& misses = cache.Add({{"result", "miss"}});
   double last_hits = 0, last_misses = 0;
@@ -83,9 +82,8 @@ struct Metrics::Impl {
 Metrics::Metrics() : impl_(std::make_unique<Impl>()) {}
 
 Metrics::~Metrics() {
-  impl_->stop = true;
-  if (impl_->http.joinable()) impl_->http.join();
-  if (impl_->listen_fd >= 0) close(impl_->listen_fd);
+  if (impl_->http) impl_->http->stop();
+  if (impl_->http_thread.joinable()) impl_->http_thread.join();
 }
 
 std::string Metrics::Render() const {
@@ -94,57 +92,28 @@ std::string Metrics::Render() const {
 }
 
 absl::Status Metrics::Serve(const std::string& host, int port) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  int one = 1;
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  if (inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
-    close(fd);
-    return absl::InvalidArgumentError("metrics: bad host " + host);
-  }
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(fd, 16) != 0) {
-    close(fd);
-    return absl::UnavailableError("metrics: cannot listen on " + host + ":" + std::to_string(port));
-  }
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  impl_->listen_fd = fd;
-  impl_->port = ntohs(a.sin_port);
-  impl_->http = std::thread([this] {
-    while (!impl_->stop) {
-      pollfd p{impl_->listen_fd, POLLIN, 0};
-      if (poll(&p, 1, 200) <= 0) continue;
-      int c = accept4(impl_->listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-      if (c < 0) continue;
-      timeval tv{2, 0};
-      setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-      char buf[2048];
-      const ssize_t n = recv(c, buf, sizeof(buf) - 1, 0);
-      std::string req(buf, n > 0 ? static_cast<size_t>(n) : 0);
-      std::string body, status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8";
-      if (req.rfind("GET /metrics", 0) == 0) {
-        body = Render();
-      } else {
-        status = "404 Not Found";
-        body = "try /metrics\n";
-        type = "text/plain";
-      }
-      const std::string head = "HTTP/1.0 " + status + "\r\nContent-Type: " + type +
-                               "\r\nContent-Length: " + std::to_string(body.size()) +
-                               "\r\nConnection: close\r\n\r\n";
-      const std::string out = head + body;
-      size_t sent = 0;
-      while (sent < out.size()) {
-        const ssize_t w = send(c, out.data() + sent, out.size() - sent, MSG_NOSIGNAL);
-        if (w <= 0) break;
-        sent += static_cast<size_t>(w);
-      }
-      close(c);
-    }
+  impl_->http = std::make_unique<httplib::Server>();
+  impl_->http->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(Render(), "text/plain; version=0.0.4; charset=utf-8");
   });
+  const int bound = port == 0 ? impl_->http->bind_to_any_port(host)
+                              : (impl_->http->bind_to_port(host, port) ? port : -1);
+  if (bound <= 0)
+    return absl::UnavailableError("metrics: cannot listen on " + host + ":" + std::to_string(port));
+  impl_->port = bound;
+  impl_->http_thread = std::thread([this] { impl_->http->listen_after_bind(); });
   return absl::OkStatus();
+}
+
+void Metrics::ObserveHttp(const std::string& route, int status) {
+  // Routes are the server's own (unknown paths count as "other"): labels stay bounded.
+  static const char* kRoutes[] = {"/v1/models", "/v1/completions", "/v1/chat/completions",
+                                  "/health",    "/metrics",        "/"};
+  std::string r = "other";
+  for (const char* k : kRoutes)
+    if (route == k) r = k;
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->http_requests.Add({{"route", r}, {"status", std::to_string(status)}}).Increment();
 }
 
 int Metrics::port() const {

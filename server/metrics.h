@@ -1,6 +1,5 @@
-// Prometheus metrics (prometheus-cpp registry and text serializer), served on their own HTTP port
-// by a minimal HTTP/1.0 loop (prometheus-cpp's CivetWeb exposer would not start inside this
-// process). Labelled by shape.
+// Prometheus metrics (prometheus-cpp registry and text serializer), served on their own port by
+// cpp-httplib (the HTTP library of the OpenAI-compatible front end). Labelled by shape.
 #pragma once
 #include <memory>
 #include <string>
@@ -23,6 +22,7 @@ class Metrics {
                       double ttft_s, double e2e_s, int64_t prompt_tokens,
                       int64_t completion_tokens);
   void ObserveInterToken(const std::string& shape, double seconds);
+  void ObserveHttp(const std::string& route, int status);
   void SetRunning(const std::string& shape, int64_t n);
   // cache_bytes: merged subnet copies; kv_bytes: KV caches (reported apart).
   void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t kv_bytes, int64_t cache_hits,

@@ -515,7 +515,6 @@ grpc::ServerUnaryReactor* AmoebaService::GetModelInfo(grpc::CallbackServerContex
   return Reply(ctx, Guarded("model-info", "-", [&] {
                  grpc::Status auth = CheckAuth(ctx, false);
                  if (!auth.ok()) return auth;
-                 const Supernet& supernet_ = serving_.supernet();
                  const ModelConfig& c = serving_.supernet().base().config;
                  resp->set_model_type("llama");
                  resp->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));

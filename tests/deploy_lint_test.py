@@ -39,7 +39,8 @@ envs = {e["name"] for e in c["env"]}
 check(envs <= server_envs, f"deployment env vars unknown to the server: {envs - server_envs}")
 ports = {p["containerPort"] for p in c["ports"]}
 env_val = {e["name"]: e.get("value") for e in c["env"]}
-check(int(env_val["AMOEBA_PORT"]) in ports and int(env_val["AMOEBA_METRICS_PORT"]) in ports, "ports match env")
+check(int(env_val["AMOEBA_PORT"]) in ports and int(env_val["AMOEBA_METRICS_PORT"]) in ports
+      and int(env_val["AMOEBA_HTTP_PORT"]) in ports, "ports match env")
 for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
     check(c[probe]["grpc"]["port"] == int(env_val["AMOEBA_PORT"]), f"{probe} uses gRPC health on the server port")
 check(pod["terminationGracePeriodSeconds"] > float(env_val["AMOEBA_DRAIN_SECONDS"]), "grace period covers the drain")

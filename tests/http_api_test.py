@@ -1,0 +1,199 @@
+#!/usr/bin/python3
+"""The OpenAI-compatible HTTP API against a real amoeba-server, with Python's http.client and curl.
+
+Usage: http_api_test.py ADMIN SERVER PYTHON_STUBS_DIR
+
+Checks: /v1/models lists every grid shape and the aliases; /v1/completions and
+/v1/chat/completions answer plain and streamed (server-sent events ending with [DONE]); greedy
+text equals the gRPC Generate on the same shape; a budget picks the planner's shape; every error
+status in the OpenAI error shape; the token; a client that disconnects mid-stream cancels its
+request; /health and /metrics.
+"""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+admin, server_bin, stubs = sys.argv[1:4]
+sys.path.insert(0, stubs)
+import grpc  # noqa: E402
+from amoeba.v1 import amoeba_pb2 as pb, amoeba_pb2_grpc as rpc  # noqa: E402
+
+TOKEN = "http-token"
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        sys.exit(f"FAIL: {what}")
+    checks += 1
+
+
+def run(*cmd):
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def call(port, method, path, body=None, token=TOKEN, raw=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+    c.request(method, path, body=data, headers=headers)
+    r = c.getresponse()
+    text = r.read().decode()
+    c.close()
+    return r.status, text
+
+
+def events(text):
+    out = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    return out
+
+
+with tempfile.TemporaryDirectory() as d:
+    run(admin, "init", "--out", f"{d}/m", "--preset", "tiny", "--layers", "5", "--seed", "4")
+    with open(f"{d}/calib.txt", "w") as f:
+        f.write("the quick brown fox jumps over the lazy dog. " * 100)
+    run(admin, "calibrate", "--model", f"{d}/m", "--data", f"{d}/calib.txt", "--out", f"{d}/s",
+        "--windows", "4", "--window-len", "32", "--dp-windows", "2")
+    port_file = f"{d}/ports"
+    proc = subprocess.Popen([server_bin, "--supernet", f"{d}/s", "--host", "127.0.0.1", "--port", "0",
+                             "--metrics-port", "-1", "--http-port", "0", "--port-file", port_file,
+                             "--auth-token", TOKEN, "--auth-all", "--model-alias", "phone=depth=3,width=0.625",
+                             "--max-context", "256", "--max-new-tokens", "200"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            if os.path.exists(port_file):
+                break
+            if proc.poll() is not None:
+                sys.exit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+        grpc_port, _, port = open(port_file).read().split()
+        port = int(port)
+
+        status, text = call(port, "GET", "/health", token=None)
+        check(status == 200 and json.loads(text)["status"] == "SERVING", f"/health: {status} {text}")
+
+        status, text = call(port, "GET", "/v1/models")
+        ids = [m["id"] for m in json.loads(text)["data"]]
+        check(status == 200 and "amoeba:depth=5,width=1" in ids and "amoeba:depth=3,width=0.625" in ids
+              and {"full", "smallest", "phone"} <= set(ids) and len(ids) == 12 + 3, f"/v1/models: {ids}")
+
+        # Greedy completion == gRPC Generate on the same shape.
+        stub = rpc.AmoebaStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        md = [("authorization", f"Bearer {TOKEN}")]
+        want = "".join(c.text for c in stub.Generate(pb.GenerateRequest(
+            text="Hello there", shape=pb.Shape(depth=4, width=0.75), max_new_tokens=12), metadata=md, timeout=30))
+        body = {"model": "amoeba:depth=4,width=0.75", "prompt": "Hello there", "max_tokens": 12,
+                "temperature": 0}
+        status, text = call(port, "POST", "/v1/completions", body)
+        r = json.loads(text)
+        check(status == 200 and r["object"] == "text_completion", f"completion: {status} {text[:300]}")
+        check(r["choices"][0]["text"] == want, f"completion text {r['choices'][0]['text']!r} != gRPC {want!r}")
+        check(r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 12
+              and r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + 12, f"usage: {r}")
+        check(r["amoeba"]["shape"] == {"depth": 4, "width": 0.75}, f"shape: {r['amoeba']}")
+
+        # Streamed: the same text in deltas, a final chunk with the finish reason, then [DONE].
+        status, text = call(port, "POST", "/v1/completions", dict(body, stream=True))
+        ev = events(text)
+        check(status == 200 and ev[-1] == "[DONE]", f"stream end: {ev[-3:]}")
+        chunks = [json.loads(e) for e in ev[:-1]]
+        check("".join(c["choices"][0]["text"] for c in chunks) == want, "streamed text")
+        check(chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) > 2, "stream finish")
+
+        # Chat, plain and streamed (an alias picks the shape).
+        chat = {"model": "phone", "messages": [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Hi!"}],
+                "max_tokens": 8, "temperature": 0.7, "seed": 3}
+        status, text = call(port, "POST", "/v1/chat/completions", chat)
+        r = json.loads(text)
+        check(status == 200 and r["object"] == "chat.completion" and
+              r["choices"][0]["message"]["role"] == "assistant" and r["usage"]["completion_tokens"] >= 1,
+              f"chat: {status} {text[:300]}")
+        check(r["amoeba"]["shape"] == {"depth": 3, "width": 0.625}, "alias shape")
+        status, text = call(port, "POST", "/v1/chat/completions", dict(chat, stream=True))
+        ev = events(text)
+        chunks = [json.loads(e) for e in ev[:-1]]
+        check(ev[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+              and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length"), "chat stream")
+        check("".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+              == r["choices"][0]["message"]["content"], "chat stream text == chat text (same seed)")
+
+        # A budget instead of a model: the planner's choice.
+        sizes = sorted(x.params for x in stub.ListShapes(pb.ListShapesRequest(), metadata=md, timeout=10).shapes)
+        budget = {"max_params": sizes[len(sizes) // 2]}
+        plan = stub.Plan(pb.PlanRequest(budget=pb.Budget(max_params=budget["max_params"])), metadata=md,
+                         timeout=10)
+        status, text = call(port, "POST", "/v1/completions",
+                            {"prompt": "x", "max_tokens": 2, "amoeba": {"budget": budget}})
+        r = json.loads(text)
+        check(status == 200 and r["amoeba"]["shape"]["depth"] == plan.chosen.shape.depth and
+              abs(r["amoeba"]["shape"]["width"] - plan.chosen.shape.width) < 1e-9, f"budget: {text[:300]}")
+
+        # Errors: status and the OpenAI error shape, naming what is wrong.
+        for what, b, code, needle in [
+                ("n=2", dict(body, n=2), 400, "n"),
+                ("tools", dict(body, tools=[]), 400, "tools"),
+                ("negative temperature", dict(body, temperature=-1), 400, "sampling.temperature"),
+                ("max_tokens too large", dict(body, max_tokens=10**6), 400, "max_new_tokens"),
+                ("unknown model", dict(body, model="gpt-4"), 404, "gpt-4"),
+                ("no model", {"prompt": "x"}, 400, "model"),
+                ("bad role", dict(chat, messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
+                ("budget nothing fits", {"prompt": "x", "amoeba": {"budget": {"max_params": 1}}}, 400,
+                 "smallest")]:
+            path = "/v1/chat/completions" if "messages" in b else "/v1/completions"
+            status, text = call(port, "POST", path, b)
+            err = json.loads(text).get("error", {})
+            check(status == code and needle in err.get("message", "") and err.get("type"),
+                  f"{what}: {status} {text[:300]}")
+        status, text = call(port, "POST", "/v1/completions", raw="{not json")
+        check(status == 400 and "error" in json.loads(text), f"bad JSON: {status}")
+        status, _ = call(port, "POST", "/v1/completions", raw="x" * (2 << 20))
+        check(status == 413, f"oversized body: {status}")
+        status, text = call(port, "GET", "/v1/models", token=None)
+        check(status == 401 and json.loads(text)["error"]["type"] == "invalid_request_error", "no token")
+        status, _ = call(port, "GET", "/v1/models", token="wrong")
+        check(status == 403, "wrong token")
+
+        # A client that goes away mid-stream cancels its request.
+        s = socket.create_connection(("127.0.0.1", port))
+        req = json.dumps({"model": "full", "prompt": "Once", "max_tokens": 190, "temperature": 1,
+                          "stream": True})
+        s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(req)}\r\n\r\n{req}").encode())
+        s.recv(4096)
+        s.close()
+        cancelled = False
+        for _ in range(100):
+            _, m = call(port, "GET", "/metrics")
+            if 'status="cancelled"' in m:
+                cancelled = True
+                break
+            time.sleep(0.05)
+        check(cancelled, "a disconnected stream is cancelled")
+        check('amoeba_http_requests_total{route="/v1/completions",status="200"}' in m, "http metrics")
+
+        # curl, as the README shows it.
+        out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v1/completions",
+                              "-H", f"Authorization: Bearer {TOKEN}", "-H", "Content-Type: application/json",
+                              "-d", json.dumps(body)], capture_output=True, text=True, timeout=60).stdout
+        check(json.loads(out)["choices"][0]["text"] == want, f"curl: {out[:300]}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            sys.exit("FAIL: server did not stop within 30 s of SIGTERM")
+    if proc.returncode != 0:
+        sys.exit(f"FAIL: server exit code {proc.returncode}")
+    print(f"http_api: {checks} passed, 0 failed")
