@@ -16,6 +16,9 @@
 #include "server/request_checks.h"
 
 namespace amoeba {
+
+const char* PlaygroundHtml();  // playground_page.cc, generated from playground.html
+
 namespace {
 using nlohmann::json;
 
@@ -397,6 +400,25 @@ void HttpFrontend::Routes() {
   s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(serving_.metrics() ? serving_.metrics()->Render() : "",
                     "text/plain; version=0.0.4; charset=utf-8");
+  });
+  s.Get("/", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content(PlaygroundHtml(), "text/html; charset=utf-8");
+  });
+  // Every shape with the planner's estimates (the playground's grid and frontier).
+  s.Get("/v1/amoeba/shapes", [this, auth](const httplib::Request& req, httplib::Response& res) {
+    if (!auth(req, res)) return;
+    json shapes = json::array();
+    for (const auto& e : serving_.Shapes()) {
+      shapes.push_back(
+          {{"shape", {{"depth", e.profile.shape.depth}, {"width", e.profile.shape.width}}},
+           {"params", e.profile.params},
+           {"weight_bytes", e.profile.weight_bytes},
+           {"decode_ms_per_token", e.decode_ms},
+           {"quality", e.quality},
+           {"quality_source", e.quality_source},
+           {"latency_source", e.latency_source}});
+    }
+    res.set_content(json{{"shapes", shapes}}.dump(), "application/json");
   });
   s.Get("/v1/models", [this, auth](const httplib::Request& req, httplib::Response& res) {
     if (!auth(req, res)) return;

@@ -9,6 +9,7 @@ text equals the gRPC Generate on the same shape; a budget picks the planner's sh
 status in the OpenAI error shape; the token; a client that disconnects mid-stream cancels its
 request; /health and /metrics.
 """
+import html
 import http.client
 import json
 import os
@@ -187,6 +188,33 @@ with tempfile.TemporaryDirectory() as d:
                               "-H", f"Authorization: Bearer {TOKEN}", "-H", "Content-Type: application/json",
                               "-d", json.dumps(body)], capture_output=True, text=True, timeout=60).stdout
         check(json.loads(out)["choices"][0]["text"] == want, f"curl: {out[:300]}")
+
+        # The playground in headless Chromium: the page loads, lists the shapes, streams a greedy
+        # generation into shape A's box (the same text as gRPC) and marks its shape on the
+        # frontier; a screenshot is kept next to the test's output.
+        status, page = call(port, "GET", "/", token=None)
+        check(status == 200 and "Amoeba playground" in page, "playground page served")
+        url = (f"http://127.0.0.1:{port}/?autorun=1&prompt=Hello%20there&tokens=12&temperature=0"
+               f"&token={TOKEN}&shape=amoeba:depth%3D4,width%3D0.75")
+        chrome = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--virtual-time-budget=60000", "--window-size=1200,1150"]
+        # Virtual time can run out before a busy machine finishes the generation: a few tries.
+        for attempt in range(4):
+            dom = subprocess.run(chrome + ["--dump-dom", url], capture_output=True, text=True,
+                                 timeout=180).stdout
+            if "<title>done: " in dom:
+                break
+        title = dom[dom.find("<title>"):dom.find("</title>") + 8]
+        info = dom[dom.find('id="info"'):][:200]
+        check("<title>done: amoeba:depth=4,width=0.75</title>" in dom, f"playground ran: {title} {info}")
+        out_a = dom.split('id="outA">', 1)[1].split("</div>", 1)[0] if 'id="outA">' in dom else ""
+        check(html.unescape(out_a) == want, f"playground text {out_a!r} != gRPC {want!r}")
+        svg = dom[dom.find('<svg id="frontier"'):].split("</svg>", 1)[0]
+        check(svg.count("<circle") == 12 and 'stroke="crimson"' in svg,
+              f"frontier with the shape marked: {dom.count('<circle')} circles, {dom[dom.find('<svg'):][:300]}")
+        shot = os.path.join(os.environ.get("AMOEBA_TEST_OUT", d), "playground.png")
+        subprocess.run(chrome + [f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        check(os.path.getsize(shot) > 10000, "playground screenshot")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
