@@ -68,7 +68,8 @@ with tempfile.TemporaryDirectory() as d:
     proc = subprocess.Popen([server_bin, "--supernet", f"{d}/s", "--host", "127.0.0.1", "--port", "0",
                              "--metrics-port", "-1", "--http-port", "0", "--port-file", port_file,
                              "--auth-token", TOKEN, "--auth-all", "--model-alias", "phone=depth=3,width=0.625",
-                             "--max-context", "256", "--max-new-tokens", "200"],
+                             "--max-context", "256", "--max-new-tokens", "200", "--max-concurrent", "2",
+                             "--queue-size", "1", "--drain-seconds", "10"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(600):
@@ -215,6 +216,29 @@ with tempfile.TemporaryDirectory() as d:
         shot = os.path.join(os.environ.get("AMOEBA_TEST_OUT", d), "playground.png")
         subprocess.run(chrome + [f"--screenshot={shot}", url], capture_output=True, timeout=120)
         check(os.path.getsize(shot) > 10000, "playground screenshot")
+
+        # A full queue is 429 (2 slots per shape, 1 waiting request); draining is 503.
+        import threading
+        long_body = {"model": "full", "prompt": "Once", "max_tokens": 190, "temperature": 1}
+        codes = []
+        def busy():
+            codes.append(call(port, "POST", "/v1/completions", long_body)[0])
+        threads = [threading.Thread(target=busy) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        check(429 in codes and 200 in codes and set(codes) <= {200, 429}, f"queue full: {codes}")
+        runner = threading.Thread(target=busy)
+        runner.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        status, text = call(port, "GET", "/health", token=None)
+        check(status == 503, f"/health while draining: {status}")
+        status, text = call(port, "POST", "/v1/completions", body)
+        check(status == 503 and json.loads(text)["error"]["type"] == "server_error", f"draining: {status}")
+        runner.join()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
