@@ -14,7 +14,6 @@ import concurrent.futures
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 admin, server_bin, stubs = sys.argv[1:4]
 total = int(sys.argv[4]) if len(sys.argv) > 4 else 2400
 sys.path.insert(0, stubs)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server_process import make_supernet, start_server, stop_server  # noqa: E402
 import grpc  # noqa: E402  (Debian's python3-grpcio)
 from amoeba.v1 import amoeba_pb2 as pb, amoeba_pb2_grpc as rpc  # noqa: E402
 
@@ -31,10 +32,6 @@ TOKEN = "fuzz-token"
 BAD_FLOATS = [float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 1e30, -1e-30, 3.4e38]
 BAD_INTS = [0, -1, 1, 2**31 - 1, -2**31, 7, 1000]
 BAD_INT64 = [0, -1, 2**63 - 1, -2**63, 10**13, 1]
-
-
-def run(*cmd):
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def pick(rng, values):
@@ -203,22 +200,8 @@ class Fuzzer:
         return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids]
 
 
-def wait_for_port(proc, port_file):
-    for _ in range(600):
-        if os.path.exists(port_file):
-            return open(port_file).read().split()[0]
-        if proc.poll() is not None:
-            sys.exit(f"FAIL: server exited with {proc.returncode} before listening")
-        time.sleep(0.1)
-    sys.exit("FAIL: server did not start")
-
-
 with tempfile.TemporaryDirectory() as d:
-    run(admin, "init", "--out", f"{d}/m", "--preset", "tiny", "--layers", "5", "--seed", "3")
-    with open(f"{d}/calib.txt", "w") as f:
-        f.write("the quick brown fox jumps over the lazy dog. " * 100)
-    run(admin, "calibrate", "--model", f"{d}/m", "--data", f"{d}/calib.txt", "--out", f"{d}/s",
-        "--windows", "4", "--window-len", "32", "--dp-windows", "2")
+    make_supernet(admin, d, seed=3)
     passed = 0
 
     # A corrupt supernet is exit code 2 with a message, not an abort.
@@ -237,14 +220,12 @@ with tempfile.TemporaryDirectory() as d:
 
     log_path = f"{d}/server.log"
     log = open(log_path, "wb")
-    port_file = f"{d}/ports"
-    proc = subprocess.Popen([server_bin, "--supernet", f"{d}/s", "--host", "127.0.0.1", "--port", "0",
-                             "--metrics-port", "-1", "--port-file", port_file, "--max-context", "128",
-                             "--max-prompt-tokens", "100", "--max-new-tokens", "64",
-                             "--auth-token", TOKEN, "--export-dir", d, "--drain-seconds", "5"],
-                            stdout=subprocess.DEVNULL, stderr=log)
+    proc, ports = start_server(server_bin, f"{d}/s", d, "--max-context", "128",
+                               "--max-prompt-tokens", "100", "--max-new-tokens", "64",
+                               "--auth-token", TOKEN, "--export-dir", d, "--drain-seconds", "5",
+                               stderr=log)
     try:
-        port = wait_for_port(proc, port_file)
+        port = ports[0]
         fz = Fuzzer(port, vocab=0)
         info = fz.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
         fz.vocab = info.vocab_size
@@ -291,13 +272,6 @@ with tempfile.TemporaryDirectory() as d:
         assert not leftovers, f"staging directories left: {leftovers}"
         passed += 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            sys.exit("FAIL: server did not stop within 30 s of SIGTERM")
-    if proc.returncode != 0:
-        sys.exit(f"FAIL: server exit code {proc.returncode}")
+        stop_server(proc)
     passed += 1
     print(f"fuzz: {passed} passed, 0 failed")

@@ -22,6 +22,8 @@ import time
 
 admin, server_bin, stubs = sys.argv[1:4]
 sys.path.insert(0, stubs)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server_process import make_supernet, start_server, stop_server  # noqa: E402
 import grpc  # noqa: E402
 from amoeba.v1 import amoeba_pb2 as pb, amoeba_pb2_grpc as rpc  # noqa: E402
 
@@ -34,10 +36,6 @@ def check(cond, what):
     if not cond:
         sys.exit(f"FAIL: {what}")
     checks += 1
-
-
-def run(*cmd):
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def call(port, method, path, body=None, token=TOKEN, raw=None):
@@ -59,26 +57,13 @@ def events(text):
 
 
 with tempfile.TemporaryDirectory() as d:
-    run(admin, "init", "--out", f"{d}/m", "--preset", "tiny", "--layers", "5", "--seed", "4")
-    with open(f"{d}/calib.txt", "w") as f:
-        f.write("the quick brown fox jumps over the lazy dog. " * 100)
-    run(admin, "calibrate", "--model", f"{d}/m", "--data", f"{d}/calib.txt", "--out", f"{d}/s",
-        "--windows", "4", "--window-len", "32", "--dp-windows", "2")
-    port_file = f"{d}/ports"
-    proc = subprocess.Popen([server_bin, "--supernet", f"{d}/s", "--host", "127.0.0.1", "--port", "0",
-                             "--metrics-port", "-1", "--http-port", "0", "--port-file", port_file,
-                             "--auth-token", TOKEN, "--auth-all", "--model-alias", "phone=depth=3,width=0.625",
-                             "--max-context", "256", "--max-new-tokens", "200", "--max-concurrent", "2",
-                             "--queue-size", "1", "--drain-seconds", "10"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    supernet = make_supernet(admin, d, seed=4)
+    proc, ports = start_server(server_bin, supernet, d, "--http-port", "0", "--auth-token", TOKEN,
+                               "--auth-all", "--model-alias", "phone=depth=3,width=0.625",
+                               "--max-context", "256", "--max-new-tokens", "200",
+                               "--max-concurrent", "2", "--queue-size", "1", "--drain-seconds", "10")
     try:
-        for _ in range(600):
-            if os.path.exists(port_file):
-                break
-            if proc.poll() is not None:
-                sys.exit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-        grpc_port, _, port = open(port_file).read().split()
+        grpc_port, _, port = ports
         port = int(port)
 
         status, text = call(port, "GET", "/health", token=None)
@@ -166,9 +151,20 @@ with tempfile.TemporaryDirectory() as d:
         status, _ = call(port, "GET", "/v1/models", token="wrong")
         check(status == 403, "wrong token")
 
+        # Long requests for the checks below: greedy from a prompt that reaches max_tokens
+        # without EOS (sampling could stop early and make the checks flaky).
+        long_prompt = None
+        for cand in ["Once", "The", "A long story", "Hello", "x y z", "We"]:
+            st, t = call(port, "POST", "/v1/completions",
+                         {"model": "full", "prompt": cand, "max_tokens": 190, "temperature": 0})
+            if st == 200 and json.loads(t)["choices"][0]["finish_reason"] == "length":
+                long_prompt = cand
+                break
+        check(long_prompt is not None, "a prompt whose greedy completion runs to max_tokens")
+
         # A client that goes away mid-stream cancels its request.
         s = socket.create_connection(("127.0.0.1", port))
-        req = json.dumps({"model": "full", "prompt": "Once", "max_tokens": 190, "temperature": 1,
+        req = json.dumps({"model": "full", "prompt": long_prompt, "max_tokens": 190, "temperature": 0,
                           "stream": True})
         s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {len(req)}\r\n\r\n{req}").encode())
@@ -206,7 +202,7 @@ with tempfile.TemporaryDirectory() as d:
             if "<title>done: " in dom:
                 break
         title = dom[dom.find("<title>"):dom.find("</title>") + 8]
-        info = dom[dom.find('id="info"'):][:200]
+        info = dom[dom.find('id="info"'):][:60] + " | " + dom[dom.find('id="outA"'):][:200]
         check("<title>done: amoeba:depth=4,width=0.75</title>" in dom, f"playground ran: {title} {info}")
         out_a = dom.split('id="outA">', 1)[1].split("</div>", 1)[0] if 'id="outA">' in dom else ""
         check(html.unescape(out_a) == want, f"playground text {out_a!r} != gRPC {want!r}")
@@ -219,7 +215,7 @@ with tempfile.TemporaryDirectory() as d:
 
         # A full queue is 429 (2 slots per shape, 1 waiting request); draining is 503.
         import threading
-        long_body = {"model": "full", "prompt": "Once", "max_tokens": 190, "temperature": 1}
+        long_body = {"model": "full", "prompt": long_prompt, "max_tokens": 190, "temperature": 0}
         codes = []
         def busy():
             codes.append(call(port, "POST", "/v1/completions", long_body)[0])
@@ -240,12 +236,5 @@ with tempfile.TemporaryDirectory() as d:
         check(status == 503 and json.loads(text)["error"]["type"] == "server_error", f"draining: {status}")
         runner.join()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            sys.exit("FAIL: server did not stop within 30 s of SIGTERM")
-    if proc.returncode != 0:
-        sys.exit(f"FAIL: server exit code {proc.returncode}")
+        stop_server(proc)
     print(f"http_api: {checks} passed, 0 failed")

@@ -6,40 +6,22 @@ Builds a tiny supernet with amoeba-admin, starts the server on a free loopback p
 generation, plans a budget, lists shapes and checks that a bad request is INVALID_ARGUMENT.
 """
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 
 admin, server_bin, stubs = sys.argv[1:4]
 sys.path.insert(0, stubs)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from server_process import make_supernet, start_server, stop_server  # noqa: E402
 import grpc  # noqa: E402  (Debian's python3-grpcio)
 from amoeba.v1 import amoeba_pb2 as pb, amoeba_pb2_grpc as rpc  # noqa: E402
 
 
-def run(*cmd):
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 with tempfile.TemporaryDirectory() as d:
-    run(admin, "init", "--out", f"{d}/m", "--preset", "tiny", "--layers", "5", "--seed", "2")
-    with open(f"{d}/calib.txt", "w") as f:
-        f.write("the quick brown fox jumps over the lazy dog. " * 100)
-    run(admin, "calibrate", "--model", f"{d}/m", "--data", f"{d}/calib.txt", "--out", f"{d}/s",
-        "--windows", "4", "--window-len", "32", "--dp-windows", "2")
-    port_file = f"{d}/ports"
-    proc = subprocess.Popen([server_bin, "--supernet", f"{d}/s", "--host", "127.0.0.1", "--port", "0",
-                             "--metrics-port", "-1", "--port-file", port_file],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    supernet = make_supernet(admin, d, seed=2)
+    proc, ports = start_server(server_bin, supernet, d)
     try:
-        for _ in range(300):
-            if os.path.exists(port_file):
-                break
-            if proc.poll() is not None:
-                sys.exit(f"server exited: {proc.stderr.read().decode()}")
-            time.sleep(0.1)
-        port = open(port_file).read().split()[0]
+        port = ports[0]
         stub = rpc.AmoebaStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         passed = 0
 
@@ -72,11 +54,4 @@ with tempfile.TemporaryDirectory() as d:
         passed += 1
         print(f"python_client: {passed} passed, 0 failed")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            sys.exit("FAIL: server did not stop within 20 s of SIGTERM")
-    if proc.returncode != 0:
-        sys.exit(f"FAIL: server exit code {proc.returncode}")
+        stop_server(proc, timeout=20)
