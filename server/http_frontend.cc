@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "model/status_macros.h"
 #include "server/request_checks.h"
 
 namespace amoeba {
@@ -184,10 +185,6 @@ struct HttpCall {
   std::string model;  // as echoed in responses
 };
 
-#define ASSIGN_OR_RETURN_HTTP(lhs, expr) \
-  auto lhs##_or = (expr);                \
-  if (!lhs##_or.ok()) return lhs##_or.status();
-
 absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
                                    const std::string& body, bool chat) {
   json j = json::parse(body, nullptr, false);
@@ -197,13 +194,13 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
   HttpCall c;
   c.chat = chat;
   // Accepted only at their neutral values.
-  ASSIGN_OR_RETURN_HTTP(n, Optional<int64_t>(j, "n"));
-  if (*n_or && **n_or != 1) return Bad("n", "only 1 is supported");
-  ASSIGN_OR_RETURN_HTTP(best_of, Optional<int64_t>(j, "best_of"));
-  if (*best_of_or && **best_of_or != 1) return Bad("best_of", "only 1 is supported");
+  ASSIGN_OR_RETURN(auto n, Optional<int64_t>(j, "n"));
+  if (n && *n != 1) return Bad("n", "only 1 is supported");
+  ASSIGN_OR_RETURN(auto best_of, Optional<int64_t>(j, "best_of"));
+  if (best_of && *best_of != 1) return Bad("best_of", "only 1 is supported");
   for (const char* k : {"presence_penalty", "frequency_penalty"}) {
-    ASSIGN_OR_RETURN_HTTP(pen, Optional<double>(j, k));
-    if (*pen_or && **pen_or != 0) return Bad(k, "not supported (use repetition_penalty)");
+    ASSIGN_OR_RETURN(auto pen, Optional<double>(j, k));
+    if (pen && *pen != 0) return Bad(k, "not supported (use repetition_penalty)");
   }
   if (j.contains("echo") && j["echo"] != false) return Bad("echo", "not supported");
   if (j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"] != false)
@@ -220,16 +217,16 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
     for (auto& [k, v] : a.items())
       if (k != "budget") return Bad("amoeba." + k, "unknown field");
     if (a.contains("budget")) {
-      ASSIGN_OR_RETURN_HTTP(b, BudgetFromJson(a["budget"]));
-      r.budget = *b_or;
+      ASSIGN_OR_RETURN(auto b, BudgetFromJson(a["budget"]));
+      r.budget = b;
     }
   }
-  ASSIGN_OR_RETURN_HTTP(model, Optional<std::string>(j, "model"));
-  c.model = model_or->value_or("");
+  ASSIGN_OR_RETURN(auto model, Optional<std::string>(j, "model"));
+  c.model = model.value_or("");
   if (!r.budget) {
     if (c.model.empty()) return Bad("model", "required (or amoeba.budget)");
-    ASSIGN_OR_RETURN_HTTP(shape, ShapeForModel(serving.supernet(), o.aliases, c.model));
-    r.shape = *shape_or;
+    ASSIGN_OR_RETURN(auto shape, ShapeForModel(serving.supernet(), o.aliases, c.model));
+    r.shape = shape;
   }
   // The prompt.
   if (chat) {
@@ -245,8 +242,8 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
         return Bad(where + ".content", "must be a string (content parts are not supported)");
       msgs.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
     }
-    ASSIGN_OR_RETURN_HTTP(text, RenderChat(o.chat_template, msgs));
-    r.text = *text_or;
+    ASSIGN_OR_RETURN(auto text, RenderChat(o.chat_template, msgs));
+    r.text = text;
   } else {
     if (!j.contains("prompt")) return Bad("prompt", "required");
     const json& p = j["prompt"];
@@ -267,21 +264,21 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
     }
   }
   // Sampling: OpenAI's defaults (temperature 1).
-  ASSIGN_OR_RETURN_HTTP(temperature, Optional<double>(j, "temperature"));
-  r.temperature = static_cast<float>(temperature_or->value_or(1.0));
-  ASSIGN_OR_RETURN_HTTP(top_p, Optional<double>(j, "top_p"));
-  if (*top_p_or) r.top_p = static_cast<float>(**top_p_or);
-  ASSIGN_OR_RETURN_HTTP(top_k, Optional<int64_t>(j, "top_k"));
-  if (*top_k_or) r.top_k = **top_k_or;
-  ASSIGN_OR_RETURN_HTTP(rep, Optional<double>(j, "repetition_penalty"));
-  if (*rep_or) r.repetition_penalty = static_cast<float>(**rep_or);
-  ASSIGN_OR_RETURN_HTTP(seed, Optional<int64_t>(j, "seed"));
-  if (*seed_or) r.seed = static_cast<uint64_t>(**seed_or);
-  ASSIGN_OR_RETURN_HTTP(max_tokens, Optional<int64_t>(j, chat && j.contains("max_completion_tokens")
+  ASSIGN_OR_RETURN(auto temperature, Optional<double>(j, "temperature"));
+  r.temperature = static_cast<float>(temperature.value_or(1.0));
+  ASSIGN_OR_RETURN(auto top_p, Optional<double>(j, "top_p"));
+  if (top_p) r.top_p = static_cast<float>(*top_p);
+  ASSIGN_OR_RETURN(auto top_k, Optional<int64_t>(j, "top_k"));
+  if (top_k) r.top_k = *top_k;
+  ASSIGN_OR_RETURN(auto rep, Optional<double>(j, "repetition_penalty"));
+  if (rep) r.repetition_penalty = static_cast<float>(*rep);
+  ASSIGN_OR_RETURN(auto seed, Optional<int64_t>(j, "seed"));
+  if (seed) r.seed = static_cast<uint64_t>(*seed);
+  ASSIGN_OR_RETURN(auto max_tokens, Optional<int64_t>(j, chat && j.contains("max_completion_tokens")
                                                              ? "max_completion_tokens"
                                                              : "max_tokens"));
   // OpenAI: 16 for completions; chat runs to the server's limit.
-  r.max_new_tokens = max_tokens_or->value_or(chat ? serving.options().limits.max_new_tokens : 16);
+  r.max_new_tokens = max_tokens.value_or(chat ? serving.options().limits.max_new_tokens : 16);
   if (j.contains("stop") && !j["stop"].is_null()) {
     const json& s = j["stop"];
     if (s.is_string()) {
@@ -295,8 +292,8 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
       return Bad("stop", "must be a string or a list of strings");
     }
   }
-  ASSIGN_OR_RETURN_HTTP(stream, Optional<bool>(j, "stream"));
-  c.stream = stream_or->value_or(false);
+  ASSIGN_OR_RETURN(auto stream, Optional<bool>(j, "stream"));
+  c.stream = stream.value_or(false);
   return c;
 }
 

@@ -130,6 +130,8 @@ with tempfile.TemporaryDirectory() as d:
         for what, b, code, needle in [
                 ("n=2", dict(body, n=2), 400, "n"),
                 ("tools", dict(body, tools=[]), 400, "tools"),
+                ("presence_penalty", dict(body, presence_penalty=0.5), 400, "presence_penalty"),
+                ("logprobs", dict(body, logprobs=3), 400, "logprobs"),
                 ("negative temperature", dict(body, temperature=-1), 400, "sampling.temperature"),
                 ("max_tokens too large", dict(body, max_tokens=10**6), 400, "max_new_tokens"),
                 ("unknown model", dict(body, model="gpt-4"), 404, "gpt-4"),
