@@ -227,16 +227,27 @@ with tempfile.TemporaryDirectory() as d:
         for t in threads:
             t.join()
         check(429 in codes and 200 in codes and set(codes) <= {200, 429}, f"queue full: {codes}")
-        runner = threading.Thread(target=busy)
-        runner.start()
-        time.sleep(0.3)
+        # Draining: while a streamed request is surely running (its first chunk arrived), SIGTERM
+        # makes /health 503 and new completions 503; the running one still completes.
+        s = socket.create_connection(("127.0.0.1", port))
+        req = json.dumps(dict(long_body, stream=True))
+        s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(req)}\r\n\r\n{req}").encode())
+        got = s.recv(65536)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.02)
         status, text = call(port, "GET", "/health", token=None)
         check(status == 503, f"/health while draining: {status}")
         status, text = call(port, "POST", "/v1/completions", body)
         check(status == 503 and json.loads(text)["error"]["type"] == "server_error", f"draining: {status}")
-        runner.join()
+        s.settimeout(60)
+        while b"[DONE]" not in got:
+            more = s.recv(65536)
+            if not more:
+                break
+            got += more
+        s.close()
+        check(b"[DONE]" in got and b'"finish_reason":"length"' in got, "the running stream completes")
     finally:
         stop_server(proc)
     print(f"http_api: {checks} passed, 0 failed")
