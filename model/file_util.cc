@@ -28,6 +28,10 @@ std::string TempNameFor(const std::string& path) {
 }
 }  // namespace
 
+bool ProcessIsGone(long pid) {
+  return pid > 0 && pid != getpid() && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
 int RemoveStaleTempFiles(const std::string& path) {
   const fs::path target(path);
   const std::string prefix = target.filename().string() + ".tmp.";
@@ -42,8 +46,7 @@ int RemoveStaleTempFiles(const std::string& path) {
     if (dot == std::string::npos) continue;
     char* end = nullptr;
     const long pid = std::strtol(rest.c_str(), &end, 10);
-    if (end != rest.c_str() + dot || pid <= 0) continue;
-    if (pid == getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    if (end != rest.c_str() + dot || !ProcessIsGone(pid)) continue;
     if (fs::remove(e.path(), ec)) ++removed;
   }
   return removed;

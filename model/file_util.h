@@ -27,6 +27,9 @@ absl::StatusOr<std::string> ReadFile(const std::string& path);
 // dst is first moved aside, src renamed into place, then the old copy removed.
 absl::Status ReplaceDirectory(const std::string& src, const std::string& dst);
 
+// True when no process `pid` exists (and it is not this one): what it left behind is stale.
+bool ProcessIsGone(long pid);
+
 // Removes the temp files that WriteFileAtomic* left next to `path` ("<path>.tmp.<pid>.<n>") when
 // process <pid> was killed mid-write and no longer runs. Returns how many were removed.
 int RemoveStaleTempFiles(const std::string& path);

@@ -1,6 +1,5 @@
 #include "server/export_job.h"
 
-#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -11,6 +10,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "model/file_util.h"
 
 namespace amoeba {
 namespace fs = std::filesystem;
@@ -81,8 +81,7 @@ int RemoveStaleStagingDirs(const std::string& base) {
     if (name.rfind(kPrefix, 0) != 0 || !e.is_directory(ec) || e.is_symlink(ec)) continue;
     const std::string rest = name.substr(sizeof(kPrefix) - 1);
     int pid = 0;
-    if (!absl::SimpleAtoi(rest.substr(0, rest.find('-')), &pid) || pid <= 0) continue;
-    if (pid == getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;  // still running
+    if (!absl::SimpleAtoi(rest.substr(0, rest.find('-')), &pid) || !ProcessIsGone(pid)) continue;
     fs::remove_all(e.path(), ec);
     if (!ec) ++removed;
   }

@@ -51,9 +51,8 @@ int HttpStatusFor(absl::StatusCode c) {
 // The OpenAI error shape: {"error": {"message", "type", "param", "code"}}.
 json ErrorBody(const absl::Status& s) {
   const int status = HttpStatusFor(s.code());
-  std::string m(s.message().substr(0, kMaxErrorMessageBytes));
   return {{"error",
-           {{"message", m},
+           {{"message", BoundedMessage(std::string_view(s.message().data(), s.message().size()))},
             {"type", status >= 500 ? "server_error" : "invalid_request_error"},
             {"param", nullptr},
             {"code", absl::StatusCodeToString(s.code())}}}};
@@ -72,10 +71,6 @@ const char* OpenAiFinish(FinishReason r) {
     default:
       return "length";
   }
-}
-
-absl::Status Bad(const std::string& field, const std::string& why) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
 }
 
 // Options a client may send: the OpenAI fields we implement, the ones accepted only at their
@@ -129,31 +124,31 @@ absl::StatusOr<std::optional<T>> Optional(const json& j, const char* key) {
   if (it == j.end() || it->is_null()) return std::optional<T>();
   try {
     if constexpr (std::is_same_v<T, bool>) {
-      if (!it->is_boolean()) return Bad(key, "must be true or false");
+      if (!it->is_boolean()) return InvalidField(key, "must be true or false");
     } else if constexpr (std::is_arithmetic_v<T>) {
-      if (!it->is_number()) return Bad(key, "must be a number");
+      if (!it->is_number()) return InvalidField(key, "must be a number");
       if constexpr (std::is_integral_v<T>) {
-        if (!it->is_number_integer()) return Bad(key, "must be an integer");
+        if (!it->is_number_integer()) return InvalidField(key, "must be an integer");
       }
     } else {
-      if (!it->is_string()) return Bad(key, "must be a string");
+      if (!it->is_string()) return InvalidField(key, "must be a string");
     }
     return std::optional<T>(it->get<T>());
   } catch (const json::exception&) {
-    return Bad(key, "out of range");
+    return InvalidField(key, "out of range");
   }
 }
 
 absl::StatusOr<PlanBudget> BudgetFromJson(const json& b) {
-  if (!b.is_object()) return Bad("amoeba.budget", "must be an object");
+  if (!b.is_object()) return InvalidField("amoeba.budget", "must be an object");
   PlanBudget p;
   for (auto& [k, v] : b.items()) {
     if (k == "platform") continue;
     static const std::set<std::string> known = {
         "max_params",     "max_memory_bytes", "max_decode_ms_per_token",
         "max_prefill_ms", "prompt_tokens",    "max_context_tokens"};
-    if (!known.count(k)) return Bad("amoeba.budget." + k, "unknown field");
-    if (!v.is_number()) return Bad("amoeba.budget." + k, "must be a number");
+    if (!known.count(k)) return InvalidField("amoeba.budget." + k, "unknown field");
+    if (!v.is_number()) return InvalidField("amoeba.budget." + k, "must be a number");
   }
   try {
     if (b.contains("max_params")) p.max_params = b["max_params"].get<int64_t>();
@@ -166,14 +161,14 @@ absl::StatusOr<PlanBudget> BudgetFromJson(const json& b) {
       p.max_context_tokens = b["max_context_tokens"].get<int32_t>();
     if (b.contains("platform")) {
       const json& pl = b["platform"];
-      if (!pl.is_object()) return Bad("amoeba.budget.platform", "must be an object");
+      if (!pl.is_object()) return InvalidField("amoeba.budget.platform", "must be an object");
       if (pl.contains("memory_bandwidth_gbs"))
         p.bandwidth_gbs = pl["memory_bandwidth_gbs"].get<double>();
       if (pl.contains("compute_gflops")) p.compute_gflops = pl["compute_gflops"].get<double>();
       if (pl.contains("memory_bytes")) p.platform_memory_bytes = pl["memory_bytes"].get<int64_t>();
     }
   } catch (const json::exception&) {
-    return Bad("amoeba.budget", "a field has the wrong type or is out of range");
+    return InvalidField("amoeba.budget", "a field has the wrong type or is out of range");
   }
   return p;
 }
@@ -188,34 +183,34 @@ struct HttpCall {
 absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
                                    const std::string& body, bool chat) {
   json j = json::parse(body, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return Bad("body", "not a JSON object");
+  if (j.is_discarded() || !j.is_object()) return InvalidField("body", "not a JSON object");
   for (auto& [k, v] : j.items())
-    if (!KnownFields(chat).count(k)) return Bad(k, "not supported by this server");
+    if (!KnownFields(chat).count(k)) return InvalidField(k, "not supported by this server");
   HttpCall c;
   c.chat = chat;
   // Accepted only at their neutral values.
   ASSIGN_OR_RETURN(auto n, Optional<int64_t>(j, "n"));
-  if (n && *n != 1) return Bad("n", "only 1 is supported");
+  if (n && *n != 1) return InvalidField("n", "only 1 is supported");
   ASSIGN_OR_RETURN(auto best_of, Optional<int64_t>(j, "best_of"));
-  if (best_of && *best_of != 1) return Bad("best_of", "only 1 is supported");
+  if (best_of && *best_of != 1) return InvalidField("best_of", "only 1 is supported");
   for (const char* k : {"presence_penalty", "frequency_penalty"}) {
     ASSIGN_OR_RETURN(auto pen, Optional<double>(j, k));
-    if (pen && *pen != 0) return Bad(k, "not supported (use repetition_penalty)");
+    if (pen && *pen != 0) return InvalidField(k, "not supported (use repetition_penalty)");
   }
-  if (j.contains("echo") && j["echo"] != false) return Bad("echo", "not supported");
+  if (j.contains("echo") && j["echo"] != false) return InvalidField("echo", "not supported");
   if (j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"] != false)
-    return Bad("logprobs", "not supported");
+    return InvalidField("logprobs", "not supported");
   if (j.contains("logit_bias") && !j["logit_bias"].is_null() &&
       !(j["logit_bias"].is_object() && j["logit_bias"].empty()))
-    return Bad("logit_bias", "not supported");
+    return InvalidField("logit_bias", "not supported");
 
   GenerationRequest& r = c.req;
   // The target: a model name, or a budget for the planner.
   if (j.contains("amoeba")) {
     const json& a = j["amoeba"];
-    if (!a.is_object()) return Bad("amoeba", "must be an object");
+    if (!a.is_object()) return InvalidField("amoeba", "must be an object");
     for (auto& [k, v] : a.items())
-      if (k != "budget") return Bad("amoeba." + k, "unknown field");
+      if (k != "budget") return InvalidField("amoeba." + k, "unknown field");
     if (a.contains("budget")) {
       ASSIGN_OR_RETURN(auto b, BudgetFromJson(a["budget"]));
       r.budget = b;
@@ -224,28 +219,29 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
   ASSIGN_OR_RETURN(auto model, Optional<std::string>(j, "model"));
   c.model = model.value_or("");
   if (!r.budget) {
-    if (c.model.empty()) return Bad("model", "required (or amoeba.budget)");
+    if (c.model.empty()) return InvalidField("model", "required (or amoeba.budget)");
     ASSIGN_OR_RETURN(auto shape, ShapeForModel(serving.supernet(), o.aliases, c.model));
     r.shape = shape;
   }
   // The prompt.
   if (chat) {
     if (!j.contains("messages") || !j["messages"].is_array())
-      return Bad("messages", "required: a list of {role, content}");
+      return InvalidField("messages", "required: a list of {role, content}");
     std::vector<ChatMessage> msgs;
     for (size_t i = 0; i < j["messages"].size(); ++i) {
       const json& m = j["messages"][i];
       const std::string where = absl::StrCat("messages[", i, "]");
       if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-        return Bad(where, "needs a string role");
+        return InvalidField(where, "needs a string role");
       if (!m.contains("content") || !m["content"].is_string())
-        return Bad(where + ".content", "must be a string (content parts are not supported)");
+        return InvalidField(where + ".content",
+                            "must be a string (content parts are not supported)");
       msgs.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
     }
     ASSIGN_OR_RETURN(auto text, RenderChat(o.chat_template, msgs));
     r.text = text;
   } else {
-    if (!j.contains("prompt")) return Bad("prompt", "required");
+    if (!j.contains("prompt")) return InvalidField("prompt", "required");
     const json& p = j["prompt"];
     if (p.is_string()) {
       r.text = p.get<std::string>();
@@ -255,12 +251,12 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
       std::vector<int32_t> ids;
       for (const auto& t : p) {
         if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
-          return Bad("prompt", "token ids must be non-negative integers");
+          return InvalidField("prompt", "token ids must be non-negative integers");
         ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
       }
       r.tokens = std::move(ids);
     } else {
-      return Bad("prompt", "a string, a list of one string, or a list of token ids");
+      return InvalidField("prompt", "a string, a list of one string, or a list of token ids");
     }
   }
   // Sampling: OpenAI's defaults (temperature 1).
@@ -285,11 +281,11 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
       r.stop.push_back(s.get<std::string>());
     } else if (s.is_array()) {
       for (const auto& x : s) {
-        if (!x.is_string()) return Bad("stop", "must be a string or a list of strings");
+        if (!x.is_string()) return InvalidField("stop", "must be a string or a list of strings");
         r.stop.push_back(x.get<std::string>());
       }
     } else {
-      return Bad("stop", "must be a string or a list of strings");
+      return InvalidField("stop", "must be a string or a list of strings");
     }
   }
   ASSIGN_OR_RETURN(auto stream, Optional<bool>(j, "stream"));

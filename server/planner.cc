@@ -63,10 +63,6 @@ ShapeEstimateResult EstimateWith(const ShapeProfile& p, const PlanBudget& b, con
 
 }  // namespace
 
-ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const HostSpeed& host) {
-  return EstimateWith(p, b, host, CommonSources({p}));
-}
-
 std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& profiles,
                                              const PlanBudget& b, const HostSpeed& host) {
   const Sources src = CommonSources(profiles);

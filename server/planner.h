@@ -50,7 +50,6 @@ struct PlanResult {
   std::string explanation;
 };
 
-ShapeEstimateResult Estimate(const ShapeProfile& p, const PlanBudget& b, const HostSpeed& host);
 // Estimates for all shapes (no budget filter).
 std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& profiles,
                                              const PlanBudget& b, const HostSpeed& host);

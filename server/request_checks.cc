@@ -32,11 +32,16 @@ std::string LogSafe(std::string_view text, size_t max_bytes) {
   return out;
 }
 
+std::string BoundedMessage(std::string_view message) {
+  std::string m(message.substr(0, kMaxErrorMessageBytes));
+  if (message.size() > kMaxErrorMessageBytes) m += "...";
+  return m;
+}
+
 grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
-  std::string m(s.message().substr(0, kMaxErrorMessageBytes));
-  if (s.message().size() > kMaxErrorMessageBytes) m += "...";
-  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), m);
+  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())),
+                      BoundedMessage(std::string_view(s.message().data(), s.message().size())));
 }
 
 }  // namespace amoeba

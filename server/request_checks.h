@@ -24,7 +24,10 @@ absl::Status ValidateRequestId(std::string_view id);
 // \xNN, "...(N bytes)" when cut.
 std::string LogSafe(std::string_view text, size_t max_bytes = 64);
 
-// absl → gRPC status, the message cut to kMaxErrorMessageBytes.
+// `message` cut to kMaxErrorMessageBytes ("..." marks a cut): what any front end sends a client.
+std::string BoundedMessage(std::string_view message);
+
+// absl → gRPC status, the message bounded.
 grpc::Status ToGrpc(const absl::Status& s);
 
 }  // namespace amoeba

@@ -36,10 +36,6 @@ PlanBudget BudgetFromProto(const v1::Budget& b) {
 
 namespace {
 
-absl::Status Bad(const std::string& field, const std::string& why) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
-}
-
 // Runs `fn` (a handler's work); an exception becomes a status instead of ending the process.
 template <typename Fn>
 grpc::Status Guarded(const char* rpc, const std::string& id, Fn&& fn) {
@@ -313,11 +309,8 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
     options_.uniform_width = req->uniform_width();
     options_.adapters = !req->no_adapters();
     // Cheap checks here, so a bad shape never takes a worker.
-    absl::Status st = options_.uniform_width && !(svc->serving().smol() && options_.adapters)
-                          ? (svc->serving().supernet().spec().FindDepth(shape_.depth)
-                                 ? absl::OkStatus()
-                                 : svc->serving().supernet().Validate(shape_))
-                          : svc->serving().supernet().Validate(shape_);
+    absl::Status st = ValidateSubnetShape(svc->serving().supernet(), svc->serving().smol(), shape_,
+                                          SubnetOptionsForExport(options_));
     if (!st.ok()) {
       End(ToGrpc(st));
       return;
@@ -543,10 +536,11 @@ grpc::ServerUnaryReactor* AmoebaService::Tokenize(grpc::CallbackServerContext* c
         if (!auth.ok()) return auth;
         // Bounded before any work: the text's size decides the memory tokenising takes.
         if (static_cast<int64_t>(req->text().size()) > serving_.options().limits.max_prompt_bytes) {
-          return ToGrpc(Bad("text", absl::StrCat(req->text().size(), " bytes exceed the limit of ",
-                                                 serving_.options().limits.max_prompt_bytes)));
+          return ToGrpc(
+              InvalidField("text", absl::StrCat(req->text().size(), " bytes exceed the limit of ",
+                                                serving_.options().limits.max_prompt_bytes)));
         }
-        if (!IsValidUtf8(req->text())) return ToGrpc(Bad("text", "not valid UTF-8"));
+        if (!IsValidUtf8(req->text())) return ToGrpc(InvalidField("text", "not valid UTF-8"));
         const Tokenizer& tok = *serving_.supernet().tokenizer();
         if (req->has_add_bos() && req->add_bos())
           resp->add_ids(static_cast<int32_t>(serving_.supernet().base().config.bos_token_id));

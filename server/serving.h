@@ -56,6 +56,9 @@ struct GenerationRequest {
   std::optional<int64_t> time_limit_ms;
 };
 
+// INVALID_ARGUMENT "field: why": the form of every request-validation error.
+absl::Status InvalidField(const std::string& field, const std::string& why);
+
 // INVALID_ARGUMENT naming the field, or OK.
 absl::Status ValidateGenerationRequest(const GenerationRequest& r, const ServiceLimits& l,
                                        int64_t vocab_size);

@@ -9,12 +9,16 @@
 namespace amoeba {
 namespace fs = std::filesystem;
 
-absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const Shape& shape,
-                                      const ExportOptions& o) {
+SubnetOptions SubnetOptionsForExport(const ExportOptions& o) {
   SubnetOptions so;
   so.adapters = o.adapters ? AdapterMode::kMerged : AdapterMode::kNone;
   so.uniform_width = o.uniform_width;
-  ASSIGN_OR_RETURN(Model m, BuildSubnet(s, smol, shape, so));
+  return so;
+}
+
+absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const Shape& shape,
+                                      const ExportOptions& o) {
+  ASSIGN_OR_RETURN(Model m, BuildSubnet(s, smol, shape, SubnetOptionsForExport(o)));
   if (!o.uniform_width) return m;
   // Standard HF Llama: one kv-head count and intermediate size for all layers, and biases on all
   // attention (resp. MLP) projections once any of them has one.

@@ -17,6 +17,9 @@ struct ExportOptions {
   bool adapters = true;
 };
 
+// How BuildSubnet builds the subnet an export of `o` holds.
+SubnetOptions SubnetOptionsForExport(const ExportOptions& o);
+
 // The subnet as BuildSubnet makes it (adapters merged unless `o.adapters` is false), in the
 // layout the export format needs.
 absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const Shape& shape,

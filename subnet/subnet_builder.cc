@@ -13,17 +13,21 @@ at::Tensor ShapeGate(const Supernet& s, const Smol& smol, const Shape& shape) {
       smol.ShapeFeature(s.spec().FindDepth(shape.depth)->layers, s.WidthIndex(shape.width)), false);
 }
 
+absl::Status ValidateSubnetShape(const Supernet& s, const Smol* smol, const Shape& shape,
+                                 const SubnetOptions& o) {
+  const bool adapters = smol != nullptr && o.adapters != AdapterMode::kNone;
+  // The router's input is the grid width index: adapters need a grid width.
+  if (!o.uniform_width || adapters || !s.spec().FindDepth(shape.depth)) return s.Validate(shape);
+  if (!(shape.width > 0 && shape.width <= 1))
+    return absl::InvalidArgumentError("shape.width: must be in (0, 1]");
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Model> BuildSubnet(const Supernet& s, const Smol* smol, const Shape& shape,
                                   const SubnetOptions& o) {
   const bool adapters = smol != nullptr && o.adapters != AdapterMode::kNone;
+  RETURN_IF_ERROR(ValidateSubnetShape(s, smol, shape, o));
   Model m;
-  if (!o.uniform_width || adapters) {
-    RETURN_IF_ERROR(s.Validate(shape));
-  } else if (!s.spec().FindDepth(shape.depth)) {
-    RETURN_IF_ERROR(s.Validate(shape));  // names the depth grid
-  } else if (!(shape.width > 0 && shape.width <= 1)) {
-    return absl::InvalidArgumentError("shape.width: must be in (0, 1]");
-  }
   if (o.uniform_width) {
     ASSIGN_OR_RETURN(m, s.ExtractWith(shape.depth, AllocateUniform(s.base(), shape.width),
                                       ExtractMode::kSliced));

@@ -26,8 +26,12 @@ struct SubnetOptions {
   bool uniform_width = false;
 };
 
-// Validates `shape` (depth in the depth table; width on the grid, or in (0, 1] for uniform widths
-// without adapters) and builds it. `smol` may be null (untuned supernet).
+// OK when BuildSubnet can build `shape`: depth in the depth table; width on the grid, or in
+// (0, 1] for uniform widths without adapters. The message names the field.
+absl::Status ValidateSubnetShape(const Supernet& s, const Smol* smol, const Shape& shape,
+                                 const SubnetOptions& options);
+
+// Validates `shape` (ValidateSubnetShape) and builds it. `smol` may be null (untuned supernet).
 absl::StatusOr<Model> BuildSubnet(const Supernet& s, const Smol* smol, const Shape& shape,
                                   const SubnetOptions& options = {});
 

@@ -1,7 +1,7 @@
-// A supernet directory (docs/supernet-format.md): permuted HF weights + amoeba.json (shape grid, depth table,
-// width table, provenance, profile) + width.safetensors (activation means and compensation
-// biases). From it any grid shape becomes an ordinary Model whose matrices are prefix views of the
-// supernet's (no weight copies).
+// A supernet directory (docs/supernet-format.md): permuted HF weights + amoeba.json (shape grid,
+// depth table, width table, provenance, profile) + width.safetensors (activation means and
+// compensation biases). From it any grid shape becomes an ordinary Model whose matrices are prefix
+// views of the supernet's (no weight copies).
 #pragma once
 #include <map>
 #include <memory>

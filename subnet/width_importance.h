@@ -1,7 +1,8 @@
-// Width pruning (docs/method.md §1): FLAP activation statistics at the inputs of o_proj and down_proj,
-// per-unit importance scores, the global parameter-weighted nested allocation, the score-sorted
-// permutation that turns every allocation into per-layer prefixes, and bias compensation.
-// Units: KV groups (one k/v head with its query heads) for attention, channels for the MLP.
+// Width pruning (docs/method.md §1): FLAP activation statistics at the inputs of o_proj and
+// down_proj, per-unit importance scores, the global parameter-weighted nested allocation, the
+// score-sorted permutation that turns every allocation into per-layer prefixes, and bias
+// compensation. Units: KV groups (one k/v head with its query heads) for attention, channels for
+// the MLP.
 #pragma once
 #include <ATen/ATen.h>
 
