@@ -117,7 +117,7 @@ absl::Status RunEval(const EvalFlags& f) {
   bar.Finish();
   // Latency as the server decodes: from packed panels. Views of the packed supernet have the
   // sizes of the merged copies, so they read the same bytes without holding a copy per shape.
-  s->PackBaseWeights(at::kFloat);
+  s->PackBaseWeights(WeightFormat::kF32);
   std::vector<std::pair<Shape, std::shared_ptr<const Model>>> runnable;
   for (const Shape& sh : shapes) {
     ASSIGN_OR_RETURN(Model m, s->Extract(sh));

@@ -49,13 +49,14 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   eo.max_len = std::min<int64_t>(f.max_len, m.config.max_position_embeddings);
   eo.linear_path = f.baseline ? LinearPath::kTorch : LinearPath::kAuto;
   eo.kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
-  if (f.weights_dtype != "f16" && f.weights_dtype != "f32")
-    return absl::InvalidArgumentError("--weights-dtype: f32 or f16");
-  const at::ScalarType dtype = f.weights_dtype == "f16" ? at::kHalf : at::kFloat;
+  auto format = ParseWeightFormat(f.weights_dtype);
+  if (!format.ok()) return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
   if (f.baseline) {
-    if (dtype != at::kFloat) m = ConvertWeights(m, dtype);  // libtorch linear on row-major
+    if (IsQuantized(*format))
+      return absl::InvalidArgumentError("--baseline: f32 or f16 weights (libtorch has no q8_0)");
+    if (*format == WeightFormat::kF16) m = ConvertWeights(m, at::kHalf);  // libtorch, row-major
   } else {
-    PackWeights(m, dtype);  // decode from panels; the row-major pages can go
+    PackWeights(m, *format);  // decode from panels; the row-major pages can go
     ReleaseRowMajorPages(m);
   }
   auto shared = std::make_shared<const Model>(std::move(m));
@@ -106,7 +107,7 @@ Runner AddGenerateCommand(CLI::App& app) {
   cmd->add_flag("--no-bos", f->no_bos, "Do not prepend BOS");
   cmd->add_flag("--baseline", f->baseline, "Use libtorch linear instead of Amoeba's kernels");
   cmd->add_option("--weights-dtype", f->weights_dtype,
-                  "In-memory weights: f32 | f16 (half the bytes per token)")
+                  "Decode weights: f32 | f16 | q8_0 | q4_0 (bytes per token: 1, 1/2, ~1/4, ~1/7)")
       ->capture_default_str();
   cmd->add_option("--kv-dtype", f->kv_dtype, "KV cache: f32 | f16 (half the memory)")
       ->check(CLI::IsMember({"f32", "f16"}))

@@ -78,8 +78,8 @@ int Run(const Options& o) {
     // weights as packed panels, fp32 and fp16 (what the engine decodes from by default).
     auto rowmajor = std::make_shared<const Model>(RandomModel(*cfg, 0));
     Model p32 = *rowmajor, p16 = *rowmajor;
-    PackWeights(p32, at::kFloat);
-    PackWeights(p16, at::kHalf);
+    PackWeights(p32, WeightFormat::kF32);
+    PackWeights(p16, WeightFormat::kF16);
     DropPackedRowMajor(p16);  // panels only: keeps the TinyLlama run's memory in bounds
     const double bytes = static_cast<double>(rowmajor->DecodeWeightBytes());
     struct Variant {

@@ -46,7 +46,7 @@ int Run(const std::string& json_path, const std::string& md_path, double seconds
   for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{
            {2048, 768}, {768, 2048}, {32000, 768}, {5632, 2048}, {2048, 5632}, {32000, 2048}}) {
     at::Tensor W = at::randn({out, in});
-    at::Tensor panels = PackPanels(W), panels16 = PackPanels(W, at::kHalf);
+    at::Tensor panels = PackPanels(W), panels16 = PackPanels(W, WeightFormat::kF16);
     for (int64_t n : {1, 4, 16}) {
       at::Tensor x = at::randn({n, in}), y = at::empty({n, out}), y2 = at::empty({n, out});
       const double rowmajor = Gflops(n, out, in, seconds, [&] {

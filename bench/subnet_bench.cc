@@ -52,7 +52,7 @@ int Run(const Options& o) {
     spdlog::error("{}", built.status().ToString());
     return 1;
   }
-  built->supernet->PackBaseWeights(at::kFloat);  // decode from panels, as the server does
+  built->supernet->PackBaseWeights(WeightFormat::kF32);  // decode from panels, as the server does
   const Supernet& s = *built->supernet;
   const double bw = MeasureReadBandwidthGBs();
   nlohmann::json out = {{"preset", o.preset},

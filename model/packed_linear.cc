@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/kernels.h"
+#include "model/quantized_panels.h"
 #include "model/runtime.h"
 #include "model/simd.h"
 
@@ -222,17 +223,60 @@ void FillPanels(const at::Tensor& W, at::Tensor& panels) {
   }
 }
 
-std::vector<int64_t> PanelSizes(const at::Tensor& W) {
+std::vector<int64_t> PanelSizes(const at::Tensor& W, WeightFormat f) {
+  if (IsQuantized(f))
+    return {(W.size(0) + kPanel - 1) / kPanel, (W.size(1) + kQuantBlock - 1) / kQuantBlock,
+            QuantBlockBytes(f)};
   return {(W.size(0) + kPanel - 1) / kPanel, W.size(1), kPanel};
+}
+
+at::ScalarType PanelDtype(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::kF16:
+      return at::kHalf;
+    case WeightFormat::kQ8_0:
+      return at::kChar;
+    case WeightFormat::kQ4_0:
+      return at::kByte;
+    case WeightFormat::kF32:
+      break;
+  }
+  return at::kFloat;
+}
+
+// Fills panels of format `f` (allocated with PanelSizes) from W.
+void FillPanelsOf(const at::Tensor& W, WeightFormat f, at::Tensor& panels) {
+  if (IsQuantized(f)) {
+    FillQuantizedPanels(W, f, panels);
+  } else {
+    FillPanels(W, panels);
+  }
+}
+
+WeightFormat FormatOfWeights(const at::Tensor& W) {
+  return W.scalar_type() == at::kHalf ? WeightFormat::kF16 : WeightFormat::kF32;
 }
 
 }  // namespace
 
-at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype) {
+WeightFormat PanelsFormat(const at::Tensor& panels) {
+  switch (panels.scalar_type()) {
+    case at::kHalf:
+      return WeightFormat::kF16;
+    case at::kChar:
+      return WeightFormat::kQ8_0;
+    case at::kByte:
+      return WeightFormat::kQ4_0;
+    default:
+      return WeightFormat::kF32;
+  }
+}
+
+at::Tensor PackPanels(const at::Tensor& W, std::optional<WeightFormat> format) {
   TORCH_CHECK(W.dim() == 2, "PackPanels: a matrix");
-  const at::ScalarType st = dtype.value_or(W.scalar_type());
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf, "PackPanels: fp32 or fp16 panels");
-  at::Tensor panels = at::empty(PanelSizes(W), at::TensorOptions().dtype(st));
+  const WeightFormat f = format.value_or(FormatOfWeights(W));
+  if (IsQuantized(f)) return PackQuantizedPanels(W, f);
+  at::Tensor panels = at::empty(PanelSizes(W, f), at::TensorOptions().dtype(PanelDtype(f)));
   FillPanels(W, panels);
   return panels;
 }
@@ -246,16 +290,21 @@ void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t o
 void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs) {
   TORCH_CHECK(!outs.empty(), "LinearPacked: no outputs");
   const at::ScalarType st = outs[0].panels->scalar_type();
+  const WeightFormat f = PanelsFormat(*outs[0].panels);
   for (const PackedOutput& o : outs) {
     const at::Tensor& p = *o.panels;
-    TORCH_CHECK(p.dim() == 3 && p.size(2) == kPanel && p.is_contiguous() &&
-                    (st == at::kFloat || st == at::kHalf) && p.scalar_type() == st,
-                "LinearPacked: panels from PackPanels, all of one dtype");
-    TORCH_CHECK(o.out <= p.size(0) * kPanel && in <= p.size(1),
+    const int64_t cols = IsQuantized(f) ? p.size(1) * kQuantBlock : p.size(1);
+    TORCH_CHECK(p.dim() == 3 && p.is_contiguous() && p.scalar_type() == st &&
+                    p.size(2) == (IsQuantized(f) ? QuantBlockBytes(f) : kPanel) &&
+                    (st == at::kFloat || st == at::kHalf || IsQuantized(f)),
+                "LinearPacked: panels from PackPanels, all of one format");
+    TORCH_CHECK(o.out <= p.size(0) * kPanel && in <= cols,
                 "LinearPacked: the prefix exceeds the packed matrix");
   }
   if (n == 0) return;
-  if (st == at::kHalf) {
+  if (IsQuantized(f)) {
+    QuantizedLinearMany(x, n, in, outs);
+  } else if (st == at::kHalf) {
     LinearPackedTyped<at::Half>(x, n, in, outs);
   } else {
     LinearPackedTyped<float>(x, n, in, outs);
@@ -265,8 +314,7 @@ void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const Pac
       for (int64_t j = 0; j < n; ++j) AddInPlace(o.y + j * o.out, o.bias, o.out);
 }
 
-void PackWeights(Model& m, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf, "PackWeights: fp32 or fp16 panels");
+void PackWeights(Model& m, WeightFormat f) {
   // Every panel tensor of the model lives in one arena on 2 MB pages: decode streams all of it
   // each step, and huge pages spare the page walks that 4 KB pages cost on such a stream.
   std::vector<std::pair<const at::Tensor*, at::Tensor*>> todo;  // (row-major, its panels)
@@ -279,13 +327,14 @@ void PackWeights(Model& m, at::ScalarType dtype) {
     todo.emplace_back(&m.lm_head, &m.head_panels);
   if (todo.empty()) return;
   constexpr size_t kAlign = 64;
+  const at::ScalarType dtype = PanelDtype(f);
   const size_t elem = at::elementSize(dtype);
   std::vector<size_t> offsets;
   size_t total = 0;
   for (const auto& [w, panels] : todo) {
     offsets.push_back(total);
     size_t bytes = elem;
-    for (int64_t d : PanelSizes(*w)) bytes *= static_cast<size_t>(d);
+    for (int64_t d : PanelSizes(*w, f)) bytes *= static_cast<size_t>(d);
     total += (bytes + kAlign - 1) / kAlign * kAlign;
   }
   std::shared_ptr<void> arena = AllocateHugePages(total);
@@ -293,8 +342,8 @@ void PackWeights(Model& m, at::ScalarType dtype) {
   for (size_t i = 0; i < todo.size(); ++i) {
     char* data = static_cast<char*>(arena.get()) + offsets[i];
     *todo[i].second = at::from_blob(
-        data, PanelSizes(*todo[i].first), [arena](void*) {}, at::TensorOptions().dtype(dtype));
-    FillPanels(*todo[i].first, *todo[i].second);
+        data, PanelSizes(*todo[i].first, f), [arena](void*) {}, at::TensorOptions().dtype(dtype));
+    FillPanelsOf(*todo[i].first, f, *todo[i].second);
   }
 }
 

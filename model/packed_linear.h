@@ -1,5 +1,6 @@
 // Weights packed for decode (the engine's default weight layout): panels of 16 output rows stored
-// k-major, [ceil(out/16), in, 16] fp32 or fp16, zero-padded. The kernel is an outer product per k:
+// k-major, [ceil(out/16), in, 16] fp32 or fp16, zero-padded (the Q8_0/Q4_0 block formats keep
+// 16-row panels in blocks of 32 inputs: model/quantized_panels.h). The kernel is an outer product per k:
 // one 16-wide weight load feeds up to 16 inputs' accumulators (no horizontal sums), inputs are
 // taken 16 at a time, and each thread reads its panels as one sequential stream (with a software
 // prefetch ahead from 8 inputs up, so computing and streaming from DRAM overlap). A prefix of the
@@ -11,21 +12,26 @@
 #include <optional>
 #include <span>
 
+#include "model/weight_format.h"
 #include "model/weights.h"
 
 namespace amoeba {
 
-// Packs W [out, in] (fp32 or fp16, any strides) into panels of `dtype` (default: W's; fp32 or
-// fp16 — fp16 panels are converted to fp32 in registers, accumulation stays fp32).
-at::Tensor PackPanels(const at::Tensor& W, std::optional<at::ScalarType> dtype = std::nullopt);
+// Packs W [out, in] (fp32 or fp16, any strides) into panels of format `f` (default: W's dtype).
+// fp16 panels are converted to fp32 in registers; the block formats dot in integers per block;
+// accumulation is fp32 throughout.
+at::Tensor PackPanels(const at::Tensor& W, std::optional<WeightFormat> f = std::nullopt);
+// The format of panels made by PackPanels.
+WeightFormat PanelsFormat(const at::Tensor& panels);
 
 // y[n, out] = x[n, in] · W[:out, :in]^T (+ bias[out]) for `panels` = PackPanels(W), with out and
 // in at most W's sizes. x rows are contiguous (stride in), y rows contiguous (stride out).
 void LinearPacked(const float* x, int64_t n, const at::Tensor& panels, int64_t out, int64_t in,
                   const float* bias, float* y);
 
-// Several projections of one input (q, k, v; gate, up) in one pass: the input is transposed once
-// and all their panels run in one parallel region. Panels must share a dtype; y_i[n, out_i].
+// Several projections of one input (q, k, v; gate, up) in one pass: the input is transposed (or
+// quantized) once and all their panels run in one parallel region. Panels must share a format;
+// y_i[n, out_i].
 struct PackedOutput {
   const at::Tensor* panels = nullptr;
   int64_t out = 0;
@@ -34,9 +40,10 @@ struct PackedOutput {
 };
 void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs);
 
-// Packs every projection and the LM head of `m` that has no panels yet into panels of `dtype`
-// (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels.
-void PackWeights(Model& m, at::ScalarType dtype = at::kFloat);
+// Packs every projection and the LM head of `m` that has no panels yet into panels of format `f`
+// (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels. The
+// embedding stays row-major in its dtype (decode reads one row of it per token).
+void PackWeights(Model& m, WeightFormat f = WeightFormat::kF32);
 
 // Tells the kernel that the row-major projection and LM head pages of `m` will not be read soon
 // (madvise MADV_PAGEOUT): pages mapped from a safetensors file leave resident memory and come

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/file_util.h"
+#include "model/packed_linear.h"
 #include "model/safetensors.h"
 #include "model/status_macros.h"
 
@@ -95,10 +96,11 @@ int64_t Model::ProjectionBytes() const {
 }
 
 int64_t Model::DecodeWeightBytes() const {
-  // A projection is read from its panels when packed (maybe another dtype), else row-major.
+  // A projection is read from its panels when packed (maybe another format), else row-major.
   auto read = [](const at::Tensor& w, const at::Tensor& panels) -> int64_t {
-    return w.numel() *
-           static_cast<int64_t>(panels.defined() ? panels.element_size() : w.element_size());
+    if (!panels.defined()) return w.numel() * static_cast<int64_t>(w.element_size());
+    return static_cast<int64_t>(static_cast<double>(w.numel()) *
+                                BytesPerWeight(PanelsFormat(panels)));
   };
   int64_t n = read(lm_head, head_panels) + final_norm.numel() * final_norm.element_size();
   for (const auto& l : layers) {

@@ -12,6 +12,8 @@
 
 #include "model/file_util.h"
 #include "model/kernels.h"
+#include "model/quantized_panels.h"
+#include "model/weight_format.h"
 #include "model/runtime.h"
 #include "server/http_frontend.h"
 #include "server/metrics.h"
@@ -54,11 +56,9 @@ int Run(const Flags& f) {
   // otherwise raises it after the first large free) makes big buffers go back to the OS when
   // freed, so resident memory follows the work in flight instead of its high-water mark.
   mallopt(M_MMAP_THRESHOLD, 256 * 1024);
-  at::ScalarType dtype = at::kFloat;
-  if (f.weights_dtype == "f16")
-    dtype = at::kHalf;
-  else if (f.weights_dtype != "f32") {
-    spdlog::error("--weights-dtype: f32 or f16");
+  const auto format = ParseWeightFormat(f.weights_dtype);
+  if (!format.ok()) {
+    spdlog::error("--{}", std::string(format.status().message()));
     return 2;
   }
   if ((f.tls_cert.empty()) != (f.tls_key.empty())) {
@@ -84,13 +84,15 @@ int Run(const Flags& f) {
   if (smol)
     spdlog::info("server: SMoL adapters loaded ({} experts, rank {})", smol->config().experts,
                  smol->config().rank);
-  // Decode runs from panels packed once (fp16 halves them): every lane's views share them.
-  (*loaded)->PackBaseWeights(dtype);
+  // Decode runs from panels packed once (f16 halves them, q8_0/q4_0 quarter and eighth them):
+  // every lane's views share them.
+  (*loaded)->PackBaseWeights(*format);
   spdlog::info(
       "server: decode weights packed as {} panels ({} MB read per token at full shape), "
-      "{} kernels",
-      dtype == at::kHalf ? "fp16" : "fp32", (*loaded)->base().DecodeWeightBytes() >> 20,
-      KernelIsaName(ActiveKernelIsa()));
+      "{} kernels{}{}",
+      WeightFormatName(*format), (*loaded)->base().DecodeWeightBytes() >> 20,
+      KernelIsaName(ActiveKernelIsa()), IsQuantized(*format) ? ", integer dots " : "",
+      IsQuantized(*format) ? QuantKernelName() : "");
   const Supernet& supernet = **loaded;
   const at::ScalarType kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   HostSpeed host;
@@ -114,7 +116,7 @@ int Run(const Flags& f) {
   so.max_queue = f.queue;
   so.prefill_chunk = f.prefill_chunk;
   so.cache_bytes = f.cache_mb << 20;
-  so.weights_dtype = dtype;
+  so.weights_format = *format;
   so.kv_dtype = kv_dtype;
   so.merge_after_requests = f.merge_after;
   so.on_lane_step = [&metrics](const Shape& s, int64_t running) {
@@ -315,7 +317,8 @@ int main(int argc, char** argv) {
       ->envname("AMOEBA_PREFILL_CHUNK")
       ->capture_default_str();
   app.add_option("--weights-dtype", f.weights_dtype,
-                 "f32 | f16 (decode panels packed once at start)")
+                 "f32 | f16 | q8_0 | q4_0 (decode panels packed once at start; q8_0/q4_0 are GGML's "
+                 "block formats, the LM head quantized too)")
       ->envname("AMOEBA_WEIGHTS_DTYPE")
       ->capture_default_str();
   app.add_option("--kv-dtype", f.kv_dtype,

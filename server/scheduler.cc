@@ -152,7 +152,8 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   int64_t need = 0;
   for (const LayerWeights& l : lane.model->layers)
     for (int p = 0; p < kNumProj; ++p)
-      need += l.proj(static_cast<Proj>(p)).numel() * at::elementSize(opt_.weights_dtype);
+      need += static_cast<int64_t>(static_cast<double>(l.proj(static_cast<Proj>(p)).numel()) *
+                                   BytesPerWeight(opt_.weights_format));
   if (!EvictIdleLanes(&lane, need)) return;  // no room under the cap: stay unmerged
   Build b;
   b.key = lane.shape.ToString();
@@ -189,7 +190,7 @@ void Scheduler::BuilderLoop() {
                                 {.adapters = AdapterMode::kMerged, .uniform_width = false});
       if (!merged.ok()) throw std::runtime_error(std::string(merged.status().message()));
       // The merged projections get panels; the rest share the base's.
-      PackWeights(*merged, opt_.weights_dtype);
+      PackWeights(*merged, opt_.weights_format);
       DropPackedRowMajor(*merged);
       b.result = std::make_shared<const Model>(std::move(*merged));
       spdlog::info("scheduler: merged copy of {} built in {:.0f} ms", b.key, Ms(t0, Clock::now()));

@@ -24,6 +24,7 @@
 #include "lora/smol.h"
 #include "model/engine.h"
 #include "model/generation.h"
+#include "model/weight_format.h"
 #include "subnet/subnet_builder.h"
 
 namespace amoeba {
@@ -59,7 +60,7 @@ struct SchedulerOptions {
   int64_t max_queue = 64;           // waiting requests before RESOURCE_EXHAUSTED
   int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
   int64_t cache_bytes = 1ll << 30;  // memory cap for merged subnet copies
-  at::ScalarType weights_dtype = at::kFloat;  // panels of merged copies (as the supernet's)
+  WeightFormat weights_format = WeightFormat::kF32;  // panels of merged copies (as the supernet's)
   at::ScalarType kv_dtype = at::kFloat;       // KV cache storage (kHalf: half the memory)
   const Smol* smol = nullptr;                 // adapters: unmerged when cold, merged when hot
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never

@@ -398,8 +398,8 @@ at::Tensor Supernet::Bias(int64_t layer, bool attention, int64_t kept) const {
   return b;
 }
 
-void Supernet::PackBaseWeights(at::ScalarType dtype) {
-  PackWeights(base_, dtype);
+void Supernet::PackBaseWeights(WeightFormat f) {
+  PackWeights(base_, f);
   ReleaseRowMajorPages(base_);
 }
 

@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/tokenizer.h"
+#include "model/weight_format.h"
 #include "model/weights.h"
 #include "subnet/width_importance.h"
 
@@ -100,10 +101,11 @@ class Supernet {
   Shape FullShape() const { return {base_.config.num_hidden_layers, 1.0}; }
   Shape SmallestShape() const { return {spec_.depths.front(), spec_.widths.back()}; }
 
-  // Packs the supernet's projections and LM head into decode panels of `dtype` (kHalf halves
-  // decode bytes), once, so that every subnet view shares them, and releases the row-major pages
-  // (they stay readable from the file for merging adapters and export). Call before serving.
-  void PackBaseWeights(at::ScalarType dtype);
+  // Packs the supernet's projections and LM head into decode panels of format `f` (f16 halves
+  // decode bytes, q8_0 and q4_0 quarter and eighth them), once, so that every subnet view shares
+  // them, and releases the row-major pages (they stay readable from the file for merging adapters
+  // and export). Call before serving.
+  void PackBaseWeights(WeightFormat f);
 
   // Writes amoeba.json and width.safetensors into `dir` (the HF files are written separately).
   absl::Status SaveMetadata(const std::string& dir) const;

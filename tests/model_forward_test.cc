@@ -177,7 +177,7 @@ TEST(EngineTest, PackedPanelsMatchRowMajorWeights) {
   EXPECT_TRUE(p32.layers[0].q.is_meta());
   ExpectSameDecode(std::make_shared<const Model>(base), std::make_shared<const Model>(p32), 1e-4);
   Model p16 = base;
-  PackWeights(p16, at::kHalf);
+  PackWeights(p16, WeightFormat::kF16);
   Model rounded = ConvertWeights(base, at::kHalf);  // the fp16-rounded matrices...
   rounded.embed = base.embed;                       // ...with the fp32 embedding panels leave
   ExpectSameDecode(std::make_shared<const Model>(rounded), std::make_shared<const Model>(p16),

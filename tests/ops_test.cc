@@ -7,6 +7,7 @@
 #include "model/decode_attention.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
+#include "model/quantized_panels.h"
 #include "model/rope.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -197,7 +198,7 @@ TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
         },
         [&](const at::Tensor& x) { return at::linear(x, W, bias); });
     // fp16 panels: equal to the product with the half-rounded weights.
-    at::Tensor panels16 = PackPanels(full, at::kHalf);
+    at::Tensor panels16 = PackPanels(full, WeightFormat::kF16);
     at::Tensor W16 = W.to(at::kHalf).to(at::kFloat);
     ExpectEveryIsaMatches(
         out, in, Batches1To33(),
@@ -206,6 +207,64 @@ TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
         },
         [&](const at::Tensor& x) { return at::linear(x, W16, bias); });
   }
+}
+
+// Q8_0 / Q4_0 panels: the integer kernels equal the fp32 product of the dequantized weights and
+// the quantized-then-dequantized activations (what they compute exactly, up to fp32 rounding), on
+// odd sizes (panel and block tails), prefixes in both dimensions (input prefixes that end inside
+// a block), batch 1..33 plus the 64-row chunk boundaries, every ISA path; and stay close to the
+// unquantized product.
+TEST(KernelTest, QuantizedPanelsMatchTheDequantizedReference) {
+  at::manual_seed(4);
+  std::vector<int64_t> batches = Batches1To33();
+  for (int64_t n : {63, 64, 65, 130}) batches.push_back(n);
+  for (WeightFormat format : {WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{
+             {37, 29}, {5, 131}, {64, 70}, {129, 3}, {16, 32}, {48, 96}}) {
+      at::Tensor full = at::randn({out + 7, in + 11});
+      at::Tensor panels = PackPanels(full, format);
+      EXPECT_EQ(PanelsFormat(panels), format);
+      at::Tensor Wq = DequantizePanels(panels, out, in);
+      at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);
+      at::Tensor bias = at::randn({out});
+      ExpectEveryIsaMatches(
+          out, in, batches,
+          [&](const float* x, int64_t n, float* y) {
+            LinearPacked(x, n, panels, out, in, bias.data_ptr<float>(), y);
+          },
+          [&](const at::Tensor& x) {
+            return at::linear(QuantizeDequantizeActivations(x), Wq, bias);
+          });
+      // Close to the unquantized product: Q8_0 within ~1%, Q4_0 within ~10% of the scale.
+      at::Tensor x = at::randn({3, in});
+      at::Tensor y = at::empty({3, out});
+      LinearPacked(x.data_ptr<float>(), 3, panels, out, in, nullptr, y.data_ptr<float>());
+      at::Tensor exact = at::linear(x, W);
+      const double rel = testing::MaxAbsDiff(y, exact) / exact.abs().max().item<double>();
+      EXPECT_LT(rel, format == WeightFormat::kQ8_0 ? 0.03 : 0.3)
+          << WeightFormatName(format) << " " << out << "x" << in;
+      EXPECT_GT(rel, 0.0);  // it did quantize
+    }
+  }
+}
+
+// GGML's block rules, value by value: Q8_0 d = amax / 127, q = round(x / d); Q4_0 d = (the
+// value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)), so the largest-magnitude
+// value is exact and its opposite clamps at 7·|d|; a block of zeros stays zero.
+TEST(KernelTest, QuantizedBlocksFollowGgmlRules) {
+  at::Tensor W = at::zeros({2, 64});
+  const float vals[] = {-3.f, 1.5f, 0.2f, 3.f, -0.1f};
+  for (int k = 0; k < 5; ++k) W[0][k] = vals[k];
+  at::Tensor q4 = DequantizePanels(PackPanels(W, WeightFormat::kQ4_0), 2, 64);
+  const float want4[] = {-3.f, 1.5f, 0.375f, 2.625f, 0.f};  // d = 0.375
+  for (int k = 0; k < 5; ++k) EXPECT_FLOAT_EQ(q4[0][k].item<float>(), want4[k]) << k;
+  EXPECT_EQ(q4.narrow(1, 32, 32).abs().sum().item<float>(), 0.f);
+  EXPECT_EQ(q4[1].abs().sum().item<float>(), 0.f);
+  at::Tensor q8 = DequantizePanels(PackPanels(W, WeightFormat::kQ8_0), 2, 64);
+  const float d = static_cast<float>(at::Half(3.f / 127.f));
+  for (int k = 0; k < 5; ++k)
+    EXPECT_FLOAT_EQ(q8[0][k].item<float>(), d * std::round(vals[k] * 127.f / 3.f)) << k;
+  EXPECT_EQ(q8[1].abs().sum().item<float>(), 0.f);
 }
 
 }  // namespace

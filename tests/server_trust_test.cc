@@ -459,21 +459,25 @@ TEST(ServerTrustTest, PlannerRanksEveryShapeByOneQualitySource) {
   EXPECT_EQ(plan->chosen.latency_source, "roofline");
 }
 
-// Byte estimates assumed fp32 whatever was served. They now follow the packed panels' dtype and
-// the KV dtype.
+// Byte estimates assumed fp32 whatever was served. They now follow the packed panels' format
+// (f16, and the block formats with their scales) and the KV dtype.
 TEST(ServerTrustTest, ProfilesCountTheBytesOfTheServedDtype) {
-  TestServer ts;
-  const auto f32 = ProfilesFromSupernet(*ts.supernet, 4);
-  ts.supernet->PackBaseWeights(at::kHalf);
-  const auto f16 = ProfilesFromSupernet(*ts.supernet, 2);
-  ASSERT_EQ(f32.size(), f16.size());
-  for (size_t i = 0; i < f32.size(); ++i) {
-    EXPECT_EQ(f16[i].params, f32[i].params);
-    EXPECT_EQ(f16[i].kv_bytes_per_token * 2, f32[i].kv_bytes_per_token);
-    const double ratio = static_cast<double>(f16[i].decode_weight_bytes) /
-                         static_cast<double>(f32[i].decode_weight_bytes);
-    EXPECT_GT(ratio, 0.49) << f32[i].shape.ToString();  // norms stay fp32
-    EXPECT_LT(ratio, 0.52) << f32[i].shape.ToString();
+  for (WeightFormat format : {WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    TestServer ts;
+    const auto f32 = ProfilesFromSupernet(*ts.supernet, 4);
+    ts.supernet->PackBaseWeights(format);
+    const auto packed = ProfilesFromSupernet(*ts.supernet, 2);
+    ASSERT_EQ(f32.size(), packed.size());
+    const double want = BytesPerWeight(format) / 4;
+    for (size_t i = 0; i < f32.size(); ++i) {
+      const std::string what = absl::StrCat(WeightFormatName(format), " ", f32[i].shape.ToString());
+      EXPECT_EQ(packed[i].params, f32[i].params);
+      EXPECT_EQ(packed[i].kv_bytes_per_token * 2, f32[i].kv_bytes_per_token);
+      const double ratio = static_cast<double>(packed[i].decode_weight_bytes) /
+                           static_cast<double>(f32[i].decode_weight_bytes);
+      EXPECT_GT(ratio, want - 0.01) << what;  // norms stay fp32
+      EXPECT_LT(ratio, want + 0.02) << what;
+    }
   }
 }
 

@@ -1,0 +1,440 @@
+#include "model/quantized_panels.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "model/kernels.h"
+#include "model/packed_linear.h"
+#include "model/simd.h"
+
+#define AMOEBA_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+namespace amoeba {
+
+namespace {
+
+constexpr int64_t kPanel = 16;       // output rows per panel
+constexpr int64_t kScaleBytes = 32;  // 16 fp16 scales at the start of each block
+constexpr int64_t kGroupBytes = 64;  // 16 rows × 4 inputs
+
+bool CpuHasAvx512Vnni() {
+  static const bool has = CpuHasAvx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+enum class QuantPath { kScalar, kAvx2, kAvx512Vnni };
+
+QuantPath ActiveQuantPath() {
+  const KernelIsa isa = ActiveKernelIsa();
+  if (isa == KernelIsa::kAvx512 && CpuHasAvx512Vnni()) return QuantPath::kAvx512Vnni;
+  if (isa >= KernelIsa::kAvx2) return QuantPath::kAvx2;
+  return QuantPath::kScalar;
+}
+
+// Activations of one call, quantized per row into Q8_0 blocks: q [n][nb·32] int8 (zero past
+// `in`), d [n][nb] fp32 scales, sum [n][nb] the sum of each block's q (for the unsigned offsets).
+struct QuantActs {
+  const int8_t* q = nullptr;
+  const float* d = nullptr;
+  const int32_t* sum = nullptr;
+  int64_t nb = 0;
+};
+
+// GGML's Q8_0 rule (d = amax / 127, q = round(x / d)); the scale stays fp32 here, and rounding is
+// to nearest even (what the SIMD conversions do), identical on every path.
+__attribute__((target_clones("avx2", "default"))) void QuantizeRows(const float* x, int64_t n,
+                                                                      int64_t in, int64_t nb,
+                                                                      int8_t* q, float* d,
+                                                                      int32_t* sum) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * in;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * kQuantBlock, valid = std::min(kQuantBlock, in - k0);
+      float v[kQuantBlock] = {};
+      std::memcpy(v, xr + k0, valid * sizeof(float));
+      float amax = 0.f;
+      for (int64_t k = 0; k < kQuantBlock; ++k) amax = std::max(amax, std::fabs(v[k]));
+      const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+      int8_t* qb = q + (r * nb + b) * kQuantBlock;
+      int32_t s = 0;
+      for (int64_t k = 0; k < kQuantBlock; ++k) {
+        const int32_t qi = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+        qb[k] = static_cast<int8_t>(qi);
+        s += qi;
+      }
+      d[r * nb + b] = scale;
+      sum[r * nb + b] = s;
+    }
+  }
+}
+
+// Weight value (signed, offset removed) of row c, input k (0..31) of one block.
+template <bool kQ4>
+inline int32_t WeightAt(const uint8_t* blk, int64_t c, int64_t k) {
+  const uint8_t* data = blk + kScaleBytes;
+  if constexpr (kQ4) {
+    const int64_t g = (k % 16) / 4, kk = k % 4;
+    const uint8_t byte = data[g * kGroupBytes + c * 4 + kk];
+    return static_cast<int32_t>(k < 16 ? (byte & 0x0F) : (byte >> 4)) - 8;
+  } else {
+    return static_cast<int8_t>(data[(k / 4) * kGroupBytes + c * 4 + k % 4]);
+  }
+}
+
+inline float ScaleAt(const uint8_t* blk, int64_t c) {
+  at::Half h;
+  std::memcpy(&h, blk + 2 * c, sizeof(h));
+  return static_cast<float>(h);
+}
+
+// Rows [j0, j0 + J) of the activations against one panel: the first `valid` outputs at column
+// `col` of y (row stride `out`; y points at row j0).
+template <bool kQ4>
+void PanelScalar(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0, int64_t J,
+                 float* y, int64_t out, int64_t col, int64_t valid) {
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t c = 0; c < valid; ++c) {
+      float s = 0.f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const uint8_t* blk = panel + b * bb;
+        const int8_t* xq = a.q + ((j0 + j) * a.nb + b) * kQuantBlock;
+        int32_t acc = 0;
+        for (int64_t k = 0; k < kQuantBlock; ++k) acc += WeightAt<kQ4>(blk, c, k) * xq[k];
+        s += static_cast<float>(acc) * (ScaleAt(blk, c) * a.d[(j0 + j) * a.nb + b]);
+      }
+      y[j * out + col + c] = s;
+    }
+}
+
+inline int32_t Load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// AVX512-VNNI: one zmm of weights (16 rows × 4 inputs, unsigned) per dot-product step against 4
+// broadcast int8 inputs of each row; unsigned weights u = q + offset (Q8_0: q ^ 0x80 = q + 128;
+// Q4_0: the stored nibble = q + 8) give Σ u·x = Σ q·x + offset·Σ x, so the block's Σ x corrects it.
+template <int J, bool kQ4>
+AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
+                                  float* y, int64_t out, int64_t col, int64_t valid) {
+  constexpr int32_t kOffset = kQ4 ? 8 : 128;
+  __m512 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* blk = panel + b * bb;
+    const uint8_t* data = blk + kScaleBytes;
+    __m512i dot[J];
+    for (int j = 0; j < J; ++j) dot[j] = _mm512_setzero_si512();
+    const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
+    const int64_t xstride = a.nb * kQuantBlock;
+    if constexpr (kQ4) {
+      for (int g = 0; g < 4; ++g) {
+        const __m512i v = _mm512_loadu_si512(data + g * kGroupBytes);
+        const __m512i lo = _mm512_and_si512(v, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int j = 0; j < J; ++j) {
+          const int8_t* xj = xb + j * xstride;
+          dot[j] = _mm512_dpbusd_epi32(dot[j], lo, _mm512_set1_epi32(Load4(xj + 4 * g)));
+          dot[j] = _mm512_dpbusd_epi32(dot[j], hi, _mm512_set1_epi32(Load4(xj + 16 + 4 * g)));
+        }
+      }
+    } else {
+      for (int g = 0; g < 8; ++g) {
+        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(data + g * kGroupBytes), flip);
+        for (int j = 0; j < J; ++j)
+          dot[j] = _mm512_dpbusd_epi32(dot[j], v, _mm512_set1_epi32(Load4(xb + j * xstride + 4 * g)));
+      }
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+    for (int j = 0; j < J; ++j) {
+      const int64_t i = (j0 + j) * a.nb + b;
+      const __m512i corrected = _mm512_sub_epi32(dot[j], _mm512_set1_epi32(kOffset * a.sum[i]));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(ws, _mm512_set1_ps(a.d[i])),
+                               acc[j]);
+    }
+  }
+  const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
+  for (int j = 0; j < J; ++j) _mm512_mask_storeu_ps(y + j * out + col, m, acc[j]);
+}
+
+// AVX2: a group is two ymm (rows 0-7, 8-15). Q8_0 dots signed × signed with maddubs(|w|,
+// sign(x, w)) (|w|, |x| <= 127: the int16 pair sums cannot saturate); Q4_0 dots the unsigned
+// nibbles directly and sums a whole block's 8 maddubs in int16 (8 · 2 · 15 · 127 < 32768).
+template <int J, bool kQ4>
+AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
+                           float* y, int64_t out, int64_t col, int64_t valid) {
+  __m256 acc[J][2];
+  for (int j = 0; j < J; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+  const int64_t xstride = a.nb * kQuantBlock;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* blk = panel + b * bb;
+    const uint8_t* data = blk + kScaleBytes;
+    const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
+    __m256i dot[J][2];
+    if constexpr (kQ4) {
+      __m256i s16[J][2];
+      for (int j = 0; j < J; ++j) s16[j][0] = s16[j][1] = _mm256_setzero_si256();
+      for (int g = 0; g < 4; ++g) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + g * kGroupBytes + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int j = 0; j < J; ++j) {
+            const int8_t* xj = xb + j * xstride;
+            s16[j][h] = _mm256_add_epi16(
+                s16[j][h], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(Load4(xj + 4 * g))));
+            s16[j][h] = _mm256_add_epi16(
+                s16[j][h], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(Load4(xj + 16 + 4 * g))));
+          }
+        }
+      }
+      for (int j = 0; j < J; ++j) {
+        const __m256i corr = _mm256_set1_epi32(8 * a.sum[(j0 + j) * a.nb + b]);
+        for (int h = 0; h < 2; ++h)
+          dot[j][h] = _mm256_sub_epi32(_mm256_madd_epi16(s16[j][h], ones), corr);
+      }
+    } else {
+      for (int j = 0; j < J; ++j) dot[j][0] = dot[j][1] = _mm256_setzero_si256();
+      for (int g = 0; g < 8; ++g) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i w =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + g * kGroupBytes + 32 * h));
+          const __m256i wabs = _mm256_abs_epi8(w);
+          for (int j = 0; j < J; ++j) {
+            const __m256i x = _mm256_set1_epi32(Load4(xb + j * xstride + 4 * g));
+            const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w));
+            dot[j][h] = _mm256_add_epi32(dot[j][h], _mm256_madd_epi16(p, ones));
+          }
+        }
+      }
+    }
+    const __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+    for (int j = 0; j < J; ++j) {
+      const __m256 dx = _mm256_set1_ps(a.d[(j0 + j) * a.nb + b]);
+      acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j][0]), _mm256_mul_ps(ws0, dx), acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j][1]), _mm256_mul_ps(ws1, dx), acc[j][1]);
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    alignas(32) float tmp[kPanel];
+    _mm256_store_ps(tmp, acc[j][0]);
+    _mm256_store_ps(tmp + 8, acc[j][1]);
+    std::copy(tmp, tmp + valid, y + j * out + col);
+  }
+}
+
+using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, float*, int64_t,
+                         int64_t, int64_t);
+
+// Rows [r0, r0 + rows) against one panel, in register-sized groups of rows.
+template <bool kQ4>
+void RunPanel(QuantPath path, const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t r0,
+              int64_t rows, float* y, int64_t out, int64_t col, int64_t valid) {
+  static constexpr PanelFn kVnni[8] = {
+      PanelVnni<1, kQ4>, PanelVnni<2, kQ4>, PanelVnni<3, kQ4>, PanelVnni<4, kQ4>,
+      PanelVnni<5, kQ4>, PanelVnni<6, kQ4>, PanelVnni<7, kQ4>, PanelVnni<8, kQ4>};
+  static constexpr PanelFn kAvx2[2] = {PanelAvx2<1, kQ4>, PanelAvx2<2, kQ4>};
+  if (path == QuantPath::kScalar) {
+    PanelScalar<kQ4>(panel, bb, a, r0, rows, y + r0 * out, out, col, valid);
+    return;
+  }
+  const int64_t step = path == QuantPath::kAvx512Vnni ? 8 : 2;
+  const PanelFn* fns = path == QuantPath::kAvx512Vnni ? kVnni : kAvx2;
+  for (int64_t j0 = r0; j0 < r0 + rows; j0 += step) {
+    const int64_t J = std::min(step, r0 + rows - j0);
+    fns[J - 1](panel, bb, a, j0, y + j0 * out, out, col, valid);
+  }
+}
+
+WeightFormat FormatOf(const at::Tensor& panels) {
+  return panels.scalar_type() == at::kChar ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
+}
+
+// Writes one block of one row: q (signed, offset removed) at the layout's places.
+template <bool kQ4>
+void PutBlockRow(uint8_t* blk, int64_t c, float scale, const int32_t* q) {
+  const at::Half h(scale);
+  std::memcpy(blk + 2 * c, &h, sizeof(h));
+  uint8_t* data = blk + kScaleBytes;
+  for (int64_t k = 0; k < kQuantBlock; ++k) {
+    if constexpr (kQ4) {
+      if (k >= 16) continue;
+      const int64_t g = k / 4, kk = k % 4;
+      data[g * kGroupBytes + c * 4 + kk] =
+          static_cast<uint8_t>((q[k] + 8) | ((q[k + 16] + 8) << 4));
+    } else {
+      data[(k / 4) * kGroupBytes + c * 4 + k % 4] = static_cast<uint8_t>(static_cast<int8_t>(q[k]));
+    }
+  }
+}
+
+// GGML's rules. Q8_0: d = amax / 127, q = round(x / d). Q4_0: d = (the value of largest
+// magnitude) / -8, q = min(15, trunc(x / d + 8.5)) - 8.
+void QuantizeWeightBlock(bool q4, const float* v, float* scale, int32_t* q) {
+  float amax = 0.f, max = 0.f;
+  for (int64_t k = 0; k < kQuantBlock; ++k)
+    if (std::fabs(v[k]) > amax) {
+      amax = std::fabs(v[k]);
+      max = v[k];
+    }
+  if (q4) {
+    const float d = max / -8.f, inv = d != 0.f ? 1.f / d : 0.f;
+    for (int64_t k = 0; k < kQuantBlock; ++k)
+      q[k] = std::min<int32_t>(15, static_cast<int8_t>(v[k] * inv + 8.5f)) - 8;
+    *scale = d;
+  } else {
+    const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
+    for (int64_t k = 0; k < kQuantBlock; ++k) q[k] = static_cast<int32_t>(std::round(v[k] * inv));
+    *scale = d;
+  }
+}
+
+}  // namespace
+
+int64_t QuantBlockBytes(WeightFormat f) {
+  TORCH_CHECK(IsQuantized(f), "QuantBlockBytes: q8_0 or q4_0");
+  return kScaleBytes + kPanel * (f == WeightFormat::kQ8_0 ? kQuantBlock : kQuantBlock / 2);
+}
+
+at::Tensor PackQuantizedPanels(const at::Tensor& W, WeightFormat f) {
+  TORCH_CHECK(W.dim() == 2 && IsQuantized(f), "PackQuantizedPanels: a matrix, q8_0 or q4_0");
+  const int64_t np = (W.size(0) + kPanel - 1) / kPanel;
+  const int64_t nb = (W.size(1) + kQuantBlock - 1) / kQuantBlock;
+  at::Tensor panels =
+      at::empty({np, nb, QuantBlockBytes(f)},
+                at::TensorOptions().dtype(f == WeightFormat::kQ4_0 ? at::kByte : at::kChar));
+  FillQuantizedPanels(W, f, panels);
+  return panels;
+}
+
+void FillQuantizedPanels(const at::Tensor& W, WeightFormat f, at::Tensor& panels) {
+  const int64_t out = W.size(0), in = W.size(1);
+  const int64_t np = panels.size(0), nb = panels.size(1), bb = QuantBlockBytes(f);
+  const bool q4 = f == WeightFormat::kQ4_0;
+  TORCH_CHECK(np == (out + kPanel - 1) / kPanel && nb == (in + kQuantBlock - 1) / kQuantBlock &&
+                  panels.size(2) == bb && panels.is_contiguous(),
+              "FillQuantizedPanels: panels of another size");
+  const at::Tensor Wf = W.detach().to(at::kFloat).contiguous();
+  const float* w = Wf.data_ptr<float>();
+  auto* base = static_cast<uint8_t*>(panels.data_ptr());
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+    float v[kQuantBlock];
+    int32_t q[kQuantBlock];
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* blk = base + (p * nb + b) * bb;
+        const int64_t k0 = b * kQuantBlock, valid = std::min(kQuantBlock, in - k0);
+        for (int64_t c = 0; c < kPanel; ++c) {
+          const int64_t row = p * kPanel + c;
+          std::fill(v, v + kQuantBlock, 0.f);
+          if (row < out) std::copy(w + row * in + k0, w + row * in + k0 + valid, v);
+          float scale = 0.f;
+          QuantizeWeightBlock(q4, v, &scale, q);
+          if (q4) {
+            PutBlockRow<true>(blk, c, scale, q);
+          } else {
+            PutBlockRow<false>(blk, c, scale, q);
+          }
+        }
+      }
+  });
+}
+
+void QuantizedLinearMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs) {
+  const bool q4 = FormatOf(*outs[0].panels) == WeightFormat::kQ4_0;
+  const int64_t nb = (in + kQuantBlock - 1) / kQuantBlock;
+  thread_local std::vector<int8_t> xq;  // grown once, reused: no allocation per decode step
+  thread_local std::vector<float> xd;
+  thread_local std::vector<int32_t> xs;
+  if (static_cast<int64_t>(xq.size()) < n * nb * kQuantBlock) xq.resize(n * nb * kQuantBlock);
+  if (static_cast<int64_t>(xd.size()) < n * nb) {
+    xd.resize(n * nb);
+    xs.resize(n * nb);
+  }
+  QuantizeRows(x, n, in, nb, xq.data(), xd.data(), xs.data());
+  const QuantActs acts{xq.data(), xd.data(), xs.data(), nb};
+  const QuantPath path = ActiveQuantPath();
+  int64_t total = 0;
+  for (const PackedOutput& o : outs) total += (o.out + kPanel - 1) / kPanel;
+  // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once.
+  constexpr int64_t kRowChunk = 64;
+  for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, n - r0);
+    at::parallel_for(0, total, 4, [&](int64_t g0, int64_t g1) {
+      size_t i = 0;
+      int64_t first = 0;  // global index of outs[i]'s first panel
+      for (int64_t g = g0; g < g1; ++g) {
+        while (g >= first + (outs[i].out + kPanel - 1) / kPanel)
+          first += (outs[i++].out + kPanel - 1) / kPanel;
+        const PackedOutput& o = outs[i];
+        const int64_t p = g - first, valid = std::min(kPanel, o.out - p * kPanel);
+        const int64_t bb = o.panels->size(2);
+        const auto* panel =
+            static_cast<const uint8_t*>(o.panels->data_ptr()) + p * o.panels->size(1) * bb;
+        if (q4) {
+          RunPanel<true>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
+        } else {
+          RunPanel<false>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
+        }
+      }
+    });
+  }
+}
+
+at::Tensor DequantizePanels(const at::Tensor& panels, int64_t out, int64_t in) {
+  const bool q4 = FormatOf(panels) == WeightFormat::kQ4_0;
+  const int64_t nb = panels.size(1), bb = panels.size(2);
+  TORCH_CHECK(out <= panels.size(0) * kPanel && in <= nb * kQuantBlock,
+              "DequantizePanels: the prefix exceeds the packed matrix");
+  at::Tensor W = at::empty({out, in});
+  float* w = W.data_ptr<float>();
+  const auto* base = static_cast<const uint8_t*>(panels.data_ptr());
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t k = 0; k < in; ++k) {
+      const uint8_t* blk = base + ((r / kPanel) * nb + k / kQuantBlock) * bb;
+      const int64_t c = r % kPanel, kb = k % kQuantBlock;
+      const int32_t q = q4 ? WeightAt<true>(blk, c, kb) : WeightAt<false>(blk, c, kb);
+      w[r * in + k] = ScaleAt(blk, c) * static_cast<float>(q);
+    }
+  return W;
+}
+
+at::Tensor QuantizeDequantizeActivations(const at::Tensor& x) {
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  const int64_t n = xc.size(0), in = xc.size(1), nb = (in + kQuantBlock - 1) / kQuantBlock;
+  std::vector<int8_t> q(n * nb * kQuantBlock);
+  std::vector<float> d(n * nb);
+  std::vector<int32_t> s(n * nb);
+  QuantizeRows(xc.data_ptr<float>(), n, in, nb, q.data(), d.data(), s.data());
+  at::Tensor out = at::empty({n, in});
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = 0; k < in; ++k)
+      o[r * in + k] = d[r * nb + k / kQuantBlock] * static_cast<float>(q[r * nb * kQuantBlock + k]);
+  return out;
+}
+
+const char* QuantKernelName() {
+  switch (ActiveQuantPath()) {
+    case QuantPath::kAvx512Vnni:
+      return "avx512-vnni";
+    case QuantPath::kAvx2:
+      return "avx2";
+    case QuantPath::kScalar:
+      return "scalar";
+  }
+  return "?";
+}
+
+}  // namespace amoeba

@@ -1,0 +1,42 @@
+// Q8_0 / Q4_0 decode panels and their kernels. A panel holds 16 output rows; for every block of 32
+// inputs it stores the 16 rows' fp16 scales, then the values grouped by 4 consecutive inputs:
+// 64 bytes = 16 rows × 4 inputs, the operand of one VNNI dot-product step (Q8_0: 8 groups of int8;
+// Q4_0: 4 groups of bytes whose low nibbles are inputs 0-15 of the block and high nibbles inputs
+// 16-31, stored as q + 8, unsigned). The tensor is [ceil(out/16), ceil(in/32), block bytes],
+// int8 for Q8_0 and uint8 for Q4_0; values and scales are GGML's, only their order differs.
+//
+// The kernels quantize the activations per row into Q8_0 blocks (fp32 scale), dot in integers
+// (AVX512-VNNI, AVX2 maddubs, or portable code, chosen at run time) and scale per block in fp32.
+// A prefix of the matrix is served from the same panels: fewer output rows read a panel prefix,
+// fewer inputs read whole blocks with the activations zero-padded to the block boundary.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <span>
+
+#include "model/weight_format.h"
+
+namespace amoeba {
+
+struct PackedOutput;
+
+// Bytes of one block of one panel: 32 (scales) + 512 (Q8_0) or 256 (Q4_0).
+int64_t QuantBlockBytes(WeightFormat f);
+// Panels of W [out, in] (fp32 or fp16, any strides) in `f` (kQ8_0 or kQ4_0).
+at::Tensor PackQuantizedPanels(const at::Tensor& W, WeightFormat f);
+// The same into `panels` (allocated by the caller: [ceil(out/16), ceil(in/32), block bytes]).
+void FillQuantizedPanels(const at::Tensor& W, WeightFormat f, at::Tensor& panels);
+// y_i[n, out_i] = x[n, in] · W_i[:out_i, :in]^T for quantized panels of one format (no bias).
+void QuantizedLinearMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs);
+
+// References for tests: the [out, in] prefix of the matrix the panels hold, dequantized; and x
+// [n, in] quantized to Q8_0 blocks and back, as the kernels see it.
+at::Tensor DequantizePanels(const at::Tensor& panels, int64_t out, int64_t in);
+at::Tensor QuantizeDequantizeActivations(const at::Tensor& x);
+
+// The integer dot-product path QuantizedLinearMany takes under the active ISA: "avx512-vnni",
+// "avx2" or "scalar" (an AVX-512 CPU without VNNI uses the AVX2 path).
+const char* QuantKernelName();
+
+}  // namespace amoeba
