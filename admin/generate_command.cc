@@ -50,7 +50,8 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   eo.linear_path = f.baseline ? LinearPath::kTorch : LinearPath::kAuto;
   eo.kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   auto format = ParseWeightFormat(f.weights_dtype);
-  if (!format.ok()) return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
+  if (!format.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
   if (f.baseline) {
     if (IsQuantized(*format))
       return absl::InvalidArgumentError("--baseline: f32 or f16 weights (libtorch has no q8_0)");

@@ -57,11 +57,13 @@ int Run(const Options& o) {
       "# bench/decode\n\n{} threads, {} rounds, decode after {}-token prompts: every (path, batch) "
       "is measured once per round, "
       "rounds interleaved, and the median is reported (this shared machine's bandwidth drifts by "
-      "~1.5x within minutes). Roofline = bandwidth probed right before the measurement / fp32 "
-      "weight bytes per decode step.\n\n"
-      "| preset | params | path | prefill tok/s | batch | decode tok/s (aggregate) | per stream | "
-      "GB/s probed just before | fp32 roofline tok/s (batch 1) | % of roofline per step |\n"
-      "|---|---|---|---|---|---|---|---|---|---|\n",
+      "~1.5x within minutes). Roofline = bandwidth probed right before the measurement / the "
+      "path's own weight bytes per decode step (its format: fp32, fp16, q8_0 = 8.5 bits, q4_0 = "
+      "4.5 bits per weight).\n\n"
+      "| preset | params | path | weight MB/step | prefill tok/s | batch | decode tok/s "
+      "(aggregate) | per stream | GB/s probed just before | roofline tok/s (batch 1) | % of "
+      "roofline per step |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|\n",
       at::get_num_threads(), o.rounds, o.context);
   auto wanted = [&](const std::string& path) {
     return o.paths.empty() ||
@@ -77,11 +79,12 @@ int Run(const Options& o) {
     // Row-major weights (libtorch baseline, Amoeba's row-major GEMV/skinny kernels) and the same
     // weights as packed panels, fp32 and fp16 (what the engine decodes from by default).
     auto rowmajor = std::make_shared<const Model>(RandomModel(*cfg, 0));
-    Model p32 = *rowmajor, p16 = *rowmajor;
-    PackWeights(p32, WeightFormat::kF32);
-    PackWeights(p16, WeightFormat::kF16);
-    DropPackedRowMajor(p16);  // panels only: keeps the TinyLlama run's memory in bounds
-    const double bytes = static_cast<double>(rowmajor->DecodeWeightBytes());
+    auto packed = [&](WeightFormat f) {
+      Model m = *rowmajor;
+      PackWeights(m, f);
+      if (f != WeightFormat::kF32) DropPackedRowMajor(m);  // panels only: TinyLlama's memory
+      return std::make_shared<const Model>(std::move(m));
+    };
     struct Variant {
       LinearPath path;
       const char* name;
@@ -94,14 +97,16 @@ int Run(const Options& o) {
     std::vector<Variant> variants;
     variants.push_back({LinearPath::kTorch, "libtorch-linear", rowmajor});
     variants.push_back({LinearPath::kAuto, "amoeba-fp32-rowmajor", rowmajor});
-    auto packed32 = std::make_shared<const Model>(std::move(p32));
+    auto packed32 = packed(WeightFormat::kF32);
     variants.push_back({LinearPath::kAuto, "amoeba-fp32", packed32});
-    variants.push_back(
-        {LinearPath::kAuto, "amoeba-fp16", std::make_shared<const Model>(std::move(p16))});
     variants.push_back({.path = LinearPath::kAuto,
                         .name = "amoeba-fp32-kv16",
                         .model = packed32,
                         .kv_dtype = at::kHalf});
+    for (auto [f, path] : {std::pair{WeightFormat::kF16, "amoeba-fp16"},
+                           std::pair{WeightFormat::kQ8_0, "amoeba-q8_0"},
+                           std::pair{WeightFormat::kQ4_0, "amoeba-q4_0"}})
+      if (wanted(path)) variants.push_back({LinearPath::kAuto, path, packed(f)});
     std::erase_if(variants, [&](const Variant& v) { return !wanted(v.name); });
     for (Variant& v : variants) {
       v.engine = std::make_unique<Engine>(
@@ -127,6 +132,7 @@ int Run(const Options& o) {
     for (const Variant& v : variants) {
       for (size_t bi = 0; bi < batches.size(); ++bi) {
         const int b = batches[bi];
+        const double bytes = static_cast<double>(v.model->DecodeWeightBytes());
         const double rate = Median(v.rates[bi]), bw_now = Median(v.bws[bi]);
         const double roof = bw_now * 1e9 / bytes;
         const double pct = 100.0 * (rate / b) / roof;  // per decode step vs one weight pass
@@ -144,9 +150,10 @@ int Run(const Options& o) {
                                   {"roofline_tokens_per_s", roof},
                                   {"percent_of_roofline_per_step", pct}});
         md += fmt::format(
-            "| {} | {:.0f}M | {} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | {:.0f}% |\n",
-            std::string(name), cfg->ParameterCount() / 1e6, v.name, v.prefill, b, rate, rate / b,
-            bw_now, roof, pct);
+            "| {} | {:.0f}M | {} | {:.0f} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | "
+            "{:.0f}% |\n",
+            std::string(name), cfg->ParameterCount() / 1e6, v.name, bytes / 1e6, v.prefill, b, rate,
+            rate / b, bw_now, roof, pct);
       }
     }
   }
@@ -162,17 +169,20 @@ int Run(const Options& o) {
   };
   md +=
       "\nRatios (same run; amoeba-fp32 = packed panels, the default path):\n\n| preset | batch | "
-      "fp32 / libtorch | fp32 / fp32-rowmajor | fp16 / fp32 | fp32-kv16 / fp32 | fp32 batch / "
-      "fp32 batch 1 | fp16 batch / fp16 batch 1 |\n|---|---|---|---|---|---|---|---|\n";
+      "fp32 / libtorch | fp32 / fp32-rowmajor | fp16 / fp32 | q8_0 / fp16 | q4_0 / q8_0 | "
+      "fp32-kv16 / fp32 | fp32 batch / fp32 batch 1 | fp16 batch / fp16 batch 1 | q8_0 batch / "
+      "q8_0 batch 1 |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     const std::string p(name);
     for (int b : batches) {
       const double f = find(p, "amoeba-fp32", b), h = find(p, "amoeba-fp16", b);
-      md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} |\n", p, b,
+      const double q8 = find(p, "amoeba-q8_0", b), q4 = find(p, "amoeba-q4_0", b);
+      md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", p, b,
                         ratio(f, find(p, "libtorch-linear", b)),
-                        ratio(f, find(p, "amoeba-fp32-rowmajor", b)), ratio(h, f),
-                        ratio(find(p, "amoeba-fp32-kv16", b), f),
-                        ratio(f, find(p, "amoeba-fp32", 1)), ratio(h, find(p, "amoeba-fp16", 1)));
+                        ratio(f, find(p, "amoeba-fp32-rowmajor", b)), ratio(h, f), ratio(q8, h),
+                        ratio(q4, q8), ratio(find(p, "amoeba-fp32-kv16", b), f),
+                        ratio(f, find(p, "amoeba-fp32", 1)), ratio(h, find(p, "amoeba-fp16", 1)),
+                        ratio(q8, find(p, "amoeba-q8_0", 1)));
     }
   }
   WriteReport(o.out_json, out.dump(2), o.out_md, md);
@@ -199,9 +209,10 @@ int main(int argc, char** argv) {
   app.add_option("--rounds", o.rounds, "Interleaved repetitions (median reported)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--paths", o.paths,
-                 "Comma-separated paths to run (libtorch-linear, amoeba-fp32-rowmajor, "
-                 "amoeba-fp32, amoeba-fp16, amoeba-fp32-kv16); empty = all");
+  app.add_option(
+      "--paths", o.paths,
+      "Comma-separated paths to run (libtorch-linear, amoeba-fp32-rowmajor, "
+      "amoeba-fp32, amoeba-fp16, amoeba-fp32-kv16, amoeba-q8_0, amoeba-q4_0); empty = all");
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
   try {

@@ -1,10 +1,11 @@
 // Weights packed for decode (the engine's default weight layout): panels of 16 output rows stored
 // k-major, [ceil(out/16), in, 16] fp32 or fp16, zero-padded (the Q8_0/Q4_0 block formats keep
-// 16-row panels in blocks of 32 inputs: model/quantized_panels.h). The kernel is an outer product per k:
-// one 16-wide weight load feeds up to 16 inputs' accumulators (no horizontal sums), inputs are
-// taken 16 at a time, and each thread reads its panels as one sequential stream (with a software
-// prefetch ahead from 8 inputs up, so computing and streaming from DRAM overlap). A prefix of the
-// original matrix (a sliced subnet: fewer outputs and/or inputs) is served from the same panels.
+// 16-row panels in blocks of 32 inputs: model/quantized_panels.h). The kernel is an outer product
+// per k: one 16-wide weight load feeds up to 16 inputs' accumulators (no horizontal sums), inputs
+// are taken 16 at a time, and each thread reads its panels as one sequential stream (with a
+// software prefetch ahead from 8 inputs up, so computing and streaming from DRAM overlap). A prefix
+// of the original matrix (a sliced subnet: fewer outputs and/or inputs) is served from the same
+// panels.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -49,9 +49,9 @@ struct QuantActs {
 // GGML's Q8_0 rule (d = amax / 127, q = round(x / d)); the scale stays fp32 here, and rounding is
 // to nearest even (what the SIMD conversions do), identical on every path.
 __attribute__((target_clones("avx2", "default"))) void QuantizeRows(const float* x, int64_t n,
-                                                                      int64_t in, int64_t nb,
-                                                                      int8_t* q, float* d,
-                                                                      int32_t* sum) {
+                                                                    int64_t in, int64_t nb,
+                                                                    int8_t* q, float* d,
+                                                                    int32_t* sum) {
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = x + r * in;
     for (int64_t b = 0; b < nb; ++b) {
@@ -112,6 +112,15 @@ void PanelScalar(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j
     }
 }
 
+// The panel stream a few KB ahead of the block being computed: with 2-4x more instructions per
+// byte than the fp32 panels, the hardware prefetcher alone left ~15% of the bandwidth unused
+// (measured on a Zen 3 VM: q4_0 at batch 1, 13.8 -> 16 GB/s).
+constexpr int64_t kPrefetchBytes = 4096;
+inline void PrefetchAhead(const uint8_t* blk, int64_t bb) {
+  for (int64_t o = 0; o < bb; o += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + o), _MM_HINT_T0);
+}
+
 inline int32_t Load4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof(v));
@@ -131,6 +140,7 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
+    PrefetchAhead(blk, bb);
     __m512i dot[J];
     for (int j = 0; j < J; ++j) dot[j] = _mm512_setzero_si512();
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
@@ -150,15 +160,16 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
       for (int g = 0; g < 8; ++g) {
         const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(data + g * kGroupBytes), flip);
         for (int j = 0; j < J; ++j)
-          dot[j] = _mm512_dpbusd_epi32(dot[j], v, _mm512_set1_epi32(Load4(xb + j * xstride + 4 * g)));
+          dot[j] =
+              _mm512_dpbusd_epi32(dot[j], v, _mm512_set1_epi32(Load4(xb + j * xstride + 4 * g)));
       }
     }
     const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
     for (int j = 0; j < J; ++j) {
       const int64_t i = (j0 + j) * a.nb + b;
       const __m512i corrected = _mm512_sub_epi32(dot[j], _mm512_set1_epi32(kOffset * a.sum[i]));
-      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(corrected), _mm512_mul_ps(ws, _mm512_set1_ps(a.d[i])),
-                               acc[j]);
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(corrected),
+                               _mm512_mul_ps(ws, _mm512_set1_ps(a.d[i])), acc[j]);
     }
   }
   const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
@@ -178,6 +189,7 @@ AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a,
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
+    PrefetchAhead(blk, bb);
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
     __m256i dot[J][2];
     if constexpr (kQ4) {
@@ -241,9 +253,9 @@ using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, flo
 template <bool kQ4>
 void RunPanel(QuantPath path, const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t r0,
               int64_t rows, float* y, int64_t out, int64_t col, int64_t valid) {
-  static constexpr PanelFn kVnni[8] = {
-      PanelVnni<1, kQ4>, PanelVnni<2, kQ4>, PanelVnni<3, kQ4>, PanelVnni<4, kQ4>,
-      PanelVnni<5, kQ4>, PanelVnni<6, kQ4>, PanelVnni<7, kQ4>, PanelVnni<8, kQ4>};
+  static constexpr PanelFn kVnni[8] = {PanelVnni<1, kQ4>, PanelVnni<2, kQ4>, PanelVnni<3, kQ4>,
+                                       PanelVnni<4, kQ4>, PanelVnni<5, kQ4>, PanelVnni<6, kQ4>,
+                                       PanelVnni<7, kQ4>, PanelVnni<8, kQ4>};
   static constexpr PanelFn kAvx2[2] = {PanelAvx2<1, kQ4>, PanelAvx2<2, kQ4>};
   if (path == QuantPath::kScalar) {
     PanelScalar<kQ4>(panel, bb, a, r0, rows, y + r0 * out, out, col, valid);
@@ -351,7 +363,8 @@ void FillQuantizedPanels(const at::Tensor& W, WeightFormat f, at::Tensor& panels
   });
 }
 
-void QuantizedLinearMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs) {
+void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
+                         std::span<const PackedOutput> outs) {
   const bool q4 = FormatOf(*outs[0].panels) == WeightFormat::kQ4_0;
   const int64_t nb = (in + kQuantBlock - 1) / kQuantBlock;
   thread_local std::vector<int8_t> xq;  // grown once, reused: no allocation per decode step

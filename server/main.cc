@@ -13,8 +13,8 @@
 #include "model/file_util.h"
 #include "model/kernels.h"
 #include "model/quantized_panels.h"
-#include "model/weight_format.h"
 #include "model/runtime.h"
+#include "model/weight_format.h"
 #include "server/http_frontend.h"
 #include "server/metrics.h"
 #include "server/planner.h"
@@ -316,9 +316,10 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-chunk", f.prefill_chunk, "Prompt tokens per scheduler step")
       ->envname("AMOEBA_PREFILL_CHUNK")
       ->capture_default_str();
-  app.add_option("--weights-dtype", f.weights_dtype,
-                 "f32 | f16 | q8_0 | q4_0 (decode panels packed once at start; q8_0/q4_0 are GGML's "
-                 "block formats, the LM head quantized too)")
+  app.add_option(
+         "--weights-dtype", f.weights_dtype,
+         "f32 | f16 | q8_0 | q4_0 (decode panels packed once at start; q8_0/q4_0 are GGML's "
+         "block formats, the LM head quantized too)")
       ->envname("AMOEBA_WEIGHTS_DTYPE")
       ->capture_default_str();
   app.add_option("--kv-dtype", f.kv_dtype,
