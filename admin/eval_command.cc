@@ -34,6 +34,7 @@ struct EvalFlags {
   uint64_t seed = 1;
   int threads = 0;
   bool no_adapters = false;
+  std::string weights_dtype = "f32";
 };
 
 std::string FrontierSvg(const nlohmann::json& rows) {
@@ -72,8 +73,27 @@ std::string FrontierSvg(const nlohmann::json& rows) {
   return svg;
 }
 
+// The shape decoded by the engine from panels of `format` (the subnet's own blocks, as a merged
+// copy or an export packs them) against the engine in fp32, on the held-out windows.
+absl::StatusOr<EngineComparison> CompareFormat(const Supernet& s, const Smol* smol,
+                                               const Shape& sh, WeightFormat format,
+                                               const at::Tensor& windows) {
+  SubnetOptions so;
+  so.adapters = smol ? AdapterMode::kMerged : AdapterMode::kNone;
+  ASSIGN_OR_RETURN(Model fp32, BuildSubnet(s, smol, sh, so));
+  for (LayerWeights& l : fp32.layers)
+    for (at::Tensor& p : l.panels) p = at::Tensor();
+  fp32.head_panels = at::Tensor();
+  Model packed = fp32;
+  PackWeights(packed, format);
+  return CompareEngines(std::make_shared<const Model>(std::move(fp32)),
+                        std::make_shared<const Model>(std::move(packed)), windows);
+}
+
 absl::Status RunEval(const EvalFlags& f) {
   InitRuntime(f.threads);
+  auto format = ParseWeightFormat(f.weights_dtype);
+  if (!format.ok()) return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   std::unique_ptr<Smol> smol;
   if (!f.no_adapters) {
@@ -111,13 +131,19 @@ absl::Status RunEval(const EvalFlags& f) {
                           {"params", m.config.ParameterCount()},
                           {"heldout_perplexity", std::exp(nll)}};
     if (!mc.empty()) row["mc_accuracy"] = MultipleChoiceAccuracy(m, *s->tokenizer(), mc);
+    if (*format != WeightFormat::kF32) {
+      ASSIGN_OR_RETURN(EngineComparison c, CompareFormat(*s, smol.get(), sh, *format, windows));
+      row["kl_to_fp32"] = c.mean_kl;
+      row["engine_perplexity_fp32"] = std::exp(c.reference_nll);
+      row["engine_perplexity"] = std::exp(c.test_nll);
+    }
     rows.push_back(row);
     bar.Advance(1, sh.ToString());
   }
   bar.Finish();
   // Latency as the server decodes: from packed panels. Views of the packed supernet have the
   // sizes of the merged copies, so they read the same bytes without holding a copy per shape.
-  s->PackBaseWeights(WeightFormat::kF32);
+  s->PackBaseWeights(*format);
   std::vector<std::pair<Shape, std::shared_ptr<const Model>>> runnable;
   for (const Shape& sh : shapes) {
     ASSIGN_OR_RETURN(Model m, s->Extract(sh));
@@ -156,13 +182,31 @@ absl::Status RunEval(const EvalFlags& f) {
   }
   s->set_spec(spec);
   RETURN_IF_ERROR(s->SaveMetadata(f.supernet));
-  std::printf("%-6s %-7s %-12s %-12s %-14s %-10s %-12s %s\n", "depth", "width", "params",
-              "perplexity", "decode ms/tok", "fitted", "roofline ms", mc.empty() ? "" : "mc acc");
+  const bool quantized = *format != WeightFormat::kF32;
+  const std::string fmt_name = WeightFormatName(*format);
+  if (quantized)
+    std::printf("%s against fp32, the engine on the same windows (perplexity change, mean "
+                "per-token KL divergence):\n",
+                fmt_name.c_str());
+  std::printf("%-6s %-7s %-12s %-12s %-14s %-10s %-12s %s%s\n", "depth", "width", "params",
+              "perplexity", "decode ms/tok", "fitted", "roofline ms",
+              quantized ? absl::StrFormat("%-10s %-12s %-12s ", "ppl f32", "ppl " + fmt_name,
+                                          "KL to f32")
+                              .c_str()
+                        : "",
+              mc.empty() ? "" : "mc acc");
   for (const auto& r : rows) {
-    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %-10.3f %-12.3f %s%s%s\n", r["depth"].get<int>(),
+    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %-10.3f %-12.3f %s%s%s%s\n",
+                r["depth"].get<int>(),
                 r["width"].get<double>(), static_cast<long long>(r["params"].get<int64_t>()),
                 r["heldout_perplexity"].get<double>(), r["decode_ms_per_token"].get<double>(),
                 r["fitted_ms_per_token"].get<double>(), r["predicted_ms_per_token"].get<double>(),
+                quantized ? absl::StrFormat("%-10.3f %-12.3f %-12.5f ",
+                                            r["engine_perplexity_fp32"].get<double>(),
+                                            r["engine_perplexity"].get<double>(),
+                                            r["kl_to_fp32"].get<double>())
+                                .c_str()
+                          : "",
                 r.contains("mc_accuracy")
                     ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str()
                     : "",
@@ -190,6 +234,10 @@ Runner AddEvalCommand(CLI::App& app) {
   cmd->add_option("--seed", f->seed)->capture_default_str();
   cmd->add_option("--svg", f->svg, "Frontier plot (default SUPERNET/frontier.svg)");
   cmd->add_flag("--no-adapters", f->no_adapters, "Evaluate without smol.safetensors");
+  cmd->add_option("--weights-dtype", f->weights_dtype,
+                  "f32 | f16 | q8_0 | q4_0: also decode every shape from panels of this format, "
+                  "print its perplexity and mean per-token KL divergence to fp32, and time it")
+      ->capture_default_str();
   cmd->add_option("--threads", f->threads);
   return [f]() {
     absl::Status st = RunEval(*f);

@@ -2,6 +2,9 @@
 
 #include <cmath>
 
+#include "model/engine.h"
+#include "model/status_macros.h"
+
 namespace amoeba {
 
 double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch,
@@ -19,6 +22,40 @@ double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch,
     count += tgt.numel();
   }
   return count ? total / count : 0.0;
+}
+
+absl::StatusOr<EngineComparison> CompareEngines(const std::shared_ptr<const Model>& reference,
+                                const std::shared_ptr<const Model>& test,
+                                const at::Tensor& windows) {
+  at::InferenceMode guard;
+  const int64_t T = windows.size(1);
+  Engine ref_engine(reference, {.max_len = T}), test_engine(test, {.max_len = T});
+  KVCache ref_cache = ref_engine.NewCache(1), test_cache = test_engine.NewCache(1);
+  EngineComparison c;
+  double kl = 0, ref_nll = 0, test_nll = 0;
+  const at::Tensor w32 = windows.to(at::kInt).contiguous();
+  for (int64_t i = 0; i < w32.size(0); ++i) {
+    const std::span<const int32_t> ids(w32[i].data_ptr<int32_t>(), T);
+    const SeqInput in{0, ids};
+    auto run = [&](Engine& e, KVCache& cache) -> absl::StatusOr<at::Tensor> {
+      cache.Reset(0);
+      ASSIGN_OR_RETURN(at::Tensor logits, e.Forward(cache, {&in, 1}, /*all_logits=*/true));
+      return at::log_softmax(logits.narrow(0, 0, T - 1), -1);
+    };
+    ASSIGN_OR_RETURN(const at::Tensor lr, run(ref_engine, ref_cache));
+    ASSIGN_OR_RETURN(const at::Tensor lt, run(test_engine, test_cache));
+    kl += (lr.exp() * (lr - lt)).sum().item<double>();
+    const at::Tensor tgt = windows[i].narrow(0, 1, T - 1).to(at::kLong).unsqueeze(-1);
+    ref_nll += -lr.gather(-1, tgt).sum().item<double>();
+    test_nll += -lt.gather(-1, tgt).sum().item<double>();
+    c.tokens += T - 1;
+  }
+  if (c.tokens > 0) {
+    c.mean_kl = kl / c.tokens;
+    c.reference_nll = ref_nll / c.tokens;
+    c.test_nll = test_nll / c.tokens;
+  }
+  return c;
 }
 
 double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok,

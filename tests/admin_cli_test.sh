@@ -19,6 +19,11 @@ out2=$("$ADMIN" generate --model "$dir/m" -n 8 --seed 1 --temperature 0.7 "Hello
 # fp16 weights and an fp16 KV cache run too (greedy, a few tokens).
 "$ADMIN" generate --model "$dir/m" -n 6 --weights-dtype f16 --kv-dtype f16 "Hello" >/dev/null 2>"$dir/err16" \
   || fail "generate with f16 weights and KV cache: $(cat "$dir/err16")"
+# The block formats too.
+for q in q8_0 q4_0; do
+  "$ADMIN" generate --model "$dir/m" -n 6 --weights-dtype $q "Hello" >/dev/null 2>"$dir/errq" \
+    || fail "generate with $q weights: $(cat "$dir/errq")"
+done
 
 expect_2() {
   local what=$1; shift
@@ -31,6 +36,9 @@ expect_2 "bad top-p" "$ADMIN" generate --model "$dir/m" --top-p 1.5 "x"
 expect_2 "negative temperature" "$ADMIN" generate --model "$dir/m" --temperature -1 "x"
 expect_2 "unknown flag" "$ADMIN" generate --model "$dir/m" --bogus "x"
 expect_2 "bad KV dtype" "$ADMIN" generate --model "$dir/m" --kv-dtype f8 "x"
+expect_2 "bad weights dtype" "$ADMIN" generate --model "$dir/m" --weights-dtype q3_k "x"
+grep -q "q8_0" "$dir/o" || fail "message should list the weights dtypes: $(cat "$dir/o")"
+expect_2 "quantized baseline" "$ADMIN" generate --model "$dir/m" --weights-dtype q8_0 --baseline "x"
 expect_2 "unknown preset" "$ADMIN" init --out "$dir/z" --preset huge
 grep -q "unknown preset" "$dir/o" || fail "message should name the preset"
 [ ! -e "$dir/z" ] || fail "failed init left a directory"
@@ -81,6 +89,11 @@ expect_2 "unknown --targets" "$ADMIN" tune --supernet "$dir/s" --data "$dir/cali
 [ -s "$dir/s/frontier.svg" ] || fail "eval writes frontier.svg"
 python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if all('heldout_perplexity' in p for p in j['profile']) else 1)" \
   || fail "eval fills the profile"
+# eval --weights-dtype: perplexity and KL divergence of the q8_0-decoded shapes next to fp32.
+"$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt" --windows 2 --window-len 16 --weights-dtype q8_0 > "$dir/evalq" 2>&1 \
+  || fail "eval --weights-dtype q8_0: $(cat "$dir/evalq")"
+grep -q "KL to f32" "$dir/evalq" || fail "eval q8_0 prints the KL divergence: $(cat "$dir/evalq")"
+expect_2 "eval bad weights dtype" "$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt" --weights-dtype int3
 # A corrupt amoeba.json or missing adapters: exit 2 with the field named, never an abort.
 cp "$dir/s/amoeba.json" "$dir/good.json"
 sed -i 's/"kv_groups": \[/"kv_groups": [-1, /' "$dir/s/amoeba.json"

@@ -13,6 +13,7 @@
 
 #include "model/engine.h"
 #include "model/file_util.h"
+#include "model/packed_linear.h"
 #include "model/presets.h"
 #include "model/safetensors.h"
 #include "model/torch_forward.h"
@@ -66,6 +67,33 @@ std::unique_ptr<Supernet> BuildSmall(const Model& m, const CalibrateOptions& o =
 at::Tensor Logits(const Model& m, const at::Tensor& tokens) {
   at::InferenceMode g;
   return TorchForward(m, tokens);
+}
+
+// CompareEngines: a model against itself is KL 0 with equal NLLs (and the NLL is the libtorch
+// reference's); against its Q8_0 and Q4_0 panels the KL is positive and larger for Q4_0.
+TEST(MetricsTest, CompareEnginesMeasuresTheFormatsDistance) {
+  at::InferenceMode guard;
+  auto base = std::make_shared<const Model>(testing::TinyModel(5));
+  at::Tensor windows = at::randint(0, 97, {3, 12}, at::kLong);
+  auto same = CompareEngines(base, base, windows);
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(same->tokens, 3 * 11);
+  EXPECT_NEAR(same->mean_kl, 0.0, 1e-9);
+  EXPECT_DOUBLE_EQ(same->reference_nll, same->test_nll);
+  EXPECT_NEAR(same->reference_nll, MeanNll(*base, windows), 1e-4);
+  double previous = 0;
+  for (WeightFormat f : {WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    Model q = *base;
+    PackWeights(q, f);
+    auto c = CompareEngines(base, std::make_shared<const Model>(std::move(q)), windows);
+    ASSERT_TRUE(c.ok());
+    EXPECT_GT(c->mean_kl, previous) << WeightFormatName(f);
+    EXPECT_NE(c->test_nll, c->reference_nll);
+    previous = c->mean_kl;
+  }
+  at::Tensor bad = windows.clone();
+  bad[0][3] = 1000;  // out of the vocabulary: an error, not a crash
+  EXPECT_FALSE(CompareEngines(base, base, bad).ok());
 }
 
 TEST(WidthTest, PermutedSupernetEqualsOriginal) {
