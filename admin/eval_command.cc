@@ -75,9 +75,8 @@ std::string FrontierSvg(const nlohmann::json& rows) {
 
 // The shape decoded by the engine from panels of `format` (the subnet's own blocks, as a merged
 // copy or an export packs them) against the engine in fp32, on the held-out windows.
-absl::StatusOr<EngineComparison> CompareFormat(const Supernet& s, const Smol* smol,
-                                               const Shape& sh, WeightFormat format,
-                                               const at::Tensor& windows) {
+absl::StatusOr<EngineComparison> CompareFormat(const Supernet& s, const Smol* smol, const Shape& sh,
+                                               WeightFormat format, const at::Tensor& windows) {
   SubnetOptions so;
   so.adapters = smol ? AdapterMode::kMerged : AdapterMode::kNone;
   ASSIGN_OR_RETURN(Model fp32, BuildSubnet(s, smol, sh, so));
@@ -93,7 +92,8 @@ absl::StatusOr<EngineComparison> CompareFormat(const Supernet& s, const Smol* sm
 absl::Status RunEval(const EvalFlags& f) {
   InitRuntime(f.threads);
   auto format = ParseWeightFormat(f.weights_dtype);
-  if (!format.ok()) return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
+  if (!format.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   std::unique_ptr<Smol> smol;
   if (!f.no_adapters) {
@@ -185,33 +185,32 @@ absl::Status RunEval(const EvalFlags& f) {
   const bool quantized = *format != WeightFormat::kF32;
   const std::string fmt_name = WeightFormatName(*format);
   if (quantized)
-    std::printf("%s against fp32, the engine on the same windows (perplexity change, mean "
-                "per-token KL divergence):\n",
-                fmt_name.c_str());
-  std::printf("%-6s %-7s %-12s %-12s %-14s %-10s %-12s %s%s\n", "depth", "width", "params",
-              "perplexity", "decode ms/tok", "fitted", "roofline ms",
-              quantized ? absl::StrFormat("%-10s %-12s %-12s ", "ppl f32", "ppl " + fmt_name,
-                                          "KL to f32")
-                              .c_str()
-                        : "",
-              mc.empty() ? "" : "mc acc");
+    std::printf(
+        "%s against fp32, the engine on the same windows (perplexity change, mean "
+        "per-token KL divergence):\n",
+        fmt_name.c_str());
+  std::printf(
+      "%-6s %-7s %-12s %-12s %-14s %-10s %-12s %s%s\n", "depth", "width", "params", "perplexity",
+      "decode ms/tok", "fitted", "roofline ms",
+      quantized
+          ? absl::StrFormat("%-10s %-12s %-12s ", "ppl f32", "ppl " + fmt_name, "KL to f32").c_str()
+          : "",
+      mc.empty() ? "" : "mc acc");
   for (const auto& r : rows) {
-    std::printf("%-6d %-7g %-12lld %-12.3f %-14.3f %-10.3f %-12.3f %s%s%s%s\n",
-                r["depth"].get<int>(),
-                r["width"].get<double>(), static_cast<long long>(r["params"].get<int64_t>()),
-                r["heldout_perplexity"].get<double>(), r["decode_ms_per_token"].get<double>(),
-                r["fitted_ms_per_token"].get<double>(), r["predicted_ms_per_token"].get<double>(),
-                quantized ? absl::StrFormat("%-10.3f %-12.3f %-12.5f ",
-                                            r["engine_perplexity_fp32"].get<double>(),
-                                            r["engine_perplexity"].get<double>(),
-                                            r["kl_to_fp32"].get<double>())
-                                .c_str()
-                          : "",
-                r.contains("mc_accuracy")
-                    ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str()
-                    : "",
-                r["frontier"].get<bool>() ? "  *frontier" : "",
-                r["latency_outlier"].get<bool>() ? "  (latency outlier)" : "");
+    std::printf(
+        "%-6d %-7g %-12lld %-12.3f %-14.3f %-10.3f %-12.3f %s%s%s%s\n", r["depth"].get<int>(),
+        r["width"].get<double>(), static_cast<long long>(r["params"].get<int64_t>()),
+        r["heldout_perplexity"].get<double>(), r["decode_ms_per_token"].get<double>(),
+        r["fitted_ms_per_token"].get<double>(), r["predicted_ms_per_token"].get<double>(),
+        quantized
+            ? absl::StrFormat("%-10.3f %-12.3f %-12.5f ", r["engine_perplexity_fp32"].get<double>(),
+                              r["engine_perplexity"].get<double>(), r["kl_to_fp32"].get<double>())
+                  .c_str()
+            : "",
+        r.contains("mc_accuracy") ? absl::StrFormat("%.3f", r["mc_accuracy"].get<double>()).c_str()
+                                  : "",
+        r["frontier"].get<bool>() ? "  *frontier" : "",
+        r["latency_outlier"].get<bool>() ? "  (latency outlier)" : "");
   }
   const std::string svg = f.svg.empty() ? (fs::path(f.supernet) / "frontier.svg").string() : f.svg;
   std::ofstream(svg) << FrontierSvg(rows);

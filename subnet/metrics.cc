@@ -25,8 +25,8 @@ double MeanNll(const Model& m, const at::Tensor& windows, int64_t batch,
 }
 
 absl::StatusOr<EngineComparison> CompareEngines(const std::shared_ptr<const Model>& reference,
-                                const std::shared_ptr<const Model>& test,
-                                const at::Tensor& windows) {
+                                                const std::shared_ptr<const Model>& test,
+                                                const at::Tensor& windows) {
   at::InferenceMode guard;
   const int64_t T = windows.size(1);
   Engine ref_engine(reference, {.max_len = T}), test_engine(test, {.max_len = T});

@@ -30,8 +30,8 @@ struct EngineComparison {
   int64_t tokens = 0;
 };
 absl::StatusOr<EngineComparison> CompareEngines(const std::shared_ptr<const Model>& reference,
-                                const std::shared_ptr<const Model>& test,
-                                const at::Tensor& windows);
+                                                const std::shared_ptr<const Model>& test,
+                                                const at::Tensor& windows);
 
 // Fraction of items whose answer has the highest summed log-likelihood (given the prompt).
 double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok,

@@ -65,8 +65,11 @@ struct TestServer {
       so.smol = smol.get();
     }
     so.max_context = 128;
+    // As amoeba-server does: the supernet decodes from panels of the served format.
+    if (so.weights_format != WeightFormat::kF32) supernet->PackBaseWeights(so.weights_format);
     scheduler = std::make_unique<Scheduler>(*supernet, so);
     ServiceOptions svo;
+    svo.weights_dtype = WeightFormatName(so.weights_format);
     svo.limits.max_prompt_tokens = 100;
     svo.limits.max_new_tokens = 200;
     svo.auth_token = token;

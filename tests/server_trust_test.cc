@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "file_digest.h"
+#include "model/packed_linear.h"
 #include "model/torch_forward.h"
 #include "server/export_job.h"
 #include "server/request_checks.h"
@@ -83,6 +84,55 @@ TEST(ServerTrustTest, ExportOfATunedSupernetIsTheServedSubnet) {
   EXPECT_LT(MaxAbsDiff(TorchForward(*base, ids), TorchForward(*plain, ids)), 1e-5);
   auto tuned = LoadModel(ts.dir.file(absl::StrCat("export-0-", Shape{4, 0.75}.ToString())));
   EXPECT_GT(MaxAbsDiff(TorchForward(*base, ids), TorchForward(*tuned, ids)), 1e-3);
+}
+
+// --weights-dtype q8_0 / q4_0 end to end: GetModelInfo names the format, an unmerged lane (no
+// merging) and the merged copy built after a first request both serve the greedy text that the
+// same subnet decodes locally from panels of that format. (A merged copy quantizes the merged
+// weights, so it differs slightly from the unmerged lane, and a lane may switch to it between
+// steps: the two cases run on separate servers.)
+TEST(ServerTrustTest, ServesQuantizedWeightsEndToEnd) {
+  for (WeightFormat format : {WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    SchedulerOptions so;
+    so.weights_format = format;
+    so.merge_after_requests = 0;
+    TestServer ts(so, "", /*adapters=*/true);
+    auto c = ts.Client();
+    v1::ModelInfo info;
+    ASSERT_TRUE(c.GetModelInfo(&info).ok());
+    EXPECT_EQ(info.weights_dtype(), WeightFormatName(format));
+    ASSERT_EQ(PanelsFormat(ts.supernet->base().layers[0].panels[0]), format);
+    const Shape sh{4, 0.75};
+    at::InferenceMode g;
+    auto unmerged = testing::MustOk(
+        BuildSubnet(*ts.supernet, ts.smol.get(), sh, {.adapters = AdapterMode::kUnmerged}),
+        "unmerged subnet");
+    const auto want_cold = GreedyOn(std::make_shared<const Model>(std::move(unmerged)),
+                                    *ts.supernet->tokenizer(), "Hello there", 12);
+    Streamed cold = Stream(c, Req("Hello there", 4, 0.75, 12));
+    ASSERT_TRUE(cold.status.ok()) << cold.status.error_message();
+    EXPECT_EQ(cold.tokens, want_cold) << WeightFormatName(format);
+    EXPECT_EQ(cold.last.usage().completion_tokens(), static_cast<int>(want_cold.size()));
+    // The merged copy: merged fp32 weights packed in the same format.
+    so.merge_after_requests = 1;
+    TestServer tm(so, "", /*adapters=*/true);
+    auto cm = tm.Client();
+    ASSERT_TRUE(Stream(cm, Req("warm up", 4, 0.75, 2)).status.ok());
+    Model merged =
+        testing::MustOk(BuildSubnet(*tm.supernet, tm.smol.get(), sh, {}), "merged subnet");
+    for (LayerWeights& l : merged.layers)
+      for (at::Tensor& p : l.panels) p = at::Tensor();
+    merged.head_panels = tm.supernet->base().head_panels;
+    PackWeights(merged, format);
+    const auto want_warm = GreedyOn(std::make_shared<const Model>(std::move(merged)),
+                                    *tm.supernet->tokenizer(), "Hello there", 12);
+    for (int i = 0; i < 200 && tm.scheduler->stats().merges_built < 1; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ASSERT_EQ(tm.scheduler->stats().merges_built, 1);
+    Streamed warm = Stream(cm, Req("Hello there", 4, 0.75, 12));
+    ASSERT_TRUE(warm.status.ok());
+    EXPECT_EQ(warm.tokens, want_warm) << WeightFormatName(format);
+  }
 }
 
 // The staging path used to be built from request_id: "/.."*12 + "/dir\0" deleted a directory,
