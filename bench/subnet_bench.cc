@@ -24,6 +24,7 @@ struct Options {
   double min_depth_ratio = 0.5;
   int steps = 24;
   int threads = 0;
+  std::string weights_dtype = "f32";  // decode panels: f32 | f16 | q8_0 | q4_0
   std::string out_json = "bench/results/subnet.json";
   std::string out_md = "bench/results/subnet.md";
 };
@@ -31,6 +32,11 @@ struct Options {
 int Run(const Options& o) {
   InitRuntime(o.threads);
   at::InferenceMode guard;
+  const auto format = ParseWeightFormat(o.weights_dtype);
+  if (!format.ok()) {
+    spdlog::error("--{}", std::string(format.status().message()));
+    return 2;
+  }
   auto cfg = PresetConfig(o.preset);
   if (!cfg.ok()) {
     spdlog::error("{}", cfg.status().ToString());
@@ -52,21 +58,22 @@ int Run(const Options& o) {
     spdlog::error("{}", built.status().ToString());
     return 1;
   }
-  built->supernet->PackBaseWeights(WeightFormat::kF32);  // decode from panels, as the server does
+  built->supernet->PackBaseWeights(*format);  // decode from panels, as the server does
   const Supernet& s = *built->supernet;
   const double bw = MeasureReadBandwidthGBs();
   nlohmann::json out = {{"preset", o.preset},
+                        {"weights_dtype", o.weights_dtype},
                         {"bandwidth_gbs", bw},
                         {"threads", at::get_num_threads()},
                         {"shapes", nlohmann::json::array()}};
   double full_rate = 0, full_bytes = 0;
   int64_t full_params = 0;
   std::string md = fmt::format(
-      "# bench/subnet ({} preset, {} threads, {:.1f} GB/s)\n\n"
+      "# bench/subnet ({} preset, {} weights, {} threads, {:.1f} GB/s)\n\n"
       "| depth | width | params | decode MB/token | extract µs | decode tok/s (batch 1) | speed-up "
       "| ideal | % of roofline |\n"
       "|---|---|---|---|---|---|---|---|---|\n",
-      o.preset, at::get_num_threads(), bw);
+      o.preset, o.weights_dtype, at::get_num_threads(), bw);
   for (const Shape& sh : s.GridShapes()) {
     const auto t0 = std::chrono::steady_clock::now();
     auto sub = s.Extract(sh);
@@ -119,6 +126,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--steps", o.steps, "Decode steps per shape")->capture_default_str();
   app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_option("--weights-dtype", o.weights_dtype, "Decode panels: f32 | f16 | q8_0 | q4_0")
+      ->capture_default_str();
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
   try {
