@@ -30,6 +30,12 @@ void FillQuantizedPanels(const at::Tensor& W, WeightFormat f, at::Tensor& panels
 // y_i[n, out_i] = x[n, in] · W_i[:out_i, :in]^T for quantized panels of one format (no bias).
 void QuantizedLinearMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs);
 
+// GGML's own row layout (GGUF tensors): per block of 32, the fp16 scale then the values (Q8_0:
+// 32 int8; Q4_0: 16 bytes, low nibbles the first 16, high nibbles the last 16, q + 8). Rows of
+// `n` values, n a multiple of 32; the same rules as the panels, so the values are the same.
+void QuantizeRowGgml(WeightFormat f, const float* x, int64_t n, uint8_t* out);
+void DequantizeRowGgml(WeightFormat f, const uint8_t* in, int64_t n, float* out);
+
 // References for tests: the [out, in] prefix of the matrix the panels hold, dequantized; and x
 // [n, in] quantized to Q8_0 blocks and back, as the kernels see it.
 at::Tensor DequantizePanels(const at::Tensor& panels, int64_t out, int64_t in);
