@@ -1,9 +1,12 @@
-// amoeba-admin export: one shape of a supernet as a standalone HF directory.
+// amoeba-admin export: one shape of a supernet as a standalone HF directory, or as one GGUF file
+// for llama.cpp (--format gguf).
 #include <spdlog/spdlog.h>
 
 #include <memory>
 
+#include "absl/strings/str_cat.h"
 #include "admin/commands.h"
+#include "model/gguf_model.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"
 #include "subnet/export.h"
@@ -12,7 +15,7 @@ namespace amoeba::admin {
 
 namespace {
 struct ExportFlags {
-  std::string supernet, shape, out, dtype = "f32";
+  std::string supernet, shape, out, dtype = "f32", format = "hf";
   bool uniform = false, no_adapters = false;
 };
 
@@ -20,20 +23,36 @@ absl::Status RunExport(const ExportFlags& f) {
   ExportOptions o;
   o.uniform_width = f.uniform;
   o.adapters = !f.no_adapters;
-  if (f.dtype == "f16")
+  const bool gguf = f.format == "gguf";
+  if (!gguf && f.format != "hf") return absl::InvalidArgumentError("--format: hf or gguf");
+  WeightFormat gguf_format = WeightFormat::kF32;
+  if (gguf) {
+    auto parsed = ParseWeightFormat(f.dtype);
+    if (!parsed.ok())
+      return absl::InvalidArgumentError("--dtype: f32, f16, q8_0 or q4_0 with --format gguf");
+    gguf_format = *parsed;
+  } else if (f.dtype == "f16") {
     o.dtype = at::kHalf;
-  else if (f.dtype == "bf16")
+  } else if (f.dtype == "bf16") {
     o.dtype = at::kBFloat16;
-  else if (f.dtype != "f32")
-    return absl::InvalidArgumentError("--dtype: f32, f16 or bf16");
+  } else if (f.dtype != "f32") {
+    return absl::InvalidArgumentError("--dtype: f32, f16 or bf16 (q8_0 and q4_0: --format gguf)");
+  }
   at::InferenceMode guard;
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   ASSIGN_OR_RETURN(Shape shape, Shape::Parse(f.shape, s->base().config.num_hidden_layers));
   ASSIGN_OR_RETURN(std::unique_ptr<Smol> smol, LoadAdapters(*s));
   ASSIGN_OR_RETURN(Model m, SubnetForExport(*s, smol.get(), shape, o));
-  RETURN_IF_ERROR(WriteExport(*s, m, f.out, o));
-  spdlog::info("export: {} ({} params{}) → {}", shape.ToString(), m.config.ParameterCount(),
-               smol && o.adapters ? ", SMoL adapters merged" : "", f.out);
+  if (gguf) {
+    RETURN_IF_ERROR(WriteGgufExport(*s, m, shape, f.out, gguf_format));
+  } else {
+    RETURN_IF_ERROR(WriteExport(*s, m, f.out, o));
+  }
+  spdlog::info("export: {} ({} params{}) → {}{}", shape.ToString(), m.config.ParameterCount(),
+               smol && o.adapters ? ", SMoL adapters merged" : "", f.out,
+               gguf ? absl::StrCat(" (GGUF ", GgufArchitectureFor(m), ", ",
+                                   WeightFormatName(gguf_format), ")")
+                    : std::string());
   return absl::OkStatus();
 }
 }  // namespace
@@ -43,10 +62,15 @@ Runner AddExportCommand(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("export", "Write one subnet as a standalone HF directory");
   cmd->add_option("--supernet", f->supernet, "Supernet directory")->required();
   cmd->add_option("--shape", f->shape, "depth=D,width=W")->required();
-  cmd->add_option("--out", f->out, "Output directory")->required();
+  cmd->add_option("--out", f->out, "Output directory (a .gguf file with --format gguf)")
+      ->required();
+  cmd->add_option("--format", f->format, "hf (Hugging Face directory) | gguf (llama.cpp)")
+      ->capture_default_str();
   cmd->add_flag("--uniform-width", f->uniform,
                 "Same width in every layer: a standard LlamaForCausalLM");
-  cmd->add_option("--dtype", f->dtype, "f32 | f16 | bf16")->capture_default_str();
+  cmd->add_option("--dtype", f->dtype,
+                  "f32 | f16 | bf16; with --format gguf: f32 | f16 | q8_0 | q4_0")
+      ->capture_default_str();
   cmd->add_flag("--no-adapters", f->no_adapters,
                 "Export the base subnet without the tuned SMoL adapters merged in");
   return [f]() {

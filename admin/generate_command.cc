@@ -5,10 +5,14 @@
 #include <cstdio>
 #include <memory>
 
+#include <filesystem>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "admin/commands.h"
 #include "model/engine.h"
 #include "model/generation.h"
+#include "model/gguf_model.h"
 #include "model/packed_linear.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"
@@ -20,6 +24,7 @@ namespace amoeba::admin {
 namespace {
 struct GenerateFlags {
   std::string model;
+  std::string tokenizer;  // for a .gguf model: the directory of its tokenizer files
   std::string prompt;
   GenerationOptions gen;
   int threads = 0;
@@ -40,8 +45,17 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   if (f.gen.max_new_tokens < 1) return absl::InvalidArgumentError("--max-new-tokens: must be >= 1");
   InitRuntime(f.threads);
   at::InferenceMode guard;
-  ASSIGN_OR_RETURN(Model m, LoadModel(f.model));
-  ASSIGN_OR_RETURN(auto tok, LoadTokenizer(f.model));
+  const bool gguf = absl::EndsWith(f.model, ".gguf");
+  Model m;
+  if (gguf) {
+    ASSIGN_OR_RETURN(m, LoadGgufModel(f.model));
+  } else {
+    ASSIGN_OR_RETURN(m, LoadModel(f.model));
+  }
+  const std::string tok_dir = !f.tokenizer.empty() ? f.tokenizer
+                              : gguf ? std::filesystem::path(f.model).parent_path().string()
+                                     : f.model;
+  ASSIGN_OR_RETURN(auto tok, LoadTokenizer(tok_dir));
   std::vector<int32_t> ids;
   if (!f.no_bos) ids.push_back(static_cast<int32_t>(m.config.bos_token_id));
   for (int32_t t : tok->Encode(f.prompt)) ids.push_back(t);
@@ -87,8 +101,13 @@ absl::Status RunGenerate(const GenerateFlags& f) {
 Runner AddGenerateCommand(CLI::App& app) {
   auto f = std::make_shared<GenerateFlags>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text locally from a model directory");
-  cmd->add_option("--model", f->model, "HF model directory (config.json, safetensors, tokenizer)")
+  cmd->add_option("--model", f->model,
+                  "HF model directory (config.json, safetensors, tokenizer) or a llama/deci "
+                  ".gguf file")
       ->required();
+  cmd->add_option("--tokenizer", f->tokenizer,
+                  "Directory with tokenizer.json / tokenizer.model (default: the model's; for a "
+                  ".gguf file, its directory)");
   cmd->add_option("prompt", f->prompt, "Prompt text")->required();
   cmd->add_option("--max-new-tokens,-n", f->gen.max_new_tokens, "Tokens to generate")
       ->capture_default_str();

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/file_util.h"
+#include "model/gguf_model.h"
 #include "model/status_macros.h"
 
 namespace amoeba {
@@ -52,6 +53,15 @@ absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const
   m.config.attention_bias = attn_bias;
   m.config.mlp_bias = mlp_bias;
   return m;
+}
+
+absl::Status WriteGgufExport(const Supernet& s, const Model& subnet, const Shape& shape,
+                             const std::string& path, WeightFormat format) {
+  GgufExportOptions o;
+  o.format = format;
+  o.name = absl::StrCat("amoeba-", shape.ToString());
+  o.tokenizer_dir = s.dir();
+  return SaveGguf(subnet, path, o);
 }
 
 absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::string& out_dir,

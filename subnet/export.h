@@ -30,4 +30,9 @@ absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const
 absl::Status WriteExport(const Supernet& s, const Model& subnet, const std::string& out_dir,
                          const ExportOptions& o);
 
+// Writes `subnet` as one GGUF file for llama.cpp (model/gguf_model.h: llama for uniform widths,
+// deci for per-layer ones) in `format`, with the supernet's tokenizer, atomically.
+absl::Status WriteGgufExport(const Supernet& s, const Model& subnet, const Shape& shape,
+                             const std::string& path, WeightFormat format);
+
 }  // namespace amoeba

@@ -109,6 +109,21 @@ mv "$dir/smol.bak" "$dir/s/smol.safetensors"
 grep -q "adapters merged" "$dir/o" || fail "tuned export should say the adapters are merged"
 "$ADMIN" export --supernet "$dir/s" --shape depth=3 --out "$dir/t2" --no-adapters >/dev/null 2>&1 || fail "export --no-adapters"
 cmp -s "$dir/t1/model.safetensors" "$dir/t2/model.safetensors" && fail "--no-adapters should differ from the tuned export"
+# GGUF export for llama.cpp in every dtype; the file generates through amoeba-admin too.
+for q in f32 f16 q8_0 q4_0; do
+  "$ADMIN" export --supernet "$dir/s" --shape depth=3 --format gguf --dtype $q --out "$dir/t.$q.gguf" >"$dir/o" 2>&1 \
+    || fail "gguf export $q: $(cat "$dir/o")"
+  grep -q "GGUF" "$dir/o" || fail "gguf export says what it wrote"
+  "$ADMIN" generate --model "$dir/t.$q.gguf" --tokenizer "$dir/s" -n 4 "Hello" >/dev/null 2>"$dir/o" \
+    || fail "generate from $q gguf: $(cat "$dir/o")"
+done
+[ "$(stat -c %s "$dir/t.q4_0.gguf")" -lt "$(stat -c %s "$dir/t.q8_0.gguf")" ] || fail "q4_0 file should be smaller than q8_0"
+expect_2 "gguf bf16" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --format gguf --dtype bf16 --out "$dir/x.gguf"
+expect_2 "hf q8_0" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --dtype q8_0 --out "$dir/x"
+expect_2 "unknown format" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --format onnx --out "$dir/x"
+printf 'GGUFjunk' > "$dir/junk.gguf"
+expect_2 "corrupt gguf" "$ADMIN" generate --model "$dir/junk.gguf" --tokenizer "$dir/s" "x"
+grep -q "junk.gguf" "$dir/o" || fail "the message names the gguf file: $(cat "$dir/o")"
 expect_2 "tune on a plain model" "$ADMIN" tune --supernet "$dir/m2" --data "$dir/calib.txt" --steps 1
 # pretrain writes a loadable model; --resume continues from its checkpoint.
 "$ADMIN" pretrain --model "$dir/m2" --data "$dir/calib.txt" --out "$dir/p" --steps 3 --batch 2 --seq-len 16 \

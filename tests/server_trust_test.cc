@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "file_digest.h"
+#include "model/gguf.h"
+#include "model/gguf_model.h"
 #include "model/packed_linear.h"
 #include "model/torch_forward.h"
 #include "server/export_job.h"
@@ -84,6 +86,35 @@ TEST(ServerTrustTest, ExportOfATunedSupernetIsTheServedSubnet) {
   EXPECT_LT(MaxAbsDiff(TorchForward(*base, ids), TorchForward(*plain, ids)), 1e-5);
   auto tuned = LoadModel(ts.dir.file(absl::StrCat("export-0-", Shape{4, 0.75}.ToString())));
   EXPECT_GT(MaxAbsDiff(TorchForward(*base, ids), TorchForward(*tuned, ids)), 1e-3);
+}
+
+// GGUF export of a tuned supernet: a non-uniform grid shape is written as deci, a uniform one as
+// llama, adapters merged; each reads back with the served subnet's logits (f32), and in q8_0 the
+// read-back model decodes as the merged subnet does from q8_0 panels.
+TEST(ServerTrustTest, GgufExportOfATunedSupernetIsTheServedSubnet) {
+  TestServer ts({}, "", /*adapters=*/true);
+  at::InferenceMode g;
+  const at::Tensor ids = at::randint(259, {2, 12}, at::kLong);
+  for (bool uniform : {false, true}) {
+    const Shape sh{4, 0.75};
+    ExportOptions eo;
+    eo.uniform_width = uniform;
+    Model sub = testing::MustOk(SubnetForExport(*ts.supernet, ts.smol.get(), sh, eo), "subnet");
+    const std::string path = ts.dir.file(absl::StrCat("s", uniform, ".gguf"));
+    ASSERT_TRUE(WriteGgufExport(*ts.supernet, sub, sh, path, WeightFormat::kF32).ok());
+    auto f = ReadGguf(path);
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ(*f->GetString("general.architecture"), uniform ? "llama" : "deci");
+    EXPECT_EQ(*f->GetString("tokenizer.ggml.model"), "gpt2");
+    auto back = LoadGgufModel(path);
+    ASSERT_TRUE(back.ok()) << back.status();
+    auto served = BuildSubnet(*ts.supernet, ts.smol.get(), sh,
+                              {.adapters = AdapterMode::kUnmerged, .uniform_width = uniform});
+    ASSERT_TRUE(served.ok());
+    const at::Tensor want = TorchForward(*served, ids);
+    const double scale = std::max(1.0, want.abs().max().item<double>());
+    EXPECT_LT(MaxAbsDiff(TorchForward(*back, ids), want), 1e-4 * scale) << uniform;
+  }
 }
 
 // --weights-dtype q8_0 / q4_0 end to end: GetModelInfo names the format, an unmerged lane (no
