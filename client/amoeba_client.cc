@@ -90,6 +90,16 @@ grpc::Status Client::Health(std::string* status, const std::string& service) {
 }
 
 std::string VerifyModelDirectory(const std::string& dir) {
+  const fs::path gguf = fs::path(dir) / "model.gguf";
+  if (fs::exists(gguf)) {  // a GGUF export: the header (the SHA-256s covered the bytes)
+    std::ifstream in(gguf, std::ios::binary);
+    char magic[4] = {};
+    uint32_t version = 0;
+    in.read(magic, 4);
+    in.read(reinterpret_cast<char*>(&version), 4);
+    if (!in || std::string(magic, 4) != "GGUF" || version != 3) return "model.gguf: not GGUF v3";
+    return "";
+  }
   std::ifstream cfg(fs::path(dir) / "config.json");
   if (!cfg) return "missing config.json";
   auto j = nlohmann::json::parse(cfg, nullptr, false);

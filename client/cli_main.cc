@@ -105,13 +105,18 @@ int main(int argc, char** argv) {
   auto* tok = app.add_subcommand("tokenize", "Token ids of a text");
   std::string tok_text;
   tok->add_option("text", tok_text)->required();
-  auto* exp = app.add_subcommand("export", "Download one shape as an HF directory");
-  std::string out_dir, exp_shape;
+  auto* exp = app.add_subcommand(
+      "export", "Download one shape as an HF directory or a GGUF file for llama.cpp");
+  std::string out_dir, exp_shape, exp_format = "hf", exp_dtype;
   bool uniform = false, no_adapters = false;
   exp->add_option("--shape", exp_shape, "depth=D,width=W")->required();
   exp->add_flag("--no-adapters", no_adapters,
                 "The base subnet, without the tuned SMoL adapters merged in");
-  exp->add_option("--out", out_dir, "Output directory")->required();
+  exp->add_option("--out", out_dir, "Output directory (holds model.gguf with --format gguf)")
+      ->required();
+  exp->add_option("--format", exp_format, "hf | gguf")->capture_default_str();
+  exp->add_option("--dtype", exp_dtype,
+                  "hf: f32 (default) | f16 | bf16; gguf: f32 | f16 (default) | q8_0 | q4_0");
   exp->add_flag("--uniform-width", uniform,
                 "Standard LlamaForCausalLM (same width in every layer)");
 
@@ -251,6 +256,8 @@ int main(int argc, char** argv) {
     }
     req.set_uniform_width(uniform);
     req.set_no_adapters(no_adapters);
+    req.set_format(exp_format);
+    req.set_dtype(exp_dtype);
     grpc::Status st = c.Export(req, out_dir);
     if (!st.ok()) return Fail(st);
     std::printf("exported %s to %s (every file's SHA-256 verified)\n", exp_shape.c_str(),

@@ -12,6 +12,7 @@
 #include "file_digest.h"
 #include "model/status_macros.h"
 #include "model/tokenizer.h"
+#include "model/weight_format.h"
 #include "subnet/export.h"
 
 namespace amoeba {
@@ -308,6 +309,10 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
     if (shape_.width == 0) shape_.width = 1.0;
     options_.uniform_width = req->uniform_width();
     options_.adapters = !req->no_adapters();
+    if (absl::Status f = ParseFormat(*req); !f.ok()) {
+      End(ToGrpc(f));
+      return;
+    }
     // Cheap checks here, so a bad shape never takes a worker.
     absl::Status st = ValidateSubnetShape(svc->serving().supernet(), svc->serving().smol(), shape_,
                                           SubnetOptionsForExport(options_));
@@ -338,6 +343,26 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
   }
 
  private:
+  absl::Status ParseFormat(const v1::ExportSubnetRequest& req) {
+    if (req.format() == "gguf") {
+      gguf_ = true;
+      auto f = ParseWeightFormat(req.dtype().empty() ? "f16" : req.dtype());
+      if (!f.ok()) return InvalidField("dtype", "f32, f16, q8_0 or q4_0 for a GGUF export");
+      gguf_format_ = *f;
+    } else if (req.format().empty() || req.format() == "hf") {
+      if (req.dtype() == "f16") {
+        options_.dtype = at::kHalf;
+      } else if (req.dtype() == "bf16") {
+        options_.dtype = at::kBFloat16;
+      } else if (!req.dtype().empty() && req.dtype() != "f32") {
+        return InvalidField("dtype", "f32, f16 or bf16 for an hf export (q8_0/q4_0: gguf)");
+      }
+    } else {
+      return InvalidField("format", "hf or gguf");
+    }
+    return absl::OkStatus();
+  }
+
   // On an export worker.
   void Prepare() {
     const grpc::Status st = Guarded("export", id_, [&] { return Write(); });
@@ -361,7 +386,16 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
     staging_ = *dir;
     if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled");
     const std::string out = (std::filesystem::path(staging_) / "model").string();
-    const absl::Status w = WriteExport(svc_->serving().supernet(), *sub, out, options_);
+    absl::Status w;
+    if (gguf_) {
+      std::error_code ec;
+      std::filesystem::create_directories(out, ec);
+      w = ec ? absl::InternalError(absl::StrCat("cannot create ", out, ": ", ec.message()))
+             : WriteGgufExport(svc_->serving().supernet(), *sub, shape_,
+                               (std::filesystem::path(out) / "model.gguf").string(), gguf_format_);
+    } else {
+      w = WriteExport(svc_->serving().supernet(), *sub, out, options_);
+    }
     if (!w.ok()) {
       // The detail names server paths: it goes to the log, the client gets the request id.
       spdlog::error("[{}] export: {}", id_, w.ToString());
@@ -420,6 +454,8 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
   std::string id_;
   Shape shape_;
   ExportOptions options_;
+  bool gguf_ = false;
+  WeightFormat gguf_format_ = WeightFormat::kF16;
   std::atomic<bool> cancelled_{false};
   std::string staging_;  // made by mkdtemp; removed in OnDone
   std::vector<std::filesystem::path> files_;

@@ -92,7 +92,7 @@ TEST(ServerTrustTest, ExportOfATunedSupernetIsTheServedSubnet) {
 // llama, adapters merged; each reads back with the served subnet's logits (f32), and in q8_0 the
 // read-back model decodes as the merged subnet does from q8_0 panels.
 TEST(ServerTrustTest, GgufExportOfATunedSupernetIsTheServedSubnet) {
-  TestServer ts({}, "", /*adapters=*/true);
+  TestServer ts({}, "tok", /*adapters=*/true);
   at::InferenceMode g;
   const at::Tensor ids = at::randint(259, {2, 12}, at::kLong);
   for (bool uniform : {false, true}) {
@@ -114,6 +114,34 @@ TEST(ServerTrustTest, GgufExportOfATunedSupernetIsTheServedSubnet) {
     const at::Tensor want = TorchForward(*served, ids);
     const double scale = std::max(1.0, want.abs().max().item<double>());
     EXPECT_LT(MaxAbsDiff(TorchForward(*back, ids), want), 1e-4 * scale) << uniform;
+  }
+  // Through ExportSubnet: one model.gguf per dtype; bad format/dtype pairs are INVALID_ARGUMENT.
+  auto c = ts.Client("tok");
+  for (const char* dtype : {"q8_0", "q4_0"}) {
+    v1::ExportSubnetRequest req;
+    req.mutable_shape()->set_depth(4);
+    req.mutable_shape()->set_width(0.75);
+    req.set_format("gguf");
+    req.set_dtype(dtype);
+    const std::string out = ts.dir.file(absl::StrCat("rpc-", dtype));
+    grpc::Status st = c.Export(req, out);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    auto f = ReadGguf(out + "/model.gguf");
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(*f->GetString("general.architecture"), "deci");
+    EXPECT_EQ(GgmlTypeName(f->Find("blk.0.ffn_up.weight")->type),
+              std::string(dtype == std::string("q8_0") ? "Q8_0" : "Q4_0"));
+  }
+  for (auto [format, dtype] :
+       {std::pair{"gguf", "bf16"}, std::pair{"hf", "q8_0"}, std::pair{"onnx", ""}}) {
+    v1::ExportSubnetRequest req;
+    req.set_format(format);
+    req.set_dtype(dtype);
+    grpc::Status st = c.Export(req, ts.dir.file("bad"));
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << format << " " << dtype;
+    EXPECT_NE(st.error_message().find(std::string(format) == "onnx" ? "format" : "dtype"),
+              std::string::npos)
+        << st.error_message();
   }
 }
 
