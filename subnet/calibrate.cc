@@ -5,8 +5,10 @@
 #include <cmath>
 #include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "model/gguf_model.h"
 #include "model/progress.h"
 #include "model/status_macros.h"
 #include "subnet/calibration_data.h"
@@ -124,8 +126,20 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
     return absl::FailedPreconditionError(
         absl::StrCat(o.out_dir, " already holds a supernet (use --force to overwrite)"));
   }
-  ASSIGN_OR_RETURN(Model model, LoadModel(o.model_dir));
-  ASSIGN_OR_RETURN(auto tok, LoadTokenizer(o.model_dir));
+  const bool gguf = absl::EndsWith(o.model_dir, ".gguf");
+  const std::string tok_dir = !o.tokenizer_dir.empty() ? o.tokenizer_dir
+                              : gguf ? fs::path(o.model_dir).parent_path().string()
+                                     : o.model_dir;
+  Model model;
+  if (gguf) {
+    ASSIGN_OR_RETURN(model, LoadGgufModel(o.model_dir));
+    if (!model.config.uniform_width())
+      return absl::InvalidArgumentError(absl::StrCat(
+          o.model_dir, ": per-layer widths (a pruned model); calibrate needs the full model"));
+  } else {
+    ASSIGN_OR_RETURN(model, LoadModel(o.model_dir));
+  }
+  ASSIGN_OR_RETURN(auto tok, LoadTokenizer(tok_dir));
   ASSIGN_OR_RETURN(std::string text, ReadCorpus(o.data_path));
   WindowOptions wo;
   wo.num_windows = o.windows;
@@ -170,7 +184,7 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
                       : dtype == "float16" ? at::kHalf
                                            : at::kFloat;
   RETURN_IF_ERROR(SaveModel(b.supernet->base(), o.out_dir, st));
-  RETURN_IF_ERROR(CopyTokenizerFiles(o.model_dir, o.out_dir));
+  RETURN_IF_ERROR(CopyTokenizerFiles(tok_dir, o.out_dir));
   RETURN_IF_ERROR(
       b.supernet->SaveMetadata(o.out_dir));  // amoeba.json last: the directory is complete
   std::fprintf(stdout, "%s", b.table.c_str());

@@ -11,7 +11,8 @@
 namespace amoeba {
 
 struct CalibrateOptions {
-  std::string model_dir;
+  std::string model_dir;      // an HF model directory, or a llama .gguf file
+  std::string tokenizer_dir;  // for a .gguf model (default: the file's directory)
   std::string data_path;  // .txt or .jsonl with "text"
   std::string out_dir;
   int64_t windows = 32;  // calibration windows for the width statistics

@@ -121,6 +121,16 @@ done
 expect_2 "gguf bf16" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --format gguf --dtype bf16 --out "$dir/x.gguf"
 expect_2 "hf q8_0" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --dtype q8_0 --out "$dir/x"
 expect_2 "unknown format" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --format onnx --out "$dir/x"
+# A GGUF file calibrates like an HF model (the full shape, base weights: a plain llama file);
+# a pruned (deci) file is refused.
+"$ADMIN" export --supernet "$dir/s" --shape depth=5,width=1 --no-adapters --format gguf --dtype f32 --out "$dir/full.gguf" >/dev/null 2>&1 \
+  || fail "full-shape gguf export"
+"$ADMIN" calibrate --model "$dir/full.gguf" --tokenizer "$dir/s" --data "$dir/calib.txt" --out "$dir/sg" --windows 4 --window-len 32 --dp-windows 2 >"$dir/o" 2>&1 \
+  || fail "calibrate from gguf: $(cat "$dir/o")"
+[ -f "$dir/sg/amoeba.json" ] || fail "calibrate from gguf writes a supernet"
+"$ADMIN" export --supernet "$dir/s" --shape depth=3,width=0.75 --format gguf --out "$dir/deci.gguf" >"$dir/o" 2>&1 || fail "deci export"
+grep -q "deci" "$dir/o" || fail "a narrower shape is a deci file: $(cat "$dir/o")"
+expect_2 "calibrate a pruned gguf" "$ADMIN" calibrate --model "$dir/deci.gguf" --tokenizer "$dir/s" --data "$dir/calib.txt" --out "$dir/sd"
 printf 'GGUFjunk' > "$dir/junk.gguf"
 expect_2 "corrupt gguf" "$ADMIN" generate --model "$dir/junk.gguf" --tokenizer "$dir/s" "x"
 grep -q "junk.gguf" "$dir/o" || fail "the message names the gguf file: $(cat "$dir/o")"
