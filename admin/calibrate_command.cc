@@ -14,8 +14,7 @@ Runner AddCalibrateCommand(CLI::App& app) {
   auto threads = std::make_shared<int>(0);
   CLI::App* cmd =
       app.add_subcommand("calibrate", "Width importance + DP depth table: HF model → supernet");
-  cmd->add_option("--model", o->model_dir, "HF model directory, or a llama .gguf file")
-      ->required();
+  cmd->add_option("--model", o->model_dir, "HF model directory, or a llama .gguf file")->required();
   cmd->add_option("--tokenizer", o->tokenizer_dir,
                   "Tokenizer directory for a .gguf model (default: the file's directory)");
   cmd->add_option("--data", o->data_path,

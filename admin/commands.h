@@ -18,6 +18,7 @@ Runner AddExportCommand(CLI::App& app);
 Runner AddTuneCommand(CLI::App& app);
 Runner AddEvalCommand(CLI::App& app);
 Runner AddPretrainCommand(CLI::App& app);
+Runner AddConvertCommand(CLI::App& app);
 
 // Exit code for a failed absl::Status: 2 for bad input, 1 otherwise.
 int ExitCodeFor(const absl::Status& st);

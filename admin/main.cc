@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
   add("tune", amoeba::admin::AddTuneCommand(app));
   add("eval", amoeba::admin::AddEvalCommand(app));
   add("pretrain", amoeba::admin::AddPretrainCommand(app));
+  add("convert", amoeba::admin::AddConvertCommand(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

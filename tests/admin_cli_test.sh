@@ -131,6 +131,12 @@ expect_2 "unknown format" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --
 "$ADMIN" export --supernet "$dir/s" --shape depth=3,width=0.75 --format gguf --out "$dir/deci.gguf" >"$dir/o" 2>&1 || fail "deci export"
 grep -q "deci" "$dir/o" || fail "a narrower shape is a deci file: $(cat "$dir/o")"
 expect_2 "calibrate a pruned gguf" "$ADMIN" calibrate --model "$dir/deci.gguf" --tokenizer "$dir/s" --data "$dir/calib.txt" --out "$dir/sd"
+# convert: any HF model directory to GGUF; it generates the same greedy text as the directory.
+"$ADMIN" convert --model "$dir/m2" --out "$dir/m.gguf" --dtype f32 >/dev/null 2>&1 || fail "convert"
+want=$("$ADMIN" generate --model "$dir/m2" -n 6 "Hello" 2>/dev/null)
+got=$("$ADMIN" generate --model "$dir/m.gguf" --tokenizer "$dir/m2" -n 6 "Hello" 2>/dev/null)
+[ "$want" == "$got" ] || fail "converted f32 GGUF generates differently: '$want' vs '$got'"
+expect_2 "convert bad dtype" "$ADMIN" convert --model "$dir/m2" --out "$dir/x.gguf" --dtype q2_k
 printf 'GGUFjunk' > "$dir/junk.gguf"
 expect_2 "corrupt gguf" "$ADMIN" generate --model "$dir/junk.gguf" --tokenizer "$dir/s" "x"
 grep -q "junk.gguf" "$dir/o" || fail "the message names the gguf file: $(cat "$dir/o")"
