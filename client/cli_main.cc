@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "absl/strings/str_cat.h"
 #include "client/amoeba_client.h"
 
 namespace {
@@ -99,6 +100,9 @@ int main(int argc, char** argv) {
   auto* plan = app.add_subcommand("plan", "Pick the best shape for a budget");
   BudgetFlags plan_budget;
   plan_budget.Add(plan);
+  bool plan_for_export = false;
+  plan->add_flag("--for-export", plan_for_export,
+                 "Plan a GGUF file for the client platform (shape and dtype)");
   auto* shapes = app.add_subcommand("shapes", "List the shapes with their estimates");
   auto* info = app.add_subcommand("info", "Model information");
   auto* health = app.add_subcommand("health", "grpc.health.v1 status");
@@ -109,7 +113,9 @@ int main(int argc, char** argv) {
       "export", "Download one shape as an HF directory or a GGUF file for llama.cpp");
   std::string out_dir, exp_shape, exp_format = "hf", exp_dtype;
   bool uniform = false, no_adapters = false;
-  exp->add_option("--shape", exp_shape, "depth=D,width=W")->required();
+  exp->add_option("--shape", exp_shape, "depth=D,width=W (or a budget: the planner picks)");
+  BudgetFlags exp_budget;
+  exp_budget.Add(exp);
   exp->add_flag("--no-adapters", no_adapters,
                 "The base subnet, without the tuned SMoL adapters merged in");
   exp->add_option("--out", out_dir, "Output directory (holds model.gguf with --format gguf)")
@@ -196,6 +202,7 @@ int main(int argc, char** argv) {
   if (plan->parsed()) {
     v1::PlanRequest req;
     plan_budget.Fill(req.mutable_budget());
+    req.set_for_export(plan_for_export);
     v1::PlanResponse resp;
     grpc::Status st = c.Plan(req, &resp);
     if (!st.ok()) return Fail(st);
@@ -250,7 +257,24 @@ int main(int argc, char** argv) {
   }
   if (exp->parsed()) {
     v1::ExportSubnetRequest req;
-    if (!parse_shape(exp_shape, req.mutable_shape())) {
+    if (exp_shape.empty()) {
+      // Budget → file: the planner picks the shape and the GGUF dtype.
+      if (!exp_budget.any()) {
+        std::fprintf(stderr, "error: export needs --shape or a budget (--budget-memory, ...)\n");
+        return 2;
+      }
+      v1::PlanRequest preq;
+      exp_budget.Fill(preq.mutable_budget());
+      preq.set_for_export(true);
+      v1::PlanResponse plan_resp;
+      grpc::Status st = c.Plan(preq, &plan_resp);
+      if (!st.ok()) return Fail(st);
+      std::printf("%s\n", plan_resp.explanation().c_str());
+      *req.mutable_shape() = plan_resp.chosen().shape();
+      exp_format = "gguf";
+      exp_dtype = plan_resp.export_dtype();
+      exp_shape = absl::StrCat("depth=", req.shape().depth(), ",width=", req.shape().width());
+    } else if (!parse_shape(exp_shape, req.mutable_shape())) {
       std::fprintf(stderr, "error: --shape: expected depth=D,width=W\n");
       return 2;
     }

@@ -253,6 +253,35 @@ std::string GgufArchitectureFor(const Model& m) {
   return "llama";
 }
 
+int64_t GgufTensorBytes(const Model& m, WeightFormat format) {
+  const int64_t H = m.config.hidden_size, hd = m.config.head_dim, g = m.config.group_size();
+  int64_t total = 0;
+  auto add = [&](int64_t rows, int64_t cols, bool vector) {
+    const GgmlType t = vector ? GgmlType::kF32 : TypeFor(format, cols);
+    total += (GgmlTypeBytes(t, rows * cols) + 31) / 32 * 32;
+  };
+  add(m.embed.size(0), H, false);
+  add(1, H, true);
+  if (!m.config.tie_word_embeddings) add(m.lm_head.size(0), H, false);
+  for (const LayerWeights& l : m.layers) {
+    const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
+    const int64_t wq = hq == 0 ? g : hq, wkv = hq == 0 ? 1 : hkv, wff = inter == 0 ? 1 : inter;
+    add(1, H, true);  // attn_norm
+    add(wq * hd, H, false);
+    add(wkv * hd, H, false);
+    add(wkv * hd, H, false);
+    add(H, wq * hd, false);
+    add(1, H, true);  // ffn_norm
+    add(wff, H, false);
+    add(wff, H, false);
+    add(H, wff, false);
+    for (const at::Tensor* b :
+         {&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.gate_bias, &l.up_bias, &l.down_bias})
+      if (b->defined()) add(1, b->numel(), true);
+  }
+  return total;
+}
+
 absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportOptions& o) {
   const ModelConfig& c = m.config;
   if (m.layers.empty()) return absl::InvalidArgumentError("GGUF export: a model without layers");

@@ -33,6 +33,10 @@ absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportO
 // Reads a llama or deci GGUF file (F32, F16, Q8_0, Q4_0 tensors, dequantized to fp32).
 absl::StatusOr<Model> LoadGgufModel(const std::string& path);
 
+// Bytes of the tensor data SaveGguf writes for `m` in `format` (aligned, f16 fallbacks and
+// zero groups included; the header with the tokenizer comes on top).
+int64_t GgufTensorBytes(const Model& m, WeightFormat format);
+
 // The architecture SaveGguf would write for `m`: "llama" or "deci".
 std::string GgufArchitectureFor(const Model& m);
 

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "model/gguf_model.h"
 #include "subnet/frontier.h"
 
 namespace amoeba {
@@ -130,6 +131,58 @@ absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, 
   return r;
 }
 
+absl::StatusOr<ExportPlanResult> PlanExport(const std::vector<ShapeProfile>& profiles,
+                                            const PlanBudget& b, const HostSpeed& host) {
+  if (profiles.empty()) return absl::FailedPreconditionError("no shapes");
+  std::optional<ExportPlanResult> best;
+  std::string smallest_why;  // of the smallest shape in q4_0, the cheapest file there is
+  for (WeightFormat f : {WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    std::vector<ShapeProfile> in_format = profiles;
+    for (ShapeProfile& p : in_format) {
+      const double decode_share = p.weight_bytes > 0 ? static_cast<double>(p.decode_weight_bytes) /
+                                                           static_cast<double>(p.weight_bytes)
+                                                     : 1.0;
+      const int64_t known = p.gguf_bytes[static_cast<int>(f)];
+      p.weight_bytes =
+          known > 0 ? known
+                    : static_cast<int64_t>(static_cast<double>(p.params) * BytesPerWeight(f));
+      p.decode_weight_bytes =
+          static_cast<int64_t>(decode_share * static_cast<double>(p.weight_bytes));
+      p.measured_decode_ms.reset();  // the client's platform, not this host
+    }
+    const std::vector<ShapeEstimateResult> all = EstimateAll(in_format, b, host);
+    if (f == WeightFormat::kQ4_0) {
+      const ShapeEstimateResult* smallest = &all[0];
+      for (const auto& e : all)
+        if (e.profile.params < smallest->profile.params) smallest = &e;
+      smallest_why =
+          absl::StrCat(smallest->profile.shape.ToString(), ", in q4_0 needs ", Why(*smallest, b));
+    }
+    for (const ShapeEstimateResult& e : all) {
+      if (!Why(e, b).empty()) continue;
+      // Strictly better quality only: at equal quality the earlier (more precise) dtype stays.
+      if (!best || e.quality > best->chosen.quality) {
+        best = ExportPlanResult{e, f, e.profile.weight_bytes, ""};
+      }
+    }
+  }
+  if (!best)
+    return absl::FailedPreconditionError(
+        absl::StrCat("no shape fits the budget in any export dtype; the smallest, ", smallest_why,
+                     " (memory = weights + KV for max_context_tokens)"));
+  const bool by_ppl = best->chosen.quality_source == "heldout_perplexity";
+  best->explanation = absl::StrFormat(
+      "%s in %s: a GGUF file of %lld tensor bytes (plus the header: tokenizer); %s %g, the best "
+      "shape that fits in any dtype, in the most "
+      "precise dtype it fits in; %.2f ms/token decode (roofline), %lld bytes with a %d-token "
+      "context",
+      best->chosen.profile.shape.ToString(), WeightFormatName(best->format),
+      static_cast<long long>(best->file_bytes), by_ppl ? "held-out perplexity" : "parameters",
+      by_ppl ? -best->chosen.quality : best->chosen.quality, best->chosen.decode_ms,
+      static_cast<long long>(best->chosen.memory_bytes), b.max_context_tokens);
+  return *best;
+}
+
 std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s, int64_t kv_element_bytes) {
   std::vector<ShapeProfile> out;
   for (const Shape& sh : s.GridShapes()) {
@@ -141,6 +194,9 @@ std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s, int64_t kv_ele
     p.decode_weight_bytes = m->DecodeWeightBytes();
     // Decode reads the projections and the head; the embedding is resident too.
     p.weight_bytes = p.decode_weight_bytes + m->embed.numel() * m->embed.element_size();
+    for (WeightFormat f :
+         {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0})
+      p.gguf_bytes[static_cast<int>(f)] = GgufTensorBytes(*m, f);
     for (const auto& l : m->layers) p.kv_bytes_per_token += 2 * l.k.size(0) * kv_element_bytes;
     for (const ShapeRecord& r : s.spec().profile) {
       if (r.shape == sh && r.heldout_perplexity) p.heldout_perplexity = r.heldout_perplexity;

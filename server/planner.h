@@ -2,11 +2,13 @@
 // Latency comes from this host's measured profile, or from a roofline estimate for the client's
 // platform (decode: weight bytes / bandwidth; prefill: 2·params·tokens / compute).
 #pragma once
+#include <array>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/weight_format.h"
 #include "subnet/supernet.h"
 
 namespace amoeba {
@@ -19,6 +21,9 @@ struct ShapeProfile {
   int64_t kv_bytes_per_token = 0;            // in the KV dtype served
   std::optional<double> measured_decode_ms;  // on this host
   std::optional<double> heldout_perplexity;  // from `amoeba-admin eval`
+  // Tensor bytes of a GGUF export of the shape, by WeightFormat (0 = unknown: params × bytes
+  // per weight).
+  std::array<int64_t, 4> gguf_bytes = {0, 0, 0, 0};
 };
 
 struct PlanBudget {
@@ -56,6 +61,21 @@ std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& pr
 // The best-quality shape that fits; FAILED_PRECONDITION naming the smallest shape's cost if none.
 absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
                                      const HostSpeed& host);
+
+// Budget → file: every (shape, dtype) a GGUF export could write (f16, q8_0, q4_0), on the client
+// platform's roofline (measured latency is this host's, not the client's). A file holds every
+// weight in the dtype (params × bytes per weight); decode reads it less the embedding. The chosen
+// one has the best quality of any shape that fits in some dtype, in the most precise dtype it
+// fits in: a grid step costs more quality than a dtype step (demo supernet: q4_0 +0.4%
+// perplexity, one grid step 0.5-2%).
+struct ExportPlanResult {
+  ShapeEstimateResult chosen;
+  WeightFormat format = WeightFormat::kF16;
+  int64_t file_bytes = 0;
+  std::string explanation;
+};
+absl::StatusOr<ExportPlanResult> PlanExport(const std::vector<ShapeProfile>& profiles,
+                                            const PlanBudget& b, const HostSpeed& host);
 
 // Profiles of every grid shape: sizes and bytes from the supernet as it is held (pack it first, so
 // bytes are those of the served panels) with `kv_element_bytes` per cached K/V value, and the

@@ -516,9 +516,19 @@ grpc::ServerUnaryReactor* AmoebaService::Plan(grpc::CallbackServerContext* ctx,
   return Reply(ctx, Guarded("plan", id, [&] {
                  grpc::Status auth = CheckAuth(ctx, false);
                  if (!auth.ok()) return auth;
+                 resp->set_request_id(id);
+                 if (req->for_export()) {
+                   auto e = serving_.PlanExport(BudgetFromProto(req->budget()));
+                   if (!e.ok()) return ToGrpc(e.status());
+                   *resp->mutable_chosen() = ToProto(e->chosen);
+                   resp->set_export_dtype(WeightFormatName(e->format));
+                   resp->set_export_file_bytes(e->file_bytes);
+                   resp->set_explanation(e->explanation);
+                   spdlog::info("[{}] plan export: {}", id, e->explanation);
+                   return grpc::Status::OK;
+                 }
                  auto p = serving_.Plan(BudgetFromProto(req->budget()));
                  if (!p.ok()) return ToGrpc(p.status());
-                 resp->set_request_id(id);
                  *resp->mutable_chosen() = ToProto(p->chosen);
                  for (const auto& f : p->frontier) *resp->add_frontier() = ToProto(f);
                  resp->set_explanation(p->explanation);

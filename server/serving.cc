@@ -169,6 +169,11 @@ absl::StatusOr<PlanResult> Serving::Plan(const PlanBudget& b) const {
   return PlanShape(profiles_, b, host_);
 }
 
+absl::StatusOr<ExportPlanResult> Serving::PlanExport(const PlanBudget& b) const {
+  RETURN_IF_ERROR(ValidateBudget(b));
+  return amoeba::PlanExport(profiles_, b, host_);
+}
+
 std::vector<ShapeEstimateResult> Serving::Shapes() const {
   return EstimateAll(profiles_, PlanBudget{}, host_);
 }

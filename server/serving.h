@@ -90,6 +90,7 @@ class Serving {
   absl::StatusOr<std::shared_ptr<Job>> PrepareJob(const GenerationRequest& r,
                                                   const std::string& id) const;
   absl::StatusOr<PlanResult> Plan(const PlanBudget& b) const;
+  absl::StatusOr<ExportPlanResult> PlanExport(const PlanBudget& b) const;
   std::vector<ShapeEstimateResult> Shapes() const;
 
  private:

@@ -274,6 +274,11 @@ TEST(GgufTest, BlockFormatsHoldTheServedValues) {
           row += format == WeightFormat::kQ8_0 ? 34 : 18;
         }
       }
+      // The size the planner counts is the data section's, exactly.
+      int64_t end = 0;
+      for (const GgufTensorInfo& t : f->tensors)
+        end = std::max<int64_t>(end, static_cast<int64_t>(t.offset) + (t.bytes + 31) / 32 * 32);
+      EXPECT_EQ(end, GgufTensorBytes(m, format));
       auto back = LoadGgufModel(p);
       ASSERT_TRUE(back.ok()) << back.status();
       // Reference: the original in Amoeba's format; the embedding as the file holds it, and rows

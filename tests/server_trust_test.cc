@@ -590,6 +590,50 @@ TEST(ServerTrustTest, ProfilesCountTheBytesOfTheServedDtype) {
   }
 }
 
+// Budget → file: the export planner scales every shape's bytes to f16 / q8_0 / q4_0 and picks
+// the best shape that fits in some dtype, in the most precise dtype it fits in.
+TEST(ServerTrustTest, ExportPlanPicksShapeAndDtypeForTheClientMemory) {
+  std::vector<ShapeProfile> p(2);
+  p[0].shape = {6, 1.0};
+  p[0].params = 1'000'000;
+  p[0].weight_bytes = 4'000'000;  // as served in fp32
+  p[0].decode_weight_bytes = 3'000'000;
+  p[0].heldout_perplexity = 10;
+  p[0].measured_decode_ms = 0.001;  // this host's: must not be used for a client
+  p[1].shape = {3, 0.5};
+  p[1].params = 300'000;
+  p[1].weight_bytes = 1'200'000;
+  p[1].decode_weight_bytes = 900'000;
+  p[1].heldout_perplexity = 20;
+  PlanBudget b;
+  b.max_context_tokens = 1;
+  auto fit = [&](int64_t memory) {
+    b.max_memory_bytes = memory;
+    return PlanExport(p, b, HostSpeed{});
+  };
+  auto big = fit(3'000'000);  // the full shape fits in f16 (2 MB)
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(big->chosen.profile.shape.depth, 6);
+  EXPECT_EQ(big->format, WeightFormat::kF16);
+  EXPECT_EQ(big->file_bytes, 2'000'000);
+  EXPECT_EQ(big->chosen.latency_source, "roofline");
+  auto mid = fit(1'000'000);  // the full shape fits only in q4_0 (0.56 MB; q8_0 is 1.06 MB)
+  ASSERT_TRUE(mid.ok());
+  EXPECT_EQ(mid->chosen.profile.shape.depth, 6);
+  EXPECT_EQ(mid->format, WeightFormat::kQ4_0);
+  EXPECT_NE(mid->explanation.find("q4_0"), std::string::npos) << mid->explanation;
+  auto q8 = fit(1'100'000);
+  ASSERT_TRUE(q8.ok());
+  EXPECT_EQ(q8->format, WeightFormat::kQ8_0);
+  auto small = fit(400'000);  // only the small shape, in q8_0 (318 KB)
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ(small->chosen.profile.shape.depth, 3);
+  EXPECT_EQ(small->format, WeightFormat::kQ8_0);
+  auto none = fit(100'000);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::string(none.status().message()).find("q4_0"), std::string::npos);
+}
+
 // The start-up profile was noise: one bare-engine run per shape, the first one cold, so a larger
 // shape could look faster than a smaller one. It now runs jobs through the scheduler in rounds,
 // takes medians, and fits one line through them, which orders shapes by bytes; profiling counts
