@@ -42,6 +42,18 @@ with tempfile.TemporaryDirectory() as d:
         assert plan.chosen.params > 0 and len(plan.frontier) >= 1
         passed += 1
 
+        # Budget -> GGUF file: the full shape in f16 when memory is plenty; one byte less and the
+        # planner moves to a smaller file (another dtype or shape).
+        big = stub.Plan(pb.PlanRequest(budget=pb.Budget(max_memory_bytes=10**10), for_export=True),
+                        timeout=10)
+        assert big.export_dtype == "f16" and big.export_file_bytes > 0, big
+        assert big.chosen.shape.depth == 5 and abs(big.chosen.shape.width - 1) < 1e-9, big
+        tight = stub.Plan(pb.PlanRequest(budget=pb.Budget(max_memory_bytes=big.chosen.memory_bytes - 1),
+                                         for_export=True), timeout=10)
+        assert tight.export_file_bytes < big.export_file_bytes, (big, tight)
+        assert tight.export_dtype in ("q8_0", "q4_0") or tight.chosen.params < big.chosen.params, tight
+        passed += 1
+
         shapes = stub.ListShapes(pb.ListShapesRequest(), timeout=10).shapes
         assert len(shapes) == 3 * 4, len(shapes)
         passed += 1
