@@ -13,6 +13,8 @@
 #include "model/gguf_model.h"
 #include "model/packed_linear.h"
 #include "model/presets.h"
+#include "model/tokenizer.h"
+#include "model/tokenizer_train.h"
 #include "model/quantized_panels.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -310,6 +312,59 @@ TEST(GgufTest, BlockFormatsHoldTheServedValues) {
   const at::Tensor want = TorchForward(m, ids);
   EXPECT_LT(MaxAbsDiff(TorchForward(*h, ids), want), 1e-2 * want.abs().max().item<double>());
   EXPECT_GT(MaxAbsDiff(TorchForward(*h, ids), want), 0.0);
+}
+
+// SentencePiece: the file carries tokenizer.model's pieces as llama.cpp's "llama" vocabulary: the
+// same piece strings, the control/unknown/byte types (3/2/6) and the pieces' scores, padded up to
+// the model's vocabulary with UNUSED entries.
+TEST(GgufTest, SentencePieceVocabularyGoesAlong) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "no SentencePiece in sanitizer builds (the runtime refuses RTLD_DEEPBIND)";
+#endif
+  TempDir dir;
+  {
+    std::ofstream f(dir.file("corpus.txt"));
+    const char* words[] = {"the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park"};
+    uint64_t x = 11;
+    for (int line = 0; line < 2000; ++line)
+      for (int w = 0; w < 8; ++w) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        f << words[(x >> 33) % 10] << (w < 7 ? " " : ".\n");
+      }
+  }
+  TokenizerTrainOptions to;
+  to.vocab_size = 300;
+  ASSERT_TRUE(TrainSentencePiece(dir.file("corpus.txt"), dir.path(), to).ok());
+  auto tok = LoadTokenizer(dir.path());
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  ModelConfig c = testing::TinyConfig();
+  c.vocab_size = (*tok)->vocab_size() + 5;  // a padded embedding
+  Model m = RandomModel(c, 3);
+  GgufExportOptions o = Opts(WeightFormat::kF16);
+  o.tokenizer_dir = dir.path();
+  ASSERT_TRUE(SaveGguf(m, dir.file("sp.gguf"), o).ok());
+  auto f = ReadGguf(dir.file("sp.gguf"));
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(*f->GetString("tokenizer.ggml.model"), "llama");
+  const auto& tokens = f->meta.at("tokenizer.ggml.tokens").array;
+  const auto& types = f->meta.at("tokenizer.ggml.token_type").array;
+  const auto& scores = f->meta.at("tokenizer.ggml.scores").array;
+  ASSERT_EQ(tokens.size(), static_cast<size_t>(c.vocab_size));
+  ASSERT_EQ(types.size(), tokens.size());
+  ASSERT_EQ(scores.size(), tokens.size());
+  EXPECT_EQ(tokens[0].s, "<unk>");
+  EXPECT_EQ(types[0].i, 2);  // UNKNOWN
+  EXPECT_EQ(tokens[1].s, "<s>");
+  EXPECT_EQ(types[1].i, 3);  // CONTROL
+  EXPECT_EQ(types[3].i, 6);  // BYTE (<0x00>)
+  EXPECT_EQ(tokens[3].s, "<0x00>");
+  // A merged piece: "▁the" encodes " the" and is NORMAL with a (negative) merge score.
+  const auto ids = (*tok)->Encode("the");
+  ASSERT_EQ(ids.size(), 1u);
+  EXPECT_EQ(tokens[ids[0]].s, "\xe2\x96\x81the");
+  EXPECT_EQ(types[ids[0]].i, 1);
+  EXPECT_LT(scores[ids[0]].f, 0.0);
+  EXPECT_EQ(types.back().i, 5);  // padding: UNUSED
 }
 
 }  // namespace
