@@ -13,9 +13,9 @@
 #include "model/gguf_model.h"
 #include "model/packed_linear.h"
 #include "model/presets.h"
+#include "model/quantized_panels.h"
 #include "model/tokenizer.h"
 #include "model/tokenizer_train.h"
-#include "model/quantized_panels.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
 
