@@ -201,66 +201,61 @@ int64_t GgmlTypeBytes(GgmlType t, int64_t n) {
   return 0;
 }
 
-void GgufWriter::SetString(const std::string& key, const std::string& v) {
+void GgufWriter::Key(const std::string& key, GgufType type) {
   PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kString));
-  PutString(&meta_, v);
+  Put<uint32_t>(&meta_, static_cast<uint32_t>(type));
   ++num_kv_;
+}
+
+template <typename T>
+void GgufWriter::Array(const std::string& key, GgufType type, const std::vector<T>& v) {
+  Key(key, GgufType::kArray);
+  Put<uint32_t>(&meta_, static_cast<uint32_t>(type));
+  Put<uint64_t>(&meta_, v.size());
+  for (const T& x : v) {
+    if constexpr (std::is_same_v<T, std::string>) {
+      PutString(&meta_, x);
+    } else {
+      Put<T>(&meta_, x);
+    }
+  }
+}
+
+void GgufWriter::SetString(const std::string& key, const std::string& v) {
+  Key(key, GgufType::kString);
+  PutString(&meta_, v);
 }
 
 void GgufWriter::SetU32(const std::string& key, uint32_t v) {
-  PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kUint32));
+  Key(key, GgufType::kUint32);
   Put<uint32_t>(&meta_, v);
-  ++num_kv_;
 }
 
 void GgufWriter::SetI32(const std::string& key, int32_t v) {
-  PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kInt32));
+  Key(key, GgufType::kInt32);
   Put<int32_t>(&meta_, v);
-  ++num_kv_;
 }
 
 void GgufWriter::SetF32(const std::string& key, float v) {
-  PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kFloat32));
+  Key(key, GgufType::kFloat32);
   Put<float>(&meta_, v);
-  ++num_kv_;
 }
 
 void GgufWriter::SetBool(const std::string& key, bool v) {
-  PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kBool));
+  Key(key, GgufType::kBool);
   Put<uint8_t>(&meta_, v ? 1 : 0);
-  ++num_kv_;
 }
 
 void GgufWriter::SetStringArray(const std::string& key, const std::vector<std::string>& v) {
-  PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kArray));
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kString));
-  Put<uint64_t>(&meta_, v.size());
-  for (const std::string& s : v) PutString(&meta_, s);
-  ++num_kv_;
+  Array(key, GgufType::kString, v);
 }
 
 void GgufWriter::SetF32Array(const std::string& key, const std::vector<float>& v) {
-  PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kArray));
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kFloat32));
-  Put<uint64_t>(&meta_, v.size());
-  for (float f : v) Put<float>(&meta_, f);
-  ++num_kv_;
+  Array(key, GgufType::kFloat32, v);
 }
 
 void GgufWriter::SetI32Array(const std::string& key, const std::vector<int32_t>& v) {
-  PutString(&meta_, key);
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kArray));
-  Put<uint32_t>(&meta_, static_cast<uint32_t>(GgufType::kInt32));
-  Put<uint64_t>(&meta_, v.size());
-  for (int32_t i : v) Put<int32_t>(&meta_, i);
-  ++num_kv_;
+  Array(key, GgufType::kInt32, v);
 }
 
 void GgufWriter::AddTensor(const std::string& name, GgmlType type, std::vector<int64_t> ne,

@@ -76,6 +76,10 @@ class GgufWriter {
   absl::Status Write(const std::string& path) const;
 
  private:
+  void Key(const std::string& key, GgufType type);  // a key and its value type
+  template <typename T>
+  void Array(const std::string& key, GgufType type, const std::vector<T>& v);
+
   std::string meta_;  // serialized key/values
   uint64_t num_kv_ = 0;
   struct Pending {

@@ -143,28 +143,17 @@ AMOEBA_AVX512 void Transpose16Avx512(const float* x, int64_t in, float* xt) {
 template <int J, typename T>
 void RunGroup(std::span<const PackedOutput> outs, const float* xt, int64_t in, int64_t r0,
               int64_t rows, KernelIsa isa) {
-  int64_t total = 0;
-  for (const PackedOutput& o : outs) total += (o.out + kPanel - 1) / kPanel;
-  auto run = [&](int64_t b, int64_t e) {
-    size_t i = 0;
-    int64_t first = 0;  // global index of outs[i]'s first panel
-    for (int64_t g = b; g < e; ++g) {
-      while (g >= first + (outs[i].out + kPanel - 1) / kPanel)
-        first += (outs[i++].out + kPanel - 1) / kPanel;
-      const PackedOutput& o = outs[i];
-      const int64_t p = g - first, valid = std::min(kPanel, o.out - p * kPanel);
-      const T* panel = o.panels->data_ptr<T>() + p * o.panels->size(1) * kPanel;
-      float* y = o.y + r0 * o.out;
-      if (isa == KernelIsa::kAvx512) {
-        PanelAvx512<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
-      } else if (isa == KernelIsa::kAvx2) {
-        PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
-      } else {
-        PanelScalar(panel, xt, J, in, y, o.out, p * kPanel, valid, rows);
-      }
+  ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
+    const T* panel = o.panels->data_ptr<T>() + p * o.panels->size(1) * kPanel;
+    float* y = o.y + r0 * o.out;
+    if (isa == KernelIsa::kAvx512) {
+      PanelAvx512<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
+    } else if (isa == KernelIsa::kAvx2) {
+      PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
+    } else {
+      PanelScalar(panel, xt, J, in, y, o.out, p * kPanel, valid, rows);
     }
-  };
-  at::parallel_for(0, total, 4, run);
+  });
 }
 
 template <typename T>

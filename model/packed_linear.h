@@ -8,6 +8,9 @@
 // panels.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include <cstdint>
 #include <optional>
@@ -40,6 +43,25 @@ struct PackedOutput {
   float* y = nullptr;
 };
 void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs);
+
+// For kernels: calls fn(output, panel index, valid rows of that panel) for every 16-row panel of
+// `outs`, the outputs' panels numbered back to back and split over the threads in one region.
+template <typename Fn>
+void ForEachPanel(std::span<const PackedOutput> outs, const Fn& fn) {
+  constexpr int64_t kRows = 16;
+  int64_t total = 0;
+  for (const PackedOutput& o : outs) total += (o.out + kRows - 1) / kRows;
+  at::parallel_for(0, total, 4, [&](int64_t b, int64_t e) {
+    size_t i = 0;
+    int64_t first = 0;  // global index of outs[i]'s first panel
+    for (int64_t g = b; g < e; ++g) {
+      while (g >= first + (outs[i].out + kRows - 1) / kRows)
+        first += (outs[i++].out + kRows - 1) / kRows;
+      const int64_t p = g - first;
+      fn(outs[i], p, std::min(kRows, outs[i].out - p * kRows));
+    }
+  });
+}
 
 // Packs every projection and the LM head of `m` that has no panels yet into panels of format `f`
 // (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels. The

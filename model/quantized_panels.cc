@@ -378,28 +378,18 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   QuantizeRows(x, n, in, nb, xq.data(), xd.data(), xs.data());
   const QuantActs acts{xq.data(), xd.data(), xs.data(), nb};
   const QuantPath path = ActiveQuantPath();
-  int64_t total = 0;
-  for (const PackedOutput& o : outs) total += (o.out + kPanel - 1) / kPanel;
   // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once.
   constexpr int64_t kRowChunk = 64;
   for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
     const int64_t rows = std::min(kRowChunk, n - r0);
-    at::parallel_for(0, total, 4, [&](int64_t g0, int64_t g1) {
-      size_t i = 0;
-      int64_t first = 0;  // global index of outs[i]'s first panel
-      for (int64_t g = g0; g < g1; ++g) {
-        while (g >= first + (outs[i].out + kPanel - 1) / kPanel)
-          first += (outs[i++].out + kPanel - 1) / kPanel;
-        const PackedOutput& o = outs[i];
-        const int64_t p = g - first, valid = std::min(kPanel, o.out - p * kPanel);
-        const int64_t bb = o.panels->size(2);
-        const auto* panel =
-            static_cast<const uint8_t*>(o.panels->data_ptr()) + p * o.panels->size(1) * bb;
-        if (q4) {
-          RunPanel<true>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
-        } else {
-          RunPanel<false>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
-        }
+    ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
+      const int64_t bb = o.panels->size(2);
+      const auto* panel =
+          static_cast<const uint8_t*>(o.panels->data_ptr()) + p * o.panels->size(1) * bb;
+      if (q4) {
+        RunPanel<true>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
+      } else {
+        RunPanel<false>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
       }
     });
   }
