@@ -52,10 +52,12 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   } else {
     ASSIGN_OR_RETURN(m, LoadModel(f.model));
   }
-  const std::string tok_dir = !f.tokenizer.empty() ? f.tokenizer
-                              : gguf ? std::filesystem::path(f.model).parent_path().string()
-                                     : f.model;
-  ASSIGN_OR_RETURN(auto tok, LoadTokenizer(tok_dir));
+  std::unique_ptr<Tokenizer> tok;
+  if (gguf && f.tokenizer.empty()) {
+    ASSIGN_OR_RETURN(tok, LoadGgufTokenizer(f.model));  // the file carries its own
+  } else {
+    ASSIGN_OR_RETURN(tok, LoadTokenizer(f.tokenizer.empty() ? f.model : f.tokenizer));
+  }
   std::vector<int32_t> ids;
   if (!f.no_bos) ids.push_back(static_cast<int32_t>(m.config.bos_token_id));
   for (int32_t t : tok->Encode(f.prompt)) ids.push_back(t);
@@ -106,8 +108,8 @@ Runner AddGenerateCommand(CLI::App& app) {
                   ".gguf file")
       ->required();
   cmd->add_option("--tokenizer", f->tokenizer,
-                  "Directory with tokenizer.json / tokenizer.model (default: the model's; for a "
-                  ".gguf file, its directory)");
+                  "Directory with tokenizer.json / tokenizer.model (default: the model's; a "
+                  ".gguf file carries its own)");
   cmd->add_option("prompt", f->prompt, "Prompt text")->required();
   cmd->add_option("--max-new-tokens,-n", f->gen.max_new_tokens, "Tokens to generate")
       ->capture_default_str();

@@ -258,6 +258,10 @@ void GgufWriter::SetI32Array(const std::string& key, const std::vector<int32_t>&
   Array(key, GgufType::kInt32, v);
 }
 
+void GgufWriter::SetU8Array(const std::string& key, const std::string& bytes) {
+  Array(key, GgufType::kUint8, std::vector<uint8_t>(bytes.begin(), bytes.end()));
+}
+
 void GgufWriter::AddTensor(const std::string& name, GgmlType type, std::vector<int64_t> ne,
                            at::Tensor data) {
   tensors_.push_back({name, type, std::move(ne), data.contiguous()});

@@ -71,6 +71,7 @@ class GgufWriter {
   void SetStringArray(const std::string& key, const std::vector<std::string>& v);
   void SetF32Array(const std::string& key, const std::vector<float>& v);
   void SetI32Array(const std::string& key, const std::vector<int32_t>& v);
+  void SetU8Array(const std::string& key, const std::string& bytes);
   // `data` holds the tensor's bytes in GGUF order (contiguous; kept by reference until Write).
   void AddTensor(const std::string& name, GgmlType type, std::vector<int64_t> ne, at::Tensor data);
   absl::Status Write(const std::string& path) const;

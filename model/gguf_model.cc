@@ -1,5 +1,7 @@
 #include "model/gguf_model.h"
 
+#include <stdlib.h>
+
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -162,7 +164,7 @@ absl::StatusOr<std::vector<Piece>> ReadSentencePiecePieces(const std::string& pa
   return pieces;
 }
 
-absl::Status AddTokenizer(const Model& m, const std::string& dir, GgufWriter& w) {
+absl::Status AddTokenizer(const Model& m, const std::string& dir, bool embed, GgufWriter& w) {
   const fs::path spm = fs::path(dir) / "tokenizer.model", hf = fs::path(dir) / "tokenizer.json";
   const int64_t vocab = m.config.vocab_size;
   if (fs::exists(spm)) {
@@ -180,6 +182,8 @@ absl::Status AddTokenizer(const Model& m, const std::string& dir, GgufWriter& w)
       scores.push_back(-1000.f);
       types.push_back(5);  // UNUSED
     }
+    ASSIGN_OR_RETURN(std::string original, ReadFile(spm.string()));
+    if (embed) w.SetU8Array("amoeba.tokenizer.model", original);
     w.SetString("tokenizer.ggml.model", "llama");
     w.SetStringArray("tokenizer.ggml.tokens", tokens);
     w.SetF32Array("tokenizer.ggml.scores", scores);
@@ -215,6 +219,7 @@ absl::Status AddTokenizer(const Model& m, const std::string& dir, GgufWriter& w)
       merges.push_back(mg.is_string()
                            ? mg.get<std::string>()
                            : absl::StrCat(mg[0].get<std::string>(), " ", mg[1].get<std::string>()));
+    if (embed) w.SetString("amoeba.tokenizer.json", text);
     w.SetString("tokenizer.ggml.model", "gpt2");
     w.SetString("tokenizer.ggml.pre", "default");
     w.SetStringArray("tokenizer.ggml.tokens", tokens);
@@ -328,7 +333,8 @@ absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportO
     w.SetU32(a + "attention.head_count_kv", static_cast<uint32_t>(kv_heads[0]));
     w.SetU32(a + "feed_forward_length", static_cast<uint32_t>(ff[0]));
   }
-  if (!o.tokenizer_dir.empty()) RETURN_IF_ERROR(AddTokenizer(m, o.tokenizer_dir, w));
+  if (!o.tokenizer_dir.empty())
+    RETURN_IF_ERROR(AddTokenizer(m, o.tokenizer_dir, o.embed_tokenizer, w));
 
   auto matrix = [&](const std::string& name, const at::Tensor& t) {
     const GgmlType type = TypeFor(o.format, t.size(1));
@@ -428,6 +434,127 @@ absl::StatusOr<at::Tensor> ReadOptionalVector(const GgufFile& f, const std::stri
 }
 
 }  // namespace
+
+namespace {
+
+void PutVarint(std::string* out, uint64_t v) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>((v & 0x7F) | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+
+void PutField(std::string* out, uint32_t field, const std::string& bytes) {  // length-delimited
+  PutVarint(out, (field << 3) | 2);
+  PutVarint(out, bytes.size());
+  out->append(bytes);
+}
+
+void PutVarintField(std::string* out, uint32_t field, uint64_t v) {
+  PutVarint(out, field << 3);
+  PutVarint(out, v);
+}
+
+// SentencePiece's ModelProto for llama.cpp's "llama" vocabulary: pieces (1), trainer_spec (2:
+// model_type BPE, byte_fallback), normalizer_spec (3: identity, dummy prefix, escaped spaces).
+absl::StatusOr<std::string> SentencePieceModelFrom(const GgufFile& f) {
+  const auto& tokens = f.meta.at("tokenizer.ggml.tokens").array;
+  auto scores = f.meta.find("tokenizer.ggml.scores");
+  auto types = f.meta.find("tokenizer.ggml.token_type");
+  std::string proto;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    std::string piece;
+    PutField(&piece, 1, tokens[i].s);
+    const float score = scores != f.meta.end() && i < scores->second.array.size()
+                            ? static_cast<float>(scores->second.array[i].f)
+                            : 0.f;
+    PutVarint(&piece, (2 << 3) | 5);
+    piece.append(reinterpret_cast<const char*>(&score), 4);
+    const int64_t type =
+        types != f.meta.end() && i < types->second.array.size() ? types->second.array[i].i : 1;
+    PutVarintField(&piece, 3, static_cast<uint64_t>(type));
+    PutField(&proto, 1, piece);
+  }
+  std::string trainer;
+  PutVarintField(&trainer, 3, 2);  // model_type: BPE
+  PutVarintField(&trainer, 4, tokens.size());
+  PutVarintField(&trainer, 35, 1);  // byte_fallback
+  PutField(&proto, 2, trainer);
+  std::string normalizer;
+  PutField(&normalizer, 1, "identity");
+  PutVarintField(&normalizer, 3, 1);  // add_dummy_prefix
+  PutVarintField(&normalizer, 4, 0);  // remove_extra_whitespaces
+  PutVarintField(&normalizer, 5, 1);  // escape_whitespaces
+  PutField(&proto, 3, normalizer);
+  return proto;
+}
+
+std::string BpeJsonFrom(const GgufFile& f) {
+  nlohmann::json vocab = nlohmann::json::object(), added = nlohmann::json::array();
+  const auto& tokens = f.meta.at("tokenizer.ggml.tokens").array;
+  auto types = f.meta.find("tokenizer.ggml.token_type");
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const int64_t type =
+        types != f.meta.end() && i < types->second.array.size() ? types->second.array[i].i : 1;
+    if (type == 3 || type == 4) {
+      added.push_back({{"id", i}, {"content", tokens[i].s}, {"special", type == 3}});
+    } else {
+      vocab[tokens[i].s] = i;
+    }
+  }
+  nlohmann::json merges = nlohmann::json::array();
+  if (auto m = f.meta.find("tokenizer.ggml.merges"); m != f.meta.end())
+    for (const GgufValue& v : m->second.array) merges.push_back(v.s);
+  nlohmann::json j = {
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}},
+      {"added_tokens", added},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}}};
+  return j.dump();
+}
+
+}  // namespace
+
+// The tokenizer file of a GGUF file: its name (tokenizer.model / tokenizer.json) and contents.
+absl::StatusOr<std::pair<std::string, std::string>> GgufTokenizerFile(const std::string& path) {
+  ASSIGN_OR_RETURN(GgufFile f, ReadGguf(path));
+  if (auto it = f.meta.find("amoeba.tokenizer.model"); it != f.meta.end()) {
+    std::string contents;
+    for (const GgufValue& b : it->second.array) contents.push_back(static_cast<char>(b.u));
+    return std::make_pair(std::string("tokenizer.model"), contents);
+  }
+  if (auto js = f.meta.find("amoeba.tokenizer.json"); js != f.meta.end())
+    return std::make_pair(std::string("tokenizer.json"), js->second.s);
+  auto kind = f.GetString("tokenizer.ggml.model");
+  if (!kind.ok() || !f.meta.count("tokenizer.ggml.tokens"))
+    return absl::NotFoundError(absl::StrCat(path, ": no tokenizer in the file"));
+  if (*kind == "llama") {
+    ASSIGN_OR_RETURN(std::string proto, SentencePieceModelFrom(f));
+    return std::make_pair(std::string("tokenizer.model"), proto);
+  }
+  if (*kind == "gpt2") return std::make_pair(std::string("tokenizer.json"), BpeJsonFrom(f));
+  return absl::UnimplementedError(
+      absl::StrCat(path, ": tokenizer.ggml.model ", *kind, " (llama and gpt2 are read)"));
+}
+
+absl::Status WriteGgufTokenizer(const std::string& path, const std::string& dir) {
+  ASSIGN_OR_RETURN(auto file, GgufTokenizerFile(path));
+  return WriteFileAtomic((fs::path(dir) / file.first).string(), file.second);
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadGgufTokenizer(const std::string& path) {
+  // The tokenizer loaders read files: a private temporary directory, removed after loading.
+  std::string tmpl = (fs::temp_directory_path() / "amoeba-gguf-tok-XXXXXX").string();
+  if (!mkdtemp(tmpl.data())) return absl::InternalError("cannot create a temporary directory");
+  absl::Status st = WriteGgufTokenizer(path, tmpl);
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tok =
+      st.ok() ? LoadTokenizer(tmpl) : absl::StatusOr<std::unique_ptr<Tokenizer>>(st);
+  std::error_code ec;
+  fs::remove_all(tmpl, ec);
+  if (!tok.ok() && st.ok())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": tokenizer: ", tok.status().message()));
+  return tok;
+}
 
 absl::StatusOr<Model> LoadGgufModel(const std::string& path) {
   ASSIGN_OR_RETURN(GgufFile f, ReadGguf(path));

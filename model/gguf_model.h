@@ -8,10 +8,12 @@
 // feed_forward_length is 0. q/k rows are permuted from Hugging Face's rotate-half order to the
 // interleaved pairs llama.cpp rotates.
 #pragma once
+#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "model/tokenizer.h"
 #include "model/weight_format.h"
 #include "model/weights.h"
 
@@ -25,10 +27,22 @@ struct GgufExportOptions {
   // Directory holding tokenizer.json (byte-level BPE → "gpt2") or tokenizer.model (SentencePiece
   // → "llama"); empty = no tokenizer metadata.
   std::string tokenizer_dir;
+  // Also keep the original tokenizer file (amoeba.tokenizer.model / .json): LoadGgufTokenizer
+  // then reads it exactly instead of rebuilding it from llama.cpp's vocabulary.
+  bool embed_tokenizer = true;
 };
 
 // Writes `m` to `path` atomically.
 absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportOptions& o = {});
+
+// The tokenizer of a GGUF file: the original tokenizer.model / tokenizer.json when Amoeba wrote
+// the file (kept under `amoeba.tokenizer.*`, which llama.cpp ignores), else rebuilt from
+// llama.cpp's vocabulary: "llama" as a SentencePiece BPE model (pieces, scores, types; byte
+// fallback, identity normalization, a dummy prefix: the Llama convention), "gpt2" as byte-level
+// BPE (tokens and merges, GPT-2's pre-tokenizer). NOT_FOUND when the file has no vocabulary.
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadGgufTokenizer(const std::string& path);
+// The same tokenizer as a file in `dir` (tokenizer.model or tokenizer.json, written atomically).
+absl::Status WriteGgufTokenizer(const std::string& path, const std::string& dir);
 
 // Reads a llama or deci GGUF file (F32, F16, Q8_0, Q4_0 tensors, dequantized to fp32).
 absl::StatusOr<Model> LoadGgufModel(const std::string& path);

@@ -127,9 +127,7 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
         absl::StrCat(o.out_dir, " already holds a supernet (use --force to overwrite)"));
   }
   const bool gguf = absl::EndsWith(o.model_dir, ".gguf");
-  const std::string tok_dir = !o.tokenizer_dir.empty() ? o.tokenizer_dir
-                              : gguf ? fs::path(o.model_dir).parent_path().string()
-                                     : o.model_dir;
+  const std::string tok_dir = !o.tokenizer_dir.empty() ? o.tokenizer_dir : o.model_dir;
   Model model;
   if (gguf) {
     ASSIGN_OR_RETURN(model, LoadGgufModel(o.model_dir));
@@ -139,7 +137,12 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
   } else {
     ASSIGN_OR_RETURN(model, LoadModel(o.model_dir));
   }
-  ASSIGN_OR_RETURN(auto tok, LoadTokenizer(tok_dir));
+  std::unique_ptr<Tokenizer> tok;
+  if (gguf && o.tokenizer_dir.empty()) {
+    ASSIGN_OR_RETURN(tok, LoadGgufTokenizer(o.model_dir));  // the file carries its own
+  } else {
+    ASSIGN_OR_RETURN(tok, LoadTokenizer(tok_dir));
+  }
   ASSIGN_OR_RETURN(std::string text, ReadCorpus(o.data_path));
   WindowOptions wo;
   wo.num_windows = o.windows;
@@ -184,7 +187,11 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
                       : dtype == "float16" ? at::kHalf
                                            : at::kFloat;
   RETURN_IF_ERROR(SaveModel(b.supernet->base(), o.out_dir, st));
-  RETURN_IF_ERROR(CopyTokenizerFiles(tok_dir, o.out_dir));
+  if (gguf && o.tokenizer_dir.empty()) {
+    RETURN_IF_ERROR(WriteGgufTokenizer(o.model_dir, o.out_dir));
+  } else {
+    RETURN_IF_ERROR(CopyTokenizerFiles(tok_dir, o.out_dir));
+  }
   RETURN_IF_ERROR(
       b.supernet->SaveMetadata(o.out_dir));  // amoeba.json last: the directory is complete
   std::fprintf(stdout, "%s", b.table.c_str());

@@ -114,7 +114,7 @@ for q in f32 f16 q8_0 q4_0; do
   "$ADMIN" export --supernet "$dir/s" --shape depth=3 --format gguf --dtype $q --out "$dir/t.$q.gguf" >"$dir/o" 2>&1 \
     || fail "gguf export $q: $(cat "$dir/o")"
   grep -q "GGUF" "$dir/o" || fail "gguf export says what it wrote"
-  "$ADMIN" generate --model "$dir/t.$q.gguf" --tokenizer "$dir/s" -n 4 "Hello" >/dev/null 2>"$dir/o" \
+  "$ADMIN" generate --model "$dir/t.$q.gguf" -n 4 "Hello" >/dev/null 2>"$dir/o" \
     || fail "generate from $q gguf: $(cat "$dir/o")"
 done
 [ "$(stat -c %s "$dir/t.q4_0.gguf")" -lt "$(stat -c %s "$dir/t.q8_0.gguf")" ] || fail "q4_0 file should be smaller than q8_0"
@@ -125,9 +125,10 @@ expect_2 "unknown format" "$ADMIN" export --supernet "$dir/s" --shape depth=3 --
 # a pruned (deci) file is refused.
 "$ADMIN" export --supernet "$dir/s" --shape depth=5,width=1 --no-adapters --format gguf --dtype f32 --out "$dir/full.gguf" >/dev/null 2>&1 \
   || fail "full-shape gguf export"
-"$ADMIN" calibrate --model "$dir/full.gguf" --tokenizer "$dir/s" --data "$dir/calib.txt" --out "$dir/sg" --windows 4 --window-len 32 --dp-windows 2 >"$dir/o" 2>&1 \
+"$ADMIN" calibrate --model "$dir/full.gguf" --data "$dir/calib.txt" --out "$dir/sg" --windows 4 --window-len 32 --dp-windows 2 >"$dir/o" 2>&1 \
   || fail "calibrate from gguf: $(cat "$dir/o")"
 [ -f "$dir/sg/amoeba.json" ] || fail "calibrate from gguf writes a supernet"
+[ -f "$dir/sg/tokenizer.json" ] || fail "calibrate from gguf writes the file's tokenizer"
 "$ADMIN" export --supernet "$dir/s" --shape depth=3,width=0.75 --format gguf --out "$dir/deci.gguf" >"$dir/o" 2>&1 || fail "deci export"
 grep -q "deci" "$dir/o" || fail "a narrower shape is a deci file: $(cat "$dir/o")"
 expect_2 "calibrate a pruned gguf" "$ADMIN" calibrate --model "$dir/deci.gguf" --tokenizer "$dir/s" --data "$dir/calib.txt" --out "$dir/sd"

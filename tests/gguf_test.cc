@@ -365,6 +365,42 @@ TEST(GgufTest, SentencePieceVocabularyGoesAlong) {
   EXPECT_EQ(types[ids[0]].i, 1);
   EXPECT_LT(scores[ids[0]].f, 0.0);
   EXPECT_EQ(types.back().i, 5);  // padding: UNUSED
+  // Read back: the embedded tokenizer.model, and one rebuilt from the vocabulary alone, encode
+  // and decode as the original.
+  o.embed_tokenizer = false;
+  ASSERT_TRUE(SaveGguf(m, dir.file("bare.gguf"), o).ok());
+  for (const char* file : {"sp.gguf", "bare.gguf"}) {
+    auto back = LoadGgufTokenizer(dir.file(file));
+    ASSERT_TRUE(back.ok()) << back.status();
+    for (const char* text : {"the cat sat on the mat.", "a dog ran to the park", "zebra 123 ~"}) {
+      EXPECT_EQ((*back)->Encode(text), (*tok)->Encode(text)) << file << ": " << text;
+      EXPECT_EQ((*back)->Decode((*tok)->Encode(text)), (*tok)->Decode((*tok)->Encode(text)));
+    }
+  }
+}
+
+// The BPE tokenizer read back from the file: embedded tokenizer.json, or rebuilt from tokens and
+// merges (byte-level, GPT-2 pre-tokenizer); a file without a vocabulary is NOT_FOUND.
+TEST(GgufTest, BpeTokenizerReadsBack) {
+  TempDir dir;
+  ASSERT_TRUE(WriteByteTokenizer(dir.path()).ok());
+  auto tok = LoadTokenizer(dir.path());
+  ASSERT_TRUE(tok.ok());
+  ModelConfig c = testing::TinyConfig();
+  c.vocab_size = (*tok)->vocab_size();
+  Model m = RandomModel(c, 4);
+  for (bool embed : {true, false}) {
+    GgufExportOptions o = Opts(WeightFormat::kF16);
+    o.tokenizer_dir = dir.path();
+    o.embed_tokenizer = embed;
+    ASSERT_TRUE(SaveGguf(m, dir.file("b.gguf"), o).ok());
+    auto back = LoadGgufTokenizer(dir.file("b.gguf"));
+    ASSERT_TRUE(back.ok()) << back.status();
+    for (const char* text : {"Hello, world!", "  two  spaces", "caf\xc3\xa9 42"})
+      EXPECT_EQ((*back)->Encode(text), (*tok)->Encode(text)) << embed << ": " << text;
+  }
+  ASSERT_TRUE(SaveGguf(m, dir.file("none.gguf"), Opts(WeightFormat::kF16)).ok());
+  EXPECT_EQ(LoadGgufTokenizer(dir.file("none.gguf")).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace
