@@ -15,7 +15,7 @@ namespace amoeba::admin {
 
 namespace {
 struct ExportFlags {
-  std::string supernet, shape, out, dtype = "f32", format = "hf";
+  std::string supernet, shape, out, dtype, format = "hf";  // dtype "": f32 (hf), f16 (gguf)
   bool uniform = false, no_adapters = false;
 };
 
@@ -27,7 +27,7 @@ absl::Status RunExport(const ExportFlags& f) {
   if (!gguf && f.format != "hf") return absl::InvalidArgumentError("--format: hf or gguf");
   WeightFormat gguf_format = WeightFormat::kF32;
   if (gguf) {
-    auto parsed = ParseWeightFormat(f.dtype);
+    auto parsed = ParseWeightFormat(f.dtype.empty() ? "f16" : f.dtype);
     if (!parsed.ok())
       return absl::InvalidArgumentError("--dtype: f32, f16, q8_0 or q4_0 with --format gguf");
     gguf_format = *parsed;
@@ -35,7 +35,7 @@ absl::Status RunExport(const ExportFlags& f) {
     o.dtype = at::kHalf;
   } else if (f.dtype == "bf16") {
     o.dtype = at::kBFloat16;
-  } else if (f.dtype != "f32") {
+  } else if (!f.dtype.empty() && f.dtype != "f32") {
     return absl::InvalidArgumentError("--dtype: f32, f16 or bf16 (q8_0 and q4_0: --format gguf)");
   }
   at::InferenceMode guard;
@@ -59,7 +59,8 @@ absl::Status RunExport(const ExportFlags& f) {
 
 Runner AddExportCommand(CLI::App& app) {
   auto f = std::make_shared<ExportFlags>();
-  CLI::App* cmd = app.add_subcommand("export", "Write one subnet as a standalone HF directory");
+  CLI::App* cmd = app.add_subcommand(
+      "export", "Write one subnet as a standalone HF directory or one GGUF file (llama.cpp)");
   cmd->add_option("--supernet", f->supernet, "Supernet directory")->required();
   cmd->add_option("--shape", f->shape, "depth=D,width=W")->required();
   cmd->add_option("--out", f->out, "Output directory (a .gguf file with --format gguf)")
@@ -69,8 +70,7 @@ Runner AddExportCommand(CLI::App& app) {
   cmd->add_flag("--uniform-width", f->uniform,
                 "Same width in every layer: a standard LlamaForCausalLM");
   cmd->add_option("--dtype", f->dtype,
-                  "f32 | f16 | bf16; with --format gguf: f32 | f16 | q8_0 | q4_0")
-      ->capture_default_str();
+                  "hf: f32 (default) | f16 | bf16; gguf: f32 | f16 (default) | q8_0 | q4_0");
   cmd->add_flag("--no-adapters", f->no_adapters,
                 "Export the base subnet without the tuned SMoL adapters merged in");
   return [f]() {
