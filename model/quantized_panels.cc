@@ -269,10 +269,6 @@ void RunPanel(QuantPath path, const uint8_t* panel, int64_t bb, const QuantActs&
   }
 }
 
-WeightFormat FormatOf(const at::Tensor& panels) {
-  return panels.scalar_type() == at::kChar ? WeightFormat::kQ8_0 : WeightFormat::kQ4_0;
-}
-
 // Writes one block of one row: q (signed, offset removed) at the layout's places.
 template <bool kQ4>
 void PutBlockRow(uint8_t* blk, int64_t c, float scale, const int32_t* q) {
@@ -365,7 +361,7 @@ void FillQuantizedPanels(const at::Tensor& W, WeightFormat f, at::Tensor& panels
 
 void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
                          std::span<const PackedOutput> outs) {
-  const bool q4 = FormatOf(*outs[0].panels) == WeightFormat::kQ4_0;
+  const bool q4 = PanelsFormat(*outs[0].panels) == WeightFormat::kQ4_0;
   const int64_t nb = (in + kQuantBlock - 1) / kQuantBlock;
   thread_local std::vector<int8_t> xq;  // grown once, reused: no allocation per decode step
   thread_local std::vector<float> xd;
@@ -396,7 +392,7 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
 }
 
 at::Tensor DequantizePanels(const at::Tensor& panels, int64_t out, int64_t in) {
-  const bool q4 = FormatOf(panels) == WeightFormat::kQ4_0;
+  const bool q4 = PanelsFormat(panels) == WeightFormat::kQ4_0;
   const int64_t nb = panels.size(1), bb = panels.size(2);
   TORCH_CHECK(out <= panels.size(0) * kPanel && in <= nb * kQuantBlock,
               "DequantizePanels: the prefix exceeds the packed matrix");

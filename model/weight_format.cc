@@ -47,8 +47,4 @@ double BytesPerWeight(WeightFormat f) {
   return 4;
 }
 
-at::ScalarType RowMajorDtype(WeightFormat f) {
-  return f == WeightFormat::kF16 ? at::kHalf : at::kFloat;
-}
-
 }  // namespace amoeba

@@ -2,8 +2,6 @@
 // GGML's block formats Q8_0 and Q4_0 (blocks of 32 consecutive input elements of one output row
 // share one fp16 scale d; Q8_0 holds int8 q with x = d·q, Q4_0 4-bit q with x = d·(q − 8)).
 #pragma once
-#include <ATen/ATen.h>
-
 #include <cstdint>
 #include <string_view>
 
@@ -21,8 +19,5 @@ const char* WeightFormatName(WeightFormat f);
 bool IsQuantized(WeightFormat f);
 // Bytes one weight takes, scales included: 4, 2, 34/32 (8.5 bits), 18/32 (4.5 bits).
 double BytesPerWeight(WeightFormat f);
-// The row-major dtype a format's weights are kept in where they are not quantized (fp32 for the
-// block formats: merging adapters and calibration need exact values).
-at::ScalarType RowMajorDtype(WeightFormat f);
 
 }  // namespace amoeba
