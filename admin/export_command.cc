@@ -23,35 +23,22 @@ absl::Status RunExport(const ExportFlags& f) {
   ExportOptions o;
   o.uniform_width = f.uniform;
   o.adapters = !f.no_adapters;
-  const bool gguf = f.format == "gguf";
-  if (!gguf && f.format != "hf") return absl::InvalidArgumentError("--format: hf or gguf");
-  WeightFormat gguf_format = WeightFormat::kF32;
-  if (gguf) {
-    auto parsed = ParseWeightFormat(f.dtype.empty() ? "f16" : f.dtype);
-    if (!parsed.ok())
-      return absl::InvalidArgumentError("--dtype: f32, f16, q8_0 or q4_0 with --format gguf");
-    gguf_format = *parsed;
-  } else if (f.dtype == "f16") {
-    o.dtype = at::kHalf;
-  } else if (f.dtype == "bf16") {
-    o.dtype = at::kBFloat16;
-  } else if (!f.dtype.empty() && f.dtype != "f32") {
-    return absl::InvalidArgumentError("--dtype: f32, f16 or bf16 (q8_0 and q4_0: --format gguf)");
-  }
+  RETURN_IF_ERROR(ParseExportFormat(f.format, f.dtype, o));
+  const bool gguf = o.format == ExportOptions::Format::kGguf;
   at::InferenceMode guard;
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   ASSIGN_OR_RETURN(Shape shape, Shape::Parse(f.shape, s->base().config.num_hidden_layers));
   ASSIGN_OR_RETURN(std::unique_ptr<Smol> smol, LoadAdapters(*s));
   ASSIGN_OR_RETURN(Model m, SubnetForExport(*s, smol.get(), shape, o));
   if (gguf) {
-    RETURN_IF_ERROR(WriteGgufExport(*s, m, shape, f.out, gguf_format));
+    RETURN_IF_ERROR(WriteGgufExport(*s, m, shape, f.out, o.gguf_dtype));
   } else {
     RETURN_IF_ERROR(WriteExport(*s, m, f.out, o));
   }
   spdlog::info("export: {} ({} params{}) → {}{}", shape.ToString(), m.config.ParameterCount(),
                smol && o.adapters ? ", SMoL adapters merged" : "", f.out,
                gguf ? absl::StrCat(" (GGUF ", GgufArchitectureFor(m), ", ",
-                                   WeightFormatName(gguf_format), ")")
+                                   WeightFormatName(o.gguf_dtype), ")")
                     : std::string());
   return absl::OkStatus();
 }

@@ -309,7 +309,7 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
     if (shape_.width == 0) shape_.width = 1.0;
     options_.uniform_width = req->uniform_width();
     options_.adapters = !req->no_adapters();
-    if (absl::Status f = ParseFormat(*req); !f.ok()) {
+    if (absl::Status f = ParseExportFormat(req->format(), req->dtype(), options_); !f.ok()) {
       End(ToGrpc(f));
       return;
     }
@@ -343,26 +343,6 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
   }
 
  private:
-  absl::Status ParseFormat(const v1::ExportSubnetRequest& req) {
-    if (req.format() == "gguf") {
-      gguf_ = true;
-      auto f = ParseWeightFormat(req.dtype().empty() ? "f16" : req.dtype());
-      if (!f.ok()) return InvalidField("dtype", "f32, f16, q8_0 or q4_0 for a GGUF export");
-      gguf_format_ = *f;
-    } else if (req.format().empty() || req.format() == "hf") {
-      if (req.dtype() == "f16") {
-        options_.dtype = at::kHalf;
-      } else if (req.dtype() == "bf16") {
-        options_.dtype = at::kBFloat16;
-      } else if (!req.dtype().empty() && req.dtype() != "f32") {
-        return InvalidField("dtype", "f32, f16 or bf16 for an hf export (q8_0/q4_0: gguf)");
-      }
-    } else {
-      return InvalidField("format", "hf or gguf");
-    }
-    return absl::OkStatus();
-  }
-
   // On an export worker.
   void Prepare() {
     const grpc::Status st = Guarded("export", id_, [&] { return Write(); });
@@ -387,12 +367,13 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
     if (cancelled_) return grpc::Status(grpc::StatusCode::CANCELLED, "export cancelled");
     const std::string out = (std::filesystem::path(staging_) / "model").string();
     absl::Status w;
-    if (gguf_) {
+    if (options_.format == ExportOptions::Format::kGguf) {
       std::error_code ec;
       std::filesystem::create_directories(out, ec);
       w = ec ? absl::InternalError(absl::StrCat("cannot create ", out, ": ", ec.message()))
              : WriteGgufExport(svc_->serving().supernet(), *sub, shape_,
-                               (std::filesystem::path(out) / "model.gguf").string(), gguf_format_);
+                               (std::filesystem::path(out) / "model.gguf").string(),
+                               options_.gguf_dtype);
     } else {
       w = WriteExport(svc_->serving().supernet(), *sub, out, options_);
     }
@@ -454,8 +435,6 @@ class ExportReactor : public grpc::ServerWriteReactor<v1::FileChunk> {
   std::string id_;
   Shape shape_;
   ExportOptions options_;
-  bool gguf_ = false;
-  WeightFormat gguf_format_ = WeightFormat::kF16;
   std::atomic<bool> cancelled_{false};
   std::string staging_;  // made by mkdtemp; removed in OnDone
   std::vector<std::filesystem::path> files_;

@@ -55,6 +55,29 @@ absl::StatusOr<Model> SubnetForExport(const Supernet& s, const Smol* smol, const
   return m;
 }
 
+absl::Status ParseExportFormat(std::string_view format, std::string_view dtype, ExportOptions& o) {
+  if (format == "gguf") {
+    auto f = ParseWeightFormat(dtype.empty() ? "f16" : dtype);
+    if (!f.ok())
+      return absl::InvalidArgumentError("dtype: f32, f16, q8_0 or q4_0 for a GGUF export");
+    o.format = ExportOptions::Format::kGguf;
+    o.gguf_dtype = *f;
+    return absl::OkStatus();
+  }
+  if (!format.empty() && format != "hf") return absl::InvalidArgumentError("format: hf or gguf");
+  o.format = ExportOptions::Format::kHf;
+  if (dtype == "f16") {
+    o.dtype = at::kHalf;
+  } else if (dtype == "bf16") {
+    o.dtype = at::kBFloat16;
+  } else if (dtype.empty() || dtype == "f32") {
+    o.dtype = at::kFloat;
+  } else {
+    return absl::InvalidArgumentError("dtype: f32, f16 or bf16 for an hf export (q8_0/q4_0: gguf)");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status WriteGgufExport(const Supernet& s, const Model& subnet, const Shape& shape,
                              const std::string& path, WeightFormat format) {
   GgufExportOptions o;

@@ -1,8 +1,10 @@
 // Export of one shape as a standalone Hugging Face directory (docs/supernet-format.md).
 #pragma once
 #include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
+#include "model/weight_format.h"
 #include "subnet/subnet_builder.h"
 
 namespace amoeba {
@@ -15,7 +17,18 @@ struct ExportOptions {
   // Merge the shape's SMoL adapters (when the supernet has them): the export is the tuned subnet
   // the server serves. false (`--no-adapters`) exports the base subnet.
   bool adapters = true;
+  // A Hugging Face directory (WriteExport, in `dtype`) or one GGUF file (WriteGgufExport, in
+  // `gguf_dtype`).
+  enum class Format { kHf, kGguf };
+  Format format = Format::kHf;
+  WeightFormat gguf_dtype = WeightFormat::kF16;
 };
+
+// Sets `o`'s format and dtype from their names, as the CLI and the API spell them: format "hf"
+// (or "") | "gguf"; dtype "" (the format's default: f32 for hf, f16 for gguf), for hf "f32" |
+// "f16" | "bf16", for gguf "f32" | "f16" | "q8_0" | "q4_0". INVALID_ARGUMENT names "format" or
+// "dtype".
+absl::Status ParseExportFormat(std::string_view format, std::string_view dtype, ExportOptions& o);
 
 // How BuildSubnet builds the subnet an export of `o` holds.
 SubnetOptions SubnetOptionsForExport(const ExportOptions& o);
