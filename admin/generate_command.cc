@@ -5,9 +5,6 @@
 #include <cstdio>
 #include <memory>
 
-#include <filesystem>
-
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "admin/commands.h"
 #include "model/engine.h"
@@ -45,19 +42,8 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   if (f.gen.max_new_tokens < 1) return absl::InvalidArgumentError("--max-new-tokens: must be >= 1");
   InitRuntime(f.threads);
   at::InferenceMode guard;
-  const bool gguf = absl::EndsWith(f.model, ".gguf");
-  Model m;
-  if (gguf) {
-    ASSIGN_OR_RETURN(m, LoadGgufModel(f.model));
-  } else {
-    ASSIGN_OR_RETURN(m, LoadModel(f.model));
-  }
-  std::unique_ptr<Tokenizer> tok;
-  if (gguf && f.tokenizer.empty()) {
-    ASSIGN_OR_RETURN(tok, LoadGgufTokenizer(f.model));  // the file carries its own
-  } else {
-    ASSIGN_OR_RETURN(tok, LoadTokenizer(f.tokenizer.empty() ? f.model : f.tokenizer));
-  }
+  ASSIGN_OR_RETURN(Model m, LoadModelOrGguf(f.model));
+  ASSIGN_OR_RETURN(auto tok, LoadModelTokenizer(f.model, f.tokenizer));
   std::vector<int32_t> ids;
   if (!f.no_bos) ids.push_back(static_cast<int32_t>(m.config.bos_token_id));
   for (int32_t t : tok->Encode(f.prompt)) ids.push_back(t);

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "model/file_util.h"
 #include "model/gguf.h"
@@ -248,6 +249,20 @@ std::vector<LayerShape> Shapes(const Model& m) {
 }
 
 }  // namespace
+
+bool IsGgufPath(const std::string& path) {
+  return absl::EndsWith(path, ".gguf");
+}
+
+absl::StatusOr<Model> LoadModelOrGguf(const std::string& path) {
+  return IsGgufPath(path) ? LoadGgufModel(path) : LoadModel(path);
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
+                                                              const std::string& tokenizer_dir) {
+  if (!tokenizer_dir.empty()) return LoadTokenizer(tokenizer_dir);
+  return IsGgufPath(model_path) ? LoadGgufTokenizer(model_path) : LoadTokenizer(model_path);
+}
 
 std::string GgufArchitectureFor(const Model& m) {
   const std::vector<LayerShape> s = Shapes(m);

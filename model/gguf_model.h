@@ -51,6 +51,14 @@ absl::StatusOr<Model> LoadGgufModel(const std::string& path);
 // zero groups included; the header with the tokenizer comes on top).
 int64_t GgufTensorBytes(const Model& m, WeightFormat format);
 
+// Where a model may be either an HF directory or a .gguf file (told apart by the name): the model,
+// and its tokenizer — from `tokenizer_dir` when given, else the directory's files or the one the
+// .gguf file carries.
+bool IsGgufPath(const std::string& path);
+absl::StatusOr<Model> LoadModelOrGguf(const std::string& path);
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
+                                                              const std::string& tokenizer_dir);
+
 // The architecture SaveGguf would write for `m`: "llama" or "deci".
 std::string GgufArchitectureFor(const Model& m);
 

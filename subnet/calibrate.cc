@@ -5,7 +5,6 @@
 #include <cmath>
 #include <filesystem>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/gguf_model.h"
@@ -126,23 +125,12 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
     return absl::FailedPreconditionError(
         absl::StrCat(o.out_dir, " already holds a supernet (use --force to overwrite)"));
   }
-  const bool gguf = absl::EndsWith(o.model_dir, ".gguf");
-  const std::string tok_dir = !o.tokenizer_dir.empty() ? o.tokenizer_dir : o.model_dir;
-  Model model;
-  if (gguf) {
-    ASSIGN_OR_RETURN(model, LoadGgufModel(o.model_dir));
-    if (!model.config.uniform_width())
-      return absl::InvalidArgumentError(absl::StrCat(
-          o.model_dir, ": per-layer widths (a pruned model); calibrate needs the full model"));
-  } else {
-    ASSIGN_OR_RETURN(model, LoadModel(o.model_dir));
-  }
-  std::unique_ptr<Tokenizer> tok;
-  if (gguf && o.tokenizer_dir.empty()) {
-    ASSIGN_OR_RETURN(tok, LoadGgufTokenizer(o.model_dir));  // the file carries its own
-  } else {
-    ASSIGN_OR_RETURN(tok, LoadTokenizer(tok_dir));
-  }
+  const bool gguf = IsGgufPath(o.model_dir);
+  ASSIGN_OR_RETURN(Model model, LoadModelOrGguf(o.model_dir));
+  if (gguf && !model.config.uniform_width())
+    return absl::InvalidArgumentError(absl::StrCat(
+        o.model_dir, ": per-layer widths (a pruned model); calibrate needs the full model"));
+  ASSIGN_OR_RETURN(auto tok, LoadModelTokenizer(o.model_dir, o.tokenizer_dir));
   ASSIGN_OR_RETURN(std::string text, ReadCorpus(o.data_path));
   WindowOptions wo;
   wo.num_windows = o.windows;
@@ -190,7 +178,8 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
   if (gguf && o.tokenizer_dir.empty()) {
     RETURN_IF_ERROR(WriteGgufTokenizer(o.model_dir, o.out_dir));
   } else {
-    RETURN_IF_ERROR(CopyTokenizerFiles(tok_dir, o.out_dir));
+    RETURN_IF_ERROR(
+        CopyTokenizerFiles(o.tokenizer_dir.empty() ? o.model_dir : o.tokenizer_dir, o.out_dir));
   }
   RETURN_IF_ERROR(
       b.supernet->SaveMetadata(o.out_dir));  // amoeba.json last: the directory is complete
