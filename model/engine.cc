@@ -74,10 +74,22 @@ void Engine::Project(const float* x, int64_t n, const LayerWeights& l, std::span
   for (size_t i = 0; i < ps.size(); ++i) ApplyDelta(x, n, l.deltas[static_cast<int>(ps[i])], ys[i]);
 }
 
+namespace {
+// The torch baseline path stays on at::linear.
+void LinearRowwiseOr(const float* x, int64_t n, const at::Tensor& W, float* y, LinearPath path) {
+  if (path == LinearPath::kTorch) {
+    Linear(x, n, W, nullptr, y, path);
+  } else {
+    LinearRowwise(x, n, W, y);
+  }
+}
+}  // namespace
+
 void Engine::ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, float* y) {
   if (!delta.defined()) return;
   const LinearPath path = options_.linear_path;
-  // mid = Σ a_i (D_i x), then y += Σ b_j (U_j mid): two skinny products per factor.
+  // mid = Σ a_i (D_i x), then y += Σ b_j (U_j mid): two small products per factor, row by row
+  // (a row's delta must not depend on its batch-mates: see Forward).
   const int64_t r = delta.downs[0].size(0), out = delta.ups[0].size(0);
   const int64_t big = std::max(r, out);
   if (static_cast<int64_t>(ws_->delta_mid.size()) < n * r) ws_->delta_mid.resize(n * r);
@@ -85,7 +97,7 @@ void Engine::ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, fl
   float* mid = ws_->delta_mid.data();
   float* part = ws_->delta_out.data();
   for (size_t i = 0; i < delta.downs.size(); ++i) {
-    Linear(x, n, delta.downs[i], nullptr, i == 0 ? mid : part, path);
+    LinearRowwiseOr(x, n, delta.downs[i], i == 0 ? mid : part, path);
     if (i == 0) {
       Scale(mid, delta.down_weights[0], n * r);
     } else {
@@ -93,7 +105,7 @@ void Engine::ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, fl
     }
   }
   for (size_t j = 0; j < delta.ups.size(); ++j) {
-    Linear(mid, n, delta.ups[j], nullptr, part, path);
+    LinearRowwiseOr(mid, n, delta.ups[j], part, path);
     Axpy(delta.up_weights[j], part, y, n * out);
   }
 }
@@ -141,13 +153,16 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     row += T;
   }
 
-  // 2a. Single-token sequences (decode): one task per (sequence, KV head), no allocation.
+  // 2a. Decode and short runs: one task per (new token, KV head), each token attending to the
+  // positions up to its own, as a decode step would; no allocation.
   std::vector<DecodeTask>& single = decode_tasks_;
   single.clear();
   row = 0;
   for (const SeqInput& s : seqs) {
     const int64_t T = static_cast<int64_t>(s.tokens.size());
-    if (T == 1) single.push_back({row, s.slot, cache.length(s.slot) + 1});
+    if (T <= kTokenByTokenAttentionMax)
+      for (int64_t t = 0; t < T; ++t)
+        single.push_back({row + t, s.slot, cache.length(s.slot) + t + 1});
     row += T;
   }
   if (!single.empty()) {
@@ -173,11 +188,11 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     });
   }
 
-  // 2b. Multi-token sequences (prefill): batched matmuls per sequence.
+  // 2b. Longer runs (prefill): batched matmuls per sequence.
   row = 0;
   for (const SeqInput& s : seqs) {
     const int64_t T = static_cast<int64_t>(s.tokens.size());
-    if (T > 1) {
+    if (T > kTokenByTokenAttentionMax) {
       const int64_t p0 = cache.length(s.slot), L = p0 + T;
       // Buffers hold rows packed at this layer's width.
       at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
@@ -224,7 +239,9 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
         return absl::InvalidArgumentError(absl::StrCat("Forward: token id ", t, " out of range"));
     n += static_cast<int64_t>(s.tokens.size());
   }
-  const int64_t out_rows = all_logits ? n : static_cast<int64_t>(seqs.size());
+  int64_t out_rows = 0;
+  for (const SeqInput& s : seqs)
+    out_rows += all_logits || s.all_logits ? static_cast<int64_t>(s.tokens.size()) : 1;
   EnsureWorkspace(n, out_rows);
   for (const SeqInput& s : seqs)
     cache.Reserve(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
@@ -288,13 +305,17 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
 
   // Final norm only on the rows whose logits are wanted.
   const float* fn = m.final_norm.data_ptr<float>();
-  if (all_logits) {
+  if (out_rows == n) {
     RmsNorm(x, fn, n, H, c.rms_norm_eps, h);
   } else {
     row = 0;
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      row += static_cast<int64_t>(seqs[i].tokens.size());
-      RmsNorm(x + (row - 1) * H, fn, 1, H, c.rms_norm_eps, h + i * H);
+    int64_t out = 0;
+    for (const SeqInput& s : seqs) {
+      const int64_t T = static_cast<int64_t>(s.tokens.size());
+      const int64_t keep = all_logits || s.all_logits ? T : 1;
+      RmsNorm(x + (row + T - keep) * H, fn, keep, H, c.rms_norm_eps, h + out * H);
+      row += T;
+      out += keep;
     }
   }
   if (m.head_panels.defined() && options_.linear_path == LinearPath::kAuto) {

@@ -20,7 +20,13 @@ namespace amoeba {
 struct SeqInput {
   int64_t slot = 0;                 // KV-cache slot; tokens append at cache.length(slot)
   std::span<const int32_t> tokens;  // new tokens (>= 1)
+  bool all_logits = false;          // logits for every new token, not only the last
 };
+
+// Runs of up to this many new tokens attend token by token, with the decode kernel: each row's
+// logits are then bit for bit what that many single-token steps would give (checking drafted
+// tokens must agree with decoding them one by one); longer runs (prefill) use batched matmuls.
+inline constexpr int64_t kTokenByTokenAttentionMax = 16;
 
 // Activation buffers of a forward pass (grown on demand, never shrunk). Engines that run on one
 // thread, one after another (the server's lanes), can share one, so memory does not grow with
@@ -51,9 +57,11 @@ class Engine {
     return KVCache(*model_, slots, options_.max_len, options_.kv_dtype);
   }
 
-  // Appends each sequence's tokens to its slot and returns logits [num_seqs, vocab] for the last
-  // new token of each sequence, or [total_tokens, vocab] with all_logits. The returned tensor is a
-  // view of an internal buffer, valid until the next call.
+  // Appends each sequence's tokens to its slot and returns logits for the last new token of each
+  // sequence, or for all of its new tokens where SeqInput::all_logits (or `all_logits` here) asks,
+  // rows in input order: [rows, vocab]. The returned tensor is a view of an internal buffer, valid
+  // until the next call. With the fp32/fp16 panel kernels on AVX2 and the portable path, and with
+  // q8_0/q4_0 panels on every path, a row's values do not depend on the other rows of the call.
   absl::StatusOr<at::Tensor> Forward(KVCache& cache, std::span<const SeqInput> seqs,
                                      bool all_logits = false);
 

@@ -60,6 +60,13 @@ AMOEBA_AVX2 void GemvAvx2(const T* W, int64_t ld, int64_t in, const float* x, fl
   for (int64_t r = r0; r < r1; ++r) y[r] = DotAvx2(W + r * ld, x, in);
 }
 
+// GemvAvx2 for n inputs: the weight row stays in L1 across them.
+AMOEBA_AVX2 void RowwiseAvx2(const float* W, int64_t ld, int64_t in, const float* x, int64_t n,
+                             float* y, int64_t out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < n; ++j) y[j * out + r] = DotAvx2(W + r * ld, x + j * in, in);
+}
+
 // R weight rows against C inputs over one k-block [k0, k1): R*C accumulators stay in registers.
 // `accumulate`: add to y (later k-blocks) instead of overwriting it (the first).
 template <int R, int C, typename T>
@@ -364,6 +371,24 @@ float DotScalar(const float* a, const float* b, int64_t n) {
 }
 
 }  // namespace
+
+void LinearRowwise(const float* x, int64_t n, const at::Tensor& W, float* y) {
+  const int64_t out = W.size(0), in = W.size(1);
+  if (n == 0 || out == 0) return;
+  TORCH_CHECK(W.scalar_type() == at::kFloat && (W.stride(1) == 1 || in <= 1),
+              "LinearRowwise: fp32 weight with unit column stride");
+  const float* w = W.data_ptr<float>();
+  const int64_t ld = W.stride(0);
+  const bool avx2 = ActiveKernelIsa() != KernelIsa::kScalar;
+  at::parallel_for(0, out, GrainRows(out, in * n), [&](int64_t r0, int64_t r1) {
+    if (avx2) {
+      RowwiseAvx2(w, ld, in, x, n, y, out, r0, r1);
+    } else {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < n; ++j) y[j * out + r] = DotScalar(w + r * ld, x + j * in, in);
+    }
+  });
+}
 
 // The elementwise loops below auto-vectorise; target_clones adds an AVX2 copy picked at load time.
 #define AMOEBA_CLONES __attribute__((target_clones("avx2", "default")))

@@ -19,6 +19,11 @@ enum class LinearPath { kAuto, kTorch };
 void Linear(const float* x, int64_t n, const at::Tensor& W, const float* bias, float* y,
             LinearPath path = LinearPath::kAuto);
 
+// y[n, out] = x[n, in] · W[out, in]^T for fp32 W, every output one dot product of a W row and an x
+// row: a row's result does not depend on how many rows come with it (the GEMV of Linear's one-row
+// case, for every n). For small products that must agree with decoding token by token.
+void LinearRowwise(const float* x, int64_t n, const at::Tensor& W, float* y);
+
 // out = x * rsqrt(mean(x^2) + eps) * w, per row of length `dim`.
 void RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* out);
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/engine.h"
+#include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -117,6 +118,78 @@ TEST(EngineTest, MixedPrefillAndDecodeInOneCall) {
 
 // The libtorch-linear baseline (row-major weights, at::linear) against Amoeba's kernels, on a
 // model without panels (row-major kernels) and with them (the default path).
+// Checking k drafted tokens in one call must give, row for row, the logits of decoding them one
+// at a time: the same bits (short runs attend token by token; panel and delta kernels compute each
+// row alone), whatever else shares the call (a prefill chunk, a decode step), and a cache rolled
+// back past rejected tokens decodes on exactly as if they had never been fed.
+TEST(EngineTest, CheckedRowsEqualTokenByTokenDecodeBitForBit) {
+  at::InferenceMode guard;
+  const auto prompt = RandomTokens(20, 97, 21), other = RandomTokens(19, 97, 22);
+  const auto drafted = RandomTokens(5, 97, 23);
+  const int32_t after = 42;
+  std::vector<KernelIsa> isas = {KernelIsa::kScalar};
+  if (CpuHasAvx2Fma()) isas.push_back(KernelIsa::kAvx2);
+  // AVX-512's fp32/fp16 panel kernel splits a one-row sum four ways to hide FMA latency, so there
+  // rows of different batch sizes agree to rounding only; its quantized kernels are exact.
+  if (CpuHasAvx512()) isas.push_back(KernelIsa::kAvx512);
+  for (KernelIsa isa : isas)
+    for (WeightFormat format :
+         {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0})
+      for (bool deltas : {false, true}) {
+        ForceKernelIsa(isa);
+        Model base = TinyModel(7);
+        if (deltas) {  // low-rank deltas (unmerged adapters) on two projections
+          for (LayerWeights& l : base.layers)
+            for (Proj p : {Proj::kQ, Proj::kDown}) {
+              const at::Tensor& w = l.proj(p);
+              LowRankDelta d;
+              d.downs = {0.2 * at::randn({4, w.size(1)}), 0.2 * at::randn({4, w.size(1)})};
+              d.down_weights = {0.7f, 0.3f};
+              d.ups = {0.2 * at::randn({w.size(0), 4})};
+              d.up_weights = {1.0f};
+              l.deltas[static_cast<int>(p)] = d;
+            }
+        }
+        PackWeights(base, format);
+        Engine e(std::make_shared<const Model>(std::move(base)), {.max_len = 64});
+        const std::string what = std::string(KernelIsaName(isa)) + " " + WeightFormatName(format) +
+                                 (deltas ? " deltas" : "");
+        // Token by token in slot 0 of one cache.
+        KVCache one = e.NewCache(1);
+        SeqInput p{0, prompt};
+        ASSERT_TRUE(e.Forward(one, {&p, 1}).ok());
+        std::vector<at::Tensor> ref;
+        for (const int32_t& t : drafted) {
+          SeqInput s{0, {&t, 1}};
+          ref.push_back(e.Forward(one, {&s, 1}).value().clone());
+        }
+        // All five in one call, next to a prefill chunk (slot 1) and a decode step (slot 2).
+        KVCache many = e.NewCache(3);
+        SeqInput q[2] = {{0, prompt}, {2, other}};
+        ASSERT_TRUE(e.Forward(many, q).ok());
+        const int32_t step = 7;
+        SeqInput mixed[3] = {{1, other}, {0, drafted, /*all_logits=*/true}, {2, {&step, 1}}};
+        auto rows = e.Forward(many, mixed);
+        ASSERT_TRUE(rows.ok());
+        ASSERT_EQ(rows->size(0), 1 + 5 + 1);
+        const double tol = isa == KernelIsa::kAvx512 && !IsQuantized(format) ? 1e-5 : 0.0;
+        for (int i = 0; i < 5; ++i)
+          EXPECT_LE(MaxAbsDiff((*rows)[1 + i], ref[i][0]), tol) << what << " row " << i;
+        // Keep two of the five, roll back, decode on: as if only those two had been fed.
+        many.set_length(0, static_cast<int64_t>(prompt.size()) + 2);
+        KVCache two = e.NewCache(1);
+        ASSERT_TRUE(e.Forward(two, {&p, 1}).ok());
+        SeqInput kept{0, std::span<const int32_t>(drafted.data(), 2)};
+        ASSERT_TRUE(e.Forward(two, {&kept, 1}).ok());
+        SeqInput next{0, {&after, 1}};
+        const at::Tensor expect = e.Forward(two, {&next, 1}).value().clone();
+        auto got = e.Forward(many, {&next, 1});
+        ASSERT_TRUE(got.ok());
+        EXPECT_LE(MaxAbsDiff(*got, expect), tol) << what << " after rollback";
+      }
+  ForceKernelIsa(KernelIsa::kAuto);
+}
+
 TEST(EngineTest, BaselineLinearPathMatchesKernels) {
   at::InferenceMode guard;
   Model packed = TinyModel(4);
