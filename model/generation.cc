@@ -56,13 +56,30 @@ std::string_view TokenStream::Emit(bool final) {
   return delta_;
 }
 
-TokenStream::Step TokenStream::Next(float* logits) {
+void TokenStream::BeginDraft() {
+  if (!draft_sampler_) {
+    SamplingOptions o = opt_.sampling;
+    o.seed ^= 0x9E3779B97F4A7C15ull;  // independent of the target's draws (the rule needs it)
+    draft_sampler_.emplace(o, sampler_.vocab_size());
+  }
+  if (opt_.sampling.repetition_penalty != 1.0f) draft_sampler_->CopyHistoryFrom(sampler_);
+}
+
+int32_t TokenStream::Draft(float* logits, float* probs) {
+  const int32_t tok = draft_sampler_->Sample(logits, greedy() ? nullptr : probs);
+  if (opt_.sampling.repetition_penalty != 1.0f) draft_sampler_->Observe(tok);
+  return tok;
+}
+
+TokenStream::Step TokenStream::Next(float* logits, const Proposal* proposal) {
   Step step;
   if (reason_ != FinishReason::kNone) {
     step.done = true;
     return step;
   }
-  const int32_t tok = sampler_.Sample(logits);
+  const int32_t tok =
+      proposal ? sampler_.Verify(logits, proposal->token, proposal->probs, &step.accepted)
+               : sampler_.Sample(logits);
   sampler_.Observe(tok);
   tokens_.push_back(tok);
   step.token = tok;

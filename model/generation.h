@@ -4,6 +4,7 @@
 #pragma once
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -36,9 +37,24 @@ class TokenStream {
     int32_t token = -1;
     std::string_view text;  // newly final text (valid UTF-8), valid until the next call
     bool done = false;
+    bool accepted = false;  // Next with a proposal: the drafted token was kept
+  };
+  // A drafted token and the distribution it was drawn from (null: drawn deterministically).
+  struct Proposal {
+    int32_t token = -1;
+    const float* probs = nullptr;
   };
   // Chooses the next token from `logits` (modified in place) and updates the stop conditions.
-  Step Next(float* logits);
+  // With a proposal, checks the drafted token against the logits instead (Sampler::Verify): the
+  // stream's tokens are then distributed exactly as without drafting (greedy: the same tokens).
+  Step Next(float* logits, const Proposal* proposal = nullptr);
+
+  // Drafting (speculative decoding): BeginDraft starts a draft from the stream's tokens so far;
+  // Draft picks the next drafted token from a draft model's logits with the same sampling options
+  // (its own random numbers), writing its distribution to `probs` (vocab floats) when sampling.
+  void BeginDraft();
+  int32_t Draft(float* logits, float* probs);
+  bool greedy() const { return opt_.sampling.temperature <= 0.0f; }
   // Ends the stream early (cancel, time limit, error); returns the text still held back.
   std::string_view Finish(FinishReason reason);
 
@@ -53,6 +69,7 @@ class TokenStream {
   std::vector<int64_t> eos_token_ids_;
   GenerationOptions opt_;
   Sampler sampler_;
+  std::optional<Sampler> draft_sampler_;  // made on first BeginDraft
   StreamingDecoder decoder_;
   std::vector<int32_t> tokens_;
   std::string text_;    // the output text (stop string removed)

@@ -19,16 +19,20 @@ void Sampler::Observe(int32_t token) {
   seen_.push_back(token);
 }
 
-int32_t Sampler::Sample(float* logits) {
-  if (opt_.repetition_penalty != 1.0f) {
-    for (int32_t t : seen_) {
-      logits[t] =
-          logits[t] < 0 ? logits[t] * opt_.repetition_penalty : logits[t] / opt_.repetition_penalty;
-    }
+void Sampler::CopyHistoryFrom(const Sampler& other) {
+  seen_mask_ = other.seen_mask_;  // assignment reuses the capacity: no allocation once warm
+  seen_ = other.seen_;
+}
+
+void Sampler::ApplyPenalty(float* logits) const {
+  if (opt_.repetition_penalty == 1.0f) return;
+  for (int32_t t : seen_) {
+    logits[t] =
+        logits[t] < 0 ? logits[t] * opt_.repetition_penalty : logits[t] / opt_.repetition_penalty;
   }
-  if (opt_.temperature <= 0.0f) {
-    return static_cast<int32_t>(std::max_element(logits, logits + vocab_) - logits);
-  }
+}
+
+int64_t Sampler::Candidates(float* logits, double* sum_out) {
   const float inv_t = 1.0f / opt_.temperature;
   int64_t n = vocab_;
   std::iota(idx_.begin(), idx_.end(), 0);
@@ -59,6 +63,26 @@ int32_t Sampler::Sample(float* logits) {
     sum = 0;
     for (int64_t i = 0; i < n; ++i) sum += probs_[i];
   }
+  *sum_out = sum;
+  return n;
+}
+
+int32_t Sampler::Sample(float* logits, float* probs) {
+  ApplyPenalty(logits);
+  if (opt_.temperature <= 0.0f) {
+    const auto tok = static_cast<int32_t>(std::max_element(logits, logits + vocab_) - logits);
+    if (probs) {
+      std::fill(probs, probs + vocab_, 0.0f);
+      probs[tok] = 1.0f;
+    }
+    return tok;
+  }
+  double sum = 0;
+  const int64_t n = Candidates(logits, &sum);
+  if (probs) {
+    std::fill(probs, probs + vocab_, 0.0f);
+    for (int64_t i = 0; i < n; ++i) probs[idx_[i]] = static_cast<float>(probs_[i] / sum);
+  }
   std::uniform_real_distribution<double> u(0.0, sum);
   double r = u(rng_);
   for (int64_t i = 0; i < n; ++i) {
@@ -66,6 +90,48 @@ int32_t Sampler::Sample(float* logits) {
     if (r <= 0) return idx_[i];
   }
   return idx_[n - 1];
+}
+
+int32_t Sampler::Verify(float* logits, int32_t drafted, const float* draft_probs, bool* accepted) {
+  if (opt_.temperature <= 0.0f) {
+    const int32_t tok = Sample(logits);
+    *accepted = tok == drafted;
+    return tok;
+  }
+  ApplyPenalty(logits);
+  double sum = 0;
+  const int64_t n = Candidates(logits, &sum);
+  dense_.assign(vocab_, 0.0f);
+  for (int64_t i = 0; i < n; ++i) dense_[idx_[i]] = static_cast<float>(probs_[i] / sum);
+  const double p = dense_[drafted];
+  const double q = draft_probs ? draft_probs[drafted] : 1.0;
+  std::uniform_real_distribution<double> u01(0.0, 1.0);
+  if (q > 0 && u01(rng_) * q < p) {  // u < p / q
+    *accepted = true;
+    return drafted;
+  }
+  *accepted = false;
+  // The residual max(0, p - q): where the target wants more than the draft offered.
+  double residual = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t t = idx_[i];
+    const float qt = draft_probs ? draft_probs[t] : (t == drafted ? 1.0f : 0.0f);
+    dense_[t] = std::max(0.0f, dense_[t] - qt);
+    residual += dense_[t];
+  }
+  if (residual <= 0) {  // p == q up to rounding: any draw from p is right
+    for (int64_t i = 0; i < n; ++i) dense_[idx_[i]] = probs_[i];
+    residual = sum;
+  }
+  std::uniform_real_distribution<double> u(0.0, residual);
+  double r = u(rng_);
+  for (int64_t i = 0; i < n; ++i) {
+    r -= dense_[idx_[i]];
+    if (r <= 0 && dense_[idx_[i]] > 0) return idx_[i];
+  }
+  for (int64_t i = n; i-- > 0;)
+    if (dense_[idx_[i]] > 0) return idx_[i];
+  return idx_[0];
 }
 
 }  // namespace amoeba

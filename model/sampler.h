@@ -21,10 +21,26 @@ class Sampler {
   Sampler(const SamplingOptions& options, int64_t vocab_size);
   // Marks a token as seen (prompt and generated tokens) for the repetition penalty.
   void Observe(int32_t token);
-  // Picks a token; `logits` (vocab_size floats) is modified in place.
-  int32_t Sample(float* logits);
+  // Picks a token; `logits` (vocab_size floats) is modified in place. With `probs` (vocab_size
+  // floats), also writes the distribution the token was drawn from (one-hot when greedy).
+  int32_t Sample(float* logits, float* probs = nullptr);
+  // Speculative decoding's check of a drafted token against these logits (the standard rule, so
+  // the output is distributed as Sample's): greedy keeps `drafted` when it is the argmax;
+  // sampling keeps it with probability min(1, p/q), where q = `draft_probs` (the distribution it
+  // was drawn from; null = drawn deterministically, q one-hot), else draws from max(0, p - q)
+  // renormalised. Returns the token chosen; `accepted` says whether it is `drafted`.
+  int32_t Verify(float* logits, int32_t drafted, const float* draft_probs, bool* accepted);
+  // Takes `other`'s seen tokens (not its random state): a draft sampler following its target.
+  void CopyHistoryFrom(const Sampler& other);
+  const SamplingOptions& options() const { return opt_; }
+  int64_t vocab_size() const { return vocab_; }
 
  private:
+  // Repetition penalty, then the candidates (top-k, top-p) in idx_[0, n) with unnormalised
+  // probabilities probs_[0, n) summing to `sum`; n. Not for greedy.
+  int64_t Candidates(float* logits, double* sum);
+  void ApplyPenalty(float* logits) const;
+
   SamplingOptions opt_;
   int64_t vocab_;
   std::mt19937_64 rng_;
@@ -32,6 +48,7 @@ class Sampler {
   std::vector<int32_t> seen_;
   std::vector<int32_t> idx_;
   std::vector<float> probs_;
+  std::vector<float> dense_;  // Verify: the target's distribution over the vocabulary
 };
 
 }  // namespace amoeba

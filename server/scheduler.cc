@@ -244,7 +244,9 @@ bool Scheduler::EvictIdleLanes(const Lane* keep, int64_t extra) {
     std::string key;
     for (auto& [k, l] : lanes_) {
       // Only merged copies cost memory; lanes running on views are free to keep.
-      if (!l->seqs.empty() || l.get() == keep || l->bytes == 0 || l->building) continue;
+      if (!l->seqs.empty() || l.get() == keep || l->bytes == 0 || l->building ||
+          l->drafting_for_others > 0)
+        continue;
       if (!victim || l->last_used < victim->last_used) {
         victim = l.get();
         key = k;
@@ -331,6 +333,32 @@ bool Scheduler::Admit() {
       ++lane->requests;
       MaybeStartBuild(*lane);
     }
+    if (job->draft && job->draft_tokens > 0 && !(*job->draft == job->shape)) {
+      try {
+        s.draft = GetDraft(*lane, *job->draft);
+      } catch (...) {
+        s.draft = nullptr;
+      }
+      if (!s.draft) {
+        spdlog::warn("[{}] scheduler: draft {} cannot be built; decoding token by token",
+                     job->request_id, job->draft->ToString());
+      } else {
+        ++s.draft->users;
+        s.draft->cache.Reset(slot);
+        // The draft's shape counts as asked for: it gets a merged copy when hot, and is kept.
+        Lane& source = *lanes_.at(s.draft->key);
+        ++source.drafting_for_others;
+        if (!job->for_profiling) {
+          ++source.requests;
+          MaybeStartBuild(source);
+        }
+        const int64_t k = std::min(job->draft_tokens, kTokenByTokenAttentionMax - 1);
+        s.context.reserve(job->prompt.size() + static_cast<size_t>(job->gen.max_new_tokens) + 1);
+        s.context.assign(job->prompt.begin(), job->prompt.end());
+        s.check.reserve(k + 1);
+        if (!s.stream->greedy()) s.draft_probs.resize(k * lane->model->config.vocab_size);
+      }
+    }
     lane->seqs.push_back(std::move(s));
     ++running_;
     moved = true;
@@ -340,6 +368,25 @@ bool Scheduler::Admit() {
     for (auto it = keep.rbegin(); it != keep.rend(); ++it) queue_.push_front(std::move(*it));
   }
   return moved;
+}
+
+Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape) {
+  const std::string key = shape.ToString();
+  auto it = lane.drafts.find(key);
+  if (it != lane.drafts.end()) return it->second.get();
+  bool existed = false;
+  Lane* source = GetLane(shape, &existed);  // its model: views now, the merged copy when hot
+  if (!source) return nullptr;
+  auto d = std::make_unique<Draft>();
+  d->shape = shape;
+  d->key = key;
+  d->model = source->model;
+  d->engine = NewEngine(d->model);
+  d->cache = d->engine->NewCache(opt_.slots_per_shape);
+  spdlog::info("scheduler: {} drafts for {}", key, lane.shape.ToString());
+  Draft* raw = d.get();
+  lane.drafts[key] = std::move(d);
+  return raw;
 }
 
 void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error) {
@@ -356,6 +403,17 @@ void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Stat
   r.ttft_ms = s.has_first ? Ms(s.job->enqueued, s.first_token) : 0;
   r.total_ms = Ms(s.job->enqueued, now);
   r.shape = lane.shape;
+  if (s.draft) {
+    r.draft = s.draft->shape;
+    r.drafted_tokens = s.drafted;
+    r.accepted_tokens = s.accepted;
+    r.draft_rounds = s.rounds;
+    s.draft->cache.Reset(s.slot);
+    --s.draft->users;
+    auto source = lanes_.find(s.draft->key);
+    if (source != lanes_.end()) --source->second->drafting_for_others;
+    s.draft = nullptr;
+  }
   s.job->on_done(r);
   lane.slot_used[s.slot] = false;
   lane.cache.Reset(s.slot);  // gives the slot's KV memory back
@@ -363,28 +421,103 @@ void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Stat
   --running_;
 }
 
+std::optional<FinishReason> Scheduler::EndedEarly(const Seq& s, Clock::time_point now) {
+  // A passed deadline first: gRPC cancels the call when it passes, and the request ended by its
+  // deadline, not by the client.
+  if ((s.job->deadline && now >= *s.job->deadline) || (s.time_limit && now >= *s.time_limit))
+    return FinishReason::kTimeLimit;
+  if (s.job->cancelled) return FinishReason::kCancelled;
+  return std::nullopt;
+}
+
+void Scheduler::DraftStep(Lane& lane) {
+  const int64_t max_len = lane.cache.max_len();
+  for (Seq& s : lane.seqs) {
+    s.checking = 0;
+    s.check.clear();
+  }
+  for (auto& [key, d] : lane.drafts) {
+    if (d->users == 0) continue;
+    // The draft shape's lane got a merged copy: same KV layout, draft on it from now on.
+    if (auto src = lanes_.find(key); src != lanes_.end() && src->second->model != d->model) {
+      d->model = src->second->model;
+      d->engine = NewEngine(d->model);
+    }
+    // Who drafts this step, and what each feeds the draft first: the context it has not seen
+    // (the prompt on the first round; one or two tokens later), or a chunk of it when that is
+    // longer than a prefill chunk (then the sequence decodes token by token this step).
+    std::vector<SeqInput> inputs;
+    std::vector<Seq*> who;
+    int64_t rounds = 0;
+    for (Seq& s : lane.seqs) {
+      if (s.draft != d.get() || s.fed < s.job->prompt.size() || !s.has_first) continue;
+      const int64_t have = lane.cache.length(s.slot), seen = d->cache.length(s.slot);
+      const int64_t left =
+          s.job->gen.max_new_tokens - static_cast<int64_t>(s.stream->tokens().size());
+      // A check yields up to k + 1 tokens and must leave room in the context.
+      const int64_t k = std::min(
+          {s.job->draft_tokens, kTokenByTokenAttentionMax - 1, left - 1, max_len - 2 - have});
+      const int64_t unseen = have + 1 - seen;  // context[seen, have] (context[have] = next)
+      if (k <= 0 || unseen <= 0) continue;
+      if (unseen > opt_.prefill_chunk) {
+        inputs.push_back(
+            {s.slot, std::span<const int32_t>(s.context.data() + seen, opt_.prefill_chunk)});
+        who.push_back(&s);
+        continue;
+      }
+      s.checking = k;
+      s.check.push_back(s.next);
+      s.stream->BeginDraft();
+      inputs.push_back({s.slot, std::span<const int32_t>(s.context.data() + seen, unseen)});
+      who.push_back(&s);
+      rounds = std::max(rounds, k);
+    }
+    if (inputs.empty()) continue;
+    // Round i feeds every sequence still drafting its last drafted token (its whole unseen
+    // context in round 0) and picks the next one from the draft's logits.
+    for (int64_t i = 0; i < std::max<int64_t>(rounds, 1); ++i) {
+      if (i > 0) {
+        inputs.clear();
+        std::vector<Seq*> still;
+        for (Seq* s : who)
+          if (s->checking > i) {
+            inputs.push_back({s->slot, std::span<const int32_t>(&s->check[i], 1)});
+            still.push_back(s);
+          }
+        who.swap(still);
+        if (inputs.empty()) break;
+      }
+      auto logits = d->engine->Forward(d->cache, inputs);
+      if (!logits.ok()) throw std::runtime_error(std::string(logits.status().message()));
+      for (size_t j = 0; j < who.size(); ++j) {
+        Seq& s = *who[j];
+        if (s.checking == 0) continue;  // catching up only
+        const int64_t vocab = logits->size(1);
+        float* probs = s.draft_probs.empty() ? nullptr : s.draft_probs.data() + i * vocab;
+        s.check.push_back(
+            s.stream->Draft(logits->select(0, static_cast<int64_t>(j)).data_ptr<float>(), probs));
+      }
+    }
+  }
+}
+
 void Scheduler::Step(Lane& lane) {
   const auto now = Clock::now();
   // Cancellation and deadlines are honoured before spending a step on the sequence.
-  for (size_t i = lane.seqs.size(); i-- > 0;) {
-    Seq& s = lane.seqs[i];
-    // A passed deadline first: gRPC cancels the call when it passes, and the request ended by
-    // its deadline, not by the client.
-    if ((s.job->deadline && now >= *s.job->deadline) || (s.time_limit && now >= *s.time_limit)) {
-      Finish(lane, i, FinishReason::kTimeLimit);
-    } else if (s.job->cancelled) {
-      Finish(lane, i, FinishReason::kCancelled);
-    }
-  }
+  for (size_t i = lane.seqs.size(); i-- > 0;)
+    if (auto reason = EndedEarly(lane.seqs[i], now)) Finish(lane, i, *reason);
   if (lane.seqs.empty()) return;
   lane.last_used = now;
   if (opt_.fault_hook) opt_.fault_hook("step", lane.shape);
+  if (!lane.drafts.empty()) DraftStep(lane);
   std::vector<SeqInput> inputs;
   inputs.reserve(lane.seqs.size());
   for (Seq& s : lane.seqs) {
     if (s.fed < s.job->prompt.size()) {
       const size_t n = std::min<size_t>(opt_.prefill_chunk, s.job->prompt.size() - s.fed);
       inputs.push_back({s.slot, std::span<const int32_t>(s.job->prompt.data() + s.fed, n)});
+    } else if (s.checking > 0) {  // next and the drafted tokens: logits for each
+      inputs.push_back({s.slot, s.check, /*all_logits=*/true});
     } else {
       inputs.push_back({s.slot, std::span<const int32_t>(&s.next, 1)});
     }
@@ -397,32 +530,69 @@ void Scheduler::Step(Lane& lane) {
       Finish(lane, i, FinishReason::kError, logits.status());
     return;
   }
-  std::vector<size_t> done;
+  std::vector<std::pair<size_t, FinishReason>> done;
+  int64_t row = 0;
   for (size_t i = 0; i < lane.seqs.size(); ++i) {
     Seq& s = lane.seqs[i];
+    const int64_t rows = s.checking > 0 ? s.checking + 1 : 1;
+    const int64_t first_row = row;
+    row += rows;
     if (s.fed < s.job->prompt.size()) {
       s.fed += inputs[i].tokens.size();
       if (s.fed < s.job->prompt.size()) continue;  // more prompt to feed
     }
-    TokenStream::Step st =
-        s.stream->Next(logits->select(0, static_cast<int64_t>(i)).data_ptr<float>());
-    if (!s.has_first) {
-      s.has_first = true;
-      s.first_token = Clock::now();
+    // Row j holds the logits after check[j]: with j < checking it decides on drafted token j+1
+    // (kept, or replaced by the lane's own choice, which ends the check); the last row, reached
+    // only when every drafted token was kept, gives one more token of the lane's own.
+    const int64_t before = lane.cache.length(s.slot) - rows;  // context before this step
+    int64_t kept = 0;
+    bool finished = false;
+    for (int64_t j = 0; j < rows && !finished; ++j) {
+      TokenStream::Proposal proposal;
+      const bool drafted = j < s.checking;
+      if (drafted) {
+        proposal.token = s.check[j + 1];
+        if (!s.draft_probs.empty()) proposal.probs = s.draft_probs.data() + j * logits->size(1);
+      }
+      TokenStream::Step st = s.stream->Next(logits->select(0, first_row + j).data_ptr<float>(),
+                                            drafted ? &proposal : nullptr);
+      if (!s.has_first) {
+        s.has_first = true;
+        s.first_token = Clock::now();
+      }
+      s.next = st.token;
+      if (s.draft) s.context.push_back(st.token);
+      if (s.job->on_token && (!st.text.empty() || !st.done)) {
+        s.job->on_token(st.token, st.text);
+        ++s.sent_tokens;
+      }
+      if (st.done) {
+        done.emplace_back(i, FinishReason::kLength);
+        finished = true;
+      } else if (j + 1 < rows) {  // between tokens of one check: send no more once ended
+        if (auto reason = EndedEarly(s, Clock::now())) {
+          done.emplace_back(i, *reason);
+          finished = true;
+        }
+      }
+      if (drafted && st.accepted) ++kept;
+      if (drafted && !st.accepted) break;
     }
-    s.next = st.token;
-    if (s.job->on_token && (!st.text.empty() || !st.done)) {
-      s.job->on_token(st.token, st.text);
-      ++s.sent_tokens;
+    if (s.checking > 0) {
+      // Keep next and the drafted tokens that were kept; the rest of both caches is rolled back.
+      lane.cache.set_length(s.slot, before + 1 + kept);
+      s.draft->cache.set_length(s.slot, std::min(s.draft->cache.length(s.slot), before + 1 + kept));
+      s.drafted += s.checking;
+      s.accepted += kept;
+      ++s.rounds;
+      if (opt_.on_draft_checked)
+        opt_.on_draft_checked(lane.shape, s.draft->shape, s.checking, kept);
     }
     // The context is full: stop with LENGTH rather than overrunning the cache.
-    if (!st.done && lane.cache.length(s.slot) + 1 >= lane.cache.max_len()) {
-      done.push_back(i);
-      continue;
-    }
-    if (st.done) done.push_back(i);
+    if (!finished && lane.cache.length(s.slot) + 1 >= lane.cache.max_len())
+      done.emplace_back(i, FinishReason::kLength);
   }
-  for (auto it = done.rbegin(); it != done.rend(); ++it) Finish(lane, *it, FinishReason::kLength);
+  for (auto it = done.rbegin(); it != done.rend(); ++it) Finish(lane, it->first, it->second);
   if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
 }
 

@@ -37,6 +37,8 @@ struct JobResult {
   int64_t prompt_tokens = 0, completion_tokens = 0;
   double queue_ms = 0, ttft_ms = 0, total_ms = 0;
   Shape shape;
+  std::optional<Shape> draft;  // speculative decoding: the shape that drafted
+  int64_t drafted_tokens = 0, accepted_tokens = 0, draft_rounds = 0;
 };
 
 struct Job {
@@ -44,6 +46,10 @@ struct Job {
   Shape shape;
   std::vector<int32_t> prompt;
   GenerationOptions gen;
+  // Speculative decoding: `draft`, a smaller shape of the same supernet, proposes up to
+  // `draft_tokens` tokens a step and `shape` checks them in one pass (none: token by token).
+  std::optional<Shape> draft;
+  int64_t draft_tokens = 0;
   std::optional<Clock::time_point> deadline;  // gRPC deadline; time_limit_ms is in `gen`
   std::atomic<bool> cancelled{false};
   Clock::time_point enqueued;
@@ -61,11 +67,14 @@ struct SchedulerOptions {
   int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
   int64_t cache_bytes = 1ll << 30;  // memory cap for merged subnet copies
   WeightFormat weights_format = WeightFormat::kF32;  // panels of merged copies (as the supernet's)
-  at::ScalarType kv_dtype = at::kFloat;       // KV cache storage (kHalf: half the memory)
-  const Smol* smol = nullptr;                 // adapters: unmerged when cold, merged when hot
+  at::ScalarType kv_dtype = at::kFloat;              // KV cache storage (kHalf: half the memory)
+  const Smol* smol = nullptr;        // adapters: unmerged when cold, merged when hot
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
   // Lane statistics listener (metrics): called on the worker thread after each step.
   std::function<void(const Shape&, int64_t running)> on_lane_step;
+  // Speculation listener (metrics): one call per checked draft, on the worker thread.
+  std::function<void(const Shape& target, const Shape& draft, int64_t drafted, int64_t accepted)>
+      on_draft_checked;
   // Test-only fault injection: called with "step" on the worker thread before each step of a lane
   // and with "build" on the builder thread before each merged-copy build; whatever it throws goes
   // through the error boundary.
@@ -94,8 +103,25 @@ class Scheduler {
   SchedulerStats stats() const;
 
  private:
+  // A smaller shape drafting for a lane's sequences: the draft shape's model (its lane's, so a
+  // merged copy is picked up when that lane gets one) with its own KV cache, whose slot i drafts
+  // for the lane's slot i.
+  struct Draft {
+    Shape shape;
+    std::string key;
+    std::shared_ptr<const Model> model;
+    std::unique_ptr<Engine> engine;
+    KVCache cache;
+    int64_t users = 0;
+  };
   struct Seq {
     std::shared_ptr<Job> job;
+    Draft* draft = nullptr;          // speculating with this draft (owned by the lane)
+    std::vector<int32_t> context;    // prompt + generated tokens: what the draft catches up from
+    std::vector<int32_t> check;      // next + drafted tokens, checked by the lane in one pass
+    std::vector<float> draft_probs;  // [draft_tokens, vocab]: the drafted tokens' distributions
+    int64_t checking = 0;            // tokens drafted this step (0: decoding token by token)
+    int64_t drafted = 0, accepted = 0, rounds = 0;
     int64_t slot = 0;
     std::unique_ptr<TokenStream> stream;
     size_t fed = 0;  // prompt tokens already in the cache
@@ -117,6 +143,8 @@ class Scheduler {
     int64_t requests = 0;  // admitted so far
     bool merged = false, building = false;
     bool merge_failed = false;  // a build threw: stay unmerged rather than retry forever
+    std::map<std::string, std::unique_ptr<Draft>> drafts;  // for this lane's sequences
+    int64_t drafting_for_others = 0;  // running sequences of other lanes drafting with this shape
   };
   struct Build {  // a merged copy being made on the builder thread
     std::string key;
@@ -135,7 +163,13 @@ class Scheduler {
   // never `keep`. False when they cannot be made to fit.
   bool EvictIdleLanes(const Lane* keep = nullptr, int64_t extra = 0);
   bool Admit();  // moves waiting jobs into lanes; true if any moved
+  // The lane's draft of shape `s`, made on first use; null when the shape cannot be built.
+  Draft* GetDraft(Lane& lane, const Shape& s);
+  // Drafts for every sequence of `lane` that speculates this step (Seq::checking, Seq::check).
+  void DraftStep(Lane& lane);
   void Step(Lane& lane);
+  // Time limit (first) or cancellation, if the sequence should end now.
+  static std::optional<FinishReason> EndedEarly(const Seq& s, Clock::time_point now);
   // The error boundary: every sequence of a lane whose step threw ends with `error`, and the lane
   // (whose engine state is unknown now) is dropped; other lanes go on.
   void FailLane(const std::string& key, const absl::Status& error);

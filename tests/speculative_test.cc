@@ -1,0 +1,178 @@
+// Speculative decoding in the scheduler: a smaller shape of the supernet drafts, the request's
+// shape checks the drafted tokens in one pass. Greedy output must be the tokens of decoding token
+// by token, whatever the draft, the number of drafted tokens, the batch around the sequence, or
+// where EOS, the token limit or a cancellation falls.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <future>
+#include <thread>
+
+#include "model/kernels.h"
+#include "tests/server_fixture.h"
+
+namespace amoeba {
+namespace {
+using testing::TestServer;
+
+struct Outcome {
+  std::vector<int32_t> tokens;
+  JobResult result;
+};
+
+std::shared_ptr<Job> NewJob(const Supernet& s, const Shape& shape, const std::string& text, int n,
+                            std::optional<Shape> draft = std::nullopt, int64_t k = 0) {
+  auto job = std::make_shared<Job>();
+  job->request_id = "spec-test";
+  job->shape = shape;
+  job->prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
+  for (int32_t t : s.tokenizer()->Encode(text)) job->prompt.push_back(t);
+  job->gen.max_new_tokens = n;
+  job->draft = draft;
+  job->draft_tokens = k;
+  return job;
+}
+
+// Submits the jobs together (so they share steps) and waits for all of them.
+std::vector<Outcome> RunAll(Scheduler& sched, const std::vector<std::shared_ptr<Job>>& jobs) {
+  std::vector<Outcome> out(jobs.size());
+  std::vector<std::promise<void>> done(jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Job& j = *jobs[i];
+    auto* job = jobs[i].get();
+    j.on_token = [&out, i, job](int32_t token, std::string_view) {
+      if (token >= 0) out[i].tokens.push_back(token);
+      (void)job;
+    };
+    j.on_done = [&out, &done, i](const JobResult& r) {
+      out[i].result = r;
+      done[i].set_value();
+    };
+  }
+  for (auto& j : jobs) EXPECT_TRUE(sched.Submit(j).ok());
+  for (auto& d : done) d.get_future().wait();
+  return out;
+}
+
+Outcome RunOne(Scheduler& sched, std::shared_ptr<Job> job) {
+  return RunAll(sched, {std::move(job)})[0];
+}
+
+// AVX-512's fp32 panel kernel sums a one-row product in another order than a many-row one (see
+// EngineTest.CheckedRowsEqualTokenByTokenDecodeBitForBit): exactness is the AVX2 kernels' promise.
+struct BatchInvariantKernels {
+  BatchInvariantKernels() {
+    if (CpuHasAvx512()) ForceKernelIsa(KernelIsa::kAvx2);
+  }
+  ~BatchInvariantKernels() { ForceKernelIsa(KernelIsa::kAuto); }
+};
+
+TEST(SpeculativeTest, GreedyOutputIsTokenByTokenDecodingForEveryDraftAndLength) {
+  BatchInvariantKernels invariant;
+  SchedulerOptions so;
+  so.merge_after_requests = 0;  // the adapters stay low-rank deltas (a merged copy rounds apart)
+  TestServer ts(so, "", /*adapters=*/true);
+  const Supernet& s = *ts.supernet;
+  const Shape target = s.FullShape(), small = s.SmallestShape();
+  const Shape middle{s.spec().depths.back(), s.spec().widths[s.spec().widths.size() / 2]};
+  const std::string text = "speculate on this";
+  for (int n : {1, 2, 9, 23}) {
+    const Outcome plain = RunOne(*ts.scheduler, NewJob(s, target, text, n));
+    ASSERT_EQ(plain.tokens.size(), static_cast<size_t>(n));
+    for (const Shape& draft : {small, middle})
+      for (int64_t k : {1, 3, 7}) {
+        const Outcome spec = RunOne(*ts.scheduler, NewJob(s, target, text, n, draft, k));
+        const std::string what = absl::StrCat("n=", n, " draft ", draft.ToString(), " k=", k);
+        EXPECT_EQ(spec.tokens, plain.tokens) << what;
+        EXPECT_EQ(spec.result.reason, plain.result.reason) << what;
+        EXPECT_EQ(spec.result.completion_tokens, n) << what;
+        ASSERT_TRUE(spec.result.draft.has_value()) << what;
+        EXPECT_EQ(*spec.result.draft, draft);
+        EXPECT_LE(spec.result.accepted_tokens, spec.result.drafted_tokens) << what;
+        // A check yields its kept tokens plus one; the first token comes from the prefill, and
+        // the last one alone is decoded token by token (nothing left to draft for).
+        EXPECT_LE(spec.result.draft_rounds + spec.result.accepted_tokens, n - 1) << what;
+        if (n >= 3) {
+          EXPECT_GT(spec.result.draft_rounds, 0) << what;
+        }
+      }
+  }
+}
+
+// Several sequences in one lane, speculating with different drafts and k or not at all, with
+// different prompt lengths (prefill chunks next to checks): each is what it is alone.
+TEST(SpeculativeTest, SequencesSharingStepsEachMatchTheirOwnDecoding) {
+  BatchInvariantKernels invariant;
+  SchedulerOptions so;
+  so.prefill_chunk = 8;  // long prompts take several steps, next to other sequences' checks
+  so.weights_format = WeightFormat::kQ8_0;  // exact on every instruction set
+  TestServer ts(so);
+  const Supernet& s = *ts.supernet;
+  const Shape target = s.FullShape(), small = s.SmallestShape();
+  const Shape narrow{s.spec().depths.back(), s.spec().widths.back()};
+  const std::vector<std::string> texts = {"a", "a somewhat longer prompt than the first one",
+                                          "third", "and a fourth prompt, longer again, to chunk"};
+  std::vector<std::vector<int32_t>> alone;
+  for (const auto& t : texts)
+    alone.push_back(RunOne(*ts.scheduler, NewJob(s, target, t, 17)).tokens);
+  std::vector<std::shared_ptr<Job>> jobs = {
+      NewJob(s, target, texts[0], 17, small, 4), NewJob(s, target, texts[1], 17, narrow, 2),
+      NewJob(s, target, texts[2], 17), NewJob(s, target, texts[3], 17, small, 6)};
+  const auto out = RunAll(*ts.scheduler, jobs);
+  for (size_t i = 0; i < jobs.size(); ++i) EXPECT_EQ(out[i].tokens, alone[i]) << texts[i];
+  EXPECT_GT(out[0].result.draft_rounds, 0);
+  EXPECT_FALSE(out[2].result.draft.has_value());
+}
+
+// EOS inside a drafted run ends the output exactly where token-by-token decoding ends it; a
+// cancellation between the tokens of one check sends no more tokens.
+TEST(SpeculativeTest, EosAndCancellationInsideACheck) {
+  BatchInvariantKernels invariant;
+  const std::string text = "stop somewhere";
+  int32_t eos = -1;
+  {
+    TestServer first;  // what the model says without an EOS token
+    const Outcome plain =
+        RunOne(*first.scheduler, NewJob(*first.supernet, first.supernet->FullShape(), text, 20));
+    ASSERT_EQ(plain.tokens.size(), 20u);
+    // A token first said at position >= 4 becomes EOS.
+    for (size_t i = 4; i < plain.tokens.size() && eos < 0; ++i)
+      if (std::find(plain.tokens.begin(), plain.tokens.begin() + i, plain.tokens[i]) ==
+          plain.tokens.begin() + i)
+        eos = plain.tokens[i];
+    if (eos < 0) GTEST_SKIP() << "the toy model repeats itself from the start";
+  }
+  TestServer ts;  // the same supernet (seeded), with that token made EOS before any lane
+  const_cast<ModelConfig&>(ts.supernet->base().config).eos_token_ids = {eos};
+  const Supernet& s = *ts.supernet;
+  const Shape target = s.FullShape(), small = s.SmallestShape();
+  const Outcome plain = RunOne(*ts.scheduler, NewJob(s, target, text, 20));
+  EXPECT_EQ(plain.result.reason, FinishReason::kEos);
+  EXPECT_GE(plain.tokens.size(), 4u);
+  EXPECT_LT(plain.tokens.size(), 20u);
+  for (int64_t k : {2, 5, 7}) {
+    const Outcome b = RunOne(*ts.scheduler, NewJob(s, target, text, 20, small, k));
+    EXPECT_EQ(b.tokens, plain.tokens) << "k=" << k;
+    EXPECT_EQ(b.result.reason, FinishReason::kEos) << "k=" << k;
+    EXPECT_EQ(b.result.completion_tokens, plain.result.completion_tokens) << "k=" << k;
+  }
+  // Cancel after the third token: no fourth.
+  auto job = NewJob(s, target, text, 20, small, 7);
+  std::vector<int32_t> got;
+  std::promise<JobResult> done;
+  Job* raw = job.get();
+  job->on_token = [&](int32_t t, std::string_view) {
+    if (t >= 0) got.push_back(t);
+    if (got.size() == 3) raw->cancelled = true;
+  };
+  job->on_done = [&](const JobResult& r) { done.set_value(r); };
+  ASSERT_TRUE(ts.scheduler->Submit(job).ok());
+  const JobResult r = done.get_future().get();
+  EXPECT_EQ(r.reason, FinishReason::kCancelled);
+  EXPECT_EQ(got.size(), 3u);
+  EXPECT_EQ(r.completion_tokens, 3);
+  EXPECT_EQ(std::vector<int32_t>(plain.tokens.begin(), plain.tokens.begin() + 3), got);
+}
+
+}  // namespace
+}  // namespace amoeba
