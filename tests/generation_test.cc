@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <memory>
 
 #include "model/engine.h"
@@ -187,6 +188,89 @@ TEST(SamplerTest, RepetitionPenaltyTopKAndTopP) {
     seen.insert(t.Sample(m));
   }
   EXPECT_EQ(seen.size(), 4u);
+}
+
+double ChiSquare(const std::vector<int64_t>& counts, const std::vector<float>& p, int64_t n,
+                 int64_t* df) {
+  // Tokens expected at least 5 times each get a bin; the rest share one.
+  double chi = 0, rest_obs = 0, rest_exp = 0;
+  *df = -1;
+  for (size_t t = 0; t < p.size(); ++t) {
+    const double e = p[t] * static_cast<double>(n);
+    if (e >= 5) {
+      chi += (counts[t] - e) * (counts[t] - e) / e;
+      ++*df;
+    } else {
+      rest_obs += counts[t];
+      rest_exp += e;
+    }
+  }
+  if (rest_exp > 0) {
+    chi += (rest_obs - rest_exp) * (rest_obs - rest_exp) / rest_exp;
+    ++*df;
+  }
+  return chi;
+}
+
+// The speculative sampling rule on real logits: a different model drafts a token from its own
+// distribution q, the target checks it against its logits (one pass over [next, drafted], cache
+// rolled back each time). The tokens that come out must follow the target's distribution p,
+// not q: chi-square over 20000 draws, with the draft's own draws as the control that the test
+// can tell the two apart. The acceptance rate is sum(min(p, q)).
+TEST(SamplerTest, SpeculativeChecksKeepTheTargetsDistribution) {
+  at::InferenceMode guard;
+  auto target = std::make_shared<const Model>(testing::TinyModel(3));
+  auto draft = std::make_shared<const Model>(testing::TinyModel(9));
+  const int64_t V = target->config.vocab_size;
+  const std::vector<int32_t> prompt = {5, 17, 60, 2, 33, 71};
+  Engine te(target, {.max_len = 16}), de(draft, {.max_len = 16});
+  KVCache tc = te.NewCache(1), dc = de.NewCache(1);
+  SeqInput head{0, std::span<const int32_t>(prompt.data(), prompt.size() - 1)};
+  ASSERT_TRUE(te.Forward(tc, {&head, 1}).ok());
+  SeqInput all{0, prompt};
+  const at::Tensor draft_logits = de.Forward(dc, {&all, 1}).value()[0].clone();
+  for (const SamplingOptions& o :
+       {SamplingOptions{.temperature = 1.0f},
+        SamplingOptions{.temperature = 0.7f, .top_k = 12, .top_p = 0.9f}}) {
+    // p: what the target samples from after the prompt (Sample's own distribution).
+    std::vector<float> p(V), q(V);
+    {
+      SeqInput whole{0, prompt};
+      KVCache fresh = te.NewCache(1);
+      at::Tensor l = te.Forward(fresh, {&whole, 1}).value()[0].clone();
+      Sampler(o, V).Sample(l.data_ptr<float>(), p.data());
+    }
+    const int64_t n = 20000;
+    std::vector<int64_t> counts(V, 0), draft_counts(V, 0);
+    int64_t accepted = 0;
+    SamplingOptions od = o;
+    od.seed = 99;
+    Sampler checker({o.temperature, o.top_k, o.top_p, o.repetition_penalty, 7}, V), drafter(od, V);
+    for (int64_t i = 0; i < n; ++i) {
+      at::Tensor dl = draft_logits.clone();
+      const int32_t d = drafter.Sample(dl.data_ptr<float>(), q.data());
+      ++draft_counts[d];
+      const int32_t check[2] = {prompt.back(), d};
+      SeqInput in{0, check, /*all_logits=*/true};
+      at::Tensor rows = te.Forward(tc, {&in, 1}).value();
+      bool ok = false;
+      ++counts[checker.Verify(rows[0].data_ptr<float>(), d, q.data(), &ok)];
+      accepted += ok;
+      tc.set_length(0, static_cast<int64_t>(prompt.size()) - 1);  // roll back both tokens
+    }
+    int64_t df = 0;
+    const double chi = ChiSquare(counts, p, n, &df);
+    // ~1e-5 upper tail of chi-square(df) (mean df, sd sqrt(2 df)).
+    const double critical = df + 4.5 * std::sqrt(2.0 * df);
+    EXPECT_GT(df, 3);
+    EXPECT_LT(chi, critical) << "df " << df << " temperature " << o.temperature;
+    int64_t df_q = 0;
+    EXPECT_GT(ChiSquare(draft_counts, p, n, &df_q), critical) << "the draft's q is not p";
+    double overlap = 0;
+    for (int64_t t = 0; t < V; ++t) overlap += std::min(p[t], q[t]);
+    const double rate = static_cast<double>(accepted) / n;
+    EXPECT_NEAR(rate, overlap, 4 * std::sqrt(overlap * (1 - overlap) / n) + 1e-3);
+  }
 }
 
 }  // namespace
