@@ -21,6 +21,7 @@
 #include "subnet/frontier.h"
 #include "subnet/latency_profile.h"
 #include "subnet/metrics.h"
+#include "subnet/speculation.h"
 #include "subnet/subnet_builder.h"
 
 namespace amoeba::admin {
@@ -121,6 +122,7 @@ absl::Status RunEval(const EvalFlags& f) {
     }
   }
   nlohmann::json rows = nlohmann::json::array();
+  std::vector<at::Tensor> greedy;  // per shape: its greedy next token at every window position
   Progress bar("eval", static_cast<int64_t>(shapes.size()));
   for (const Shape& sh : shapes) {
     at::InferenceMode g;
@@ -138,6 +140,7 @@ absl::Status RunEval(const EvalFlags& f) {
       row["engine_perplexity"] = std::exp(c.test_nll);
     }
     rows.push_back(row);
+    greedy.push_back(GreedyNextTokens(std::make_shared<const Model>(std::move(m)), windows));
     bar.Advance(1, sh.ToString());
   }
   bar.Finish();
@@ -151,6 +154,7 @@ absl::Status RunEval(const EvalFlags& f) {
   }
   LatencyOptions lo;
   lo.bandwidth_gbs = MeasureReadBandwidthGBs(256, 2);
+  lo.check_tokens = 4;  // what checking drafted tokens costs each shape
   const std::vector<ShapeLatency> latency = ProfileDecodeLatency(runnable, lo);
   LogLatencyProfile(latency, "eval");
   std::vector<FrontierPoint> points;
@@ -179,6 +183,15 @@ absl::Status RunEval(const EvalFlags& f) {
     p->decode_ms_per_token = r["decode_ms_per_token"].get<double>();
     if (r.contains("mc_accuracy")) p->mc_accuracy = r["mc_accuracy"].get<double>();
     p->adapters = smol != nullptr;
+  }
+  // Speculative decoding: every smaller shape as a draft for every shape.
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    ShapeRecord* p = spec.FindRecord(shapes[i]);
+    p->check_ms_per_extra_token = latency[i].check_extra_ms;
+    p->draft_runs.clear();
+    for (size_t j = 0; j < shapes.size(); ++j)
+      if (rows[j]["params"].get<int64_t>() < rows[i]["params"].get<int64_t>())
+        p->draft_runs[shapes[j].ToString()] = DraftRunHistogram(greedy[i], greedy[j]);
   }
   s->set_spec(spec);
   RETURN_IF_ERROR(s->SaveMetadata(f.supernet));
@@ -211,6 +224,25 @@ absl::Status RunEval(const EvalFlags& f) {
                                   : "",
         r["frontier"].get<bool>() ? "  *frontier" : "",
         r["latency_outlier"].get<bool>() ? "  (latency outlier)" : "");
+  }
+  // The draft eval would pick per shape on this host (the server picks with its own timings).
+  std::printf("speculative decoding (greedy agreement on the held-out windows):\n");
+  std::printf("%-22s %-22s %-3s %-12s %s\n", "target", "best draft", "k", "kept/check",
+              "expected speedup");
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    auto costs = [&](const Shape& t, const Shape& d) -> std::optional<DraftCosts> {
+      (void)t;
+      for (size_t j = 0; j < shapes.size(); ++j)
+        if (shapes[j] == d)
+          return DraftCosts{latency[i].ms_per_token, latency[j].ms_per_token,
+                            latency[i].check_extra_ms};
+      return std::nullopt;
+    };
+    auto c = ChooseDraft(spec, shapes[i], costs, 0.0);
+    if (!c) continue;
+    std::printf("%-22s %-22s %-3lld %-12.2f %.2fx%s\n", shapes[i].ToString().c_str(),
+                c->draft.ToString().c_str(), static_cast<long long>(c->tokens), c->expected_kept,
+                c->expected_speedup, c->expected_speedup < 1.1 ? " (not worth it)" : "");
   }
   const std::string svg = f.svg.empty() ? (fs::path(f.supernet) / "frontier.svg").string() : f.svg;
   std::ofstream(svg) << FrontierSvg(rows);

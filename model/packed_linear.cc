@@ -63,28 +63,48 @@ AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, floa
 }
 
 // AVX2 (no AVX-512): a panel row is two ymm; up to 4 inputs at a time (8 accumulators of the 16
-// registers), so a group of J inputs re-reads the panel J/4 times from L1/L2.
+// registers), so a group of J inputs re-reads the panel J/4 times from L1/L2. The last pass takes
+// only the inputs left (5 inputs: 4 + 1, not 4 + 4), each input's sum in the same order.
+template <int B, typename T>
+AMOEBA_AVX2 void PanelAvx2Pass(const T* panel, const float* xk0, int64_t J, int64_t in, float* y,
+                               int64_t out, int64_t col, int64_t valid) {
+  __m256 lo[B], hi[B];
+  for (int b = 0; b < B; ++b) lo[b] = hi[b] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < in; ++k) {
+    const __m256 wl = Load8(panel + k * kPanel), wh = Load8(panel + k * kPanel + 8);
+    const float* xk = xk0 + k * J;
+    for (int b = 0; b < B; ++b) {
+      const __m256 xv = _mm256_broadcast_ss(xk + b);
+      lo[b] = _mm256_fmadd_ps(wl, xv, lo[b]);
+      hi[b] = _mm256_fmadd_ps(wh, xv, hi[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    alignas(32) float tmp[kPanel];
+    _mm256_store_ps(tmp, lo[b]);
+    _mm256_store_ps(tmp + 8, hi[b]);
+    std::copy(tmp, tmp + valid, y + b * out + col);
+  }
+}
+
 template <int J, typename T>
 AMOEBA_AVX2 void PanelAvx2(const T* panel, const float* xt, int64_t in, float* y, int64_t out,
                            int64_t col, int64_t valid, int64_t rows) {
-  constexpr int B = J < 4 ? J : 4;
-  for (int j0 = 0; j0 < J && j0 < rows; j0 += B) {
-    __m256 lo[B], hi[B];
-    for (int b = 0; b < B; ++b) lo[b] = hi[b] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < in; ++k) {
-      const __m256 wl = Load8(panel + k * kPanel), wh = Load8(panel + k * kPanel + 8);
-      const float* xk = xt + k * J + j0;
-      for (int b = 0; b < B; ++b) {
-        const __m256 xv = _mm256_broadcast_ss(xk + b);
-        lo[b] = _mm256_fmadd_ps(wl, xv, lo[b]);
-        hi[b] = _mm256_fmadd_ps(wh, xv, hi[b]);
-      }
-    }
-    for (int b = 0; b < B && j0 + b < rows; ++b) {
-      alignas(32) float tmp[kPanel];
-      _mm256_store_ps(tmp, lo[b]);
-      _mm256_store_ps(tmp + 8, hi[b]);
-      std::copy(tmp, tmp + valid, y + (j0 + b) * out + col);
+  for (int64_t j0 = 0; j0 < J && j0 < rows; j0 += 4) {
+    const float* xk0 = xt + j0;
+    float* yj = y + j0 * out;
+    switch (std::min<int64_t>(4, rows - j0)) {
+      case 4:
+        PanelAvx2Pass<4, T>(panel, xk0, J, in, yj, out, col, valid);
+        break;
+      case 3:
+        PanelAvx2Pass<3, T>(panel, xk0, J, in, yj, out, col, valid);
+        break;
+      case 2:
+        PanelAvx2Pass<2, T>(panel, xk0, J, in, yj, out, col, valid);
+        break;
+      default:
+        PanelAvx2Pass<1, T>(panel, xk0, J, in, yj, out, col, valid);
     }
   }
 }

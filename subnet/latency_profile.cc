@@ -23,11 +23,16 @@ struct Runner {
       : engine(std::make_unique<Engine>(std::move(m), EngineOptions{.max_len = max_len})),
         cache(engine->NewCache(1)) {}
 
-  double Run(int steps) {
-    if (cache.length(0) + steps + 1 >= cache.max_len()) cache.Reset(0);
-    SeqInput in{0, {&token, 1}};
+  // `rows` > 1: steps as speculative checks, 1 + drafted tokens each, all but one rolled back.
+  double Run(int steps, int64_t rows = 1) {
+    if (cache.length(0) + steps + rows >= cache.max_len()) cache.Reset(0);
+    std::vector<int32_t> tokens(rows, token);
+    SeqInput in{0, tokens, /*all_logits=*/rows > 1};
     const auto t0 = SteadyClock::now();
-    for (int i = 0; i < steps; ++i) (void)engine->Forward(cache, {&in, 1});
+    for (int i = 0; i < steps; ++i) {
+      (void)engine->Forward(cache, {&in, 1});
+      if (rows > 1) cache.set_length(0, cache.length(0) - rows + 1);
+    }
     return std::chrono::duration<double, std::milli>(SteadyClock::now() - t0).count();
   }
 };
@@ -81,7 +86,7 @@ std::vector<ShapeLatency> ProfileDecodeLatency(
   at::InferenceMode guard;
   std::vector<ShapeLatency> out(models.size());
   if (models.empty()) return out;
-  const int64_t max_len = o.max_steps + 8;
+  const int64_t max_len = o.max_steps + 8 + o.check_tokens;
   std::vector<Runner> runners;
   runners.reserve(models.size());
   size_t largest = 0;
@@ -102,14 +107,22 @@ std::vector<ShapeLatency> ProfileDecodeLatency(
     const double ms = std::max(1e-3, runners[i].Run(2) / 2);
     steps[i] = std::clamp(static_cast<int>(o.min_round_ms / ms) + 1, 2, o.max_steps);
   }
+  std::vector<std::vector<double>> checks(models.size());
   for (int r = 0; r < o.rounds; ++r) {
     for (size_t k = 0; k < models.size(); ++k) {
       // Alternate the order between rounds so no shape always follows the same one.
       const size_t i = r % 2 ? models.size() - 1 - k : k;
       out[i].rounds.push_back(runners[i].Run(steps[i]) / steps[i]);
+      if (o.check_tokens > 0)
+        checks[i].push_back(runners[i].Run(steps[i], 1 + o.check_tokens) / steps[i]);
     }
   }
-  for (auto& s : out) s.ms_per_token = MedianOf(s.rounds);
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i].ms_per_token = MedianOf(out[i].rounds);
+    if (o.check_tokens > 0)
+      out[i].check_extra_ms = std::max(
+          0.0, (MedianOf(checks[i]) - out[i].ms_per_token) / static_cast<double>(o.check_tokens));
+  }
   MarkLatencyOutliers(out, o.outlier_factor);
   FitLatencyLine(out);
   return out;

@@ -20,6 +20,7 @@ struct LatencyOptions {
   double bandwidth_gbs = 0;     // for the predictions; 0 = no prediction, no outliers
   double outlier_factor = 1.5;  // flag a shape whose measured/predicted ratio is off the median
                                 // ratio by more than this factor either way
+  int64_t check_tokens = 0;     // > 0: also time steps that check this many drafted tokens
 };
 
 struct ShapeLatency {
@@ -33,6 +34,9 @@ struct ShapeLatency {
   // every non-outlier median. One noisy shape cannot then look faster than a smaller one; this is
   // what a planner should use. 0 until FitLatencyLine runs.
   double fitted_ms = 0;
+  // With LatencyOptions::check_tokens = k: (median ms of a step checking k drafted tokens, i.e.
+  // 1 + k rows, minus ms_per_token) / k, at least 0.
+  double check_extra_ms = 0;
 };
 
 // Measures batch-1 decode of each model (a subnet as served: packed panels, merged or not).

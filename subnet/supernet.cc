@@ -90,6 +90,8 @@ json SupernetSpec::ToJson() const {
     if (r.decode_ms_per_token) e["decode_ms_per_token"] = *r.decode_ms_per_token;
     if (r.mc_accuracy) e["mc_accuracy"] = *r.mc_accuracy;
     e["adapters"] = r.adapters;
+    if (r.check_ms_per_extra_token) e["check_ms_per_extra_token"] = *r.check_ms_per_extra_token;
+    if (!r.draft_runs.empty()) e["draft_runs"] = r.draft_runs;
     j["profile"].push_back(e);
   }
   j["smol"] = smol;
@@ -256,6 +258,30 @@ absl::StatusOr<SupernetSpec> SupernetSpec::FromJson(const json& j, int64_t L) {
           r.mc_accuracy = Number(pr[i]["mc_accuracy"], where + ".mc_accuracy");
           if (*r.mc_accuracy < 0 || *r.mc_accuracy > 1)
             Fail(where + ".mc_accuracy", "must be in [0, 1]");
+        }
+        if (pr[i].contains("check_ms_per_extra_token")) {
+          r.check_ms_per_extra_token =
+              Number(pr[i]["check_ms_per_extra_token"], where + ".check_ms_per_extra_token");
+          if (*r.check_ms_per_extra_token < 0)
+            Fail(where + ".check_ms_per_extra_token", "must be >= 0");
+        }
+        if (pr[i].contains("draft_runs")) {
+          const json& runs = pr[i]["draft_runs"];
+          if (!runs.is_object()) Fail(where + ".draft_runs", "must be an object");
+          for (const auto& [key, hist] : runs.items()) {
+            const std::string at = where + ".draft_runs[\"" + key + "\"]";
+            auto d = Shape::Parse(key, L);
+            if (!d.ok() || !s.FindDepth(d->depth) || !s.FindWidth(d->width))
+              Fail(at, "not a grid shape");
+            if (!hist.is_array() || hist.empty() || hist.size() > 64)
+              Fail(at, "must be a list of 1..64 probabilities");
+            std::vector<double> h;
+            for (size_t b = 0; b < hist.size(); ++b) {
+              h.push_back(Number(hist[b], at));
+              if (h.back() < 0 || h.back() > 1) Fail(at, "probabilities must be in [0, 1]");
+            }
+            r.draft_runs[d->ToString()] = h;
+          }
         }
         if (pr[i].contains("adapters")) {
           if (!pr[i]["adapters"].is_boolean()) Fail(where + ".adapters", "must be true or false");

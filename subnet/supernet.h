@@ -51,6 +51,11 @@ struct ShapeRecord {
   std::optional<double> decode_ms_per_token;  // on the host that ran eval
   std::optional<double> mc_accuracy;          // multiple-choice accuracy, in [0, 1]
   bool adapters = false;                      // measured with the SMoL adapters
+  // Speculative decoding with this shape as the target (eval, held-out text): per draft shape
+  // (its ToString), P(r) that r = 0..8 of its guesses in a row agree (subnet/speculation.h).
+  std::map<std::string, std::vector<double>> draft_runs;
+  // Checking k drafted tokens in one step costs a decode step plus k times this (eval host).
+  std::optional<double> check_ms_per_extra_token;
 };
 
 struct SupernetSpec {
