@@ -96,6 +96,12 @@ int main(int argc, char** argv) {
   gen->add_option("--repetition-penalty", rep)->capture_default_str();
   gen->add_option("--seed", seed)->capture_default_str();
   gen->add_option("--stop", stop, "Stop string (repeatable)");
+  std::string speculate;
+  int draft_tokens = 0;
+  gen->add_option("--speculate", speculate,
+                  "auto | off | a draft shape depth=D,width=W (default: the server's setting)");
+  gen->add_option("--draft-tokens", draft_tokens, "Drafted tokens per check, 1..8 (with a draft)")
+      ->check(CLI::Range(1, 8));
 
   auto* plan = app.add_subcommand("plan", "Pick the best shape for a budget");
   BudgetFlags plan_budget;
@@ -176,6 +182,8 @@ int main(int argc, char** argv) {
     s->set_repetition_penalty(rep);
     s->set_seed(seed);
     for (const auto& st : stop) req.add_stop(st);
+    if (!speculate.empty()) req.set_speculate(speculate);
+    if (draft_tokens > 0) req.set_draft_tokens(draft_tokens);
     v1::GenerateResponse last;
     if (!json) std::fputs(prompt.c_str(), stdout);
     grpc::Status st = c.Generate(req, [&](const v1::GenerateResponse& r) {
@@ -196,6 +204,14 @@ int main(int argc, char** argv) {
                    last.shape().depth(), last.shape().width(), last.usage().completion_tokens(),
                    v1::FinishReason_Name(last.finish_reason()).c_str(),
                    last.timings().time_to_first_token_ms(), last.timings().decode_tokens_per_s());
+      if (last.has_speculation()) {
+        const auto& sp = last.speculation();
+        std::fprintf(stderr,
+                     "[draft depth=%d,width=%g | %d of %d drafted tokens kept, %.2f per check of "
+                     "up to %d]\n",
+                     sp.draft().depth(), sp.draft().width(), sp.accepted_tokens(),
+                     sp.drafted_tokens(), sp.mean_accepted(), sp.draft_tokens());
+      }
     }
     return 0;
   }

@@ -21,6 +21,16 @@ namespace amoeba {
 const char* PlaygroundHtml();  // playground_page.cc, generated from playground.html
 
 namespace {
+
+// The "amoeba" extension of a response: the shape, and what drafting did when a draft was used.
+nlohmann::json WithSpeculation(nlohmann::json amoeba, const JobResult& r) {
+  if (r.draft)
+    amoeba["speculation"] = {{"draft", {{"depth", r.draft->depth}, {"width", r.draft->width}}},
+                             {"drafted_tokens", r.drafted_tokens},
+                             {"accepted_tokens", r.accepted_tokens},
+                             {"checks", r.draft_rounds}};
+  return amoeba;
+}
 using nlohmann::json;
 
 int HttpStatusFor(absl::StatusCode c) {
@@ -210,10 +220,21 @@ absl::StatusOr<HttpCall> ParseCall(const Serving& serving, const HttpOptions& o,
     const json& a = j["amoeba"];
     if (!a.is_object()) return InvalidField("amoeba", "must be an object");
     for (auto& [k, v] : a.items())
-      if (k != "budget") return InvalidField("amoeba." + k, "unknown field");
+      if (k != "budget" && k != "speculate" && k != "draft_tokens")
+        return InvalidField("amoeba." + k, "unknown field");
     if (a.contains("budget")) {
       ASSIGN_OR_RETURN(auto b, BudgetFromJson(a["budget"]));
       r.budget = b;
+    }
+    if (a.contains("speculate")) {
+      if (!a["speculate"].is_string())
+        return InvalidField("amoeba.speculate", "must be \"auto\", \"off\" or a draft shape");
+      r.speculate = a["speculate"].get<std::string>();
+    }
+    if (a.contains("draft_tokens")) {
+      if (!a["draft_tokens"].is_number_integer())
+        return InvalidField("amoeba.draft_tokens", "must be an integer");
+      r.draft_tokens = a["draft_tokens"].get<int64_t>();
     }
   }
   ASSIGN_OR_RETURN(auto model, Optional<std::string>(j, "model"));
@@ -488,7 +509,7 @@ void HttpFrontend::Routes() {
                            {"model", model},
                            {"choices", json::array({choice})},
                            {"usage", usage(r)},
-                           {"amoeba", shape_json}};
+                           {"amoeba", WithSpeculation(shape_json, r)}};
         res.set_content(body.dump(), "application/json");
         return;
       }

@@ -37,6 +37,8 @@ struct Flags {
   int64_t max_prompt_tokens = 2048, max_new_tokens = 1024, max_context = 2048;
   int64_t slots = 16, queue = 64, cache_mb = 1024, prefill_chunk = 64, merge_after = 2;
   std::string weights_dtype = "f32";
+  std::string speculate = "auto";
+  double speculate_min_speedup = 1.1;
   std::string kv_dtype = "f32";
   std::string tls_cert, tls_key, auth_token;
   bool auth_all = false, allow_unauthenticated_export = false;
@@ -122,6 +124,10 @@ int Run(const Flags& f) {
   so.on_lane_step = [&metrics](const Shape& s, int64_t running) {
     metrics.SetRunning(s.ToString(), running);
   };
+  so.on_draft_checked = [&metrics](const Shape& target, const Shape& draft, int64_t drafted,
+                                   int64_t accepted) {
+    metrics.ObserveDraftCheck(target.ToString(), draft.ToString(), drafted, accepted);
+  };
   Scheduler scheduler(supernet, so);
   if (f.profile) {
     // Through the scheduler, as requests will see it (before any client can connect).
@@ -147,6 +153,8 @@ int Run(const Flags& f) {
   svo.export_tmp_dir = f.export_dir;
   svo.export_workers = f.export_workers;
   svo.weights_dtype = f.weights_dtype;
+  svo.speculate = f.speculate;
+  svo.speculate_min_speedup = f.speculate_min_speedup;
   if (f.auth_token.empty() && f.allow_unauthenticated_export) {
     spdlog::warn(
         "server: --allow-unauthenticated-export: ANY client that reaches {}:{} can download the "
@@ -155,6 +163,20 @@ int Run(const Flags& f) {
   }
   Serving serving(supernet, smol.get(), scheduler, &metrics, svo, host, profiles);
   AmoebaService service(serving);
+  if (f.speculate != "auto" && f.speculate != "off") {
+    // An explicit default draft must be a grid shape (checked against the full shape's target).
+    auto d = serving.ResolveDraft(supernet.FullShape(), f.speculate, std::nullopt);
+    if (!d.ok()) {
+      spdlog::error("--speculate: {}", std::string(d.status().message()));
+      return 2;
+    }
+  }
+  for (const Shape& s : supernet.GridShapes()) {
+    auto d = serving.ResolveDraft(s, "auto", std::nullopt);
+    if (d.ok() && *d)
+      spdlog::info("server: speculate=auto drafts {} with {} ({} tokens per check)", s.ToString(),
+                   (*d)->draft.ToString(), (*d)->tokens);
+  }
 
   // The OpenAI-compatible HTTP front end, over the same core, TLS and token.
   std::unique_ptr<HttpFrontend> http;
@@ -321,6 +343,17 @@ int main(int argc, char** argv) {
          "f32 | f16 | q8_0 | q4_0 (decode panels packed once at start; q8_0/q4_0 are GGML's "
          "block formats, the LM head quantized too)")
       ->envname("AMOEBA_WEIGHTS_DTYPE")
+      ->capture_default_str();
+  app.add_option("--speculate", f.speculate,
+                 "Speculative decoding for requests that do not ask: auto (a smaller shape "
+                 "drafts where the profile from `amoeba-admin eval` expects a gain) | off | a "
+                 "draft shape depth=D,width=W")
+      ->envname("AMOEBA_SPECULATE")
+      ->capture_default_str();
+  app.add_option("--speculate-min-speedup", f.speculate_min_speedup,
+                 "auto drafts only where the expected speedup is at least this")
+      ->envname("AMOEBA_SPECULATE_MIN_SPEEDUP")
+      ->check(CLI::Range(1.0, 100.0))
       ->capture_default_str();
   app.add_option("--kv-dtype", f.kv_dtype,
                  "f32 | f16 (KV cache: half the memory and attention reads, K/V rounded)")

@@ -64,6 +64,16 @@ struct Metrics::Impl {
                                                        .Name("amoeba_cache_lookups_total")
                                                        .Help("Subnet cache lookups")
                                                        .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& accepted =
+      prometheus::BuildHistogram()
+          .Name("amoeba_draft_accepted_tokens")
+          .Help("Drafted tokens the target kept per check, by target and draft shape")
+          .Register(*registry);
+  prometheus::Family<prometheus::Counter>& drafted =
+      prometheus::BuildCounter()
+          .Name("amoeba_draft_tokens_total")
+          .Help("Speculative decoding: tokens drafted and kept, by target and draft shape")
+          .Register(*registry);
   prometheus::Family<prometheus::Counter>& http_requests =
       prometheus::BuildCounter()
           .Name("amoeba_http_requests_total")
@@ -132,6 +142,17 @@ void Metrics::ObserveRequest(const std::string& shape, const std::string& status
       .Increment(static_cast<double>(prompt_tokens));
   impl_->tokens.Add({{"shape", shape}, {"kind", "generated"}})
       .Increment(static_cast<double>(completion_tokens));
+}
+
+void Metrics::ObserveDraftCheck(const std::string& target, const std::string& draft,
+                                int64_t drafted, int64_t accepted) {
+  static const prometheus::Histogram::BucketBoundaries kBuckets = {0, 1, 2, 3, 4, 5, 6, 7, 8};
+  impl_->accepted.Add({{"shape", target}, {"draft", draft}}, kBuckets)
+      .Observe(static_cast<double>(accepted));
+  impl_->drafted.Add({{"shape", target}, {"draft", draft}, {"kind", "drafted"}})
+      .Increment(static_cast<double>(drafted));
+  impl_->drafted.Add({{"shape", target}, {"draft", draft}, {"kind", "accepted"}})
+      .Increment(static_cast<double>(accepted));
 }
 
 void Metrics::ObserveInterToken(const std::string& shape, double seconds) {

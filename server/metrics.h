@@ -22,6 +22,9 @@ class Metrics {
                       double ttft_s, double e2e_s, int64_t prompt_tokens,
                       int64_t completion_tokens);
   void ObserveInterToken(const std::string& shape, double seconds);
+  // One speculative check: `drafted` tokens proposed by `draft`, `accepted` of them kept.
+  void ObserveDraftCheck(const std::string& target, const std::string& draft, int64_t drafted,
+                         int64_t accepted);
   void ObserveHttp(const std::string& route, int status);
   void SetRunning(const std::string& shape, int64_t n);
   // cache_bytes: merged subnet copies; kv_bytes: KV caches (reported apart).

@@ -151,6 +151,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       job->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
     }
     shape_ = *shape;
+    draft_tokens_ = job->draft_tokens;
     const std::string shape_name = shape->ToString();
     job->on_token = [this, shape_name](int32_t token, std::string_view text) {
       const auto now = Clock::now();
@@ -185,15 +186,30 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
                                      ? (res.completion_tokens - 1) * 1000.0 / decode_ms
                                      : 0);
       SetShape(&r);
+      if (res.draft) {
+        auto* sp = r.mutable_speculation();
+        sp->mutable_draft()->set_depth(res.draft->depth);
+        sp->mutable_draft()->set_width(res.draft->width);
+        sp->set_draft_tokens(static_cast<int32_t>(draft_tokens_));
+        sp->set_drafted_tokens(static_cast<int32_t>(res.drafted_tokens));
+        sp->set_accepted_tokens(static_cast<int32_t>(res.accepted_tokens));
+        sp->set_checks(static_cast<int32_t>(res.draft_rounds));
+        sp->set_mean_accepted(res.draft_rounds > 0 ? static_cast<double>(res.accepted_tokens) /
+                                                         static_cast<double>(res.draft_rounds)
+                                                   : 0.0);
+      }
       if (svc_->serving().metrics()) {
         svc_->serving().metrics()->ObserveRequest(
             shape_name, FinishReasonName(res.reason), res.queue_ms / 1e3, res.ttft_ms / 1e3,
             res.total_ms / 1e3, res.prompt_tokens, res.completion_tokens);
       }
       spdlog::info(
-          "[{}] generate: {} finish={} prompt={} completion={} ttft={:.1f}ms total={:.1f}ms", id_,
+          "[{}] generate: {} finish={} prompt={} completion={} ttft={:.1f}ms total={:.1f}ms{}", id_,
           shape_name, FinishReasonName(res.reason), res.prompt_tokens, res.completion_tokens,
-          res.ttft_ms, res.total_ms);
+          res.ttft_ms, res.total_ms,
+          res.draft ? absl::StrCat(" draft=", res.draft->ToString(),
+                                   " accepted=", res.accepted_tokens, "/", res.drafted_tokens)
+                    : std::string());
       grpc::Status final = grpc::Status::OK;
       if (res.reason == FinishReason::kError)
         final = ToGrpc(res.error.ok() ? absl::InternalError("generation failed") : res.error);
@@ -274,6 +290,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   grpc::CallbackServerContext* ctx_;
   std::string id_;
   Shape shape_;
+  int64_t draft_tokens_ = 0;
   std::mutex mu_;
   std::shared_ptr<Job> job_;
   std::deque<v1::GenerateResponse> pending_;
@@ -466,6 +483,8 @@ GenerationRequest GenerationRequestFromProto(const v1::GenerateRequest& r) {
   if (r.has_max_new_tokens()) g.max_new_tokens = r.max_new_tokens();
   g.stop.assign(r.stop().begin(), r.stop().end());
   if (r.has_time_limit_ms()) g.time_limit_ms = r.time_limit_ms();
+  if (r.has_speculate()) g.speculate = r.speculate();
+  if (r.has_draft_tokens()) g.draft_tokens = r.draft_tokens();
   return g;
 }
 

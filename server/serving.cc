@@ -1,5 +1,7 @@
 #include "server/serving.h"
 
+#include "subnet/speculation.h"
+
 #include <cmath>
 #include <filesystem>
 
@@ -161,7 +163,58 @@ absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest
   job->gen.max_new_tokens = r.max_new_tokens.value_or(128);
   job->gen.stop = r.stop;
   job->gen.time_limit_ms = r.time_limit_ms.value_or(0);
+  std::string speculate = r.speculate.value_or(options_.speculate);
+  if (!r.speculate && speculate != "auto" && speculate != "off") {
+    // The server's default draft does not draft for itself.
+    auto d = Shape::Parse(speculate, supernet_.base().config.num_hidden_layers);
+    if (d.ok() && *d == shape) speculate = "off";
+  }
+  ASSIGN_OR_RETURN(auto draft, ResolveDraft(shape, speculate, r.draft_tokens));
+  if (draft) {
+    job->draft = draft->draft;
+    job->draft_tokens = draft->tokens;
+  }
   return job;
+}
+
+absl::StatusOr<std::optional<Serving::DraftPlan>> Serving::ResolveDraft(
+    const Shape& target, const std::string& speculate, std::optional<int64_t> tokens) const {
+  if (tokens && (*tokens < 1 || *tokens > kMaxDraftTokens))
+    return InvalidField("draft_tokens", absl::StrCat("must be in [1, ", kMaxDraftTokens, "]"));
+  // Decode costs on this host (the start-up profile), check costs scaled from eval's host.
+  auto decode_ms = [&](const Shape& s) -> std::optional<double> {
+    for (const ShapeProfile& p : profiles_)
+      if (p.shape == s && p.measured_decode_ms) return *p.measured_decode_ms;
+    for (const ShapeRecord& r : supernet_.spec().profile)
+      if (r.shape == s && r.decode_ms_per_token) return *r.decode_ms_per_token;
+    return std::nullopt;
+  };
+  auto costs = [&](const Shape& t, const Shape& d) -> std::optional<DraftCosts> {
+    const auto tm = decode_ms(t), dm = decode_ms(d);
+    if (!tm || !dm) return std::nullopt;
+    DraftCosts c{*tm, *dm, 0};
+    for (const ShapeRecord& r : supernet_.spec().profile)
+      if (r.shape == t && r.check_ms_per_extra_token && r.decode_ms_per_token)
+        c.check_extra_ms = *r.check_ms_per_extra_token / *r.decode_ms_per_token * *tm;
+    return c;
+  };
+  if (speculate == "off") return std::nullopt;
+  if (speculate == "auto" || speculate.empty()) {
+    auto c = ChooseDraft(supernet_.spec(), target, costs, options_.speculate_min_speedup);
+    if (!c) return std::nullopt;
+    return DraftPlan{c->draft, tokens.value_or(c->tokens)};
+  }
+  auto draft = Shape::Parse(speculate, supernet_.base().config.num_hidden_layers);
+  if (!draft.ok())
+    return InvalidField(
+        "speculate", absl::StrCat("\"", speculate.substr(0, 64), "\" is not auto, off or a shape: ",
+                                  std::string(draft.status().message())));
+  if (absl::Status st = supernet_.Validate(*draft); !st.ok())
+    return InvalidField("speculate", std::string(st.message()));
+  if (*draft == target)
+    return InvalidField("speculate", "the draft must be another shape than the target");
+  return DraftPlan{*draft, tokens.value_or(ChooseDraftTokens(supernet_.spec(), target, *draft,
+                                                             costs(target, *draft)))};
 }
 
 absl::StatusOr<PlanResult> Serving::Plan(const PlanBudget& b) const {

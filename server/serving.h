@@ -37,7 +37,9 @@ struct ServiceOptions {
   bool allow_unauthenticated_export = false;
   std::string export_tmp_dir;  // where exports are staged before streaming ("" = system temp)
   int export_workers = 1;      // exports at once; more are RESOURCE_EXHAUSTED
-  std::string weights_dtype = "f32";  // reported by GetModelInfo
+  std::string weights_dtype = "f32";   // reported by GetModelInfo
+  std::string speculate = "auto";      // requests that do not say: auto | off | a draft shape
+  double speculate_min_speedup = 1.1;  // auto drafts only where the profile expects this much
 };
 
 // A generation request as either front end received it.
@@ -54,6 +56,8 @@ struct GenerationRequest {
   std::optional<int64_t> max_new_tokens;  // default 128
   std::vector<std::string> stop;
   std::optional<int64_t> time_limit_ms;
+  std::optional<std::string> speculate;  // "auto" | "off" | a draft shape; unset: the default
+  std::optional<int64_t> draft_tokens;
 };
 
 // INVALID_ARGUMENT "field: why": the form of every request-validation error.
@@ -92,6 +96,15 @@ class Serving {
   absl::StatusOr<PlanResult> Plan(const PlanBudget& b) const;
   absl::StatusOr<ExportPlanResult> PlanExport(const PlanBudget& b) const;
   std::vector<ShapeEstimateResult> Shapes() const;
+  // The draft (and tokens per check) for a request on `target`: what `speculate` asks, or the
+  // profile's best under "auto" (none when none pays, or the profile has no runs).
+  struct DraftPlan {
+    Shape draft;
+    int64_t tokens = 0;
+  };
+  absl::StatusOr<std::optional<DraftPlan>> ResolveDraft(const Shape& target,
+                                                        const std::string& speculate,
+                                                        std::optional<int64_t> tokens) const;
 
  private:
   const Supernet& supernet_;

@@ -67,6 +67,10 @@ struct TestServer {
     so.max_context = 128;
     // As amoeba-server does: the supernet decodes from panels of the served format.
     if (so.weights_format != WeightFormat::kF32) supernet->PackBaseWeights(so.weights_format);
+    if (!so.on_draft_checked)
+      so.on_draft_checked = [this](const Shape& t, const Shape& d, int64_t n, int64_t kept) {
+        metrics.ObserveDraftCheck(t.ToString(), d.ToString(), n, kept);
+      };
     scheduler = std::make_unique<Scheduler>(*supernet, so);
     ServiceOptions svo;
     svo.weights_dtype = WeightFormatName(so.weights_format);

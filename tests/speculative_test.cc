@@ -174,5 +174,66 @@ TEST(SpeculativeTest, EosAndCancellationInsideACheck) {
   EXPECT_EQ(std::vector<int32_t>(plain.tokens.begin(), plain.tokens.begin() + 3), got);
 }
 
+// The protocol: speculate and draft_tokens on GenerateRequest, the draft's report on the last
+// message, INVALID_ARGUMENT naming the field for bad values, auto from the profile's runs, and
+// the metrics.
+TEST(SpeculativeTest, GrpcRequestsChooseReportAndValidateTheDraft) {
+  BatchInvariantKernels invariant;
+  TestServer ts;
+  auto c = ts.Client();
+  const Supernet& s = *ts.supernet;
+  const Shape full = s.FullShape(), small = s.SmallestShape();
+  auto req = [&](const std::string& speculate, int draft_tokens) {
+    v1::GenerateRequest r = testing::Req("over the wire", static_cast<int>(full.depth), 1.0, 12);
+    if (!speculate.empty()) r.set_speculate(speculate);
+    if (draft_tokens > 0) r.set_draft_tokens(draft_tokens);
+    return r;
+  };
+  const testing::Streamed off = testing::Stream(c, req("off", 0));
+  ASSERT_TRUE(off.status.ok()) << off.status.error_message();
+  EXPECT_FALSE(off.last.has_speculation());
+  const testing::Streamed on = testing::Stream(c, req(small.ToString(), 3));
+  ASSERT_TRUE(on.status.ok()) << on.status.error_message();
+  EXPECT_EQ(on.tokens, off.tokens);
+  ASSERT_TRUE(on.last.has_speculation());
+  const v1::Speculation& sp = on.last.speculation();
+  EXPECT_EQ(sp.draft().depth(), small.depth);
+  EXPECT_DOUBLE_EQ(sp.draft().width(), small.width);
+  EXPECT_EQ(sp.draft_tokens(), 3);
+  EXPECT_GT(sp.checks(), 0);
+  EXPECT_LE(sp.accepted_tokens(), sp.drafted_tokens());
+  EXPECT_LE(sp.drafted_tokens(), 3 * sp.checks());
+  // No runs in the profile: auto does not draft.
+  EXPECT_FALSE(testing::Stream(c, req("auto", 0)).last.has_speculation());
+  // Runs that promise most guesses kept: auto drafts, with the profile's best draft.
+  SupernetSpec spec = s.spec();
+  ShapeRecord rec;
+  rec.shape = full;
+  rec.draft_runs[small.ToString()] = {0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.6};
+  spec.profile.push_back(rec);
+  ts.supernet->set_spec(spec);
+  const testing::Streamed automatic = testing::Stream(c, req("auto", 0));
+  ASSERT_TRUE(automatic.status.ok());
+  ASSERT_TRUE(automatic.last.has_speculation());
+  EXPECT_EQ(automatic.last.speculation().draft().depth(), small.depth);
+  EXPECT_EQ(automatic.tokens, off.tokens);
+  EXPECT_TRUE(testing::Stream(c, req("", 0)).last.has_speculation()) << "the default is auto";
+  // Bad values name the field.
+  for (const auto& [speculate, k] : std::vector<std::pair<std::string, int>>{
+           {"bogus", 0}, {"depth=99", 0}, {full.ToString(), 0}, {small.ToString(), 9}}) {
+    const testing::Streamed bad = testing::Stream(c, req(speculate, k));
+    EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << speculate << k;
+    EXPECT_NE(bad.status.error_message().find(k == 9 ? "draft_tokens" : "speculate"),
+              std::string::npos)
+        << bad.status.error_message();
+  }
+  const std::string m = ts.metrics.Render();
+  EXPECT_NE(
+      m.find("amoeba_draft_tokens_total{draft=\"" + small.ToString() + "\",kind=\"accepted\""),
+      std::string::npos)
+      << m;
+  EXPECT_NE(m.find("amoeba_draft_accepted_tokens_bucket"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace amoeba
