@@ -174,6 +174,10 @@ void Scheduler::BuilderLoop() {
   // Builds are background work: below the decode loop in the kernel's eyes (threads this one
   // starts, e.g. its OpenMP team, inherit the niceness).
   setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+  // One thread: an OpenMP team of its own would put more spinning threads than cores on the
+  // machine, and libgomp then throttles every team's spinning (the decode loop's fork/joins
+  // measured up to 1.5x slower while another thread owned a team).
+  at::set_num_threads(1);
   for (;;) {
     Build b;
     {
@@ -432,10 +436,13 @@ std::optional<FinishReason> Scheduler::EndedEarly(const Seq& s, Clock::time_poin
 
 void Scheduler::DraftStep(Lane& lane) {
   const int64_t max_len = lane.cache.max_len();
+  int64_t decoding = 0;
   for (Seq& s : lane.seqs) {
     s.checking = 0;
     s.check.clear();
+    decoding += s.fed >= s.job->prompt.size() && s.has_first;
   }
+  if (decoding > opt_.max_speculating_batch) return;
   for (auto& [key, d] : lane.drafts) {
     if (d->users == 0) continue;
     // The draft shape's lane got a merged copy: same KV layout, draft on it from now on.

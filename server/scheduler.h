@@ -70,6 +70,9 @@ struct SchedulerOptions {
   at::ScalarType kv_dtype = at::kFloat;              // KV cache storage (kHalf: half the memory)
   const Smol* smol = nullptr;        // adapters: unmerged when cold, merged when hot
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
+  // Drafting pays while a step reads the weights for few rows: a lane decoding more sequences
+  // than this checks no drafts that step (its sequences decode token by token).
+  int64_t max_speculating_batch = 2;
   // Lane statistics listener (metrics): called on the worker thread after each step.
   std::function<void(const Shape&, int64_t running)> on_lane_step;
   // Speculation listener (metrics): one call per checked draft, on the worker thread.

@@ -106,6 +106,7 @@ TEST(SpeculativeTest, SequencesSharingStepsEachMatchTheirOwnDecoding) {
   SchedulerOptions so;
   so.prefill_chunk = 8;  // long prompts take several steps, next to other sequences' checks
   so.weights_format = WeightFormat::kQ8_0;  // exact on every instruction set
+  so.max_speculating_batch = 8;             // every step checks drafts
   TestServer ts(so);
   const Supernet& s = *ts.supernet;
   const Shape target = s.FullShape(), small = s.SmallestShape();
