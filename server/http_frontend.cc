@@ -547,7 +547,7 @@ void HttpFrontend::Routes() {
         } else {
           json last = chunk(chat ? json::object() : json(""), OpenAiFinish(r.reason));
           last["usage"] = usage(r);
-          last["amoeba"] = shape_json;
+          last["amoeba"] = WithSpeculation(shape_json, r);
           push("data: " + last.dump() + "\n\n");
         }
         push("data: [DONE]\n\n");

@@ -97,6 +97,20 @@ with tempfile.TemporaryDirectory() as d:
         check("".join(c["choices"][0]["text"] for c in chunks) == want, "streamed text")
         check(chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) > 2, "stream finish")
 
+        # Speculative decoding: a smaller shape drafts; greedy text unchanged, the draft reported.
+        spec = dict(body, amoeba={"speculate": "depth=3,width=0.625", "draft_tokens": 3})
+        status, text = call(port, "POST", "/v1/completions", spec)
+        r = json.loads(text)
+        # (AVX-512's fp32 one-row kernel rounds apart from many rows: equal up to near-ties there.)
+        exact = "avx512f" not in open("/proc/cpuinfo").read()
+        check(status == 200 and (r["choices"][0]["text"] == want or not exact), f"speculate text: {text[:300]}")
+        sp = r["amoeba"].get("speculation", {})
+        check(sp.get("draft") == {"depth": 3, "width": 0.625} and sp.get("checks", 0) > 0
+              and 0 <= sp.get("accepted_tokens", -1) <= sp.get("drafted_tokens", -1), f"speculation: {r['amoeba']}")
+        ev = events(call(port, "POST", "/v1/completions", dict(spec, stream=True))[1])
+        last = json.loads(ev[-2])
+        check("speculation" in last.get("amoeba", {}), f"streamed speculation: {ev[-2][:300]}")
+
         # Chat, plain and streamed (an alias picks the shape).
         chat = {"model": "phone", "messages": [{"role": "system", "content": "Be brief."},
                                                {"role": "user", "content": "Hi!"}],
@@ -138,7 +152,10 @@ with tempfile.TemporaryDirectory() as d:
                 ("no model", {"prompt": "x"}, 400, "model"),
                 ("bad role", dict(chat, messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
                 ("budget nothing fits", {"prompt": "x", "amoeba": {"budget": {"max_params": 1}}}, 400,
-                 "smallest")]:
+                 "smallest"),
+                ("bad draft", dict(body, amoeba={"speculate": "depth=99"}), 400, "speculate"),
+                ("draft is the target", dict(body, amoeba={"speculate": "depth=4,width=0.75"}), 400, "speculate"),
+                ("draft_tokens", dict(body, amoeba={"speculate": "off", "draft_tokens": 0}), 400, "draft_tokens")]:
             path = "/v1/chat/completions" if "messages" in b else "/v1/completions"
             status, text = call(port, "POST", path, b)
             err = json.loads(text).get("error", {})
