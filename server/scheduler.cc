@@ -1,6 +1,7 @@
 #include "server/scheduler.h"
 
 #include <malloc.h>
+#include <omp.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -39,11 +40,17 @@ absl::Status StatusFromException(std::exception_ptr e) {
 
 Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
     : supernet_(supernet), opt_(std::move(options)) {
-  worker_ = std::thread([this] { Loop(); });
+  if (!opt_.run_on_caller) worker_ = std::thread([this] { Loop(); });
   if (opt_.smol && opt_.merge_after_requests > 0) builder_ = std::thread([this] { BuilderLoop(); });
 }
 
 Scheduler::~Scheduler() {
+  Stop();
+  if (worker_.joinable()) worker_.join();
+  if (builder_.joinable()) builder_.join();
+}
+
+void Scheduler::Stop() {
   {
     std::lock_guard<std::mutex> l(mu_);
     stop_ = true;
@@ -51,8 +58,10 @@ Scheduler::~Scheduler() {
   }
   cv_.notify_all();
   build_cv_.notify_all();
-  worker_.join();
-  if (builder_.joinable()) builder_.join();
+}
+
+void Scheduler::RunLoop() {
+  Loop();
 }
 
 absl::Status Scheduler::Submit(std::shared_ptr<Job> job) {
@@ -174,10 +183,10 @@ void Scheduler::BuilderLoop() {
   // Builds are background work: below the decode loop in the kernel's eyes (threads this one
   // starts, e.g. its OpenMP team, inherit the niceness).
   setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
-  // One thread: an OpenMP team of its own would put more spinning threads than cores on the
-  // machine, and libgomp then throttles every team's spinning (the decode loop's fork/joins
-  // measured up to 1.5x slower while another thread owned a team).
-  at::set_num_threads(1);
+  // One thread: an OpenMP team of its own would put more threads than cores in libgomp's
+  // hands, which slows every team's fork/joins (the decode loop's too).
+  (void)at::get_num_threads();  // ATen's per-thread set-up first (it would undo the next line)
+  omp_set_num_threads(1);         // this thread's team only; at::set_num_threads is global
   for (;;) {
     Build b;
     {

@@ -78,6 +78,10 @@ struct SchedulerOptions {
   // Speculation listener (metrics): one call per checked draft, on the worker thread.
   std::function<void(const Shape& target, const Shape& draft, int64_t drafted, int64_t accepted)>
       on_draft_checked;
+  // No worker thread: the caller runs RunLoop(). The decode loop's OpenMP team is then that
+  // thread's; libgomp measured 1.2-1.5x slower fork/joins for a second thread's team while the
+  // thread that loaded the weights owned one (more spinning threads than cores).
+  bool run_on_caller = false;
   // Test-only fault injection: called with "step" on the worker thread before each step of a lane
   // and with "build" on the builder thread before each merged-copy build; whatever it throws goes
   // through the error boundary.
@@ -103,6 +107,10 @@ class Scheduler {
   absl::Status Submit(std::shared_ptr<Job> job);
   // Stops accepting work, finishes running and queued jobs until `deadline`, cancels the rest.
   void Drain(Clock::time_point deadline);
+  // With run_on_caller: runs the scheduling loop on this thread until Stop() (or destruction).
+  void RunLoop();
+  // Cancels what is queued and running and ends the loop.
+  void Stop();
   SchedulerStats stats() const;
 
  private:

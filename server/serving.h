@@ -39,7 +39,7 @@ struct ServiceOptions {
   int export_workers = 1;      // exports at once; more are RESOURCE_EXHAUSTED
   std::string weights_dtype = "f32";   // reported by GetModelInfo
   std::string speculate = "auto";      // requests that do not say: auto | off | a draft shape
-  double speculate_min_speedup = 1.1;  // auto drafts only where the profile expects this much
+  double speculate_min_speedup = 1.3;  // auto drafts only where the profile expects this much
 };
 
 // A generation request as either front end received it.
