@@ -242,7 +242,7 @@ absl::Status RunEval(const EvalFlags& f) {
     if (!c) continue;
     std::printf("%-22s %-22s %-3lld %-12.2f %.2fx%s\n", shapes[i].ToString().c_str(),
                 c->draft.ToString().c_str(), static_cast<long long>(c->tokens), c->expected_kept,
-                c->expected_speedup, c->expected_speedup < 1.1 ? " (not worth it)" : "");
+                c->expected_speedup, c->expected_speedup < 1.3 ? " (below the server's default 1.3)" : "");
   }
   const std::string svg = f.svg.empty() ? (fs::path(f.supernet) / "frontier.svg").string() : f.svg;
   std::ofstream(svg) << FrontierSvg(rows);
