@@ -166,12 +166,12 @@ int RunBench(const Options& o_in) {
   };
   nlohmann::json results = nlohmann::json::array();
   std::string md = absl::StrFormat(
-      "# bench/speculative\n\n%s, %d threads, %s weights, %zu prompts of %d tokens, %d new "
+      "# bench/speculative\n\n%s, %s, %s weights, %zu prompts of %d tokens, %d new "
       "tokens, greedy, medians of %d interleaved rounds\n\n"
       "| supernet | target | draft | k | streams | tok/s off | tok/s on | speedup | kept per "
       "check | kept / drafted | same output |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-      o.supernet, at::get_num_threads(), o.weights_dtype, prompts.size(), o.prompt_tokens,
-      o.new_tokens, o.rounds);
+      DescribeCpu(), o.supernet, o.weights_dtype, prompts.size(), o.prompt_tokens, o.new_tokens,
+      o.rounds);
   for (const Shape& target : {full, middle}) {
     auto choice = ChooseDraft(spec, target, eval_costs, 0.0);
     const Shape draft = choice ? choice->draft : s.SmallestShape();
@@ -243,6 +243,7 @@ int RunBench(const Options& o_in) {
   }
   nlohmann::json out = {{"bench", "speculative"},
                         {"supernet", o.supernet},
+                        {"machine", DescribeCpu()},
                         {"threads", at::get_num_threads()},
                         {"kernel_isa", KernelIsaName(ActiveKernelIsa())},
                         {"weights_dtype", o.weights_dtype},

@@ -87,6 +87,20 @@ double MeasureGemmGflops(int64_t n, int repeats) {
   return best;
 }
 
+std::string DescribeCpu() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line, name = "unknown CPU";
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos && colon + 2 <= line.size()) name = line.substr(colon + 2);
+      break;
+    }
+  }
+  return name + " (" + KernelIsaName(ActiveKernelIsa()) + ", " +
+         std::to_string(at::get_num_threads()) + " threads)";
+}
+
 std::string DescribeBlas() {
   // Force BLAS to be exercised so lazily-resolved libraries are mapped.
   at::mm(at::ones({2, 2}), at::ones({2, 2}));

@@ -28,4 +28,8 @@ double MeasureGemmGflops(int64_t n = 512, int repeats = 3);
 // The BLAS library mapped into this process ("openblas-openmp", "reference", ...).
 std::string DescribeBlas();
 
+// "AMD EPYC (avx2, 2 threads)": the CPU's model name and the widest kernel ISA in use, for
+// benchmark reports (figures mean little without the machine next to them).
+std::string DescribeCpu();
+
 }  // namespace amoeba

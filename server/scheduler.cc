@@ -186,7 +186,7 @@ void Scheduler::BuilderLoop() {
   // One thread: an OpenMP team of its own would put more threads than cores in libgomp's
   // hands, which slows every team's fork/joins (the decode loop's too).
   (void)at::get_num_threads();  // ATen's per-thread set-up first (it would undo the next line)
-  omp_set_num_threads(1);         // this thread's team only; at::set_num_threads is global
+  omp_set_num_threads(1);       // this thread's team only; at::set_num_threads is global
   for (;;) {
     Build b;
     {
@@ -347,8 +347,9 @@ bool Scheduler::Admit() {
       MaybeStartBuild(*lane);
     }
     if (job->draft && job->draft_tokens > 0 && !(*job->draft == job->shape)) {
+      Lane* source = nullptr;
       try {
-        s.draft = GetDraft(*lane, *job->draft);
+        s.draft = GetDraft(*lane, *job->draft, &source);
       } catch (...) {
         s.draft = nullptr;
       }
@@ -359,11 +360,10 @@ bool Scheduler::Admit() {
         ++s.draft->users;
         s.draft->cache.Reset(slot);
         // The draft's shape counts as asked for: it gets a merged copy when hot, and is kept.
-        Lane& source = *lanes_.at(s.draft->key);
-        ++source.drafting_for_others;
+        ++source->drafting_for_others;
         if (!job->for_profiling) {
-          ++source.requests;
-          MaybeStartBuild(source);
+          ++source->requests;
+          MaybeStartBuild(*source);
         }
         const int64_t k = std::min(job->draft_tokens, kTokenByTokenAttentionMax - 1);
         s.context.reserve(job->prompt.size() + static_cast<size_t>(job->gen.max_new_tokens) + 1);
@@ -383,13 +383,16 @@ bool Scheduler::Admit() {
   return moved;
 }
 
-Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape) {
+Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape, Lane** source_out) {
   const std::string key = shape.ToString();
+  bool existed = false;
+  // The draft shape's own lane (made again if it failed meanwhile): its model is views now and
+  // the merged copy when hot.
+  Lane* source = GetLane(shape, &existed);
+  *source_out = source;
+  if (!source) return nullptr;
   auto it = lane.drafts.find(key);
   if (it != lane.drafts.end()) return it->second.get();
-  bool existed = false;
-  Lane* source = GetLane(shape, &existed);  // its model: views now, the merged copy when hot
-  if (!source) return nullptr;
   auto d = std::make_unique<Draft>();
   d->shape = shape;
   d->key = key;
@@ -622,6 +625,10 @@ void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
     try {
       Finish(lane, i, FinishReason::kError, error);
     } catch (...) {  // the sequence's state is broken too: end it without its held-back text
+      if (Draft* d = lane.seqs[i].draft) {
+        auto source = lanes_.find(d->key);
+        if (source != lanes_.end()) --source->second->drafting_for_others;
+      }
       lane.slot_used[lane.seqs[i].slot] = false;
       JobResult r;
       r.reason = FinishReason::kError;

@@ -174,8 +174,9 @@ class Scheduler {
   // never `keep`. False when they cannot be made to fit.
   bool EvictIdleLanes(const Lane* keep = nullptr, int64_t extra = 0);
   bool Admit();  // moves waiting jobs into lanes; true if any moved
-  // The lane's draft of shape `s`, made on first use; null when the shape cannot be built.
-  Draft* GetDraft(Lane& lane, const Shape& s);
+  // The lane's draft of shape `s`, made on first use, and (in `source`) the shape's own lane;
+  // null when the shape cannot be built.
+  Draft* GetDraft(Lane& lane, const Shape& s, Lane** source);
   // Drafts for every sequence of `lane` that speculates this step (Seq::checking, Seq::check).
   void DraftStep(Lane& lane);
   void Step(Lane& lane);

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <future>
 #include <thread>
 
@@ -234,6 +235,32 @@ TEST(SpeculativeTest, GrpcRequestsChooseReportAndValidateTheDraft) {
       std::string::npos)
       << m;
   EXPECT_NE(m.find("amoeba_draft_accepted_tokens_bucket"), std::string::npos);
+}
+
+// The draft shape's own lane fails (its step throws) and is dropped while another lane keeps a
+// draft of that shape: the next speculating request gets a fresh lane for it, not a crash.
+TEST(SpeculativeTest, ADraftShapesFailedLaneIsMadeAgain) {
+  BatchInvariantKernels invariant;
+  std::atomic<bool> fail_small{false};
+  SchedulerOptions so;
+  Shape small_shape;
+  so.fault_hook = [&](const char* site, const Shape& s) {
+    if (fail_small && std::string(site) == "step" && s == small_shape)
+      throw std::runtime_error("injected");
+  };
+  TestServer ts(so);
+  const Supernet& s = *ts.supernet;
+  const Shape target = s.FullShape(), small = s.SmallestShape();
+  small_shape = small;
+  const std::string text = "fail the draft";
+  const Outcome plain = RunOne(*ts.scheduler, NewJob(s, target, text, 12));
+  EXPECT_EQ(RunOne(*ts.scheduler, NewJob(s, target, text, 12, small, 3)).tokens, plain.tokens);
+  fail_small = true;
+  const Outcome failed = RunOne(*ts.scheduler, NewJob(s, small, text, 12));
+  EXPECT_EQ(failed.result.reason, FinishReason::kError);
+  fail_small = false;
+  EXPECT_EQ(RunOne(*ts.scheduler, NewJob(s, target, text, 12, small, 3)).tokens, plain.tokens);
+  EXPECT_GE(ts.scheduler->stats().lane_failures, 1);
 }
 
 }  // namespace
