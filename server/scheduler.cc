@@ -430,11 +430,13 @@ void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Stat
     if (source != lanes_.end()) --source->second->drafting_for_others;
     s.draft = nullptr;
   }
+  // Counted out before the client hears of it: whoever sees the result sees it not running.
+  --running_;
+  s.counted_out = true;
   s.job->on_done(r);
   lane.slot_used[s.slot] = false;
   lane.cache.Reset(s.slot);  // gives the slot's KV memory back
   lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(index));
-  --running_;
 }
 
 std::optional<FinishReason> Scheduler::EndedEarly(const Seq& s, Clock::time_point now) {
@@ -634,9 +636,9 @@ void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
       r.reason = FinishReason::kError;
       r.error = error;
       r.shape = lane.shape;
+      if (!lane.seqs[i].counted_out) --running_;
       lane.seqs[i].job->on_done(r);
       lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(i));
-      --running_;
     }
   }
   ++lane_failures_;

@@ -141,6 +141,7 @@ class Scheduler {
     std::optional<Clock::time_point> time_limit;  // started + time_limit_ms
     int64_t sent_tokens = 0;                      // tokens streamed to the client
     bool has_first = false;
+    bool counted_out = false;  // no longer in `running_`
   };
   struct Lane {
     Shape shape;
