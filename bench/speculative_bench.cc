@@ -156,13 +156,10 @@ int RunBench(const Options& o_in) {
   const Shape full = s.FullShape();
   const Shape middle{spec.depths[spec.depths.size() / 2], spec.widths[spec.widths.size() / 2]};
   auto eval_costs = [&](const Shape& t, const Shape& d) -> std::optional<DraftCosts> {
-    std::optional<double> tm, dm, extra;
-    for (const ShapeRecord& r : spec.profile) {
-      if (r.shape == t) tm = r.decode_ms_per_token, extra = r.check_ms_per_extra_token;
-      if (r.shape == d) dm = r.decode_ms_per_token;
-    }
-    if (!tm || !dm) return std::nullopt;
-    return DraftCosts{*tm, *dm, extra.value_or(0)};
+    const ShapeRecord *tr = spec.FindRecord(t), *dr = spec.FindRecord(d);
+    if (!tr || !dr || !tr->decode_ms_per_token || !dr->decode_ms_per_token) return std::nullopt;
+    return DraftCosts{*tr->decode_ms_per_token, *dr->decode_ms_per_token,
+                      tr->check_ms_per_extra_token.value_or(0)};
   };
   nlohmann::json results = nlohmann::json::array();
   std::string md = absl::StrFormat(

@@ -185,17 +185,16 @@ absl::StatusOr<std::optional<Serving::DraftPlan>> Serving::ResolveDraft(
   auto decode_ms = [&](const Shape& s) -> std::optional<double> {
     for (const ShapeProfile& p : profiles_)
       if (p.shape == s && p.measured_decode_ms) return *p.measured_decode_ms;
-    for (const ShapeRecord& r : supernet_.spec().profile)
-      if (r.shape == s && r.decode_ms_per_token) return *r.decode_ms_per_token;
-    return std::nullopt;
+    const ShapeRecord* r = supernet_.spec().FindRecord(s);
+    return r ? r->decode_ms_per_token : std::nullopt;
   };
   auto costs = [&](const Shape& t, const Shape& d) -> std::optional<DraftCosts> {
     const auto tm = decode_ms(t), dm = decode_ms(d);
     if (!tm || !dm) return std::nullopt;
     DraftCosts c{*tm, *dm, 0};
-    for (const ShapeRecord& r : supernet_.spec().profile)
-      if (r.shape == t && r.check_ms_per_extra_token && r.decode_ms_per_token)
-        c.check_extra_ms = *r.check_ms_per_extra_token / *r.decode_ms_per_token * *tm;
+    const ShapeRecord* r = supernet_.spec().FindRecord(t);
+    if (r && r->check_ms_per_extra_token && r->decode_ms_per_token)
+      c.check_extra_ms = *r->check_ms_per_extra_token / *r->decode_ms_per_token * *tm;
     return c;
   };
   if (speculate == "off") return std::nullopt;

@@ -60,13 +60,21 @@ double ExpectedSpeedup(const std::vector<double>& runs, int64_t k, const DraftCo
   return (1.0 + ExpectedKept(runs, k)) * c.target_ms / cost;
 }
 
+namespace {
+// The k in 1..kMaxDraftTokens with the best expected speedup for one pair (the smallest on ties).
+int64_t BestTokens(const std::vector<double>& runs, const DraftCosts& c) {
+  int64_t best = 1;
+  for (int64_t k = 2; k <= kMaxDraftTokens; ++k)
+    if (ExpectedSpeedup(runs, k, c) > ExpectedSpeedup(runs, best, c)) best = k;
+  return best;
+}
+}  // namespace
+
 std::optional<DraftChoice> ChooseDraft(
     const SupernetSpec& spec, const Shape& target,
     const std::function<std::optional<DraftCosts>(const Shape&, const Shape&)>& costs,
     double min_speedup) {
-  const ShapeRecord* rec = nullptr;
-  for (const ShapeRecord& r : spec.profile)
-    if (r.shape == target) rec = &r;
+  const ShapeRecord* rec = spec.FindRecord(target);
   if (!rec) return std::nullopt;
   std::optional<DraftChoice> best;
   for (const auto& [key, runs] : rec->draft_runs) {
@@ -74,11 +82,10 @@ std::optional<DraftChoice> ChooseDraft(
     if (!draft.ok() || *draft == target) continue;
     const auto c = costs(target, *draft);
     if (!c) continue;
-    for (int64_t k = 1; k <= kMaxDraftTokens; ++k) {
-      const double s = ExpectedSpeedup(runs, k, *c);
-      if (!best || s > best->expected_speedup)
-        best = DraftChoice{*draft, k, ExpectedKept(runs, k), s};
-    }
+    const int64_t k = BestTokens(runs, *c);
+    const double s = ExpectedSpeedup(runs, k, *c);
+    if (!best || s > best->expected_speedup)
+      best = DraftChoice{*draft, k, ExpectedKept(runs, k), s};
   }
   if (!best || best->expected_speedup < min_speedup) return std::nullopt;
   return best;
@@ -87,18 +94,10 @@ std::optional<DraftChoice> ChooseDraft(
 int64_t ChooseDraftTokens(const SupernetSpec& spec, const Shape& target, const Shape& draft,
                           const std::optional<DraftCosts>& costs) {
   constexpr int64_t kDefault = 4;
-  if (!costs) return kDefault;
-  for (const ShapeRecord& r : spec.profile) {
-    if (!(r.shape == target)) continue;
-    auto it = r.draft_runs.find(draft.ToString());
-    if (it == r.draft_runs.end()) return kDefault;
-    int64_t best = 1;
-    for (int64_t k = 2; k <= kMaxDraftTokens; ++k)
-      if (ExpectedSpeedup(it->second, k, *costs) > ExpectedSpeedup(it->second, best, *costs))
-        best = k;
-    return best;
-  }
-  return kDefault;
+  const ShapeRecord* rec = spec.FindRecord(target);
+  if (!costs || !rec) return kDefault;
+  auto it = rec->draft_runs.find(draft.ToString());
+  return it == rec->draft_runs.end() ? kDefault : BestTokens(it->second, *costs);
 }
 
 }  // namespace amoeba

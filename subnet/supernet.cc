@@ -59,6 +59,10 @@ ShapeRecord* SupernetSpec::FindRecord(const Shape& sh) {
   return nullptr;
 }
 
+const ShapeRecord* SupernetSpec::FindRecord(const Shape& sh) const {
+  return const_cast<SupernetSpec*>(this)->FindRecord(sh);
+}
+
 json SupernetSpec::ToJson() const {
   json j;
   j["format"] = "amoeba-supernet";

@@ -71,6 +71,7 @@ struct SupernetSpec {
   const DepthEntry* FindDepth(int64_t d) const;
   const WidthEntry* FindWidth(double w) const;
   ShapeRecord* FindRecord(const Shape& s);
+  const ShapeRecord* FindRecord(const Shape& s) const;
   nlohmann::json ToJson() const;
   static absl::StatusOr<SupernetSpec> FromJson(const nlohmann::json& j, int64_t num_layers);
 };

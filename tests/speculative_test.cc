@@ -209,10 +209,13 @@ TEST(SpeculativeTest, GrpcRequestsChooseReportAndValidateTheDraft) {
   EXPECT_FALSE(testing::Stream(c, req("auto", 0)).last.has_speculation());
   // Runs that promise most guesses kept: auto drafts, with the profile's best draft.
   SupernetSpec spec = s.spec();
-  ShapeRecord rec;
-  rec.shape = full;
-  rec.draft_runs[small.ToString()] = {0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.6};
-  spec.profile.push_back(rec);
+  if (!spec.FindRecord(full)) {  // one record per shape, as amoeba.json requires
+    ShapeRecord rec;
+    rec.shape = full;
+    spec.profile.push_back(rec);
+  }
+  spec.FindRecord(full)->draft_runs[small.ToString()] = {0.05, 0.05, 0.05, 0.05, 0.05,
+                                                         0.05, 0.05, 0.05, 0.6};
   ts.supernet->set_spec(spec);
   const testing::Streamed automatic = testing::Stream(c, req("auto", 0));
   ASSERT_TRUE(automatic.status.ok());
