@@ -128,173 +128,159 @@ int Run(const Flags& f) {
                                    int64_t accepted) {
     metrics.ObserveDraftCheck(target.ToString(), draft.ToString(), drafted, accepted);
   };
-  // This thread, which loaded and packed the weights, runs the decode loop: one OpenMP team in
-  // the process (a second thread's team measured 1.2-1.5x slower per token). The rest of the
-  // server (profiling, front ends, signals, drain) runs on `control`.
-  so.run_on_caller = true;
   Scheduler scheduler(supernet, so);
-  int rc = 0;
-  auto serve = [&]() -> int {
-    if (f.profile) {
-      // Through the scheduler, as requests will see it (before any client can connect).
-      ServedLatencyOptions lo;
-      lo.bandwidth_gbs = host.bandwidth_gbs;
-      const auto measured = ProfileServedLatency(
-          scheduler, profiles, static_cast<int32_t>(supernet.base().config.bos_token_id), lo);
-      LogLatencyProfile(measured, "server profile");
-      // The planner uses the line fitted through every shape's median: noise in one shape's
-      // figure cannot make it look faster than a smaller shape.
-      for (size_t i = 0; i < profiles.size(); ++i)
-        if (measured[i].fitted_ms > 0) profiles[i].measured_decode_ms = measured[i].fitted_ms;
-    }
-    spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
-                 host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
+  if (f.profile) {
+    // Through the scheduler, as requests will see it (before any client can connect).
+    ServedLatencyOptions lo;
+    lo.bandwidth_gbs = host.bandwidth_gbs;
+    const auto measured = ProfileServedLatency(
+        scheduler, profiles, static_cast<int32_t>(supernet.base().config.bos_token_id), lo);
+    LogLatencyProfile(measured, "server profile");
+    // The planner uses the line fitted through every shape's median: noise in one shape's
+    // figure cannot make it look faster than a smaller shape.
+    for (size_t i = 0; i < profiles.size(); ++i)
+      if (measured[i].fitted_ms > 0) profiles[i].measured_decode_ms = measured[i].fitted_ms;
+  }
+  spdlog::info("server: host {:.1f} GB/s, {:.0f} GFLOP/s; {} shapes{}", host.bandwidth_gbs,
+               host.compute_gflops, profiles.size(), f.profile ? " profiled" : "");
 
-    ServiceOptions svo;
-    svo.limits.max_prompt_tokens = std::min(f.max_prompt_tokens, f.max_context - 1);
-    svo.limits.max_new_tokens = f.max_new_tokens;
-    svo.auth_token = f.auth_token;
-    svo.token_for_all = f.auth_all;
-    svo.allow_unauthenticated_export = f.allow_unauthenticated_export;
-    svo.export_tmp_dir = f.export_dir;
-    svo.export_workers = f.export_workers;
-    svo.weights_dtype = f.weights_dtype;
-    svo.speculate = f.speculate;
-    svo.speculate_min_speedup = f.speculate_min_speedup;
-    if (f.auth_token.empty() && f.allow_unauthenticated_export) {
-      spdlog::warn(
-          "server: --allow-unauthenticated-export: ANY client that reaches {}:{} can download the "
-          "whole model",
-          f.host, f.port);
+  ServiceOptions svo;
+  svo.limits.max_prompt_tokens = std::min(f.max_prompt_tokens, f.max_context - 1);
+  svo.limits.max_new_tokens = f.max_new_tokens;
+  svo.auth_token = f.auth_token;
+  svo.token_for_all = f.auth_all;
+  svo.allow_unauthenticated_export = f.allow_unauthenticated_export;
+  svo.export_tmp_dir = f.export_dir;
+  svo.export_workers = f.export_workers;
+  svo.weights_dtype = f.weights_dtype;
+  svo.speculate = f.speculate;
+  svo.speculate_min_speedup = f.speculate_min_speedup;
+  if (f.auth_token.empty() && f.allow_unauthenticated_export) {
+    spdlog::warn(
+        "server: --allow-unauthenticated-export: ANY client that reaches {}:{} can download the "
+        "whole model",
+        f.host, f.port);
+  }
+  Serving serving(supernet, smol.get(), scheduler, &metrics, svo, host, profiles);
+  AmoebaService service(serving);
+  if (f.speculate != "auto" && f.speculate != "off") {
+    // An explicit default draft must be a grid shape (checked against the full shape's target).
+    auto d = serving.ResolveDraft(supernet.FullShape(), f.speculate, std::nullopt);
+    if (!d.ok()) {
+      spdlog::error("--speculate: {}", std::string(d.status().message()));
+      return 2;
     }
-    Serving serving(supernet, smol.get(), scheduler, &metrics, svo, host, profiles);
-    AmoebaService service(serving);
-    if (f.speculate != "auto" && f.speculate != "off") {
-      // An explicit default draft must be a grid shape (checked against the full shape's target).
-      auto d = serving.ResolveDraft(supernet.FullShape(), f.speculate, std::nullopt);
-      if (!d.ok()) {
-        spdlog::error("--speculate: {}", std::string(d.status().message()));
+  }
+  for (const Shape& s : supernet.GridShapes()) {
+    auto d = serving.ResolveDraft(s, "auto", std::nullopt);
+    if (d.ok() && *d)
+      spdlog::info("server: speculate=auto drafts {} with {} ({} tokens per check)", s.ToString(),
+                   (*d)->draft.ToString(), (*d)->tokens);
+  }
+
+  // The OpenAI-compatible HTTP front end, over the same core, TLS and token.
+  std::unique_ptr<HttpFrontend> http;
+  if (f.http_port >= 0) {
+    HttpOptions ho;
+    ho.host = f.host;
+    ho.port = f.http_port;
+    ho.tls_cert = f.tls_cert;
+    ho.tls_key = f.tls_key;
+    for (const std::string& a : f.model_aliases) {
+      const size_t eq = a.find('=');
+      auto shape = eq == std::string::npos
+                       ? absl::StatusOr<Shape>(absl::InvalidArgumentError("expected name=shape"))
+                       : Shape::Parse(a.substr(eq + 1), supernet.base().config.num_hidden_layers);
+      if (shape.ok()) {
+        absl::Status v = supernet.Validate(*shape);
+        if (!v.ok()) shape = v;
+      }
+      if (!shape.ok()) {
+        spdlog::error("--model-alias {}: {}", a, std::string(shape.status().message()));
         return 2;
       }
+      ho.aliases[a.substr(0, eq)] = *shape;
     }
-    for (const Shape& s : supernet.GridShapes()) {
-      auto d = serving.ResolveDraft(s, "auto", std::nullopt);
-      if (d.ok() && *d)
-        spdlog::info("server: speculate=auto drafts {} with {} ({} tokens per check)", s.ToString(),
-                     (*d)->draft.ToString(), (*d)->tokens);
-    }
-
-    // The OpenAI-compatible HTTP front end, over the same core, TLS and token.
-    std::unique_ptr<HttpFrontend> http;
-    if (f.http_port >= 0) {
-      HttpOptions ho;
-      ho.host = f.host;
-      ho.port = f.http_port;
-      ho.tls_cert = f.tls_cert;
-      ho.tls_key = f.tls_key;
-      for (const std::string& a : f.model_aliases) {
-        const size_t eq = a.find('=');
-        auto shape = eq == std::string::npos
-                         ? absl::StatusOr<Shape>(absl::InvalidArgumentError("expected name=shape"))
-                         : Shape::Parse(a.substr(eq + 1), supernet.base().config.num_hidden_layers);
-        if (shape.ok()) {
-          absl::Status v = supernet.Validate(*shape);
-          if (!v.ok()) shape = v;
-        }
-        if (!shape.ok()) {
-          spdlog::error("--model-alias {}: {}", a, std::string(shape.status().message()));
-          return 2;
-        }
-        ho.aliases[a.substr(0, eq)] = *shape;
-      }
-      if (f.chat_template == "auto") {
-        ho.chat_template = ChatTemplateForModel(f.supernet);
-      } else {
-        auto t = ParseChatTemplate(f.chat_template);
-        if (!t.ok()) {
-          spdlog::error("--chat-template: {}", std::string(t.status().message()));
-          return 2;
-        }
-        ho.chat_template = *t;
-      }
-      http = std::make_unique<HttpFrontend>(serving, ho);
-      const absl::Status st = http->Start();
-      if (!st.ok()) {
-        spdlog::error("server: {}", std::string(st.message()));
-        return 1;
-      }
-      spdlog::info("server: OpenAI-compatible HTTP on {}:{} (chat template {})", f.host,
-                   http->port(), ChatTemplateName(ho.chat_template));
-    }
-
-    grpc::EnableDefaultHealthCheckService(true);
-    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-    grpc::ServerBuilder builder;
-    std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-    if (!f.tls_cert.empty()) {
-      auto cert = ReadFile(f.tls_cert), key = ReadFile(f.tls_key);
-      if (!cert.ok() || !key.ok()) {
-        spdlog::error("server: cannot read --tls-cert/--tls-key");
+    if (f.chat_template == "auto") {
+      ho.chat_template = ChatTemplateForModel(f.supernet);
+    } else {
+      auto t = ParseChatTemplate(f.chat_template);
+      if (!t.ok()) {
+        spdlog::error("--chat-template: {}", std::string(t.status().message()));
         return 2;
       }
-      grpc::SslServerCredentialsOptions ssl;
-      ssl.pem_key_cert_pairs.push_back({*key, *cert});
-      creds = grpc::SslServerCredentials(ssl);
+      ho.chat_template = *t;
     }
-    int bound_port = 0;
-    builder.AddListeningPort(f.host + ":" + std::to_string(f.port), creds, &bound_port);
-    builder.RegisterService(&service);
-    builder.SetMaxReceiveMessageSize(4 << 20);
-    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-    if (!server || bound_port == 0) {
-      spdlog::error("server: cannot listen on {}:{}", f.host, f.port);
+    http = std::make_unique<HttpFrontend>(serving, ho);
+    const absl::Status st = http->Start();
+    if (!st.ok()) {
+      spdlog::error("server: {}", std::string(st.message()));
       return 1;
     }
-    auto* health = server->GetHealthCheckService();
-    health->SetServingStatus(true);
-    spdlog::info("server: serving amoeba.v1.Amoeba on {}:{} ({})", f.host, bound_port,
-                 f.tls_cert.empty() ? "insecure" : "TLS");
-    if (!f.port_file.empty())
-      (void)WriteFileAtomic(f.port_file, std::to_string(bound_port) + " " +
-                                             std::to_string(metrics.port()) + " " +
-                                             std::to_string(http ? http->port() : -1) + "\n");
+    spdlog::info("server: OpenAI-compatible HTTP on {}:{} (chat template {})", f.host, http->port(),
+                 ChatTemplateName(ho.chat_template));
+  }
 
-    // Wait for SIGTERM/SIGINT (blocked in every thread, so sigwait sees them), then drain.
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    std::atomic<bool> stop_metrics{false};
-    std::thread gauges([&] {
-      while (!stop_metrics) {
-        auto s = scheduler.stats();
-        metrics.SetGlobal(s.waiting, s.cache_bytes, s.kv_bytes, s.cache_hits, s.cache_misses,
-                          s.lanes);
-        std::this_thread::sleep_for(std::chrono::milliseconds(500));
-      }
-    });
-    int sig = 0;
-    sigwait(&set, &sig);
-    spdlog::info("server: signal {}, draining for up to {:.0f}s", sig, f.drain_seconds);
-    health->SetServingStatus(false);
-    if (http) http->SetDraining();
-    const auto deadline =
-        Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000));
-    scheduler.Drain(deadline);
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
-    if (http) http->Stop();
-    stop_metrics = true;
-    gauges.join();
-    spdlog::info("server: stopped");
-    return 0;
-  };
-  std::thread control([&] {
-    rc = serve();
-    scheduler.Stop();
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!f.tls_cert.empty()) {
+    auto cert = ReadFile(f.tls_cert), key = ReadFile(f.tls_key);
+    if (!cert.ok() || !key.ok()) {
+      spdlog::error("server: cannot read --tls-cert/--tls-key");
+      return 2;
+    }
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({*key, *cert});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  int bound_port = 0;
+  builder.AddListeningPort(f.host + ":" + std::to_string(f.port), creds, &bound_port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(4 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound_port == 0) {
+    spdlog::error("server: cannot listen on {}:{}", f.host, f.port);
+    return 1;
+  }
+  auto* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  spdlog::info("server: serving amoeba.v1.Amoeba on {}:{} ({})", f.host, bound_port,
+               f.tls_cert.empty() ? "insecure" : "TLS");
+  if (!f.port_file.empty())
+    (void)WriteFileAtomic(f.port_file, std::to_string(bound_port) + " " +
+                                           std::to_string(metrics.port()) + " " +
+                                           std::to_string(http ? http->port() : -1) + "\n");
+
+  // Wait for SIGTERM/SIGINT (blocked in every thread, so sigwait sees them), then drain.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  std::atomic<bool> stop_metrics{false};
+  std::thread gauges([&] {
+    while (!stop_metrics) {
+      auto s = scheduler.stats();
+      metrics.SetGlobal(s.waiting, s.cache_bytes, s.kv_bytes, s.cache_hits, s.cache_misses,
+                        s.lanes);
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
   });
-  scheduler.RunLoop();
-  control.join();
-  return rc;
+  int sig = 0;
+  sigwait(&set, &sig);
+  spdlog::info("server: signal {}, draining for up to {:.0f}s", sig, f.drain_seconds);
+  health->SetServingStatus(false);
+  if (http) http->SetDraining();
+  const auto deadline =
+      Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000));
+  scheduler.Drain(deadline);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  if (http) http->Stop();
+  stop_metrics = true;
+  gauges.join();
+  spdlog::info("server: stopped");
+  return 0;
 }
 
 }  // namespace
