@@ -13,6 +13,7 @@
 #include "admin/commands.h"
 #include "distill/tuner.h"
 #include "model/engine.h"
+#include "model/file_util.h"
 #include "model/packed_linear.h"
 #include "model/progress.h"
 #include "model/runtime.h"
@@ -23,6 +24,7 @@
 #include "subnet/metrics.h"
 #include "subnet/speculation.h"
 #include "subnet/subnet_builder.h"
+#include "subnet/svg_plot.h"
 
 namespace amoeba::admin {
 namespace fs = std::filesystem;
@@ -38,40 +40,25 @@ struct EvalFlags {
   std::string weights_dtype = "f32";
 };
 
-std::string FrontierSvg(const nlohmann::json& rows) {
-  double xmax = 0, ymin = 1e30, ymax = 0;
+// Every shape by decode latency and held-out perplexity, labelled "d<depth> w<width>", with the
+// frontier drawn as a line.
+std::string FrontierSvg(const nlohmann::json& rows, const std::string& host) {
+  PlotSeries all("every shape", /*join=*/false), front("frontier (nothing faster is better)");
   for (const auto& r : rows) {
-    xmax = std::max(xmax, r["decode_ms_per_token"].get<double>());
-    ymin = std::min(ymin, r["heldout_perplexity"].get<double>());
-    ymax = std::max(ymax, r["heldout_perplexity"].get<double>());
+    PlotPoint p{r["decode_ms_per_token"].get<double>(), r["heldout_perplexity"].get<double>(),
+                absl::StrFormat("d%d w%g", r["depth"].get<int>(), r["width"].get<double>())};
+    if (r.value("frontier", false)) front.points.push_back(p);
+    all.points.push_back(std::move(p));
   }
-  if (ymax <= ymin) ymax = ymin + 1;
-  const double W = 640, H = 420, L = 70, B = 50;
-  auto X = [&](double v) { return L + (W - L - 20) * v / (xmax * 1.05); };
-  auto Y = [&](double v) { return H - B - (H - B - 20) * (v - ymin) / (ymax - ymin); };
-  std::string svg = absl::StrFormat(
-      "<svg xmlns='http://www.w3.org/2000/svg' width='%g' height='%g' font-family='sans-serif' "
-      "font-size='11'>"
-      "<rect width='100%%' height='100%%' fill='white'/><line x1='%g' y1='%g' x2='%g' y2='%g' "
-      "stroke='black'/>"
-      "<line x1='%g' y1='20' x2='%g' y2='%g' stroke='black'/>"
-      "<text x='%g' y='%g'>decode ms/token (this host)</text><text x='10' y='14'>held-out "
-      "perplexity</text>",
-      W, H, L, H - B, W - 20, H - B, L, L, H - B, W / 2 - 60, H - 15);
-  for (const auto& r : rows) {
-    const bool front = r.value("frontier", false);
-    svg += absl::StrFormat(
-        "<circle cx='%.1f' cy='%.1f' r='4' fill='%s'><title>depth=%d width=%g "
-        "ppl=%.2f</title></circle>",
-        X(r["decode_ms_per_token"].get<double>()), Y(r["heldout_perplexity"].get<double>()),
-        front ? "crimson" : "steelblue", r["depth"].get<int>(), r["width"].get<double>(),
-        r["heldout_perplexity"].get<double>());
-  }
-  svg += absl::StrFormat(
-      "<text x='%g' y='%g' fill='crimson'>red: frontier (no shape is both faster and "
-      "better)</text></svg>\n",
-      L + 10, 34.0);
-  return svg;
+  // The frontier in ascending cost; the labels are on the other series already.
+  std::sort(front.points.begin(), front.points.end(),
+            [](const PlotPoint& a, const PlotPoint& b) { return a.x < b.x; });
+  for (auto& p : front.points) p.label.clear();
+  PlotOptions o;
+  o.title = "Quality against decode latency, every shape";
+  o.x_label = "decode ms/token, batch 1 (" + host + ")";
+  o.y_label = "held-out perplexity (lower is better)";
+  return SvgPlot(o, {all, front});
 }
 
 // The shape decoded by the engine from panels of `format` (the subnet's own blocks, as a merged
@@ -242,10 +229,11 @@ absl::Status RunEval(const EvalFlags& f) {
     if (!c) continue;
     std::printf("%-22s %-22s %-3lld %-12.2f %.2fx%s\n", shapes[i].ToString().c_str(),
                 c->draft.ToString().c_str(), static_cast<long long>(c->tokens), c->expected_kept,
-                c->expected_speedup, c->expected_speedup < 1.3 ? " (below the server's default 1.3)" : "");
+                c->expected_speedup,
+                c->expected_speedup < 1.3 ? " (below the server's default 1.3)" : "");
   }
   const std::string svg = f.svg.empty() ? (fs::path(f.supernet) / "frontier.svg").string() : f.svg;
-  std::ofstream(svg) << FrontierSvg(rows);
+  RETURN_IF_ERROR(WriteFileAtomic(svg, FrontierSvg(rows, DescribeCpu())));
   spdlog::info("eval: {} shapes{}; profile updated; frontier plot {}", rows.size(),
                smol ? " with adapters" : "", svg);
   return absl::OkStatus();

@@ -30,6 +30,7 @@ struct TuneFlags {
   SmolConfig smol;
   bool single_lora = false, no_balancing = false, no_distill = false;
   std::vector<std::string> targets;  // projection names; empty = all seven
+  std::string only_shape;            // --shape: train one shape alone
   int threads = 0;
 };
 
@@ -59,6 +60,14 @@ absl::Status RunTune(TuneFlags& f) {
         return absl::InvalidArgumentError("--targets: unknown projection '" + t +
                                           "' (q, k, v, o, gate, up, down)");
     }
+  }
+  if (!f.only_shape.empty()) {
+    auto sh = Shape::Parse(f.only_shape, c.num_hidden_layers);
+    if (!sh.ok())
+      return absl::InvalidArgumentError(absl::StrCat("--shape: ", sh.status().message()));
+    absl::Status v = s->Validate(*sh);
+    if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("--shape: ", v.message()));
+    f.o.only_shape = *sh;
   }
   f.o.balancing = !f.no_balancing;
   f.o.distill = !f.no_distill;
@@ -101,6 +110,7 @@ absl::Status RunTune(TuneFlags& f) {
                          {"balancing", f.o.balancing},
                          {"distill", f.o.distill},
                          {"subnets", f.o.subnets},
+                         {"only_shape", f.o.only_shape ? f.o.only_shape->ToString() : ""},
                          {"final_loss_full", r.loss_full},
                          {"final_loss_smallest", r.loss_smallest}};
   s->set_spec(spec);
@@ -140,6 +150,9 @@ Runner AddTuneCommand(CLI::App& app) {
   cmd->add_flag("--no-balancing", f->no_balancing, "Ablation: no loss-magnitude balancing");
   cmd->add_flag("--no-distill", f->no_distill,
                 "Ablation: cross-entropy on labels for every subnet");
+  cmd->add_option("--shape", f->only_shape,
+                  "Baseline: train only this grid shape on the labels (one adapter for one shape; "
+                  "combine with --single-lora)");
   cmd->add_option("--checkpoint", f->o.checkpoint,
                   "Checkpoint file (default SUPERNET/tune_checkpoint.safetensors)");
   cmd->add_option("--checkpoint-every", f->o.checkpoint_every)->capture_default_str();

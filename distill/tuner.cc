@@ -1,5 +1,7 @@
 #include "distill/tuner.h"
 
+#include "model/status_macros.h"
+
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -52,7 +54,8 @@ at::Tensor SubnetLogits(const Supernet& s, const Smol& smol, const Shape& sh,
 std::string Fingerprint(const TuneOptions& o, const Smol& smol) {
   return absl::StrCat(o.batch, "|", o.seq_len, "|", o.grad_accum, "|", o.subnets, "|", o.lr, "|",
                       o.schedule, "|", o.warmup, "|", o.clip, "|", o.seed, "|", o.balancing, "|",
-                      o.distill, "|", smol.config().ToJson().dump());
+                      o.distill, "|", smol.config().ToJson().dump(), "|",
+                      o.only_shape ? o.only_shape->ToString() : "sandwich");
 }
 
 }  // namespace
@@ -65,7 +68,8 @@ at::Tensor InferenceGate(const Supernet& s, const Smol& smol, const Shape& shape
 SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatch& b,
                             const TuneOptions& o, int64_t step, int64_t micro) {
   SandwichLosses out;
-  out.shapes = SandwichShapes(s, o.subnets, o.seed, step, micro);
+  out.shapes = o.only_shape ? std::vector<Shape>{*o.only_shape}
+                            : SandwichShapes(s, o.subnets, o.seed, step, micro);
   at::Tensor teacher, l0;
   const double accum = static_cast<double>(std::max<int64_t>(1, o.grad_accum));
   for (size_t i = 0; i < out.shapes.size(); ++i) {
@@ -76,6 +80,7 @@ SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatc
       teacher = logits.detach();
       l0 = loss.detach();
       out.full = loss.item<double>();
+      if (out.shapes.size() == 1) out.smallest = out.full;
     } else {
       loss = o.distill ? MaskedSoftCrossEntropy(logits, teacher, b.mask)
                        : MaskedCrossEntropy(logits, b.tokens, b.mask);
@@ -91,6 +96,7 @@ absl::StatusOr<TuneResult> Tune(const Supernet& s, Smol& smol, const TrainData& 
                                 const TuneOptions& o, const std::atomic<bool>* stop) {
   if (o.batch < 1 || o.seq_len < 2 || o.subnets < 1)
     return absl::InvalidArgumentError("tune: batch and subnets must be >= 1, seq-len >= 2");
+  if (o.only_shape) RETURN_IF_ERROR(s.Validate(*o.only_shape));
   smol.SetRequiresGrad(true);
   LoopOptions lo;
   lo.label = "tune";

@@ -6,6 +6,7 @@
 #pragma once
 #include <atomic>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -27,8 +28,11 @@ struct TuneOptions {
   double clip = 0.3;
   double weight_decay = 0.0;
   uint64_t seed = 0;
-  bool balancing = true;   // --no-balancing
-  bool distill = true;     // --no-distill: CE on labels for every subnet
+  bool balancing = true;  // --no-balancing
+  bool distill = true;    // --no-distill: CE on labels for every subnet
+  // Baseline "one adapter for each shape": every micro-batch trains only this shape, on the
+  // labels (no sandwich, no teacher). Unset = the sandwich.
+  std::optional<Shape> only_shape;
   std::string checkpoint;  // file; "" = none
   int64_t checkpoint_every = 50;
   bool resume = false;

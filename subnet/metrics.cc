@@ -63,20 +63,36 @@ double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok,
   at::InferenceMode guard;
   int64_t correct = 0;
   for (const auto& it : items) {
+    if (it.choices.empty()) continue;
     std::vector<int64_t> prompt = {m.config.bos_token_id};
     for (int32_t t : tok.Encode(it.prompt)) prompt.push_back(t);
+    // All choices in one right-padded batch: causal attention keeps the padding out of every
+    // scored position, so each row scores as if alone.
+    std::vector<std::vector<int32_t>> conts;
+    size_t longest = 0;
+    for (const std::string& c : it.choices) {
+      conts.push_back(tok.Encode(" " + c));
+      longest = std::max(longest, conts.back().size());
+    }
+    const int64_t C = static_cast<int64_t>(conts.size());
+    const int64_t T = static_cast<int64_t>(prompt.size() + longest);
+    at::Tensor batch = at::zeros({C, T}, at::kLong);
+    auto acc = batch.accessor<int64_t, 2>();
+    for (int64_t c = 0; c < C; ++c) {
+      for (size_t k = 0; k < prompt.size(); ++k) acc[c][k] = prompt[k];
+      for (size_t k = 0; k < conts[c].size(); ++k) acc[c][prompt.size() + k] = conts[c][k];
+    }
+    // Only the positions that predict continuation tokens need a softmax.
+    const int64_t first = static_cast<int64_t>(prompt.size()) - 1;
+    at::Tensor lp = at::log_softmax(
+        TorchForward(m, batch).narrow(1, first, static_cast<int64_t>(longest)).to(at::kFloat), -1);
     double best = -INFINITY;
     int best_i = -1;
-    for (size_t c = 0; c < it.choices.size(); ++c) {
-      std::vector<int64_t> seq = prompt;
-      std::vector<int32_t> cont = tok.Encode(" " + it.choices[c]);
-      for (int32_t t : cont) seq.push_back(t);
-      at::Tensor logits = TorchForward(m, at::tensor(seq).unsqueeze(0))[0];
-      at::Tensor lp = at::log_softmax(logits, -1);
+    for (int64_t c = 0; c < C; ++c) {
+      auto row = lp[c];
       double score = 0;
-      for (size_t k = 0; k < cont.size(); ++k) {
-        score += lp[prompt.size() - 1 + k][cont[k]].item<double>();
-      }
+      for (size_t k = 0; k < conts[c].size(); ++k)
+        score += row[static_cast<int64_t>(k)][conts[c][k]].item<double>();
       if (score > best) {
         best = score;
         best_i = static_cast<int>(c);

@@ -207,6 +207,34 @@ TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
   EXPECT_EQ(Tune(*f.s, third, *f.data, o).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// The "one adapter for each shape" baseline: every micro-batch trains only the named shape on the
+// labels, that shape's held-out loss falls, and an off-grid shape is refused.
+TEST(DistillTest, OnlyShapeTrainsThatShapeAlone) {
+  Fixture f;
+  Smol smol = f.NewSmol();
+  TuneOptions o;
+  o.steps = 20;
+  o.batch = 4;
+  o.seq_len = 32;
+  o.lr = 5e-3;
+  o.progress = false;
+  o.distill = false;
+  o.only_shape = f.s->SmallestShape();
+  auto b = f.data->Sample(o.seed, 0, 0, o.batch, o.seq_len);
+  smol.SetRequiresGrad(true);
+  SandwichLosses l = SandwichStep(*f.s, smol, b, o, 0, 0);
+  ASSERT_EQ(l.shapes.size(), 1u);
+  EXPECT_EQ(l.shapes[0], f.s->SmallestShape());
+  EXPECT_EQ(l.full, l.smallest);
+  for (auto& [name, p] : smol.NamedParameters())
+    if (p.grad().defined()) p.mutable_grad().zero_();
+  const double before = HeldoutNll(*f.s, &smol, f.s->SmallestShape(), f.heldout);
+  ASSERT_TRUE(Tune(*f.s, smol, *f.data, o).ok());
+  EXPECT_LT(HeldoutNll(*f.s, &smol, f.s->SmallestShape(), f.heldout), before - 0.05);
+  o.only_shape = Shape{f.s->spec().depths.front() - 1, 1.0};
+  EXPECT_EQ(Tune(*f.s, smol, *f.data, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(PretrainTest, LowersLossAndResumesBitForBit) {
   Fixture f;
   Model m = *LoadModel(f.dir.file("m"));

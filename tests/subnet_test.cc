@@ -23,6 +23,7 @@
 #include "subnet/export.h"
 #include "subnet/metrics.h"
 #include "subnet/subnet_builder.h"
+#include "subnet/svg_plot.h"
 #include "subnet/width_importance.h"
 #include "tests/test_util.h"
 
@@ -527,6 +528,67 @@ TEST(SupernetTest, EveryCorruptPieceIsAClearLoadError) {
     ASSERT_TRUE(none.ok());
     EXPECT_EQ(none->get(), nullptr);
   }
+}
+
+// Choices of different lengths are scored in one padded batch; each must score as if alone: with
+// the answer set to the best choice by a one-at-a-time reference the accuracy is 1, with the
+// worst it is 0.
+TEST(MetricsTest, MultipleChoiceScoresEveryChoiceAsIfAlone) {
+  TempDir dir;
+  ASSERT_TRUE(WriteByteTokenizer(dir.path()).ok());
+  auto tok = LoadTokenizer(dir.path());
+  ASSERT_TRUE(tok.ok());
+  ModelConfig c = testing::TinyConfig();
+  c.vocab_size = (*tok)->vocab_size();
+  Model m = RandomModel(c, 5, 0.3);
+  at::InferenceMode g;
+  auto score = [&](const std::string& prompt, const std::string& choice) {
+    std::vector<int64_t> seq = {m.config.bos_token_id};
+    for (int32_t t : (*tok)->Encode(prompt)) seq.push_back(t);
+    const size_t n = seq.size();
+    std::vector<int32_t> cont = (*tok)->Encode(" " + choice);
+    for (int32_t t : cont) seq.push_back(t);
+    at::Tensor lp = at::log_softmax(TorchForward(m, at::tensor(seq).unsqueeze(0))[0], -1);
+    double s = 0;
+    for (size_t k = 0; k < cont.size(); ++k) s += lp[n - 1 + k][cont[k]].item<double>();
+    return s;
+  };
+  std::vector<MultipleChoiceItem> best, worst;
+  const std::vector<std::vector<std::string>> choices = {
+      {"a", "bcdefgh", "ij"}, {"long choice here", "x", "mid one", "yy"}, {"q", "rs"}};
+  for (size_t i = 0; i < choices.size(); ++i) {
+    MultipleChoiceItem it{"prompt " + std::to_string(i), choices[i], 0};
+    std::vector<double> s;
+    for (const auto& c : choices[i]) s.push_back(score(it.prompt, c));
+    it.answer = static_cast<int>(std::max_element(s.begin(), s.end()) - s.begin());
+    best.push_back(it);
+    it.answer = static_cast<int>(std::min_element(s.begin(), s.end()) - s.begin());
+    worst.push_back(it);
+  }
+  EXPECT_EQ(MultipleChoiceAccuracy(m, **tok, best), 1.0);
+  EXPECT_EQ(MultipleChoiceAccuracy(m, **tok, worst), 0.0);
+}
+
+TEST(PlotTest, TicksAreRoundAndEveryPointIsLabelled) {
+  EXPECT_EQ(NiceTicks(0, 9.3), (std::vector<double>{0, 2, 4, 6, 8}));
+  EXPECT_EQ(NiceTicks(181.2, 208.9), (std::vector<double>{185, 190, 195, 200, 205}));
+  const std::vector<double> small = NiceTicks(0.5, 0.56);
+  ASSERT_GE(small.size(), 3u);
+  EXPECT_NEAR(small[1] - small[0], 0.01, 1e-12);
+  PlotSeries a("dp <tuned>"), b("drop_last", false, true);
+  a.points = {{8, 190.5, "d8 w1"}, {12, 181, "d12 w1"}};
+  b.points = {{8, 201, ""}};
+  PlotOptions o;
+  o.x_label = "depth (layers)";
+  o.y_label = "perplexity";
+  const std::string svg = SvgPlot(o, {a, b});
+  for (const char* want : {"depth (layers)", "perplexity", "d8 w1", "d12 w1", "dp &lt;tuned&gt;",
+                           "drop_last", "stroke-dasharray", "<polyline", ">190<"})
+    EXPECT_NE(svg.find(want), std::string::npos) << want;
+  size_t circles = 0;
+  for (size_t p = svg.find("<circle"); p != std::string::npos; p = svg.find("<circle", p + 1))
+    ++circles;
+  EXPECT_EQ(circles, 3u + 2u);  // the points and one legend marker per series
 }
 
 TEST(CalibrationDataTest, WindowsAreDeterministicAndJsonlWorks) {

@@ -1,0 +1,738 @@
+// amoeba-bench-quality: what each part of the method buys, at equal budgets, on one model.
+//
+// Stages (each one's result is a JSON file under OUT/stages/; a rerun skips finished stages and a
+// killed tuning run resumes from its checkpoint under OUT/work/):
+//   calibrate       the supernet: FLAP widths, DP depth table (perplexity) and its baselines
+//   depth_dp_accuracy   the DP again with the cloze multiple-choice metric (calibration items)
+//   width           before tuning, full depth, every grid ratio: FLAP global vs the same fraction
+//                   in every layer vs weight-magnitude scores, each with and without bias
+//                   compensation
+//   depth_untuned   every grid depth at full width: DP / drop-last / block-influence / DP-accuracy
+//   tune_<v>_s<seed>  one tuning run and its evaluation: v = full (SMoL + in-place distillation +
+//                   balancing), single_lora, no_distill, no_balancing, the full method on the
+//                   depth tables of drop_last / block_influence / dp_accuracy, and alone_smallest /
+//                   alone_middle (one LoRA for that shape only, same optimizer steps)
+// After every stage the report (OUT/quality.json, OUT/quality.md, OUT/*.svg) is rewritten from all
+// finished stages, so a partial run already shows what it has.
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "bench/bench_util.h"
+#include "distill/tuner.h"
+#include "model/file_util.h"
+#include "model/gguf_model.h"
+#include "model/progress.h"
+#include "model/runtime.h"
+#include "model/status_macros.h"
+#include "subnet/calibrate.h"
+#include "subnet/calibration_data.h"
+#include "subnet/depth_search.h"
+#include "subnet/metrics.h"
+#include "subnet/subnet_builder.h"
+#include "subnet/svg_plot.h"
+#include "subnet/width_importance.h"
+
+namespace amoeba::bench {
+namespace {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::atomic<bool> g_stop{false};
+void OnSignal(int) {
+  g_stop = true;
+}
+
+struct Flags {
+  std::string model;   // HF model directory (the quality preset by default, see bench/quality)
+  std::string corpus;  // train.txt, calib.txt, heldout.txt, cloze.jsonl, cloze-calib.jsonl
+  std::string out = "bench/results/quality";
+  std::vector<uint64_t> seeds = {1, 2};
+  int64_t tune_steps = 60;
+  int64_t tune_batch = 4;
+  int64_t seq_len = 128;
+  double lr = 1e-3;  // the demo's tuning rate; fixed before any evaluation
+  int64_t calib_windows = 32, calib_window_len = 128, dp_windows = 8;
+  int64_t eval_windows = 32, eval_window_len = 128;
+  int64_t mc_items = 120;    // evaluation cloze items (held-out documents)
+  int64_t dp_mc_items = 60;  // cloze items for the accuracy DP (calibration documents)
+  int threads = 0;
+  bool report_only = false;
+};
+
+const std::vector<std::string> kDepthMethods = {"dp", "drop_last", "block_influence",
+                                                "dp_accuracy"};
+
+// ---- stage bookkeeping ----------------------------------------------------------------------
+
+struct Bench {
+  Flags f;
+  fs::path stages, work;
+  std::unique_ptr<Supernet> supernet;  // the calibrated one (DP perplexity depth table)
+  at::Tensor heldout;                  // evaluation windows
+  std::vector<MultipleChoiceItem> mc, dp_mc;
+  std::optional<TrainData> train;  // tokenized once for all tuning runs
+  std::string host;
+
+  std::optional<json> Done(const std::string& name) const {
+    auto text = ReadFile((stages / (name + ".json")).string());
+    if (!text.ok()) return std::nullopt;
+    json j = json::parse(*text, nullptr, false);
+    if (j.is_discarded()) return std::nullopt;
+    return j;
+  }
+  absl::Status Finish(const std::string& name, json j) const {
+    j["stage"] = name;
+    return WriteFileAtomic((stages / (name + ".json")).string(), j.dump(1));
+  }
+};
+
+Shape MiddleShape(const Supernet& s) {
+  const auto& d = s.spec().depths;
+  const auto& w = s.spec().widths;
+  return {d[d.size() / 2], w[w.size() / 2]};
+}
+
+json ShapeJson(const Shape& sh, int64_t params, double ppl) {
+  return {{"depth", sh.depth}, {"width", sh.width}, {"params", params}, {"perplexity", ppl}};
+}
+
+// ---- stages -----------------------------------------------------------------------------------
+
+absl::Status StageCalibrate(Bench& b) {
+  const fs::path dir = b.work / "supernet";
+  if (!fs::exists(dir / "amoeba.json")) {
+    CalibrateOptions o;
+    o.model_dir = b.f.model;
+    o.data_path = (fs::path(b.f.corpus) / "calib.txt").string();
+    o.out_dir = dir.string();
+    o.windows = b.f.calib_windows;
+    o.window_len = b.f.calib_window_len;
+    o.dp_windows = b.f.dp_windows;
+    o.force = true;
+    ASSIGN_OR_RETURN(auto s, Calibrate(o));
+  }
+  ASSIGN_OR_RETURN(b.supernet, Supernet::Load(dir.string()));
+  if (b.Done("calibrate")) return absl::OkStatus();
+  json depth = json::array();
+  for (const DepthEntry& e : b.supernet->spec().depth_table) {
+    json row = {{"depth", e.depth}, {"dp", {{"layers", e.layers}, {"calib_perplexity", e.metric}}}};
+    for (const auto& [name, v] : e.baselines)
+      row[name] = {{"layers", v.first}, {"calib_perplexity", v.second}};
+    depth.push_back(row);
+  }
+  return b.Finish("calibrate", {{"depth_table", depth},
+                                {"params", b.supernet->base().config.ParameterCount()},
+                                {"layers", b.supernet->base().config.num_hidden_layers},
+                                {"block_influence", b.supernet->spec().calibration.value(
+                                                        "block_influence", json::array())}});
+}
+
+absl::Status StageDpAccuracy(Bench& b) {
+  if (b.Done("depth_dp_accuracy")) return absl::OkStatus();
+  const Model& m = b.supernet->base();
+  const Tokenizer& tok = *b.supernet->tokenizer();
+  DepthMetric acc;
+  acc.name = "accuracy";
+  acc.higher_is_better = true;
+  acc.eval = [&](const std::vector<int>& active) {
+    return MultipleChoiceAccuracy(m.WithLayers(active), tok, b.dp_mc);
+  };
+  DepthSearchOptions o;
+  o.num_layers = m.config.num_hidden_layers;
+  o.min_depth = b.supernet->spec().depths.front();
+  o.keep_last = b.supernet->spec().calibration.value("keep_last", 1);
+  o.state_path = (b.work / "dp_accuracy_state.json").string();
+  o.fingerprint = absl::StrCat("dp_accuracy|", b.dp_mc.size(), "|", b.f.model);
+  ASSIGN_OR_RETURN(std::vector<DepthEntry> table, DpDepthSearch(o, acc));
+  json rows = json::array();
+  for (const auto& e : table)
+    rows.push_back({{"depth", e.depth}, {"layers", e.layers}, {"calib_accuracy", e.metric}});
+  return b.Finish("depth_dp_accuracy", {{"depth_table", rows}, {"items", b.dp_mc.size()}});
+}
+
+// The calibrated supernet with another depth method's layer sets in its depth table.
+absl::StatusOr<std::unique_ptr<Supernet>> WithDepthMethod(const Bench& b,
+                                                          const std::string& method) {
+  ASSIGN_OR_RETURN(auto s, Supernet::Load((b.work / "supernet").string()));
+  if (method == "dp") return s;
+  SupernetSpec spec = s->spec();
+  std::optional<json> accuracy = b.Done("depth_dp_accuracy");
+  for (DepthEntry& e : spec.depth_table) {
+    if (method == "dp_accuracy") {
+      if (!accuracy) return absl::FailedPreconditionError("depth_dp_accuracy has not run");
+      for (const auto& row : (*accuracy)["depth_table"])
+        if (row["depth"].get<int64_t>() == e.depth)
+          e.layers = row["layers"].get<std::vector<int>>();
+    } else {
+      auto it = e.baselines.find(method);
+      if (it == e.baselines.end())
+        return absl::InvalidArgumentError("unknown depth method " + method);
+      e.layers = it->second.first;
+    }
+  }
+  s->set_spec(spec);
+  return s;
+}
+
+absl::Status StageWidth(Bench& b) {
+  if (b.Done("width")) return absl::OkStatus();
+  ASSIGN_OR_RETURN(Model original, LoadModelOrGguf(b.f.model));
+  ASSIGN_OR_RETURN(std::string text, ReadCorpus((fs::path(b.f.corpus) / "calib.txt").string()));
+  WindowOptions wo{.num_windows = b.f.calib_windows,
+                   .window_len = b.f.calib_window_len,
+                   .seed = 0,
+                   .bos_token_id = original.config.bos_token_id};
+  ASSIGN_OR_RETURN(at::Tensor windows, MakeWindows(text, *b.supernet->tokenizer(), wo));
+  at::InferenceMode guard;
+  const ActivationStats stats = CollectActivationStats(original, windows, 4);
+  auto clone_stats = [](const ActivationStats& s) {
+    ActivationStats c;
+    for (const auto& t : s.o_mean) c.o_mean.push_back(t.clone());
+    for (const auto& t : s.o_var) c.o_var.push_back(t.clone());
+    for (const auto& t : s.down_mean) c.down_mean.push_back(t.clone());
+    for (const auto& t : s.down_var) c.down_var.push_back(t.clone());
+    return c;
+  };
+  const int64_t L = original.config.num_hidden_layers;
+  const std::vector<double>& widths = b.supernet->spec().widths;
+  json series = json::object();
+  Progress bar("width ablation", 2 * 3 * static_cast<int64_t>(widths.size()));
+  for (const std::string scores_kind : {"flap", "magnitude"}) {
+    Model m = original;  // shares storage; the permutation replaces tensors
+    ActivationStats st = clone_stats(stats);
+    ActivationStats for_scores = clone_stats(stats);
+    if (scores_kind == std::string("magnitude")) {
+      // S_j = ||W[:, j]||^2 alone: the activation variance replaced by ones.
+      for (auto& v : for_scores.o_var) v.fill_(1.0);
+      for (auto& v : for_scores.down_var) v.fill_(1.0);
+    }
+    WidthScores scores = ComputeWidthScores(m, for_scores);
+    PermuteByScore(m, scores, st);
+    std::vector<std::string> allocations = {"global"};
+    if (scores_kind == std::string("flap")) allocations.push_back("uniform");
+    for (const std::string& allocation : allocations) {
+      SupernetSpec spec;
+      spec.depths = {L};
+      spec.widths = widths;
+      DepthEntry full;
+      full.depth = L;
+      for (int l = 0; l < L; ++l) full.layers.push_back(l);
+      spec.depth_table = {full};
+      for (double w : widths)
+        spec.width_table.push_back(
+            {w, allocation == "global" ? AllocateGlobal(m, scores, w) : AllocateUniform(m, w)});
+      for (const bool bias : {true, false}) {
+        std::vector<at::Tensor> o_mean = st.o_mean, down_mean = st.down_mean;
+        if (!bias) {
+          for (auto& t : o_mean) t = at::zeros_like(t);
+          for (auto& t : down_mean) t = at::zeros_like(t);
+        }
+        Supernet s(m, spec, o_mean, down_mean);
+        const std::string name = absl::StrCat(scores_kind, "_", allocation, bias ? "" : "_no_bias");
+        json points = json::array();
+        for (size_t wi = 0; wi < widths.size(); ++wi) {
+          const double w = widths[wi];
+          ASSIGN_OR_RETURN(Model sub, s.Extract({L, w}));
+          const double ppl = std::exp(MeanNll(sub, b.heldout, 8));
+          json point = ShapeJson({L, w}, sub.config.ParameterCount(), ppl);
+          const WidthAllocation& a = spec.width_table[wi].alloc;
+          point["kv_groups"] = a.kv_groups;
+          point["channels"] = a.channels;
+          points.push_back(point);
+          bar.Advance(1, name);
+        }
+        series[name] = points;
+      }
+    }
+  }
+  bar.Finish();
+  return b.Finish("width", {{"series", series}});
+}
+
+// Held-out perplexity of every grid shape (and cloze accuracy of `mc_shapes`) of `s` with `smol`.
+absl::StatusOr<json> EvaluateShapes(const Bench& b, const Supernet& s, const Smol* smol,
+                                    const std::vector<Shape>& shapes,
+                                    const std::vector<Shape>& mc_shapes, const std::string& label) {
+  json rows = json::array();
+  Progress bar(label, static_cast<int64_t>(shapes.size()));
+  for (const Shape& sh : shapes) {
+    at::InferenceMode g;
+    const double nll = HeldoutNll(s, smol, sh, b.heldout);
+    ASSIGN_OR_RETURN(Model m, BuildSubnet(s, smol, sh));
+    json row = ShapeJson(sh, m.config.ParameterCount(), std::exp(nll));
+    if (std::find(mc_shapes.begin(), mc_shapes.end(), sh) != mc_shapes.end())
+      row["mc_accuracy"] = MultipleChoiceAccuracy(m, *s.tokenizer(), b.mc);
+    rows.push_back(row);
+    bar.Advance(1, sh.ToString());
+  }
+  bar.Finish();
+  return rows;
+}
+
+absl::Status StageDepthUntuned(Bench& b) {
+  if (b.Done("depth_untuned")) return absl::OkStatus();
+  json methods = json::object();
+  const double full_width = 1.0;
+  for (const std::string& method : kDepthMethods) {
+    ASSIGN_OR_RETURN(auto s, WithDepthMethod(b, method));
+    std::vector<Shape> shapes;
+    for (int64_t d : s->spec().depths) shapes.push_back({d, full_width});
+    ASSIGN_OR_RETURN(methods[method],
+                     EvaluateShapes(b, *s, nullptr, shapes, shapes, "depth " + method));
+  }
+  return b.Finish("depth_untuned", {{"methods", methods}});
+}
+
+struct TuneVariant {
+  std::string name;
+  std::string depth_method = "dp";
+  bool single_lora = false, distill = true, balancing = true;
+  std::string alone;  // "", "smallest" or "middle"
+};
+
+std::vector<TuneVariant> TuneVariants() {
+  //       name                     depth table        single  distill balance alone
+  return {{"full", "dp", false, true, true, ""},
+          {"single_lora", "dp", true, true, true, ""},
+          {"no_distill", "dp", false, false, true, ""},
+          {"no_balancing", "dp", false, true, false, ""},
+          {"depth_drop_last", "drop_last", false, true, true, ""},
+          {"depth_block_influence", "block_influence", false, true, true, ""},
+          {"depth_dp_accuracy", "dp_accuracy", false, true, true, ""},
+          {"alone_smallest", "dp", true, false, true, "smallest"},
+          {"alone_middle", "dp", true, false, true, "middle"}};
+}
+
+absl::Status StageTune(Bench& b, const TuneVariant& v, uint64_t seed) {
+  const std::string name = absl::StrCat("tune_", v.name, "_s", seed);
+  if (b.Done(name)) return absl::OkStatus();
+  ASSIGN_OR_RETURN(auto s, WithDepthMethod(b, v.depth_method));
+  if (!b.train) {
+    const ModelConfig& c = s->base().config;
+    ASSIGN_OR_RETURN(b.train, TrainData::Load((fs::path(b.f.corpus) / "train.txt").string(),
+                                              *s->tokenizer(), c.bos_token_id, c.eos_token_ids[0]));
+  }
+  SmolConfig sc;
+  if (v.single_lora) sc.experts = 1, sc.top_k = 1;
+  Smol smol(s->base(), static_cast<int64_t>(s->spec().widths.size()), sc, seed);
+  TuneOptions o;
+  o.steps = b.f.tune_steps;
+  o.batch = b.f.tune_batch;
+  o.seq_len = b.f.seq_len;
+  o.lr = b.f.lr;
+  o.seed = seed;
+  o.distill = v.distill;
+  o.balancing = v.balancing;
+  if (v.alone == "smallest") o.only_shape = s->SmallestShape();
+  if (v.alone == "middle") o.only_shape = MiddleShape(*s);
+  o.checkpoint = (b.work / (name + ".ckpt.safetensors")).string();
+  o.checkpoint_every = 20;
+  o.resume = true;
+  o.metrics_log = (b.work / (name + ".metrics.jsonl")).string();
+  spdlog::info("quality: {} ({} steps of {}x{} tokens, depth table {})", name, o.steps, o.batch,
+               o.seq_len, v.depth_method);
+  const auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(TuneResult r, Tune(*s, smol, *b.train, o, &g_stop));
+  if (r.interrupted)
+    return absl::CancelledError(absl::StrCat(name, " interrupted at step ", r.step));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::vector<Shape> shapes = s->GridShapes();
+  std::vector<Shape> mc_shapes = {s->FullShape(), MiddleShape(*s), s->SmallestShape()};
+  if (o.only_shape) shapes = mc_shapes = {*o.only_shape};
+  if (v.depth_method != "dp") {
+    // Depth ablation: every depth at full width, as depth_untuned.
+    shapes.clear();
+    for (int64_t d : s->spec().depths) shapes.push_back({d, 1.0});
+    mc_shapes = shapes;
+  }
+  ASSIGN_OR_RETURN(json rows, EvaluateShapes(b, *s, &smol, shapes, mc_shapes, "eval " + name));
+  return b.Finish(name, {{"variant", v.name},
+                         {"seed", seed},
+                         {"depth_method", v.depth_method},
+                         {"steps", o.steps},
+                         {"tune_seconds", seconds},
+                         {"final_loss_full", r.loss_full},
+                         {"final_loss_smallest", r.loss_smallest},
+                         {"shapes", rows}});
+}
+
+absl::Status StageUntunedGrid(Bench& b) {
+  if (b.Done("untuned_grid")) return absl::OkStatus();
+  const Supernet& s = *b.supernet;
+  std::vector<Shape> mc_shapes = {s.FullShape(), MiddleShape(s), s.SmallestShape()};
+  ASSIGN_OR_RETURN(json rows, EvaluateShapes(b, s, nullptr, s.GridShapes(), mc_shapes, "untuned"));
+  return b.Finish("untuned_grid", {{"shapes", rows}});
+}
+
+// ---- report -----------------------------------------------------------------------------------
+
+struct Stat {
+  double mean = 0, spread = 0;  // spread: half the range over seeds
+  int n = 0;
+};
+Stat Summarise(const std::vector<double>& v) {
+  Stat s;
+  s.n = static_cast<int>(v.size());
+  if (v.empty()) return s;
+  double lo = v[0], hi = v[0], sum = 0;
+  for (double x : v) lo = std::min(lo, x), hi = std::max(hi, x), sum += x;
+  s.mean = sum / v.size();
+  s.spread = (hi - lo) / 2;
+  return s;
+}
+std::string Fmt(const Stat& s, int decimals = 2) {
+  if (s.n == 0) return "–";
+  if (s.n == 1) return absl::StrFormat("%.*f", decimals, s.mean);
+  return absl::StrFormat("%.*f ± %.*f", decimals, s.mean, decimals, s.spread);
+}
+
+std::string ShapeLabel(const json& r) {
+  return absl::StrFormat("d%d w%g", r["depth"].get<int>(), r["width"].get<double>());
+}
+
+// Per shape label: the values of `key` over the seeds of `variant`.
+std::map<std::string, std::vector<double>> BySeed(const std::vector<json>& runs,
+                                                  const std::string& key) {
+  std::map<std::string, std::vector<double>> out;
+  for (const json& run : runs)
+    for (const json& r : run["shapes"])
+      if (r.contains(key)) out[ShapeLabel(r)].push_back(r[key].get<double>());
+  return out;
+}
+
+absl::Status WriteQualityReport(const Bench& b) {
+  json all = json::object();
+  for (const auto& entry : fs::directory_iterator(b.stages)) {
+    if (entry.path().extension() != ".json") continue;
+    auto j = b.Done(entry.path().stem().string());
+    if (j) all[entry.path().stem().string()] = *j;
+  }
+  std::map<std::string, std::vector<json>> tuned;  // variant → runs over seeds
+  for (const auto& [name, j] : all.items())
+    if (name.rfind("tune_", 0) == 0) tuned[j["variant"].get<std::string>()].push_back(j);
+  std::string md = absl::StrFormat(
+      "# bench/quality\n\nModel `%s`, corpus `%s`, machine: %s. Tuning: %d steps of %dx%d tokens, "
+      "lr %g, seeds %s. Held-out: %d windows x %d tokens; cloze: %d items (held-out documents); "
+      "values over seeds are mean ± half the range.\n\n",
+      b.f.model, b.f.corpus, b.host, b.f.tune_steps, b.f.tune_batch, b.f.seq_len, b.f.lr,
+      absl::StrJoin(b.f.seeds, ","), b.f.eval_windows, b.f.eval_window_len, b.mc.size());
+  std::vector<std::string> files;
+
+  // Depth.
+  if (all.contains("depth_untuned")) {
+    const json& du = all["depth_untuned"]["methods"];
+    md += "## Depth (full width): held-out perplexity, before → after tuning (full method)\n\n";
+    md += "| depth | " + absl::StrJoin(kDepthMethods, " | ") + " | cloze acc. before (" +
+          absl::StrJoin(kDepthMethods, "/") + ") |\n|---|";
+    for (size_t i = 0; i <= kDepthMethods.size(); ++i) md += "---|";
+    md += "\n";
+    std::vector<PlotSeries> plot;
+    for (const std::string& method : kDepthMethods) {
+      PlotSeries before(method + " untuned", true, true), after(method + " tuned");
+      for (const json& r : du[method])
+        before.points.push_back({r["depth"].get<double>(), r["perplexity"].get<double>(), ""});
+      const std::string variant = method == "dp" ? "full" : "depth_" + method;
+      auto tuned_ppl = BySeed(tuned[variant], "perplexity");
+      for (const json& r : du[method]) {
+        auto it = tuned_ppl.find(ShapeLabel(r));
+        if (it != tuned_ppl.end())
+          after.points.push_back({r["depth"].get<double>(), Summarise(it->second).mean, ""});
+      }
+      plot.push_back(before);
+      if (!after.points.empty()) plot.push_back(after);
+    }
+    for (size_t i = 0; i < du["dp"].size(); ++i) {
+      const json& r = du["dp"][i];
+      md += absl::StrFormat("| %d |", r["depth"].get<int>());
+      std::vector<std::string> acc;
+      for (const std::string& method : kDepthMethods) {
+        const json& m = du[method][i];
+        const std::string variant = method == "dp" ? "full" : "depth_" + method;
+        auto tuned_ppl = BySeed(tuned[variant], "perplexity");
+        auto it = tuned_ppl.find(ShapeLabel(m));
+        md += absl::StrFormat(" %.2f → %s |", m["perplexity"].get<double>(),
+                              it == tuned_ppl.end() ? "–" : Fmt(Summarise(it->second)));
+        acc.push_back(m.contains("mc_accuracy")
+                          ? absl::StrFormat("%.3f", m["mc_accuracy"].get<double>())
+                          : "–");
+      }
+      md += " " + absl::StrJoin(acc, " / ") + " |\n";
+    }
+    if (all.contains("calibrate")) {
+      md +=
+          "\nLayer sets (removed layers per depth):\n\n| depth | dp | drop_last | block_influence "
+          "| dp_accuracy |\n|---|---|---|---|---|\n";
+      const int L = all["calibrate"]["layers"].get<int>();
+      auto removed = [&](const json& layers) {
+        std::vector<int> out;
+        std::vector<int> keep = layers.get<std::vector<int>>();
+        for (int l = 0; l < L; ++l)
+          if (std::find(keep.begin(), keep.end(), l) == keep.end()) out.push_back(l);
+        return "{" + absl::StrJoin(out, ",") + "}";
+      };
+      for (const json& row : all["calibrate"]["depth_table"]) {
+        std::string acc_layers = "–";
+        if (all.contains("depth_dp_accuracy"))
+          for (const json& a : all["depth_dp_accuracy"]["depth_table"])
+            if (a["depth"] == row["depth"]) acc_layers = removed(a["layers"]);
+        md += absl::StrFormat("| %d | %s | %s | %s | %s |\n", row["depth"].get<int>(),
+                              removed(row["dp"]["layers"]), removed(row["drop_last"]["layers"]),
+                              removed(row["block_influence"]["layers"]), acc_layers);
+      }
+    }
+    PlotOptions po;
+    po.title = "Depth selection: held-out perplexity at full width";
+    po.x_label = "depth (layers kept)";
+    po.y_label = "held-out perplexity";
+    RETURN_IF_ERROR(WriteFileAtomic((fs::path(b.f.out) / "depth.svg").string(), SvgPlot(po, plot)));
+    md += "\n![depth](depth.svg)\n\n";
+  }
+
+  // Width.
+  if (all.contains("width")) {
+    const json& series = all["width"]["series"];
+    md += "## Width (full depth, before tuning): held-out perplexity at equal parameter counts\n\n";
+    md += "| ratio | params |";
+    std::vector<std::string> names;
+    for (const auto& [name, _] : series.items()) names.push_back(name);
+    for (const auto& n : names) md += " " + n + " |";
+    md += "\n|---|---|";
+    for (size_t i = 0; i < names.size(); ++i) md += "---|";
+    md += "\n";
+    const json& ref = series["flap_global"];
+    for (size_t i = 0; i < ref.size(); ++i) {
+      md += absl::StrFormat("| %g | %.2fM |", ref[i]["width"].get<double>(),
+                            ref[i]["params"].get<double>() / 1e6);
+      for (const auto& n : names)
+        md += absl::StrFormat(" %.2f |", series[n][i]["perplexity"].get<double>());
+      md += "\n";
+    }
+    std::vector<PlotSeries> plot;
+    for (const auto& n : names) {
+      PlotSeries ps(n, true, n.find("no_bias") != std::string::npos);
+      for (const json& r : series[n])
+        ps.points.push_back(
+            {r["params"].get<double>() / 1e6, r["perplexity"].get<double>(),
+             n == "flap_global" ? absl::StrFormat("w%g", r["width"].get<double>()) : ""});
+      plot.push_back(ps);
+    }
+    PlotOptions po;
+    po.title = "Width pruning before tuning (full depth)";
+    po.x_label = "parameters (millions)";
+    po.y_label = "held-out perplexity";
+    RETURN_IF_ERROR(WriteFileAtomic((fs::path(b.f.out) / "width.svg").string(), SvgPlot(po, plot)));
+    md += "\n![width](width.svg)\n\n";
+  }
+
+  // Tuning objective over the grid.
+  const std::vector<std::string> objectives = {"full", "single_lora", "no_distill", "no_balancing"};
+  if (all.contains("untuned_grid") || !tuned["full"].empty()) {
+    md += "## Tuning objective (every grid shape, equal steps, data and seeds)\n\n";
+    md +=
+        "| objective | grid mean ppl | worst shape ppl | full shape ppl | smallest ppl | "
+        "cloze acc. full / middle / smallest |\n|---|---|---|---|---|---|\n";
+    std::vector<PlotSeries> plot;
+    auto row_for = [&](const std::string& name, const std::vector<json>& runs) {
+      std::vector<double> means, worsts;
+      for (const json& run : runs) {
+        double sum = 0, worst = 0;
+        for (const json& r : run["shapes"]) {
+          sum += r["perplexity"].get<double>();
+          worst = std::max(worst, r["perplexity"].get<double>());
+        }
+        means.push_back(sum / run["shapes"].size());
+        worsts.push_back(worst);
+      }
+      auto ppl = BySeed(runs, "perplexity");
+      auto acc = BySeed(runs, "mc_accuracy");
+      const Shape full = b.supernet->FullShape(), mid = MiddleShape(*b.supernet),
+                  small = b.supernet->SmallestShape();
+      auto label = [](const Shape& s) { return absl::StrFormat("d%d w%g", s.depth, s.width); };
+      md += absl::StrFormat("| %s | %s | %s | %s | %s | %s / %s / %s |\n", name,
+                            Fmt(Summarise(means)), Fmt(Summarise(worsts)),
+                            Fmt(Summarise(ppl[label(full)])), Fmt(Summarise(ppl[label(small)])),
+                            Fmt(Summarise(acc[label(full)]), 3), Fmt(Summarise(acc[label(mid)]), 3),
+                            Fmt(Summarise(acc[label(small)]), 3));
+      PlotSeries ps(name);
+      std::map<int64_t, std::pair<double, std::string>> by_params;
+      for (const json& r : runs.front()["shapes"]) {
+        auto& v = ppl[ShapeLabel(r)];
+        by_params[r["params"].get<int64_t>()] = {Summarise(v).mean, ShapeLabel(r)};
+      }
+      for (const auto& [params, v] : by_params)
+        ps.points.push_back({params / 1e6, v.first, name == "full" ? v.second : ""});
+      plot.push_back(ps);
+    };
+    for (const std::string& o : objectives)
+      if (!tuned[o].empty()) row_for(o, tuned[o]);
+    if (all.contains("untuned_grid")) row_for("untuned", {all["untuned_grid"]});
+    PlotOptions po;
+    po.title = "Tuning objectives: held-out perplexity of every grid shape (mean over seeds)";
+    po.x_label = "parameters (millions)";
+    po.y_label = "held-out perplexity";
+    po.point_labels = true;
+    RETURN_IF_ERROR(
+        WriteFileAtomic((fs::path(b.f.out) / "objective.svg").string(), SvgPlot(po, plot)));
+    md += "\n![objective](objective.svg)\n\n";
+    // Per-shape table.
+    md += "Per shape (held-out perplexity):\n\n| shape | params |";
+    for (const std::string& o : objectives)
+      if (!tuned[o].empty()) md += " " + o + " |";
+    md += " untuned |\n|---|---|";
+    for (const std::string& o : objectives)
+      if (!tuned[o].empty()) md += "---|";
+    md += "---|\n";
+    if (all.contains("untuned_grid")) {
+      for (const json& r : all["untuned_grid"]["shapes"]) {
+        md += absl::StrFormat("| %s | %.2fM |", ShapeLabel(r), r["params"].get<double>() / 1e6);
+        for (const std::string& o : objectives)
+          if (!tuned[o].empty())
+            md += " " + Fmt(Summarise(BySeed(tuned[o], "perplexity")[ShapeLabel(r)])) + " |";
+        md += absl::StrFormat(" %.2f |\n", r["perplexity"].get<double>());
+      }
+    }
+    md += "\n";
+  }
+
+  // One for all vs one for each.
+  if (!tuned["alone_smallest"].empty() || !tuned["alone_middle"].empty()) {
+    md +=
+        "## One for all vs one for each (same optimizer steps)\n\n| shape | supernet (full "
+        "method) | one LoRA for this shape alone | untuned |\n|---|---|---|---|\n";
+    for (const std::string v : {"alone_smallest", "alone_middle"}) {
+      if (tuned[v].empty()) continue;
+      const json& r0 = tuned[v].front()["shapes"][0];
+      const std::string label = ShapeLabel(r0);
+      std::string untuned = "–";
+      if (all.contains("untuned_grid"))
+        for (const json& r : all["untuned_grid"]["shapes"])
+          if (ShapeLabel(r) == label)
+            untuned = absl::StrFormat("%.2f", r["perplexity"].get<double>());
+      md += absl::StrFormat("| %s | %s | %s | %s |\n", label,
+                            Fmt(Summarise(BySeed(tuned["full"], "perplexity")[label])),
+                            Fmt(Summarise(BySeed(tuned[v], "perplexity")[label])), untuned);
+    }
+    md += "\n";
+  }
+  json meta = {{"model", b.f.model},
+               {"corpus", b.f.corpus},
+               {"machine", b.host},
+               {"seeds", b.f.seeds},
+               {"tune_steps", b.f.tune_steps},
+               {"tune_batch", b.f.tune_batch},
+               {"seq_len", b.f.seq_len},
+               {"lr", b.f.lr},
+               {"eval_windows", b.f.eval_windows},
+               {"eval_window_len", b.f.eval_window_len},
+               {"mc_items", b.mc.size()},
+               {"stages", all}};
+  RETURN_IF_ERROR(WriteFileAtomic((fs::path(b.f.out) / "quality.json").string(), meta.dump(1)));
+  return WriteFileAtomic((fs::path(b.f.out) / "quality.md").string(), md);
+}
+
+absl::Status Run(Flags& f) {
+  InitRuntime(f.threads);
+  Bench b;
+  b.f = f;
+  b.stages = fs::path(f.out) / "stages";
+  b.work = fs::path(f.out) / "work";
+  b.host = DescribeCpu();
+  std::error_code ec;
+  fs::create_directories(b.stages, ec);
+  fs::create_directories(b.work, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", f.out, ": ", ec.message()));
+  for (const char* file :
+       {"train.txt", "calib.txt", "heldout.txt", "cloze.jsonl", "cloze-calib.jsonl"})
+    if (!fs::exists(fs::path(f.corpus) / file))
+      return absl::InvalidArgumentError(absl::StrCat("--corpus: no ", file, " in ", f.corpus,
+                                                     " (scripts/quality-corpus writes them)"));
+  if (f.seeds.empty()) return absl::InvalidArgumentError("--seeds: need at least one");
+  RETURN_IF_ERROR(StageCalibrate(b));
+  ASSIGN_OR_RETURN(std::string heldout, ReadCorpus((fs::path(f.corpus) / "heldout.txt").string()));
+  WindowOptions wo{.num_windows = f.eval_windows,
+                   .window_len = f.eval_window_len,
+                   .seed = 1,
+                   .bos_token_id = b.supernet->base().config.bos_token_id};
+  ASSIGN_OR_RETURN(b.heldout, MakeWindows(heldout, *b.supernet->tokenizer(), wo));
+  ASSIGN_OR_RETURN(b.mc, ReadMultipleChoice((fs::path(f.corpus) / "cloze.jsonl").string()));
+  ASSIGN_OR_RETURN(b.dp_mc,
+                   ReadMultipleChoice((fs::path(f.corpus) / "cloze-calib.jsonl").string()));
+  if (static_cast<int64_t>(b.mc.size()) > f.mc_items) b.mc.resize(f.mc_items);
+  if (static_cast<int64_t>(b.dp_mc.size()) > f.dp_mc_items) b.dp_mc.resize(f.dp_mc_items);
+  if (f.report_only) return WriteQualityReport(b);
+
+  std::vector<std::function<absl::Status()>> stages = {
+      [&] { return StageWidth(b); }, [&] { return StageDpAccuracy(b); },
+      [&] { return StageDepthUntuned(b); }, [&] { return StageUntunedGrid(b); }};
+  for (uint64_t seed : f.seeds)
+    for (const TuneVariant& v : TuneVariants())
+      stages.push_back([&b, v, seed] { return StageTune(b, v, seed); });
+  Progress overall("bench/quality stages", static_cast<int64_t>(stages.size()) + 1, 1);
+  RETURN_IF_ERROR(WriteQualityReport(b));
+  for (auto& stage : stages) {
+    RETURN_IF_ERROR(stage());
+    RETURN_IF_ERROR(WriteQualityReport(b));
+    overall.Advance();
+    if (g_stop) return absl::CancelledError("stopped; rerun to continue");
+  }
+  overall.Finish();
+  auto md = ReadFile((fs::path(f.out) / "quality.md").string());
+  if (md.ok()) std::printf("%s", md->c_str());
+  spdlog::info("quality: report in {}/quality.md", f.out);
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace amoeba::bench
+
+int main(int argc, char** argv) {
+  using amoeba::bench::Flags;
+  Flags f;
+  CLI::App app{"bench/quality: the method's ablations at equal budgets (see bench/README.md)"};
+  app.add_option("--model", f.model, "HF model directory (bench/quality builds the preset)")
+      ->required();
+  app.add_option("--corpus", f.corpus, "Directory from scripts/quality-corpus")->required();
+  app.add_option("--out", f.out, "Results directory (stages resume from here)")
+      ->capture_default_str();
+  app.add_option("--seeds", f.seeds, "Tuning seeds")->delimiter(',')->capture_default_str();
+  app.add_option("--tune-steps", f.tune_steps)->capture_default_str();
+  app.add_option("--tune-batch", f.tune_batch)->capture_default_str();
+  app.add_option("--seq-len", f.seq_len)->capture_default_str();
+  app.add_option("--lr", f.lr)->capture_default_str();
+  app.add_option("--calib-windows", f.calib_windows)->capture_default_str();
+  app.add_option("--calib-window-len", f.calib_window_len)->capture_default_str();
+  app.add_option("--dp-windows", f.dp_windows)->capture_default_str();
+  app.add_option("--eval-windows", f.eval_windows)->capture_default_str();
+  app.add_option("--eval-window-len", f.eval_window_len)->capture_default_str();
+  app.add_option("--mc-items", f.mc_items, "Cloze items for evaluation")->capture_default_str();
+  app.add_option("--dp-mc-items", f.dp_mc_items, "Cloze items for the accuracy DP")
+      ->capture_default_str();
+  app.add_option("--threads", f.threads);
+  app.add_flag("--report-only", f.report_only, "Rewrite the report from finished stages");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  signal(SIGINT, amoeba::bench::OnSignal);
+  signal(SIGTERM, amoeba::bench::OnSignal);
+  absl::Status st = amoeba::bench::Run(f);
+  if (!st.ok()) {
+    spdlog::error("quality: {}", st.ToString());
+    return st.code() == absl::StatusCode::kCancelled         ? 130
+           : st.code() == absl::StatusCode::kInvalidArgument ? 2
+                                                             : 1;
+  }
+  return 0;
+}
