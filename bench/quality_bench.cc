@@ -37,6 +37,7 @@
 #include "subnet/calibrate.h"
 #include "subnet/calibration_data.h"
 #include "subnet/depth_search.h"
+#include "subnet/frontier.h"
 #include "subnet/metrics.h"
 #include "subnet/subnet_builder.h"
 #include "subnet/svg_plot.h"
@@ -440,6 +441,7 @@ absl::Status WriteQualityReport(const Bench& b) {
     std::vector<PlotSeries> plot;
     for (const std::string& method : kDepthMethods) {
       PlotSeries before(method + " untuned", true, true), after(method + " tuned");
+      before.color = after.color = static_cast<int>(plot.size() / 2);
       for (const json& r : du[method])
         before.points.push_back({r["depth"].get<double>(), r["perplexity"].get<double>(), ""});
       const std::string variant = method == "dp" ? "full" : "depth_" + method;
@@ -450,7 +452,8 @@ absl::Status WriteQualityReport(const Bench& b) {
           after.points.push_back({r["depth"].get<double>(), Summarise(it->second).mean, ""});
       }
       plot.push_back(before);
-      if (!after.points.empty()) plot.push_back(after);
+      after.in_legend = !after.points.empty();  // empty until the tuning stages ran
+      plot.push_back(after);
     }
     for (size_t i = 0; i < du["dp"].size(); ++i) {
       const json& r = du["dp"][i];
@@ -564,15 +567,23 @@ absl::Status WriteQualityReport(const Bench& b) {
                             Fmt(Summarise(ppl[label(full)])), Fmt(Summarise(ppl[label(small)])),
                             Fmt(Summarise(acc[label(full)]), 3), Fmt(Summarise(acc[label(mid)]), 3),
                             Fmt(Summarise(acc[label(small)]), 3));
-      PlotSeries ps(name);
-      std::map<int64_t, std::pair<double, std::string>> by_params;
+      // Every shape as a marker, and the objective's quality-per-parameter frontier as a line
+      // in the same colour.
+      const int color = static_cast<int>(plot.size() / 2);
+      PlotSeries front(name + " (frontier)"), every(name, /*join=*/false);
+      front.color = every.color = color;
+      every.in_legend = false;
+      std::vector<FrontierPoint> points;
       for (const json& r : runs.front()["shapes"]) {
-        auto& v = ppl[ShapeLabel(r)];
-        by_params[r["params"].get<int64_t>()] = {Summarise(v).mean, ShapeLabel(r)};
+        const double mean_ppl = Summarise(ppl[ShapeLabel(r)]).mean;
+        const double params = r["params"].get<double>();
+        every.points.push_back({params / 1e6, mean_ppl, name == "full" ? ShapeLabel(r) : ""});
+        points.push_back({params, -mean_ppl});
       }
-      for (const auto& [params, v] : by_params)
-        ps.points.push_back({params / 1e6, v.first, name == "full" ? v.second : ""});
-      plot.push_back(ps);
+      for (size_t i : ParetoFrontier(points))
+        front.points.push_back({every.points[i].x, every.points[i].y, ""});
+      plot.push_back(front);
+      plot.push_back(every);
     };
     for (const std::string& o : objectives)
       if (!tuned[o].empty()) row_for(o, tuned[o]);

@@ -96,9 +96,13 @@ std::string SvgPlot(const PlotOptions& o, const std::vector<PlotSeries>& series)
                         left, top, W - left - right, H - top - bottom, (left + W - right) / 2,
                         H - 14, Escape(o.x_label), (top + H - bottom) / 2, Escape(o.y_label));
   // Series.
+  auto color_of = [&](size_t i) {
+    const size_t c = series[i].color >= 0 ? static_cast<size_t>(series[i].color) : i;
+    return kColors[c % (sizeof(kColors) / sizeof(kColors[0]))];
+  };
   for (size_t i = 0; i < series.size(); ++i) {
     const PlotSeries& s = series[i];
-    const char* color = kColors[i % (sizeof(kColors) / sizeof(kColors[0]))];
+    const char* color = color_of(i);
     if (s.line && s.points.size() > 1) {
       std::string pts;
       for (const auto& p : s.points) absl::StrAppendFormat(&pts, "%.1f,%.1f ", X(p.x), Y(p.y));
@@ -118,13 +122,16 @@ std::string SvgPlot(const PlotOptions& o, const std::vector<PlotSeries>& series)
   }
   // Legend, top right inside the plot area.
   double ly = top + 16;
-  if (!series.empty())
+  const size_t entries =
+      std::count_if(series.begin(), series.end(), [](const PlotSeries& s) { return s.in_legend; });
+  if (entries > 0)
     absl::StrAppendFormat(&svg,
                           "<rect x='%g' y='%g' width='206' height='%zu' fill='white' "
                           "fill-opacity='0.85' stroke='#bbbbbb'/>\n",
-                          W - right - 216, top + 5, series.size() * 17 + 6);
+                          W - right - 216, top + 5, entries * 17 + 6);
   for (size_t i = 0; i < series.size(); ++i) {
-    const char* color = kColors[i % (sizeof(kColors) / sizeof(kColors[0]))];
+    if (!series[i].in_legend) continue;
+    const char* color = color_of(i);
     absl::StrAppendFormat(
         &svg,
         "<line x1='%g' y1='%.1f' x2='%g' y2='%.1f' stroke='%s' stroke-width='2'%s/>"

@@ -19,6 +19,8 @@ struct PlotSeries {
   std::vector<PlotPoint> points;
   bool line = true;  // join the points in the given order
   bool dashed = false;
+  int color = -1;         // palette index; -1 = the series' own index
+  bool in_legend = true;  // false for a companion series drawn in another one's colour
 };
 
 struct PlotOptions {
