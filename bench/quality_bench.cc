@@ -435,8 +435,8 @@ absl::Status WriteQualityReport(const Bench& b) {
     const json& du = all["depth_untuned"]["methods"];
     md += "## Depth (full width): held-out perplexity, before → after tuning (full method)\n\n";
     md += "| depth | " + absl::StrJoin(kDepthMethods, " | ") + " | cloze acc. before (" +
-          absl::StrJoin(kDepthMethods, "/") + ") |\n|---|";
-    for (size_t i = 0; i <= kDepthMethods.size(); ++i) md += "---|";
+          absl::StrJoin(kDepthMethods, "/") + ") | cloze acc. after |\n|---|";
+    for (size_t i = 0; i <= kDepthMethods.size() + 1; ++i) md += "---|";
     md += "\n";
     std::vector<PlotSeries> plot;
     for (const std::string& method : kDepthMethods) {
@@ -458,7 +458,7 @@ absl::Status WriteQualityReport(const Bench& b) {
     for (size_t i = 0; i < du["dp"].size(); ++i) {
       const json& r = du["dp"][i];
       md += absl::StrFormat("| %d |", r["depth"].get<int>());
-      std::vector<std::string> acc;
+      std::vector<std::string> acc, acc_after;
       for (const std::string& method : kDepthMethods) {
         const json& m = du[method][i];
         const std::string variant = method == "dp" ? "full" : "depth_" + method;
@@ -469,8 +469,11 @@ absl::Status WriteQualityReport(const Bench& b) {
         acc.push_back(m.contains("mc_accuracy")
                           ? absl::StrFormat("%.3f", m["mc_accuracy"].get<double>())
                           : "–");
+        auto tuned_acc = BySeed(tuned[variant], "mc_accuracy");
+        auto at = tuned_acc.find(ShapeLabel(m));
+        acc_after.push_back(at == tuned_acc.end() ? "–" : Fmt(Summarise(at->second), 3));
       }
-      md += " " + absl::StrJoin(acc, " / ") + " |\n";
+      md += " " + absl::StrJoin(acc, " / ") + " | " + absl::StrJoin(acc_after, " / ") + " |\n";
     }
     if (all.contains("calibrate")) {
       md +=
@@ -517,8 +520,15 @@ absl::Status WriteQualityReport(const Bench& b) {
     for (size_t i = 0; i < ref.size(); ++i) {
       md += absl::StrFormat("| %g | %.2fM |", ref[i]["width"].get<double>(),
                             ref[i]["params"].get<double>() / 1e6);
-      for (const auto& n : names)
-        md += absl::StrFormat(" %.2f |", series[n][i]["perplexity"].get<double>());
+      for (const auto& n : names) {
+        const json& p = series[n][i];
+        // Uniform widths round per layer: their parameter count differs a little.
+        const bool other = std::abs(p["params"].get<double>() - ref[i]["params"].get<double>()) >
+                           0.005 * ref[i]["params"].get<double>();
+        md += absl::StrFormat(
+            " %.2f%s |", p["perplexity"].get<double>(),
+            other ? absl::StrFormat(" (%.2fM)", p["params"].get<double>() / 1e6) : "");
+      }
       md += "\n";
     }
     std::vector<PlotSeries> plot;

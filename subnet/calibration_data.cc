@@ -64,6 +64,10 @@ absl::StatusOr<std::vector<MultipleChoiceItem>> ReadMultipleChoice(const std::st
       it.choices.push_back(c.get<std::string>());
     }
     it.answer = j["answer"].get<int>();
+    const std::string scoring = j.value("scoring", "likelihood");
+    if (scoring != "likelihood" && scoring != "pmi")
+      return bad("\"scoring\" must be \"likelihood\" or \"pmi\"");
+    it.unconditional_baseline = scoring == "pmi";
     if (it.answer < 0 || it.answer >= static_cast<int>(it.choices.size()))
       return bad("\"answer\" out of range");
     items.push_back(std::move(it));

@@ -31,8 +31,13 @@ struct MultipleChoiceItem {
   std::string prompt;
   std::vector<std::string> choices;
   int answer = 0;
+  // Score a choice by how much the prompt raises its likelihood (log p(choice | prompt) minus
+  // log p(choice) after BOS alone) instead of by its likelihood: for cloze items whose choices
+  // are real sentences, so a choice does not win for being common (or lose for being rare).
+  bool unconditional_baseline = false;
 };
-// JSONL lines {"prompt": ..., "choices": [...], "answer": i}.
+// JSONL lines {"prompt": ..., "choices": [...], "answer": i} and optionally
+// "scoring": "likelihood" (default) | "pmi" (unconditional_baseline).
 absl::StatusOr<std::vector<MultipleChoiceItem>> ReadMultipleChoice(const std::string& path);
 
 }  // namespace amoeba

@@ -1,5 +1,7 @@
 #include "subnet/metrics.h"
 
+#include <algorithm>
+
 #include <cmath>
 
 #include "model/engine.h"
@@ -58,6 +60,35 @@ absl::StatusOr<EngineComparison> CompareEngines(const std::shared_ptr<const Mode
   return c;
 }
 
+namespace {
+// Summed log-likelihood of every continuation after `prefix`, all in one right-padded batch:
+// causal attention keeps the padding out of every scored position, so each row scores as if
+// alone.
+std::vector<double> ContinuationScores(const Model& m, const std::vector<int64_t>& prefix,
+                                       const std::vector<std::vector<int32_t>>& conts) {
+  size_t longest = 0;
+  for (const auto& c : conts) longest = std::max(longest, c.size());
+  const int64_t C = static_cast<int64_t>(conts.size());
+  const int64_t n = static_cast<int64_t>(prefix.size());
+  at::Tensor batch = at::zeros({C, n + static_cast<int64_t>(longest)}, at::kLong);
+  auto acc = batch.accessor<int64_t, 2>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < n; ++k) acc[c][k] = prefix[k];
+    for (size_t k = 0; k < conts[c].size(); ++k) acc[c][n + k] = conts[c][k];
+  }
+  // Only the positions that predict continuation tokens need a softmax.
+  at::Tensor lp = at::log_softmax(
+      TorchForward(m, batch).narrow(1, n - 1, static_cast<int64_t>(longest)).to(at::kFloat), -1);
+  std::vector<double> out(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    auto row = lp[c];
+    for (size_t k = 0; k < conts[c].size(); ++k)
+      out[c] += row[static_cast<int64_t>(k)][conts[c][k]].item<double>();
+  }
+  return out;
+}
+}  // namespace
+
 double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok,
                               const std::vector<MultipleChoiceItem>& items) {
   at::InferenceMode guard;
@@ -66,39 +97,15 @@ double MultipleChoiceAccuracy(const Model& m, const Tokenizer& tok,
     if (it.choices.empty()) continue;
     std::vector<int64_t> prompt = {m.config.bos_token_id};
     for (int32_t t : tok.Encode(it.prompt)) prompt.push_back(t);
-    // All choices in one right-padded batch: causal attention keeps the padding out of every
-    // scored position, so each row scores as if alone.
     std::vector<std::vector<int32_t>> conts;
-    size_t longest = 0;
-    for (const std::string& c : it.choices) {
-      conts.push_back(tok.Encode(" " + c));
-      longest = std::max(longest, conts.back().size());
+    for (const std::string& c : it.choices) conts.push_back(tok.Encode(" " + c));
+    std::vector<double> score = ContinuationScores(m, prompt, conts);
+    if (it.unconditional_baseline) {
+      const std::vector<double> alone = ContinuationScores(m, {m.config.bos_token_id}, conts);
+      for (size_t c = 0; c < score.size(); ++c) score[c] -= alone[c];
     }
-    const int64_t C = static_cast<int64_t>(conts.size());
-    const int64_t T = static_cast<int64_t>(prompt.size() + longest);
-    at::Tensor batch = at::zeros({C, T}, at::kLong);
-    auto acc = batch.accessor<int64_t, 2>();
-    for (int64_t c = 0; c < C; ++c) {
-      for (size_t k = 0; k < prompt.size(); ++k) acc[c][k] = prompt[k];
-      for (size_t k = 0; k < conts[c].size(); ++k) acc[c][prompt.size() + k] = conts[c][k];
-    }
-    // Only the positions that predict continuation tokens need a softmax.
-    const int64_t first = static_cast<int64_t>(prompt.size()) - 1;
-    at::Tensor lp = at::log_softmax(
-        TorchForward(m, batch).narrow(1, first, static_cast<int64_t>(longest)).to(at::kFloat), -1);
-    double best = -INFINITY;
-    int best_i = -1;
-    for (int64_t c = 0; c < C; ++c) {
-      auto row = lp[c];
-      double score = 0;
-      for (size_t k = 0; k < conts[c].size(); ++k)
-        score += row[static_cast<int64_t>(k)][conts[c][k]].item<double>();
-      if (score > best) {
-        best = score;
-        best_i = static_cast<int>(c);
-      }
-    }
-    correct += best_i == it.answer;
+    const int best = static_cast<int>(std::max_element(score.begin(), score.end()) - score.begin());
+    correct += best == it.answer;
   }
   return items.empty() ? 0.0 : static_cast<double>(correct) / items.size();
 }

@@ -544,7 +544,8 @@ TEST(MetricsTest, MultipleChoiceScoresEveryChoiceAsIfAlone) {
   at::InferenceMode g;
   auto score = [&](const std::string& prompt, const std::string& choice) {
     std::vector<int64_t> seq = {m.config.bos_token_id};
-    for (int32_t t : (*tok)->Encode(prompt)) seq.push_back(t);
+    if (!prompt.empty())
+      for (int32_t t : (*tok)->Encode(prompt)) seq.push_back(t);
     const size_t n = seq.size();
     std::vector<int32_t> cont = (*tok)->Encode(" " + choice);
     for (int32_t t : cont) seq.push_back(t);
@@ -567,6 +568,22 @@ TEST(MetricsTest, MultipleChoiceScoresEveryChoiceAsIfAlone) {
   }
   EXPECT_EQ(MultipleChoiceAccuracy(m, **tok, best), 1.0);
   EXPECT_EQ(MultipleChoiceAccuracy(m, **tok, worst), 0.0);
+  // "pmi" scoring: how much the prompt raises each choice's likelihood over BOS alone.
+  std::vector<MultipleChoiceItem> pmi;
+  int differs = 0;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    MultipleChoiceItem it{"prompt " + std::to_string(i), choices[i], 0, true};
+    std::vector<double> s;
+    for (const auto& c : choices[i]) s.push_back(score(it.prompt, c) - score("", c));
+    it.answer = static_cast<int>(std::max_element(s.begin(), s.end()) - s.begin());
+    differs += it.answer != best[i].answer;
+    pmi.push_back(it);
+  }
+  EXPECT_EQ(MultipleChoiceAccuracy(m, **tok, pmi), 1.0);
+  if (differs > 0) {  // the two rules disagree somewhere: each must lose there under the other
+    for (auto& it : pmi) it.unconditional_baseline = false;
+    EXPECT_LT(MultipleChoiceAccuracy(m, **tok, pmi), 1.0);
+  }
 }
 
 TEST(PlotTest, TicksAreRoundAndEveryPointIsLabelled) {
@@ -615,6 +632,18 @@ TEST(CalibrationDataTest, WindowsAreDeterministicAndJsonlWorks) {
                                       << R"({"prompt": "x", "choices": ["a"], "answer": 0})"
                                       << "\n";
   EXPECT_FALSE(ReadMultipleChoice(dir.file("mc.jsonl")).ok());
+  std::ofstream(dir.file("mc2.jsonl"))
+      << R"({"prompt": "a", "choices": ["b", "c"], "answer": 1, "scoring": "pmi"})"
+      << "\n";
+  auto pmi = ReadMultipleChoice(dir.file("mc2.jsonl"));
+  ASSERT_TRUE(pmi.ok()) << pmi.status();
+  EXPECT_TRUE((*pmi)[0].unconditional_baseline);
+  std::ofstream(dir.file("mc3.jsonl"))
+      << R"({"prompt": "a", "choices": ["b", "c"], "answer": 1, "scoring": "bogus"})"
+      << "\n";
+  auto bogus = ReadMultipleChoice(dir.file("mc3.jsonl"));
+  ASSERT_FALSE(bogus.ok());
+  EXPECT_NE(bogus.status().message().find("scoring"), std::string::npos);
 }
 
 }  // namespace
