@@ -350,6 +350,11 @@ absl::Status StageTune(Bench& b, const TuneVariant& v, uint64_t seed) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::vector<Shape> shapes = s->GridShapes();
   std::vector<Shape> mc_shapes = {s->FullShape(), MiddleShape(*s), s->SmallestShape()};
+  // The method's run also at every depth at full width, so the depth table compares like with
+  // like after tuning.
+  if (v.name == "full")
+    for (int64_t d : s->spec().depths)
+      if (d != s->FullShape().depth) mc_shapes.push_back({d, 1.0});
   if (o.only_shape) shapes = mc_shapes = {*o.only_shape};
   if (v.depth_method != "dp") {
     // Depth ablation: every depth at full width, as depth_untuned.
