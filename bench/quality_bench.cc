@@ -58,14 +58,14 @@ struct Flags {
   std::string corpus;  // train.txt, calib.txt, heldout.txt, cloze.jsonl, cloze-calib.jsonl
   std::string out = "bench/results/quality";
   std::vector<uint64_t> seeds = {1, 2};
-  int64_t tune_steps = 60;
+  int64_t tune_steps = 40;
   int64_t tune_batch = 4;
   int64_t seq_len = 128;
   double lr = 1e-3;  // the demo's tuning rate; fixed before any evaluation
   int64_t calib_windows = 32, calib_window_len = 128, dp_windows = 8;
   int64_t eval_windows = 32, eval_window_len = 128;
-  int64_t mc_items = 120;    // evaluation cloze items (held-out documents)
-  int64_t dp_mc_items = 60;  // cloze items for the accuracy DP (calibration documents)
+  int64_t mc_items = 100;    // evaluation cloze items (held-out documents)
+  int64_t dp_mc_items = 40;  // cloze items for the accuracy DP (calibration documents)
   int threads = 0;
   bool report_only = false;
 };

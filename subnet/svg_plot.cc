@@ -120,26 +120,31 @@ std::string SvgPlot(const PlotOptions& o, const std::vector<PlotSeries>& series)
                               X(p.x) + 5, Y(p.y) - 5, color, Escape(p.label));
     }
   }
-  // Legend, top right inside the plot area.
-  double ly = top + 16;
-  const size_t entries =
-      std::count_if(series.begin(), series.end(), [](const PlotSeries& s) { return s.in_legend; });
+  // Legend, top right inside the plot area, as wide as its longest entry (~6.5 px a character
+  // at 12 px sans-serif).
+  size_t entries = 0, longest = 0;
+  for (const PlotSeries& s : series)
+    if (s.in_legend) ++entries, longest = std::max(longest, s.name.size());
+  const double box = 44 + 6.5 * static_cast<double>(longest), bx = W - right - box - 6;
   if (entries > 0)
     absl::StrAppendFormat(&svg,
-                          "<rect x='%g' y='%g' width='206' height='%zu' fill='white' "
+                          "<rect x='%g' y='%g' width='%g' height='%zu' fill='white' "
                           "fill-opacity='0.85' stroke='#bbbbbb'/>\n",
-                          W - right - 216, top + 5, entries * 17 + 6);
+                          bx, top + 5, box, entries * 17 + 6);
+  double ly = top + 16;
   for (size_t i = 0; i < series.size(); ++i) {
     if (!series[i].in_legend) continue;
     const char* color = color_of(i);
-    absl::StrAppendFormat(
-        &svg,
-        "<line x1='%g' y1='%.1f' x2='%g' y2='%.1f' stroke='%s' stroke-width='2'%s/>"
-        "<circle cx='%g' cy='%.1f' r='3.5' fill='%s'/>"
-        "<text x='%g' y='%.1f'>%s</text>\n",
-        W - right - 210, ly, W - right - 186, ly, color,
-        series[i].dashed ? " stroke-dasharray='6 4'" : "", W - right - 198, ly, color,
-        W - right - 180, ly + 4, Escape(series[i].name));
+    if (series[i].line)
+      absl::StrAppendFormat(&svg,
+                            "<line x1='%g' y1='%.1f' x2='%g' y2='%.1f' stroke='%s' "
+                            "stroke-width='2'%s/>",
+                            bx + 6, ly, bx + 30, ly, color,
+                            series[i].dashed ? " stroke-dasharray='6 4'" : "");
+    absl::StrAppendFormat(&svg,
+                          "<circle cx='%g' cy='%.1f' r='3.5' fill='%s'/><text x='%g' y='%.1f'>%s"
+                          "</text>\n",
+                          bx + 18, ly, color, bx + 36, ly + 4, Escape(series[i].name));
     ly += 17;
   }
   svg += "</svg>\n";

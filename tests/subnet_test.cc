@@ -592,7 +592,7 @@ TEST(PlotTest, TicksAreRoundAndEveryPointIsLabelled) {
   const std::vector<double> small = NiceTicks(0.5, 0.56);
   ASSERT_GE(small.size(), 3u);
   EXPECT_NEAR(small[1] - small[0], 0.01, 1e-12);
-  PlotSeries a("dp <tuned>"), b("drop_last", false, true);
+  PlotSeries a("dp <tuned>"), b("drop_last", true, true);
   a.points = {{8, 190.5, "d8 w1"}, {12, 181, "d12 w1"}};
   b.points = {{8, 201, ""}};
   PlotOptions o;
