@@ -621,6 +621,8 @@ void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
   auto it = lanes_.find(key);
   if (it == lanes_.end()) return;
   Lane& lane = *it->second;
+  // Counted before the requests end: a client whose stream ended must see the failure in stats().
+  ++lane_failures_;
   for (size_t i = lane.seqs.size(); i-- > 0;) {
     spdlog::error("[{}] scheduler: step on {} failed: {}", lane.seqs[i].job->request_id, key,
                   std::string(error.message()));
@@ -641,7 +643,6 @@ void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
       lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(i));
     }
   }
-  ++lane_failures_;
   cache_bytes_ -= lane.bytes;  // a merged copy, or a build's reservation
   if (lane.merged) --merged_lanes_;
   lanes_.erase(it);  // a build in flight for it is dropped when it arrives
