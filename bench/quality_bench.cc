@@ -209,15 +209,18 @@ absl::Status StageWidth(Bench& b) {
   json series = json::object();
   Progress bar("width ablation", 2 * 3 * static_cast<int64_t>(widths.size()));
   for (const std::string scores_kind : {"flap", "magnitude"}) {
-    Model m = original;  // shares storage; the permutation replaces tensors
-    ActivationStats st = clone_stats(stats);
-    ActivationStats for_scores = clone_stats(stats);
+    Model m = original;                       // shares storage; the permutation replaces tensors
+    ActivationStats st = clone_stats(stats);  // the permutation reorders it
+    WidthScores scores;
     if (scores_kind == std::string("magnitude")) {
       // S_j = ||W[:, j]||^2 alone: the activation variance replaced by ones.
-      for (auto& v : for_scores.o_var) v.fill_(1.0);
-      for (auto& v : for_scores.down_var) v.fill_(1.0);
+      ActivationStats ones = clone_stats(stats);
+      for (auto& v : ones.o_var) v.fill_(1.0);
+      for (auto& v : ones.down_var) v.fill_(1.0);
+      scores = ComputeWidthScores(m, ones);
+    } else {
+      scores = ComputeWidthScores(m, st);
     }
-    WidthScores scores = ComputeWidthScores(m, for_scores);
     PermuteByScore(m, scores, st);
     std::vector<std::string> allocations = {"global"};
     if (scores_kind == std::string("flap")) allocations.push_back("uniform");
@@ -417,6 +420,15 @@ std::map<std::string, std::vector<double>> BySeed(const std::vector<json>& runs,
   return out;
 }
 
+// Writes OUT/<name>.svg and links it from the report.
+absl::Status AddPlot(const Bench& b, const std::string& name, const PlotOptions& o,
+                     const std::vector<PlotSeries>& series, std::string* md) {
+  RETURN_IF_ERROR(
+      WriteFileAtomic((fs::path(b.f.out) / (name + ".svg")).string(), SvgPlot(o, series)));
+  absl::StrAppend(md, "\n![", name, "](", name, ".svg)\n\n");
+  return absl::OkStatus();
+}
+
 absl::Status WriteQualityReport(const Bench& b) {
   json all = json::object();
   for (const auto& entry : fs::directory_iterator(b.stages)) {
@@ -443,14 +455,20 @@ absl::Status WriteQualityReport(const Bench& b) {
           absl::StrJoin(kDepthMethods, "/") + ") | cloze acc. after |\n|---|";
     for (size_t i = 0; i <= kDepthMethods.size() + 1; ++i) md += "---|";
     md += "\n";
+    // Per method, the tuned run's values by shape over the seeds.
+    std::map<std::string, std::map<std::string, std::vector<double>>> tuned_ppl_of, tuned_acc_of;
+    for (const std::string& method : kDepthMethods) {
+      const std::string variant = method == "dp" ? "full" : "depth_" + method;
+      tuned_ppl_of[method] = BySeed(tuned[variant], "perplexity");
+      tuned_acc_of[method] = BySeed(tuned[variant], "mc_accuracy");
+    }
     std::vector<PlotSeries> plot;
     for (const std::string& method : kDepthMethods) {
       PlotSeries before(method + " untuned", true, true), after(method + " tuned");
       before.color = after.color = static_cast<int>(plot.size() / 2);
       for (const json& r : du[method])
         before.points.push_back({r["depth"].get<double>(), r["perplexity"].get<double>(), ""});
-      const std::string variant = method == "dp" ? "full" : "depth_" + method;
-      auto tuned_ppl = BySeed(tuned[variant], "perplexity");
+      const auto& tuned_ppl = tuned_ppl_of[method];
       for (const json& r : du[method]) {
         auto it = tuned_ppl.find(ShapeLabel(r));
         if (it != tuned_ppl.end())
@@ -466,15 +484,14 @@ absl::Status WriteQualityReport(const Bench& b) {
       std::vector<std::string> acc, acc_after;
       for (const std::string& method : kDepthMethods) {
         const json& m = du[method][i];
-        const std::string variant = method == "dp" ? "full" : "depth_" + method;
-        auto tuned_ppl = BySeed(tuned[variant], "perplexity");
+        const auto& tuned_ppl = tuned_ppl_of[method];
         auto it = tuned_ppl.find(ShapeLabel(m));
         md += absl::StrFormat(" %.2f → %s |", m["perplexity"].get<double>(),
                               it == tuned_ppl.end() ? "–" : Fmt(Summarise(it->second)));
         acc.push_back(m.contains("mc_accuracy")
                           ? absl::StrFormat("%.3f", m["mc_accuracy"].get<double>())
                           : "–");
-        auto tuned_acc = BySeed(tuned[variant], "mc_accuracy");
+        const auto& tuned_acc = tuned_acc_of[method];
         auto at = tuned_acc.find(ShapeLabel(m));
         acc_after.push_back(at == tuned_acc.end() ? "–" : Fmt(Summarise(at->second), 3));
       }
@@ -506,8 +523,7 @@ absl::Status WriteQualityReport(const Bench& b) {
     po.title = "Depth selection: held-out perplexity at full width";
     po.x_label = "depth (layers kept)";
     po.y_label = "held-out perplexity";
-    RETURN_IF_ERROR(WriteFileAtomic((fs::path(b.f.out) / "depth.svg").string(), SvgPlot(po, plot)));
-    md += "\n![depth](depth.svg)\n\n";
+    RETURN_IF_ERROR(AddPlot(b, "depth", po, plot, &md));
   }
 
   // Width.
@@ -549,8 +565,7 @@ absl::Status WriteQualityReport(const Bench& b) {
     po.title = "Width pruning before tuning (full depth)";
     po.x_label = "parameters (millions)";
     po.y_label = "held-out perplexity";
-    RETURN_IF_ERROR(WriteFileAtomic((fs::path(b.f.out) / "width.svg").string(), SvgPlot(po, plot)));
-    md += "\n![width](width.svg)\n\n";
+    RETURN_IF_ERROR(AddPlot(b, "width", po, plot, &md));
   }
 
   // Tuning objective over the grid.
@@ -608,9 +623,7 @@ absl::Status WriteQualityReport(const Bench& b) {
     po.x_label = "parameters (millions)";
     po.y_label = "held-out perplexity";
     po.point_labels = true;
-    RETURN_IF_ERROR(
-        WriteFileAtomic((fs::path(b.f.out) / "objective.svg").string(), SvgPlot(po, plot)));
-    md += "\n![objective](objective.svg)\n\n";
+    RETURN_IF_ERROR(AddPlot(b, "objective", po, plot, &md));
     // Per-shape table.
     md += "Per shape (held-out perplexity):\n\n| shape | params |";
     for (const std::string& o : objectives)
