@@ -33,6 +33,11 @@ Runner AddCalibrateCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--keep-last", o->keep_last, "Last layers never removed")->capture_default_str();
   cmd->add_flag("--uniform-width", o->uniform_width, "Same width fraction in every layer");
+  cmd->add_option("--width-scores", o->width_scores,
+                  "Unit importance: flap (activation variance x weight norm) | magnitude (weight "
+                  "norm alone)")
+      ->check(CLI::IsMember({"flap", "magnitude"}))
+      ->capture_default_str();
   cmd->add_option("--metric", o->metric, "DP metric: perplexity | accuracy")->capture_default_str();
   cmd->add_option("--mc-data", o->mc_data, "Multiple-choice JSONL for --metric accuracy");
   cmd->add_option("--batch", o->batch, "Windows per forward pass")->capture_default_str();

@@ -38,6 +38,7 @@ struct EvalFlags {
   int threads = 0;
   bool no_adapters = false;
   std::string weights_dtype = "f32";
+  std::string draft_weights_dtype;  // also time every shape as a draft copy in this format
 };
 
 // Every shape by decode latency and held-out perplexity, labelled "d<depth> w<width>", with the
@@ -72,7 +73,7 @@ absl::StatusOr<EngineComparison> CompareFormat(const Supernet& s, const Smol* sm
     for (at::Tensor& p : l.panels) p = at::Tensor();
   fp32.head_panels = at::Tensor();
   Model packed = fp32;
-  PackWeights(packed, format);
+  RepackWeights(packed, format);
   return CompareEngines(std::make_shared<const Model>(std::move(fp32)),
                         std::make_shared<const Model>(std::move(packed)), windows);
 }
@@ -82,6 +83,12 @@ absl::Status RunEval(const EvalFlags& f) {
   auto format = ParseWeightFormat(f.weights_dtype);
   if (!format.ok())
     return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
+  std::optional<WeightFormat> draft_format;
+  if (!f.draft_weights_dtype.empty()) {
+    auto d = ParseWeightFormat(f.draft_weights_dtype);
+    if (!d.ok()) return absl::InvalidArgumentError(absl::StrCat("--draft-", d.status().message()));
+    if (*d != *format) draft_format = *d;
+  }
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   std::unique_ptr<Smol> smol;
   if (!f.no_adapters) {
@@ -144,6 +151,25 @@ absl::Status RunEval(const EvalFlags& f) {
   lo.check_tokens = 4;  // what checking drafted tokens costs each shape
   const std::vector<ShapeLatency> latency = ProfileDecodeLatency(runnable, lo);
   LogLatencyProfile(latency, "eval");
+  // Drafts reading their own copy in another format (the server's --draft-weights-dtype).
+  std::vector<ShapeLatency> draft_latency;
+  if (draft_format) {
+    std::vector<std::pair<Shape, std::shared_ptr<const Model>>> copies;
+    for (auto& [sh, views] : runnable) {
+      Model copy = *views;
+      RepackWeights(copy, *draft_format);
+      copies.emplace_back(sh, std::make_shared<const Model>(std::move(copy)));
+    }
+    runnable.clear();  // the views' engines are done
+    LatencyOptions dlo;
+    dlo.bandwidth_gbs = lo.bandwidth_gbs;
+    draft_latency = ProfileDecodeLatency(copies, dlo);
+    LogLatencyProfile(draft_latency,
+                      (std::string("eval ") + WeightFormatName(*draft_format) + " draft").c_str());
+  }
+  auto draft_ms = [&](size_t j) {
+    return draft_latency.empty() ? latency[j].ms_per_token : draft_latency[j].ms_per_token;
+  };
   std::vector<FrontierPoint> points;
   for (size_t i = 0; i < rows.size(); ++i) {
     rows[i]["decode_ms_per_token"] = latency[i].ms_per_token;
@@ -168,6 +194,7 @@ absl::Status RunEval(const EvalFlags& f) {
     p->params = r["params"].get<int64_t>();
     p->heldout_perplexity = r["heldout_perplexity"].get<double>();
     p->decode_ms_per_token = r["decode_ms_per_token"].get<double>();
+    p->decode_ms_by_dtype.clear();
     if (r.contains("mc_accuracy")) p->mc_accuracy = r["mc_accuracy"].get<double>();
     p->adapters = smol != nullptr;
   }
@@ -175,6 +202,7 @@ absl::Status RunEval(const EvalFlags& f) {
   for (size_t i = 0; i < shapes.size(); ++i) {
     ShapeRecord* p = spec.FindRecord(shapes[i]);
     p->check_ms_per_extra_token = latency[i].check_extra_ms;
+    if (draft_format) p->decode_ms_by_dtype[WeightFormatName(*draft_format)] = draft_ms(i);
     p->draft_runs.clear();
     for (size_t j = 0; j < shapes.size(); ++j)
       if (rows[j]["params"].get<int64_t>() < rows[i]["params"].get<int64_t>())
@@ -213,7 +241,11 @@ absl::Status RunEval(const EvalFlags& f) {
         r["latency_outlier"].get<bool>() ? "  (latency outlier)" : "");
   }
   // The draft eval would pick per shape on this host (the server picks with its own timings).
-  std::printf("speculative decoding (greedy agreement on the held-out windows):\n");
+  std::printf(
+      "speculative decoding (greedy agreement on the held-out windows%s):\n",
+      draft_format
+          ? (std::string(", drafts read ") + WeightFormatName(*draft_format) + " copies").c_str()
+          : "");
   std::printf("%-22s %-22s %-3s %-12s %s\n", "target", "best draft", "k", "kept/check",
               "expected speedup");
   for (size_t i = 0; i < shapes.size(); ++i) {
@@ -221,8 +253,7 @@ absl::Status RunEval(const EvalFlags& f) {
       (void)t;
       for (size_t j = 0; j < shapes.size(); ++j)
         if (shapes[j] == d)
-          return DraftCosts{latency[i].ms_per_token, latency[j].ms_per_token,
-                            latency[i].check_extra_ms};
+          return DraftCosts{latency[i].ms_per_token, draft_ms(j), latency[i].check_extra_ms};
       return std::nullopt;
     };
     auto c = ChooseDraft(spec, shapes[i], costs, 0.0);
@@ -257,6 +288,9 @@ Runner AddEvalCommand(CLI::App& app) {
                   "f32 | f16 | q8_0 | q4_0: also decode every shape from panels of this format, "
                   "print its perplexity and mean per-token KL divergence to fp32, and time it")
       ->capture_default_str();
+  cmd->add_option("--draft-weights-dtype", f->draft_weights_dtype,
+                  "Also time every shape as a draft reading its own copy in this format (the "
+                  "server's --draft-weights-dtype) and choose drafts with those costs");
   cmd->add_option("--threads", f->threads);
   return [f]() {
     absl::Status st = RunEval(*f);

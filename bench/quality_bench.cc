@@ -207,23 +207,16 @@ absl::Status StageWidth(Bench& b) {
   const int64_t L = original.config.num_hidden_layers;
   const std::vector<double>& widths = b.supernet->spec().widths;
   json series = json::object();
-  Progress bar("width ablation", 2 * 3 * static_cast<int64_t>(widths.size()));
+  Progress bar("width ablation", 2 * 2 * 2 * static_cast<int64_t>(widths.size()));
   for (const std::string scores_kind : {"flap", "magnitude"}) {
     Model m = original;                       // shares storage; the permutation replaces tensors
     ActivationStats st = clone_stats(stats);  // the permutation reorders it
-    WidthScores scores;
-    if (scores_kind == std::string("magnitude")) {
-      // S_j = ||W[:, j]||^2 alone: the activation variance replaced by ones.
-      ActivationStats ones = clone_stats(stats);
-      for (auto& v : ones.o_var) v.fill_(1.0);
-      for (auto& v : ones.down_var) v.fill_(1.0);
-      scores = ComputeWidthScores(m, ones);
-    } else {
-      scores = ComputeWidthScores(m, st);
-    }
+    WidthScores scores = ComputeWidthScores(
+        m, st,
+        scores_kind == std::string("magnitude") ? WidthScoring::kMagnitude : WidthScoring::kFlap);
     PermuteByScore(m, scores, st);
-    std::vector<std::string> allocations = {"global"};
-    if (scores_kind == std::string("flap")) allocations.push_back("uniform");
+    // Uniform with either score separates which units a layer keeps from how many.
+    const std::vector<std::string> allocations = {"global", "uniform"};
     for (const std::string& allocation : allocations) {
       SupernetSpec spec;
       spec.depths = {L};

@@ -40,6 +40,7 @@ struct Options {
   int rounds = 3;
   int threads = 0;
   std::string weights_dtype = "f32";
+  std::string draft_weights_dtype;  // "" = weights_dtype (drafts on the shape's lane)
   std::string out_json = "bench/results/speculative.json";
   std::string out_md = "bench/results/speculative.md";
 };
@@ -118,6 +119,16 @@ int RunBench(const Options& o_in) {
     spdlog::error("--{}", std::string(format.status().message()));
     return 2;
   }
+  std::optional<WeightFormat> draft_format;
+  if (!o.draft_weights_dtype.empty()) {
+    const auto d = ParseWeightFormat(o.draft_weights_dtype);
+    if (!d.ok()) {
+      spdlog::error("--draft-{}", std::string(d.status().message()));
+      return 2;
+    }
+    if (*d != *format) draft_format = *d;
+  }
+  const std::string draft_dtype = draft_format ? WeightFormatName(*draft_format) : o.weights_dtype;
   auto loaded = Supernet::Load(o.supernet);
   if (!loaded.ok()) {
     spdlog::error("bench/speculative: {} (run scripts/demo once to build the demo supernet)",
@@ -155,20 +166,40 @@ int RunBench(const Options& o_in) {
   const SupernetSpec& spec = s.spec();
   const Shape full = s.FullShape();
   const Shape middle{spec.depths[spec.depths.size() / 2], spec.widths[spec.widths.size() / 2]};
+  // A draft reading its own copy costs what eval timed for that format (--draft-weights-dtype).
   auto eval_costs = [&](const Shape& t, const Shape& d) -> std::optional<DraftCosts> {
     const ShapeRecord *tr = spec.FindRecord(t), *dr = spec.FindRecord(d);
     if (!tr || !dr || !tr->decode_ms_per_token || !dr->decode_ms_per_token) return std::nullopt;
-    return DraftCosts{*tr->decode_ms_per_token, *dr->decode_ms_per_token,
-                      tr->check_ms_per_extra_token.value_or(0)};
+    double draft_ms = *dr->decode_ms_per_token;
+    if (draft_format) {
+      auto it = dr->decode_ms_by_dtype.find(draft_dtype);
+      if (it == dr->decode_ms_by_dtype.end()) return std::nullopt;
+      draft_ms = it->second;
+    }
+    return DraftCosts{*tr->decode_ms_per_token, draft_ms, tr->check_ms_per_extra_token.value_or(0)};
   };
+  if (draft_format) {
+    bool timed = false;
+    for (const ShapeRecord& r : spec.profile)
+      timed = timed || r.decode_ms_by_dtype.count(draft_dtype);
+    if (!timed) {
+      spdlog::error(
+          "bench/speculative: the profile has no {} draft timings (amoeba-admin eval "
+          "--draft-weights-dtype {})",
+          draft_dtype, draft_dtype);
+      return 2;
+    }
+  }
   nlohmann::json results = nlohmann::json::array();
   std::string md = absl::StrFormat(
-      "# bench/speculative\n\n%s, %s, %s weights, %zu prompts of %d tokens, %d new "
-      "tokens, greedy, medians of %d interleaved rounds\n\n"
-      "| supernet | target | draft | k | streams | tok/s off | tok/s on | speedup | kept per "
-      "check | kept / drafted | same output |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-      DescribeCpu(), o.supernet, o.weights_dtype, prompts.size(), o.prompt_tokens, o.new_tokens,
-      o.rounds);
+      "# bench/speculative\n\n%s, %s, %s weights, drafts reading %s, %zu prompts of %d tokens, "
+      "%d new tokens, greedy, medians of %d interleaved rounds\n\n"
+      "| supernet | target | draft | k | streams | tok/s off | tok/s on | speedup | expected | "
+      "kept per check | kept / drafted | same output |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+      DescribeCpu(), o.supernet, o.weights_dtype,
+      draft_format ? "their own " + draft_dtype + " copies" : "the target's panels", prompts.size(),
+      o.prompt_tokens, o.new_tokens, o.rounds);
   for (const Shape& target : {full, middle}) {
     auto choice = ChooseDraft(spec, target, eval_costs, 0.0);
     const Shape draft = choice ? choice->draft : s.SmallestShape();
@@ -179,6 +210,7 @@ int RunBench(const Options& o_in) {
       so.slots_per_shape = 8;
       so.max_context = 512;
       so.weights_format = *format;
+      so.draft_format = draft_format;
       so.smol = tuned ? smol->get() : nullptr;
       so.merge_after_requests = 1;
       // As amoeba-server does: the thread that packed the weights runs the decode loop (one
@@ -188,8 +220,13 @@ int RunBench(const Options& o_in) {
       std::thread driver([&] {
         // Warm-up: both shapes get their merged copies before anything is timed.
         (void)Generate(sched, target, draft, k, {prompts[0]}, 8, 1);
-        for (int i = 0; i < 200 && tuned && sched.stats().merges_built < 2; ++i)
+        auto ready = [&] {
+          const SchedulerStats st = sched.stats();
+          return (!tuned || st.merges_built >= 2) && (!draft_format || st.draft_copies >= 1);
+        };
+        for (int i = 0; i < 200 && !ready(); ++i)
           std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        (void)Generate(sched, target, draft, k, {prompts[0]}, 8, 1);  // on the copies now
         (void)Generate(sched, target, std::nullopt, 0, {prompts[0]}, 8, 1);
         for (int streams : {1, 4}) {
           std::vector<double> off_rates, on_rates;
@@ -225,9 +262,10 @@ int RunBench(const Options& o_in) {
                              {"kept_fraction", rate},
                              {"identical_output", same}});
           md += absl::StrFormat(
-              "| %s | %s | %s | %d | %d | %.1f | %.1f | %.2fx | %.2f | %.2f | %s |\n",
+              "| %s | %s | %s | %d | %d | %.1f | %.1f | %.2fx | %.2fx | %.2f | %.2f | %s |\n",
               tuned ? "tuned" : "untuned", target.ToString(), draft.ToString(), k, streams, a, b,
-              a > 0 ? b / a : 0, kept, rate, same ? "yes" : "NO");
+              a > 0 ? b / a : 0, choice ? choice->expected_speedup : 0.0, kept, rate,
+              same ? "yes" : "NO");
           spdlog::info(
               "bench/speculative: {} {} streams={} off {:.1f} on {:.1f} tok/s, kept {:.2f}",
               tuned ? "tuned" : "untuned", target.ToString(), streams, a, b, kept);
@@ -244,6 +282,7 @@ int RunBench(const Options& o_in) {
                         {"threads", at::get_num_threads()},
                         {"kernel_isa", KernelIsaName(ActiveKernelIsa())},
                         {"weights_dtype", o.weights_dtype},
+                        {"draft_weights_dtype", draft_dtype},
                         {"prompts", prompts.size()},
                         {"prompt_tokens", o.prompt_tokens},
                         {"new_tokens", o.new_tokens},
@@ -271,6 +310,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "Threads (0 = all cores)");
   app.add_option("--weights-dtype", o.weights_dtype, "f32 | f16 | q8_0 | q4_0")
       ->capture_default_str();
+  app.add_option("--draft-weights-dtype", o.draft_weights_dtype,
+                 "Drafts read their own copy in this format (default: --weights-dtype, no copy)");
   app.add_option("--json", o.out_json)->capture_default_str();
   app.add_option("--md", o.out_md)->capture_default_str();
   CLI11_PARSE(app, argc, argv);

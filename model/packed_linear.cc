@@ -356,6 +356,13 @@ void PackWeights(Model& m, WeightFormat f) {
   }
 }
 
+void RepackWeights(Model& m, WeightFormat f) {
+  for (LayerWeights& l : m.layers)
+    for (at::Tensor& panels : l.panels) panels.reset();
+  m.head_panels.reset();
+  PackWeights(m, f);
+}
+
 void DropPackedRowMajor(Model& m) {
   for (LayerWeights& l : m.layers)
     for (int p = 0; p < kNumProj; ++p) {

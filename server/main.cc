@@ -37,6 +37,7 @@ struct Flags {
   int64_t max_prompt_tokens = 2048, max_new_tokens = 1024, max_context = 2048;
   int64_t slots = 16, queue = 64, cache_mb = 1024, prefill_chunk = 64, merge_after = 2;
   std::string weights_dtype = "f32";
+  std::string draft_weights_dtype;  // "" = weights_dtype
   std::string speculate = "auto";
   double speculate_min_speedup = 1.3;
   std::string kv_dtype = "f32";
@@ -62,6 +63,15 @@ int Run(const Flags& f) {
   if (!format.ok()) {
     spdlog::error("--{}", std::string(format.status().message()));
     return 2;
+  }
+  std::optional<WeightFormat> draft_format;
+  if (!f.draft_weights_dtype.empty()) {
+    const auto d = ParseWeightFormat(f.draft_weights_dtype);
+    if (!d.ok()) {
+      spdlog::error("--draft-{}", std::string(d.status().message()));
+      return 2;
+    }
+    if (*d != *format) draft_format = *d;
   }
   if ((f.tls_cert.empty()) != (f.tls_key.empty())) {
     spdlog::error("--tls-cert and --tls-key go together");
@@ -119,6 +129,7 @@ int Run(const Flags& f) {
   so.prefill_chunk = f.prefill_chunk;
   so.cache_bytes = f.cache_mb << 20;
   so.weights_format = *format;
+  so.draft_format = draft_format;
   so.kv_dtype = kv_dtype;
   so.merge_after_requests = f.merge_after;
   so.on_lane_step = [&metrics](const Shape& s, int64_t running) {
@@ -153,6 +164,7 @@ int Run(const Flags& f) {
   svo.export_tmp_dir = f.export_dir;
   svo.export_workers = f.export_workers;
   svo.weights_dtype = f.weights_dtype;
+  if (draft_format) svo.draft_weights_dtype = WeightFormatName(*draft_format);
   svo.speculate = f.speculate;
   svo.speculate_min_speedup = f.speculate_min_speedup;
   if (f.auth_token.empty() && f.allow_unauthenticated_export) {
@@ -344,6 +356,11 @@ int main(int argc, char** argv) {
          "block formats, the LM head quantized too)")
       ->envname("AMOEBA_WEIGHTS_DTYPE")
       ->capture_default_str();
+  app.add_option("--draft-weights-dtype", f.draft_weights_dtype,
+                 "Drafts read their own copy of the draft shape in this format (f32 | f16 | q8_0 | "
+                 "q4_0; default: --weights-dtype, no copy): fewer bytes per drafted token, the "
+                 "output still the target's")
+      ->envname("AMOEBA_DRAFT_WEIGHTS_DTYPE");
   app.add_option("--speculate", f.speculate,
                  "Speculative decoding for requests that do not ask: auto (a smaller shape "
                  "drafts where the profile from `amoeba-admin eval` expects a gain) | off | a "

@@ -41,7 +41,8 @@ absl::Status StatusFromException(std::exception_ptr e) {
 Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
     : supernet_(supernet), opt_(std::move(options)) {
   if (!opt_.run_on_caller) worker_ = std::thread([this] { Loop(); });
-  if (opt_.smol && opt_.merge_after_requests > 0) builder_ = std::thread([this] { BuilderLoop(); });
+  if ((opt_.smol && opt_.merge_after_requests > 0) || opt_.draft_format)
+    builder_ = std::thread([this] { BuilderLoop(); });
 }
 
 Scheduler::~Scheduler() {
@@ -111,6 +112,7 @@ SchedulerStats Scheduler::stats() const {
   s.cache_misses = misses_;
   s.kv_bytes = kv_bytes_;
   s.merged_lanes = merged_lanes_;
+  s.draft_copies = draft_copy_count_;
   s.merges_built = merges_built_;
   s.evictions = evictions_;
   s.lane_failures = lane_failures_;
@@ -178,6 +180,36 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   build_cv_.notify_all();
 }
 
+void Scheduler::StartDraftCopy(const Shape& shape) {
+  const std::string key = shape.ToString();
+  draft_copies_[key] = nullptr;  // building (or failed): never started twice
+  auto views = BuildSubnet(supernet_, nullptr, shape, {});
+  if (!views.ok()) return;
+  int64_t need = 0;
+  for (const LayerWeights& l : views->layers)
+    for (int p = 0; p < kNumProj; ++p)
+      need += static_cast<int64_t>(static_cast<double>(l.proj(static_cast<Proj>(p)).numel()) *
+                                   BytesPerWeight(*opt_.draft_format));
+  if (!EvictIdleLanes(nullptr, need)) {
+    spdlog::warn("scheduler: no room under the cache cap for a {} draft copy of {}",
+                 WeightFormatName(*opt_.draft_format), key);
+    return;
+  }
+  cache_bytes_ += need;
+  Build b;
+  b.key = key;
+  b.shape = shape;
+  b.for_draft = true;
+  b.reserved = need;
+  spdlog::info("scheduler: building a {} draft copy of {} in the background",
+               WeightFormatName(*opt_.draft_format), key);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    builds_.push_back(std::move(b));
+  }
+  build_cv_.notify_all();
+}
+
 void Scheduler::BuilderLoop() {
   at::InferenceMode guard;
   // Builds are background work: below the decode loop in the kernel's eyes (threads this one
@@ -202,15 +234,23 @@ void Scheduler::BuilderLoop() {
       auto merged = BuildSubnet(supernet_, opt_.smol, b.shape,
                                 {.adapters = AdapterMode::kMerged, .uniform_width = false});
       if (!merged.ok()) throw std::runtime_error(std::string(merged.status().message()));
-      // The merged projections get panels; the rest share the base's.
-      PackWeights(*merged, opt_.weights_format);
+      // The merged projections get panels; the rest share the base's. A draft copy packs every
+      // projection in its own format (views of the base's panels are in the serving format).
+      if (b.for_draft) {
+        RepackWeights(*merged, *opt_.draft_format);
+      } else {
+        PackWeights(*merged, opt_.weights_format);
+      }
       DropPackedRowMajor(*merged);
       b.result = std::make_shared<const Model>(std::move(*merged));
-      spdlog::info("scheduler: merged copy of {} built in {:.0f} ms", b.key, Ms(t0, Clock::now()));
+      spdlog::info("scheduler: {} of {} built in {:.0f} ms",
+                   b.for_draft ? "draft copy" : "merged copy", b.key, Ms(t0, Clock::now()));
     } catch (...) {
       b.result.reset();
-      spdlog::error("scheduler: merged copy of {} failed: {}; the shape stays unmerged", b.key,
-                    std::string(StatusFromException(std::current_exception()).message()));
+      spdlog::error("scheduler: {} of {} failed: {}; {}",
+                    b.for_draft ? "draft copy" : "merged copy", b.key,
+                    std::string(StatusFromException(std::current_exception()).message()),
+                    b.for_draft ? "it drafts on the shape's lane" : "the shape stays unmerged");
     }
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -227,6 +267,17 @@ void Scheduler::SwapInFinishedBuilds() {
     done.swap(built_);
   }
   for (Build& b : done) {
+    if (b.for_draft) {
+      cache_bytes_ -= b.reserved;
+      if (!b.result) {
+        ++build_failures_;  // stays null: drafts keep running on the shape's lane
+        continue;
+      }
+      cache_bytes_ += b.result->ProjectionBytes();
+      draft_copies_[b.key] = std::move(b.result);
+      ++draft_copy_count_;
+      continue;
+    }
     auto it = lanes_.find(b.key);
     if (it == lanes_.end() || it->second->merged || !it->second->building) {
       continue;  // the lane went away meanwhile (its reservation with it): drop the copy
@@ -400,6 +451,7 @@ Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape, Lane** sou
   d->engine = NewEngine(d->model);
   d->cache = d->engine->NewCache(opt_.slots_per_shape);
   spdlog::info("scheduler: {} drafts for {}", key, lane.shape.ToString());
+  if (opt_.draft_format && !draft_copies_.count(key)) StartDraftCopy(shape);
   Draft* raw = d.get();
   lane.drafts[key] = std::move(d);
   return raw;
@@ -459,9 +511,16 @@ void Scheduler::DraftStep(Lane& lane) {
   if (decoding > opt_.max_speculating_batch) return;
   for (auto& [key, d] : lane.drafts) {
     if (d->users == 0) continue;
-    // The draft shape's lane got a merged copy: same KV layout, draft on it from now on.
-    if (auto src = lanes_.find(key); src != lanes_.end() && src->second->model != d->model) {
-      d->model = src->second->model;
+    // The draft's own copy is ready, or (without one) the draft shape's lane got a merged copy:
+    // same KV layout, draft on it from now on.
+    std::shared_ptr<const Model> newer;
+    if (auto copy = draft_copies_.find(key); copy != draft_copies_.end() && copy->second) {
+      newer = copy->second;
+    } else if (auto src = lanes_.find(key); src != lanes_.end()) {
+      newer = src->second->model;
+    }
+    if (newer && newer != d->model) {
+      d->model = std::move(newer);
       d->engine = NewEngine(d->model);
     }
     // Who drafts this step, and what each feeds the draft first: the context it has not seen

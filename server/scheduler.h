@@ -67,9 +67,14 @@ struct SchedulerOptions {
   int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
   int64_t cache_bytes = 1ll << 30;  // memory cap for merged subnet copies
   WeightFormat weights_format = WeightFormat::kF32;  // panels of merged copies (as the supernet's)
-  at::ScalarType kv_dtype = at::kFloat;              // KV cache storage (kHalf: half the memory)
-  const Smol* smol = nullptr;        // adapters: unmerged when cold, merged when hot
-  int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
+  // Drafts read their own copy of the draft shape in this format (adapters merged), made once per
+  // shape in the background and counted under cache_bytes; until it is ready they draft on the
+  // shape's lane. Unset: drafts always run on the shape's lane (views or its merged copy). A draft
+  // only proposes: the output stays the target's whatever the draft reads.
+  std::optional<WeightFormat> draft_format;
+  at::ScalarType kv_dtype = at::kFloat;  // KV cache storage (kHalf: half the memory)
+  const Smol* smol = nullptr;            // adapters: unmerged when cold, merged when hot
+  int64_t merge_after_requests = 2;      // requests before a shape gets a merged copy; 0 = never
   // Drafting pays while a step reads the weights for few rows: a lane decoding more sequences
   // than this checks no drafts that step (its sequences decode token by token).
   int64_t max_speculating_batch = 2;
@@ -94,6 +99,7 @@ struct SchedulerStats {
   int64_t cache_bytes = 0;                   // merged copies (what --cache-mb caps)
   int64_t kv_bytes = 0;                      // KV caches of running sequences
   int64_t merged_lanes = 0;
+  int64_t draft_copies = 0;                 // drafts' own copies (SchedulerOptions::draft_format)
   int64_t merges_built = 0, evictions = 0;  // since start
   int64_t lane_failures = 0, build_failures = 0;
 };
@@ -161,6 +167,8 @@ class Scheduler {
   struct Build {  // a merged copy being made on the builder thread
     std::string key;
     Shape shape;
+    bool for_draft = false;               // a draft copy in SchedulerOptions::draft_format
+    int64_t reserved = 0;                 // bytes reserved under the cap (draft copies)
     std::shared_ptr<const Model> result;  // null when the build failed
   };
 
@@ -168,6 +176,8 @@ class Scheduler {
   void BuilderLoop();
   std::unique_ptr<Engine> NewEngine(std::shared_ptr<const Model> model) const;
   void MaybeStartBuild(Lane& lane);
+  // Queues the background build of a draft copy of `shape` in draft_format (once per shape).
+  void StartDraftCopy(const Shape& shape);
   void SwapInFinishedBuilds();
   // The shape's lane, made on first use; `existed` says whether it was there already.
   Lane* GetLane(const Shape& s, bool* existed);
@@ -195,9 +205,13 @@ class Scheduler {
   std::deque<std::shared_ptr<Job>> queue_;
   bool draining_ = false, stop_ = false;
   std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
+  // Drafts' own copies by shape (draft_format), shared by every lane drafting with that shape;
+  // a key maps to null while its build runs or after it failed. Worker thread only.
+  std::map<std::string, std::shared_ptr<const Model>> draft_copies_;
   std::shared_ptr<EngineWorkspace> workspace_ = std::make_shared<EngineWorkspace>();
   std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
+  std::atomic<int64_t> draft_copy_count_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
   std::deque<Build> builds_, built_;

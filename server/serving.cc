@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/status_macros.h"
 #include "model/tokenizer.h"
+#include "model/weight_format.h"
 #include "server/request_checks.h"
 
 namespace amoeba {
@@ -188,8 +189,23 @@ absl::StatusOr<std::optional<Serving::DraftPlan>> Serving::ResolveDraft(
     const ShapeRecord* r = supernet_.spec().FindRecord(s);
     return r ? r->decode_ms_per_token : std::nullopt;
   };
+  auto draft_ms = [&](const Shape& s) -> std::optional<double> {
+    auto ms = decode_ms(s);
+    if (!ms || options_.draft_weights_dtype.empty() ||
+        options_.draft_weights_dtype == options_.weights_dtype)
+      return ms;
+    const ShapeRecord* r = supernet_.spec().FindRecord(s);
+    if (r && r->decode_ms_per_token) {
+      auto it = r->decode_ms_by_dtype.find(options_.draft_weights_dtype);
+      if (it != r->decode_ms_by_dtype.end()) return *ms * it->second / *r->decode_ms_per_token;
+    }
+    const auto serving = ParseWeightFormat(options_.weights_dtype),
+               draft = ParseWeightFormat(options_.draft_weights_dtype);
+    if (!serving.ok() || !draft.ok()) return ms;
+    return *ms * BytesPerWeight(*draft) / BytesPerWeight(*serving);
+  };
   auto costs = [&](const Shape& t, const Shape& d) -> std::optional<DraftCosts> {
-    const auto tm = decode_ms(t), dm = decode_ms(d);
+    const auto tm = decode_ms(t), dm = draft_ms(d);
     if (!tm || !dm) return std::nullopt;
     DraftCosts c{*tm, *dm, 0};
     const ShapeRecord* r = supernet_.spec().FindRecord(t);

@@ -40,6 +40,10 @@ struct ServiceOptions {
   std::string weights_dtype = "f32";   // reported by GetModelInfo
   std::string speculate = "auto";      // requests that do not say: auto | off | a draft shape
   double speculate_min_speedup = 1.3;  // auto drafts only where the profile expects this much
+  // Drafts read their own copy in this format (SchedulerOptions::draft_format); "" = the serving
+  // format. Their cost: this host's decode time of the shape scaled by the profile's ratio for
+  // that format (eval --draft-weights-dtype), else by bytes per weight.
+  std::string draft_weights_dtype;
 };
 
 // A generation request as either front end received it.

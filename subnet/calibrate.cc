@@ -52,7 +52,11 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
     Progress bar("width statistics", windows.size(0));
     stats = CollectActivationStats(model, windows, o.batch, &bar);
   }
-  WidthScores scores = ComputeWidthScores(model, stats);
+  if (o.width_scores != "flap" && o.width_scores != "magnitude")
+    return absl::InvalidArgumentError("--width-scores: must be flap or magnitude, not " +
+                                      o.width_scores);
+  WidthScores scores = ComputeWidthScores(
+      model, stats, o.width_scores == "magnitude" ? WidthScoring::kMagnitude : WidthScoring::kFlap);
   PermuteByScore(model, scores, stats);
   SupernetSpec spec;
   spec.widths = o.widths;
@@ -98,6 +102,7 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
                       {"keep_last", o.keep_last},
                       {"min_depth", d_min},
                       {"uniform_width", o.uniform_width},
+                      {"width_scores", o.width_scores},
                       {"metric", metric.name},
                       {"block_influence", bi}};
   std::string table =

@@ -13,7 +13,7 @@ namespace amoeba {
 struct CalibrateOptions {
   std::string model_dir;      // an HF model directory, or a llama .gguf file
   std::string tokenizer_dir;  // for a .gguf model (default: the file's directory)
-  std::string data_path;  // .txt or .jsonl with "text"
+  std::string data_path;      // .txt or .jsonl with "text"
   std::string out_dir;
   int64_t windows = 32;  // calibration windows for the width statistics
   int64_t window_len = 256;
@@ -23,6 +23,9 @@ struct CalibrateOptions {
   std::vector<double> widths = {1.0, 0.875, 0.75, 0.625};
   int64_t keep_last = 1;
   bool uniform_width = false;
+  // "flap" (the method) or "magnitude": bench/quality measured FLAP's variance-weighted scores
+  // dropping the wrong attention groups on a small model (docs/method.md §1).
+  std::string width_scores = "flap";
   std::string metric = "perplexity";  // or "accuracy" (needs mc_data)
   std::string mc_data;                // multiple-choice JSONL
   int64_t batch = 4;

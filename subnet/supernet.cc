@@ -10,6 +10,7 @@
 #include "model/packed_linear.h"
 #include "model/safetensors.h"
 #include "model/status_macros.h"
+#include "model/weight_format.h"
 
 namespace amoeba {
 namespace fs = std::filesystem;
@@ -96,6 +97,7 @@ json SupernetSpec::ToJson() const {
     e["adapters"] = r.adapters;
     if (r.check_ms_per_extra_token) e["check_ms_per_extra_token"] = *r.check_ms_per_extra_token;
     if (!r.draft_runs.empty()) e["draft_runs"] = r.draft_runs;
+    if (!r.decode_ms_by_dtype.empty()) e["decode_ms_by_dtype"] = r.decode_ms_by_dtype;
     j["profile"].push_back(e);
   }
   j["smol"] = smol;
@@ -268,6 +270,16 @@ absl::StatusOr<SupernetSpec> SupernetSpec::FromJson(const json& j, int64_t L) {
               Number(pr[i]["check_ms_per_extra_token"], where + ".check_ms_per_extra_token");
           if (*r.check_ms_per_extra_token < 0)
             Fail(where + ".check_ms_per_extra_token", "must be >= 0");
+        }
+        if (pr[i].contains("decode_ms_by_dtype")) {
+          const json& by = pr[i]["decode_ms_by_dtype"];
+          if (!by.is_object()) Fail(where + ".decode_ms_by_dtype", "must be an object");
+          for (const auto& [name, ms] : by.items()) {
+            const std::string at = where + ".decode_ms_by_dtype[\"" + name + "\"]";
+            if (!ParseWeightFormat(name).ok()) Fail(at, "not a weight format");
+            r.decode_ms_by_dtype[name] = Number(ms, at);
+            if (!(r.decode_ms_by_dtype[name] > 0)) Fail(at, "must be > 0");
+          }
         }
         if (pr[i].contains("draft_runs")) {
           const json& runs = pr[i]["draft_runs"];

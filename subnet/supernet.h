@@ -56,6 +56,9 @@ struct ShapeRecord {
   std::map<std::string, std::vector<double>> draft_runs;
   // Checking k drafted tokens in one step costs a decode step plus k times this (eval host).
   std::optional<double> check_ms_per_extra_token;
+  // Decode ms per token from panels of other formats (`eval --draft-weights-dtype`: what a draft
+  // of this shape costs when it reads its own copy in that format), by format name.
+  std::map<std::string, double> decode_ms_by_dtype;
 };
 
 struct SupernetSpec {

@@ -65,18 +65,21 @@ at::Tensor Standardize(const at::Tensor& x) {
 }
 }  // namespace
 
-WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s) {
+WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s, WidthScoring scoring) {
   const int64_t hd = m.config.head_dim, G = m.config.group_size();
+  const bool flap = scoring == WidthScoring::kFlap;
   WidthScores out;
   for (size_t l = 0; l < m.layers.size(); ++l) {
     const auto& layer = m.layers[l];
     // Attention: S_j = F_j ||W_o[:, j]||², squared, standardised, averaged per KV group.
-    at::Tensor so = s.o_var[l].to(at::kDouble) * layer.o.to(at::kDouble).pow(2).sum(0);
+    at::Tensor so = layer.o.to(at::kDouble).pow(2).sum(0);
+    if (flap) so = so * s.o_var[l].to(at::kDouble);
     at::Tensor zo = Standardize(so.pow(2));
     const int64_t groups = layer.kv_heads(hd);
     out.group.push_back(groups ? zo.view({groups, G * hd}).mean(1).to(at::kFloat) : at::zeros({0}));
     // MLP: S_j = F_j ||W_down[:, j]||², standardised.
-    at::Tensor sd = s.down_var[l].to(at::kDouble) * layer.down.to(at::kDouble).pow(2).sum(0);
+    at::Tensor sd = layer.down.to(at::kDouble).pow(2).sum(0);
+    if (flap) sd = sd * s.down_var[l].to(at::kDouble);
     out.channel.push_back(Standardize(sd).to(at::kFloat));
   }
   return out;

@@ -28,7 +28,11 @@ struct WidthScores {
   std::vector<at::Tensor> channel;  // per layer [intermediate]
 };
 
-WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s);
+// kFlap: S_j = Var(x_j) ||W[:, j]||² (FLAP's fluctuation metric). kMagnitude: ||W[:, j]||² alone
+// (the variance left out). Either is standardised per layer and module, as FLAP does.
+enum class WidthScoring { kFlap, kMagnitude };
+WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s,
+                               WidthScoring scoring = WidthScoring::kFlap);
 
 // Kept units per layer (prefix counts once the model is permuted by score).
 struct WidthAllocation {

@@ -94,6 +94,13 @@ python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0
   || fail "eval --weights-dtype q8_0: $(cat "$dir/evalq")"
 grep -q "KL to f32" "$dir/evalq" || fail "eval q8_0 prints the KL divergence: $(cat "$dir/evalq")"
 expect_2 "eval bad weights dtype" "$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt" --weights-dtype int3
+# eval --draft-weights-dtype: every shape also timed as a q4_0 draft copy, stored in the profile.
+"$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt" --windows 2 --window-len 16 --draft-weights-dtype q4_0 \
+  > "$dir/evald" 2>&1 || fail "eval --draft-weights-dtype q4_0: $(cat "$dir/evald")"
+python3 -c "import json,sys; j=json.load(open('$dir/s/amoeba.json')); sys.exit(0 if all(p['decode_ms_by_dtype']['q4_0'] > 0 for p in j['profile']) else 1)" \
+  || fail "eval --draft-weights-dtype stores q4_0 draft timings"
+expect_2 "eval bad draft dtype" "$ADMIN" eval --supernet "$dir/s" --data "$dir/calib.txt" --draft-weights-dtype int3
+expect_2 "calibrate bad width scores" "$ADMIN" calibrate --model "$dir/m2" --data "$dir/calib.txt" --out "$dir/s9" --width-scores random
 # A corrupt amoeba.json or missing adapters: exit 2 with the field named, never an abort.
 cp "$dir/s/amoeba.json" "$dir/good.json"
 sed -i 's/"kv_groups": \[/"kv_groups": [-1, /' "$dir/s/amoeba.json"

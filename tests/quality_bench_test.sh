@@ -38,7 +38,11 @@ missing = [w for w in want if w not in stages]
 assert not missing, f"missing stages {missing}"
 width = stages["width"]["series"]
 assert set(width) == {"flap_global", "flap_global_no_bias", "flap_uniform", "flap_uniform_no_bias",
-                      "magnitude_global", "magnitude_global_no_bias"}, width.keys()
+                      "magnitude_global", "magnitude_global_no_bias", "magnitude_uniform",
+                      "magnitude_uniform_no_bias"}, width.keys()
+# Uniform allocations keep the same units per layer whatever the scores.
+for a, b in zip(width["flap_uniform"], width["magnitude_uniform"]):
+    assert a["params"] == b["params"] and a["channels"] == b["channels"], (a, b)
 # Equal budgets: global allocations of one ratio keep the same parameter count to within a unit.
 for a, b in zip(width["flap_global"], width["magnitude_global"]):
     assert abs(a["params"] - b["params"]) <= 3 * 64 * 8, (a, b)

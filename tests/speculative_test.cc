@@ -240,6 +240,67 @@ TEST(SpeculativeTest, GrpcRequestsChooseReportAndValidateTheDraft) {
   EXPECT_NE(m.find("amoeba_draft_accepted_tokens_bucket"), std::string::npos);
 }
 
+// Drafts reading their own q4_0 copy (SchedulerOptions::draft_format): the copy is built in the
+// background and counted under the cache cap, the draft moves onto it, and the greedy output stays
+// the target's, before and after the move.
+TEST(SpeculativeTest, ADraftOnItsOwnQuantizedCopyKeepsTheOutput) {
+  BatchInvariantKernels invariant;
+  SchedulerOptions so;
+  so.merge_after_requests = 0;  // the target keeps its low-rank deltas: only the draft copies
+  so.draft_format = WeightFormat::kQ4_0;
+  TestServer ts(so, "", /*adapters=*/true);
+  const Supernet& s = *ts.supernet;
+  const Shape target = s.FullShape(), small = s.SmallestShape();
+  const std::string text = "draft from a copy";
+  const Outcome plain = RunOne(*ts.scheduler, NewJob(s, target, text, 21));
+  EXPECT_EQ(ts.scheduler->stats().draft_copies, 0);
+  EXPECT_EQ(RunOne(*ts.scheduler, NewJob(s, target, text, 21, small, 3)).tokens, plain.tokens);
+  for (int i = 0; i < 500 && ts.scheduler->stats().draft_copies == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const SchedulerStats st = ts.scheduler->stats();
+  ASSERT_EQ(st.draft_copies, 1);
+  EXPECT_GT(st.cache_bytes, 0);
+  EXPECT_EQ(st.merged_lanes, 0);
+  for (int64_t k : {1, 4}) {
+    const Outcome spec = RunOne(*ts.scheduler, NewJob(s, target, text, 21, small, k));
+    EXPECT_EQ(spec.tokens, plain.tokens) << "k=" << k;
+    EXPECT_GT(spec.result.draft_rounds, 0);
+  }
+  EXPECT_EQ(ts.scheduler->stats().draft_copies, 1) << "one copy per draft shape";
+}
+
+// auto with drafts in another format prices them by the profile's timing for that format
+// (eval --draft-weights-dtype), else by bytes per weight.
+TEST(SpeculativeTest, AutoPricesDraftsInTheirOwnFormat) {
+  const auto choose = [](const std::string& draft_dtype, std::optional<double> q4_ratio) {
+    TestServer ts({}, "", false, [&](ServiceOptions& o) {
+      o.draft_weights_dtype = draft_dtype;
+      o.speculate_min_speedup = 1.3;
+    });
+    const Shape full = ts.supernet->FullShape(), small = ts.supernet->SmallestShape();
+    SupernetSpec spec = ts.supernet->spec();
+    for (const Shape& sh : {full, small}) {
+      if (!spec.FindRecord(sh)) {
+        ShapeRecord rec;
+        rec.shape = sh;
+        spec.profile.push_back(rec);
+      }
+      spec.FindRecord(sh)->decode_ms_per_token = 1.0;
+      if (q4_ratio && sh == small) spec.FindRecord(sh)->decode_ms_by_dtype["q4_0"] = *q4_ratio;
+    }
+    // Half of the first guesses kept, never two in a row.
+    spec.FindRecord(full)->draft_runs[small.ToString()] = {0.5, 0.5, 0, 0, 0, 0, 0, 0, 0};
+    ts.supernet->set_spec(spec);
+    auto d = ts.serving->ResolveDraft(full, "auto", std::nullopt);
+    EXPECT_TRUE(d.ok());
+    return d.ok() && d->has_value();
+  };
+  EXPECT_FALSE(choose("", std::nullopt)) << "an f32 draft costs too much for 1.3x";
+  EXPECT_TRUE(choose("q4_0", std::nullopt)) << "q4_0 reads ~1/7 of the bytes";
+  EXPECT_TRUE(choose("q4_0", 0.05));
+  EXPECT_FALSE(choose("q4_0", 1.0)) << "the profile's timing wins over the bytes estimate";
+}
+
 // The draft shape's own lane fails (its step throws) and is dropped while another lane keeps a
 // draft of that shape: the next speculating request gets a fresh lane for it, not a crash.
 TEST(SpeculativeTest, ADraftShapesFailedLaneIsMadeAgain) {

@@ -155,6 +155,39 @@ TEST(WidthTest, BiasCompensationHelpsOnAverage) {
   EXPECT_LT(with, without);
 }
 
+// Magnitude scores ignore the activations: the same scores from any statistics, ranking MLP
+// channels by ||W_down[:, j]||²; FLAP's change with them. Calibrate records the choice and rejects
+// an unknown one.
+TEST(WidthTest, MagnitudeScoresRankByWeightNormAlone) {
+  at::InferenceMode g;
+  Model m = SixLayerModel(4);
+  at::Tensor w1 = RandomWindows(4, 12, m.config.vocab_size, 1);
+  at::Tensor w2 = RandomWindows(4, 12, m.config.vocab_size, 2);
+  const ActivationStats a = CollectActivationStats(m, w1), b = CollectActivationStats(m, w2);
+  const WidthScores ma = ComputeWidthScores(m, a, WidthScoring::kMagnitude);
+  const WidthScores mb = ComputeWidthScores(m, b, WidthScoring::kMagnitude);
+  const WidthScores fa = ComputeWidthScores(m, a), fb = ComputeWidthScores(m, b);
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    EXPECT_TRUE(at::equal(ma.channel[l], mb.channel[l]));
+    EXPECT_TRUE(at::equal(ma.group[l], mb.group[l]));
+    EXPECT_FALSE(at::equal(fa.channel[l], fb.channel[l]));
+    const at::Tensor norms = m.layers[l].down.pow(2).sum(0);
+    EXPECT_TRUE(at::equal(std::get<1>(ma.channel[l].sort(true, 0, true)),
+                          std::get<1>(norms.sort(true, 0, true))))
+        << "layer " << l;
+  }
+  CalibrateOptions o = SmallOptions();
+  o.width_scores = "magnitude";
+  auto s = BuildSmall(m, o);
+  EXPECT_EQ(s->spec().calibration.value("width_scores", ""), "magnitude");
+  EXPECT_FALSE(at::equal(s->base().layers[0].gate, BuildSmall(m)->base().layers[0].gate));
+  o.width_scores = "random";
+  at::Tensor w = RandomWindows(o.windows, o.window_len, m.config.vocab_size, 3);
+  auto bad = BuildSupernet(m, w, w.narrow(0, 0, o.dp_windows), o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(WidthTest, WidthsAreNestedAndMatchTheRatio) {
   Model m = SixLayerModel(3);
   auto s = BuildSmall(m);
@@ -480,6 +513,18 @@ TEST(SupernetTest, EveryCorruptPieceIsAClearLoadError) {
   expect_error("latency as text", "profile[0].decode_ms_per_token");
   edit_meta([](auto& j) { j["profile"][0]["depth"] = "six"; });
   expect_error("depth as text", "profile[0].depth");
+  edit_meta([](auto& j) { j["profile"][0]["decode_ms_by_dtype"] = {{"q5_k", 1.0}}; });
+  expect_error("draft timing of an unknown format", "decode_ms_by_dtype[\"q5_k\"]");
+  edit_meta([](auto& j) { j["profile"][0]["decode_ms_by_dtype"] = {{"q8_0", -1.0}}; });
+  expect_error("negative draft timing", "must be > 0");
+  {  // A valid one round-trips.
+    edit_meta([](auto& j) { j["profile"][0]["decode_ms_by_dtype"] = {{"q8_0", 0.25}}; });
+    auto s = Supernet::Load(d.super_dir);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_DOUBLE_EQ((*s)->spec().profile[0].decode_ms_by_dtype.at("q8_0"), 0.25);
+    EXPECT_EQ((*s)->spec().ToJson()["profile"][0]["decode_ms_by_dtype"]["q8_0"], 0.25);
+    restore();
+  }
   edit_meta([](auto& j) { j["profile"] = nlohmann::json::object(); });
   expect_error("profile an object", "profile");
   edit_meta([](auto& j) { j["profile"][0]["params"] = 12345; });
