@@ -69,11 +69,9 @@ absl::StatusOr<EngineComparison> CompareFormat(const Supernet& s, const Smol* sm
   SubnetOptions so;
   so.adapters = smol ? AdapterMode::kMerged : AdapterMode::kNone;
   ASSIGN_OR_RETURN(Model fp32, BuildSubnet(s, smol, sh, so));
-  for (LayerWeights& l : fp32.layers)
-    for (at::Tensor& p : l.panels) p = at::Tensor();
-  fp32.head_panels = at::Tensor();
+  DropPanels(fp32);
   Model packed = fp32;
-  RepackWeights(packed, format);
+  PackWeights(packed, format);
   return CompareEngines(std::make_shared<const Model>(std::move(fp32)),
                         std::make_shared<const Model>(std::move(packed)), windows);
 }
@@ -83,12 +81,10 @@ absl::Status RunEval(const EvalFlags& f) {
   auto format = ParseWeightFormat(f.weights_dtype);
   if (!format.ok())
     return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
-  std::optional<WeightFormat> draft_format;
-  if (!f.draft_weights_dtype.empty()) {
-    auto d = ParseWeightFormat(f.draft_weights_dtype);
-    if (!d.ok()) return absl::InvalidArgumentError(absl::StrCat("--draft-", d.status().message()));
-    if (*d != *format) draft_format = *d;
-  }
+  const auto draft_parsed = ParseDraftFormat(f.draft_weights_dtype, *format);
+  if (!draft_parsed.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--", draft_parsed.status().message()));
+  const std::optional<WeightFormat> draft_format = *draft_parsed;
   ASSIGN_OR_RETURN(auto s, Supernet::Load(f.supernet));
   std::unique_ptr<Smol> smol;
   if (!f.no_adapters) {

@@ -211,9 +211,8 @@ absl::Status StageWidth(Bench& b) {
   for (const std::string scores_kind : {"flap", "magnitude"}) {
     Model m = original;                       // shares storage; the permutation replaces tensors
     ActivationStats st = clone_stats(stats);  // the permutation reorders it
-    WidthScores scores = ComputeWidthScores(
-        m, st,
-        scores_kind == std::string("magnitude") ? WidthScoring::kMagnitude : WidthScoring::kFlap);
+    ASSIGN_OR_RETURN(const WidthScoring scoring, ParseWidthScoring(scores_kind));
+    WidthScores scores = ComputeWidthScores(m, st, scoring);
     PermuteByScore(m, scores, st);
     // Uniform with either score separates which units a layer keeps from how many.
     const std::vector<std::string> allocations = {"global", "uniform"};

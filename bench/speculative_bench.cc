@@ -119,15 +119,12 @@ int RunBench(const Options& o_in) {
     spdlog::error("--{}", std::string(format.status().message()));
     return 2;
   }
-  std::optional<WeightFormat> draft_format;
-  if (!o.draft_weights_dtype.empty()) {
-    const auto d = ParseWeightFormat(o.draft_weights_dtype);
-    if (!d.ok()) {
-      spdlog::error("--draft-{}", std::string(d.status().message()));
-      return 2;
-    }
-    if (*d != *format) draft_format = *d;
+  const auto draft_parsed = ParseDraftFormat(o.draft_weights_dtype, *format);
+  if (!draft_parsed.ok()) {
+    spdlog::error("--{}", std::string(draft_parsed.status().message()));
+    return 2;
   }
+  const std::optional<WeightFormat> draft_format = *draft_parsed;
   const std::string draft_dtype = draft_format ? WeightFormatName(*draft_format) : o.weights_dtype;
   auto loaded = Supernet::Load(o.supernet);
   if (!loaded.ok()) {

@@ -366,10 +366,14 @@ void PackWeights(Model& m, WeightFormat f) {
   }
 }
 
-void RepackWeights(Model& m, WeightFormat f) {
+void DropPanels(Model& m) {
   for (LayerWeights& l : m.layers)
     for (at::Tensor& panels : l.panels) panels.reset();
   m.head_panels.reset();
+}
+
+void RepackWeights(Model& m, WeightFormat f) {
+  DropPanels(m);
   PackWeights(m, f);
 }
 

@@ -67,8 +67,11 @@ void ForEachPanel(std::span<const PackedOutput> outs, const Fn& fn) {
 // (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels. The
 // embedding stays row-major in its dtype (decode reads one row of it per token).
 void PackWeights(Model& m, WeightFormat f = WeightFormat::kF32);
-// Drops every panel of `m` (views of another model's panels included) and packs all of them again
-// in format `f`: a copy of its own in that format. The row-major weights must be readable.
+// Drops every panel of `m` (views of another model's panels included): the engine then reads the
+// row-major weights.
+void DropPanels(Model& m);
+// DropPanels, then PackWeights in format `f`: panels of its own in that format. The row-major
+// weights must be readable.
 void RepackWeights(Model& m, WeightFormat f);
 
 // Tells the kernel that the row-major projection and LM head pages of `m` will not be read soon

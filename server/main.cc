@@ -22,6 +22,7 @@
 #include "server/served_latency.h"
 #include "server/service.h"
 #include "subnet/latency_profile.h"
+#include "subnet/speculation.h"
 #include "subnet/subnet_builder.h"
 
 namespace amoeba {
@@ -64,15 +65,12 @@ int Run(const Flags& f) {
     spdlog::error("--{}", std::string(format.status().message()));
     return 2;
   }
-  std::optional<WeightFormat> draft_format;
-  if (!f.draft_weights_dtype.empty()) {
-    const auto d = ParseWeightFormat(f.draft_weights_dtype);
-    if (!d.ok()) {
-      spdlog::error("--draft-{}", std::string(d.status().message()));
-      return 2;
-    }
-    if (*d != *format) draft_format = *d;
+  const auto draft_parsed = ParseDraftFormat(f.draft_weights_dtype, *format);
+  if (!draft_parsed.ok()) {
+    spdlog::error("--{}", std::string(draft_parsed.status().message()));
+    return 2;
   }
+  const std::optional<WeightFormat> draft_format = *draft_parsed;
   if ((f.tls_cert.empty()) != (f.tls_key.empty())) {
     spdlog::error("--tls-cert and --tls-key go together");
     return 2;

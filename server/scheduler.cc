@@ -153,18 +153,25 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s, bool* existed) {
   return raw;
 }
 
+namespace {
+// What a copy of `m`'s projections costs as panels of format `f` alone (PackWeights +
+// DropPackedRowMajor): the sliced projections' element count in that format.
+int64_t PanelBytes(const Model& m, WeightFormat f) {
+  int64_t bytes = 0;
+  for (const LayerWeights& l : m.layers)
+    for (int p = 0; p < kNumProj; ++p)
+      bytes += static_cast<int64_t>(static_cast<double>(l.proj(static_cast<Proj>(p)).numel()) *
+                                    BytesPerWeight(f));
+  return bytes;
+}
+}  // namespace
+
 void Scheduler::MaybeStartBuild(Lane& lane) {
   if (!opt_.smol || opt_.merge_after_requests <= 0 || lane.merged || lane.building ||
       lane.merge_failed)
     return;
   if (lane.requests < opt_.merge_after_requests) return;
-  // The merged copy keeps only panels in the serving dtype (PackWeights + DropPackedRowMajor):
-  // the sliced projections' element count in that dtype.
-  int64_t need = 0;
-  for (const LayerWeights& l : lane.model->layers)
-    for (int p = 0; p < kNumProj; ++p)
-      need += static_cast<int64_t>(static_cast<double>(l.proj(static_cast<Proj>(p)).numel()) *
-                                   BytesPerWeight(opt_.weights_format));
+  const int64_t need = PanelBytes(*lane.model, opt_.weights_format);
   if (!EvictIdleLanes(&lane, need)) return;  // no room under the cap: stay unmerged
   Build b;
   b.key = lane.shape.ToString();
@@ -180,16 +187,10 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   build_cv_.notify_all();
 }
 
-void Scheduler::StartDraftCopy(const Shape& shape) {
+void Scheduler::StartDraftCopy(const Shape& shape, const Model& model) {
   const std::string key = shape.ToString();
   draft_copies_[key] = nullptr;  // building (or failed): never started twice
-  auto views = BuildSubnet(supernet_, nullptr, shape, {});
-  if (!views.ok()) return;
-  int64_t need = 0;
-  for (const LayerWeights& l : views->layers)
-    for (int p = 0; p < kNumProj; ++p)
-      need += static_cast<int64_t>(static_cast<double>(l.proj(static_cast<Proj>(p)).numel()) *
-                                   BytesPerWeight(*opt_.draft_format));
+  const int64_t need = PanelBytes(model, *opt_.draft_format);
   if (!EvictIdleLanes(nullptr, need)) {
     spdlog::warn("scheduler: no room under the cache cap for a {} draft copy of {}",
                  WeightFormatName(*opt_.draft_format), key);
@@ -451,7 +452,7 @@ Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape, Lane** sou
   d->engine = NewEngine(d->model);
   d->cache = d->engine->NewCache(opt_.slots_per_shape);
   spdlog::info("scheduler: {} drafts for {}", key, lane.shape.ToString());
-  if (opt_.draft_format && !draft_copies_.count(key)) StartDraftCopy(shape);
+  if (opt_.draft_format && !draft_copies_.count(key)) StartDraftCopy(shape, *d->model);
   Draft* raw = d.get();
   lane.drafts[key] = std::move(d);
   return raw;

@@ -176,8 +176,9 @@ class Scheduler {
   void BuilderLoop();
   std::unique_ptr<Engine> NewEngine(std::shared_ptr<const Model> model) const;
   void MaybeStartBuild(Lane& lane);
-  // Queues the background build of a draft copy of `shape` in draft_format (once per shape).
-  void StartDraftCopy(const Shape& shape);
+  // Queues the background build of a draft copy of `shape` (whose lane's model is `model`) in
+  // draft_format, once per shape.
+  void StartDraftCopy(const Shape& shape, const Model& model);
   void SwapInFinishedBuilds();
   // The shape's lane, made on first use; `existed` says whether it was there already.
   Lane* GetLane(const Shape& s, bool* existed);

@@ -52,11 +52,8 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
     Progress bar("width statistics", windows.size(0));
     stats = CollectActivationStats(model, windows, o.batch, &bar);
   }
-  if (o.width_scores != "flap" && o.width_scores != "magnitude")
-    return absl::InvalidArgumentError("--width-scores: must be flap or magnitude, not " +
-                                      o.width_scores);
-  WidthScores scores = ComputeWidthScores(
-      model, stats, o.width_scores == "magnitude" ? WidthScoring::kMagnitude : WidthScoring::kFlap);
+  ASSIGN_OR_RETURN(const WidthScoring scoring, ParseWidthScoring(o.width_scores));
+  WidthScores scores = ComputeWidthScores(model, stats, scoring);
   PermuteByScore(model, scores, stats);
   SupernetSpec spec;
   spec.widths = o.widths;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
 #include "model/engine.h"
 
 namespace amoeba {
@@ -89,6 +90,14 @@ std::optional<DraftChoice> ChooseDraft(
   }
   if (!best || best->expected_speedup < min_speedup) return std::nullopt;
   return best;
+}
+
+absl::StatusOr<std::optional<WeightFormat>> ParseDraftFormat(std::string_view name,
+                                                             WeightFormat serving) {
+  if (name.empty()) return std::optional<WeightFormat>();
+  auto f = ParseWeightFormat(name);
+  if (!f.ok()) return absl::InvalidArgumentError(absl::StrCat("draft-", f.status().message()));
+  return *f == serving ? std::optional<WeightFormat>() : std::optional<WeightFormat>(*f);
 }
 
 int64_t ChooseDraftTokens(const SupernetSpec& spec, const Shape& target, const Shape& draft,

@@ -11,6 +11,8 @@
 #include <optional>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "model/weight_format.h"
 #include "model/weights.h"
 #include "subnet/supernet.h"
 
@@ -53,6 +55,11 @@ std::optional<DraftChoice> ChooseDraft(
     const SupernetSpec& spec, const Shape& target,
     const std::function<std::optional<DraftCosts>(const Shape&, const Shape&)>& costs,
     double min_speedup = 1.1);
+
+// A --draft-weights-dtype flag: the format drafts read their own copies in, or nullopt when the
+// flag is empty or names the serving format (drafts read the target's panels).
+absl::StatusOr<std::optional<WeightFormat>> ParseDraftFormat(std::string_view name,
+                                                             WeightFormat serving);
 
 // The best k for a given pair (the default 4 when the profile has no runs for it).
 int64_t ChooseDraftTokens(const SupernetSpec& spec, const Shape& target, const Shape& draft,

@@ -58,6 +58,13 @@ ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows
   return st;
 }
 
+absl::StatusOr<WidthScoring> ParseWidthScoring(std::string_view name) {
+  if (name == "flap") return WidthScoring::kFlap;
+  if (name == "magnitude") return WidthScoring::kMagnitude;
+  return absl::InvalidArgumentError("--width-scores: must be flap or magnitude, not " +
+                                    std::string(name));
+}
+
 namespace {
 at::Tensor Standardize(const at::Tensor& x) {
   if (x.numel() < 2) return at::zeros_like(x);

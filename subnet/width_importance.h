@@ -6,8 +6,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string_view>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "model/weights.h"
 
 namespace amoeba {
@@ -31,6 +33,8 @@ struct WidthScores {
 // kFlap: S_j = Var(x_j) ||W[:, j]||² (FLAP's fluctuation metric). kMagnitude: ||W[:, j]||² alone
 // (the variance left out). Either is standardised per layer and module, as FLAP does.
 enum class WidthScoring { kFlap, kMagnitude };
+// "flap" | "magnitude" (calibrate --width-scores).
+absl::StatusOr<WidthScoring> ParseWidthScoring(std::string_view name);
 WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s,
                                WidthScoring scoring = WidthScoring::kFlap);
 
