@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -14,6 +15,7 @@
 
 #define AMOEBA_AVX512_VNNI \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
+#define AMOEBA_AVX_VNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
 
 namespace amoeba {
 
@@ -28,14 +30,27 @@ bool CpuHasAvx512Vnni() {
   return has;
 }
 
-enum class QuantPath { kScalar, kAvx2, kAvx512Vnni };
-
-QuantPath ActiveQuantPath() {
-  const KernelIsa isa = ActiveKernelIsa();
-  if (isa == KernelIsa::kAvx512 && CpuHasAvx512Vnni()) return QuantPath::kAvx512Vnni;
-  if (isa >= KernelIsa::kAvx2) return QuantPath::kAvx2;
-  return QuantPath::kScalar;
+bool CpuHasAvxVnni() {
+  static const bool has = CpuHasAvx2Fma() && __builtin_cpu_supports("avxvnni");
+  return has;
 }
+
+bool CpuHas(QuantKernel k) {
+  switch (k) {
+    case QuantKernel::kAvx512Vnni:
+      return CpuHasAvx512Vnni();
+    case QuantKernel::kAvxVnni:
+      return CpuHasAvxVnni();
+    case QuantKernel::kAvx2:
+      return CpuHasAvx2Fma();
+    case QuantKernel::kScalar:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::atomic<int> g_forced_kernel{static_cast<int>(QuantKernel::kAuto)};
 
 // Activations of one call, quantized per row into Q8_0 blocks: q [n][nb·32] int8 (zero past
 // `in`), d [n][nb] fp32 scales, sum [n][nb] the sum of each block's q (for the unsigned offsets).
@@ -246,23 +261,90 @@ AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a,
   }
 }
 
+// AVX-VNNI (256-bit `vpdpbusd`, CPUs with AVX2 but no AVX-512 VNNI, e.g. Intel's hybrid cores):
+// the AVX-512 kernel's arithmetic on two ymm per group (rows 0-7, 8-15), with the same offset
+// correction; 16 registers hold the accumulators of 2 input rows.
+template <int J, bool kQ4>
+AMOEBA_AVX_VNNI void PanelAvxVnni(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
+                                  float* y, int64_t out, int64_t col, int64_t valid) {
+  constexpr int32_t kOffset = kQ4 ? 8 : 128;
+  __m256 acc[J][2];
+  for (int j = 0; j < J; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const int64_t xstride = a.nb * kQuantBlock;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* blk = panel + b * bb;
+    const uint8_t* data = blk + kScaleBytes;
+    PrefetchAhead(blk, bb);
+    const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
+    __m256i dot[J][2];
+    for (int j = 0; j < J; ++j) dot[j][0] = dot[j][1] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (kQ4) {
+        for (int g = 0; g < 4; ++g) {
+          const __m256i v =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + g * kGroupBytes + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int j = 0; j < J; ++j) {
+            const int8_t* xj = xb + j * xstride;
+            dot[j][h] =
+                _mm256_dpbusd_avx_epi32(dot[j][h], lo, _mm256_set1_epi32(Load4(xj + 4 * g)));
+            dot[j][h] =
+                _mm256_dpbusd_avx_epi32(dot[j][h], hi, _mm256_set1_epi32(Load4(xj + 16 + 4 * g)));
+          }
+        }
+      } else {
+        for (int g = 0; g < 8; ++g) {
+          const __m256i v = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + g * kGroupBytes + 32 * h)),
+              flip);
+          for (int j = 0; j < J; ++j)
+            dot[j][h] = _mm256_dpbusd_avx_epi32(dot[j][h], v,
+                                                _mm256_set1_epi32(Load4(xb + j * xstride + 4 * g)));
+        }
+      }
+    }
+    const __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+    for (int j = 0; j < J; ++j) {
+      const int64_t i = (j0 + j) * a.nb + b;
+      const __m256i corr = _mm256_set1_epi32(kOffset * a.sum[i]);
+      const __m256 dx = _mm256_set1_ps(a.d[i]);
+      acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot[j][0], corr)),
+                                  _mm256_mul_ps(ws0, dx), acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot[j][1], corr)),
+                                  _mm256_mul_ps(ws1, dx), acc[j][1]);
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    alignas(32) float tmp[kPanel];
+    _mm256_store_ps(tmp, acc[j][0]);
+    _mm256_store_ps(tmp + 8, acc[j][1]);
+    std::copy(tmp, tmp + valid, y + j * out + col);
+  }
+}
+
 using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, float*, int64_t,
                          int64_t, int64_t);
 
 // Rows [r0, r0 + rows) against one panel, in register-sized groups of rows.
 template <bool kQ4>
-void RunPanel(QuantPath path, const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t r0,
+void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t r0,
               int64_t rows, float* y, int64_t out, int64_t col, int64_t valid) {
   static constexpr PanelFn kVnni[8] = {PanelVnni<1, kQ4>, PanelVnni<2, kQ4>, PanelVnni<3, kQ4>,
                                        PanelVnni<4, kQ4>, PanelVnni<5, kQ4>, PanelVnni<6, kQ4>,
                                        PanelVnni<7, kQ4>, PanelVnni<8, kQ4>};
+  static constexpr PanelFn kAvxVnni[2] = {PanelAvxVnni<1, kQ4>, PanelAvxVnni<2, kQ4>};
   static constexpr PanelFn kAvx2[2] = {PanelAvx2<1, kQ4>, PanelAvx2<2, kQ4>};
-  if (path == QuantPath::kScalar) {
+  if (kernel == QuantKernel::kScalar) {
     PanelScalar<kQ4>(panel, bb, a, r0, rows, y + r0 * out, out, col, valid);
     return;
   }
-  const int64_t step = path == QuantPath::kAvx512Vnni ? 8 : 2;
-  const PanelFn* fns = path == QuantPath::kAvx512Vnni ? kVnni : kAvx2;
+  const PanelFn* fns = kernel == QuantKernel::kAvx512Vnni ? kVnni
+                       : kernel == QuantKernel::kAvxVnni  ? kAvxVnni
+                                                          : kAvx2;
+  const int64_t step = kernel == QuantKernel::kAvx512Vnni ? 8 : 2;
   for (int64_t j0 = r0; j0 < r0 + rows; j0 += step) {
     const int64_t J = std::min(step, r0 + rows - j0);
     fns[J - 1](panel, bb, a, j0, y + j0 * out, out, col, valid);
@@ -373,7 +455,7 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   }
   QuantizeRows(x, n, in, nb, xq.data(), xd.data(), xs.data());
   const QuantActs acts{xq.data(), xd.data(), xs.data(), nb};
-  const QuantPath path = ActiveQuantPath();
+  const QuantKernel kernel = ActiveQuantKernel();
   // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once.
   constexpr int64_t kRowChunk = 64;
   for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
@@ -383,9 +465,9 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
       const auto* panel =
           static_cast<const uint8_t*>(o.panels->data_ptr()) + p * o.panels->size(1) * bb;
       if (q4) {
-        RunPanel<true>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
+        RunPanel<true>(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
       } else {
-        RunPanel<false>(path, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
+        RunPanel<false>(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
       }
     });
   }
@@ -466,16 +548,44 @@ void DequantizeRowGgml(WeightFormat f, const uint8_t* in, int64_t n, float* out)
   }
 }
 
-const char* QuantKernelName() {
-  switch (ActiveQuantPath()) {
-    case QuantPath::kAvx512Vnni:
+void ForceQuantKernel(QuantKernel k) {
+  g_forced_kernel.store(static_cast<int>(k));
+}
+
+QuantKernel ActiveQuantKernel() {
+  const auto forced = static_cast<QuantKernel>(g_forced_kernel.load(std::memory_order_relaxed));
+  if (forced != QuantKernel::kAuto && CpuHas(forced)) return forced;
+  const KernelIsa isa = ActiveKernelIsa();
+  if (isa == KernelIsa::kAvx512 && CpuHasAvx512Vnni()) return QuantKernel::kAvx512Vnni;
+  if (isa >= KernelIsa::kAvx2) return CpuHasAvxVnni() ? QuantKernel::kAvxVnni : QuantKernel::kAvx2;
+  return QuantKernel::kScalar;
+}
+
+std::vector<QuantKernel> AvailableQuantKernels() {
+  std::vector<QuantKernel> ks;
+  for (QuantKernel k :
+       {QuantKernel::kScalar, QuantKernel::kAvx2, QuantKernel::kAvxVnni, QuantKernel::kAvx512Vnni})
+    if (CpuHas(k)) ks.push_back(k);
+  return ks;
+}
+
+const char* QuantKernelName(QuantKernel k) {
+  switch (k) {
+    case QuantKernel::kAvx512Vnni:
       return "avx512-vnni";
-    case QuantPath::kAvx2:
+    case QuantKernel::kAvxVnni:
+      return "avx-vnni";
+    case QuantKernel::kAvx2:
       return "avx2";
-    case QuantPath::kScalar:
+    case QuantKernel::kScalar:
       return "scalar";
+    default:
+      return "auto";
   }
-  return "?";
+}
+
+const char* QuantKernelName() {
+  return QuantKernelName(ActiveQuantKernel());
 }
 
 }  // namespace amoeba

@@ -6,14 +6,15 @@
 // int8 for Q8_0 and uint8 for Q4_0; values and scales are GGML's, only their order differs.
 //
 // The kernels quantize the activations per row into Q8_0 blocks (fp32 scale), dot in integers
-// (AVX512-VNNI, AVX2 maddubs, or portable code, chosen at run time) and scale per block in fp32.
-// A prefix of the matrix is served from the same panels: fewer output rows read a panel prefix,
-// fewer inputs read whole blocks with the activations zero-padded to the block boundary.
+// (AVX512-VNNI, AVX-VNNI, AVX2 maddubs, or portable code, chosen at run time) and scale per block
+// in fp32. A prefix of the matrix is served from the same panels: fewer output rows read a panel
+// prefix, fewer inputs read whole blocks with the activations zero-padded to the block boundary.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "model/weight_format.h"
 
@@ -41,8 +42,15 @@ void DequantizeRowGgml(WeightFormat f, const uint8_t* in, int64_t n, float* out)
 at::Tensor DequantizePanels(const at::Tensor& panels, int64_t out, int64_t in);
 at::Tensor QuantizeDequantizeActivations(const at::Tensor& x);
 
-// The integer dot-product path QuantizedLinearMany takes under the active ISA: "avx512-vnni",
-// "avx2" or "scalar" (an AVX-512 CPU without VNNI uses the AVX2 path).
+// The integer dot-product kernels. kAuto follows the active ISA (kernels.h): AVX-512 with VNNI
+// → kAvx512Vnni; AVX2 → kAvxVnni where the CPU has AVX-VNNI, else kAvx2 (`maddubs`); otherwise
+// kScalar. Each kernel computes a row alone: its result does not depend on the other rows.
+enum class QuantKernel { kAuto = -1, kScalar = 0, kAvx2, kAvxVnni, kAvx512Vnni };
+// Tests and benches: take `k` while the CPU has it (kAuto: back to the ISA's choice).
+void ForceQuantKernel(QuantKernel k);
+QuantKernel ActiveQuantKernel();
+std::vector<QuantKernel> AvailableQuantKernels();
+const char* QuantKernelName(QuantKernel k);
+// The active kernel's name: "avx512-vnni", "avx-vnni", "avx2" or "scalar".
 const char* QuantKernelName();
-
 }  // namespace amoeba

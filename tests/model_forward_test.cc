@@ -8,6 +8,7 @@
 #include "model/engine.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
+#include "model/quantized_panels.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
 
@@ -127,16 +128,22 @@ TEST(EngineTest, CheckedRowsEqualTokenByTokenDecodeBitForBit) {
   const auto prompt = RandomTokens(20, 97, 21), other = RandomTokens(19, 97, 22);
   const auto drafted = RandomTokens(5, 97, 23);
   const int32_t after = 42;
-  std::vector<KernelIsa> isas = {KernelIsa::kScalar};
-  if (CpuHasAvx2Fma()) isas.push_back(KernelIsa::kAvx2);
+  // Every ISA; under AVX2 also the maddubs kernel where the CPU would take AVX-VNNI (the
+  // quantized kernel is otherwise the ISA's choice).
+  std::vector<std::pair<KernelIsa, QuantKernel>> paths = {{KernelIsa::kScalar, QuantKernel::kAuto}};
+  if (CpuHasAvx2Fma()) paths.push_back({KernelIsa::kAvx2, QuantKernel::kAuto});
+  if (CpuHasAvx2Fma() && ActiveQuantKernel() != QuantKernel::kAvx2)
+    paths.push_back({KernelIsa::kAvx2, QuantKernel::kAvx2});
   // AVX-512's fp32/fp16 panel kernel splits a one-row sum four ways to hide FMA latency, so there
   // rows of different batch sizes agree to rounding only; its quantized kernels are exact.
-  if (CpuHasAvx512()) isas.push_back(KernelIsa::kAvx512);
-  for (KernelIsa isa : isas)
+  if (CpuHasAvx512()) paths.push_back({KernelIsa::kAvx512, QuantKernel::kAuto});
+  for (auto [isa, quant_kernel] : paths)
     for (WeightFormat format :
          {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0})
       for (bool deltas : {false, true}) {
+        if (quant_kernel != QuantKernel::kAuto && !IsQuantized(format)) continue;
         ForceKernelIsa(isa);
+        ForceQuantKernel(quant_kernel);
         Model base = TinyModel(7);
         if (deltas) {  // low-rank deltas (unmerged adapters) on two projections
           for (LayerWeights& l : base.layers)
@@ -153,6 +160,7 @@ TEST(EngineTest, CheckedRowsEqualTokenByTokenDecodeBitForBit) {
         PackWeights(base, format);
         Engine e(std::make_shared<const Model>(std::move(base)), {.max_len = 64});
         const std::string what = std::string(KernelIsaName(isa)) + " " + WeightFormatName(format) +
+                                 (IsQuantized(format) ? std::string(" ") + QuantKernelName() : "") +
                                  (deltas ? " deltas" : "");
         // Token by token in slot 0 of one cache.
         KVCache one = e.NewCache(1);
@@ -188,6 +196,7 @@ TEST(EngineTest, CheckedRowsEqualTokenByTokenDecodeBitForBit) {
         EXPECT_LE(MaxAbsDiff(*got, expect), tol) << what << " after rollback";
       }
   ForceKernelIsa(KernelIsa::kAuto);
+  ForceQuantKernel(QuantKernel::kAuto);
 }
 
 TEST(EngineTest, BaselineLinearPathMatchesKernels) {

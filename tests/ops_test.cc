@@ -112,21 +112,28 @@ std::vector<KernelIsa> AvailableIsas() {
   return isas;
 }
 
-// For every ISA and batch size: `run(x, n, y)` writes y [n, out] equal to `ref(x)` within 1e-5
-// relative; x is random [n, in].
+// For every batch size: `run(x, n, y)` writes y [n, out] equal to `ref(x)` within 1e-5 relative;
+// x is random [n, in]; `what` names the kernel in failures.
+template <typename Run, typename Ref>
+void ExpectMatches(const std::string& what, int64_t out, int64_t in,
+                   const std::vector<int64_t>& batches, Run run, Ref ref) {
+  for (int64_t n : batches) {
+    at::Tensor x = at::randn({n, in});
+    at::Tensor y = at::full({n, out}, 7.f);
+    run(x.data_ptr<float>(), n, y.data_ptr<float>());
+    at::Tensor want = ref(x);
+    const double rel = testing::MaxAbsDiff(y, want) / want.abs().max().item<double>();
+    EXPECT_LT(rel, 1e-5) << what << " " << out << "x" << in << " n=" << n;
+  }
+}
+
+// The same under every ISA the CPU has.
 template <typename Run, typename Ref>
 void ExpectEveryIsaMatches(int64_t out, int64_t in, const std::vector<int64_t>& batches, Run run,
                            Ref ref) {
   for (KernelIsa isa : AvailableIsas()) {
     ForceKernelIsa(isa);
-    for (int64_t n : batches) {
-      at::Tensor x = at::randn({n, in});
-      at::Tensor y = at::full({n, out}, 7.f);
-      run(x.data_ptr<float>(), n, y.data_ptr<float>());
-      at::Tensor want = ref(x);
-      const double rel = testing::MaxAbsDiff(y, want) / want.abs().max().item<double>();
-      EXPECT_LT(rel, 1e-5) << KernelIsaName(isa) << " " << out << "x" << in << " n=" << n;
-    }
+    ExpectMatches(KernelIsaName(isa), out, in, batches, run, ref);
   }
   ForceKernelIsa(KernelIsa::kAuto);
 }
@@ -212,8 +219,8 @@ TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
 // Q8_0 / Q4_0 panels: the integer kernels equal the fp32 product of the dequantized weights and
 // the quantized-then-dequantized activations (what they compute exactly, up to fp32 rounding), on
 // odd sizes (panel and block tails), prefixes in both dimensions (input prefixes that end inside
-// a block), batch 1..33 plus the 64-row chunk boundaries, every ISA path; and stay close to the
-// unquantized product.
+// a block), batch 1..33 plus the 64-row chunk boundaries, every kernel the CPU has (scalar, AVX2
+// maddubs, AVX-VNNI, AVX512-VNNI); and stay close to the unquantized product.
 TEST(KernelTest, QuantizedPanelsMatchTheDequantizedReference) {
   at::manual_seed(4);
   std::vector<int64_t> batches = Batches1To33();
@@ -227,14 +234,18 @@ TEST(KernelTest, QuantizedPanelsMatchTheDequantizedReference) {
       at::Tensor Wq = DequantizePanels(panels, out, in);
       at::Tensor W = full.narrow(0, 0, out).narrow(1, 0, in);
       at::Tensor bias = at::randn({out});
-      ExpectEveryIsaMatches(
-          out, in, batches,
-          [&](const float* x, int64_t n, float* y) {
-            LinearPacked(x, n, panels, out, in, bias.data_ptr<float>(), y);
-          },
-          [&](const at::Tensor& x) {
-            return at::linear(QuantizeDequantizeActivations(x), Wq, bias);
-          });
+      for (QuantKernel kernel : AvailableQuantKernels()) {
+        ForceQuantKernel(kernel);
+        ExpectMatches(
+            std::string(QuantKernelName(kernel)) + " " + WeightFormatName(format), out, in, batches,
+            [&](const float* x, int64_t n, float* y) {
+              LinearPacked(x, n, panels, out, in, bias.data_ptr<float>(), y);
+            },
+            [&](const at::Tensor& x) {
+              return at::linear(QuantizeDequantizeActivations(x), Wq, bias);
+            });
+      }
+      ForceQuantKernel(QuantKernel::kAuto);
       // Close to the unquantized product: Q8_0 within ~1%, Q4_0 within ~10% of the scale.
       at::Tensor x = at::randn({3, in});
       at::Tensor y = at::empty({3, out});
