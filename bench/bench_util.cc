@@ -18,7 +18,10 @@ double Seconds(Clock::time_point t0) {
 }
 }  // namespace
 
-double DecodeRate(Engine& e, int batch, int steps, int context) {
+// Prompts of `context` tokens in `batch` slots and one warm-up step, then `steps` decode steps,
+// calling after_step(seconds of that step) after each.
+template <typename AfterStep>
+void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& after_step) {
   KVCache cache = e.NewCache(batch);
   std::vector<int32_t> prompt(context);
   for (int i = 0; i < context; ++i) prompt[i] = 1 + (4 * i) % 200;
@@ -30,13 +33,28 @@ double DecodeRate(Engine& e, int batch, int steps, int context) {
   std::vector<int32_t> next(batch, 7);
   for (int b = 0; b < batch; ++b) seqs[b].tokens = {&next[b], 1};
   (void)e.Forward(cache, seqs);  // warm-up step
-  const auto t0 = Clock::now();
   for (int s = 0; s < steps; ++s) {
+    const auto t0 = Clock::now();
     auto l = e.Forward(cache, seqs);
     for (int b = 0; b < batch; ++b)
       next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
+    after_step(Seconds(t0));
   }
-  return batch * steps / Seconds(t0);
+}
+
+double DecodeRate(Engine& e, int batch, int steps, int context) {
+  double total = 0;
+  RunDecodeSteps(e, batch, steps, context, [&](double s) { total += s; });
+  return batch * steps / total;
+}
+
+std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps, int context,
+                                                BandwidthProbe& probe) {
+  std::vector<StepSample> samples;
+  RunDecodeSteps(e, batch, steps, context, [&](double s) {
+    samples.push_back({s, probe.ReadGBs(1)});
+  });
+  return samples;
 }
 
 double PrefillRate(Engine& e, int len) {

@@ -2,17 +2,29 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "model/engine.h"
 #include "model/runtime.h"
 
 namespace amoeba::bench {
 
+using amoeba::BandwidthProbe;
 using amoeba::MeasureReadBandwidthGBs;
 
 // Aggregate decode tokens/s for `batch` concurrent sequences, each after a prompt of `context`
 // tokens (attention reads grow with it).
 double DecodeRate(Engine& e, int batch, int steps, int context = 8);
+
+// One decode step's wall time and the read bandwidth probed right after it.
+struct StepSample {
+  double seconds = 0;
+  double probe_gbs = 0;
+};
+// `steps` decode steps as DecodeRate runs them, each followed by one pass of `probe`: every step
+// gets the roofline of its own moment (this shared machine's bandwidth moves within seconds).
+std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps, int context,
+                                                BandwidthProbe& probe);
 
 // Prefill tokens/s of one prompt of `len` tokens.
 double PrefillRate(Engine& e, int len);

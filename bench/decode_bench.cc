@@ -18,6 +18,7 @@
 #include "model/packed_linear.h"
 #include "model/presets.h"
 #include "model/runtime.h"
+#include "subnet/latency_profile.h"
 
 namespace amoeba::bench {
 namespace {
@@ -35,13 +36,6 @@ struct Options {
   std::string out_md = "bench/results/decode.md";
 };
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty()      ? 0
-         : v.size() % 2 ? v[v.size() / 2]
-                        : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
 int Run(const Options& o) {
   InitRuntime(o.threads);
   at::InferenceMode guard;
@@ -57,11 +51,12 @@ int Run(const Options& o) {
       "# bench/decode\n\n{} threads, {} rounds, decode after {}-token prompts: every (path, batch) "
       "is measured once per round, "
       "rounds interleaved, and the median is reported (this shared machine's bandwidth drifts by "
-      "~1.5x within minutes). Roofline = bandwidth probed right before the measurement / the "
-      "path's own weight bytes per decode step (its format: fp32, fp16, q8_0 = 8.5 bits, q4_0 = "
-      "4.5 bits per weight).\n\n"
+      "~1.5x within minutes). Every decode step is followed by one 256 MiB read probe; a step's "
+      "roofline is that probe's bandwidth / the path's own weight bytes per decode step (its "
+      "format: fp32, fp16, q8_0 = 8.5 bits, q4_0 = 4.5 bits per weight), and % of roofline is the "
+      "median over every step of every round. GB/s probed: the median probe.\n\n"
       "| preset | params | path | weight MB/step | prefill tok/s | batch | decode tok/s "
-      "(aggregate) | per stream | GB/s probed just before | roofline tok/s (batch 1) | % of "
+      "(aggregate) | per stream | GB/s probed | roofline tok/s (batch 1) | % of "
       "roofline per step |\n"
       "|---|---|---|---|---|---|---|---|---|---|---|\n",
       at::get_num_threads(), o.rounds, o.context);
@@ -90,8 +85,9 @@ int Run(const Options& o) {
       const char* name;
       std::shared_ptr<const Model> model;
       std::unique_ptr<Engine> engine = nullptr;
-      std::vector<double> prefills = {};  // [round]
+      std::vector<double> prefills = {};                      // [round]
       std::vector<std::vector<double>> rates = {}, bws = {};  // [batch][round]
+      std::vector<std::vector<double>> pcts = {};             // [batch][step of every round]
       at::ScalarType kv_dtype = at::kFloat;
     };
     std::vector<Variant> variants;
@@ -116,13 +112,28 @@ int Run(const Options& o) {
                                  .kv_dtype = v.kv_dtype});
       v.rates.assign(batches.size(), {});
       v.bws.assign(batches.size(), {});
+      v.pcts.assign(batches.size(), {});
     }
+    auto bytes_of = [](const Variant& v) {
+      return static_cast<double>(v.model->DecodeWeightBytes());
+    };
+    BandwidthProbe probe(256);
     for (int r = 0; r < o.rounds; ++r) {
       for (Variant& v : variants) {
         v.prefills.push_back(PrefillRate(*v.engine, o.prompt_len));
         for (size_t bi = 0; bi < batches.size(); ++bi) {
-          v.bws[bi].push_back(MeasureReadBandwidthGBs(512, 3));
-          v.rates[bi].push_back(DecodeRate(*v.engine, batches[bi], o.decode_steps, o.context));
+          const std::vector<StepSample> steps =
+              DecodeStepsAgainstProbe(*v.engine, batches[bi], o.decode_steps, o.context, probe);
+          double seconds = 0;
+          std::vector<double> probes;
+          for (const StepSample& st : steps) {
+            seconds += st.seconds;
+            probes.push_back(st.probe_gbs);
+            // One step reads the weights once, whatever the batch: its share of the roofline.
+            v.pcts[bi].push_back(100.0 * bytes_of(v) / (st.seconds * st.probe_gbs * 1e9));
+          }
+          v.rates[bi].push_back(batches[bi] * static_cast<double>(steps.size()) / seconds);
+          v.bws[bi].push_back(MedianOf(probes));
           spdlog::info("{} {} batch {} round {}: {:.1f} tok/s ({:.1f} GB/s probed)",
                        std::string(name), v.name, batches[bi], r + 1, v.rates[bi].back(),
                        v.bws[bi].back());
@@ -133,10 +144,10 @@ int Run(const Options& o) {
       for (size_t bi = 0; bi < batches.size(); ++bi) {
         const int b = batches[bi];
         const double bytes = static_cast<double>(v.model->DecodeWeightBytes());
-        const double rate = Median(v.rates[bi]), bw_now = Median(v.bws[bi]);
-        const double prefill = Median(v.prefills);
+        const double rate = MedianOf(v.rates[bi]), bw_now = MedianOf(v.bws[bi]);
+        const double prefill = MedianOf(v.prefills);
         const double roof = bw_now * 1e9 / bytes;
-        const double pct = 100.0 * (rate / b) / roof;  // per decode step vs one weight pass
+        const double pct = MedianOf(v.pcts[bi]);  // each step against its own probe
         out["results"].push_back({{"preset", std::string(name)},
                                   {"params", cfg->ParameterCount()},
                                   {"weight_bytes_per_step", bytes},
@@ -150,7 +161,8 @@ int Run(const Options& o) {
                                   {"bandwidth_gbs", bw_now},
                                   {"bandwidth_gbs_rounds", v.bws[bi]},
                                   {"roofline_tokens_per_s", roof},
-                                  {"percent_of_roofline_per_step", pct}});
+                                  {"percent_of_roofline_per_step", pct},
+                                  {"percent_of_roofline_steps", v.pcts[bi]}});
         md += fmt::format(
             "| {} | {:.0f}M | {} | {:.0f} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | "
             "{:.0f}% |\n",

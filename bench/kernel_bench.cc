@@ -3,7 +3,10 @@
 // LinearPacked over the same weights packed as [out/16][in][16] panels (model/packed_linear.h),
 // fp32 and fp16; then (c) the Q8_0 / Q4_0 panels under every integer kernel the CPU has, as GB/s
 // of weight bytes next to the probed read bandwidth. Shapes large enough to stream from DRAM are
-// what decode sees.
+// what decode sees. (d) --stream-preset: a preset's decode matrices (every layer and the LM head,
+// as the engine packs them) called back to back at batch 1 with nothing in between, each pass
+// paired with a read probe right after it: the kernels' share of the roofline, apart from the
+// rest of a decode step (bench/decode measures the whole step the same way).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
@@ -16,7 +19,9 @@
 #include "bench/bench_util.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
+#include "model/presets.h"
 #include "model/quantized_panels.h"
+#include "subnet/latency_profile.h"
 
 namespace amoeba::bench {
 namespace {
@@ -94,7 +99,79 @@ nlohmann::json QuantizedKernels(double seconds, std::string& md) {
   return rows;
 }
 
-int Run(const std::string& json_path, const std::string& md_path, double seconds) {
+// One pass over a packed model's decode matrices at batch 1, in engine order (q/k/v and gate/up
+// fused into one call each, as the engine makes them).
+void StreamPass(const Model& m, const float* x, float* y) {
+  auto out = [&](const LayerWeights& l, Proj p) -> PackedOutput {
+    return {&l.panels[static_cast<int>(p)], l.proj(p).size(0), nullptr, y};
+  };
+  for (const LayerWeights& l : m.layers) {
+    const int64_t hidden = l.proj(Proj::kQ).size(1), inter = l.proj(Proj::kDown).size(1);
+    const PackedOutput qkv[3] = {out(l, Proj::kQ), out(l, Proj::kK), out(l, Proj::kV)};
+    LinearPackedMany(x, 1, hidden, qkv);
+    const PackedOutput o[1] = {out(l, Proj::kO)};
+    LinearPackedMany(x, 1, l.proj(Proj::kO).size(1), o);
+    const PackedOutput gate_up[2] = {out(l, Proj::kGate), out(l, Proj::kUp)};
+    LinearPackedMany(x, 1, hidden, gate_up);
+    const PackedOutput down[1] = {out(l, Proj::kDown)};
+    LinearPackedMany(x, 1, inter, down);
+  }
+  const PackedOutput head[1] = {{&m.head_panels, m.config.vocab_size, nullptr, y}};
+  LinearPackedMany(x, 1, m.config.hidden_size, head);
+}
+
+// The kernels' share of the roofline on a whole model's matrices, per format (see the top).
+nlohmann::json ModelStream(const std::string& preset, int passes, std::string& md) {
+  nlohmann::json rows = nlohmann::json::array();
+  auto cfg = PresetConfig(preset);
+  if (!cfg.ok()) {
+    spdlog::error("--stream-preset: {}", cfg.status().ToString());
+    return rows;
+  }
+  md += fmt::format(
+      "\n## {} decode matrices back to back (batch 1)\n\nEach pass over every matrix is "
+      "followed by one 256 MiB read probe; medians over {} passes.\n\n| format | MB/pass | "
+      "weight GB/s | probe GB/s | % of the probe |\n|---|---|---|---|---|\n",
+      preset, passes);
+  BandwidthProbe probe(256);
+  for (WeightFormat f : {WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    Model m = RandomModel(*cfg, 0);
+    PackWeights(m, f);
+    DropPackedRowMajor(m);
+    const double bytes = static_cast<double>(m.DecodeWeightBytes());
+    const int64_t width = std::max({cfg->hidden_size, cfg->intermediate_size, cfg->vocab_size,
+                                    cfg->num_attention_heads * cfg->head_dim});
+    std::vector<float> x(width, 0.5f), y(width);
+    StreamPass(m, x.data(), y.data());  // warm-up
+    std::vector<double> gbs, probes, pcts;
+    for (int i = 0; i < passes; ++i) {
+      const auto t0 = Clock::now();
+      StreamPass(m, x.data(), y.data());
+      const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+      gbs.push_back(bytes / sec / 1e9);
+      probes.push_back(probe.ReadGBs(1));
+      pcts.push_back(100.0 * gbs.back() / probes.back());
+    }
+    const double g = MedianOf(gbs), pr = MedianOf(probes), pct = MedianOf(pcts);
+    spdlog::info("{} {} matrices: {:.1f} GB/s, probe {:.1f} GB/s ({:.0f}%)", preset,
+                 WeightFormatName(f), g, pr, pct);
+    rows.push_back(
+        {{"preset", preset},
+         {"format", WeightFormatName(f)},
+         {"kernel", IsQuantized(f) ? QuantKernelName() : KernelIsaName(ActiveKernelIsa())},
+         {"bytes_per_pass", bytes},
+         {"weight_gbs", g},
+         {"probe_gbs", pr},
+         {"percent_of_probe", pct},
+         {"percent_of_probe_passes", pcts}});
+    md += fmt::format("| {} | {:.0f} | {:.1f} | {:.1f} | {:.0f}% |\n", WeightFormatName(f),
+                      bytes / 1e6, g, pr, pct);
+  }
+  return rows;
+}
+
+int Run(const std::string& json_path, const std::string& md_path, double seconds,
+        const std::string& stream_preset, int stream_passes) {
   InitRuntime(0);
   at::InferenceMode guard;
   nlohmann::json results = nlohmann::json::array();
@@ -137,9 +214,9 @@ int Run(const std::string& json_path, const std::string& md_path, double seconds
                         packed16 / packed);
     }
   }
-  nlohmann::json quantized = QuantizedKernels(seconds, md);
-  WriteReport(json_path, nlohmann::json{{"results", results}, {"quantized", quantized}}.dump(2),
-              md_path, md);
+  nlohmann::json report = {{"results", results}, {"quantized", QuantizedKernels(seconds, md)}};
+  if (!stream_preset.empty()) report["stream"] = ModelStream(stream_preset, stream_passes, md);
+  WriteReport(json_path, report.dump(2), md_path, md);
   return 0;
 }
 
@@ -154,6 +231,13 @@ int main(int argc, char** argv) {
   app.add_option("--json", json, "JSON output")->capture_default_str();
   app.add_option("--md", md, "Markdown output")->capture_default_str();
   app.add_option("--seconds", seconds, "Minimum time per measurement")->capture_default_str();
+  std::string stream_preset;
+  int stream_passes = 8;
+  app.add_option("--stream-preset", stream_preset,
+                 "Also stream this preset's decode matrices back to back (tiny, 100m, tinyllama)");
+  app.add_option("--stream-passes", stream_passes, "Passes over the preset's matrices")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -162,5 +246,5 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
-  return amoeba::bench::Run(json, md, seconds);
+  return amoeba::bench::Run(json, md, seconds, stream_preset, stream_passes);
 }

@@ -99,10 +99,6 @@ Run Generate(Scheduler& sched, const Shape& target, const std::optional<Shape>& 
   return run;
 }
 
-double Median(std::vector<double> v) {
-  return MedianOf(std::move(v));
-}
-
 int RunBench(const Options& o_in) {
   Options o = o_in;
   InitRuntime(o.threads);
@@ -240,7 +236,7 @@ int RunBench(const Options& o_in) {
             off_rates.push_back(off.tokens_per_s);
             on_rates.push_back(on.tokens_per_s);
           }
-          const double a = Median(off_rates), b = Median(on_rates);
+          const double a = MedianOf(off_rates), b = MedianOf(on_rates);
           const double kept = on.checks > 0 ? static_cast<double>(on.accepted) / on.checks : 0;
           const double rate = on.drafted > 0 ? static_cast<double>(on.accepted) / on.drafted : 0;
           const bool same = on.outputs == off.outputs;

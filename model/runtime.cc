@@ -51,14 +51,18 @@ std::shared_ptr<void> AllocateHugePages(size_t bytes) {
   return std::shared_ptr<void>(raw, std::free);
 }
 
-double MeasureReadBandwidthGBs(double buffer_mib, int repeats) {
-  const int64_t n = static_cast<int64_t>(buffer_mib * 1024 * 1024 / sizeof(float));
+BandwidthProbe::BandwidthProbe(double buffer_mib)
+    : n_(static_cast<int64_t>(buffer_mib * 1024 * 1024 / sizeof(float))) {
   // On 2 MB pages, as the engine's packed weights are (4 KB pages read measurably slower: page
   // walks), so the roofline is what the memory can do, not what a 4 KB-page stream gets.
-  std::shared_ptr<void> mem = AllocateHugePages(n * sizeof(float));
-  if (!mem) return 0;
-  float* p = static_cast<float*>(mem.get());
-  std::fill(p, p + n, 1.0f);
+  mem_ = AllocateHugePages(n_ * sizeof(float));
+  if (mem_) std::fill_n(static_cast<float*>(mem_.get()), n_, 1.0f);
+}
+
+double BandwidthProbe::ReadGBs(int repeats) {
+  if (!mem_) return 0;
+  const float* p = static_cast<const float*>(mem_.get());
+  const int64_t n = n_;
   double best = 0;
   volatile float sink = 0;
   for (int r = 0; r < repeats; ++r) {
@@ -72,6 +76,10 @@ double MeasureReadBandwidthGBs(double buffer_mib, int repeats) {
     best = std::max(best, n * sizeof(float) / s / 1e9);
   }
   return best;
+}
+
+double MeasureReadBandwidthGBs(double buffer_mib, int repeats) {
+  return BandwidthProbe(buffer_mib).ReadGBs(repeats);
 }
 
 double MeasureGemmGflops(int64_t n, int repeats) {

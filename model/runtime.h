@@ -22,6 +22,19 @@ void InitRuntime(int threads);
 std::shared_ptr<void> AllocateHugePages(size_t bytes);
 
 double MeasureReadBandwidthGBs(double buffer_mib = 512, int repeats = 5);
+
+// The same probe on a buffer kept between reads: benches pair each measured step with a read
+// right after it, so a roofline is taken at the moment the step ran.
+class BandwidthProbe {
+ public:
+  explicit BandwidthProbe(double buffer_mib = 256);
+  // Best GB/s over `repeats` passes (0 when the buffer could not be allocated).
+  double ReadGBs(int repeats = 1);
+
+ private:
+  int64_t n_ = 0;  // floats
+  std::shared_ptr<void> mem_;
+};
 // GFLOP/s of an n×n fp32 GEMM (the roofline's denominator for prefill).
 double MeasureGemmGflops(int64_t n = 512, int repeats = 3);
 
