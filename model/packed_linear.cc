@@ -20,6 +20,7 @@ namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead in the panel stream (measured best)
+constexpr int64_t kPrefetchBytes = 4096;   // the same distance for the AVX-512 kernel's 1-4 inputs
 // AVX2 passes of this many inputs or more prefetch the panel stream: checking 5 drafted tokens on
 // the 16M-parameter quality preset (weights beyond L3) ran 1.13x faster with it, batch 4 1.08x
 // (Zen 3, bench/speculative, interleaved runs).
@@ -40,14 +41,20 @@ AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, floa
   __m512 acc[U][J];
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < J; ++j) acc[u][j] = _mm512_setzero_ps();
-  // Software prefetch pays only where computing a line takes long enough (8+ inputs) for the
-  // hardware prefetcher to fall behind; at 1-2 inputs it measured 0.4-0.8x without it.
-  constexpr bool kPrefetch = J >= 8;
+  // The panel stream 4 KB ahead, every line of it. With 1-4 inputs the hardware prefetcher alone
+  // left 10-30% of the bandwidth unused whenever the machine had much of it (Zen 5 VM, paired
+  // probes: TinyLlama fp16 matrices 88-91% -> 92-100% of a read probe, 100m fp16 batch 1 76-79%
+  // -> 88-91%, batch 4 fp32 60-69% -> 79-88%). 8+ inputs: one prefetch per k, as measured before.
+  constexpr int64_t kStepBytes = U * kPanel * sizeof(T);
   int64_t k = 0;
   for (; k + U <= in; k += U) {
-    if constexpr (kPrefetch)
+    if constexpr (J >= 8) {
       _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats),
                    _MM_HINT_T0);
+    } else {
+      const char* ahead = reinterpret_cast<const char*>(panel + k * kPanel) + kPrefetchBytes;
+      for (int64_t b = 0; b < kStepBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
     for (int u = 0; u < U; ++u) {
       const __m512 w = Load16(panel + (k + u) * kPanel);
       const float* xk = xt + (k + u) * J;
