@@ -191,6 +191,32 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
   for (int j = 0; j < J; ++j) _mm512_mask_storeu_ps(y + j * out + col, m, acc[j]);
 }
 
+// 256-bit kernels, per block: acc[j][h] += dot[j][h] · the block's scales of rows 8h..8h+7 · row
+// j's activation scale (dot already offset-corrected).
+template <int J>
+AMOEBA_AVX2 inline void ScaleBlockAvx2(const uint8_t* blk, const QuantActs& a, int64_t j0,
+                                       int64_t b, const __m256i (&dot)[J][2], __m256 (&acc)[J][2]) {
+  const __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+  const __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+  for (int j = 0; j < J; ++j) {
+    const __m256 dx = _mm256_set1_ps(a.d[(j0 + j) * a.nb + b]);
+    acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j][0]), _mm256_mul_ps(ws0, dx), acc[j][0]);
+    acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j][1]), _mm256_mul_ps(ws1, dx), acc[j][1]);
+  }
+}
+
+// The first `valid` of each row's 16 outputs, at column `col` of y (row stride `out`).
+template <int J>
+AMOEBA_AVX2 inline void StoreRowsAvx2(const __m256 (&acc)[J][2], float* y, int64_t out, int64_t col,
+                                      int64_t valid) {
+  for (int j = 0; j < J; ++j) {
+    alignas(32) float tmp[kPanel];
+    _mm256_store_ps(tmp, acc[j][0]);
+    _mm256_store_ps(tmp + 8, acc[j][1]);
+    std::copy(tmp, tmp + valid, y + j * out + col);
+  }
+}
+
 // AVX2: a group is two ymm (rows 0-7, 8-15). Q8_0 dots signed × signed with maddubs(|w|,
 // sign(x, w)) (|w|, |x| <= 127: the int16 pair sums cannot saturate); Q4_0 dots the unsigned
 // nibbles directly and sums a whole block's 8 maddubs in int16 (8 · 2 · 15 · 127 < 32768).
@@ -245,20 +271,9 @@ AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a,
         }
       }
     }
-    const __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
-    for (int j = 0; j < J; ++j) {
-      const __m256 dx = _mm256_set1_ps(a.d[(j0 + j) * a.nb + b]);
-      acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j][0]), _mm256_mul_ps(ws0, dx), acc[j][0]);
-      acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j][1]), _mm256_mul_ps(ws1, dx), acc[j][1]);
-    }
+    ScaleBlockAvx2<J>(blk, a, j0, b, dot, acc);
   }
-  for (int j = 0; j < J; ++j) {
-    alignas(32) float tmp[kPanel];
-    _mm256_store_ps(tmp, acc[j][0]);
-    _mm256_store_ps(tmp + 8, acc[j][1]);
-    std::copy(tmp, tmp + valid, y + j * out + col);
-  }
+  StoreRowsAvx2<J>(acc, y, out, col, valid);
 }
 
 // AVX-VNNI (256-bit `vpdpbusd`, CPUs with AVX2 but no AVX-512 VNNI, e.g. Intel's hybrid cores):
@@ -305,24 +320,13 @@ AMOEBA_AVX_VNNI void PanelAvxVnni(const uint8_t* panel, int64_t bb, const QuantA
         }
       }
     }
-    const __m256 ws0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const __m256 ws1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
     for (int j = 0; j < J; ++j) {
-      const int64_t i = (j0 + j) * a.nb + b;
-      const __m256i corr = _mm256_set1_epi32(kOffset * a.sum[i]);
-      const __m256 dx = _mm256_set1_ps(a.d[i]);
-      acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot[j][0], corr)),
-                                  _mm256_mul_ps(ws0, dx), acc[j][0]);
-      acc[j][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot[j][1], corr)),
-                                  _mm256_mul_ps(ws1, dx), acc[j][1]);
+      const __m256i corr = _mm256_set1_epi32(kOffset * a.sum[(j0 + j) * a.nb + b]);
+      for (int h = 0; h < 2; ++h) dot[j][h] = _mm256_sub_epi32(dot[j][h], corr);
     }
+    ScaleBlockAvx2<J>(blk, a, j0, b, dot, acc);
   }
-  for (int j = 0; j < J; ++j) {
-    alignas(32) float tmp[kPanel];
-    _mm256_store_ps(tmp, acc[j][0]);
-    _mm256_store_ps(tmp + 8, acc[j][1]);
-    std::copy(tmp, tmp + valid, y + j * out + col);
-  }
+  StoreRowsAvx2<J>(acc, y, out, col, valid);
 }
 
 using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, float*, int64_t,
