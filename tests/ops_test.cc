@@ -262,6 +262,37 @@ TEST(KernelTest, QuantizedPanelsMatchTheDequantizedReference) {
 // GGML's block rules, value by value: Q8_0 d = amax / 127, q = round(x / d); Q4_0 d = (the
 // value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)), so the largest-magnitude
 // value is exact and its opposite clamps at 7·|d|; a block of zeros stays zero.
+// The SIMD integer kernels (AVX2 maddubs, AVX-VNNI, AVX512-VNNI, with its own activation
+// quantizer) sum the same integers and scale them in the same order: their outputs agree bit for
+// bit, whatever the batch, on odd sizes and prefixes.
+TEST(KernelTest, SimdQuantizedKernelsAgreeBitForBit) {
+  std::vector<QuantKernel> simd;
+  for (QuantKernel k : AvailableQuantKernels())
+    if (k != QuantKernel::kScalar) simd.push_back(k);
+  if (simd.size() < 2) GTEST_SKIP() << "fewer than two SIMD integer kernels on this CPU";
+  at::manual_seed(6);
+  for (WeightFormat format : {WeightFormat::kQ8_0, WeightFormat::kQ4_0})
+    for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {64, 70}, {48, 200}}) {
+      at::Tensor full = at::randn({out + 5, in + 9});
+      at::Tensor panels = PackPanels(full, format);
+      for (int64_t n : {1, 2, 3, 8, 9, 17}) {
+        at::Tensor x = 3 * at::randn({n, in});
+        std::vector<at::Tensor> ys;
+        for (QuantKernel k : simd) {
+          ForceQuantKernel(k);
+          at::Tensor y = at::empty({n, out});
+          LinearPacked(x.data_ptr<float>(), n, panels, out, in, nullptr, y.data_ptr<float>());
+          ys.push_back(y);
+        }
+        for (size_t i = 1; i < simd.size(); ++i)
+          EXPECT_EQ(testing::MaxAbsDiff(ys[i], ys[0]), 0.0)
+              << QuantKernelName(simd[i]) << " vs " << QuantKernelName(simd[0]) << " "
+              << WeightFormatName(format) << " " << out << "x" << in << " n=" << n;
+      }
+    }
+  ForceQuantKernel(QuantKernel::kAuto);
+}
+
 TEST(KernelTest, QuantizedBlocksFollowGgmlRules) {
   at::Tensor W = at::zeros({2, 64});
   const float vals[] = {-3.f, 1.5f, 0.2f, 3.f, -0.1f};
