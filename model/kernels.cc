@@ -409,14 +409,54 @@ AMOEBA_CLONES void RmsNorm(const float* x, const float* w, int64_t rows, int64_t
 }
 
 namespace {
-AMOEBA_CLONES void SiluMulRange(float* a, const float* b, int64_t n) {
+void SiluMulScalar(float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+}
+
+// Every element goes through the same vector code (the tail through a padded copy), so a value
+// does not depend on where it sits in the range: rows stay independent of the batch.
+AMOEBA_AVX2 inline __m256 Silu8Times(__m256 x, __m256 y) {
+  const __m256 e = simd::Exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+  return _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)), y);
+}
+
+AMOEBA_AVX2 void SiluMulAvx2(float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(a + i, Silu8Times(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+  if (i < n) {
+    alignas(32) float ta[8] = {}, tb[8] = {};
+    std::copy(a + i, a + n, ta);
+    std::copy(b + i, b + n, tb);
+    _mm256_store_ps(ta, Silu8Times(_mm256_load_ps(ta), _mm256_load_ps(tb)));
+    std::copy(ta, ta + (n - i), a + i);
+  }
+}
+
+AMOEBA_AVX512 void SiluMulAvx512(float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(m, a + i), y = _mm512_maskz_loadu_ps(m, b + i);
+    const __m512 e = simd::Exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    _mm512_mask_storeu_ps(
+        a + i, m, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e)), y));
+  }
 }
 }  // namespace
 
 void SiluMul(float* a, const float* b, int64_t n) {
-  // exp is scalar here: a batch's worth (16 rows x 2048+) is worth splitting across threads.
-  at::parallel_for(0, n, 8192, [&](int64_t s, int64_t e) { SiluMulRange(a + s, b + s, e - s); });
+  // Vector exp: a decode step's MLP width (~2-6K values) is too little to split across threads
+  // (a fork/join costs more); a batch's worth is split.
+  const KernelIsa isa = ActiveKernelIsa();
+  at::parallel_for(0, n, 16384, [&](int64_t s, int64_t e) {
+    if (isa == KernelIsa::kAvx512) {
+      SiluMulAvx512(a + s, b + s, e - s);
+    } else if (isa == KernelIsa::kAvx2) {
+      SiluMulAvx2(a + s, b + s, e - s);
+    } else {
+      SiluMulScalar(a + s, b + s, e - s);
+    }
+  });
 }
 
 AMOEBA_CLONES void AddInPlace(float* y, const float* x, int64_t n) {
