@@ -143,7 +143,7 @@ int Run(const Options& o) {
     for (const Variant& v : variants) {
       for (size_t bi = 0; bi < batches.size(); ++bi) {
         const int b = batches[bi];
-        const double bytes = static_cast<double>(v.model->DecodeWeightBytes());
+        const double bytes = bytes_of(v);
         const double rate = MedianOf(v.rates[bi]), bw_now = MedianOf(v.bws[bi]);
         const double prefill = MedianOf(v.prefills);
         const double roof = bw_now * 1e9 / bytes;

@@ -134,8 +134,9 @@ nlohmann::json ModelStream(const std::string& preset, int passes, std::string& m
       "weight GB/s | probe GB/s | % of the probe |\n|---|---|---|---|---|\n",
       preset, passes);
   BandwidthProbe probe(256);
+  const Model base = RandomModel(*cfg, 0);  // once: each format packs a shallow copy of it
   for (WeightFormat f : {WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
-    Model m = RandomModel(*cfg, 0);
+    Model m = base;
     PackWeights(m, f);
     DropPackedRowMajor(m);
     const double bytes = static_cast<double>(m.DecodeWeightBytes());

@@ -88,11 +88,12 @@ int Run(const Options& o) {
                                         EngineOptions{.max_len = 128});
     shapes.push_back(std::move(m));
   }
+  BandwidthProbe probe(256);  // one buffer for every probe
   for (int r = 0; r < o.rounds; ++r)
     for (Measured& m : shapes) {
-      const double before = MeasureReadBandwidthGBs(256, 3);  // mean of probes around it
+      const double before = probe.ReadGBs(3);  // mean of probes around it
       m.rates.push_back(DecodeRate(*m.engine, 1, o.steps));
-      m.bws.push_back(0.5 * (before + MeasureReadBandwidthGBs(256, 3)));
+      m.bws.push_back(0.5 * (before + probe.ReadGBs(3)));
       spdlog::info("round {}: {} {:.1f} tok/s ({:.1f} GB/s probed)", r + 1, m.shape.ToString(),
                    m.rates.back(), m.bws.back());
     }
