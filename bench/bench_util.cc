@@ -19,7 +19,7 @@ double Seconds(Clock::time_point t0) {
 }  // namespace
 
 // Prompts of `context` tokens in `batch` slots and one warm-up step, then `steps` decode steps,
-// calling after_step(seconds of that step) after each.
+// calling after_step(seconds of that step, positions attended over the batch) after each.
 template <typename AfterStep>
 void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& after_step) {
   KVCache cache = e.NewCache(batch);
@@ -38,21 +38,22 @@ void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& af
     auto l = e.Forward(cache, seqs);
     for (int b = 0; b < batch; ++b)
       next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
-    after_step(Seconds(t0));
+    // This step's token sees the prompt, the warm-up token, the earlier steps and itself.
+    after_step(Seconds(t0), static_cast<int64_t>(batch) * (context + 2 + s));
   }
 }
 
 double DecodeRate(Engine& e, int batch, int steps, int context) {
   double total = 0;
-  RunDecodeSteps(e, batch, steps, context, [&](double s) { total += s; });
+  RunDecodeSteps(e, batch, steps, context, [&](double s, int64_t) { total += s; });
   return batch * steps / total;
 }
 
 std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps, int context,
                                                 BandwidthProbe& probe) {
   std::vector<StepSample> samples;
-  RunDecodeSteps(e, batch, steps, context, [&](double s) {
-    samples.push_back({s, probe.ReadGBs(1)});
+  RunDecodeSteps(e, batch, steps, context, [&](double s, int64_t positions) {
+    samples.push_back({s, probe.ReadGBs(1), positions});
   });
   return samples;
 }

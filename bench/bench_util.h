@@ -16,10 +16,12 @@ using amoeba::MeasureReadBandwidthGBs;
 // tokens (attention reads grow with it).
 double DecodeRate(Engine& e, int batch, int steps, int context = 8);
 
-// One decode step's wall time and the read bandwidth probed right after it.
+// One decode step's wall time, the read bandwidth probed right after it, and the cached
+// positions its attention read (summed over the batch; each reads the KV cache's bytes).
 struct StepSample {
   double seconds = 0;
   double probe_gbs = 0;
+  int64_t positions = 0;
 };
 // `steps` decode steps as DecodeRate runs them, each followed by one pass of `probe`: every step
 // gets the roofline of its own moment (this shared machine's bandwidth moves within seconds).

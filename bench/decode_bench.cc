@@ -52,13 +52,17 @@ int Run(const Options& o) {
       "is measured once per round, "
       "rounds interleaved, and the median is reported (this shared machine's bandwidth drifts by "
       "~1.5x within minutes). Every decode step is followed by one 256 MiB read probe; a step's "
-      "roofline is that probe's bandwidth / the path's own weight bytes per decode step (its "
-      "format: fp32, fp16, q8_0 = 8.5 bits, q4_0 = 4.5 bits per weight), and % of roofline is the "
-      "median over every step of every round. GB/s probed: the median probe.\n\n"
-      "| preset | params | path | weight MB/step | prefill tok/s | batch | decode tok/s "
-      "(aggregate) | per stream | GB/s probed | roofline tok/s (batch 1) | % of "
-      "roofline per step |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|\n",
+      "roofline is that probe's bandwidth / the bytes the step reads: the path's own weight bytes "
+      "(its format: fp32, fp16, q8_0 = 8.5 bits, q4_0 = 4.5 bits per weight) plus the KV cache "
+      "its sequences attend to (KV MB/step: the mean over the steps), and % of roofline is the "
+      "median over every step of every round. GB/s probed: the median probe; roofline tok/s per "
+      "stream: "
+      "that probe over the mean bytes per step.\n\n"
+      "| preset | params | path | weight MB/step | KV MB/step | prefill tok/s | batch | decode "
+      "tok/s (aggregate) | per stream | GB/s probed | roofline tok/s per stream | % of roofline "
+      "per step "
+      "|\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|\n",
       at::get_num_threads(), o.rounds, o.context);
   auto wanted = [&](const std::string& path) {
     return o.paths.empty() ||
@@ -88,6 +92,7 @@ int Run(const Options& o) {
       std::vector<double> prefills = {};                      // [round]
       std::vector<std::vector<double>> rates = {}, bws = {};  // [batch][round]
       std::vector<std::vector<double>> pcts = {};             // [batch][step of every round]
+      std::vector<double> kv_bytes = {};                      // [batch]: mean KV read per step
       at::ScalarType kv_dtype = at::kFloat;
     };
     std::vector<Variant> variants;
@@ -113,6 +118,7 @@ int Run(const Options& o) {
       v.rates.assign(batches.size(), {});
       v.bws.assign(batches.size(), {});
       v.pcts.assign(batches.size(), {});
+      v.kv_bytes.assign(batches.size(), 0);
     }
     auto bytes_of = [](const Variant& v) {
       return static_cast<double>(v.model->DecodeWeightBytes());
@@ -126,12 +132,19 @@ int Run(const Options& o) {
               DecodeStepsAgainstProbe(*v.engine, batches[bi], o.decode_steps, o.context, probe);
           double seconds = 0;
           std::vector<double> probes;
+          const double kv_per_position =
+              static_cast<double>(v.model->KvBytesPerPosition(at::elementSize(v.kv_dtype)));
+          double kv_sum = 0;
           for (const StepSample& st : steps) {
             seconds += st.seconds;
             probes.push_back(st.probe_gbs);
-            // One step reads the weights once, whatever the batch: its share of the roofline.
-            v.pcts[bi].push_back(100.0 * bytes_of(v) / (st.seconds * st.probe_gbs * 1e9));
+            // One step reads the weights once, whatever the batch, and every sequence's cached
+            // keys and values: its share of the roofline.
+            const double kv = kv_per_position * static_cast<double>(st.positions);
+            kv_sum += kv;
+            v.pcts[bi].push_back(100.0 * (bytes_of(v) + kv) / (st.seconds * st.probe_gbs * 1e9));
           }
+          v.kv_bytes[bi] = kv_sum / static_cast<double>(std::max<size_t>(steps.size(), 1));
           v.rates[bi].push_back(batches[bi] * static_cast<double>(steps.size()) / seconds);
           v.bws[bi].push_back(MedianOf(probes));
           spdlog::info("{} {} batch {} round {}: {:.1f} tok/s ({:.1f} GB/s probed)",
@@ -146,11 +159,12 @@ int Run(const Options& o) {
         const double bytes = bytes_of(v);
         const double rate = MedianOf(v.rates[bi]), bw_now = MedianOf(v.bws[bi]);
         const double prefill = MedianOf(v.prefills);
-        const double roof = bw_now * 1e9 / bytes;
+        const double roof = bw_now * 1e9 / (bytes + v.kv_bytes[bi]);
         const double pct = MedianOf(v.pcts[bi]);  // each step against its own probe
         out["results"].push_back({{"preset", std::string(name)},
                                   {"params", cfg->ParameterCount()},
                                   {"weight_bytes_per_step", bytes},
+                                  {"kv_bytes_per_step", v.kv_bytes[bi]},
                                   {"path", v.name},
                                   {"batch", b},
                                   {"prefill_tokens_per_s", prefill},
@@ -164,10 +178,10 @@ int Run(const Options& o) {
                                   {"percent_of_roofline_per_step", pct},
                                   {"percent_of_roofline_steps", v.pcts[bi]}});
         md += fmt::format(
-            "| {} | {:.0f}M | {} | {:.0f} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | {:.1f} | "
-            "{:.0f}% |\n",
-            std::string(name), cfg->ParameterCount() / 1e6, v.name, bytes / 1e6, prefill, b, rate,
-            rate / b, bw_now, roof, pct);
+            "| {} | {:.0f}M | {} | {:.0f} | {:.1f} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | "
+            "{:.1f} | {:.0f}% |\n",
+            std::string(name), cfg->ParameterCount() / 1e6, v.name, bytes / 1e6,
+            v.kv_bytes[bi] / 1e6, prefill, b, rate, rate / b, bw_now, roof, pct);
       }
     }
   }

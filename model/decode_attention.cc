@@ -111,11 +111,17 @@ AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const T*
       scores[j] = _mm512_reduce_add_ps(acc);
       mx = std::max(mx, scores[j]);
     }
-    float sum = 0.f;
-    for (j = 0; j < len; ++j) {
-      scores[j] = std::exp(scores[j] - mx);
-      sum += scores[j];
+    // exp in vectors: a scalar std::exp per key and query head was most of the compute at long
+    // contexts. Every score goes through the same lanes' code, whatever len is.
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    for (j = 0; j < len; j += 16) {
+      const __mmask16 m = len - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - j)) - 1);
+      const __m512 e = simd::Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), vmx));
+      _mm512_mask_storeu_ps(scores + j, m, e);
+      vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
     }
+    const float sum = _mm512_reduce_add_ps(vsum);
     // Output: two accumulator sets (even/odd keys) so the FMA chains hide their latency.
     __m512 o0[NV], o1[NV];
     for (int v = 0; v < NV; ++v) o0[v] = o1[v] = _mm512_setzero_ps();

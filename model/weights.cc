@@ -95,6 +95,12 @@ int64_t Model::ProjectionBytes() const {
   return n;
 }
 
+int64_t Model::KvBytesPerPosition(int64_t kv_element_bytes) const {
+  int64_t n = 0;
+  for (const auto& l : layers) n += 2 * l.k.size(0) * kv_element_bytes;
+  return n;
+}
+
 int64_t Model::DecodeWeightBytes() const {
   // A projection is read from its panels when packed (maybe another format), else row-major.
   auto read = [](const at::Tensor& w, const at::Tensor& panels) -> int64_t {

@@ -197,7 +197,7 @@ std::vector<ShapeProfile> ProfilesFromSupernet(const Supernet& s, int64_t kv_ele
     for (WeightFormat f :
          {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0})
       p.gguf_bytes[static_cast<int>(f)] = GgufTensorBytes(*m, f);
-    for (const auto& l : m->layers) p.kv_bytes_per_token += 2 * l.k.size(0) * kv_element_bytes;
+    p.kv_bytes_per_token = m->KvBytesPerPosition(kv_element_bytes);
     for (const ShapeRecord& r : s.spec().profile) {
       if (r.shape == sh && r.heldout_perplexity) p.heldout_perplexity = r.heldout_perplexity;
     }
