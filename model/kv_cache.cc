@@ -1,6 +1,9 @@
 #include "model/kv_cache.h"
 
 #include <algorithm>
+#include <memory>
+
+#include "model/runtime.h"
 
 namespace amoeba {
 
@@ -23,11 +26,28 @@ void KVCache::Reserve(int64_t slot, int64_t len) {
   while (cap < len) cap *= 2;
   cap = std::min(cap, std::max(max_len_, len));
   const int64_t layers = num_layers();
+  const size_t elem = at::elementSize(dtype_);
+  size_t total = 0;
+  for (int64_t l = 0; l < layers; ++l) total += 2 * kv_heads_[l] * cap * head_dim_ * elem;
+  // A decode step reads every layer's keys and values as one short stream per KV head: on 4 KB
+  // pages each stream starts with page walks (the weights' stream has evicted the page tables).
+  // A slot big enough is one arena on 2 MB pages; small ones stay plain tensors (rounding up to
+  // 2 MB would waste more than a quarter).
+  std::shared_ptr<void> arena = total >= kHugePageMinBytes ? AllocateHugePages(total) : nullptr;
+  size_t offset = 0;
+  auto next = [&](int64_t l) {
+    const std::vector<int64_t> sizes = {kv_heads_[l], cap, head_dim_};
+    if (!arena) return at::empty(sizes, at::TensorOptions(dtype_));
+    void* data = static_cast<char*>(arena.get()) + offset;
+    offset += kv_heads_[l] * cap * head_dim_ * elem;
+    return at::from_blob(
+        data, sizes, [arena](void*) {}, at::TensorOptions(dtype_));
+  };
   s.k.resize(layers);
   s.v.resize(layers);
   for (int64_t l = 0; l < layers; ++l) {
     for (at::Tensor* t : {&s.k[l], &s.v[l]}) {
-      at::Tensor grown = at::empty({kv_heads_[l], cap, head_dim_}, at::TensorOptions(dtype_));
+      at::Tensor grown = next(l);
       if (s.length > 0) grown.narrow(1, 0, s.length).copy_(t->narrow(1, 0, s.length));
       *t = std::move(grown);
     }

@@ -15,6 +15,8 @@ namespace amoeba {
 class KVCache {
  public:
   static constexpr int64_t kMinCapacity = 64;
+  // A slot holding at least this many bytes lives on 2 MB pages (one arena for all its layers).
+  static constexpr size_t kHugePageMinBytes = size_t{8} << 20;
 
   KVCache() = default;
   // dtype: kFloat, or kHalf (half the memory and attention reads; values rounded to fp16).

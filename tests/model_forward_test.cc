@@ -67,6 +67,35 @@ TEST(EngineTest, KvCacheDecodeMatchesFullForward) {
   }
 }
 
+// A slot of 8 MB or more lives in one arena on 2 MB pages: decoding across the growth from plain
+// tensors into the arena, and from one arena into a bigger one, keeps every cached position.
+TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
+  at::InferenceMode guard;
+  ModelConfig c = testing::TinyConfig();
+  c.num_attention_heads = c.num_key_value_heads = 32;  // 48 KB of K/V per position
+  c.head_dim = 64;
+  c.max_position_embeddings = 600;
+  auto m = std::make_shared<const Model>(RandomModel(c, 5, 0.15));
+  Engine engine(m, {.max_len = 600});
+  KVCache cache = engine.NewCache(1);
+  const int64_t per_position = m->KvBytesPerPosition(4);
+  ASSERT_LT(per_position * 128, static_cast<int64_t>(KVCache::kHugePageMinBytes));
+  ASSERT_GE(per_position * 256, static_cast<int64_t>(KVCache::kHugePageMinBytes));
+  auto ids = RandomTokens(300, c.vocab_size, 12);
+  at::Tensor ref = Reference(*m, ids);
+  std::vector<int32_t> prompt(ids.begin(), ids.begin() + 40);
+  SeqInput in{0, prompt};
+  ASSERT_TRUE(engine.Forward(cache, {&in, 1}).ok());
+  for (size_t t = 40; t < ids.size(); ++t) {
+    SeqInput step{0, std::span<const int32_t>(&ids[t], 1)};
+    auto d = engine.Forward(cache, {&step, 1});
+    ASSERT_TRUE(d.ok());
+    EXPECT_LT(MaxAbsDiff((*d)[0], ref[t]), 1e-4) << "position " << t;
+  }
+  EXPECT_EQ(cache.capacity(0), 512);  // 64 -> 128 -> 256 (arena) -> 512 (arena)
+  EXPECT_EQ(cache.bytes(), per_position * 512);
+}
+
 TEST(EngineTest, BatchOfDifferentLengthsMatchesEachAlone) {
   at::InferenceMode guard;
   auto m = std::make_shared<const Model>(TinyModel(5));
