@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/decode_attention.h"
 #include "model/packed_linear.h"
+#include "model/team.h"
 
 namespace amoeba {
 
@@ -71,7 +72,9 @@ void Engine::Project(const float* x, int64_t n, const LayerWeights& l, std::span
     for (size_t i = 0; i < ps.size(); ++i)
       Linear(x, n, l.proj(ps[i]), bias(ps[i]), ys[i], options_.linear_path);
   }
-  for (size_t i = 0; i < ps.size(); ++i) ApplyDelta(x, n, l.deltas[static_cast<int>(ps[i])], ys[i]);
+  for (size_t i = 0; i < ps.size(); ++i)
+    if (l.deltas[static_cast<int>(ps[i])].defined())
+      Serially([&] { ApplyDelta(x, n, l.deltas[static_cast<int>(ps[i])], ys[i]); });
 }
 
 namespace {
@@ -130,45 +133,47 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     return (head * cache.capacity(slot) + pos) * hd;
   };
 
-  // 1. Append the new keys/values.
-  int64_t row = 0;
-  for (const SeqInput& s : seqs) {
-    const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
-    at::Tensor& K = cache.k(layer, s.slot);
-    at::Tensor& V = cache.v(layer, s.slot);
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t h = 0; h < hkv; ++h) {
-        const float* kr = kn + (row + t) * kvdim + h * hd;
-        const float* vr = vn + (row + t) * kvdim + h * hd;
-        const int64_t at_row = offset(s.slot, h, p0 + t);
-        if (half) {
-          FloatToHalf(kr, K.data_ptr<at::Half>() + at_row, hd);
-          FloatToHalf(vr, V.data_ptr<at::Half>() + at_row, hd);
-        } else {
-          std::memcpy(K.data_ptr<float>() + at_row, kr, hd * sizeof(float));
-          std::memcpy(V.data_ptr<float>() + at_row, vr, hd * sizeof(float));
+  // 1. Append the new keys/values. 2a's task list is built here too (both on one thread).
+  std::vector<DecodeTask>& single = decode_tasks_;
+  Serially([&] {
+    int64_t row = 0;
+    for (const SeqInput& s : seqs) {
+      const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
+      at::Tensor& K = cache.k(layer, s.slot);
+      at::Tensor& V = cache.v(layer, s.slot);
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t h = 0; h < hkv; ++h) {
+          const float* kr = kn + (row + t) * kvdim + h * hd;
+          const float* vr = vn + (row + t) * kvdim + h * hd;
+          const int64_t at_row = offset(s.slot, h, p0 + t);
+          if (half) {
+            FloatToHalf(kr, K.data_ptr<at::Half>() + at_row, hd);
+            FloatToHalf(vr, V.data_ptr<at::Half>() + at_row, hd);
+          } else {
+            std::memcpy(K.data_ptr<float>() + at_row, kr, hd * sizeof(float));
+            std::memcpy(V.data_ptr<float>() + at_row, vr, hd * sizeof(float));
+          }
         }
       }
+      row += T;
     }
-    row += T;
-  }
 
-  // 2a. Decode and short runs: one task per (new token, KV head), each token attending to the
-  // positions up to its own, as a decode step would; no allocation.
-  std::vector<DecodeTask>& single = decode_tasks_;
-  single.clear();
-  row = 0;
-  for (const SeqInput& s : seqs) {
-    const int64_t T = static_cast<int64_t>(s.tokens.size());
-    if (T <= kTokenByTokenAttentionMax)
-      for (int64_t t = 0; t < T; ++t)
-        single.push_back({row + t, s.slot, cache.length(s.slot) + t + 1});
-    row += T;
-  }
+    // 2a. Decode and short runs: one task per (new token, KV head), each token attending to the
+    // positions up to its own, as a decode step would; no allocation.
+    single.clear();
+    row = 0;
+    for (const SeqInput& s : seqs) {
+      const int64_t T = static_cast<int64_t>(s.tokens.size());
+      if (T <= kTokenByTokenAttentionMax)
+        for (int64_t t = 0; t < T; ++t)
+          single.push_back({row + t, s.slot, cache.length(s.slot) + t + 1});
+      row += T;
+    }
+  });
   if (!single.empty()) {
     float* scores = ws_->scores.data_ptr<float>();
     const int64_t ntask = static_cast<int64_t>(single.size()) * hkv;
-    at::parallel_for(0, ntask, 1, [&](int64_t b, int64_t e) {
+    ParallelFor(0, ntask, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const DecodeTask& tk = single[t / hkv];
         const int64_t kvh = t % hkv, first = offset(tk.slot, kvh, 0);
@@ -189,28 +194,42 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   }
 
   // 2b. Longer runs (prefill): batched matmuls per sequence.
-  row = 0;
-  for (const SeqInput& s : seqs) {
-    const int64_t T = static_cast<int64_t>(s.tokens.size());
-    if (T > kTokenByTokenAttentionMax) {
-      const int64_t p0 = cache.length(s.slot), L = p0 + T;
-      // Buffers hold rows packed at this layer's width.
-      at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
-                         .permute({1, 2, 0, 3})
-                         .reshape({hkv, group * T, hd});
-      at::Tensor Ks = cache.k(layer, s.slot).narrow(1, 0, L).to(at::kFloat);  // [hkv, L, hd]
-      at::Tensor Vs = cache.v(layer, s.slot).narrow(1, 0, L).to(at::kFloat);
-      at::Tensor sc = at::bmm(Q, Ks.transpose(1, 2)).mul_(scale).view({hkv, group, T, L});
-      // Query t (absolute position p0+t) sees keys j <= p0+t.
-      at::Tensor mask = at::ones({T, L}, at::kBool).triu_(p0 + 1);
-      sc.masked_fill_(mask, -std::numeric_limits<float>::infinity());
-      at::Tensor p = at::softmax(sc, -1).view({hkv, group * T, L});
-      at::Tensor o =
-          at::bmm(p, Vs).view({hkv, group, T, hd}).permute({2, 0, 1, 3}).reshape({T, qdim});
-      at::from_blob(att + row * qdim, {T, qdim}).copy_(o);
+  Serially([&] {
+    int64_t row = 0;
+    for (const SeqInput& s : seqs) {
+      const int64_t T = static_cast<int64_t>(s.tokens.size());
+      if (T > kTokenByTokenAttentionMax) {
+        const int64_t p0 = cache.length(s.slot), L = p0 + T;
+        // Buffers hold rows packed at this layer's width.
+        at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
+                           .permute({1, 2, 0, 3})
+                           .reshape({hkv, group * T, hd});
+        at::Tensor Ks = cache.k(layer, s.slot).narrow(1, 0, L).to(at::kFloat);  // [hkv, L, hd]
+        at::Tensor Vs = cache.v(layer, s.slot).narrow(1, 0, L).to(at::kFloat);
+        at::Tensor sc = at::bmm(Q, Ks.transpose(1, 2)).mul_(scale).view({hkv, group, T, L});
+        // Query t (absolute position p0+t) sees keys j <= p0+t.
+        at::Tensor mask = at::ones({T, L}, at::kBool).triu_(p0 + 1);
+        sc.masked_fill_(mask, -std::numeric_limits<float>::infinity());
+        at::Tensor p = at::softmax(sc, -1).view({hkv, group * T, L});
+        at::Tensor o =
+            at::bmm(p, Vs).view({hkv, group, T, hd}).permute({2, 0, 1, 3}).reshape({T, qdim});
+        at::from_blob(att + row * qdim, {T, qdim}).copy_(o);
+      }
+      row += T;
     }
-    row += T;
-  }
+  });
+}
+
+bool Engine::RunsInOneRegion(std::span<const SeqInput> seqs) const {
+  // Decode and short runs on panels only: prefill attention and the row-major and delta kernels
+  // are libtorch or split their own way (Serially would run them on one thread).
+  if (options_.linear_path != LinearPath::kAuto || !model_->head_panels.defined()) return false;
+  for (const SeqInput& s : seqs)
+    if (static_cast<int64_t>(s.tokens.size()) > kTokenByTokenAttentionMax) return false;
+  for (const LayerWeights& l : model_->layers)
+    for (int p = 0; p < kNumProj; ++p)
+      if (!l.panels[p].defined() || l.deltas[p].defined()) return false;
+  return true;
 }
 
 absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqInput> seqs,
@@ -251,78 +270,99 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   float* h = ws_->h.data_ptr<float>();
   float* tmp = ws_->tmp.data_ptr<float>();
   const bool half_embed = m.embed.scalar_type() == at::kHalf;
-  int64_t row = 0;
-  for (const SeqInput& s : seqs) {
-    const int64_t p0 = cache.length(s.slot);
-    for (size_t t = 0; t < s.tokens.size(); ++t, ++row) {
-      const int64_t id = s.tokens[t];
-      if (half_embed) {
-        const at::Half* e = m.embed.data_ptr<at::Half>() + id * H;
-        for (int64_t i = 0; i < H; ++i) x[row * H + i] = static_cast<float>(e[i]);
-      } else {
-        std::memcpy(x + row * H, m.embed.data_ptr<float>() + id * H, H * sizeof(float));
+  // Written once for both ways of running: in a team (one parallel region for the whole pass,
+  // team.h) the kernels split by the team and the serial pieces run on its first thread; else
+  // each kernel opens its own region.
+  auto compute = [&] {
+    Serially([&] {
+      int64_t row = 0;
+      for (const SeqInput& s : seqs) {
+        const int64_t p0 = cache.length(s.slot);
+        for (size_t t = 0; t < s.tokens.size(); ++t, ++row) {
+          const int64_t id = s.tokens[t];
+          if (half_embed) {
+            const at::Half* e = m.embed.data_ptr<at::Half>() + id * H;
+            for (int64_t i = 0; i < H; ++i) x[row * H + i] = static_cast<float>(e[i]);
+          } else {
+            std::memcpy(x + row * H, m.embed.data_ptr<float>() + id * H, H * sizeof(float));
+          }
+          ws_->pos[row] = p0 + static_cast<int64_t>(t);
+        }
       }
-      ws_->pos[row] = p0 + static_cast<int64_t>(t);
+    });
+    for (size_t li = 0; li < m.layers.size(); ++li) {
+      const LayerWeights& l = m.layers[li];
+      const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
+      Serially([&] { RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h); });
+      float* q = ws_->q.data_ptr<float>();
+      float* k = ws_->k.data_ptr<float>();
+      {
+        constexpr std::array<Proj, 3> kQkv = {Proj::kQ, Proj::kK, Proj::kV};
+        const std::array<float*, 3> out = {q, k, ws_->v.data_ptr<float>()};
+        Project(h, n, l, kQkv, out);
+      }
+      Serially([&] {
+        for (int64_t r = 0; r < n; ++r) {
+          ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
+          ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
+        }
+      });
+      Attention(static_cast<int64_t>(li), cache, seqs);
+      if (hq > 0) {
+        Project(ws_->att.data_ptr<float>(), n, l, Proj::kO, tmp);
+        Serially([&] { AddInPlace(x, tmp, n * H); });
+      } else if (l.o_bias.defined()) {
+        Serially([&] {
+          for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
+        });
+      }
+      Serially([&] { RmsNorm(x, l.mlp_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h); });
+      if (inter > 0) {
+        float* g = ws_->gate.data_ptr<float>();
+        float* u = ws_->up.data_ptr<float>();
+        constexpr std::array<Proj, 2> kGateUp = {Proj::kGate, Proj::kUp};
+        const std::array<float*, 2> out = {g, u};
+        Project(h, n, l, kGateUp, out);
+        SiluMul(g, u, n * inter);
+        Project(g, n, l, Proj::kDown, tmp);
+        Serially([&] { AddInPlace(x, tmp, n * H); });
+      } else if (l.down_bias.defined()) {
+        Serially([&] {
+          for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);
+        });
+      }
     }
-  }
 
-  for (size_t li = 0; li < m.layers.size(); ++li) {
-    const LayerWeights& l = m.layers[li];
-    const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
-    RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
-    float* q = ws_->q.data_ptr<float>();
-    float* k = ws_->k.data_ptr<float>();
-    {
-      constexpr std::array<Proj, 3> kQkv = {Proj::kQ, Proj::kK, Proj::kV};
-      const std::array<float*, 3> out = {q, k, ws_->v.data_ptr<float>()};
-      Project(h, n, l, kQkv, out);
+    // Final norm only on the rows whose logits are wanted.
+    Serially([&] {
+      const float* fn = m.final_norm.data_ptr<float>();
+      if (out_rows == n) {
+        RmsNorm(x, fn, n, H, c.rms_norm_eps, h);
+      } else {
+        int64_t row = 0, out = 0;
+        for (const SeqInput& s : seqs) {
+          const int64_t T = static_cast<int64_t>(s.tokens.size());
+          const int64_t keep = all_logits || s.all_logits ? T : 1;
+          RmsNorm(x + (row + T - keep) * H, fn, keep, H, c.rms_norm_eps, h + out * H);
+          row += T;
+          out += keep;
+        }
+      }
+    });
+    if (m.head_panels.defined() && options_.linear_path == LinearPath::kAuto) {
+      LinearPacked(h, out_rows, m.head_panels, m.lm_head.size(0), m.lm_head.size(1), nullptr,
+                   ws_->logits.data_ptr<float>());
+    } else {
+      Serially([&] {
+        Linear(h, out_rows, m.lm_head, nullptr, ws_->logits.data_ptr<float>(),
+               options_.linear_path);
+      });
     }
-    for (int64_t r = 0; r < n; ++r) {
-      ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
-      ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
-    }
-    Attention(static_cast<int64_t>(li), cache, seqs);
-    if (hq > 0) {
-      Project(ws_->att.data_ptr<float>(), n, l, Proj::kO, tmp);
-      AddInPlace(x, tmp, n * H);
-    } else if (l.o_bias.defined()) {
-      for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
-    }
-    RmsNorm(x, l.mlp_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h);
-    if (inter > 0) {
-      float* g = ws_->gate.data_ptr<float>();
-      float* u = ws_->up.data_ptr<float>();
-      constexpr std::array<Proj, 2> kGateUp = {Proj::kGate, Proj::kUp};
-      const std::array<float*, 2> out = {g, u};
-      Project(h, n, l, kGateUp, out);
-      SiluMul(g, u, n * inter);
-      Project(g, n, l, Proj::kDown, tmp);
-      AddInPlace(x, tmp, n * H);
-    } else if (l.down_bias.defined()) {
-      for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);
-    }
-  }
-
-  // Final norm only on the rows whose logits are wanted.
-  const float* fn = m.final_norm.data_ptr<float>();
-  if (out_rows == n) {
-    RmsNorm(x, fn, n, H, c.rms_norm_eps, h);
+  };
+  if (options_.one_region_decode && RunsInOneRegion(seqs)) {
+    RunInTeam(compute);
   } else {
-    row = 0;
-    int64_t out = 0;
-    for (const SeqInput& s : seqs) {
-      const int64_t T = static_cast<int64_t>(s.tokens.size());
-      const int64_t keep = all_logits || s.all_logits ? T : 1;
-      RmsNorm(x + (row + T - keep) * H, fn, keep, H, c.rms_norm_eps, h + out * H);
-      row += T;
-      out += keep;
-    }
-  }
-  if (m.head_panels.defined() && options_.linear_path == LinearPath::kAuto) {
-    LinearPacked(h, out_rows, m.head_panels, m.lm_head.size(0), m.lm_head.size(1), nullptr,
-                 ws_->logits.data_ptr<float>());
-  } else {
-    Linear(h, out_rows, m.lm_head, nullptr, ws_->logits.data_ptr<float>(), options_.linear_path);
+    compute();
   }
   for (const SeqInput& s : seqs)
     cache.set_length(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));

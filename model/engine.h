@@ -45,6 +45,10 @@ struct EngineOptions {
   std::shared_ptr<EngineWorkspace> workspace = nullptr;
   // KV cache storage: kFloat, or kHalf (half the KV memory and attention reads; K/V rounded).
   at::ScalarType kv_dtype = at::kFloat;
+  // Decode steps (runs of up to kTokenByTokenAttentionMax tokens per sequence, weights in panels,
+  // no low-rank deltas) in one parallel region with spin barriers between the kernels
+  // (model/team.h); false: one region per kernel call. The results are the same bits.
+  bool one_region_decode = true;
 };
 
 class Engine {
@@ -67,6 +71,8 @@ class Engine {
 
  private:
   void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
+  // Whether a Forward over `seqs` can run as one team (EngineOptions::one_region_decode).
+  bool RunsInOneRegion(std::span<const SeqInput> seqs) const;
   void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
   // y_i[n, out_i] = x W_i^T + bias_i (+ U_i D_i x where projection i carries a low-rank delta)
   // for projections `ps` of one input (q, k, v; gate, up; or one): with panels (PackWeights) in

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "model/simd.h"
+#include "model/team.h"
 
 namespace amoeba {
 
@@ -448,7 +449,7 @@ void SiluMul(float* a, const float* b, int64_t n) {
   // Vector exp: a decode step's MLP width (~2-6K values) is too little to split across threads
   // (a fork/join costs more); a batch's worth is split.
   const KernelIsa isa = ActiveKernelIsa();
-  at::parallel_for(0, n, 16384, [&](int64_t s, int64_t e) {
+  ParallelFor(0, n, 16384, [&](int64_t s, int64_t e) {
     if (isa == KernelIsa::kAvx512) {
       SiluMulAvx512(a + s, b + s, e - s);
     } else if (isa == KernelIsa::kAvx2) {

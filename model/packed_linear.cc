@@ -335,9 +335,15 @@ void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const Pac
   } else {
     LinearPackedTyped<float>(x, n, in, outs);
   }
-  for (const PackedOutput& o : outs)
-    if (o.bias)
-      for (int64_t j = 0; j < n; ++j) AddInPlace(o.y + j * o.out, o.bias, o.out);
+  bool any_bias = false;
+  for (const PackedOutput& o : outs) any_bias = any_bias || o.bias;
+  if (any_bias) {
+    Serially([&] {
+      for (const PackedOutput& o : outs)
+        if (o.bias)
+          for (int64_t j = 0; j < n; ++j) AddInPlace(o.y + j * o.out, o.bias, o.out);
+    });
+  }
 }
 
 void PackWeights(Model& m, WeightFormat f) {

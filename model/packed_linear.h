@@ -16,6 +16,7 @@
 #include <optional>
 #include <span>
 
+#include "model/team.h"
 #include "model/weight_format.h"
 #include "model/weights.h"
 
@@ -45,13 +46,14 @@ struct PackedOutput {
 void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs);
 
 // For kernels: calls fn(output, panel index, valid rows of that panel) for every 16-row panel of
-// `outs`, the outputs' panels numbered back to back and split over the threads in one region.
+// `outs`, the outputs' panels numbered back to back and split over the threads in one region
+// (or over the current team: model/team.h).
 template <typename Fn>
 void ForEachPanel(std::span<const PackedOutput> outs, const Fn& fn) {
   constexpr int64_t kRows = 16;
   int64_t total = 0;
   for (const PackedOutput& o : outs) total += (o.out + kRows - 1) / kRows;
-  at::parallel_for(0, total, 4, [&](int64_t b, int64_t e) {
+  ParallelFor(0, total, 4, [&](int64_t b, int64_t e) {
     size_t i = 0;
     int64_t first = 0;  // global index of outs[i]'s first panel
     for (int64_t g = b; g < e; ++g) {

@@ -9,6 +9,7 @@
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
+#include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
 
@@ -94,6 +95,56 @@ TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
   }
   EXPECT_EQ(cache.capacity(0), 512);  // 64 -> 128 -> 256 (arena) -> 512 (arena)
   EXPECT_EQ(cache.bytes(), per_position * 512);
+}
+
+// A decode step in one parallel region (the kernels split by a team, serial pieces between spin
+// barriers) gives the same bits as one region per kernel: every format and ISA, with biases,
+// decode steps next to a 5-token check in one call, and a layer without attention heads.
+TEST(EngineTest, OneRegionDecodeGivesTheSameBitsAsARegionPerKernel) {
+  at::InferenceMode guard;
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));  // a team of at least two, whatever the CPU count
+  const auto prompt = RandomTokens(12, 97, 31), drafted = RandomTokens(5, 97, 32);
+  std::vector<KernelIsa> isas = {KernelIsa::kScalar};
+  if (CpuHasAvx2Fma()) isas.push_back(KernelIsa::kAvx2);
+  if (CpuHasAvx512()) isas.push_back(KernelIsa::kAvx512);
+  for (KernelIsa isa : isas)
+    for (WeightFormat format :
+         {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+      ForceKernelIsa(isa);
+      Model base = TinyModel(8);
+      for (LayerWeights& l : base.layers) {  // compensation biases, as a sliced subnet has
+        l.o_bias = 0.1 * at::randn({base.config.hidden_size});
+        l.down_bias = 0.1 * at::randn({base.config.hidden_size});
+        l.q_bias = 0.1 * at::randn({l.q.size(0)});
+      }
+      PackWeights(base, format);
+      auto m = std::make_shared<const Model>(std::move(base));
+      Engine one(m, {.max_len = 64}), many(m, {.max_len = 64, .one_region_decode = false});
+      const std::string what = std::string(KernelIsaName(isa)) + " " + WeightFormatName(format);
+      KVCache c1 = one.NewCache(3), c2 = many.NewCache(3);
+      for (int slot = 0; slot < 3; ++slot) {
+        SeqInput p{slot, prompt};
+        ASSERT_TRUE(one.Forward(c1, {&p, 1}).ok());
+        ASSERT_TRUE(many.Forward(c2, {&p, 1}).ok());
+      }
+      for (int step = 0; step < 3; ++step) {
+        const int32_t a = 5 + step, b = 40 + step;
+        SeqInput seqs[3] = {{0, {&a, 1}}, {1, drafted, /*all_logits=*/true}, {2, {&b, 1}}};
+        const int64_t runs = TeamRuns();
+        const at::Tensor want = many.Forward(c2, seqs).value().clone();
+        EXPECT_EQ(TeamRuns(), runs);
+        auto got = one.Forward(c1, seqs);
+        ASSERT_TRUE(got.ok());
+        EXPECT_EQ(TeamRuns(), runs + 1) << "the step ran as one team";
+        ASSERT_EQ(got->size(0), 7);
+        EXPECT_EQ(MaxAbsDiff(*got, want), 0.0) << what << " step " << step;
+        c1.set_length(1, c1.length(1) - 5);  // the check's tokens again next step
+        c2.set_length(1, c2.length(1) - 5);
+      }
+    }
+  ForceKernelIsa(KernelIsa::kAuto);
+  at::set_num_threads(threads);
 }
 
 TEST(EngineTest, BatchOfDifferentLengthsMatchesEachAlone) {

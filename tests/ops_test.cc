@@ -2,13 +2,17 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <stdexcept>
 
 #include "model/decode_attention.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
 #include "model/rope.h"
+#include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
 
@@ -216,8 +220,8 @@ TEST(KernelTest, PackedPanelsMatchTorchOnPrefixes) {
   }
 }
 
-// SiLU(a)·b under every ISA: within 3e-7 (relative) of the double-precision value, across the range the
-// vector exp clamps (large |a| included), and each value independent of its place in the range
+// SiLU(a)·b under every ISA: within 3e-7 (relative) of the double-precision value, across the range
+// the vector exp clamps (large |a| included), and each value independent of its place in the range
 // (the decode rows must not depend on the batch).
 TEST(KernelTest, SiluMulIsAccurateAndPositionIndependent) {
   at::manual_seed(9);
@@ -235,7 +239,7 @@ TEST(KernelTest, SiluMulIsAccurateAndPositionIndependent) {
                            .max()
                            .item<double>();
     EXPECT_LT(err, 3e-7) << KernelIsaName(isa);  // measured 1.5e-7: ~1 ulp of fp32
-    for (int64_t off : {1, 5, 13}) {  // the same values at other offsets and range ends
+    for (int64_t off : {1, 5, 13}) {             // the same values at other offsets and range ends
       at::Tensor z = a.narrow(0, off, 37).clone();
       SiluMul(z.data_ptr<float>(), b.data_ptr<float>() + off, 37);
       EXPECT_EQ(testing::MaxAbsDiff(z, y.narrow(0, off, 37)), 0.0) << KernelIsaName(isa) << off;
@@ -379,6 +383,60 @@ TEST(KernelTest, DecodeAttentionMatchesSoftmaxReference) {
       }
     }
   }
+}
+
+}  // namespace
+}  // namespace amoeba
+
+namespace amoeba {
+namespace {
+
+// Inside a team, ParallelFor hands each member the chunk at::parallel_for would give its thread,
+// and Serially runs on one thread while the others wait.
+TEST(TeamTest, ParallelForSplitsAsAtParallelForAndSeriallyRunsOnce) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));
+  for (int64_t n : {1, 5, 64, 1001})
+    for (int64_t grain : {1, 4, 16384}) {
+      std::vector<std::pair<int64_t, int64_t>> want(at::get_num_threads(), {-1, -1}), got = want;
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        want[at::get_thread_num()] = {b, e};
+      });
+      std::atomic<int> serial_runs{0};
+      std::vector<int> seen(n, 0);
+      auto body = [&] {
+        ParallelFor(0, n, grain, [&](int64_t b, int64_t e) {
+          got[CurrentTeam()->tid()] = {b, e};
+          for (int64_t i = b; i < e; ++i) ++seen[i];
+        });
+        Serially([&] { serial_runs.fetch_add(1); });
+      };
+      RunInTeam(body);
+      EXPECT_EQ(got, want) << "n=" << n << " grain=" << grain;
+      EXPECT_EQ(serial_runs.load(), 1);
+      EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), n);
+    }
+  at::set_num_threads(threads);
+}
+
+// An exception on one member ends the team (the others leave at their next barrier) and reaches
+// RunInTeam's caller: no hang, no terminate.
+TEST(TeamTest, AnExceptionOnOneThreadReachesTheCaller) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));
+  for (int thrower : {0, 1}) {
+    auto body = [&] {
+      Team* t = CurrentTeam();
+      t->Barrier();
+      if (t->tid() == thrower) throw std::runtime_error("member failed");
+      for (int i = 0; i < 3; ++i) t->Barrier();
+    };
+    EXPECT_THROW(RunInTeam(body), std::runtime_error) << "thrower " << thrower;
+  }
+  auto serial_throw = [&] { Serially([] { TORCH_CHECK(false, "serial part failed"); }); };
+  EXPECT_THROW(RunInTeam(serial_throw), c10::Error);
+  EXPECT_EQ(CurrentTeam(), nullptr);
+  at::set_num_threads(threads);
 }
 
 }  // namespace

@@ -1,0 +1,90 @@
+// One parallel region for a whole pass (a decode step) instead of one per kernel call: the
+// threads of the region form a Team; the parallel helpers below split work by the team and end
+// with a spin barrier, serial work runs on the team's first thread between barriers. Outside a
+// team the same helpers open an OpenMP region each (at::parallel_for), so callers are written
+// once for both. A decode step of a small model makes ~60 kernel calls of 10-60 µs; a fork/join
+// and the end-of-region wait cost several µs each (bench/README, bench/decode).
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+
+namespace amoeba {
+
+struct TeamAborted {};
+
+class Team {
+ public:
+  int tid() const { return tid_; }
+  int size() const { return size_; }
+  // Every thread of the team waits here until all have arrived. Throws TeamAborted when another
+  // member has thrown (RunInTeam then rethrows that exception to its caller).
+  void Barrier();
+
+ private:
+  friend struct TeamState;
+  Team(int tid, int size, struct TeamState* state) : tid_(tid), size_(size), state_(state) {}
+  int tid_, size_;
+  struct TeamState* state_;
+};
+
+// The team the calling thread is running in, or null.
+Team* CurrentTeam();
+// Sets the calling thread's team (null: none); returns the previous one.
+Team* SetCurrentTeam(Team* team);
+
+// Runs body() on at::get_num_threads() threads at once, each as one member of a Team; every
+// thread must make the same sequence of the calls below. An exception thrown on any thread ends
+// the team (the others leave at their next barrier) and is rethrown here, on the caller.
+void RunInTeam(void (*body)(void*), void* arg);
+// RunInTeam calls so far, process-wide (tests check that a path really ran as a team).
+int64_t TeamRuns();
+template <typename F>
+void RunInTeam(F& body) {
+  RunInTeam([](void* f) { (*static_cast<F*>(f))(); }, &body);
+}
+
+// fn() on one thread: the team's first (then a barrier), or the caller outside a team. Inside
+// fn the thread is in no team (the others wait at the barrier), so helpers called there run
+// alone.
+template <typename F>
+void Serially(const F& fn) {
+  Team* t = CurrentTeam();
+  if (!t) return fn();
+  if (t->tid() == 0) {
+    struct Restore {
+      Team* t;
+      ~Restore() { SetCurrentTeam(t); }
+    } restore{SetCurrentTeam(nullptr)};
+    fn();
+  }
+  t->Barrier();
+}
+
+// The chunk [b, e) of [begin, end) at::parallel_for gives thread `tid` of `threads` with `grain`
+// (min(threads, ceil(size / grain)) equal chunks; empty for the threads left over).
+inline void ParallelChunk(int64_t begin, int64_t end, int64_t grain, int tid, int threads,
+                          int64_t* b, int64_t* e) {
+  const int64_t n = end - begin;
+  const int64_t used =
+      std::max<int64_t>(1, std::min<int64_t>(threads, grain > 0 ? (n + grain - 1) / grain : n));
+  const int64_t chunk = (n + used - 1) / used;
+  *b = std::min(end, begin + tid * chunk);
+  *e = std::min(end, *b + chunk);
+}
+
+// at::parallel_for's split of [begin, end), inside a team too (then a barrier).
+template <typename F>
+void ParallelFor(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  Team* t = CurrentTeam();
+  if (!t) return at::parallel_for(begin, end, grain, fn);
+  int64_t b, e;
+  ParallelChunk(begin, end, grain, t->tid(), t->size(), &b, &e);
+  if (b < e) fn(b, e);
+  t->Barrier();
+}
+
+}  // namespace amoeba
