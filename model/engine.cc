@@ -69,8 +69,10 @@ void Engine::Project(const float* x, int64_t n, const LayerWeights& l, std::span
       outs[i] = {&panels(ps[i]), l.proj(ps[i]).size(0), bias(ps[i]), ys[i]};
     LinearPackedMany(x, n, l.proj(ps[0]).size(1), {outs.data(), ps.size()});
   } else {
-    for (size_t i = 0; i < ps.size(); ++i)
-      Linear(x, n, l.proj(ps[i]), bias(ps[i]), ys[i], options_.linear_path);
+    Serially([&] {
+      for (size_t i = 0; i < ps.size(); ++i)
+        Linear(x, n, l.proj(ps[i]), bias(ps[i]), ys[i], options_.linear_path);
+    });
   }
   for (size_t i = 0; i < ps.size(); ++i)
     if (l.deltas[static_cast<int>(ps[i])].defined())
