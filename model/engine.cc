@@ -115,6 +115,15 @@ void Engine::ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, fl
   }
 }
 
+namespace {
+// A pure decode step: every sequence brings one new token.
+bool OneTokenEach(std::span<const SeqInput> seqs) {
+  for (const SeqInput& s : seqs)
+    if (s.tokens.size() != 1) return false;
+  return true;
+}
+}  // namespace
+
 void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs) {
   const LayerWeights& lw = model_->layers[layer];
   const int64_t hd = model_->config.head_dim;
@@ -135,28 +144,67 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     return (head * cache.capacity(slot) + pos) * hd;
   };
 
-  // 1. Append the new keys/values. 2a's task list is built here too (both on one thread).
+  // Row r's new key and value of KV head h, into `slot` at `pos`.
+  auto append = [&](int64_t r, int64_t slot, int64_t h, int64_t pos) {
+    const float* kr = kn + r * kvdim + h * hd;
+    const float* vr = vn + r * kvdim + h * hd;
+    const int64_t at_row = offset(slot, h, pos);
+    at::Tensor& K = cache.k(layer, slot);
+    at::Tensor& V = cache.v(layer, slot);
+    if (half) {
+      FloatToHalf(kr, K.data_ptr<at::Half>() + at_row, hd);
+      FloatToHalf(vr, V.data_ptr<at::Half>() + at_row, hd);
+    } else {
+      std::memcpy(K.data_ptr<float>() + at_row, kr, hd * sizeof(float));
+      std::memcpy(V.data_ptr<float>() + at_row, vr, hd * sizeof(float));
+    }
+  };
+  // Row r's query heads of KV head kvh over the first `len` positions of `slot` (task t's
+  // scratch).
+  float* scores = ws_->scores.data_ptr<float>();
+  auto attend = [&](int64_t t, int64_t r, int64_t slot, int64_t kvh, int64_t len) {
+    const int64_t first = offset(slot, kvh, 0);
+    const int64_t first_q = r * qdim + kvh * group * hd;  // the group's query heads
+    const at::Tensor& K = cache.k(layer, slot);
+    const at::Tensor& V = cache.v(layer, slot);
+    if (half) {
+      DecodeAttention(q + first_q, group, K.data_ptr<at::Half>() + first,
+                      V.data_ptr<at::Half>() + first, len, hd, scale, scores + t * max_len,
+                      att + first_q);
+    } else {
+      DecodeAttention(q + first_q, group, K.data_ptr<float>() + first, V.data_ptr<float>() + first,
+                      len, hd, scale, scores + t * max_len, att + first_q);
+    }
+  };
+
+  // A decode step (one new token per sequence): each (sequence, KV head) task rotates its query
+  // group and key, appends its key and value and attends, all in parallel (done one after
+  // another on one thread, RoPE and the append's cache misses left the other core idle).
+  if (OneTokenEach(seqs)) {
+    float* qr = ws_->q.data_ptr<float>();
+    float* kr = ws_->k.data_ptr<float>();
+    const int64_t n = static_cast<int64_t>(seqs.size());
+    ParallelFor(0, n * hkv, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t r = t / hkv, kvh = t % hkv, slot = seqs[r].slot, pos = ws_->pos[r];
+        ApplyRope(qr + r * qdim + kvh * group * hd, group, hd, rope_, pos);
+        ApplyRope(kr + r * kvdim + kvh * hd, 1, hd, rope_, pos);
+        append(r, slot, kvh, pos);
+        attend(t, r, slot, kvh, pos + 1);
+      }
+    });
+    return;
+  }
+
+  // 1. Append the new keys/values (rotated by Forward). 2a's task list is built here too (both on
+  // one thread).
   std::vector<DecodeTask>& single = decode_tasks_;
   Serially([&] {
     int64_t row = 0;
     for (const SeqInput& s : seqs) {
       const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
-      at::Tensor& K = cache.k(layer, s.slot);
-      at::Tensor& V = cache.v(layer, s.slot);
-      for (int64_t t = 0; t < T; ++t) {
-        for (int64_t h = 0; h < hkv; ++h) {
-          const float* kr = kn + (row + t) * kvdim + h * hd;
-          const float* vr = vn + (row + t) * kvdim + h * hd;
-          const int64_t at_row = offset(s.slot, h, p0 + t);
-          if (half) {
-            FloatToHalf(kr, K.data_ptr<at::Half>() + at_row, hd);
-            FloatToHalf(vr, V.data_ptr<at::Half>() + at_row, hd);
-          } else {
-            std::memcpy(K.data_ptr<float>() + at_row, kr, hd * sizeof(float));
-            std::memcpy(V.data_ptr<float>() + at_row, vr, hd * sizeof(float));
-          }
-        }
-      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < hkv; ++h) append(row + t, s.slot, h, p0 + t);
       row += T;
     }
 
@@ -173,24 +221,10 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     }
   });
   if (!single.empty()) {
-    float* scores = ws_->scores.data_ptr<float>();
-    const int64_t ntask = static_cast<int64_t>(single.size()) * hkv;
-    ParallelFor(0, ntask, 1, [&](int64_t b, int64_t e) {
+    ParallelFor(0, static_cast<int64_t>(single.size()) * hkv, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const DecodeTask& tk = single[t / hkv];
-        const int64_t kvh = t % hkv, first = offset(tk.slot, kvh, 0);
-        const int64_t first_q = tk.row * qdim + kvh * group * hd;  // the group's query heads
-        const at::Tensor& K = cache.k(layer, tk.slot);
-        const at::Tensor& V = cache.v(layer, tk.slot);
-        if (half) {
-          DecodeAttention(q + first_q, group, K.data_ptr<at::Half>() + first,
-                          V.data_ptr<at::Half>() + first, tk.len, hd, scale, scores + t * max_len,
-                          att + first_q);
-        } else {
-          DecodeAttention(q + first_q, group, K.data_ptr<float>() + first,
-                          V.data_ptr<float>() + first, tk.len, hd, scale, scores + t * max_len,
-                          att + first_q);
-        }
+        attend(t, tk.row, tk.slot, t % hkv, tk.len);
       }
     });
   }
@@ -275,6 +309,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   // Written once for both ways of running: in a team (one parallel region for the whole pass,
   // team.h) the kernels split by the team and the serial pieces run on its first thread; else
   // each kernel opens its own region.
+  const bool one_token_each = OneTokenEach(seqs);
   auto compute = [&] {
     Serially([&] {
       int64_t row = 0;
@@ -303,12 +338,14 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
         const std::array<float*, 3> out = {q, k, ws_->v.data_ptr<float>()};
         Project(h, n, l, kQkv, out);
       }
-      Serially([&] {
-        for (int64_t r = 0; r < n; ++r) {
-          ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
-          ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
-        }
-      });
+      if (!one_token_each) {  // else Attention rotates per KV head, in parallel
+        Serially([&] {
+          for (int64_t r = 0; r < n; ++r) {
+            ApplyRope(q + r * hq * hd, hq, hd, rope_, ws_->pos[r]);
+            ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
+          }
+        });
+      }
       Attention(static_cast<int64_t>(li), cache, seqs);
       if (hq > 0) {
         Project(ws_->att.data_ptr<float>(), n, l, Proj::kO, tmp);

@@ -99,7 +99,7 @@ TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
 
 // A decode step in one parallel region (the kernels split by a team, serial pieces between spin
 // barriers) gives the same bits as one region per kernel: every format and ISA, with biases,
-// decode steps next to a 5-token check in one call, and a layer without attention heads.
+// decode steps next to a 5-token check in one call, and pure decode steps.
 TEST(EngineTest, OneRegionDecodeGivesTheSameBitsAsARegionPerKernel) {
   at::InferenceMode guard;
   const int threads = at::get_num_threads();
@@ -141,6 +141,13 @@ TEST(EngineTest, OneRegionDecodeGivesTheSameBitsAsARegionPerKernel) {
         EXPECT_EQ(MaxAbsDiff(*got, want), 0.0) << what << " step " << step;
         c1.set_length(1, c1.length(1) - 5);  // the check's tokens again next step
         c2.set_length(1, c2.length(1) - 5);
+        // A pure decode step (one token each: RoPE and the append run in attention's tasks).
+        SeqInput steps[3] = {{0, {&b, 1}}, {1, {&a, 1}}, {2, {&a, 1}}};
+        const at::Tensor want_step = many.Forward(c2, steps).value().clone();
+        auto got_step = one.Forward(c1, steps);
+        ASSERT_TRUE(got_step.ok());
+        EXPECT_EQ(TeamRuns(), runs + 2);
+        EXPECT_EQ(MaxAbsDiff(*got_step, want_step), 0.0) << what << " decode step " << step;
       }
     }
   ForceKernelIsa(KernelIsa::kAuto);
