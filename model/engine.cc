@@ -18,6 +18,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
     : model_(std::move(model)),
       options_(options),
       rope_(model_->config, options.max_len),
+      panels_only_(PanelsOnly(*model_, options)),
       ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {}
 
 void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
@@ -124,7 +125,8 @@ bool OneTokenEach(std::span<const SeqInput> seqs) {
 }
 }  // namespace
 
-void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs) {
+void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs,
+                       bool one_token_each) {
   const LayerWeights& lw = model_->layers[layer];
   const int64_t hd = model_->config.head_dim;
   const int64_t hq = lw.q_heads(hd), hkv = lw.kv_heads(hd);
@@ -180,7 +182,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   // A decode step (one new token per sequence): each (sequence, KV head) task rotates its query
   // group and key, appends its key and value and attends, all in parallel (done one after
   // another on one thread, RoPE and the append's cache misses left the other core idle).
-  if (OneTokenEach(seqs)) {
+  if (one_token_each) {
     float* qr = ws_->q.data_ptr<float>();
     float* kr = ws_->k.data_ptr<float>();
     const int64_t n = static_cast<int64_t>(seqs.size());
@@ -256,15 +258,20 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   });
 }
 
-bool Engine::RunsInOneRegion(std::span<const SeqInput> seqs) const {
-  // Decode and short runs on panels only: prefill attention and the row-major and delta kernels
-  // are libtorch or split their own way (Serially would run them on one thread).
-  if (options_.linear_path != LinearPath::kAuto || !model_->head_panels.defined()) return false;
-  for (const SeqInput& s : seqs)
-    if (static_cast<int64_t>(s.tokens.size()) > kTokenByTokenAttentionMax) return false;
-  for (const LayerWeights& l : model_->layers)
+bool Engine::PanelsOnly(const Model& m, const EngineOptions& options) {
+  // Prefill attention and the row-major and delta kernels are libtorch or split their own way
+  // (Serially would run them on one thread).
+  if (options.linear_path != LinearPath::kAuto || !m.head_panels.defined()) return false;
+  for (const LayerWeights& l : m.layers)
     for (int p = 0; p < kNumProj; ++p)
       if (!l.panels[p].defined() || l.deltas[p].defined()) return false;
+  return true;
+}
+
+bool Engine::RunsInOneRegion(std::span<const SeqInput> seqs) const {
+  if (!options_.one_region_decode || !panels_only_) return false;
+  for (const SeqInput& s : seqs)  // decode and short runs only
+    if (static_cast<int64_t>(s.tokens.size()) > kTokenByTokenAttentionMax) return false;
   return true;
 }
 
@@ -346,7 +353,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
           }
         });
       }
-      Attention(static_cast<int64_t>(li), cache, seqs);
+      Attention(static_cast<int64_t>(li), cache, seqs, one_token_each);
       if (hq > 0) {
         Project(ws_->att.data_ptr<float>(), n, l, Proj::kO, tmp);
         Serially([&] { AddInPlace(x, tmp, n * H); });
@@ -398,7 +405,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       });
     }
   };
-  if (options_.one_region_decode && RunsInOneRegion(seqs)) {
+  if (RunsInOneRegion(seqs)) {
     RunInTeam(compute);
   } else {
     compute();

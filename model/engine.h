@@ -71,9 +71,13 @@ class Engine {
 
  private:
   void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
+  // Whether every kernel of `m` reads panels (no row-major weights, no low-rank deltas).
+  static bool PanelsOnly(const Model& m, const EngineOptions& options);
   // Whether a Forward over `seqs` can run as one team (EngineOptions::one_region_decode).
   bool RunsInOneRegion(std::span<const SeqInput> seqs) const;
-  void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs);
+  // one_token_each (a pure decode step): RoPE is applied here, per KV head, not by Forward.
+  void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs,
+                 bool one_token_each);
   // y_i[n, out_i] = x W_i^T + bias_i (+ U_i D_i x where projection i carries a low-rank delta)
   // for projections `ps` of one input (q, k, v; gate, up; or one): with panels (PackWeights) in
   // one pass (LinearPackedMany), else with the row-major kernels one by one.
@@ -88,6 +92,9 @@ class Engine {
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
   RopeTable rope_;
+  // PanelsOnly(model, options), once: the model is const (were it changed anyway, the Serially
+  // guards keep a team correct, only slower).
+  bool panels_only_;
   std::shared_ptr<EngineWorkspace> ws_;
   struct DecodeTask {
     int64_t row, slot, len;
