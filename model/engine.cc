@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/decode_attention.h"
 #include "model/packed_linear.h"
+#include "model/stream_prefetch.h"
 #include "model/team.h"
 
 namespace amoeba {
@@ -19,6 +20,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
       options_(options),
       rope_(model_->config, options.max_len),
       panels_only_(PanelsOnly(*model_, options)),
+      prefetch_trial_format_(PrefetchTrialFormat(*model_, panels_only_)),
       ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {}
 
 void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
@@ -268,6 +270,15 @@ bool Engine::PanelsOnly(const Model& m, const EngineOptions& options) {
   return true;
 }
 
+int Engine::PrefetchTrialFormat(const Model& m, bool panels_only) {
+  if (!panels_only || m.layers.empty()) return -1;
+  size_t bytes = m.head_panels.defined() ? m.head_panels.nbytes() : 0;
+  for (const LayerWeights& l : m.layers)
+    for (const at::Tensor& p : l.panels) bytes += p.nbytes();
+  if (bytes <= kPrefetchTrialMinBytes) return -1;
+  return static_cast<int>(PanelsFormat(m.layers[0].panels[0]));
+}
+
 bool Engine::RunsInOneRegion(std::span<const SeqInput> seqs) const {
   if (!options_.one_region_decode || !panels_only_) return false;
   for (const SeqInput& s : seqs)  // decode and short runs only
@@ -405,10 +416,24 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       });
     }
   };
-  if (RunsInOneRegion(seqs)) {
-    RunInTeam(compute);
-  } else {
+  // The first batch-1 decode steps of a model that streams from DRAM try the kernels' prefetch
+  // both ways (stream_prefetch.h); each member of a team runs this step's arm.
+  const WeightFormat format = static_cast<WeightFormat>(std::max(prefetch_trial_format_, 0));
+  const int arm = prefetch_trial_format_ >= 0 && n == 1 ? PrefetchTrialArm(format) : -1;
+  const auto started = std::chrono::steady_clock::now();
+  auto compute_with_arm = [&] {
+    ScopedPrefetchArm scoped(arm);
     compute();
+  };
+  if (RunsInOneRegion(seqs)) {
+    RunInTeam(compute_with_arm);
+  } else {
+    compute_with_arm();
+  }
+  if (arm >= 0) {
+    RecordPrefetchTrial(
+        format, arm,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   }
   for (const SeqInput& s : seqs)
     cache.set_length(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));

@@ -13,6 +13,7 @@
 #include "model/quantized_panels.h"
 #include "model/runtime.h"
 #include "model/simd.h"
+#include "model/stream_prefetch.h"
 
 namespace amoeba {
 
@@ -32,7 +33,7 @@ constexpr int64_t kAvx2PrefetchRows = 3;
 using simd::Load16;
 using simd::Load8;
 
-template <int J, typename T>
+template <int J, typename T, bool kPrefetch>
 AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, float* y, int64_t out,
                                int64_t col, int64_t valid, int64_t rows) {
   // Below 4 inputs there are too few accumulator chains to hide the FMA latency: unroll k by U
@@ -45,13 +46,15 @@ AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, floa
   // left 10-30% of the bandwidth unused whenever the machine had much of it (Zen 5 VM, paired
   // probes: TinyLlama fp16 matrices 88-91% -> 92-100% of a read probe, 100m fp16 batch 1 76-79%
   // -> 88-91%, batch 4 fp32 60-69% -> 79-88%). 8+ inputs: one prefetch per k, as measured before.
+  // Machines whose hardware prefetcher keeps up without it run kPrefetch = false
+  // (stream_prefetch.h).
   constexpr int64_t kStepBytes = U * kPanel * sizeof(T);
   int64_t k = 0;
   for (; k + U <= in; k += U) {
-    if constexpr (J >= 8) {
+    if constexpr (kPrefetch && J >= 8) {
       _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats),
                    _MM_HINT_T0);
-    } else {
+    } else if constexpr (kPrefetch) {
       const char* ahead = reinterpret_cast<const char*>(panel + k * kPanel) + kPrefetchBytes;
       for (int64_t b = 0; b < kStepBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
@@ -103,13 +106,13 @@ AMOEBA_AVX2 void PanelAvx2Pass(const T* panel, const float* xk0, int64_t J, int6
 
 template <int J, typename T>
 AMOEBA_AVX2 void PanelAvx2(const T* panel, const float* xt, int64_t in, float* y, int64_t out,
-                           int64_t col, int64_t valid, int64_t rows) {
+                           int64_t col, int64_t valid, int64_t rows, bool prefetch_on) {
   for (int64_t j0 = 0; j0 < J && j0 < rows; j0 += 4) {
     const float* xk0 = xt + j0;
     float* yj = y + j0 * out;
     // The first pass streams the panel from memory: with 3+ inputs a line takes long enough to
     // compute that the hardware prefetcher alone falls behind. Later passes hit L1/L2.
-    const bool prefetch = j0 == 0 && rows >= kAvx2PrefetchRows;
+    const bool prefetch = prefetch_on && j0 == 0 && rows >= kAvx2PrefetchRows;
     switch (std::min<int64_t>(4, rows - j0)) {
       case 4:
         PanelAvx2Pass<4, T>(panel, xk0, J, in, yj, out, col, valid, prefetch);
@@ -179,14 +182,18 @@ AMOEBA_AVX512 void Transpose16Avx512(const float* x, int64_t in, float* xt) {
 // parallel region: panel indices run over the outputs back to back.
 template <int J, typename T>
 void RunGroup(std::span<const PackedOutput> outs, const float* xt, int64_t in, int64_t r0,
-              int64_t rows, KernelIsa isa) {
+              int64_t rows, KernelIsa isa, bool prefetch) {
   ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
     const T* panel = o.panels->data_ptr<T>() + p * o.panels->size(1) * kPanel;
     float* y = o.y + r0 * o.out;
     if (isa == KernelIsa::kAvx512) {
-      PanelAvx512<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
+      if (prefetch) {
+        PanelAvx512<J, T, true>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
+      } else {
+        PanelAvx512<J, T, false>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
+      }
     } else if (isa == KernelIsa::kAvx2) {
-      PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
+      PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows, prefetch);
     } else {
       PanelScalar(panel, xt, J, in, y, o.out, p * kPanel, valid, rows);
     }
@@ -196,6 +203,9 @@ void RunGroup(std::span<const PackedOutput> outs, const float* xt, int64_t in, i
 template <typename T>
 void LinearPackedTyped(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs) {
   const KernelIsa isa = ActiveKernelIsa();
+  const bool prefetch =
+      n > kPrefetchChoiceMaxRows ||
+      StreamPrefetchOn(std::is_same_v<T, at::Half> ? WeightFormat::kF16 : WeightFormat::kF32);
   thread_local std::vector<float> xt;  // grown once, reused: no allocation per decode step
   if (static_cast<int64_t>(xt.size()) < in * kPanel) xt.resize(in * kPanel);
   for (int64_t r0 = 0; r0 < n; r0 += kPanel) {
@@ -216,19 +226,19 @@ void LinearPackedTyped(const float* x, int64_t n, int64_t in, std::span<const Pa
     }
     switch (J) {
       case 1:
-        RunGroup<1, T>(outs, xg, in, r0, rows, isa);
+        RunGroup<1, T>(outs, xg, in, r0, rows, isa, prefetch);
         break;
       case 2:
-        RunGroup<2, T>(outs, xg, in, r0, rows, isa);
+        RunGroup<2, T>(outs, xg, in, r0, rows, isa, prefetch);
         break;
       case 4:
-        RunGroup<4, T>(outs, xg, in, r0, rows, isa);
+        RunGroup<4, T>(outs, xg, in, r0, rows, isa, prefetch);
         break;
       case 8:
-        RunGroup<8, T>(outs, xg, in, r0, rows, isa);
+        RunGroup<8, T>(outs, xg, in, r0, rows, isa, prefetch);
         break;
       default:
-        RunGroup<16, T>(outs, xg, in, r0, rows, isa);
+        RunGroup<16, T>(outs, xg, in, r0, rows, isa, prefetch);
     }
   }
 }
@@ -249,11 +259,25 @@ void FillPanels(const at::Tensor& W, at::Tensor& panels) {
   }
 }
 
-std::vector<int64_t> PanelSizes(const at::Tensor& W, WeightFormat f) {
+// Fills panels of format `f` (allocated with PanelSizes) from W.
+void FillPanelsOf(const at::Tensor& W, WeightFormat f, at::Tensor& panels) {
+  if (IsQuantized(f)) {
+    FillQuantizedPanels(W, f, panels);
+  } else {
+    FillPanels(W, panels);
+  }
+}
+
+WeightFormat FormatOfWeights(const at::Tensor& W) {
+  return W.scalar_type() == at::kHalf ? WeightFormat::kF16 : WeightFormat::kF32;
+}
+
+}  // namespace
+
+std::vector<int64_t> PanelSizes(int64_t out, int64_t in, WeightFormat f) {
   if (IsQuantized(f))
-    return {(W.size(0) + kPanel - 1) / kPanel, (W.size(1) + kQuantBlock - 1) / kQuantBlock,
-            QuantBlockBytes(f)};
-  return {(W.size(0) + kPanel - 1) / kPanel, W.size(1), kPanel};
+    return {(out + kPanel - 1) / kPanel, (in + kQuantBlock - 1) / kQuantBlock, QuantBlockBytes(f)};
+  return {(out + kPanel - 1) / kPanel, in, kPanel};
 }
 
 at::ScalarType PanelDtype(WeightFormat f) {
@@ -269,21 +293,6 @@ at::ScalarType PanelDtype(WeightFormat f) {
   }
   return at::kFloat;
 }
-
-// Fills panels of format `f` (allocated with PanelSizes) from W.
-void FillPanelsOf(const at::Tensor& W, WeightFormat f, at::Tensor& panels) {
-  if (IsQuantized(f)) {
-    FillQuantizedPanels(W, f, panels);
-  } else {
-    FillPanels(W, panels);
-  }
-}
-
-WeightFormat FormatOfWeights(const at::Tensor& W) {
-  return W.scalar_type() == at::kHalf ? WeightFormat::kF16 : WeightFormat::kF32;
-}
-
-}  // namespace
 
 WeightFormat PanelsFormat(const at::Tensor& panels) {
   switch (panels.scalar_type()) {
@@ -302,7 +311,8 @@ at::Tensor PackPanels(const at::Tensor& W, std::optional<WeightFormat> format) {
   TORCH_CHECK(W.dim() == 2, "PackPanels: a matrix");
   const WeightFormat f = format.value_or(FormatOfWeights(W));
   if (IsQuantized(f)) return PackQuantizedPanels(W, f);
-  at::Tensor panels = at::empty(PanelSizes(W, f), at::TensorOptions().dtype(PanelDtype(f)));
+  at::Tensor panels =
+      at::empty(PanelSizes(W.size(0), W.size(1), f), at::TensorOptions().dtype(PanelDtype(f)));
   FillPanels(W, panels);
   return panels;
 }
@@ -366,7 +376,7 @@ void PackWeights(Model& m, WeightFormat f) {
   for (const auto& [w, panels] : todo) {
     offsets.push_back(total);
     size_t bytes = elem;
-    for (int64_t d : PanelSizes(*w, f)) bytes *= static_cast<size_t>(d);
+    for (int64_t d : PanelSizes(w->size(0), w->size(1), f)) bytes *= static_cast<size_t>(d);
     total += (bytes + kAlign - 1) / kAlign * kAlign;
   }
   std::shared_ptr<void> arena = AllocateHugePages(total);
@@ -374,7 +384,8 @@ void PackWeights(Model& m, WeightFormat f) {
   for (size_t i = 0; i < todo.size(); ++i) {
     char* data = static_cast<char*>(arena.get()) + offsets[i];
     *todo[i].second = at::from_blob(
-        data, PanelSizes(*todo[i].first, f), [arena](void*) {}, at::TensorOptions().dtype(dtype));
+        data, PanelSizes(todo[i].first->size(0), todo[i].first->size(1), f), [arena](void*) {},
+        at::TensorOptions().dtype(dtype));
     FillPanelsOf(*todo[i].first, f, *todo[i].second);
   }
 }

@@ -12,6 +12,7 @@
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/simd.h"
+#include "model/stream_prefetch.h"
 
 #define AMOEBA_AVX512_VNNI \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
@@ -158,7 +159,8 @@ void PanelScalar(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j
 
 // The panel stream a few KB ahead of the block being computed: with 2-4x more instructions per
 // byte than the fp32 panels, the hardware prefetcher alone left ~15% of the bandwidth unused
-// (measured on a Zen 3 VM: q4_0 at batch 1, 13.8 -> 16 GB/s).
+// (measured on a Zen 3 VM: q4_0 at batch 1, 13.8 -> 16 GB/s). Not on every machine
+// (stream_prefetch.h): the kernels take it as a template parameter.
 constexpr int64_t kPrefetchBytes = 4096;
 inline void PrefetchAhead(const uint8_t* blk, int64_t bb) {
   for (int64_t o = 0; o < bb; o += 64)
@@ -174,7 +176,7 @@ inline int32_t Load4(const int8_t* p) {
 // AVX512-VNNI: one zmm of weights (16 rows × 4 inputs, unsigned) per dot-product step against 4
 // broadcast int8 inputs of each row; unsigned weights u = q + offset (Q8_0: q ^ 0x80 = q + 128;
 // Q4_0: the stored nibble = q + 8) give Σ u·x = Σ q·x + offset·Σ x, so the block's Σ x corrects it.
-template <int J, bool kQ4>
+template <int J, bool kQ4, bool kPrefetch>
 AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
                                   float* y, int64_t out, int64_t col, int64_t valid) {
   constexpr int32_t kOffset = kQ4 ? 8 : 128;
@@ -184,7 +186,7 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
-    PrefetchAhead(blk, bb);
+    if constexpr (kPrefetch) PrefetchAhead(blk, bb);
     __m512i dot[J];
     for (int j = 0; j < J; ++j) dot[j] = _mm512_setzero_si512();
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
@@ -249,7 +251,7 @@ AMOEBA_AVX2 inline void StoreRowsAvx2(const __m256 (&acc)[J][2], float* y, int64
 // AVX2: a group is two ymm (rows 0-7, 8-15). Q8_0 dots signed × signed with maddubs(|w|,
 // sign(x, w)) (|w|, |x| <= 127: the int16 pair sums cannot saturate); Q4_0 dots the unsigned
 // nibbles directly and sums a whole block's 8 maddubs in int16 (8 · 2 · 15 · 127 < 32768).
-template <int J, bool kQ4>
+template <int J, bool kQ4, bool kPrefetch>
 AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
                            float* y, int64_t out, int64_t col, int64_t valid) {
   __m256 acc[J][2];
@@ -259,7 +261,7 @@ AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a,
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
-    PrefetchAhead(blk, bb);
+    if constexpr (kPrefetch) PrefetchAhead(blk, bb);
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
     __m256i dot[J][2];
     if constexpr (kQ4) {
@@ -308,7 +310,7 @@ AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a,
 // AVX-VNNI (256-bit `vpdpbusd`, CPUs with AVX2 but no AVX-512 VNNI, e.g. Intel's hybrid cores):
 // the AVX-512 kernel's arithmetic on two ymm per group (rows 0-7, 8-15), with the same offset
 // correction; 16 registers hold the accumulators of 2 input rows.
-template <int J, bool kQ4>
+template <int J, bool kQ4, bool kPrefetch>
 AMOEBA_AVX_VNNI void PanelAvxVnni(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
                                   float* y, int64_t out, int64_t col, int64_t valid) {
   constexpr int32_t kOffset = kQ4 ? 8 : 128;
@@ -319,7 +321,7 @@ AMOEBA_AVX_VNNI void PanelAvxVnni(const uint8_t* panel, int64_t bb, const QuantA
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
-    PrefetchAhead(blk, bb);
+    if constexpr (kPrefetch) PrefetchAhead(blk, bb);
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
     __m256i dot[J][2];
     for (int j = 0; j < J; ++j) dot[j][0] = dot[j][1] = _mm256_setzero_si256();
@@ -362,14 +364,15 @@ using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, flo
                          int64_t, int64_t);
 
 // Rows [r0, r0 + rows) against one panel, in register-sized groups of rows.
-template <bool kQ4>
+template <bool kQ4, bool kPf>
 void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t r0,
               int64_t rows, float* y, int64_t out, int64_t col, int64_t valid) {
-  static constexpr PanelFn kVnni[8] = {PanelVnni<1, kQ4>, PanelVnni<2, kQ4>, PanelVnni<3, kQ4>,
-                                       PanelVnni<4, kQ4>, PanelVnni<5, kQ4>, PanelVnni<6, kQ4>,
-                                       PanelVnni<7, kQ4>, PanelVnni<8, kQ4>};
-  static constexpr PanelFn kAvxVnni[2] = {PanelAvxVnni<1, kQ4>, PanelAvxVnni<2, kQ4>};
-  static constexpr PanelFn kAvx2[2] = {PanelAvx2<1, kQ4>, PanelAvx2<2, kQ4>};
+  static constexpr PanelFn kVnni[8] = {PanelVnni<1, kQ4, kPf>, PanelVnni<2, kQ4, kPf>,
+                                       PanelVnni<3, kQ4, kPf>, PanelVnni<4, kQ4, kPf>,
+                                       PanelVnni<5, kQ4, kPf>, PanelVnni<6, kQ4, kPf>,
+                                       PanelVnni<7, kQ4, kPf>, PanelVnni<8, kQ4, kPf>};
+  static constexpr PanelFn kAvxVnni[2] = {PanelAvxVnni<1, kQ4, kPf>, PanelAvxVnni<2, kQ4, kPf>};
+  static constexpr PanelFn kAvx2[2] = {PanelAvx2<1, kQ4, kPf>, PanelAvx2<2, kQ4, kPf>};
   if (kernel == QuantKernel::kScalar) {
     PanelScalar<kQ4>(panel, bb, a, r0, rows, y + r0 * out, out, col, valid);
     return;
@@ -487,6 +490,8 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
     xs.resize(n * nb);
   }
   const QuantKernel kernel = ActiveQuantKernel();
+  const bool prefetch = n > kPrefetchChoiceMaxRows ||
+                        StreamPrefetchOn(q4 ? WeightFormat::kQ4_0 : WeightFormat::kQ8_0);
   if (kernel == QuantKernel::kAvx512Vnni) {
     QuantizeRowsAvx512(x, n, in, nb, xq.data(), xd.data(), xs.data());
   } else {
@@ -501,11 +506,9 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
       const int64_t bb = o.panels->size(2);
       const auto* panel =
           static_cast<const uint8_t*>(o.panels->data_ptr()) + p * o.panels->size(1) * bb;
-      if (q4) {
-        RunPanel<true>(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
-      } else {
-        RunPanel<false>(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
-      }
+      auto run = q4 ? (prefetch ? RunPanel<true, true> : RunPanel<true, false>)
+                    : (prefetch ? RunPanel<false, true> : RunPanel<false, false>);
+      run(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
     });
   }
 }

@@ -9,6 +9,7 @@
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
+#include "model/stream_prefetch.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -16,6 +17,7 @@
 namespace amoeba {
 namespace {
 using testing::MaxAbsDiff;
+using testing::TinyConfig;
 using testing::TinyModel;
 
 std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
@@ -100,6 +102,70 @@ TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
 // A decode step in one parallel region (the kernels split by a team, serial pieces between spin
 // barriers) gives the same bits as one region per kernel: every format and ISA, with biases,
 // decode steps next to a 5-token check in one call, and pure decode steps.
+// Batch-1 decode steps of a model too large for the cache decide the prefetch trial for its
+// format (stream_prefetch.h); multi-token steps and a model that fits in the cache do not take
+// part, and the logits do not depend on the arm.
+TEST(EngineTest, BatchOneDecodeStepsOfALargeModelRunThePrefetchTrial) {
+  at::InferenceMode guard;
+  ModelConfig big = TinyConfig();
+  big.hidden_size = 512;
+  big.intermediate_size = 1536;
+  big.num_hidden_layers = 4;
+  big.num_attention_heads = 8;
+  big.num_key_value_heads = 4;
+  big.head_dim = 64;
+  big.vocab_size = 4000;  // ~15.6M parameters: 62 MB of f32 panels
+  Model m = RandomModel(big, 3);
+  PackWeights(m, WeightFormat::kF32);
+  auto model = std::make_shared<const Model>(std::move(m));
+  Model small = TinyModel(4);
+  PackWeights(small, WeightFormat::kQ8_0);
+  auto tiny = std::make_shared<const Model>(std::move(small));
+  ResetPrefetchTrial(WeightFormat::kF32);
+  ResetPrefetchTrial(WeightFormat::kQ8_0);
+  Engine e(model, {.max_len = 96}), reference(model, {.max_len = 96}), t(tiny, {.max_len = 96});
+  KVCache c = e.NewCache(2), rc = reference.NewCache(2), tc = t.NewCache(1);
+  const auto prompt = RandomTokens(8, 4000, 5);
+  for (int slot = 0; slot < 2; ++slot) {
+    SeqInput p{slot, prompt};
+    ASSERT_TRUE(e.Forward(c, {&p, 1}).ok());
+  }
+  const auto tiny_prompt = RandomTokens(8, 97, 5);
+  SeqInput tp{0, tiny_prompt};
+  ForceStreamPrefetch(StreamPrefetch::kOn);
+  for (int slot = 0; slot < 2; ++slot) {
+    SeqInput p{slot, prompt};
+    ASSERT_TRUE(reference.Forward(rc, {&p, 1}).ok());
+  }
+  ForceStreamPrefetch(StreamPrefetch::kAuto);
+  ASSERT_TRUE(t.Forward(tc, {&tp, 1}).ok());
+  for (int step = 0; step < 2 * kPrefetchTrialSteps + 2; ++step) {
+    const int32_t a = 11 + step, b = 17 + step;
+    SeqInput two[2] = {{0, {&a, 1}}, {1, {&b, 1}}};
+    if (step < 4) {  // two sequences: not batch 1
+      ASSERT_TRUE(e.Forward(c, two).ok());
+      ASSERT_TRUE(reference.Forward(rc, two).ok());
+      EXPECT_EQ(PrefetchTrialChoice(WeightFormat::kF32), -1);
+      continue;
+    }
+    // Batch 1 with the other slot idle: each call is a trial step.
+    const at::Tensor got = e.Forward(c, {&two[0], 1}).value().clone();
+    ASSERT_TRUE(e.Forward(c, {&two[1], 1}).ok());
+    ForceStreamPrefetch(StreamPrefetch::kOn);
+    SeqInput r{0, {&a, 1}};
+    const at::Tensor want = reference.Forward(rc, {&r, 1}).value();
+    ForceStreamPrefetch(StreamPrefetch::kAuto);
+    EXPECT_EQ(MaxAbsDiff(got, want), 0.0) << "step " << step;
+    for (int32_t token : {a, b}) {  // as many batch-1 steps as `e` takes
+      SeqInput ts{0, {&token, 1}};
+      ASSERT_TRUE(t.Forward(tc, {&ts, 1}).ok());
+    }
+  }
+  EXPECT_GE(PrefetchTrialChoice(WeightFormat::kF32), 0) << "the trial decided";
+  EXPECT_EQ(PrefetchTrialChoice(WeightFormat::kQ8_0), -1) << "a model in the cache stays out";
+  ResetPrefetchTrial(WeightFormat::kF32);
+}
+
 TEST(EngineTest, OneRegionDecodeGivesTheSameBitsAsARegionPerKernel) {
   at::InferenceMode guard;
   const int threads = at::get_num_threads();

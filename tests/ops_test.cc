@@ -12,6 +12,7 @@
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
 #include "model/rope.h"
+#include "model/stream_prefetch.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -323,6 +324,78 @@ TEST(KernelTest, SimdQuantizedKernelsAgreeBitForBit) {
       }
     }
   ForceQuantKernel(QuantKernel::kAuto);
+}
+
+// The kernels with and without the software prefetch (two instantiations of each) compute the
+// same bits, in every format, on every instruction set the CPU has, one input and several.
+TEST(KernelTest, PrefetchOnAndOffGiveTheSameBits) {
+  at::manual_seed(9);
+  for (WeightFormat format :
+       {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+    const int64_t out = 53, in = 5000;  // several KB per panel row: the prefetch runs ahead
+    at::Tensor panels = PackPanels(at::randn({out, in}), format);
+    std::vector<int> paths;
+    if (IsQuantized(format)) {
+      for (QuantKernel k : AvailableQuantKernels()) paths.push_back(static_cast<int>(k));
+    } else {
+      for (KernelIsa isa : {KernelIsa::kScalar, KernelIsa::kAvx2, KernelIsa::kAvx512})
+        paths.push_back(static_cast<int>(isa));
+    }
+    for (int path : paths) {
+      if (IsQuantized(format)) {
+        ForceQuantKernel(static_cast<QuantKernel>(path));
+      } else {
+        ForceKernelIsa(static_cast<KernelIsa>(path));
+      }
+      for (int64_t n : {1, 2, 5}) {
+        at::Tensor x = at::randn({n, in});
+        at::Tensor y[2] = {at::empty({n, out}), at::empty({n, out})};
+        for (int on = 0; on < 2; ++on) {
+          ForceStreamPrefetch(on ? StreamPrefetch::kOn : StreamPrefetch::kOff);
+          EXPECT_EQ(StreamPrefetchOn(format), on == 1);
+          LinearPacked(x.data_ptr<float>(), n, panels, out, in, nullptr, y[on].data_ptr<float>());
+        }
+        EXPECT_EQ(testing::MaxAbsDiff(y[0], y[1]), 0.0)
+            << WeightFormatName(format) << " path " << path << " n=" << n;
+      }
+    }
+    ForceQuantKernel(QuantKernel::kAuto);
+    ForceKernelIsa(KernelIsa::kAuto);
+  }
+  ForceStreamPrefetch(StreamPrefetch::kAuto);
+}
+
+// The trial alternates the arms, decides for the faster median after kPrefetchTrialSteps each
+// way (on unless off is 3% faster), then stops handing out arms; a scoped arm wins over it.
+TEST(KernelTest, PrefetchTrialPicksTheFasterArm) {
+  const WeightFormat f = WeightFormat::kQ8_0;
+  for (double off_ms : {0.90, 0.99}) {
+    ResetPrefetchTrial(f);
+    EXPECT_TRUE(StreamPrefetchOn(f)) << "on while on trial";
+    int arms[2] = {0, 0};
+    for (int step = 0; step < 2 * kPrefetchTrialSteps; ++step) {
+      EXPECT_EQ(PrefetchTrialChoice(f), -1) << step;
+      const int arm = PrefetchTrialArm(f);
+      ASSERT_TRUE(arm == 0 || arm == 1);
+      ++arms[arm];
+      // The on arm's steps vary, so a mean-of-times rule and the median rule can disagree.
+      const double ms = arm == 1 ? (step % 6 == 1 ? 3.0 : 1.0) : off_ms;
+      RecordPrefetchTrial(f, arm, ms * 1e-3);
+    }
+    EXPECT_EQ(arms[0], kPrefetchTrialSteps);
+    EXPECT_EQ(arms[1], kPrefetchTrialSteps);
+    const bool want_on = off_ms > 0.95;
+    EXPECT_EQ(PrefetchTrialChoice(f), want_on ? 1 : 0) << off_ms;
+    EXPECT_EQ(StreamPrefetchOn(f), want_on) << off_ms;
+    EXPECT_EQ(PrefetchTrialArm(f), -1) << "decided";
+    EXPECT_TRUE(StreamPrefetchOn(WeightFormat::kF16)) << "one trial per format";
+    {
+      ScopedPrefetchArm scoped(want_on ? 0 : 1);
+      EXPECT_EQ(StreamPrefetchOn(f), !want_on);
+    }
+    EXPECT_EQ(StreamPrefetchOn(f), want_on);
+  }
+  ResetPrefetchTrial(f);
 }
 
 TEST(KernelTest, QuantizedBlocksFollowGgmlRules) {

@@ -1,0 +1,57 @@
+// Whether the panel kernels (packed_linear, quantized_panels) issue software prefetches ahead of
+// the weight stream. It depends on the machine and the format: 4 KB ahead took Zen 3 and Zen 5
+// VMs from 76-85% to 88-91% of a read probe and gains 2-6% on a Sapphire-Rapids-class Xeon, but
+// cost a 2.6 GHz Zen 4 VM 9-24% in q8_0 (its hardware prefetcher alone streamed at the probe's
+// rate). A kernel-only calibration picked the wrong side for two of four formats on the Xeon, so
+// the choice is made on real decode steps: the first batch-1 steps of a model that streams from
+// DRAM alternate with and without, and the faster median wins (once per process and format).
+// Only one-input calls follow it: with more inputs the compute per line is larger and the
+// prefetch paid on every machine measured (the Zen 4 VM too: batch 16 10-19% slower without).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "model/weight_format.h"
+
+namespace amoeba {
+
+inline constexpr int64_t kPrefetchChoiceMaxRows = 1;
+// Weights larger than this stream from DRAM on a small VM (sysconf reports the socket's L3,
+// 320-480 MB on our 2-core VMs, whose share is nearer 32 MB); smaller ones do not care.
+inline constexpr size_t kPrefetchTrialMinBytes = size_t{32} << 20;
+// Decode steps timed each way before the choice is made.
+inline constexpr int kPrefetchTrialSteps = 12;
+
+enum class StreamPrefetch { kAuto = -1, kOff = 0, kOn = 1 };
+
+// The choice for `f`'s one-input kernel calls on this thread: a trial arm set by
+// ScopedPrefetchArm, else forced, else the trial's decision, else on.
+bool StreamPrefetchOn(WeightFormat f);
+// Tests and benches: force the prefetch on or off for every format (kAuto: back to the choice).
+void ForceStreamPrefetch(StreamPrefetch p);
+
+// The trial. PrefetchTrialArm: the arm (0 off, 1 on) the next batch-1 decode step of `f` should
+// run, or -1 when the choice is made or forced. Record that step's time with
+// RecordPrefetchTrial; after kPrefetchTrialSteps each way the choice is made and logged: on
+// unless off's median is at least 3% faster. Thread-safe.
+int PrefetchTrialArm(WeightFormat f);
+void RecordPrefetchTrial(WeightFormat f, int arm, double seconds);
+// The decision once made: 1 on, 0 off, -1 still on trial.
+int PrefetchTrialChoice(WeightFormat f);
+// Tests: start the trial for `f` over.
+void ResetPrefetchTrial(WeightFormat f);
+
+// Sets this thread's arm for its scope (arm < 0: leaves the choice alone). Each member of a
+// decode team sets it: the kernels read the choice on the thread that runs them.
+class ScopedPrefetchArm {
+ public:
+  explicit ScopedPrefetchArm(int arm);
+  ~ScopedPrefetchArm();
+  ScopedPrefetchArm(const ScopedPrefetchArm&) = delete;
+  ScopedPrefetchArm& operator=(const ScopedPrefetchArm&) = delete;
+
+ private:
+  int previous_;
+};
+
+}  // namespace amoeba
