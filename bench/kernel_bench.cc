@@ -68,7 +68,7 @@ nlohmann::json QuantizedKernels(double seconds, std::string& md) {
     for (WeightFormat f : {WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
       at::Tensor panels = PackPanels(W, f);
       const double mb = static_cast<double>(panels.nbytes()) / 1e6;
-      for (int64_t n : {1, 4, 16}) {
+      for (int64_t n : {1, 4, 16, 64}) {
         at::Tensor x = at::randn({n, in}), y = at::empty({n, out});
         md += fmt::format("| {}×{} | {} | {:.1f} | {:.1f} | {} |", out, in, WeightFormatName(f), mb,
                           probe, n);

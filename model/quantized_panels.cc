@@ -1,7 +1,10 @@
 #include "model/quantized_panels.h"
 
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -17,6 +20,10 @@
 #define AMOEBA_AVX512_VNNI \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
 #define AMOEBA_AVX_VNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
+#define AMOEBA_AMX                                                              \
+  __attribute__((                                                               \
+      target("amx-tile,amx-int8,avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma," \
+             "f16c")))
 
 namespace amoeba {
 
@@ -36,8 +43,25 @@ bool CpuHasAvxVnni() {
   return has;
 }
 
+// AMX-int8 needs the CPU's tiles and the kernel's permission to use their state (Linux asks
+// for it per process: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+bool CpuHasAmxInt8() {
+  static const bool has = [] {
+    if (!CpuHasAvx512Vnni()) return false;
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
+    if (!tile || !int8) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+}
+
 bool CpuHas(QuantKernel k) {
   switch (k) {
+    case QuantKernel::kAmxInt8:
+      return CpuHasAmxInt8();
     case QuantKernel::kAvx512Vnni:
       return CpuHasAvx512Vnni();
     case QuantKernel::kAvxVnni:
@@ -187,8 +211,10 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
     if constexpr (kPrefetch) PrefetchAhead(blk, bb);
-    __m512i dot[J];
-    for (int j = 0; j < J; ++j) dot[j] = _mm512_setzero_si512();
+    // Two dot-product chains per row (even and odd groups): with few rows one chain's latency,
+    // not the stream, bounded the block (q4_0 at batch 1 ~75% of a 30 GB/s probe on a Xeon).
+    __m512i dot[J], dot2[J];
+    for (int j = 0; j < J; ++j) dot[j] = dot2[j] = _mm512_setzero_si512();
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
     const int64_t xstride = a.nb * kQuantBlock;
     if constexpr (kQ4) {
@@ -199,21 +225,25 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
         for (int j = 0; j < J; ++j) {
           const int8_t* xj = xb + j * xstride;
           dot[j] = _mm512_dpbusd_epi32(dot[j], lo, _mm512_set1_epi32(Load4(xj + 4 * g)));
-          dot[j] = _mm512_dpbusd_epi32(dot[j], hi, _mm512_set1_epi32(Load4(xj + 16 + 4 * g)));
+          dot2[j] = _mm512_dpbusd_epi32(dot2[j], hi, _mm512_set1_epi32(Load4(xj + 16 + 4 * g)));
         }
       }
     } else {
-      for (int g = 0; g < 8; ++g) {
+      for (int g = 0; g < 8; g += 2) {
         const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(data + g * kGroupBytes), flip);
-        for (int j = 0; j < J; ++j)
-          dot[j] =
-              _mm512_dpbusd_epi32(dot[j], v, _mm512_set1_epi32(Load4(xb + j * xstride + 4 * g)));
+        const __m512i v2 = _mm512_xor_si512(_mm512_loadu_si512(data + (g + 1) * kGroupBytes), flip);
+        for (int j = 0; j < J; ++j) {
+          const int8_t* xj = xb + j * xstride;
+          dot[j] = _mm512_dpbusd_epi32(dot[j], v, _mm512_set1_epi32(Load4(xj + 4 * g)));
+          dot2[j] = _mm512_dpbusd_epi32(dot2[j], v2, _mm512_set1_epi32(Load4(xj + 4 * g + 4)));
+        }
       }
     }
     const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
     for (int j = 0; j < J; ++j) {
       const int64_t i = (j0 + j) * a.nb + b;
-      const __m512i corrected = _mm512_sub_epi32(dot[j], _mm512_set1_epi32(kOffset * a.sum[i]));
+      const __m512i corrected = _mm512_sub_epi32(_mm512_add_epi32(dot[j], dot2[j]),
+                                                 _mm512_set1_epi32(kOffset * a.sum[i]));
       acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(corrected),
                                _mm512_mul_ps(ws, _mm512_set1_ps(a.d[i])), acc[j]);
     }
@@ -360,6 +390,108 @@ AMOEBA_AVX_VNNI void PanelAvxVnni(const uint8_t* panel, int64_t bb, const QuantA
   StoreRowsAvx2<J>(acc, y, out, col, valid);
 }
 
+// AMX-int8: 16 rows of activations against one panel, a block at a time: tile 1 holds the 16
+// rows' 32 int8 inputs, tile 2 the block's weights as they lie in the panel (8 groups of 16 rows ×
+// 4 inputs is the B-tile layout; Q4_0 is widened to signed int8 first), tile 0 their 16 × 16
+// int32 dot products: the same integers the VNNI kernel sums, scaled per block in the same
+// order, so the two agree bit for bit. The per-block scales keep K at 32 per tile product.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+constexpr int64_t kAmxRows = 16;
+
+constexpr TileConfig MakeTileConfig() {
+  TileConfig c;
+  c.rows[0] = kAmxRows, c.colsb[0] = 64;           // C: 16 rows × 16 int32
+  c.rows[1] = kAmxRows, c.colsb[1] = kQuantBlock;  // A: 16 rows × 32 int8
+  c.rows[2] = 8, c.colsb[2] = kGroupBytes;         // B: 8 groups × (16 rows × 4 int8)
+  for (int t = 3; t < 6; ++t) {                    // the second block in flight
+    c.rows[t] = c.rows[t - 3];
+    c.colsb[t] = c.colsb[t - 3];
+  }
+  return c;
+}
+// In static memory: gcc 12 drops stores to a local config that only ldtilecfg reads.
+alignas(64) constexpr TileConfig kTileConfig = MakeTileConfig();
+
+AMOEBA_AMX void ConfigureTiles() {
+  _tile_loadconfig(&kTileConfig);
+}
+
+// Q4_0 blocks of one panel widened to signed int8 in the B-tile layout (8 groups of 16 rows × 4
+// inputs per block), once per panel for all its groups of rows.
+AMOEBA_AMX void WidenQ4Panel(const uint8_t* panel, int64_t bb, int64_t nb, int8_t* widened) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* data = panel + b * bb + kScaleBytes;
+    int8_t* w = widened + b * 8 * kGroupBytes;
+    for (int g = 0; g < 4; ++g) {  // low nibbles: inputs 4g.., high nibbles: inputs 16 + 4g..
+      const __m512i v = _mm512_loadu_si512(data + g * kGroupBytes);
+      const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, low4), eight);
+      const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
+      _mm512_storeu_si512(w + g * kGroupBytes, lo);
+      _mm512_storeu_si512(w + (4 + g) * kGroupBytes, hi);
+    }
+  }
+}
+
+// acc[j] += block b's 16 × 16 dot products (row j of `d`) · the panel's scales · row j's
+// activation scale, as the VNNI kernel scales a block.
+AMOEBA_AMX inline void ScaleTile(const uint8_t* blk, const int32_t* d, const QuantActs& a,
+                                 int64_t j0, int64_t b, __m512 (&acc)[kAmxRows]) {
+  // The masked form: gcc 12 warns of the plain one's undefined source once inlined here.
+  const __m512 ws = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF,
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+  for (int j = 0; j < kAmxRows; ++j) {
+    const int64_t i = (j0 + j) * a.nb + b;
+    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d + j * kPanel)),
+                             _mm512_mul_ps(ws, _mm512_set1_ps(a.d[i])), acc[j]);
+  }
+}
+
+// Rows [j0, j0 + 16) against one panel; block b's weights at `weights + b * wstride` (the panel
+// itself for Q8_0, its widened copy for Q4_0), its scales in the panel. Two blocks are in flight
+// (C tiles 0 and 3, A tiles 1 and 4, B tiles 2 and 5): one block's tile product overlaps the
+// other's scaling.
+AMOEBA_AMX void PanelAmx(const uint8_t* panel, int64_t bb, const int8_t* weights, int64_t wstride,
+                         const QuantActs& a, int64_t j0, float* y, int64_t out, int64_t col,
+                         int64_t valid) {
+  alignas(64) int32_t dots[2][kAmxRows * kPanel];
+  __m512 acc[kAmxRows];
+  for (int j = 0; j < kAmxRows; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t xstride = a.nb * kQuantBlock;
+  const int8_t* x = a.q + j0 * xstride;
+  auto scale = [&](int64_t b, const int32_t* d) { ScaleTile(panel + b * bb, d, a, j0, b, acc); };
+  int64_t b = 0;
+  for (; b + 2 <= a.nb; b += 2) {
+    _tile_zero(0);
+    _tile_zero(3);
+    _tile_loadd(1, x + b * kQuantBlock, xstride);
+    _tile_loadd(2, weights + b * wstride, kGroupBytes);
+    _tile_loadd(4, x + (b + 1) * kQuantBlock, xstride);
+    _tile_loadd(5, weights + (b + 1) * wstride, kGroupBytes);
+    _tile_dpbssd(0, 1, 2);
+    _tile_dpbssd(3, 4, 5);
+    _tile_stored(0, dots[0], kPanel * sizeof(int32_t));
+    _tile_stored(3, dots[1], kPanel * sizeof(int32_t));
+    scale(b, dots[0]);  // in block order: the same sums as the VNNI kernel
+    scale(b + 1, dots[1]);
+  }
+  if (b < a.nb) {
+    _tile_zero(0);
+    _tile_loadd(1, x + b * kQuantBlock, xstride);
+    _tile_loadd(2, weights + b * wstride, kGroupBytes);
+    _tile_dpbssd(0, 1, 2);
+    _tile_stored(0, dots[0], kPanel * sizeof(int32_t));
+    scale(b, dots[0]);
+  }
+  const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
+  for (int j = 0; j < kAmxRows; ++j) _mm512_mask_storeu_ps(y + j * out + col, m, acc[j]);
+}
+
 using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, float*, int64_t,
                          int64_t, int64_t);
 
@@ -377,10 +509,30 @@ void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantA
     PanelScalar<kQ4>(panel, bb, a, r0, rows, y + r0 * out, out, col, valid);
     return;
   }
-  const PanelFn* fns = kernel == QuantKernel::kAvx512Vnni ? kVnni
-                       : kernel == QuantKernel::kAvxVnni  ? kAvxVnni
-                                                          : kAvx2;
-  const int64_t step = kernel == QuantKernel::kAvx512Vnni ? 8 : 2;
+  if (kernel == QuantKernel::kAmxInt8) {  // whole groups of 16 rows in tiles, the rest in VNNI
+    // Q4_0 widens each panel first: worth it from two groups of rows on (kernel bench).
+    const int64_t tiled = kQ4 && rows < 2 * kAmxRows ? 0 : rows / kAmxRows * kAmxRows;
+    if (tiled > 0) {
+      ConfigureTiles();  // per call: other code on this thread may use the tiles
+      const int8_t* weights = reinterpret_cast<const int8_t*>(panel + kScaleBytes);
+      int64_t wstride = bb;
+      if constexpr (kQ4) {
+        thread_local std::vector<int8_t> widened;  // grown once
+        const size_t need = static_cast<size_t>(a.nb * 8 * kGroupBytes);
+        if (widened.size() < need) widened.resize(need);
+        WidenQ4Panel(panel, bb, a.nb, widened.data());
+        weights = widened.data();
+        wstride = 8 * kGroupBytes;
+      }
+      for (int64_t j0 = r0; j0 < r0 + tiled; j0 += kAmxRows)
+        PanelAmx(panel, bb, weights, wstride, a, j0, y + j0 * out, out, col, valid);
+    }
+    r0 += tiled;
+    rows -= tiled;
+  }
+  const bool vnni = kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8;
+  const PanelFn* fns = vnni ? kVnni : kernel == QuantKernel::kAvxVnni ? kAvxVnni : kAvx2;
+  const int64_t step = vnni ? 8 : 2;
   for (int64_t j0 = r0; j0 < r0 + rows; j0 += step) {
     const int64_t J = std::min(step, r0 + rows - j0);
     fns[J - 1](panel, bb, a, j0, y + j0 * out, out, col, valid);
@@ -492,7 +644,7 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   const QuantKernel kernel = ActiveQuantKernel();
   const bool prefetch = n > kPrefetchChoiceMaxRows ||
                         StreamPrefetchOn(q4 ? WeightFormat::kQ4_0 : WeightFormat::kQ8_0);
-  if (kernel == QuantKernel::kAvx512Vnni) {
+  if (kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8) {
     QuantizeRowsAvx512(x, n, in, nb, xq.data(), xd.data(), xs.data());
   } else {
     QuantizeRows(x, n, in, nb, xq.data(), xd.data(), xs.data());
@@ -596,6 +748,7 @@ QuantKernel ActiveQuantKernel() {
   const auto forced = static_cast<QuantKernel>(g_forced_kernel.load(std::memory_order_relaxed));
   if (forced != QuantKernel::kAuto && CpuHas(forced)) return forced;
   const KernelIsa isa = ActiveKernelIsa();
+  if (isa == KernelIsa::kAvx512 && CpuHasAmxInt8()) return QuantKernel::kAmxInt8;
   if (isa == KernelIsa::kAvx512 && CpuHasAvx512Vnni()) return QuantKernel::kAvx512Vnni;
   if (isa >= KernelIsa::kAvx2) return CpuHasAvxVnni() ? QuantKernel::kAvxVnni : QuantKernel::kAvx2;
   return QuantKernel::kScalar;
@@ -603,14 +756,16 @@ QuantKernel ActiveQuantKernel() {
 
 std::vector<QuantKernel> AvailableQuantKernels() {
   std::vector<QuantKernel> ks;
-  for (QuantKernel k :
-       {QuantKernel::kScalar, QuantKernel::kAvx2, QuantKernel::kAvxVnni, QuantKernel::kAvx512Vnni})
+  for (QuantKernel k : {QuantKernel::kScalar, QuantKernel::kAvx2, QuantKernel::kAvxVnni,
+                        QuantKernel::kAvx512Vnni, QuantKernel::kAmxInt8})
     if (CpuHas(k)) ks.push_back(k);
   return ks;
 }
 
 const char* QuantKernelName(QuantKernel k) {
   switch (k) {
+    case QuantKernel::kAmxInt8:
+      return "amx-int8";
     case QuantKernel::kAvx512Vnni:
       return "avx512-vnni";
     case QuantKernel::kAvxVnni:

@@ -42,15 +42,17 @@ void DequantizeRowGgml(WeightFormat f, const uint8_t* in, int64_t n, float* out)
 at::Tensor DequantizePanels(const at::Tensor& panels, int64_t out, int64_t in);
 at::Tensor QuantizeDequantizeActivations(const at::Tensor& x);
 
-// The integer dot-product kernels. kAuto follows the active ISA (kernels.h): AVX-512 with VNNI
-// → kAvx512Vnni; AVX2 → kAvxVnni where the CPU has AVX-VNNI, else kAvx2 (`maddubs`); otherwise
-// kScalar. Each kernel computes a row alone: its result does not depend on the other rows.
-enum class QuantKernel { kAuto = -1, kScalar = 0, kAvx2, kAvxVnni, kAvx512Vnni };
+// The integer dot-product kernels. kAuto follows the active ISA (kernels.h): AVX-512 → kAmxInt8
+// where the CPU has AMX-int8 tiles (groups of 16 rows: prefill and 16+ sequences; fewer rows run
+// the VNNI kernel), else kAvx512Vnni with VNNI; AVX2 → kAvxVnni where the CPU has AVX-VNNI,
+// else kAvx2 (`maddubs`); otherwise kScalar. Each kernel computes a row alone: its result does
+// not depend on the other rows.
+enum class QuantKernel { kAuto = -1, kScalar = 0, kAvx2, kAvxVnni, kAvx512Vnni, kAmxInt8 };
 // Tests and benches: take `k` while the CPU has it (kAuto: back to the ISA's choice).
 void ForceQuantKernel(QuantKernel k);
 QuantKernel ActiveQuantKernel();
 std::vector<QuantKernel> AvailableQuantKernels();
 const char* QuantKernelName(QuantKernel k);
-// The active kernel's name: "avx512-vnni", "avx-vnni", "avx2" or "scalar".
+// The active kernel's name: "amx-int8", "avx512-vnni", "avx-vnni", "avx2" or "scalar".
 const char* QuantKernelName();
 }  // namespace amoeba
