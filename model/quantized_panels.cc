@@ -181,14 +181,17 @@ void PanelScalar(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j
     }
 }
 
-// The panel stream a few KB ahead of the block being computed: with 2-4x more instructions per
-// byte than the fp32 panels, the hardware prefetcher alone left ~15% of the bandwidth unused
-// (measured on a Zen 3 VM: q4_0 at batch 1, 13.8 -> 16 GB/s). Not on every machine
-// (stream_prefetch.h): the kernels take it as a template parameter.
-constexpr int64_t kPrefetchBytes = 4096;
+// The panel stream ahead of the block being computed: with 2-4x more instructions per byte than
+// the fp32 panels, the hardware prefetcher alone left ~15% of the bandwidth unused (a Zen 3 VM:
+// q4_0 at batch 1, 13.8 -> 16 GB/s with 4 KB). How far depends on the machine (stream_prefetch.h:
+// a Xeon streamed q4_0 at 82% of its probe with 4 KB and 97% with 1 KB); kArm 0 none, 1 near
+// (1 KB ahead), 2 far (4 KB ahead), a template parameter of the kernels.
+template <int kArm>
 inline void PrefetchAhead(const uint8_t* blk, int64_t bb) {
-  for (int64_t o = 0; o < bb; o += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + o), _MM_HINT_T0);
+  constexpr int64_t kAhead = kArm == 1 ? 1024 : 4096;
+  if constexpr (kArm > 0)
+    for (int64_t o = 0; o < bb; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kAhead + o), _MM_HINT_T0);
 }
 
 inline int32_t Load4(const int8_t* p) {
@@ -200,7 +203,7 @@ inline int32_t Load4(const int8_t* p) {
 // AVX512-VNNI: one zmm of weights (16 rows × 4 inputs, unsigned) per dot-product step against 4
 // broadcast int8 inputs of each row; unsigned weights u = q + offset (Q8_0: q ^ 0x80 = q + 128;
 // Q4_0: the stored nibble = q + 8) give Σ u·x = Σ q·x + offset·Σ x, so the block's Σ x corrects it.
-template <int J, bool kQ4, bool kPrefetch>
+template <int J, bool kQ4, int kPrefetch>
 AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
                                   float* y, int64_t out, int64_t col, int64_t valid) {
   constexpr int32_t kOffset = kQ4 ? 8 : 128;
@@ -210,11 +213,13 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
-    if constexpr (kPrefetch) PrefetchAhead(blk, bb);
-    // Two dot-product chains per row (even and odd groups): with few rows one chain's latency,
-    // not the stream, bounded the block (q4_0 at batch 1 ~75% of a 30 GB/s probe on a Xeon).
+    PrefetchAhead<kPrefetch>(blk, bb);
+    // Two dot-product chains per row for one or two rows (even and odd groups): there one
+    // chain's latency bounds a block.
+    // With more rows the chains are independent anyway, and a second set would spill.
     __m512i dot[J], dot2[J];
     for (int j = 0; j < J; ++j) dot[j] = dot2[j] = _mm512_setzero_si512();
+    __m512i(&odd)[J] = J <= 2 ? dot2 : dot;
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
     const int64_t xstride = a.nb * kQuantBlock;
     if constexpr (kQ4) {
@@ -225,7 +230,7 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
         for (int j = 0; j < J; ++j) {
           const int8_t* xj = xb + j * xstride;
           dot[j] = _mm512_dpbusd_epi32(dot[j], lo, _mm512_set1_epi32(Load4(xj + 4 * g)));
-          dot2[j] = _mm512_dpbusd_epi32(dot2[j], hi, _mm512_set1_epi32(Load4(xj + 16 + 4 * g)));
+          odd[j] = _mm512_dpbusd_epi32(odd[j], hi, _mm512_set1_epi32(Load4(xj + 16 + 4 * g)));
         }
       }
     } else {
@@ -235,7 +240,7 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
         for (int j = 0; j < J; ++j) {
           const int8_t* xj = xb + j * xstride;
           dot[j] = _mm512_dpbusd_epi32(dot[j], v, _mm512_set1_epi32(Load4(xj + 4 * g)));
-          dot2[j] = _mm512_dpbusd_epi32(dot2[j], v2, _mm512_set1_epi32(Load4(xj + 4 * g + 4)));
+          odd[j] = _mm512_dpbusd_epi32(odd[j], v2, _mm512_set1_epi32(Load4(xj + 4 * g + 4)));
         }
       }
     }
@@ -281,7 +286,7 @@ AMOEBA_AVX2 inline void StoreRowsAvx2(const __m256 (&acc)[J][2], float* y, int64
 // AVX2: a group is two ymm (rows 0-7, 8-15). Q8_0 dots signed × signed with maddubs(|w|,
 // sign(x, w)) (|w|, |x| <= 127: the int16 pair sums cannot saturate); Q4_0 dots the unsigned
 // nibbles directly and sums a whole block's 8 maddubs in int16 (8 · 2 · 15 · 127 < 32768).
-template <int J, bool kQ4, bool kPrefetch>
+template <int J, bool kQ4, int kPrefetch>
 AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
                            float* y, int64_t out, int64_t col, int64_t valid) {
   __m256 acc[J][2];
@@ -291,7 +296,7 @@ AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a,
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
-    if constexpr (kPrefetch) PrefetchAhead(blk, bb);
+    PrefetchAhead<kPrefetch>(blk, bb);
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
     __m256i dot[J][2];
     if constexpr (kQ4) {
@@ -340,7 +345,7 @@ AMOEBA_AVX2 void PanelAvx2(const uint8_t* panel, int64_t bb, const QuantActs& a,
 // AVX-VNNI (256-bit `vpdpbusd`, CPUs with AVX2 but no AVX-512 VNNI, e.g. Intel's hybrid cores):
 // the AVX-512 kernel's arithmetic on two ymm per group (rows 0-7, 8-15), with the same offset
 // correction; 16 registers hold the accumulators of 2 input rows.
-template <int J, bool kQ4, bool kPrefetch>
+template <int J, bool kQ4, int kPrefetch>
 AMOEBA_AVX_VNNI void PanelAvxVnni(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
                                   float* y, int64_t out, int64_t col, int64_t valid) {
   constexpr int32_t kOffset = kQ4 ? 8 : 128;
@@ -351,7 +356,7 @@ AMOEBA_AVX_VNNI void PanelAvxVnni(const uint8_t* panel, int64_t bb, const QuantA
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* blk = panel + b * bb;
     const uint8_t* data = blk + kScaleBytes;
-    if constexpr (kPrefetch) PrefetchAhead(blk, bb);
+    PrefetchAhead<kPrefetch>(blk, bb);
     const int8_t* xb = a.q + (j0 * a.nb + b) * kQuantBlock;
     __m256i dot[J][2];
     for (int j = 0; j < J; ++j) dot[j][0] = dot[j][1] = _mm256_setzero_si256();
@@ -496,7 +501,7 @@ using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, flo
                          int64_t, int64_t);
 
 // Rows [r0, r0 + rows) against one panel, in register-sized groups of rows.
-template <bool kQ4, bool kPf>
+template <bool kQ4, int kPf>
 void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t r0,
               int64_t rows, float* y, int64_t out, int64_t col, int64_t valid) {
   static constexpr PanelFn kVnni[8] = {PanelVnni<1, kQ4, kPf>, PanelVnni<2, kQ4, kPf>,
@@ -642,8 +647,9 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
     xs.resize(n * nb);
   }
   const QuantKernel kernel = ActiveQuantKernel();
-  const bool prefetch = n > kPrefetchChoiceMaxRows ||
-                        StreamPrefetchOn(q4 ? WeightFormat::kQ4_0 : WeightFormat::kQ8_0);
+  const int prefetch = n > kPrefetchChoiceMaxRows
+                           ? kDefaultPrefetchArm
+                           : StreamPrefetchArm(q4 ? WeightFormat::kQ4_0 : WeightFormat::kQ8_0);
   if (kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8) {
     QuantizeRowsAvx512(x, n, in, nb, xq.data(), xd.data(), xs.data());
   } else {
@@ -658,8 +664,10 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
       const int64_t bb = o.panels->size(2);
       const auto* panel =
           static_cast<const uint8_t*>(o.panels->data_ptr()) + p * o.panels->size(1) * bb;
-      auto run = q4 ? (prefetch ? RunPanel<true, true> : RunPanel<true, false>)
-                    : (prefetch ? RunPanel<false, true> : RunPanel<false, false>);
+      static constexpr decltype(&RunPanel<true, 0>) kRuns[2][3] = {
+          {RunPanel<false, 0>, RunPanel<false, 1>, RunPanel<false, 2>},
+          {RunPanel<true, 0>, RunPanel<true, 1>, RunPanel<true, 2>}};
+      auto run = kRuns[q4][prefetch];
       run(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
     });
   }

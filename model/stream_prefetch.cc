@@ -4,6 +4,7 @@
 #include <array>
 #include <atomic>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "spdlog/spdlog.h"
@@ -19,7 +20,7 @@ struct Trial {
   std::atomic<int> choice{-1};  // -1: on trial
   std::mutex mu;
   int steps = 0;  // arms handed out
-  std::vector<double> seconds[2];
+  std::vector<double> seconds[3];
 };
 std::array<Trial, kFormats> g_trials;
 
@@ -27,13 +28,20 @@ double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
 }
+
+// The arms a format's kernels tell apart (near = far for fp32/fp16).
+std::vector<int> Arms(WeightFormat f) {
+  if (IsQuantized(f)) return {0, 1, 2};
+  return {0, 2};
+}
 }  // namespace
 
-bool StreamPrefetchOn(WeightFormat f) {
-  if (t_arm >= 0) return t_arm == 1;
+int StreamPrefetchArm(WeightFormat f) {
+  if (t_arm >= 0) return t_arm;
   const int forced = g_forced.load(std::memory_order_relaxed);
-  if (forced >= 0) return forced == 1;
-  return g_trials[static_cast<int>(f)].choice.load(std::memory_order_relaxed) != 0;
+  if (forced >= 0) return forced;
+  const int choice = g_trials[static_cast<int>(f)].choice.load(std::memory_order_relaxed);
+  return choice >= 0 ? choice : kDefaultPrefetchArm;
 }
 
 void ForceStreamPrefetch(StreamPrefetch p) {
@@ -44,25 +52,33 @@ int PrefetchTrialArm(WeightFormat f) {
   Trial& t = g_trials[static_cast<int>(f)];
   if (t.choice.load(std::memory_order_relaxed) >= 0) return -1;
   if (g_forced.load(std::memory_order_relaxed) >= 0) return -1;
+  const std::vector<int> arms = Arms(f);
   std::lock_guard<std::mutex> lock(t.mu);
-  return t.steps++ % 2;  // alternating: the shared machine's bandwidth drifts
+  return arms[t.steps++ % arms.size()];  // in turn: the shared machine's bandwidth drifts
 }
 
 void RecordPrefetchTrial(WeightFormat f, int arm, double seconds) {
-  if (arm < 0 || arm > 1) return;
+  if (arm < 0 || arm > 2) return;
   Trial& t = g_trials[static_cast<int>(f)];
+  const std::vector<int> arms = Arms(f);
   std::lock_guard<std::mutex> lock(t.mu);
   if (t.choice.load(std::memory_order_relaxed) >= 0) return;
   t.seconds[arm].push_back(seconds);
-  if (static_cast<int>(std::min(t.seconds[0].size(), t.seconds[1].size())) < kPrefetchTrialSteps)
-    return;
-  const double off = Median(t.seconds[0]), on = Median(t.seconds[1]);
-  const bool keep_on = !(off * 1.03 < on);
-  t.choice.store(keep_on ? 1 : 0, std::memory_order_relaxed);
+  for (int a : arms)
+    if (static_cast<int>(t.seconds[a].size()) < kPrefetchTrialSteps) return;
+  double median[3] = {0, 0, 0};
+  int best = kDefaultPrefetchArm;
+  for (int a : arms) median[a] = Median(t.seconds[a]);
+  for (int a : arms)
+    if (median[a] * 1.03 < median[kDefaultPrefetchArm] && median[a] < median[best]) best = a;
+  t.choice.store(best, std::memory_order_relaxed);
+  static constexpr const char* kNames[3] = {"off", "near", "far"};
   spdlog::info(
-      "panel kernels, {}: software prefetch {} at batch 1 ({} decode steps each way: {:.3f} ms "
-      "with it, {:.3f} ms without)",
-      WeightFormatName(f), keep_on ? "on" : "off", kPrefetchTrialSteps, on * 1e3, off * 1e3);
+      "panel kernels, {}: software prefetch {} at batch 1 ({} decode steps each: far {:.3f} ms, "
+      "near {}, off {:.3f} ms)",
+      WeightFormatName(f), kNames[best], kPrefetchTrialSteps, median[2] * 1e3,
+      IsQuantized(f) ? fmt::format("{:.3f} ms", median[1] * 1e3) : std::string("(the same)"),
+      median[0] * 1e3);
 }
 
 int PrefetchTrialChoice(WeightFormat f) {
@@ -74,8 +90,7 @@ void ResetPrefetchTrial(WeightFormat f) {
   std::lock_guard<std::mutex> lock(t.mu);
   t.choice.store(-1, std::memory_order_relaxed);
   t.steps = 0;
-  t.seconds[0].clear();
-  t.seconds[1].clear();
+  for (auto& v : t.seconds) v.clear();
 }
 
 ScopedPrefetchArm::ScopedPrefetchArm(int arm) : previous_(t_arm) {

@@ -2,9 +2,10 @@
 // the weight stream. It depends on the machine and the format: 4 KB ahead took Zen 3 and Zen 5
 // VMs from 76-85% to 88-91% of a read probe and gains 2-6% on a Sapphire-Rapids-class Xeon, but
 // cost a 2.6 GHz Zen 4 VM 9-24% in q8_0 (its hardware prefetcher alone streamed at the probe's
-// rate). A kernel-only calibration picked the wrong side for two of four formats on the Xeon, so
-// the choice is made on real decode steps: the first batch-1 steps of a model that streams from
-// DRAM alternate with and without, and the faster median wins (once per process and format).
+// rate); on the Xeon the quantized kernels stream best 1 KB ahead. A kernel-only calibration
+// picked the wrong side for two of four formats on the Xeon, so the choice is made on real decode
+// steps: the first batch-1 steps of a model that streams from DRAM take the arms in turn, and
+// the fastest median wins (once per process and format).
 // Only one-input calls follow it: with more inputs the compute per line is larger and the
 // prefetch paid on every machine measured (the Zen 4 VM too: batch 16 10-19% slower without).
 #pragma once
@@ -19,24 +20,31 @@ inline constexpr int64_t kPrefetchChoiceMaxRows = 1;
 // Weights larger than this stream from DRAM on a small VM (sysconf reports the socket's L3,
 // 320-480 MB on our 2-core VMs, whose share is nearer 32 MB); smaller ones do not care.
 inline constexpr size_t kPrefetchTrialMinBytes = size_t{32} << 20;
-// Decode steps timed each way before the choice is made.
+// Decode steps timed on each arm before the choice is made.
 inline constexpr int kPrefetchTrialSteps = 12;
 
-enum class StreamPrefetch { kAuto = -1, kOff = 0, kOn = 1 };
+// The arms: no prefetch, near (the quantized kernels 1 KB ahead), far (4 KB ahead). The fp32 /
+// fp16 kernels have one distance: near and far are the same there, and their trial has two arms.
+enum class StreamPrefetch { kAuto = -1, kOff = 0, kNear = 1, kFar = 2 };
+inline constexpr int kDefaultPrefetchArm = 2;  // kFar: the long-standing default
 
-// The choice for `f`'s one-input kernel calls on this thread: a trial arm set by
-// ScopedPrefetchArm, else forced, else the trial's decision, else on.
-bool StreamPrefetchOn(WeightFormat f);
-// Tests and benches: force the prefetch on or off for every format (kAuto: back to the choice).
+// The arm for `f`'s one-input kernel calls on this thread: a trial arm set by ScopedPrefetchArm,
+// else forced, else the trial's decision, else kDefaultPrefetchArm.
+int StreamPrefetchArm(WeightFormat f);
+inline bool StreamPrefetchOn(WeightFormat f) {
+  return StreamPrefetchArm(f) != 0;
+}
+// Tests and benches: force an arm for every format (kAuto: back to the choice).
 void ForceStreamPrefetch(StreamPrefetch p);
 
-// The trial. PrefetchTrialArm: the arm (0 off, 1 on) the next batch-1 decode step of `f` should
-// run, or -1 when the choice is made or forced. Record that step's time with
-// RecordPrefetchTrial; after kPrefetchTrialSteps each way the choice is made and logged: on
-// unless off's median is at least 3% faster. Thread-safe.
+// The trial. PrefetchTrialArm: the arm the next batch-1 decode step of `f` should run (in turn:
+// off, near, far for q8_0/q4_0; off, far for fp32/fp16), or -1 when the choice is made or forced.
+// Record that step's time with RecordPrefetchTrial; after kPrefetchTrialSteps on each arm the
+// choice is made and logged: the default unless another arm's median is at least 3% faster.
+// Thread-safe.
 int PrefetchTrialArm(WeightFormat f);
 void RecordPrefetchTrial(WeightFormat f, int arm, double seconds);
-// The decision once made: 1 on, 0 off, -1 still on trial.
+// The decision once made (an arm), or -1 while on trial.
 int PrefetchTrialChoice(WeightFormat f);
 // Tests: start the trial for `f` over.
 void ResetPrefetchTrial(WeightFormat f);

@@ -132,7 +132,7 @@ TEST(EngineTest, BatchOneDecodeStepsOfALargeModelRunThePrefetchTrial) {
   }
   const auto tiny_prompt = RandomTokens(8, 97, 5);
   SeqInput tp{0, tiny_prompt};
-  ForceStreamPrefetch(StreamPrefetch::kOn);
+  ForceStreamPrefetch(StreamPrefetch::kFar);
   for (int slot = 0; slot < 2; ++slot) {
     SeqInput p{slot, prompt};
     ASSERT_TRUE(reference.Forward(rc, {&p, 1}).ok());
@@ -151,7 +151,7 @@ TEST(EngineTest, BatchOneDecodeStepsOfALargeModelRunThePrefetchTrial) {
     // Batch 1 with the other slot idle: each call is a trial step.
     const at::Tensor got = e.Forward(c, {&two[0], 1}).value().clone();
     ASSERT_TRUE(e.Forward(c, {&two[1], 1}).ok());
-    ForceStreamPrefetch(StreamPrefetch::kOn);
+    ForceStreamPrefetch(StreamPrefetch::kFar);
     SeqInput r{0, {&a, 1}};
     const at::Tensor want = reference.Forward(rc, {&r, 1}).value();
     ForceStreamPrefetch(StreamPrefetch::kAuto);

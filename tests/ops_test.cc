@@ -326,9 +326,9 @@ TEST(KernelTest, SimdQuantizedKernelsAgreeBitForBit) {
   ForceQuantKernel(QuantKernel::kAuto);
 }
 
-// The kernels with and without the software prefetch (two instantiations of each) compute the
+// The kernels without the software prefetch, near and far (an instantiation each) compute the
 // same bits, in every format, on every instruction set the CPU has, one input and several.
-TEST(KernelTest, PrefetchOnAndOffGiveTheSameBits) {
+TEST(KernelTest, EveryPrefetchArmGivesTheSameBits) {
   at::manual_seed(9);
   for (WeightFormat format :
        {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
@@ -349,14 +349,15 @@ TEST(KernelTest, PrefetchOnAndOffGiveTheSameBits) {
       }
       for (int64_t n : {1, 2, 5}) {
         at::Tensor x = at::randn({n, in});
-        at::Tensor y[2] = {at::empty({n, out}), at::empty({n, out})};
-        for (int on = 0; on < 2; ++on) {
-          ForceStreamPrefetch(on ? StreamPrefetch::kOn : StreamPrefetch::kOff);
-          EXPECT_EQ(StreamPrefetchOn(format), on == 1);
-          LinearPacked(x.data_ptr<float>(), n, panels, out, in, nullptr, y[on].data_ptr<float>());
+        at::Tensor y[3] = {at::empty({n, out}), at::empty({n, out}), at::empty({n, out})};
+        for (int arm = 0; arm < 3; ++arm) {
+          ForceStreamPrefetch(static_cast<StreamPrefetch>(arm));
+          EXPECT_EQ(StreamPrefetchArm(format), arm);
+          LinearPacked(x.data_ptr<float>(), n, panels, out, in, nullptr, y[arm].data_ptr<float>());
         }
-        EXPECT_EQ(testing::MaxAbsDiff(y[0], y[1]), 0.0)
-            << WeightFormatName(format) << " path " << path << " n=" << n;
+        for (int arm = 1; arm < 3; ++arm)
+          EXPECT_EQ(testing::MaxAbsDiff(y[arm], y[0]), 0.0)
+              << WeightFormatName(format) << " path " << path << " n=" << n << " arm " << arm;
       }
     }
     ForceQuantKernel(QuantKernel::kAuto);
@@ -365,37 +366,48 @@ TEST(KernelTest, PrefetchOnAndOffGiveTheSameBits) {
   ForceStreamPrefetch(StreamPrefetch::kAuto);
 }
 
-// The trial alternates the arms, decides for the faster median after kPrefetchTrialSteps each
-// way (on unless off is 3% faster), then stops handing out arms; a scoped arm wins over it.
-TEST(KernelTest, PrefetchTrialPicksTheFasterArm) {
-  const WeightFormat f = WeightFormat::kQ8_0;
-  for (double off_ms : {0.90, 0.99}) {
+// The trial takes the arms in turn (off, near, far for a quantized format; off, far for fp16),
+// decides for the fastest median after kPrefetchTrialSteps each, keeping the default (far)
+// unless another arm is 3% faster, then stops handing out arms; a scoped arm wins over it.
+TEST(KernelTest, PrefetchTrialPicksTheFastestArm) {
+  struct Case {
+    WeightFormat format;
+    double ms[3];  // off, near, far
+    int want;
+  };
+  for (const Case& c : {Case{WeightFormat::kQ8_0, {0.95, 0.90, 1.0}, 1},
+                        Case{WeightFormat::kQ8_0, {0.90, 0.95, 1.0}, 0},
+                        Case{WeightFormat::kQ4_0, {0.99, 0.98, 1.0}, 2},
+                        Case{WeightFormat::kF16, {0.90, 0.0, 1.0}, 0},
+                        Case{WeightFormat::kF16, {0.99, 0.0, 1.0}, 2}}) {
+    const WeightFormat f = c.format;
+    const std::string what = std::string(WeightFormatName(f)) + " want " + std::to_string(c.want);
     ResetPrefetchTrial(f);
-    EXPECT_TRUE(StreamPrefetchOn(f)) << "on while on trial";
-    int arms[2] = {0, 0};
-    for (int step = 0; step < 2 * kPrefetchTrialSteps; ++step) {
-      EXPECT_EQ(PrefetchTrialChoice(f), -1) << step;
+    EXPECT_EQ(StreamPrefetchArm(f), kDefaultPrefetchArm) << "the default while on trial";
+    const int arm_count = IsQuantized(f) ? 3 : 2;
+    int arms[3] = {0, 0, 0};
+    for (int step = 0; step < arm_count * kPrefetchTrialSteps; ++step) {
+      EXPECT_EQ(PrefetchTrialChoice(f), -1) << what << " step " << step;
       const int arm = PrefetchTrialArm(f);
-      ASSERT_TRUE(arm == 0 || arm == 1);
+      ASSERT_TRUE(arm >= 0 && arm <= 2);
       ++arms[arm];
-      // The on arm's steps vary, so a mean-of-times rule and the median rule can disagree.
-      const double ms = arm == 1 ? (step % 6 == 1 ? 3.0 : 1.0) : off_ms;
+      // Every arm has outliers, so a mean-of-times rule and the median rule can disagree.
+      const double ms = step % 7 == 3 ? 5.0 : c.ms[arm];
       RecordPrefetchTrial(f, arm, ms * 1e-3);
     }
-    EXPECT_EQ(arms[0], kPrefetchTrialSteps);
-    EXPECT_EQ(arms[1], kPrefetchTrialSteps);
-    const bool want_on = off_ms > 0.95;
-    EXPECT_EQ(PrefetchTrialChoice(f), want_on ? 1 : 0) << off_ms;
-    EXPECT_EQ(StreamPrefetchOn(f), want_on) << off_ms;
-    EXPECT_EQ(PrefetchTrialArm(f), -1) << "decided";
-    EXPECT_TRUE(StreamPrefetchOn(WeightFormat::kF16)) << "one trial per format";
+    EXPECT_EQ(arms[0], kPrefetchTrialSteps) << what;
+    EXPECT_EQ(arms[1], arm_count == 3 ? kPrefetchTrialSteps : 0) << what;
+    EXPECT_EQ(arms[2], kPrefetchTrialSteps) << what;
+    EXPECT_EQ(PrefetchTrialChoice(f), c.want) << what;
+    EXPECT_EQ(StreamPrefetchArm(f), c.want) << what;
+    EXPECT_EQ(PrefetchTrialArm(f), -1) << what << ": decided";
     {
-      ScopedPrefetchArm scoped(want_on ? 0 : 1);
-      EXPECT_EQ(StreamPrefetchOn(f), !want_on);
+      ScopedPrefetchArm scoped((c.want + 1) % 3);
+      EXPECT_EQ(StreamPrefetchArm(f), (c.want + 1) % 3) << what;
     }
-    EXPECT_EQ(StreamPrefetchOn(f), want_on);
+    EXPECT_EQ(StreamPrefetchArm(f), c.want) << what;
+    ResetPrefetchTrial(f);
   }
-  ResetPrefetchTrial(f);
 }
 
 TEST(KernelTest, QuantizedBlocksFollowGgmlRules) {
