@@ -20,7 +20,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
       options_(options),
       rope_(model_->config, options.max_len),
       panels_only_(PanelsOnly(*model_, options)),
-      prefetch_trial_format_(PrefetchTrialFormat(*model_, panels_only_)),
+      prefetch_trial_key_(PrefetchTrialKeyOf(*model_, panels_only_)),
       ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {}
 
 void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
@@ -270,13 +270,12 @@ bool Engine::PanelsOnly(const Model& m, const EngineOptions& options) {
   return true;
 }
 
-int Engine::PrefetchTrialFormat(const Model& m, bool panels_only) {
+int Engine::PrefetchTrialKeyOf(const Model& m, bool panels_only) {
   if (!panels_only || m.layers.empty()) return -1;
   size_t bytes = m.head_panels.defined() ? m.head_panels.nbytes() : 0;
   for (const LayerWeights& l : m.layers)
     for (const at::Tensor& p : l.panels) bytes += p.nbytes();
-  if (bytes <= kPrefetchTrialMinBytes) return -1;
-  return static_cast<int>(PanelsFormat(m.layers[0].panels[0]));
+  return PrefetchTrialKey(PanelsFormat(m.layers[0].panels[0]), bytes);
 }
 
 bool Engine::RunsInOneRegion(std::span<const SeqInput> seqs) const {
@@ -416,10 +415,11 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       });
     }
   };
-  // The first batch-1 decode steps of a model that streams from DRAM try the kernels' prefetch
-  // both ways (stream_prefetch.h); each member of a team runs this step's arm.
-  const WeightFormat format = static_cast<WeightFormat>(std::max(prefetch_trial_format_, 0));
-  const int arm = prefetch_trial_format_ >= 0 && n == 1 ? PrefetchTrialArm(format) : -1;
+  // Batch-1 steps of a model that streams from DRAM run the prefetch arm chosen for its format
+  // and size, or while that is on trial the trial's next arm (stream_prefetch.h); each member
+  // of a team sets it for itself.
+  bool on_trial = false;
+  const int arm = n == 1 ? PrefetchArmForStep(prefetch_trial_key_, &on_trial) : -1;
   const auto started = std::chrono::steady_clock::now();
   auto compute_with_arm = [&] {
     ScopedPrefetchArm scoped(arm);
@@ -430,9 +430,9 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   } else {
     compute_with_arm();
   }
-  if (arm >= 0) {
+  if (on_trial) {
     RecordPrefetchTrial(
-        format, arm,
+        prefetch_trial_key_, arm,
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   }
   for (const SeqInput& s : seqs)

@@ -95,10 +95,10 @@ class Engine {
   // PanelsOnly(model, options), once: the model is const (were it changed anyway, the Serially
   // guards keep a team correct, only slower).
   bool panels_only_;
-  // The weight format whose prefetch trial this model's batch-1 steps take part in, or -1 (not
-  // all panels, or small enough to stay in the cache).
-  static int PrefetchTrialFormat(const Model& m, bool panels_only);
-  int prefetch_trial_format_;
+  // The prefetch trial (format and size class) this model's batch-1 steps take part in, or -1
+  // (not all panels, or small enough to stay in the cache).
+  static int PrefetchTrialKeyOf(const Model& m, bool panels_only);
+  int prefetch_trial_key_;
   std::shared_ptr<EngineWorkspace> ws_;
   struct DecodeTask {
     int64_t row, slot, len;

@@ -21,7 +21,10 @@ namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead in the panel stream (measured best)
-constexpr int64_t kPrefetchBytes = 4096;   // the same distance for the AVX-512 kernel's 1-4 inputs
+// The AVX-512 kernel's 1-4 inputs: by prefetch arm (stream_prefetch.h), near 1 KB, far 4 KB.
+constexpr int64_t PrefetchBytes(int arm) {
+  return arm == 1 ? 1024 : 4096;
+}
 // AVX2 passes of this many inputs or more prefetch the panel stream: checking 5 drafted tokens on
 // the 16M-parameter quality preset (weights beyond L3) ran 1.13x faster with it, batch 4 1.08x
 // (Zen 3, bench/speculative, interleaved runs).
@@ -33,7 +36,7 @@ constexpr int64_t kAvx2PrefetchRows = 3;
 using simd::Load16;
 using simd::Load8;
 
-template <int J, typename T, bool kPrefetch>
+template <int J, typename T, int kPrefetch>
 AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, float* y, int64_t out,
                                int64_t col, int64_t valid, int64_t rows) {
   // Below 4 inputs there are too few accumulator chains to hide the FMA latency: unroll k by U
@@ -46,16 +49,16 @@ AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, floa
   // left 10-30% of the bandwidth unused whenever the machine had much of it (Zen 5 VM, paired
   // probes: TinyLlama fp16 matrices 88-91% -> 92-100% of a read probe, 100m fp16 batch 1 76-79%
   // -> 88-91%, batch 4 fp32 60-69% -> 79-88%). 8+ inputs: one prefetch per k, as measured before.
-  // Machines whose hardware prefetcher keeps up without it run kPrefetch = false
-  // (stream_prefetch.h).
+  // kPrefetch is the arm the machine chose (stream_prefetch.h): 0 none, 1 near, 2 far.
   constexpr int64_t kStepBytes = U * kPanel * sizeof(T);
   int64_t k = 0;
   for (; k + U <= in; k += U) {
-    if constexpr (kPrefetch && J >= 8) {
+    if constexpr (kPrefetch > 0 && J >= 8) {
       _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats),
                    _MM_HINT_T0);
-    } else if constexpr (kPrefetch) {
-      const char* ahead = reinterpret_cast<const char*>(panel + k * kPanel) + kPrefetchBytes;
+    } else if constexpr (kPrefetch > 0) {
+      const char* ahead =
+          reinterpret_cast<const char*>(panel + k * kPanel) + PrefetchBytes(kPrefetch);
       for (int64_t b = 0; b < kStepBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     for (int u = 0; u < U; ++u) {
@@ -182,18 +185,16 @@ AMOEBA_AVX512 void Transpose16Avx512(const float* x, int64_t in, float* xt) {
 // parallel region: panel indices run over the outputs back to back.
 template <int J, typename T>
 void RunGroup(std::span<const PackedOutput> outs, const float* xt, int64_t in, int64_t r0,
-              int64_t rows, KernelIsa isa, bool prefetch) {
+              int64_t rows, KernelIsa isa, int prefetch) {
+  static constexpr decltype(&PanelAvx512<J, T, 0>) kAvx512[3] = {
+      PanelAvx512<J, T, 0>, PanelAvx512<J, T, 1>, PanelAvx512<J, T, 2>};
   ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
     const T* panel = o.panels->data_ptr<T>() + p * o.panels->size(1) * kPanel;
     float* y = o.y + r0 * o.out;
     if (isa == KernelIsa::kAvx512) {
-      if (prefetch) {
-        PanelAvx512<J, T, true>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
-      } else {
-        PanelAvx512<J, T, false>(panel, xt, in, y, o.out, p * kPanel, valid, rows);
-      }
-    } else if (isa == KernelIsa::kAvx2) {
-      PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows, prefetch);
+      kAvx512[prefetch](panel, xt, in, y, o.out, p * kPanel, valid, rows);
+    } else if (isa == KernelIsa::kAvx2) {  // one distance: near and far are the same here
+      PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows, prefetch != 0);
     } else {
       PanelScalar(panel, xt, J, in, y, o.out, p * kPanel, valid, rows);
     }
@@ -203,9 +204,7 @@ void RunGroup(std::span<const PackedOutput> outs, const float* xt, int64_t in, i
 template <typename T>
 void LinearPackedTyped(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs) {
   const KernelIsa isa = ActiveKernelIsa();
-  const bool prefetch =
-      n > kPrefetchChoiceMaxRows ||
-      StreamPrefetchOn(std::is_same_v<T, at::Half> ? WeightFormat::kF16 : WeightFormat::kF32);
+  const int prefetch = n > kPrefetchChoiceMaxRows ? kDefaultPrefetchArm : StreamPrefetchArm();
   thread_local std::vector<float> xt;  // grown once, reused: no allocation per decode step
   if (static_cast<int64_t>(xt.size()) < in * kPanel) xt.resize(in * kPanel);
   for (int64_t r0 = 0; r0 < n; r0 += kPanel) {

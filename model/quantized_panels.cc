@@ -647,9 +647,7 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
     xs.resize(n * nb);
   }
   const QuantKernel kernel = ActiveQuantKernel();
-  const int prefetch = n > kPrefetchChoiceMaxRows
-                           ? kDefaultPrefetchArm
-                           : StreamPrefetchArm(q4 ? WeightFormat::kQ4_0 : WeightFormat::kQ8_0);
+  const int prefetch = n > kPrefetchChoiceMaxRows ? kDefaultPrefetchArm : StreamPrefetchArm();
   if (kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8) {
     QuantizeRowsAvx512(x, n, in, nb, xq.data(), xd.data(), xs.data());
   } else {

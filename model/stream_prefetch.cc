@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "model/kernels.h"
 #include "spdlog/spdlog.h"
 
 namespace amoeba {
@@ -22,44 +23,56 @@ struct Trial {
   int steps = 0;  // arms handed out
   std::vector<double> seconds[3];
 };
-std::array<Trial, kFormats> g_trials;
+std::array<Trial, 2 * kFormats> g_trials;  // per format and size class
+
+WeightFormat FormatOf(int key) {
+  return static_cast<WeightFormat>(key / 2);
+}
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-// The arms a format's kernels tell apart (near = far for fp32/fp16).
+// The arms a format's kernels tell apart (the AVX-512 fp32/fp16 kernel has both distances, the
+// AVX2 one only one).
 std::vector<int> Arms(WeightFormat f) {
-  if (IsQuantized(f)) return {0, 1, 2};
+  if (IsQuantized(f) || ActiveKernelIsa() == KernelIsa::kAvx512) return {0, 1, 2};
   return {0, 2};
 }
 }  // namespace
 
-int StreamPrefetchArm(WeightFormat f) {
+int StreamPrefetchArm() {
   if (t_arm >= 0) return t_arm;
   const int forced = g_forced.load(std::memory_order_relaxed);
-  if (forced >= 0) return forced;
-  const int choice = g_trials[static_cast<int>(f)].choice.load(std::memory_order_relaxed);
-  return choice >= 0 ? choice : kDefaultPrefetchArm;
+  return forced >= 0 ? forced : kDefaultPrefetchArm;
 }
 
 void ForceStreamPrefetch(StreamPrefetch p) {
   g_forced.store(static_cast<int>(p), std::memory_order_relaxed);
 }
 
-int PrefetchTrialArm(WeightFormat f) {
-  Trial& t = g_trials[static_cast<int>(f)];
-  if (t.choice.load(std::memory_order_relaxed) >= 0) return -1;
-  if (g_forced.load(std::memory_order_relaxed) >= 0) return -1;
-  const std::vector<int> arms = Arms(f);
+int PrefetchTrialKey(WeightFormat f, size_t weight_bytes) {
+  if (weight_bytes <= kPrefetchTrialMinBytes) return -1;
+  return 2 * static_cast<int>(f) + (weight_bytes > kPrefetchTrialLargeBytes ? 1 : 0);
+}
+
+int PrefetchArmForStep(int key, bool* on_trial) {
+  *on_trial = false;
+  if (key < 0 || g_forced.load(std::memory_order_relaxed) >= 0) return -1;
+  Trial& t = g_trials[key];
+  const int choice = t.choice.load(std::memory_order_relaxed);
+  if (choice >= 0) return choice;
+  const std::vector<int> arms = Arms(FormatOf(key));
   std::lock_guard<std::mutex> lock(t.mu);
+  *on_trial = true;
   return arms[t.steps++ % arms.size()];  // in turn: the shared machine's bandwidth drifts
 }
 
-void RecordPrefetchTrial(WeightFormat f, int arm, double seconds) {
-  if (arm < 0 || arm > 2) return;
-  Trial& t = g_trials[static_cast<int>(f)];
+void RecordPrefetchTrial(int key, int arm, double seconds) {
+  if (key < 0 || arm < 0 || arm > 2) return;
+  Trial& t = g_trials[key];
+  const WeightFormat f = FormatOf(key);
   const std::vector<int> arms = Arms(f);
   std::lock_guard<std::mutex> lock(t.mu);
   if (t.choice.load(std::memory_order_relaxed) >= 0) return;
@@ -74,19 +87,21 @@ void RecordPrefetchTrial(WeightFormat f, int arm, double seconds) {
   t.choice.store(best, std::memory_order_relaxed);
   static constexpr const char* kNames[3] = {"off", "near", "far"};
   spdlog::info(
-      "panel kernels, {}: software prefetch {} at batch 1 ({} decode steps each: far {:.3f} ms, "
-      "near {}, off {:.3f} ms)",
-      WeightFormatName(f), kNames[best], kPrefetchTrialSteps, median[2] * 1e3,
-      IsQuantized(f) ? fmt::format("{:.3f} ms", median[1] * 1e3) : std::string("(the same)"),
+      "panel kernels, {} ({} MB of weights): software prefetch {} at batch 1 ({} decode steps "
+      "each: far {:.3f} ms, near {}, off {:.3f} ms)",
+      WeightFormatName(f), key % 2 ? "over 512" : "32-512", kNames[best], kPrefetchTrialSteps,
+      median[2] * 1e3,
+      arms.size() == 3 ? fmt::format("{:.3f} ms", median[1] * 1e3) : std::string("(the same)"),
       median[0] * 1e3);
 }
 
-int PrefetchTrialChoice(WeightFormat f) {
-  return g_trials[static_cast<int>(f)].choice.load(std::memory_order_relaxed);
+int PrefetchTrialChoice(int key) {
+  return key < 0 ? -1 : g_trials[key].choice.load(std::memory_order_relaxed);
 }
 
-void ResetPrefetchTrial(WeightFormat f) {
-  Trial& t = g_trials[static_cast<int>(f)];
+void ResetPrefetchTrial(int key) {
+  if (key < 0) return;
+  Trial& t = g_trials[key];
   std::lock_guard<std::mutex> lock(t.mu);
   t.choice.store(-1, std::memory_order_relaxed);
   t.steps = 0;

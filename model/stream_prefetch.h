@@ -20,34 +20,37 @@ inline constexpr int64_t kPrefetchChoiceMaxRows = 1;
 // Weights larger than this stream from DRAM on a small VM (sysconf reports the socket's L3,
 // 320-480 MB on our 2-core VMs, whose share is nearer 32 MB); smaller ones do not care.
 inline constexpr size_t kPrefetchTrialMinBytes = size_t{32} << 20;
+// Models beyond even a whole socket's L3 have a trial of their own: on the Xeon the 100m preset
+// in q4_0 (62 MB) ran near and far alike while TinyLlama's (582 MB) streamed 97% vs 82%.
+inline constexpr size_t kPrefetchTrialLargeBytes = size_t{512} << 20;
 // Decode steps timed on each arm before the choice is made.
 inline constexpr int kPrefetchTrialSteps = 12;
 
-// The arms: no prefetch, near (the quantized kernels 1 KB ahead), far (4 KB ahead). The fp32 /
-// fp16 kernels have one distance: near and far are the same there, and their trial has two arms.
+// The arms: no prefetch, near (1 KB ahead), far (4 KB ahead). The AVX2 fp32/fp16 kernel has one
+// distance: near and far are the same there, and the trial has two arms.
 enum class StreamPrefetch { kAuto = -1, kOff = 0, kNear = 1, kFar = 2 };
 inline constexpr int kDefaultPrefetchArm = 2;  // kFar: the long-standing default
 
-// The arm for `f`'s one-input kernel calls on this thread: a trial arm set by ScopedPrefetchArm,
-// else forced, else the trial's decision, else kDefaultPrefetchArm.
-int StreamPrefetchArm(WeightFormat f);
-inline bool StreamPrefetchOn(WeightFormat f) {
-  return StreamPrefetchArm(f) != 0;
-}
+// The arm for one-input kernel calls on this thread: set by ScopedPrefetchArm (the engine sets
+// its model's choice, or a trial arm, for a batch-1 step), else forced, else kDefaultPrefetchArm.
+int StreamPrefetchArm();
 // Tests and benches: force an arm for every format (kAuto: back to the choice).
 void ForceStreamPrefetch(StreamPrefetch p);
 
-// The trial. PrefetchTrialArm: the arm the next batch-1 decode step of `f` should run (in turn:
-// off, near, far for q8_0/q4_0; off, far for fp32/fp16), or -1 when the choice is made or forced.
-// Record that step's time with RecordPrefetchTrial; after kPrefetchTrialSteps on each arm the
-// choice is made and logged: the default unless another arm's median is at least 3% faster.
-// Thread-safe.
-int PrefetchTrialArm(WeightFormat f);
-void RecordPrefetchTrial(WeightFormat f, int arm, double seconds);
+// The trials, one per weight format and size class: the key of a model with `weight_bytes` of
+// panels in `f`, or -1 for models small enough to stay in the cache.
+int PrefetchTrialKey(WeightFormat f, size_t weight_bytes);
+// The arm the next batch-1 decode step of a model with `key` runs: the choice once made, else
+// the trial's next arm (in turn: off, near, far; off, far for fp32/fp16 without AVX-512) with
+// *on_trial set; -1 while forced (the kernels then read the forcing). Record a trial step's time
+// with RecordPrefetchTrial; after kPrefetchTrialSteps on each arm the choice is made and logged:
+// the default unless another arm's median is at least 3% faster. Thread-safe.
+int PrefetchArmForStep(int key, bool* on_trial);
+void RecordPrefetchTrial(int key, int arm, double seconds);
 // The decision once made (an arm), or -1 while on trial.
-int PrefetchTrialChoice(WeightFormat f);
-// Tests: start the trial for `f` over.
-void ResetPrefetchTrial(WeightFormat f);
+int PrefetchTrialChoice(int key);
+// Tests: start a trial over.
+void ResetPrefetchTrial(int key);
 
 // Sets this thread's arm for its scope (arm < 0: leaves the choice alone). Each member of a
 // decode team sets it: the kernels read the choice on the thread that runs them.

@@ -121,8 +121,10 @@ TEST(EngineTest, BatchOneDecodeStepsOfALargeModelRunThePrefetchTrial) {
   Model small = TinyModel(4);
   PackWeights(small, WeightFormat::kQ8_0);
   auto tiny = std::make_shared<const Model>(std::move(small));
-  ResetPrefetchTrial(WeightFormat::kF32);
-  ResetPrefetchTrial(WeightFormat::kQ8_0);
+  const int key = PrefetchTrialKey(WeightFormat::kF32, size_t{62} << 20);
+  const int tiny_key = PrefetchTrialKey(WeightFormat::kQ8_0, size_t{62} << 20);
+  ResetPrefetchTrial(key);
+  ResetPrefetchTrial(tiny_key);
   Engine e(model, {.max_len = 96}), reference(model, {.max_len = 96}), t(tiny, {.max_len = 96});
   KVCache c = e.NewCache(2), rc = reference.NewCache(2), tc = t.NewCache(1);
   const auto prompt = RandomTokens(8, 4000, 5);
@@ -145,7 +147,7 @@ TEST(EngineTest, BatchOneDecodeStepsOfALargeModelRunThePrefetchTrial) {
     if (step < 4) {  // two sequences: not batch 1
       ASSERT_TRUE(e.Forward(c, two).ok());
       ASSERT_TRUE(reference.Forward(rc, two).ok());
-      EXPECT_EQ(PrefetchTrialChoice(WeightFormat::kF32), -1);
+      EXPECT_EQ(PrefetchTrialChoice(key), -1);
       continue;
     }
     // Batch 1 with the other slot idle: each call is a trial step.
@@ -161,9 +163,9 @@ TEST(EngineTest, BatchOneDecodeStepsOfALargeModelRunThePrefetchTrial) {
       ASSERT_TRUE(t.Forward(tc, {&ts, 1}).ok());
     }
   }
-  EXPECT_GE(PrefetchTrialChoice(WeightFormat::kF32), 0) << "the trial decided";
-  EXPECT_EQ(PrefetchTrialChoice(WeightFormat::kQ8_0), -1) << "a model in the cache stays out";
-  ResetPrefetchTrial(WeightFormat::kF32);
+  EXPECT_GE(PrefetchTrialChoice(key), 0) << "the trial decided";
+  EXPECT_EQ(PrefetchTrialChoice(tiny_key), -1) << "a model in the cache stays out";
+  ResetPrefetchTrial(key);
 }
 
 TEST(EngineTest, OneRegionDecodeGivesTheSameBitsAsARegionPerKernel) {

@@ -352,7 +352,7 @@ TEST(KernelTest, EveryPrefetchArmGivesTheSameBits) {
         at::Tensor y[3] = {at::empty({n, out}), at::empty({n, out}), at::empty({n, out})};
         for (int arm = 0; arm < 3; ++arm) {
           ForceStreamPrefetch(static_cast<StreamPrefetch>(arm));
-          EXPECT_EQ(StreamPrefetchArm(format), arm);
+          EXPECT_EQ(StreamPrefetchArm(), arm);
           LinearPacked(x.data_ptr<float>(), n, panels, out, in, nullptr, y[arm].data_ptr<float>());
         }
         for (int arm = 1; arm < 3; ++arm)
@@ -366,47 +366,63 @@ TEST(KernelTest, EveryPrefetchArmGivesTheSameBits) {
   ForceStreamPrefetch(StreamPrefetch::kAuto);
 }
 
-// The trial takes the arms in turn (off, near, far for a quantized format; off, far for fp16),
+// The trial takes the arms in turn (off, near, far; off, far for fp16 without AVX-512),
 // decides for the fastest median after kPrefetchTrialSteps each, keeping the default (far)
-// unless another arm is 3% faster, then stops handing out arms; a scoped arm wins over it.
+// unless another arm is 3% faster, then hands out the choice; one trial per format and size
+// class; a forcing or a scoped arm wins over it.
 TEST(KernelTest, PrefetchTrialPicksTheFastestArm) {
   struct Case {
     WeightFormat format;
     double ms[3];  // off, near, far
     int want;
   };
+  constexpr size_t kMid = size_t{64} << 20, kLarge = size_t{600} << 20;
+  EXPECT_EQ(PrefetchTrialKey(WeightFormat::kQ8_0, size_t{16} << 20), -1) << "in the cache";
+  EXPECT_NE(PrefetchTrialKey(WeightFormat::kQ8_0, kMid),
+            PrefetchTrialKey(WeightFormat::kQ8_0, kLarge));
+  EXPECT_NE(PrefetchTrialKey(WeightFormat::kQ8_0, kMid),
+            PrefetchTrialKey(WeightFormat::kQ4_0, kMid));
   for (const Case& c : {Case{WeightFormat::kQ8_0, {0.95, 0.90, 1.0}, 1},
                         Case{WeightFormat::kQ8_0, {0.90, 0.95, 1.0}, 0},
                         Case{WeightFormat::kQ4_0, {0.99, 0.98, 1.0}, 2},
-                        Case{WeightFormat::kF16, {0.90, 0.0, 1.0}, 0},
-                        Case{WeightFormat::kF16, {0.99, 0.0, 1.0}, 2}}) {
+                        Case{WeightFormat::kF16, {0.90, 1.0, 1.0}, 0},
+                        Case{WeightFormat::kF16, {0.99, 1.0, 1.0}, 2}}) {
     const WeightFormat f = c.format;
+    const int key = PrefetchTrialKey(f, kMid), large = PrefetchTrialKey(f, kLarge);
     const std::string what = std::string(WeightFormatName(f)) + " want " + std::to_string(c.want);
-    ResetPrefetchTrial(f);
-    EXPECT_EQ(StreamPrefetchArm(f), kDefaultPrefetchArm) << "the default while on trial";
-    const int arm_count = IsQuantized(f) ? 3 : 2;
+    ResetPrefetchTrial(key);
+    ResetPrefetchTrial(large);
+    EXPECT_EQ(StreamPrefetchArm(), kDefaultPrefetchArm) << "outside a step: the default";
+    const int arm_count = IsQuantized(f) || ActiveKernelIsa() == KernelIsa::kAvx512 ? 3 : 2;
     int arms[3] = {0, 0, 0};
     for (int step = 0; step < arm_count * kPrefetchTrialSteps; ++step) {
-      EXPECT_EQ(PrefetchTrialChoice(f), -1) << what << " step " << step;
-      const int arm = PrefetchTrialArm(f);
-      ASSERT_TRUE(arm >= 0 && arm <= 2);
+      EXPECT_EQ(PrefetchTrialChoice(key), -1) << what << " step " << step;
+      bool on_trial = false;
+      const int arm = PrefetchArmForStep(key, &on_trial);
+      ASSERT_TRUE(on_trial && arm >= 0 && arm <= 2);
       ++arms[arm];
       // Every arm has outliers, so a mean-of-times rule and the median rule can disagree.
       const double ms = step % 7 == 3 ? 5.0 : c.ms[arm];
-      RecordPrefetchTrial(f, arm, ms * 1e-3);
+      RecordPrefetchTrial(key, arm, ms * 1e-3);
     }
     EXPECT_EQ(arms[0], kPrefetchTrialSteps) << what;
     EXPECT_EQ(arms[1], arm_count == 3 ? kPrefetchTrialSteps : 0) << what;
     EXPECT_EQ(arms[2], kPrefetchTrialSteps) << what;
-    EXPECT_EQ(PrefetchTrialChoice(f), c.want) << what;
-    EXPECT_EQ(StreamPrefetchArm(f), c.want) << what;
-    EXPECT_EQ(PrefetchTrialArm(f), -1) << what << ": decided";
+    EXPECT_EQ(PrefetchTrialChoice(key), c.want) << what;
+    EXPECT_EQ(PrefetchTrialChoice(large), -1) << what << ": the large class is on its own";
+    bool on_trial = true;
+    EXPECT_EQ(PrefetchArmForStep(key, &on_trial), c.want) << what;
+    EXPECT_FALSE(on_trial) << what << ": decided";
+    ForceStreamPrefetch(StreamPrefetch::kNear);
+    EXPECT_EQ(PrefetchArmForStep(key, &on_trial), -1) << what << ": forced";
+    EXPECT_EQ(StreamPrefetchArm(), 1);
+    ForceStreamPrefetch(StreamPrefetch::kAuto);
     {
-      ScopedPrefetchArm scoped((c.want + 1) % 3);
-      EXPECT_EQ(StreamPrefetchArm(f), (c.want + 1) % 3) << what;
+      ScopedPrefetchArm scoped(c.want);
+      EXPECT_EQ(StreamPrefetchArm(), c.want) << what;
     }
-    EXPECT_EQ(StreamPrefetchArm(f), c.want) << what;
-    ResetPrefetchTrial(f);
+    EXPECT_EQ(StreamPrefetchArm(), kDefaultPrefetchArm) << what;
+    ResetPrefetchTrial(key);
   }
 }
 
