@@ -50,11 +50,15 @@ double DecodeRate(Engine& e, int batch, int steps, int context) {
 }
 
 std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps, int context,
-                                                BandwidthProbe& probe) {
+                                                BandwidthProbe& probe, bool paired) {
   std::vector<StepSample> samples;
   RunDecodeSteps(e, batch, steps, context, [&](double s, int64_t positions) {
-    samples.push_back({s, probe.ReadGBs(1), positions});
+    samples.push_back({s, paired ? probe.ReadGBs(1) : 0.0, positions});
   });
+  if (!paired) {
+    const double gbs = probe.ReadGBs(1);
+    for (StepSample& sample : samples) sample.probe_gbs = gbs;
+  }
   return samples;
 }
 

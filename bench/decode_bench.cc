@@ -30,8 +30,9 @@ struct Options {
   int decode_steps = 64;
   int context = 8;  // prompt tokens before the decode steps (KV read per step grows with it)
   int threads = 0;
-  int rounds = 3;     // interleaved repetitions; the median is reported
-  std::string paths;  // comma-separated path names to run; empty = all
+  int rounds = 3;           // interleaved repetitions; the median is reported
+  bool warm_cache = false;  // decode steps back to back, without a probe after each
+  std::string paths;        // comma-separated path names to run; empty = all
   std::string out_json = "bench/results/decode.json";
   std::string out_md = "bench/results/decode.md";
 };
@@ -51,7 +52,7 @@ int Run(const Options& o) {
       "# bench/decode\n\n{} threads, {} rounds, decode after {}-token prompts: every (path, batch) "
       "is measured once per round, "
       "rounds interleaved, and the median is reported (this shared machine's bandwidth drifts by "
-      "~1.5x within minutes). Every decode step is followed by one 256 MiB read probe; a step's "
+      "~1.5x within minutes). {}; a step's "
       "roofline is that probe's bandwidth / the bytes the step reads: the path's own weight bytes "
       "(its format: fp32, fp16, q8_0 = 8.5 bits, q4_0 = 4.5 bits per weight) plus the KV cache "
       "its sequences attend to (KV MB/step: the mean over the steps), and % of roofline is the "
@@ -63,7 +64,10 @@ int Run(const Options& o) {
       "per step "
       "|\n"
       "|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-      at::get_num_threads(), o.rounds, o.context);
+      at::get_num_threads(), o.rounds, o.context,
+      o.warm_cache ? "--warm-cache: the decode steps run back to back (weights that fit in the L3 "
+                     "stay there, as llama-bench runs them), one 256 MiB read probe after them"
+                   : "Every decode step is followed by one 256 MiB read probe");
   auto wanted = [&](const std::string& path) {
     return o.paths.empty() ||
            absl::StrContains(absl::StrCat(",", o.paths, ","), absl::StrCat(",", path, ","));
@@ -128,8 +132,8 @@ int Run(const Options& o) {
       for (Variant& v : variants) {
         v.prefills.push_back(PrefillRate(*v.engine, o.prompt_len));
         for (size_t bi = 0; bi < batches.size(); ++bi) {
-          const std::vector<StepSample> steps =
-              DecodeStepsAgainstProbe(*v.engine, batches[bi], o.decode_steps, o.context, probe);
+          const std::vector<StepSample> steps = DecodeStepsAgainstProbe(
+              *v.engine, batches[bi], o.decode_steps, o.context, probe, !o.warm_cache);
           double seconds = 0;
           std::vector<double> probes;
           const double kv_per_position =
@@ -241,6 +245,9 @@ int main(int argc, char** argv) {
       "--paths", o.paths,
       "Comma-separated paths to run (libtorch-linear, amoeba-fp32-rowmajor, "
       "amoeba-fp32, amoeba-fp16, amoeba-fp32-kv16, amoeba-q8_0, amoeba-q4_0); empty = all");
+  app.add_flag("--warm-cache", o.warm_cache,
+               "Decode steps back to back, one probe after them (weights that fit in the L3 stay "
+               "there, as llama-bench runs them); default: a probe after every step");
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
   try {
