@@ -272,10 +272,9 @@ bool Engine::PanelsOnly(const Model& m, const EngineOptions& options) {
 
 int Engine::PrefetchTrialKeyOf(const Model& m, bool panels_only) {
   if (!panels_only || m.layers.empty()) return -1;
-  size_t bytes = m.head_panels.defined() ? m.head_panels.nbytes() : 0;
-  for (const LayerWeights& l : m.layers)
-    for (const at::Tensor& p : l.panels) bytes += p.nbytes();
-  return PrefetchTrialKey(PanelsFormat(m.layers[0].panels[0]), bytes);
+  // The bytes a step reads: a sliced subnet reads a prefix of its supernet's panels.
+  return PrefetchTrialKey(PanelsFormat(m.layers[0].panels[0]),
+                          static_cast<size_t>(m.DecodeWeightBytes()));
 }
 
 bool Engine::RunsInOneRegion(std::span<const SeqInput> seqs) const {

@@ -21,10 +21,6 @@ namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead in the panel stream (measured best)
-// The AVX-512 kernel's 1-4 inputs: by prefetch arm (stream_prefetch.h), near 1 KB, far 4 KB.
-constexpr int64_t PrefetchBytes(int arm) {
-  return arm == 1 ? 1024 : 4096;
-}
 // AVX2 passes of this many inputs or more prefetch the panel stream: checking 5 drafted tokens on
 // the 16M-parameter quality preset (weights beyond L3) ran 1.13x faster with it, batch 4 1.08x
 // (Zen 3, bench/speculative, interleaved runs).
@@ -58,7 +54,7 @@ AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, floa
                    _MM_HINT_T0);
     } else if constexpr (kPrefetch > 0) {
       const char* ahead =
-          reinterpret_cast<const char*>(panel + k * kPanel) + PrefetchBytes(kPrefetch);
+          reinterpret_cast<const char*>(panel + k * kPanel) + PrefetchAheadBytes(kPrefetch);
       for (int64_t b = 0; b < kStepBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     for (int u = 0; u < U; ++u) {
@@ -258,25 +254,11 @@ void FillPanels(const at::Tensor& W, at::Tensor& panels) {
   }
 }
 
-// Fills panels of format `f` (allocated with PanelSizes) from W.
-void FillPanelsOf(const at::Tensor& W, WeightFormat f, at::Tensor& panels) {
-  if (IsQuantized(f)) {
-    FillQuantizedPanels(W, f, panels);
-  } else {
-    FillPanels(W, panels);
-  }
-}
-
-WeightFormat FormatOfWeights(const at::Tensor& W) {
-  return W.scalar_type() == at::kHalf ? WeightFormat::kF16 : WeightFormat::kF32;
-}
-
-}  // namespace
-
-std::vector<int64_t> PanelSizes(int64_t out, int64_t in, WeightFormat f) {
+std::vector<int64_t> PanelSizes(const at::Tensor& W, WeightFormat f) {
   if (IsQuantized(f))
-    return {(out + kPanel - 1) / kPanel, (in + kQuantBlock - 1) / kQuantBlock, QuantBlockBytes(f)};
-  return {(out + kPanel - 1) / kPanel, in, kPanel};
+    return {(W.size(0) + kPanel - 1) / kPanel, (W.size(1) + kQuantBlock - 1) / kQuantBlock,
+            QuantBlockBytes(f)};
+  return {(W.size(0) + kPanel - 1) / kPanel, W.size(1), kPanel};
 }
 
 at::ScalarType PanelDtype(WeightFormat f) {
@@ -292,6 +274,21 @@ at::ScalarType PanelDtype(WeightFormat f) {
   }
   return at::kFloat;
 }
+
+// Fills panels of format `f` (allocated with PanelSizes) from W.
+void FillPanelsOf(const at::Tensor& W, WeightFormat f, at::Tensor& panels) {
+  if (IsQuantized(f)) {
+    FillQuantizedPanels(W, f, panels);
+  } else {
+    FillPanels(W, panels);
+  }
+}
+
+WeightFormat FormatOfWeights(const at::Tensor& W) {
+  return W.scalar_type() == at::kHalf ? WeightFormat::kF16 : WeightFormat::kF32;
+}
+
+}  // namespace
 
 WeightFormat PanelsFormat(const at::Tensor& panels) {
   switch (panels.scalar_type()) {
@@ -310,8 +307,7 @@ at::Tensor PackPanels(const at::Tensor& W, std::optional<WeightFormat> format) {
   TORCH_CHECK(W.dim() == 2, "PackPanels: a matrix");
   const WeightFormat f = format.value_or(FormatOfWeights(W));
   if (IsQuantized(f)) return PackQuantizedPanels(W, f);
-  at::Tensor panels =
-      at::empty(PanelSizes(W.size(0), W.size(1), f), at::TensorOptions().dtype(PanelDtype(f)));
+  at::Tensor panels = at::empty(PanelSizes(W, f), at::TensorOptions().dtype(PanelDtype(f)));
   FillPanels(W, panels);
   return panels;
 }
@@ -375,7 +371,7 @@ void PackWeights(Model& m, WeightFormat f) {
   for (const auto& [w, panels] : todo) {
     offsets.push_back(total);
     size_t bytes = elem;
-    for (int64_t d : PanelSizes(w->size(0), w->size(1), f)) bytes *= static_cast<size_t>(d);
+    for (int64_t d : PanelSizes(*w, f)) bytes *= static_cast<size_t>(d);
     total += (bytes + kAlign - 1) / kAlign * kAlign;
   }
   std::shared_ptr<void> arena = AllocateHugePages(total);
@@ -383,8 +379,7 @@ void PackWeights(Model& m, WeightFormat f) {
   for (size_t i = 0; i < todo.size(); ++i) {
     char* data = static_cast<char*>(arena.get()) + offsets[i];
     *todo[i].second = at::from_blob(
-        data, PanelSizes(todo[i].first->size(0), todo[i].first->size(1), f), [arena](void*) {},
-        at::TensorOptions().dtype(dtype));
+        data, PanelSizes(*todo[i].first, f), [arena](void*) {}, at::TensorOptions().dtype(dtype));
     FillPanelsOf(*todo[i].first, f, *todo[i].second);
   }
 }

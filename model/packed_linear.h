@@ -15,7 +15,6 @@
 #include <cstdint>
 #include <optional>
 #include <span>
-#include <vector>
 
 #include "model/team.h"
 #include "model/weight_format.h"
@@ -27,9 +26,6 @@ namespace amoeba {
 // fp16 panels are converted to fp32 in registers; the block formats dot in integers per block;
 // accumulation is fp32 throughout.
 at::Tensor PackPanels(const at::Tensor& W, std::optional<WeightFormat> f = std::nullopt);
-// The sizes and dtype of the panels of an [out, in] matrix in format `f`.
-std::vector<int64_t> PanelSizes(int64_t out, int64_t in, WeightFormat f);
-at::ScalarType PanelDtype(WeightFormat f);
 // The format of panels made by PackPanels.
 WeightFormat PanelsFormat(const at::Tensor& panels);
 

@@ -188,7 +188,7 @@ void PanelScalar(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j
 // (1 KB ahead), 2 far (4 KB ahead), a template parameter of the kernels.
 template <int kArm>
 inline void PrefetchAhead(const uint8_t* blk, int64_t bb) {
-  constexpr int64_t kAhead = kArm == 1 ? 1024 : 4096;
+  constexpr int64_t kAhead = PrefetchAheadBytes(kArm);
   if constexpr (kArm > 0)
     for (int64_t o = 0; o < bb; o += 64)
       _mm_prefetch(reinterpret_cast<const char*>(blk + kAhead + o), _MM_HINT_T0);

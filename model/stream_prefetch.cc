@@ -4,6 +4,7 @@
 #include <array>
 #include <atomic>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -36,9 +37,11 @@ double Median(std::vector<double> v) {
 
 // The arms a format's kernels tell apart (the AVX-512 fp32/fp16 kernel has both distances, the
 // AVX2 one only one).
-std::vector<int> Arms(WeightFormat f) {
-  if (IsQuantized(f) || ActiveKernelIsa() == KernelIsa::kAvx512) return {0, 1, 2};
-  return {0, 2};
+// A span over constants: trial steps are decode steps, which allocate nothing.
+std::span<const int> Arms(WeightFormat f) {
+  static constexpr int kAll[] = {0, 1, 2}, kOffFar[] = {0, 2};
+  if (IsQuantized(f) || ActiveKernelIsa() == KernelIsa::kAvx512) return kAll;
+  return kOffFar;
 }
 }  // namespace
 
@@ -63,7 +66,7 @@ int PrefetchArmForStep(int key, bool* on_trial) {
   Trial& t = g_trials[key];
   const int choice = t.choice.load(std::memory_order_relaxed);
   if (choice >= 0) return choice;
-  const std::vector<int> arms = Arms(FormatOf(key));
+  const std::span<const int> arms = Arms(FormatOf(key));
   std::lock_guard<std::mutex> lock(t.mu);
   *on_trial = true;
   return arms[t.steps++ % arms.size()];  // in turn: the shared machine's bandwidth drifts
@@ -73,7 +76,7 @@ void RecordPrefetchTrial(int key, int arm, double seconds) {
   if (key < 0 || arm < 0 || arm > 2) return;
   Trial& t = g_trials[key];
   const WeightFormat f = FormatOf(key);
-  const std::vector<int> arms = Arms(f);
+  const std::span<const int> arms = Arms(f);
   std::lock_guard<std::mutex> lock(t.mu);
   if (t.choice.load(std::memory_order_relaxed) >= 0) return;
   t.seconds[arm].push_back(seconds);

@@ -30,6 +30,10 @@ inline constexpr int kPrefetchTrialSteps = 12;
 // distance: near and far are the same there, and the trial has two arms.
 enum class StreamPrefetch { kAuto = -1, kOff = 0, kNear = 1, kFar = 2 };
 inline constexpr int kDefaultPrefetchArm = 2;  // kFar: the long-standing default
+// How far ahead of the block being computed the one-input kernels prefetch, by arm.
+constexpr int64_t PrefetchAheadBytes(int arm) {
+  return arm == 1 ? 1024 : 4096;
+}
 
 // The arm for one-input kernel calls on this thread: set by ScopedPrefetchArm (the engine sets
 // its model's choice, or a trial arm, for a batch-1 step), else forced, else kDefaultPrefetchArm.
