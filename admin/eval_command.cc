@@ -130,7 +130,9 @@ absl::Status RunEval(const EvalFlags& f) {
       row["engine_perplexity"] = std::exp(c.test_nll);
     }
     rows.push_back(row);
-    greedy.push_back(GreedyNextTokens(std::make_shared<const Model>(std::move(m)), windows));
+    ASSIGN_OR_RETURN(at::Tensor next,
+                     GreedyNextTokens(std::make_shared<const Model>(std::move(m)), windows));
+    greedy.push_back(std::move(next));
     bar.Advance(1, sh.ToString());
   }
   bar.Finish();

@@ -1,5 +1,7 @@
 #include "distill/data_parallel.h"
 
+#include "model/errors.h"
+
 #include <spdlog/spdlog.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -48,9 +50,10 @@ absl::StatusOr<std::unique_ptr<DataParallel>> DataParallel::FromEnv() {
     opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     dp->impl_->pg =
         c10::make_intrusive<c10d::ProcessGroupGloo>(dp->impl_->store, rank, world, opts);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("c10d rendezvous at ", addr, ":", port, " failed: ", e.what()));
+  } catch (...) {
+    return StatusFromException(std::current_exception(),
+                               absl::StrCat("c10d rendezvous at ", addr, ":", port, " failed"),
+                               absl::StatusCode::kUnavailable);
   }
   spdlog::info("data parallel: rank {} of {} (rendezvous {}:{}, gloo)", rank, world, addr, port);
   return dp;

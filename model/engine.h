@@ -66,6 +66,10 @@ class Engine {
   // rows in input order: [rows, vocab]. The returned tensor is a view of an internal buffer, valid
   // until the next call. With the fp32/fp16 panel kernels on AVX2 and the portable path, and with
   // q8_0/q4_0 panels on every path, a row's values do not depend on the other rows of the call.
+  // Errors: INVALID_ARGUMENT for inputs that do not fit the cache (slot, token id), OUT_OF_RANGE
+  // past the cache; it may also throw — c10::Error from libtorch (TORCH_CHECK, allocation failures)
+  // or std::bad_alloc — and callers that must not stop catch those and map them with
+  // model/errors.h.
   absl::StatusOr<at::Tensor> Forward(KVCache& cache, std::span<const SeqInput> seqs,
                                      bool all_logits = false);
 

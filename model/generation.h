@@ -12,13 +12,11 @@
 
 #include "absl/status/statusor.h"
 #include "model/engine.h"
+#include "model/finish_reason.h"
 #include "model/sampler.h"
 #include "model/tokenizer.h"
 
 namespace amoeba {
-
-enum class FinishReason { kNone, kLength, kEos, kStopSequence, kCancelled, kTimeLimit, kError };
-const char* FinishReasonName(FinishReason r);
 
 struct GenerationOptions {
   SamplingOptions sampling;

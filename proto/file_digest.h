@@ -1,4 +1,4 @@
-// SHA-256 of streamed files (OpenSSL): ExportSubnet sends each file's digest on its last chunk and
+// SHA-256 of streamed files (OpenSSL): an export sends each file's digest on its last chunk and
 // the client checks what it wrote against it. Shared by both ends of the protocol.
 #pragma once
 #include <memory>

@@ -7,7 +7,8 @@
 
 namespace amoeba {
 
-at::Tensor GreedyNextTokens(const std::shared_ptr<const Model>& m, const at::Tensor& windows) {
+absl::StatusOr<at::Tensor> GreedyNextTokens(const std::shared_ptr<const Model>& m,
+                                            const at::Tensor& windows) {
   at::InferenceMode guard;
   const int64_t N = windows.size(0), T = windows.size(1);
   Engine e(m, {.max_len = T});
@@ -20,7 +21,7 @@ at::Tensor GreedyNextTokens(const std::shared_ptr<const Model>& m, const at::Ten
     cache.Reset(0);
     SeqInput in{0, ids, /*all_logits=*/true};
     auto logits = e.Forward(cache, {&in, 1});
-    TORCH_CHECK(logits.ok(), std::string(logits.status().message()));
+    if (!logits.ok()) return logits.status();
     out[n].copy_(logits->argmax(1));
   }
   return out;

@@ -21,7 +21,8 @@ namespace amoeba {
 inline constexpr int64_t kMaxDraftTokens = 8;  // drafted tokens per check, at most
 
 // The model's greedy next token at every position of every window ([N, T] int64 → [N, T]).
-at::Tensor GreedyNextTokens(const std::shared_ptr<const Model>& m, const at::Tensor& windows);
+absl::StatusOr<at::Tensor> GreedyNextTokens(const std::shared_ptr<const Model>& m,
+                                            const at::Tensor& windows);
 
 // P(r): the fraction of positions from which exactly r consecutive draft guesses agree with the
 // target before one does not, r = 0..kMaxDraftTokens (the last bin: at least that many). Both

@@ -16,18 +16,10 @@
 #include "model/tokenizer.h"
 #include "model/weight_format.h"
 #include "model/weights.h"
+#include "subnet/shape.h"
 #include "subnet/width_importance.h"
 
 namespace amoeba {
-
-struct Shape {
-  int64_t depth = 0;
-  double width = 1.0;
-  std::string ToString() const;
-  // "depth=18,width=0.75" (either part may be omitted: full depth / full width).
-  static absl::StatusOr<Shape> Parse(const std::string& s, int64_t full_depth);
-  bool operator==(const Shape& o) const { return depth == o.depth && width == o.width; }
-};
 
 struct DepthEntry {
   int64_t depth = 0;

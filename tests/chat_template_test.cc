@@ -5,7 +5,6 @@
 #include <fstream>
 
 #include "server/chat_template.h"
-#include "server/http_frontend.h"
 #include "tests/test_util.h"
 
 namespace amoeba {

@@ -17,10 +17,12 @@
 #include "model/engine.h"
 #include "model/generation.h"
 #include "model/presets.h"
+#include "server/grpc_service.h"
 #include "server/metrics.h"
-#include "server/service.h"
+#include "server/scheduler.h"
 #include "subnet/calibrate.h"
 #include "subnet/subnet_builder.h"
+#include "tests/supernet_fixture.h"
 #include "tests/test_util.h"
 
 namespace amoeba::testing {
@@ -37,31 +39,11 @@ struct TestServer {
   int port = 0;
 
   explicit TestServer(SchedulerOptions so = {}, std::string token = "", bool adapters = false,
-                      const std::function<void(ServiceOptions&)>& edit_service = nullptr) {
-    ModelConfig c = TinyConfig();
-    c.num_hidden_layers = 5;
-    c.vocab_size = 259;
-    Model m = RandomModel(c, 11, 0.3);
-    MustOk(SaveModel(m, dir.file("model")), "save model");
-    MustOk(WriteByteTokenizer(dir.file("model")), "tokenizer");
-    std::ofstream(dir.file("calib.txt"))
-        << std::string(300, 'a') << " some calibration text for the test server.";
-    CalibrateOptions o;
-    o.model_dir = dir.file("model");
-    o.out_dir = dir.file("super");
-    o.data_path = dir.file("calib.txt");
-    o.windows = 4;
-    o.window_len = 32;
-    o.dp_windows = 2;
-    supernet = MustOk(Calibrate(o), "calibrate");
+                      const std::function<void(ServiceOptions&)>& edit_service = nullptr,
+                      const std::function<void(ModelConfig&)>& edit_model = nullptr) {
+    supernet = MakeTestSupernet(dir, edit_model);
     if (adapters) {
-      SmolConfig sc;
-      sc.rank = 4;
-      smol = std::make_unique<Smol>(supernet->base(),
-                                    static_cast<int64_t>(supernet->spec().widths.size()), sc, 5);
-      for (auto& [n, t] : smol->NamedParameters())
-        if (n.find("lora_B") != std::string::npos)
-          const_cast<at::Tensor&>(t).copy_(at::randn_like(t) * 0.2);
+      smol = MakeTestAdapters(*supernet);
       so.smol = smol.get();
     }
     so.max_context = 128;
@@ -73,7 +55,7 @@ struct TestServer {
       };
     scheduler = std::make_unique<Scheduler>(*supernet, so);
     ServiceOptions svo;
-    svo.weights_dtype = WeightFormatName(so.weights_format);
+    svo.weights_format = so.weights_format;
     svo.limits.max_prompt_tokens = 100;
     svo.limits.max_new_tokens = 200;
     svo.auth_token = token;
@@ -91,7 +73,6 @@ struct TestServer {
     b.RegisterService(service.get());
     server = b.BuildAndStart();
     server->GetHealthCheckService()->SetServingStatus(true);
-    MustOk(metrics.Serve("127.0.0.1", 0), "metrics");
   }
   ~TestServer() {
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));

@@ -18,8 +18,8 @@
 #include "model/generation.h"
 #include "model/presets.h"
 #include "model/torch_forward.h"
+#include "server/grpc_service.h"
 #include "server/metrics.h"
-#include "server/service.h"
 #include "subnet/calibrate.h"
 #include "tests/server_fixture.h"
 

@@ -144,8 +144,8 @@ TEST(SpeculativeTest, EosAndCancellationInsideACheck) {
         eos = plain.tokens[i];
     if (eos < 0) GTEST_SKIP() << "the toy model repeats itself from the start";
   }
-  TestServer ts;  // the same supernet (seeded), with that token made EOS before any lane
-  const_cast<ModelConfig&>(ts.supernet->base().config).eos_token_ids = {eos};
+  // The same supernet (seeded), with that token EOS in its config.json.
+  TestServer ts({}, "", false, nullptr, [eos](ModelConfig& c) { c.eos_token_ids = {eos}; });
   const Supernet& s = *ts.supernet;
   const Shape target = s.FullShape(), small = s.SmallestShape();
   const Outcome plain = RunOne(*ts.scheduler, NewJob(s, target, text, 20));
@@ -274,7 +274,7 @@ TEST(SpeculativeTest, ADraftOnItsOwnQuantizedCopyKeepsTheOutput) {
 TEST(SpeculativeTest, AutoPricesDraftsInTheirOwnFormat) {
   const auto choose = [](const std::string& draft_dtype, std::optional<double> q4_ratio) {
     TestServer ts({}, "", false, [&](ServiceOptions& o) {
-      o.draft_weights_dtype = draft_dtype;
+      if (!draft_dtype.empty()) o.draft_format = *ParseWeightFormat(draft_dtype);
       o.speculate_min_speedup = 1.3;
     });
     const Shape full = ts.supernet->FullShape(), small = ts.supernet->SmallestShape();

@@ -1,0 +1,26 @@
+// How a generation ended, as the scheduler reports it and both front ends translate it. Free of
+// ATen: front ends include it.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <optional>
+
+#include "absl/status/status.h"
+#include "model/finish_reason.h"
+#include "subnet/shape.h"
+
+namespace amoeba {
+
+using Clock = std::chrono::steady_clock;
+
+struct JobResult {
+  FinishReason reason = FinishReason::kNone;
+  absl::Status error;  // with kError: why (the front ends map its code)
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+  double queue_ms = 0, ttft_ms = 0, total_ms = 0;
+  Shape shape;
+  std::optional<Shape> draft;  // speculative decoding: the shape that drafted
+  int64_t drafted_tokens = 0, accepted_tokens = 0, draft_rounds = 0;
+};
+
+}  // namespace amoeba

@@ -1,0 +1,36 @@
+// Prometheus metrics (prometheus-cpp registry and text serializer), labelled by shape. The core
+// counts; the HTTP front end serves Render() (on its own port and under /metrics).
+#pragma once
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace amoeba {
+
+class Metrics {
+ public:
+  Metrics();
+  ~Metrics();
+  // The current text exposition (also what /metrics returns).
+  std::string Render() const;
+
+  void ObserveRequest(const std::string& shape, const std::string& status, double queue_s,
+                      double ttft_s, double e2e_s, int64_t prompt_tokens,
+                      int64_t completion_tokens);
+  void ObserveInterToken(const std::string& shape, double seconds);
+  // One speculative check: `drafted` tokens proposed by `draft`, `accepted` of them kept.
+  void ObserveDraftCheck(const std::string& target, const std::string& draft, int64_t drafted,
+                         int64_t accepted);
+  // `route` is one of the front end's own route names (or "other"): labels stay bounded.
+  void ObserveHttp(std::string_view route, int status);
+  void SetRunning(const std::string& shape, int64_t n);
+  // cache_bytes: merged subnet copies; kv_bytes: KV caches (reported apart).
+  void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t kv_bytes, int64_t cache_hits,
+                 int64_t cache_misses, int64_t lanes);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace amoeba

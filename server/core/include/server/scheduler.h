@@ -1,0 +1,215 @@
+// Continuous batching over subnets. One worker thread owns every engine: each iteration it admits
+// waiting requests into their shape's lane (a free KV slot), then runs one step per lane in which
+// new sequences prefill a chunk and running ones decode one token, all in a single Forward call.
+// Lanes are built on demand from supernet views (cheap: no weight copies; SMoL adapters attached
+// unmerged as low-rank deltas), so a never-seen shape starts at once. A shape that keeps being
+// asked for gets a merged copy built on a background thread (one build at a time), swapped in
+// between steps; copies are kept under a memory cap, idle lanes evicted least-recently-used.
+// Protocol-free: the service adapts it to gRPC.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "lora/smol.h"
+#include "model/engine.h"
+#include "model/generation.h"
+#include "model/weight_format.h"
+#include "server/job_result.h"
+#include "subnet/subnet_builder.h"
+
+namespace amoeba {
+
+struct Job {
+  std::string request_id;
+  Shape shape;
+  std::vector<int32_t> prompt;
+  GenerationOptions gen;
+  // Speculative decoding: `draft`, a smaller shape of the same supernet, proposes up to
+  // `draft_tokens` tokens a step and `shape` checks them in one pass (none: token by token).
+  std::optional<Shape> draft;
+  int64_t draft_tokens = 0;
+  std::optional<Clock::time_point> deadline;  // gRPC deadline; time_limit_ms is in `gen`
+  std::atomic<bool> cancelled{false};
+  Clock::time_point enqueued;
+  bool lane_lookup_counted = false;  // cache hit/miss counted once per request (worker thread)
+  bool for_profiling = false;        // start-up latency profile: no statistics, no merge builds
+  // Called on the scheduler thread: new tokens with their text, then the result exactly once.
+  std::function<void(int32_t token, std::string_view text)> on_token;
+  std::function<void(const JobResult&)> on_done;
+};
+
+struct SchedulerOptions {
+  int64_t slots_per_shape = 16;     // concurrent sequences per shape (batch size)
+  int64_t max_context = 2048;       // KV cache length per slot
+  int64_t max_queue = 64;           // waiting requests before RESOURCE_EXHAUSTED
+  int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
+  int64_t cache_bytes = 1ll << 30;  // memory cap for merged subnet copies
+  WeightFormat weights_format = WeightFormat::kF32;  // panels of merged copies (as the supernet's)
+  // Drafts read their own copy of the draft shape in this format (adapters merged), made once per
+  // shape in the background and counted under cache_bytes; until it is ready they draft on the
+  // shape's lane. Unset: drafts always run on the shape's lane (views or its merged copy). A draft
+  // only proposes: the output stays the target's whatever the draft reads.
+  std::optional<WeightFormat> draft_format;
+  at::ScalarType kv_dtype = at::kFloat;  // KV cache storage (kHalf: half the memory)
+  const Smol* smol = nullptr;            // adapters: unmerged when cold, merged when hot
+  int64_t merge_after_requests = 2;      // requests before a shape gets a merged copy; 0 = never
+  // Drafting pays while a step reads the weights for few rows: a lane decoding more sequences
+  // than this checks no drafts that step (its sequences decode token by token).
+  int64_t max_speculating_batch = 2;
+  // Lane statistics listener (metrics): called on the worker thread after each step.
+  std::function<void(const Shape&, int64_t running)> on_lane_step;
+  // Speculation listener (metrics): one call per checked draft, on the worker thread.
+  std::function<void(const Shape& target, const Shape& draft, int64_t drafted, int64_t accepted)>
+      on_draft_checked;
+  // No worker thread: the caller runs RunLoop(). The decode loop's OpenMP team is then that
+  // thread's; libgomp measured 1.2-1.5x slower fork/joins for a second thread's team while the
+  // thread that loaded the weights owned one (more spinning threads than cores).
+  bool run_on_caller = false;
+  // Test-only fault injection: called with "step" on the worker thread before each step of a lane
+  // and with "build" on the builder thread before each merged-copy build; whatever it throws goes
+  // through the error boundary.
+  std::function<void(const char* site, const Shape&)> fault_hook;
+};
+
+struct SchedulerStats {
+  int64_t running = 0, waiting = 0, lanes = 0;
+  int64_t cache_hits = 0, cache_misses = 0;  // once per request: its shape had a lane, or not
+  int64_t cache_bytes = 0;                   // merged copies (what --cache-mb caps)
+  int64_t kv_bytes = 0;                      // KV caches of running sequences
+  int64_t merged_lanes = 0;
+  int64_t draft_copies = 0;                 // drafts' own copies (SchedulerOptions::draft_format)
+  int64_t merges_built = 0, evictions = 0;  // since start
+  int64_t lane_failures = 0, build_failures = 0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(const Supernet& supernet, SchedulerOptions options);
+  ~Scheduler();
+
+  // Queues a job; RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when draining.
+  absl::Status Submit(std::shared_ptr<Job> job);
+  // Stops accepting work, finishes running and queued jobs until `deadline`, cancels the rest.
+  void Drain(Clock::time_point deadline);
+  // With run_on_caller: runs the scheduling loop on this thread until Stop() (or destruction).
+  void RunLoop();
+  // Cancels what is queued and running and ends the loop.
+  void Stop();
+  SchedulerStats stats() const;
+
+ private:
+  // A smaller shape drafting for a lane's sequences: the draft shape's model (its lane's, so a
+  // merged copy is picked up when that lane gets one) with its own KV cache, whose slot i drafts
+  // for the lane's slot i.
+  struct Draft {
+    Shape shape;
+    std::string key;
+    std::shared_ptr<const Model> model;
+    std::unique_ptr<Engine> engine;
+    KVCache cache;
+    int64_t users = 0;
+  };
+  struct Seq {
+    std::shared_ptr<Job> job;
+    Draft* draft = nullptr;          // speculating with this draft (owned by the lane)
+    std::vector<int32_t> context;    // prompt + generated tokens: what the draft catches up from
+    std::vector<int32_t> check;      // next + drafted tokens, checked by the lane in one pass
+    std::vector<float> draft_probs;  // [draft_tokens, vocab]: the drafted tokens' distributions
+    int64_t checking = 0;            // tokens drafted this step (0: decoding token by token)
+    int64_t drafted = 0, accepted = 0, rounds = 0;
+    int64_t slot = 0;
+    std::unique_ptr<TokenStream> stream;
+    size_t fed = 0;  // prompt tokens already in the cache
+    int32_t next = 0;
+    Clock::time_point started, first_token;
+    std::optional<Clock::time_point> time_limit;  // started + time_limit_ms
+    int64_t sent_tokens = 0;                      // tokens streamed to the client
+    bool has_first = false;
+    bool counted_out = false;  // no longer in `running_`
+  };
+  struct Lane {
+    Shape shape;
+    std::shared_ptr<const Model> model;
+    std::unique_ptr<Engine> engine;
+    KVCache cache;
+    std::vector<Seq> seqs;
+    std::vector<bool> slot_used;
+    Clock::time_point last_used;
+    int64_t bytes = 0;     // merged copy (0 while the lane runs on views)
+    int64_t requests = 0;  // admitted so far
+    bool merged = false, building = false;
+    bool merge_failed = false;  // a build threw: stay unmerged rather than retry forever
+    std::map<std::string, std::unique_ptr<Draft>> drafts;  // for this lane's sequences
+    int64_t drafting_for_others = 0;  // running sequences of other lanes drafting with this shape
+  };
+  struct Build {  // a merged copy being made on the builder thread
+    std::string key;
+    Shape shape;
+    bool for_draft = false;               // a draft copy in SchedulerOptions::draft_format
+    int64_t reserved = 0;                 // bytes reserved under the cap (draft copies)
+    std::shared_ptr<const Model> result;  // null when the build failed
+  };
+
+  void Loop();
+  void BuilderLoop();
+  std::unique_ptr<Engine> NewEngine(std::shared_ptr<const Model> model) const;
+  void MaybeStartBuild(Lane& lane);
+  // Queues the background build of a draft copy of `shape` (whose lane's model is `model`) in
+  // draft_format, once per shape.
+  void StartDraftCopy(const Shape& shape, const Model& model);
+  void SwapInFinishedBuilds();
+  // The shape's lane, made on first use; `existed` says whether it was there already.
+  Lane* GetLane(const Shape& s, bool* existed);
+  // Evicts least-recently-used idle merged lanes until `extra` more bytes fit under the cap;
+  // never `keep`. False when they cannot be made to fit.
+  bool EvictIdleLanes(const Lane* keep = nullptr, int64_t extra = 0);
+  bool Admit();  // moves waiting jobs into lanes; true if any moved
+  // The lane's draft of shape `s`, made on first use, and (in `source`) the shape's own lane;
+  // null when the shape cannot be built.
+  Draft* GetDraft(Lane& lane, const Shape& s, Lane** source);
+  // Drafts for every sequence of `lane` that speculates this step (Seq::checking, Seq::check).
+  // A draft that fails is detached: its sequences go on token by token (a draft only proposes).
+  void DraftStep(Lane& lane);
+  absl::Status DraftWith(Lane& lane, const std::string& key, Draft& draft);
+  void DetachDraft(Lane& lane, Draft& d, const absl::Status& why);
+  void Step(Lane& lane);
+  // Time limit (first) or cancellation, if the sequence should end now.
+  static std::optional<FinishReason> EndedEarly(const Seq& s, Clock::time_point now);
+  // The error boundary: every sequence of a lane whose step threw ends with `error`, and the lane
+  // (whose engine state is unknown now) is dropped; other lanes go on.
+  void FailLane(const std::string& key, const absl::Status& error);
+  void Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error = absl::OkStatus());
+
+  const Supernet& supernet_;
+  SchedulerOptions opt_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool draining_ = false, stop_ = false;
+  std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
+  // Drafts' own copies by shape (draft_format), shared by every lane drafting with that shape;
+  // a key maps to null while its build runs or after it failed. Worker thread only.
+  std::map<std::string, std::shared_ptr<const Model>> draft_copies_;
+  std::shared_ptr<EngineWorkspace> workspace_ = std::make_shared<EngineWorkspace>();
+  std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
+  std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
+  std::atomic<int64_t> draft_copy_count_{0};
+  std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
+  // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
+  std::deque<Build> builds_, built_;
+  std::condition_variable build_cv_;
+  std::thread worker_, builder_;
+};
+
+}  // namespace amoeba

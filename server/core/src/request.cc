@@ -1,0 +1,80 @@
+#include "server/request.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "model/status_macros.h"
+#include "model/tokenizer.h"
+#include "server/request_checks.h"
+
+namespace amoeba {
+
+absl::Status InvalidField(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
+}
+
+absl::Status ValidateBudget(const PlanBudget& b) {
+  if (b.max_params && *b.max_params <= 0) return InvalidField("budget.max_params", "must be > 0");
+  if (b.max_memory_bytes && *b.max_memory_bytes <= 0)
+    return InvalidField("budget.max_memory_bytes", "must be > 0");
+  if (b.max_decode_ms_per_token && !(*b.max_decode_ms_per_token > 0))
+    return InvalidField("budget.max_decode_ms_per_token", "must be > 0");
+  if (b.max_prefill_ms && !(*b.max_prefill_ms > 0))
+    return InvalidField("budget.max_prefill_ms", "must be > 0");
+  if (b.prompt_tokens <= 0) return InvalidField("budget.prompt_tokens", "must be > 0");
+  if (b.max_context_tokens <= 0) return InvalidField("budget.max_context_tokens", "must be > 0");
+  if (b.bandwidth_gbs && !(*b.bandwidth_gbs > 0 && *b.bandwidth_gbs <= 1e6))
+    return InvalidField("budget.platform.memory_bandwidth_gbs", "must be in (0, 1e6]");
+  if (b.compute_gflops && !(*b.compute_gflops > 0 && *b.compute_gflops <= 1e9))
+    return InvalidField("budget.platform.compute_gflops", "must be in (0, 1e9]");
+  if (b.platform_memory_bytes && *b.platform_memory_bytes <= 0)
+    return InvalidField("budget.platform.memory_bytes", "must be > 0");
+  return absl::OkStatus();
+}
+
+absl::Status ValidateGenerationRequest(const GenerationRequest& r, const ServiceLimits& l,
+                                       int64_t vocab) {
+  RETURN_IF_ERROR(ValidateRequestId(r.request_id));
+  if (!r.text && !r.tokens) return InvalidField("prompt", "empty (set text or tokens)");
+  if (r.tokens) {
+    const auto& ids = *r.tokens;
+    if (ids.empty()) return InvalidField("prompt.tokens", "empty");
+    if (static_cast<int64_t>(ids.size()) > l.max_prompt_tokens)
+      return InvalidField("prompt.tokens", absl::StrCat(ids.size(), " tokens exceed the limit of ",
+                                                        l.max_prompt_tokens));
+    for (int32_t id : ids)
+      if (id < 0 || id >= vocab)
+        return InvalidField("prompt.tokens", absl::StrCat("id ", id, " outside [0, ", vocab, ")"));
+  } else {
+    if (r.text->empty()) return InvalidField("prompt.text", "empty");
+    if (static_cast<int64_t>(r.text->size()) > l.max_prompt_bytes)
+      return InvalidField("prompt.text", absl::StrCat(r.text->size(), " bytes exceed the limit of ",
+                                                      l.max_prompt_bytes));
+    if (!IsValidUtf8(*r.text)) return InvalidField("prompt.text", "not valid UTF-8");
+  }
+  if (r.temperature && !(*r.temperature >= 0 && std::isfinite(*r.temperature)))
+    return InvalidField("sampling.temperature", "must be >= 0");
+  if (r.top_k && (*r.top_k < 0 || *r.top_k > vocab))
+    return InvalidField("sampling.top_k",
+                        absl::StrCat("must be in [0, ", vocab, "] (the vocabulary)"));
+  if (r.top_p && !(*r.top_p > 0 && *r.top_p <= 1))
+    return InvalidField("sampling.top_p", "must be in (0, 1]");
+  if (r.repetition_penalty && !(*r.repetition_penalty > 0 && std::isfinite(*r.repetition_penalty)))
+    return InvalidField("sampling.repetition_penalty", "must be > 0");
+  if (r.max_new_tokens && (*r.max_new_tokens < 1 || *r.max_new_tokens > l.max_new_tokens))
+    return InvalidField("max_new_tokens", absl::StrCat("must be in [1, ", l.max_new_tokens, "]"));
+  if (static_cast<int64_t>(r.stop.size()) > l.max_stop_strings)
+    return InvalidField("stop", absl::StrCat("more than ", l.max_stop_strings, " strings"));
+  for (const auto& st : r.stop) {
+    if (st.empty()) return InvalidField("stop", "empty string");
+    if (static_cast<int64_t>(st.size()) > l.max_stop_length)
+      return InvalidField("stop", absl::StrCat("longer than ", l.max_stop_length, " bytes"));
+    if (!IsValidUtf8(st)) return InvalidField("stop", "not valid UTF-8");
+  }
+  if (r.time_limit_ms && (*r.time_limit_ms <= 0 || *r.time_limit_ms > l.max_time_limit_ms))
+    return InvalidField("time_limit_ms", absl::StrCat("must be in [1, ", l.max_time_limit_ms, "]"));
+  if (r.budget) return ValidateBudget(*r.budget);
+  return absl::OkStatus();
+}
+
+}  // namespace amoeba

@@ -1,0 +1,790 @@
+#include "server/scheduler.h"
+
+#include <malloc.h>
+#include <omp.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "absl/strings/str_cat.h"
+#include "model/errors.h"
+#include "model/packed_linear.h"
+
+namespace amoeba {
+
+namespace {
+double Ms(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
+    : supernet_(supernet), opt_(std::move(options)) {
+  if (!opt_.run_on_caller) worker_ = std::thread([this] { Loop(); });
+  if ((opt_.smol && opt_.merge_after_requests > 0) || opt_.draft_format)
+    builder_ = std::thread([this] { BuilderLoop(); });
+}
+
+Scheduler::~Scheduler() {
+  Stop();
+  if (worker_.joinable()) worker_.join();
+  if (builder_.joinable()) builder_.join();
+}
+
+void Scheduler::Stop() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+    draining_ = true;
+  }
+  cv_.notify_all();
+  build_cv_.notify_all();
+}
+
+void Scheduler::RunLoop() {
+  Loop();
+}
+
+absl::Status Scheduler::Submit(std::shared_ptr<Job> job) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (draining_) return absl::UnavailableError("server is draining");
+    if (static_cast<int64_t>(queue_.size()) >= opt_.max_queue) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("queue full (", opt_.max_queue, " waiting requests)"));
+    }
+    job->enqueued = Clock::now();
+    queue_.push_back(std::move(job));
+  }
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+void Scheduler::Drain(Clock::time_point deadline) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    draining_ = true;
+  }
+  cv_.notify_all();
+  while (Clock::now() < deadline) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (queue_.empty() && running_ == 0) return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // Out of time: cancel what is left (the worker finishes them as CANCELLED).
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& j : queue_) j->cancelled = true;
+  stop_ = true;
+}
+
+SchedulerStats Scheduler::stats() const {
+  SchedulerStats s;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    s.waiting = static_cast<int64_t>(queue_.size());
+  }
+  s.running = running_;
+  s.lanes = lane_count_;
+  s.cache_bytes = cache_bytes_;
+  s.cache_hits = hits_;
+  s.cache_misses = misses_;
+  s.kv_bytes = kv_bytes_;
+  s.merged_lanes = merged_lanes_;
+  s.draft_copies = draft_copy_count_;
+  s.merges_built = merges_built_;
+  s.evictions = evictions_;
+  s.lane_failures = lane_failures_;
+  s.build_failures = build_failures_;
+  return s;
+}
+
+std::unique_ptr<Engine> Scheduler::NewEngine(std::shared_ptr<const Model> model) const {
+  EngineOptions eo;
+  eo.max_len = opt_.max_context;
+  eo.workspace = workspace_;  // one worker thread: all lanes share the activations
+  eo.kv_dtype = opt_.kv_dtype;
+  return std::make_unique<Engine>(std::move(model), eo);
+}
+
+Scheduler::Lane* Scheduler::GetLane(const Shape& s, bool* existed) {
+  const std::string key = s.ToString();
+  auto it = lanes_.find(key);
+  *existed = it != lanes_.end();
+  if (*existed) return it->second.get();
+  // Views of the supernet (already in the serving dtype); adapters ride along unmerged, so the
+  // first request of a shape pays no copy. Hot shapes get a merged copy later (MaybeStartBuild).
+  auto m = BuildSubnet(supernet_, opt_.smol, s,
+                       {.adapters = AdapterMode::kUnmerged, .uniform_width = false});
+  if (!m.ok()) return nullptr;
+  auto lane = std::make_unique<Lane>();
+  lane->shape = s;
+  lane->model = std::make_shared<const Model>(std::move(*m));
+  lane->engine = NewEngine(lane->model);
+  lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
+  lane->slot_used.assign(opt_.slots_per_shape, false);
+  spdlog::info("scheduler: new lane {} (supernet views{})", key,
+               opt_.smol ? ", adapters unmerged" : "");
+  lane->last_used = Clock::now();
+  Lane* raw = lane.get();
+  lanes_[key] = std::move(lane);
+  lane_count_ = static_cast<int64_t>(lanes_.size());
+  return raw;
+}
+
+namespace {
+// What a copy of `m`'s projections costs as panels of format `f` alone (PackWeights +
+// DropPackedRowMajor): the sliced projections' element count in that format.
+int64_t PanelBytes(const Model& m, WeightFormat f) {
+  int64_t bytes = 0;
+  for (const LayerWeights& l : m.layers)
+    for (int p = 0; p < kNumProj; ++p)
+      bytes += static_cast<int64_t>(static_cast<double>(l.proj(static_cast<Proj>(p)).numel()) *
+                                    BytesPerWeight(f));
+  return bytes;
+}
+}  // namespace
+
+void Scheduler::MaybeStartBuild(Lane& lane) {
+  if (!opt_.smol || opt_.merge_after_requests <= 0 || lane.merged || lane.building ||
+      lane.merge_failed)
+    return;
+  if (lane.requests < opt_.merge_after_requests) return;
+  const int64_t need = PanelBytes(*lane.model, opt_.weights_format);
+  if (!EvictIdleLanes(&lane, need)) return;  // no room under the cap: stay unmerged
+  Build b;
+  b.key = lane.shape.ToString();
+  b.shape = lane.shape;
+  lane.building = true;
+  lane.bytes = need;  // reserved now, so queued builds cannot overshoot the cap together
+  cache_bytes_ += need;
+  spdlog::info("scheduler: building merged copy of {} in the background", b.key);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    builds_.push_back(std::move(b));
+  }
+  build_cv_.notify_all();
+}
+
+void Scheduler::StartDraftCopy(const Shape& shape, const Model& model) {
+  const std::string key = shape.ToString();
+  draft_copies_[key] = nullptr;  // building (or failed): never started twice
+  const int64_t need = PanelBytes(model, *opt_.draft_format);
+  if (!EvictIdleLanes(nullptr, need)) {
+    spdlog::warn("scheduler: no room under the cache cap for a {} draft copy of {}",
+                 WeightFormatName(*opt_.draft_format), key);
+    return;
+  }
+  cache_bytes_ += need;
+  Build b;
+  b.key = key;
+  b.shape = shape;
+  b.for_draft = true;
+  b.reserved = need;
+  spdlog::info("scheduler: building a {} draft copy of {} in the background",
+               WeightFormatName(*opt_.draft_format), key);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    builds_.push_back(std::move(b));
+  }
+  build_cv_.notify_all();
+}
+
+void Scheduler::BuilderLoop() {
+  at::InferenceMode guard;
+  // Builds are background work: below the decode loop in the kernel's eyes (threads this one
+  // starts, e.g. its OpenMP team, inherit the niceness).
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+  // One thread: an OpenMP team of its own would put more threads than cores in libgomp's
+  // hands, which slows every team's fork/joins (the decode loop's too).
+  (void)at::get_num_threads();  // ATen's per-thread set-up first (it would undo the next line)
+  omp_set_num_threads(1);       // this thread's team only; at::set_num_threads is global
+  for (;;) {
+    Build b;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      build_cv_.wait(l, [&] { return stop_ || !builds_.empty(); });
+      if (stop_) return;
+      b = std::move(builds_.front());
+      builds_.pop_front();
+    }
+    const auto t0 = Clock::now();
+    absl::Status build_error;
+    try {
+      if (opt_.fault_hook) opt_.fault_hook("build", b.shape);
+      auto merged = BuildSubnet(supernet_, opt_.smol, b.shape,
+                                {.adapters = AdapterMode::kMerged, .uniform_width = false});
+      if (!merged.ok()) {
+        build_error = merged.status();
+      } else {
+      // The merged projections get panels; the rest share the base's. A draft copy packs every
+      // projection in its own format (views of the base's panels are in the serving format).
+      if (b.for_draft) {
+        RepackWeights(*merged, *opt_.draft_format);
+      } else {
+        PackWeights(*merged, opt_.weights_format);
+      }
+      DropPackedRowMajor(*merged);
+      b.result = std::make_shared<const Model>(std::move(*merged));
+      spdlog::info("scheduler: {} of {} built in {:.0f} ms",
+                   b.for_draft ? "draft copy" : "merged copy", b.key, Ms(t0, Clock::now()));
+      }
+    } catch (...) {
+      build_error = StatusFromException(std::current_exception(), "build");
+    }
+    if (!build_error.ok()) {
+      b.result.reset();
+      spdlog::error("scheduler: {} of {} failed: {}; {}",
+                    b.for_draft ? "draft copy" : "merged copy", b.key, std::string(build_error.message()),
+                    b.for_draft ? "it drafts on the shape's lane" : "the shape stays unmerged");
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      built_.push_back(std::move(b));
+    }
+    cv_.notify_all();  // wakes an idle worker to swap it in
+  }
+}
+
+void Scheduler::SwapInFinishedBuilds() {
+  std::deque<Build> done;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    done.swap(built_);
+  }
+  for (Build& b : done) {
+    if (b.for_draft) {
+      cache_bytes_ -= b.reserved;
+      if (!b.result) {
+        ++build_failures_;  // stays null: drafts keep running on the shape's lane
+        continue;
+      }
+      cache_bytes_ += b.result->ProjectionBytes();
+      draft_copies_[b.key] = std::move(b.result);
+      ++draft_copy_count_;
+      continue;
+    }
+    auto it = lanes_.find(b.key);
+    if (it == lanes_.end() || it->second->merged || !it->second->building) {
+      continue;  // the lane went away meanwhile (its reservation with it): drop the copy
+    }
+    Lane& lane = *it->second;
+    cache_bytes_ -= lane.bytes;  // the reservation, replaced by the real size below
+    lane.building = false;
+    if (!b.result) {
+      lane.bytes = 0;
+      lane.merge_failed = true;
+      ++build_failures_;
+      continue;
+    }
+    // Same shape, same KV layout: running sequences continue on the merged copy next step.
+    lane.model = std::move(b.result);
+    lane.engine = NewEngine(lane.model);
+    lane.merged = true;
+    lane.bytes = lane.model->ProjectionBytes();
+    cache_bytes_ += lane.bytes;
+    ++merged_lanes_;
+    ++merges_built_;
+  }
+}
+
+bool Scheduler::EvictIdleLanes(const Lane* keep, int64_t extra) {
+  while (cache_bytes_ + extra > opt_.cache_bytes) {
+    Lane* victim = nullptr;
+    std::string key;
+    for (auto& [k, l] : lanes_) {
+      // Only merged copies cost memory; lanes running on views are free to keep.
+      if (!l->seqs.empty() || l.get() == keep || l->bytes == 0 || l->building ||
+          l->drafting_for_others > 0)
+        continue;
+      if (!victim || l->last_used < victim->last_used) {
+        victim = l.get();
+        key = k;
+      }
+    }
+    if (!victim) return false;
+    cache_bytes_ -= victim->bytes;
+    if (victim->merged) --merged_lanes_;
+    spdlog::info("scheduler: evict idle lane {} (merged copy, {} MB)", key, victim->bytes >> 20);
+    ++evictions_;
+    lanes_.erase(key);
+    lane_count_ = static_cast<int64_t>(lanes_.size());
+  }
+  return true;
+}
+
+bool Scheduler::Admit() {
+  std::deque<std::shared_ptr<Job>> pending;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    pending.swap(queue_);
+  }
+  bool moved = false;
+  std::deque<std::shared_ptr<Job>> keep;
+  for (auto& job : pending) {
+    if (job->cancelled) {
+      JobResult r;
+      r.reason = FinishReason::kCancelled;
+      r.shape = job->shape;
+      r.queue_ms = Ms(job->enqueued, Clock::now());
+      job->on_done(r);
+      continue;
+    }
+    bool existed = false;
+    Lane* lane = nullptr;
+    absl::Status error;
+    try {
+      lane = GetLane(job->shape, &existed);
+      if (!lane)
+        error = absl::InvalidArgumentError(
+            absl::StrCat("shape ", job->shape.ToString(), " cannot be built"));
+    } catch (...) {
+      error = StatusFromException(std::current_exception(), "engine");
+      spdlog::error("[{}] scheduler: lane {} failed: {}", job->request_id, job->shape.ToString(),
+                    std::string(error.message()));
+    }
+    if (!lane) {
+      JobResult r;
+      r.reason = FinishReason::kError;
+      r.error = error;
+      r.shape = job->shape;
+      r.queue_ms = Ms(job->enqueued, Clock::now());
+      job->on_done(r);
+      continue;
+    }
+    if (!job->lane_lookup_counted && !job->for_profiling) {
+      job->lane_lookup_counted = true;
+      ++(existed ? hits_ : misses_);
+    }
+    int64_t slot = -1;
+    for (int64_t i = 0; i < static_cast<int64_t>(lane->slot_used.size()); ++i)
+      if (!lane->slot_used[i]) {
+        slot = i;
+        break;
+      }
+    if (slot < 0) {
+      keep.push_back(std::move(job));  // lane full: stays queued, in order
+      continue;
+    }
+    Seq s;
+    s.job = job;
+    s.slot = slot;
+    s.stream = std::make_unique<TokenStream>(*supernet_.tokenizer(), lane->model->config, job->gen,
+                                             job->prompt);
+    s.started = Clock::now();
+    if (job->gen.time_limit_ms > 0) {
+      // Validated by the service; clamped here too so the sum cannot overflow.
+      s.time_limit = s.started + std::chrono::milliseconds(
+                                     std::min<int64_t>(job->gen.time_limit_ms, 365ll * 86400000));
+    }
+    lane->slot_used[slot] = true;
+    lane->cache.Reset(slot);
+    if (!job->for_profiling) {
+      ++lane->requests;
+      MaybeStartBuild(*lane);
+    }
+    if (job->draft && job->draft_tokens > 0 && !(*job->draft == job->shape)) {
+      Lane* source = nullptr;
+      try {
+        s.draft = GetDraft(*lane, *job->draft, &source);
+      } catch (...) {
+        s.draft = nullptr;
+      }
+      if (!s.draft) {
+        spdlog::warn("[{}] scheduler: draft {} cannot be built; decoding token by token",
+                     job->request_id, job->draft->ToString());
+      } else {
+        ++s.draft->users;
+        s.draft->cache.Reset(slot);
+        // The draft's shape counts as asked for: it gets a merged copy when hot, and is kept.
+        ++source->drafting_for_others;
+        if (!job->for_profiling) {
+          ++source->requests;
+          MaybeStartBuild(*source);
+        }
+        const int64_t k = std::min(job->draft_tokens, kTokenByTokenAttentionMax - 1);
+        s.context.reserve(job->prompt.size() + static_cast<size_t>(job->gen.max_new_tokens) + 1);
+        s.context.assign(job->prompt.begin(), job->prompt.end());
+        s.check.reserve(k + 1);
+        if (!s.stream->greedy()) s.draft_probs.resize(k * lane->model->config.vocab_size);
+      }
+    }
+    lane->seqs.push_back(std::move(s));
+    ++running_;
+    moved = true;
+  }
+  if (!keep.empty()) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = keep.rbegin(); it != keep.rend(); ++it) queue_.push_front(std::move(*it));
+  }
+  return moved;
+}
+
+Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape, Lane** source_out) {
+  const std::string key = shape.ToString();
+  bool existed = false;
+  // The draft shape's own lane (made again if it failed meanwhile): its model is views now and
+  // the merged copy when hot.
+  Lane* source = GetLane(shape, &existed);
+  *source_out = source;
+  if (!source) return nullptr;
+  auto it = lane.drafts.find(key);
+  if (it != lane.drafts.end()) return it->second.get();
+  auto d = std::make_unique<Draft>();
+  d->shape = shape;
+  d->key = key;
+  d->model = source->model;
+  d->engine = NewEngine(d->model);
+  d->cache = d->engine->NewCache(opt_.slots_per_shape);
+  spdlog::info("scheduler: {} drafts for {}", key, lane.shape.ToString());
+  if (opt_.draft_format && !draft_copies_.count(key)) StartDraftCopy(shape, *d->model);
+  Draft* raw = d.get();
+  lane.drafts[key] = std::move(d);
+  return raw;
+}
+
+void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Status error) {
+  Seq& s = lane.seqs[index];
+  std::string_view rest = s.stream->Finish(reason);
+  if (!rest.empty() && s.job->on_token) s.job->on_token(-1, rest);
+  const auto now = Clock::now();
+  JobResult r;
+  r.reason = s.stream->finish_reason();
+  r.error = std::move(error);
+  r.prompt_tokens = static_cast<int64_t>(s.job->prompt.size());
+  r.completion_tokens = s.sent_tokens;  // what the client received, not what was sampled
+  r.queue_ms = Ms(s.job->enqueued, s.started);
+  r.ttft_ms = s.has_first ? Ms(s.job->enqueued, s.first_token) : 0;
+  r.total_ms = Ms(s.job->enqueued, now);
+  r.shape = lane.shape;
+  if (s.draft) {
+    r.draft = s.draft->shape;
+    r.drafted_tokens = s.drafted;
+    r.accepted_tokens = s.accepted;
+    r.draft_rounds = s.rounds;
+    s.draft->cache.Reset(s.slot);
+    --s.draft->users;
+    auto source = lanes_.find(s.draft->key);
+    if (source != lanes_.end()) --source->second->drafting_for_others;
+    s.draft = nullptr;
+  }
+  // Counted out before the client hears of it: whoever sees the result sees it not running.
+  --running_;
+  s.counted_out = true;
+  s.job->on_done(r);
+  lane.slot_used[s.slot] = false;
+  lane.cache.Reset(s.slot);  // gives the slot's KV memory back
+  lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(index));
+}
+
+std::optional<FinishReason> Scheduler::EndedEarly(const Seq& s, Clock::time_point now) {
+  // A passed deadline first: gRPC cancels the call when it passes, and the request ended by its
+  // deadline, not by the client.
+  if ((s.job->deadline && now >= *s.job->deadline) || (s.time_limit && now >= *s.time_limit))
+    return FinishReason::kTimeLimit;
+  if (s.job->cancelled) {
+    // The client's copy of a deadline passes first (the server's starts when the call arrives),
+    // and its cancellation can reach us before ours passes: that close to it, it is the deadline
+    // (ServerTest.ClientDeadlineEndsTheSequenceOnTheServer read "cancelled" under load).
+    constexpr auto kDeadlineTransit = std::chrono::milliseconds(100);
+    if (s.job->deadline && now + kDeadlineTransit >= *s.job->deadline)
+      return FinishReason::kTimeLimit;
+    return FinishReason::kCancelled;
+  }
+  return std::nullopt;
+}
+
+void Scheduler::DraftStep(Lane& lane) {
+  int64_t decoding = 0;
+  for (Seq& s : lane.seqs) {
+    s.checking = 0;
+    s.check.clear();
+    decoding += s.fed >= s.job->prompt.size() && s.has_first;
+  }
+  if (decoding > opt_.max_speculating_batch) return;
+  for (auto& [key, d] : lane.drafts) {
+    if (d->users == 0) continue;
+    absl::Status st;
+    try {
+      st = DraftWith(lane, key, *d);
+    } catch (...) {
+      st = StatusFromException(std::current_exception(), "draft");
+    }
+    if (!st.ok()) DetachDraft(lane, *d, st);
+  }
+}
+
+void Scheduler::DetachDraft(Lane& lane, Draft& d, const absl::Status& why) {
+  spdlog::warn("scheduler: draft {} for {} failed: {}; its sequences decode token by token",
+               d.key, lane.shape.ToString(), std::string(why.message()));
+  for (Seq& s : lane.seqs) {
+    if (s.draft != &d) continue;
+    s.checking = 0;
+    s.check.clear();
+    d.cache.Reset(s.slot);
+    --d.users;
+    if (auto source = lanes_.find(d.key); source != lanes_.end())
+      --source->second->drafting_for_others;
+    s.draft = nullptr;
+  }
+}
+
+absl::Status Scheduler::DraftWith(Lane& lane, const std::string& key, Draft& draft) {
+  const int64_t max_len = lane.cache.max_len();
+  Draft* d = &draft;
+  {
+    // The draft's own copy is ready, or (without one) the draft shape's lane got a merged copy:
+    // same KV layout, draft on it from now on.
+    std::shared_ptr<const Model> newer;
+    if (auto copy = draft_copies_.find(key); copy != draft_copies_.end() && copy->second) {
+      newer = copy->second;
+    } else if (auto src = lanes_.find(key); src != lanes_.end()) {
+      newer = src->second->model;
+    }
+    if (newer && newer != d->model) {
+      d->model = std::move(newer);
+      d->engine = NewEngine(d->model);
+    }
+    // Who drafts this step, and what each feeds the draft first: the context it has not seen
+    // (the prompt on the first round; one or two tokens later), or a chunk of it when that is
+    // longer than a prefill chunk (then the sequence decodes token by token this step).
+    std::vector<SeqInput> inputs;
+    std::vector<Seq*> who;
+    int64_t rounds = 0;
+    for (Seq& s : lane.seqs) {
+      if (s.draft != d || s.fed < s.job->prompt.size() || !s.has_first) continue;
+      const int64_t have = lane.cache.length(s.slot), seen = d->cache.length(s.slot);
+      const int64_t left =
+          s.job->gen.max_new_tokens - static_cast<int64_t>(s.stream->tokens().size());
+      // A check yields up to k + 1 tokens and must leave room in the context.
+      const int64_t k = std::min(
+          {s.job->draft_tokens, kTokenByTokenAttentionMax - 1, left - 1, max_len - 2 - have});
+      const int64_t unseen = have + 1 - seen;  // context[seen, have] (context[have] = next)
+      if (k <= 0 || unseen <= 0) continue;
+      if (unseen > opt_.prefill_chunk) {
+        inputs.push_back(
+            {s.slot, std::span<const int32_t>(s.context.data() + seen, opt_.prefill_chunk)});
+        who.push_back(&s);
+        continue;
+      }
+      s.checking = k;
+      s.check.push_back(s.next);
+      s.stream->BeginDraft();
+      inputs.push_back({s.slot, std::span<const int32_t>(s.context.data() + seen, unseen)});
+      who.push_back(&s);
+      rounds = std::max(rounds, k);
+    }
+    if (inputs.empty()) return absl::OkStatus();
+    // Round i feeds every sequence still drafting its last drafted token (its whole unseen
+    // context in round 0) and picks the next one from the draft's logits.
+    for (int64_t i = 0; i < std::max<int64_t>(rounds, 1); ++i) {
+      if (i > 0) {
+        inputs.clear();
+        std::vector<Seq*> still;
+        for (Seq* s : who)
+          if (s->checking > i) {
+            inputs.push_back({s->slot, std::span<const int32_t>(&s->check[i], 1)});
+            still.push_back(s);
+          }
+        who.swap(still);
+        if (inputs.empty()) break;
+      }
+      auto logits = d->engine->Forward(d->cache, inputs);
+      if (!logits.ok()) return logits.status();
+      for (size_t j = 0; j < who.size(); ++j) {
+        Seq& s = *who[j];
+        if (s.checking == 0) continue;  // catching up only
+        const int64_t vocab = logits->size(1);
+        float* probs = s.draft_probs.empty() ? nullptr : s.draft_probs.data() + i * vocab;
+        s.check.push_back(
+            s.stream->Draft(logits->select(0, static_cast<int64_t>(j)).data_ptr<float>(), probs));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Scheduler::Step(Lane& lane) {
+  const auto now = Clock::now();
+  // Cancellation and deadlines are honoured before spending a step on the sequence.
+  for (size_t i = lane.seqs.size(); i-- > 0;)
+    if (auto reason = EndedEarly(lane.seqs[i], now)) Finish(lane, i, *reason);
+  if (lane.seqs.empty()) {
+    // Everyone left: the listener hears the lane is empty (else its gauge keeps the last count).
+    if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, 0);
+    return;
+  }
+  lane.last_used = now;
+  if (opt_.fault_hook) opt_.fault_hook("step", lane.shape);
+  if (!lane.drafts.empty()) DraftStep(lane);
+  std::vector<SeqInput> inputs;
+  inputs.reserve(lane.seqs.size());
+  for (Seq& s : lane.seqs) {
+    if (s.fed < s.job->prompt.size()) {
+      const size_t n = std::min<size_t>(opt_.prefill_chunk, s.job->prompt.size() - s.fed);
+      inputs.push_back({s.slot, std::span<const int32_t>(s.job->prompt.data() + s.fed, n)});
+    } else if (s.checking > 0) {  // next and the drafted tokens: logits for each
+      inputs.push_back({s.slot, s.check, /*all_logits=*/true});
+    } else {
+      inputs.push_back({s.slot, std::span<const int32_t>(&s.next, 1)});
+    }
+  }
+  auto logits = lane.engine->Forward(lane.cache, inputs);
+  if (!logits.ok()) {
+    spdlog::error("scheduler: step on {} failed: {}", lane.shape.ToString(),
+                  logits.status().ToString());
+    for (size_t i = lane.seqs.size(); i-- > 0;)
+      Finish(lane, i, FinishReason::kError, logits.status());
+    return;
+  }
+  std::vector<std::pair<size_t, FinishReason>> done;
+  int64_t row = 0;
+  for (size_t i = 0; i < lane.seqs.size(); ++i) {
+    Seq& s = lane.seqs[i];
+    const int64_t rows = s.checking > 0 ? s.checking + 1 : 1;
+    const int64_t first_row = row;
+    row += rows;
+    if (s.fed < s.job->prompt.size()) {
+      s.fed += inputs[i].tokens.size();
+      if (s.fed < s.job->prompt.size()) continue;  // more prompt to feed
+    }
+    // Row j holds the logits after check[j]: with j < checking it decides on drafted token j+1
+    // (kept, or replaced by the lane's own choice, which ends the check); the last row, reached
+    // only when every drafted token was kept, gives one more token of the lane's own.
+    const int64_t before = lane.cache.length(s.slot) - rows;  // context before this step
+    int64_t kept = 0;
+    bool finished = false;
+    for (int64_t j = 0; j < rows && !finished; ++j) {
+      TokenStream::Proposal proposal;
+      const bool drafted = j < s.checking;
+      if (drafted) {
+        proposal.token = s.check[j + 1];
+        if (!s.draft_probs.empty()) proposal.probs = s.draft_probs.data() + j * logits->size(1);
+      }
+      TokenStream::Step st = s.stream->Next(logits->select(0, first_row + j).data_ptr<float>(),
+                                            drafted ? &proposal : nullptr);
+      if (!s.has_first) {
+        s.has_first = true;
+        s.first_token = Clock::now();
+      }
+      s.next = st.token;
+      if (s.draft) s.context.push_back(st.token);
+      if (s.job->on_token && (!st.text.empty() || !st.done)) {
+        s.job->on_token(st.token, st.text);
+        ++s.sent_tokens;
+      }
+      if (st.done) {
+        done.emplace_back(i, FinishReason::kLength);
+        finished = true;
+      } else if (j + 1 < rows) {  // between tokens of one check: send no more once ended
+        if (auto reason = EndedEarly(s, Clock::now())) {
+          done.emplace_back(i, *reason);
+          finished = true;
+        }
+      }
+      if (drafted && st.accepted) ++kept;
+      if (drafted && !st.accepted) break;
+    }
+    if (s.checking > 0) {
+      // Keep next and the drafted tokens that were kept; the rest of both caches is rolled back.
+      lane.cache.set_length(s.slot, before + 1 + kept);
+      s.draft->cache.set_length(s.slot, std::min(s.draft->cache.length(s.slot), before + 1 + kept));
+      s.drafted += s.checking;
+      s.accepted += kept;
+      ++s.rounds;
+      if (opt_.on_draft_checked)
+        opt_.on_draft_checked(lane.shape, s.draft->shape, s.checking, kept);
+    }
+    // The context is full: stop with LENGTH rather than overrunning the cache.
+    if (!finished && lane.cache.length(s.slot) + 1 >= lane.cache.max_len())
+      done.emplace_back(i, FinishReason::kLength);
+  }
+  for (auto it = done.rbegin(); it != done.rend(); ++it) Finish(lane, it->first, it->second);
+  if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
+}
+
+void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
+  auto it = lanes_.find(key);
+  if (it == lanes_.end()) return;
+  Lane& lane = *it->second;
+  // Counted before the requests end: a client whose stream ended must see the failure in stats().
+  ++lane_failures_;
+  for (size_t i = lane.seqs.size(); i-- > 0;) {
+    spdlog::error("[{}] scheduler: step on {} failed: {}", lane.seqs[i].job->request_id, key,
+                  std::string(error.message()));
+    try {
+      Finish(lane, i, FinishReason::kError, error);
+    } catch (...) {  // the sequence's state is broken too: end it without its held-back text
+      if (Draft* d = lane.seqs[i].draft) {
+        auto source = lanes_.find(d->key);
+        if (source != lanes_.end()) --source->second->drafting_for_others;
+      }
+      lane.slot_used[lane.seqs[i].slot] = false;
+      JobResult r;
+      r.reason = FinishReason::kError;
+      r.error = error;
+      r.shape = lane.shape;
+      if (!lane.seqs[i].counted_out) --running_;
+      lane.seqs[i].job->on_done(r);
+      lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+  }
+  cache_bytes_ -= lane.bytes;  // a merged copy, or a build's reservation
+  if (lane.merged) --merged_lanes_;
+  lanes_.erase(it);  // a build in flight for it is dropped when it arrives
+  lane_count_ = static_cast<int64_t>(lanes_.size());
+}
+
+void Scheduler::Loop() {
+  at::InferenceMode guard;  // thread-local: the worker never builds autograd graphs
+  bool trimmed = true;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (stop_) {
+        for (auto& j : queue_) j->cancelled = true;
+        break;
+      }
+    }
+    SwapInFinishedBuilds();
+    Admit();
+    bool any = false;
+    int64_t kv = 0;
+    std::vector<std::pair<std::string, absl::Status>> failed;
+    for (auto& [k, lane] : lanes_) {
+      if (lane->seqs.empty()) continue;
+      any = true;
+      try {
+        Step(*lane);
+      } catch (...) {
+        failed.emplace_back(k, StatusFromException(std::current_exception(), "engine"));
+        continue;
+      }
+      kv += lane->cache.bytes();
+    }
+    for (const auto& [k, error] : failed) FailLane(k, error);
+    kv_bytes_ = kv;
+    EvictIdleLanes();
+    if (any) {
+      trimmed = false;
+      continue;
+    }
+    if (!trimmed) {  // just went idle: drop the activations and hand freed pages to the OS
+      *workspace_ = EngineWorkspace{};
+      malloc_trim(0);
+      trimmed = true;
+    }
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, std::chrono::milliseconds(50),
+                 [&] { return !queue_.empty() || !built_.empty() || stop_; });
+  }
+  // Stopped: queued and running jobs end as CANCELLED.
+  Admit();
+  for (auto& [k, lane] : lanes_)
+    for (size_t i = lane->seqs.size(); i-- > 0;) Finish(*lane, i, FinishReason::kCancelled);
+}
+
+}  // namespace amoeba

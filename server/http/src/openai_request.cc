@@ -1,0 +1,265 @@
+#include "openai_request.h"
+
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "model/status_macros.h"
+#include "server/request_checks.h"
+
+namespace amoeba {
+using nlohmann::json;
+
+namespace {
+
+// Options a client may send: the OpenAI fields we implement, the ones accepted only at their
+// neutral value, and our extensions. Anything else is a 400 naming it, never silently ignored.
+const std::set<std::string>& KnownFields(bool chat) {
+  static const std::set<std::string> completion = {"model",
+                                                   "prompt",
+                                                   "max_tokens",
+                                                   "temperature",
+                                                   "top_p",
+                                                   "stop",
+                                                   "seed",
+                                                   "stream",
+                                                   "n",
+                                                   "echo",
+                                                   "best_of",
+                                                   "logprobs",
+                                                   "presence_penalty",
+                                                   "frequency_penalty",
+                                                   "logit_bias",
+                                                   "user",
+                                                   "stream_options",
+                                                   "top_k",
+                                                   "repetition_penalty",
+                                                   "amoeba"};
+  static const std::set<std::string> chatc = {"model",
+                                              "messages",
+                                              "max_tokens",
+                                              "max_completion_tokens",
+                                              "temperature",
+                                              "top_p",
+                                              "stop",
+                                              "seed",
+                                              "stream",
+                                              "n",
+                                              "logprobs",
+                                              "presence_penalty",
+                                              "frequency_penalty",
+                                              "logit_bias",
+                                              "user",
+                                              "stream_options",
+                                              "top_k",
+                                              "repetition_penalty",
+                                              "amoeba"};
+  return chat ? chatc : completion;
+}
+
+template <typename T>
+absl::StatusOr<std::optional<T>> Optional(const json& j, const char* key) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return std::optional<T>();
+  try {
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!it->is_boolean()) return InvalidField(key, "must be true or false");
+    } else if constexpr (std::is_arithmetic_v<T>) {
+      if (!it->is_number()) return InvalidField(key, "must be a number");
+      if constexpr (std::is_integral_v<T>) {
+        if (!it->is_number_integer()) return InvalidField(key, "must be an integer");
+      }
+    } else {
+      if (!it->is_string()) return InvalidField(key, "must be a string");
+    }
+    return std::optional<T>(it->get<T>());
+  } catch (const json::exception&) {
+    return InvalidField(key, "out of range");
+  }
+}
+
+absl::StatusOr<PlanBudget> BudgetFromJson(const json& b) {
+  if (!b.is_object()) return InvalidField("amoeba.budget", "must be an object");
+  PlanBudget p;
+  for (auto& [k, v] : b.items()) {
+    if (k == "platform") continue;
+    static const std::set<std::string> known = {
+        "max_params",     "max_memory_bytes", "max_decode_ms_per_token",
+        "max_prefill_ms", "prompt_tokens",    "max_context_tokens"};
+    if (!known.count(k)) return InvalidField("amoeba.budget." + k, "unknown field");
+    if (!v.is_number()) return InvalidField("amoeba.budget." + k, "must be a number");
+  }
+  try {
+    if (b.contains("max_params")) p.max_params = b["max_params"].get<int64_t>();
+    if (b.contains("max_memory_bytes")) p.max_memory_bytes = b["max_memory_bytes"].get<int64_t>();
+    if (b.contains("max_decode_ms_per_token"))
+      p.max_decode_ms_per_token = b["max_decode_ms_per_token"].get<double>();
+    if (b.contains("max_prefill_ms")) p.max_prefill_ms = b["max_prefill_ms"].get<double>();
+    if (b.contains("prompt_tokens")) p.prompt_tokens = b["prompt_tokens"].get<int32_t>();
+    if (b.contains("max_context_tokens"))
+      p.max_context_tokens = b["max_context_tokens"].get<int32_t>();
+    if (b.contains("platform")) {
+      const json& pl = b["platform"];
+      if (!pl.is_object()) return InvalidField("amoeba.budget.platform", "must be an object");
+      if (pl.contains("memory_bandwidth_gbs"))
+        p.bandwidth_gbs = pl["memory_bandwidth_gbs"].get<double>();
+      if (pl.contains("compute_gflops")) p.compute_gflops = pl["compute_gflops"].get<double>();
+      if (pl.contains("memory_bytes")) p.platform_memory_bytes = pl["memory_bytes"].get<int64_t>();
+    }
+  } catch (const json::exception&) {
+    return InvalidField("amoeba.budget", "a field has the wrong type or is out of range");
+  }
+  return p;
+}
+
+}  // namespace
+
+std::string ModelId(const Shape& s) {
+  return "amoeba:" + s.ToString();
+}
+
+absl::StatusOr<Shape> ShapeForModel(const Serving& s, const ModelNames& names,
+                                    const std::string& model) {
+  if (model == "full") return s.info().full;
+  if (model == "smallest") return s.info().smallest;
+  if (auto it = names.aliases.find(model); it != names.aliases.end()) return it->second;
+  std::string spec = model;
+  if (spec.rfind("amoeba:", 0) == 0) spec = spec.substr(7);
+  auto shape = s.ParseShape(spec);
+  if (!shape.ok()) {
+    return absl::NotFoundError(absl::StrCat("model '", LogSafe(model, 80),
+                                            "' does not exist (GET /v1/models lists them)"));
+  }
+  return *shape;
+}
+
+absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNames& names,
+                                           ChatTemplate chat_template, const std::string& body,
+                                           bool chat) {
+  json j = json::parse(body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return InvalidField("body", "not a JSON object");
+  for (auto& [k, v] : j.items())
+    if (!KnownFields(chat).count(k)) return InvalidField(k, "not supported by this server");
+  OpenAiCall c;
+  c.chat = chat;
+  // Accepted only at their neutral values.
+  ASSIGN_OR_RETURN(auto n, Optional<int64_t>(j, "n"));
+  if (n && *n != 1) return InvalidField("n", "only 1 is supported");
+  ASSIGN_OR_RETURN(auto best_of, Optional<int64_t>(j, "best_of"));
+  if (best_of && *best_of != 1) return InvalidField("best_of", "only 1 is supported");
+  for (const char* k : {"presence_penalty", "frequency_penalty"}) {
+    ASSIGN_OR_RETURN(auto pen, Optional<double>(j, k));
+    if (pen && *pen != 0) return InvalidField(k, "not supported (use repetition_penalty)");
+  }
+  if (j.contains("echo") && j["echo"] != false) return InvalidField("echo", "not supported");
+  if (j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"] != false)
+    return InvalidField("logprobs", "not supported");
+  if (j.contains("logit_bias") && !j["logit_bias"].is_null() &&
+      !(j["logit_bias"].is_object() && j["logit_bias"].empty()))
+    return InvalidField("logit_bias", "not supported");
+
+  GenerationRequest& r = c.req;
+  // The target: a model name, or a budget for the planner.
+  if (j.contains("amoeba")) {
+    const json& a = j["amoeba"];
+    if (!a.is_object()) return InvalidField("amoeba", "must be an object");
+    for (auto& [k, v] : a.items())
+      if (k != "budget" && k != "speculate" && k != "draft_tokens" && k != "time_limit_ms")
+        return InvalidField("amoeba." + k, "unknown field");
+    if (a.contains("budget")) {
+      ASSIGN_OR_RETURN(auto b, BudgetFromJson(a["budget"]));
+      r.budget = b;
+    }
+    if (a.contains("speculate")) {
+      if (!a["speculate"].is_string())
+        return InvalidField("amoeba.speculate", "must be \"auto\", \"off\" or a draft shape");
+      r.speculate = a["speculate"].get<std::string>();
+    }
+    if (a.contains("time_limit_ms")) {
+      if (!a["time_limit_ms"].is_number_integer())
+        return InvalidField("amoeba.time_limit_ms", "must be an integer");
+      r.time_limit_ms = a["time_limit_ms"].get<int64_t>();
+    }
+    if (a.contains("draft_tokens")) {
+      if (!a["draft_tokens"].is_number_integer())
+        return InvalidField("amoeba.draft_tokens", "must be an integer");
+      r.draft_tokens = a["draft_tokens"].get<int64_t>();
+    }
+  }
+  ASSIGN_OR_RETURN(auto model, Optional<std::string>(j, "model"));
+  c.model = model.value_or("");
+  if (!r.budget) {
+    if (c.model.empty()) return InvalidField("model", "required (or amoeba.budget)");
+    ASSIGN_OR_RETURN(auto shape, ShapeForModel(serving, names, c.model));
+    r.shape = shape;
+  }
+  // The prompt.
+  if (chat) {
+    if (!j.contains("messages") || !j["messages"].is_array())
+      return InvalidField("messages", "required: a list of {role, content}");
+    std::vector<ChatMessage> msgs;
+    for (size_t i = 0; i < j["messages"].size(); ++i) {
+      const json& m = j["messages"][i];
+      const std::string where = absl::StrCat("messages[", i, "]");
+      if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+        return InvalidField(where, "needs a string role");
+      if (!m.contains("content") || !m["content"].is_string())
+        return InvalidField(where + ".content",
+                            "must be a string (content parts are not supported)");
+      msgs.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+    }
+    ASSIGN_OR_RETURN(auto text, RenderChat(chat_template, msgs));
+    r.text = text;
+  } else {
+    if (!j.contains("prompt")) return InvalidField("prompt", "required");
+    const json& p = j["prompt"];
+    if (p.is_string()) {
+      r.text = p.get<std::string>();
+    } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
+      r.text = p[0].get<std::string>();
+    } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
+      std::vector<int32_t> ids;
+      for (const auto& t : p) {
+        if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
+          return InvalidField("prompt", "token ids must be non-negative integers");
+        ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+      }
+      r.tokens = std::move(ids);
+    } else {
+      return InvalidField("prompt", "a string, a list of one string, or a list of token ids");
+    }
+  }
+  // Sampling: OpenAI's defaults (temperature 1).
+  ASSIGN_OR_RETURN(auto temperature, Optional<double>(j, "temperature"));
+  r.temperature = static_cast<float>(temperature.value_or(1.0));
+  ASSIGN_OR_RETURN(auto top_p, Optional<double>(j, "top_p"));
+  if (top_p) r.top_p = static_cast<float>(*top_p);
+  ASSIGN_OR_RETURN(auto top_k, Optional<int64_t>(j, "top_k"));
+  if (top_k) r.top_k = *top_k;
+  ASSIGN_OR_RETURN(auto rep, Optional<double>(j, "repetition_penalty"));
+  if (rep) r.repetition_penalty = static_cast<float>(*rep);
+  ASSIGN_OR_RETURN(auto seed, Optional<int64_t>(j, "seed"));
+  if (seed) r.seed = static_cast<uint64_t>(*seed);
+  ASSIGN_OR_RETURN(auto max_tokens, Optional<int64_t>(j, chat && j.contains("max_completion_tokens")
+                                                             ? "max_completion_tokens"
+                                                             : "max_tokens"));
+  // OpenAI: 16 for completions; chat runs to the server's limit.
+  r.max_new_tokens = max_tokens.value_or(chat ? serving.options().limits.max_new_tokens : 16);
+  if (j.contains("stop") && !j["stop"].is_null()) {
+    const json& s = j["stop"];
+    if (s.is_string()) {
+      r.stop.push_back(s.get<std::string>());
+    } else if (s.is_array()) {
+      for (const auto& x : s) {
+        if (!x.is_string()) return InvalidField("stop", "must be a string or a list of strings");
+        r.stop.push_back(x.get<std::string>());
+      }
+    } else {
+      return InvalidField("stop", "must be a string or a list of strings");
+    }
+  }
+  ASSIGN_OR_RETURN(auto stream, Optional<bool>(j, "stream"));
+  c.stream = stream.value_or(false);
+  return c;
+}
+
+}  // namespace amoeba

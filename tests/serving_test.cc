@@ -1,0 +1,270 @@
+// The serving core on its own: this binary links amoeba_serving and no protocol library, so a
+// core that needed gRPC or cpp-httplib would not link. The checks both front ends rely on (ids,
+// tokenising, exports, the error boundaries) are tested here once.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <filesystem>
+#include <future>
+#include <map>
+#include <stdexcept>
+#include <thread>
+
+#include "file_digest.h"
+#include "model/errors.h"
+#include "server/metrics.h"
+#include "server/scheduler.h"
+#include "server/serving.h"
+#include "tests/supernet_fixture.h"
+
+namespace amoeba {
+namespace {
+using testing::MakeTestSupernet;
+using testing::TempDir;
+
+struct Core {
+  TempDir dir;
+  std::unique_ptr<Supernet> supernet = MakeTestSupernet(dir);
+  std::unique_ptr<Scheduler> scheduler;
+  Metrics metrics;
+  std::unique_ptr<Serving> serving;
+  std::atomic<int> fault{0};  // which site throws: 0 none
+  std::string fault_site;
+
+  explicit Core(ServiceOptions o = {}) {
+    SchedulerOptions so;
+    so.max_context = 128;
+    scheduler = std::make_unique<Scheduler>(*supernet, so);
+    o.fault_hook = [this](const char* site) {
+      if (fault == 0 || fault_site != site) return;
+      if (fault == 1) throw std::runtime_error("injected fault");
+      if (fault == 2) throw std::bad_alloc();
+      (void)at::empty({int64_t{1} << 50});  // libtorch's allocator fails: a c10::Error
+    };
+    o.export_tmp_dir = dir.file("exports");
+    std::filesystem::create_directories(o.export_tmp_dir);
+    serving = std::make_unique<Serving>(*supernet, nullptr, *scheduler, &metrics, o, HostSpeed{},
+                                        ProfilesFromSupernet(*supernet));
+  }
+
+  // Runs a generation to the end: its text and result.
+  std::pair<std::string, JobResult> Run(const GenerationRequest& r) {
+    auto g = serving->Prepare(r, {});
+    EXPECT_TRUE(g.ok()) << g.status();
+    if (!g.ok()) return {};
+    auto text = std::make_shared<std::string>();
+    std::promise<JobResult> done;
+    GenerationCallbacks cb;
+    cb.on_token = [text](int32_t, std::string_view t) { text->append(t); };
+    cb.on_done = [&done](const JobResult& res) { done.set_value(res); };
+    EXPECT_TRUE(serving->Start(*g, std::move(cb)).ok());
+    const JobResult res = done.get_future().get();
+    return {*text, res};
+  }
+};
+
+GenerationRequest Prompt(const std::string& text, int n = 4) {
+  GenerationRequest r;
+  r.text = text;
+  r.max_new_tokens = n;
+  return r;
+}
+
+TEST(ServingTest, RequestIdsAreKeptAssignedOrRefusedInOnePlace) {
+  Core c;
+  EXPECT_EQ(*c.serving->AssignRequestId("client-7.a:b_c"), "client-7.a:b_c");
+  const std::string a = *c.serving->AssignRequestId(""), b = *c.serving->AssignRequestId("");
+  EXPECT_NE(a, b);
+  EXPECT_EQ(a.rfind("req-", 0), 0u);
+  EXPECT_EQ(c.serving->AssignRequestId("a/b").status().code(), absl::StatusCode::kInvalidArgument);
+  GenerationRequest r = Prompt("hello");
+  r.request_id = std::string(200, 'x');
+  EXPECT_EQ(c.serving->Prepare(r, {}).status().code(), absl::StatusCode::kInvalidArgument);
+  r.request_id = "mine";
+  auto g = c.serving->Prepare(r, {});
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ((*g)->request_id(), "mine");
+}
+
+// Tokenize used to treat an unset add_bos as false while Generate treated it as true.
+TEST(ServingTest, TokenizeAddsBosByDefaultAsGenerateDoes) {
+  Core c;
+  TokenizeRequest r;
+  r.text = "abc";
+  auto with = c.serving->Tokenize(r, {});
+  ASSERT_TRUE(with.ok());
+  ASSERT_EQ(with->ids.size(), 4u);
+  EXPECT_EQ(with->ids[0], c.serving->info().bos_token_id);
+  r.add_bos = false;
+  auto without = c.serving->Tokenize(r, {});
+  ASSERT_TRUE(without.ok());
+  EXPECT_EQ(std::vector<int32_t>(with->ids.begin() + 1, with->ids.end()), without->ids);
+  auto g = c.serving->Prepare(Prompt("abc"), {});
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ((*g)->prompt_tokens(), static_cast<int64_t>(with->ids.size()));
+}
+
+TEST(ServingTest, StatusFromExceptionMapsAllocationFailuresToResourceExhausted) {
+  auto thrown = [](auto fn) {
+    try {
+      fn();
+    } catch (...) {
+      return StatusFromException(std::current_exception(), "work");
+    }
+    return absl::OkStatus();
+  };
+  EXPECT_EQ(thrown([] { throw std::bad_alloc(); }).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(thrown([] { (void)at::empty({int64_t{1} << 50}); }).code(),
+            absl::StatusCode::kResourceExhausted);
+  const absl::Status other = thrown([] { TORCH_CHECK(false, "bad shape"); });
+  EXPECT_EQ(other.code(), absl::StatusCode::kInternal);
+  EXPECT_NE(other.message().find("work: bad shape"), absl::string_view::npos) << other;
+  EXPECT_EQ(thrown([] { throw 42; }).code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(StatusFromException(std::make_exception_ptr(std::runtime_error("x")), "rendezvous",
+                                absl::StatusCode::kUnavailable)
+                .code(),
+            absl::StatusCode::kUnavailable);
+}
+
+// Every boundary of the core turns an exception into a status (never a crash), and the core
+// keeps serving afterwards.
+TEST(ServingTest, ExceptionsAtEveryBoundaryBecomeStatusesAndServingGoesOn) {
+  ServiceOptions o;
+  o.allow_unauthenticated_export = true;
+  Core c(o);
+  const auto [want, first] = c.Run(Prompt("boundary"));
+  ASSERT_EQ(first.reason, FinishReason::kLength);
+  for (int mode : {1, 2, 3}) {
+    const absl::StatusCode expect =
+        mode == 1 ? absl::StatusCode::kInternal : absl::StatusCode::kResourceExhausted;
+    c.fault = mode;
+    c.fault_site = "prepare";
+    EXPECT_EQ(c.serving->Prepare(Prompt("x"), {}).status().code(), expect) << mode;
+    c.fault_site = "tokenize";
+    TokenizeRequest t;
+    t.text = "x";
+    EXPECT_EQ(c.serving->Tokenize(t, {}).status().code(), expect) << mode;
+    for (const char* site : {"export", "export-stream"}) {
+      c.fault_site = site;
+      std::promise<absl::Status> outcome;
+      ExportRequest e;
+      e.format = "gguf";
+      auto start = [&] {
+        return c.serving->StartExport(e, {}, std::make_shared<std::atomic<bool>>(false),
+                                      [&](absl::StatusOr<std::unique_ptr<ExportStream>> s) {
+                                        if (!s.ok()) return outcome.set_value(s.status());
+                                        ExportChunk chunk;
+                                        absl::StatusOr<bool> more = true;
+                                        while (more.ok() && *more) more = (*s)->Next(chunk);
+                                        outcome.set_value(more.status());
+                                      });
+      };
+      // The one export worker may still be returning from the previous job.
+      auto id = start();
+      for (int i = 0; i < 200 && absl::IsResourceExhausted(id.status()); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        id = start();
+      }
+      ASSERT_TRUE(id.ok()) << id.status();
+      EXPECT_EQ(outcome.get_future().get().code(), expect) << site << " " << mode;
+    }
+  }
+  c.fault = 0;
+  const auto [again, result] = c.Run(Prompt("boundary"));
+  EXPECT_EQ(again, want);
+  EXPECT_EQ(result.reason, FinishReason::kLength);
+  // Failed exports leave no staging directory behind.
+  EXPECT_TRUE(std::filesystem::is_empty(c.dir.file("exports")));
+}
+
+TEST(ServingTest, ExportsStreamTheirFilesWithDigestsAndCleanUp) {
+  ServiceOptions o;
+  o.allow_unauthenticated_export = true;
+  Core c(o);
+  ExportRequest e;
+  e.shape = Shape{3, 0.625};
+  std::promise<absl::StatusOr<std::unique_ptr<ExportStream>>> staged;
+  ASSERT_TRUE(c.serving
+                  ->StartExport(e, {}, std::make_shared<std::atomic<bool>>(false),
+                                [&](auto s) { staged.set_value(std::move(s)); })
+                  .ok());
+  auto stream = staged.get_future().get();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  std::map<std::string, std::string> files, digests;
+  ExportChunk chunk;
+  for (;;) {
+    auto more = (*stream)->Next(chunk);
+    ASSERT_TRUE(more.ok());
+    if (!*more) break;
+    EXPECT_EQ(chunk.offset, files[chunk.path].size());
+    files[chunk.path] += chunk.data;
+    if (chunk.last_chunk) {
+      EXPECT_EQ(files[chunk.path].size(), chunk.total_size);
+      digests[chunk.path] = chunk.sha256;
+    }
+  }
+  EXPECT_TRUE(files.count("config.json"));
+  EXPECT_TRUE(files.count("model.safetensors"));
+  for (const auto& [name, data] : files) {
+    Sha256 h;
+    h.Update(data);
+    EXPECT_EQ(h.HexDigest(), digests[name]) << name;
+  }
+  stream->reset();
+  EXPECT_TRUE(std::filesystem::is_empty(c.dir.file("exports")));
+  // Checked before any work: a shape off the grid, a bad format.
+  e.shape = Shape{2, 0.5};
+  EXPECT_EQ(c.serving->StartExport(e, {}, std::make_shared<std::atomic<bool>>(false), [](auto) {})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  e.shape = {};
+  e.format = "onnx";
+  EXPECT_EQ(c.serving->StartExport(e, {}, std::make_shared<std::atomic<bool>>(false), [](auto) {})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// The gauge of running requests came back to zero only when another step ran: a lane whose
+// last sequences were cancelled left it above zero for good.
+TEST(ServingTest, RunningGaugeReturnsToZeroAfterCancellation) {
+  TempDir dir;
+  auto supernet = MakeTestSupernet(dir);
+  Metrics metrics;
+  SchedulerOptions so;
+  so.max_context = 128;
+  so.on_lane_step = [&metrics](const Shape& s, int64_t n) { metrics.SetRunning(s.ToString(), n); };
+  Scheduler scheduler(*supernet, so);
+  Serving serving(*supernet, nullptr, scheduler, &metrics, {}, HostSpeed{},
+                  ProfilesFromSupernet(*supernet));
+  std::vector<std::shared_ptr<Generation>> gens;
+  std::vector<std::promise<JobResult>> done(3);
+  std::atomic<int> tokens{0};
+  for (int i = 0; i < 3; ++i) {
+    auto g = serving.Prepare(Prompt("cancel me", 100), {});
+    ASSERT_TRUE(g.ok());
+    GenerationCallbacks cb;
+    cb.on_token = [&](int32_t, std::string_view) { ++tokens; };
+    cb.on_done = [&done, i](const JobResult& r) { done[i].set_value(r); };
+    ASSERT_TRUE(serving.Start(*g, std::move(cb)).ok());
+    gens.push_back(*g);
+  }
+  while (tokens < 6) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (auto& g : gens) g->Cancel();
+  for (auto& d : done) EXPECT_EQ(d.get_future().get().reason, FinishReason::kCancelled);
+  const std::string gauge =
+      "amoeba_running_requests{shape=\"" + supernet->FullShape().ToString() + "\"} ";
+  std::string text;
+  for (int i = 0; i < 200; ++i) {
+    text = metrics.Render();
+    if (text.find(gauge + "0") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_NE(text.find(gauge + "0"), std::string::npos) << text;
+}
+
+}  // namespace
+}  // namespace amoeba
