@@ -8,10 +8,12 @@
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/strings/str_format.h"
 #include "distill/adamw.h"
 #include "distill/data_parallel.h"
+#include "model/file_util.h"
 #include "model/progress.h"
 #include "model/safetensors.h"
 #include "model/status_macros.h"
@@ -69,6 +71,19 @@ absl::StatusOr<int64_t> Load(const std::string& path, AdamW& opt, const std::str
 
 }  // namespace
 
+absl::Status TruncateMetricsLog(const std::string& path, int64_t step) {
+  std::string kept;
+  if (step > 0 && std::filesystem::exists(path)) {
+    ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+      const auto row = nlohmann::json::parse(line, nullptr, false);
+      if (row.is_object() && row.value("step", int64_t{0}) <= step) kept += line + "\n";
+    }
+  }
+  return WriteFileAtomic(path, kept);
+}
+
 absl::StatusOr<LoopResult> RunTrainingLoop(
     const std::vector<std::pair<std::string, at::Tensor>>& params, const LoopOptions& o,
     const MicroStep& micro_step, const std::atomic<bool>* stop) {
@@ -86,7 +101,10 @@ absl::StatusOr<LoopResult> RunTrainingLoop(
   }
   if (o.dp) o.dp->BroadcastFromRankZero(params);  // identical starting point on every rank
   std::ofstream log;
-  if (lead && !o.metrics_log.empty()) log.open(o.metrics_log, std::ios::app);
+  if (lead && !o.metrics_log.empty()) {
+    RETURN_IF_ERROR(TruncateMetricsLog(o.metrics_log, r.step));
+    log.open(o.metrics_log, std::ios::app);
+  }
   std::unique_ptr<Progress> bar;
   if (lead && o.progress) bar = std::make_unique<Progress>(o.label, o.steps, r.step);
   const auto t0 = std::chrono::steady_clock::now();

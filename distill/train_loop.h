@@ -56,6 +56,10 @@ using MicroStep = std::function<MicroResult(int64_t step, int64_t micro)>;
 
 double ScheduledLr(const LoopOptions& o, int64_t step);
 
+// Keeps the rows of the JSONL metrics log at `path` up to `step` (none for step 0): a run that
+// resumes from a checkpoint at `step` logs the later steps again, once (atomic rewrite).
+absl::Status TruncateMetricsLog(const std::string& path, int64_t step);
+
 absl::StatusOr<LoopResult> RunTrainingLoop(
     const std::vector<std::pair<std::string, at::Tensor>>& params, const LoopOptions& o,
     const MicroStep& micro_step, const std::atomic<bool>* stop = nullptr);

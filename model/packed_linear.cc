@@ -20,7 +20,7 @@ namespace amoeba {
 namespace {
 
 constexpr int64_t kPanel = 16;
-constexpr int64_t kPrefetchFloats = 1024;  // 4 KB ahead in the panel stream (measured best)
+constexpr int64_t kPrefetchBytes = PrefetchAheadBytes(kDefaultPrefetchArm);  // 4 KB (measured)
 // AVX2 passes of this many inputs or more prefetch the panel stream: checking 5 drafted tokens on
 // the 16M-parameter quality preset (weights beyond L3) ran 1.13x faster with it, batch 4 1.08x
 // (Zen 3, bench/speculative, interleaved runs).
@@ -50,11 +50,9 @@ AMOEBA_AVX512 void PanelAvx512(const T* panel, const float* xt, int64_t in, floa
   int64_t k = 0;
   for (; k + U <= in; k += U) {
     if constexpr (kPrefetch > 0 && J >= 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats),
-                   _MM_HINT_T0);
+      _mm_prefetch(StreamAhead(panel + k * kPanel, kPrefetchBytes), _MM_HINT_T0);
     } else if constexpr (kPrefetch > 0) {
-      const char* ahead =
-          reinterpret_cast<const char*>(panel + k * kPanel) + PrefetchAheadBytes(kPrefetch);
+      const char* ahead = StreamAhead(panel + k * kPanel, PrefetchAheadBytes(kPrefetch));
       for (int64_t b = 0; b < kStepBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     for (int u = 0; u < U; ++u) {
@@ -84,9 +82,7 @@ AMOEBA_AVX2 void PanelAvx2Pass(const T* panel, const float* xk0, int64_t J, int6
   __m256 lo[B], hi[B];
   for (int b = 0; b < B; ++b) lo[b] = hi[b] = _mm256_setzero_ps();
   for (int64_t k = 0; k < in; ++k) {
-    if (prefetch)
-      _mm_prefetch(reinterpret_cast<const char*>(panel + k * kPanel + kPrefetchFloats),
-                   _MM_HINT_T0);
+    if (prefetch) _mm_prefetch(StreamAhead(panel + k * kPanel, kPrefetchBytes), _MM_HINT_T0);
     const __m256 wl = Load8(panel + k * kPanel), wh = Load8(panel + k * kPanel + 8);
     const float* xk = xk0 + k * J;
     for (int b = 0; b < B; ++b) {

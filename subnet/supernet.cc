@@ -366,8 +366,14 @@ absl::StatusOr<std::unique_ptr<Supernet>> Supernet::Load(const std::string& dir)
   auto s = std::make_unique<Supernet>(std::move(m), std::move(spec), std::move(om), std::move(dm));
   s->dir_ = dir;
   s->bias_cache_ = std::move(biases);
+  // No tokenizer files: a supernet served by token ids. Files that do not load: an error that
+  // says why (it used to be dropped, and the server said only that there was no tokenizer).
   auto tok = LoadTokenizer(dir);
-  if (tok.ok()) s->tokenizer_ = std::move(*tok);
+  if (tok.ok()) {
+    s->tokenizer_ = std::move(*tok);
+  } else if (!absl::IsNotFound(tok.status())) {
+    return tok.status();
+  }
   // Recorded sizes must be this model's (an amoeba.json copied next to other weights is not).
   for (const ShapeRecord& r : s->spec_.profile) {
     if (r.params == 0) continue;

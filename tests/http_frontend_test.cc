@@ -107,10 +107,16 @@ TEST(HttpFrontendTest, EveryRouteIsCountedUnderItsOwnLabel) {
   Http h(*ts.serving, Local());
   for (const char* path : {"/v1/amoeba/shapes", "/v1/models", "/health", "/nowhere"})
     ASSERT_TRUE(h.client.Get(path));
-  const std::string m = ts.metrics.Render();
+  // Counted after the response is sent: wait for the four.
   for (const char* route : {"/v1/amoeba/shapes", "/v1/models", "/health", "other"}) {
     const std::regex counted(std::string("amoeba_http_requests_total\\{[^}]*route=\"") + route +
                              "\"[^}]*\\} 1");
+    std::string m;
+    for (int i = 0; i < 200; ++i) {
+      m = ts.metrics.Render();
+      if (std::regex_search(m, counted)) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
     EXPECT_TRUE(std::regex_search(m, counted)) << route << "\n" << m;
   }
 }

@@ -5,9 +5,13 @@
 
 #include <filesystem>
 #include <fstream>
+#include <numeric>
+
+#include <nlohmann/json.hpp>
 
 #include "distill/losses.h"
 #include "distill/pretrain.h"
+#include "distill/train_loop.h"
 #include "distill/tuner.h"
 #include "lora/smol.h"
 #include "model/engine.h"
@@ -205,6 +209,50 @@ TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
   o.lr = 1.0;
   Smol third = f.NewSmol(7);
   EXPECT_EQ(Tune(*f.s, third, *f.data, o).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// After a crash between checkpoints the resumed run logged the steps since the checkpoint again
+// (48 rows for 40 steps). The log now has one row per step, in order.
+TEST(DistillTest, MetricsLogHasOneRowPerStepAfterACrashAndResume) {
+  TempDir dir;
+  at::Tensor w = at::ones({4}).set_requires_grad(true);
+  const std::vector<std::pair<std::string, at::Tensor>> params = {{"w", w}};
+  LoopOptions o;
+  o.steps = 10;
+  o.lr = 0.1;
+  o.progress = false;
+  o.checkpoint = dir.file("ckpt.safetensors");
+  o.checkpoint_every = 4;
+  o.metrics_log = dir.file("metrics.jsonl");
+  const MicroStep micro = [&](int64_t, int64_t) {
+    at::Tensor loss = (w * w).sum();
+    loss.backward();
+    return MicroResult{loss.item<double>(), 0, 4};
+  };
+  auto steps = [&] {
+    std::vector<int64_t> out;
+    std::ifstream in(o.metrics_log);
+    for (std::string line; std::getline(in, line);)
+      out.push_back(nlohmann::json::parse(line)["step"].get<int64_t>());
+    return out;
+  };
+  o.on_step = [](int64_t step) {
+    if (step == 6) throw std::runtime_error("killed");  // no checkpoint since step 4
+  };
+  EXPECT_THROW((void)RunTrainingLoop(params, o, micro), std::runtime_error);
+  EXPECT_EQ(steps().size(), 6u);
+  o.on_step = nullptr;
+  o.resume = true;
+  auto r = RunTrainingLoop(params, o, micro);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::vector<int64_t> want(10);
+  std::iota(want.begin(), want.end(), 1);
+  EXPECT_EQ(steps(), want);
+  // A fresh run (no resume) starts a fresh log.
+  o.resume = false;
+  o.steps = 2;
+  ASSERT_TRUE(RunTrainingLoop(params, o, micro).ok());
+  EXPECT_EQ(steps(), (std::vector<int64_t>{1, 2}));
 }
 
 // The "one adapter for each shape" baseline: every micro-batch trains only the named shape on the

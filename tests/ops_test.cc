@@ -326,6 +326,22 @@ TEST(KernelTest, SimdQuantizedKernelsAgreeBitForBit) {
   ForceQuantKernel(QuantKernel::kAuto);
 }
 
+// Prefetch distances are bytes whatever the element type: the fp16 kernels prefetched 2 KB ahead
+// (1024 elements) where 4 KB was meant.
+TEST(KernelTest, PrefetchDistancesAreBytesForEveryElementType) {
+  alignas(64) static char stream[8192];
+  const auto* half = reinterpret_cast<const at::Half*>(stream);
+  const auto* single = reinterpret_cast<const float*>(stream);
+  const auto* block = reinterpret_cast<const uint8_t*>(stream);
+  for (int arm : {1, 2}) {
+    const int64_t bytes = PrefetchAheadBytes(arm);
+    EXPECT_EQ(StreamAhead(half, bytes) - stream, bytes);
+    EXPECT_EQ(StreamAhead(single, bytes) - stream, bytes);
+    EXPECT_EQ(StreamAhead(block, bytes) - stream, bytes);
+  }
+  EXPECT_EQ(PrefetchAheadBytes(kDefaultPrefetchArm), 4096);
+}
+
 // The kernels without the software prefetch, near and far (an instantiation each) compute the
 // same bits, in every format, on every instruction set the CPU has, one input and several.
 TEST(KernelTest, EveryPrefetchArmGivesTheSameBits) {

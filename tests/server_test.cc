@@ -184,7 +184,26 @@ TEST(ServerTest, BudgetPicksThePlannedShape) {
 }
 
 TEST(ServerTest, ConcurrentShapesCompleteAndBatchingMatchesUnbatched) {
-  TestServer ts;
+  // The first step waits until every request has arrived, so the full shape's three requests
+  // share steps; the widest step is recorded (the test never checked that batching happened).
+  std::atomic<int64_t> widest{0};
+  std::atomic<Scheduler*> scheduler{nullptr};
+  std::atomic<bool> released{false};
+  SchedulerOptions so;
+  so.on_lane_step = [&](const Shape& s, int64_t running) {
+    if (s.depth == 5) widest = std::max<int64_t>(widest, running);
+  };
+  so.fault_hook = [&](const char* site, const Shape&) {
+    if (std::string(site) != "step" || released) return;
+    for (int i = 0; i < 500 && scheduler.load(); ++i) {
+      const SchedulerStats st = scheduler.load()->stats();
+      if (st.running + st.waiting >= 5) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    released = true;
+  };
+  TestServer ts(so);
+  scheduler = ts.scheduler.get();
   std::vector<std::pair<std::string, Shape>> jobs = {{"alpha", {5, 1.0}},
                                                      {"beta", {5, 1.0}},
                                                      {"gamma", {5, 1.0}},
@@ -205,6 +224,7 @@ TEST(ServerTest, ConcurrentShapesCompleteAndBatchingMatchesUnbatched) {
     EXPECT_EQ(results[i].tokens, LocalGreedy(*ts.supernet, jobs[i].second, jobs[i].first, 16))
         << jobs[i].first;
   }
+  EXPECT_EQ(widest, 3) << "the full shape's three requests never shared a step";
 }
 
 TEST(ServerTest, CancelFreesTheSlotAndDeadlinesAreReported) {
@@ -357,8 +377,14 @@ TEST(ServerTest, HealthReflectionAndMetrics) {
   // Metrics after a request parse as Prometheus text format and carry the shape label.
   ASSERT_TRUE(Stream(c, Req("metrics", 4, 0.875, 3)).status.ok());
   const std::string text = ts.metrics.Render();
+  // name{labels} value, the value a number, +Inf, -Inf or NaN (grouped: an ungrouped
+  // alternation let a bare "NaN" line pass and a "name NaN" sample fail).
   const std::regex sample(
-      R"(^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.eE+\-]+|[-+]Inf|NaN$)");
+      R"(^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? (-?[0-9.eE+\-]+|[-+]Inf|NaN)$)");
+  EXPECT_TRUE(std::regex_match("a_b{shape=\"x\"} NaN", sample));
+  EXPECT_TRUE(std::regex_match("a_b -Inf", sample));
+  EXPECT_FALSE(std::regex_match("NaN", sample));
+  EXPECT_FALSE(std::regex_match("+Inf", sample));
   int samples = 0;
   std::istringstream in(text);
   for (std::string line; std::getline(in, line);) {

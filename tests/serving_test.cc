@@ -158,6 +158,7 @@ TEST(ServingTest, ExceptionsAtEveryBoundaryBecomeStatusesAndServingGoesOn) {
                                         ExportChunk chunk;
                                         absl::StatusOr<bool> more = true;
                                         while (more.ok() && *more) more = (*s)->Next(chunk);
+                                        s->reset();  // its staging directory goes first
                                         outcome.set_value(more.status());
                                       });
       };
@@ -226,6 +227,24 @@ TEST(ServingTest, ExportsStreamTheirFilesWithDigestsAndCleanUp) {
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// A tokenizer file that does not load used to be dropped: the server then said only "has no
+// tokenizer". Loading now fails with the reason.
+TEST(ServingTest, ABrokenTokenizerIsReportedNotDropped) {
+  TempDir dir;
+  auto supernet = MakeTestSupernet(dir);
+  const std::string path = supernet->dir() + "/tokenizer.json";
+  ASSERT_TRUE(std::filesystem::exists(path));
+  std::ofstream(path) << "{ not json";
+  auto loaded = Supernet::Load(supernet->dir());
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_NE(loaded.status().message().find("tokenizer.json"), absl::string_view::npos)
+      << loaded.status();
+  std::filesystem::remove(path);
+  loaded = Supernet::Load(supernet->dir());
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ((*loaded)->tokenizer(), nullptr);
 }
 
 // The gauge of running requests came back to zero only when another step ran: a lane whose

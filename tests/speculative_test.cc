@@ -327,5 +327,33 @@ TEST(SpeculativeTest, ADraftShapesFailedLaneIsMadeAgain) {
   EXPECT_GE(ts.scheduler->stats().lane_failures, 1);
 }
 
+// A draft that failed (its model threw) used to fail every sequence of the target's lane as
+// INTERNAL. A draft only proposes: its sequences now go on token by token, with the target's
+// output, and the lane keeps serving.
+TEST(SpeculativeTest, AFailingDraftLeavesItsTargetDecodingTokenByToken) {
+  BatchInvariantKernels invariant;
+  std::atomic<int> draft_faults{0};
+  SchedulerOptions so;
+  so.fault_hook = [&](const char* site, const Shape&) {
+    if (std::string(site) == "draft") {
+      ++draft_faults;
+      throw std::runtime_error("injected draft fault");
+    }
+  };
+  TestServer ts(so);
+  const Supernet& s = *ts.supernet;
+  const Shape target = s.FullShape(), small = s.SmallestShape();
+  const Outcome plain = RunOne(*ts.scheduler, NewJob(s, target, "draft fails", 12));
+  const auto outs = RunAll(*ts.scheduler, {NewJob(s, target, "draft fails", 12, small, 4),
+                                           NewJob(s, target, "draft fails", 12, small, 3)});
+  EXPECT_GT(draft_faults, 0);
+  for (const Outcome& o : outs) {
+    EXPECT_EQ(o.result.reason, FinishReason::kLength) << o.result.error;
+    EXPECT_EQ(o.tokens, plain.tokens);
+  }
+  EXPECT_EQ(ts.scheduler->stats().lane_failures, 0);
+  EXPECT_EQ(RunOne(*ts.scheduler, NewJob(s, target, "draft fails", 12)).tokens, plain.tokens);
+}
+
 }  // namespace
 }  // namespace amoeba

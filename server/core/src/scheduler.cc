@@ -220,17 +220,17 @@ void Scheduler::BuilderLoop() {
       if (!merged.ok()) {
         build_error = merged.status();
       } else {
-      // The merged projections get panels; the rest share the base's. A draft copy packs every
-      // projection in its own format (views of the base's panels are in the serving format).
-      if (b.for_draft) {
-        RepackWeights(*merged, *opt_.draft_format);
-      } else {
-        PackWeights(*merged, opt_.weights_format);
-      }
-      DropPackedRowMajor(*merged);
-      b.result = std::make_shared<const Model>(std::move(*merged));
-      spdlog::info("scheduler: {} of {} built in {:.0f} ms",
-                   b.for_draft ? "draft copy" : "merged copy", b.key, Ms(t0, Clock::now()));
+        // The merged projections get panels; the rest share the base's. A draft copy packs every
+        // projection in its own format (views of the base's panels are in the serving format).
+        if (b.for_draft) {
+          RepackWeights(*merged, *opt_.draft_format);
+        } else {
+          PackWeights(*merged, opt_.weights_format);
+        }
+        DropPackedRowMajor(*merged);
+        b.result = std::make_shared<const Model>(std::move(*merged));
+        spdlog::info("scheduler: {} of {} built in {:.0f} ms",
+                     b.for_draft ? "draft copy" : "merged copy", b.key, Ms(t0, Clock::now()));
       }
     } catch (...) {
       build_error = StatusFromException(std::current_exception(), "build");
@@ -238,7 +238,8 @@ void Scheduler::BuilderLoop() {
     if (!build_error.ok()) {
       b.result.reset();
       spdlog::error("scheduler: {} of {} failed: {}; {}",
-                    b.for_draft ? "draft copy" : "merged copy", b.key, std::string(build_error.message()),
+                    b.for_draft ? "draft copy" : "merged copy", b.key,
+                    std::string(build_error.message()),
                     b.for_draft ? "it drafts on the shape's lane" : "the shape stays unmerged");
     }
     {
@@ -518,8 +519,8 @@ void Scheduler::DraftStep(Lane& lane) {
 }
 
 void Scheduler::DetachDraft(Lane& lane, Draft& d, const absl::Status& why) {
-  spdlog::warn("scheduler: draft {} for {} failed: {}; its sequences decode token by token",
-               d.key, lane.shape.ToString(), std::string(why.message()));
+  spdlog::warn("scheduler: draft {} for {} failed: {}; its sequences decode token by token", d.key,
+               lane.shape.ToString(), std::string(why.message()));
   for (Seq& s : lane.seqs) {
     if (s.draft != &d) continue;
     s.checking = 0;
@@ -535,6 +536,7 @@ void Scheduler::DetachDraft(Lane& lane, Draft& d, const absl::Status& why) {
 absl::Status Scheduler::DraftWith(Lane& lane, const std::string& key, Draft& draft) {
   const int64_t max_len = lane.cache.max_len();
   Draft* d = &draft;
+  if (opt_.fault_hook) opt_.fault_hook("draft", draft.shape);
   {
     // The draft's own copy is ready, or (without one) the draft shape's lane got a merged copy:
     // same KV layout, draft on it from now on.

@@ -76,9 +76,9 @@ struct SchedulerOptions {
   // thread's; libgomp measured 1.2-1.5x slower fork/joins for a second thread's team while the
   // thread that loaded the weights owned one (more spinning threads than cores).
   bool run_on_caller = false;
-  // Test-only fault injection: called with "step" on the worker thread before each step of a lane
-  // and with "build" on the builder thread before each merged-copy build; whatever it throws goes
-  // through the error boundary.
+  // Test-only fault injection: called with "step" on the worker thread before each step of a lane,
+  // "draft" before a draft shape drafts for it, and "build" on the builder thread before each
+  // merged-copy build; whatever it throws goes through the error boundary.
   std::function<void(const char* site, const Shape&)> fault_hook;
 };
 
