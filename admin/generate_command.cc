@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <memory>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/strings/str_cat.h"
 #include "admin/commands.h"
 #include "model/engine.h"
@@ -28,6 +30,7 @@ struct GenerateFlags {
   int64_t max_len = 2048;
   bool no_bos = false;
   bool baseline = false;
+  bool json = false;  // one JSON line (prompt ids, generated ids, text) instead of streamed text
   std::string weights_dtype = "f32";
   std::string kv_dtype = "f32";
 };
@@ -65,14 +68,40 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   auto shared = std::make_shared<const Model>(std::move(m));
   Engine engine(shared, eo);
   KVCache cache = engine.NewCache(1);
-  std::fputs(f.prompt.c_str(), stdout);
-  std::fflush(stdout);
-  ASSIGN_OR_RETURN(GenerationResult r,
-                   Generate(engine, cache, 0, *tok, ids, f.gen, [](int32_t, std::string_view text) {
-                     std::fwrite(text.data(), 1, text.size(), stdout);
-                     std::fflush(stdout);
-                     return true;
-                   }));
+  if (!f.json) {
+    std::fputs(f.prompt.c_str(), stdout);
+    std::fflush(stdout);
+  }
+  ASSIGN_OR_RETURN(
+      GenerationResult r,
+      Generate(engine, cache, 0, *tok, ids, f.gen, [&](int32_t, std::string_view piece) {
+        if (f.json) return true;  // printed at the end
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+        std::fflush(stdout);
+        return true;
+      }));
+  if (f.json) {
+    // How sure each greedy pick was: top-1 minus top-2 logit at each generated position, from
+    // one teacher-forced pass. Another engine may break a near-tie the other way.
+    std::vector<int32_t> all = ids;
+    all.insert(all.end(), r.tokens.begin(), r.tokens.end());
+    std::vector<float> margins;
+    if (all.size() <= static_cast<size_t>(cache.max_len())) {
+      cache.Reset(0);
+      const SeqInput in{0, all, /*all_logits=*/true};
+      ASSIGN_OR_RETURN(at::Tensor logits, engine.Forward(cache, {&in, 1}));
+      const at::Tensor top = std::get<0>(logits.topk(2, 1));
+      for (size_t i = ids.size() - 1; i + 1 < all.size(); ++i)
+        margins.push_back(top[static_cast<int64_t>(i)][0].item<float>() -
+                          top[static_cast<int64_t>(i)][1].item<float>());
+    }
+    const nlohmann::json out = {{"prompt_ids", ids},
+                                {"margins", margins},
+                                {"tokens", r.tokens},
+                                {"text", r.text},
+                                {"finish_reason", FinishReasonName(r.finish_reason)}};
+    std::fputs(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str(), stdout);
+  }
   std::fputs("\n", stdout);
   const double decode_tps =
       r.tokens.size() > 1 ? (r.tokens.size() - 1) * 1000.0 / r.decode_ms : 0.0;
@@ -113,6 +142,8 @@ Runner AddGenerateCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--max-len", f->max_len, "Context length to allocate")->capture_default_str();
   cmd->add_flag("--no-bos", f->no_bos, "Do not prepend BOS");
+  cmd->add_flag("--json", f->json,
+                "Print one JSON object: prompt_ids, tokens (generated ids), text, finish_reason");
   cmd->add_flag("--baseline", f->baseline, "Use libtorch linear instead of Amoeba's kernels");
   cmd->add_option("--weights-dtype", f->weights_dtype,
                   "Decode weights: f32 | f16 | q8_0 | q4_0 (bytes per token: 1, 1/2, ~1/4, ~1/7)")

@@ -264,6 +264,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string&
   return IsGgufPath(model_path) ? LoadGgufTokenizer(model_path) : LoadTokenizer(model_path);
 }
 
+namespace {
+// q/k/v/gate/up biases that are all zero are not written (SaveGguf says why).
+bool IsWrittenBias(const at::Tensor& b) {
+  return b.defined() && b.count_nonzero().item<int64_t>() > 0;
+}
+}  // namespace
+
 std::string GgufArchitectureFor(const Model& m) {
   const std::vector<LayerShape> s = Shapes(m);
   for (const LayerShape& l : s)
@@ -295,9 +302,10 @@ int64_t GgufTensorBytes(const Model& m, WeightFormat format) {
     add(wff, H, false);
     add(wff, H, false);
     add(H, wff, false);
-    for (const at::Tensor* b :
-         {&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.gate_bias, &l.up_bias, &l.down_bias})
+    for (const at::Tensor* b : {&l.o_bias, &l.down_bias})
       if (b->defined()) add(1, b->numel(), true);
+    for (const at::Tensor* b : {&l.q_bias, &l.k_bias, &l.v_bias, &l.gate_bias, &l.up_bias})
+      if (IsWrittenBias(*b)) add(1, b->numel(), true);
   }
   return total;
 }
@@ -358,6 +366,12 @@ absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportO
   auto vec = [&](const std::string& name, const at::Tensor& t) {
     if (t.defined()) w.AddTensor(name, GgmlType::kF32, {t.numel()}, Encode(t, GgmlType::kF32));
   };
+  // q/k/v/gate/up biases that are all zero (a uniform-width HF export has them, since HF has one
+  // flag for all projections) are left out: absent is zero to llama.cpp, and its `llama` graph
+  // sizes a q bias by the embedding width, so a pruned shape's zero q bias made it refuse the file.
+  auto optional_vec = [&](const std::string& name, const at::Tensor& t) {
+    if (IsWrittenBias(t)) vec(name, t);
+  };
   const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
   matrix("token_embd.weight", m.embed);
   vec("output_norm.weight", m.final_norm);
@@ -377,9 +391,11 @@ absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportO
       matrix(b + "attn_k.weight", ToInterleaved(l.k.to(at::kFloat), s.kv_heads, hd));
       matrix(b + "attn_v.weight", l.v);
       matrix(b + "attn_output.weight", l.o);
-      if (l.q_bias.defined()) vec(b + "attn_q.bias", ToInterleaved(l.q_bias, s.q_heads, hd));
-      if (l.k_bias.defined()) vec(b + "attn_k.bias", ToInterleaved(l.k_bias, s.kv_heads, hd));
-      vec(b + "attn_v.bias", l.v_bias);
+      if (l.q_bias.defined())
+        optional_vec(b + "attn_q.bias", ToInterleaved(l.q_bias, s.q_heads, hd));
+      if (l.k_bias.defined())
+        optional_vec(b + "attn_k.bias", ToInterleaved(l.k_bias, s.kv_heads, hd));
+      optional_vec(b + "attn_v.bias", l.v_bias);
     }
     vec(b + "attn_output.bias", l.o_bias);
     vec(b + "ffn_norm.weight", l.mlp_norm);
@@ -391,8 +407,8 @@ absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportO
       matrix(b + "ffn_gate.weight", l.gate);
       matrix(b + "ffn_up.weight", l.up);
       matrix(b + "ffn_down.weight", l.down);
-      vec(b + "ffn_gate.bias", l.gate_bias);
-      vec(b + "ffn_up.bias", l.up_bias);
+      optional_vec(b + "ffn_gate.bias", l.gate_bias);
+      optional_vec(b + "ffn_up.bias", l.up_bias);
     }
     vec(b + "ffn_down.bias", l.down_bias);
   }

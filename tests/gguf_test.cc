@@ -202,6 +202,41 @@ TEST(GgufTest, UniformModelIsLlamaAndReadsBackExactly) {
   EXPECT_LT(MaxAbsDiff(TorchForward(*tb, ids), TorchForward(tied, ids)), 1e-5);
 }
 
+// A uniform-width export of a pruned shape carries zero q/k/v/gate/up biases (HF has one bias
+// flag per block). llama.cpp's `llama` graph sizes a q bias by the embedding width and refused
+// such files ("attn_q.bias has wrong shape; expected 256, got 192"): zero biases are left out,
+// the compensation biases (o, down) stay, and the logits read back the same.
+TEST(GgufTest, ZeroProjectionBiasesAreLeftOutAndCompensationBiasesKept) {
+  TempDir dir;
+  at::InferenceMode g;
+  Model m = TinyModel(4);
+  for (auto& l : m.layers) {
+    l.q_bias = at::zeros({l.q.size(0)});
+    l.k_bias = at::zeros({l.k.size(0)});
+    l.v_bias = at::zeros({l.v.size(0)});
+    l.gate_bias = at::zeros({l.gate.size(0)});
+    l.up_bias = at::zeros({l.up.size(0)});
+    l.o_bias = at::randn({m.config.hidden_size}) * 0.1;
+    l.down_bias = at::randn({m.config.hidden_size}) * 0.1;
+  }
+  m.config.attention_bias = m.config.mlp_bias = true;
+  ASSERT_TRUE(SaveGguf(m, dir.file("m.gguf"), Opts(WeightFormat::kF32)).ok());
+  auto f = ReadGguf(dir.file("m.gguf"));
+  ASSERT_TRUE(f.ok()) << f.status();
+  for (const char* gone :
+       {"attn_q.bias", "attn_k.bias", "attn_v.bias", "ffn_gate.bias", "ffn_up.bias"})
+    EXPECT_EQ(f->Find(absl::StrCat("blk.0.", gone)), nullptr) << gone;
+  EXPECT_NE(f->Find("blk.0.attn_output.bias"), nullptr);
+  EXPECT_NE(f->Find("blk.0.ffn_down.bias"), nullptr);
+  int64_t bytes = 0;
+  for (const auto& t : f->tensors) bytes += (t.bytes + 31) / 32 * 32;
+  EXPECT_EQ(GgufTensorBytes(m, WeightFormat::kF32), bytes);
+  auto back = LoadGgufModel(dir.file("m.gguf"));
+  ASSERT_TRUE(back.ok()) << back.status();
+  const at::Tensor ids = Ids();
+  EXPECT_LT(MaxAbsDiff(TorchForward(*back, ids), TorchForward(m, ids)), 1e-5);
+}
+
 // Per-layer widths: architecture deci with per-layer arrays (a head-free layer as one zero KV
 // group, an MLP-free layer as one zero channel), biases kept: the logits read back equal.
 TEST(GgufTest, NonUniformModelIsDeciAndReadsBackExactly) {
