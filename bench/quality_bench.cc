@@ -28,6 +28,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "bench/bench_util.h"
+#include "distill/eval.h"
+#include "distill/svg_plot.h"
 #include "distill/tuner.h"
 #include "model/file_util.h"
 #include "model/gguf_model.h"
@@ -40,7 +42,6 @@
 #include "subnet/frontier.h"
 #include "subnet/metrics.h"
 #include "subnet/subnet_builder.h"
-#include "subnet/svg_plot.h"
 #include "subnet/width_importance.h"
 
 namespace amoeba::bench {
@@ -255,23 +256,22 @@ absl::Status StageWidth(Bench& b) {
   return b.Finish("width", {{"series", series}});
 }
 
-// Held-out perplexity of every grid shape (and cloze accuracy of `mc_shapes`) of `s` with `smol`.
+// Held-out perplexity of every grid shape (and cloze accuracy of `mc_shapes`) of `s` with `smol`:
+// eval's own loop (distill/eval.h).
 absl::StatusOr<json> EvaluateShapes(const Bench& b, const Supernet& s, const Smol* smol,
                                     const std::vector<Shape>& shapes,
                                     const std::vector<Shape>& mc_shapes, const std::string& label) {
-  json rows = json::array();
-  Progress bar(label, static_cast<int64_t>(shapes.size()));
-  for (const Shape& sh : shapes) {
-    at::InferenceMode g;
-    const double nll = HeldoutNll(s, smol, sh, b.heldout);
-    ASSIGN_OR_RETURN(Model m, BuildSubnet(s, smol, sh));
-    json row = ShapeJson(sh, m.config.ParameterCount(), std::exp(nll));
-    if (std::find(mc_shapes.begin(), mc_shapes.end(), sh) != mc_shapes.end())
-      row["mc_accuracy"] = MultipleChoiceAccuracy(m, *s.tokenizer(), b.mc);
-    rows.push_back(row);
-    bar.Advance(1, sh.ToString());
+  ShapeQualityOptions o;
+  o.label = label;
+  if (!mc_shapes.empty()) {
+    o.mc = b.mc;
+    o.mc_shapes = mc_shapes;
   }
-  bar.Finish();
+  ASSIGN_OR_RETURN(json rows, EvaluateShapeQuality(s, smol, shapes, b.heldout, o));
+  for (json& r : rows) {  // this report's name for it
+    r["perplexity"] = r["heldout_perplexity"];
+    r.erase("heldout_perplexity");
+  }
   return rows;
 }
 

@@ -23,7 +23,6 @@
 #include "subnet/export.h"
 #include "subnet/metrics.h"
 #include "subnet/subnet_builder.h"
-#include "subnet/svg_plot.h"
 #include "subnet/width_importance.h"
 #include "tests/test_util.h"
 
@@ -629,28 +628,6 @@ TEST(MetricsTest, MultipleChoiceScoresEveryChoiceAsIfAlone) {
     for (auto& it : pmi) it.unconditional_baseline = false;
     EXPECT_LT(MultipleChoiceAccuracy(m, **tok, pmi), 1.0);
   }
-}
-
-TEST(PlotTest, TicksAreRoundAndEveryPointIsLabelled) {
-  EXPECT_EQ(NiceTicks(0, 9.3), (std::vector<double>{0, 2, 4, 6, 8}));
-  EXPECT_EQ(NiceTicks(181.2, 208.9), (std::vector<double>{185, 190, 195, 200, 205}));
-  const std::vector<double> small = NiceTicks(0.5, 0.56);
-  ASSERT_GE(small.size(), 3u);
-  EXPECT_NEAR(small[1] - small[0], 0.01, 1e-12);
-  PlotSeries a("dp <tuned>"), b("drop_last", true, true);
-  a.points = {{8, 190.5, "d8 w1"}, {12, 181, "d12 w1"}};
-  b.points = {{8, 201, ""}};
-  PlotOptions o;
-  o.x_label = "depth (layers)";
-  o.y_label = "perplexity";
-  const std::string svg = SvgPlot(o, {a, b});
-  for (const char* want : {"depth (layers)", "perplexity", "d8 w1", "d12 w1", "dp &lt;tuned&gt;",
-                           "drop_last", "stroke-dasharray", "<polyline", ">190<"})
-    EXPECT_NE(svg.find(want), std::string::npos) << want;
-  size_t circles = 0;
-  for (size_t p = svg.find("<circle"); p != std::string::npos; p = svg.find("<circle", p + 1))
-    ++circles;
-  EXPECT_EQ(circles, 3u + 2u);  // the points and one legend marker per series
 }
 
 TEST(CalibrationDataTest, WindowsAreDeterministicAndJsonlWorks) {

@@ -1,4 +1,4 @@
-#include "subnet/svg_plot.h"
+#include "distill/svg_plot.h"
 
 #include <algorithm>
 #include <cmath>
