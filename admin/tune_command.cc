@@ -71,24 +71,25 @@ absl::Status RunTune(TuneFlags& f) {
   }
   f.o.balancing = !f.no_balancing;
   f.o.distill = !f.no_distill;
-  if (f.o.checkpoint.empty())
-    f.o.checkpoint = (fs::path(f.supernet) / "tune_checkpoint.safetensors").string();
-  if (f.o.metrics_log.empty())
-    f.o.metrics_log = (fs::path(f.supernet) / "tune_metrics.jsonl").string();
+  if (f.o.loop.checkpoint.empty())
+    f.o.loop.checkpoint = (fs::path(f.supernet) / "tune_checkpoint.safetensors").string();
+  if (f.o.loop.metrics_log.empty())
+    f.o.loop.metrics_log = (fs::path(f.supernet) / "tune_metrics.jsonl").string();
   // A run killed mid-write (kill -9) leaves temp files next to what it was writing.
   int stale = 0;
-  for (const std::string& p : {f.o.checkpoint, (fs::path(f.supernet) / "smol.safetensors").string(),
-                               (fs::path(f.supernet) / "amoeba.json").string()})
+  for (const std::string& p :
+       {f.o.loop.checkpoint, (fs::path(f.supernet) / "smol.safetensors").string(),
+        (fs::path(f.supernet) / "amoeba.json").string()})
     stale += RemoveStaleTempFiles(p);
   if (stale > 0) spdlog::info("tune: removed {} temp files left by an interrupted run", stale);
   ASSIGN_OR_RETURN(std::unique_ptr<DataParallel> dp, DataParallel::FromEnv());
-  f.o.dp = dp.get();
+  f.o.loop.dp = dp.get();
   const bool lead = !dp || dp->rank() == 0;
-  Smol smol(s->base(), static_cast<int64_t>(s->spec().widths.size()), f.smol, f.o.seed);
+  Smol smol(s->base(), static_cast<int64_t>(s->spec().widths.size()), f.smol, f.o.loop.seed);
   spdlog::info(
       "tune: {} experts of rank {} on {} layers; {} steps of {}x{} tokens, {} subnets per "
       "micro-batch ({}{})",
-      smol.config().experts, smol.config().rank, c.num_hidden_layers, f.o.steps, f.o.batch,
+      smol.config().experts, smol.config().rank, c.num_hidden_layers, f.o.loop.steps, f.o.batch,
       f.o.seq_len, f.o.subnets, f.o.distill ? "distillation" : "labels only",
       f.o.balancing ? ", balanced" : "");
   signal(SIGINT, OnSignal);
@@ -102,11 +103,11 @@ absl::Status RunTune(TuneFlags& f) {
   SupernetSpec spec = s->spec();
   spec.smol = smol.config().ToJson();
   spec.smol["tuning"] = {{"data", f.data},
-                         {"steps", f.o.steps},
+                         {"steps", f.o.loop.steps},
                          {"batch", f.o.batch},
                          {"seq_len", f.o.seq_len},
-                         {"lr", f.o.lr},
-                         {"seed", f.o.seed},
+                         {"lr", f.o.loop.lr},
+                         {"seed", f.o.loop.seed},
                          {"balancing", f.o.balancing},
                          {"distill", f.o.distill},
                          {"subnets", f.o.subnets},
@@ -128,16 +129,16 @@ Runner AddTuneCommand(CLI::App& app) {
   cmd->add_option("--supernet", f->supernet, "Supernet directory (from calibrate)")->required();
   cmd->add_option("--data", f->data, "Text (.txt/.jsonl with \"text\") or instruction JSONL")
       ->required();
-  cmd->add_option("--steps", f->o.steps)->capture_default_str();
+  cmd->add_option("--steps", f->o.loop.steps)->capture_default_str();
   cmd->add_option("--batch", f->o.batch, "Sequences per micro-batch")->capture_default_str();
   cmd->add_option("--seq-len", f->o.seq_len)->capture_default_str();
-  cmd->add_option("--grad-accum", f->o.grad_accum)->capture_default_str();
+  cmd->add_option("--grad-accum", f->o.loop.grad_accum)->capture_default_str();
   cmd->add_option("--subnets", f->o.subnets, "Sandwich size K")->capture_default_str();
-  cmd->add_option("--lr", f->o.lr)->capture_default_str();
-  cmd->add_option("--schedule", f->o.schedule, "constant | cosine")->capture_default_str();
-  cmd->add_option("--warmup", f->o.warmup)->capture_default_str();
-  cmd->add_option("--clip", f->o.clip, "Gradient-norm clip")->capture_default_str();
-  cmd->add_option("--seed", f->o.seed)->capture_default_str();
+  cmd->add_option("--lr", f->o.loop.lr)->capture_default_str();
+  cmd->add_option("--schedule", f->o.loop.schedule, "constant | cosine")->capture_default_str();
+  cmd->add_option("--warmup", f->o.loop.warmup)->capture_default_str();
+  cmd->add_option("--clip", f->o.loop.clip, "Gradient-norm clip")->capture_default_str();
+  cmd->add_option("--seed", f->o.loop.seed)->capture_default_str();
   cmd->add_option("--experts", f->smol.experts)->capture_default_str();
   cmd->add_option("--rank", f->smol.rank, "0 = min(64, hidden/8)")->capture_default_str();
   cmd->add_option("--alpha", f->smol.alpha)->capture_default_str();
@@ -153,11 +154,11 @@ Runner AddTuneCommand(CLI::App& app) {
   cmd->add_option("--shape", f->only_shape,
                   "Baseline: train only this grid shape on the labels (one adapter for one shape; "
                   "combine with --single-lora)");
-  cmd->add_option("--checkpoint", f->o.checkpoint,
+  cmd->add_option("--checkpoint", f->o.loop.checkpoint,
                   "Checkpoint file (default SUPERNET/tune_checkpoint.safetensors)");
-  cmd->add_option("--checkpoint-every", f->o.checkpoint_every)->capture_default_str();
-  cmd->add_flag("--resume", f->o.resume, "Continue from the checkpoint");
-  cmd->add_option("--metrics-log", f->o.metrics_log,
+  cmd->add_option("--checkpoint-every", f->o.loop.checkpoint_every)->capture_default_str();
+  cmd->add_flag("--resume", f->o.loop.resume, "Continue from the checkpoint");
+  cmd->add_option("--metrics-log", f->o.loop.metrics_log,
                   "JSONL metrics (default SUPERNET/tune_metrics.jsonl)");
   cmd->add_option("--threads", f->threads);
   return [f]() {

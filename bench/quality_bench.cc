@@ -322,21 +322,21 @@ absl::Status StageTune(Bench& b, const TuneVariant& v, uint64_t seed) {
   if (v.single_lora) sc.experts = 1, sc.top_k = 1;
   Smol smol(s->base(), static_cast<int64_t>(s->spec().widths.size()), sc, seed);
   TuneOptions o;
-  o.steps = b.f.tune_steps;
+  o.loop.steps = b.f.tune_steps;
   o.batch = b.f.tune_batch;
   o.seq_len = b.f.seq_len;
-  o.lr = b.f.lr;
-  o.seed = seed;
+  o.loop.lr = b.f.lr;
+  o.loop.seed = seed;
   o.distill = v.distill;
   o.balancing = v.balancing;
   if (v.alone == "smallest") o.only_shape = s->SmallestShape();
   if (v.alone == "middle") o.only_shape = MiddleShape(*s);
-  o.checkpoint = (b.work / (name + ".ckpt.safetensors")).string();
-  o.checkpoint_every = 20;
-  o.resume = true;
-  o.metrics_log = (b.work / (name + ".metrics.jsonl")).string();
-  spdlog::info("quality: {} ({} steps of {}x{} tokens, depth table {})", name, o.steps, o.batch,
-               o.seq_len, v.depth_method);
+  o.loop.checkpoint = (b.work / (name + ".ckpt.safetensors")).string();
+  o.loop.checkpoint_every = 20;
+  o.loop.resume = true;
+  o.loop.metrics_log = (b.work / (name + ".metrics.jsonl")).string();
+  spdlog::info("quality: {} ({} steps of {}x{} tokens, depth table {})", name, o.loop.steps,
+               o.batch, o.seq_len, v.depth_method);
   const auto start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(TuneResult r, Tune(*s, smol, *b.train, o, &g_stop));
   if (r.interrupted)
@@ -361,7 +361,7 @@ absl::Status StageTune(Bench& b, const TuneVariant& v, uint64_t seed) {
   return b.Finish(name, {{"variant", v.name},
                          {"seed", seed},
                          {"depth_method", v.depth_method},
-                         {"steps", o.steps},
+                         {"steps", o.loop.steps},
                          {"tune_seconds", seconds},
                          {"final_loss_full", r.loss_full},
                          {"final_loss_smallest", r.loss_smallest},

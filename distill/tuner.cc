@@ -52,9 +52,10 @@ at::Tensor SubnetLogits(const Supernet& s, const Smol& smol, const Shape& sh,
 }
 
 std::string Fingerprint(const TuneOptions& o, const Smol& smol) {
-  return absl::StrCat(o.batch, "|", o.seq_len, "|", o.grad_accum, "|", o.subnets, "|", o.lr, "|",
-                      o.schedule, "|", o.warmup, "|", o.clip, "|", o.seed, "|", o.balancing, "|",
-                      o.distill, "|", smol.config().ToJson().dump(), "|",
+  return absl::StrCat(o.batch, "|", o.seq_len, "|", o.loop.grad_accum, "|", o.subnets, "|",
+                      o.loop.lr, "|", o.loop.schedule, "|", o.loop.warmup, "|", o.loop.clip, "|",
+                      o.loop.seed, "|", o.balancing, "|", o.distill, "|",
+                      smol.config().ToJson().dump(), "|",
                       o.only_shape ? o.only_shape->ToString() : "sandwich");
 }
 
@@ -69,9 +70,9 @@ SandwichLosses SandwichStep(const Supernet& s, const Smol& smol, const TrainBatc
                             const TuneOptions& o, int64_t step, int64_t micro) {
   SandwichLosses out;
   out.shapes = o.only_shape ? std::vector<Shape>{*o.only_shape}
-                            : SandwichShapes(s, o.subnets, o.seed, step, micro);
+                            : SandwichShapes(s, o.subnets, o.loop.seed, step, micro);
   at::Tensor teacher, l0;
-  const double accum = static_cast<double>(std::max<int64_t>(1, o.grad_accum));
+  const double accum = static_cast<double>(std::max<int64_t>(1, o.loop.grad_accum));
   for (size_t i = 0; i < out.shapes.size(); ++i) {
     at::Tensor logits = SubnetLogits(s, smol, out.shapes[i], b.tokens, /*training=*/true);
     at::Tensor loss;
@@ -98,28 +99,12 @@ absl::StatusOr<TuneResult> Tune(const Supernet& s, Smol& smol, const TrainData& 
     return absl::InvalidArgumentError("tune: batch and subnets must be >= 1, seq-len >= 2");
   if (o.only_shape) RETURN_IF_ERROR(s.Validate(*o.only_shape));
   smol.SetRequiresGrad(true);
-  LoopOptions lo;
-  lo.label = "tune";
-  lo.steps = o.steps;
-  lo.grad_accum = o.grad_accum;
-  lo.lr = o.lr;
-  lo.schedule = o.schedule;
-  lo.warmup = o.warmup;
-  lo.clip = o.clip;
-  lo.weight_decay = o.weight_decay;
-  lo.seed = o.seed;
-  lo.checkpoint = o.checkpoint;
-  lo.checkpoint_every = o.checkpoint_every;
-  lo.resume = o.resume;
+  LoopOptions lo = o.loop;
   lo.fingerprint = Fingerprint(o, smol);
-  lo.metrics_log = o.metrics_log;
-  lo.progress = o.progress;
-  lo.on_step = o.on_step;
-  lo.dp = o.dp;
   auto r = RunTrainingLoop(
       smol.NamedParameters(), lo,
       [&](int64_t step, int64_t micro) {
-        TrainBatch b = data.Sample(o.seed, step, micro, o.batch, o.seq_len);
+        TrainBatch b = data.Sample(o.loop.seed, step, micro, o.batch, o.seq_len);
         SandwichLosses l = SandwichStep(s, smol, b, o, step, micro);
         return MicroResult{l.full, l.smallest, b.tokens.numel()};
       },

@@ -8,6 +8,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include "distill/train_loop.h"
 
 #include "absl/status/statusor.h"
 #include "distill/train_data.h"
@@ -17,29 +18,17 @@
 namespace amoeba {
 
 struct TuneOptions {
-  int64_t steps = 200;
+  // The training loop's options (steps, lr, schedule, clip, seed, checkpoints, log, progress,
+  // multi-process); tuning's defaults: 200 steps, lr 2e-4 constant, clip 0.3.
+  LoopOptions loop = {.label = "tune", .steps = 200};
   int64_t batch = 4;  // sequences per micro-batch
   int64_t seq_len = 128;
-  int64_t grad_accum = 1;  // micro-batches per optimizer step
-  int64_t subnets = 4;     // sandwich size K: full + (K-2) random + smallest
-  double lr = 2e-4;
-  std::string schedule = "constant";  // or "cosine"
-  int64_t warmup = 0;
-  double clip = 0.3;
-  double weight_decay = 0.0;
-  uint64_t seed = 0;
+  int64_t subnets = 4;    // sandwich size K: full + (K-2) random + smallest
   bool balancing = true;  // --no-balancing
   bool distill = true;    // --no-distill: CE on labels for every subnet
   // Baseline "one adapter for each shape": every micro-batch trains only this shape, on the
   // labels (no sandwich, no teacher). Unset = the sandwich.
   std::optional<Shape> only_shape;
-  std::string checkpoint;  // file; "" = none
-  int64_t checkpoint_every = 50;
-  bool resume = false;
-  std::string metrics_log;  // JSONL, one line per step
-  bool progress = true;
-  std::function<void(int64_t step)> on_step;  // after each optimizer step (e.g. to request a stop)
-  class DataParallel* dp = nullptr;           // multi-process (see LoopOptions::dp)
 };
 
 struct TuneResult {

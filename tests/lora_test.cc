@@ -163,11 +163,11 @@ TEST(DistillTest, ShortTuneLowersHeldoutLossOfFullAndSmallest) {
   const double full0 = HeldoutNll(*f.s, &smol, f.s->FullShape(), f.heldout);
   const double small0 = HeldoutNll(*f.s, &smol, f.s->SmallestShape(), f.heldout);
   TuneOptions o;
-  o.steps = 25;
+  o.loop.steps = 25;
   o.batch = 4;
   o.seq_len = 32;
-  o.lr = 5e-3;
-  o.progress = false;
+  o.loop.lr = 5e-3;
+  o.loop.progress = false;
   auto r = Tune(*f.s, smol, *f.data, o);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_LT(HeldoutNll(*f.s, &smol, f.s->FullShape(), f.heldout), full0 - 0.05);
@@ -180,25 +180,25 @@ TEST(DistillTest, ShortTuneLowersHeldoutLossOfFullAndSmallest) {
 TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
   Fixture f;
   TuneOptions o;
-  o.steps = 6;
+  o.loop.steps = 6;
   o.batch = 2;
   o.seq_len = 24;
-  o.lr = 3e-3;
-  o.progress = false;
-  o.checkpoint_every = 100;  // only the final / interrupt checkpoints
+  o.loop.lr = 3e-3;
+  o.loop.progress = false;
+  o.loop.checkpoint_every = 100;  // only the final / interrupt checkpoints
   Smol straight = f.NewSmol(7);
   ASSERT_TRUE(Tune(*f.s, straight, *f.data, o).ok());
   // Stopped after 3 steps by the stop flag (what Ctrl-C sets), then resumed in a fresh Smol.
-  o.checkpoint = f.dir.file("ckpt.safetensors");
+  o.loop.checkpoint = f.dir.file("ckpt.safetensors");
   Smol first = f.NewSmol(7);
   std::atomic<bool> stop{false};
-  o.on_step = [&](int64_t step) { stop = step >= 3; };
+  o.loop.on_step = [&](int64_t step) { stop = step >= 3; };
   auto part = Tune(*f.s, first, *f.data, o, &stop);
   ASSERT_TRUE(part.ok());
   EXPECT_TRUE(part->interrupted);
   EXPECT_EQ(part->step, 3);
-  o.on_step = nullptr;
-  o.resume = true;
+  o.loop.on_step = nullptr;
+  o.loop.resume = true;
   Smol second = f.NewSmol(7);
   auto r = Tune(*f.s, second, *f.data, o);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -207,7 +207,7 @@ TEST(DistillTest, ResumeGivesTheSameAdaptersAsAnUninterruptedRun) {
   for (size_t i = 0; i < a.size(); ++i)
     EXPECT_LT(MaxAbsDiff(a[i].second, b[i].second), 1e-6) << a[i].first;
   // A checkpoint from other options is refused instead of silently mixing runs.
-  o.lr = 1.0;
+  o.loop.lr = 1.0;
   Smol third = f.NewSmol(7);
   EXPECT_EQ(Tune(*f.s, third, *f.data, o).status().code(), absl::StatusCode::kFailedPrecondition);
 }
@@ -262,14 +262,14 @@ TEST(DistillTest, OnlyShapeTrainsThatShapeAlone) {
   Fixture f;
   Smol smol = f.NewSmol();
   TuneOptions o;
-  o.steps = 20;
+  o.loop.steps = 20;
   o.batch = 4;
   o.seq_len = 32;
-  o.lr = 5e-3;
-  o.progress = false;
+  o.loop.lr = 5e-3;
+  o.loop.progress = false;
   o.distill = false;
   o.only_shape = f.s->SmallestShape();
-  auto b = f.data->Sample(o.seed, 0, 0, o.batch, o.seq_len);
+  auto b = f.data->Sample(o.loop.seed, 0, 0, o.batch, o.seq_len);
   smol.SetRequiresGrad(true);
   SandwichLosses l = SandwichStep(*f.s, smol, b, o, 0, 0);
   ASSERT_EQ(l.shapes.size(), 1u);
