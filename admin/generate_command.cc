@@ -12,6 +12,7 @@
 #include "model/engine.h"
 #include "model/generation.h"
 #include "model/gguf_model.h"
+#include "model/model_loader.h"
 #include "model/packed_linear.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"

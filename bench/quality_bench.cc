@@ -33,6 +33,7 @@
 #include "distill/tuner.h"
 #include "model/file_util.h"
 #include "model/gguf_model.h"
+#include "model/model_loader.h"
 #include "model/progress.h"
 #include "model/runtime.h"
 #include "model/status_macros.h"

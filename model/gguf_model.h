@@ -35,29 +35,12 @@ struct GgufExportOptions {
 // Writes `m` to `path` atomically.
 absl::Status SaveGguf(const Model& m, const std::string& path, const GgufExportOptions& o = {});
 
-// The tokenizer of a GGUF file: the original tokenizer.model / tokenizer.json when Amoeba wrote
-// the file (kept under `amoeba.tokenizer.*`, which llama.cpp ignores), else rebuilt from
-// llama.cpp's vocabulary: "llama" as a SentencePiece BPE model (pieces, scores, types; byte
-// fallback, identity normalization, a dummy prefix: the Llama convention), "gpt2" as byte-level
-// BPE (tokens and merges, GPT-2's pre-tokenizer). NOT_FOUND when the file has no vocabulary.
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadGgufTokenizer(const std::string& path);
-// The same tokenizer as a file in `dir` (tokenizer.model or tokenizer.json, written atomically).
-absl::Status WriteGgufTokenizer(const std::string& path, const std::string& dir);
-
 // Reads a llama or deci GGUF file (F32, F16, Q8_0, Q4_0 tensors, dequantized to fp32).
 absl::StatusOr<Model> LoadGgufModel(const std::string& path);
 
 // Bytes of the tensor data SaveGguf writes for `m` in `format` (aligned, f16 fallbacks and
 // zero groups included; the header with the tokenizer comes on top).
 int64_t GgufTensorBytes(const Model& m, WeightFormat format);
-
-// Where a model may be either an HF directory or a .gguf file (told apart by the name): the model,
-// and its tokenizer — from `tokenizer_dir` when given, else the directory's files or the one the
-// .gguf file carries.
-bool IsGgufPath(const std::string& path);
-absl::StatusOr<Model> LoadModelOrGguf(const std::string& path);
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
-                                                              const std::string& tokenizer_dir);
 
 // The architecture SaveGguf would write for `m`: "llama" or "deci".
 std::string GgufArchitectureFor(const Model& m);

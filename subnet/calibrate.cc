@@ -8,6 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/gguf_model.h"
+#include "model/gguf_tokenizer.h"
+#include "model/model_loader.h"
 #include "model/progress.h"
 #include "model/status_macros.h"
 #include "subnet/calibration_data.h"

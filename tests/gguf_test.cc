@@ -11,6 +11,7 @@
 #include "model/engine.h"
 #include "model/gguf.h"
 #include "model/gguf_model.h"
+#include "model/gguf_tokenizer.h"
 #include "model/packed_linear.h"
 #include "model/presets.h"
 #include "model/quantized_panels.h"
