@@ -1,10 +1,7 @@
 #include "model/quantized_panels.h"
 
 #include <ATen/Parallel.h>
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -14,6 +11,7 @@
 
 #include "model/kernels.h"
 #include "model/packed_linear.h"
+#include "model/quantized_block.h"
 #include "model/simd.h"
 #include "model/stream_prefetch.h"
 
@@ -26,141 +24,9 @@
              "f16c")))
 
 namespace amoeba {
+using namespace quant;
 
 namespace {
-
-constexpr int64_t kPanel = 16;       // output rows per panel
-constexpr int64_t kScaleBytes = 32;  // 16 fp16 scales at the start of each block
-constexpr int64_t kGroupBytes = 64;  // 16 rows × 4 inputs
-
-bool CpuHasAvx512Vnni() {
-  static const bool has = CpuHasAvx512() && __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
-bool CpuHasAvxVnni() {
-  static const bool has = CpuHasAvx2Fma() && __builtin_cpu_supports("avxvnni");
-  return has;
-}
-
-// AMX-int8 needs the CPU's tiles and the kernel's permission to use their state (Linux asks
-// for it per process: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
-bool CpuHasAmxInt8() {
-  static const bool has = [] {
-    if (!CpuHasAvx512Vnni()) return false;
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
-    if (!tile || !int8) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return has;
-}
-
-bool CpuHas(QuantKernel k) {
-  switch (k) {
-    case QuantKernel::kAmxInt8:
-      return CpuHasAmxInt8();
-    case QuantKernel::kAvx512Vnni:
-      return CpuHasAvx512Vnni();
-    case QuantKernel::kAvxVnni:
-      return CpuHasAvxVnni();
-    case QuantKernel::kAvx2:
-      return CpuHasAvx2Fma();
-    case QuantKernel::kScalar:
-      return true;
-    default:
-      return false;
-  }
-}
-
-std::atomic<int> g_forced_kernel{static_cast<int>(QuantKernel::kAuto)};
-
-// Activations of one call, quantized per row into Q8_0 blocks: q [n][nb·32] int8 (zero past
-// `in`), d [n][nb] fp32 scales, sum [n][nb] the sum of each block's q (for the unsigned offsets).
-struct QuantActs {
-  const int8_t* q = nullptr;
-  const float* d = nullptr;
-  const int32_t* sum = nullptr;
-  int64_t nb = 0;
-};
-
-// GGML's Q8_0 rule (d = amax / 127, q = round(x / d)); the scale stays fp32 here, and rounding is
-// to nearest even (what the SIMD conversions do), identical on every path.
-__attribute__((target_clones("avx2", "default"))) void QuantizeRows(const float* x, int64_t n,
-                                                                    int64_t in, int64_t nb,
-                                                                    int8_t* q, float* d,
-                                                                    int32_t* sum) {
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * in;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * kQuantBlock, valid = std::min(kQuantBlock, in - k0);
-      float v[kQuantBlock] = {};
-      std::memcpy(v, xr + k0, valid * sizeof(float));
-      float amax = 0.f;
-      for (int64_t k = 0; k < kQuantBlock; ++k) amax = std::max(amax, std::fabs(v[k]));
-      const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
-      int8_t* qb = q + (r * nb + b) * kQuantBlock;
-      int32_t s = 0;
-      for (int64_t k = 0; k < kQuantBlock; ++k) {
-        const int32_t qi = static_cast<int32_t>(std::nearbyint(v[k] * inv));
-        qb[k] = static_cast<int8_t>(qi);
-        s += qi;
-      }
-      d[r * nb + b] = scale;
-      sum[r * nb + b] = s;
-    }
-  }
-}
-
-// The same rule, 32 values per block in two zmm; bit for bit QuantizeRows (masked loads zero the
-// tail, the conversion rounds to nearest even): decode quantizes ~4 activation rows per layer
-// and token on one core while the other waits, so this serial step is worth the vectors.
-AMOEBA_AVX512_VNNI void QuantizeRowsAvx512(const float* x, int64_t n, int64_t in, int64_t nb,
-                                           int8_t* q, float* d, int32_t* sum) {
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * in;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * kQuantBlock, valid = std::min(kQuantBlock, in - k0);
-      const __mmask16 m0 = static_cast<__mmask16>(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
-      const __mmask16 m1 = static_cast<__mmask16>(valid >= 32  ? 0xFFFF
-                                                  : valid > 16 ? (1u << (valid - 16)) - 1
-                                                               : 0);
-      const __m512 v0 = _mm512_maskz_loadu_ps(m0, xr + k0);
-      const __m512 v1 = _mm512_maskz_loadu_ps(m1, xr + k0 + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
-      const __m512 vinv = _mm512_set1_ps(inv);
-      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv));
-      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
-      int8_t* qb = q + (r * nb + b) * kQuantBlock;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(q0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtepi32_epi8(q1));
-      d[r * nb + b] = scale;
-      sum[r * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    }
-  }
-}
-
-// Weight value (signed, offset removed) of row c, input k (0..31) of one block.
-template <bool kQ4>
-inline int32_t WeightAt(const uint8_t* blk, int64_t c, int64_t k) {
-  const uint8_t* data = blk + kScaleBytes;
-  if constexpr (kQ4) {
-    const int64_t g = (k % 16) / 4, kk = k % 4;
-    const uint8_t byte = data[g * kGroupBytes + c * 4 + kk];
-    return static_cast<int32_t>(k < 16 ? (byte & 0x0F) : (byte >> 4)) - 8;
-  } else {
-    return static_cast<int8_t>(data[(k / 4) * kGroupBytes + c * 4 + k % 4]);
-  }
-}
-
-inline float ScaleAt(const uint8_t* blk, int64_t c) {
-  at::Half h;
-  std::memcpy(&h, blk + 2 * c, sizeof(h));
-  return static_cast<float>(h);
-}
 
 // Rows [j0, j0 + J) of the activations against one panel: the first `valid` outputs at column
 // `col` of y (row stride `out`; y points at row j0).
@@ -544,95 +410,7 @@ void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantA
   }
 }
 
-// Writes one block of one row: q (signed, offset removed) at the layout's places.
-template <bool kQ4>
-void PutBlockRow(uint8_t* blk, int64_t c, float scale, const int32_t* q) {
-  const at::Half h(scale);
-  std::memcpy(blk + 2 * c, &h, sizeof(h));
-  uint8_t* data = blk + kScaleBytes;
-  for (int64_t k = 0; k < kQuantBlock; ++k) {
-    if constexpr (kQ4) {
-      if (k >= 16) continue;
-      const int64_t g = k / 4, kk = k % 4;
-      data[g * kGroupBytes + c * 4 + kk] =
-          static_cast<uint8_t>((q[k] + 8) | ((q[k + 16] + 8) << 4));
-    } else {
-      data[(k / 4) * kGroupBytes + c * 4 + k % 4] = static_cast<uint8_t>(static_cast<int8_t>(q[k]));
-    }
-  }
-}
-
-// GGML's rules. Q8_0: d = amax / 127, q = round(x / d). Q4_0: d = (the value of largest
-// magnitude) / -8, q = min(15, trunc(x / d + 8.5)) - 8.
-void QuantizeWeightBlock(bool q4, const float* v, float* scale, int32_t* q) {
-  float amax = 0.f, max = 0.f;
-  for (int64_t k = 0; k < kQuantBlock; ++k)
-    if (std::fabs(v[k]) > amax) {
-      amax = std::fabs(v[k]);
-      max = v[k];
-    }
-  if (q4) {
-    const float d = max / -8.f, inv = d != 0.f ? 1.f / d : 0.f;
-    for (int64_t k = 0; k < kQuantBlock; ++k)
-      q[k] = std::min<int32_t>(15, static_cast<int8_t>(v[k] * inv + 8.5f)) - 8;
-    *scale = d;
-  } else {
-    const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
-    for (int64_t k = 0; k < kQuantBlock; ++k) q[k] = static_cast<int32_t>(std::round(v[k] * inv));
-    *scale = d;
-  }
-}
-
 }  // namespace
-
-int64_t QuantBlockBytes(WeightFormat f) {
-  TORCH_CHECK(IsQuantized(f), "QuantBlockBytes: q8_0 or q4_0");
-  return kScaleBytes + kPanel * (f == WeightFormat::kQ8_0 ? kQuantBlock : kQuantBlock / 2);
-}
-
-at::Tensor PackQuantizedPanels(const at::Tensor& W, WeightFormat f) {
-  TORCH_CHECK(W.dim() == 2 && IsQuantized(f), "PackQuantizedPanels: a matrix, q8_0 or q4_0");
-  const int64_t np = (W.size(0) + kPanel - 1) / kPanel;
-  const int64_t nb = (W.size(1) + kQuantBlock - 1) / kQuantBlock;
-  at::Tensor panels =
-      at::empty({np, nb, QuantBlockBytes(f)},
-                at::TensorOptions().dtype(f == WeightFormat::kQ4_0 ? at::kByte : at::kChar));
-  FillQuantizedPanels(W, f, panels);
-  return panels;
-}
-
-void FillQuantizedPanels(const at::Tensor& W, WeightFormat f, at::Tensor& panels) {
-  const int64_t out = W.size(0), in = W.size(1);
-  const int64_t np = panels.size(0), nb = panels.size(1), bb = QuantBlockBytes(f);
-  const bool q4 = f == WeightFormat::kQ4_0;
-  TORCH_CHECK(np == (out + kPanel - 1) / kPanel && nb == (in + kQuantBlock - 1) / kQuantBlock &&
-                  panels.size(2) == bb && panels.is_contiguous(),
-              "FillQuantizedPanels: panels of another size");
-  const at::Tensor Wf = W.detach().to(at::kFloat).contiguous();
-  const float* w = Wf.data_ptr<float>();
-  auto* base = static_cast<uint8_t*>(panels.data_ptr());
-  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
-    float v[kQuantBlock];
-    int32_t q[kQuantBlock];
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* blk = base + (p * nb + b) * bb;
-        const int64_t k0 = b * kQuantBlock, valid = std::min(kQuantBlock, in - k0);
-        for (int64_t c = 0; c < kPanel; ++c) {
-          const int64_t row = p * kPanel + c;
-          std::fill(v, v + kQuantBlock, 0.f);
-          if (row < out) std::copy(w + row * in + k0, w + row * in + k0 + valid, v);
-          float scale = 0.f;
-          QuantizeWeightBlock(q4, v, &scale, q);
-          if (q4) {
-            PutBlockRow<true>(blk, c, scale, q);
-          } else {
-            PutBlockRow<false>(blk, c, scale, q);
-          }
-        }
-      }
-  });
-}
 
 void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
                          std::span<const PackedOutput> outs) {
@@ -669,124 +447,6 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
       run(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
     });
   }
-}
-
-at::Tensor DequantizePanels(const at::Tensor& panels, int64_t out, int64_t in) {
-  const bool q4 = PanelsFormat(panels) == WeightFormat::kQ4_0;
-  const int64_t nb = panels.size(1), bb = panels.size(2);
-  TORCH_CHECK(out <= panels.size(0) * kPanel && in <= nb * kQuantBlock,
-              "DequantizePanels: the prefix exceeds the packed matrix");
-  at::Tensor W = at::empty({out, in});
-  float* w = W.data_ptr<float>();
-  const auto* base = static_cast<const uint8_t*>(panels.data_ptr());
-  for (int64_t r = 0; r < out; ++r)
-    for (int64_t k = 0; k < in; ++k) {
-      const uint8_t* blk = base + ((r / kPanel) * nb + k / kQuantBlock) * bb;
-      const int64_t c = r % kPanel, kb = k % kQuantBlock;
-      const int32_t q = q4 ? WeightAt<true>(blk, c, kb) : WeightAt<false>(blk, c, kb);
-      w[r * in + k] = ScaleAt(blk, c) * static_cast<float>(q);
-    }
-  return W;
-}
-
-at::Tensor QuantizeDequantizeActivations(const at::Tensor& x) {
-  const at::Tensor xc = x.to(at::kFloat).contiguous();
-  const int64_t n = xc.size(0), in = xc.size(1), nb = (in + kQuantBlock - 1) / kQuantBlock;
-  std::vector<int8_t> q(n * nb * kQuantBlock);
-  std::vector<float> d(n * nb);
-  std::vector<int32_t> s(n * nb);
-  QuantizeRows(xc.data_ptr<float>(), n, in, nb, q.data(), d.data(), s.data());
-  at::Tensor out = at::empty({n, in});
-  float* o = out.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t k = 0; k < in; ++k)
-      o[r * in + k] = d[r * nb + k / kQuantBlock] * static_cast<float>(q[r * nb * kQuantBlock + k]);
-  return out;
-}
-
-void QuantizeRowGgml(WeightFormat f, const float* x, int64_t n, uint8_t* out) {
-  const bool q4 = f == WeightFormat::kQ4_0;
-  int32_t q[kQuantBlock];
-  for (int64_t b = 0; b < n / kQuantBlock; ++b) {
-    float scale = 0.f;
-    QuantizeWeightBlock(q4, x + b * kQuantBlock, &scale, q);
-    const at::Half h(scale);
-    std::memcpy(out, &h, sizeof(h));
-    out += sizeof(h);
-    if (q4) {
-      for (int64_t k = 0; k < kQuantBlock / 2; ++k)
-        out[k] = static_cast<uint8_t>((q[k] + 8) | ((q[k + 16] + 8) << 4));
-      out += kQuantBlock / 2;
-    } else {
-      for (int64_t k = 0; k < kQuantBlock; ++k)
-        out[k] = static_cast<uint8_t>(static_cast<int8_t>(q[k]));
-      out += kQuantBlock;
-    }
-  }
-}
-
-void DequantizeRowGgml(WeightFormat f, const uint8_t* in, int64_t n, float* out) {
-  const bool q4 = f == WeightFormat::kQ4_0;
-  for (int64_t b = 0; b < n / kQuantBlock; ++b) {
-    at::Half h;
-    std::memcpy(&h, in, sizeof(h));
-    const float d = static_cast<float>(h);
-    in += sizeof(h);
-    float* o = out + b * kQuantBlock;
-    if (q4) {
-      for (int64_t k = 0; k < kQuantBlock / 2; ++k) {
-        o[k] = d * static_cast<float>((in[k] & 0x0F) - 8);
-        o[k + 16] = d * static_cast<float>((in[k] >> 4) - 8);
-      }
-      in += kQuantBlock / 2;
-    } else {
-      for (int64_t k = 0; k < kQuantBlock; ++k) o[k] = d * static_cast<int8_t>(in[k]);
-      in += kQuantBlock;
-    }
-  }
-}
-
-void ForceQuantKernel(QuantKernel k) {
-  g_forced_kernel.store(static_cast<int>(k));
-}
-
-QuantKernel ActiveQuantKernel() {
-  const auto forced = static_cast<QuantKernel>(g_forced_kernel.load(std::memory_order_relaxed));
-  if (forced != QuantKernel::kAuto && CpuHas(forced)) return forced;
-  const KernelIsa isa = ActiveKernelIsa();
-  if (isa == KernelIsa::kAvx512 && CpuHasAmxInt8()) return QuantKernel::kAmxInt8;
-  if (isa == KernelIsa::kAvx512 && CpuHasAvx512Vnni()) return QuantKernel::kAvx512Vnni;
-  if (isa >= KernelIsa::kAvx2) return CpuHasAvxVnni() ? QuantKernel::kAvxVnni : QuantKernel::kAvx2;
-  return QuantKernel::kScalar;
-}
-
-std::vector<QuantKernel> AvailableQuantKernels() {
-  std::vector<QuantKernel> ks;
-  for (QuantKernel k : {QuantKernel::kScalar, QuantKernel::kAvx2, QuantKernel::kAvxVnni,
-                        QuantKernel::kAvx512Vnni, QuantKernel::kAmxInt8})
-    if (CpuHas(k)) ks.push_back(k);
-  return ks;
-}
-
-const char* QuantKernelName(QuantKernel k) {
-  switch (k) {
-    case QuantKernel::kAmxInt8:
-      return "amx-int8";
-    case QuantKernel::kAvx512Vnni:
-      return "avx512-vnni";
-    case QuantKernel::kAvxVnni:
-      return "avx-vnni";
-    case QuantKernel::kAvx2:
-      return "avx2";
-    case QuantKernel::kScalar:
-      return "scalar";
-    default:
-      return "auto";
-  }
-}
-
-const char* QuantKernelName() {
-  return QuantKernelName(ActiveQuantKernel());
 }
 
 }  // namespace amoeba
