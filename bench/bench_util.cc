@@ -76,7 +76,10 @@ double PrefillRate(Engine& e, int len) {
 
 void WriteReport(const std::string& json_path, const std::string& json_text,
                  const std::string& md_path, const std::string& md) {
-  std::filesystem::create_directories(std::filesystem::path(json_path).parent_path());
+  // A bare file name has no parent to create (create_directories("") throws).
+  for (const std::string& p : {json_path, md_path})
+    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
+      std::filesystem::create_directories(dir);
   std::ofstream(json_path) << json_text << "\n";
   std::ofstream(md_path) << md;
   std::printf("%s", md.c_str());

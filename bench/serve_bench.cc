@@ -172,7 +172,9 @@ int main(int argc, char** argv) {
                 agg16 / single, cold50, warm50, warm50 > 0 ? cold50 / warm50 : 0.0, cold.size());
   md += tail;
   out["aggregate_16_over_1"] = agg16 / single;
-  std::filesystem::create_directories(std::filesystem::path(out_json).parent_path());
+  for (const std::string& p : {out_json, out_md})  // a bare file name has no parent to create
+    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
+      std::filesystem::create_directories(dir);
   std::ofstream(out_json) << out.dump(2) << "\n";
   std::ofstream(out_md) << md;
   std::printf("%s", md.c_str());
