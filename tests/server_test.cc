@@ -426,5 +426,24 @@ TEST(ServerTest, ExportOverGrpcMatchesTheServersSubnetAndNeedsTheToken) {
   EXPECT_TRUE(Stream(anon, Req("free", 5, 1.0, 2)).status.ok());
 }
 
+// Tokenize treated an unset add_bos as false where Generate treats it as true: the same text
+// now gives the same ids, BOS first, unless the client says add_bos: false.
+TEST(ServerTest, TokenizeAddsBosUnlessAskedNotToAsGenerateDoes) {
+  TestServer ts;
+  auto c = ts.Client();
+  v1::TokenizeRequest r;
+  r.set_text("abc");
+  v1::TokenizeResponse unset, without;
+  ASSERT_TRUE(c.Tokenize(r, &unset).ok());
+  r.set_add_bos(false);
+  ASSERT_TRUE(c.Tokenize(r, &without).ok());
+  ASSERT_EQ(unset.ids_size(), without.ids_size() + 1);
+  EXPECT_EQ(unset.ids(0), ts.supernet->base().config.bos_token_id);
+  EXPECT_EQ(unset.pieces_size(), unset.ids_size());
+  const Streamed g = Stream(c, Req("abc", 5, 1.0, 1));
+  ASSERT_TRUE(g.status.ok());
+  EXPECT_EQ(g.last.usage().prompt_tokens(), unset.ids_size());
+}
+
 }  // namespace
 }  // namespace amoeba
