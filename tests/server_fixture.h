@@ -76,6 +76,10 @@ struct TestServer {
   }
   ~TestServer() {
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+    // The serving core reads the scheduler (its gauges thread): it goes first.
+    server.reset();
+    service.reset();
+    serving.reset();
     scheduler.reset();
   }
   client::Client Client(const std::string& token = "", double timeout = 0) {
