@@ -268,14 +268,20 @@ absl::StatusOr<TokenizeResult> Serving::Tokenize(const TokenizeRequest& r,
 absl::StatusOr<PlanResult> Serving::Plan(const PlanBudget& b, const RequestContext& ctx) const {
   RETURN_IF_ERROR(CheckAuth(ctx, false));
   RETURN_IF_ERROR(ValidateBudget(b));
-  return Guarded("plan", "-", [&] { return PlanShape(profiles_, b, host_); });
+  const std::string& id = ctx.request_id.empty() ? std::string("-") : ctx.request_id;
+  auto p = Guarded("plan", id, [&] { return PlanShape(profiles_, b, host_); });
+  if (p.ok()) spdlog::info("[{}] plan: {}", id, p->explanation);
+  return p;
 }
 
 absl::StatusOr<ExportPlanResult> Serving::PlanExport(const PlanBudget& b,
                                                      const RequestContext& ctx) const {
   RETURN_IF_ERROR(CheckAuth(ctx, false));
   RETURN_IF_ERROR(ValidateBudget(b));
-  return Guarded("plan", "-", [&] { return amoeba::PlanExport(profiles_, b, host_); });
+  const std::string& id = ctx.request_id.empty() ? std::string("-") : ctx.request_id;
+  auto p = Guarded("plan", id, [&] { return amoeba::PlanExport(profiles_, b, host_); });
+  if (p.ok()) spdlog::info("[{}] plan export: {}", id, p->explanation);
+  return p;
 }
 
 absl::StatusOr<std::vector<ShapeEstimateResult>> Serving::Shapes(const RequestContext& ctx) const {

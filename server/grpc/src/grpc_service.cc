@@ -31,9 +31,11 @@ grpc::ServerUnaryReactor* AmoebaService::Plan(grpc::CallbackServerContext* ctx,
   auto id = serving_.AssignRequestId(req->request_id());
   if (!id.ok()) return Reply(ctx, id.status());
   resp->set_request_id(*id);
+  RequestContext call = ContextOf(ctx);
+  call.request_id = *id;
   const PlanBudget budget = BudgetFromProto(req->budget());
   if (req->for_export()) {
-    auto e = serving_.PlanExport(budget, ContextOf(ctx));
+    auto e = serving_.PlanExport(budget, call);
     if (!e.ok()) return Reply(ctx, e.status());
     *resp->mutable_chosen() = ToProto(e->chosen);
     resp->set_export_dtype(WeightFormatName(e->format));
@@ -41,7 +43,7 @@ grpc::ServerUnaryReactor* AmoebaService::Plan(grpc::CallbackServerContext* ctx,
     resp->set_explanation(e->explanation);
     return Reply(ctx, absl::OkStatus());
   }
-  auto p = serving_.Plan(budget, ContextOf(ctx));
+  auto p = serving_.Plan(budget, call);
   if (!p.ok()) return Reply(ctx, p.status());
   *resp->mutable_chosen() = ToProto(p->chosen);
   for (const auto& f : p->frontier) *resp->add_frontier() = ToProto(f);

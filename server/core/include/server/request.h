@@ -27,6 +27,7 @@ struct ServiceLimits {
 
 // What the transport knows about a call, besides its message.
 struct RequestContext {
+  std::string request_id;                    // for the log lines of calls without a request type
   std::optional<std::string> authorization;  // the "authorization" header's value, if sent
   // The client's deadline (gRPC); beyond a day it is treated as a day.
   std::optional<std::chrono::system_clock::time_point> deadline;
