@@ -304,8 +304,8 @@ absl::StatusOr<std::string> Serving::StartExport(const ExportRequest& r, const R
     ASSIGN_OR_RETURN(const Shape shape, ValidShape(r.shape));
     // Cheap checks here, so a bad shape never takes a worker.
     RETURN_IF_ERROR(ValidateSubnetShape(supernet_, smol_, shape, SubnetOptionsForExport(o)));
-    return export_workers_.TrySubmit([this, r, id, cancelled, ready = std::move(ready)] {
-      ready(Guarded("export", id, [&] { return WriteExport(r, id, *cancelled); }));
+    return export_workers_.TrySubmit([this, o, shape, id, cancelled, ready = std::move(ready)] {
+      ready(Guarded("export", id, [&] { return WriteExport(o, shape, id, *cancelled); }));
     });
   });
   if (!st.ok()) {
@@ -317,16 +317,12 @@ absl::StatusOr<std::string> Serving::StartExport(const ExportRequest& r, const R
 }
 
 absl::StatusOr<std::unique_ptr<ExportStream>> Serving::WriteExport(
-    const ExportRequest& r, const std::string& id, const std::atomic<bool>& cancelled) {
+    const ExportOptions& o, const Shape& shape, const std::string& id,
+    const std::atomic<bool>& cancelled) {
   const absl::Status kCancelled = absl::CancelledError("export cancelled");
   if (cancelled) return kCancelled;
   if (options_.fault_hook) options_.fault_hook("export");
   const auto t0 = Clock::now();
-  ExportOptions o;
-  o.uniform_width = r.uniform_width;
-  o.adapters = r.adapters;
-  RETURN_IF_ERROR(ParseExportFormat(r.format, r.dtype, o));
-  ASSIGN_OR_RETURN(const Shape shape, ValidShape(r.shape));
   ASSIGN_OR_RETURN(Model sub, SubnetForExport(supernet_, smol_, shape, o));
   auto dir = MakeStagingDir(export_dir_);
   if (!dir.ok()) {

@@ -35,6 +35,7 @@ class Smol;
 class Scheduler;
 class Metrics;
 struct Job;
+struct ExportOptions;
 
 struct ServiceOptions {
   ServiceLimits limits;
@@ -161,7 +162,9 @@ class Serving {
                                       const std::optional<PlanBudget>& budget) const;
   absl::StatusOr<std::shared_ptr<Job>> PrepareJob(const GenerationRequest& r,
                                                   const std::string& id) const;
-  absl::StatusOr<std::unique_ptr<ExportStream>> WriteExport(const ExportRequest& r,
+  // On an export worker: `o` and `shape` as StartExport checked them.
+  absl::StatusOr<std::unique_ptr<ExportStream>> WriteExport(const ExportOptions& o,
+                                                            const Shape& shape,
                                                             const std::string& id,
                                                             const std::atomic<bool>& cancelled);
   void PublishGauges();
