@@ -347,7 +347,7 @@ absl::Status HttpFrontend::Start() {
   s.Get("/health", route([routes](const auto&, auto& res) { routes->Health(res); }));
   s.Get("/metrics", route([this](const auto&, auto& res) {
           res.set_content(serving_.metrics() ? serving_.metrics()->Render() : "",
-                          "text/plain; version=0.0.4; charset=utf-8");
+                          Metrics::kContentType);
         }));
   s.Get("/", route([](const auto&, auto& res) {
           res.set_content(PlaygroundHtml(), "text/html; charset=utf-8");

@@ -13,7 +13,7 @@ MetricsEndpoint::~MetricsEndpoint() {
 absl::Status MetricsEndpoint::Start(const std::string& host, int port) {
   server_ = std::make_unique<httplib::Server>();
   server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_.Render(), "text/plain; version=0.0.4; charset=utf-8");
+    res.set_content(metrics_.Render(), Metrics::kContentType);
   });
   const int bound =
       port == 0 ? server_->bind_to_any_port(host) : (server_->bind_to_port(host, port) ? port : -1);

@@ -11,8 +11,9 @@ class Metrics {
  public:
   Metrics();
   ~Metrics();
-  // The current text exposition (also what /metrics returns).
+  // The current text exposition (also what /metrics returns), and its content type.
   std::string Render() const;
+  static constexpr const char* kContentType = "text/plain; version=0.0.4; charset=utf-8";
 
   void ObserveRequest(const std::string& shape, const std::string& status, double queue_s,
                       double ttft_s, double e2e_s, int64_t prompt_tokens,
