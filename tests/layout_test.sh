@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The server's layout, checked on the build: the front ends compile against no ATen/libtorch
-# header, and the serving core against no protocol library (gRPC, protobuf, cpp-httplib). Reads
+# The layout, checked on the build: the server's front ends compile against no ATen/libtorch
+# header, the serving core against no protocol library (gRPC, protobuf, cpp-httplib), and no
+# folder includes another folder's private (src/) headers. Reads
 # the header dependencies ninja recorded for each object of the three libraries.
 # Usage: layout_test.sh BUILD_DIR
 set -euo pipefail
@@ -29,6 +30,23 @@ check() {  # target-dir pattern why
 check server/grpc/CMakeFiles/amoeba_grpc_frontend.dir '/(ATen|c10|torch)/' 'ATen/libtorch'
 check server/http/CMakeFiles/amoeba_http_frontend.dir '/(ATen|c10|torch)/' 'ATen/libtorch'
 check server/core/CMakeFiles/amoeba_serving.dir '/(grpcpp|grpc|google/protobuf)/|httplib\.h' 'a protocol library'
+# Private headers stay private: an object outside a folder includes none of its src/ headers
+# (tests, which unit-test a few of them, excepted; the shared precompiled header too).
+private_checked=0
+for o in $(find . -name '*.o' -not -path './tests/*' | sort); do
+  owner=${o#./}
+  owner=${owner%%/CMakeFiles/*}
+  bad=$(ninja -t deps "$o" 2>/dev/null | grep -oE '(model|subnet|lora|distill|server/core|server/grpc|server/http)/src/[a-z_0-9]+\.h' \
+        | grep -v '/pch\.h$' | grep -v "^$owner/src/" | sort -u | head -3 || true)
+  if [ -n "$bad" ]; then
+    echo "FAIL: $o ($owner) includes another folder's private header:"
+    echo "$bad"
+    fail=1
+  fi
+  private_checked=$((private_checked + 1))
+done
+echo "checked $private_checked objects for private headers of other folders"
+[ "$private_checked" -gt 50 ] || { echo "FAIL: too few objects checked"; fail=1; }
 # The core's link interface names no protocol library either.
 if [ ! -s amoeba_serving_links.txt ]; then
   echo "FAIL: amoeba_serving_links.txt missing"

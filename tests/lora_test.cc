@@ -9,7 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "distill/losses.h"
+#include "distill/src/losses.h"
 #include "distill/pretrain.h"
 #include "distill/svg_plot.h"
 #include "distill/train_loop.h"

@@ -9,7 +9,7 @@
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
-#include "model/stream_prefetch.h"
+#include "model/src/stream_prefetch.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"

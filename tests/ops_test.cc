@@ -7,12 +7,12 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "model/decode_attention.h"
+#include "model/src/decode_attention.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
 #include "model/rope.h"
-#include "model/stream_prefetch.h"
+#include "model/src/stream_prefetch.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"

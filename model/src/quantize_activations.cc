@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "model/quantized_block.h"
+#include "quantized_block.h"
 #include "model/quantized_panels.h"
 
 #define AMOEBA_AVX512_VNNI \

@@ -3,7 +3,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "model/quantized_block.h"
+#include "quantized_block.h"
 #include "model/quantized_panels.h"
 
 namespace amoeba {

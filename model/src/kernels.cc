@@ -9,7 +9,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "model/simd.h"
+#include "simd.h"
 #include "model/team.h"
 
 namespace amoeba {

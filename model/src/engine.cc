@@ -8,9 +8,9 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "model/decode_attention.h"
+#include "decode_attention.h"
 #include "model/packed_linear.h"
-#include "model/stream_prefetch.h"
+#include "stream_prefetch.h"
 #include "model/team.h"
 
 namespace amoeba {

@@ -1,4 +1,4 @@
-#include "model/stream_prefetch.h"
+#include "stream_prefetch.h"
 
 #include <algorithm>
 #include <array>

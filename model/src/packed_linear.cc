@@ -12,8 +12,8 @@
 #include "model/kernels.h"
 #include "model/quantized_panels.h"
 #include "model/runtime.h"
-#include "model/simd.h"
-#include "model/stream_prefetch.h"
+#include "simd.h"
+#include "stream_prefetch.h"
 
 namespace amoeba {
 

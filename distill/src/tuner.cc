@@ -12,7 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "distill/losses.h"
+#include "losses.h"
 #include "distill/train_loop.h"
 #include "model/torch_forward.h"
 #include "subnet/metrics.h"

@@ -1,4 +1,4 @@
-#include "distill/adamw.h"
+#include "adamw.h"
 
 #include <cmath>
 

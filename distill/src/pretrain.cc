@@ -1,7 +1,7 @@
 #include "distill/pretrain.h"
 
 #include "absl/strings/str_cat.h"
-#include "distill/losses.h"
+#include "losses.h"
 #include "model/torch_forward.h"
 
 namespace amoeba {

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "model/kernels.h"
-#include "model/quantized_block.h"
+#include "quantized_block.h"
 #include "model/quantized_panels.h"
 
 namespace amoeba {

@@ -7,7 +7,7 @@
 #include <cstring>
 
 #include "model/packed_linear.h"
-#include "model/quantized_block.h"
+#include "quantized_block.h"
 #include "model/quantized_panels.h"
 
 namespace amoeba {

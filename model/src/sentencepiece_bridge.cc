@@ -1,4 +1,4 @@
-#include "model/sentencepiece_bridge.h"
+#include "sentencepiece_bridge.h"
 
 #include <dlfcn.h>
 #include <unistd.h>

@@ -1,4 +1,4 @@
-#include "model/decode_attention.h"
+#include "decode_attention.h"
 
 #include <immintrin.h>
 
@@ -8,7 +8,7 @@
 #include <limits>
 
 #include "model/kernels.h"
-#include "model/simd.h"
+#include "simd.h"
 
 namespace amoeba {
 namespace {

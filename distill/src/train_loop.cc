@@ -11,7 +11,7 @@
 #include <sstream>
 
 #include "absl/strings/str_format.h"
-#include "distill/adamw.h"
+#include "adamw.h"
 #include "distill/data_parallel.h"
 #include "model/file_util.h"
 #include "model/progress.h"

@@ -1,6 +1,6 @@
 // SentencePiece tokenizer.model through libsentencepiece.
 #include "absl/strings/str_cat.h"
-#include "model/sentencepiece_bridge.h"
+#include "sentencepiece_bridge.h"
 #include "model/tokenizer.h"
 
 namespace amoeba {

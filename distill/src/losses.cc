@@ -1,4 +1,4 @@
-#include "distill/losses.h"
+#include "losses.h"
 
 namespace amoeba {
 

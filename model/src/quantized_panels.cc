@@ -11,9 +11,9 @@
 
 #include "model/kernels.h"
 #include "model/packed_linear.h"
-#include "model/quantized_block.h"
-#include "model/simd.h"
-#include "model/stream_prefetch.h"
+#include "quantized_block.h"
+#include "simd.h"
+#include "stream_prefetch.h"
 
 #define AMOEBA_AVX512_VNNI \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
