@@ -21,20 +21,24 @@ def make_supernet(admin, d, seed):
     return f"{d}/s"
 
 
-def start_server(server_bin, supernet, d, *args, stderr=subprocess.PIPE):
+def start_server(server_bin, supernet, d, *args, stderr=None):
     """Starts amoeba-server on 127.0.0.1 with any free ports; returns (process, [grpc, metrics,
-    http] ports as strings)."""
+    http] ports as strings). Its log goes to `stderr` (a file), by default {d}/server.log: never
+    a pipe, which nobody reads and which blocks the server once full."""
+    if stderr is None:
+        stderr = open(f"{d}/server.log", "a")
     port_file = f"{d}/ports"
     if os.path.exists(port_file):
         os.remove(port_file)
+    metrics = [] if "--metrics-port" in args else ["--metrics-port", "-1"]
     proc = subprocess.Popen([server_bin, "--supernet", supernet, "--host", "127.0.0.1", "--port", "0",
-                             "--metrics-port", "-1", "--port-file", port_file, *args],
+                             *metrics, "--port-file", port_file, *args],
                             stdout=subprocess.DEVNULL, stderr=stderr)
     for _ in range(600):
         if os.path.exists(port_file):
             return proc, open(port_file).read().split()
         if proc.poll() is not None:
-            err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            err = open(stderr.name).read()[-2000:] if hasattr(stderr, "name") else ""
             sys.exit(f"FAIL: server exited with {proc.returncode} before listening: {err}")
         time.sleep(0.1)
     proc.kill()

@@ -4,6 +4,8 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 #include <malloc.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
@@ -26,6 +28,16 @@
 
 namespace amoeba {
 namespace {
+
+// Removes gRPC's reflection plugin from a server (linking the library registers it for every
+// server builder; an option is the public way to drop a plugin).
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    std::erase_if(*plugins, [](const auto& p) { return p->name() == "proto_server_reflection"; });
+  }
+};
 
 // --model-alias name=depth=D,width=W → aliases; the first bad one is named.
 absl::Status ParseAliases(const ServerConfig& c, const Supernet& supernet,
@@ -94,7 +106,8 @@ int Run(ServerConfig c) {
   auto profiles = ProfilesFromSupernet(supernet, at::elementSize(c.scheduler.kv_dtype));
 
   Metrics metrics;
-  MetricsEndpoint metrics_endpoint(metrics);
+  MetricsEndpoint metrics_endpoint(
+      metrics, c.service.token_for_all ? c.service.auth_token : std::string(), c.http.limits);
   if (c.metrics_port >= 0) {
     if (absl::Status st = metrics_endpoint.Start(c.metrics_host, c.metrics_port); !st.ok()) {
       spdlog::error("{}", st.ToString());
@@ -191,6 +204,9 @@ int Run(ServerConfig c) {
   int bound_port = 0;
   builder.AddListeningPort(c.host + ":" + std::to_string(c.port), creds, &bound_port);
   builder.RegisterService(&service);
+  // Reflection lists the API to anyone who asks; under --auth-all it is not served (the health
+  // service stays open for probes; every Amoeba RPC checks the token).
+  if (c.service.token_for_all) builder.SetOption(std::make_unique<WithoutReflection>());
   builder.SetMaxReceiveMessageSize(4 << 20);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || bound_port == 0) {
@@ -216,6 +232,9 @@ int Run(ServerConfig c) {
   spdlog::info("server: signal {}, draining for up to {:.0f}s", sig, c.drain_seconds);
   health->SetServingStatus(false);
   serving.SetDraining();
+  // Idle HTTP connections and clients still sending a request are closed now, so slow clients
+  // cannot hold the exit; new requests are still answered (503 for work) until the drain ends.
+  if (http) http->BeginShutdown();
   const auto deadline =
       Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(c.drain_seconds * 1000));
   scheduler.Drain(deadline);

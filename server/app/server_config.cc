@@ -108,8 +108,53 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
        "Extra HTTP model name for a shape: name=depth=D,width=W (repeatable)");
   Flag(app, "chat-template", c.chat_template,
        "auto (from tokenizer_config.json) | plain | chatml | llama2 | llama3 | zephyr");
-  Flag(app, "max-body-bytes", c.http.max_body_bytes, "Largest HTTP request body (413 beyond)")
-      ->check(CLI::Range(size_t{1024}, size_t{1} << 30));
+  Flag(app, "allowed-origins", c.http.allowed_origins,
+       "Web origins allowed to call the HTTP API from a browser (CORS), e.g. "
+       "https://app.example.com; * = any (default: none but the server's own)");
+  Flag(app, "allowed-hosts", c.http.allowed_hosts,
+       "Host names the HTTP API answers to (421 otherwise; guards against DNS rebinding); "
+       "default: any");
+
+  // HTTP limits (the API port and the metrics port).
+  HttpLimits& h = c.http.limits;
+  Flag(app, "max-body-bytes", h.max_body_bytes,
+       "Largest HTTP request body, chunked included (413 beyond)")
+      ->check(CLI::Range(int64_t{1024}, int64_t{1} << 30));
+  Flag(app, "http-max-inflight-body-bytes", h.max_inflight_body_bytes,
+       "Bytes of request bodies held at once, all clients together (503 beyond)")
+      ->check(CLI::Range(int64_t{1024}, int64_t{1} << 40));
+  Flag(app, "http-max-header-bytes", h.max_header_bytes, "Largest request head (431 beyond)")
+      ->check(CLI::Range(int64_t{1024}, int64_t{1} << 24));
+  Flag(app, "http-max-header-fields", h.max_header_fields, "Most header fields (431 beyond)")
+      ->check(CLI::Range(8, 10000));
+  Flag(app, "http-max-connections", h.max_connections,
+       "Open HTTP connections in all (more are closed at once)")
+      ->check(CLI::Range(1, 1 << 20));
+  Flag(app, "http-max-connections-per-client", h.max_connections_per_client,
+       "Open HTTP connections per client address")
+      ->check(CLI::Range(1, 1 << 20));
+  Flag(app, "http-header-timeout-ms", h.header_timeout_ms,
+       "Time a client has to send a whole request head (then closed)")
+      ->check(CLI::Range(100, 3600000));
+  Flag(app, "http-body-timeout-ms", h.body_timeout_ms, "Time a client has to send a whole body")
+      ->check(CLI::Range(100, 3600000));
+  Flag(app, "http-idle-timeout-ms", h.idle_timeout_ms,
+       "Keep-alive: how long an idle connection waits for its next request")
+      ->check(CLI::Range(100, 3600000));
+  Flag(app, "http-write-timeout-ms", h.write_timeout_ms,
+       "A response write that makes no progress this long closes the connection")
+      ->check(CLI::Range(100, 3600000));
+  Flag(app, "http-stream-buffer-bytes", h.max_stream_buffer_bytes,
+       "Unsent bytes of one response before a client that stopped reading is dropped (and its "
+       "generation cancelled)")
+      ->check(CLI::Range(int64_t{4096}, int64_t{1} << 30));
+  Flag(app, "http-socket-send-buffer-bytes", h.socket_send_buffer_bytes,
+       "Kernel send buffer per HTTP connection (SO_SNDBUF; 0 = the kernel's autotuning)")
+      ->check(CLI::Range(0, 1 << 30));
+  Flag(app, "http-io-threads", h.io_threads, "Threads that run the HTTP sockets")
+      ->check(CLI::Range(1, 64));
+  Flag(app, "http-handler-threads", h.handler_threads, "Threads that run the HTTP handlers")
+      ->check(CLI::Range(1, 64));
 }
 
 absl::Status FinishServerConfig(ServerConfig& c) {

@@ -1,10 +1,8 @@
 #include "server/http_frontend.h"
 
-#include <httplib.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
-#include <condition_variable>
 #include <deque>
 #include <future>
 #include <mutex>
@@ -12,6 +10,8 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "browser_guard.h"
+#include "http_server.h"
 #include "http_status.h"
 #include "model/errors.h"
 #include "openai_request.h"
@@ -27,26 +27,50 @@ const char* PlaygroundHtml();  // playground_page.cc, generated from playground.
 namespace {
 using nlohmann::json;
 
-// Every route the server has: /metrics counts requests under these labels only ("other" for
-// the rest), so a client cannot grow the label set.
-constexpr const char* kRoutes[] = {"/",
-                                   "/health",
-                                   "/metrics",
-                                   "/v1/models",
-                                   "/v1/completions",
-                                   "/v1/chat/completions",
-                                   "/v1/amoeba/shapes",
-                                   "/v1/amoeba/export"};
+enum class RouteKind {
+  kPlayground,
+  kHealth,
+  kMetrics,
+  kModels,
+  kShapes,
+  kCompletions,
+  kChat,
+  kExport
+};
 
-std::string_view RouteLabel(const std::string& path) {
-  for (const char* r : kRoutes)
-    if (path == r) return r;
-  return "other";
+struct Route {
+  const char* path;
+  bool post;  // POST with a JSON body; otherwise GET (and HEAD)
+  RouteKind kind;
+};
+
+// Every route the server has. /metrics counts requests under these paths only ("other" for the
+// rest), so a client cannot grow the label set. Under --auth-all every one needs the token but
+// /health, which probes must reach, and the playground's page: static HTML with no server data
+// (a browser sends no bearer token on navigation; the page's own calls carry the one typed in).
+constexpr Route kRoutes[] = {{"/", false, RouteKind::kPlayground},
+                             {"/health", false, RouteKind::kHealth},
+                             {"/metrics", false, RouteKind::kMetrics},
+                             {"/v1/models", false, RouteKind::kModels},
+                             {"/v1/completions", true, RouteKind::kCompletions},
+                             {"/v1/chat/completions", true, RouteKind::kChat},
+                             {"/v1/amoeba/shapes", false, RouteKind::kShapes},
+                             {"/v1/amoeba/export", true, RouteKind::kExport}};
+
+const Route* FindRoute(const std::string& path) {
+  for (const Route& r : kRoutes)
+    if (path == r.path) return &r;
+  return nullptr;
 }
 
-RequestContext ContextOf(const httplib::Request& req) {
+std::string_view RouteLabel(const std::string& path) {
+  const Route* r = FindRoute(path);
+  return r ? std::string_view(r->path) : std::string_view("other");
+}
+
+RequestContext ContextOf(const HttpRequest& req) {
   RequestContext c;
-  if (req.has_header("Authorization")) c.authorization = req.get_header_value("Authorization");
+  c.authorization = req.Header("Authorization");
   return c;
 }
 
@@ -56,25 +80,30 @@ int64_t UnixSeconds() {
       .count();
 }
 
-// Events of one streamed response, filled on the scheduler thread and drained by the HTTP
-// thread; shared so that either side may go first.
-struct StreamState {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<std::string> events;
-  bool done = false;
-
-  void Push(std::string e, bool last = false) {
-    std::lock_guard<std::mutex> l(mu);
-    events.push_back(std::move(e));
-    done = done || last;
-    cv.notify_all();
-  }
-};
-
 std::string Event(const json& j) {
   return "data: " + j.dump() + "\n\n";
 }
+
+HttpReply JsonReply(const json& body, HttpHeaders headers = {}) {
+  HttpReply r;
+  r.body = body.dump();
+  r.headers = std::move(headers);
+  return r;
+}
+
+HttpReply WithHeaders(HttpReply r, const HttpHeaders& extra) {
+  r.headers.insert(r.headers.end(), extra.begin(), extra.end());
+  return r;
+}
+
+// A streamed response's events in order: those the scheduler makes before the stream has begun
+// (the core's Start must succeed first, or the client gets its error status) wait here.
+struct StreamOrder {
+  std::mutex mu;
+  bool begun = false;
+  bool ended = false;  // the last event is among `early`
+  std::deque<std::string> early;
+};
 
 }  // namespace
 
@@ -83,17 +112,83 @@ struct HttpFrontend::Routes {
   const HttpOptions& options;
   ModelNames names{options.aliases};
 
-  void Health(httplib::Response& res) const {
-    const bool draining = serving.draining();
-    res.status = draining ? 503 : 200;
-    res.set_content(draining ? R"({"status":"NOT_SERVING"})" : R"({"status":"SERVING"})",
-                    "application/json");
+  // After the head, before the body: the route, the method, the Host, the Origin, the token
+  // and the content type. Nothing of the body is read (or held) for a request refused here.
+  std::optional<HttpReply> Admit(const HttpRequest& req) const {
+    const Route* route = FindRoute(req.path);
+    if (!route)
+      return ErrorReply(absl::NotFoundError(absl::StrCat("no route ", LogSafe(req.path, 80))));
+    if (auto bad = CheckHost(req, options.allowed_hosts)) return bad;
+    const OriginVerdict origin = CheckOrigin(req, options.allowed_origins);
+    const char* methods = route->post ? "POST, OPTIONS" : "GET, HEAD, OPTIONS";
+    if (req.method == "OPTIONS") return Preflight(req, origin, methods);
+    if (origin.refused)
+      return TransportErrorReply(
+          403, "cross-origin requests from this origin are not allowed (--allowed-origins)");
+    const bool method_ok =
+        route->post ? req.method == "POST" : (req.method == "GET" || req.method == "HEAD");
+    if (!method_ok) {
+      HttpReply r = TransportErrorReply(
+          405, absl::StrCat(LogSafe(req.method, 20), " is not allowed on ", route->path));
+      r.headers.emplace_back("Allow", methods);
+      return r;
+    }
+    if (route->kind != RouteKind::kHealth && route->kind != RouteKind::kPlayground) {
+      const absl::Status auth =
+          serving.CheckAuth(ContextOf(req), route->kind == RouteKind::kExport);
+      if (!auth.ok()) return WithHeaders(ErrorReply(auth), origin.cors);
+    }
+    if (route->post) {
+      const auto type = req.Header("Content-Type");
+      const bool has_body = req.chunked || req.content_length.value_or(0) > 0;
+      if ((type || has_body) && !IsJsonContentType(type.value_or("")))
+        return WithHeaders(TransportErrorReply(415, "Content-Type must be application/json"),
+                           origin.cors);
+    }
+    return std::nullopt;
+  }
+
+  void Handle(HttpRequest&& req, const std::shared_ptr<HttpExchange>& ex) const {
+    if (options.fault_hook) options.fault_hook(req.path);
+    const Route* route = FindRoute(req.path);
+    const HttpHeaders cors = CheckOrigin(req, options.allowed_origins).cors;
+    switch (route->kind) {
+      case RouteKind::kPlayground: {
+        HttpReply r;
+        r.content_type = "text/html; charset=utf-8";
+        r.body = PlaygroundHtml();
+        r.headers = PlaygroundHeaders();
+        return ex->Reply(std::move(r));
+      }
+      case RouteKind::kHealth: {
+        const bool draining = serving.draining();
+        HttpReply r = JsonReply(json{{"status", draining ? "NOT_SERVING" : "SERVING"}}, cors);
+        r.status = draining ? 503 : 200;
+        return ex->Reply(std::move(r));
+      }
+      case RouteKind::kMetrics: {
+        HttpReply r;
+        r.content_type = Metrics::kContentType;
+        r.body = serving.metrics() ? serving.metrics()->Render() : "";
+        r.headers = cors;
+        return ex->Reply(std::move(r));
+      }
+      case RouteKind::kModels:
+        return ex->Reply(Models(cors));
+      case RouteKind::kShapes:
+        return ex->Reply(Shapes(req, cors));
+      case RouteKind::kCompletions:
+      case RouteKind::kChat:
+        return Generate(req, ex, route->kind == RouteKind::kChat, cors);
+      case RouteKind::kExport:
+        return Export(req, ex, cors);
+    }
   }
 
   // Every shape with the planner's estimates (the playground's grid and frontier).
-  void Shapes(const httplib::Request& req, httplib::Response& res) const {
+  HttpReply Shapes(const HttpRequest& req, const HttpHeaders& cors) const {
     auto shapes = serving.Shapes(ContextOf(req));
-    if (!shapes.ok()) return SendError(res, shapes.status());
+    if (!shapes.ok()) return WithHeaders(ErrorReply(shapes.status()), cors);
     json out = json::array();
     for (const auto& e : *shapes) {
       out.push_back(
@@ -105,12 +200,10 @@ struct HttpFrontend::Routes {
            {"quality_source", e.quality_source},
            {"latency_source", e.latency_source}});
     }
-    res.set_content(json{{"shapes", out}}.dump(), "application/json");
+    return JsonReply(json{{"shapes", out}}, cors);
   }
 
-  void Models(const httplib::Request& req, httplib::Response& res) const {
-    if (absl::Status st = serving.CheckAuth(ContextOf(req), false); !st.ok())
-      return SendError(res, st);
+  HttpReply Models(const HttpHeaders& cors) const {
     json data = json::array();
     const int64_t created = UnixSeconds();
     auto add = [&](const std::string& id, const Shape& sh) {
@@ -125,140 +218,140 @@ struct HttpFrontend::Routes {
     add("full", m.full);
     add("smallest", m.smallest);
     for (const auto& [name, sh] : names.aliases) add(name, sh);
-    res.set_content(json{{"object", "list"}, {"data", data}}.dump(), "application/json");
+    return JsonReply(json{{"object", "list"}, {"data", data}}, cors);
   }
 
-  void Generate(const httplib::Request& req, httplib::Response& res, bool chat) const {
-    // The token first: an unauthenticated client learns nothing about its body.
+  void Generate(const HttpRequest& req, const std::shared_ptr<HttpExchange>& ex, bool chat,
+                const HttpHeaders& cors) const {
+    auto fail = [&](const absl::Status& st) { ex->Reply(WithHeaders(ErrorReply(st), cors)); };
     const RequestContext ctx = ContextOf(req);
-    if (absl::Status st = serving.CheckAuth(ctx, false); !st.ok()) return SendError(res, st);
     auto call = ParseOpenAiCall(serving, names, options.chat_template, req.body, chat);
-    if (!call.ok()) return SendError(res, call.status());
-    call->req.request_id = req.get_header_value("X-Request-Id");
+    if (!call.ok()) return fail(call.status());
+    call->req.request_id = req.Header("X-Request-Id").value_or("");
     auto g = serving.Prepare(call->req, ctx);
-    if (!g.ok()) return SendError(res, g.status());
+    if (!g.ok()) return fail(g.status());
     OpenAiResponseHead head;
     head.id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*g)->request_id());
     head.created = UnixSeconds();
     head.chat = chat;
     head.shape = (*g)->shape();
     head.model = call->model.empty() ? ModelId(head.shape) : call->model;
-    res.set_header("X-Request-Id", (*g)->request_id());
+    HttpHeaders headers = cors;
+    headers.emplace_back("X-Request-Id", (*g)->request_id());
+    // Disconnect = cancel: the transport notices a client that leaves at once; the scheduler
+    // stops the sequence at its next step.
+    ex->OnClose([g = *g] { g->Cancel(); });
     if (call->stream)
-      Stream(*g, head, res);
+      Stream(*g, head, ex, std::move(headers));
     else
-      Whole(*g, head, res);
+      Whole(*g, head, ex, std::move(headers));
   }
 
   void Whole(const std::shared_ptr<Generation>& g, const OpenAiResponseHead& head,
-             httplib::Response& res) const {
+             const std::shared_ptr<HttpExchange>& ex, HttpHeaders headers) const {
     auto text = std::make_shared<std::string>();
-    auto done = std::make_shared<std::promise<JobResult>>();
     GenerationCallbacks cb;
     cb.on_token = [text](int32_t, std::string_view t) { text->append(t); };
-    cb.on_done = [done](const JobResult& r) { done->set_value(r); };
-    auto result = done->get_future();
-    if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok()) return SendError(res, st);
-    const JobResult r = result.get();
-    if (absl::Status st = FinishError(r); !st.ok()) return SendError(res, st);
-    res.set_content(CompletionBody(head, *text, r).dump(), "application/json");
+    cb.on_done = [text, head, ex, headers](const JobResult& r) {
+      if (absl::Status st = FinishError(r); !st.ok())
+        return ex->Reply(WithHeaders(ErrorReply(st), headers));
+      ex->Reply(JsonReply(CompletionBody(head, *text, r), headers));
+    };
+    if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok())
+      ex->Reply(WithHeaders(ErrorReply(st), headers));
   }
 
-  // Server-sent events: one chunk per text delta, the finish reason, [DONE].
+  // Server-sent events: one chunk per text delta, the finish reason, [DONE]. A client that stops
+  // reading is closed (and its generation cancelled) once the transport's buffer bound is hit.
   void Stream(const std::shared_ptr<Generation>& g, const OpenAiResponseHead& head,
-              httplib::Response& res) const {
-    auto state = std::make_shared<StreamState>();
-    if (head.chat) state->Push(Event(ChunkBody(head, json{{"role", "assistant"}}, nullptr)));
+              const std::shared_ptr<HttpExchange>& ex, HttpHeaders headers) const {
+    auto order = std::make_shared<StreamOrder>();
+    auto emit = [order, ex, g](std::string e, bool last) {
+      std::lock_guard<std::mutex> l(order->mu);
+      if (!order->begun) {
+        order->early.push_back(std::move(e));
+        order->ended = order->ended || last;
+        return;
+      }
+      if (!ex->Write(std::move(e))) g->Cancel();
+      if (last) ex->End();
+    };
     GenerationCallbacks cb;
-    cb.on_token = [state, head](int32_t, std::string_view t) {
+    cb.on_token = [emit, head](int32_t, std::string_view t) {
       if (t.empty()) return;
       const json d = head.chat ? json{{"content", std::string(t)}} : json(std::string(t));
-      state->Push(Event(ChunkBody(head, d, nullptr)));
+      emit(Event(ChunkBody(head, d, nullptr)), false);
     };
-    cb.on_done = [state, head](const JobResult& r) {
+    cb.on_done = [emit, head](const JobResult& r) {
       const absl::Status error = FinishError(r);
-      state->Push(error.ok() ? Event(LastChunkBody(head, r)) : Event(ErrorBody(error)));
-      state->Push("data: [DONE]\n\n", /*last=*/true);
+      emit((error.ok() ? Event(LastChunkBody(head, r)) : Event(ErrorBody(error))) +
+               "data: [DONE]\n\n",
+           true);
     };
-    if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok()) return SendError(res, st);
-    res.set_header("Cache-Control", "no-cache");
-    res.set_chunked_content_provider(
-        "text/event-stream",
-        [state, g](size_t, httplib::DataSink& sink) {
-          std::unique_lock<std::mutex> l(state->mu);
-          // Wake at least every 100 ms to notice a client that went away.
-          state->cv.wait_for(l, std::chrono::milliseconds(100),
-                             [&] { return !state->events.empty() || state->done; });
-          while (!state->events.empty()) {
-            std::string e = std::move(state->events.front());
-            state->events.pop_front();
-            l.unlock();
-            if (!sink.write(e.data(), e.size())) {
-              g->Cancel();  // the client went away
-              return false;
-            }
-            l.lock();
-          }
-          if (state->done) {
-            l.unlock();
-            sink.done();
-            return true;
-          }
-          if (!sink.is_writable()) {
-            g->Cancel();
-            return false;
-          }
-          return true;
-        },
-        [g](bool) { g->Cancel(); });  // no-op once finished
+    if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok())
+      return ex->Reply(WithHeaders(ErrorReply(st), headers));
+    headers.emplace_back("Cache-Control", "no-cache");
+    std::lock_guard<std::mutex> l(order->mu);
+    ex->BeginStream(200, "text/event-stream", std::move(headers));
+    if (head.chat) ex->Write(Event(ChunkBody(head, json{{"role", "assistant"}}, nullptr)));
+    for (std::string& e : order->early) ex->Write(std::move(e));
+    order->early.clear();
+    order->begun = true;
+    if (order->ended) ex->End();
   }
 
   // POST /v1/amoeba/export {"shape": "depth=D,width=W" | {"depth", "width"}, "format", "dtype",
-  // "uniform_width", "no_adapters"}: the export's files as a tar stream, then SHA256SUMS.
-  void Export(const httplib::Request& req, httplib::Response& res) const {
-    const RequestContext ctx = ContextOf(req);
-    if (absl::Status st = serving.CheckAuth(ctx, true); !st.ok()) return SendError(res, st);
+  // "uniform_width", "no_adapters"}: the export's files as a tar stream, then SHA256SUMS. The
+  // export worker that staged it streams it, one chunk in flight at a time.
+  void Export(const HttpRequest& req, const std::shared_ptr<HttpExchange>& ex,
+              const HttpHeaders& cors) const {
     auto r = ParseExport(req.body);
-    if (!r.ok()) return SendError(res, r.status());
-    r->request_id = req.get_header_value("X-Request-Id");
+    if (!r.ok()) return ex->Reply(WithHeaders(ErrorReply(r.status()), cors));
+    // The id first: the export worker may call back before StartExport returns.
+    auto id = serving.AssignRequestId(req.Header("X-Request-Id").value_or(""));
+    if (!id.ok()) return ex->Reply(WithHeaders(ErrorReply(id.status()), cors));
+    r->request_id = *id;
     auto cancelled = std::make_shared<std::atomic<bool>>(false);
-    auto ready = std::make_shared<std::promise<absl::StatusOr<std::unique_ptr<ExportStream>>>>();
-    auto staged = ready->get_future();
-    auto id = serving.StartExport(*r, ctx, cancelled,
-                                  [ready](auto s) { ready->set_value(std::move(s)); });
-    if (!id.ok()) return SendError(res, id.status());
-    auto stream = staged.get();
-    if (!stream.ok()) return SendError(res, stream.status());
-    std::shared_ptr<ExportStream> files = std::move(*stream);
-    auto sums = std::make_shared<std::string>();
-    auto finished = std::make_shared<bool>(false);
+    ex->OnClose([cancelled] { *cancelled = true; });
+    auto started =
+        serving.StartExport(*r, ContextOf(req), cancelled,
+                            [ex, cors, id = *id](absl::StatusOr<std::unique_ptr<ExportStream>> s) {
+                              if (!s.ok())
+                                return ex->Reply(WithHeaders(ErrorReply(s.status()), cors));
+                              HttpHeaders headers = cors;
+                              headers.emplace_back("X-Request-Id", id);
+                              ex->BeginStream(200, "application/x-tar", std::move(headers));
+                              StreamExport(**s, *ex);
+                            });
+    if (!started.ok()) ex->Reply(WithHeaders(ErrorReply(started.status()), cors));
+  }
+
+  static void StreamExport(ExportStream& files, HttpExchange& ex) {
+    std::string sums;
     const int64_t mtime = UnixSeconds();
-    res.set_header("X-Request-Id", *id);
-    res.set_chunked_content_provider(
-        "application/x-tar",
-        [files, sums, finished, mtime](size_t, httplib::DataSink& sink) {
-          if (*finished) return false;
-          ExportChunk c;
-          auto more = files->Next(c);
-          if (!more.ok()) return false;  // the client sees a cut archive; the log says why
-          std::string out;
-          if (!*more) {
-            out = TarHeader("SHA256SUMS", sums->size(), mtime) + *sums + TarPadding(sums->size()) +
-                  TarEnd();
-            *finished = true;
-            if (!sink.write(out.data(), out.size())) return false;
-            sink.done();
-            return true;
-          }
-          if (c.offset == 0) out = TarHeader(c.path, c.total_size, mtime);
-          out += c.data;
-          if (c.last_chunk) {
-            out += TarPadding(c.total_size);
-            absl::StrAppend(sums.get(), c.sha256, "  ", c.path, "\n");
-          }
-          return sink.write(out.data(), out.size());
-        },
-        [cancelled](bool) { *cancelled = true; });
+    while (!ex.closed()) {
+      ExportChunk c;
+      auto more = files.Next(c);
+      if (!more.ok()) return ex.Abort();  // the client sees a cut archive; the log says why
+      std::string out;
+      if (!*more) {
+        out =
+            TarHeader("SHA256SUMS", sums.size(), mtime) + sums + TarPadding(sums.size()) + TarEnd();
+        ex.Write(std::move(out));
+        return ex.End();
+      }
+      if (c.offset == 0) out = TarHeader(c.path, c.total_size, mtime);
+      out += c.data;
+      if (c.last_chunk) {
+        out += TarPadding(c.total_size);
+        absl::StrAppend(&sums, c.sha256, "  ", c.path, "\n");
+      }
+      auto sent = std::make_shared<std::promise<void>>();
+      auto written = sent->get_future();
+      if (!ex.Write(std::move(out), [sent] { sent->set_value(); })) return;
+      while (written.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready)
+        if (ex.closed()) return;
+    }
   }
 
   static absl::StatusOr<ExportRequest> ParseExport(const std::string& body) {
@@ -307,67 +400,39 @@ HttpFrontend::~HttpFrontend() {
   Stop();
 }
 
+int HttpFrontend::port() const {
+  return server_ ? server_->port() : 0;
+}
+
+void HttpFrontend::BeginShutdown() {
+  if (server_) server_->BeginShutdown();
+}
+
 void HttpFrontend::Stop() {
-  if (server_) server_->stop();
-  if (thread_.joinable()) thread_.join();
+  if (server_) server_->Stop();
 }
 
 absl::Status HttpFrontend::Start() {
-  if (!options_.tls_cert.empty()) {
-    auto ssl =
-        std::make_unique<httplib::SSLServer>(options_.tls_cert.c_str(), options_.tls_key.c_str());
-    if (!ssl->is_valid()) return absl::InvalidArgumentError("http: cannot use the TLS cert/key");
-    server_ = std::move(ssl);
-  } else {
-    server_ = std::make_unique<httplib::Server>();
-  }
-  httplib::Server& s = *server_;
-  s.set_payload_max_length(options_.max_body_bytes);
-  // The one boundary for exceptions on an HTTP thread (handlers call the core, which returns
-  // statuses; what escapes anyway is mapped as everywhere else).
-  s.set_exception_handler([](const httplib::Request& req, httplib::Response& res,
-                             std::exception_ptr ep) {
-    const absl::Status st = StatusFromException(ep, "http handler");
-    spdlog::error("http: {} {}: {}", req.method, LogSafe(req.path, 80),
-                  LogSafe(std::string(st.message()), 200));
-    SendError(
-        res, st.code() == absl::StatusCode::kInternal ? absl::InternalError("internal error") : st);
-  });
-  s.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
-    if (serving_.metrics()) serving_.metrics()->ObserveHttp(RouteLabel(req.path), res.status);
-  });
-  auto routes = std::make_shared<Routes>(Routes{serving_, options_});
-  using Handler = std::function<void(const httplib::Request&, httplib::Response&)>;
-  auto route = [this](Handler h) -> httplib::Server::Handler {
-    return [this, h = std::move(h)](const httplib::Request& req, httplib::Response& res) {
-      if (options_.fault_hook) options_.fault_hook(req.path);
-      h(req, res);
-    };
+  routes_ = std::make_shared<Routes>(Routes{serving_, options_});
+  HttpServerOptions o;
+  o.host = options_.host;
+  o.port = options_.port;
+  o.tls_cert = options_.tls_cert;
+  o.tls_key = options_.tls_key;
+  o.limits = options_.limits;
+  o.name = "http";
+  HttpHandlers h;
+  h.admit = [routes = routes_](const HttpRequest& head) { return routes->Admit(head); };
+  h.handle = [routes = routes_](HttpRequest&& req, std::shared_ptr<HttpExchange> ex) {
+    routes->Handle(std::move(req), ex);
   };
-  s.Get("/health", route([routes](const auto&, auto& res) { routes->Health(res); }));
-  s.Get("/metrics", route([this](const auto&, auto& res) {
-          res.set_content(serving_.metrics() ? serving_.metrics()->Render() : "",
-                          Metrics::kContentType);
-        }));
-  s.Get("/", route([](const auto&, auto& res) {
-          res.set_content(PlaygroundHtml(), "text/html; charset=utf-8");
-        }));
-  s.Get("/v1/amoeba/shapes",
-        route([routes](const auto& req, auto& res) { routes->Shapes(req, res); }));
-  s.Get("/v1/models", route([routes](const auto& req, auto& res) { routes->Models(req, res); }));
-  s.Post("/v1/completions",
-         route([routes](const auto& req, auto& res) { routes->Generate(req, res, false); }));
-  s.Post("/v1/chat/completions",
-         route([routes](const auto& req, auto& res) { routes->Generate(req, res, true); }));
-  s.Post("/v1/amoeba/export",
-         route([routes](const auto& req, auto& res) { routes->Export(req, res); }));
-  port_ = options_.port == 0 ? s.bind_to_any_port(options_.host)
-                             : (s.bind_to_port(options_.host, options_.port) ? options_.port : -1);
-  if (port_ <= 0)
-    return absl::UnavailableError(
-        absl::StrCat("http: cannot listen on ", options_.host, ":", options_.port));
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
-  return absl::OkStatus();
+  h.error = [](int status, std::string message) { return TransportErrorReply(status, message); };
+  Metrics* metrics = serving_.metrics();
+  h.on_response = [metrics](const HttpRequest& head, int status) {
+    if (metrics) metrics->ObserveHttp(RouteLabel(head.path), status);
+  };
+  server_ = std::make_unique<HttpServer>(std::move(o), std::move(h));
+  return server_->Start();
 }
 
 }  // namespace amoeba

@@ -42,9 +42,23 @@ nlohmann::json ErrorBody(const absl::Status& s) {
             {"code", absl::StatusCodeToString(s.code())}}}};
 }
 
-void SendError(httplib::Response& res, const absl::Status& s) {
-  res.status = HttpStatusFor(s.code());
-  res.set_content(ErrorBody(s).dump(), "application/json");
+HttpReply ErrorReply(const absl::Status& s) {
+  HttpReply r;
+  r.status = HttpStatusFor(s.code());
+  r.body = ErrorBody(s).dump();
+  return r;
+}
+
+HttpReply TransportErrorReply(int http_status, const std::string& message) {
+  HttpReply r;
+  r.status = http_status;
+  r.body = nlohmann::json{{"error",
+                           {{"message", message},
+                            {"type", http_status >= 500 ? "server_error" : "invalid_request_error"},
+                            {"param", nullptr},
+                            {"code", http_status}}}}
+               .dump();
+  return r;
 }
 
 }  // namespace amoeba

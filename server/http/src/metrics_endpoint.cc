@@ -1,32 +1,77 @@
 #include "server/metrics_endpoint.h"
 
-#include <httplib.h>
+#include "http_server.h"
+#include "http_status.h"
+#include "server/request_checks.h"
 
 namespace amoeba {
+namespace {
 
-MetricsEndpoint::MetricsEndpoint(const Metrics& metrics) : metrics_(metrics) {}
+// Constant time in the token's length: the comparison does not say how much of it matched.
+bool SameToken(std::string_view a, std::string_view b) {
+  unsigned diff = a.size() != b.size();
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) diff |= a[i] ^ b[i];
+  return diff == 0;
+}
+
+}  // namespace
+
+MetricsEndpoint::MetricsEndpoint(const Metrics& metrics, std::string token, HttpLimits limits)
+    : metrics_(metrics), token_(std::move(token)), limits_(limits) {}
 
 MetricsEndpoint::~MetricsEndpoint() {
   Stop();
 }
 
 absl::Status MetricsEndpoint::Start(const std::string& host, int port) {
-  server_ = std::make_unique<httplib::Server>();
-  server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_.Render(), Metrics::kContentType);
-  });
-  const int bound =
-      port == 0 ? server_->bind_to_any_port(host) : (server_->bind_to_port(host, port) ? port : -1);
-  if (bound <= 0)
-    return absl::UnavailableError("metrics: cannot listen on " + host + ":" + std::to_string(port));
-  port_ = bound;
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  HttpServerOptions o;
+  o.host = host;
+  o.port = port;
+  o.limits = limits_;
+  o.limits.io_threads = o.limits.handler_threads = 1;
+  o.name = "metrics";
+  HttpHandlers h;
+  h.admit = [this](const HttpRequest& req) -> std::optional<HttpReply> {
+    if (req.path != "/metrics" && req.path != "/health")
+      return TransportErrorReply(404, "no route " + LogSafe(req.path, 80));
+    if (req.method != "GET" && req.method != "HEAD") {
+      HttpReply r = TransportErrorReply(405, "only GET and HEAD are allowed");
+      r.headers.emplace_back("Allow", "GET, HEAD");
+      return r;
+    }
+    if (req.path == "/metrics" && !token_.empty()) {
+      const auto auth = req.Header("Authorization");
+      if (!auth) return ErrorReply(absl::UnauthenticatedError("missing bearer token"));
+      if (!SameToken(*auth, "Bearer " + token_))
+        return ErrorReply(absl::PermissionDeniedError("wrong bearer token"));
+    }
+    return std::nullopt;
+  };
+  h.handle = [this](HttpRequest&& req, std::shared_ptr<HttpExchange> ex) {
+    HttpReply r;
+    if (req.path == "/health") {
+      r.body = R"({"status":"SERVING"})";
+    } else {
+      r.content_type = Metrics::kContentType;
+      r.body = metrics_.Render();
+    }
+    ex->Reply(std::move(r));
+  };
+  h.error = [](int status, std::string message) { return TransportErrorReply(status, message); };
+  server_ = std::make_unique<HttpServer>(std::move(o), std::move(h));
+  if (absl::Status st = server_->Start(); !st.ok()) {
+    server_.reset();
+    return st;
+  }
   return absl::OkStatus();
 }
 
+int MetricsEndpoint::port() const {
+  return server_ ? server_->port() : 0;
+}
+
 void MetricsEndpoint::Stop() {
-  if (server_) server_->stop();
-  if (thread_.joinable()) thread_.join();
+  if (server_) server_->Stop();
 }
 
 }  // namespace amoeba

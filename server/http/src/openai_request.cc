@@ -150,6 +150,17 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     ASSIGN_OR_RETURN(auto pen, Optional<double>(j, k));
     if (pen && *pen != 0) return InvalidField(k, "not supported (use repetition_penalty)");
   }
+  ASSIGN_OR_RETURN(auto user, Optional<std::string>(j, "user"));
+  (void)user;  // an end-user id for abuse tracking: accepted, not used
+  if (j.contains("stream_options") && !j["stream_options"].is_null()) {
+    const json& so = j["stream_options"];
+    if (!so.is_object()) return InvalidField("stream_options", "must be an object");
+    for (auto& [k, v] : so.items()) {
+      if (k != "include_usage") return InvalidField("stream_options." + k, "unknown field");
+      if (!v.is_boolean())
+        return InvalidField("stream_options.include_usage", "must be true or false");
+    }
+  }
   if (j.contains("echo") && j["echo"] != false) return InvalidField("echo", "not supported");
   if (j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"] != false)
     return InvalidField("logprobs", "not supported");

@@ -1,32 +1,33 @@
-// GET /metrics (Prometheus text format) on a port of its own, for scrapers kept off the API port.
+// GET /metrics (Prometheus text format) on a port of its own, for scrapers kept off the API
+// port; /health beside it. Same transport and limits as the API port.
 #pragma once
 #include <memory>
 #include <string>
-#include <thread>
 
 #include "absl/status/status.h"
+#include "server/http_limits.h"
 #include "server/metrics.h"
-
-namespace httplib {
-class Server;
-}
 
 namespace amoeba {
 
+class HttpServer;
+
 class MetricsEndpoint {
  public:
-  explicit MetricsEndpoint(const Metrics& metrics);
+  // `token`: when set (--auth-all), /metrics needs "Authorization: Bearer <token>" (Prometheus'
+  // scrape config `authorization`); /health never does.
+  explicit MetricsEndpoint(const Metrics& metrics, std::string token = "", HttpLimits limits = {});
   ~MetricsEndpoint();
-  // Binds host:port (0 = any free port) and serves on a thread of its own.
+  // Binds host:port (0 = any free port) and serves on threads of its own.
   absl::Status Start(const std::string& host, int port);
-  int port() const { return port_; }
+  int port() const;
   void Stop();
 
  private:
   const Metrics& metrics_;
-  std::unique_ptr<httplib::Server> server_;
-  std::thread thread_;
-  int port_ = 0;
+  const std::string token_;
+  const HttpLimits limits_;
+  std::unique_ptr<HttpServer> server_;
 };
 
 }  // namespace amoeba
