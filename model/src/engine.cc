@@ -10,8 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "decode_attention.h"
 #include "model/packed_linear.h"
-#include "stream_prefetch.h"
 #include "model/team.h"
+#include "prefill_attention.h"
+#include "stream_prefetch.h"
 
 namespace amoeba {
 
@@ -233,27 +234,36 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     });
   }
 
-  // 2b. Longer runs (prefill): batched matmuls per sequence.
+  // 2b. Longer runs (prefill): query blocks against the keys they see, in bounded memory.
   Serially([&] {
     int64_t row = 0;
     for (const SeqInput& s : seqs) {
       const int64_t T = static_cast<int64_t>(s.tokens.size());
       if (T > kTokenByTokenAttentionMax) {
         const int64_t p0 = cache.length(s.slot), L = p0 + T;
-        // Buffers hold rows packed at this layer's width.
-        at::Tensor Q = at::from_blob(const_cast<float*>(q) + row * qdim, {T, hkv, group, hd})
-                           .permute({1, 2, 0, 3})
-                           .reshape({hkv, group * T, hd});
-        at::Tensor Ks = cache.k(layer, s.slot).narrow(1, 0, L).to(at::kFloat);  // [hkv, L, hd]
-        at::Tensor Vs = cache.v(layer, s.slot).narrow(1, 0, L).to(at::kFloat);
-        at::Tensor sc = at::bmm(Q, Ks.transpose(1, 2)).mul_(scale).view({hkv, group, T, L});
-        // Query t (absolute position p0+t) sees keys j <= p0+t.
-        at::Tensor mask = at::ones({T, L}, at::kBool).triu_(p0 + 1);
-        sc.masked_fill_(mask, -std::numeric_limits<float>::infinity());
-        at::Tensor p = at::softmax(sc, -1).view({hkv, group * T, L});
-        at::Tensor o =
-            at::bmm(p, Vs).view({hkv, group, T, hd}).permute({2, 0, 1, 3}).reshape({T, qdim});
-        at::from_blob(att + row * qdim, {T, qdim}).copy_(o);
+        // Slot storage is [hkv, capacity, hd]; an fp16 cache is widened once per layer.
+        at::Tensor K = cache.k(layer, s.slot), V = cache.v(layer, s.slot);
+        int64_t head_stride = cache.capacity(s.slot) * hd;
+        if (half) {
+          K = K.narrow(1, 0, L).to(at::kFloat).contiguous();
+          V = V.narrow(1, 0, L).to(at::kFloat).contiguous();
+          head_stride = L * hd;
+        }
+        PrefillAttentionArgs a;
+        a.q = q + row * qdim;
+        a.q_stride = qdim;
+        a.k = K.data_ptr<float>();
+        a.v = V.data_ptr<float>();
+        a.kv_head_stride = head_stride;
+        a.kv_heads = hkv;
+        a.group = group;
+        a.head_dim = hd;
+        a.p0 = p0;
+        a.T = T;
+        a.scale = scale;
+        a.out = att + row * qdim;
+        a.out_stride = qdim;
+        PrefillAttention(a, ws_->prefill_scores);
       }
       row += T;
     }

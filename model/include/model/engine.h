@@ -25,7 +25,8 @@ struct SeqInput {
 
 // Runs of up to this many new tokens attend token by token, with the decode kernel: each row's
 // logits are then bit for bit what that many single-token steps would give (checking drafted
-// tokens must agree with decoding them one by one); longer runs (prefill) use batched matmuls.
+// tokens must agree with decoding them one by one); longer runs (prefill) attend in query
+// blocks with GEMMs (model/src/prefill_attention.h).
 inline constexpr int64_t kTokenByTokenAttentionMax = 16;
 
 // Activation buffers of a forward pass (grown on demand, never shrunk). Engines that run on one
@@ -34,6 +35,7 @@ inline constexpr int64_t kTokenByTokenAttentionMax = 16;
 struct EngineWorkspace {
   int64_t cap_tokens = 0, cap_logits = 0, signature = 0;
   at::Tensor x, h, q, k, v, att, tmp, gate, up, logits, scores;
+  at::Tensor prefill_scores;  // per-thread score blocks of prefill attention
   std::vector<int64_t> pos;
   std::vector<float> delta_mid, delta_out;  // low-rank delta scratch
 };
