@@ -130,6 +130,27 @@ with tempfile.TemporaryDirectory() as d:
         check("".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
               == r["choices"][0]["message"]["content"], "chat stream text == chat text (same seed)")
 
+        # Content as an array of text parts (what SDK helpers send) is the same prompt as the
+        # joined string; response_format "text", "user" and "metadata" are accepted as OpenAI's.
+        greedy_chat = {"model": "phone", "max_tokens": 6, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Hi!\nHow are you?"}]}
+        _, plain_text = call(port, "POST", "/v1/chat/completions", greedy_chat)
+        parts = dict(greedy_chat, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Hi!"}, {"type": "text", "text": "How are you?"}]}],
+            response_format={"type": "text"}, user="u-1", metadata={"k": "v"})
+        status, parts_text = call(port, "POST", "/v1/chat/completions", parts)
+        check(status == 200 and json.loads(parts_text)["choices"][0]["message"]["content"]
+              == json.loads(plain_text)["choices"][0]["message"]["content"],
+              f"text content parts == the joined string: {status} {parts_text[:200]}")
+        image = dict(greedy_chat, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+        status, text = call(port, "POST", "/v1/chat/completions", image)
+        check(status == 400 and "messages[0].content[0].type" in text and "image_url" in text,
+              f"an image part is a clear 400: {status} {text[:200]}")
+        status, text = call(port, "POST", "/v1/chat/completions",
+                            dict(greedy_chat, response_format={"type": "json_object"}))
+        check(status == 400 and "response_format.type" in text, f"json_object not yet: {status} {text[:200]}")
+
         # A budget instead of a model: the planner's choice.
         sizes = sorted(x.params for x in stub.ListShapes(pb.ListShapesRequest(), metadata=md, timeout=10).shapes)
         budget = {"max_params": sizes[len(sizes) // 2]}

@@ -31,6 +31,8 @@ const std::set<std::string>& KnownFields(bool chat) {
                                                    "logit_bias",
                                                    "user",
                                                    "stream_options",
+                                                   "response_format",
+                                                   "metadata",
                                                    "top_k",
                                                    "repetition_penalty",
                                                    "amoeba"};
@@ -50,6 +52,8 @@ const std::set<std::string>& KnownFields(bool chat) {
                                               "logit_bias",
                                               "user",
                                               "stream_options",
+                                              "response_format",
+                                              "metadata",
                                               "top_k",
                                               "repetition_penalty",
                                               "amoeba"};
@@ -132,6 +136,35 @@ absl::StatusOr<Shape> ShapeForModel(const Serving& s, const ModelNames& names,
   return *shape;
 }
 
+// A message's content: a string, or an array of content parts of which only text parts
+// ({"type": "text", "text": ...}) can be served; their texts are joined with newlines, as
+// OpenAI's own chat templates do.
+absl::StatusOr<std::string> MessageContent(const json& m, const std::string& where) {
+  if (!m.contains("content")) return InvalidField(where + ".content", "required");
+  const json& c = m["content"];
+  if (c.is_string()) return c.get<std::string>();
+  if (!c.is_array())
+    return InvalidField(where + ".content", "must be a string or an array of text parts");
+  std::string text;
+  for (size_t k = 0; k < c.size(); ++k) {
+    const json& part = c[k];
+    const std::string at = absl::StrCat(where, ".content[", k, "]");
+    if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
+      return InvalidField(at, "must be an object with a string type");
+    const std::string type = part["type"].get<std::string>();
+    if (type != "text")
+      return InvalidField(
+          at + ".type",
+          absl::StrCat("\"", LogSafe(type, 40),
+                       "\" parts are not supported (text only: this is a text model)"));
+    if (!part.contains("text") || !part["text"].is_string())
+      return InvalidField(at + ".text", "must be a string");
+    if (!text.empty()) text += "\n";
+    text += part["text"].get<std::string>();
+  }
+  return text;
+}
+
 absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNames& names,
                                            ChatTemplate chat_template, const std::string& body,
                                            bool chat) {
@@ -150,6 +183,17 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     ASSIGN_OR_RETURN(auto pen, Optional<double>(j, k));
     if (pen && *pen != 0) return InvalidField(k, "not supported (use repetition_penalty)");
   }
+  if (j.contains("response_format") && !j["response_format"].is_null()) {
+    const json& rf = j["response_format"];
+    if (!rf.is_object() || !rf.contains("type") || !rf["type"].is_string())
+      return InvalidField("response_format", "must be an object with a string type");
+    if (rf["type"] != "text")
+      return InvalidField("response_format.type",
+                          absl::StrCat("\"", LogSafe(rf["type"].get<std::string>(), 40),
+                                       "\" is not supported yet (only \"text\")"));
+  }
+  if (j.contains("metadata") && !j["metadata"].is_null() && !j["metadata"].is_object())
+    return InvalidField("metadata", "must be an object");
   ASSIGN_OR_RETURN(auto user, Optional<std::string>(j, "user"));
   (void)user;  // an end-user id for abuse tracking: accepted, not used
   if (j.contains("stream_options") && !j["stream_options"].is_null()) {
@@ -213,10 +257,8 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
       const std::string where = absl::StrCat("messages[", i, "]");
       if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
         return InvalidField(where, "needs a string role");
-      if (!m.contains("content") || !m["content"].is_string())
-        return InvalidField(where + ".content",
-                            "must be a string (content parts are not supported)");
-      msgs.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+      ASSIGN_OR_RETURN(std::string content, MessageContent(m, where));
+      msgs.push_back({m["role"].get<std::string>(), std::move(content)});
     }
     ASSIGN_OR_RETURN(auto text, RenderChat(chat_template, msgs));
     r.text = text;

@@ -1,0 +1,157 @@
+// bench/prefill: prompt-processing tokens/s over prompt lengths, with figures that hold still: a
+// warm-up pass over every length, then `--rounds` rounds, each measuring every length once
+// (rounds interleaved, so a slow minute of this shared machine hits every length alike); the
+// median and the spread (min, max) per length. The prompt goes through the engine in chunks of
+// `--chunk` tokens (0 = all at once, as `amoeba-admin generate` does; the server uses
+// --prefill-chunk, 64 by default; llama-bench uses 512-token micro-batches). bench/prefill.sh
+// runs llama.cpp's llama-bench on the same GGUF file beside it.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "bench/bench_util.h"
+#include "model/model_loader.h"
+#include "model/packed_linear.h"
+#include "model/presets.h"
+#include "model/runtime.h"
+#include "model/weight_format.h"
+
+namespace amoeba::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  std::string model;  // HF directory or .gguf; empty = --preset with random weights
+  std::string preset = "100m";
+  std::string weights_dtype = "q8_0";
+  std::string kv_dtype = "f32";
+  std::vector<int> lengths = {128, 256, 512, 1024, 2048, 4096};
+  int rounds = 3;
+  int chunk = 0;
+  int threads = 0;
+  std::string out = "bench/results/prefill";
+};
+
+// Seconds to prefill `len` tokens into an empty cache, `chunk` at a time.
+double PrefillSeconds(Engine& e, KVCache& cache, int len, int chunk) {
+  std::vector<int32_t> prompt(len);
+  for (int i = 0; i < len; ++i) prompt[i] = (i * 7 + 3) % 200;
+  cache.Reset(0);
+  const auto t0 = Clock::now();
+  const int step = chunk > 0 ? chunk : len;
+  for (int at = 0; at < len; at += step) {
+    SeqInput in{0, std::span<const int32_t>(prompt.data() + at, std::min(step, len - at))};
+    auto r = e.Forward(cache, {&in, 1});
+    if (!r.ok()) {
+      std::fprintf(stderr, "prefill: %s\n", std::string(r.status().message()).c_str());
+      std::exit(1);
+    }
+  }
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+int Run(const Options& o) {
+  InitRuntime(o.threads);
+  at::InferenceMode guard;
+  Model m;
+  std::string source;
+  if (!o.model.empty()) {
+    auto loaded = LoadModelOrGguf(o.model);
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "--model: %s\n", std::string(loaded.status().message()).c_str());
+      return 2;
+    }
+    m = std::move(*loaded);
+    source = o.model;
+  } else {
+    auto cfg = PresetConfig(o.preset);
+    if (!cfg.ok()) {
+      std::fprintf(stderr, "--preset: %s\n", std::string(cfg.status().message()).c_str());
+      return 2;
+    }
+    m = RandomModel(*cfg, 1, 0.02);
+    source = "preset " + o.preset + " (random weights)";
+  }
+  auto format = ParseWeightFormat(o.weights_dtype);
+  if (!format.ok()) {
+    std::fprintf(stderr, "--weights-dtype: %s\n", std::string(format.status().message()).c_str());
+    return 2;
+  }
+  PackWeights(m, *format);
+  ReleaseRowMajorPages(m);
+  const int max_len = *std::max_element(o.lengths.begin(), o.lengths.end());
+  EngineOptions eo;
+  eo.max_len = max_len + 1;
+  eo.kv_dtype = o.kv_dtype == "f16" ? at::kHalf : at::kFloat;
+  const int64_t params = m.config.ParameterCount();
+  Engine engine(std::make_shared<const Model>(std::move(m)), eo);
+  KVCache cache = engine.NewCache(1);
+
+  for (int len : o.lengths) (void)PrefillSeconds(engine, cache, len, o.chunk);  // warm-up
+  std::vector<std::vector<double>> rates(o.lengths.size());
+  for (int r = 0; r < o.rounds; ++r)
+    for (size_t i = 0; i < o.lengths.size(); ++i)
+      rates[i].push_back(o.lengths[i] / PrefillSeconds(engine, cache, o.lengths[i], o.chunk));
+
+  nlohmann::json rows = nlohmann::json::array();
+  std::ostringstream md;
+  md << "bench/prefill: " << source << ", " << params / 1e6 << "M params, " << o.weights_dtype
+     << " weights, " << o.kv_dtype << " KV, chunk "
+     << (o.chunk > 0 ? std::to_string(o.chunk) : "all") << ", " << DescribeCpu() << "; " << o.rounds
+     << " interleaved rounds after a warm-up\n\n"
+     << "| prompt tokens | prefill tok/s (median) | min | max | vs first length |\n"
+     << "|---|---|---|---|---|\n";
+  double first = 0;
+  for (size_t i = 0; i < o.lengths.size(); ++i) {
+    std::vector<double> v = rates[i];
+    std::sort(v.begin(), v.end());
+    const double med = v[v.size() / 2];
+    if (i == 0) first = med;
+    rows.push_back({{"prompt_tokens", o.lengths[i]},
+                    {"tokens_per_s_median", med},
+                    {"tokens_per_s_min", v.front()},
+                    {"tokens_per_s_max", v.back()},
+                    {"tokens_per_s_rounds", rates[i]}});
+    char line[160];
+    std::snprintf(line, sizeof(line), "| %d | %.0f | %.0f | %.0f | %.2fx |\n", o.lengths[i], med,
+                  v.front(), v.back(), med / first);
+    md << line;
+  }
+  nlohmann::json j = {
+      {"model", source},        {"params", params},   {"weights_dtype", o.weights_dtype},
+      {"kv_dtype", o.kv_dtype}, {"chunk", o.chunk},   {"threads", at::get_num_threads()},
+      {"cpu", DescribeCpu()},   {"rounds", o.rounds}, {"results", rows}};
+  WriteReport(o.out + ".json", j.dump(2), o.out + ".md", md.str());
+  return 0;
+}
+
+}  // namespace
+}  // namespace amoeba::bench
+
+int main(int argc, char** argv) {
+  amoeba::bench::Options o;
+  CLI::App app{"bench/prefill: prompt-processing tokens/s over prompt lengths"};
+  app.add_option("--model", o.model, "HF model directory or .gguf file (default: --preset)");
+  app.add_option("--preset", o.preset, "Random-weight preset when no --model")
+      ->capture_default_str();
+  app.add_option("--weights-dtype", o.weights_dtype, "f32 | f16 | q8_0 | q4_0")
+      ->capture_default_str();
+  app.add_option("--kv-dtype", o.kv_dtype, "f32 | f16")->capture_default_str();
+  app.add_option("--lengths", o.lengths, "Prompt lengths")->delimiter(',')->capture_default_str();
+  app.add_option("--rounds", o.rounds, "Interleaved rounds")->capture_default_str();
+  app.add_option("--chunk", o.chunk, "Tokens per Forward call (0 = the whole prompt)")
+      ->capture_default_str();
+  app.add_option("--threads", o.threads, "Compute threads (0 = all cores)")->capture_default_str();
+  app.add_option("--out", o.out, "Report path without extension")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (o.rounds < 1 || o.lengths.empty()) {
+    std::fprintf(stderr, "--rounds >= 1 and at least one length\n");
+    return 2;
+  }
+  return amoeba::bench::Run(o);
+}
