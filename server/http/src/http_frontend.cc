@@ -266,14 +266,16 @@ struct HttpFrontend::Routes {
   void Stream(const std::shared_ptr<Generation>& g, const OpenAiResponseHead& head,
               const std::shared_ptr<HttpExchange>& ex, HttpHeaders headers) const {
     auto order = std::make_shared<StreamOrder>();
-    auto emit = [order, ex, g](std::string e, bool last) {
+    // A write the transport refuses (the client left, or is too far behind) closes the
+    // connection, and the exchange's on_close cancels the generation.
+    auto emit = [order, ex](std::string e, bool last) {
       std::lock_guard<std::mutex> l(order->mu);
       if (!order->begun) {
         order->early.push_back(std::move(e));
         order->ended = order->ended || last;
         return;
       }
-      if (!ex->Write(std::move(e))) g->Cancel();
+      ex->Write(std::move(e));
       if (last) ex->End();
     };
     GenerationCallbacks cb;

@@ -155,6 +155,13 @@ void HttpExchange::MarkClosed() {
   if (f) f();
 }
 
+void HttpExchange::MarkComplete() {
+  std::function<void()> drop;
+  std::lock_guard<std::mutex> l(mu_);
+  close_ran_ = true;  // nothing left to cancel
+  drop = std::move(on_close_);
+}
+
 void HttpExchange::Sent(int64_t n) {
   buffered_ -= n;
 }
@@ -540,8 +547,11 @@ class HttpServerImpl::Session final : public HttpServerImpl::SessionBase {
           if (ec || closed_ || !responding_ || seq != seq_) return;
           char c;
           beast::error_code pe;
+          // The socket is in non-blocking mode (OnAccept): a readiness that was stale (the
+          // request's own bytes, already read) is would_block here, and the watch goes on.
           const size_t n =
               Lowest().socket().receive(net::buffer(&c, 1), tcp::socket::message_peek, pe);
+          if (pe == net::error::would_block || pe == net::error::try_again) return Watch();
           if (pe || n == 0) {
             spdlog::debug("{}: client {} left during a response", server_.options().name, client_);
             CloseNow();
@@ -605,6 +615,7 @@ class HttpServerImpl::Session final : public HttpServerImpl::SessionBase {
 
   // The response is out: close, or read the next request.
   void Finish() {
+    if (exchange_) exchange_->MarkComplete();
     exchange_.reset();
     responding_ = false;
     if (watching_) {
@@ -713,6 +724,9 @@ void HttpServerImpl::OnAccept(tcp::socket socket) {
     id = next_session_++;
   }
   socket.set_option(tcp::no_delay(true), ec);
+  // Every operation on it is asynchronous but the watch's peek (Session::Watch), which must
+  // never wait.
+  socket.non_blocking(true, ec);
   if (limits().socket_send_buffer_bytes > 0)
     socket.set_option(net::socket_base::send_buffer_size(limits().socket_send_buffer_bytes), ec);
   std::shared_ptr<SessionBase> s;

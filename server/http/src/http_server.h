@@ -88,9 +88,12 @@ class HttpExchange {
   void OnClose(std::function<void()> f);
   bool closed() const { return closed_; }
 
-  // The transport's side: the connection ended early (runs on_close); n bytes were written.
+  // The transport's side: the connection ended early (runs on_close); n bytes were written;
+  // the response is complete (on_close is dropped unrun: what it holds, often the generation
+  // whose callbacks hold this exchange, is let go).
   void MarkClosed();
   void Sent(int64_t n);
+  void MarkComplete();
 
  private:
   std::shared_ptr<Sink> sink_;
