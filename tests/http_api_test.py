@@ -151,6 +151,26 @@ with tempfile.TemporaryDirectory() as d:
                             dict(greedy_chat, response_format={"type": "json_object"}))
         check(status == 400 and "response_format.type" in text, f"json_object not yet: {status} {text[:200]}")
 
+        # /tokenize and /detokenize (llama.cpp's server routes): the ids gRPC's Tokenize gives,
+        # and back to the text.
+        grpc_ids = list(stub.Tokenize(pb.TokenizeRequest(text="Hello there, friend"), metadata=md, timeout=10).ids)
+        status, text = call(port, "POST", "/tokenize", {"content": "Hello there, friend"})
+        check(status == 200 and json.loads(text)["tokens"] == grpc_ids, f"/tokenize: {status} {text[:200]} vs {grpc_ids}")
+        status, text = call(port, "POST", "/tokenize", {"content": "Hello", "add_special": False, "with_pieces": True})
+        toks = json.loads(text)["tokens"]
+        check(status == 200 and "".join(t["piece"] for t in toks).replace("\u2581", " ").strip() == "Hello"
+              and all(t["id"] != grpc_ids[0] for t in toks[:1]), f"/tokenize with pieces, no BOS: {text[:200]}")
+        status, text = call(port, "POST", "/detokenize", {"tokens": grpc_ids[1:]})
+        check(status == 200 and json.loads(text)["content"].strip() == "Hello there, friend",
+              f"/detokenize: {status} {text[:200]}")
+        for bad, needle in [({"tokens": [1, -2]}, "tokens"), ({"tokens": [10 ** 6]}, "tokens[0]"),
+                            ({"tokens": "x"}, "tokens"), ({"content": 5}, "content")]:
+            route = "/tokenize" if "content" in bad else "/detokenize"
+            status, text = call(port, "POST", route, bad)
+            check(status == 400 and needle in json.loads(text)["error"]["message"], f"{route} {bad}: {status} {text[:200]}")
+        status, _ = call(port, "POST", "/tokenize", {"content": "x"}, token=None)
+        check(status == 401, f"/tokenize needs the token under --auth-all: {status}")
+
         # A budget instead of a model: the planner's choice.
         sizes = sorted(x.params for x in stub.ListShapes(pb.ListShapesRequest(), metadata=md, timeout=10).shapes)
         budget = {"max_params": sizes[len(sizes) // 2]}

@@ -246,7 +246,8 @@ with tempfile.TemporaryDirectory() as d:
 
         # 6. Every route and method without the token under --auth-all: only /health is open.
         routes = ["/", "/health", "/metrics", "/metrics?x=1", "/v1/models", "/v1/completions",
-                  "/v1/chat/completions", "/v1/amoeba/shapes", "/v1/amoeba/export"]
+                  "/v1/chat/completions", "/v1/amoeba/shapes", "/v1/amoeba/export", "/tokenize",
+                  "/detokenize"]
         for path in routes:
             for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]:
                 status, text, _ = call(port, method, path, body="{}" if method != "GET" else None,

@@ -265,6 +265,22 @@ absl::StatusOr<TokenizeResult> Serving::Tokenize(const TokenizeRequest& r,
   });
 }
 
+absl::StatusOr<std::string> Serving::Detokenize(const DetokenizeRequest& r,
+                                                const RequestContext& ctx) {
+  ASSIGN_OR_RETURN(const std::string id, AssignRequestId(r.request_id));
+  return Guarded("detokenize", id, [&]() -> absl::StatusOr<std::string> {
+    RETURN_IF_ERROR(CheckAuth(ctx, false));
+    if (static_cast<int64_t>(r.ids.size()) > options_.limits.max_prompt_tokens)
+      return InvalidField("tokens", absl::StrCat(r.ids.size(), " ids exceed the limit of ",
+                                                 options_.limits.max_prompt_tokens));
+    for (size_t i = 0; i < r.ids.size(); ++i)
+      if (r.ids[i] < 0 || r.ids[i] >= info_.vocab_size)
+        return InvalidField(absl::StrCat("tokens[", i, "]"),
+                            absl::StrCat("not in the vocabulary [0, ", info_.vocab_size, ")"));
+    return supernet_.tokenizer()->Decode(r.ids);
+  });
+}
+
 absl::StatusOr<PlanResult> Serving::Plan(const PlanBudget& b, const RequestContext& ctx) const {
   RETURN_IF_ERROR(CheckAuth(ctx, false));
   RETURN_IF_ERROR(ValidateBudget(b));

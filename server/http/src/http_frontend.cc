@@ -35,7 +35,9 @@ enum class RouteKind {
   kShapes,
   kCompletions,
   kChat,
-  kExport
+  kExport,
+  kTokenize,
+  kDetokenize
 };
 
 struct Route {
@@ -55,7 +57,9 @@ constexpr Route kRoutes[] = {{"/", false, RouteKind::kPlayground},
                              {"/v1/completions", true, RouteKind::kCompletions},
                              {"/v1/chat/completions", true, RouteKind::kChat},
                              {"/v1/amoeba/shapes", false, RouteKind::kShapes},
-                             {"/v1/amoeba/export", true, RouteKind::kExport}};
+                             {"/v1/amoeba/export", true, RouteKind::kExport},
+                             {"/tokenize", true, RouteKind::kTokenize},
+                             {"/detokenize", true, RouteKind::kDetokenize}};
 
 const Route* FindRoute(const std::string& path) {
   for (const Route& r : kRoutes)
@@ -182,7 +186,65 @@ struct HttpFrontend::Routes {
         return Generate(req, ex, route->kind == RouteKind::kChat, cors);
       case RouteKind::kExport:
         return Export(req, ex, cors);
+      case RouteKind::kTokenize:
+        return ex->Reply(Tokenize(req, cors));
+      case RouteKind::kDetokenize:
+        return ex->Reply(Detokenize(req, cors));
     }
+  }
+
+  // POST /tokenize {"content": text, "add_special": true, "with_pieces": false}, as llama.cpp's
+  // server takes it: {"tokens": [ids]} or, with pieces, [{"id", "piece"}].
+  HttpReply Tokenize(const HttpRequest& req, const HttpHeaders& cors) const {
+    auto fail = [&](const absl::Status& st) { return WithHeaders(ErrorReply(st), cors); };
+    const json j = json::parse(req.body.empty() ? "{}" : req.body, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return fail(InvalidField("body", "not a JSON object"));
+    TokenizeRequest r;
+    r.request_id = req.Header("X-Request-Id").value_or("");
+    bool pieces = false;
+    for (const auto& [k, v] : j.items()) {
+      if (k == "content") {
+        if (!v.is_string()) return fail(InvalidField(k, "must be a string"));
+        r.text = v.get<std::string>();
+      } else if (k == "add_special" || k == "with_pieces") {
+        if (!v.is_boolean()) return fail(InvalidField(k, "must be true or false"));
+        (k == "add_special" ? r.add_bos : pieces) = v.get<bool>();
+      } else {
+        return fail(InvalidField(k, "not supported by this server"));
+      }
+    }
+    if (!j.contains("content")) return fail(InvalidField("content", "required"));
+    auto out = serving.Tokenize(r, ContextOf(req));
+    if (!out.ok()) return fail(out.status());
+    json tokens = json::array();
+    for (size_t i = 0; i < out->ids.size(); ++i) {
+      if (pieces)
+        tokens.push_back({{"id", out->ids[i]}, {"piece", out->pieces[i]}});
+      else
+        tokens.push_back(out->ids[i]);
+    }
+    return JsonReply(json{{"tokens", tokens}}, cors);
+  }
+
+  // POST /detokenize {"tokens": [ids]} -> {"content": text}.
+  HttpReply Detokenize(const HttpRequest& req, const HttpHeaders& cors) const {
+    auto fail = [&](const absl::Status& st) { return WithHeaders(ErrorReply(st), cors); };
+    const json j = json::parse(req.body.empty() ? "{}" : req.body, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return fail(InvalidField("body", "not a JSON object"));
+    for (const auto& [k, v] : j.items())
+      if (k != "tokens") return fail(InvalidField(k, "not supported by this server"));
+    if (!j.contains("tokens") || !j["tokens"].is_array())
+      return fail(InvalidField("tokens", "required: a list of token ids"));
+    DetokenizeRequest r;
+    r.request_id = req.Header("X-Request-Id").value_or("");
+    for (const json& t : j["tokens"]) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
+        return fail(InvalidField("tokens", "token ids must be non-negative integers"));
+      r.ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+    }
+    auto text = serving.Detokenize(r, ContextOf(req));
+    if (!text.ok()) return fail(text.status());
+    return JsonReply(json{{"content", *text}}, cors);
   }
 
   // Every shape with the planner's estimates (the playground's grid and frontier).

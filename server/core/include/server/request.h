@@ -57,6 +57,11 @@ struct TokenizeRequest {
   bool add_bos = true;  // as for a generation's text prompt
 };
 
+struct DetokenizeRequest {
+  std::string request_id;
+  std::vector<int32_t> ids;  // at most ServiceLimits::max_prompt_tokens, each in the vocabulary
+};
+
 struct TokenizeResult {
   std::vector<int32_t> ids;
   std::vector<std::string> pieces;  // UTF-8; a byte token inside a character is U+FFFD

@@ -136,6 +136,8 @@ class Serving {
   absl::Status Start(const std::shared_ptr<Generation>& g, GenerationCallbacks callbacks);
 
   absl::StatusOr<TokenizeResult> Tokenize(const TokenizeRequest& r, const RequestContext& ctx);
+  // The ids' text (invalid UTF-8, as from a byte token cut off mid-character, becomes U+FFFD).
+  absl::StatusOr<std::string> Detokenize(const DetokenizeRequest& r, const RequestContext& ctx);
   absl::StatusOr<PlanResult> Plan(const PlanBudget& b, const RequestContext& ctx) const;
   absl::StatusOr<ExportPlanResult> PlanExport(const PlanBudget& b, const RequestContext& ctx) const;
   absl::StatusOr<std::vector<ShapeEstimateResult>> Shapes(const RequestContext& ctx) const;
