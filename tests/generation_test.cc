@@ -217,6 +217,49 @@ double ChiSquare(const std::vector<int64_t>& counts, const std::vector<float>& p
 // rolled back each time). The tokens that come out must follow the target's distribution p,
 // not q: chi-square over 20000 draws, with the draft's own draws as the control that the test
 // can tell the two apart. The acceptance rate is sum(min(p, q)).
+// OpenAI's penalties count generated tokens only (the prompt's are seen, not counted), a logit
+// bias moves the greedy choice, min-p drops what is far less likely than the best token, and a
+// draft sampler copies the counts.
+TEST(SamplerTest, PresenceFrequencyLogitBiasAndMinP) {
+  Sampler s({.temperature = 0.f, .presence_penalty = 0.5f, .frequency_penalty = 0.25f}, 3);
+  s.Observe(0);  // a prompt token: not penalised
+  s.ObserveGenerated(1);
+  s.ObserveGenerated(1);
+  s.ObserveGenerated(2);
+  float l[3] = {1.0f, 2.0f, 2.0f};
+  EXPECT_EQ(s.Sample(l), 2);
+  EXPECT_FLOAT_EQ(l[0], 1.0f);
+  EXPECT_FLOAT_EQ(l[1], 2.0f - 0.5f - 2 * 0.25f);  // 1.0
+  EXPECT_FLOAT_EQ(l[2], 2.0f - 0.5f - 0.25f);      // 1.25
+  Sampler copy({.temperature = 0.f, .presence_penalty = 0.5f, .frequency_penalty = 0.25f}, 3);
+  copy.CopyHistoryFrom(s);
+  float m[3] = {1.0f, 2.0f, 2.0f};
+  EXPECT_EQ(copy.Sample(m), 2);
+  EXPECT_FLOAT_EQ(m[1], 1.0f);
+  EXPECT_TRUE(copy.UsesHistory());
+  EXPECT_FALSE(Sampler({.temperature = 1.f}, 3).UsesHistory());
+
+  Sampler biased({.temperature = 0.f, .logit_bias = {{0, 5.0f}, {1, -100.0f}}}, 3);
+  float b[3] = {0.0f, 4.0f, 4.5f};
+  EXPECT_EQ(biased.Sample(b), 0);  // 0 + 5 > 4.5
+  EXPECT_FLOAT_EQ(b[1], -96.0f);
+
+  // min_p = 0.5 at temperature 1: p(1)/p(0) = e^-0.5 = 0.61 stays, e^-2 = 0.14 goes.
+  Sampler mp({.temperature = 1.f, .seed = 11, .min_p = 0.5f}, 3);
+  std::set<int> drawn;
+  for (int i = 0; i < 200; ++i) {
+    float x[3] = {2.0f, 1.5f, 0.0f};
+    drawn.insert(mp.Sample(x));
+  }
+  EXPECT_EQ(drawn, (std::set<int>{0, 1}));
+  std::vector<float> probs(3);
+  float x[3] = {2.0f, 1.5f, 0.0f};
+  mp.Sample(x, probs.data());
+  EXPECT_FLOAT_EQ(probs[2], 0.0f);
+  EXPECT_NEAR(probs[0] + probs[1], 1.0f, 1e-6);
+  EXPECT_NEAR(probs[1] / probs[0], std::exp(-0.5f), 1e-5);
+}
+
 TEST(SamplerTest, SpeculativeChecksKeepTheTargetsDistribution) {
   at::InferenceMode guard;
   auto target = std::make_shared<const Model>(testing::TinyModel(3));

@@ -171,6 +171,21 @@ with tempfile.TemporaryDirectory() as d:
         status, _ = call(port, "POST", "/tokenize", {"content": "x"}, token=None)
         check(status == 401, f"/tokenize needs the token under --auth-all: {status}")
 
+        # logit_bias (OpenAI's {"id": bias}) moves greedy decoding onto one token, on HTTP and gRPC
+        # alike; presence/frequency penalties and min_p are accepted.
+        the = json.loads(call(port, "POST", "/tokenize", {"content": "the", "add_special": False})[1])["tokens"][0]
+        forced = json.loads(call(port, "POST", "/detokenize", {"tokens": [the] * 5})[1])["content"]
+        status, text = call(port, "POST", "/v1/completions", dict(body, max_tokens=5, logit_bias={str(the): 100},
+                                                                   presence_penalty=0.1, frequency_penalty=0.1))
+        check(status == 200 and json.loads(text)["choices"][0]["text"].strip() == forced.strip(),
+              f"logit_bias forces token {the}: {text[:200]} vs {forced!r}")
+        got = "".join(c.text for c in stub.Generate(pb.GenerateRequest(
+            text="Hello there", shape=pb.Shape(depth=4, width=0.75), max_new_tokens=5,
+            sampling=pb.Sampling(temperature=0, logit_bias={the: 100.0})), metadata=md, timeout=30))
+        check(got.strip() == forced.strip(), f"gRPC logit_bias: {got!r} vs {forced!r}")
+        status, text = call(port, "POST", "/v1/completions", dict(body, temperature=0.8, min_p=0.2, seed=1))
+        check(status == 200, f"min_p accepted: {status} {text[:200]}")
+
         # A budget instead of a model: the planner's choice.
         sizes = sorted(x.params for x in stub.ListShapes(pb.ListShapesRequest(), metadata=md, timeout=10).shapes)
         budget = {"max_params": sizes[len(sizes) // 2]}
@@ -186,7 +201,10 @@ with tempfile.TemporaryDirectory() as d:
         for what, b, code, needle in [
                 ("n=2", dict(body, n=2), 400, "n"),
                 ("tools", dict(body, tools=[]), 400, "tools"),
-                ("presence_penalty", dict(body, presence_penalty=0.5), 400, "presence_penalty"),
+                ("presence_penalty", dict(body, presence_penalty=3), 400, "sampling.presence_penalty"),
+                ("logit_bias id", dict(body, logit_bias={"x": 1}), 400, "logit_bias"),
+                ("logit_bias range", dict(body, logit_bias={"5": 101}), 400, "logit_bias"),
+                ("min_p", dict(body, min_p=2), 400, "sampling.min_p"),
                 ("logprobs", dict(body, logprobs=3), 400, "logprobs"),
                 ("negative temperature", dict(body, temperature=-1), 400, "sampling.temperature"),
                 ("max_tokens too large", dict(body, max_tokens=10**6), 400, "max_new_tokens"),

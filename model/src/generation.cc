@@ -62,12 +62,12 @@ void TokenStream::BeginDraft() {
     o.seed ^= 0x9E3779B97F4A7C15ull;  // independent of the target's draws (the rule needs it)
     draft_sampler_.emplace(o, sampler_.vocab_size());
   }
-  if (opt_.sampling.repetition_penalty != 1.0f) draft_sampler_->CopyHistoryFrom(sampler_);
+  if (sampler_.UsesHistory()) draft_sampler_->CopyHistoryFrom(sampler_);
 }
 
 int32_t TokenStream::Draft(float* logits, float* probs) {
   const int32_t tok = draft_sampler_->Sample(logits, greedy() ? nullptr : probs);
-  if (opt_.sampling.repetition_penalty != 1.0f) draft_sampler_->Observe(tok);
+  if (sampler_.UsesHistory()) draft_sampler_->ObserveGenerated(tok);
   return tok;
 }
 
@@ -80,7 +80,7 @@ TokenStream::Step TokenStream::Next(float* logits, const Proposal* proposal) {
   const int32_t tok =
       proposal ? sampler_.Verify(logits, proposal->token, proposal->probs, &step.accepted)
                : sampler_.Sample(logits);
-  sampler_.Observe(tok);
+  sampler_.ObserveGenerated(tok);
   tokens_.push_back(tok);
   step.token = tok;
   const bool eos = opt_.stop_at_eos && std::find(eos_token_ids_.begin(), eos_token_ids_.end(),

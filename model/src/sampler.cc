@@ -9,6 +9,7 @@ namespace amoeba {
 Sampler::Sampler(const SamplingOptions& options, int64_t vocab_size)
     : opt_(options), vocab_(vocab_size), rng_(options.seed) {
   seen_mask_.assign(vocab_size, 0);
+  generated_count_.assign(vocab_size, 0);
   idx_.resize(vocab_size);
   probs_.resize(vocab_size);
 }
@@ -19,17 +20,37 @@ void Sampler::Observe(int32_t token) {
   seen_.push_back(token);
 }
 
+void Sampler::ObserveGenerated(int32_t token) {
+  Observe(token);
+  if (token < 0 || token >= vocab_) return;
+  if (generated_count_[token]++ == 0) generated_.push_back(token);
+}
+
+bool Sampler::UsesHistory() const {
+  return opt_.repetition_penalty != 1.0f || opt_.presence_penalty != 0.0f ||
+         opt_.frequency_penalty != 0.0f;
+}
+
 void Sampler::CopyHistoryFrom(const Sampler& other) {
   seen_mask_ = other.seen_mask_;  // assignment reuses the capacity: no allocation once warm
   seen_ = other.seen_;
+  generated_count_ = other.generated_count_;
+  generated_ = other.generated_;
 }
 
 void Sampler::ApplyPenalty(float* logits) const {
-  if (opt_.repetition_penalty == 1.0f) return;
-  for (int32_t t : seen_) {
-    logits[t] =
-        logits[t] < 0 ? logits[t] * opt_.repetition_penalty : logits[t] / opt_.repetition_penalty;
+  if (opt_.repetition_penalty != 1.0f) {
+    for (int32_t t : seen_) {
+      logits[t] =
+          logits[t] < 0 ? logits[t] * opt_.repetition_penalty : logits[t] / opt_.repetition_penalty;
+    }
   }
+  if (opt_.presence_penalty != 0.0f || opt_.frequency_penalty != 0.0f) {
+    for (int32_t t : generated_)
+      logits[t] -= opt_.presence_penalty + opt_.frequency_penalty * generated_count_[t];
+  }
+  for (const auto& [t, bias] : opt_.logit_bias)
+    if (t >= 0 && t < vocab_) logits[t] += bias;
 }
 
 int64_t Sampler::Candidates(float* logits, double* sum_out) {
@@ -49,6 +70,18 @@ int64_t Sampler::Candidates(float* logits, double* sum_out) {
   for (int64_t i = 0; i < n; ++i) {
     probs_[i] = std::exp((logits[idx_[i]] - mx) * inv_t);
     sum += probs_[i];
+  }
+  if (opt_.min_p > 0.0f) {
+    // probs_ are relative to the most likely candidate's (1): keep those at >= min_p of it.
+    int64_t kept = 0;
+    sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (probs_[i] < opt_.min_p) continue;
+      idx_[kept] = idx_[i];
+      probs_[kept] = probs_[i];
+      sum += probs_[kept++];
+    }
+    n = kept;
   }
   if (use_top_p) {
     // Keep the smallest prefix whose mass reaches top_p (at least one token).

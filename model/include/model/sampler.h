@@ -1,9 +1,11 @@
-// Next-token selection with Hugging Face's order: repetition penalty → temperature → top-k → top-p.
+// Next-token selection: penalties (repetition over the prompt and the output; OpenAI's presence and
+// frequency over the output) and logit biases, then temperature → top-k → min-p → top-p.
 // temperature == 0 means greedy. Buffers are sized once, so sampling does not allocate per token.
 #pragma once
 #include <cstdint>
 #include <random>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace amoeba {
@@ -14,6 +16,10 @@ struct SamplingOptions {
   float top_p = 1.0f;               // 1 = off
   float repetition_penalty = 1.0f;  // 1 = off
   uint64_t seed = 0;
+  float min_p = 0.0f;               // keep tokens with p >= min_p · p_max; 0 = off
+  // OpenAI's: logit -= presence · [generated before] + frequency · (times generated).
+  float presence_penalty = 0.0f, frequency_penalty = 0.0f;
+  std::vector<std::pair<int32_t, float>> logit_bias = {};  // added to those tokens' logits
 };
 
 class Sampler {
@@ -21,6 +27,10 @@ class Sampler {
   Sampler(const SamplingOptions& options, int64_t vocab_size);
   // Marks a token as seen (prompt and generated tokens) for the repetition penalty.
   void Observe(int32_t token);
+  // A generated token: seen, and counted for the presence and frequency penalties.
+  void ObserveGenerated(int32_t token);
+  // Whether the penalties depend on the tokens observed (a draft sampler then follows them).
+  bool UsesHistory() const;
   // Picks a token; `logits` (vocab_size floats) is modified in place. With `probs` (vocab_size
   // floats), also writes the distribution the token was drawn from (one-hot when greedy).
   int32_t Sample(float* logits, float* probs = nullptr);
@@ -46,6 +56,8 @@ class Sampler {
   std::mt19937_64 rng_;
   std::vector<uint8_t> seen_mask_;
   std::vector<int32_t> seen_;
+  std::vector<int32_t> generated_count_;  // per token
+  std::vector<int32_t> generated_;        // the distinct generated tokens
   std::vector<int32_t> idx_;
   std::vector<float> probs_;
   std::vector<float> dense_;  // Verify: the target's distribution over the vocabulary

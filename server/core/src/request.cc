@@ -61,6 +61,21 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r, const Service
     return InvalidField("sampling.top_p", "must be in (0, 1]");
   if (r.repetition_penalty && !(*r.repetition_penalty > 0 && std::isfinite(*r.repetition_penalty)))
     return InvalidField("sampling.repetition_penalty", "must be > 0");
+  if (r.min_p && !(*r.min_p >= 0 && *r.min_p <= 1))
+    return InvalidField("sampling.min_p", "must be in [0, 1]");
+  for (const auto& [name, v] : {std::pair{"sampling.presence_penalty", r.presence_penalty},
+                                std::pair{"sampling.frequency_penalty", r.frequency_penalty}})
+    if (v && !(*v >= -2 && *v <= 2)) return InvalidField(name, "must be in [-2, 2]");
+  if (r.logit_bias.size() > 300) return InvalidField("sampling.logit_bias", "more than 300 tokens");
+  for (const auto& [token, bias] : r.logit_bias) {
+    if (token < 0 || token >= vocab)
+      return InvalidField(
+          "sampling.logit_bias",
+          absl::StrCat("token ", token, " is not in the vocabulary [0, ", vocab, ")"));
+    if (!(bias >= -100 && bias <= 100))
+      return InvalidField("sampling.logit_bias",
+                          absl::StrCat("token ", token, ": bias must be in [-100, 100]"));
+  }
   if (r.max_new_tokens && (*r.max_new_tokens < 1 || *r.max_new_tokens > l.max_new_tokens))
     return InvalidField("max_new_tokens", absl::StrCat("must be in [1, ", l.max_new_tokens, "]"));
   if (static_cast<int64_t>(r.stop.size()) > l.max_stop_strings)

@@ -421,6 +421,10 @@ absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest
   job->gen.sampling.top_k = r.top_k.value_or(0);
   job->gen.sampling.top_p = r.top_p.value_or(1.f);
   job->gen.sampling.repetition_penalty = r.repetition_penalty.value_or(1.f);
+  job->gen.sampling.min_p = r.min_p.value_or(0.f);
+  job->gen.sampling.presence_penalty = r.presence_penalty.value_or(0.f);
+  job->gen.sampling.frequency_penalty = r.frequency_penalty.value_or(0.f);
+  job->gen.sampling.logit_bias = r.logit_bias;
   job->gen.sampling.seed = r.seed.value_or(0);
   job->gen.max_new_tokens = r.max_new_tokens.value_or(128);
   job->gen.stop = r.stop;

@@ -1,5 +1,7 @@
 #include "proto_convert.h"
 
+#include <algorithm>
+
 namespace amoeba {
 
 PlanBudget BudgetFromProto(const v1::Budget& b) {
@@ -35,6 +37,11 @@ GenerationRequest GenerationRequestFromProto(const v1::GenerateRequest& r) {
   if (sp.has_top_p()) g.top_p = sp.top_p();
   if (sp.has_repetition_penalty()) g.repetition_penalty = sp.repetition_penalty();
   if (sp.has_seed()) g.seed = sp.seed();
+  if (sp.has_min_p()) g.min_p = sp.min_p();
+  if (sp.has_presence_penalty()) g.presence_penalty = sp.presence_penalty();
+  if (sp.has_frequency_penalty()) g.frequency_penalty = sp.frequency_penalty();
+  for (const auto& [token, bias] : sp.logit_bias()) g.logit_bias.emplace_back(token, bias);
+  std::sort(g.logit_bias.begin(), g.logit_bias.end());  // map order is unspecified
   if (r.has_max_new_tokens()) g.max_new_tokens = r.max_new_tokens();
   g.stop.assign(r.stop().begin(), r.stop().end());
   if (r.has_time_limit_ms()) g.time_limit_ms = r.time_limit_ms();

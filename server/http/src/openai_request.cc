@@ -2,6 +2,7 @@
 
 #include <set>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "model/status_macros.h"
 #include "server/request_checks.h"
@@ -35,6 +36,8 @@ const std::set<std::string>& KnownFields(bool chat) {
                                                    "metadata",
                                                    "top_k",
                                                    "repetition_penalty",
+                                                   "min_p",
+                                                   "min_p",
                                                    "amoeba"};
   static const std::set<std::string> chatc = {"model",
                                               "messages",
@@ -179,10 +182,6 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
   if (n && *n != 1) return InvalidField("n", "only 1 is supported");
   ASSIGN_OR_RETURN(auto best_of, Optional<int64_t>(j, "best_of"));
   if (best_of && *best_of != 1) return InvalidField("best_of", "only 1 is supported");
-  for (const char* k : {"presence_penalty", "frequency_penalty"}) {
-    ASSIGN_OR_RETURN(auto pen, Optional<double>(j, k));
-    if (pen && *pen != 0) return InvalidField(k, "not supported (use repetition_penalty)");
-  }
   if (j.contains("response_format") && !j["response_format"].is_null()) {
     const json& rf = j["response_format"];
     if (!rf.is_object() || !rf.contains("type") || !rf["type"].is_string())
@@ -208,9 +207,6 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
   if (j.contains("echo") && j["echo"] != false) return InvalidField("echo", "not supported");
   if (j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"] != false)
     return InvalidField("logprobs", "not supported");
-  if (j.contains("logit_bias") && !j["logit_bias"].is_null() &&
-      !(j["logit_bias"].is_object() && j["logit_bias"].empty()))
-    return InvalidField("logit_bias", "not supported");
 
   GenerationRequest& r = c.req;
   // The target: a model name, or a budget for the planner.
@@ -290,6 +286,25 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
   if (top_k) r.top_k = *top_k;
   ASSIGN_OR_RETURN(auto rep, Optional<double>(j, "repetition_penalty"));
   if (rep) r.repetition_penalty = static_cast<float>(*rep);
+  ASSIGN_OR_RETURN(auto min_p, Optional<double>(j, "min_p"));
+  if (min_p) r.min_p = static_cast<float>(*min_p);
+  ASSIGN_OR_RETURN(auto presence, Optional<double>(j, "presence_penalty"));
+  if (presence) r.presence_penalty = static_cast<float>(*presence);
+  ASSIGN_OR_RETURN(auto frequency, Optional<double>(j, "frequency_penalty"));
+  if (frequency) r.frequency_penalty = static_cast<float>(*frequency);
+  // {"token id as a string": bias}, as OpenAI takes it.
+  if (j.contains("logit_bias") && !j["logit_bias"].is_null()) {
+    const json& lb = j["logit_bias"];
+    if (!lb.is_object()) return InvalidField("logit_bias", "must be an object of token id -> bias");
+    for (const auto& [k, v] : lb.items()) {
+      int32_t token = 0;
+      if (!absl::SimpleAtoi(k, &token) || token < 0)
+        return InvalidField("logit_bias",
+                            absl::StrCat("\"", LogSafe(k, 20), "\" is not a token id"));
+      if (!v.is_number()) return InvalidField("logit_bias", "biases must be numbers");
+      r.logit_bias.emplace_back(token, v.get<float>());
+    }
+  }
   ASSIGN_OR_RETURN(auto seed, Optional<int64_t>(j, "seed"));
   if (seed) r.seed = static_cast<uint64_t>(*seed);
   ASSIGN_OR_RETURN(auto max_tokens, Optional<int64_t>(j, chat && j.contains("max_completion_tokens")

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -42,6 +43,9 @@ struct GenerationRequest {
   std::optional<Shape> shape;                  // target: a shape, a budget, or neither (full)
   std::optional<PlanBudget> budget;
   std::optional<float> temperature, top_p, repetition_penalty;
+  std::optional<float> min_p;                                // [0, 1]
+  std::optional<float> presence_penalty, frequency_penalty;  // [-2, 2], OpenAI's
+  std::vector<std::pair<int32_t, float>> logit_bias;         // token -> [-100, 100]
   std::optional<int64_t> top_k;
   std::optional<uint64_t> seed;
   std::optional<int64_t> max_new_tokens;  // default 128
