@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "client/amoeba_client.h"
 
@@ -81,7 +82,8 @@ int main(int argc, char** argv) {
   ShapeFlags shape;
   BudgetFlags budget;
   int max_new = 64;
-  float temperature = 0, top_p = 1, rep = 1;
+  float temperature = 0, top_p = 1, rep = 1, min_p = 0, presence = 0, frequency = 0;
+  std::vector<std::string> logit_bias;
   int top_k = 0;
   uint64_t seed = 0;
   std::vector<std::string> stop;
@@ -95,6 +97,12 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", top_p)->capture_default_str();
   gen->add_option("--repetition-penalty", rep)->capture_default_str();
   gen->add_option("--seed", seed)->capture_default_str();
+  gen->add_option("--min-p", min_p, "Keep tokens with p >= min_p * p_max (0 = off)")
+      ->capture_default_str();
+  gen->add_option("--presence-penalty", presence, "OpenAI's, [-2, 2]")->capture_default_str();
+  gen->add_option("--frequency-penalty", frequency, "OpenAI's, [-2, 2]")->capture_default_str();
+  gen->add_option("--logit-bias", logit_bias,
+                  "TOKEN_ID=BIAS added to that token's logit (repeatable)");
   gen->add_option("--stop", stop, "Stop string (repeatable)");
   std::string speculate;
   int draft_tokens = 0;
@@ -181,6 +189,20 @@ int main(int argc, char** argv) {
     s->set_top_p(top_p);
     s->set_repetition_penalty(rep);
     s->set_seed(seed);
+    if (min_p != 0) s->set_min_p(min_p);
+    if (presence != 0) s->set_presence_penalty(presence);
+    if (frequency != 0) s->set_frequency_penalty(frequency);
+    for (const std::string& lb : logit_bias) {
+      const size_t eq = lb.find('=');
+      int32_t id = 0;
+      float bias = 0;
+      if (eq == std::string::npos || !absl::SimpleAtoi(lb.substr(0, eq), &id) ||
+          !absl::SimpleAtof(lb.substr(eq + 1), &bias)) {
+        std::fprintf(stderr, "--logit-bias: \"%s\" is not TOKEN_ID=BIAS\n", lb.c_str());
+        return 2;
+      }
+      (*s->mutable_logit_bias())[id] = bias;
+    }
     for (const auto& st : stop) req.add_stop(st);
     if (!speculate.empty()) req.set_speculate(speculate);
     if (draft_tokens > 0) req.set_draft_tokens(draft_tokens);

@@ -1,15 +1,19 @@
 #!/usr/bin/python3
 """A Python client that knows only amoeba.proto talks to a real amoeba-server.
 
-Usage: python_client_test.py ADMIN SERVER PYTHON_STUBS_DIR
+Usage: python_client_test.py ADMIN SERVER PYTHON_STUBS_DIR [AMOEBA_CLI]
 Builds a tiny supernet with amoeba-admin, starts the server on a free loopback port, streams a
-generation, plans a budget, lists shapes and checks that a bad request is INVALID_ARGUMENT.
+generation, plans a budget, lists shapes and checks that a bad request is INVALID_ARGUMENT; with
+AMOEBA_CLI, also that amoeba-cli's sampling flags reach the server.
 """
+import json
 import os
+import subprocess
 import sys
 import tempfile
 
 admin, server_bin, stubs = sys.argv[1:4]
+cli = sys.argv[4] if len(sys.argv) > 4 else None
 sys.path.insert(0, stubs)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from server_process import make_supernet, start_server, stop_server  # noqa: E402
@@ -64,6 +68,26 @@ with tempfile.TemporaryDirectory() as d:
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.top_p" in e.details(), e
         passed += 1
+
+        if cli:
+            # amoeba-cli's sampling flags: a logit bias moves greedy onto one token; bad values
+            # are a clear error (exit 2 for a malformed flag, the server's INVALID_ARGUMENT else).
+            base = [cli, "--target", f"127.0.0.1:{port}"]
+            ids = list(stub.Tokenize(pb.TokenizeRequest(text="the", add_bos=False), timeout=10).ids)
+            out = subprocess.run(base + ["--json", "generate", "Hello", "-n", "4", "--logit-bias",
+                                         f"{ids[-1]}=100", "--presence-penalty", "0.1",
+                                         "--frequency-penalty", "0.1", "--min-p", "0.05"],
+                                 capture_output=True, text=True, timeout=60)
+            got = [t for line in out.stdout.splitlines() if line.startswith("{")
+                   for t in json.loads(line).get("tokenIds", [])]
+            assert out.returncode == 0 and got == [ids[-1]] * 4, (out.returncode, got, out.stderr[-300:])
+            bad = subprocess.run(base + ["generate", "x", "--logit-bias", "x=1"], capture_output=True,
+                                 text=True, timeout=60)
+            assert bad.returncode == 2 and "--logit-bias" in bad.stderr, (bad.returncode, bad.stderr)
+            far = subprocess.run(base + ["generate", "x", "--presence-penalty", "5"], capture_output=True,
+                                 text=True, timeout=60)
+            assert far.returncode != 0 and "sampling.presence_penalty" in far.stderr, (far.returncode, far.stderr)
+            passed += 1
         print(f"python_client: {passed} passed, 0 failed")
     finally:
         stop_server(proc, timeout=20)
