@@ -38,4 +38,16 @@ std::string BoundedMessage(std::string_view message) {
   return m;
 }
 
+absl::Status CheckBearerToken(const std::optional<std::string>& authorization,
+                              std::string_view token) {
+  if (!authorization) return absl::UnauthenticatedError("missing authorization: Bearer <token>");
+  const std::string want = absl::StrCat("Bearer ", std::string(token));
+  const std::string_view got = *authorization;
+  unsigned char diff = got.size() == want.size() ? 0 : 1;
+  for (size_t i = 0; i < want.size(); ++i)
+    diff |= static_cast<unsigned char>(want[i] ^ (i < got.size() ? got[i] : 0));
+  if (diff != 0) return absl::PermissionDeniedError("invalid token");
+  return absl::OkStatus();
+}
+
 }  // namespace amoeba

@@ -132,16 +132,7 @@ absl::Status Serving::CheckAuth(const RequestContext& ctx, bool export_call) con
     return absl::OkStatus();
   }
   if (!export_call && !options_.token_for_all) return absl::OkStatus();
-  if (!ctx.authorization)
-    return absl::UnauthenticatedError("missing authorization: Bearer <token>");
-  // Compared in time independent of where the first difference is.
-  const std::string want = "Bearer " + options_.auth_token;
-  const std::string_view got = *ctx.authorization;
-  unsigned char diff = got.size() == want.size() ? 0 : 1;
-  for (size_t i = 0; i < want.size(); ++i)
-    diff |= static_cast<unsigned char>(want[i] ^ (i < got.size() ? got[i] : 0));
-  if (diff != 0) return absl::PermissionDeniedError("invalid token");
-  return absl::OkStatus();
+  return CheckBearerToken(ctx.authorization, options_.auth_token);
 }
 
 absl::StatusOr<Shape> Serving::ValidShape(Shape s) const {

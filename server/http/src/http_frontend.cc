@@ -14,6 +14,7 @@
 #include "http_server.h"
 #include "http_status.h"
 #include "model/errors.h"
+#include "model/status_macros.h"
 #include "openai_request.h"
 #include "openai_response.h"
 #include "server/metrics.h"
@@ -86,6 +87,13 @@ int64_t UnixSeconds() {
 
 std::string Event(const json& j) {
   return "data: " + j.dump() + "\n\n";
+}
+
+// A request body that must be a JSON object ("" reads as {}).
+absl::StatusOr<json> ParseJsonObject(const std::string& body) {
+  json j = json::parse(body.empty() ? "{}" : body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return InvalidField("body", "not a JSON object");
+  return j;
 }
 
 HttpReply JsonReply(const json& body, HttpHeaders headers = {}) {
@@ -197,8 +205,9 @@ struct HttpFrontend::Routes {
   // server takes it: {"tokens": [ids]} or, with pieces, [{"id", "piece"}].
   HttpReply Tokenize(const HttpRequest& req, const HttpHeaders& cors) const {
     auto fail = [&](const absl::Status& st) { return WithHeaders(ErrorReply(st), cors); };
-    const json j = json::parse(req.body.empty() ? "{}" : req.body, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return fail(InvalidField("body", "not a JSON object"));
+    auto parsed = ParseJsonObject(req.body);
+    if (!parsed.ok()) return fail(parsed.status());
+    const json& j = *parsed;
     TokenizeRequest r;
     r.request_id = req.Header("X-Request-Id").value_or("");
     bool pieces = false;
@@ -229,8 +238,9 @@ struct HttpFrontend::Routes {
   // POST /detokenize {"tokens": [ids]} -> {"content": text}.
   HttpReply Detokenize(const HttpRequest& req, const HttpHeaders& cors) const {
     auto fail = [&](const absl::Status& st) { return WithHeaders(ErrorReply(st), cors); };
-    const json j = json::parse(req.body.empty() ? "{}" : req.body, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return fail(InvalidField("body", "not a JSON object"));
+    auto parsed = ParseJsonObject(req.body);
+    if (!parsed.ok()) return fail(parsed.status());
+    const json& j = *parsed;
     for (const auto& [k, v] : j.items())
       if (k != "tokens") return fail(InvalidField(k, "not supported by this server"));
     if (!j.contains("tokens") || !j["tokens"].is_array())
@@ -419,8 +429,7 @@ struct HttpFrontend::Routes {
   }
 
   static absl::StatusOr<ExportRequest> ParseExport(const std::string& body) {
-    const json j = json::parse(body.empty() ? "{}" : body, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return InvalidField("body", "not a JSON object");
+    ASSIGN_OR_RETURN(const json j, ParseJsonObject(body));
     ExportRequest r;
     for (const auto& [k, v] : j.items()) {
       if (k == "shape") {

@@ -5,16 +5,6 @@
 #include "server/request_checks.h"
 
 namespace amoeba {
-namespace {
-
-// Constant time in the token's length: the comparison does not say how much of it matched.
-bool SameToken(std::string_view a, std::string_view b) {
-  unsigned diff = a.size() != b.size();
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) diff |= a[i] ^ b[i];
-  return diff == 0;
-}
-
-}  // namespace
 
 MetricsEndpoint::MetricsEndpoint(const Metrics& metrics, std::string token, HttpLimits limits)
     : metrics_(metrics), token_(std::move(token)), limits_(limits) {}
@@ -40,10 +30,8 @@ absl::Status MetricsEndpoint::Start(const std::string& host, int port) {
       return r;
     }
     if (req.path == "/metrics" && !token_.empty()) {
-      const auto auth = req.Header("Authorization");
-      if (!auth) return ErrorReply(absl::UnauthenticatedError("missing bearer token"));
-      if (!SameToken(*auth, "Bearer " + token_))
-        return ErrorReply(absl::PermissionDeniedError("wrong bearer token"));
+      if (absl::Status st = CheckBearerToken(req.Header("Authorization"), token_); !st.ok())
+        return ErrorReply(st);
     }
     return std::nullopt;
   };
