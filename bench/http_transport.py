@@ -54,6 +54,15 @@ def median_health(port, n=5, source="127.0.0.1"):
     return round(statistics.median(ok), 2) if len(ok) == n else None
 
 
+def reply_status(s):
+    """The status code of the server's reply on `s`, or "none" when it sent none."""
+    try:
+        got = s.recv(64)
+        return got.split(b" ")[1].decode() if got.startswith(b"HTTP/1.1") else "none"
+    except OSError:
+        return "none"
+
+
 def chunked_body(port, pid, total):
     peak = [rss_mb(pid)]
     base = peak[0]
@@ -81,11 +90,7 @@ def chunked_body(port, pid, total):
             s.sendall(b"0\r\n\r\n")
         except OSError:
             pass
-        try:
-            got = s.recv(64)
-            status = got.split(b" ")[1].decode() if got.startswith(b"HTTP/1.1") else "none"
-        except OSError:
-            pass
+        status = reply_status(s)
         s.close()
     except OSError:
         pass
@@ -113,11 +118,7 @@ def big_headers(port, pid, total):
             s.sendall(b"\r\n")
         except OSError:
             pass
-        try:
-            got = s.recv(64)
-            status = got.split(b" ")[1].decode() if got.startswith(b"HTTP/1.1") else "none"
-        except OSError:
-            pass
+        status = reply_status(s)
         s.close()
     except OSError:
         pass

@@ -83,6 +83,20 @@ def well_behaved(port, what):
           f"{what}: /health {status} in {health * 1000:.0f} ms, completion {status2} in {completion * 1000:.0f} ms")
 
 
+def read_until_closed(s):
+    """What the server sends until it closes (or resets) the connection."""
+    out = b""
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+    except OSError:
+        pass
+    return out
+
+
 def raw(port, data, read=True, timeout=5):
     """Sends bytes on a fresh connection; returns what comes back until the server closes."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -90,16 +104,7 @@ def raw(port, data, read=True, timeout=5):
         s.sendall(data)
     except OSError:
         pass
-    out = b""
-    if read:
-        try:
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                out += b
-        except OSError:
-            pass
+    out = read_until_closed(s) if read else b""
     s.close()
     return out.decode(errors="replace")
 
@@ -186,15 +191,7 @@ with tempfile.TemporaryDirectory() as d:
                     sent += 1 << 20
             except OSError:
                 pass
-            out = b""
-            try:
-                while True:
-                    b = s.recv(65536)
-                    if not b:
-                        break
-                    out += b
-            except OSError:
-                pass
+            out = read_until_closed(s)
             s.close()
             status = out.split(b" ", 2)[1].decode() if out.startswith(b"HTTP/1.1") else "none"
             if results is not None:
