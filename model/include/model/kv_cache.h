@@ -36,6 +36,10 @@ class KVCache {
   // [kv_heads, capacity(slot), head_dim] of one layer.
   at::Tensor& k(int64_t layer, int64_t slot) { return slots_[slot].k[layer]; }
   at::Tensor& v(int64_t layer, int64_t slot) { return slots_[slot].v[layer]; }
+  const at::Tensor& k(int64_t layer, int64_t slot) const { return slots_[slot].k[layer]; }
+  const at::Tensor& v(int64_t layer, int64_t slot) const { return slots_[slot].v[layer]; }
+  int64_t kv_heads(int64_t layer) const { return kv_heads_[layer]; }
+  int64_t head_dim() const { return head_dim_; }
   // Bytes held now (grows and shrinks with the sequences).
   int64_t bytes() const;
 

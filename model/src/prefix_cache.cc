@@ -1,0 +1,368 @@
+#include "model/prefix_cache.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "model/file_util.h"
+#include "model/status_macros.h"
+
+namespace amoeba {
+
+namespace {
+
+// splitmix64's finaliser: a stable hash (persisted files must hash alike in every process).
+uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Bytes of one (layer, head) run of `tokens` positions.
+int64_t RunBytes(int64_t tokens, int64_t head_dim, int64_t elem) {
+  return tokens * head_dim * elem;
+}
+
+constexpr char kMagic[8] = {'A', 'M', 'B', 'P', 'C', 'C', '0', '1'};
+
+}  // namespace
+
+PrefixCache::PrefixCache(PrefixCacheOptions options) : opt_(options) {
+  opt_.block_tokens = std::max<int64_t>(1, opt_.block_tokens);
+}
+
+PrefixCache::~PrefixCache() = default;
+
+int64_t PrefixCache::Layout::BlockBytes(int64_t block_tokens) const {
+  int64_t heads = 0;
+  for (int64_t h : kv_heads) heads += h;
+  return 2 * heads * RunBytes(block_tokens, head_dim, elem_bytes);
+}
+
+PrefixCache::Layout PrefixCache::LayoutOf(const KVCache& cache) {
+  Layout l;
+  for (int64_t i = 0; i < cache.num_layers(); ++i) l.kv_heads.push_back(cache.kv_heads(i));
+  l.head_dim = cache.head_dim();
+  l.elem_bytes = static_cast<int64_t>(at::elementSize(cache.dtype()));
+  return l;
+}
+
+uint64_t PrefixCache::RootHash(std::string_view key) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (char c : key) h = Mix(h ^ static_cast<uint8_t>(c));
+  return h;
+}
+
+uint64_t PrefixCache::ChainHash(uint64_t parent, std::span<const int32_t> tokens) {
+  uint64_t h = parent;
+  for (int32_t t : tokens) h = Mix(h ^ static_cast<uint32_t>(t));
+  return h;
+}
+
+PrefixCache::Block* PrefixCache::Child(const Space& space, uint64_t root, const Block* parent,
+                                       std::span<const int32_t> tokens) {
+  const uint64_t h = ChainHash(parent ? parent->hash : root, tokens);
+  auto it = space.blocks.find(h);
+  if (it == space.blocks.end()) return nullptr;
+  Block* b = it->second.get();
+  // A hash is only a hint: the block must extend this very parent with these very tokens.
+  if (b->parent != parent ||
+      !std::equal(tokens.begin(), tokens.end(), b->tokens.begin(), b->tokens.end()))
+    return nullptr;
+  return b;
+}
+
+int64_t PrefixCache::Cached(std::string_view key, std::span<const int32_t> tokens,
+                            int64_t max_tokens) const {
+  auto sp = spaces_.find(key);
+  if (sp == spaces_.end()) return 0;
+  const int64_t bt = opt_.block_tokens;
+  const int64_t limit = std::min<int64_t>(max_tokens, static_cast<int64_t>(tokens.size()));
+  const uint64_t root = RootHash(key);
+  const Block* parent = nullptr;
+  int64_t n = 0;
+  while (n + bt <= limit) {
+    const Block* b = Child(sp->second, root, parent, tokens.subspan(n, bt));
+    if (!b) break;
+    parent = b;
+    n += bt;
+  }
+  return n;
+}
+
+int64_t PrefixCache::Restore(std::string_view key, std::span<const int32_t> tokens,
+                             int64_t max_tokens, KVCache& cache, int64_t slot) {
+  auto sp = spaces_.find(key);
+  if (sp == spaces_.end() || cache.length(slot) != 0) return 0;
+  Space& space = sp->second;
+  if (!(space.layout == LayoutOf(cache))) return 0;
+  const int64_t bt = opt_.block_tokens;
+  const int64_t limit =
+      std::min<int64_t>({max_tokens, static_cast<int64_t>(tokens.size()), cache.max_len()});
+  const uint64_t root = RootHash(key);
+  std::vector<Block*> chain;
+  for (int64_t n = 0; n + bt <= limit; n += bt) {
+    Block* b = Child(space, root, chain.empty() ? nullptr : chain.back(), tokens.subspan(n, bt));
+    if (!b) break;
+    chain.push_back(b);
+  }
+  if (chain.empty()) return 0;
+  const int64_t n = static_cast<int64_t>(chain.size()) * bt;
+  cache.Reserve(slot, n);
+  const Layout& lay = space.layout;
+  const int64_t cap = cache.capacity(slot);
+  const int64_t run = RunBytes(bt, lay.head_dim, lay.elem_bytes);
+  const int64_t row = RunBytes(1, lay.head_dim, lay.elem_bytes);
+  const uint64_t stamp = ++clock_;
+  for (size_t i = 0; i < chain.size(); ++i) {
+    const std::byte* src = chain[i]->data.get();
+    chain[i]->last_used = stamp;
+    const int64_t pos = static_cast<int64_t>(i) * bt;
+    for (int64_t l = 0; l < static_cast<int64_t>(lay.kv_heads.size()); ++l) {
+      for (at::Tensor* t : {&cache.k(l, slot), &cache.v(l, slot)}) {
+        auto* dst = static_cast<std::byte*>(t->data_ptr());
+        for (int64_t h = 0; h < lay.kv_heads[l]; ++h, src += run)
+          std::memcpy(dst + (h * cap + pos) * row, src, static_cast<size_t>(run));
+      }
+    }
+  }
+  cache.set_length(slot, n);
+  return n;
+}
+
+PrefixCache::Block* PrefixCache::AddBlock(Space& space, uint64_t hash, Block* parent,
+                                          std::span<const int32_t> tokens) {
+  auto b = std::make_unique<Block>();
+  b->hash = hash;
+  b->parent = parent;
+  b->tokens.assign(tokens.begin(), tokens.end());
+  b->data.reset(new std::byte[static_cast<size_t>(space.layout.BlockBytes(opt_.block_tokens))]);
+  b->last_used = clock_;
+  Block* raw = b.get();
+  // Same hash, different chain (a collision, or a stale block): the newer one wins the slot.
+  if (auto old = space.blocks.find(hash); old != space.blocks.end()) {
+    if (old->second->children > 0) return nullptr;  // keep the chain it heads intact
+    if (old->second->parent) --old->second->parent->children;
+    bytes_ -= space.layout.BlockBytes(opt_.block_tokens);
+    --blocks_;
+    space.blocks.erase(old);
+  }
+  if (parent) ++parent->children;
+  space.blocks[hash] = std::move(b);
+  bytes_ += space.layout.BlockBytes(opt_.block_tokens);
+  ++blocks_;
+  ++inserted_;
+  return raw;
+}
+
+void PrefixCache::Insert(std::string_view key, std::span<const int32_t> tokens, int64_t n,
+                         const KVCache& cache, int64_t slot) {
+  const int64_t bt = opt_.block_tokens;
+  n = std::min({n, static_cast<int64_t>(tokens.size()), cache.length(slot)});
+  if (n < bt || opt_.max_bytes <= 0) return;
+  const Layout layout = LayoutOf(cache);
+  auto sp = spaces_.find(key);
+  if (sp != spaces_.end() && !(sp->second.layout == layout)) {
+    DropSpace(sp->second);
+    spaces_.erase(sp);
+    sp = spaces_.end();
+  }
+  if (sp == spaces_.end()) {
+    sp = spaces_.emplace(std::string(key), Space{}).first;
+    sp->second.layout = layout;
+  }
+  Space& space = sp->second;
+  const int64_t block_bytes = layout.BlockBytes(bt);
+  if (block_bytes > opt_.max_bytes) return;
+  const uint64_t root = RootHash(key);
+  const uint64_t stamp = ++clock_;
+  const int64_t cap = cache.capacity(slot);
+  const int64_t run = RunBytes(bt, layout.head_dim, layout.elem_bytes);
+  const int64_t row = RunBytes(1, layout.head_dim, layout.elem_bytes);
+  Block* parent = nullptr;
+  for (int64_t pos = 0; pos + bt <= n; pos += bt) {
+    const auto block_tokens = tokens.subspan(pos, bt);
+    Block* b = Child(space, root, parent, block_tokens);
+    if (!b) {
+      // Blocks touched by this call carry `stamp`: eviction leaves them (and so this chain) be.
+      if (!MakeRoom(block_bytes, stamp)) return;
+      b = AddBlock(space, ChainHash(parent ? parent->hash : root, block_tokens), parent,
+                   block_tokens);
+      if (!b) return;
+      std::byte* dst = b->data.get();
+      for (int64_t l = 0; l < static_cast<int64_t>(layout.kv_heads.size()); ++l) {
+        for (const at::Tensor* t : {&cache.k(l, slot), &cache.v(l, slot)}) {
+          const auto* src = static_cast<const std::byte*>(t->data_ptr());
+          for (int64_t h = 0; h < layout.kv_heads[l]; ++h, dst += run)
+            std::memcpy(dst, src + (h * cap + pos) * row, static_cast<size_t>(run));
+        }
+      }
+    }
+    b->last_used = stamp;
+    parent = b;
+  }
+}
+
+bool PrefixCache::MakeRoom(int64_t extra, uint64_t protect_from) {
+  while (bytes_ + extra > opt_.max_bytes) {
+    Space* victim_space = nullptr;
+    Block* victim = nullptr;
+    for (auto& [k, space] : spaces_)
+      for (auto& [h, b] : space.blocks)
+        if (b->children == 0 && b->last_used < protect_from &&
+            (!victim || b->last_used < victim->last_used)) {
+          victim = b.get();
+          victim_space = &space;
+        }
+    if (!victim) return false;
+    if (victim->parent) --victim->parent->children;
+    bytes_ -= victim_space->layout.BlockBytes(opt_.block_tokens);
+    --blocks_;
+    ++evicted_;
+    victim_space->blocks.erase(victim->hash);
+  }
+  return true;
+}
+
+void PrefixCache::DropSpace(Space& space) {
+  bytes_ -= static_cast<int64_t>(space.blocks.size()) * space.layout.BlockBytes(opt_.block_tokens);
+  blocks_ -= static_cast<int64_t>(space.blocks.size());
+  space.blocks.clear();
+}
+
+PrefixCacheStats PrefixCache::stats() const {
+  PrefixCacheStats s;
+  s.bytes = bytes_;
+  s.blocks = blocks_;
+  s.inserted_blocks = inserted_;
+  s.evicted_blocks = evicted_;
+  return s;
+}
+
+// File: magic, block_tokens, layer count, head_dim, elem_bytes, kv_heads[layers], block count,
+// then per block (parents before children): parent index (-1: root), tokens, data. Integers are
+// int64 in host byte order (the file is a cache of this machine's server, not an interchange
+// format).
+absl::Status PrefixCache::Save(std::string_view key, const std::string& path) const {
+  auto sp = spaces_.find(key);
+  std::vector<const Block*> order;
+  std::unordered_map<const Block*, int64_t> index;
+  Layout layout;
+  if (sp != spaces_.end()) {
+    layout = sp->second.layout;
+    // Parents first: by chain depth.
+    std::vector<std::pair<int64_t, const Block*>> by_depth;
+    for (const auto& [h, b] : sp->second.blocks) {
+      int64_t depth = 0;
+      for (const Block* p = b->parent; p; p = p->parent) ++depth;
+      by_depth.emplace_back(depth, b.get());
+    }
+    std::sort(by_depth.begin(), by_depth.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (const auto& [d, b] : by_depth) {
+      index[b] = static_cast<int64_t>(order.size());
+      order.push_back(b);
+    }
+  }
+  const int64_t block_bytes = layout.BlockBytes(opt_.block_tokens);
+  return WriteFileAtomicWith(path, [&](int fd) -> absl::Status {
+    auto put = [&](int64_t v) { return WriteAll(fd, &v, sizeof v, path); };
+    RETURN_IF_ERROR(WriteAll(fd, kMagic, sizeof kMagic, path));
+    for (int64_t v : {opt_.block_tokens, static_cast<int64_t>(layout.kv_heads.size()),
+                      layout.head_dim, layout.elem_bytes})
+      RETURN_IF_ERROR(put(v));
+    for (int64_t h : layout.kv_heads) RETURN_IF_ERROR(put(h));
+    RETURN_IF_ERROR(put(static_cast<int64_t>(order.size())));
+    for (const Block* b : order) {
+      RETURN_IF_ERROR(put(b->parent ? index.at(b->parent) : -1));
+      RETURN_IF_ERROR(WriteAll(fd, b->tokens.data(), b->tokens.size() * sizeof(int32_t), path));
+      RETURN_IF_ERROR(WriteAll(fd, b->data.get(), static_cast<size_t>(block_bytes), path));
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status PrefixCache::Load(std::string_view key, const std::string& path,
+                               const KVCache& layout_of) {
+  ASSIGN_OR_RETURN(std::string bytes, ReadFile(path));
+  size_t at = 0;
+  auto take = [&](void* dst, size_t n) {
+    if (bytes.size() - at < n) return false;
+    std::memcpy(dst, bytes.data() + at, n);
+    at += n;
+    return true;
+  };
+  auto bad = [&](std::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": not a prompt cache file (", std::string(why), ")"));
+  };
+  char magic[sizeof kMagic];
+  if (!take(magic, sizeof magic) || std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+    return bad("bad magic");
+  int64_t bt = 0, layers = 0;
+  Layout layout;
+  if (!take(&bt, 8) || !take(&layers, 8) || !take(&layout.head_dim, 8) ||
+      !take(&layout.elem_bytes, 8) || layers < 0 || layers > 4096)
+    return bad("truncated header");
+  layout.kv_heads.resize(static_cast<size_t>(layers));
+  for (int64_t& h : layout.kv_heads)
+    if (!take(&h, 8)) return bad("truncated header");
+  if (bt != opt_.block_tokens)
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": written with blocks of ", bt, " tokens, this cache uses ", opt_.block_tokens));
+  if (!(layout == LayoutOf(layout_of)))
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": its KV layout is not this model's (another shape or KV dtype)"));
+  int64_t count = 0;
+  if (!take(&count, 8) || count < 0) return bad("truncated block count");
+  // The whole file is checked before anything is added: a bad file loads nothing.
+  const int64_t block_bytes = layout.BlockBytes(bt);
+  const size_t record = 8 + static_cast<size_t>(bt) * sizeof(int32_t) + block_bytes;
+  if ((bytes.size() - at) / record != static_cast<size_t>(count) ||
+      (bytes.size() - at) % record != 0)
+    return bad(absl::StrCat("truncated: ", count, " blocks announced, ", bytes.size() - at,
+                            " bytes of blocks"));
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t parent_index = 0;
+    std::memcpy(&parent_index, bytes.data() + at + static_cast<size_t>(i) * record, 8);
+    if (parent_index < -1 || parent_index >= i)
+      return bad(absl::StrCat("block ", i, " names parent ", parent_index));
+  }
+  auto sp = spaces_.find(key);
+  if (sp == spaces_.end()) {
+    sp = spaces_.emplace(std::string(key), Space{}).first;
+    sp->second.layout = layout;
+  } else if (!(sp->second.layout == layout)) {
+    DropSpace(sp->second);
+    sp->second.layout = layout;
+  }
+  Space& space = sp->second;
+  const uint64_t root = RootHash(key);
+  std::vector<Block*> loaded;
+  std::vector<int32_t> tokens(static_cast<size_t>(bt));
+  const uint64_t stamp = ++clock_;
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t parent_index = 0;
+    take(&parent_index, 8);
+    take(tokens.data(), tokens.size() * sizeof(int32_t));
+    Block* parent = parent_index < 0 ? nullptr : loaded[static_cast<size_t>(parent_index)];
+    Block* b = nullptr;
+    if (parent_index < 0 || parent) {  // a block whose parent did not fit is dropped
+      b = Child(space, root, parent, tokens);
+      if (!b && MakeRoom(block_bytes, stamp)) {
+        b = AddBlock(space, ChainHash(parent ? parent->hash : root, tokens), parent, tokens);
+        if (b) std::memcpy(b->data.get(), bytes.data() + at, static_cast<size_t>(block_bytes));
+      }
+      if (b) b->last_used = stamp;
+    }
+    at += static_cast<size_t>(block_bytes);
+    loaded.push_back(b);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace amoeba
