@@ -10,12 +10,15 @@
 
 #include <fstream>
 #include <functional>
+#include <future>
 #include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "client/amoeba_client.h"
 #include "model/engine.h"
 #include "model/generation.h"
+#include "model/kernels.h"
 #include "model/presets.h"
 #include "server/grpc_service.h"
 #include "server/metrics.h"
@@ -141,5 +144,59 @@ inline std::vector<int32_t> LocalGreedy(const Supernet& s, const Shape& shape,
   Model m = MustOk(BuildSubnet(s, smol, shape), "build subnet");
   return GreedyOn(std::make_shared<const Model>(std::move(m)), *s.tokenizer(), text, n, kv_dtype);
 }
+
+// Scheduler jobs without a front end: a greedy job of BOS + the text's tokens, and runs of
+// jobs submitted together (so they share steps) with what each streamed and its result.
+struct Outcome {
+  std::vector<int32_t> tokens;
+  JobResult result;
+};
+
+inline std::shared_ptr<Job> NewJob(const Supernet& s, const Shape& shape, const std::string& text,
+                                   int n, std::optional<Shape> draft = std::nullopt,
+                                   int64_t k = 0) {
+  auto job = std::make_shared<Job>();
+  job->request_id = "test-job";
+  job->shape = shape;
+  job->prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
+  for (int32_t t : s.tokenizer()->Encode(text)) job->prompt.push_back(t);
+  job->gen.max_new_tokens = n;
+  job->draft = draft;
+  job->draft_tokens = k;
+  return job;
+}
+
+// Submits the jobs together (so they share steps) and waits for all of them.
+inline std::vector<Outcome> RunAll(Scheduler& sched,
+                                   const std::vector<std::shared_ptr<Job>>& jobs) {
+  std::vector<Outcome> out(jobs.size());
+  std::vector<std::promise<void>> done(jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Job& j = *jobs[i];
+    j.on_token = [&out, i](int32_t token, std::string_view) {
+      if (token >= 0) out[i].tokens.push_back(token);
+    };
+    j.on_done = [&out, &done, i](const JobResult& r) {
+      out[i].result = r;
+      done[i].set_value();
+    };
+  }
+  for (auto& j : jobs) EXPECT_TRUE(sched.Submit(j).ok());
+  for (auto& d : done) d.get_future().wait();
+  return out;
+}
+
+inline Outcome RunOne(Scheduler& sched, std::shared_ptr<Job> job) {
+  return RunAll(sched, {std::move(job)})[0];
+}
+
+// AVX-512's fp32 panel kernel sums a one-row product in another order than a many-row one (see
+// EngineTest.CheckedRowsEqualTokenByTokenDecodeBitForBit): exactness is the AVX2 kernels' promise.
+struct BatchInvariantKernels {
+  BatchInvariantKernels() {
+    if (CpuHasAvx512()) ForceKernelIsa(KernelIsa::kAvx2);
+  }
+  ~BatchInvariantKernels() { ForceKernelIsa(KernelIsa::kAuto); }
+};
 
 }  // namespace amoeba::testing

@@ -14,59 +14,12 @@
 
 namespace amoeba {
 namespace {
+using testing::BatchInvariantKernels;
+using testing::NewJob;
+using testing::Outcome;
+using testing::RunAll;
+using testing::RunOne;
 using testing::TestServer;
-
-struct Outcome {
-  std::vector<int32_t> tokens;
-  JobResult result;
-};
-
-std::shared_ptr<Job> NewJob(const Supernet& s, const Shape& shape, const std::string& text, int n,
-                            std::optional<Shape> draft = std::nullopt, int64_t k = 0) {
-  auto job = std::make_shared<Job>();
-  job->request_id = "spec-test";
-  job->shape = shape;
-  job->prompt = {static_cast<int32_t>(s.base().config.bos_token_id)};
-  for (int32_t t : s.tokenizer()->Encode(text)) job->prompt.push_back(t);
-  job->gen.max_new_tokens = n;
-  job->draft = draft;
-  job->draft_tokens = k;
-  return job;
-}
-
-// Submits the jobs together (so they share steps) and waits for all of them.
-std::vector<Outcome> RunAll(Scheduler& sched, const std::vector<std::shared_ptr<Job>>& jobs) {
-  std::vector<Outcome> out(jobs.size());
-  std::vector<std::promise<void>> done(jobs.size());
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    Job& j = *jobs[i];
-    auto* job = jobs[i].get();
-    j.on_token = [&out, i, job](int32_t token, std::string_view) {
-      if (token >= 0) out[i].tokens.push_back(token);
-      (void)job;
-    };
-    j.on_done = [&out, &done, i](const JobResult& r) {
-      out[i].result = r;
-      done[i].set_value();
-    };
-  }
-  for (auto& j : jobs) EXPECT_TRUE(sched.Submit(j).ok());
-  for (auto& d : done) d.get_future().wait();
-  return out;
-}
-
-Outcome RunOne(Scheduler& sched, std::shared_ptr<Job> job) {
-  return RunAll(sched, {std::move(job)})[0];
-}
-
-// AVX-512's fp32 panel kernel sums a one-row product in another order than a many-row one (see
-// EngineTest.CheckedRowsEqualTokenByTokenDecodeBitForBit): exactness is the AVX2 kernels' promise.
-struct BatchInvariantKernels {
-  BatchInvariantKernels() {
-    if (CpuHasAvx512()) ForceKernelIsa(KernelIsa::kAvx2);
-  }
-  ~BatchInvariantKernels() { ForceKernelIsa(KernelIsa::kAuto); }
-};
 
 TEST(SpeculativeTest, GreedyOutputIsTokenByTokenDecodingForEveryDraftAndLength) {
   BatchInvariantKernels invariant;

@@ -64,6 +64,13 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
        "unmerged; cold shapes always start unmerged)");
   Flag(app, "cache-mb", c.cache_mb, "Memory cap for merged subnet copies (MiB)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  Flag(app, "prompt-cache-mb", c.prompt_cache_mb,
+       "Memory cap for the prompt cache: KV of prompt prefixes and finished conversations per "
+       "shape, reused by later requests that start the same way (MiB; 0 = off)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  Flag(app, "prompt-cache-block", s.prompt_cache_block,
+       "Tokens per prompt-cache block (prefixes are reused in whole blocks)")
+      ->check(CLI::Range(int64_t{1}, int64_t{4096}));
   Flag(app, "prefill-chunk", s.prefill_chunk, "Prompt tokens per scheduler step")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   Flag(app, "weights-dtype", c.weights_dtype,
@@ -165,6 +172,7 @@ absl::Status FinishServerConfig(ServerConfig& c) {
       std::min(c.service.limits.max_prompt_tokens, c.scheduler.max_context - 1);
   c.scheduler.kv_dtype = c.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   c.scheduler.cache_bytes = c.cache_mb << 20;
+  c.scheduler.prompt_cache_bytes = c.prompt_cache_mb << 20;
   c.scheduler.weights_format = kFormats.at(c.weights_dtype);
   c.service.weights_format = c.scheduler.weights_format;
   c.scheduler.draft_format.reset();

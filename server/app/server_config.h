@@ -24,6 +24,8 @@ struct ServerConfig {
   std::string weights_dtype = WeightFormatName(SchedulerOptions{}.weights_format);
   std::string draft_weights_dtype;
   int64_t cache_mb = SchedulerOptions{}.cache_bytes >> 20;  // SchedulerOptions::cache_bytes
+  // SchedulerOptions::prompt_cache_bytes
+  int64_t prompt_cache_mb = SchedulerOptions{}.prompt_cache_bytes >> 20;
   // gRPC
   std::string host = "0.0.0.0";
   int port = 50051;

@@ -18,9 +18,15 @@
 namespace amoeba {
 
 struct TuneOptions {
+  static LoopOptions DefaultLoop() {
+    LoopOptions o;  // (not a designated initializer: GCC 12 warns on those in member defaults)
+    o.label = "tune";
+    o.steps = 200;
+    return o;
+  }
   // The training loop's options (steps, lr, schedule, clip, seed, checkpoints, log, progress,
   // multi-process); tuning's defaults: 200 steps, lr 2e-4 constant, clip 0.3.
-  LoopOptions loop = {.label = "tune", .steps = 200};
+  LoopOptions loop = DefaultLoop();
   int64_t batch = 4;  // sequences per micro-batch
   int64_t seq_len = 128;
   int64_t subnets = 4;    // sandwich size K: full + (K-2) random + smallest

@@ -64,15 +64,16 @@ void ExportWorkers::Loop() {
   }
 }
 
-ExportStream::ExportStream(std::string request_id, std::string staging,
-                           std::vector<fs::path> files)
+ExportStream::ExportStream(std::string request_id, std::string staging, std::vector<fs::path> files)
     : request_id_(std::move(request_id)), staging_(std::move(staging)), files_(std::move(files)) {}
 
 ExportStream::~ExportStream() {
   in_.close();
   std::error_code ec;
   if (!staging_.empty()) fs::remove_all(staging_, ec);
-  if (ec) spdlog::warn("[{}] export: cannot remove {}: {}", request_id_, staging_, std::string(ec.message()));
+  if (ec)
+    spdlog::warn("[{}] export: cannot remove {}: {}", request_id_, staging_,
+                 std::string(ec.message()));
 }
 
 absl::StatusOr<bool> ExportStream::Next(ExportChunk& out) {

@@ -73,6 +73,24 @@ struct Metrics::Impl {
           .Name("amoeba_http_requests_total")
           .Help("HTTP requests by route and status")
           .Register(*registry);
+  prometheus::Family<prometheus::Counter>& prompt_lookups =
+      prometheus::BuildCounter()
+          .Name("amoeba_prompt_cache_lookups_total")
+          .Help("Requests that reused a cached prompt prefix (hit) or not (miss), by shape")
+          .Register(*registry);
+  prometheus::Family<prometheus::Gauge>& prompt_cache =
+      prometheus::BuildGauge()
+          .Name("amoeba_prompt_cache")
+          .Help("Prompt cache blocks and bytes (capped by --prompt-cache-mb)")
+          .Register(*registry);
+  prometheus::Gauge& prompt_cache_bytes = prompt_cache.Add({{"kind", "bytes"}});
+  prometheus::Gauge& prompt_cache_blocks = prompt_cache.Add({{"kind", "blocks"}});
+  prometheus::Counter& prefilled = prometheus::BuildCounter()
+                                       .Name("amoeba_prefill_tokens_total")
+                                       .Help("Prompt tokens computed (not restored from the cache)")
+                                       .Register(*registry)
+                                       .Add({});
+  double last_prefilled = 0;
   prometheus::Counter& hits = cache.Add({{"result", "hit"}});
   prometheus::Counter& misses = cache.Add({{"result", "miss"}});
   double last_hits = 0, last_misses = 0;
@@ -100,7 +118,7 @@ void Metrics::ObserveHttp(std::string_view route, int status) {
 
 void Metrics::ObserveRequest(const std::string& shape, const std::string& status, double queue_s,
                              double ttft_s, double e2e_s, int64_t prompt_tokens,
-                             int64_t completion_tokens) {
+                             int64_t completion_tokens, int64_t cached_tokens) {
   std::lock_guard<std::mutex> l(impl_->mu);
   impl_->queue.Add({{"shape", shape}}, Impl::Buckets()).Observe(queue_s);
   if (ttft_s > 0) impl_->ttft.Add({{"shape", shape}}, Impl::Buckets()).Observe(ttft_s);
@@ -110,6 +128,11 @@ void Metrics::ObserveRequest(const std::string& shape, const std::string& status
       .Increment(static_cast<double>(prompt_tokens));
   impl_->tokens.Add({{"shape", shape}, {"kind", "generated"}})
       .Increment(static_cast<double>(completion_tokens));
+  impl_->tokens.Add({{"shape", shape}, {"kind", "cached_prompt"}})
+      .Increment(static_cast<double>(cached_tokens));
+  if (prompt_tokens > 0)
+    impl_->prompt_lookups.Add({{"shape", shape}, {"result", cached_tokens > 0 ? "hit" : "miss"}})
+        .Increment();
 }
 
 void Metrics::ObserveDraftCheck(const std::string& target, const std::string& draft,
@@ -144,6 +167,15 @@ void Metrics::SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t kv_bytes, 
   if (misses > impl_->last_misses) impl_->misses.Increment(misses - impl_->last_misses);
   impl_->last_hits = static_cast<double>(hits);
   impl_->last_misses = static_cast<double>(misses);
+}
+
+void Metrics::SetPromptCache(int64_t bytes, int64_t blocks, int64_t prefilled_tokens) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->prompt_cache_bytes.Set(static_cast<double>(bytes));
+  impl_->prompt_cache_blocks.Set(static_cast<double>(blocks));
+  const double p = static_cast<double>(prefilled_tokens);
+  if (p > impl_->last_prefilled) impl_->prefilled.Increment(p - impl_->last_prefilled);
+  impl_->last_prefilled = p;
 }
 
 }  // namespace amoeba

@@ -21,7 +21,10 @@ double Ms(Clock::time_point a, Clock::time_point b) {
 }  // namespace
 
 Scheduler::Scheduler(const Supernet& supernet, SchedulerOptions options)
-    : supernet_(supernet), opt_(std::move(options)) {
+    : supernet_(supernet),
+      opt_(std::move(options)),
+      prefix_cache_(
+          {.block_tokens = opt_.prompt_cache_block, .max_bytes = opt_.prompt_cache_bytes}) {
   if (!opt_.run_on_caller) worker_ = std::thread([this] { Loop(); });
   if ((opt_.smol && opt_.merge_after_requests > 0) || opt_.draft_format)
     builder_ = std::thread([this] { BuilderLoop(); });
@@ -99,6 +102,13 @@ SchedulerStats Scheduler::stats() const {
   s.evictions = evictions_;
   s.lane_failures = lane_failures_;
   s.build_failures = build_failures_;
+  const PrefixCacheStats pc = prefix_cache_.stats();
+  s.prompt_cache_bytes = pc.bytes;
+  s.prompt_cache_blocks = pc.blocks;
+  s.prompt_cache_hits = prompt_hits_;
+  s.prompt_cache_misses = prompt_misses_;
+  s.prompt_tokens_cached = prompt_cached_;
+  s.prompt_tokens_prefilled = prompt_prefilled_;
   return s;
 }
 
@@ -456,11 +466,15 @@ void Scheduler::Finish(Lane& lane, size_t index, FinishReason reason, absl::Stat
   r.reason = s.stream->finish_reason();
   r.error = std::move(error);
   r.prompt_tokens = static_cast<int64_t>(s.job->prompt.size());
+  r.cached_tokens = s.cached_tokens;
   r.completion_tokens = s.sent_tokens;  // what the client received, not what was sampled
   r.queue_ms = Ms(s.job->enqueued, s.started);
   r.ttft_ms = s.has_first ? Ms(s.job->enqueued, s.first_token) : 0;
   r.total_ms = Ms(s.job->enqueued, now);
   r.shape = lane.shape;
+  // What this sequence computed serves the next request that starts the same way (a failed step
+  // leaves the KV in an unknown state: nothing of it is kept).
+  if (r.reason != FinishReason::kError) PublishPrefix(lane, s, /*finished=*/true);
   if (s.draft) {
     r.draft = s.draft->shape;
     r.drafted_tokens = s.drafted;
@@ -621,10 +635,18 @@ void Scheduler::Step(Lane& lane) {
   }
   lane.last_used = now;
   if (opt_.fault_hook) opt_.fault_hook("step", lane.shape);
+  // New sequences take their cached prefix, in admission order (one that starts now computes the
+  // prefix the ones after it may wait for).
+  for (Seq& s : lane.seqs)
+    if (s.awaiting_prefix && !PrefixComingUp(lane, s)) RestorePrefix(lane, s);
   if (!lane.drafts.empty()) DraftStep(lane);
   std::vector<SeqInput> inputs;
   inputs.reserve(lane.seqs.size());
-  for (Seq& s : lane.seqs) {
+  std::vector<int64_t> input_of(lane.seqs.size(), -1);  // a waiting sequence has none
+  for (size_t i = 0; i < lane.seqs.size(); ++i) {
+    Seq& s = lane.seqs[i];
+    if (s.awaiting_prefix) continue;
+    input_of[i] = static_cast<int64_t>(inputs.size());
     if (s.fed < s.job->prompt.size()) {
       const size_t n = std::min<size_t>(opt_.prefill_chunk, s.job->prompt.size() - s.fed);
       inputs.push_back({s.slot, std::span<const int32_t>(s.job->prompt.data() + s.fed, n)});
@@ -633,6 +655,10 @@ void Scheduler::Step(Lane& lane) {
     } else {
       inputs.push_back({s.slot, std::span<const int32_t>(&s.next, 1)});
     }
+  }
+  if (inputs.empty()) {  // defensive: a sequence waits only while another one feeds
+    if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
+    return;
   }
   auto logits = lane.engine->Forward(lane.cache, inputs);
   if (!logits.ok()) {
@@ -645,12 +671,16 @@ void Scheduler::Step(Lane& lane) {
   std::vector<std::pair<size_t, FinishReason>> done;
   int64_t row = 0;
   for (size_t i = 0; i < lane.seqs.size(); ++i) {
+    if (input_of[i] < 0) continue;
     Seq& s = lane.seqs[i];
     const int64_t rows = s.checking > 0 ? s.checking + 1 : 1;
     const int64_t first_row = row;
     row += rows;
     if (s.fed < s.job->prompt.size()) {
-      s.fed += inputs[i].tokens.size();
+      const size_t n = inputs[static_cast<size_t>(input_of[i])].tokens.size();
+      s.fed += n;
+      if (!s.job->for_profiling) prompt_prefilled_ += static_cast<int64_t>(n);
+      PublishPrefix(lane, s, /*finished=*/false);  // sequences waiting for it go on next step
       if (s.fed < s.job->prompt.size()) continue;  // more prompt to feed
     }
     // Row j holds the logits after check[j]: with j < checking it decides on drafted token j+1
@@ -706,6 +736,73 @@ void Scheduler::Step(Lane& lane) {
   }
   for (auto it = done.rbegin(); it != done.rend(); ++it) Finish(lane, it->first, it->second);
   if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
+}
+
+std::string Scheduler::CacheKey(const Lane& lane) {
+  return lane.merged ? lane.shape.ToString() + "#merged" : lane.shape.ToString();
+}
+
+bool Scheduler::PrefixComingUp(const Lane& lane, const Seq& s) const {
+  const std::vector<int32_t>& p = s.job->prompt;
+  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || p.size() < 2) return false;
+  const std::string key = CacheKey(lane);
+  const int64_t block = prefix_cache_.options().block_tokens;
+  const auto usable_end = p.end() - 1;  // the last prompt token is always computed (its logits)
+  int64_t cached = -1;
+  for (const Seq& o : lane.seqs) {
+    if (&o == &s || o.awaiting_prefix || o.job->for_profiling || o.cache_key != key ||
+        o.fed >= o.job->prompt.size())
+      continue;
+    const auto& q = o.job->prompt;
+    const int64_t common =
+        std::mismatch(p.begin(), usable_end, q.begin(), q.end()).first - p.begin();
+    const int64_t shared = common / block * block;
+    if (static_cast<int64_t>(o.fed) >= shared) continue;  // its blocks are out already
+    if (cached < 0) cached = prefix_cache_.Cached(key, p, static_cast<int64_t>(p.size()) - 1);
+    if (shared > cached) return true;
+  }
+  return false;
+}
+
+void Scheduler::RestorePrefix(Lane& lane, Seq& s) {
+  s.awaiting_prefix = false;
+  s.cache_key = CacheKey(lane);
+  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling) return;
+  const std::vector<int32_t>& p = s.job->prompt;
+  const int64_t usable = static_cast<int64_t>(p.size()) - 1;
+  s.cached_tokens = prefix_cache_.Restore(s.cache_key, p, usable, lane.cache, s.slot);
+  s.fed = static_cast<size_t>(s.cached_tokens);
+  if (s.draft && s.draft->cache.length(s.slot) == 0)
+    prefix_cache_.Restore(DraftCacheKey(*s.draft), p, usable, s.draft->cache, s.slot);
+  ++(s.cached_tokens > 0 ? prompt_hits_ : prompt_misses_);
+  prompt_cached_ += s.cached_tokens;
+  if (s.cached_tokens > 0)
+    spdlog::debug("[{}] scheduler: {} of {} prompt tokens from the prompt cache", s.job->request_id,
+                  s.cached_tokens, p.size());
+}
+
+void Scheduler::PublishPrefix(Lane& lane, Seq& s, bool finished) {
+  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || s.awaiting_prefix ||
+      s.cache_key != CacheKey(lane))  // the lane's model changed under it: its KV is mixed
+    return;
+  try {
+    if (!finished) {
+      prefix_cache_.Insert(s.cache_key, s.job->prompt, static_cast<int64_t>(s.fed), lane.cache,
+                           s.slot);
+      return;
+    }
+    // The conversation so far: prompt and the tokens generated, as far as the KV holds them (the
+    // last sampled token was never fed).
+    std::vector<int32_t> tokens(s.job->prompt);
+    tokens.insert(tokens.end(), s.stream->tokens().begin(), s.stream->tokens().end());
+    prefix_cache_.Insert(s.cache_key, tokens, lane.cache.length(s.slot), lane.cache, s.slot);
+    if (s.draft)
+      prefix_cache_.Insert(DraftCacheKey(*s.draft), s.context, s.draft->cache.length(s.slot),
+                           s.draft->cache, s.slot);
+  } catch (...) {  // a cache that cannot grow only costs later prefills
+    spdlog::warn("[{}] scheduler: prompt cache insert failed: {}", s.job->request_id,
+                 std::string(StatusFromException(std::current_exception(), "cache").message()));
+  }
 }
 
 void Scheduler::FailLane(const std::string& key, const absl::Status& error) {

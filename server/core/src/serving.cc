@@ -112,6 +112,8 @@ void Serving::PublishGauges() {
     const SchedulerStats s = scheduler_.stats();
     metrics_->SetGlobal(s.waiting, s.cache_bytes, s.kv_bytes, s.cache_hits, s.cache_misses,
                         s.lanes);
+    metrics_->SetPromptCache(s.prompt_cache_bytes, s.prompt_cache_blocks,
+                             s.prompt_tokens_prefilled);
     gauges_cv_.wait_for(l, std::chrono::milliseconds(500), [&] { return stop_gauges_; });
   }
 }
@@ -205,12 +207,13 @@ absl::Status Serving::Start(const std::shared_ptr<Generation>& g, GenerationCall
     if (metrics_) {
       metrics_->ObserveRequest(shape_name, FinishReasonName(res.reason), res.queue_ms / 1e3,
                                res.ttft_ms / 1e3, res.total_ms / 1e3, res.prompt_tokens,
-                               res.completion_tokens);
+                               res.completion_tokens, res.cached_tokens);
     }
     spdlog::info(
-        "[{}] generate: {} finish={} prompt={} completion={} ttft={:.1f}ms total={:.1f}ms{}{}", id,
-        shape_name, FinishReasonName(res.reason), res.prompt_tokens, res.completion_tokens,
-        res.ttft_ms, res.total_ms,
+        "[{}] generate: {} finish={} prompt={} cached={} completion={} ttft={:.1f}ms "
+        "total={:.1f}ms{}{}",
+        id, shape_name, FinishReasonName(res.reason), res.prompt_tokens, res.cached_tokens,
+        res.completion_tokens, res.ttft_ms, res.total_ms,
         res.draft ? absl::StrCat(" draft=", res.draft->ToString(), "x", draft_tokens,
                                  " accepted=", res.accepted_tokens, "/", res.drafted_tokens)
                   : std::string(),

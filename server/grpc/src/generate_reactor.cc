@@ -69,6 +69,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     r.set_finish_reason(ToProto(res.reason));
     r.mutable_usage()->set_prompt_tokens(static_cast<int32_t>(res.prompt_tokens));
     r.mutable_usage()->set_completion_tokens(static_cast<int32_t>(res.completion_tokens));
+    r.mutable_usage()->set_cached_prompt_tokens(static_cast<int32_t>(res.cached_tokens));
     auto* t = r.mutable_timings();
     t->set_queue_ms(res.queue_ms);
     t->set_time_to_first_token_ms(res.ttft_ms);

@@ -26,7 +26,8 @@ absl::Status FinishError(const JobResult& r) {
 json Usage(const JobResult& r) {
   return json{{"prompt_tokens", r.prompt_tokens},
               {"completion_tokens", r.completion_tokens},
-              {"total_tokens", r.prompt_tokens + r.completion_tokens}};
+              {"total_tokens", r.prompt_tokens + r.completion_tokens},
+              {"prompt_tokens_details", {{"cached_tokens", r.cached_tokens}}}};
 }
 
 json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r) {

@@ -17,6 +17,7 @@ struct JobResult {
   FinishReason reason = FinishReason::kNone;
   absl::Status error;  // with kError: why (the front ends map its code)
   int64_t prompt_tokens = 0, completion_tokens = 0;
+  int64_t cached_tokens = 0;  // prompt tokens restored from the prompt cache (not prefilled)
   double queue_ms = 0, ttft_ms = 0, total_ms = 0;
   Shape shape;
   std::optional<Shape> draft;  // speculative decoding: the shape that drafted

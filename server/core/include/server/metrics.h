@@ -16,8 +16,8 @@ class Metrics {
   static constexpr const char* kContentType = "text/plain; version=0.0.4; charset=utf-8";
 
   void ObserveRequest(const std::string& shape, const std::string& status, double queue_s,
-                      double ttft_s, double e2e_s, int64_t prompt_tokens,
-                      int64_t completion_tokens);
+                      double ttft_s, double e2e_s, int64_t prompt_tokens, int64_t completion_tokens,
+                      int64_t cached_tokens = 0);
   void ObserveInterToken(const std::string& shape, double seconds);
   // One speculative check: `drafted` tokens proposed by `draft`, `accepted` of them kept.
   void ObserveDraftCheck(const std::string& target, const std::string& draft, int64_t drafted,
@@ -28,6 +28,8 @@ class Metrics {
   // cache_bytes: merged subnet copies; kv_bytes: KV caches (reported apart).
   void SetGlobal(int64_t waiting, int64_t cache_bytes, int64_t kv_bytes, int64_t cache_hits,
                  int64_t cache_misses, int64_t lanes);
+  // The prompt cache's blocks (capped by --prompt-cache-mb) and the prompt tokens computed so far.
+  void SetPromptCache(int64_t bytes, int64_t blocks, int64_t prefilled_tokens);
 
  private:
   struct Impl;

@@ -24,6 +24,7 @@
 #include "lora/smol.h"
 #include "model/engine.h"
 #include "model/generation.h"
+#include "model/prefix_cache.h"
 #include "model/weight_format.h"
 #include "server/job_result.h"
 #include "subnet/subnet_builder.h"
@@ -62,8 +63,15 @@ struct SchedulerOptions {
   // only proposes: the output stays the target's whatever the draft reads.
   std::optional<WeightFormat> draft_format;
   at::ScalarType kv_dtype = at::kFloat;  // KV cache storage (kHalf: half the memory)
-  const Smol* smol = nullptr;            // adapters: unmerged when cold, merged when hot
-  int64_t merge_after_requests = 2;      // requests before a shape gets a merged copy; 0 = never
+  // Prompt cache (model/prefix_cache.h): the KV of prompt prefixes and finished conversations,
+  // per shape, in blocks of prompt_cache_block tokens; a request of that shape restores the
+  // longest cached prefix of its prompt and prefills only the rest. A request whose prompt shares
+  // a longer prefix with one still prefilling waits for its blocks rather than computing them
+  // twice. The cap counts only finished blocks (running sequences' KV is never evicted); 0: off.
+  int64_t prompt_cache_bytes = int64_t{256} << 20;
+  int64_t prompt_cache_block = 16;
+  const Smol* smol = nullptr;        // adapters: unmerged when cold, merged when hot
+  int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
   // Drafting pays while a step reads the weights for few rows: a lane decoding more sequences
   // than this checks no drafts that step (its sequences decode token by token).
   int64_t max_speculating_batch = 2;
@@ -91,6 +99,11 @@ struct SchedulerStats {
   int64_t draft_copies = 0;                 // drafts' own copies (SchedulerOptions::draft_format)
   int64_t merges_built = 0, evictions = 0;  // since start
   int64_t lane_failures = 0, build_failures = 0;
+  // Prompt cache: blocks held, requests that reused a prefix or not, and prompt tokens reused
+  // and computed (prefilled) since start.
+  int64_t prompt_cache_bytes = 0, prompt_cache_blocks = 0;
+  int64_t prompt_cache_hits = 0, prompt_cache_misses = 0;
+  int64_t prompt_tokens_cached = 0, prompt_tokens_prefilled = 0;
 };
 
 class Scheduler {
@@ -137,6 +150,11 @@ class Scheduler {
     int64_t sent_tokens = 0;                      // tokens streamed to the client
     bool has_first = false;
     bool counted_out = false;  // no longer in `running_`
+    // Prompt cache: the prefix is looked up when no other sequence of the lane is still computing
+    // a longer shared prefix; until then the sequence waits. `cache_key` is the lane's key then.
+    bool awaiting_prefix = true;
+    int64_t cached_tokens = 0;
+    std::string cache_key;
   };
   struct Lane {
     Shape shape;
@@ -184,6 +202,17 @@ class Scheduler {
   absl::Status DraftWith(Lane& lane, const std::string& key, Draft& draft);
   void DetachDraft(Lane& lane, Draft& d, const absl::Status& why);
   void Step(Lane& lane);
+  // Prompt cache keys: a lane's (its shape; merged copies apart, their KV differs in rounding)
+  // and a draft's (drafts only propose: their KV never serves a lane).
+  static std::string CacheKey(const Lane& lane);
+  static std::string DraftCacheKey(const Draft& d) { return d.key + "#draft"; }
+  // Whether another sequence of the lane is still prefilling a longer prefix `s` shares than
+  // what is cached: then `s` waits for its blocks.
+  bool PrefixComingUp(const Lane& lane, const Seq& s) const;
+  // Restores `s`'s cached prefix into its slot (and its draft's) and counts the lookup.
+  void RestorePrefix(Lane& lane, Seq& s);
+  // Publishes the whole blocks of `s`'s KV (prompt, and at the end what it generated).
+  void PublishPrefix(Lane& lane, Seq& s, bool finished);
   // Time limit (first) or cancellation, if the sequence should end now.
   static std::optional<FinishReason> EndedEarly(const Seq& s, Clock::time_point now);
   // The error boundary: every sequence of a lane whose step threw ends with `error`, and the lane
@@ -206,6 +235,8 @@ class Scheduler {
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
   std::atomic<int64_t> draft_copy_count_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
+  PrefixCache prefix_cache_;  // worker thread only (its stats() from any)
+  std::atomic<int64_t> prompt_hits_{0}, prompt_misses_{0}, prompt_cached_{0}, prompt_prefilled_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
   std::deque<Build> builds_, built_;
   std::condition_variable build_cv_;
