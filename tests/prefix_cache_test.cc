@@ -51,7 +51,7 @@ TEST(PrefixCacheTest, RestoredPrefixContinuesLikeAFullPrefill) {
     pc.Insert("m", prompt, cache.length(0), cache, 0);
     EXPECT_EQ(pc.stats().blocks, 4);  // 64 of 70 tokens: whole blocks only
     EXPECT_EQ(pc.Cached("m", prompt, 70), 64);
-    EXPECT_EQ(pc.Cached("m", prompt, 63), 48);
+    EXPECT_EQ(pc.Cached("m", prompt, 63), 63);     // 3 blocks and 15 tokens of the fourth
     EXPECT_EQ(pc.Cached("other", prompt, 70), 0);  // keys never mix
 
     // Another slot restores 64 tokens and prefills the other 6: its KV and logits match.
@@ -62,13 +62,18 @@ TEST(PrefixCacheTest, RestoredPrefixContinuesLikeAFullPrefill) {
     EXPECT_LT(MaxAbsDiff(resumed, full), 1e-4) << "kv dtype " << kv;
     EXPECT_EQ(resumed.argmax().item<int64_t>(), full.argmax().item<int64_t>());
 
-    // A prompt that diverges in its third block reuses two blocks and adds only its own.
+    // A prompt that diverges inside its third block reuses two blocks and 8 tokens of the third,
+    // continues like its own full prefill, and adds only its own blocks.
     auto other = prompt;
     other[40] = (other[40] + 1) % static_cast<int32_t>(m->config.vocab_size);
-    EXPECT_EQ(pc.Cached("m", other, 70), 32);
+    EXPECT_EQ(pc.Cached("m", other, 70), 40);
     cache.Reset(2);
-    ASSERT_EQ(pc.Restore("m", other, 69, cache, 2), 32);
-    Prefill(engine, cache, 2, std::span(other).subspan(32));
+    ASSERT_EQ(pc.Restore("m", other, 69, cache, 2), 40);
+    ExpectSameKV(cache, 0, cache, 2, 40);
+    at::Tensor other_resumed = Prefill(engine, cache, 2, std::span(other).subspan(40));
+    KVCache fresh = engine.NewCache(1);
+    at::Tensor other_full = Prefill(engine, fresh, 0, other);
+    EXPECT_LT(MaxAbsDiff(other_resumed, other_full), 1e-4) << "kv dtype " << kv;
     const int64_t inserted = pc.stats().inserted_blocks;
     pc.Insert("m", other, cache.length(2), cache, 2);
     EXPECT_EQ(pc.stats().inserted_blocks, inserted + 2);

@@ -100,7 +100,11 @@ TEST(PromptCacheTest, LaterTurnsPrefillOnlyTheirNewTokensAndOutputsDoNotChange) 
         EXPECT_EQ(cached.tokens, plain.tokens) << at;
         EXPECT_EQ(plain.result.cached_tokens, 0) << at;
         const int64_t p = static_cast<int64_t>(prompt.size());
-        EXPECT_EQ(cached.result.cached_tokens, held / 8 * 8) << at;
+        if (turn == 1) {
+          EXPECT_LT(cached.result.cached_tokens, 8) << at;  // BOS, from the cases before
+        } else {
+          EXPECT_EQ(cached.result.cached_tokens, held / 8 * 8) << at;
+        }
         EXPECT_EQ(after.prompt_tokens_prefilled - before.prompt_tokens_prefilled,
                   p - cached.result.cached_tokens)
             << at;
@@ -141,9 +145,10 @@ TEST(PromptCacheTest, ConcurrentClientsSharingAPrefixPrefillItOnce) {
     EXPECT_EQ(out[i].tokens, ref[i].tokens) << "client " << i;
     cached += out[i].result.cached_tokens;
   }
-  // One client computes 64 tokens; seven restore the 56 tokens of whole shared blocks.
-  EXPECT_EQ(cached, 7 * 56);
-  EXPECT_EQ(ts.scheduler->stats().prompt_tokens_prefilled, 64 + 7 * (64 - 56));
+  // One client computes 64 tokens; seven restore the 60 shared ones (7 whole blocks and the head
+  // of the leader's eighth) and compute their own 4.
+  EXPECT_EQ(cached, 7 * 60);
+  EXPECT_EQ(ts.scheduler->stats().prompt_tokens_prefilled, 64 + 7 * 4);
   EXPECT_EQ(off->stats().prompt_tokens_prefilled, 8 * 64);
 }
 

@@ -76,22 +76,40 @@ PrefixCache::Block* PrefixCache::Child(const Space& space, uint64_t root, const 
   return b;
 }
 
+PrefixCache::Match PrefixCache::Find(const Space& space, std::string_view key,
+                                     std::span<const int32_t> tokens, int64_t limit) const {
+  Match m;
+  const int64_t bt = opt_.block_tokens;
+  limit = std::min<int64_t>(limit, static_cast<int64_t>(tokens.size()));
+  const uint64_t root = RootHash(key);
+  while (m.tokens + bt <= limit) {
+    Block* b = Child(space, root, m.chain.empty() ? nullptr : m.chain.back(),
+                     tokens.subspan(m.tokens, bt));
+    if (!b) break;
+    m.chain.push_back(b);
+    m.tokens += bt;
+  }
+  // The next block continues the prefix in part, at most: the child sharing most leading tokens.
+  const auto rest = tokens.subspan(m.tokens, limit - m.tokens);
+  for (Block* c : m.chain.empty() ? space.roots : m.chain.back()->children) {
+    const auto end = c->tokens.begin() +
+                     static_cast<std::ptrdiff_t>(std::min<size_t>(rest.size(), c->tokens.size()));
+    const int64_t common =
+        std::mismatch(c->tokens.begin(), end, rest.begin()).first - c->tokens.begin();
+    if (common > m.partial) {
+      m.partial = common;
+      m.tail = c;
+    }
+  }
+  m.tokens += m.partial;
+  return m;
+}
+
 int64_t PrefixCache::Cached(std::string_view key, std::span<const int32_t> tokens,
                             int64_t max_tokens) const {
   auto sp = spaces_.find(key);
   if (sp == spaces_.end()) return 0;
-  const int64_t bt = opt_.block_tokens;
-  const int64_t limit = std::min<int64_t>(max_tokens, static_cast<int64_t>(tokens.size()));
-  const uint64_t root = RootHash(key);
-  const Block* parent = nullptr;
-  int64_t n = 0;
-  while (n + bt <= limit) {
-    const Block* b = Child(sp->second, root, parent, tokens.subspan(n, bt));
-    if (!b) break;
-    parent = b;
-    n += bt;
-  }
-  return n;
+  return Find(sp->second, key, tokens, max_tokens).tokens;
 }
 
 int64_t PrefixCache::Restore(std::string_view key, std::span<const int32_t> tokens,
@@ -100,38 +118,38 @@ int64_t PrefixCache::Restore(std::string_view key, std::span<const int32_t> toke
   if (sp == spaces_.end() || cache.length(slot) != 0) return 0;
   Space& space = sp->second;
   if (!(space.layout == LayoutOf(cache))) return 0;
-  const int64_t bt = opt_.block_tokens;
-  const int64_t limit =
-      std::min<int64_t>({max_tokens, static_cast<int64_t>(tokens.size()), cache.max_len()});
-  const uint64_t root = RootHash(key);
-  std::vector<Block*> chain;
-  for (int64_t n = 0; n + bt <= limit; n += bt) {
-    Block* b = Child(space, root, chain.empty() ? nullptr : chain.back(), tokens.subspan(n, bt));
-    if (!b) break;
-    chain.push_back(b);
-  }
-  if (chain.empty()) return 0;
-  const int64_t n = static_cast<int64_t>(chain.size()) * bt;
-  cache.Reserve(slot, n);
+  const Match m = Find(space, key, tokens, std::min(max_tokens, cache.max_len()));
+  if (m.tokens == 0) return 0;
+  cache.Reserve(slot, m.tokens);
   const Layout& lay = space.layout;
+  const int64_t bt = opt_.block_tokens;
   const int64_t cap = cache.capacity(slot);
-  const int64_t run = RunBytes(bt, lay.head_dim, lay.elem_bytes);
   const int64_t row = RunBytes(1, lay.head_dim, lay.elem_bytes);
   const uint64_t stamp = ++clock_;
-  for (size_t i = 0; i < chain.size(); ++i) {
-    const std::byte* src = chain[i]->data.get();
-    chain[i]->last_used = stamp;
-    const int64_t pos = static_cast<int64_t>(i) * bt;
+  // Rows [0, count) of a block's (layer, head) runs go to positions [pos, pos + count).
+  auto copy_in = [&](Block* b, int64_t pos, int64_t count) {
+    b->last_used = stamp;
+    const std::byte* src = b->data.get();
     for (int64_t l = 0; l < static_cast<int64_t>(lay.kv_heads.size()); ++l) {
       for (at::Tensor* t : {&cache.k(l, slot), &cache.v(l, slot)}) {
         auto* dst = static_cast<std::byte*>(t->data_ptr());
-        for (int64_t h = 0; h < lay.kv_heads[l]; ++h, src += run)
-          std::memcpy(dst + (h * cap + pos) * row, src, static_cast<size_t>(run));
+        for (int64_t h = 0; h < lay.kv_heads[l]; ++h, src += bt * row)
+          std::memcpy(dst + (h * cap + pos) * row, src, static_cast<size_t>(count * row));
       }
     }
-  }
-  cache.set_length(slot, n);
-  return n;
+  };
+  for (size_t i = 0; i < m.chain.size(); ++i) copy_in(m.chain[i], static_cast<int64_t>(i) * bt, bt);
+  if (m.tail) copy_in(m.tail, static_cast<int64_t>(m.chain.size()) * bt, m.partial);
+  cache.set_length(slot, m.tokens);
+  return m.tokens;
+}
+
+void PrefixCache::Unlink(Space& space, Block* b) {
+  std::vector<Block*>& siblings = b->parent ? b->parent->children : space.roots;
+  siblings.erase(std::find(siblings.begin(), siblings.end(), b));
+  bytes_ -= space.layout.BlockBytes(opt_.block_tokens);
+  --blocks_;
+  space.blocks.erase(b->hash);
 }
 
 PrefixCache::Block* PrefixCache::AddBlock(Space& space, uint64_t hash, Block* parent,
@@ -145,13 +163,11 @@ PrefixCache::Block* PrefixCache::AddBlock(Space& space, uint64_t hash, Block* pa
   Block* raw = b.get();
   // Same hash, different chain (a collision, or a stale block): the newer one wins the slot.
   if (auto old = space.blocks.find(hash); old != space.blocks.end()) {
-    if (old->second->children > 0) return nullptr;  // keep the chain it heads intact
-    if (old->second->parent) --old->second->parent->children;
-    bytes_ -= space.layout.BlockBytes(opt_.block_tokens);
-    --blocks_;
-    space.blocks.erase(old);
+    if (!old->second->children.empty() || old->second.get() == parent)
+      return nullptr;  // keep the chain it heads intact
+    Unlink(space, old->second.get());
   }
-  if (parent) ++parent->children;
+  (parent ? parent->children : space.roots).push_back(raw);
   space.blocks[hash] = std::move(b);
   bytes_ += space.layout.BlockBytes(opt_.block_tokens);
   ++blocks_;
@@ -213,17 +229,14 @@ bool PrefixCache::MakeRoom(int64_t extra, uint64_t protect_from) {
     Block* victim = nullptr;
     for (auto& [k, space] : spaces_)
       for (auto& [h, b] : space.blocks)
-        if (b->children == 0 && b->last_used < protect_from &&
+        if (b->children.empty() && b->last_used < protect_from &&
             (!victim || b->last_used < victim->last_used)) {
           victim = b.get();
           victim_space = &space;
         }
     if (!victim) return false;
-    if (victim->parent) --victim->parent->children;
-    bytes_ -= victim_space->layout.BlockBytes(opt_.block_tokens);
-    --blocks_;
     ++evicted_;
-    victim_space->blocks.erase(victim->hash);
+    Unlink(*victim_space, victim);
   }
   return true;
 }
@@ -232,6 +245,7 @@ void PrefixCache::DropSpace(Space& space) {
   bytes_ -= static_cast<int64_t>(space.blocks.size()) * space.layout.BlockBytes(opt_.block_tokens);
   blocks_ -= static_cast<int64_t>(space.blocks.size());
   space.blocks.clear();
+  space.roots.clear();
 }
 
 PrefixCacheStats PrefixCache::stats() const {

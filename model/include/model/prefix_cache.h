@@ -5,6 +5,9 @@
 // block before it and its own, under a caller-chosen key (the KV of a prefix depends on the model
 // that computed it, so each model gets its own key; the cache never mixes keys). Each block knows
 // its parent, so a lookup walks the chain block by block and verifies tokens, not just hashes.
+// Reuse is token-granular: after the whole blocks that match, a lookup also takes the leading
+// tokens of the cached block that shares most with what follows (a shared system prompt ends
+// inside a block whose tail is another client's question).
 // Cached blocks are immutable and owned by the cache alone: Restore copies them into a slot of a
 // KVCache (contiguous per sequence, as the attention kernels read it) and Insert copies a slot's
 // finished blocks out, so nothing a running sequence does (rollback, cancellation, errors) can
@@ -49,15 +52,14 @@ class PrefixCache {
 
   const PrefixCacheOptions& options() const { return opt_; }
 
-  // How many leading tokens of `tokens` (at most `max_tokens`) are cached under `key`: a multiple
-  // of block_tokens. Touches nothing.
+  // How many leading tokens of `tokens` (at most `max_tokens`) are cached under `key`. Touches
+  // nothing.
   int64_t Cached(std::string_view key, std::span<const int32_t> tokens, int64_t max_tokens) const;
 
-  // Copies the KV of the longest cached prefix of `tokens` (at most `max_tokens`, whole blocks)
-  // into `slot` of `cache`, which must be empty, and sets its length; returns the tokens restored
-  // (0 on a miss). The blocks become most recently used. The cache's layout (layers, KV heads per
-  // layer, head_dim, dtype) must be the one the key's blocks were stored with, else nothing is
-  // restored.
+  // Copies the KV of the longest cached prefix of `tokens` (at most `max_tokens`) into `slot` of
+  // `cache`, which must be empty, and sets its length; returns the tokens restored (0 on a miss).
+  // The blocks become most recently used. The cache's layout (layers, KV heads per layer, head_dim,
+  // dtype) must be the one the key's blocks were stored with, else nothing is restored.
   int64_t Restore(std::string_view key, std::span<const int32_t> tokens, int64_t max_tokens,
                   KVCache& cache, int64_t slot);
 
@@ -86,7 +88,7 @@ class PrefixCache {
   struct Block {
     uint64_t hash = 0;
     Block* parent = nullptr;
-    int64_t children = 0;  // cached blocks that extend this one
+    std::vector<Block*> children;  // cached blocks that extend this one
     uint64_t last_used = 0;
     std::vector<int32_t> tokens;
     std::unique_ptr<std::byte[]> data;  // per layer: K [kv_heads, block, head_dim], then V
@@ -94,7 +96,19 @@ class PrefixCache {
   struct Space {
     Layout layout;
     std::unordered_map<uint64_t, std::unique_ptr<Block>> blocks;
+    std::vector<Block*> roots;  // first blocks of chains
   };
+  // The longest cached prefix of `tokens` (at most `limit`): its whole blocks, and the block (a
+  // child of the last) whose leading `partial` tokens continue it, if any.
+  struct Match {
+    std::vector<Block*> chain;
+    Block* tail = nullptr;
+    int64_t partial = 0;
+    int64_t tokens = 0;
+  };
+  Match Find(const Space& space, std::string_view key, std::span<const int32_t> tokens,
+             int64_t limit) const;
+  void Unlink(Space& space, Block* b);
 
   static Layout LayoutOf(const KVCache& cache);
   // The cached block that follows `parent` (null: the key's root) with `tokens`, or null.

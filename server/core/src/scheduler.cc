@@ -756,8 +756,11 @@ bool Scheduler::PrefixComingUp(const Lane& lane, const Seq& s) const {
     const auto& q = o.job->prompt;
     const int64_t common =
         std::mismatch(p.begin(), usable_end, q.begin(), q.end()).first - p.begin();
-    const int64_t shared = common / block * block;
-    if (static_cast<int64_t>(o.fed) >= shared) continue;  // its blocks are out already
+    // What `o` publishes while it prefills: the whole blocks of its prompt. The shared prefix is
+    // restorable once the blocks that cover it are out.
+    const int64_t shared = std::min(common, static_cast<int64_t>(q.size()) / block * block);
+    const int64_t covering = (shared + block - 1) / block * block;
+    if (static_cast<int64_t>(o.fed) >= covering) continue;  // its blocks are out already
     if (cached < 0) cached = prefix_cache_.Cached(key, p, static_cast<int64_t>(p.size()) - 1);
     if (shared > cached) return true;
   }
