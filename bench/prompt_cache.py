@@ -202,18 +202,20 @@ def main():
             proc, ports = start_server(server, f"{d}/s", d, "--http-port", "0", "--weights-dtype",
                                        a.weights_dtype, "--max-context", "4096", "--profile", "0",
                                        *extra)
-            port = int(ports[2])
-            MODEL[:] = [model_name(port)]
-            WORDS_PER_TOKEN[:] = [2000 / count_tokens(port, words(2000, 3))]
-            chat(port, [{"role": "user", "content": "warm up"}], 2)
-            print(f"[{mode}] conversations...", file=sys.stderr)
-            t0 = time.monotonic()
-            per_turn = conversations(port, a)
-            seconds = time.monotonic() - t0
-            print(f"[{mode}] fan-out...", file=sys.stderr)
-            one = fan_out(port, a, 7, 1)
-            many = fan_out(port, a, 8, a.clients)
-            stop_server(proc)
+            try:
+                port = int(ports[2])
+                MODEL[:] = [model_name(port)]
+                WORDS_PER_TOKEN[:] = [2000 / count_tokens(port, words(2000, 3))]
+                chat(port, [{"role": "user", "content": "warm up"}], 2)
+                print(f"[{mode}] conversations...", file=sys.stderr)
+                t0 = time.monotonic()
+                per_turn = conversations(port, a)
+                seconds = time.monotonic() - t0
+                print(f"[{mode}] fan-out...", file=sys.stderr)
+                one = fan_out(port, a, 7, 1)
+                many = fan_out(port, a, 8, a.clients)
+            finally:
+                stop_server(proc)
             result["modes"][mode] = {"turns": per_turn, "conversation_seconds": seconds,
                                      "fan_out_prefilled_1": one, "fan_out_prefilled_n": many}
             print(json.dumps(result["modes"][mode]), file=sys.stderr)

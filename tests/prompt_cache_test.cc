@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 
 #include "tests/server_fixture.h"
 
@@ -18,12 +19,17 @@ using testing::RunAll;
 using testing::RunOne;
 using testing::TestServer;
 
-// A scheduler on the same supernet and options as `ts`'s, without a prompt cache: the reference.
-std::unique_ptr<Scheduler> Uncached(const TestServer& ts, SchedulerOptions so) {
+// Another scheduler on `ts`'s supernet with `ts`'s options (adapters, context).
+std::unique_ptr<Scheduler> Another(const TestServer& ts, SchedulerOptions so) {
   so.smol = ts.smol.get();
   so.max_context = 128;  // as TestServer's
-  so.prompt_cache_bytes = 0;
   return std::make_unique<Scheduler>(*ts.supernet, so);
+}
+
+// The same without a prompt cache: the reference.
+std::unique_ptr<Scheduler> Uncached(const TestServer& ts, SchedulerOptions so) {
+  so.prompt_cache_bytes = 0;
+  return Another(ts, so);
 }
 
 std::shared_ptr<Job> TokenJob(const Shape& shape, std::vector<int32_t> prompt, int n,
@@ -245,6 +251,46 @@ TEST(PromptCacheTest, CancellationAndFailuresNeverSpoilCachedBlocks) {
     EXPECT_EQ(a.tokens, b.tokens) << "prompt " << i;
     EXPECT_GE(a.result.cached_tokens, 48) << "prompt " << i;
   }
+}
+
+// --prompt-cache-dir: a stopped scheduler saves its cache, a new one with the same tag reads it
+// back when the shape's lane is made (and continues to the uncached output); another tag (other
+// weights) reads nothing.
+TEST(PromptCacheTest, ASavedCacheServesTheNextSchedulerOfTheSameWeights) {
+  BatchInvariantKernels invariant;
+  SchedulerOptions so;
+  so.weights_format = WeightFormat::kQ8_0;
+  so.prompt_cache_block = 8;
+  TestServer ts(so);
+  const std::string dir = ts.dir.file("prompt-cache");
+  std::filesystem::create_directories(dir);
+  so.prompt_cache_dir = dir;
+  so.prompt_cache_tag = "weights-a";
+  const Shape full = ts.supernet->FullShape(), small = ts.supernet->SmallestShape();
+  const auto prompt = Ids(50, 4, ts.supernet->base().config);
+  Outcome first;
+  {
+    auto a = Another(ts, so);
+    first = RunOne(*a, TokenJob(full, prompt, 6));
+    RunOne(*a, TokenJob(small, prompt, 6));
+    EXPECT_EQ(first.result.cached_tokens, 0);
+  }  // stops: saves
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    ++files;
+    EXPECT_NE(e.path().filename().string().find("weights-a"), std::string::npos);
+  }
+  EXPECT_EQ(files, 2);  // one per shape
+  {
+    auto b = Another(ts, so);
+    const Outcome again = RunOne(*b, TokenJob(full, prompt, 6));
+    EXPECT_EQ(again.result.cached_tokens, 48);  // whole blocks of the 55 positions held
+    EXPECT_EQ(again.tokens, first.tokens);
+    EXPECT_GT(b->stats().prompt_cache_blocks, 0);
+  }
+  so.prompt_cache_tag = "weights-b";
+  auto c = Another(ts, so);
+  EXPECT_EQ(RunOne(*c, TokenJob(full, prompt, 6)).result.cached_tokens, 0);
 }
 
 }  // namespace

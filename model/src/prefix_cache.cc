@@ -248,6 +248,13 @@ void PrefixCache::DropSpace(Space& space) {
   space.roots.clear();
 }
 
+std::vector<std::string> PrefixCache::keys() const {
+  std::vector<std::string> k;
+  for (const auto& [key, space] : spaces_)
+    if (!space.blocks.empty()) k.push_back(key);
+  return k;
+}
+
 PrefixCacheStats PrefixCache::stats() const {
   PrefixCacheStats s;
   s.bytes = bytes_;

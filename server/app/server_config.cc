@@ -1,5 +1,6 @@
 #include "server_config.h"
 
+#include <filesystem>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -18,6 +19,27 @@ CLI::Option* Flag(CLI::App& app, const std::string& name, T& value, const std::s
   std::string env = "AMOEBA_" + name;
   for (char& ch : env) ch = ch == '-' ? '_' : static_cast<char>(std::toupper(ch));
   return app.add_option("--" + name, value, help)->envname(env)->capture_default_str();
+}
+
+// What the KV of a prefix depends on: the supernet's files (names, sizes, modification times) and
+// the weight format decoded. A saved prompt cache carries it in its file names.
+std::string PromptCacheTag(const std::string& supernet, const std::string& weights_dtype) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> parts = {weights_dtype};
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(supernet, ec), end; !ec && it != end; it.increment(ec)) {
+    if (!it->is_regular_file(ec)) continue;
+    const auto mtime = fs::last_write_time(it->path(), ec).time_since_epoch().count();
+    parts.push_back(absl::StrCat(fs::relative(it->path(), supernet, ec).string(), ":",
+                                 it->file_size(ec), ":", mtime));
+  }
+  std::sort(parts.begin(), parts.end());
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a: stable across processes and builds
+  for (const std::string& p : parts)
+    for (char ch : p + "\n") h = (h ^ static_cast<uint8_t>(ch)) * 0x100000001b3ull;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
 }
 
 }  // namespace
@@ -68,6 +90,9 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
        "Memory cap for the prompt cache: KV of prompt prefixes and finished conversations per "
        "shape, reused by later requests that start the same way (MiB; 0 = off)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  Flag(app, "prompt-cache-dir", s.prompt_cache_dir,
+       "Save the prompt cache here at shutdown and read it back on start, shape by shape (files "
+       "name the supernet's weights; empty = not saved)");
   Flag(app, "prompt-cache-block", s.prompt_cache_block,
        "Tokens per prompt-cache block (prefixes are reused in whole blocks)")
       ->check(CLI::Range(int64_t{1}, int64_t{4096}));
@@ -173,6 +198,14 @@ absl::Status FinishServerConfig(ServerConfig& c) {
   c.scheduler.kv_dtype = c.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   c.scheduler.cache_bytes = c.cache_mb << 20;
   c.scheduler.prompt_cache_bytes = c.prompt_cache_mb << 20;
+  if (!c.scheduler.prompt_cache_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(c.scheduler.prompt_cache_dir, ec);
+    if (ec)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--prompt-cache-dir ", c.scheduler.prompt_cache_dir, ": cannot create: ", ec.message()));
+    c.scheduler.prompt_cache_tag = PromptCacheTag(c.supernet, c.weights_dtype);
+  }
   c.scheduler.weights_format = kFormats.at(c.weights_dtype);
   c.service.weights_format = c.scheduler.weights_format;
   c.scheduler.draft_format.reset();

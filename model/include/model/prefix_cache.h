@@ -76,6 +76,8 @@ class PrefixCache {
   absl::Status Load(std::string_view key, const std::string& path, const KVCache& layout_of);
 
   PrefixCacheStats stats() const;
+  // The keys that hold blocks now.
+  std::vector<std::string> keys() const;
 
  private:
   struct Layout {

@@ -7,6 +7,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cctype>
+
 #include "absl/strings/str_cat.h"
 #include "model/errors.h"
 #include "model/packed_linear.h"
@@ -138,6 +140,7 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s, bool* existed) {
   lane->slot_used.assign(opt_.slots_per_shape, false);
   spdlog::info("scheduler: new lane {} (supernet views{})", key,
                opt_.smol ? ", adapters unmerged" : "");
+  LoadSavedPrefixes(CacheKey(*lane), lane->cache);
   lane->last_used = Clock::now();
   Lane* raw = lane.get();
   lanes_[key] = std::move(lane);
@@ -295,6 +298,7 @@ void Scheduler::SwapInFinishedBuilds() {
     lane.model = std::move(b.result);
     lane.engine = NewEngine(lane.model);
     lane.merged = true;
+    LoadSavedPrefixes(CacheKey(lane), lane.cache);
     lane.bytes = lane.model->ProjectionBytes();
     cache_bytes_ += lane.bytes;
     ++merged_lanes_;
@@ -450,6 +454,7 @@ Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape, Lane** sou
   d->model = source->model;
   d->engine = NewEngine(d->model);
   d->cache = d->engine->NewCache(opt_.slots_per_shape);
+  LoadSavedPrefixes(DraftCacheKey(*d), d->cache);
   spdlog::info("scheduler: {} drafts for {}", key, lane.shape.ToString());
   if (opt_.draft_format && !draft_copies_.count(key)) StartDraftCopy(shape, *d->model);
   Draft* raw = d.get();
@@ -808,6 +813,43 @@ void Scheduler::PublishPrefix(Lane& lane, Seq& s, bool finished) {
   }
 }
 
+std::string Scheduler::PromptCacheFile(const std::string& key) const {
+  std::string name = opt_.prompt_cache_tag + "-" + key;
+  for (char& c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '=' && c != ',' && c != '.' &&
+        c != '-')
+      c = '_';
+  return opt_.prompt_cache_dir + "/" + name + ".kvcache";
+}
+
+void Scheduler::LoadSavedPrefixes(const std::string& key, const KVCache& layout_of) {
+  if (opt_.prompt_cache_dir.empty() || opt_.prompt_cache_bytes <= 0 ||
+      !prompt_cache_loaded_.insert(key).second)
+    return;
+  const std::string path = PromptCacheFile(key);
+  if (access(path.c_str(), F_OK) != 0) return;
+  const int64_t before = prefix_cache_.stats().blocks;
+  if (absl::Status st = prefix_cache_.Load(key, path, layout_of); !st.ok()) {
+    spdlog::warn("scheduler: saved prompt cache of {} not loaded: {}", key,
+                 std::string(st.message()));
+    return;
+  }
+  spdlog::info("scheduler: prompt cache of {}: {} blocks loaded from {}", key,
+               prefix_cache_.stats().blocks - before, path);
+}
+
+void Scheduler::SavePromptCache() {
+  if (opt_.prompt_cache_dir.empty() || opt_.prompt_cache_bytes <= 0) return;
+  for (const std::string& key : prefix_cache_.keys()) {
+    const std::string path = PromptCacheFile(key);
+    if (absl::Status st = prefix_cache_.Save(key, path); !st.ok()) {
+      spdlog::warn("scheduler: prompt cache of {} not saved: {}", key, std::string(st.message()));
+      continue;
+    }
+    spdlog::info("scheduler: prompt cache of {} saved to {}", key, path);
+  }
+}
+
 void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
   auto it = lanes_.find(key);
   if (it == lanes_.end()) return;
@@ -887,6 +929,7 @@ void Scheduler::Loop() {
   Admit();
   for (auto& [k, lane] : lanes_)
     for (size_t i = lane->seqs.size(); i-- > 0;) Finish(*lane, i, FinishReason::kCancelled);
+  SavePromptCache();
 }
 
 }  // namespace amoeba

@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -70,6 +71,11 @@ struct SchedulerOptions {
   // twice. The cap counts only finished blocks (running sequences' KV is never evicted); 0: off.
   int64_t prompt_cache_bytes = int64_t{256} << 20;
   int64_t prompt_cache_block = 16;
+  // Persistence: the cache is saved here when the scheduler stops (a file per cache key, named
+  // with prompt_cache_tag, which must identify the weights and their format: a file of another tag
+  // is never read) and a key's file is read back when its lane or draft is made. Empty: not saved.
+  std::string prompt_cache_dir;
+  std::string prompt_cache_tag;
   const Smol* smol = nullptr;        // adapters: unmerged when cold, merged when hot
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
   // Drafting pays while a step reads the weights for few rows: a lane decoding more sequences
@@ -213,6 +219,10 @@ class Scheduler {
   void RestorePrefix(Lane& lane, Seq& s);
   // Publishes the whole blocks of `s`'s KV (prompt, and at the end what it generated).
   void PublishPrefix(Lane& lane, Seq& s, bool finished);
+  // Persistence (prompt_cache_dir): a key's file, read back once per key; all keys saved at stop.
+  std::string PromptCacheFile(const std::string& key) const;
+  void LoadSavedPrefixes(const std::string& key, const KVCache& layout_of);
+  void SavePromptCache();
   // Time limit (first) or cancellation, if the sequence should end now.
   static std::optional<FinishReason> EndedEarly(const Seq& s, Clock::time_point now);
   // The error boundary: every sequence of a lane whose step threw ends with `error`, and the lane
@@ -235,7 +245,8 @@ class Scheduler {
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
   std::atomic<int64_t> draft_copy_count_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
-  PrefixCache prefix_cache_;  // worker thread only (its stats() from any)
+  PrefixCache prefix_cache_;                   // worker thread only (its stats() from any)
+  std::set<std::string> prompt_cache_loaded_;  // keys whose saved file was looked for
   std::atomic<int64_t> prompt_hits_{0}, prompt_misses_{0}, prompt_cached_{0}, prompt_prefilled_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
   std::deque<Build> builds_, built_;
