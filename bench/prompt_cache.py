@@ -83,7 +83,10 @@ def model_name(port):
 
 
 def chat(port, messages, max_tokens):
-    """One streamed greedy chat completion: (ttft_s, reply text, usage)."""
+    """One streamed greedy chat completion: (ttft_s, reply text, usage, server_ttft_s). The
+    client's TTFT is to the first text it receives; the server's (amoeba.timings) to the first
+    token sampled, which is what the prompt cache changes (a random-weight model's first tokens are
+    often bytes of an unfinished UTF-8 character, whose text is held back)."""
     body = json.dumps({"model": MODEL[0], "messages": messages, "max_tokens": max_tokens,
                        "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}})
@@ -93,7 +96,7 @@ def chat(port, messages, max_tokens):
     r = c.getresponse()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
-    ttft, reply, usage = None, [], None
+    ttft, reply, usage, server_ttft = None, [], None, None
     for raw in r:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -101,6 +104,8 @@ def chat(port, messages, max_tokens):
         ev = json.loads(line[6:])
         if ev.get("usage"):
             usage = ev["usage"]
+        if "timings" in ev.get("amoeba", {}):
+            server_ttft = ev["amoeba"]["timings"]["time_to_first_token_ms"] / 1e3
         for ch in ev.get("choices", []):
             piece = ch.get("delta", {}).get("content")
             if piece:
@@ -110,7 +115,7 @@ def chat(port, messages, max_tokens):
     c.close()
     if ttft is None:  # nothing but the end: the first token was the end of the reply
         ttft = time.monotonic() - t0
-    return ttft, "".join(reply), usage
+    return ttft, "".join(reply), usage, server_ttft
 
 
 def prefilled(port):
@@ -137,9 +142,10 @@ def conversations(port, a):
         try:
             for t in range(a.turns):
                 messages.append({"role": "user", "content": text(a.user_tokens, 100 + 10 * i + t)})
-                ttft, reply, usage = chat(port, messages, a.reply_tokens)
+                ttft, reply, usage, server_ttft = chat(port, messages, a.reply_tokens)
                 messages.append({"role": "assistant", "content": reply})
-                turns[t].append({"ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
+                turns[t].append({"ttft_s": server_ttft, "client_ttft_s": ttft,
+                                 "prompt_tokens": usage["prompt_tokens"],
                                  "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]})
         except Exception as e:  # noqa: BLE001 (reported, the run goes on)
             errors.append(repr(e))
@@ -153,6 +159,7 @@ def conversations(port, a):
         sys.exit(f"conversation errors: {errors[:3]}")
     return [{"turn": t + 1,
              "ttft_median_s": statistics.median(x["ttft_s"] for x in turns[t]),
+             "client_ttft_median_s": statistics.median(x["client_ttft_s"] for x in turns[t]),
              "prompt_tokens_median": statistics.median(x["prompt_tokens"] for x in turns[t]),
              "cached_tokens_median": statistics.median(x["cached_tokens"] for x in turns[t])}
             for t in range(a.turns)]
@@ -183,6 +190,9 @@ def main():
     p.add_argument("--user-tokens", type=int, default=30, help="per turn of a conversation")
     p.add_argument("--question-tokens", type=int, default=10, help="per client of the fan-out")
     p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--supernet", help="an existing supernet directory (default: made from --preset)")
+    p.add_argument("--modes", default="off,on", help="prompt cache off, on, or both")
+    p.add_argument("--logs", help="keep the servers' logs in this directory")
     p.add_argument("--out", default=os.path.join(root, "bench/results/prompt_cache"))
     a = p.parse_args()
     admin = os.path.join(a.build, "admin/amoeba-admin")
@@ -192,16 +202,22 @@ def main():
               "system_tokens": a.system_tokens, "user_tokens": a.user_tokens,
               "question_tokens": a.question_tokens, "reply_tokens": a.reply_tokens, "modes": {}}
     with tempfile.TemporaryDirectory() as d:
-        run(admin, "init", "--out", f"{d}/m", "--preset", a.preset, "--seed", "1")
-        with open(f"{d}/calib.txt", "w") as f:
-            f.write(" ".join(["the quick brown fox jumps over the lazy dog"] * 400))
-        run(admin, "calibrate", "--model", f"{d}/m", "--data", f"{d}/calib.txt", "--out", f"{d}/s",
-            "--windows", "4", "--window-len", "64", "--dp-windows", "2")
-        for mode, cap in (("off", "0"), ("on", None)):
-            extra = ["--prompt-cache-mb", cap] if cap else []
-            proc, ports = start_server(server, f"{d}/s", d, "--http-port", "0", "--weights-dtype",
+        supernet = a.supernet
+        if not supernet:
+            run(admin, "init", "--out", f"{d}/m", "--preset", a.preset, "--seed", "1")
+            with open(f"{d}/calib.txt", "w") as f:
+                f.write(" ".join(["the quick brown fox jumps over the lazy dog"] * 400))
+            run(admin, "calibrate", "--model", f"{d}/m", "--data", f"{d}/calib.txt", "--out",
+                f"{d}/s", "--windows", "4", "--window-len", "64", "--dp-windows", "2")
+            supernet = f"{d}/s"
+        for mode in a.modes.split(","):
+            extra = ["--prompt-cache-mb", "0"] if mode == "off" else []
+            logs = a.logs or d
+            os.makedirs(logs, exist_ok=True)
+            log = open(os.path.join(logs, f"server-{mode}.log"), "w")
+            proc, ports = start_server(server, supernet, d, "--http-port", "0", "--weights-dtype",
                                        a.weights_dtype, "--max-context", "4096", "--profile", "0",
-                                       *extra)
+                                       *extra, stderr=log)
             try:
                 port = int(ports[2])
                 MODEL[:] = [model_name(port)]
@@ -220,6 +236,9 @@ def main():
                                      "fan_out_prefilled_1": one, "fan_out_prefilled_n": many}
             print(json.dumps(result["modes"][mode]), file=sys.stderr)
 
+    if len(result["modes"]) < 2:
+        print(json.dumps(result, indent=2))
+        return
     on, off = result["modes"]["on"], result["modes"]["off"]
     last = a.turns - 1
     result["ttft_last_turn_on_over_off"] = (on["turns"][last]["ttft_median_s"] /
@@ -232,6 +251,9 @@ def main():
           f"greedy replies)", "",
           f"Machine: {m.get('model name')} (family {m.get('cpu family')}, model {m.get('model')}), "
           f"{m['cores']} cores, {', '.join(m.get('flags', []))}; {result['date']}.", "",
+          "TTFT is the server's (amoeba.timings: arrival to first token sampled); the client's, to "
+          "the first text it receives, is in the JSON (a random-weight model's first tokens are often "
+          "bytes of an unfinished character, whose text is held back).", "",
           "| turn | prompt tokens (median) | cached tokens (median, cache on) | TTFT median, "
           "cache off | TTFT median, cache on | on / off |", "|---|---|---|---|---|---|"]
     for t in range(a.turns):

@@ -97,6 +97,14 @@ with tempfile.TemporaryDirectory() as d:
         chunks = [json.loads(e) for e in ev[:-1]]
         check("".join(c["choices"][0]["text"] for c in chunks) == want, "streamed text")
         check(chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) > 2, "stream finish")
+        # The same prompt ran before (gRPC, then unstreamed): all of it but its last token comes
+        # from the prompt cache, and the text is still the same. The server's timings ride along.
+        usage, amoeba = chunks[-1].get("usage", {}), chunks[-1].get("amoeba", {})
+        check(usage.get("prompt_tokens_details", {}).get("cached_tokens") == r["usage"]["prompt_tokens"] - 1,
+              f"cached prompt tokens: {usage}")
+        t = amoeba.get("timings", {})
+        check(0 <= t.get("queue_ms", -1) <= t.get("time_to_first_token_ms", -1) <= t.get("total_ms", -1),
+              f"timings: {amoeba}")
 
         # Speculative decoding: a smaller shape drafts; greedy text unchanged, the draft reported.
         spec = dict(body, amoeba={"speculate": "depth=3,width=0.625", "draft_tokens": 3})

@@ -32,6 +32,12 @@ json Usage(const JobResult& r) {
 
 json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r) {
   json a = {{"shape", {{"depth", h.shape.depth}, {"width", h.shape.width}}}};
+  // The server's own clock, as gRPC's Timings: from arrival in the queue to the first token
+  // sampled (what a client sees later when the first token's text is held back) and to the end.
+  if (r)
+    a["timings"] = {{"queue_ms", r->queue_ms},
+                    {"time_to_first_token_ms", r->ttft_ms},
+                    {"total_ms", r->total_ms}};
   if (r && r->draft)
     a["speculation"] = {{"draft", {{"depth", r->draft->depth}, {"width", r->draft->width}}},
                         {"drafted_tokens", r->drafted_tokens},
