@@ -194,6 +194,40 @@ with tempfile.TemporaryDirectory() as d:
         status, text = call(port, "POST", "/v1/completions", dict(body, temperature=0.8, min_p=0.2, seed=1))
         check(status == 200, f"min_p accepted: {status} {text[:200]}")
 
+        # Log-probabilities, chat: one entry per new token (OpenAI's shape), the chosen one the
+        # most likely when greedy, the alternatives in order; streamed, the same entries in chunks.
+        lp_chat = {"model": "phone", "messages": [{"role": "user", "content": "Score me."}],
+                   "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+        status, text = call(port, "POST", "/v1/chat/completions", lp_chat)
+        r = json.loads(text)
+        content = (r["choices"][0].get("logprobs") or {}).get("content", [])
+        check(status == 200 and 1 <= len(content) <= 6, f"chat logprobs: {status} {text[:400]}")
+        for e in content:
+            top = e["top_logprobs"]
+            check(isinstance(e["token"], str) and e["logprob"] <= 0 and isinstance(e["bytes"], list)
+                  and len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"]
+                  and abs(top[0]["logprob"] - e["logprob"]) < 1e-6, f"chat logprob entry: {e}")
+        ev = events(call(port, "POST", "/v1/chat/completions", dict(lp_chat, stream=True))[1])
+        streamed = [x for c in ev[:-1] for x in ((json.loads(c)["choices"][0].get("logprobs") or {})
+                                                 .get("content") or [])]
+        check([x["token"] for x in streamed] == [x["token"] for x in content] and
+              all(abs(a["logprob"] - b["logprob"]) < 1e-3 for a, b in zip(streamed, content)),
+              f"streamed chat logprobs: {streamed} vs {content}")
+        off = {k: v for k, v in lp_chat.items() if k != "top_logprobs"}
+        status, text = call(port, "POST", "/v1/chat/completions", dict(off, logprobs=False))
+        check(status == 200 and json.loads(text)["choices"][0].get("logprobs") is None, "logprobs off")
+
+        # Completions: the legacy shape, offsets into the completion's text.
+        status, text = call(port, "POST", "/v1/completions", dict(body, logprobs=3))
+        r = json.loads(text)
+        lp = r["choices"][0].get("logprobs") or {}
+        n = len(lp.get("tokens", []))
+        check(status == 200 and n >= 1 and len(lp["token_logprobs"]) == n and len(lp["top_logprobs"]) == n
+              and len(lp["text_offset"]) == n and lp["text_offset"] == sorted(lp["text_offset"])
+              and all(len(t) <= 3 for t in lp["top_logprobs"])
+              and all(max(t.values()) >= v - 1e-6 for t, v in zip(lp["top_logprobs"], lp["token_logprobs"])),
+              f"completion logprobs: {status} {text[:400]}")
+
         # A budget instead of a model: the planner's choice.
         sizes = sorted(x.params for x in stub.ListShapes(pb.ListShapesRequest(), metadata=md, timeout=10).shapes)
         budget = {"max_params": sizes[len(sizes) // 2]}
@@ -213,7 +247,10 @@ with tempfile.TemporaryDirectory() as d:
                 ("logit_bias id", dict(body, logit_bias={"x": 1}), 400, "logit_bias"),
                 ("logit_bias range", dict(body, logit_bias={"5": 101}), 400, "logit_bias"),
                 ("min_p", dict(body, min_p=2), 400, "sampling.min_p"),
-                ("logprobs", dict(body, logprobs=3), 400, "logprobs"),
+                ("logprobs range", dict(body, logprobs=6), 400, "logprobs"),
+                ("echo", dict(body, echo=True), 400, "echo"),
+                ("top_logprobs alone", dict(chat, top_logprobs=2), 400, "top_logprobs"),
+                ("top_logprobs range", dict(chat, logprobs=True, top_logprobs=21), 400, "top_logprobs"),
                 ("negative temperature", dict(body, temperature=-1), 400, "sampling.temperature"),
                 ("max_tokens too large", dict(body, max_tokens=10**6), 400, "max_new_tokens"),
                 ("unknown model", dict(body, model="gpt-4"), 404, "gpt-4"),

@@ -1,6 +1,8 @@
 #include "model/generation.h"
 
 #include <algorithm>
+#include <cmath>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 
@@ -36,6 +38,29 @@ TokenStream::TokenStream(const Tokenizer& tok, const ModelConfig& config,
   for (int32_t t : prompt) sampler_.Observe(t);
   for (const auto& s : opt_.stop) max_stop_ = std::max(max_stop_, s.size());
   tokens_.reserve(opt_.max_new_tokens);
+}
+
+void LogprobRow::Read(const float* logits, int64_t vocab) {
+  logits_ = logits;
+  vocab_ = vocab;
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < vocab; ++i) mx = std::max(mx, logits[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(logits[i] - mx);
+  log_z_ = mx + static_cast<float>(std::log(sum));
+}
+
+void LogprobRow::Top(int32_t k, std::vector<std::pair<int32_t, float>>& out) {
+  out.clear();
+  k = static_cast<int32_t>(std::min<int64_t>(k, vocab_));
+  if (k <= 0) return;
+  idx_.resize(static_cast<size_t>(vocab_));
+  std::iota(idx_.begin(), idx_.end(), 0);
+  // Ties go to the lower id, so the order is deterministic.
+  std::partial_sort(idx_.begin(), idx_.begin() + k, idx_.end(), [&](int32_t a, int32_t b) {
+    return logits_[a] > logits_[b] || (logits_[a] == logits_[b] && a < b);
+  });
+  for (int32_t i = 0; i < k; ++i) out.emplace_back(idx_[i], Of(idx_[i]));
 }
 
 std::string_view TokenStream::Emit(bool final) {
@@ -77,9 +102,19 @@ TokenStream::Step TokenStream::Next(float* logits, const Proposal* proposal) {
     step.done = true;
     return step;
   }
+  if (opt_.logprobs >= 0) {  // the model's distribution: before the sampler transforms the row
+    raw_logits_.assign(logits, logits + sampler_.vocab_size());
+    logprob_row_.Read(raw_logits_.data(), sampler_.vocab_size());
+  }
   const int32_t tok =
       proposal ? sampler_.Verify(logits, proposal->token, proposal->probs, &step.accepted)
                : sampler_.Sample(logits);
+  if (opt_.logprobs >= 0) {
+    logprobs_.token = tok;
+    logprobs_.logprob = logprob_row_.Of(tok);
+    logprob_row_.Top(std::min(opt_.logprobs, kMaxTopLogprobs), logprobs_.top);
+    step.logprobs = &logprobs_;
+  }
   sampler_.ObserveGenerated(tok);
   tokens_.push_back(tok);
   step.token = tok;

@@ -14,6 +14,7 @@
 #include "model/engine.h"
 #include "model/finish_reason.h"
 #include "model/sampler.h"
+#include "model/token_logprobs.h"
 #include "model/tokenizer.h"
 
 namespace amoeba {
@@ -24,6 +25,27 @@ struct GenerationOptions {
   std::vector<std::string> stop;  // stop strings (not included in the output)
   bool stop_at_eos = true;
   int64_t time_limit_ms = 0;  // 0 = none
+  // Log-probabilities of the new tokens (-1: off): each token's, and this many most likely
+  // alternatives (at most kMaxTopLogprobs). They are the model's distribution, log-softmax of the
+  // logits before any sampling transform (penalties, bias, temperature, truncation).
+  int32_t logprobs = -1;
+};
+
+// Log-softmax of one row of logits, for the tokens asked about: LogZ once per row (a pass over
+// the vocabulary), then any token's log-probability, and the top k.
+class LogprobRow {
+ public:
+  // Reads `logits` (not modified; kept by reference until the next Read).
+  void Read(const float* logits, int64_t vocab);
+  float Of(int32_t token) const { return logits_[token] - log_z_; }
+  // The k most likely tokens with their log-probabilities, most likely first, into `out`.
+  void Top(int32_t k, std::vector<std::pair<int32_t, float>>& out);
+
+ private:
+  const float* logits_ = nullptr;
+  int64_t vocab_ = 0;
+  float log_z_ = 0;
+  std::vector<int32_t> idx_;
 };
 
 class TokenStream {
@@ -36,6 +58,9 @@ class TokenStream {
     std::string_view text;  // newly final text (valid UTF-8), valid until the next call
     bool done = false;
     bool accepted = false;  // Next with a proposal: the drafted token was kept
+    // With GenerationOptions::logprobs >= 0: the token's log-probability (valid until the next
+    // call), else null.
+    const TokenLogprobs* logprobs = nullptr;
   };
   // A drafted token and the distribution it was drawn from (null: drawn deterministically).
   struct Proposal {
@@ -73,6 +98,9 @@ class TokenStream {
   std::string text_;    // the output text (stop string removed)
   size_t emitted_ = 0;  // bytes of text_ already returned
   std::string delta_;
+  std::vector<float> raw_logits_;  // logprobs: the row before the sampler transforms it
+  LogprobRow logprob_row_;
+  TokenLogprobs logprobs_;
   size_t max_stop_ = 0;
   FinishReason reason_ = FinishReason::kNone;
 };

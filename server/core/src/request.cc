@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/status_macros.h"
+#include "model/token_logprobs.h"
 #include "model/tokenizer.h"
 #include "server/request_checks.h"
 
@@ -76,6 +77,9 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r, const Service
       return InvalidField("sampling.logit_bias",
                           absl::StrCat("token ", token, ": bias must be in [-100, 100]"));
   }
+  if (r.logprobs && (*r.logprobs < 0 || *r.logprobs > kMaxTopLogprobs))
+    return InvalidField(
+        "logprobs", absl::StrCat("must be in [0, ", kMaxTopLogprobs, "] (alternatives per token)"));
   if (r.max_new_tokens && (*r.max_new_tokens < 1 || *r.max_new_tokens > l.max_new_tokens))
     return InvalidField("max_new_tokens", absl::StrCat("must be in [1, ", l.max_new_tokens, "]"));
   if (static_cast<int64_t>(r.stop.size()) > l.max_stop_strings)

@@ -709,6 +709,7 @@ void Scheduler::Step(Lane& lane) {
       }
       s.next = st.token;
       if (s.draft) s.context.push_back(st.token);
+      if (st.logprobs && s.job->on_logprobs) s.job->on_logprobs(*st.logprobs);
       if (s.job->on_token && (!st.text.empty() || !st.done)) {
         s.job->on_token(st.token, st.text);
         ++s.sent_tokens;

@@ -191,6 +191,7 @@ absl::Status Serving::Start(const std::shared_ptr<Generation>& g, GenerationCall
     Clock::time_point last;
   };
   auto clock = std::make_shared<TokenClock>();
+  job.on_logprobs = std::move(cb.on_logprobs);
   job.on_token = [this, clock, shape_name, on_token = std::move(cb.on_token)](
                      int32_t token, std::string_view text) {
     const auto now = Clock::now();
@@ -229,6 +230,7 @@ absl::Status Serving::Start(const std::shared_ptr<Generation>& g, GenerationCall
     spdlog::warn("[{}] generate: not queued: {}", job.request_id,
                  LogSafe(std::string(st.message()), 200));
     job.on_token = nullptr;  // never called: the front end's state may go with this error
+    job.on_logprobs = nullptr;
     job.on_done = nullptr;
   }
   return st;
@@ -250,13 +252,19 @@ absl::StatusOr<TokenizeResult> Serving::Tokenize(const TokenizeRequest& r,
     TokenizeResult out;
     if (r.add_bos) out.ids.push_back(static_cast<int32_t>(info_.bos_token_id));
     for (int32_t t : tok.Encode(r.text)) out.ids.push_back(t);
-    for (int32_t t : out.ids) {
-      // A byte token that is part of a character becomes U+FFFD (the pieces are UTF-8).
-      const std::string& b = tok.TokenBytes(t);
-      out.pieces.push_back(IsValidUtf8(b) ? b : std::string("\xEF\xBF\xBD"));
-    }
+    for (int32_t t : out.ids) out.pieces.push_back(TokenPiece(t));
     return out;
   });
+}
+
+const std::string& Serving::TokenBytes(int32_t id) const {
+  return supernet_.tokenizer()->TokenBytes(id);
+}
+
+std::string Serving::TokenPiece(int32_t id) const {
+  // A byte token that is part of a character becomes U+FFFD (the pieces are UTF-8).
+  const std::string& b = TokenBytes(id);
+  return IsValidUtf8(b) ? b : std::string("\xEF\xBF\xBD");
 }
 
 absl::StatusOr<std::string> Serving::Detokenize(const DetokenizeRequest& r,
@@ -423,6 +431,7 @@ absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest
   job->gen.max_new_tokens = r.max_new_tokens.value_or(128);
   job->gen.stop = r.stop;
   job->gen.time_limit_ms = r.time_limit_ms.value_or(0);
+  job->gen.logprobs = r.logprobs.value_or(-1);
   std::string speculate = r.speculate.value_or(options_.speculate);
   if (!r.speculate && speculate != "auto" && speculate != "off") {
     // The server's default draft does not draft for itself.

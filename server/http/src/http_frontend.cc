@@ -306,6 +306,7 @@ struct HttpFrontend::Routes {
     head.id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", (*g)->request_id());
     head.created = UnixSeconds();
     head.chat = chat;
+    head.logprobs = call->req.logprobs.has_value();
     head.shape = (*g)->shape();
     head.model = call->model.empty() ? ModelId(head.shape) : call->model;
     HttpHeaders headers = cors;
@@ -322,15 +323,29 @@ struct HttpFrontend::Routes {
   void Whole(const std::shared_ptr<Generation>& g, const OpenAiResponseHead& head,
              const std::shared_ptr<HttpExchange>& ex, HttpHeaders headers) const {
     auto text = std::make_shared<std::string>();
+    auto logprobs = std::make_shared<std::vector<TokenLogprobs>>();
     GenerationCallbacks cb;
     cb.on_token = [text](int32_t, std::string_view t) { text->append(t); };
-    cb.on_done = [text, head, ex, headers](const JobResult& r) {
+    if (head.logprobs)
+      cb.on_logprobs = [logprobs](const TokenLogprobs& lp) { logprobs->push_back(lp); };
+    cb.on_done = [s = &serving, text, logprobs, head, ex, headers](const JobResult& r) {
       if (absl::Status st = FinishError(r); !st.ok())
         return ex->Reply(WithHeaders(ErrorReply(st), headers));
-      ex->Reply(JsonReply(CompletionBody(head, *text, r), headers));
+      int64_t offset = 0;
+      const json lp = head.logprobs ? Logprobs(*s, head, *logprobs, &offset) : json(nullptr);
+      ex->Reply(JsonReply(CompletionBody(head, *text, r, lp), headers));
     };
     if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok())
       ex->Reply(WithHeaders(ErrorReply(st), headers));
+  }
+
+  // The serving core outlives every generation's callbacks (its own wrap them); this front end
+  // need not, so they reach the tokenizer through the core.
+  static json Logprobs(const Serving& s, const OpenAiResponseHead& head,
+                       const std::vector<TokenLogprobs>& tokens, int64_t* text_offset) {
+    return LogprobsBody(
+        head.chat, tokens, [&s](int32_t id) { return s.TokenPiece(id); },
+        [&s](int32_t id) -> const std::string& { return s.TokenBytes(id); }, text_offset);
   }
 
   // Server-sent events: one chunk per text delta, the finish reason, [DONE]. A client that stops
@@ -350,15 +365,30 @@ struct HttpFrontend::Routes {
       ex->Write(std::move(e));
       if (last) ex->End();
     };
+    // Log-probabilities ride with the chunk of their token's text (the scheduler thread calls
+    // these in order; tokens whose text is held back go with the next chunk, or the last).
+    struct PendingLogprobs {
+      std::vector<TokenLogprobs> tokens;
+      int64_t text_offset = 0;
+    };
+    auto pending = std::make_shared<PendingLogprobs>();
+    auto take = [s = &serving, head, pending]() -> json {
+      if (!head.logprobs) return nullptr;
+      json lp = Logprobs(*s, head, pending->tokens, &pending->text_offset);
+      pending->tokens.clear();
+      return lp;
+    };
     GenerationCallbacks cb;
-    cb.on_token = [emit, head](int32_t, std::string_view t) {
+    if (head.logprobs)
+      cb.on_logprobs = [pending](const TokenLogprobs& lp) { pending->tokens.push_back(lp); };
+    cb.on_token = [emit, head, take](int32_t, std::string_view t) {
       if (t.empty()) return;
       const json d = head.chat ? json{{"content", std::string(t)}} : json(std::string(t));
-      emit(Event(ChunkBody(head, d, nullptr)), false);
+      emit(Event(ChunkBody(head, d, nullptr, take())), false);
     };
-    cb.on_done = [emit, head](const JobResult& r) {
+    cb.on_done = [emit, head, take](const JobResult& r) {
       const absl::Status error = FinishError(r);
-      emit((error.ok() ? Event(LastChunkBody(head, r)) : Event(ErrorBody(error))) +
+      emit((error.ok() ? Event(LastChunkBody(head, r, take())) : Event(ErrorBody(error))) +
                "data: [DONE]\n\n",
            true);
     };

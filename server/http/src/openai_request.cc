@@ -5,6 +5,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "model/status_macros.h"
+#include "model/token_logprobs.h"
 #include "server/request_checks.h"
 
 namespace amoeba {
@@ -50,6 +51,7 @@ const std::set<std::string>& KnownFields(bool chat) {
                                               "stream",
                                               "n",
                                               "logprobs",
+                                              "top_logprobs",
                                               "presence_penalty",
                                               "frequency_penalty",
                                               "logit_bias",
@@ -205,8 +207,21 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     }
   }
   if (j.contains("echo") && j["echo"] != false) return InvalidField("echo", "not supported");
-  if (j.contains("logprobs") && !j["logprobs"].is_null() && j["logprobs"] != false)
-    return InvalidField("logprobs", "not supported");
+  // Log-probabilities: chat's `logprobs: true` with `top_logprobs` alternatives (0..20);
+  // completions' `logprobs: N` alternatives (0..5, OpenAI's legacy limit).
+  if (chat) {
+    ASSIGN_OR_RETURN(auto want, Optional<bool>(j, "logprobs"));
+    ASSIGN_OR_RETURN(auto top, Optional<int64_t>(j, "top_logprobs"));
+    if (top && !want.value_or(false))
+      return InvalidField("top_logprobs", "requires \"logprobs\": true");
+    if (top && (*top < 0 || *top > kMaxTopLogprobs))
+      return InvalidField("top_logprobs", absl::StrCat("must be in [0, ", kMaxTopLogprobs, "]"));
+    if (want.value_or(false)) c.req.logprobs = static_cast<int32_t>(top.value_or(0));
+  } else {
+    ASSIGN_OR_RETURN(auto top, Optional<int64_t>(j, "logprobs"));
+    if (top && (*top < 0 || *top > 5)) return InvalidField("logprobs", "must be in [0, 5]");
+    if (top) c.req.logprobs = static_cast<int32_t>(*top);
+  }
 
   GenerationRequest& r = c.req;
   // The target: a model name, or a budget for the planner.

@@ -46,14 +46,54 @@ json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r) {
   return a;
 }
 
-json CompletionBody(const OpenAiResponseHead& h, const std::string& text, const JobResult& r) {
+json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
+                  const std::function<std::string(int32_t)>& piece,
+                  const std::function<const std::string&(int32_t)>& bytes, int64_t* text_offset) {
+  auto byte_list = [&](int32_t id) {
+    json b = json::array();
+    for (unsigned char c : bytes(id)) b.push_back(static_cast<int>(c));
+    return b;
+  };
+  if (chat) {
+    json content = json::array();
+    for (const TokenLogprobs& t : tokens) {
+      json top = json::array();
+      for (const auto& [id, lp] : t.top)
+        top.push_back({{"token", piece(id)}, {"logprob", lp}, {"bytes", byte_list(id)}});
+      content.push_back({{"token", piece(t.token)},
+                         {"logprob", t.logprob},
+                         {"bytes", byte_list(t.token)},
+                         {"top_logprobs", std::move(top)}});
+    }
+    return {{"content", std::move(content)}, {"refusal", nullptr}};
+  }
+  json toks = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+  for (const TokenLogprobs& t : tokens) {
+    toks.push_back(piece(t.token));
+    lps.push_back(t.logprob);
+    json top = json::object();
+    // OpenAI's map from piece to logprob: pieces may collide (byte tokens all read U+FFFD); the
+    // most likely keeps its place.
+    for (const auto& [id, lp] : t.top) top.emplace(piece(id), lp);
+    tops.push_back(std::move(top));
+    offsets.push_back(*text_offset);
+    *text_offset += static_cast<int64_t>(bytes(t.token).size());
+  }
+  return {{"tokens", std::move(toks)},
+          {"token_logprobs", std::move(lps)},
+          {"top_logprobs", std::move(tops)},
+          {"text_offset", std::move(offsets)}};
+}
+
+json CompletionBody(const OpenAiResponseHead& h, const std::string& text, const JobResult& r,
+                    const json& logprobs) {
   json choice = {{"index", 0}, {"finish_reason", OpenAiFinish(r.reason)}};
   if (h.chat) {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   } else {
     choice["text"] = text;
-    choice["logprobs"] = nullptr;
   }
+  choice["logprobs"] = logprobs;
   return {{"id", h.id},
           {"object", h.chat ? "chat.completion" : "text_completion"},
           {"created", h.created},
@@ -63,14 +103,15 @@ json CompletionBody(const OpenAiResponseHead& h, const std::string& text, const 
           {"amoeba", AmoebaExtension(h, &r)}};
 }
 
-json ChunkBody(const OpenAiResponseHead& h, const json& delta_or_text, const json& finish) {
+json ChunkBody(const OpenAiResponseHead& h, const json& delta_or_text, const json& finish,
+               const json& logprobs) {
   json choice = {{"index", 0}, {"finish_reason", finish}};
   if (h.chat) {
     choice["delta"] = delta_or_text;
   } else {
     choice["text"] = delta_or_text;
-    choice["logprobs"] = nullptr;
   }
+  choice["logprobs"] = logprobs;
   return {{"id", h.id},
           {"object", h.chat ? "chat.completion.chunk" : "text_completion"},
           {"created", h.created},
@@ -78,8 +119,8 @@ json ChunkBody(const OpenAiResponseHead& h, const json& delta_or_text, const jso
           {"choices", json::array({choice})}};
 }
 
-json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r) {
-  json last = ChunkBody(h, h.chat ? json::object() : json(""), OpenAiFinish(r.reason));
+json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r, const json& logprobs) {
+  json last = ChunkBody(h, h.chat ? json::object() : json(""), OpenAiFinish(r.reason), logprobs);
   last["usage"] = Usage(r);
   last["amoeba"] = AmoebaExtension(h, &r);
   return last;

@@ -1,10 +1,13 @@
 // OpenAI response bodies: whole completions, streamed chunks, usage, finish reasons, and the
 // "amoeba" extension (the shape served and what drafting did).
 #pragma once
+#include <functional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "model/token_logprobs.h"
 #include "server/job_result.h"
 
 namespace amoeba {
@@ -15,6 +18,7 @@ struct OpenAiResponseHead {
   std::string model;  // as the client named it
   int64_t created = 0;
   bool chat = false;
+  bool logprobs = false;  // the client asked for log-probabilities
   Shape shape;
 };
 
@@ -30,11 +34,22 @@ nlohmann::json Usage(const JobResult& r);
 nlohmann::json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r);
 // A whole (non-streamed) response.
 nlohmann::json CompletionBody(const OpenAiResponseHead& h, const std::string& text,
-                              const JobResult& r);
-// One streamed chunk: a text delta (or, for chat, a delta object) and the finish reason.
+                              const JobResult& r, const nlohmann::json& logprobs = nullptr);
+// Log-probabilities of consecutive new tokens in OpenAI's shape: chat's {"content": [{"token",
+// "logprob", "bytes", "top_logprobs"}]}, completions' {"tokens", "token_logprobs",
+// "top_logprobs", "text_offset"} (offsets into the completion's text, from *text_offset on, which
+// advances). `piece` and `bytes` give a token's text (UTF-8) and raw bytes.
+nlohmann::json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
+                            const std::function<std::string(int32_t)>& piece,
+                            const std::function<const std::string&(int32_t)>& bytes,
+                            int64_t* text_offset);
+
+// One streamed chunk: a text delta (or, for chat, a delta object), the finish reason, and the
+// log-probabilities of its tokens (null: none asked for).
 nlohmann::json ChunkBody(const OpenAiResponseHead& h, const nlohmann::json& delta_or_text,
-                         const nlohmann::json& finish);
+                         const nlohmann::json& finish, const nlohmann::json& logprobs = nullptr);
 // The last streamed chunk: finish reason, usage and the extension.
-nlohmann::json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r);
+nlohmann::json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r,
+                             const nlohmann::json& logprobs = nullptr);
 
 }  // namespace amoeba

@@ -53,6 +53,8 @@ struct GenerationRequest {
   std::optional<int64_t> time_limit_ms;
   std::optional<std::string> speculate;  // "auto" | "off" | a draft shape; unset: the default
   std::optional<int64_t> draft_tokens;
+  // Log-probabilities of the new tokens with this many alternatives each, 0..20 (unset: none).
+  std::optional<int32_t> logprobs;
 };
 
 struct TokenizeRequest {

@@ -49,6 +49,8 @@ struct Job {
   // Called on the scheduler thread: new tokens with their text, then the result exactly once.
   std::function<void(int32_t token, std::string_view text)> on_token;
   std::function<void(const JobResult&)> on_done;
+  // With gen.logprobs >= 0: each new token's log-probabilities, before its on_token.
+  std::function<void(const TokenLogprobs&)> on_logprobs;
 };
 
 struct SchedulerOptions {

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/token_logprobs.h"
 #include "model/weight_format.h"
 #include "server/export_job.h"
 #include "server/job_result.h"
@@ -92,6 +93,9 @@ class Generation {
 struct GenerationCallbacks {
   // On the scheduler thread: each new token with its text (token -1: text held back until now).
   std::function<void(int32_t token, std::string_view text)> on_token;
+  // With GenerationRequest::logprobs: every new token's log-probabilities, before its on_token
+  // (also for a last token whose text is empty, which has no on_token).
+  std::function<void(const TokenLogprobs&)> on_logprobs;
   // Then the result, exactly once, on the scheduler thread (kError carries the status).
   std::function<void(const JobResult&)> on_done;
 };
@@ -138,6 +142,10 @@ class Serving {
   absl::StatusOr<TokenizeResult> Tokenize(const TokenizeRequest& r, const RequestContext& ctx);
   // The ids' text (invalid UTF-8, as from a byte token cut off mid-character, becomes U+FFFD).
   absl::StatusOr<std::string> Detokenize(const DetokenizeRequest& r, const RequestContext& ctx);
+  // One token's raw bytes, and as UTF-8 text (a byte token inside a character is U+FFFD). `id`
+  // must be in the vocabulary (the ids a generation reports are).
+  const std::string& TokenBytes(int32_t id) const;
+  std::string TokenPiece(int32_t id) const;
   absl::StatusOr<PlanResult> Plan(const PlanBudget& b, const RequestContext& ctx) const;
   absl::StatusOr<ExportPlanResult> PlanExport(const PlanBudget& b, const RequestContext& ctx) const;
   absl::StatusOr<std::vector<ShapeEstimateResult>> Shapes(const RequestContext& ctx) const;
