@@ -228,6 +228,35 @@ with tempfile.TemporaryDirectory() as d:
               and all(max(t.values()) >= v - 1e-6 for t, v in zip(lp["top_logprobs"], lp["token_logprobs"])),
               f"completion logprobs: {status} {text[:400]}")
 
+        # Echo (what lm-evaluation-harness sends to score a text): the prompt's tokens scored,
+        # the first one null, values equal to gRPC's prompt_logprobs; no new token at all.
+        score = {"model": "amoeba:depth=4,width=0.75", "prompt": "Score me, please", "max_tokens": 0,
+                 "echo": True, "logprobs": 1, "temperature": 0}
+        status, text = call(port, "POST", "/v1/completions", score)
+        r = json.loads(text)
+        lp = r["choices"][0].get("logprobs") or {}
+        n = r.get("usage", {}).get("prompt_tokens", -1)
+        check(status == 200 and r["choices"][0]["text"] == "Score me, please"
+              and r["usage"]["completion_tokens"] == 0 and len(lp.get("tokens", [])) == n
+              and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+              and all(v <= 0 for v in lp["token_logprobs"][1:]) and lp["text_offset"][0] == 0,
+              f"echo scoring: {status} {text[:500]}")
+        scored = [x for m in stub.Generate(pb.GenerateRequest(
+            text="Score me, please", shape=pb.Shape(depth=4, width=0.75), max_new_tokens=0,
+            logprobs=1, prompt_logprobs=True), metadata=md, timeout=30) for x in m.prompt_logprobs]
+        check(len(scored) == n - 1 and all(abs(a.logprob - b) < 1e-5 for a, b in zip(scored, lp["token_logprobs"][1:])),
+              f"echo logprobs == gRPC prompt_logprobs: {[a.logprob for a in scored]} vs {lp['token_logprobs']}")
+        status, text = call(port, "POST", "/v1/completions", dict(score, max_tokens=3))
+        r = json.loads(text)
+        check(status == 200 and r["choices"][0]["text"].startswith("Score me, please")
+              and len(r["choices"][0]["logprobs"]["tokens"]) == n + 3, f"echo and 3 new: {text[:300]}")
+        ev = events(call(port, "POST", "/v1/completions", dict(score, max_tokens=3, stream=True))[1])
+        first = json.loads(ev[0])["choices"][0]
+        check(first["text"] == "Score me, please" and len(first["logprobs"]["tokens"]) == n,
+              f"streamed echo: {ev[0][:300]}")
+        status, text = call(port, "POST", "/v1/completions", dict(body, max_tokens=0))
+        check(status == 400 and "max_new_tokens" in text, f"max_tokens 0 without echo: {status} {text[:200]}")
+
         # A budget instead of a model: the planner's choice.
         sizes = sorted(x.params for x in stub.ListShapes(pb.ListShapesRequest(), metadata=md, timeout=10).shapes)
         budget = {"max_params": sizes[len(sizes) // 2]}
@@ -248,7 +277,7 @@ with tempfile.TemporaryDirectory() as d:
                 ("logit_bias range", dict(body, logit_bias={"5": 101}), 400, "logit_bias"),
                 ("min_p", dict(body, min_p=2), 400, "sampling.min_p"),
                 ("logprobs range", dict(body, logprobs=6), 400, "logprobs"),
-                ("echo", dict(body, echo=True), 400, "echo"),
+                ("echo type", dict(body, echo="yes"), 400, "echo"),
                 ("top_logprobs alone", dict(chat, top_logprobs=2), 400, "top_logprobs"),
                 ("top_logprobs range", dict(chat, logprobs=True, top_logprobs=21), 400, "top_logprobs"),
                 ("negative temperature", dict(body, temperature=-1), 400, "sampling.temperature"),

@@ -100,5 +100,63 @@ TEST(LogprobsTest, EachNewTokensLogprobIsTheModelsLogSoftmax) {
   }
 }
 
+// Scoring a prompt (what evaluation harnesses do with echo): every prompt token after the first
+// gets its log-probability given the ones before it, equal to a forward pass's; with no new token
+// at all, or with some; twice the same (the prompt cache never stands in for the logits).
+TEST(LogprobsTest, PromptTokensAreScoredLikeAForwardPass) {
+  BatchInvariantKernels invariant;
+  SchedulerOptions so;
+  so.prefill_chunk = 8;  // the prompt spans several chunks
+  TestServer ts(so);
+  const Supernet& s = *ts.supernet;
+  auto client = ts.Client();
+  const std::string text = "score every token of this prompt, one chunk after another";
+  std::vector<int32_t> ids = {static_cast<int32_t>(s.base().config.bos_token_id)};
+  for (int32_t t : s.tokenizer()->Encode(text)) ids.push_back(t);
+  ASSERT_GT(ids.size(), 17u);
+  const at::Tensor ref = at::log_softmax(
+      [&] {
+        at::InferenceMode g;
+        auto m = std::make_shared<const Model>(
+            testing::MustOk(BuildSubnet(s, nullptr, s.FullShape()), "build"));
+        Engine e(m, {.max_len = 128});
+        KVCache c = e.NewCache(1);
+        SeqInput in{0, ids};
+        return testing::MustOk(e.Forward(c, {&in, 1}, true), "forward").clone();
+      }(),
+      1);
+  for (int new_tokens : {0, 3, 0}) {
+    v1::GenerateRequest r = Req(text, 5, 1.0, new_tokens);
+    r.set_logprobs(2);
+    r.set_prompt_logprobs(true);
+    std::vector<v1::TokenLogprob> prompt, generated;
+    v1::GenerateResponse last;
+    ASSERT_TRUE(client
+                    .Generate(r,
+                              [&](const v1::GenerateResponse& m) {
+                                for (const auto& lp : m.prompt_logprobs()) prompt.push_back(lp);
+                                for (const auto& lp : m.logprobs()) generated.push_back(lp);
+                                last = m;
+                              })
+                    .ok());
+    ASSERT_EQ(prompt.size(), ids.size() - 1) << new_tokens;
+    for (size_t i = 0; i < prompt.size(); ++i) {
+      EXPECT_EQ(prompt[i].token_id(), ids[i + 1]);
+      EXPECT_NEAR(prompt[i].logprob(), ref[static_cast<int64_t>(i)][ids[i + 1]].item<float>(), 1e-4)
+          << "position " << i + 1;
+      ASSERT_EQ(prompt[i].top_size(), 2);
+      EXPECT_GE(prompt[i].top(0).logprob(), prompt[i].top(1).logprob());
+    }
+    EXPECT_EQ(static_cast<int>(generated.size()), new_tokens);
+    EXPECT_EQ(last.usage().completion_tokens(), new_tokens);
+    EXPECT_EQ(last.usage().cached_prompt_tokens(), 0);
+  }
+  // No new token is for scoring only.
+  v1::GenerateRequest r = Req(text, 5, 1.0, 0);
+  const testing::Streamed out = Stream(client, r);
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(out.status.error_message().find("max_new_tokens"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace amoeba

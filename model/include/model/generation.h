@@ -29,6 +29,10 @@ struct GenerationOptions {
   // alternatives (at most kMaxTopLogprobs). They are the model's distribution, log-softmax of the
   // logits before any sampling transform (penalties, bias, temperature, truncation).
   int32_t logprobs = -1;
+  // Also the prompt's tokens' log-probabilities (each after the first, given those before it;
+  // `logprobs` alternatives each): scoring, as evaluation harnesses ask with echo. The prompt is
+  // then prefilled with logits for every position (no prompt cache), and max_new_tokens may be 0.
+  bool prompt_logprobs = false;
 };
 
 // Log-softmax of one row of logits, for the tokens asked about: LogZ once per row (a pass over

@@ -80,8 +80,12 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r, const Service
   if (r.logprobs && (*r.logprobs < 0 || *r.logprobs > kMaxTopLogprobs))
     return InvalidField(
         "logprobs", absl::StrCat("must be in [0, ", kMaxTopLogprobs, "] (alternatives per token)"));
-  if (r.max_new_tokens && (*r.max_new_tokens < 1 || *r.max_new_tokens > l.max_new_tokens))
-    return InvalidField("max_new_tokens", absl::StrCat("must be in [1, ", l.max_new_tokens, "]"));
+  // Scoring a prompt may ask for no new token at all.
+  const int64_t min_new = r.prompt_logprobs ? 0 : 1;
+  if (r.max_new_tokens && (*r.max_new_tokens < min_new || *r.max_new_tokens > l.max_new_tokens))
+    return InvalidField("max_new_tokens",
+                        absl::StrCat("must be in [", min_new, ", ", l.max_new_tokens, "]",
+                                     min_new ? " (0 only when scoring the prompt)" : ""));
   if (static_cast<int64_t>(r.stop.size()) > l.max_stop_strings)
     return InvalidField("stop", absl::StrCat("more than ", l.max_stop_strings, " strings"));
   for (const auto& st : r.stop) {

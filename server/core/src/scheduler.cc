@@ -654,7 +654,8 @@ void Scheduler::Step(Lane& lane) {
     input_of[i] = static_cast<int64_t>(inputs.size());
     if (s.fed < s.job->prompt.size()) {
       const size_t n = std::min<size_t>(opt_.prefill_chunk, s.job->prompt.size() - s.fed);
-      inputs.push_back({s.slot, std::span<const int32_t>(s.job->prompt.data() + s.fed, n)});
+      inputs.push_back({s.slot, std::span<const int32_t>(s.job->prompt.data() + s.fed, n),
+                        /*all_logits=*/s.job->gen.prompt_logprobs});
     } else if (s.checking > 0) {  // next and the drafted tokens: logits for each
       inputs.push_back({s.slot, s.check, /*all_logits=*/true});
     } else {
@@ -678,15 +679,28 @@ void Scheduler::Step(Lane& lane) {
   for (size_t i = 0; i < lane.seqs.size(); ++i) {
     if (input_of[i] < 0) continue;
     Seq& s = lane.seqs[i];
-    const int64_t rows = s.checking > 0 ? s.checking + 1 : 1;
+    const SeqInput& in = inputs[static_cast<size_t>(input_of[i])];
+    // Logits rows: the drafted tokens' checks, every prompt position (scoring), or one.
+    const int64_t rows = s.checking > 0  ? s.checking + 1
+                         : in.all_logits ? static_cast<int64_t>(in.tokens.size())
+                                         : 1;
     const int64_t first_row = row;
     row += rows;
+    int64_t sample_row = first_row;  // where the next token's logits are
     if (s.fed < s.job->prompt.size()) {
-      const size_t n = inputs[static_cast<size_t>(input_of[i])].tokens.size();
+      const size_t n = in.tokens.size();
+      if (in.all_logits) {
+        ScorePrompt(s, *logits, first_row, static_cast<int64_t>(n));
+        sample_row = first_row + rows - 1;
+      }
       s.fed += n;
       if (!s.job->for_profiling) prompt_prefilled_ += static_cast<int64_t>(n);
       PublishPrefix(lane, s, /*finished=*/false);  // sequences waiting for it go on next step
       if (s.fed < s.job->prompt.size()) continue;  // more prompt to feed
+      if (s.job->gen.max_new_tokens <= 0) {        // scoring only
+        done.emplace_back(i, FinishReason::kLength);
+        continue;
+      }
     }
     // Row j holds the logits after check[j]: with j < checking it decides on drafted token j+1
     // (kept, or replaced by the lane's own choice, which ends the check); the last row, reached
@@ -694,14 +708,15 @@ void Scheduler::Step(Lane& lane) {
     const int64_t before = lane.cache.length(s.slot) - rows;  // context before this step
     int64_t kept = 0;
     bool finished = false;
-    for (int64_t j = 0; j < rows && !finished; ++j) {
+    const int64_t sampled_rows = s.checking > 0 ? s.checking + 1 : 1;
+    for (int64_t j = 0; j < sampled_rows && !finished; ++j) {
       TokenStream::Proposal proposal;
       const bool drafted = j < s.checking;
       if (drafted) {
         proposal.token = s.check[j + 1];
         if (!s.draft_probs.empty()) proposal.probs = s.draft_probs.data() + j * logits->size(1);
       }
-      TokenStream::Step st = s.stream->Next(logits->select(0, first_row + j).data_ptr<float>(),
+      TokenStream::Step st = s.stream->Next(logits->select(0, sample_row + j).data_ptr<float>(),
                                             drafted ? &proposal : nullptr);
       if (!s.has_first) {
         s.has_first = true;
@@ -717,7 +732,7 @@ void Scheduler::Step(Lane& lane) {
       if (st.done) {
         done.emplace_back(i, FinishReason::kLength);
         finished = true;
-      } else if (j + 1 < rows) {  // between tokens of one check: send no more once ended
+      } else if (j + 1 < sampled_rows) {  // between tokens of one check: none once ended
         if (auto reason = EndedEarly(s, Clock::now())) {
           done.emplace_back(i, *reason);
           finished = true;
@@ -748,9 +763,26 @@ std::string Scheduler::CacheKey(const Lane& lane) {
   return lane.merged ? lane.shape.ToString() + "#merged" : lane.shape.ToString();
 }
 
+void Scheduler::ScorePrompt(Seq& s, const at::Tensor& logits, int64_t first_row, int64_t rows) {
+  const std::vector<int32_t>& p = s.job->prompt;
+  const int64_t vocab = logits.size(1);
+  TokenLogprobs lp;
+  for (int64_t j = 0; j < rows; ++j) {
+    const size_t pos = s.fed + static_cast<size_t>(j) + 1;  // the token row j predicts
+    if (pos >= p.size()) break;
+    prompt_scorer_.Read(logits.select(0, first_row + j).data_ptr<float>(), vocab);
+    lp.token = p[pos];
+    lp.logprob = prompt_scorer_.Of(lp.token);
+    prompt_scorer_.Top(std::max(0, std::min(s.job->gen.logprobs, kMaxTopLogprobs)), lp.top);
+    if (s.job->on_prompt_logprobs) s.job->on_prompt_logprobs(lp);
+  }
+}
+
 bool Scheduler::PrefixComingUp(const Lane& lane, const Seq& s) const {
   const std::vector<int32_t>& p = s.job->prompt;
-  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || p.size() < 2) return false;
+  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || s.job->gen.prompt_logprobs ||
+      p.size() < 2)
+    return false;
   const std::string key = CacheKey(lane);
   const int64_t block = prefix_cache_.options().block_tokens;
   const auto usable_end = p.end() - 1;  // the last prompt token is always computed (its logits)
@@ -776,10 +808,16 @@ bool Scheduler::PrefixComingUp(const Lane& lane, const Seq& s) const {
 void Scheduler::RestorePrefix(Lane& lane, Seq& s) {
   s.awaiting_prefix = false;
   s.cache_key = CacheKey(lane);
-  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling) return;
+  // Scoring needs logits at every prompt position: nothing restored (what it computes is
+  // published all the same).
+  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || s.job->gen.prompt_logprobs) return;
   const std::vector<int32_t>& p = s.job->prompt;
   const int64_t usable = static_cast<int64_t>(p.size()) - 1;
-  s.cached_tokens = prefix_cache_.Restore(s.cache_key, p, usable, lane.cache, s.slot);
+  // Less than a block (a BOS, a template's first tokens) saves nothing worth a copy, and would
+  // only change how the rest is batched: whole prompts, or a block at least.
+  const int64_t have = prefix_cache_.Cached(s.cache_key, p, usable);
+  if (have > 0 && have >= std::min(usable, prefix_cache_.options().block_tokens))
+    s.cached_tokens = prefix_cache_.Restore(s.cache_key, p, usable, lane.cache, s.slot);
   s.fed = static_cast<size_t>(s.cached_tokens);
   if (s.draft && s.draft->cache.length(s.slot) == 0)
     prefix_cache_.Restore(DraftCacheKey(*s.draft), p, usable, s.draft->cache, s.slot);

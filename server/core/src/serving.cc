@@ -70,6 +70,9 @@ const Shape& Generation::shape() const {
 int64_t Generation::prompt_tokens() const {
   return static_cast<int64_t>(job_->prompt.size());
 }
+const std::vector<int32_t>& Generation::prompt() const {
+  return job_->prompt;
+}
 int64_t Generation::max_new_tokens() const {
   return job_->gen.max_new_tokens;
 }
@@ -192,6 +195,7 @@ absl::Status Serving::Start(const std::shared_ptr<Generation>& g, GenerationCall
   };
   auto clock = std::make_shared<TokenClock>();
   job.on_logprobs = std::move(cb.on_logprobs);
+  job.on_prompt_logprobs = std::move(cb.on_prompt_logprobs);
   job.on_token = [this, clock, shape_name, on_token = std::move(cb.on_token)](
                      int32_t token, std::string_view text) {
     const auto now = Clock::now();
@@ -231,6 +235,7 @@ absl::Status Serving::Start(const std::shared_ptr<Generation>& g, GenerationCall
                  LogSafe(std::string(st.message()), 200));
     job.on_token = nullptr;  // never called: the front end's state may go with this error
     job.on_logprobs = nullptr;
+    job.on_prompt_logprobs = nullptr;
     job.on_done = nullptr;
   }
   return st;
@@ -432,6 +437,7 @@ absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest
   job->gen.stop = r.stop;
   job->gen.time_limit_ms = r.time_limit_ms.value_or(0);
   job->gen.logprobs = r.logprobs.value_or(-1);
+  job->gen.prompt_logprobs = r.prompt_logprobs;
   std::string speculate = r.speculate.value_or(options_.speculate);
   if (!r.speculate && speculate != "auto" && speculate != "off") {
     // The server's default draft does not draft for itself.

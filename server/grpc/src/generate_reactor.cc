@@ -27,20 +27,13 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     draft_tokens_ = (*g)->draft_tokens();
     GenerationCallbacks cb;
     // Log-probabilities wait for the message of their token (the scheduler thread calls both).
-    cb.on_logprobs = [this](const TokenLogprobs& lp) {
-      v1::TokenLogprob* p = logprobs_.Add();
-      p->set_token_id(lp.token);
-      p->set_logprob(lp.logprob);
-      for (const auto& [id, v] : lp.top) {
-        v1::TopLogprob* t = p->add_top();
-        t->set_token_id(id);
-        t->set_logprob(v);
-      }
-    };
+    cb.on_logprobs = [this](const TokenLogprobs& lp) { AddLogprobs(lp, logprobs_); };
+    cb.on_prompt_logprobs = [this](const TokenLogprobs& lp) { AddLogprobs(lp, prompt_logprobs_); };
     cb.on_token = [this](int32_t token, std::string_view text) {
       v1::GenerateResponse r;
       r.set_request_id(id_);
       r.mutable_logprobs()->Swap(&logprobs_);
+      r.mutable_prompt_logprobs()->Swap(&prompt_logprobs_);
       if (token >= 0) r.add_token_ids(token);
       r.set_text(std::string(text));
       if (!sent_shape_) {
@@ -75,10 +68,23 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   void OnDone() override { delete this; }
 
  private:
+  static void AddLogprobs(const TokenLogprobs& lp,
+                          google::protobuf::RepeatedPtrField<v1::TokenLogprob>& to) {
+    v1::TokenLogprob* p = to.Add();
+    p->set_token_id(lp.token);
+    p->set_logprob(lp.logprob);
+    for (const auto& [id, v] : lp.top) {
+      v1::TopLogprob* t = p->add_top();
+      t->set_token_id(id);
+      t->set_logprob(v);
+    }
+  }
+
   void Done(const JobResult& res) {
     v1::GenerateResponse r;
     r.set_request_id(id_);
     r.mutable_logprobs()->Swap(&logprobs_);
+    r.mutable_prompt_logprobs()->Swap(&prompt_logprobs_);
     r.set_finish_reason(ToProto(res.reason));
     r.mutable_usage()->set_prompt_tokens(static_cast<int32_t>(res.prompt_tokens));
     r.mutable_usage()->set_completion_tokens(static_cast<int32_t>(res.completion_tokens));
@@ -161,7 +167,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   Shape shape_;
   int64_t draft_tokens_ = 0;
   // Scheduler thread only: log-probabilities of tokens whose message is not made yet.
-  google::protobuf::RepeatedPtrField<v1::TokenLogprob> logprobs_;
+  google::protobuf::RepeatedPtrField<v1::TokenLogprob> logprobs_, prompt_logprobs_;
   std::mutex mu_;
   std::shared_ptr<Generation> generation_;
   std::deque<v1::GenerateResponse> pending_;

@@ -43,6 +43,7 @@ GenerationRequest GenerationRequestFromProto(const v1::GenerateRequest& r) {
   for (const auto& [token, bias] : sp.logit_bias()) g.logit_bias.emplace_back(token, bias);
   std::sort(g.logit_bias.begin(), g.logit_bias.end());  // map order is unspecified
   if (r.has_logprobs()) g.logprobs = r.logprobs();
+  g.prompt_logprobs = r.prompt_logprobs();
   if (r.has_max_new_tokens()) g.max_new_tokens = r.max_new_tokens();
   g.stop.assign(r.stop().begin(), r.stop().end());
   if (r.has_time_limit_ms()) g.time_limit_ms = r.time_limit_ms();

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <deque>
 #include <future>
+#include <limits>
 #include <mutex>
 
 #include <nlohmann/json.hpp>
@@ -307,6 +308,18 @@ struct HttpFrontend::Routes {
     head.created = UnixSeconds();
     head.chat = chat;
     head.logprobs = call->req.logprobs.has_value();
+    if (call->echo) {
+      head.echo = true;
+      head.first_prompt_token = (*g)->prompt().front();
+      head.echo_text = call->echo_text;
+      if (!call->req.text) {  // token ids: their text
+        DetokenizeRequest d;
+        d.ids = (*g)->prompt();
+        auto text = serving.Detokenize(d, ctx);
+        if (!text.ok()) return fail(text.status());
+        head.echo_text = *text;
+      }
+    }
     head.shape = (*g)->shape();
     head.model = call->model.empty() ? ModelId(head.shape) : call->model;
     HttpHeaders headers = cors;
@@ -322,12 +335,17 @@ struct HttpFrontend::Routes {
 
   void Whole(const std::shared_ptr<Generation>& g, const OpenAiResponseHead& head,
              const std::shared_ptr<HttpExchange>& ex, HttpHeaders headers) const {
-    auto text = std::make_shared<std::string>();
+    auto text = std::make_shared<std::string>(head.echo ? head.echo_text : std::string());
+    // Echo: the prompt's tokens first (the first one predicted by nothing), then the new ones.
     auto logprobs = std::make_shared<std::vector<TokenLogprobs>>();
+    if (head.echo && head.logprobs) logprobs->push_back(FirstPromptToken(head));
     GenerationCallbacks cb;
     cb.on_token = [text](int32_t, std::string_view t) { text->append(t); };
-    if (head.logprobs)
+    if (head.logprobs) {
       cb.on_logprobs = [logprobs](const TokenLogprobs& lp) { logprobs->push_back(lp); };
+      if (head.echo)
+        cb.on_prompt_logprobs = [logprobs](const TokenLogprobs& lp) { logprobs->push_back(lp); };
+    }
     cb.on_done = [s = &serving, text, logprobs, head, ex, headers](const JobResult& r) {
       if (absl::Status st = FinishError(r); !st.ok())
         return ex->Reply(WithHeaders(ErrorReply(st), headers));
@@ -337,6 +355,14 @@ struct HttpFrontend::Routes {
     };
     if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok())
       ex->Reply(WithHeaders(ErrorReply(st), headers));
+  }
+
+  // Echo's first prompt token: nothing predicts it (null logprob).
+  static TokenLogprobs FirstPromptToken(const OpenAiResponseHead& head) {
+    TokenLogprobs first;
+    first.token = head.first_prompt_token;
+    first.logprob = std::numeric_limits<float>::quiet_NaN();
+    return first;
   }
 
   // The serving core outlives every generation's callbacks (its own wrap them); this front end
@@ -367,27 +393,47 @@ struct HttpFrontend::Routes {
     };
     // Log-probabilities ride with the chunk of their token's text (the scheduler thread calls
     // these in order; tokens whose text is held back go with the next chunk, or the last).
+    // Echo: the prompt's text is the first chunk, with its tokens' log-probabilities (they all
+    // arrive before the first new token).
     struct PendingLogprobs {
       std::vector<TokenLogprobs> tokens;
       int64_t text_offset = 0;
+      bool echoed = false;
     };
     auto pending = std::make_shared<PendingLogprobs>();
+    if (head.echo && head.logprobs) pending->tokens.push_back(FirstPromptToken(head));
     auto take = [s = &serving, head, pending]() -> json {
       if (!head.logprobs) return nullptr;
       json lp = Logprobs(*s, head, pending->tokens, &pending->text_offset);
       pending->tokens.clear();
       return lp;
     };
+    auto echo_first = [emit, head, pending, take] {
+      if (!head.echo || pending->echoed) return;
+      pending->echoed = true;
+      emit(Event(ChunkBody(head, json(head.echo_text), nullptr, take())), false);
+    };
     GenerationCallbacks cb;
-    if (head.logprobs)
-      cb.on_logprobs = [pending](const TokenLogprobs& lp) { pending->tokens.push_back(lp); };
-    cb.on_token = [emit, head, take](int32_t, std::string_view t) {
+    if (head.logprobs) {
+      // The first new token's log-probability comes before its text: the echo goes out first.
+      cb.on_logprobs = [pending, echo_first](const TokenLogprobs& lp) {
+        echo_first();
+        pending->tokens.push_back(lp);
+      };
+      if (head.echo)
+        cb.on_prompt_logprobs = [pending](const TokenLogprobs& lp) {
+          pending->tokens.push_back(lp);
+        };
+    }
+    cb.on_token = [emit, head, take, echo_first](int32_t, std::string_view t) {
       if (t.empty()) return;
+      echo_first();
       const json d = head.chat ? json{{"content", std::string(t)}} : json(std::string(t));
       emit(Event(ChunkBody(head, d, nullptr, take())), false);
     };
-    cb.on_done = [emit, head, take](const JobResult& r) {
+    cb.on_done = [emit, head, take, echo_first](const JobResult& r) {
       const absl::Status error = FinishError(r);
+      if (error.ok()) echo_first();
       emit((error.ok() ? Event(LastChunkBody(head, r, take())) : Event(ErrorBody(error))) +
                "data: [DONE]\n\n",
            true);

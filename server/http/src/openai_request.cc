@@ -206,7 +206,11 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
         return InvalidField("stream_options.include_usage", "must be true or false");
     }
   }
-  if (j.contains("echo") && j["echo"] != false) return InvalidField("echo", "not supported");
+  // Echo (completions): the prompt comes back, scored when logprobs are asked for (evaluation
+  // harnesses send echo, logprobs and max_tokens 0 to score a text).
+  ASSIGN_OR_RETURN(auto echo, Optional<bool>(j, "echo"));
+  c.echo = echo.value_or(false);
+  if (c.echo) c.req.prompt_logprobs = true;
   // Log-probabilities: chat's `logprobs: true` with `top_logprobs` alternatives (0..20);
   // completions' `logprobs: N` alternatives (0..5, OpenAI's legacy limit).
   if (chat) {
@@ -278,8 +282,10 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     const json& p = j["prompt"];
     if (p.is_string()) {
       r.text = p.get<std::string>();
+      if (c.echo) c.echo_text = *r.text;
     } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
       r.text = p[0].get<std::string>();
+      if (c.echo) c.echo_text = *r.text;
     } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
       std::vector<int32_t> ids;
       for (const auto& t : p) {

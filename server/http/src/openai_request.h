@@ -20,7 +20,9 @@ struct ModelNames {
 struct OpenAiCall {
   GenerationRequest req;
   bool chat = false, stream = false;
-  std::string model;  // as echoed in responses
+  bool echo = false;      // completions: the prompt comes back before the completion ...
+  std::string echo_text;  // ... as the client sent it (empty for a prompt of token ids)
+  std::string model;      // as echoed in responses
 };
 
 absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNames& names,

@@ -1,5 +1,7 @@
 #include "openai_response.h"
 
+#include <cmath>
+
 namespace amoeba {
 using nlohmann::json;
 
@@ -61,7 +63,7 @@ json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
       for (const auto& [id, lp] : t.top)
         top.push_back({{"token", piece(id)}, {"logprob", lp}, {"bytes", byte_list(id)}});
       content.push_back({{"token", piece(t.token)},
-                         {"logprob", t.logprob},
+                         {"logprob", std::isnan(t.logprob) ? json(nullptr) : json(t.logprob)},
                          {"bytes", byte_list(t.token)},
                          {"top_logprobs", std::move(top)}});
     }
@@ -70,14 +72,19 @@ json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
   json toks = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
   for (const TokenLogprobs& t : tokens) {
     toks.push_back(piece(t.token));
+    offsets.push_back(*text_offset);
+    *text_offset += static_cast<int64_t>(bytes(t.token).size());
+    if (std::isnan(t.logprob)) {
+      lps.push_back(nullptr);
+      tops.push_back(nullptr);
+      continue;
+    }
     lps.push_back(t.logprob);
     json top = json::object();
     // OpenAI's map from piece to logprob: pieces may collide (byte tokens all read U+FFFD); the
     // most likely keeps its place.
     for (const auto& [id, lp] : t.top) top.emplace(piece(id), lp);
     tops.push_back(std::move(top));
-    offsets.push_back(*text_offset);
-    *text_offset += static_cast<int64_t>(bytes(t.token).size());
   }
   return {{"tokens", std::move(toks)},
           {"token_logprobs", std::move(lps)},

@@ -19,6 +19,9 @@ struct OpenAiResponseHead {
   int64_t created = 0;
   bool chat = false;
   bool logprobs = false;  // the client asked for log-probabilities
+  bool echo = false;      // completions: the prompt's text (and tokens) come first
+  std::string echo_text;
+  int32_t first_prompt_token = -1;  // echo: the one prompt token nothing predicts
   Shape shape;
 };
 
@@ -38,7 +41,8 @@ nlohmann::json CompletionBody(const OpenAiResponseHead& h, const std::string& te
 // Log-probabilities of consecutive new tokens in OpenAI's shape: chat's {"content": [{"token",
 // "logprob", "bytes", "top_logprobs"}]}, completions' {"tokens", "token_logprobs",
 // "top_logprobs", "text_offset"} (offsets into the completion's text, from *text_offset on, which
-// advances). `piece` and `bytes` give a token's text (UTF-8) and raw bytes.
+// advances). `piece` and `bytes` give a token's text (UTF-8) and raw bytes. A NaN logprob (the
+// prompt's first token, which nothing predicts) is null, as its alternatives.
 nlohmann::json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
                             const std::function<std::string(int32_t)>& piece,
                             const std::function<const std::string&(int32_t)>& bytes,

@@ -55,6 +55,9 @@ struct GenerationRequest {
   std::optional<int64_t> draft_tokens;
   // Log-probabilities of the new tokens with this many alternatives each, 0..20 (unset: none).
   std::optional<int32_t> logprobs;
+  // Also the prompt tokens' log-probabilities (each given those before it), with `logprobs`
+  // alternatives: scoring. max_new_tokens may then be 0.
+  bool prompt_logprobs = false;
 };
 
 struct TokenizeRequest {

@@ -51,6 +51,8 @@ struct Job {
   std::function<void(const JobResult&)> on_done;
   // With gen.logprobs >= 0: each new token's log-probabilities, before its on_token.
   std::function<void(const TokenLogprobs&)> on_logprobs;
+  // With gen.prompt_logprobs: prompt tokens 1.. in order, before any new token.
+  std::function<void(const TokenLogprobs&)> on_prompt_logprobs;
 };
 
 struct SchedulerOptions {
@@ -217,6 +219,9 @@ class Scheduler {
   // Whether another sequence of the lane is still prefilling a longer prefix `s` shares than
   // what is cached: then `s` waits for its blocks.
   bool PrefixComingUp(const Lane& lane, const Seq& s) const;
+  // Prompt scoring (gen.prompt_logprobs): rows [first_row, first_row + rows) of `logits` are the
+  // prompt positions just fed; each predicts the prompt token after it.
+  void ScorePrompt(Seq& s, const at::Tensor& logits, int64_t first_row, int64_t rows);
   // Restores `s`'s cached prefix into its slot (and its draft's) and counts the lookup.
   void RestorePrefix(Lane& lane, Seq& s);
   // Publishes the whole blocks of `s`'s KV (prompt, and at the end what it generated).
@@ -248,6 +253,7 @@ class Scheduler {
   std::atomic<int64_t> draft_copy_count_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
   PrefixCache prefix_cache_;                   // worker thread only (its stats() from any)
+  LogprobRow prompt_scorer_;                   // worker thread only
   std::set<std::string> prompt_cache_loaded_;  // keys whose saved file was looked for
   std::atomic<int64_t> prompt_hits_{0}, prompt_misses_{0}, prompt_cached_{0}, prompt_prefilled_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).

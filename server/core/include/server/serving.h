@@ -81,6 +81,7 @@ class Generation {
   const std::string& request_id() const;
   const Shape& shape() const;
   int64_t prompt_tokens() const;
+  const std::vector<int32_t>& prompt() const;  // the prompt's token ids (BOS included)
   int64_t max_new_tokens() const;
   int64_t draft_tokens() const;  // 0: no speculative decoding
   void Cancel();
@@ -96,6 +97,8 @@ struct GenerationCallbacks {
   // With GenerationRequest::logprobs: every new token's log-probabilities, before its on_token
   // (also for a last token whose text is empty, which has no on_token).
   std::function<void(const TokenLogprobs&)> on_logprobs;
+  // With GenerationRequest::prompt_logprobs: prompt tokens 1.. in order, before any new token.
+  std::function<void(const TokenLogprobs&)> on_prompt_logprobs;
   // Then the result, exactly once, on the scheduler thread (kError carries the status).
   std::function<void(const JobResult&)> on_done;
 };
