@@ -1,0 +1,141 @@
+// The official OpenAI SDK for Node (npm `openai`, v4) against amoeba-server's HTTP API: every
+// everyday request kind, asserting on the content; what the server does not serve yet must be a
+// clear 400 naming the field. Run by tests/openai_sdk_test.py:
+//   node sdk_check.mjs NODE_DIR BASE_URL TOKEN MODEL
+// Prints one line per failed check and "openai_sdk: N passed, M failed"; exits 1 on failures.
+import { createRequire } from "node:module";
+
+const [nodeDir, baseURL, token, model] = process.argv.slice(2);
+const OpenAI = createRequire(`${nodeDir}/package.json`)("openai");
+const client = new OpenAI({ baseURL, apiKey: token, maxRetries: 0, timeout: 60_000 });
+
+let passed = 0, failed = 0;
+function check(cond, what) {
+  if (cond) passed++;
+  else { failed++; console.log(`FAIL: ${what}`); }
+}
+async function attempt(what, fn) {
+  try { await fn(); } catch (e) { check(false, `${what}: threw ${e?.status ?? ""} ${e?.message ?? e}`); }
+}
+// A request the server refuses: the SDK's error class for `status`, the message naming `field`.
+async function refused(what, status, field, fn) {
+  try {
+    await fn();
+    check(false, `${what}: accepted, expected ${status}`);
+  } catch (e) {
+    check(e instanceof OpenAI.APIError && e.status === status && String(e.message).includes(field),
+          `${what}: ${e?.status} ${e?.message}`);
+  }
+}
+const user = [{ role: "user", content: "Say something short." }];
+const greedy = { model, temperature: 0 };
+
+await attempt("models.list", async () => {
+  const ids = [];
+  for await (const m of client.models.list()) ids.push(m.id);
+  check(ids.includes(model), `models.list has ${model}: ${ids.slice(0, 5)}`);
+});
+
+let text = "";
+await attempt("chat", async () => {
+  const r = await client.chat.completions.create({ ...greedy, messages: user, max_tokens: 8 });
+  text = r.choices[0].message.content;
+  check(r.object === "chat.completion" && r.choices[0].message.role === "assistant" &&
+        typeof text === "string" && r.usage.completion_tokens >= 1 &&
+        r.usage.total_tokens === r.usage.prompt_tokens + r.usage.completion_tokens,
+        `chat: ${JSON.stringify(r).slice(0, 300)}`);
+});
+
+await attempt("chat streamed with usage", async () => {
+  const stream = await client.chat.completions.create({
+    ...greedy, messages: user, max_tokens: 8, stream: true, stream_options: { include_usage: true } });
+  let streamed = "", usage = null, finish = null;
+  for await (const c of stream) {
+    streamed += c.choices[0]?.delta?.content ?? "";
+    finish = c.choices[0]?.finish_reason ?? finish;
+    usage = c.usage ?? usage;
+  }
+  check(streamed === text, `streamed text == plain text: ${JSON.stringify(streamed)} vs ${JSON.stringify(text)}`);
+  check(usage && usage.completion_tokens >= 1 && (finish === "length" || finish === "stop"),
+        `stream usage/finish: ${JSON.stringify(usage)} ${finish}`);
+});
+
+await attempt("completions", async () => {
+  const r = await client.completions.create({ ...greedy, prompt: "Once upon a time", max_tokens: 6 });
+  const s = await client.completions.create({
+    ...greedy, prompt: "Once upon a time", max_tokens: 6, stream: true });
+  let streamed = "";
+  for await (const c of s) streamed += c.choices[0]?.text ?? "";
+  check(r.object === "text_completion" && r.usage.completion_tokens === 6 &&
+        r.choices[0].finish_reason === "length" && streamed === r.choices[0].text,
+        `completions: ${JSON.stringify(r).slice(0, 300)} / ${JSON.stringify(streamed)}`);
+});
+
+await attempt("everyday fields", async () => {
+  const r = await client.chat.completions.create({
+    model, messages: [{ role: "system", content: "Be brief." },
+                      { role: "user", content: [{ type: "text", text: "Hi" }, { type: "text", text: "there" }] }],
+    max_completion_tokens: 5, seed: 7, temperature: 0.8, top_p: 0.9, stop: ["\n\n"], user: "u-1",
+    metadata: { run: "sdk" }, response_format: { type: "text" }, presence_penalty: 0.5,
+    frequency_penalty: 0.5, logit_bias: { "5": -100 } });
+  check(r.usage.completion_tokens <= 5 && r.usage.completion_tokens >= 1, `fields: ${JSON.stringify(r.usage)}`);
+  const again = await client.chat.completions.create({
+    model, messages: [{ role: "system", content: "Be brief." },
+                      { role: "user", content: "Hi\nthere" }],
+    max_completion_tokens: 5, seed: 7, temperature: 0.8, top_p: 0.9, stop: ["\n\n"], presence_penalty: 0.5,
+    frequency_penalty: 0.5, logit_bias: { "5": -100 } });
+  check(again.choices[0].message.content === r.choices[0].message.content,
+        "text parts == their lines joined (same seed)");
+});
+
+await attempt("chat logprobs", async () => {
+  const r = await client.chat.completions.create({
+    ...greedy, messages: user, max_tokens: 6, logprobs: true, top_logprobs: 3 });
+  const content = r.choices[0].logprobs?.content ?? [];
+  check(content.length >= 1 && content.length <= 6, `logprobs entries: ${content.length}`);
+  for (const e of content) {
+    const top = e.top_logprobs;
+    check(e.logprob <= 0 && top.length === 3 && top[0].logprob >= top[1].logprob &&
+          top[1].logprob >= top[2].logprob && Math.abs(top[0].logprob - e.logprob) < 1e-6 &&
+          Array.isArray(e.bytes), `logprob entry: ${JSON.stringify(e)}`);
+  }
+});
+
+await attempt("completions echo scoring", async () => {
+  const prompt = "The quick brown fox";
+  const tokens = await fetch(`${baseURL.replace(/\/v1$/, "")}/tokenize`, {
+    method: "POST", headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+    body: JSON.stringify({ content: prompt }) }).then((r) => r.json());
+  const r = await client.completions.create({
+    ...greedy, prompt, max_tokens: 0, echo: true, logprobs: 1 });
+  const lp = r.choices[0].logprobs;
+  check(r.choices[0].text === prompt && r.usage.completion_tokens === 0 &&
+        lp.tokens.length === tokens.tokens.length && lp.token_logprobs[0] === null &&
+        lp.token_logprobs.slice(1).every((v) => v <= 0) && lp.text_offset[0] === 0,
+        `echo scoring: ${JSON.stringify(r).slice(0, 400)}`);
+});
+
+await refused("unknown model", 404, "gpt-4", () =>
+  client.chat.completions.create({ model: "gpt-4", messages: user }));
+await refused("n > 1 (not served yet)", 400, "n", () =>
+  client.chat.completions.create({ ...greedy, messages: user, n: 2 }));
+await refused("json_object (not served yet)", 400, "response_format", () =>
+  client.chat.completions.create({ ...greedy, messages: user, response_format: { type: "json_object" } }));
+await refused("tools (not served yet)", 400, "tools", () =>
+  client.chat.completions.create({ ...greedy, messages: user, tools: [
+    { type: "function", function: { name: "f", parameters: { type: "object", properties: {} } } }] }));
+await refused("top_logprobs out of range", 400, "top_logprobs", () =>
+  client.chat.completions.create({ ...greedy, messages: user, logprobs: true, top_logprobs: 21 }));
+await attempt("wrong token", async () => {
+  const bad = new OpenAI({ baseURL, apiKey: "wrong", maxRetries: 0 });
+  try {
+    await bad.chat.completions.create({ ...greedy, messages: user });
+    check(false, "wrong token accepted");
+  } catch (e) {
+    check(e instanceof OpenAI.PermissionDeniedError || e instanceof OpenAI.AuthenticationError,
+          `wrong token: ${e?.status}`);
+  }
+});
+
+console.log(`openai_sdk: ${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
