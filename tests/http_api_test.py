@@ -257,6 +257,35 @@ with tempfile.TemporaryDirectory() as d:
         status, text = call(port, "POST", "/v1/completions", dict(body, max_tokens=0))
         check(status == 400 and "max_new_tokens" in text, f"max_tokens 0 without echo: {status} {text[:200]}")
 
+        # n choices: each its own draw (seed + i), indexed, the completions summed in usage;
+        # streamed, every chunk names its choice, each choice finishes, one last chunk has usage.
+        nb = dict(body, n=3, temperature=1.0, seed=11)
+        status, text = call(port, "POST", "/v1/completions", nb)
+        r = json.loads(text)
+        ch = r.get("choices", [])
+        check(status == 200 and [c["index"] for c in ch] == [0, 1, 2]
+              and all(c["finish_reason"] == "length" for c in ch)
+              and len({c["text"] for c in ch}) > 1 and r["usage"]["completion_tokens"] == 3 * 12,
+              f"n=3: {status} {text[:400]}")
+        one = json.loads(call(port, "POST", "/v1/completions", dict(body, temperature=1.0, seed=11))[1])
+        check(one["choices"][0]["text"] == ch[0]["text"] or not exact, "choice 0 is the n=1 draw with the seed")
+        g2 = dict(body, n=2)
+        whole = [c["text"] for c in json.loads(call(port, "POST", "/v1/completions", g2)[1])["choices"]]
+        ev = events(call(port, "POST", "/v1/completions", dict(g2, stream=True))[1])
+        chunks = [json.loads(e) for e in ev[:-1]]
+        texts, finished = ["", ""], [None, None]
+        for c in chunks:
+            for x in c["choices"]:
+                texts[x["index"]] += x["text"]
+                finished[x["index"]] = x["finish_reason"] or finished[x["index"]]
+        check(ev[-1] == "[DONE]" and texts == whole and finished == ["length", "length"]
+              and chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24,
+              f"streamed n=2: {texts} vs {whole}, {finished}, {chunks[-1]}")
+        ev = events(call(port, "POST", "/v1/chat/completions", dict(chat, n=2, stream=True))[1])
+        roles = [json.loads(e)["choices"][0]["index"] for e in ev[:-1]
+                 if json.loads(e)["choices"] and json.loads(e)["choices"][0]["delta"].get("role")]
+        check(roles == [0, 1], f"chat n=2 role chunks: {roles}")
+
         # A budget instead of a model: the planner's choice.
         sizes = sorted(x.params for x in stub.ListShapes(pb.ListShapesRequest(), metadata=md, timeout=10).shapes)
         budget = {"max_params": sizes[len(sizes) // 2]}
@@ -270,7 +299,7 @@ with tempfile.TemporaryDirectory() as d:
 
         # Errors: status and the OpenAI error shape, naming what is wrong.
         for what, b, code, needle in [
-                ("n=2", dict(body, n=2), 400, "n"),
+                ("n=9", dict(body, n=9), 400, "n"),
                 ("tools", dict(body, tools=[]), 400, "tools"),
                 ("presence_penalty", dict(body, presence_penalty=3), 400, "sampling.presence_penalty"),
                 ("logit_bias id", dict(body, logit_bias={"x": 1}), 400, "logit_bias"),

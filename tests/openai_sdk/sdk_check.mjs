@@ -117,8 +117,15 @@ await attempt("completions echo scoring", async () => {
 
 await refused("unknown model", 404, "gpt-4", () =>
   client.chat.completions.create({ model: "gpt-4", messages: user }));
-await refused("n > 1 (not served yet)", 400, "n", () =>
-  client.chat.completions.create({ ...greedy, messages: user, n: 2 }));
+await attempt("n choices", async () => {
+  const r = await client.chat.completions.create({
+    model, messages: user, max_tokens: 6, n: 3, temperature: 1, seed: 3 });
+  check(r.choices.length === 3 && r.choices.map((c) => c.index).join() === "0,1,2" &&
+        new Set(r.choices.map((c) => c.message.content)).size > 1,
+        `n=3: ${JSON.stringify(r.choices.map((c) => c.message.content))}`);
+});
+await refused("n out of range", 400, "n", () =>
+  client.chat.completions.create({ ...greedy, messages: user, n: 9 }));
 await refused("json_object (not served yet)", 400, "response_format", () =>
   client.chat.completions.create({ ...greedy, messages: user, response_format: { type: "json_object" } }));
 await refused("tools (not served yet)", 400, "tools", () =>

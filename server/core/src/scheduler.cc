@@ -53,6 +53,10 @@ void Scheduler::RunLoop() {
 }
 
 absl::Status Scheduler::Submit(std::shared_ptr<Job> job) {
+  return Submit(std::vector<std::shared_ptr<Job>>{std::move(job)});
+}
+
+absl::Status Scheduler::Submit(const std::vector<std::shared_ptr<Job>>& jobs) {
   {
     std::lock_guard<std::mutex> l(mu_);
     if (draining_) return absl::UnavailableError("server is draining");
@@ -60,8 +64,11 @@ absl::Status Scheduler::Submit(std::shared_ptr<Job> job) {
       return absl::ResourceExhaustedError(
           absl::StrCat("queue full (", opt_.max_queue, " waiting requests)"));
     }
-    job->enqueued = Clock::now();
-    queue_.push_back(std::move(job));
+    const auto now = Clock::now();
+    for (const auto& job : jobs) {
+      job->enqueued = now;
+      queue_.push_back(job);
+    }
   }
   cv_.notify_all();
   return absl::OkStatus();

@@ -186,7 +186,32 @@ absl::StatusOr<std::shared_ptr<Generation>> Serving::Prepare(const GenerationReq
 }
 
 absl::Status Serving::Start(const std::shared_ptr<Generation>& g, GenerationCallbacks cb) {
-  Job& job = *g->job_;
+  return StartAll({g}, [&cb](int) { return std::move(cb); });
+}
+
+absl::Status Serving::StartAll(const std::vector<std::shared_ptr<Generation>>& gens,
+                               const std::function<GenerationCallbacks(int)>& callbacks) {
+  std::vector<std::shared_ptr<Job>> jobs;
+  for (size_t i = 0; i < gens.size(); ++i) {
+    Attach(*gens[i]->job_, callbacks(static_cast<int>(i)));
+    jobs.push_back(gens[i]->job_);
+  }
+  absl::Status st =
+      Guarded("generate", jobs.front()->request_id, [&] { return scheduler_.Submit(jobs); });
+  if (!st.ok()) {
+    for (const auto& job : jobs) {
+      spdlog::warn("[{}] generate: not queued: {}", job->request_id,
+                   LogSafe(std::string(st.message()), 200));
+      job->on_token = nullptr;  // never called: the front end's state may go with this error
+      job->on_logprobs = nullptr;
+      job->on_prompt_logprobs = nullptr;
+      job->on_done = nullptr;
+    }
+  }
+  return st;
+}
+
+void Serving::Attach(Job& job, GenerationCallbacks cb) {
   const std::string shape_name = job.shape.ToString();
   // Inter-token latency: the time between a request's tokens as the scheduler hands them out.
   struct TokenClock {
@@ -229,16 +254,6 @@ absl::Status Serving::Start(const std::shared_ptr<Generation>& g, GenerationCall
   };
   spdlog::info("[{}] generate: shape {} prompt {} tokens max_new {}", job.request_id, shape_name,
                job.prompt.size(), job.gen.max_new_tokens);
-  absl::Status st = Guarded("generate", job.request_id, [&] { return scheduler_.Submit(g->job_); });
-  if (!st.ok()) {
-    spdlog::warn("[{}] generate: not queued: {}", job.request_id,
-                 LogSafe(std::string(st.message()), 200));
-    job.on_token = nullptr;  // never called: the front end's state may go with this error
-    job.on_logprobs = nullptr;
-    job.on_prompt_logprobs = nullptr;
-    job.on_done = nullptr;
-  }
-  return st;
 }
 
 absl::StatusOr<TokenizeResult> Serving::Tokenize(const TokenizeRequest& r,

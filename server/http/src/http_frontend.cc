@@ -324,37 +324,95 @@ struct HttpFrontend::Routes {
     head.model = call->model.empty() ? ModelId(head.shape) : call->model;
     HttpHeaders headers = cors;
     headers.emplace_back("X-Request-Id", (*g)->request_id());
+    // n choices: n sequences of the same prompt (the prompt cache lets the first prefill it and
+    // the others take its blocks), "<id>.<i>" in the log, choice i drawing with seed + i.
+    std::vector<std::shared_ptr<Generation>> gens = {*g};
+    for (int i = 1; i < call->n; ++i) {
+      GenerationRequest ri = call->req;
+      ri.request_id = absl::StrCat((*g)->request_id(), ".", i);
+      ri.seed = call->req.seed.value_or(0) + static_cast<uint64_t>(i);
+      auto gi = serving.Prepare(ri, ctx);
+      if (!gi.ok()) return fail(gi.status());
+      gens.push_back(*gi);
+    }
     // Disconnect = cancel: the transport notices a client that leaves at once; the scheduler
-    // stops the sequence at its next step.
-    ex->OnClose([g = *g] { g->Cancel(); });
+    // stops the sequences at their next step.
+    ex->OnClose([gens] {
+      for (const auto& x : gens) x->Cancel();
+    });
     if (call->stream)
-      Stream(*g, head, ex, std::move(headers));
+      Stream(gens, head, ex, std::move(headers));
     else
-      Whole(*g, head, ex, std::move(headers));
+      Whole(gens, head, ex, std::move(headers));
   }
 
-  void Whole(const std::shared_ptr<Generation>& g, const OpenAiResponseHead& head,
+  // Starts every choice's generation, all or none (one request against the queue's bound).
+  absl::Status StartAll(const std::vector<std::shared_ptr<Generation>>& gens,
+                        const std::function<GenerationCallbacks(int)>& callbacks) const {
+    return serving.StartAll(gens, callbacks);
+  }
+
+  // The usage of n choices: the prompt once, the completions summed.
+  static JobResult Combined(const std::vector<JobResult>& results) {
+    JobResult r = results.front();
+    for (size_t i = 1; i < results.size(); ++i) r.completion_tokens += results[i].completion_tokens;
+    return r;
+  }
+
+  void Whole(const std::vector<std::shared_ptr<Generation>>& gens, const OpenAiResponseHead& head,
              const std::shared_ptr<HttpExchange>& ex, HttpHeaders headers) const {
-    auto text = std::make_shared<std::string>(head.echo ? head.echo_text : std::string());
-    // Echo: the prompt's tokens first (the first one predicted by nothing), then the new ones.
-    auto logprobs = std::make_shared<std::vector<TokenLogprobs>>();
-    if (head.echo && head.logprobs) logprobs->push_back(FirstPromptToken(head));
-    GenerationCallbacks cb;
-    cb.on_token = [text](int32_t, std::string_view t) { text->append(t); };
-    if (head.logprobs) {
-      cb.on_logprobs = [logprobs](const TokenLogprobs& lp) { logprobs->push_back(lp); };
-      if (head.echo)
-        cb.on_prompt_logprobs = [logprobs](const TokenLogprobs& lp) { logprobs->push_back(lp); };
-    }
-    cb.on_done = [s = &serving, text, logprobs, head, ex, headers](const JobResult& r) {
-      if (absl::Status st = FinishError(r); !st.ok())
-        return ex->Reply(WithHeaders(ErrorReply(st), headers));
-      int64_t offset = 0;
-      const json lp = head.logprobs ? Logprobs(*s, head, *logprobs, &offset) : json(nullptr);
-      ex->Reply(JsonReply(CompletionBody(head, *text, r, lp), headers));
+    struct Choices {
+      std::mutex mu;
+      std::vector<std::string> texts;
+      // Echo: the prompt's tokens first (the first one predicted by nothing), then the new ones.
+      std::vector<std::vector<TokenLogprobs>> logprobs;
+      std::vector<JobResult> results;
+      size_t left = 0;
+      bool replied = false;
     };
-    if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok())
+    auto all = std::make_shared<Choices>();
+    const size_t n = gens.size();
+    all->texts.assign(n, head.echo ? head.echo_text : std::string());
+    all->logprobs.resize(n);
+    all->results.resize(n);
+    all->left = n;
+    if (head.echo && head.logprobs)
+      for (auto& l : all->logprobs) l.push_back(FirstPromptToken(head));
+    auto callbacks = [s = &serving, all, head, ex, headers](int i) {
+      GenerationCallbacks cb;
+      cb.on_token = [all, i](int32_t, std::string_view t) { all->texts[i].append(t); };
+      if (head.logprobs) {
+        cb.on_logprobs = [all, i](const TokenLogprobs& lp) { all->logprobs[i].push_back(lp); };
+        if (head.echo)
+          cb.on_prompt_logprobs = [all, i](const TokenLogprobs& lp) {
+            all->logprobs[i].push_back(lp);
+          };
+      }
+      cb.on_done = [s, all, i, head, ex, headers](const JobResult& r) {
+        std::lock_guard<std::mutex> l(all->mu);
+        all->results[i] = r;
+        if (--all->left > 0 || all->replied) return;
+        all->replied = true;
+        json choices = json::array();
+        for (size_t k = 0; k < all->results.size(); ++k) {
+          if (absl::Status st = FinishError(all->results[k]); !st.ok())
+            return ex->Reply(WithHeaders(ErrorReply(st), headers));
+          int64_t offset = 0;
+          const json lp =
+              head.logprobs ? Logprobs(*s, head, all->logprobs[k], &offset) : json(nullptr);
+          choices.push_back(
+              CompletionChoice(head, static_cast<int>(k), all->texts[k], all->results[k], lp));
+        }
+        ex->Reply(
+            JsonReply(CompletionBody(head, std::move(choices), Combined(all->results)), headers));
+      };
+      return cb;
+    };
+    if (absl::Status st = StartAll(gens, callbacks); !st.ok()) {
+      std::lock_guard<std::mutex> l(all->mu);
+      all->replied = true;  // the started ones end cancelled: nothing more to say
       ex->Reply(WithHeaders(ErrorReply(st), headers));
+    }
   }
 
   // Echo's first prompt token: nothing predicts it (null logprob).
@@ -374,13 +432,15 @@ struct HttpFrontend::Routes {
         [&s](int32_t id) -> const std::string& { return s.TokenBytes(id); }, text_offset);
   }
 
-  // Server-sent events: one chunk per text delta, the finish reason, [DONE]. A client that stops
-  // reading is closed (and its generation cancelled) once the transport's buffer bound is hit.
-  void Stream(const std::shared_ptr<Generation>& g, const OpenAiResponseHead& head,
+  // Server-sent events: one chunk per text delta, the finish reason, [DONE]; with n choices each
+  // chunk names its choice, each choice ends with its finish reason, and one last chunk carries
+  // the usage. A client that stops reading is closed (and its generations cancelled) once the
+  // transport's buffer bound is hit.
+  void Stream(const std::vector<std::shared_ptr<Generation>>& gens, const OpenAiResponseHead& head,
               const std::shared_ptr<HttpExchange>& ex, HttpHeaders headers) const {
     auto order = std::make_shared<StreamOrder>();
     // A write the transport refuses (the client left, or is too far behind) closes the
-    // connection, and the exchange's on_close cancels the generation.
+    // connection, and the exchange's on_close cancels the generations.
     auto emit = [order, ex](std::string e, bool last) {
       std::lock_guard<std::mutex> l(order->mu);
       if (!order->begun) {
@@ -391,59 +451,90 @@ struct HttpFrontend::Routes {
       ex->Write(std::move(e));
       if (last) ex->End();
     };
-    // Log-probabilities ride with the chunk of their token's text (the scheduler thread calls
-    // these in order; tokens whose text is held back go with the next chunk, or the last).
-    // Echo: the prompt's text is the first chunk, with its tokens' log-probabilities (they all
-    // arrive before the first new token).
+    // Per choice: log-probabilities ride with the chunk of their token's text (the scheduler
+    // thread calls these in order; tokens whose text is held back go with the next chunk, or the
+    // last). Echo: the prompt's text is the choice's first chunk, with its tokens'
+    // log-probabilities (they all arrive before the first new token).
     struct PendingLogprobs {
       std::vector<TokenLogprobs> tokens;
       int64_t text_offset = 0;
       bool echoed = false;
     };
-    auto pending = std::make_shared<PendingLogprobs>();
-    if (head.echo && head.logprobs) pending->tokens.push_back(FirstPromptToken(head));
-    auto take = [s = &serving, head, pending]() -> json {
-      if (!head.logprobs) return nullptr;
-      json lp = Logprobs(*s, head, pending->tokens, &pending->text_offset);
-      pending->tokens.clear();
-      return lp;
+    struct Choices {
+      std::mutex mu;
+      std::vector<JobResult> results;
+      size_t left = 0;
+      absl::Status error;
     };
-    auto echo_first = [emit, head, pending, take] {
-      if (!head.echo || pending->echoed) return;
-      pending->echoed = true;
-      emit(Event(ChunkBody(head, json(head.echo_text), nullptr, take())), false);
-    };
-    GenerationCallbacks cb;
-    if (head.logprobs) {
-      // The first new token's log-probability comes before its text: the echo goes out first.
-      cb.on_logprobs = [pending, echo_first](const TokenLogprobs& lp) {
-        echo_first();
-        pending->tokens.push_back(lp);
+    const int n = static_cast<int>(gens.size());
+    auto all = std::make_shared<Choices>();
+    all->results.resize(gens.size());
+    all->left = gens.size();
+    auto callbacks = [s = &serving, emit, head, all, n](int i) {
+      auto pending = std::make_shared<PendingLogprobs>();
+      if (head.echo && head.logprobs) pending->tokens.push_back(FirstPromptToken(head));
+      auto take = [s, head, pending]() -> json {
+        if (!head.logprobs) return nullptr;
+        json lp = Logprobs(*s, head, pending->tokens, &pending->text_offset);
+        pending->tokens.clear();
+        return lp;
       };
-      if (head.echo)
-        cb.on_prompt_logprobs = [pending](const TokenLogprobs& lp) {
+      auto echo_first = [emit, head, pending, take, i] {
+        if (!head.echo || pending->echoed) return;
+        pending->echoed = true;
+        emit(Event(ChunkBody(head, json(head.echo_text), nullptr, take(), i)), false);
+      };
+      GenerationCallbacks cb;
+      if (head.logprobs) {
+        // The first new token's log-probability comes before its text: the echo goes out first.
+        cb.on_logprobs = [pending, echo_first](const TokenLogprobs& lp) {
+          echo_first();
           pending->tokens.push_back(lp);
         };
-    }
-    cb.on_token = [emit, head, take, echo_first](int32_t, std::string_view t) {
-      if (t.empty()) return;
-      echo_first();
-      const json d = head.chat ? json{{"content", std::string(t)}} : json(std::string(t));
-      emit(Event(ChunkBody(head, d, nullptr, take())), false);
+        if (head.echo)
+          cb.on_prompt_logprobs = [pending](const TokenLogprobs& lp) {
+            pending->tokens.push_back(lp);
+          };
+      }
+      cb.on_token = [emit, head, take, echo_first, i](int32_t, std::string_view t) {
+        if (t.empty()) return;
+        echo_first();
+        const json d = head.chat ? json{{"content", std::string(t)}} : json(std::string(t));
+        emit(Event(ChunkBody(head, d, nullptr, take(), i)), false);
+      };
+      cb.on_done = [emit, head, take, echo_first, all, i, n](const JobResult& r) {
+        const absl::Status error = FinishError(r);
+        if (error.ok()) echo_first();
+        if (n == 1) {
+          emit((error.ok() ? Event(LastChunkBody(head, r, take())) : Event(ErrorBody(error))) +
+                   "data: [DONE]\n\n",
+               true);
+          return;
+        }
+        std::lock_guard<std::mutex> l(all->mu);
+        all->results[i] = r;
+        if (!error.ok() && all->error.ok()) all->error = error;
+        if (error.ok()) {
+          const json finish = OpenAiFinish(r.reason);
+          emit(Event(ChunkBody(head, head.chat ? json::object() : json(""), finish, take(), i)),
+               false);
+        }
+        if (--all->left > 0) return;
+        emit((all->error.ok() ? Event(UsageChunkBody(head, Combined(all->results)))
+                              : Event(ErrorBody(all->error))) +
+                 "data: [DONE]\n\n",
+             true);
+      };
+      return cb;
     };
-    cb.on_done = [emit, head, take, echo_first](const JobResult& r) {
-      const absl::Status error = FinishError(r);
-      if (error.ok()) echo_first();
-      emit((error.ok() ? Event(LastChunkBody(head, r, take())) : Event(ErrorBody(error))) +
-               "data: [DONE]\n\n",
-           true);
-    };
-    if (absl::Status st = serving.Start(g, std::move(cb)); !st.ok())
+    if (absl::Status st = StartAll(gens, callbacks); !st.ok())
       return ex->Reply(WithHeaders(ErrorReply(st), headers));
     headers.emplace_back("Cache-Control", "no-cache");
     std::lock_guard<std::mutex> l(order->mu);
     ex->BeginStream(200, "text/event-stream", std::move(headers));
-    if (head.chat) ex->Write(Event(ChunkBody(head, json{{"role", "assistant"}}, nullptr)));
+    if (head.chat)
+      for (int i = 0; i < n; ++i)
+        ex->Write(Event(ChunkBody(head, json{{"role", "assistant"}}, nullptr, nullptr, i)));
     for (std::string& e : order->early) ex->Write(std::move(e));
     order->early.clear();
     order->begun = true;

@@ -181,7 +181,9 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
   c.chat = chat;
   // Accepted only at their neutral values.
   ASSIGN_OR_RETURN(auto n, Optional<int64_t>(j, "n"));
-  if (n && *n != 1) return InvalidField("n", "only 1 is supported");
+  if (n && (*n < 1 || *n > kMaxChoices))
+    return InvalidField("n", absl::StrCat("must be in [1, ", kMaxChoices, "]"));
+  c.n = static_cast<int>(n.value_or(1));
   ASSIGN_OR_RETURN(auto best_of, Optional<int64_t>(j, "best_of"));
   if (best_of && *best_of != 1) return InvalidField("best_of", "only 1 is supported");
   if (j.contains("response_format") && !j["response_format"].is_null()) {

@@ -17,9 +17,12 @@ struct ModelNames {
   std::map<std::string, Shape> aliases;
 };
 
+inline constexpr int kMaxChoices = 8;  // `n`
+
 struct OpenAiCall {
   GenerationRequest req;
   bool chat = false, stream = false;
+  int n = 1;              // choices, each its own sequence (the prompt prefilled once)
   bool echo = false;      // completions: the prompt comes back before the completion ...
   std::string echo_text;  // ... as the client sent it (empty for a prompt of token ids)
   std::string model;      // as echoed in responses

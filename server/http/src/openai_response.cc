@@ -92,27 +92,31 @@ json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
           {"text_offset", std::move(offsets)}};
 }
 
-json CompletionBody(const OpenAiResponseHead& h, const std::string& text, const JobResult& r,
-                    const json& logprobs) {
-  json choice = {{"index", 0}, {"finish_reason", OpenAiFinish(r.reason)}};
+json CompletionChoice(const OpenAiResponseHead& h, int index, const std::string& text,
+                      const JobResult& r, const json& logprobs) {
+  json choice = {{"index", index}, {"finish_reason", OpenAiFinish(r.reason)}};
   if (h.chat) {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   } else {
     choice["text"] = text;
   }
   choice["logprobs"] = logprobs;
+  return choice;
+}
+
+json CompletionBody(const OpenAiResponseHead& h, json choices, const JobResult& r) {
   return {{"id", h.id},
           {"object", h.chat ? "chat.completion" : "text_completion"},
           {"created", h.created},
           {"model", h.model},
-          {"choices", json::array({choice})},
+          {"choices", std::move(choices)},
           {"usage", Usage(r)},
           {"amoeba", AmoebaExtension(h, &r)}};
 }
 
 json ChunkBody(const OpenAiResponseHead& h, const json& delta_or_text, const json& finish,
-               const json& logprobs) {
-  json choice = {{"index", 0}, {"finish_reason", finish}};
+               const json& logprobs, int index) {
+  json choice = {{"index", index}, {"finish_reason", finish}};
   if (h.chat) {
     choice["delta"] = delta_or_text;
   } else {
@@ -128,6 +132,14 @@ json ChunkBody(const OpenAiResponseHead& h, const json& delta_or_text, const jso
 
 json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r, const json& logprobs) {
   json last = ChunkBody(h, h.chat ? json::object() : json(""), OpenAiFinish(r.reason), logprobs);
+  last["usage"] = Usage(r);
+  last["amoeba"] = AmoebaExtension(h, &r);
+  return last;
+}
+
+json UsageChunkBody(const OpenAiResponseHead& h, const JobResult& r) {
+  json last = ChunkBody(h, json::object(), nullptr);
+  last["choices"] = json::array();
   last["usage"] = Usage(r);
   last["amoeba"] = AmoebaExtension(h, &r);
   return last;

@@ -36,8 +36,13 @@ absl::Status FinishError(const JobResult& r);
 nlohmann::json Usage(const JobResult& r);
 nlohmann::json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r);
 // A whole (non-streamed) response.
-nlohmann::json CompletionBody(const OpenAiResponseHead& h, const std::string& text,
-                              const JobResult& r, const nlohmann::json& logprobs = nullptr);
+// One choice of a whole response: its text (chat: the message), finish reason and logprobs.
+nlohmann::json CompletionChoice(const OpenAiResponseHead& h, int index, const std::string& text,
+                                const JobResult& r, const nlohmann::json& logprobs = nullptr);
+// A whole response: its choices; usage and the extension from `r` (with n choices: the first
+// choice's result, completion tokens summed over all).
+nlohmann::json CompletionBody(const OpenAiResponseHead& h, nlohmann::json choices,
+                              const JobResult& r);
 // Log-probabilities of consecutive new tokens in OpenAI's shape: chat's {"content": [{"token",
 // "logprob", "bytes", "top_logprobs"}]}, completions' {"tokens", "token_logprobs",
 // "top_logprobs", "text_offset"} (offsets into the completion's text, from *text_offset on, which
@@ -51,9 +56,12 @@ nlohmann::json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
 // One streamed chunk: a text delta (or, for chat, a delta object), the finish reason, and the
 // log-probabilities of its tokens (null: none asked for).
 nlohmann::json ChunkBody(const OpenAiResponseHead& h, const nlohmann::json& delta_or_text,
-                         const nlohmann::json& finish, const nlohmann::json& logprobs = nullptr);
+                         const nlohmann::json& finish, const nlohmann::json& logprobs = nullptr,
+                         int index = 0);
 // The last streamed chunk: finish reason, usage and the extension.
 nlohmann::json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r,
                              const nlohmann::json& logprobs = nullptr);
+// With n choices, after each choice's finish chunk: no choices, the usage and the extension.
+nlohmann::json UsageChunkBody(const OpenAiResponseHead& h, const JobResult& r);
 
 }  // namespace amoeba

@@ -123,6 +123,9 @@ class Scheduler {
 
   // Queues a job; RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when draining.
   absl::Status Submit(std::shared_ptr<Job> job);
+  // Queues jobs together, all or none; they count as one waiting request against max_queue (the
+  // n choices of one client request).
+  absl::Status Submit(const std::vector<std::shared_ptr<Job>>& jobs);
   // Stops accepting work, finishes running and queued jobs until `deadline`, cancels the rest.
   void Drain(Clock::time_point deadline);
   // With run_on_caller: runs the scheduling loop on this thread until Stop() (or destruction).

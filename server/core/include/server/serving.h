@@ -141,6 +141,10 @@ class Serving {
   // callbacks are wrapped: inter-token latency, the request's figures and its log line are
   // recorded here before the front end's callbacks run.
   absl::Status Start(const std::shared_ptr<Generation>& g, GenerationCallbacks callbacks);
+  // Several generations queued together as one request (an OpenAI request's n choices): all or
+  // none; `callbacks(i)` gives generation i's.
+  absl::Status StartAll(const std::vector<std::shared_ptr<Generation>>& gens,
+                        const std::function<GenerationCallbacks(int)>& callbacks);
 
   absl::StatusOr<TokenizeResult> Tokenize(const TokenizeRequest& r, const RequestContext& ctx);
   // The ids' text (invalid UTF-8, as from a byte token cut off mid-character, becomes U+FFFD).
@@ -171,6 +175,8 @@ class Serving {
                                                         std::optional<int64_t> tokens) const;
 
  private:
+  // Wraps the front end's callbacks: inter-token latency, the request's figures, its log lines.
+  void Attach(Job& job, GenerationCallbacks cb);
   absl::StatusOr<Shape> ResolveTarget(const std::optional<Shape>& shape,
                                       const std::optional<PlanBudget>& budget) const;
   absl::StatusOr<std::shared_ptr<Job>> PrepareJob(const GenerationRequest& r,
