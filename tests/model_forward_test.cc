@@ -18,14 +18,9 @@
 namespace amoeba {
 namespace {
 using testing::MaxAbsDiff;
+using testing::RandomTokens;
 using testing::TinyConfig;
 using testing::TinyModel;
-
-std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
-  at::manual_seed(seed);
-  at::Tensor t = at::randint(vocab, {n}, at::kInt);
-  return std::vector<int32_t>(t.data_ptr<int32_t>(), t.data_ptr<int32_t>() + n);
-}
 
 at::Tensor Reference(const Model& m, const std::vector<int32_t>& ids) {
   at::Tensor t = at::tensor(std::vector<int64_t>(ids.begin(), ids.end())).unsqueeze(0);

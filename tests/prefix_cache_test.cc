@@ -17,13 +17,8 @@
 namespace amoeba {
 namespace {
 using testing::MaxAbsDiff;
+using testing::RandomTokens;
 using testing::TinyModel;
-
-std::vector<int32_t> Tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  at::manual_seed(seed);
-  at::Tensor t = at::randint(vocab, {n}, at::kInt);
-  return std::vector<int32_t>(t.data_ptr<int32_t>(), t.data_ptr<int32_t>() + n);
-}
 
 // Prefills `ids` into `slot`, returns the last position's logits.
 at::Tensor Prefill(Engine& e, KVCache& c, int64_t slot, std::span<const int32_t> ids) {
@@ -46,7 +41,7 @@ TEST(PrefixCacheTest, RestoredPrefixContinuesLikeAFullPrefill) {
     Engine engine(m, {.max_len = 256, .kv_dtype = kv});
     KVCache cache = engine.NewCache(3);
     PrefixCache pc({.block_tokens = 16, .max_bytes = 64 << 20});
-    auto prompt = Tokens(70, m->config.vocab_size, 5);
+    auto prompt = RandomTokens(70, m->config.vocab_size, 5);
     at::Tensor full = Prefill(engine, cache, 0, prompt);
     pc.Insert("m", prompt, cache.length(0), cache, 0);
     EXPECT_EQ(pc.stats().blocks, 4);  // 64 of 70 tokens: whole blocks only
@@ -89,7 +84,7 @@ TEST(PrefixCacheTest, RestoreNeedsAnEmptySlotOfTheSameLayout) {
   Engine engine(m, {.max_len = 128}), other(gqa, {.max_len = 128});
   KVCache cache = engine.NewCache(2), other_cache = other.NewCache(1);
   PrefixCache pc({.block_tokens = 16});
-  auto prompt = Tokens(40, m->config.vocab_size, 6);
+  auto prompt = RandomTokens(40, m->config.vocab_size, 6);
   Prefill(engine, cache, 0, prompt);
   pc.Insert("m", prompt, 40, cache, 0);
   EXPECT_EQ(pc.Restore("m", prompt, 40, other_cache, 0), 0);
@@ -107,7 +102,7 @@ TEST(PrefixCacheTest, CapEvictsLeastRecentlyUsedLeaves) {
   auto m = std::make_shared<const Model>(TinyModel(3, 2));
   Engine engine(m, {.max_len = 256});
   KVCache cache = engine.NewCache(1);
-  auto a = Tokens(80, m->config.vocab_size, 1), b = Tokens(48, m->config.vocab_size, 2);
+  auto a = RandomTokens(80, m->config.vocab_size, 1), b = RandomTokens(48, m->config.vocab_size, 2);
   Prefill(engine, cache, 0, a);
   PrefixCache probe({.block_tokens = 16});
   probe.Insert("m", a, 16, cache, 0);
@@ -138,7 +133,7 @@ TEST(PrefixCacheTest, SavedCacheLoadsBackAndBadFilesAreRefused) {
   auto m = std::make_shared<const Model>(TinyModel(3, 2));
   Engine engine(m, {.max_len = 128, .kv_dtype = at::kHalf});
   KVCache cache = engine.NewCache(2);
-  auto prompt = Tokens(50, m->config.vocab_size, 3);
+  auto prompt = RandomTokens(50, m->config.vocab_size, 3);
   Prefill(engine, cache, 0, prompt);
   PrefixCache pc({.block_tokens = 16});
   pc.Insert("m", prompt, 50, cache, 0);

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/config.h"
@@ -73,6 +74,13 @@ template <typename T>
 T MustOk(absl::StatusOr<T> s, const char* what) {
   MustOk(s.status(), what);
   return std::move(*s);
+}
+
+// n token ids drawn uniformly from [0, vocab), reproducibly.
+inline std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
+  at::manual_seed(seed);
+  at::Tensor t = at::randint(vocab, {n}, at::kInt);
+  return std::vector<int32_t>(t.data_ptr<int32_t>(), t.data_ptr<int32_t>() + n);
 }
 
 inline double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) {
