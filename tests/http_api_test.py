@@ -74,6 +74,12 @@ with tempfile.TemporaryDirectory() as d:
         ids = [m["id"] for m in json.loads(text)["data"]]
         check(status == 200 and "amoeba:depth=5,width=1" in ids and "amoeba:depth=3,width=0.625" in ids
               and {"full", "smallest", "phone"} <= set(ids) and len(ids) == 12 + 3, f"/v1/models: {ids}")
+        # Each entry says what its shape is: size, estimated latency and quality, their sources.
+        about = {m["id"]: m["amoeba"] for m in json.loads(text)["data"]}
+        check(all(a["params"] > 0 and a["decode_ms_per_token"] > 0 and a["quality_source"] and
+                  a["latency_source"] in ("measured", "roofline") for a in about.values())
+              and about["full"]["params"] > about["smallest"]["params"]
+              and about["phone"] == about["amoeba:depth=3,width=0.625"], f"/v1/models details: {about}")
 
         # Greedy completion == gRPC Generate on the same shape.
         stub = rpc.AmoebaStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))

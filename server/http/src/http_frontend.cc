@@ -187,7 +187,7 @@ struct HttpFrontend::Routes {
         return ex->Reply(std::move(r));
       }
       case RouteKind::kModels:
-        return ex->Reply(Models(cors));
+        return ex->Reply(Models(req, cors));
       case RouteKind::kShapes:
         return ex->Reply(Shapes(req, cors));
       case RouteKind::kCompletions:
@@ -258,33 +258,42 @@ struct HttpFrontend::Routes {
     return JsonReply(json{{"content", *text}}, cors);
   }
 
+  // What a shape is: size, the planner's latency and quality estimates, and where each comes from.
+  static json Estimate(const ShapeEstimateResult& e) {
+    return {{"shape", {{"depth", e.profile.shape.depth}, {"width", e.profile.shape.width}}},
+            {"params", e.profile.params},
+            {"weight_bytes", e.profile.weight_bytes},
+            {"decode_ms_per_token", e.decode_ms},
+            {"quality", e.quality},
+            {"quality_source", e.quality_source},
+            {"latency_source", e.latency_source}};
+  }
+
   // Every shape with the planner's estimates (the playground's grid and frontier).
   HttpReply Shapes(const HttpRequest& req, const HttpHeaders& cors) const {
     auto shapes = serving.Shapes(ContextOf(req));
     if (!shapes.ok()) return WithHeaders(ErrorReply(shapes.status()), cors);
     json out = json::array();
-    for (const auto& e : *shapes) {
-      out.push_back(
-          {{"shape", {{"depth", e.profile.shape.depth}, {"width", e.profile.shape.width}}},
-           {"params", e.profile.params},
-           {"weight_bytes", e.profile.weight_bytes},
-           {"decode_ms_per_token", e.decode_ms},
-           {"quality", e.quality},
-           {"quality_source", e.quality_source},
-           {"latency_source", e.latency_source}});
-    }
+    for (const auto& e : *shapes) out.push_back(Estimate(e));
     return JsonReply(json{{"shapes", out}}, cors);
   }
 
-  HttpReply Models(const HttpHeaders& cors) const {
+  // OpenAI's model list: every grid shape, "full", "smallest" and the aliases; each entry's
+  // "amoeba" says what the shape is (Estimate).
+  HttpReply Models(const HttpRequest& req, const HttpHeaders& cors) const {
+    auto shapes = serving.Shapes(ContextOf(req));
+    if (!shapes.ok()) return WithHeaders(ErrorReply(shapes.status()), cors);
     json data = json::array();
     const int64_t created = UnixSeconds();
     auto add = [&](const std::string& id, const Shape& sh) {
+      json about = {{"shape", {{"depth", sh.depth}, {"width", sh.width}}}};
+      for (const auto& e : *shapes)
+        if (e.profile.shape == sh) about = Estimate(e);
       data.push_back({{"id", id},
                       {"object", "model"},
                       {"created", created},
                       {"owned_by", "amoeba"},
-                      {"amoeba", {{"shape", {{"depth", sh.depth}, {"width", sh.width}}}}}});
+                      {"amoeba", std::move(about)}});
     };
     const ModelInfo& m = serving.info();
     for (const Shape& sh : m.grid) add(ModelId(sh), sh);
