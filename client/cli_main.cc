@@ -104,6 +104,10 @@ int main(int argc, char** argv) {
   gen->add_option("--logit-bias", logit_bias,
                   "TOKEN_ID=BIAS added to that token's logit (repeatable)");
   gen->add_option("--stop", stop, "Stop string (repeatable)");
+  int logprobs = -1;
+  gen->add_option("--logprobs", logprobs,
+                  "Each new token's log-probability with this many alternatives (0..20), "
+                  "listed after the text (with --json: in each message)");
   std::string speculate;
   int draft_tokens = 0;
   gen->add_option("--speculate", speculate,
@@ -206,6 +210,8 @@ int main(int argc, char** argv) {
     for (const auto& st : stop) req.add_stop(st);
     if (!speculate.empty()) req.set_speculate(speculate);
     if (draft_tokens > 0) req.set_draft_tokens(draft_tokens);
+    if (logprobs >= 0) req.set_logprobs(logprobs);
+    std::vector<v1::TokenLogprob> token_logprobs;
     v1::GenerateResponse last;
     if (!json) std::fputs(prompt.c_str(), stdout);
     grpc::Status st = c.Generate(req, [&](const v1::GenerateResponse& r) {
@@ -215,6 +221,7 @@ int main(int argc, char** argv) {
         std::fwrite(r.text().data(), 1, r.text().size(), stdout);
       }
       std::fflush(stdout);
+      token_logprobs.insert(token_logprobs.end(), r.logprobs().begin(), r.logprobs().end());
       last = r;
     });
     if (!st.ok()) return Fail(st);
@@ -226,6 +233,16 @@ int main(int argc, char** argv) {
                    last.shape().depth(), last.shape().width(), last.usage().completion_tokens(),
                    v1::FinishReason_Name(last.finish_reason()).c_str(),
                    last.timings().time_to_first_token_ms(), last.timings().decode_tokens_per_s());
+      // One line per new token: its id and log-probability, then the alternatives.
+      for (size_t i = 0; i < token_logprobs.size(); ++i) {
+        const v1::TokenLogprob& t = token_logprobs[i];
+        std::string top;
+        for (const v1::TopLogprob& a : t.top())
+          top += absl::StrCat(" ", a.token_id(), ":", absl::SixDigits(a.logprob()));
+        std::fprintf(stderr, "[logprob %zu: token %d %s%s%s]\n", i, t.token_id(),
+                     absl::StrCat(absl::SixDigits(t.logprob())).c_str(),
+                     top.empty() ? "" : " | top", top.c_str());
+      }
       if (last.has_speculation()) {
         const auto& sp = last.speculation();
         std::fprintf(stderr,

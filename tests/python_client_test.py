@@ -81,6 +81,18 @@ with tempfile.TemporaryDirectory() as d:
             got = [t for line in out.stdout.splitlines() if line.startswith("{")
                    for t in json.loads(line).get("tokenIds", [])]
             assert out.returncode == 0 and got == [ids[-1]] * 4, (out.returncode, got, out.stderr[-300:])
+            # --logprobs: one line per new token after the text (its id, value, alternatives);
+            # with --json the messages carry them.
+            out = subprocess.run(base + ["generate", "Hello", "-n", "3", "--logprobs", "2"],
+                                 capture_output=True, text=True, timeout=60)
+            lines = [l for l in out.stderr.splitlines() if l.startswith("[logprob ")]
+            assert out.returncode == 0 and len(lines) == 3 and all(l.count(":") == 3 for l in lines), \
+                (out.returncode, out.stderr[-500:])
+            out = subprocess.run(base + ["--json", "generate", "Hello", "-n", "3", "--logprobs", "1"],
+                                 capture_output=True, text=True, timeout=60)
+            lps = [x for line in out.stdout.splitlines() if line.startswith("{")
+                   for x in json.loads(line).get("logprobs", [])]
+            assert len(lps) == 3 and all(x["logprob"] <= 0 and len(x["top"]) == 1 for x in lps), out.stdout[-500:]
             bad = subprocess.run(base + ["generate", "x", "--logit-bias", "x=1"], capture_output=True,
                                  text=True, timeout=60)
             assert bad.returncode == 2 and "--logit-bias" in bad.stderr, (bad.returncode, bad.stderr)
