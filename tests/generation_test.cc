@@ -8,6 +8,7 @@
 
 #include "model/engine.h"
 #include "model/generation.h"
+#include "model/kernels.h"
 #include "model/presets.h"
 #include "model/sampler.h"
 #include "model/torch_forward.h"
@@ -314,6 +315,52 @@ TEST(SamplerTest, SpeculativeChecksKeepTheTargetsDistribution) {
     const double rate = static_cast<double>(accepted) / n;
     EXPECT_NEAR(rate, overlap, 4 * std::sqrt(overlap * (1 - overlap) / n) + 1e-3);
   }
+}
+
+// Log-probabilities of a row: every instruction set's log Z matches log-softmax in double, the
+// top k is topk's (ties to the lower id), for a vocabulary that is not a multiple of the vector.
+TEST(LogprobRowTest, EveryInstructionSetMatchesLogSoftmax) {
+  at::manual_seed(3);
+  const int64_t vocab = 32003;
+  // A row without a peak: log Z is a sum of many comparable terms (what the accumulation gets
+  // wrong first).
+  const at::Tensor flat = at::randn({vocab}) * 2;
+  const at::Tensor flat_ref = at::log_softmax(flat.to(at::kDouble), 0);
+  for (KernelIsa isa : {KernelIsa::kScalar, KernelIsa::kAvx2, KernelIsa::kAvx512}) {
+    if (isa == KernelIsa::kAvx512 && !CpuHasAvx512()) continue;
+    ForceKernelIsa(isa);
+    LogprobRow row;
+    row.Read(flat.data_ptr<float>(), vocab);
+    for (int32_t id : {0, 999, 32002})
+      EXPECT_NEAR(row.Of(id), flat_ref[id].item<double>(), 2e-5) << "isa " << static_cast<int>(isa);
+  }
+  at::Tensor logits = at::randn({vocab}) * 4;
+  logits[17] = 40.f;  // a tie: the lower id comes first
+  logits[4000] = 40.f;
+  logits[32002] = 45.f;  // in the scalar tail
+  const at::Tensor ref = at::log_softmax(logits.to(at::kDouble), 0);
+  for (KernelIsa isa : {KernelIsa::kScalar, KernelIsa::kAvx2, KernelIsa::kAvx512}) {
+    if (isa == KernelIsa::kAvx512 && !CpuHasAvx512()) continue;
+    ForceKernelIsa(isa);
+    LogprobRow row;
+    row.Read(logits.data_ptr<float>(), vocab);
+    for (int32_t id : {0, 17, 4000, 12345, 32002})
+      EXPECT_NEAR(row.Of(id), ref[id].item<double>(), 2e-5) << "isa " << static_cast<int>(isa);
+    std::vector<std::pair<int32_t, float>> top;
+    row.Top(5, top);
+    ASSERT_EQ(top.size(), 5u);
+    EXPECT_EQ(top[0].first, 32002);
+    EXPECT_EQ(top[1].first, 17);
+    EXPECT_EQ(top[2].first, 4000);
+    const auto [vals, idx] = at::topk(logits, 5);
+    for (int k = 0; k < 5; ++k) {
+      EXPECT_NEAR(top[k].second, ref[idx[k].item<int64_t>()].item<double>(), 2e-5);
+      if (k >= 3) {
+        EXPECT_EQ(top[k].first, idx[k].item<int64_t>());
+      }
+    }
+  }
+  ForceKernelIsa(KernelIsa::kAuto);
 }
 
 }  // namespace

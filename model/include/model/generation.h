@@ -49,7 +49,7 @@ class LogprobRow {
   const float* logits_ = nullptr;
   int64_t vocab_ = 0;
   float log_z_ = 0;
-  std::vector<int32_t> idx_;
+  std::vector<std::pair<float, int32_t>> top_;  // Top's scratch: (logit, id), largest first
 };
 
 class TokenStream {
