@@ -49,8 +49,11 @@ TEST(PrefixCacheTest, RestoredPrefixContinuesLikeAFullPrefill) {
     EXPECT_EQ(pc.Cached("m", prompt, 63), 63);     // 3 blocks and 15 tokens of the fourth
     EXPECT_EQ(pc.Cached("other", prompt, 70), 0);  // keys never mix
 
+    // Less than `min_tokens` matched: nothing restored, the slot stays empty.
+    EXPECT_EQ(pc.Restore("m", prompt, 69, cache, 1, /*min_tokens=*/65), 0);
+    EXPECT_EQ(cache.length(1), 0);
     // Another slot restores 64 tokens and prefills the other 6: its KV and logits match.
-    ASSERT_EQ(pc.Restore("m", prompt, 69, cache, 1), 64);
+    ASSERT_EQ(pc.Restore("m", prompt, 69, cache, 1, /*min_tokens=*/64), 64);
     EXPECT_EQ(cache.length(1), 64);
     ExpectSameKV(cache, 0, cache, 1, 64);
     at::Tensor resumed = Prefill(engine, cache, 1, std::span(prompt).subspan(64));

@@ -113,13 +113,13 @@ int64_t PrefixCache::Cached(std::string_view key, std::span<const int32_t> token
 }
 
 int64_t PrefixCache::Restore(std::string_view key, std::span<const int32_t> tokens,
-                             int64_t max_tokens, KVCache& cache, int64_t slot) {
+                             int64_t max_tokens, KVCache& cache, int64_t slot, int64_t min_tokens) {
   auto sp = spaces_.find(key);
   if (sp == spaces_.end() || cache.length(slot) != 0) return 0;
   Space& space = sp->second;
   if (!(space.layout == LayoutOf(cache))) return 0;
   const Match m = Find(space, key, tokens, std::min(max_tokens, cache.max_len()));
-  if (m.tokens == 0) return 0;
+  if (m.tokens == 0 || m.tokens < min_tokens) return 0;
   cache.Reserve(slot, m.tokens);
   const Layout& lay = space.layout;
   const int64_t bt = opt_.block_tokens;

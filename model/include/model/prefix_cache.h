@@ -59,9 +59,10 @@ class PrefixCache {
   // Copies the KV of the longest cached prefix of `tokens` (at most `max_tokens`) into `slot` of
   // `cache`, which must be empty, and sets its length; returns the tokens restored (0 on a miss).
   // The blocks become most recently used. The cache's layout (layers, KV heads per layer, head_dim,
-  // dtype) must be the one the key's blocks were stored with, else nothing is restored.
+  // dtype) must be the one the key's blocks were stored with, else nothing is restored. A match
+  // shorter than `min_tokens` restores nothing either (too little to be worth a copy).
   int64_t Restore(std::string_view key, std::span<const int32_t> tokens, int64_t max_tokens,
-                  KVCache& cache, int64_t slot);
+                  KVCache& cache, int64_t slot, int64_t min_tokens = 1);
 
   // Stores the whole blocks of tokens[0, n) not cached yet under `key`, copying their KV from
   // `slot` of `cache` (n <= cache.length(slot); positions [0, n) hold those tokens' KV). Blocks

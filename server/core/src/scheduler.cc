@@ -785,11 +785,17 @@ void Scheduler::ScorePrompt(Seq& s, const at::Tensor& logits, int64_t first_row,
   }
 }
 
+bool Scheduler::CachesPrompt(const Job& j) const {
+  return opt_.prompt_cache_bytes > 0 && !j.for_profiling;
+}
+
+bool Scheduler::ReusesPrompt(const Job& j) const {
+  return CachesPrompt(j) && !j.gen.prompt_logprobs;
+}
+
 bool Scheduler::PrefixComingUp(const Lane& lane, const Seq& s) const {
   const std::vector<int32_t>& p = s.job->prompt;
-  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || s.job->gen.prompt_logprobs ||
-      p.size() < 2)
-    return false;
+  if (!ReusesPrompt(*s.job) || p.size() < 2) return false;
   const std::string key = CacheKey(lane);
   const int64_t block = prefix_cache_.options().block_tokens;
   const auto usable_end = p.end() - 1;  // the last prompt token is always computed (its logits)
@@ -817,14 +823,13 @@ void Scheduler::RestorePrefix(Lane& lane, Seq& s) {
   s.cache_key = CacheKey(lane);
   // Scoring needs logits at every prompt position: nothing restored (what it computes is
   // published all the same).
-  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || s.job->gen.prompt_logprobs) return;
+  if (!ReusesPrompt(*s.job)) return;
   const std::vector<int32_t>& p = s.job->prompt;
   const int64_t usable = static_cast<int64_t>(p.size()) - 1;
   // Less than a block (a BOS, a template's first tokens) saves nothing worth a copy, and would
   // only change how the rest is batched: whole prompts, or a block at least.
-  const int64_t have = prefix_cache_.Cached(s.cache_key, p, usable);
-  if (have > 0 && have >= std::min(usable, prefix_cache_.options().block_tokens))
-    s.cached_tokens = prefix_cache_.Restore(s.cache_key, p, usable, lane.cache, s.slot);
+  s.cached_tokens = prefix_cache_.Restore(s.cache_key, p, usable, lane.cache, s.slot,
+                                          std::min(usable, prefix_cache_.options().block_tokens));
   s.fed = static_cast<size_t>(s.cached_tokens);
   if (s.draft && s.draft->cache.length(s.slot) == 0)
     prefix_cache_.Restore(DraftCacheKey(*s.draft), p, usable, s.draft->cache, s.slot);
@@ -836,7 +841,7 @@ void Scheduler::RestorePrefix(Lane& lane, Seq& s) {
 }
 
 void Scheduler::PublishPrefix(Lane& lane, Seq& s, bool finished) {
-  if (opt_.prompt_cache_bytes <= 0 || s.job->for_profiling || s.awaiting_prefix ||
+  if (!CachesPrompt(*s.job) || s.awaiting_prefix ||
       s.cache_key != CacheKey(lane))  // the lane's model changed under it: its KV is mixed
     return;
   try {

@@ -355,12 +355,6 @@ struct HttpFrontend::Routes {
       Whole(gens, head, ex, std::move(headers));
   }
 
-  // Starts every choice's generation, all or none (one request against the queue's bound).
-  absl::Status StartAll(const std::vector<std::shared_ptr<Generation>>& gens,
-                        const std::function<GenerationCallbacks(int)>& callbacks) const {
-    return serving.StartAll(gens, callbacks);
-  }
-
   // The usage of n choices: the prompt once, the completions summed.
   static JobResult Combined(const std::vector<JobResult>& results) {
     JobResult r = results.front();
@@ -377,7 +371,6 @@ struct HttpFrontend::Routes {
       std::vector<std::vector<TokenLogprobs>> logprobs;
       std::vector<JobResult> results;
       size_t left = 0;
-      bool replied = false;
     };
     auto all = std::make_shared<Choices>();
     const size_t n = gens.size();
@@ -400,8 +393,7 @@ struct HttpFrontend::Routes {
       cb.on_done = [s, all, i, head, ex, headers](const JobResult& r) {
         std::lock_guard<std::mutex> l(all->mu);
         all->results[i] = r;
-        if (--all->left > 0 || all->replied) return;
-        all->replied = true;
+        if (--all->left > 0) return;  // the last choice to finish replies
         json choices = json::array();
         for (size_t k = 0; k < all->results.size(); ++k) {
           if (absl::Status st = FinishError(all->results[k]); !st.ok())
@@ -417,11 +409,9 @@ struct HttpFrontend::Routes {
       };
       return cb;
     };
-    if (absl::Status st = StartAll(gens, callbacks); !st.ok()) {
-      std::lock_guard<std::mutex> l(all->mu);
-      all->replied = true;  // the started ones end cancelled: nothing more to say
+    // All or none (one request against the queue's bound): on an error no callback runs.
+    if (absl::Status st = serving.StartAll(gens, callbacks); !st.ok())
       ex->Reply(WithHeaders(ErrorReply(st), headers));
-    }
   }
 
   // Echo's first prompt token: nothing predicts it (null logprob).
@@ -536,7 +526,7 @@ struct HttpFrontend::Routes {
       };
       return cb;
     };
-    if (absl::Status st = StartAll(gens, callbacks); !st.ok())
+    if (absl::Status st = serving.StartAll(gens, callbacks); !st.ok())
       return ex->Reply(WithHeaders(ErrorReply(st), headers));
     headers.emplace_back("Cache-Control", "no-cache");
     std::lock_guard<std::mutex> l(order->mu);

@@ -222,6 +222,11 @@ class Scheduler {
   // Whether another sequence of the lane is still prefilling a longer prefix `s` shares than
   // what is cached: then `s` waits for its blocks.
   bool PrefixComingUp(const Lane& lane, const Seq& s) const;
+  // Whether a job's prefill is published to the prompt cache (not for the latency profile, nor
+  // with the cache off), and whether it also takes its prefix from it (not when scoring its
+  // prompt, which needs logits at every position).
+  bool CachesPrompt(const Job& j) const;
+  bool ReusesPrompt(const Job& j) const;
   // Prompt scoring (gen.prompt_logprobs): rows [first_row, first_row + rows) of `logits` are the
   // prompt positions just fed; each predicts the prompt token after it.
   void ScorePrompt(Seq& s, const at::Tensor& logits, int64_t first_row, int64_t rows);
