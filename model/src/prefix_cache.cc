@@ -121,22 +121,11 @@ int64_t PrefixCache::Restore(std::string_view key, std::span<const int32_t> toke
   const Match m = Find(space, key, tokens, std::min(max_tokens, cache.max_len()));
   if (m.tokens == 0 || m.tokens < min_tokens) return 0;
   cache.Reserve(slot, m.tokens);
-  const Layout& lay = space.layout;
   const int64_t bt = opt_.block_tokens;
-  const int64_t cap = cache.capacity(slot);
-  const int64_t row = RunBytes(1, lay.head_dim, lay.elem_bytes);
   const uint64_t stamp = ++clock_;
-  // Rows [0, count) of a block's (layer, head) runs go to positions [pos, pos + count).
-  auto copy_in = [&](Block* b, int64_t pos, int64_t count) {
+  auto copy_in = [&](Block* b, int64_t pos, int64_t rows) {
     b->last_used = stamp;
-    const std::byte* src = b->data.get();
-    for (int64_t l = 0; l < static_cast<int64_t>(lay.kv_heads.size()); ++l) {
-      for (at::Tensor* t : {&cache.k(l, slot), &cache.v(l, slot)}) {
-        auto* dst = static_cast<std::byte*>(t->data_ptr());
-        for (int64_t h = 0; h < lay.kv_heads[l]; ++h, src += bt * row)
-          std::memcpy(dst + (h * cap + pos) * row, src, static_cast<size_t>(count * row));
-      }
-    }
+    CopyRows(space.layout, cache, slot, pos, rows, b->data.get(), /*into_cache=*/true);
   };
   for (size_t i = 0; i < m.chain.size(); ++i) copy_in(m.chain[i], static_cast<int64_t>(i) * bt, bt);
   if (m.tail) copy_in(m.tail, static_cast<int64_t>(m.chain.size()) * bt, m.partial);
@@ -150,6 +139,26 @@ void PrefixCache::Unlink(Space& space, Block* b) {
   bytes_ -= space.layout.BlockBytes(opt_.block_tokens);
   --blocks_;
   space.blocks.erase(b->hash);
+}
+
+void PrefixCache::CopyRows(const Layout& layout, const KVCache& cache, int64_t slot, int64_t pos,
+                           int64_t rows, std::byte* block, bool into_cache) const {
+  const int64_t cap = cache.capacity(slot);
+  const int64_t row = RunBytes(1, layout.head_dim, layout.elem_bytes);
+  const int64_t run = RunBytes(opt_.block_tokens, layout.head_dim, layout.elem_bytes);
+  for (int64_t l = 0; l < static_cast<int64_t>(layout.kv_heads.size()); ++l) {
+    for (const at::Tensor* t : {&cache.k(l, slot), &cache.v(l, slot)}) {
+      // A tensor's storage is writable through a const handle: restoring writes the slot.
+      auto* kv = static_cast<std::byte*>(t->data_ptr());
+      for (int64_t h = 0; h < layout.kv_heads[l]; ++h, block += run) {
+        std::byte* at = kv + (h * cap + pos) * row;
+        if (into_cache)
+          std::memcpy(at, block, static_cast<size_t>(rows * row));
+        else
+          std::memcpy(block, at, static_cast<size_t>(rows * row));
+      }
+    }
+  }
 }
 
 PrefixCache::Block* PrefixCache::AddBlock(Space& space, uint64_t hash, Block* parent,
@@ -196,9 +205,6 @@ void PrefixCache::Insert(std::string_view key, std::span<const int32_t> tokens, 
   if (block_bytes > opt_.max_bytes) return;
   const uint64_t root = RootHash(key);
   const uint64_t stamp = ++clock_;
-  const int64_t cap = cache.capacity(slot);
-  const int64_t run = RunBytes(bt, layout.head_dim, layout.elem_bytes);
-  const int64_t row = RunBytes(1, layout.head_dim, layout.elem_bytes);
   Block* parent = nullptr;
   for (int64_t pos = 0; pos + bt <= n; pos += bt) {
     const auto block_tokens = tokens.subspan(pos, bt);
@@ -209,14 +215,7 @@ void PrefixCache::Insert(std::string_view key, std::span<const int32_t> tokens, 
       b = AddBlock(space, ChainHash(parent ? parent->hash : root, block_tokens), parent,
                    block_tokens);
       if (!b) return;
-      std::byte* dst = b->data.get();
-      for (int64_t l = 0; l < static_cast<int64_t>(layout.kv_heads.size()); ++l) {
-        for (const at::Tensor* t : {&cache.k(l, slot), &cache.v(l, slot)}) {
-          const auto* src = static_cast<const std::byte*>(t->data_ptr());
-          for (int64_t h = 0; h < layout.kv_heads[l]; ++h, dst += run)
-            std::memcpy(dst, src + (h * cap + pos) * row, static_cast<size_t>(run));
-        }
-      }
+      CopyRows(layout, cache, slot, pos, bt, b->data.get(), /*into_cache=*/false);
     }
     b->last_used = stamp;
     parent = b;

@@ -112,6 +112,10 @@ class PrefixCache {
   Match Find(const Space& space, std::string_view key, std::span<const int32_t> tokens,
              int64_t limit) const;
   void Unlink(Space& space, Block* b);
+  // Rows [0, rows) of every (layer, K/V, head) run of a block's data and positions
+  // [pos, pos + rows) of `slot`: into the cache (restore) or out of it (insert).
+  void CopyRows(const Layout& layout, const KVCache& cache, int64_t slot, int64_t pos, int64_t rows,
+                std::byte* block, bool into_cache) const;
 
   static Layout LayoutOf(const KVCache& cache);
   // The cached block that follows `parent` (null: the key's root) with `tokens`, or null.

@@ -38,7 +38,6 @@ const std::set<std::string>& KnownFields(bool chat) {
                                                    "top_k",
                                                    "repetition_penalty",
                                                    "min_p",
-                                                   "min_p",
                                                    "amoeba"};
   static const std::set<std::string> chatc = {"model",
                                               "messages",
@@ -284,10 +283,8 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     const json& p = j["prompt"];
     if (p.is_string()) {
       r.text = p.get<std::string>();
-      if (c.echo) c.echo_text = *r.text;
     } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
       r.text = p[0].get<std::string>();
-      if (c.echo) c.echo_text = *r.text;
     } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
       std::vector<int32_t> ids;
       for (const auto& t : p) {
@@ -299,6 +296,7 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     } else {
       return InvalidField("prompt", "a string, a list of one string, or a list of token ids");
     }
+    if (c.echo && r.text) c.echo_text = *r.text;
   }
   // Sampling: OpenAI's defaults (temperature 1).
   ASSIGN_OR_RETURN(auto temperature, Optional<double>(j, "temperature"));
