@@ -7,12 +7,12 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "model/src/decode_attention.h"
-#include "model/src/prefill_attention.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
 #include "model/rope.h"
+#include "model/src/decode_attention.h"
+#include "model/src/prefill_attention.h"
 #include "model/src/stream_prefetch.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
@@ -509,54 +509,58 @@ TEST(KernelTest, DecodeAttentionMatchesSoftmaxReference) {
 // with room past the sequence (head stride > L · hd), strided query and output rows, every ISA.
 TEST(KernelTest, PrefillAttentionMatchesCausalSoftmaxReference) {
   at::manual_seed(5);
-  const int64_t hd = 32;
-  for (int64_t group : {1, 3}) {
-    for (int64_t p0 : {0, 37}) {
-      for (int64_t T : {int64_t{17}, kPrefillQueryBlock, kPrefillQueryBlock + 1, 3 * kPrefillQueryBlock + 5}) {
-        const int64_t hkv = 2, hq = hkv * group, L = p0 + T, capacity = L + 9;
-        const int64_t qdim = hq * hd + 8;  // rows with a stride past the heads
-        at::Tensor q = at::randn({T, qdim});
-        at::Tensor K = at::randn({hkv, capacity, hd}), V = at::randn({hkv, capacity, hd});
-        const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-        // Reference: per query head, full scores over the L keys, causal mask, softmax.
-        at::Tensor want = at::zeros({T, hq * hd});
-        at::Tensor causal = at::ones({T, L}, at::kBool).triu_(p0 + 1);
-        for (int64_t qh = 0; qh < hq; ++qh) {
-          const int64_t kvh = qh / group;
-          at::Tensor Qh = q.narrow(1, qh * hd, hd);
-          at::Tensor Kh = K[kvh].narrow(0, 0, L), Vh = V[kvh].narrow(0, 0, L);
-          at::Tensor sc = at::matmul(Qh, Kh.t()) * scale;
-          sc.masked_fill_(causal, -std::numeric_limits<float>::infinity());
-          want.narrow(1, qh * hd, hd).copy_(at::matmul(at::softmax(sc, -1), Vh));
+  // 32 and 64 take the AVX-512 blocked kernel's 6- and 4-row value tiles, 128 its 3-row ones; 24
+  // is no multiple of 16 and takes the GEMM path on every ISA.
+  for (int64_t hd : {32, 64, 128, 24})
+    for (int64_t group : {1, 3}) {
+      for (int64_t p0 : {0, 37}) {
+        for (int64_t T : {int64_t{17}, kPrefillQueryBlock, kPrefillQueryBlock + 1,
+                          3 * kPrefillQueryBlock + 5}) {
+          const int64_t hkv = 2, hq = hkv * group, L = p0 + T, capacity = L + 9;
+          const int64_t qdim = hq * hd + 8;  // rows with a stride past the heads
+          at::Tensor q = at::randn({T, qdim});
+          at::Tensor K = at::randn({hkv, capacity, hd}), V = at::randn({hkv, capacity, hd});
+          const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+          // Reference: per query head, full scores over the L keys, causal mask, softmax.
+          at::Tensor want = at::zeros({T, hq * hd});
+          at::Tensor causal = at::ones({T, L}, at::kBool).triu_(p0 + 1);
+          for (int64_t qh = 0; qh < hq; ++qh) {
+            const int64_t kvh = qh / group;
+            at::Tensor Qh = q.narrow(1, qh * hd, hd);
+            at::Tensor Kh = K[kvh].narrow(0, 0, L), Vh = V[kvh].narrow(0, 0, L);
+            at::Tensor sc = at::matmul(Qh, Kh.t()) * scale;
+            sc.masked_fill_(causal, -std::numeric_limits<float>::infinity());
+            want.narrow(1, qh * hd, hd).copy_(at::matmul(at::softmax(sc, -1), Vh));
+          }
+          for (KernelIsa isa : AvailableIsas()) {
+            ForceKernelIsa(isa);
+            at::Tensor out = at::full({T, qdim}, 7.f);
+            PrefillAttentionArgs a;
+            a.q = q.data_ptr<float>();
+            a.q_stride = qdim;
+            a.k = K.data_ptr<float>();
+            a.v = V.data_ptr<float>();
+            a.kv_head_stride = capacity * hd;
+            a.kv_heads = hkv;
+            a.group = group;
+            a.head_dim = hd;
+            a.p0 = p0;
+            a.T = T;
+            a.scale = scale;
+            a.out = out.data_ptr<float>();
+            a.out_stride = qdim;
+            at::Tensor scratch;
+            PrefillAttention(a, scratch);
+            EXPECT_LT(testing::MaxAbsDiff(out.narrow(1, 0, hq * hd), want), 2e-5)
+                << KernelIsaName(isa) << " hd=" << hd << " group=" << group << " p0=" << p0
+                << " T=" << T;
+            // The columns past the heads are not written.
+            EXPECT_TRUE(at::all(out.narrow(1, hq * hd, 8) == 7.f).item<bool>());
+          }
+          ForceKernelIsa(KernelIsa::kAuto);
         }
-        for (KernelIsa isa : AvailableIsas()) {
-          ForceKernelIsa(isa);
-          at::Tensor out = at::full({T, qdim}, 7.f);
-          PrefillAttentionArgs a;
-          a.q = q.data_ptr<float>();
-          a.q_stride = qdim;
-          a.k = K.data_ptr<float>();
-          a.v = V.data_ptr<float>();
-          a.kv_head_stride = capacity * hd;
-          a.kv_heads = hkv;
-          a.group = group;
-          a.head_dim = hd;
-          a.p0 = p0;
-          a.T = T;
-          a.scale = scale;
-          a.out = out.data_ptr<float>();
-          a.out_stride = qdim;
-          at::Tensor scratch;
-          PrefillAttention(a, scratch);
-          EXPECT_LT(testing::MaxAbsDiff(out.narrow(1, 0, hq * hd), want), 2e-5)
-              << KernelIsaName(isa) << " group=" << group << " p0=" << p0 << " T=" << T;
-          // The columns past the heads are not written.
-          EXPECT_TRUE(at::all(out.narrow(1, hq * hd, 8) == 7.f).item<bool>());
-        }
-        ForceKernelIsa(KernelIsa::kAuto);
       }
     }
-  }
 }
 
 }  // namespace

@@ -426,16 +426,21 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   }
   const QuantKernel kernel = ActiveQuantKernel();
   const int prefetch = n > kPrefetchChoiceMaxRows ? kDefaultPrefetchArm : StreamPrefetchArm();
-  if (kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8) {
-    QuantizeRowsAvx512(x, n, in, nb, xq.data(), xd.data(), xs.data());
-  } else {
-    QuantizeRows(x, n, in, nb, xq.data(), xd.data(), xs.data());
-  }
+  const bool avx512 = kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8;
   const QuantActs acts{xq.data(), xd.data(), xs.data(), nb};
-  // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once.
+  // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once;
+  // each chunk is quantized just before its panels run (a long prompt's activations quantized
+  // all at once would leave L2 before the panels read them).
   constexpr int64_t kRowChunk = 64;
   for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
     const int64_t rows = std::min(kRowChunk, n - r0);
+    int8_t* cq = xq.data() + r0 * nb * kQuantBlock;
+    float* cd = xd.data() + r0 * nb;
+    int32_t* cs = xs.data() + r0 * nb;
+    if (avx512)
+      QuantizeRowsAvx512(x + r0 * in, rows, in, nb, cq, cd, cs);
+    else
+      QuantizeRows(x + r0 * in, rows, in, nb, cq, cd, cs);
     ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
       const int64_t bb = o.panels->size(2);
       const auto* panel =

@@ -22,6 +22,23 @@ AMOEBA_AVX2 inline __m256 Load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Lane sums and maxima through memory: GCC 12 flags _mm512_reduce_*_ps's undefined start
+// vector as uninitialized in some inlining contexts.
+AMOEBA_AVX512 inline float ReduceAdd16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  float s = 0.f;
+  for (float x : lanes) s += x;
+  return s;
+}
+AMOEBA_AVX512 inline float ReduceMax16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  float m = lanes[0];
+  for (float x : lanes) m = x > m ? x : m;
+  return m;
+}
+
 // Sixteen weights as fp32 (all, or those in mask `m` with the rest zero).
 AMOEBA_AVX512 inline __m512 Load16(const float* p) {
   return _mm512_loadu_ps(p);
