@@ -100,15 +100,48 @@ void SoftmaxRow(float* s, int64_t len, int64_t width, float scale, KernelIsa isa
 
 inline constexpr int64_t kKeyChunk = 64;  // keys per score/value pass; K^T rows are padded to it
 
-// kt[d * ldk + j] = k[j * hd + d] for j < L; columns [L, ldk) are zero.
-void TransposeKeys(const float* k, int64_t L, int64_t hd, int64_t ldk, float* kt) {
-  // 16 keys at a time: their rows stay in L1 while each d writes one whole line of K^T.
-  for (int64_t j0 = 0; j0 < L; j0 += 16) {
-    const int64_t j1 = std::min(L, j0 + 16);
-    for (int64_t d = 0; d < hd; ++d)
-      for (int64_t j = j0; j < j1; ++j) kt[d * ldk + j] = k[j * hd + d];
+// A 16 × 16 block transposed in registers: rows in r[0..16), columns out in r[0..16).
+AMOEBA_AVX512 void Transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);  // per 128-bit lane: r_i[0], r_i+1[0], r_i[1], ...
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
   }
-  for (int64_t d = 0; d < hd; ++d) std::memset(kt + d * ldk + L, 0, (ldk - L) * sizeof(float));
+  for (int i = 0; i < 16; i += 4) {  // u[i + c]: column 4·lane + c of rows i..i+3
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16;
+       h += 8)  // t[h + c] (c < 4): columns c and c + 8; t[h + 4 + c]: c + 4, c + 12
+    for (int c = 0; c < 4; ++c) {
+      t[h + c] = _mm512_shuffle_f32x4(u[h + c], u[h + 4 + c], 0x88);
+      t[h + 4 + c] = _mm512_shuffle_f32x4(u[h + c], u[h + 4 + c], 0xdd);
+    }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+
+// kt[d * ldk + j] = k[j * hd + d] for j < L; columns [L, ldk) are zero. hd is a multiple of 16.
+AMOEBA_AVX512 void TransposeKeys(const float* k, int64_t L, int64_t hd, int64_t ldk, float* kt) {
+  __m512 r[16];
+  for (int64_t j0 = 0; j0 < L; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, L - j0);
+    for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = i < n ? _mm512_loadu_ps(k + (j0 + i) * hd + d0) : _mm512_setzero_ps();
+      Transpose16(r);
+      for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(kt + (d0 + c) * ldk + j0, r[c]);
+    }
+  }
+  const int64_t done = (L + 15) / 16 * 16;
+  for (int64_t d = 0; d < hd; ++d)
+    std::memset(kt + d * ldk + done, 0, (ldk - done) * sizeof(float));
 }
 
 // s[r * lds + j] = q_r · k_{j0 + j} for R query rows and kKeyChunk keys (4 vectors of 16).
@@ -267,8 +300,12 @@ void PrefillAttentionAvx512(const PrefillAttentionArgs& a, at::Tensor& scratch) 
   const int64_t ldk = (L + kKeyChunk - 1) / kKeyChunk * kKeyChunk + 16;
   const int threads = std::max(1, at::get_num_threads());
   const int64_t keys_size = a.kv_heads * hd * ldk, per_thread = B * ldk;
-  if (!scratch.defined() || scratch.numel() < keys_size + threads * per_thread)
-    scratch = at::empty({keys_size + threads * per_thread}, at::kFloat);
+  const int64_t need = keys_size + threads * per_thread;
+  // Grown by half again at least: a chunked prefill asks for a little more at every call, and a
+  // fresh buffer each time would page-fault its whole size in.
+  if (!scratch.defined() || scratch.numel() < need)
+    scratch =
+        at::empty({std::max(need, scratch.defined() ? scratch.numel() * 3 / 2 : 0)}, at::kFloat);
   float* kt = scratch.data_ptr<float>();
   float* buffers = kt + keys_size;
   // K^T once per KV head, shared by every query block and query head of its group.
