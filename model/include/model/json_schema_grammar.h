@@ -1,0 +1,28 @@
+// JSON Schema, the subset structured output needs, compiled to a GBNF grammar (model/grammar.h).
+//
+// Supported: type (one or a list), properties, required, additionalProperties (false, or a schema
+// for objects without properties), items, minItems, maxItems, enum, const, anyOf / oneOf,
+// minLength, maxLength, $ref into #/$defs or #/definitions (recursion allowed); annotations
+// (title, description, default, examples, $schema, $id, $comment, deprecated, readOnly,
+// writeOnly) are ignored. Any other keyword is refused with its name and where it is.
+//
+// Objects are written with their properties in the schema's order (optional ones may be left
+// out), the way OpenAI's strict mode does; numbers have at most 16 digits before and after the
+// point and two in the exponent (what a double holds); whitespace between tokens is at most a
+// newline and 16 spaces, and none after the top value, so generation ends as soon as the value
+// is complete.
+#pragma once
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+
+namespace amoeba {
+
+// `schema_json`: the schema as JSON text (parsed here, keeping its properties' order).
+absl::StatusOr<std::string> JsonSchemaToGbnf(std::string_view schema_json);
+
+// Any JSON object (OpenAI's response_format "json_object").
+std::string JsonObjectGbnf();
+
+}  // namespace amoeba
