@@ -4,7 +4,9 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -108,6 +110,16 @@ int main(int argc, char** argv) {
   gen->add_option("--logprobs", logprobs,
                   "Each new token's log-probability with this many alternatives (0..20), "
                   "listed after the text (with --json: in each message)");
+  std::string grammar_file, schema_file;
+  bool json_object = false;
+  auto* grammar_opt =
+      gen->add_option("--grammar", grammar_file, "Constrain the output to a GBNF grammar (a file)");
+  auto* schema_opt = gen->add_option("--json-schema", schema_file,
+                                     "Constrain the output to JSON valid under a schema (a file)");
+  auto* object_opt =
+      gen->add_flag("--json-object", json_object, "Constrain the output to a JSON object");
+  grammar_opt->excludes(schema_opt)->excludes(object_opt);
+  schema_opt->excludes(object_opt);
   std::string speculate;
   int draft_tokens = 0;
   gen->add_option("--speculate", speculate,
@@ -211,6 +223,21 @@ int main(int argc, char** argv) {
     if (!speculate.empty()) req.set_speculate(speculate);
     if (draft_tokens > 0) req.set_draft_tokens(draft_tokens);
     if (logprobs >= 0) req.set_logprobs(logprobs);
+    for (auto [file, setter] :
+         {std::pair<const std::string*, void (v1::GenerateRequest::*)(const std::string&)>{
+              &grammar_file, &v1::GenerateRequest::set_grammar},
+          {&schema_file, &v1::GenerateRequest::set_json_schema}}) {
+      if (file->empty()) continue;
+      std::ifstream in(*file, std::ios::binary);
+      if (!in) {
+        std::fprintf(stderr, "cannot read %s\n", file->c_str());
+        return 2;
+      }
+      std::stringstream text;
+      text << in.rdbuf();
+      (req.*setter)(text.str());
+    }
+    if (json_object) req.set_json_object(true);
     std::vector<v1::TokenLogprob> token_logprobs;
     v1::GenerateResponse last;
     if (!json) std::fputs(prompt.c_str(), stdout);

@@ -39,6 +39,11 @@ TokenStream::TokenStream(const Tokenizer& tok, const ModelConfig& config,
       // Only a prompt of nothing but BOS makes the output the start of the text.
       decoder_(tok, prompt.empty() || (prompt.size() == 1 && prompt[0] == config.bos_token_id)) {
   for (int32_t t : prompt) sampler_.Observe(t);
+  if (opt_.grammar) {
+    const bool text_start =
+        prompt.empty() || (prompt.size() == 1 && prompt[0] == config.bos_token_id);
+    grammar_.emplace(opt_.grammar, text_start && tok.strips_leading_space());
+  }
   for (const auto& s : opt_.stop) max_stop_ = std::max(max_stop_, s.size());
   tokens_.reserve(opt_.max_new_tokens);
 }
@@ -175,11 +180,15 @@ void TokenStream::BeginDraft() {
     draft_sampler_.emplace(o, sampler_.vocab_size());
   }
   if (sampler_.UsesHistory()) draft_sampler_->CopyHistoryFrom(sampler_);
+  if (grammar_) draft_grammar_ = *grammar_;
 }
 
 int32_t TokenStream::Draft(float* logits, float* probs) {
+  // Drafts are masked too: a draft the grammar forbids would only be rejected by the check.
+  if (draft_grammar_) draft_grammar_->Mask(logits, sampler_.vocab_size());
   const int32_t tok = draft_sampler_->Sample(logits, greedy() ? nullptr : probs);
   if (sampler_.UsesHistory()) draft_sampler_->ObserveGenerated(tok);
+  if (draft_grammar_) draft_grammar_->Accept(tok);
   return tok;
 }
 
@@ -193,9 +202,17 @@ TokenStream::Step TokenStream::Next(float* logits, const Proposal* proposal) {
     raw_logits_.assign(logits, logits + sampler_.vocab_size());
     logprob_row_.Read(raw_logits_.data(), sampler_.vocab_size());
   }
+  // The grammar masks the row before any sampling (or check of a draft): a forbidden token has
+  // probability 0, so a check never accepts one.
+  if (grammar_ && !grammar_->Mask(logits, sampler_.vocab_size())) {
+    step.text = Finish(FinishReason::kEos);  // nothing in the vocabulary can continue
+    step.done = true;
+    return step;
+  }
   const int32_t tok =
       proposal ? sampler_.Verify(logits, proposal->token, proposal->probs, &step.accepted)
                : sampler_.Sample(logits);
+  if (grammar_) grammar_->Accept(tok);
   if (opt_.logprobs >= 0) {
     logprobs_.token = tok;
     logprobs_.logprob = logprob_row_.Of(tok);
@@ -226,6 +243,9 @@ TokenStream::Step TokenStream::Next(float* logits, const Proposal* proposal) {
         reason_ = FinishReason::kStopSequence;
       }
     }
+    // A complete sentence that nothing can extend: done, without a step for end-of-sequence.
+    if (reason_ == FinishReason::kNone && grammar_ && grammar_->finished())
+      reason_ = FinishReason::kEos;
     if (reason_ == FinishReason::kNone &&
         static_cast<int64_t>(tokens_.size()) >= opt_.max_new_tokens) {
       reason_ = FinishReason::kLength;

@@ -131,7 +131,8 @@ class Parser {
   };
 
   absl::Status Error(std::string_view what) const {
-    return absl::InvalidArgumentError(absl::StrCat("grammar: ", std::string(what), " at offset ", pos_));
+    return absl::InvalidArgumentError(
+        absl::StrCat("grammar: ", std::string(what), " at offset ", pos_));
   }
 
   static bool IsNameChar(char c) {

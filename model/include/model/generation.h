@@ -4,6 +4,7 @@
 #pragma once
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -13,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "model/engine.h"
 #include "model/finish_reason.h"
+#include "model/grammar.h"
 #include "model/sampler.h"
 #include "model/token_logprobs.h"
 #include "model/tokenizer.h"
@@ -33,6 +35,10 @@ struct GenerationOptions {
   // `logprobs` alternatives each): scoring, as evaluation harnesses ask with echo. The prompt is
   // then prefilled with logits for every position (no prompt cache), and max_new_tokens may be 0.
   bool prompt_logprobs = false;
+  // Constrained decoding: every token (drafted ones too) is drawn from those the grammar allows
+  // next, and the stream ends as soon as the grammar's sentence is complete with nothing that
+  // could follow (or at end-of-sequence once it is complete). Null: unconstrained.
+  std::shared_ptr<Grammar> grammar;
 };
 
 // Log-softmax of one row of logits, for the tokens asked about: LogZ once per row (a pass over
@@ -98,6 +104,7 @@ class TokenStream {
   Sampler sampler_;
   std::optional<Sampler> draft_sampler_;  // made on first BeginDraft
   StreamingDecoder decoder_;
+  std::optional<GrammarState> grammar_, draft_grammar_;
   std::vector<int32_t> tokens_;
   std::string text_;    // the output text (stop string removed)
   size_t emitted_ = 0;  // bytes of text_ already returned

@@ -8,9 +8,9 @@
 //
 // Objects are written with their properties in the schema's order (optional ones may be left
 // out), the way OpenAI's strict mode does; numbers have at most 16 digits before and after the
-// point and two in the exponent (what a double holds); whitespace between tokens is at most a
-// newline and 16 spaces, and none after the top value, so generation ends as soon as the value
-// is complete.
+// point and two in the exponent (what a double holds); whitespace between tokens is at most one
+// space (small models spend whole budgets on indentation otherwise) and none after the top
+// value, so generation ends as soon as the value is complete.
 #pragma once
 #include <string>
 #include <string_view>

@@ -81,6 +81,12 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r, const Service
     return InvalidField(
         "logprobs", absl::StrCat("must be in [0, ", kMaxTopLogprobs, "] (alternatives per token)"));
   // Scoring a prompt may ask for no new token at all.
+  if ((r.grammar ? 1 : 0) + (r.json_schema ? 1 : 0) + (r.json_object ? 1 : 0) > 1)
+    return InvalidField("grammar", "give one of a grammar, a JSON schema or json_object");
+  if (r.grammar && r.grammar->size() > kMaxGrammarBytes)
+    return InvalidField("grammar", absl::StrCat("over ", kMaxGrammarBytes, " bytes"));
+  if (r.json_schema && r.json_schema->size() > kMaxGrammarBytes)
+    return InvalidField("json_schema", absl::StrCat("over ", kMaxGrammarBytes, " bytes"));
   const int64_t min_new = r.prompt_logprobs ? 0 : 1;
   if (r.max_new_tokens && (*r.max_new_tokens < min_new || *r.max_new_tokens > l.max_new_tokens))
     return InvalidField("max_new_tokens",

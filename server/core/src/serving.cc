@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/errors.h"
+#include "model/json_schema_grammar.h"
 #include "model/status_macros.h"
 #include "model/tokenizer.h"
 #include "model/weight_format.h"
@@ -96,6 +97,9 @@ Serving::Serving(const Supernet& supernet, const Smol* smol, Scheduler& schedule
       export_dir_(options_.export_tmp_dir.empty() ? fs::temp_directory_path().string()
                                                   : options_.export_tmp_dir),
       export_workers_(options_.export_workers) {
+  const auto& eos = supernet_.base().config.eos_token_ids;
+  token_trie_ = std::make_shared<TokenTrie>(*supernet_.tokenizer(),
+                                            std::vector<int64_t>(eos.begin(), eos.end()));
   RemoveStaleStagingDirs(export_dir_);
   if (metrics_) gauges_ = std::thread([this] { PublishGauges(); });
 }
@@ -420,6 +424,37 @@ absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
   return supernet_.FullShape();
 }
 
+absl::StatusOr<std::shared_ptr<Grammar>> Serving::GrammarFor(const GenerationRequest& r) const {
+  constexpr size_t kCachedGrammars = 64;
+  std::string gbnf;
+  if (r.grammar) {
+    gbnf = *r.grammar;
+  } else if (r.json_schema) {
+    ASSIGN_OR_RETURN(gbnf, JsonSchemaToGbnf(*r.json_schema));
+  } else if (r.json_object) {
+    gbnf = JsonObjectGbnf();
+  } else {
+    return std::shared_ptr<Grammar>();
+  }
+  {
+    std::lock_guard<std::mutex> lock(grammars_mu_);
+    auto it = grammars_.find(gbnf);
+    if (it != grammars_.end()) return it->second;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(std::shared_ptr<Grammar> g, Grammar::Compile(gbnf, token_trie_));
+  spdlog::debug(
+      "grammar compiled: {} rules, {} bytes of GBNF, {:.2f} ms", g->stats().rules, gbnf.size(),
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  std::lock_guard<std::mutex> lock(grammars_mu_);
+  if (grammars_.emplace(gbnf, g).second) grammar_order_.push_back(gbnf);
+  if (grammar_order_.size() > kCachedGrammars) {
+    grammars_.erase(grammar_order_.front());
+    grammar_order_.erase(grammar_order_.begin());
+  }
+  return g;
+}
+
 absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest& r,
                                                          const std::string& id) const {
   RETURN_IF_ERROR(
@@ -453,6 +488,7 @@ absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest
   job->gen.time_limit_ms = r.time_limit_ms.value_or(0);
   job->gen.logprobs = r.logprobs.value_or(-1);
   job->gen.prompt_logprobs = r.prompt_logprobs;
+  ASSIGN_OR_RETURN(job->gen.grammar, GrammarFor(r));
   std::string speculate = r.speculate.value_or(options_.speculate);
   if (!r.speculate && speculate != "auto" && speculate != "off") {
     // The server's default draft does not draft for itself.

@@ -44,6 +44,9 @@ GenerationRequest GenerationRequestFromProto(const v1::GenerateRequest& r) {
   std::sort(g.logit_bias.begin(), g.logit_bias.end());  // map order is unspecified
   if (r.has_logprobs()) g.logprobs = r.logprobs();
   g.prompt_logprobs = r.prompt_logprobs();
+  if (r.has_grammar()) g.grammar = r.grammar();
+  if (r.has_json_schema()) g.json_schema = r.json_schema();
+  g.json_object = r.has_json_object() && r.json_object();
   if (r.has_max_new_tokens()) g.max_new_tokens = r.max_new_tokens();
   g.stop.assign(r.stop().begin(), r.stop().end());
   if (r.has_time_limit_ms()) g.time_limit_ms = r.time_limit_ms();

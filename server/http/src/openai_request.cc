@@ -9,7 +9,8 @@
 #include "server/request_checks.h"
 
 namespace amoeba {
-using nlohmann::json;
+// ordered: a JSON schema's properties keep their order (the output follows it).
+using json = nlohmann::ordered_json;
 
 namespace {
 
@@ -34,6 +35,7 @@ const std::set<std::string>& KnownFields(bool chat) {
                                                    "user",
                                                    "stream_options",
                                                    "response_format",
+                                                   "grammar",
                                                    "metadata",
                                                    "top_k",
                                                    "repetition_penalty",
@@ -57,6 +59,7 @@ const std::set<std::string>& KnownFields(bool chat) {
                                               "user",
                                               "stream_options",
                                               "response_format",
+                                              "grammar",
                                               "metadata",
                                               "top_k",
                                               "repetition_penalty",
@@ -189,11 +192,36 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     const json& rf = j["response_format"];
     if (!rf.is_object() || !rf.contains("type") || !rf["type"].is_string())
       return InvalidField("response_format", "must be an object with a string type");
-    if (rf["type"] != "text")
-      return InvalidField("response_format.type",
-                          absl::StrCat("\"", LogSafe(rf["type"].get<std::string>(), 40),
-                                       "\" is not supported yet (only \"text\")"));
+    const std::string type = rf["type"];
+    for (auto& [k, v] : rf.items())
+      if (k != "type" && !(type == "json_schema" && k == "json_schema"))
+        return InvalidField("response_format." + k, "unknown field");
+    if (type == "json_object") {
+      c.req.json_object = true;
+    } else if (type == "json_schema") {
+      if (!rf.contains("json_schema") || !rf["json_schema"].is_object())
+        return InvalidField("response_format.json_schema", "required: {name, schema, strict}");
+      const json& js = rf["json_schema"];
+      for (auto& [k, v] : js.items())
+        if (k != "name" && k != "schema" && k != "strict" && k != "description")
+          return InvalidField("response_format.json_schema." + k, "unknown field");
+      if (!js.contains("name") || !js["name"].is_string())
+        return InvalidField("response_format.json_schema.name", "required: a string");
+      if (js.contains("strict") && !js["strict"].is_boolean() && !js["strict"].is_null())
+        return InvalidField("response_format.json_schema.strict", "must be true or false");
+      // No schema: any JSON value (OpenAI's default is an empty schema).
+      c.req.json_schema = js.contains("schema") ? js["schema"].dump() : std::string("{}");
+    } else if (type != "text") {
+      return InvalidField(
+          "response_format.type",
+          absl::StrCat("\"", LogSafe(type, 40), "\" is not one of text, json_object, json_schema"));
+    }
   }
+  // llama.cpp's extension: a GBNF grammar.
+  ASSIGN_OR_RETURN(auto grammar, Optional<std::string>(j, "grammar"));
+  if (grammar && (c.req.json_object || c.req.json_schema))
+    return InvalidField("grammar", "give either a grammar or a response_format, not both");
+  if (grammar) c.req.grammar = *grammar;
   if (j.contains("metadata") && !j["metadata"].is_null() && !j["metadata"].is_object())
     return InvalidField("metadata", "must be an object");
   ASSIGN_OR_RETURN(auto user, Optional<std::string>(j, "user"));

@@ -34,6 +34,9 @@ struct RequestContext {
   std::optional<std::chrono::system_clock::time_point> deadline;
 };
 
+// Grammars and JSON schemas are compiled per distinct text; this bounds the text.
+inline constexpr size_t kMaxGrammarBytes = 65536;
+
 // A generation request as either front end received it.
 struct GenerationRequest {
   std::string request_id;                      // "" = assigned by the server
@@ -58,6 +61,11 @@ struct GenerationRequest {
   // Also the prompt tokens' log-probabilities (each given those before it), with `logprobs`
   // alternatives: scoring. max_new_tokens may then be 0.
   bool prompt_logprobs = false;
+  // Structured output, at most one: a GBNF grammar (llama.cpp's syntax), a JSON schema (JSON
+  // text; model/json_schema_grammar.h lists what is supported), or any JSON object.
+  std::optional<std::string> grammar;
+  std::optional<std::string> json_schema;
+  bool json_object = false;
 };
 
 struct TokenizeRequest {

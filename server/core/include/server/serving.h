@@ -13,6 +13,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/grammar.h"
 #include "model/token_logprobs.h"
 #include "model/weight_format.h"
 #include "server/export_job.h"
@@ -181,6 +183,8 @@ class Serving {
                                       const std::optional<PlanBudget>& budget) const;
   absl::StatusOr<std::shared_ptr<Job>> PrepareJob(const GenerationRequest& r,
                                                   const std::string& id) const;
+  // The request's grammar (null without one), compiled or from the cache.
+  absl::StatusOr<std::shared_ptr<Grammar>> GrammarFor(const GenerationRequest& r) const;
   // On an export worker: `o` and `shape` as StartExport checked them.
   absl::StatusOr<std::unique_ptr<ExportStream>> WriteExport(const ExportOptions& o,
                                                             const Shape& shape,
@@ -204,6 +208,12 @@ class Serving {
   std::condition_variable gauges_cv_;
   bool stop_gauges_ = false;
   std::thread gauges_;
+  // Structured output: the vocabulary's byte trie, and compiled grammars by their GBNF text
+  // (a grammar keeps its token masks, so a schema's second request is mostly cache hits).
+  std::shared_ptr<const TokenTrie> token_trie_;
+  mutable std::mutex grammars_mu_;
+  mutable std::map<std::string, std::shared_ptr<Grammar>> grammars_;
+  mutable std::vector<std::string> grammar_order_;  // oldest first, for eviction
 };
 
 }  // namespace amoeba
