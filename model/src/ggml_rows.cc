@@ -3,8 +3,8 @@
 #include <cmath>
 #include <cstring>
 
-#include "model/quantized_panels.h"
 #include "quantized_block.h"
+#include "model/quantized_panels.h"
 
 namespace amoeba {
 using namespace quant;

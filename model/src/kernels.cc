@@ -9,8 +9,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "model/team.h"
 #include "simd.h"
+#include "model/team.h"
 
 namespace amoeba {
 

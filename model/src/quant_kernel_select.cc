@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "model/kernels.h"
-#include "model/quantized_panels.h"
 #include "quantized_block.h"
+#include "model/quantized_panels.h"
 
 namespace amoeba {
 namespace quant {

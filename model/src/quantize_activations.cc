@@ -7,8 +7,8 @@
 #include <cmath>
 #include <cstring>
 
-#include "model/quantized_panels.h"
 #include "quantized_block.h"
+#include "model/quantized_panels.h"
 
 #define AMOEBA_AVX512_VNNI \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))

@@ -7,8 +7,8 @@
 #include <cstring>
 
 #include "model/packed_linear.h"
-#include "model/quantized_panels.h"
 #include "quantized_block.h"
+#include "model/quantized_panels.h"
 
 namespace amoeba {
 namespace quant {

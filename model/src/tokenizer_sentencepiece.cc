@@ -1,7 +1,7 @@
 // SentencePiece tokenizer.model through libsentencepiece.
 #include "absl/strings/str_cat.h"
-#include "model/tokenizer.h"
 #include "sentencepiece_bridge.h"
+#include "model/tokenizer.h"
 
 namespace amoeba {
 namespace {

@@ -16,7 +16,7 @@ struct SamplingOptions {
   float top_p = 1.0f;               // 1 = off
   float repetition_penalty = 1.0f;  // 1 = off
   uint64_t seed = 0;
-  float min_p = 0.0f;  // keep tokens with p >= min_p · p_max; 0 = off
+  float min_p = 0.0f;               // keep tokens with p >= min_p · p_max; 0 = off
   // OpenAI's: logit -= presence · [generated before] + frequency · (times generated).
   float presence_penalty = 0.0f, frequency_penalty = 0.0f;
   std::vector<std::pair<int32_t, float>> logit_bias = {};  // added to those tokens' logits
