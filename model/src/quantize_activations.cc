@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "quantized_block.h"
+#include "simd.h"
 #include "model/quantized_panels.h"
 
 #define AMOEBA_AVX512_VNNI \
@@ -59,7 +60,7 @@ AMOEBA_AVX512_VNNI void QuantizeRowsAvx512(const float* x, int64_t n, int64_t in
                                                                : 0);
       const __m512 v0 = _mm512_maskz_loadu_ps(m0, xr + k0);
       const __m512 v1 = _mm512_maskz_loadu_ps(m1, xr + k0 + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float amax = simd::ReduceMax16(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
       const __m512 vinv = _mm512_set1_ps(inv);
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv));

@@ -22,8 +22,8 @@ AMOEBA_AVX2 inline __m256 Load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Lane sums and maxima through memory: GCC 12 flags _mm512_reduce_*_ps's undefined start
-// vector as uninitialized in some inlining contexts.
+// Lane sums and maxima through memory: GCC 12 flags the undefined start vectors inside
+// _mm512_reduce_*_ps (and the shuffles it is made of) as uninitialized in some inlining contexts.
 AMOEBA_AVX512 inline float ReduceAdd16(__m512 v) {
   alignas(64) float lanes[16];
   _mm512_store_ps(lanes, v);
