@@ -162,8 +162,8 @@ with tempfile.TemporaryDirectory() as d:
         check(status == 400 and "messages[0].content[0].type" in text and "image_url" in text,
               f"an image part is a clear 400: {status} {text[:200]}")
         status, text = call(port, "POST", "/v1/chat/completions",
-                            dict(greedy_chat, response_format={"type": "json_object"}))
-        check(status == 400 and "response_format.type" in text, f"json_object not yet: {status} {text[:200]}")
+                            dict(greedy_chat, response_format={"type": "yaml"}))
+        check(status == 400 and "response_format.type" in text, f"an unknown format is a 400: {status} {text[:200]}")
 
         # /tokenize and /detokenize (llama.cpp's server routes): the ids gRPC's Tokenize gives,
         # and back to the text.

@@ -126,8 +126,34 @@ await attempt("n choices", async () => {
 });
 await refused("n out of range", 400, "n", () =>
   client.chat.completions.create({ ...greedy, messages: user, n: 9 }));
-await refused("json_object (not served yet)", 400, "response_format", () =>
-  client.chat.completions.create({ ...greedy, messages: user, response_format: { type: "json_object" } }));
+await attempt("json_schema", async () => {
+  const schema = { type: "object", properties: { city: { type: "string", maxLength: 10 },
+    rank: { type: "integer" }, ok: { type: "boolean" } }, required: ["city", "rank"],
+    additionalProperties: false };
+  const r = await client.chat.completions.create({ ...greedy, max_tokens: 200, messages: user,
+    response_format: { type: "json_schema", json_schema: { name: "place", schema, strict: true } } });
+  const text = r.choices[0].message.content;
+  check(r.choices[0].finish_reason === "stop", `json_schema finish ${r.choices[0].finish_reason}: ${text}`);
+  const v = JSON.parse(text);
+  check(typeof v.city === "string" && v.city.length <= 10 && Number.isInteger(v.rank) &&
+        Object.keys(v).every((k) => k in schema.properties), `json_schema output ${text}`);
+});
+await attempt("json_object streamed", async () => {
+  const stream = await client.chat.completions.create({ ...greedy, max_tokens: 200, messages: user,
+    stream: true, response_format: { type: "json_object" } });
+  let text = "", finish = null;
+  for await (const c of stream) {
+    if (c.choices.length) {
+      text += c.choices[0].delta.content ?? "";
+      finish = c.choices[0].finish_reason ?? finish;
+    }
+  }
+  check(text.startsWith("{"), `json_object output ${text}`);
+  if (finish === "stop") check(typeof JSON.parse(text) === "object", `json_object ${text}`);
+});
+await refused("unsupported schema keyword", 400, "pattern", () =>
+  client.chat.completions.create({ ...greedy, messages: user, response_format: { type: "json_schema",
+    json_schema: { name: "x", schema: { type: "string", pattern: "a+" } } } }));
 await refused("tools (not served yet)", 400, "tools", () =>
   client.chat.completions.create({ ...greedy, messages: user, tools: [
     { type: "function", function: { name: "f", parameters: { type: "object", properties: {} } } }] }));
