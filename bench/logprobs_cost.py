@@ -21,6 +21,24 @@ sys.path.insert(0, os.path.join(root, "tests"))
 from server_process import start_server, stop_server  # noqa: E402
 
 
+def machine():
+    """The CPU's model name and family, for the report."""
+    info = open("/proc/cpuinfo").read().splitlines()
+    cpu = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), "?")
+    fam = next((l.split(":", 1)[1].strip() for l in info if l.startswith("cpu family")), "?")
+    return cpu, fam
+
+
+def write_report(out_path, data, md):
+    """`out_path`.json (the figures) and .md (the table), and the table on stdout."""
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path + ".json", "w") as f:
+        json.dump(data, f, indent=2)
+    with open(out_path + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--build", default=os.path.join(root, "build"))
@@ -58,8 +76,7 @@ def main():
                     rates[m].append(run(lp))
         finally:
             stop_server(proc)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    fam = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("cpu family")), "?")
+    cpu, fam = machine()
     med = {m: statistics.median(v) for m, v in rates.items()}
     out = {"machine": {"cpu": cpu, "family": fam, "cores": os.cpu_count()},
            "date": time.strftime("%Y-%m-%d"), "supernet": a.supernet, "weights_dtype": a.weights_dtype,
@@ -69,12 +86,7 @@ def main():
           "| request | decode tok/s (median) | min | max | vs plain |", "|---|---|---|---|---|"]
     for m, v in rates.items():
         md.append(f"| {m} | {med[m]:.1f} | {min(v):.1f} | {max(v):.1f} | {med[m] / med['plain']:.3f}x |")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(out, f, indent=2)
-    with open(a.out + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(a.out, out, md)
 
 
 if __name__ == "__main__":
