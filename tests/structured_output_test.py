@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Structured output through the HTTP front end of a real amoeba-server: 200 random JSON schemas
+"""Structured output and tool calls through the HTTP front end of a real amoeba-server: 200 random JSON schemas
 on two shapes (the full one, with a draft for half the requests, and the smallest), four clients
 at a time so grammars share batched steps; every output must parse and validate (python3-jsonschema,
 an independent validator) and end with finish_reason "stop". Then json_object, a GBNF grammar,
@@ -137,6 +137,85 @@ with tempfile.TemporaryDirectory() as d:
               text[:3] in ("yes", "no,") and len(text) in (6, 7) and text[-2:].isdigit(),
               f"grammar: {status} {r}")
 
+        # Tools: calls generated under each function's schema, in OpenAI's shape.
+        tools = [
+            {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+             "parameters": {"type": "object", "properties": {
+                 "city": {"type": "string", "maxLength": 10},
+                 "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"],
+                 "additionalProperties": False}}},
+            {"type": "function", "function": {"name": "add", "parameters": {
+                "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"], "additionalProperties": False}}},
+        ]
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+        user = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+        def check_calls(message, where, only=None, at_most=None):
+            calls = message.get("tool_calls") or []
+            check(message.get("content") is None and calls, f"{where}: no calls in {message}")
+            if at_most:
+                check(len(calls) <= at_most, f"{where}: {len(calls)} calls")
+            for c in calls:
+                name = c["function"]["name"]
+                check(c["type"] == "function" and c["id"], f"{where}: {c}")
+                check(name in schemas and (only is None or name == only), f"{where}: called {name}")
+                try:
+                    jsonschema.validate(json.loads(c["function"]["arguments"]), schemas.get(name, {}))
+                except (json.JSONDecodeError, jsonschema.ValidationError) as e:
+                    check(False, f"{where}: arguments {c['function']['arguments']!r}: {e}")
+
+        for m in (full, small):
+            for seed in range(6):
+                status, r = post(port, "/v1/chat/completions", {
+                    "model": m["id"], "messages": user, "tools": tools, "tool_choice": "required",
+                    "max_tokens": 800, "seed": seed, "temperature": 0.8,
+                    "parallel_tool_calls": seed % 2 == 0})
+                where = f"required on {m['id']} seed {seed}"
+                check(status == 200, f"{where}: {status} {r}")
+                if status == 200:
+                    check(r["choices"][0]["finish_reason"] == "tool_calls", f"{where}: {r['choices'][0]}")
+                    check_calls(r["choices"][0]["message"], where, at_most=4 if seed % 2 == 0 else 1)
+        status, r = post(port, "/v1/chat/completions", {
+            "model": full["id"], "messages": user, "tools": tools, "max_tokens": 800,
+            "tool_choice": {"type": "function", "function": {"name": "add"}}})
+        check(status == 200, f"named: {status} {r}")
+        if status == 200:
+            check_calls(r["choices"][0]["message"], "named", only="add")
+        for seed in range(4):  # auto: text or calls, each well formed
+            status, r = post(port, "/v1/chat/completions", {
+                "model": small["id"], "messages": user, "tools": tools, "max_tokens": 60,
+                "seed": seed, "temperature": 1.0})
+            msg = r["choices"][0]["message"] if status == 200 else {}
+            check(status == 200, f"auto: {status} {r}")
+            if msg.get("tool_calls"):
+                check_calls(msg, f"auto seed {seed}")
+            else:
+                check(isinstance(msg.get("content"), str) and not msg["content"].startswith("<"),
+                      f"auto seed {seed}: {msg}")
+        # Streamed: one tool_calls delta, then finish_reason tool_calls.
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        c.request("POST", "/v1/chat/completions", json.dumps({
+            "model": full["id"], "messages": user, "tools": tools, "tool_choice": "required",
+            "max_tokens": 800, "stream": True}), {"Content-Type": "application/json"})
+        events = [json.loads(l[6:]) for l in c.getresponse().read().decode().splitlines()
+                  if l.startswith("data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+        calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+        check(len(calls) == 1 and all("index" in t for t in calls[0]), f"streamed calls: {deltas}")
+        check(not any(d.get("content") for d in deltas), f"streamed content beside calls: {deltas}")
+        check(events[-1]["choices"][0]["finish_reason"] == "tool_calls", f"streamed finish: {events[-1]}")
+        if calls:
+            check_calls({"content": None, "tool_calls": calls[0]}, "streamed")
+        # A conversation that carries a call and its result goes through the template.
+        status, r = post(port, "/v1/chat/completions", {
+            "model": full["id"], "tools": tools, "max_tokens": 20, "messages": user + [
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"c\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}],
+            "tool_choice": "none"})
+        check(status == 200 and isinstance(r["choices"][0]["message"]["content"], str), f"history: {status} {r}")
+
         # Errors: a clear 400 naming what is wrong.
         for body, want in [
             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}}, "pattern"),
@@ -144,6 +223,13 @@ with tempfile.TemporaryDirectory() as d:
             ({"response_format": {"type": "xml"}}, "xml"),
             ({"grammar": "root ::= missing"}, "missing"),
             ({"grammar": "root ::= \"a\"", "response_format": {"type": "json_object"}}, "grammar"),
+            ({"tools": [{"type": "function", "function": {"name": "f"}}],
+              "tool_choice": {"type": "function", "function": {"name": "g"}}}, "no function named 'g'"),
+            ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+              "properties": {"x": {"type": "string", "format": "email"}}}}}]}, "'format'"),
+            ({"tool_choice": "required"}, "needs tools"),
+            ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
         ]:
             body = {"model": full["id"], "messages": [{"role": "user", "content": "x"}], **body}
             status, r = post(port, "/v1/chat/completions", body)

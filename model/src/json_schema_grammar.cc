@@ -58,12 +58,13 @@ const std::set<std::string>& Annotations() {
 
 class Converter {
  public:
-  explicit Converter(const json& root) : root_(root) {}
+  Converter(const json& root, std::string prefix) : root_(root), prefix_(std::move(prefix)) {}
 
+  // The value's rule is named `prefix_`; every other rule of the schema starts with it.
   absl::StatusOr<std::string> Run() {
-    auto top = Visit(root_, "#", "root-value");
+    auto top = Visit(root_, "#", "value");
     if (!top.ok()) return top.status();
-    std::string out = absl::StrCat("root ::= ", *top, "\n", kPrimitives);
+    std::string out = absl::StrCat(prefix_, " ::= ", *top, "\n");
     for (const auto& [name, body] : rules_) absl::StrAppend(&out, name, " ::= ", body, "\n");
     return out;
   }
@@ -78,9 +79,9 @@ class Converter {
   std::string Define(const std::string& hint, const std::string& body) {
     auto it = by_body_.find(body);
     if (it != by_body_.end()) return it->second;
-    std::string name;
+    std::string name = prefix_ + "-";
     for (char c : hint) name += std::isalnum(static_cast<unsigned char>(c)) ? c : '-';
-    if (name.empty() || rules_.count(name)) name = absl::StrCat(name, "-", rules_.size());
+    if (rules_.count(name)) name = absl::StrCat(name, "-", rules_.size());
     rules_[name] = body;
     by_body_[body] = name;
     return name;
@@ -209,7 +210,7 @@ class Converter {
       std::string rule = absl::StrCat("ref-", name);
       for (char& c : rule)
         if (!std::isalnum(static_cast<unsigned char>(c))) c = '-';
-      rule = absl::StrCat(rule, "-", refs_.size());
+      rule = absl::StrCat(prefix_, "-", rule, "-", refs_.size());
       refs_[r] = rule;
       auto body = Visit(root_[section][name], r, rule + "-body");
       if (!body.ok()) return body.status();
@@ -304,6 +305,7 @@ class Converter {
   }
 
   const json& root_;
+  const std::string prefix_;
   std::map<std::string, std::string> rules_;
   std::map<std::string, std::string> by_body_;
   std::map<std::string, std::string> refs_;
@@ -311,11 +313,20 @@ class Converter {
 
 }  // namespace
 
-absl::StatusOr<std::string> JsonSchemaToGbnf(std::string_view schema_json) {
+absl::StatusOr<std::string> JsonSchemaRules(std::string_view schema_json,
+                                            const std::string& prefix) {
   // ordered_json: properties are written in the schema's own order.
   const json schema = json::parse(schema_json, nullptr, /*allow_exceptions=*/false);
   if (schema.is_discarded()) return absl::InvalidArgumentError("JSON schema: not valid JSON");
-  return Converter(schema).Run();
+  return Converter(schema, prefix).Run();
+}
+
+std::string JsonGbnfPrimitives() { return kPrimitives; }
+
+absl::StatusOr<std::string> JsonSchemaToGbnf(std::string_view schema_json) {
+  auto rules = JsonSchemaRules(schema_json, "schema");
+  if (!rules.ok()) return rules.status();
+  return absl::StrCat("root ::= schema\n", *rules, kPrimitives);
 }
 
 std::string JsonObjectGbnf() {

@@ -154,9 +154,37 @@ await attempt("json_object streamed", async () => {
 await refused("unsupported schema keyword", 400, "pattern", () =>
   client.chat.completions.create({ ...greedy, messages: user, response_format: { type: "json_schema",
     json_schema: { name: "x", schema: { type: "string", pattern: "a+" } } } }));
-await refused("tools (not served yet)", 400, "tools", () =>
-  client.chat.completions.create({ ...greedy, messages: user, tools: [
-    { type: "function", function: { name: "f", parameters: { type: "object", properties: {} } } }] }));
+const tools = [{ type: "function", function: { name: "lookup", description: "Find a word",
+  parameters: { type: "object", properties: { word: { type: "string", maxLength: 8 },
+    limit: { type: "integer" } }, required: ["word", "limit"], additionalProperties: false } } }];
+await attempt("tools, tool_choice required", async () => {
+  const r = await client.chat.completions.create({ ...greedy, max_tokens: 800, messages: user,
+    tools, tool_choice: "required", parallel_tool_calls: false });
+  const m = r.choices[0].message;
+  check(r.choices[0].finish_reason === "tool_calls" && m.content === null &&
+        m.tool_calls?.length === 1, `tool call reply ${JSON.stringify(r.choices[0])}`);
+  const args = JSON.parse(m.tool_calls[0].function.arguments);
+  check(m.tool_calls[0].function.name === "lookup" && typeof args.word === "string" &&
+        args.word.length <= 8 && Number.isInteger(args.limit), `arguments ${JSON.stringify(args)}`);
+  // The call and its result go back into the conversation.
+  const next = await client.chat.completions.create({ ...greedy, max_tokens: 16, tools,
+    tool_choice: "none", messages: [...user, m,
+      { role: "tool", tool_call_id: m.tool_calls[0].id, content: "found" }] });
+  check(typeof next.choices[0].message.content === "string", "reply after a tool result");
+});
+await attempt("tools streamed", async () => {
+  const stream = await client.chat.completions.create({ ...greedy, max_tokens: 800, messages: user,
+    tools, tool_choice: { type: "function", function: { name: "lookup" } }, stream: true });
+  let calls = [], finish = null;
+  for await (const c of stream) {
+    if (!c.choices.length) continue;
+    calls.push(...(c.choices[0].delta.tool_calls ?? []));
+    finish = c.choices[0].finish_reason ?? finish;
+  }
+  check(finish === "tool_calls" && calls.length >= 1 && calls.every((t) =>
+    t.function.name === "lookup" && typeof JSON.parse(t.function.arguments).word === "string"),
+    `streamed calls ${JSON.stringify(calls)} ${finish}`);
+});
 await refused("top_logprobs out of range", 400, "top_logprobs", () =>
   client.chat.completions.create({ ...greedy, messages: user, logprobs: true, top_logprobs: 21 }));
 await attempt("wrong token", async () => {

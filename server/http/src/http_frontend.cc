@@ -7,6 +7,7 @@
 #include <future>
 #include <limits>
 #include <mutex>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -20,6 +21,7 @@
 #include "openai_response.h"
 #include "server/metrics.h"
 #include "server/request_checks.h"
+#include "server/tool_calls.h"
 #include "tar_stream.h"
 
 namespace amoeba {
@@ -317,6 +319,7 @@ struct HttpFrontend::Routes {
     head.created = UnixSeconds();
     head.chat = chat;
     head.logprobs = call->req.logprobs.has_value();
+    head.tool_calls = call->tool_calls;
     if (call->echo) {
       head.echo = true;
       head.first_prompt_token = (*g)->prompt().front();
@@ -454,6 +457,10 @@ struct HttpFrontend::Routes {
     // thread calls these in order; tokens whose text is held back go with the next chunk, or the
     // last). Echo: the prompt's text is the choice's first chunk, with its tokens'
     // log-probabilities (they all arrive before the first new token).
+    struct HeldReply {
+      std::string text;
+      bool released = false;
+    };
     struct PendingLogprobs {
       std::vector<TokenLogprobs> tokens;
       int64_t text_offset = 0;
@@ -495,17 +502,41 @@ struct HttpFrontend::Routes {
             pending->tokens.push_back(lp);
           };
       }
-      cb.on_token = [emit, head, take, echo_first, i](int32_t, std::string_view t) {
-        if (t.empty()) return;
-        echo_first();
-        const json d = head.chat ? json{{"content", std::string(t)}} : json(std::string(t));
+      // With tools, a reply that may still become calls is held back: calls go out whole, as one
+      // tool_calls delta, when the reply is complete; text is released once it cannot be calls.
+      auto held = std::make_shared<HeldReply>();
+      auto content = [emit, head, take, i](const std::string& t) {
+        const json d = head.chat ? json{{"content", t}} : json(t);
         emit(Event(ChunkBody(head, d, nullptr, take(), i)), false);
       };
-      cb.on_done = [emit, head, take, echo_first, all, i, n](const JobResult& r) {
+      cb.on_token = [content, head, echo_first, held](int32_t, std::string_view t) {
+        if (t.empty()) return;
+        echo_first();
+        if (head.tool_calls && !held->released) {
+          held->text.append(t);
+          if (MayBeToolCalls(held->text)) return;
+          held->released = true;
+          content(std::exchange(held->text, std::string()));
+          return;
+        }
+        content(std::string(t));
+      };
+      cb.on_done = [emit, head, take, echo_first, all, i, n, held, content](const JobResult& r) {
         const absl::Status error = FinishError(r);
         if (error.ok()) echo_first();
+        const char* finish = nullptr;
+        if (error.ok() && !held->released && !held->text.empty()) {
+          const json calls = ToolCallsJson(head, i, held->text, /*delta=*/true);
+          if (calls.is_null()) {
+            content(held->text);
+          } else {
+            emit(Event(ChunkBody(head, json{{"tool_calls", calls}}, nullptr, take(), i)), false);
+            finish = "tool_calls";
+          }
+        }
         if (n == 1) {
-          emit((error.ok() ? Event(LastChunkBody(head, r, take())) : Event(ErrorBody(error))) +
+          emit((error.ok() ? Event(LastChunkBody(head, r, take(), finish))
+                           : Event(ErrorBody(error))) +
                    "data: [DONE]\n\n",
                true);
           return;
@@ -514,8 +545,8 @@ struct HttpFrontend::Routes {
         all->results[i] = r;
         if (!error.ok() && all->error.ok()) all->error = error;
         if (error.ok()) {
-          const json finish = OpenAiFinish(r.reason);
-          emit(Event(ChunkBody(head, head.chat ? json::object() : json(""), finish, take(), i)),
+          const json reason = finish ? finish : OpenAiFinish(r.reason);
+          emit(Event(ChunkBody(head, head.chat ? json::object() : json(""), reason, take(), i)),
                false);
         }
         if (--all->left > 0) return;

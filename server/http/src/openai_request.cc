@@ -1,5 +1,7 @@
 #include "openai_request.h"
 
+#include <algorithm>
+#include <cctype>
 #include <set>
 
 #include "absl/strings/numbers.h"
@@ -7,6 +9,7 @@
 #include "model/status_macros.h"
 #include "model/token_logprobs.h"
 #include "server/request_checks.h"
+#include "server/tool_calls.h"
 
 namespace amoeba {
 // ordered: a JSON schema's properties keep their order (the output follows it).
@@ -60,6 +63,9 @@ const std::set<std::string>& KnownFields(bool chat) {
                                               "stream_options",
                                               "response_format",
                                               "grammar",
+                                              "tools",
+                                              "tool_choice",
+                                              "parallel_tool_calls",
                                               "metadata",
                                               "top_k",
                                               "repetition_penalty",
@@ -170,6 +176,102 @@ absl::StatusOr<std::string> MessageContent(const json& m, const std::string& whe
     text += part["text"].get<std::string>();
   }
   return text;
+}
+
+// A chat message: text content, an assistant's earlier tool calls (rendered as the model writes
+// them), or a tool's result (a user turn, as Hermes-style templates give it).
+absl::StatusOr<ChatMessage> Message(const json& m, const std::string& where) {
+  ChatMessage msg{m["role"].get<std::string>(), ""};
+  if (msg.role == "tool") {
+    if (!m.contains("tool_call_id") || !m["tool_call_id"].is_string())
+      return InvalidField(where + ".tool_call_id", "required for a tool message");
+    ASSIGN_OR_RETURN(std::string content, MessageContent(m, where));
+    return ChatMessage{"user", RenderToolResult(content)};
+  }
+  const bool calls =
+      msg.role == "assistant" && m.contains("tool_calls") && !m["tool_calls"].is_null();
+  if (!calls || (m.contains("content") && !m["content"].is_null())) {
+    ASSIGN_OR_RETURN(msg.content, MessageContent(m, where));
+  }
+  if (calls) {
+    const json& tc = m["tool_calls"];
+    if (!tc.is_array()) return InvalidField(where + ".tool_calls", "must be an array");
+    std::vector<ToolCall> list;
+    for (size_t k = 0; k < tc.size(); ++k) {
+      const std::string at = absl::StrCat(where, ".tool_calls[", k, "]");
+      if (!tc[k].is_object() || !tc[k].contains("function") || !tc[k]["function"].is_object())
+        return InvalidField(at, "needs a function");
+      const json& f = tc[k]["function"];
+      if (!f.contains("name") || !f["name"].is_string())
+        return InvalidField(at + ".function.name", "required: a string");
+      if (!f.contains("arguments") || !f["arguments"].is_string())
+        return InvalidField(at + ".function.arguments", "required: a JSON string");
+      list.push_back({f["name"].get<std::string>(), f["arguments"].get<std::string>()});
+    }
+    if (!msg.content.empty()) msg.content += "\n";
+    msg.content += RenderToolCalls(list);
+  }
+  return msg;
+}
+
+// `tools`, `tool_choice` and `parallel_tool_calls` of a chat request.
+absl::StatusOr<ToolOptions> ParseTools(const json& j) {
+  ToolOptions o;
+  if (j.contains("tools") && !j["tools"].is_null()) {
+    const json& tools = j["tools"];
+    if (!tools.is_array()) return InvalidField("tools", "must be an array");
+    if (tools.size() > 128) return InvalidField("tools", "at most 128");
+    for (size_t i = 0; i < tools.size(); ++i) {
+      const std::string at = absl::StrCat("tools[", i, "]");
+      const json& t = tools[i];
+      if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") ||
+          !t["function"].is_object())
+        return InvalidField(at, "must be {\"type\": \"function\", \"function\": {...}}");
+      const json& f = t["function"];
+      for (auto& [k, v] : f.items())
+        if (k != "name" && k != "description" && k != "parameters" && k != "strict")
+          return InvalidField(at + ".function." + k, "unknown field");
+      if (!f.contains("name") || !f["name"].is_string())
+        return InvalidField(at + ".function.name", "required: a string");
+      ToolFunction fn;
+      fn.name = f["name"].get<std::string>();
+      if (fn.name.empty() || fn.name.size() > 64 ||
+          !std::all_of(fn.name.begin(), fn.name.end(), [](char c) {
+            return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+          }))
+        return InvalidField(at + ".function.name", "1 to 64 of [A-Za-z0-9_-]");
+      if (f.contains("description") && f["description"].is_string())
+        fn.description = f["description"].get<std::string>();
+      fn.parameters = f.contains("parameters") && !f["parameters"].is_null()
+                          ? f["parameters"].dump()
+                          : std::string(R"({"type": "object"})");
+      o.tools.push_back(std::move(fn));
+    }
+  }
+  if (j.contains("tool_choice") && !j["tool_choice"].is_null()) {
+    const json& tc = j["tool_choice"];
+    if (tc == "none") {
+      o.choice = ToolChoice::kNone;
+    } else if (tc == "auto") {
+      o.choice = ToolChoice::kAuto;
+    } else if (tc == "required") {
+      o.choice = ToolChoice::kRequired;
+    } else if (tc.is_object() && tc.value("type", "") == "function" && tc.contains("function") &&
+               tc["function"].is_object() && tc["function"].contains("name") &&
+               tc["function"]["name"].is_string()) {
+      o.choice = ToolChoice::kNamed;
+      o.named = tc["function"]["name"].get<std::string>();
+    } else {
+      return InvalidField("tool_choice",
+                          "\"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                          "\"function\": {\"name\": ...}}");
+    }
+    if (o.tools.empty() && o.choice != ToolChoice::kNone)
+      return InvalidField("tool_choice", "needs tools");
+  }
+  ASSIGN_OR_RETURN(auto parallel, Optional<bool>(j, "parallel_tool_calls"));
+  o.parallel = parallel.value_or(true);
+  return o;
 }
 
 absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNames& names,
@@ -295,14 +397,30 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
   if (chat) {
     if (!j.contains("messages") || !j["messages"].is_array())
       return InvalidField("messages", "required: a list of {role, content}");
+    ASSIGN_OR_RETURN(ToolOptions tools, ParseTools(j));
     std::vector<ChatMessage> msgs;
     for (size_t i = 0; i < j["messages"].size(); ++i) {
       const json& m = j["messages"][i];
       const std::string where = absl::StrCat("messages[", i, "]");
       if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
         return InvalidField(where, "needs a string role");
-      ASSIGN_OR_RETURN(std::string content, MessageContent(m, where));
-      msgs.push_back({m["role"].get<std::string>(), std::move(content)});
+      ASSIGN_OR_RETURN(ChatMessage msg, Message(m, where));
+      msgs.push_back(std::move(msg));
+    }
+    // The tools go to the model in the system prompt (the first message, made if need be).
+    if (!tools.tools.empty()) {
+      const std::string section = ToolsSystemPrompt(tools.tools);
+      if (!msgs.empty() && msgs[0].role == "system")
+        msgs[0].content = absl::StrCat(msgs[0].content, "\n\n", section);
+      else
+        msgs.insert(msgs.begin(), ChatMessage{"system", section});
+    }
+    if (!tools.tools.empty() && tools.choice != ToolChoice::kNone) {
+      if (r.grammar || r.json_schema || r.json_object)
+        return InvalidField("tools", "cannot be combined with a grammar or a JSON response_format");
+      ASSIGN_OR_RETURN(std::string g, ToolCallGrammar(tools));
+      r.grammar = std::move(g);
+      c.tool_calls = true;
     }
     ASSIGN_OR_RETURN(auto text, RenderChat(chat_template, msgs));
     r.text = text;

@@ -22,10 +22,11 @@ inline constexpr int kMaxChoices = 8;  // `n`
 struct OpenAiCall {
   GenerationRequest req;
   bool chat = false, stream = false;
-  int n = 1;              // choices, each its own sequence (the prompt prefilled once)
-  bool echo = false;      // completions: the prompt comes back before the completion ...
-  std::string echo_text;  // ... as the client sent it (empty for a prompt of token ids)
-  std::string model;      // as echoed in responses
+  int n = 1;                // choices, each its own sequence (the prompt prefilled once)
+  bool echo = false;        // completions: the prompt comes back before the completion ...
+  std::string echo_text;    // ... as the client sent it (empty for a prompt of token ids)
+  std::string model;        // as echoed in responses
+  bool tool_calls = false;  // chat with tools: the reply may be tool calls (server/tool_calls.h)
 };
 
 absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNames& names,

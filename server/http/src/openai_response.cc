@@ -1,5 +1,8 @@
 #include "openai_response.h"
 
+#include "absl/strings/str_cat.h"
+#include "server/tool_calls.h"
+
 #include <cmath>
 
 namespace amoeba {
@@ -92,10 +95,28 @@ json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
           {"text_offset", std::move(offsets)}};
 }
 
+json ToolCallsJson(const OpenAiResponseHead& h, int choice, const std::string& reply, bool delta) {
+  const auto calls = ParseToolCalls(reply);
+  if (!calls) return nullptr;
+  json out = json::array();
+  for (size_t k = 0; k < calls->size(); ++k) {
+    json call = {{"id", absl::StrCat("call_", h.id, "_", choice, "_", k)},
+                 {"type", "function"},
+                 {"function", {{"name", (*calls)[k].name}, {"arguments", (*calls)[k].arguments}}}};
+    if (delta) call["index"] = k;
+    out.push_back(std::move(call));
+  }
+  return out;
+}
+
 json CompletionChoice(const OpenAiResponseHead& h, int index, const std::string& text,
                       const JobResult& r, const json& logprobs) {
   json choice = {{"index", index}, {"finish_reason", OpenAiFinish(r.reason)}};
-  if (h.chat) {
+  const json calls = h.tool_calls ? ToolCallsJson(h, index, text, false) : json(nullptr);
+  if (!calls.is_null()) {
+    choice["message"] = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", calls}};
+    choice["finish_reason"] = "tool_calls";
+  } else if (h.chat) {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   } else {
     choice["text"] = text;
@@ -130,8 +151,10 @@ json ChunkBody(const OpenAiResponseHead& h, const json& delta_or_text, const jso
           {"choices", json::array({choice})}};
 }
 
-json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r, const json& logprobs) {
-  json last = ChunkBody(h, h.chat ? json::object() : json(""), OpenAiFinish(r.reason), logprobs);
+json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r, const json& logprobs,
+                   const char* finish) {
+  json last = ChunkBody(h, h.chat ? json::object() : json(""),
+                        finish ? finish : OpenAiFinish(r.reason), logprobs);
   last["usage"] = Usage(r);
   last["amoeba"] = AmoebaExtension(h, &r);
   return last;

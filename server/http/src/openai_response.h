@@ -22,6 +22,7 @@ struct OpenAiResponseHead {
   bool echo = false;      // completions: the prompt's text (and tokens) come first
   std::string echo_text;
   int32_t first_prompt_token = -1;  // echo: the one prompt token nothing predicts
+  bool tool_calls = false;          // chat with tools: a reply may be calls
   Shape shape;
 };
 
@@ -35,6 +36,10 @@ absl::Status FinishError(const JobResult& r);
 
 nlohmann::json Usage(const JobResult& r);
 nlohmann::json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r);
+// Chat with tools: the calls of a reply in OpenAI's shape ([{id, type, function: {name,
+// arguments}}]; streamed deltas also number them with "index"), or null when the reply is text.
+nlohmann::json ToolCallsJson(const OpenAiResponseHead& h, int choice, const std::string& reply,
+                             bool delta);
 // A whole (non-streamed) response.
 // One choice of a whole response: its text (chat: the message), finish reason and logprobs.
 nlohmann::json CompletionChoice(const OpenAiResponseHead& h, int index, const std::string& text,
@@ -59,8 +64,10 @@ nlohmann::json ChunkBody(const OpenAiResponseHead& h, const nlohmann::json& delt
                          const nlohmann::json& finish, const nlohmann::json& logprobs = nullptr,
                          int index = 0);
 // The last streamed chunk: finish reason, usage and the extension.
+// `finish`: the reason to give instead of r's ("tool_calls").
 nlohmann::json LastChunkBody(const OpenAiResponseHead& h, const JobResult& r,
-                             const nlohmann::json& logprobs = nullptr);
+                             const nlohmann::json& logprobs = nullptr,
+                             const char* finish = nullptr);
 // With n choices, after each choice's finish chunk: no choices, the usage and the extension.
 nlohmann::json UsageChunkBody(const OpenAiResponseHead& h, const JobResult& r);
 
