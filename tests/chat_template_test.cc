@@ -1,10 +1,15 @@
-// Chat templates: detection from tokenizer_config.json's Jinja by family markers, and each
-// family's rendering against its known form.
+// Chat templates: detection from tokenizer_config.json's Jinja by family markers, each family's
+// rendering against its known form, and the Jinja renderer against Python's jinja2 (rendering as
+// transformers does) on the public templates of several model families.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "server/chat_template.h"
+#include "server/jinja_template.h"
 #include "tests/test_util.h"
 
 namespace amoeba {
@@ -57,6 +62,105 @@ TEST(ChatTemplateTest, FamiliesAreRecognisedFromTheirJinja) {
   EXPECT_EQ(ChatTemplateForModel(d.path()), ChatTemplate::kChatML);
   EXPECT_EQ(*ParseChatTemplate("llama3"), ChatTemplate::kLlama3);
   EXPECT_FALSE(ParseChatTemplate("jinja").ok());
+}
+
+// Conversations every template is rendered with: plain turns, a system prompt, tools with an
+// earlier call and its result, and characters JSON and Python escape differently.
+std::vector<nlohmann::ordered_json> Conversations() {
+  using json = nlohmann::ordered_json;
+  const json tool = json::parse(R"({"type": "function", "function": {"name": "get_weather",
+      "description": "Weather \"now\" in a city", "parameters": {"type": "object",
+      "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+      "required": ["city"]}}})");
+  std::vector<json> out;
+  out.push_back({{"messages", json::parse(R"([{"role": "user", "content": "Hi there"}])")}});
+  out.push_back({{"messages", json::parse(R"([{"role": "system", "content": "  Be brief.\n"},
+      {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+      {"role": "user", "content": "Café — \"quotes\" & <tags>\ttab"}])")}});
+  out.push_back({{"messages", json::parse(R"([{"role": "user", "content": "Weather in Paris?"},
+      {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
+       "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+      {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18 C"},
+      {"role": "assistant", "content": "It is 18 C."}, {"role": "user", "content": "Thanks"}])")},
+                 {"tools", json::array({tool})}});
+  for (json& c : out) {
+    c["add_generation_prompt"] = true;
+    c["bos_token"] = "<s>";
+    c["eos_token"] = "</s>";
+    c["date_string"] = "05 Dec 2026";
+  }
+  return out;
+}
+
+TEST(JinjaTemplateTest, MatchesJinja2OnPublicTemplates) {
+  const std::filesystem::path dir =
+      std::filesystem::path(AMOEBA_SOURCE_DIR) / "tests/chat_templates";
+  testing::TempDir tmp;
+  int compared = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().extension() != ".jinja") continue;
+    std::ifstream in(entry.path());
+    std::stringstream source;
+    source << in.rdbuf();
+    auto t = JinjaTemplate::Parse(source.str());
+    ASSERT_TRUE(t.ok()) << entry.path() << ": " << t.status();
+    int n = 0;
+    for (const auto& context : Conversations()) {
+      const std::string ctx = tmp.file("context" + std::to_string(n++) + ".json");
+      std::ofstream(ctx) << context.dump();
+      const std::string cmd = "/usr/bin/python3 " + (dir / "render_reference.py").string() + " " +
+                              entry.path().string() + " " + ctx;
+      FILE* p = popen(cmd.c_str(), "r");
+      ASSERT_NE(p, nullptr);
+      std::string want;
+      char buf[4096];
+      for (size_t k; (k = fread(buf, 1, sizeof buf, p)) > 0;) want.append(buf, k);
+      const int rc = pclose(p);
+      auto got = t.value()->Render(context);
+      const std::string where =
+          entry.path().filename().string() + " conversation " + std::to_string(n - 1);
+      if (WEXITSTATUS(rc) == 3) {  // the template refuses this conversation: so must we
+        EXPECT_FALSE(got.ok()) << where << " rendered what jinja2 refused: " << want;
+        continue;
+      }
+      ASSERT_EQ(WEXITSTATUS(rc), 0) << where << ": " << want;
+      ASSERT_TRUE(got.ok()) << where << ": " << got.status();
+      EXPECT_EQ(*got, want) << where;
+      ++compared;
+    }
+  }
+  EXPECT_GE(compared, 20);
+}
+
+TEST(JinjaTemplateTest, ErrorsNameTheLineAndTheProblem) {
+  for (auto [source, want] : std::vector<std::pair<const char*, const char*>>{
+           {"{% if x %}a", "missing {% endif %}"},
+           {"line one\n{% frobnicate %}", "line 2: unsupported tag 'frobnicate'"},
+           {"{{ 'unterminated }}", "unclosed tag"},
+           {"{{ x | nosuchfilter }}", "unknown filter 'nosuchfilter'"},
+           {"{{ raise_exception('no system role') }}", "the template raised: no system role"},
+           {"{{ 1 + 'a' }}", "unsupported operands"},
+       }) {
+    auto t = JinjaTemplate::Parse(source);
+    absl::Status st =
+        t.ok() ? t.value()->Render(nlohmann::ordered_json::object()).status() : t.status();
+    ASSERT_FALSE(st.ok()) << source;
+    EXPECT_NE(std::string(st.message()).find(want), std::string::npos) << source << " -> " << st;
+  }
+}
+
+TEST(JinjaTemplateTest, ChatFormatRendersAModelsOwnTemplateWithoutItsBos) {
+  testing::TempDir d;
+  std::ofstream(d.file("tokenizer_config.json")) << R"({"bos_token": "<B>", "chat_template":
+      "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content | trim }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"})";
+  const ChatFormat f = ChatFormatForModel(d.path());
+  ASSERT_NE(f.jinja, nullptr);
+  EXPECT_EQ(f.Name(), "jinja");
+  auto text = RenderChatMessages(
+      f, nlohmann::ordered_json::parse(R"([{"role": "user", "content": " hi "}])"),
+      nlohmann::ordered_json::array());
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "[user]hi[assistant]");
 }
 
 }  // namespace

@@ -168,23 +168,19 @@ int Run(ServerConfig c) {
   std::unique_ptr<HttpFrontend> http;
   if (c.http.port >= 0) {
     c.http.aliases = aliases;
-    if (c.chat_template == "auto") {
-      c.http.chat_template = ChatTemplateForModel(c.supernet);
-    } else {
-      auto t = ParseChatTemplate(c.chat_template);
-      if (!t.ok()) {
-        spdlog::error("--chat-template: {}", std::string(t.status().message()));
-        return 2;
-      }
-      c.http.chat_template = *t;
+    auto format = ChatFormatFromFlag(c.chat_template, c.supernet);
+    if (!format.ok()) {
+      spdlog::error("--chat-template: {}", std::string(format.status().message()));
+      return 2;
     }
+    c.http.chat_format = *std::move(format);
     http = std::make_unique<HttpFrontend>(serving, c.http);
     if (absl::Status st = http->Start(); !st.ok()) {
       spdlog::error("server: {}", std::string(st.message()));
       return 1;
     }
     spdlog::info("server: OpenAI-compatible HTTP on {}:{} (chat template {})", c.host, http->port(),
-                 ChatTemplateName(c.http.chat_template));
+                 c.http.chat_format.Name());
   }
 
   grpc::EnableDefaultHealthCheckService(true);

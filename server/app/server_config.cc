@@ -139,7 +139,8 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   Flag(app, "model-alias", c.model_aliases,
        "Extra HTTP model name for a shape: name=depth=D,width=W (repeatable)");
   Flag(app, "chat-template", c.chat_template,
-       "auto (from tokenizer_config.json) | plain | chatml | llama2 | llama3 | zephyr");
+       "auto (tokenizer_config.json's Jinja template, rendered) | plain | chatml | llama2 | "
+       "llama3 | zephyr | a .jinja file");
   Flag(app, "allowed-origins", c.http.allowed_origins,
        "Web origins allowed to call the HTTP API from a browser (CORS), e.g. "
        "https://app.example.com; * = any (default: none but the server's own)");

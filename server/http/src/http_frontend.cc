@@ -309,7 +309,7 @@ struct HttpFrontend::Routes {
                 const HttpHeaders& cors) const {
     auto fail = [&](const absl::Status& st) { ex->Reply(WithHeaders(ErrorReply(st), cors)); };
     const RequestContext ctx = ContextOf(req);
-    auto call = ParseOpenAiCall(serving, names, options.chat_template, req.body, chat);
+    auto call = ParseOpenAiCall(serving, names, options.chat_format, req.body, chat);
     if (!call.ok()) return fail(call.status());
     call->req.request_id = req.Header("X-Request-Id").value_or("");
     auto g = serving.Prepare(call->req, ctx);

@@ -178,25 +178,30 @@ absl::StatusOr<std::string> MessageContent(const json& m, const std::string& whe
   return text;
 }
 
-// A chat message: text content, an assistant's earlier tool calls (rendered as the model writes
-// them), or a tool's result (a user turn, as Hermes-style templates give it).
-absl::StatusOr<ChatMessage> Message(const json& m, const std::string& where) {
-  ChatMessage msg{m["role"].get<std::string>(), ""};
-  if (msg.role == "tool") {
+// A chat message, checked and normalized for RenderChatMessages: {role, content (text),
+// tool_calls (as sent), tool_call_id}.
+absl::StatusOr<json> Message(const json& m, const std::string& where) {
+  const std::string role = m["role"].get<std::string>();
+  if (role != "system" && role != "user" && role != "assistant" && role != "tool")
+    return InvalidField(where + ".role", absl::StrCat("'", LogSafe(role, 20),
+                                                      "' (system, user, assistant or tool)"));
+  json out = {{"role", role}};
+  if (role == "tool") {
     if (!m.contains("tool_call_id") || !m["tool_call_id"].is_string())
       return InvalidField(where + ".tool_call_id", "required for a tool message");
-    ASSIGN_OR_RETURN(std::string content, MessageContent(m, where));
-    return ChatMessage{"user", RenderToolResult(content)};
+    out["tool_call_id"] = m["tool_call_id"];
   }
-  const bool calls =
-      msg.role == "assistant" && m.contains("tool_calls") && !m["tool_calls"].is_null();
+  const bool calls = role == "assistant" && m.contains("tool_calls") && !m["tool_calls"].is_null();
   if (!calls || (m.contains("content") && !m["content"].is_null())) {
-    ASSIGN_OR_RETURN(msg.content, MessageContent(m, where));
+    ASSIGN_OR_RETURN(std::string content, MessageContent(m, where));
+    out["content"] = std::move(content);
+  } else {
+    out["content"] = nullptr;
   }
   if (calls) {
     const json& tc = m["tool_calls"];
     if (!tc.is_array()) return InvalidField(where + ".tool_calls", "must be an array");
-    std::vector<ToolCall> list;
+    json list = json::array();
     for (size_t k = 0; k < tc.size(); ++k) {
       const std::string at = absl::StrCat(where, ".tool_calls[", k, "]");
       if (!tc[k].is_object() || !tc[k].contains("function") || !tc[k]["function"].is_object())
@@ -206,12 +211,13 @@ absl::StatusOr<ChatMessage> Message(const json& m, const std::string& where) {
         return InvalidField(at + ".function.name", "required: a string");
       if (!f.contains("arguments") || !f["arguments"].is_string())
         return InvalidField(at + ".function.arguments", "required: a JSON string");
-      list.push_back({f["name"].get<std::string>(), f["arguments"].get<std::string>()});
+      list.push_back({{"id", tc[k].value("id", absl::StrCat("call_", k))},
+                      {"type", "function"},
+                      {"function", {{"name", f["name"]}, {"arguments", f["arguments"]}}}});
     }
-    if (!msg.content.empty()) msg.content += "\n";
-    msg.content += RenderToolCalls(list);
+    out["tool_calls"] = std::move(list);
   }
-  return msg;
+  return out;
 }
 
 // `tools`, `tool_choice` and `parallel_tool_calls` of a chat request.
@@ -275,7 +281,7 @@ absl::StatusOr<ToolOptions> ParseTools(const json& j) {
 }
 
 absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNames& names,
-                                           ChatTemplate chat_template, const std::string& body,
+                                           const ChatFormat& chat_format, const std::string& body,
                                            bool chat) {
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return InvalidField("body", "not a JSON object");
@@ -398,22 +404,14 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     if (!j.contains("messages") || !j["messages"].is_array())
       return InvalidField("messages", "required: a list of {role, content}");
     ASSIGN_OR_RETURN(ToolOptions tools, ParseTools(j));
-    std::vector<ChatMessage> msgs;
+    json msgs = json::array();
     for (size_t i = 0; i < j["messages"].size(); ++i) {
       const json& m = j["messages"][i];
       const std::string where = absl::StrCat("messages[", i, "]");
       if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
         return InvalidField(where, "needs a string role");
-      ASSIGN_OR_RETURN(ChatMessage msg, Message(m, where));
+      ASSIGN_OR_RETURN(json msg, Message(m, where));
       msgs.push_back(std::move(msg));
-    }
-    // The tools go to the model in the system prompt (the first message, made if need be).
-    if (!tools.tools.empty()) {
-      const std::string section = ToolsSystemPrompt(tools.tools);
-      if (!msgs.empty() && msgs[0].role == "system")
-        msgs[0].content = absl::StrCat(msgs[0].content, "\n\n", section);
-      else
-        msgs.insert(msgs.begin(), ChatMessage{"system", section});
     }
     if (!tools.tools.empty() && tools.choice != ToolChoice::kNone) {
       if (r.grammar || r.json_schema || r.json_object)
@@ -422,7 +420,10 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
       r.grammar = std::move(g);
       c.tool_calls = true;
     }
-    ASSIGN_OR_RETURN(auto text, RenderChat(chat_template, msgs));
+    // The tools as the template sees them (OpenAI's shape, parameters included).
+    json tool_list = json::array();
+    if (j.contains("tools") && j["tools"].is_array()) tool_list = j["tools"];
+    ASSIGN_OR_RETURN(auto text, RenderChatMessages(chat_format, msgs, tool_list));
     r.text = text;
   } else {
     if (!j.contains("prompt")) return InvalidField("prompt", "required");

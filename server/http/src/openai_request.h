@@ -30,7 +30,7 @@ struct OpenAiCall {
 };
 
 absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNames& names,
-                                           ChatTemplate chat_template, const std::string& body,
+                                           const ChatFormat& chat_format, const std::string& body,
                                            bool chat);
 
 // A model name → its shape; NOT_FOUND naming it otherwise.
