@@ -160,6 +160,16 @@ TEST(SentencePieceTest, TrainEncodeDecode) {
     joined += dec.Flush();
     EXPECT_EQ(joined, s);
   }
+  // Control pieces written in the text (a chat template's "</s><s>") are their tokens; the text
+  // around them is encoded as it would be alone.
+  const std::vector<int32_t> the = (*tok)->Encode("the cat"), dog = (*tok)->Encode("a dog");
+  std::vector<int32_t> want = the;
+  want.push_back(2);  // </s>
+  want.push_back(1);  // <s>
+  want.insert(want.end(), dog.begin(), dog.end());
+  EXPECT_EQ((*tok)->Encode("the cat</s><s>a dog"), want);
+  EXPECT_EQ((*tok)->Encode("<s>"), std::vector<int32_t>{1});
+  EXPECT_NE((*tok)->Encode("<sx>"), std::vector<int32_t>{1});  // only whole pieces
 }
 
 TEST(TokenizerTest, MissingOrBrokenFilesAreErrors) {

@@ -14,7 +14,11 @@ class SentencePieceTokenizer : public Tokenizer {
     const int n = sp_.size();
     bytes_.resize(n);
     for (int i = 0; i < n; ++i) {
-      if (sp_.IsControl(i)) continue;
+      if (sp_.IsControl(i)) {
+        const std::string piece = sp_.IdToPiece(i);
+        if (!piece.empty()) controls_.push_back({piece, i});
+        continue;
+      }
       if (sp_.IsUnknown(i)) {
         bytes_[i] = " \xE2\x81\x87 ";  // what SentencePiece decodes <unk> to
         continue;
@@ -41,9 +45,34 @@ class SentencePieceTokenizer : public Tokenizer {
     return absl::OkStatus();
   }
 
+  // Control pieces written in the text (a chat template's "</s><s>") are those tokens, as
+  // transformers' tokenizers split them out; the text between is encoded piece by piece.
   std::vector<int32_t> Encode(std::string_view text) const override {
-    const std::vector<int> ids = sp_.Encode(text);
-    return std::vector<int32_t>(ids.begin(), ids.end());
+    std::vector<int32_t> out;
+    size_t from = 0;
+    auto encode = [&](std::string_view part) {
+      if (part.empty()) return;
+      const std::vector<int> ids = sp_.Encode(part);
+      out.insert(out.end(), ids.begin(), ids.end());
+    };
+    for (size_t at = 0; at < text.size();) {
+      const std::pair<std::string, int>* hit = nullptr;
+      if (text[at] == '<' || text[at] == '[')
+        for (const auto& c : controls_)
+          if (text.compare(at, c.first.size(), c.first) == 0 &&
+              (!hit || c.first.size() > hit->first.size()))
+            hit = &c;
+      if (!hit) {
+        ++at;
+        continue;
+      }
+      encode(text.substr(from, at - from));
+      out.push_back(hit->second);
+      at += hit->first.size();
+      from = at;
+    }
+    encode(text.substr(from));
+    return out;
   }
   int64_t vocab_size() const override { return sp_.size(); }
   const std::string& TokenBytes(int32_t id) const override {
@@ -56,6 +85,7 @@ class SentencePieceTokenizer : public Tokenizer {
  private:
   sp::Processor sp_;
   std::vector<std::string> bytes_;
+  std::vector<std::pair<std::string, int>> controls_;  // control pieces' text, id
   bool strip_ = true;
 };
 

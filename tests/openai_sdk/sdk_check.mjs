@@ -115,6 +115,25 @@ await attempt("completions echo scoring", async () => {
         `echo scoring: ${JSON.stringify(r).slice(0, 400)}`);
 });
 
+// Log-probabilities against a forward pass: echo scores a token-id prompt with one prefill that
+// keeps every position's logits; each prefix then generates one token forced by logit_bias to be
+// the prompt's next one, whose reported log-probability (taken before the bias) must agree.
+await attempt("logprobs equal a forward pass", async () => {
+  const ids = (await fetch(`${baseURL.replace(/\/v1$/, "")}/tokenize`, {
+    method: "POST", headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+    body: JSON.stringify({ content: "The quick brown fox jumps over" }) }).then((r) => r.json())).tokens;
+  const scored = await client.completions.create({
+    ...greedy, prompt: ids, max_tokens: 0, echo: true, logprobs: 0 });
+  const want = scored.choices[0].logprobs.token_logprobs;
+  check(want.length === ids.length && want[0] === null, `scored ${JSON.stringify(want)}`);
+  for (let k = 1; k < ids.length; ++k) {
+    const r = await client.completions.create({ ...greedy, prompt: ids.slice(0, k), max_tokens: 1,
+      logprobs: 0, logit_bias: { [String(ids[k])]: 100 } });
+    const got = r.choices[0].logprobs.token_logprobs[0];
+    check(Math.abs(got - want[k]) < 1e-4, `token ${k}: generated ${got} vs scored ${want[k]}`);
+  }
+});
+
 await refused("unknown model", 404, "gpt-4", () =>
   client.chat.completions.create({ model: "gpt-4", messages: user }));
 await attempt("n choices", async () => {
