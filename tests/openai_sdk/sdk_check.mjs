@@ -191,6 +191,34 @@ await attempt("tools, tool_choice required", async () => {
       { role: "tool", tool_call_id: m.tool_calls[0].id, content: "found" }] });
   check(typeof next.choices[0].message.content === "string", "reply after a tool result");
 });
+await attempt("tool_choice auto and none", async () => {
+  for (const seed of [1, 2, 3]) {
+    const r = await client.chat.completions.create({ model, temperature: 1, seed, max_tokens: 400,
+      messages: user, tools, tool_choice: "auto" });
+    const m = r.choices[0].message;
+    if (m.tool_calls) {
+      check(r.choices[0].finish_reason === "tool_calls" &&
+            typeof JSON.parse(m.tool_calls[0].function.arguments).word === "string", `auto call ${JSON.stringify(m)}`);
+    } else {
+      check(typeof m.content === "string" && !m.content.startsWith("<"), `auto text ${JSON.stringify(m)}`);
+    }
+  }
+  const none = await client.chat.completions.create({ ...greedy, max_tokens: 8, messages: user,
+    tools, tool_choice: "none" });
+  check(typeof none.choices[0].message.content === "string" && !none.choices[0].message.tool_calls,
+        `tool_choice none ${JSON.stringify(none.choices[0])}`);
+});
+await attempt("grammar (llama.cpp's extension) and streamed logprobs", async () => {
+  const r = await client.completions.create({ ...greedy, prompt: "Answer:", max_tokens: 20,
+    grammar: 'root ::= ("yes" | "no") "!"' });
+  check(["yes!", "no!"].includes(r.choices[0].text) && r.choices[0].finish_reason === "stop",
+        `grammar ${JSON.stringify(r.choices[0])}`);
+  const stream = await client.chat.completions.create({ ...greedy, max_tokens: 6, messages: user,
+    logprobs: true, top_logprobs: 2, stream: true });
+  let entries = 0;
+  for await (const c of stream) entries += c.choices[0]?.logprobs?.content?.length ?? 0;
+  check(entries >= 1 && entries <= 6, `streamed logprob entries ${entries}`);
+});
 await attempt("tools streamed", async () => {
   const stream = await client.chat.completions.create({ ...greedy, max_tokens: 800, messages: user,
     tools, tool_choice: { type: "function", function: { name: "lookup" } }, stream: true });
