@@ -11,7 +11,6 @@ tokens over wall time). Also the time to compile a schema: the first request's t
 token with a schema the server has not seen, minus that of a schema it has. Writes
 bench/results/grammar_cost.{json,md}.
 """
-import argparse
 import concurrent.futures
 import json
 import os
@@ -20,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from logprobs_cost import machine, root, start_server, stop_server, write_report
+from logprobs_cost import machine, parse_args, start_server, stop_server, write_report
 
 
 def schema(tag="text"):
@@ -30,15 +29,7 @@ def schema(tag="text"):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--build", default=os.path.join(root, "build"))
-    p.add_argument("--supernet", required=True)
-    p.add_argument("--weights-dtype", default="q8_0")
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(root, "bench/results/grammar_cost"))
-    a = p.parse_args()
-    sys.path.insert(0, os.path.join(a.build, "proto/python"))
+    a = parse_args("grammar_cost")
     import grpc  # noqa: E402 (Debian's python3-grpcio)
     from amoeba.v1 import amoeba_pb2 as pb, amoeba_pb2_grpc as pbg  # noqa: E402
 

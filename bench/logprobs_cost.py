@@ -39,16 +39,22 @@ def write_report(out_path, data, md):
     print("\n".join(md))
 
 
-def main():
+def parse_args(name):
+    """The options these server benches share; also puts the generated gRPC code on the path."""
     p = argparse.ArgumentParser()
     p.add_argument("--build", default=os.path.join(root, "build"))
     p.add_argument("--supernet", required=True)
     p.add_argument("--weights-dtype", default="q8_0")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(root, "bench/results/logprobs_cost"))
+    p.add_argument("--out", default=os.path.join(root, "bench/results", name))
     a = p.parse_args()
     sys.path.insert(0, os.path.join(a.build, "proto/python"))
+    return a
+
+
+def main():
+    a = parse_args("logprobs_cost")
     import grpc  # noqa: E402 (Debian's python3-grpcio)
     from amoeba.v1 import amoeba_pb2 as pb, amoeba_pb2_grpc as pbg  # noqa: E402
 
