@@ -428,19 +428,34 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   const int prefetch = n > kPrefetchChoiceMaxRows ? kDefaultPrefetchArm : StreamPrefetchArm();
   const bool avx512 = kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8;
   const QuantActs acts{xq.data(), xd.data(), xs.data(), nb};
-  // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once;
-  // each chunk is quantized just before its panels run (a long prompt's activations quantized
-  // all at once would leave L2 before the panels read them).
-  constexpr int64_t kRowChunk = 64;
-  for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
-    const int64_t rows = std::min(kRowChunk, n - r0);
-    int8_t* cq = xq.data() + r0 * nb * kQuantBlock;
-    float* cd = xd.data() + r0 * nb;
-    int32_t* cs = xs.data() + r0 * nb;
+  // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once.
+  // A long prompt is quantized a few chunks at a time, just before their panels run (all at once,
+  // its activations would leave L2 before the panels read them), on every thread (on one, the
+  // others would wait: quantizing is memory-bound and as long as a fifth of the panels' time).
+  constexpr int64_t kRowChunk = 64, kQuantRows = 4 * kRowChunk;
+  // The caller's buffers by pointer: inside the lambda on another thread, `xq` would name that
+  // thread's own (thread_local) vector.
+  int8_t* const q_all = xq.data();
+  float* const d_all = xd.data();
+  int32_t* const s_all = xs.data();
+  auto quantize = [&](int64_t r0, int64_t rows) {
+    int8_t* cq = q_all + r0 * nb * kQuantBlock;
+    float* cd = d_all + r0 * nb;
+    int32_t* cs = s_all + r0 * nb;
     if (avx512)
       QuantizeRowsAvx512(x + r0 * in, rows, in, nb, cq, cd, cs);
     else
       QuantizeRows(x + r0 * in, rows, in, nb, cq, cd, cs);
+  };
+  for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, n - r0);
+    if (r0 % kQuantRows == 0) {
+      const int64_t qrows = std::min(kQuantRows, n - r0);
+      if (qrows > kRowChunk && !at::in_parallel_region())  // a prefill, outside a team
+        at::parallel_for(r0, r0 + qrows, 16, [&](int64_t b, int64_t e) { quantize(b, e - b); });
+      else
+        quantize(r0, qrows);
+    }
     ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
       const int64_t bb = o.panels->size(2);
       const auto* panel =
