@@ -124,6 +124,27 @@ TEST(GrammarTest, ErrorsNameWhatIsWrong) {
   }
 }
 
+// An ambiguous grammar doubles its stacks at every byte. A state keeps a bounded subset and a
+// grammar a bounded number of stacks, after which it allows nothing: a hostile grammar costs
+// bounded time and memory, ends its sequence, and never lets a wrong byte through.
+TEST(GrammarTest, AmbiguityThatMultipliesStacksStaysBounded) {
+  Fixture f;
+  auto g = f.Compile(R"(root ::= "a" root "b" | "a" root "c" | "")");
+  ASSERT_NE(g, nullptr);
+  GrammarState st(g, false);
+  std::vector<float> logits(f.tok.vocab_size());
+  int accepted = 0;
+  for (; accepted < 2000; ++accepted) {
+    std::fill(logits.begin(), logits.end(), 0.f);
+    if (!st.Mask(logits.data(), f.tok.vocab_size())) break;
+    EXPECT_FALSE(std::isfinite(logits[f.tok.ByteToken('d')])) << accepted;
+    if (!std::isfinite(logits[f.tok.ByteToken('a')]) || !st.Accept(f.tok.ByteToken('a'))) break;
+  }
+  EXPECT_GE(accepted, 20);    // the grammar works until its bound ...
+  EXPECT_LT(accepted, 2000);  // ... and then ends the sequence
+  EXPECT_LE(g->stats().stacks, int64_t{1} << 20);
+}
+
 // The trie walk's mask (shared prefixes pruned once, cached per state) equals asking every
 // token on its own, along random walks through several grammars.
 TEST(GrammarTest, MaskEqualsPerTokenCheck) {

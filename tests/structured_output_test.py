@@ -138,6 +138,16 @@ with tempfile.TemporaryDirectory() as d:
               text[:3] in ("yes", "no,") and len(text) in (6, 7) and text[-2:].isdigit(),
               f"grammar: {status} {r}")
 
+        # A hostile grammar (ambiguity doubles its stacks at every byte) ends its sequence within
+        # bounded time and memory instead of taking the server down.
+        import time
+        t0 = time.monotonic()
+        status, r = post(port, "/v1/completions", {
+            "model": small["id"], "max_tokens": 400, "prompt": "x",
+            "grammar": 'root ::= "a" root "b" | "a" root "c" | ""'})
+        check(status == 200 and set(r["choices"][0]["text"]) <= set("abc") and
+              time.monotonic() - t0 < 60, f"hostile grammar: {status} {time.monotonic() - t0:.1f} s {r}")
+
         # Tools: calls generated under each function's schema, in OpenAI's shape.
         tools = [
             {"type": "function", "function": {"name": "get_weather", "description": "Weather now",

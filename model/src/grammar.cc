@@ -64,6 +64,12 @@ namespace {
 
 constexpr int32_t kAccept = -1;           // the empty stack: the text is a complete sentence
 constexpr size_t kMaxCachedMasks = 4096;  // per grammar; cleared when full
+// Bounds against grammars whose ambiguity multiplies stacks (`r ::= "a" r "b" | "a" r "c" | ""`
+// has 2^n after n bytes): a state keeps at most kMaxStacks (a subset of the stacks only narrows
+// what may follow, it never lets a wrong byte through), and a grammar that has made kMaxNodes
+// stacks in all allows nothing more (the sequence ends there).
+constexpr size_t kMaxStacks = 4096;
+constexpr size_t kMaxNodes = size_t{1} << 18;
 
 struct StateHash {
   size_t operator()(const std::vector<int32_t>& v) const {
@@ -153,12 +159,14 @@ struct Grammar::Impl {
   // `out` = the state after matching `byte` from `state`.
   void Step(std::span<const int32_t> state, uint8_t byte, std::vector<int32_t>& out) {
     out.clear();
+    if (nodes.size() > kMaxNodes) return;
     for (int32_t s : state) {
       if (s == kAccept) continue;
       const auto [off, n] = Advance(s, byte);
       out.insert(out.end(), pool.begin() + off, pool.begin() + off + n);
     }
     if (state.size() > 1) Canonical(out);
+    if (out.size() > kMaxStacks) out.resize(kMaxStacks);
   }
 
   ByteSet NextBytes(std::span<const int32_t> state) const {
