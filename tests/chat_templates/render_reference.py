@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """Renders a chat template the way transformers' apply_chat_template does (jinja2's sandboxed
 environment with trim_blocks, lstrip_blocks and loop controls; tojson as json.dumps with
-ensure_ascii off; raise_exception; strftime_now) and prints the result.
-Usage: render_reference.py TEMPLATE.jinja CONTEXT.json (exit 3 when the template raises)."""
+ensure_ascii off; raise_exception; strftime_now), once per context file, and prints a JSON list:
+per context {"text": ...} or {"raised": ...} when the template refuses it.
+Usage: render_reference.py TEMPLATE.jinja CONTEXT.json [CONTEXT.json ...]"""
 import json
 import sys
 from datetime import datetime
@@ -26,9 +27,10 @@ env.filters["tojson"] = tojson
 env.globals["raise_exception"] = raise_exception
 env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
 template = env.from_string(open(sys.argv[1]).read())
-context = json.load(open(sys.argv[2]))
-try:
-    sys.stdout.write(template.render(**context))
-except jinja2.exceptions.TemplateError as e:
-    sys.stdout.write(f"raised: {e}")
-    sys.exit(3)
+out = []
+for path in sys.argv[2:]:
+    try:
+        out.append({"text": template.render(**json.load(open(path)))})
+    except Exception as e:  # the template refuses this conversation (raise_exception, a type error)
+        out.append({"raised": f"{type(e).__name__}: {e}"})
+json.dump(out, sys.stdout, ensure_ascii=False)

@@ -579,7 +579,18 @@ class ExprParser {
 // Statements.
 
 struct JinjaTemplate::Node {
-  enum Kind { kBody, kText, kOutput, kIf, kFor, kSet, kBreak, kContinue, kMacro } kind = kBody;
+  enum Kind {
+    kBody,
+    kText,
+    kOutput,
+    kIf,
+    kFor,
+    kSet,
+    kBreak,
+    kContinue,
+    kMacro,
+    kFilterBlock
+  } kind = kBody;
   std::string text;            // kText
   std::vector<ExprPtr> exprs;  // kOutput: [e]; kIf: conditions; kFor: [iterable, filter?]
   std::vector<std::unique_ptr<Node>> children;  // kBody: statements; kIf: bodies (+ else)
@@ -711,9 +722,23 @@ class StmtParser {
         ep.Expect(".");
         n->names.push_back(ep.Name());
       }
+      if (!ep.IsOp("=")) {  // {% set x %}...{% endset %}: the body's output
+        done();
+        n->children.push_back(Body({"endset"}));
+        ++i_;
+        return n;
+      }
       ep.Expect("=");
       n->exprs.push_back(ep.Parse());
       done();
+      return n;
+    }
+    if (kw == "filter") {  // {% filter name %}...{% endfilter %}: the filter over the body's output
+      n->kind = Node::kFilterBlock;
+      n->names.push_back(ep.Name());
+      done();
+      n->children.push_back(Body({"endfilter"}));
+      ++i_;
       return n;
     }
     if (kw == "macro") {
@@ -962,8 +987,27 @@ class Renderer {
             return;
           }
         return;
+      case Node::kFilterBlock: {
+        std::string body;
+        Run(*n.children[0], body);
+        Expr f;
+        f.kind = Expr::kFilter;
+        f.name = n.names[0];
+        auto lit = Make(Expr::kLiteral);
+        lit->value = std::move(body);
+        f.args.push_back(std::move(lit));
+        out += Str(Filter(f));
+        return;
+      }
       case Node::kSet: {
-        json v = Eval(*n.exprs[0]);
+        json v;
+        if (n.exprs.empty()) {
+          std::string body;
+          Run(*n.children[0], body);
+          v = std::move(body);
+        } else {
+          v = Eval(*n.exprs[0]);
+        }
         if (n.names.size() == 1) {
           scopes_.back()[n.names[0]] = std::move(v);
         } else {
@@ -1442,6 +1486,17 @@ class Renderer {
         } else {
           Fail(0, "map: only attribute= or 'string' are supported");
         }
+      }
+      return out;
+    }
+    if (f == "dictsort") {  // [key, value] pairs by key
+      json out = json::array();
+      if (v.is_object()) {
+        std::vector<std::pair<std::string, json>> items;
+        for (const auto& [k, x] : v.items()) items.emplace_back(k, x);
+        std::sort(items.begin(), items.end(),
+                  [](const auto& a, const auto& b) { return a.first < b.first; });
+        for (auto& [k, x] : items) out.push_back(json::array({k, std::move(x)}));
       }
       return out;
     }
