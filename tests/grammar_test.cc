@@ -114,8 +114,15 @@ TEST(GrammarTest, ErrorsNameWhatIsWrong) {
       {"root ::= \"a\" @", "unexpected '@'"},
       {"root ::= \"a\"\nroot ::= \"b\"", "defined twice"},
       {"", "empty"},
+      // A client's hostile nesting is an error, not a stack overflow.
+      {nullptr, "nested too deep"},
   };
-  for (auto [gbnf, want] : cases) {
+  std::string deep = "root ::= ";
+  deep.append(100000, '(');
+  deep += "\"a\"";
+  deep.append(100000, ')');
+  for (auto [text, want] : cases) {
+    const std::string gbnf = text ? text : deep;
     auto g = Grammar::Compile(gbnf, f.trie);
     ASSERT_FALSE(g.ok()) << gbnf;
     EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument);
@@ -284,7 +291,12 @@ TEST(JsonSchemaGrammarTest, RefusesWhatItDoesNotSupport) {
            {R"({"type": "tuple"})", "unknown type 'tuple'"},
            {R"({"allOf": []})", "'allOf'"},
            {"{nope", "not valid JSON"},
+           {nullptr, "nesting deeper than 64"},
        }) {
+    std::string deep;
+    for (int i = 0; i < 5000; ++i) deep += R"({"type": "array", "items": )";
+    deep += R"({"type": "null"})" + std::string(5000, '}');
+    if (!schema) schema = deep.c_str();
     auto g = JsonSchemaToGbnf(schema);
     ASSERT_FALSE(g.ok()) << schema;
     EXPECT_NE(std::string(g.status().message()).find(want), std::string::npos)

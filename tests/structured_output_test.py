@@ -240,6 +240,10 @@ with tempfile.TemporaryDirectory() as d:
             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
               "properties": {"x": {"type": "string", "format": "email"}}}}}]}, "'format'"),
             ({"tool_choice": "required"}, "needs tools"),
+            # Hostile nesting is a 400, not a crash: 20,000 groups; 500 nested schemas.
+            ({"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, "nested too deep"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema":
+              json.loads('{"type": "array", "items": ' * 500 + '{}' + '}' * 500)}}}, "nesting deeper"),
             ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
         ]:
             body = {"model": full["id"], "messages": [{"role": "user", "content": "x"}], **body}

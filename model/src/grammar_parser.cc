@@ -13,6 +13,7 @@ namespace {
 
 constexpr uint32_t kMaxCodePoint = 0x10FFFF;
 constexpr int64_t kMaxRepeat = 1000;  // {m,n} bounds: each copy is compiled out
+constexpr int kMaxNesting = 64;       // groups inside groups
 
 struct Range {
   uint32_t lo, hi;
@@ -418,10 +419,13 @@ class Parser {
         last = seq.size();
         if (absl::Status s = AppendClass({{0, kMaxCodePoint}}, rule, seq); !s.ok()) return s;
       } else if (c == '(') {
+        // Groups nest by recursion: a client's "((((..." must not exhaust the stack.
+        if (++depth_ > kMaxNesting) return Error("groups nested too deep");
         ++pos_;
         last = seq.size();
         const int32_t r = NewRule(rule);
         auto alts = ParseAlternates(rule, /*nested=*/true);
+        --depth_;
         if (!alts.ok()) return alts.status();
         rules_[r].alts = *std::move(alts);
         SkipSpace();
@@ -522,6 +526,7 @@ class Parser {
 
   std::string_view s_;
   size_t pos_ = 0;
+  int depth_ = 0;
   std::vector<Rule> rules_;
   std::vector<std::string> names_;
   std::map<std::string, int32_t> index_;

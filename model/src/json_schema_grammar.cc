@@ -106,6 +106,12 @@ class Converter {
 
   absl::StatusOr<std::string> Visit(const json& s, const std::string& where,
                                     const std::string& hint) {
+    // Schemas nest by recursion here: a client's thousand nested "items" must not exhaust it.
+    if (++depth_ > 64) return Unsupported("nesting deeper than 64", where.substr(0, 200));
+    struct Leave {
+      int& d;
+      ~Leave() { --d; }
+    } leave{depth_};
     if (s.is_boolean()) {
       if (s.get<bool>()) return std::string("value");
       return absl::InvalidArgumentError(
@@ -306,6 +312,7 @@ class Converter {
 
   const json& root_;
   const std::string prefix_;
+  int depth_ = 0;
   std::map<std::string, std::string> rules_;
   std::map<std::string, std::string> by_body_;
   std::map<std::string, std::string> refs_;
@@ -321,7 +328,9 @@ absl::StatusOr<std::string> JsonSchemaRules(std::string_view schema_json,
   return Converter(schema, prefix).Run();
 }
 
-std::string JsonGbnfPrimitives() { return kPrimitives; }
+std::string JsonGbnfPrimitives() {
+  return kPrimitives;
+}
 
 absl::StatusOr<std::string> JsonSchemaToGbnf(std::string_view schema_json) {
   auto rules = JsonSchemaRules(schema_json, "schema");
