@@ -152,6 +152,30 @@ TEST(GrammarTest, AmbiguityThatMultipliesStacksStaysBounded) {
   EXPECT_LE(g->stats().stacks, int64_t{1} << 20);
 }
 
+// Stacks that multiply and accept every byte: each mask costs bounded work, and every token it
+// allows is one the grammar takes.
+TEST(GrammarTest, AStateOfThousandsOfStacksMasksInBoundedWork) {
+  Fixture f;
+  auto g = f.Compile(R"(root ::= . root "b" | . root "c" | "")");
+  ASSERT_NE(g, nullptr);
+  GrammarState st(g, false);
+  std::vector<float> logits(f.tok.vocab_size());
+  for (int i = 0; i < 14; ++i) ASSERT_TRUE(st.Accept(f.tok.ByteToken('x')));  // 2^14 > the cap
+  for (int step = 0; step < 1; ++step) {
+    std::fill(logits.begin(), logits.end(), 0.f);
+    ASSERT_TRUE(st.Mask(logits.data(), f.tok.vocab_size()));
+    int allowed = 0;
+    for (int32_t id = 0; id < f.tok.vocab_size() && allowed < 200; ++id)
+      if (std::isfinite(logits[id])) {
+        GrammarState probe = st;
+        EXPECT_TRUE(probe.Accept(id)) << f.tok.TokenBytes(id);
+        ++allowed;
+      }
+    EXPECT_GT(allowed, 0);
+    ASSERT_TRUE(st.Accept(f.tok.ByteToken('y')));
+  }
+}
+
 // The trie walk's mask (shared prefixes pruned once, cached per state) equals asking every
 // token on its own, along random walks through several grammars.
 TEST(GrammarTest, MaskEqualsPerTokenCheck) {

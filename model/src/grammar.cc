@@ -70,6 +70,10 @@ constexpr size_t kMaxCachedMasks = 4096;  // per grammar; cleared when full
 // stacks in all allows nothing more (the sequence ends there).
 constexpr size_t kMaxStacks = 4096;
 constexpr size_t kMaxNodes = size_t{1} << 18;
+// Stack steps one mask may take (a JSON state over a 32k vocabulary takes well under 1%): past
+// it the walk stops and the mask holds the tokens found so far, so a state with thousands of
+// stacks that accept every byte costs bounded time per token (fewer tokens, never a wrong one).
+constexpr int64_t kMaxWalkSteps = int64_t{1} << 24;
 
 struct StateHash {
   size_t operator()(const std::vector<int32_t>& v) const {
@@ -94,6 +98,7 @@ struct Grammar::Impl {
   std::vector<std::vector<int32_t>> depth_buf;  // the trie walk's state per depth
   std::vector<int32_t> expand_seen;
   std::vector<uint64_t> scratch_mask;
+  int64_t walk_budget = 0;
   Stats stats;
 
   int32_t Intern(int32_t pos, int32_t parent) {
@@ -186,6 +191,7 @@ struct Grammar::Impl {
     const TokenTrie::Node& n = t.nodes_[tn];
     const ByteSet next = NextBytes(state);
     for (int32_t c = n.first_child; c < n.first_child + n.children; ++c) {
+      if ((walk_budget -= static_cast<int64_t>(state.size())) < 0) return;
       const uint8_t byte = t.child_byte_[c];
       const int32_t child = t.child_node_[c];
       std::span<const int32_t> after;
@@ -217,6 +223,7 @@ struct Grammar::Impl {
     }
     ++stats.mask_misses;
     std::vector<uint64_t> mask((trie->vocab_ + 63) / 64, 0);
+    walk_budget = kMaxWalkSteps;
     Walk(0, state, 0, at_start, mask);
     if (std::binary_search(state.begin(), state.end(), kAccept))
       for (int32_t e : trie->eos_) mask[e >> 6] |= uint64_t{1} << (e & 63);
