@@ -10,6 +10,7 @@
 
 #include "server/chat_template.h"
 #include "server/jinja_template.h"
+#include "server/tool_calls.h"
 #include "tests/test_util.h"
 
 namespace amoeba {
@@ -168,6 +169,33 @@ TEST(JinjaTemplateTest, ChatFormatRendersAModelsOwnTemplateWithoutItsBos) {
       nlohmann::ordered_json::array());
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_EQ(*text, "[user]hi[assistant]");
+}
+
+// Tool calls as the model writes them read back; a reply cut short inside a later call gives the
+// whole calls before it; text is not calls.
+TEST(ToolCallsTest, RenderedCallsParseBackAndACutReplyKeepsItsWholeCalls) {
+  const std::vector<ToolCall> calls = {{"get_weather", R"({"city": "Paris"})"},
+                                       {"add", R"({"a": 1, "b": 2})"}};
+  const std::string text = RenderToolCalls(calls);
+  bool complete = false;
+  auto parsed = ParseToolCalls(text, &complete);
+  ASSERT_TRUE(parsed.has_value());
+  EXPECT_TRUE(complete);
+  ASSERT_EQ(parsed->size(), 2u);
+  EXPECT_EQ((*parsed)[0].name, "get_weather");
+  EXPECT_EQ(nlohmann::json::parse((*parsed)[1].arguments),
+            nlohmann::json::parse(calls[1].arguments));
+  for (size_t cut : {text.size() - 3, text.find("add") + 1, text.find("</tool_call>") + 14}) {
+    auto partial = ParseToolCalls(text.substr(0, cut), &complete);
+    ASSERT_TRUE(partial.has_value()) << cut;
+    EXPECT_FALSE(complete) << cut;
+    EXPECT_EQ(partial->size(), 1u) << cut;
+  }
+  EXPECT_FALSE(ParseToolCalls(text.substr(0, 20), &complete).has_value());  // nothing whole yet
+  EXPECT_FALSE(ParseToolCalls("It is sunny.").has_value());
+  EXPECT_FALSE(ParseToolCalls(text + "and then some text").has_value());
+  EXPECT_TRUE(MayBeToolCalls("<tool"));
+  EXPECT_FALSE(MayBeToolCalls("<tools>"));
 }
 
 }  // namespace

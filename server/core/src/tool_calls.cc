@@ -92,12 +92,18 @@ absl::StatusOr<std::string> ToolCallGrammar(const ToolOptions& o) {
   return absl::StrCat(g, rules, JsonGbnfPrimitives());
 }
 
-std::optional<std::vector<ToolCall>> ParseToolCalls(std::string_view reply) {
+std::optional<std::vector<ToolCall>> ParseToolCalls(std::string_view reply, bool* complete) {
+  if (complete) *complete = true;
   if (reply.substr(0, kOpen.size()) != kOpen) return std::nullopt;
   std::vector<ToolCall> calls;
   while (!reply.empty()) {
-    if (reply.substr(0, kOpen.size()) != kOpen) return std::nullopt;
     const size_t end = reply.find(kClose);
+    // A reply cut short (its token budget ran out) inside a later call: the calls before it.
+    if (complete && !calls.empty() && MayBeToolCalls(reply) && end == std::string_view::npos) {
+      *complete = false;
+      return calls;
+    }
+    if (reply.substr(0, kOpen.size()) != kOpen) return std::nullopt;
     if (end == std::string_view::npos) return std::nullopt;
     const json call = json::parse(reply.substr(kOpen.size(), end - kOpen.size()), nullptr, false);
     if (call.is_discarded() || !call.contains("name") || !call["name"].is_string() ||

@@ -531,7 +531,8 @@ struct HttpFrontend::Routes {
             content(held->text);
           } else {
             emit(Event(ChunkBody(head, json{{"tool_calls", calls}}, nullptr, take(), i)), false);
-            finish = "tool_calls";
+            if (r.reason == FinishReason::kEos || r.reason == FinishReason::kStopSequence)
+              finish = "tool_calls";
           }
         }
         if (n == 1) {

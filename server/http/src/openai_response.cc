@@ -96,7 +96,8 @@ json LogprobsBody(bool chat, const std::vector<TokenLogprobs>& tokens,
 }
 
 json ToolCallsJson(const OpenAiResponseHead& h, int choice, const std::string& reply, bool delta) {
-  const auto calls = ParseToolCalls(reply);
+  bool complete = true;
+  const auto calls = ParseToolCalls(reply, &complete);
   if (!calls) return nullptr;
   json out = json::array();
   for (size_t k = 0; k < calls->size(); ++k) {
@@ -115,7 +116,9 @@ json CompletionChoice(const OpenAiResponseHead& h, int index, const std::string&
   const json calls = h.tool_calls ? ToolCallsJson(h, index, text, false) : json(nullptr);
   if (!calls.is_null()) {
     choice["message"] = {{"role", "assistant"}, {"content", nullptr}, {"tool_calls", calls}};
-    choice["finish_reason"] = "tool_calls";
+    // Cut short (length, time limit): the whole calls so far, and why it stopped.
+    if (r.reason == FinishReason::kEos || r.reason == FinishReason::kStopSequence)
+      choice["finish_reason"] = "tool_calls";
   } else if (h.chat) {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   } else {

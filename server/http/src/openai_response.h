@@ -38,6 +38,7 @@ nlohmann::json Usage(const JobResult& r);
 nlohmann::json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r);
 // Chat with tools: the calls of a reply in OpenAI's shape ([{id, type, function: {name,
 // arguments}}]; streamed deltas also number them with "index"), or null when the reply is text.
+// A reply cut short inside a later call gives the whole calls before it.
 nlohmann::json ToolCallsJson(const OpenAiResponseHead& h, int choice, const std::string& reply,
                              bool delta);
 // A whole (non-streamed) response.

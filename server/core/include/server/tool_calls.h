@@ -51,8 +51,11 @@ std::string RenderToolResult(std::string_view content);
 // function whose schema is refused.
 absl::StatusOr<std::string> ToolCallGrammar(const ToolOptions& o);
 
-// The calls in a reply made under ToolCallGrammar; nullopt when the reply is text.
-std::optional<std::vector<ToolCall>> ParseToolCalls(std::string_view reply);
+// The calls in a reply made under ToolCallGrammar; nullopt when the reply is text. With
+// `complete`, a reply cut short inside a later call gives the whole calls before it and
+// *complete = false.
+std::optional<std::vector<ToolCall>> ParseToolCalls(std::string_view reply,
+                                                    bool* complete = nullptr);
 // Whether a reply that begins with `prefix` may still turn out to be calls (a stream holds such
 // text back until it knows).
 bool MayBeToolCalls(std::string_view prefix);
