@@ -25,7 +25,8 @@ absl::StatusOr<std::string> JsonSchemaToGbnf(std::string_view schema_json);
 // The same as rules to combine into a larger grammar: the value's rule is `prefix` (a GBNF name)
 // and every rule of the schema's starts with it; the shared JSON rules (ws, string, number,
 // value, object, ...) are left out: add JsonGbnfPrimitives() once.
-absl::StatusOr<std::string> JsonSchemaRules(std::string_view schema_json, const std::string& prefix);
+absl::StatusOr<std::string> JsonSchemaRules(std::string_view schema_json,
+                                            const std::string& prefix);
 std::string JsonGbnfPrimitives();
 
 // Any JSON object (OpenAI's response_format "json_object").

@@ -26,7 +26,7 @@ struct HttpOptions {
   int port = -1;                         // -1 = off, 0 = any free port
   std::string tls_cert, tls_key;         // PEM files; both set = HTTPS
   std::map<std::string, Shape> aliases;  // --model-alias name=depth=D,width=W
-  ChatFormat chat_format;  // how chat messages become a prompt
+  ChatFormat chat_format;                // how chat messages become a prompt
   HttpLimits limits;
   // Browser safety. Cross-origin requests (an Origin header that is not this server's own) are
   // refused unless their origin is listed here ("*" = any; default none); allowed ones get CORS
