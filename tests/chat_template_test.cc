@@ -140,6 +140,35 @@ TEST(JinjaTemplateTest, MatchesJinja2OnPublicTemplates) {
   EXPECT_GE(compared, 60);  // of 35 templates x 3 conversations; the rest refuse some
 }
 
+// Expressions and statements the public templates use rarely, each against jinja2's output.
+TEST(JinjaTemplateTest, ExpressionsRenderAsJinja2Does) {
+  for (
+      auto [source, want] : std::vector<std::pair<const char*, const char*>>{
+          {R"({{ "a-b-c" | replace("-", "+") }}{{ "x.y".replace(".", "") }})", "a+b+cxy"},
+          {R"({{ [1, 2, 3, 4][1:3] }} {{ "abc"[::-1] }} {{ [1, 2][-1] }})", "[2, 3] cba 2"},
+          {R"({% set ns = namespace(n=0) %}{% for x in [3, 4] %}{% set ns.n = ns.n + x %}{% endfor %}{{ ns.n }})",
+           "7"},
+          {R"({% for x in "ab" %}{{ loop.index }}{{ x }}{% if not loop.last %},{% endif %}{% endfor %})",
+           "1a,2b"},
+          {R"({% macro m(a, b="z") %}{{ a }}{{ b }}{% endmacro %}{{ m("x") }}{{ m("x", b="y") }})",
+           "xzxy"},
+          {R"({{ 7 // 2 }} {{ -7 // 2 }} {{ 7 % 3 }} {{ 2 ** 3 }} {{ 1 / 2 }} {{ "a" ~ 1 }})",
+           "3 -4 1 8 0.5 a1"},
+          {R"({{ {"b": 1, "a": [true, none]} | tojson }} {{ none }} {{ true }})",
+           R"({"b": 1, "a": [true, null]} None True)"},
+          {R"({{ "x" if 0 else "y" }}{{ "  pad  " | trim }}{{ "A b" | lower }}{{ "a b" | title }})",
+           "ypada bA B"},
+          {R"({% for k, v in {"a": 1} | items %}{{ k }}={{ v }}{% endfor %}{{ [1, 2] | join("+") }})",
+           "a=11+2"},
+      }) {
+    auto t = JinjaTemplate::Parse(source);
+    ASSERT_TRUE(t.ok()) << source << ": " << t.status();
+    auto got = t.value()->Render(nlohmann::ordered_json::object());
+    ASSERT_TRUE(got.ok()) << source << ": " << got.status();
+    EXPECT_EQ(*got, want) << source;
+  }
+}
+
 TEST(JinjaTemplateTest, ErrorsNameTheLineAndTheProblem) {
   for (auto [source, want] : std::vector<std::pair<const char*, const char*>>{
            {"{% if x %}a", "missing {% endif %}"},

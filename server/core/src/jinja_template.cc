@@ -1350,6 +1350,14 @@ class Renderer {
     return out;
   }
 
+  // Python's str.replace (the filter and the method).
+  static std::string ReplaceAll(std::string s, const std::string& from, const std::string& to) {
+    if (from.empty()) return s;
+    for (size_t p = s.find(from); p != std::string::npos; p = s.find(from, p + to.size()))
+      s.replace(p, from.size(), to);
+    return s;
+  }
+
   static std::string Trim(std::string s, const std::string& chars = " \t\n\r\f\v", bool left = true,
                           bool right = true) {
     if (right) {
@@ -1445,12 +1453,7 @@ class Renderer {
     }
     if (f == "replace") {
       if (args.size() < 2) Fail(0, "replace: needs two strings");
-      std::string s = Str(v);
-      const std::string from = Str(args[0]), to = Str(args[1]);
-      if (from.empty()) return s;
-      for (size_t p = s.find(from); p != std::string::npos; p = s.find(from, p + to.size()))
-        s.replace(p, from.size(), to);
-      return s;
+      return ReplaceAll(Str(v), Str(args[0]), Str(args[1]));
     }
     if (f == "int") {
       if (v.is_number()) return static_cast<int64_t>(v.get<double>());
@@ -1580,12 +1583,7 @@ class Renderer {
       }
       if (m == "replace") {
         if (args.size() < 2) Fail(0, "replace: needs two strings");
-        std::string out = s;
-        const std::string from = Str(args[0]), to = Str(args[1]);
-        if (!from.empty())
-          for (size_t p = out.find(from); p != std::string::npos; p = out.find(from, p + to.size()))
-            out.replace(p, from.size(), to);
-        return out;
+        return ReplaceAll(s, Str(args[0]), Str(args[1]));
       }
       if (m == "split") {
         json out = json::array();
