@@ -93,9 +93,7 @@ AMOEBA_AVX512 float RowMaxAvx512(const float* x, int64_t n) {
   __m512 m = _mm512_set1_ps(-INFINITY);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, m);
-  return std::max(RowMaxScalar(lanes, 16), RowMaxScalar(x + i, n - i));
+  return std::max(simd::ReduceMax16(m), RowMaxScalar(x + i, n - i));
 }
 AMOEBA_AVX512 double SumExpAvx512(const float* x, int64_t n, float mx) {
   const __m512 vmx = _mm512_set1_ps(mx);

@@ -301,14 +301,16 @@ bool GrammarState::Accept(int32_t token) {
     return std::find(g.trie->eos_.begin(), g.trie->eos_.end(), token) != g.trie->eos_.end() &&
            std::binary_search(stacks_.begin(), stacks_.end(), kAccept);
   }
-  std::vector<int32_t> state = stacks_, next;
+  // Per-thread scratch: no allocation per token once grown.
+  thread_local std::vector<int32_t> state, next;
+  state = stacks_;
   size_t i = at_start_ && bytes[0] == ' ' ? 1 : 0;
   for (; i < bytes.size(); ++i) {
     g.Step(state, static_cast<uint8_t>(bytes[i]), next);
     if (next.empty()) return false;
     state.swap(next);
   }
-  stacks_ = std::move(state);
+  stacks_.swap(state);
   at_start_ = false;
   return true;
 }

@@ -29,26 +29,6 @@ object ::= "{" ws (string ws ":" ws value (ws "," ws string ws ":" ws value)*)? 
 array ::= "[" ws (value (ws "," ws value)*)? ws "]"
 )";
 
-// A GBNF literal matching exactly the bytes of `s`.
-std::string Literal(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c < 0x20 || c == 0x7F) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02X", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
-}
-
 const std::set<std::string>& Annotations() {
   static const std::set<std::string> k = {"title",    "description", "default",  "examples",
                                           "$schema",  "$id",         "$comment", "deprecated",
@@ -129,13 +109,13 @@ class Converter {
         return Unsupported(absl::StrCat("the keyword '", key, "'"), where);
 
     if (s.contains("$ref")) return Ref(s["$ref"], where);
-    if (s.contains("const")) return Literal(s["const"].dump());
+    if (s.contains("const")) return GbnfLiteral(s["const"].dump());
     if (s.contains("enum")) {
       if (!s["enum"].is_array() || s["enum"].empty())
         return absl::InvalidArgumentError(
             absl::StrCat("JSON schema: 'enum' at ", where, " must be a non-empty array"));
       std::vector<std::string> alts;
-      for (const json& v : s["enum"]) alts.push_back(Literal(v.dump()));
+      for (const json& v : s["enum"]) alts.push_back(GbnfLiteral(v.dump()));
       return Define(hint, absl::StrJoin(alts, " | "));
     }
     for (const char* key : {"anyOf", "oneOf"})
@@ -288,7 +268,7 @@ class Converter {
     for (const auto& [key, sub] : props.items()) {
       auto v = Visit(sub, absl::StrCat(where, "/properties/", key), absl::StrCat(hint, "-", key));
       if (!v.ok()) return v.status();
-      kv.push_back(absl::StrCat(Literal(json(key).dump()), " ws \":\" ws ", *v));
+      kv.push_back(absl::StrCat(GbnfLiteral(json(key).dump()), " ws \":\" ws ", *v));
       req.push_back(required.count(key) > 0);
     }
     // first_i: the members from i on with none written yet; rest_i: with one written before.
@@ -319,6 +299,25 @@ class Converter {
 };
 
 }  // namespace
+
+std::string GbnfLiteral(std::string_view s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20 || c == 0x7F) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02X", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
 
 absl::StatusOr<std::string> JsonSchemaRules(std::string_view schema_json,
                                             const std::string& prefix) {

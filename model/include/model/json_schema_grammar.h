@@ -29,6 +29,9 @@ absl::StatusOr<std::string> JsonSchemaRules(std::string_view schema_json,
                                             const std::string& prefix);
 std::string JsonGbnfPrimitives();
 
+// A GBNF literal matching exactly the bytes of `s` (quotes, backslashes and control bytes escaped).
+std::string GbnfLiteral(std::string_view s);
+
 // Any JSON object (OpenAI's response_format "json_object").
 std::string JsonObjectGbnf();
 

@@ -43,12 +43,7 @@ std::optional<ChatTemplate> DetectChatTemplate(const std::string& j) {
 }
 
 ChatTemplate ChatTemplateForModel(const std::string& dir) {
-  auto text = ReadFile((std::filesystem::path(dir) / "tokenizer_config.json").string());
-  if (!text.ok()) return ChatTemplate::kPlain;
-  auto j = nlohmann::json::parse(*text, nullptr, false);
-  if (!j.is_object() || !j.contains("chat_template") || !j["chat_template"].is_string())
-    return ChatTemplate::kPlain;
-  return DetectChatTemplate(j["chat_template"].get<std::string>()).value_or(ChatTemplate::kPlain);
+  return ChatFormatForModel(dir).family;
 }
 
 absl::StatusOr<std::string> RenderChat(ChatTemplate t, const std::vector<ChatMessage>& messages) {

@@ -97,9 +97,6 @@ Serving::Serving(const Supernet& supernet, const Smol* smol, Scheduler& schedule
       export_dir_(options_.export_tmp_dir.empty() ? fs::temp_directory_path().string()
                                                   : options_.export_tmp_dir),
       export_workers_(options_.export_workers) {
-  const auto& eos = supernet_.base().config.eos_token_ids;
-  token_trie_ = std::make_shared<TokenTrie>(*supernet_.tokenizer(),
-                                            std::vector<int64_t>(eos.begin(), eos.end()));
   RemoveStaleStagingDirs(export_dir_);
   if (metrics_) gauges_ = std::thread([this] { PublishGauges(); });
 }
@@ -436,13 +433,21 @@ absl::StatusOr<std::shared_ptr<Grammar>> Serving::GrammarFor(const GenerationReq
   } else {
     return std::shared_ptr<Grammar>();
   }
+  std::shared_ptr<const TokenTrie> trie;
   {
     std::lock_guard<std::mutex> lock(grammars_mu_);
     auto it = grammars_.find(gbnf);
     if (it != grammars_.end()) return it->second;
+    // The vocabulary's trie is made by the first request with a grammar, not at start-up.
+    if (!token_trie_) {
+      const auto& eos = supernet_.base().config.eos_token_ids;
+      token_trie_ = std::make_shared<TokenTrie>(*supernet_.tokenizer(),
+                                                std::vector<int64_t>(eos.begin(), eos.end()));
+    }
+    trie = token_trie_;
   }
   const auto t0 = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(std::shared_ptr<Grammar> g, Grammar::Compile(gbnf, token_trie_));
+  ASSIGN_OR_RETURN(std::shared_ptr<Grammar> g, Grammar::Compile(gbnf, trie));
   spdlog::debug(
       "grammar compiled: {} rules, {} bytes of GBNF, {:.2f} ms", g->stats().rules, gbnf.size(),
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());

@@ -12,20 +12,6 @@ using json = nlohmann::ordered_json;
 
 constexpr std::string_view kOpen = "<tool_call>\n", kClose = "\n</tool_call>";
 
-// A GBNF literal of `s` (JSON text of names: no control characters).
-std::string Literal(std::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out + "\"";
-}
-
 }  // namespace
 
 std::string ToolsSystemPrompt(const std::vector<ToolFunction>& tools) {
@@ -72,16 +58,17 @@ absl::StatusOr<std::string> ToolCallGrammar(const ToolOptions& o) {
     if (!args.ok())
       return absl::InvalidArgumentError(
           absl::StrCat("tools: function '", t.name, "' parameters: ", args.status().message()));
-    absl::StrAppend(&rules, prefix, " ::= ",
-                    Literal(absl::StrCat("{\"name\": ", json(t.name).dump(), ", \"arguments\": ")),
-                    " ", prefix, "-args \"}\"\n", *args);
+    absl::StrAppend(
+        &rules, prefix,
+        " ::= ", GbnfLiteral(absl::StrCat("{\"name\": ", json(t.name).dump(), ", \"arguments\": ")),
+        " ", prefix, "-args \"}\"\n", *args);
     absl::StrAppend(&alts, alts.empty() ? "" : " | ", prefix);
   }
   if (alts.empty())
     return absl::InvalidArgumentError(
         absl::StrCat("tool_choice: no function named '", o.named, "' in tools"));
   std::string g =
-      absl::StrCat("call ::= ", Literal(kOpen), " (", alts, ") ", Literal(kClose), "\n");
+      absl::StrCat("call ::= ", GbnfLiteral(kOpen), " (", alts, ") ", GbnfLiteral(kClose), "\n");
   absl::StrAppend(&g, o.parallel ? absl::StrCat("calls ::= call (\"\\n\" call){0,",
                                                 kMaxParallelCalls - 1, "}\n")
                                  : std::string("calls ::= call\n"));

@@ -210,8 +210,8 @@ class Serving {
   std::thread gauges_;
   // Structured output: the vocabulary's byte trie, and compiled grammars by their GBNF text
   // (a grammar keeps its token masks, so a schema's second request is mostly cache hits).
-  std::shared_ptr<const TokenTrie> token_trie_;
-  mutable std::mutex grammars_mu_;
+  mutable std::mutex grammars_mu_;  // guards the three below
+  mutable std::shared_ptr<const TokenTrie> token_trie_;
   mutable std::map<std::string, std::shared_ptr<Grammar>> grammars_;
   mutable std::vector<std::string> grammar_order_;  // oldest first, for eviction
 };
