@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -21,6 +22,7 @@ using namespace amoeba;
 
 struct Sample {
   std::vector<double> ttft_ms, itl_ms;
+  std::map<std::string, std::vector<double>> itl_by_shape;  // "depth,width" -> ITL ms
   int64_t tokens = 0;
   double seconds = 0;
   int errors = 0;
@@ -32,9 +34,15 @@ double Pct(std::vector<double> v, double p) {
   return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
 }
 
-// `streams` clients, each sending `per_stream` requests back to back.
+std::string ShapeKey(const v1::Shape& s) {
+  char b[64];
+  std::snprintf(b, sizeof(b), "%d,%g", s.depth(), s.width());
+  return b;
+}
+
+// `streams` clients, each sending `per_stream` requests back to back (greedy when `greedy`).
 Sample Load(const client::ClientOptions& co, int streams, int per_stream, int tokens,
-            const std::vector<v1::Shape>& shapes) {
+            const std::vector<v1::Shape>& shapes, bool greedy = false) {
   Sample s;
   std::mutex mu;
   const auto t0 = Clock::now();
@@ -47,7 +55,7 @@ Sample Load(const client::ClientOptions& co, int streams, int per_stream, int to
         req.set_text("Once upon a time there was");
         *req.mutable_shape() = shapes[(i + r) % shapes.size()];
         req.set_max_new_tokens(tokens);
-        req.mutable_sampling()->set_temperature(1.0);
+        req.mutable_sampling()->set_temperature(greedy ? 0.0 : 1.0);
         req.mutable_sampling()->set_seed(i * 1000 + r);
         req.add_stop("\x01\x02\x03");
         const auto start = Clock::now();
@@ -75,6 +83,8 @@ Sample Load(const client::ClientOptions& co, int streams, int per_stream, int to
         }
         s.ttft_ms.push_back(ttft);
         s.itl_ms.insert(s.itl_ms.end(), itl.begin(), itl.end());
+        auto& by = s.itl_by_shape[ShapeKey(req.shape())];
+        by.insert(by.end(), itl.begin(), itl.end());
         s.tokens += n;
       }
     });
@@ -82,6 +92,111 @@ Sample Load(const client::ClientOptions& co, int streams, int per_stream, int to
   for (auto& t : th) t.join();
   s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return s;
+}
+
+double Median(std::vector<double> v) {
+  return Pct(std::move(v), 0.5);
+}
+
+// Many shapes at once: 16 greedy streams whose shapes cycle over k distinct grid shapes (k = 1, 2,
+// 4, 8; the full shape first, the smallest among the 8), on `targets` (label, address): servers
+// of one supernet started with different flags, measured in interleaved rounds.
+int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, int rounds,
+             int tokens, int requests, const std::string& out_json, const std::string& out_md,
+             const std::string& machine) {
+  std::vector<client::ClientOptions> cos;
+  for (const auto& t : targets) {
+    client::ClientOptions co;
+    co.target = t.second;
+    cos.push_back(co);
+  }
+  v1::ModelInfo info;
+  {
+    client::Client c(cos[0]);
+    if (!c.GetModelInfo(&info).ok()) {
+      std::fprintf(stderr, "cannot reach %s\n", cos[0].target.c_str());
+      return 1;
+    }
+  }
+  auto shape = [](int d, double w) {
+    v1::Shape s;
+    s.set_depth(d);
+    s.set_width(w);
+    return s;
+  };
+  const int nd = info.depths_size(), nw = info.widths_size();
+  const int dmax = info.depths(nd - 1), dmin = info.depths(0), dmid = info.depths(nd / 2);
+  const double w0 = info.widths(0), wlast = info.widths(nw - 1), wmid = info.widths(nw / 2);
+  const double w1 = info.widths(std::min(1, nw - 1));
+  // Eight distinct shapes spread over the grid; the first k are used.
+  std::vector<v1::Shape> pool = {shape(dmax, w0), shape(dmin, wlast), shape(dmax, wmid),
+                                 shape(dmid, w1), shape(dmax, wlast), shape(dmid, wmid),
+                                 shape(dmin, w0), shape(dmid, wlast)};
+  for (auto& co : cos)
+    for (const auto& s : pool) Load(co, 1, 1, 4, {s}, true);  // warm-up: every lane built
+  const std::vector<int> ks = {1, 2, 4, 8};
+  // rate[target][k] over rounds; ITL per shape key (last round's k = 8 run, all rounds pooled).
+  std::vector<std::map<int, std::vector<double>>> rate(targets.size());
+  std::vector<std::map<std::string, std::vector<double>>> itl8(targets.size());
+  for (int r = 0; r < rounds; ++r)
+    for (int k : ks)
+      for (size_t t = 0; t < targets.size(); ++t) {
+        std::vector<v1::Shape> shapes(pool.begin(), pool.begin() + k);
+        Sample s = Load(cos[t], 16, requests, tokens, shapes, true);
+        const double tps = s.errors ? 0.0 : s.tokens / s.seconds;
+        rate[t][k].push_back(tps);
+        if (k == 8)
+          for (auto& [key, v] : s.itl_by_shape)
+            itl8[t][key].insert(itl8[t][key].end(), v.begin(), v.end());
+        std::fprintf(stderr, "round %d, %d shapes, %s: %.1f tok/s (%d errors)\n", r + 1, k,
+                     targets[t].first.c_str(), tps, s.errors);
+      }
+  nlohmann::json out = {{"machine", machine},
+                        {"streams", 16},
+                        {"tokens_per_request", tokens},
+                        {"requests_per_stream", requests},
+                        {"rounds", rounds},
+                        {"shapes", nlohmann::json::array()},
+                        {"targets", nlohmann::json::array()}};
+  for (const auto& s : pool) out["shapes"].push_back(ShapeKey(s));
+  std::string md = "# bench/serve: many shapes at once\n\n" + machine +
+                   "\n\n16 greedy streams, shapes cycling over k distinct grid shapes; aggregate "
+                   "completion tokens/s, median of " +
+                   std::to_string(rounds) + " interleaved rounds (all rounds in the JSON).\n\n";
+  md +=
+      "| server | 1 shape tok/s | 2 shapes | 4 shapes | 8 shapes | 8 shapes: ITL p50 full / "
+      "smallest ms | p99 full / smallest ms |\n|---|---|---|---|---|---|---|\n";
+  const std::string full_key = ShapeKey(pool[0]), small_key = ShapeKey(pool[1]);
+  for (size_t t = 0; t < targets.size(); ++t) {
+    const double base = Median(rate[t][1]);
+    nlohmann::json tj = {{"label", targets[t].first}, {"rounds", nlohmann::json::object()}};
+    char line[512];
+    std::snprintf(line, sizeof(line), "| %s | %.1f |", targets[t].first.c_str(), base);
+    md += line;
+    for (int k : ks) {
+      tj["rounds"][std::to_string(k)] = rate[t][k];
+      tj["median_tokens_per_s"][std::to_string(k)] = Median(rate[t][k]);
+      if (k == 1) continue;
+      std::snprintf(line, sizeof(line), " %.2fx |", base > 0 ? Median(rate[t][k]) / base : 0.0);
+      md += line;
+    }
+    for (auto& [key, v] : itl8[t]) {
+      tj["itl8_p50_ms"][key] = Pct(v, 0.5);
+      tj["itl8_p99_ms"][key] = Pct(v, 0.99);
+    }
+    std::snprintf(line, sizeof(line), " %.1f / %.1f | %.1f / %.1f |\n", Pct(itl8[t][full_key], 0.5),
+                  Pct(itl8[t][small_key], 0.5), Pct(itl8[t][full_key], 0.99),
+                  Pct(itl8[t][small_key], 0.99));
+    md += line;
+    out["targets"].push_back(tj);
+  }
+  for (const std::string& p : {out_json, out_md})
+    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
+      std::filesystem::create_directories(dir);
+  std::ofstream(out_json) << out.dump(2) << "\n";
+  std::ofstream(out_md) << md;
+  std::printf("%s", md.c_str());
+  return 0;
 }
 
 }  // namespace
@@ -96,7 +211,27 @@ int main(int argc, char** argv) {
   app.add_option("--requests", requests, "Requests per stream")->capture_default_str();
   app.add_option("--json", out_json)->capture_default_str();
   app.add_option("--md", out_md)->capture_default_str();
+  // Many shapes at once (ShapeMix): LABEL=ADDRESS per server, measured in interleaved rounds.
+  std::vector<std::string> mix_targets;
+  int rounds = 3;
+  std::string machine;
+  app.add_option("--shape-mix", mix_targets,
+                 "Run the many-shapes benchmark against these servers (LABEL=HOST:PORT ...)");
+  app.add_option("--rounds", rounds, "Interleaved rounds (--shape-mix)")->capture_default_str();
+  app.add_option("--machine", machine, "The machine, for the report")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (!mix_targets.empty()) {
+    std::vector<std::pair<std::string, std::string>> targets;
+    for (const std::string& t : mix_targets) {
+      const size_t eq = t.find('=');
+      if (eq == std::string::npos) {
+        std::fprintf(stderr, "--shape-mix: expected LABEL=HOST:PORT, got %s\n", t.c_str());
+        return 2;
+      }
+      targets.emplace_back(t.substr(0, eq), t.substr(eq + 1));
+    }
+    return ShapeMix(targets, rounds, tokens, requests, out_json, out_md, machine);
+  }
 
   client::Client c(co);
   v1::ModelInfo info;

@@ -2,17 +2,19 @@
 # a server on a loopback port.
 #   start_server PRESET [extra amoeba-server flags...]
 # builds the supernet in $WORK (random weights; INIT_ARGS overrides dims; TUNED=1 adds SMoL
-# adapters from a one-step tune), starts amoeba-server, sets PID and TARGET, and stops the server
-# and removes $WORK on exit.
+# adapters from a one-step tune), starts amoeba-server, sets PID and TARGET, and stops the servers
+# and removes $WORK on exit (make_supernet and launch_server do it in two steps, for several
+# servers on one supernet).
 #   rss_report: prints "RSS ... = Nx the supernet weights" with a breakdown (weights file,
 # anonymous memory, shared-library code) of the running server.
 B=build
 WORK=$(mktemp -d)
-trap 'kill -TERM ${PID:-0} 2>/dev/null || true; rm -rf "$WORK"' EXIT
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 
-start_server() {
+# The supernet of a preset in $WORK/s (random weights, calibrated; TUNED=1: one tuning step).
+make_supernet() {
   local preset=$1
-  shift
   # shellcheck disable=SC2086
   $B/admin/amoeba-admin init --out "$WORK/m" --preset "$preset" --seed 1 ${INIT_ARGS:-} > /dev/null 2>&1
   python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 400))" > "$WORK/calib.txt"
@@ -22,11 +24,24 @@ start_server() {
     $B/admin/amoeba-admin tune --supernet "$WORK/s" --data "$WORK/calib.txt" --steps 1 --batch 1 \
       --seq-len 32 --subnets 2 > /dev/null 2>&1
   fi
+}
+
+# Starts amoeba-server NAME on $WORK/s with extra flags; sets PID and TARGET.
+launch_server() {
+  local name=$1
+  shift
   $B/server/amoeba-server --supernet "$WORK/s" --host 127.0.0.1 --port 0 --metrics-port -1 \
-    --port-file "$WORK/ports" --max-context 256 "$@" > "$WORK/server.log" 2>&1 &
+    --port-file "$WORK/ports.$name" --max-context 256 "$@" > "$WORK/server.$name.log" 2>&1 &
   PID=$!
-  for _ in $(seq 1 1200); do [ -s "$WORK/ports" ] && break; sleep 0.5; done
-  TARGET="127.0.0.1:$(cut -d' ' -f1 "$WORK/ports")"
+  PIDS+=("$PID")
+  for _ in $(seq 1 1200); do [ -s "$WORK/ports.$name" ] && break; sleep 0.5; done
+  TARGET="127.0.0.1:$(cut -d' ' -f1 "$WORK/ports.$name")"
+}
+
+start_server() {
+  make_supernet "$1"
+  shift
+  launch_server main "$@"
 }
 
 rss_report() {

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "absl/strings/numbers.h"
@@ -120,6 +121,11 @@ int main(int argc, char** argv) {
       gen->add_flag("--json-object", json_object, "Constrain the output to a JSON object");
   grammar_opt->excludes(schema_opt)->excludes(object_opt);
   schema_opt->excludes(object_opt);
+  std::optional<int> priority;
+  gen->add_option("--priority", priority,
+                  "Admission class, -100..100 (default 0): while the shape's slots are all taken, "
+                  "higher classes start first")
+      ->check(CLI::Range(-100, 100));
   std::string speculate;
   int draft_tokens = 0;
   gen->add_option("--speculate", speculate,
@@ -199,6 +205,7 @@ int main(int argc, char** argv) {
       budget.Fill(req.mutable_budget());
     }
     req.set_max_new_tokens(max_new);
+    if (priority) req.set_priority(*priority);
     auto* s = req.mutable_sampling();
     s->set_temperature(temperature);
     s->set_top_k(top_k);

@@ -136,5 +136,27 @@ TEST(HttpFrontendTest, ATimeLimitIsNotReportedAsLength) {
   EXPECT_LT(body["usage"]["completion_tokens"].get<int>(), 200);
 }
 
+// amoeba.priority reaches the core: a class out of range is a 400 naming the field.
+TEST(HttpFrontendTest, PriorityIsAnAmoebaExtension) {
+  TestServer ts;
+  Http h(*ts.serving, Local());
+  auto ok = h.client.Post("/v1/completions",
+                          R"({"model": "full", "prompt": "hi", "max_tokens": 2,
+                              "amoeba": {"priority": 7}})",
+                          "application/json");
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+  for (const char* bad : {R"(101)", R"("high")", R"(1.5)"}) {
+    auto r = h.client.Post("/v1/completions",
+                           std::string(R"({"model": "full", "prompt": "hi", "max_tokens": 2,
+                              "amoeba": {"priority": )") +
+                               bad + "}}",
+                           "application/json");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 400) << bad << ": " << r->body;
+    EXPECT_NE(r->body.find("priority"), std::string::npos) << r->body;
+  }
+}
+
 }  // namespace
 }  // namespace amoeba

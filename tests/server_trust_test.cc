@@ -412,6 +412,25 @@ TEST(ServerTrustTest, HugeTimeLimitsAreRangeChecked) {
   EXPECT_EQ(s.tokens.size(), 3u);
 }
 
+// priority: out of [-100, 100] is refused naming the field; the ends of the range work.
+TEST(ServerTrustTest, PriorityIsRangeChecked) {
+  TestServer ts;
+  auto c = ts.Client();
+  for (int32_t p : {101, -101, std::numeric_limits<int32_t>::max()}) {
+    auto r = Req("hi", 5, 1.0, 2);
+    r.set_priority(p);
+    Streamed s = Stream(c, r);
+    EXPECT_EQ(s.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << p;
+    EXPECT_NE(s.status.error_message().find("priority"), std::string::npos);
+  }
+  for (int32_t p : {100, -100}) {
+    auto r = Req("hi", 5, 1.0, 2);
+    r.set_priority(p);
+    Streamed s = Stream(c, r);
+    EXPECT_TRUE(s.status.ok()) << p << ": " << s.status.error_message();
+  }
+}
+
 // When the last step yielded no text (a stop sequence), its token was counted in
 // usage.completion_tokens but never streamed. Usage now counts what was sent.
 TEST(ServerTrustTest, UsageCountsOnlyStreamedTokens) {

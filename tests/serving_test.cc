@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <future>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 
@@ -283,6 +284,49 @@ TEST(ServingTest, RunningGaugeReturnsToZeroAfterCancellation) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_NE(text.find(gauge + "0"), std::string::npos) << text;
+}
+
+}  // namespace
+}  // namespace amoeba
+
+namespace amoeba {
+namespace {
+
+// Admission classes: with one slot, waiting requests start highest class first and in arrival
+// order within a class (completion order is start order with one slot).
+TEST(SchedulerPriorityTest, HigherClassesStartFirstFifoWithinAClass) {
+  TempDir dir;
+  auto supernet = MakeTestSupernet(dir);
+  SchedulerOptions so;
+  so.slots_per_shape = 1;
+  so.max_context = 64;
+  Scheduler scheduler(*supernet, so);
+  std::mutex mu;
+  std::vector<std::string> order;
+  std::atomic<int> done{0};
+  std::vector<std::shared_ptr<Job>> jobs;
+  const std::vector<std::pair<std::string, int>> spec = {{"a", 0},  {"b", 0}, {"c", 5},
+                                                         {"d", -3}, {"e", 5}, {"f", 0}};
+  for (const auto& [id, priority] : spec) {
+    auto j = std::make_shared<Job>();
+    j->request_id = id;
+    j->shape = supernet->FullShape();
+    j->prompt = {1, 2, 3};
+    j->gen.max_new_tokens = 3;
+    j->priority = priority;
+    j->on_token = [](int32_t, std::string_view) {};
+    j->on_done = [&, id = id](const JobResult&) {
+      std::lock_guard<std::mutex> l(mu);
+      order.push_back(id);
+      ++done;
+    };
+    jobs.push_back(j);
+  }
+  ASSERT_TRUE(scheduler.Submit(jobs).ok());
+  for (int i = 0; i < 3000 && done < 6; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  std::lock_guard<std::mutex> l(mu);
+  EXPECT_EQ(order, (std::vector<std::string>{"c", "e", "a", "b", "f", "d"}));
 }
 
 }  // namespace

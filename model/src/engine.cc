@@ -80,7 +80,10 @@ void Engine::Project(const float* x, int64_t n, const LayerWeights& l, std::span
   }
   for (size_t i = 0; i < ps.size(); ++i)
     if (l.deltas[static_cast<int>(ps[i])].defined())
-      Serially([&] { ApplyDelta(x, n, l.deltas[static_cast<int>(ps[i])], ys[i]); });
+      Serially([&] {
+        const LowRankDelta& d = l.deltas[static_cast<int>(ps[i])];
+        ApplyDelta(x, d.downs[0].size(1), n, d, ys[i], d.ups[0].size(0));
+      });
 }
 
 namespace {
@@ -94,19 +97,31 @@ void LinearRowwiseOr(const float* x, int64_t n, const at::Tensor& W, float* y, L
 }
 }  // namespace
 
-void Engine::ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, float* y) {
+void Engine::ApplyDelta(const float* x, int64_t x_stride, int64_t n, const LowRankDelta& delta,
+                        float* y, int64_t y_stride) {
   if (!delta.defined()) return;
   const LinearPath path = options_.linear_path;
   // mid = Σ a_i (D_i x), then y += Σ b_j (U_j mid): two small products per factor, row by row
   // (a row's delta must not depend on its batch-mates: see Forward).
   const int64_t r = delta.downs[0].size(0), out = delta.ups[0].size(0);
+  const int64_t in = delta.downs[0].size(1);
   const int64_t big = std::max(r, out);
   if (static_cast<int64_t>(ws_->delta_mid.size()) < n * r) ws_->delta_mid.resize(n * r);
   if (static_cast<int64_t>(ws_->delta_out.size()) < n * big) ws_->delta_out.resize(n * big);
   float* mid = ws_->delta_mid.data();
   float* part = ws_->delta_out.data();
+  // Inputs wider than the delta's (rows of a shared pass, zero past this shape's width) go one row
+  // at a time; the rows are independent either way.
+  auto down = [&](const at::Tensor& D, float* dst) {
+    if (x_stride == in) {
+      LinearRowwiseOr(x, n, D, dst, path);
+    } else {
+      for (int64_t row = 0; row < n; ++row)
+        LinearRowwiseOr(x + row * x_stride, 1, D, dst + row * r, path);
+    }
+  };
   for (size_t i = 0; i < delta.downs.size(); ++i) {
-    LinearRowwiseOr(x, n, delta.downs[i], i == 0 ? mid : part, path);
+    down(delta.downs[i], i == 0 ? mid : part);
     if (i == 0) {
       Scale(mid, delta.down_weights[0], n * r);
     } else {
@@ -115,7 +130,12 @@ void Engine::ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, fl
   }
   for (size_t j = 0; j < delta.ups.size(); ++j) {
     LinearRowwiseOr(mid, n, delta.ups[j], part, path);
-    Axpy(delta.up_weights[j], part, y, n * out);
+    if (y_stride == out) {
+      Axpy(delta.up_weights[j], part, y, n * out);
+    } else {
+      for (int64_t row = 0; row < n; ++row)
+        Axpy(delta.up_weights[j], part + row * out, y + row * y_stride, out);
+    }
   }
 }
 
@@ -129,19 +149,19 @@ bool OneTokenEach(std::span<const SeqInput> seqs) {
 }  // namespace
 
 void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs,
-                       bool one_token_each) {
+                       bool one_token_each, const AttentionIo& io) {
   const LayerWeights& lw = model_->layers[layer];
   const int64_t hd = model_->config.head_dim;
   const int64_t hq = lw.q_heads(hd), hkv = lw.kv_heads(hd);
   if (hq == 0) return;
   const int64_t group = hq / hkv;
-  const int64_t qdim = hq * hd, kvdim = hkv * hd;
+  const int64_t qdim = io.q_stride, kvdim = io.kv_stride;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int64_t max_len = cache.max_len();
-  const float* q = ws_->q.data_ptr<float>();
-  const float* kn = ws_->k.data_ptr<float>();
-  const float* vn = ws_->v.data_ptr<float>();
-  float* att = ws_->att.data_ptr<float>();
+  const float* q = io.q;
+  const float* kn = io.k;
+  const float* vn = io.v;
+  float* att = io.att;
   // Slot storage is [hkv, capacity, hd] per layer (Forward reserved room for the new tokens),
   // fp32 or fp16.
   const bool half = cache.dtype() == at::kHalf;
@@ -166,7 +186,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   };
   // Row r's query heads of KV head kvh over the first `len` positions of `slot` (task t's
   // scratch).
-  float* scores = ws_->scores.data_ptr<float>();
+  float* scores = io.scores;
   auto attend = [&](int64_t t, int64_t r, int64_t slot, int64_t kvh, int64_t len) {
     const int64_t first = offset(slot, kvh, 0);
     const int64_t first_q = r * qdim + kvh * group * hd;  // the group's query heads
@@ -186,12 +206,12 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   // group and key, appends its key and value and attends, all in parallel (done one after
   // another on one thread, RoPE and the append's cache misses left the other core idle).
   if (one_token_each) {
-    float* qr = ws_->q.data_ptr<float>();
-    float* kr = ws_->k.data_ptr<float>();
+    float* qr = io.q;
+    float* kr = io.k;
     const int64_t n = static_cast<int64_t>(seqs.size());
     ParallelFor(0, n * hkv, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = t / hkv, kvh = t % hkv, slot = seqs[r].slot, pos = ws_->pos[r];
+        const int64_t r = t / hkv, kvh = t % hkv, slot = seqs[r].slot, pos = io.pos[r];
         ApplyRope(qr + r * qdim + kvh * group * hd, group, hd, rope_, pos);
         ApplyRope(kr + r * kvdim + kvh * hd, 1, hd, rope_, pos);
         append(r, slot, kvh, pos);
@@ -263,7 +283,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
         a.scale = scale;
         a.out = att + row * qdim;
         a.out_stride = qdim;
-        PrefillAttention(a, ws_->prefill_scores);
+        PrefillAttention(a, *io.prefill_scores);
       }
       row += T;
     }
@@ -294,15 +314,47 @@ bool Engine::RunsInOneRegion(std::span<const SeqInput> seqs) const {
   return true;
 }
 
-absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqInput> seqs,
-                                           bool all_logits) {
+void Engine::Embed(const KVCache& cache, std::span<const SeqInput> seqs, float* x,
+                   int64_t* pos) const {
   const Model& m = *model_;
-  const ModelConfig& c = m.config;
-  if (seqs.empty()) return absl::InvalidArgumentError("Forward: no sequences");
+  const int64_t H = m.config.hidden_size;
+  const bool half_embed = m.embed.scalar_type() == at::kHalf;
+  int64_t row = 0;
+  for (const SeqInput& s : seqs) {
+    const int64_t p0 = cache.length(s.slot);
+    for (size_t t = 0; t < s.tokens.size(); ++t, ++row) {
+      const int64_t id = s.tokens[t];
+      if (half_embed) {
+        const at::Half* e = m.embed.data_ptr<at::Half>() + id * H;
+        for (int64_t i = 0; i < H; ++i) x[row * H + i] = static_cast<float>(e[i]);
+      } else {
+        std::memcpy(x + row * H, m.embed.data_ptr<float>() + id * H, H * sizeof(float));
+      }
+      pos[row] = p0 + static_cast<int64_t>(t);
+    }
+  }
+}
+
+void Engine::FinalNorm(std::span<const SeqInput> seqs, bool all_logits, const float* x,
+                       float* h) const {
+  const Model& m = *model_;
+  const int64_t H = m.config.hidden_size;
+  const float* fn = m.final_norm.data_ptr<float>();
+  int64_t row = 0, out = 0;
+  for (const SeqInput& s : seqs) {
+    const int64_t T = static_cast<int64_t>(s.tokens.size());
+    const int64_t keep = all_logits || s.all_logits ? T : 1;
+    RmsNorm(x + (row + T - keep) * H, fn, keep, H, m.config.rms_norm_eps, h + out * H);
+    row += T;
+    out += keep;
+  }
+}
+
+absl::Status Engine::CheckInputs(const KVCache& cache, std::span<const SeqInput> seqs) const {
+  const Model& m = *model_;
   if (cache.num_layers() != static_cast<int64_t>(m.layers.size())) {
     return absl::InvalidArgumentError("Forward: KV cache was built for a different model");
   }
-  int64_t n = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqInput& s = seqs[i];
     if (s.slot < 0 || s.slot >= cache.slots())
@@ -316,10 +368,20 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
                                                 " exceeds the cache length ", cache.max_len()));
     }
     for (int32_t t : s.tokens)
-      if (t < 0 || t >= c.vocab_size)
+      if (t < 0 || t >= m.config.vocab_size)
         return absl::InvalidArgumentError(absl::StrCat("Forward: token id ", t, " out of range"));
-    n += static_cast<int64_t>(s.tokens.size());
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqInput> seqs,
+                                           bool all_logits) {
+  const Model& m = *model_;
+  const ModelConfig& c = m.config;
+  if (seqs.empty()) return absl::InvalidArgumentError("Forward: no sequences");
+  if (absl::Status st = CheckInputs(cache, seqs); !st.ok()) return st;
+  int64_t n = 0;
+  for (const SeqInput& s : seqs) n += static_cast<int64_t>(s.tokens.size());
   int64_t out_rows = 0;
   for (const SeqInput& s : seqs)
     out_rows += all_logits || s.all_logits ? static_cast<int64_t>(s.tokens.size()) : 1;
@@ -331,28 +393,12 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   float* x = ws_->x.data_ptr<float>();
   float* h = ws_->h.data_ptr<float>();
   float* tmp = ws_->tmp.data_ptr<float>();
-  const bool half_embed = m.embed.scalar_type() == at::kHalf;
   // Written once for both ways of running: in a team (one parallel region for the whole pass,
   // team.h) the kernels split by the team and the serial pieces run on its first thread; else
   // each kernel opens its own region.
   const bool one_token_each = OneTokenEach(seqs);
   auto compute = [&] {
-    Serially([&] {
-      int64_t row = 0;
-      for (const SeqInput& s : seqs) {
-        const int64_t p0 = cache.length(s.slot);
-        for (size_t t = 0; t < s.tokens.size(); ++t, ++row) {
-          const int64_t id = s.tokens[t];
-          if (half_embed) {
-            const at::Half* e = m.embed.data_ptr<at::Half>() + id * H;
-            for (int64_t i = 0; i < H; ++i) x[row * H + i] = static_cast<float>(e[i]);
-          } else {
-            std::memcpy(x + row * H, m.embed.data_ptr<float>() + id * H, H * sizeof(float));
-          }
-          ws_->pos[row] = p0 + static_cast<int64_t>(t);
-        }
-      }
-    });
+    Serially([&] { Embed(cache, seqs, x, ws_->pos.data()); });
     for (size_t li = 0; li < m.layers.size(); ++li) {
       const LayerWeights& l = m.layers[li];
       const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
@@ -372,7 +418,18 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
           }
         });
       }
-      Attention(static_cast<int64_t>(li), cache, seqs, one_token_each);
+      {
+        const AttentionIo io{q,
+                             k,
+                             ws_->v.data_ptr<float>(),
+                             ws_->att.data_ptr<float>(),
+                             hq * hd,
+                             hkv * hd,
+                             ws_->pos.data(),
+                             ws_->scores.data_ptr<float>(),
+                             &ws_->prefill_scores};
+        Attention(static_cast<int64_t>(li), cache, seqs, one_token_each, io);
+      }
       if (hq > 0) {
         Project(ws_->att.data_ptr<float>(), n, l, Proj::kO, tmp);
         Serially([&] { AddInPlace(x, tmp, n * H); });
@@ -398,22 +455,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
       }
     }
 
-    // Final norm only on the rows whose logits are wanted.
-    Serially([&] {
-      const float* fn = m.final_norm.data_ptr<float>();
-      if (out_rows == n) {
-        RmsNorm(x, fn, n, H, c.rms_norm_eps, h);
-      } else {
-        int64_t row = 0, out = 0;
-        for (const SeqInput& s : seqs) {
-          const int64_t T = static_cast<int64_t>(s.tokens.size());
-          const int64_t keep = all_logits || s.all_logits ? T : 1;
-          RmsNorm(x + (row + T - keep) * H, fn, keep, H, c.rms_norm_eps, h + out * H);
-          row += T;
-          out += keep;
-        }
-      }
-    });
+    Serially([&] { FinalNorm(seqs, all_logits, x, h); });
     if (m.head_panels.defined() && options_.linear_path == LinearPath::kAuto) {
       LinearPacked(h, out_rows, m.head_panels, m.lm_head.size(0), m.lm_head.size(1), nullptr,
                    ws_->logits.data_ptr<float>());

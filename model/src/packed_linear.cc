@@ -183,12 +183,16 @@ void RunGroup(std::span<const PackedOutput> outs, const float* xt, int64_t in, i
   ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
     const T* panel = o.panels->data_ptr<T>() + p * o.panels->size(1) * kPanel;
     float* y = o.y + r0 * o.out;
+    // Rows past the panel's share still run (J is fixed per group) but are not stored.
+    const int64_t rows_here =
+        o.panel_rows ? std::clamp<int64_t>(o.panel_rows[p] - r0, 0, rows) : rows;
+    if (rows_here == 0) return;
     if (isa == KernelIsa::kAvx512) {
-      kAvx512[prefetch](panel, xt, in, y, o.out, p * kPanel, valid, rows);
+      kAvx512[prefetch](panel, xt, in, y, o.out, p * kPanel, valid, rows_here);
     } else if (isa == KernelIsa::kAvx2) {  // one distance: near and far are the same here
-      PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows, prefetch != 0);
+      PanelAvx2<J, T>(panel, xt, in, y, o.out, p * kPanel, valid, rows_here, prefetch != 0);
     } else {
-      PanelScalar(panel, xt, J, in, y, o.out, p * kPanel, valid, rows);
+      PanelScalar(panel, xt, J, in, y, o.out, p * kPanel, valid, rows_here);
     }
   });
 }

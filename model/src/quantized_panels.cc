@@ -464,7 +464,8 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
           {RunPanel<false, 0>, RunPanel<false, 1>, RunPanel<false, 2>},
           {RunPanel<true, 0>, RunPanel<true, 1>, RunPanel<true, 2>}};
       auto run = kRuns[q4][prefetch];
-      run(kernel, panel, bb, acts, r0, rows, o.y, o.out, p * kPanel, valid);
+      const int64_t here = o.panel_rows ? std::clamp<int64_t>(o.panel_rows[p] - r0, 0, rows) : rows;
+      if (here > 0) run(kernel, panel, bb, acts, r0, here, o.y, o.out, p * kPanel, valid);
     });
   }
 }

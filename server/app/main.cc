@@ -121,6 +121,9 @@ int Run(ServerConfig c) {
   so.on_lane_step = [&metrics](const Shape& s, int64_t running) {
     metrics.SetRunning(s.ToString(), running);
   };
+  so.on_shared_step = [&metrics](const SharedPassStats& st, int64_t lanes, double ms) {
+    metrics.ObserveSharedStep(lanes, st.rows, st.weight_bytes, st.weight_bytes_alone, ms / 1e3);
+  };
   so.on_draft_checked = [&metrics](const Shape& target, const Shape& draft, int64_t drafted,
                                    int64_t accepted) {
     metrics.ObserveDraftCheck(target.ToString(), draft.ToString(), drafted, accepted);

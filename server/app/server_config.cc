@@ -96,6 +96,9 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   Flag(app, "prompt-cache-block", s.prompt_cache_block,
        "Tokens per prompt-cache block (prefixes are reused in whole blocks)")
       ->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  Flag(app, "shared-steps", s.shared_steps,
+       "One engine pass per step for every shape in flight: the supernet's weights are read once "
+       "for all of them (false: each shape steps on its own)");
   Flag(app, "prefill-chunk", s.prefill_chunk, "Prompt tokens per scheduler step")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   Flag(app, "weights-dtype", c.weights_dtype,

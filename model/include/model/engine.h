@@ -53,6 +53,36 @@ struct EngineOptions {
   bool one_region_decode = true;
 };
 
+class Engine;
+
+// One model's part of a shared pass (Engine::ForwardShared).
+struct SharedForwardGroup {
+  Engine* engine = nullptr;
+  KVCache* cache = nullptr;
+  std::span<const SeqInput> seqs;
+  // One key per layer of the engine's model, increasing. Layers with the same key across groups
+  // are one weight storage seen at per-layer prefixes (views of one model, each keeping the first
+  // rows of q/k/v/gate/up and the first columns of o/down): their panels are streamed once for all
+  // of those groups' rows. Any other layers still run in the same walk, on their own panels.
+  std::span<const int64_t> layer_keys;
+  bool all_logits = false;
+  at::Tensor logits{};  // out: as Forward returns, a view valid until the next pass
+};
+
+// Activation buffers of shared passes (grown on demand).
+struct SharedWorkspace {
+  at::Tensor x, h, q, k, v, att, tmp, gate, up, logits, scores, prefill_scores;
+  std::vector<int64_t> pos;
+  std::vector<int64_t> panel_rows;  // per projection, per panel: rows that panel computes
+};
+
+// What a shared pass did (for metrics): the rows of each group and the panel bytes it streamed.
+struct SharedPassStats {
+  int64_t rows = 0;
+  int64_t weight_bytes = 0;        // panel bytes read once for every model they serve
+  int64_t weight_bytes_alone = 0;  // what each model reading its own would have read
+};
+
 class Engine {
  public:
   Engine(std::shared_ptr<const Model> model, EngineOptions options = {});
@@ -75,15 +105,44 @@ class Engine {
   absl::StatusOr<at::Tensor> Forward(KVCache& cache, std::span<const SeqInput> seqs,
                                      bool all_logits = false);
 
+  // One forward pass over several models at once (model/src/engine_shared.cc): the layers are
+  // walked in key order, and at each key the rows of every group whose model has that layer go
+  // through one stream of its panels; each row keeps its own model's widths, biases, low-rank
+  // deltas, attention and KV cache. A group's logits equal its own Forward's: bit for bit where a
+  // row's values do not depend on its batch-mates (see Forward), else to rounding. Errors as
+  // Forward's (INVALID_ARGUMENT names the group); on error no cache has changed.
+  static absl::Status ForwardShared(std::span<SharedForwardGroup> groups, SharedWorkspace& ws,
+                                    SharedPassStats* stats = nullptr);
+
  private:
   void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
+  // Rows of the new tokens' embeddings into x and their positions into pos.
+  void Embed(const KVCache& cache, std::span<const SeqInput> seqs, float* x, int64_t* pos) const;
+  // The final norm of the rows whose logits are wanted (the last of each sequence, or all), into
+  // consecutive rows of h.
+  void FinalNorm(std::span<const SeqInput> seqs, bool all_logits, const float* x, float* h) const;
+  // Forward's input checks (slot, tokens, room in the cache).
+  absl::Status CheckInputs(const KVCache& cache, std::span<const SeqInput> seqs) const;
   // Whether every kernel of `m` reads panels (no row-major weights, no low-rank deltas).
   static bool PanelsOnly(const Model& m, const EngineOptions& options);
   // Whether a Forward over `seqs` can run as one team (EngineOptions::one_region_decode).
   bool RunsInOneRegion(std::span<const SeqInput> seqs) const;
+  // Where one layer's attention reads and writes: rows in `seqs` order, q and att with row stride
+  // q_stride, k and v with kv_stride (at least the layer's widths: a shared pass's rows are as
+  // wide as its widest model), positions per row, score scratch for every (row, KV head) task.
+  struct AttentionIo {
+    float* q;
+    float* k;
+    const float* v;
+    float* att;
+    int64_t q_stride, kv_stride;
+    const int64_t* pos;
+    float* scores;
+    at::Tensor* prefill_scores;
+  };
   // one_token_each (a pure decode step): RoPE is applied here, per KV head, not by Forward.
-  void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs,
-                 bool one_token_each);
+  void Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs, bool one_token_each,
+                 const AttentionIo& io);
   // y_i[n, out_i] = x W_i^T + bias_i (+ U_i D_i x where projection i carries a low-rank delta)
   // for projections `ps` of one input (q, k, v; gate, up; or one): with panels (PackWeights) in
   // one pass (LinearPackedMany), else with the row-major kernels one by one.
@@ -92,8 +151,10 @@ class Engine {
   void Project(const float* x, int64_t n, const LayerWeights& l, Proj p, float* y) {
     Project(x, n, l, {&p, 1}, {&y, 1});
   }
-  // y += the projection's low-rank delta applied to x (nothing when absent).
-  void ApplyDelta(const float* x, int64_t n, const LowRankDelta& delta, float* y);
+  // y += the projection's low-rank delta applied to x (nothing when absent); x and y rows at
+  // their strides (at least the delta's input and output sizes).
+  void ApplyDelta(const float* x, int64_t x_stride, int64_t n, const LowRankDelta& delta, float* y,
+                  int64_t y_stride);
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;

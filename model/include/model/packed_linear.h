@@ -42,6 +42,10 @@ struct PackedOutput {
   int64_t out = 0;
   const float* bias = nullptr;  // optional
   float* y = nullptr;
+  // Optional, ceil(out/16) entries: panel p computes only rows [0, panel_rows[p]) of y (rows of
+  // several widths in one pass, widest first: a narrower row needs fewer panels). Rows a panel
+  // skips keep whatever y held.
+  const int64_t* panel_rows = nullptr;
 };
 void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const PackedOutput> outs);
 

@@ -96,6 +96,28 @@ struct Metrics::Impl {
   double last_hits = 0, last_misses = 0;
   std::mutex mu;
 
+  prometheus::Family<prometheus::Histogram>& shared_step =
+      prometheus::BuildHistogram()
+          .Name("amoeba_shared_step_seconds")
+          .Help("Engine time of decode steps shared by several shapes")
+          .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& shared_lanes =
+      prometheus::BuildHistogram()
+          .Name("amoeba_shared_step_shapes")
+          .Help("Shapes (lanes) served by one shared step")
+          .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& shared_rows =
+      prometheus::BuildHistogram()
+          .Name("amoeba_shared_step_rows")
+          .Help("Token rows computed by one shared step")
+          .Register(*registry);
+  prometheus::Family<prometheus::Counter>& shared_bytes =
+      prometheus::BuildCounter()
+          .Name("amoeba_shared_step_weight_bytes_total")
+          .Help(
+              "Weight bytes streamed by shared steps (read), and what stepping each shape on "
+              "its own would have streamed (alone)")
+          .Register(*registry);
   static prometheus::Histogram::BucketBoundaries Buckets() {
     return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
   }
@@ -133,6 +155,16 @@ void Metrics::ObserveRequest(const std::string& shape, const std::string& status
   if (prompt_tokens > 0)
     impl_->prompt_lookups.Add({{"shape", shape}, {"result", cached_tokens > 0 ? "hit" : "miss"}})
         .Increment();
+}
+
+void Metrics::ObserveSharedStep(int64_t shapes, int64_t rows, int64_t weight_bytes,
+                                int64_t weight_bytes_alone, double seconds) {
+  static const prometheus::Histogram::BucketBoundaries kCounts = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+  impl_->shared_step.Add({}, Impl::Buckets()).Observe(seconds);
+  impl_->shared_lanes.Add({}, kCounts).Observe(static_cast<double>(shapes));
+  impl_->shared_rows.Add({}, kCounts).Observe(static_cast<double>(rows));
+  impl_->shared_bytes.Add({{"kind", "read"}}).Increment(static_cast<double>(weight_bytes));
+  impl_->shared_bytes.Add({{"kind", "alone"}}).Increment(static_cast<double>(weight_bytes_alone));
 }
 
 void Metrics::ObserveDraftCheck(const std::string& target, const std::string& draft,

@@ -102,6 +102,8 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r, const Service
   }
   if (r.time_limit_ms && (*r.time_limit_ms <= 0 || *r.time_limit_ms > l.max_time_limit_ms))
     return InvalidField("time_limit_ms", absl::StrCat("must be in [1, ", l.max_time_limit_ms, "]"));
+  if (r.priority && (*r.priority < -100 || *r.priority > 100))
+    return InvalidField("priority", "must be in [-100, 100]");
   if (r.budget) return ValidateBudget(*r.budget);
   return absl::OkStatus();
 }

@@ -143,6 +143,7 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s, bool* existed) {
   lane->shape = s;
   lane->model = std::make_shared<const Model>(std::move(*m));
   lane->engine = NewEngine(lane->model);
+  for (int layer : supernet_.spec().FindDepth(s.depth)->layers) lane->layer_keys.push_back(layer);
   lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
   lane->slot_used.assign(opt_.slots_per_shape, false);
   spdlog::info("scheduler: new lane {} (supernet views{})", key,
@@ -344,6 +345,10 @@ bool Scheduler::Admit() {
     std::lock_guard<std::mutex> l(mu_);
     pending.swap(queue_);
   }
+  // Higher classes first; arrival order within a class (the queue holds arrival order: what was
+  // kept back last time went back to its front).
+  std::stable_sort(pending.begin(), pending.end(),
+                   [](const auto& a, const auto& b) { return a->priority > b->priority; });
   bool moved = false;
   std::deque<std::shared_ptr<Job>> keep;
   for (auto& job : pending) {
@@ -635,7 +640,7 @@ absl::Status Scheduler::DraftWith(Lane& lane, const std::string& key, Draft& dra
   return absl::OkStatus();
 }
 
-void Scheduler::Step(Lane& lane) {
+bool Scheduler::PrepareStep(Lane& lane) {
   const auto now = Clock::now();
   // Cancellation and deadlines are honoured before spending a step on the sequence.
   for (size_t i = lane.seqs.size(); i-- > 0;)
@@ -643,7 +648,7 @@ void Scheduler::Step(Lane& lane) {
   if (lane.seqs.empty()) {
     // Everyone left: the listener hears the lane is empty (else its gauge keeps the last count).
     if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, 0);
-    return;
+    return false;
   }
   lane.last_used = now;
   if (opt_.fault_hook) opt_.fault_hook("step", lane.shape);
@@ -652,9 +657,10 @@ void Scheduler::Step(Lane& lane) {
   for (Seq& s : lane.seqs)
     if (s.awaiting_prefix && !PrefixComingUp(lane, s)) RestorePrefix(lane, s);
   if (!lane.drafts.empty()) DraftStep(lane);
-  std::vector<SeqInput> inputs;
-  inputs.reserve(lane.seqs.size());
-  std::vector<int64_t> input_of(lane.seqs.size(), -1);  // a waiting sequence has none
+  std::vector<SeqInput>& inputs = lane.inputs;
+  inputs.clear();
+  std::vector<int64_t>& input_of = lane.input_of;
+  input_of.assign(lane.seqs.size(), -1);  // a waiting sequence has none
   for (size_t i = 0; i < lane.seqs.size(); ++i) {
     Seq& s = lane.seqs[i];
     if (s.awaiting_prefix) continue;
@@ -671,9 +677,19 @@ void Scheduler::Step(Lane& lane) {
   }
   if (inputs.empty()) {  // defensive: a sequence waits only while another one feeds
     if (opt_.on_lane_step) opt_.on_lane_step(lane.shape, static_cast<int64_t>(lane.seqs.size()));
-    return;
+    return false;
   }
-  auto logits = lane.engine->Forward(lane.cache, inputs);
+  return true;
+}
+
+void Scheduler::Step(Lane& lane) {
+  if (!PrepareStep(lane)) return;
+  FinishStep(lane, lane.engine->Forward(lane.cache, lane.inputs));
+}
+
+void Scheduler::FinishStep(Lane& lane, const absl::StatusOr<at::Tensor>& logits) {
+  const std::vector<SeqInput>& inputs = lane.inputs;
+  const std::vector<int64_t>& input_of = lane.input_of;
   if (!logits.ok()) {
     spdlog::error("scheduler: step on {} failed: {}", lane.shape.ToString(),
                   logits.status().ToString());
@@ -933,6 +949,69 @@ void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
   lane_count_ = static_cast<int64_t>(lanes_.size());
 }
 
+bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& failed) {
+  bool any = false;
+  std::vector<std::pair<const std::string*, Lane*>>& ready = step_lanes_;
+  ready.clear();
+  for (auto& [k, lane] : lanes_) {
+    if (lane->seqs.empty()) continue;
+    any = true;
+    try {
+      if (PrepareStep(*lane)) ready.emplace_back(&k, lane.get());
+    } catch (...) {
+      failed.emplace_back(k, StatusFromException(std::current_exception(), "engine"));
+    }
+  }
+  if (ready.empty()) return any;
+  const auto started = Clock::now();
+  // One pass over every lane's rows; a lane alone runs its own Forward (the same kernels).
+  absl::Status pass = absl::OkStatus();
+  SharedPassStats pass_stats;
+  std::vector<SharedForwardGroup>& groups = step_groups_;
+  groups.clear();
+  try {
+    if (ready.size() == 1) {
+      Lane& lane = *ready[0].second;
+      auto logits = lane.engine->Forward(lane.cache, lane.inputs);
+      pass = logits.status();
+      if (logits.ok()) {
+        groups.push_back({.engine = lane.engine.get(),
+                          .cache = &lane.cache,
+                          .seqs = lane.inputs,
+                          .layer_keys = lane.layer_keys});
+        groups.back().logits = *logits;
+      }
+    } else {
+      for (auto& [k, lane] : ready)
+        groups.push_back({.engine = lane->engine.get(),
+                          .cache = &lane->cache,
+                          .seqs = lane->inputs,
+                          .layer_keys = lane->layer_keys});
+      pass = Engine::ForwardShared(groups, shared_workspace_, &pass_stats);
+    }
+  } catch (...) {
+    // The pass's state is unknown for every lane in it.
+    const absl::Status error = StatusFromException(std::current_exception(), "engine");
+    for (auto& [k, lane] : ready) failed.emplace_back(*k, error);
+    return true;
+  }
+  if (opt_.on_shared_step && ready.size() > 1)
+    opt_.on_shared_step(pass_stats, static_cast<int64_t>(ready.size()), Ms(started, Clock::now()));
+  for (size_t i = 0; i < ready.size(); ++i) {
+    Lane& lane = *ready[i].second;
+    try {
+      if (!pass.ok()) {
+        FinishStep(lane, pass);
+      } else {
+        FinishStep(lane, groups[i].logits);
+      }
+    } catch (...) {
+      failed.emplace_back(*ready[i].first, StatusFromException(std::current_exception(), "engine"));
+    }
+  }
+  return true;
+}
+
 void Scheduler::Loop() {
   at::InferenceMode guard;  // thread-local: the worker never builds autograd graphs
   bool trimmed = true;
@@ -949,16 +1028,21 @@ void Scheduler::Loop() {
     bool any = false;
     int64_t kv = 0;
     std::vector<std::pair<std::string, absl::Status>> failed;
-    for (auto& [k, lane] : lanes_) {
-      if (lane->seqs.empty()) continue;
-      any = true;
-      try {
-        Step(*lane);
-      } catch (...) {
-        failed.emplace_back(k, StatusFromException(std::current_exception(), "engine"));
-        continue;
+    if (opt_.shared_steps) {
+      any = SharedStep(failed);
+      for (auto& [k, lane] : lanes_) kv += lane->cache.bytes();
+    } else {
+      for (auto& [k, lane] : lanes_) {
+        if (lane->seqs.empty()) continue;
+        any = true;
+        try {
+          Step(*lane);
+        } catch (...) {
+          failed.emplace_back(k, StatusFromException(std::current_exception(), "engine"));
+          continue;
+        }
+        kv += lane->cache.bytes();
       }
-      kv += lane->cache.bytes();
     }
     for (const auto& [k, error] : failed) FailLane(k, error);
     kv_bytes_ = kv;
@@ -969,6 +1053,7 @@ void Scheduler::Loop() {
     }
     if (!trimmed) {  // just went idle: drop the activations and hand freed pages to the OS
       *workspace_ = EngineWorkspace{};
+      shared_workspace_ = SharedWorkspace{};
       malloc_trim(0);
       trimmed = true;
     }

@@ -491,6 +491,7 @@ absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest
   job->gen.max_new_tokens = r.max_new_tokens.value_or(128);
   job->gen.stop = r.stop;
   job->gen.time_limit_ms = r.time_limit_ms.value_or(0);
+  job->priority = r.priority.value_or(0);
   job->gen.logprobs = r.logprobs.value_or(-1);
   job->gen.prompt_logprobs = r.prompt_logprobs;
   ASSIGN_OR_RETURN(job->gen.grammar, GrammarFor(r));

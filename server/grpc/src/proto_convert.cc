@@ -50,6 +50,7 @@ GenerationRequest GenerationRequestFromProto(const v1::GenerateRequest& r) {
   if (r.has_max_new_tokens()) g.max_new_tokens = r.max_new_tokens();
   g.stop.assign(r.stop().begin(), r.stop().end());
   if (r.has_time_limit_ms()) g.time_limit_ms = r.time_limit_ms();
+  if (r.has_priority()) g.priority = r.priority();
   if (r.has_speculate()) g.speculate = r.speculate();
   if (r.has_draft_tokens()) g.draft_tokens = r.draft_tokens();
   return g;

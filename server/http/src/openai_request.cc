@@ -370,7 +370,8 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
     const json& a = j["amoeba"];
     if (!a.is_object()) return InvalidField("amoeba", "must be an object");
     for (auto& [k, v] : a.items())
-      if (k != "budget" && k != "speculate" && k != "draft_tokens" && k != "time_limit_ms")
+      if (k != "budget" && k != "speculate" && k != "draft_tokens" && k != "time_limit_ms" &&
+          k != "priority")
         return InvalidField("amoeba." + k, "unknown field");
     if (a.contains("budget")) {
       ASSIGN_OR_RETURN(auto b, BudgetFromJson(a["budget"]));
@@ -385,6 +386,11 @@ absl::StatusOr<OpenAiCall> ParseOpenAiCall(const Serving& serving, const ModelNa
       if (!a["time_limit_ms"].is_number_integer())
         return InvalidField("amoeba.time_limit_ms", "must be an integer");
       r.time_limit_ms = a["time_limit_ms"].get<int64_t>();
+    }
+    if (a.contains("priority")) {
+      if (!a["priority"].is_number_integer())
+        return InvalidField("amoeba.priority", "must be an integer");
+      r.priority = a["priority"].get<int64_t>();
     }
     if (a.contains("draft_tokens")) {
       if (!a["draft_tokens"].is_number_integer())

@@ -22,6 +22,10 @@ class Metrics {
   // One speculative check: `drafted` tokens proposed by `draft`, `accepted` of them kept.
   void ObserveDraftCheck(const std::string& target, const std::string& draft, int64_t drafted,
                          int64_t accepted);
+  // One decode step shared by `shapes` lanes: its rows, the weight bytes it streamed and what the
+  // shapes stepping alone would have streamed, its engine time.
+  void ObserveSharedStep(int64_t shapes, int64_t rows, int64_t weight_bytes,
+                         int64_t weight_bytes_alone, double seconds);
   // `route` is one of the front end's own route names (or "other"): labels stay bounded.
   void ObserveHttp(std::string_view route, int status);
   void SetRunning(const std::string& shape, int64_t n);

@@ -66,6 +66,8 @@ struct GenerationRequest {
   std::optional<std::string> grammar;
   std::optional<std::string> json_schema;
   bool json_object = false;
+  // Admission class in [-100, 100] (unset: 0): higher classes leave the queue first.
+  std::optional<int64_t> priority;
 };
 
 struct TokenizeRequest {

@@ -42,6 +42,7 @@ struct Job {
   std::optional<Shape> draft;
   int64_t draft_tokens = 0;
   std::optional<Clock::time_point> deadline;  // gRPC deadline; time_limit_ms is in `gen`
+  int64_t priority = 0;                       // admission class: higher first, FIFO within a class
   std::atomic<bool> cancelled{false};
   Clock::time_point enqueued;
   bool lane_lookup_counted = false;  // cache hit/miss counted once per request (worker thread)
@@ -85,6 +86,13 @@ struct SchedulerOptions {
   // Drafting pays while a step reads the weights for few rows: a lane decoding more sequences
   // than this checks no drafts that step (its sequences decode token by token).
   int64_t max_speculating_batch = 2;
+  // Shared steps: one engine pass over the rows of every lane with work (Engine::ForwardShared),
+  // so the supernet's panels are streamed once per step for all shapes in flight; false: each lane
+  // steps on its own, one after another. Drafts still run per lane, before the pass.
+  bool shared_steps = true;
+  // Shared-step listener (metrics): the pass's rows and panel bytes, the lanes in it and its time
+  // (engine pass only), on the worker thread after each pass of two or more lanes.
+  std::function<void(const SharedPassStats&, int64_t lanes, double ms)> on_shared_step;
   // Lane statistics listener (metrics): called on the worker thread after each step.
   std::function<void(const Shape&, int64_t running)> on_lane_step;
   // Speculation listener (metrics): one call per checked draft, on the worker thread.
@@ -173,8 +181,12 @@ class Scheduler {
     Shape shape;
     std::shared_ptr<const Model> model;
     std::unique_ptr<Engine> engine;
+    std::vector<int64_t> layer_keys;  // the supernet layers the shape keeps (shared passes)
     KVCache cache;
     std::vector<Seq> seqs;
+    // This step's inputs (reused: no allocation per step); input_of[i]: seqs[i]'s, or -1.
+    std::vector<SeqInput> inputs;
+    std::vector<int64_t> input_of;
     std::vector<bool> slot_used;
     Clock::time_point last_used;
     int64_t bytes = 0;     // merged copy (0 while the lane runs on views)
@@ -215,6 +227,14 @@ class Scheduler {
   absl::Status DraftWith(Lane& lane, const std::string& key, Draft& draft);
   void DetachDraft(Lane& lane, Draft& d, const absl::Status& why);
   void Step(Lane& lane);
+  // A step in two halves around the engine pass: PrepareStep ends early sequences, drafts and
+  // gathers the lane's inputs (false: nothing to run); FinishStep samples from the pass's logits
+  // (or ends every sequence with its error).
+  bool PrepareStep(Lane& lane);
+  void FinishStep(Lane& lane, const absl::StatusOr<at::Tensor>& logits);
+  // One shared pass over every lane with work; lanes whose step threw go to `failed`. True when
+  // any lane had sequences.
+  bool SharedStep(std::vector<std::pair<std::string, absl::Status>>& failed);
   // Prompt cache keys: a lane's (its shape; merged copies apart, their KV differs in rounding)
   // and a draft's (drafts only propose: their KV never serves a lane).
   static std::string CacheKey(const Lane& lane);
@@ -256,6 +276,9 @@ class Scheduler {
   // a key maps to null while its build runs or after it failed. Worker thread only.
   std::map<std::string, std::shared_ptr<const Model>> draft_copies_;
   std::shared_ptr<EngineWorkspace> workspace_ = std::make_shared<EngineWorkspace>();
+  SharedWorkspace shared_workspace_;                              // worker thread only
+  std::vector<std::pair<const std::string*, Lane*>> step_lanes_;  // reused by SharedStep
+  std::vector<SharedForwardGroup> step_groups_;
   std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
   std::atomic<int64_t> draft_copy_count_{0};
