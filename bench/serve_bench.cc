@@ -199,6 +199,176 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
   return 0;
 }
 
+// Overload: the full shape's capacity first (16 closed-loop greedy streams: requests/s and the
+// inter-token p50), then open-loop arrivals at `factor` x that rate for `seconds`: every other
+// request explicit (the full shape), the rest a budget whose decode target is 1.5x the
+// capacity run's inter-token p50. Per server (label, address), in interleaved rounds: the share
+// of budget requests that kept their target, refusals, the shapes the planner chose, and the
+// explicit requests' latency.
+struct Arrival {
+  bool budget = false;
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  double decode_ms = 0, total_ms = 0;  // decode: ms per token after the first
+  std::string shape;
+  bool load_changed = false;
+};
+
+std::vector<Arrival> OpenLoop(const client::ClientOptions& co, double rate, double seconds,
+                              int tokens, const v1::Shape& full, double target_ms) {
+  const int n = std::max(1, static_cast<int>(rate * seconds));
+  std::vector<Arrival> out(n);
+  std::vector<std::thread> th;
+  const auto t0 = Clock::now();
+  for (int i = 0; i < n; ++i) {
+    std::this_thread::sleep_until(t0 + std::chrono::duration<double>(i / rate));
+    th.emplace_back([&, i] {
+      Arrival& a = out[i];
+      a.budget = i % 2 == 1;
+      client::Client c(co);
+      v1::GenerateRequest req;
+      req.set_text("Once upon a time there was");
+      if (a.budget) {
+        req.mutable_budget()->set_max_decode_ms_per_token(target_ms);
+      } else {
+        *req.mutable_shape() = full;
+      }
+      req.set_max_new_tokens(tokens);
+      req.mutable_sampling()->set_temperature(0.0);
+      req.add_stop("\x01\x02\x03");
+      const auto start = Clock::now();
+      Clock::time_point first, last;
+      int64_t got = 0;
+      grpc::Status st = c.Generate(req, [&](const v1::GenerateResponse& m) {
+        if (m.has_shape()) a.shape = ShapeKey(m.shape());
+        if (m.has_load_plan()) a.load_changed = m.load_plan().load_changed_choice();
+        if (m.token_ids_size() == 0) return;
+        last = Clock::now();
+        if (got == 0) first = last;
+        got += m.token_ids_size();
+      });
+      a.code = st.error_code();
+      a.total_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+      if (got > 1)
+        a.decode_ms = std::chrono::duration<double, std::milli>(last - first).count() / (got - 1);
+    });
+  }
+  for (auto& t : th) t.join();
+  return out;
+}
+
+int Overload(const std::vector<std::pair<std::string, std::string>>& targets, int rounds,
+             double factor, double seconds, int tokens, const std::string& out_json,
+             const std::string& out_md, const std::string& machine) {
+  std::vector<client::ClientOptions> cos;
+  for (const auto& t : targets) {
+    client::ClientOptions co;
+    co.target = t.second;
+    cos.push_back(co);
+  }
+  v1::ModelInfo info;
+  {
+    client::Client c(cos[0]);
+    if (!c.GetModelInfo(&info).ok()) {
+      std::fprintf(stderr, "cannot reach %s\n", cos[0].target.c_str());
+      return 1;
+    }
+  }
+  v1::Shape full;
+  full.set_depth(info.depths(info.depths_size() - 1));
+  full.set_width(info.widths(0));
+  for (auto& co : cos) Load(co, 2, 1, 4, {full}, true);  // warm-up
+  // Capacity on the first server (all run the same engine with one shape in flight).
+  Sample cap = Load(cos[0], 16, 2, tokens, {full}, true);
+  const double req_per_s = (16.0 * 2) / cap.seconds;
+  const double target_ms = 1.5 * Pct(cap.itl_ms, 0.5);
+  std::fprintf(stderr, "capacity: %.1f requests/s, ITL p50 %.1f ms; budget target %.1f ms/token\n",
+               req_per_s, Pct(cap.itl_ms, 0.5), target_ms);
+  std::vector<std::vector<Arrival>> all(targets.size());
+  for (int r = 0; r < rounds; ++r)
+    for (size_t t = 0; t < targets.size(); ++t) {
+      auto a = OpenLoop(cos[t], factor * req_per_s, seconds, tokens, full, target_ms);
+      all[t].insert(all[t].end(), a.begin(), a.end());
+      std::fprintf(stderr, "round %d, %s: %zu arrivals\n", r + 1, targets[t].first.c_str(),
+                   a.size());
+    }
+  nlohmann::json out = {{"machine", machine},
+                        {"capacity_requests_per_s", req_per_s},
+                        {"capacity_itl_p50_ms", Pct(cap.itl_ms, 0.5)},
+                        {"budget_target_ms", target_ms},
+                        {"overload_factor", factor},
+                        {"seconds", seconds},
+                        {"rounds", rounds},
+                        {"tokens_per_request", tokens},
+                        {"servers", nlohmann::json::array()}};
+  char line[768];
+  std::snprintf(
+      line, sizeof(line),
+      "# bench/serve: overload\n\n%s\n\nCapacity (16 greedy streams, full shape): %.1f "
+      "requests/s of %d tokens, inter-token p50 %.1f ms. Then open-loop arrivals at %.1fx "
+      "that rate for %.0f s per round (%d rounds, servers interleaved): every other "
+      "request names the full shape, the rest carry a budget of %.1f ms/token "
+      "(1.5x the capacity run's inter-token p50).\n\n",
+      machine.c_str(), req_per_s, tokens, Pct(cap.itl_ms, 0.5), factor, seconds, rounds, target_ms);
+  std::string md = line;
+  md +=
+      "| server | budget: kept target | refused | shapes chosen (load changed the choice) | "
+      "explicit: done / refused | explicit total p50 / p99 ms | explicit ms/token p50 / p99 "
+      "|\n|---|---|---|---|---|---|---|\n";
+  for (size_t t = 0; t < targets.size(); ++t) {
+    int b_total = 0, b_ok = 0, b_met = 0, b_refused = 0, changed = 0, e_ok = 0, e_refused = 0;
+    std::map<std::string, int> chosen;
+    std::vector<double> e_total, e_decode;
+    for (const Arrival& a : all[t]) {
+      const bool refused = a.code == grpc::StatusCode::RESOURCE_EXHAUSTED;
+      if (a.budget) {
+        ++b_total;
+        if (refused) ++b_refused;
+        if (a.code != grpc::StatusCode::OK) continue;
+        ++b_ok;
+        b_met += a.decode_ms <= target_ms;
+        ++chosen[a.shape];
+        changed += a.load_changed;
+      } else {
+        if (refused) ++e_refused;
+        if (a.code != grpc::StatusCode::OK) continue;
+        ++e_ok;
+        e_total.push_back(a.total_ms);
+        e_decode.push_back(a.decode_ms);
+      }
+    }
+    std::string shapes;
+    for (const auto& [k, v] : chosen)
+      shapes += (shapes.empty() ? "" : ", ") + k + ": " + std::to_string(v);
+    std::snprintf(line, sizeof(line),
+                  "| %s | %d of %d served (%.0f%%) | %d of %d | %s (%d) | %d / %d | %.0f / %.0f | "
+                  "%.1f / %.1f |\n",
+                  targets[t].first.c_str(), b_met, b_ok, b_ok ? 100.0 * b_met / b_ok : 0.0,
+                  b_refused, b_total, shapes.c_str(), changed, e_ok, e_refused, Pct(e_total, 0.5),
+                  Pct(e_total, 0.99), Pct(e_decode, 0.5), Pct(e_decode, 0.99));
+    md += line;
+    out["servers"].push_back({{"label", targets[t].first},
+                              {"budget_requests", b_total},
+                              {"budget_served", b_ok},
+                              {"budget_kept_target", b_met},
+                              {"budget_refused", b_refused},
+                              {"budget_shapes", chosen},
+                              {"budget_load_changed_choice", changed},
+                              {"explicit_served", e_ok},
+                              {"explicit_refused", e_refused},
+                              {"explicit_total_p50_ms", Pct(e_total, 0.5)},
+                              {"explicit_total_p99_ms", Pct(e_total, 0.99)},
+                              {"explicit_decode_p50_ms", Pct(e_decode, 0.5)},
+                              {"explicit_decode_p99_ms", Pct(e_decode, 0.99)}});
+  }
+  for (const std::string& p : {out_json, out_md})
+    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
+      std::filesystem::create_directories(dir);
+  std::ofstream(out_json) << out.dump(2) << "\n";
+  std::ofstream(out_md) << md;
+  std::printf("%s", md.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -219,17 +389,35 @@ int main(int argc, char** argv) {
                  "Run the many-shapes benchmark against these servers (LABEL=HOST:PORT ...)");
   app.add_option("--rounds", rounds, "Interleaved rounds (--shape-mix)")->capture_default_str();
   app.add_option("--machine", machine, "The machine, for the report")->capture_default_str();
+  std::vector<std::string> overload_targets;
+  double factor = 2.0, seconds = 15.0;
+  app.add_option("--overload", overload_targets,
+                 "Run the overload benchmark against these servers (LABEL=HOST:PORT ...)");
+  app.add_option("--factor", factor, "Arrival rate over capacity (--overload)")
+      ->capture_default_str();
+  app.add_option("--seconds", seconds, "Arrival window per round (--overload)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  if (!mix_targets.empty()) {
-    std::vector<std::pair<std::string, std::string>> targets;
-    for (const std::string& t : mix_targets) {
+  auto parse_targets = [](const std::vector<std::string>& in,
+                          std::vector<std::pair<std::string, std::string>>* out) {
+    for (const std::string& t : in) {
       const size_t eq = t.find('=');
       if (eq == std::string::npos) {
-        std::fprintf(stderr, "--shape-mix: expected LABEL=HOST:PORT, got %s\n", t.c_str());
-        return 2;
+        std::fprintf(stderr, "expected LABEL=HOST:PORT, got %s\n", t.c_str());
+        return false;
       }
-      targets.emplace_back(t.substr(0, eq), t.substr(eq + 1));
+      out->emplace_back(t.substr(0, eq), t.substr(eq + 1));
     }
+    return true;
+  };
+  if (!overload_targets.empty()) {
+    std::vector<std::pair<std::string, std::string>> targets;
+    if (!parse_targets(overload_targets, &targets)) return 2;
+    return Overload(targets, rounds, factor, seconds, tokens, out_json, out_md, machine);
+  }
+  if (!mix_targets.empty()) {
+    std::vector<std::pair<std::string, std::string>> targets;
+    if (!parse_targets(mix_targets, &targets)) return 2;
     return ShapeMix(targets, rounds, tokens, requests, out_json, out_md, machine);
   }
 

@@ -13,7 +13,22 @@ PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 
 # The supernet of a preset in $WORK/s (random weights, calibrated; TUNED=1: one tuning step).
+# SUPERNET_CACHE=DIR keeps it there (per preset, tuned or not) for later runs.
 make_supernet() {
+  local preset=$1
+  local cached=${SUPERNET_CACHE:+$SUPERNET_CACHE/$preset-tuned${TUNED:-0}}
+  if [ -n "$cached" ] && [ -f "$cached/amoeba.json" ]; then
+    ln -s "$cached" "$WORK/s"
+    return
+  fi
+  make_supernet_now "$preset"
+  if [ -n "$cached" ]; then
+    mkdir -p "$SUPERNET_CACHE"
+    rm -rf "$cached" && cp -r "$WORK/s" "$cached"
+  fi
+}
+
+make_supernet_now() {
   local preset=$1
   # shellcheck disable=SC2086
   $B/admin/amoeba-admin init --out "$WORK/m" --preset "$preset" --seed 1 ${INIT_ARGS:-} > /dev/null 2>&1

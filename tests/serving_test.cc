@@ -6,10 +6,12 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <future>
 #include <map>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <thread>
 
@@ -327,6 +329,85 @@ TEST(SchedulerPriorityTest, HigherClassesStartFirstFifoWithinAClass) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   std::lock_guard<std::mutex> l(mu);
   EXPECT_EQ(order, (std::vector<std::string>{"c", "e", "a", "b", "f", "d"}));
+}
+
+}  // namespace
+}  // namespace amoeba
+
+namespace amoeba {
+namespace {
+
+TEST(StepTimeModelTest, LearnsALinearStepTimeAndStartsFromItsPrior) {
+  StepTimeModelOptions o;
+  o.prior_ms = 0.7;
+  StepTimeModel m(o);
+  EXPECT_DOUBLE_EQ(m.Predict(0, 0), 0.7);  // nothing seen: the prior
+  // Steps of varied batches from ms = 1 + 0.05 union + 0.002 rows (rows up to 16 x 130 MB).
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> u(20, 140), r(10, 2100), noise(-0.05, 0.05);
+  for (int i = 0; i < 400; ++i) {
+    const double um = u(rng), rm = r(rng);
+    m.Observe(um, rm, 1 + 0.05 * um + 0.002 * rm + noise(rng));
+  }
+  m.Observe(std::nan(""), 1, 1);  // ignored
+  for (auto [um, rm] : {std::pair{30.0, 100.0}, {130.0, 2000.0}, {80.0, 900.0}})
+    EXPECT_NEAR(m.Predict(um, rm), 1 + 0.05 * um + 0.002 * rm, 0.02 * (1 + 0.05 * um + 0.002 * rm))
+        << um << " " << rm;
+  EXPECT_EQ(m.observed(), 400);
+}
+
+// Budget requests under load: with every step slowed to 6 ms by the test hook, a decode target of
+// 2 ms that the idle profile accepts cannot be kept while sequences run, so it is refused at once
+// (RESOURCE_EXHAUSTED naming the budget); once the server is idle again it is served.
+TEST(LoadPlanningTest, ABudgetNothingCanKeepUnderLoadIsRefusedAtOnce) {
+  TempDir dir;
+  auto supernet = MakeTestSupernet(dir);
+  SchedulerOptions so;
+  so.max_context = 128;
+  so.fault_hook = [](const char* site, const Shape&) {
+    if (std::string_view(site) == "step") std::this_thread::sleep_for(std::chrono::milliseconds(6));
+  };
+  Scheduler scheduler(*supernet, so);
+  Serving serving(*supernet, nullptr, scheduler, nullptr, ServiceOptions{}, HostSpeed{},
+                  ProfilesFromSupernet(*supernet));
+  GenerationRequest budget = Prompt("hello", 3);
+  budget.budget = PlanBudget{};
+  budget.budget->max_decode_ms_per_token = 2.0;
+  {  // idle: planned from the profile, served
+    auto g = serving.Prepare(budget, {});
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE((*g)->load_plan().has_value());
+    EXPECT_FALSE((*g)->load_plan()->load_changed_choice);
+    EXPECT_EQ((*g)->load_plan()->sequences_in_flight, 0);
+  }
+  // Load: four long requests on the full shape.
+  std::atomic<int> done{0};
+  std::vector<std::shared_ptr<Generation>> running;
+  for (int i = 0; i < 4; ++i) {
+    auto g = serving.Prepare(Prompt("load " + std::to_string(i), 60), {});
+    ASSERT_TRUE(g.ok());
+    GenerationCallbacks cb;
+    cb.on_token = [](int32_t, std::string_view) {};
+    cb.on_done = [&done](const JobResult&) { ++done; };
+    ASSERT_TRUE(serving.Start(*g, std::move(cb)).ok());
+    running.push_back(std::move(*g));
+  }
+  // The step-time model sees the slow steps; then the budget cannot be kept.
+  absl::Status refused = absl::OkStatus();
+  for (int i = 0; i < 200 && refused.ok() && done < 4; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto g = serving.Prepare(budget, {});
+    if (!g.ok()) refused = g.status();
+  }
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_NE(refused.message().find("budget.max_decode_ms_per_token"), std::string_view::npos)
+      << refused;
+  for (auto& g : running) g->Cancel();
+  for (int i = 0; i < 500 && scheduler.stats().running > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the load snapshot catches up
+  auto again = serving.Prepare(budget, {});
+  EXPECT_TRUE(again.ok()) << again.status();
 }
 
 }  // namespace

@@ -118,6 +118,10 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   Flag(app, "speculate", c.service.speculate,
        "Speculative decoding for requests that do not ask: auto (a smaller shape drafts where the "
        "profile from `amoeba-admin eval` expects a gain) | off | a draft shape depth=D,width=W");
+  Flag(app, "plan-under-load", c.service.plan_under_load,
+       "Plan budget requests with a decode-latency target against the load in flight (smaller "
+       "shapes when busy, RESOURCE_EXHAUSTED when no shape can keep the target); false: the idle "
+       "profile alone");
   Flag(app, "speculate-min-speedup", c.service.speculate_min_speedup,
        "auto drafts only where the expected speedup is at least this (the estimate leaves out "
        "the scheduler's per-step costs: on the demo model it ran ~0.2 high)")

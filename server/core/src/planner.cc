@@ -91,6 +91,17 @@ std::string Why(const ShapeEstimateResult& e, const PlanBudget& b) {
 }
 }  // namespace
 
+std::vector<ShapeEstimateResult> FittingShapes(const std::vector<ShapeProfile>& profiles,
+                                               const PlanBudget& b, const HostSpeed& host) {
+  std::vector<ShapeEstimateResult> out;
+  for (auto& e : EstimateAll(profiles, b, host))
+    if (Why(e, b).empty()) out.push_back(std::move(e));
+  std::stable_sort(out.begin(), out.end(), [](const auto& x, const auto& y) {
+    return x.quality > y.quality || (x.quality == y.quality && x.decode_ms < y.decode_ms);
+  });
+  return out;
+}
+
 absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
                                      const HostSpeed& host) {
   if (profiles.empty()) return absl::FailedPreconditionError("no shapes");

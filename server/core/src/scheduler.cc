@@ -950,6 +950,7 @@ void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
 }
 
 bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& failed) {
+  const auto step_started = Clock::now();
   bool any = false;
   std::vector<std::pair<const std::string*, Lane*>>& ready = step_lanes_;
   ready.clear();
@@ -997,6 +998,15 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
   }
   if (opt_.on_shared_step && ready.size() > 1)
     opt_.on_shared_step(pass_stats, static_cast<int64_t>(ready.size()), Ms(started, Clock::now()));
+  // A pure decode step (one token per sequence) teaches the step-time model: its batch and its
+  // whole time, preparing and sampling included (what each of its sequences waits per token).
+  bool decode_only = pass.ok();
+  std::vector<std::pair<Shape, int64_t>>& batch = step_batch_;
+  batch.clear();
+  for (auto& [k, lane] : ready) {
+    for (const SeqInput& in : lane->inputs) decode_only = decode_only && in.tokens.size() == 1;
+    batch.emplace_back(lane->shape, static_cast<int64_t>(lane->inputs.size()));
+  }
   for (size_t i = 0; i < ready.size(); ++i) {
     Lane& lane = *ready[i].second;
     try {
@@ -1009,7 +1019,109 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
       failed.emplace_back(*ready[i].first, StatusFromException(std::current_exception(), "engine"));
     }
   }
+  if (decode_only) {
+    const double ms = Ms(step_started, Clock::now());
+    std::lock_guard<std::mutex> l(load_mu_);
+    const auto [union_mb, row_mb] = BatchMb(batch);
+    step_model_.Observe(union_mb, row_mb, ms);
+  }
   return true;
+}
+
+const Scheduler::ShapeCost& Scheduler::CostOf(const Shape& s) const {
+  const std::string key = s.ToString();
+  auto it = shape_costs_.find(key);
+  if (it != shape_costs_.end()) return it->second;
+  ShapeCost c;
+  const ModelConfig& cfg = supernet_.base().config;
+  const double H = static_cast<double>(cfg.hidden_size), hd = static_cast<double>(cfg.head_dim);
+  const double G = static_cast<double>(cfg.group_size());
+  const double mb = BytesPerWeight(opt_.weights_format) / 1e6;
+  const DepthEntry* d = supernet_.spec().FindDepth(s.depth);
+  const auto* w = supernet_.spec().FindWidth(s.width);
+  if (d && w) {
+    for (int l : d->layers) {
+      const double g = static_cast<double>(w->alloc.kv_groups[l]);
+      const double ch = static_cast<double>(w->alloc.channels[l]);
+      // q and o: g·G heads; k and v: g heads; gate, up and down: ch channels.
+      const double layer = (2 * g * G * hd * H + 2 * g * hd * H + 3 * ch * H) * mb;
+      c.layer_mb.emplace_back(l, layer);
+      c.row_mb += layer;
+    }
+  }
+  c.head_mb = static_cast<double>(cfg.vocab_size) * H * mb;
+  c.row_mb += c.head_mb;
+  return shape_costs_.emplace(key, std::move(c)).first->second;
+}
+
+std::pair<double, double> Scheduler::BatchMb(
+    const std::vector<std::pair<Shape, int64_t>>& shapes) const {
+  // Per supernet layer, the MB of its widest shape in the batch (scratch under load_mu_).
+  std::vector<double>& widest = widest_scratch_;
+  widest.assign(static_cast<size_t>(supernet_.base().config.num_hidden_layers), 0.0);
+  double head = 0, rows = 0;
+  for (const auto& [shape, n] : shapes) {
+    if (n <= 0) continue;
+    const ShapeCost& c = CostOf(shape);
+    for (const auto& [layer, mb] : c.layer_mb)
+      widest[static_cast<size_t>(layer)] = std::max(widest[static_cast<size_t>(layer)], mb);
+    head = std::max(head, c.head_mb);
+    rows += static_cast<double>(n) * c.row_mb;
+  }
+  double streamed = head;
+  for (double mb : widest) streamed += mb;
+  return {streamed, rows};
+}
+
+void Scheduler::PublishLoad() {
+  RunningLoad load;
+  for (auto& [k, lane] : lanes_) {
+    if (lane->seqs.empty()) continue;
+    load.shapes.emplace_back(lane->shape, static_cast<int64_t>(lane->seqs.size()));
+    for (const Seq& s : lane->seqs)
+      if (s.job->decode_target_ms) load.targets.push_back(*s.job->decode_target_ms);
+  }
+  std::lock_guard<std::mutex> l(load_mu_);
+  running_load_ = std::move(load);
+}
+
+LoadEstimate Scheduler::EstimateLoad(const Shape& shape) const {
+  std::vector<std::pair<Shape, int64_t>> waiting;
+  std::vector<double> targets;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& j : queue_) {
+      waiting.emplace_back(j->shape, 1);
+      if (j->decode_target_ms) targets.push_back(*j->decode_target_ms);
+    }
+  }
+  std::lock_guard<std::mutex> l(load_mu_);
+  // Sequences per shape, running and waiting; a shape runs at most slots_per_shape at once.
+  std::map<std::string, std::pair<Shape, int64_t>> per_shape;
+  for (const auto& [s, n] : running_load_.shapes) {
+    auto& e = per_shape[s.ToString()];
+    e.first = s;
+    e.second += n;
+  }
+  for (const auto& [s, n] : waiting) {
+    auto& e = per_shape[s.ToString()];
+    e.first = s;
+    e.second += n;
+  }
+  LoadEstimate est;
+  std::vector<std::pair<Shape, int64_t>> batch;
+  for (auto& [k, e] : per_shape) {
+    est.sequences += e.second;
+    batch.emplace_back(e.first, std::min(e.second, opt_.slots_per_shape));
+  }
+  targets.insert(targets.end(), running_load_.targets.begin(), running_load_.targets.end());
+  if (!targets.empty()) est.tightest_target_ms = *std::min_element(targets.begin(), targets.end());
+  const auto [now_union, now_rows] = BatchMb(batch);
+  est.current_ms = batch.empty() ? 0.0 : step_model_.Predict(now_union, now_rows);
+  batch.emplace_back(shape, 1);
+  const auto [with_union, with_rows] = BatchMb(batch);
+  est.decode_ms = step_model_.Predict(with_union, with_rows);
+  return est;
 }
 
 void Scheduler::Loop() {
@@ -1045,6 +1157,7 @@ void Scheduler::Loop() {
       }
     }
     for (const auto& [k, error] : failed) FailLane(k, error);
+    PublishLoad();
     kv_bytes_ = kv;
     EvictIdleLanes();
     if (any) {

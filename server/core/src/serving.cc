@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "model/errors.h"
 #include "model/json_schema_grammar.h"
 #include "model/status_macros.h"
@@ -76,6 +77,9 @@ const std::vector<int32_t>& Generation::prompt() const {
 }
 int64_t Generation::max_new_tokens() const {
   return job_->gen.max_new_tokens;
+}
+const std::optional<LoadPlan>& Generation::load_plan() const {
+  return job_->load_plan;
 }
 int64_t Generation::draft_tokens() const {
   return job_->draft ? job_->draft_tokens : 0;
@@ -406,7 +410,8 @@ absl::StatusOr<std::unique_ptr<ExportStream>> Serving::WriteExport(
 }
 
 absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
-                                             const std::optional<PlanBudget>& budget) const {
+                                             const std::optional<PlanBudget>& budget,
+                                             std::optional<LoadPlan>* plan) const {
   if (shape) {
     Shape s = *shape;
     if (s.width == 0) s.width = 1.0;  // unset width: full
@@ -414,11 +419,42 @@ absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
     RETURN_IF_ERROR(supernet_.Validate(s));
     return s;
   }
-  if (budget) {
-    ASSIGN_OR_RETURN(PlanResult p, PlanShape(profiles_, *budget, host_));
+  if (!budget) return supernet_.FullShape();
+  ASSIGN_OR_RETURN(PlanResult p, PlanShape(profiles_, *budget, host_));
+  // Load matters for a decode target on this host, where every running sequence shares a step.
+  const bool on_this_host = !budget->bandwidth_gbs && !budget->compute_gflops;
+  if (!budget->max_decode_ms_per_token || !on_this_host || !options_.plan_under_load ||
+      !scheduler_.options().shared_steps)
     return p.chosen.profile.shape;
+  const double target = *budget->max_decode_ms_per_token;
+  const std::vector<ShapeEstimateResult> fitting = FittingShapes(profiles_, *budget, host_);
+  LoadEstimate last;
+  for (const ShapeEstimateResult& e : fitting) {
+    last = scheduler_.EstimateLoad(e.profile.shape);
+    // Nothing in flight: the idle profile is the measure (the model has little to go on).
+    const double predicted = last.sequences == 0 ? e.decode_ms : last.decode_ms;
+    const double limit = std::min(target, last.tightest_target_ms.value_or(target));
+    if (predicted > limit) continue;
+    if (plan) {
+      LoadPlan lp;
+      lp.idle_choice = p.chosen.profile.shape;
+      lp.idle_decode_ms = p.chosen.decode_ms;
+      lp.predicted_decode_ms = predicted;
+      lp.sequences_in_flight = last.sequences;
+      lp.load_changed_choice = !(e.profile.shape == p.chosen.profile.shape);
+      *plan = lp;
+    }
+    return e.profile.shape;
   }
-  return supernet_.FullShape();
+  const ShapeEstimateResult& smallest = fitting.back();
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "budget.max_decode_ms_per_token: no shape decodes within %.2f ms/token at the current load "
+      "(%d sequences running or waiting; the smallest shape that fits the budget, %s, would "
+      "decode at %.2f ms/token%s); retry later or raise the target",
+      target, last.sequences, smallest.profile.shape.ToString(), last.decode_ms,
+      last.tightest_target_ms && *last.tightest_target_ms < target
+          ? absl::StrFormat(", and running requests were promised %.2f", *last.tightest_target_ms)
+          : ""));
 }
 
 absl::StatusOr<std::shared_ptr<Grammar>> Serving::GrammarFor(const GenerationRequest& r) const {
@@ -464,10 +500,14 @@ absl::StatusOr<std::shared_ptr<Job>> Serving::PrepareJob(const GenerationRequest
                                                          const std::string& id) const {
   RETURN_IF_ERROR(
       ValidateGenerationRequest(r, options_.limits, supernet_.base().config.vocab_size));
-  ASSIGN_OR_RETURN(Shape shape, ResolveTarget(r.shape, r.budget));
+  std::optional<LoadPlan> load_plan;
+  ASSIGN_OR_RETURN(Shape shape, ResolveTarget(r.shape, r.budget, &load_plan));
   auto job = std::make_shared<Job>();
   job->request_id = id;
   job->shape = shape;
+  job->load_plan = load_plan;
+  if (r.budget && r.budget->max_decode_ms_per_token)
+    job->decode_target_ms = *r.budget->max_decode_ms_per_token;
   if (r.tokens) {
     job->prompt = *r.tokens;
   } else {

@@ -24,6 +24,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     }
     id_ = (*g)->request_id();
     shape_ = (*g)->shape();
+    load_plan_ = (*g)->load_plan();
     draft_tokens_ = (*g)->draft_tokens();
     GenerationCallbacks cb;
     // Log-probabilities wait for the message of their token (the scheduler thread calls both).
@@ -39,6 +40,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       if (!sent_shape_) {
         sent_shape_ = true;
         SetShape(shape_, r.mutable_shape());
+        SetLoadPlan(r);
       }
       Enqueue(std::move(r), false);
     };
@@ -80,6 +82,16 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     }
   }
 
+  void SetLoadPlan(v1::GenerateResponse& r) const {
+    if (!load_plan_) return;
+    v1::LoadPlan* p = r.mutable_load_plan();
+    SetShape(load_plan_->idle_choice, p->mutable_idle_choice());
+    p->set_idle_decode_ms(load_plan_->idle_decode_ms);
+    p->set_predicted_decode_ms(load_plan_->predicted_decode_ms);
+    p->set_sequences_in_flight(load_plan_->sequences_in_flight);
+    p->set_load_changed_choice(load_plan_->load_changed_choice);
+  }
+
   void Done(const JobResult& res) {
     v1::GenerateResponse r;
     r.set_request_id(id_);
@@ -98,6 +110,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
                                    ? (res.completion_tokens - 1) * 1000.0 / decode_ms
                                    : 0);
     SetShape(shape_, r.mutable_shape());
+    SetLoadPlan(r);
     if (res.draft) {
       auto* sp = r.mutable_speculation();
       SetShape(*res.draft, sp->mutable_draft());
@@ -165,6 +178,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   grpc::CallbackServerContext* ctx_;
   std::string id_;
   Shape shape_;
+  std::optional<LoadPlan> load_plan_;
   int64_t draft_tokens_ = 0;
   // Scheduler thread only: log-probabilities of tokens whose message is not made yet.
   google::protobuf::RepeatedPtrField<v1::TokenLogprob> logprobs_, prompt_logprobs_;

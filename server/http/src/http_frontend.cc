@@ -333,6 +333,7 @@ struct HttpFrontend::Routes {
       }
     }
     head.shape = (*g)->shape();
+    head.load_plan = (*g)->load_plan();
     head.model = call->model.empty() ? ModelId(head.shape) : call->model;
     HttpHeaders headers = cors;
     headers.emplace_back("X-Request-Id", (*g)->request_id());

@@ -43,6 +43,15 @@ json AmoebaExtension(const OpenAiResponseHead& h, const JobResult* r) {
     a["timings"] = {{"queue_ms", r->queue_ms},
                     {"time_to_first_token_ms", r->ttft_ms},
                     {"total_ms", r->total_ms}};
+  if (h.load_plan) {
+    const LoadPlan& p = *h.load_plan;
+    a["load_plan"] = {
+        {"idle_choice", {{"depth", p.idle_choice.depth}, {"width", p.idle_choice.width}}},
+        {"idle_decode_ms", p.idle_decode_ms},
+        {"predicted_decode_ms", p.predicted_decode_ms},
+        {"sequences_in_flight", p.sequences_in_flight},
+        {"load_changed_choice", p.load_changed_choice}};
+  }
   if (r && r->draft)
     a["speculation"] = {{"draft", {{"depth", r->draft->depth}, {"width", r->draft->width}}},
                         {"drafted_tokens", r->drafted_tokens},

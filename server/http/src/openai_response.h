@@ -2,6 +2,7 @@
 // "amoeba" extension (the shape served and what drafting did).
 #pragma once
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@ struct OpenAiResponseHead {
   int32_t first_prompt_token = -1;  // echo: the one prompt token nothing predicts
   bool tool_calls = false;          // chat with tools: a reply may be calls
   Shape shape;
+  std::optional<LoadPlan> load_plan;  // budget planned against the load in flight
 };
 
 // OpenAI's values: "stop" (EOS or a stop string), "length"; a time limit is "time_limit" (an

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "absl/status/status.h"
 #include "model/finish_reason.h"
@@ -12,6 +13,15 @@
 namespace amoeba {
 
 using Clock = std::chrono::steady_clock;
+
+// A budget request planned against the load in flight rather than the idle profile.
+struct LoadPlan {
+  Shape idle_choice;                 // what the idle profile picks for the budget
+  double idle_decode_ms = 0;         // its decode ms/token alone
+  double predicted_decode_ms = 0;    // the shape used, at the load when it was planned
+  int64_t sequences_in_flight = 0;   // running and waiting when it was planned
+  bool load_changed_choice = false;  // the idle choice would have missed the target
+};
 
 struct JobResult {
   FinishReason reason = FinishReason::kNone;

@@ -60,6 +60,9 @@ struct PlanResult {
 // Estimates for all shapes (no budget filter).
 std::vector<ShapeEstimateResult> EstimateAll(const std::vector<ShapeProfile>& profiles,
                                              const PlanBudget& b, const HostSpeed& host);
+// Every shape that fits the budget, best quality first (ties: faster first).
+std::vector<ShapeEstimateResult> FittingShapes(const std::vector<ShapeProfile>& profiles,
+                                               const PlanBudget& b, const HostSpeed& host);
 // The best-quality shape that fits; FAILED_PRECONDITION naming the smallest shape's cost if none.
 absl::StatusOr<PlanResult> PlanShape(const std::vector<ShapeProfile>& profiles, const PlanBudget& b,
                                      const HostSpeed& host);

@@ -28,6 +28,7 @@
 #include "model/prefix_cache.h"
 #include "model/weight_format.h"
 #include "server/job_result.h"
+#include "server/step_time_model.h"
 #include "subnet/subnet_builder.h"
 
 namespace amoeba {
@@ -43,6 +44,9 @@ struct Job {
   int64_t draft_tokens = 0;
   std::optional<Clock::time_point> deadline;  // gRPC deadline; time_limit_ms is in `gen`
   int64_t priority = 0;                       // admission class: higher first, FIFO within a class
+  // Budget requests: the decode ms/token they were promised, and how the shape was planned.
+  std::optional<double> decode_target_ms;
+  std::optional<LoadPlan> load_plan;
   std::atomic<bool> cancelled{false};
   Clock::time_point enqueued;
   bool lane_lookup_counted = false;  // cache hit/miss counted once per request (worker thread)
@@ -108,6 +112,15 @@ struct SchedulerOptions {
   std::function<void(const char* site, const Shape&)> fault_hook;
 };
 
+// What a new sequence of some shape would see if it joined the current load (shared steps).
+struct LoadEstimate {
+  double decode_ms = 0;   // its decode ms/token: the predicted step time with it added
+  double current_ms = 0;  // the predicted step time of what is in flight now
+  int64_t sequences = 0;  // running and waiting now
+  // The tightest decode target among running and waiting budget requests (none: unset).
+  std::optional<double> tightest_target_ms;
+};
+
 struct SchedulerStats {
   int64_t running = 0, waiting = 0, lanes = 0;
   int64_t cache_hits = 0, cache_misses = 0;  // once per request: its shape had a lane, or not
@@ -141,8 +154,26 @@ class Scheduler {
   // Cancels what is queued and running and ends the loop.
   void Stop();
   SchedulerStats stats() const;
+  // Any thread: the step-time estimate for `shape` joining what runs and waits now.
+  LoadEstimate EstimateLoad(const Shape& shape) const;
+  const SchedulerOptions& options() const { return opt_; }
 
  private:
+  // Weight MB of a shape: per supernet layer (the layers it keeps) and in all (with the LM head):
+  // what a pass streams for it and what one of its rows multiplies.
+  struct ShapeCost {
+    std::vector<std::pair<int64_t, double>> layer_mb;
+    double head_mb = 0, row_mb = 0;
+  };
+  const ShapeCost& CostOf(const Shape& s) const;  // under load_mu_
+  // The worker publishes what runs after each step; EstimateLoad adds what waits.
+  struct RunningLoad {
+    std::vector<std::pair<Shape, int64_t>> shapes;  // running sequences per shape
+    std::vector<double> targets;                    // running budget requests' targets
+  };
+  void PublishLoad();
+  // Union and row MB of a batch: sequences per shape.
+  std::pair<double, double> BatchMb(const std::vector<std::pair<Shape, int64_t>>& shapes) const;
   // A smaller shape drafting for a lane's sequences: the draft shape's model (its lane's, so a
   // merged copy is picked up when that lane gets one) with its own KV cache, whose slot i drafts
   // for the lane's slot i.
@@ -283,9 +314,15 @@ class Scheduler {
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
   std::atomic<int64_t> draft_copy_count_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
-  PrefixCache prefix_cache_;                   // worker thread only (its stats() from any)
-  LogprobRow prompt_scorer_;                   // worker thread only
-  std::set<std::string> prompt_cache_loaded_;  // keys whose saved file was looked for
+  mutable std::mutex load_mu_;  // guards the three below
+  RunningLoad running_load_;
+  StepTimeModel step_model_;
+  mutable std::map<std::string, ShapeCost> shape_costs_;
+  mutable std::vector<double> widest_scratch_;         // BatchMb's
+  std::vector<std::pair<Shape, int64_t>> step_batch_;  // worker thread: SharedStep's
+  PrefixCache prefix_cache_;                           // worker thread only (its stats() from any)
+  LogprobRow prompt_scorer_;                           // worker thread only
+  std::set<std::string> prompt_cache_loaded_;          // keys whose saved file was looked for
   std::atomic<int64_t> prompt_hits_{0}, prompt_misses_{0}, prompt_cached_{0}, prompt_prefilled_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
   std::deque<Build> builds_, built_;

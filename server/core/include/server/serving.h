@@ -51,6 +51,10 @@ struct ServiceOptions {
   WeightFormat weights_format = WeightFormat::kF32;  // the served panels (as the scheduler's)
   std::string speculate = "auto";      // requests that do not say: auto | off | a draft shape
   double speculate_min_speedup = 1.3;  // auto drafts only where the profile expects this much
+  // Budget requests with a decode target are planned against the load in flight (shared steps):
+  // smaller shapes under load, RESOURCE_EXHAUSTED when none can keep the target; false: the idle
+  // profile alone.
+  bool plan_under_load = true;
   // Drafts read their own copy in this format (SchedulerOptions::draft_format); unset = the
   // serving format. Their cost: this host's decode time of the shape scaled by the profile's
   // ratio for that format (eval --draft-weights-dtype), else by bytes per weight.
@@ -86,6 +90,8 @@ class Generation {
   const std::vector<int32_t>& prompt() const;  // the prompt's token ids (BOS included)
   int64_t max_new_tokens() const;
   int64_t draft_tokens() const;  // 0: no speculative decoding
+  // Budget requests planned against the load in flight: how (else none).
+  const std::optional<LoadPlan>& load_plan() const;
   void Cancel();
 
  private:
@@ -179,8 +185,13 @@ class Serving {
  private:
   // Wraps the front end's callbacks: inter-token latency, the request's figures, its log lines.
   void Attach(Job& job, GenerationCallbacks cb);
+  // The shape a request runs on. A budget with a decode-latency target, for this host, is planned
+  // against the load in flight (shared steps): the best shape that fits the budget idle and whose
+  // predicted decode ms/token with the current load stays within its target and every running
+  // budget request's; `plan` says how. None: RESOURCE_EXHAUSTED at once.
   absl::StatusOr<Shape> ResolveTarget(const std::optional<Shape>& shape,
-                                      const std::optional<PlanBudget>& budget) const;
+                                      const std::optional<PlanBudget>& budget,
+                                      std::optional<LoadPlan>* plan = nullptr) const;
   absl::StatusOr<std::shared_ptr<Job>> PrepareJob(const GenerationRequest& r,
                                                   const std::string& id) const;
   // The request's grammar (null without one), compiled or from the cache.
