@@ -10,7 +10,7 @@
 B=build
 WORK=$(mktemp -d)
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+trap 'for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; [ -n "${KEEP_LOGS:-}" ] && cp "$WORK"/server.*.log "$KEEP_LOGS"/ 2>/dev/null; rm -rf "$WORK"' EXIT
 
 # The supernet of a preset in $WORK/s (random weights, calibrated; TUNED=1: one tuning step).
 # SUPERNET_CACHE=DIR keeps it there (per preset, tuned or not) for later runs.

@@ -96,6 +96,10 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   Flag(app, "prompt-cache-block", s.prompt_cache_block,
        "Tokens per prompt-cache block (prefixes are reused in whole blocks)")
       ->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  Flag(app, "hold-for-budgets-ms", s.hold_for_budgets_ms,
+       "Longest a request without a decode target waits while admitting it would break a running "
+       "budget request's target (0: never)")
+      ->check(CLI::Range(int64_t{0}, int64_t{3600000}));
   Flag(app, "shared-steps", s.shared_steps,
        "One engine pass per step for every shape in flight: the supernet's weights are read once "
        "for all of them (false: each shape steps on its own)");

@@ -392,8 +392,8 @@ bool Scheduler::Admit() {
         slot = i;
         break;
       }
-    if (slot < 0) {
-      keep.push_back(std::move(job));  // lane full: stays queued, in order
+    if (slot < 0 || HoldForBudgets(*job, Clock::now())) {
+      keep.push_back(std::move(job));  // lane full, or held for budgets: stays queued, in order
       continue;
     }
     Seq s;
@@ -998,14 +998,24 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
   }
   if (opt_.on_shared_step && ready.size() > 1)
     opt_.on_shared_step(pass_stats, static_cast<int64_t>(ready.size()), Ms(started, Clock::now()));
-  // A pure decode step (one token per sequence) teaches the step-time model: its batch and its
-  // whole time, preparing and sampling included (what each of its sequences waits per token).
-  bool decode_only = pass.ok();
+  // Every step teaches the step-time model: its rows (every new token is one), the weights it
+  // streamed and its whole time, preparing and sampling included (what each of its sequences
+  // waits per token). The rows of prompts (and checks) are also averaged: a sequence shares its
+  // steps with the prompts of the requests arriving meanwhile.
   std::vector<std::pair<Shape, int64_t>>& batch = step_batch_;
   batch.clear();
-  for (auto& [k, lane] : ready) {
-    for (const SeqInput& in : lane->inputs) decode_only = decode_only && in.tokens.size() == 1;
-    batch.emplace_back(lane->shape, static_cast<int64_t>(lane->inputs.size()));
+  double prompt_mb = 0;
+  {
+    std::lock_guard<std::mutex> l(load_mu_);
+    for (auto& [k, lane] : ready) {
+      int64_t tokens = 0, extra = 0;
+      for (const SeqInput& in : lane->inputs) {
+        tokens += static_cast<int64_t>(in.tokens.size());
+        extra += static_cast<int64_t>(in.tokens.size()) - 1;
+      }
+      batch.emplace_back(lane->shape, tokens);
+      prompt_mb += static_cast<double>(extra) * CostOf(lane->shape).row_mb;
+    }
   }
   for (size_t i = 0; i < ready.size(); ++i) {
     Lane& lane = *ready[i].second;
@@ -1019,11 +1029,20 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
       failed.emplace_back(*ready[i].first, StatusFromException(std::current_exception(), "engine"));
     }
   }
-  if (decode_only) {
+  if (pass.ok()) {
     const double ms = Ms(step_started, Clock::now());
     std::lock_guard<std::mutex> l(load_mu_);
     const auto [union_mb, row_mb] = BatchMb(batch);
+    const double predicted = step_model_.Predict(union_mb, row_mb);
     step_model_.Observe(union_mb, row_mb, ms);
+    prompt_mb_per_step_ += 0.02 * (prompt_mb - prompt_mb_per_step_);
+    if (step_model_.observed() % 500 == 0) {
+      const auto& c = step_model_.coefficients();
+      spdlog::info(
+          "scheduler: step time {:.2f} ms (predicted {:.2f}) for {:.0f} MB streamed, {:.0f} MB of "
+          "rows; model {:.3f} ms + {:.4f} ms/MB streamed + {:.5f} ms/MB of rows",
+          ms, predicted, union_mb, row_mb, c[0], c[1], c[2]);
+    }
   }
   return true;
 }
@@ -1073,6 +1092,29 @@ std::pair<double, double> Scheduler::BatchMb(
   return {streamed, rows};
 }
 
+bool Scheduler::HoldForBudgets(const Job& job, Clock::time_point now) {
+  if (job.decode_target_ms || job.for_profiling || opt_.hold_for_budgets_ms <= 0 ||
+      !opt_.shared_steps ||
+      now - job.enqueued > std::chrono::milliseconds(opt_.hold_for_budgets_ms))
+    return false;
+  std::optional<double> tightest;
+  std::vector<std::pair<Shape, int64_t>>& batch = admit_batch_;
+  batch.clear();
+  for (auto& [k, lane] : lanes_) {
+    if (lane->seqs.empty()) continue;
+    batch.emplace_back(lane->shape, static_cast<int64_t>(lane->seqs.size()));
+    for (const Seq& s : lane->seqs)
+      if (s.job->decode_target_ms)
+        tightest = std::min(tightest.value_or(*s.job->decode_target_ms), *s.job->decode_target_ms);
+  }
+  if (!tightest) return false;
+  batch.emplace_back(job.shape, 1);
+  std::lock_guard<std::mutex> l(load_mu_);
+  const auto [union_mb, row_mb] = BatchMb(batch);
+  return step_model_.Predict(union_mb, row_mb + prompt_mb_per_step_) >
+         opt_.budget_headroom * *tightest;
+}
+
 void Scheduler::PublishLoad() {
   RunningLoad load;
   for (auto& [k, lane] : lanes_) {
@@ -1109,6 +1151,9 @@ LoadEstimate Scheduler::EstimateLoad(const Shape& shape) const {
     e.second += n;
   }
   LoadEstimate est;
+  est.free_slots = opt_.slots_per_shape;
+  if (auto it = per_shape.find(shape.ToString()); it != per_shape.end())
+    est.free_slots -= it->second.second;
   std::vector<std::pair<Shape, int64_t>> batch;
   for (auto& [k, e] : per_shape) {
     est.sequences += e.second;
@@ -1117,10 +1162,11 @@ LoadEstimate Scheduler::EstimateLoad(const Shape& shape) const {
   targets.insert(targets.end(), running_load_.targets.begin(), running_load_.targets.end());
   if (!targets.empty()) est.tightest_target_ms = *std::min_element(targets.begin(), targets.end());
   const auto [now_union, now_rows] = BatchMb(batch);
-  est.current_ms = batch.empty() ? 0.0 : step_model_.Predict(now_union, now_rows);
+  est.current_ms =
+      batch.empty() ? 0.0 : step_model_.Predict(now_union, now_rows + prompt_mb_per_step_);
   batch.emplace_back(shape, 1);
   const auto [with_union, with_rows] = BatchMb(batch);
-  est.decode_ms = step_model_.Predict(with_union, with_rows);
+  est.decode_ms = step_model_.Predict(with_union, with_rows + prompt_mb_per_step_);
   return est;
 }
 

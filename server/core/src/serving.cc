@@ -433,8 +433,10 @@ absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
     last = scheduler_.EstimateLoad(e.profile.shape);
     // Nothing in flight: the idle profile is the measure (the model has little to go on).
     const double predicted = last.sequences == 0 ? e.decode_ms : last.decode_ms;
-    const double limit = std::min(target, last.tightest_target_ms.value_or(target));
-    if (predicted > limit) continue;
+    const double limit = scheduler_.options().budget_headroom *
+                         std::min(target, last.tightest_target_ms.value_or(target));
+    // A full lane means waiting in the queue first: the target would be missed there.
+    if (predicted > limit || last.free_slots <= 0) continue;
     if (plan) {
       LoadPlan lp;
       lp.idle_choice = p.chosen.profile.shape;
@@ -450,11 +452,12 @@ absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
   return absl::ResourceExhaustedError(absl::StrFormat(
       "budget.max_decode_ms_per_token: no shape decodes within %.2f ms/token at the current load "
       "(%d sequences running or waiting; the smallest shape that fits the budget, %s, would "
-      "decode at %.2f ms/token%s); retry later or raise the target",
+      "decode at %.2f ms/token%s%s); retry later or raise the target",
       target, last.sequences, smallest.profile.shape.ToString(), last.decode_ms,
       last.tightest_target_ms && *last.tightest_target_ms < target
           ? absl::StrFormat(", and running requests were promised %.2f", *last.tightest_target_ms)
-          : ""));
+          : "",
+      last.free_slots <= 0 ? ", and its slots are all taken" : ""));
 }
 
 absl::StatusOr<std::shared_ptr<Grammar>> Serving::GrammarFor(const GenerationRequest& r) const {

@@ -94,6 +94,13 @@ struct SchedulerOptions {
   // so the supernet's panels are streamed once per step for all shapes in flight; false: each lane
   // steps on its own, one after another. Drafts still run per lane, before the pass.
   bool shared_steps = true;
+  // Promises first: a request without a decode target waits in the queue while admitting it
+  // would push the predicted step time past a running budget request's target, for at most this
+  // long (then it is admitted anyway: no request starves). 0: never waits.
+  int64_t hold_for_budgets_ms = 2000;
+  // Budget planning and holds aim at this share of a decode target: steps vary around the
+  // predicted time (arrivals' prompts, sampling), and a target is a promise for every token.
+  double budget_headroom = 0.8;
   // Shared-step listener (metrics): the pass's rows and panel bytes, the lanes in it and its time
   // (engine pass only), on the worker thread after each pass of two or more lanes.
   std::function<void(const SharedPassStats&, int64_t lanes, double ms)> on_shared_step;
@@ -117,6 +124,9 @@ struct LoadEstimate {
   double decode_ms = 0;   // its decode ms/token: the predicted step time with it added
   double current_ms = 0;  // the predicted step time of what is in flight now
   int64_t sequences = 0;  // running and waiting now
+  // Slots of the shape's lane not taken by its running and waiting sequences (<= 0: a new
+  // sequence of it would wait in the queue).
+  int64_t free_slots = 0;
   // The tightest decode target among running and waiting budget requests (none: unset).
   std::optional<double> tightest_target_ms;
 };
@@ -172,6 +182,8 @@ class Scheduler {
     std::vector<double> targets;                    // running budget requests' targets
   };
   void PublishLoad();
+  // Admit's gate for a job without a decode target (SchedulerOptions::hold_for_budgets_ms).
+  bool HoldForBudgets(const Job& job, Clock::time_point now);
   // Union and row MB of a batch: sequences per shape.
   std::pair<double, double> BatchMb(const std::vector<std::pair<Shape, int64_t>>& shapes) const;
   // A smaller shape drafting for a lane's sequences: the draft shape's model (its lane's, so a
@@ -314,15 +326,17 @@ class Scheduler {
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
   std::atomic<int64_t> draft_copy_count_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
-  mutable std::mutex load_mu_;  // guards the three below
+  mutable std::mutex load_mu_;  // guards the five below
   RunningLoad running_load_;
   StepTimeModel step_model_;
+  double prompt_mb_per_step_ = 0;  // prompt and check rows' MB per step, averaged
   mutable std::map<std::string, ShapeCost> shape_costs_;
-  mutable std::vector<double> widest_scratch_;         // BatchMb's
-  std::vector<std::pair<Shape, int64_t>> step_batch_;  // worker thread: SharedStep's
-  PrefixCache prefix_cache_;                           // worker thread only (its stats() from any)
-  LogprobRow prompt_scorer_;                           // worker thread only
-  std::set<std::string> prompt_cache_loaded_;          // keys whose saved file was looked for
+  mutable std::vector<double> widest_scratch_;          // BatchMb's
+  std::vector<std::pair<Shape, int64_t>> step_batch_;   // worker thread: SharedStep's
+  std::vector<std::pair<Shape, int64_t>> admit_batch_;  // worker thread: HoldForBudgets'
+  PrefixCache prefix_cache_;                            // worker thread only (its stats() from any)
+  LogprobRow prompt_scorer_;                            // worker thread only
+  std::set<std::string> prompt_cache_loaded_;           // keys whose saved file was looked for
   std::atomic<int64_t> prompt_hits_{0}, prompt_misses_{0}, prompt_cached_{0}, prompt_prefilled_{0};
   // Builder thread: `builds_` waiting, `built_` finished (both under mu_).
   std::deque<Build> builds_, built_;
