@@ -18,9 +18,9 @@ namespace amoeba::admin {
 namespace fs = std::filesystem;
 
 namespace {
-std::atomic<bool> g_stop{false};
-void OnSignal(int) {
-  g_stop = true;
+std::atomic<bool> g_pretrain_stop{false};
+void OnPretrainSignal(int) {
+  g_pretrain_stop = true;
 }
 
 struct PretrainFlags {
@@ -40,9 +40,9 @@ absl::Status RunPretrain(PretrainFlags& f) {
   if (f.o.loop.metrics_log.empty()) f.o.loop.metrics_log = out + ".pretrain_metrics.jsonl";
   spdlog::info("pretrain: {} params on {} tokens; {} steps of {}x{}", m.config.ParameterCount(),
                data.tokens(), f.o.loop.steps, f.o.batch, f.o.seq_len);
-  signal(SIGINT, OnSignal);
-  signal(SIGTERM, OnSignal);
-  ASSIGN_OR_RETURN(LoopResult r, Pretrain(m, data, f.o, &g_stop));
+  signal(SIGINT, OnPretrainSignal);
+  signal(SIGTERM, OnPretrainSignal);
+  ASSIGN_OR_RETURN(LoopResult r, Pretrain(m, data, f.o, &g_pretrain_stop));
   if (r.interrupted)
     return absl::CancelledError(
         absl::StrCat("interrupted at step ", r.step, "; resume with --resume"));

@@ -19,9 +19,9 @@ namespace amoeba::admin {
 namespace fs = std::filesystem;
 
 namespace {
-std::atomic<bool> g_stop{false};
-void OnSignal(int) {
-  g_stop = true;
+std::atomic<bool> g_tune_stop{false};
+void OnTuneSignal(int) {
+  g_tune_stop = true;
 }
 
 struct TuneFlags {
@@ -92,9 +92,9 @@ absl::Status RunTune(TuneFlags& f) {
       smol.config().experts, smol.config().rank, c.num_hidden_layers, f.o.loop.steps, f.o.batch,
       f.o.seq_len, f.o.subnets, f.o.distill ? "distillation" : "labels only",
       f.o.balancing ? ", balanced" : "");
-  signal(SIGINT, OnSignal);
-  signal(SIGTERM, OnSignal);
-  ASSIGN_OR_RETURN(TuneResult r, Tune(*s, smol, data, f.o, &g_stop));
+  signal(SIGINT, OnTuneSignal);
+  signal(SIGTERM, OnTuneSignal);
+  ASSIGN_OR_RETURN(TuneResult r, Tune(*s, smol, data, f.o, &g_tune_stop));
   if (r.interrupted)
     return absl::CancelledError(
         absl::StrCat("interrupted at step ", r.step, "; resume with --resume"));

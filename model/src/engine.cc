@@ -139,14 +139,11 @@ void Engine::ApplyDelta(const float* x, int64_t x_stride, int64_t n, const LowRa
   }
 }
 
-namespace {
-// A pure decode step: every sequence brings one new token.
-bool OneTokenEach(std::span<const SeqInput> seqs) {
+bool Engine::OneTokenEach(std::span<const SeqInput> seqs) {
   for (const SeqInput& s : seqs)
     if (s.tokens.size() != 1) return false;
   return true;
 }
-}  // namespace
 
 void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> seqs,
                        bool one_token_each, const AttentionIo& io) {

@@ -32,12 +32,6 @@ struct GroupState {
   int64_t offset = 0;  // first row in the compact buffers of its storage class
 };
 
-bool OneTokenEach(std::span<const SeqInput> seqs) {
-  for (const SeqInput& s : seqs)
-    if (s.tokens.size() != 1) return false;
-  return true;
-}
-
 const float* BiasOf(const LayerWeights& l, Proj p) {
   const at::Tensor& t = l.bias(p);
   return t.defined() ? t.data_ptr<float>() : nullptr;
@@ -94,7 +88,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
       st[g].out_rows += gr.all_logits || s.all_logits ? T : 1;
     }
     st[g].out_base = out_total;
-    st[g].one_token_each = OneTokenEach(gr.seqs);
+    st[g].one_token_each = Engine::OneTokenEach(gr.seqs);
     N += st[g].n;
     out_total += st[g].out_rows;
     int64_t kv_heads = 0;

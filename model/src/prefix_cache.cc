@@ -27,7 +27,7 @@ int64_t RunBytes(int64_t tokens, int64_t head_dim, int64_t elem) {
   return tokens * head_dim * elem;
 }
 
-constexpr char kMagic[8] = {'A', 'M', 'B', 'P', 'C', 'C', '0', '1'};
+constexpr char kPrefixCacheMagic[8] = {'A', 'M', 'B', 'P', 'C', 'C', '0', '1'};
 
 }  // namespace
 
@@ -291,7 +291,7 @@ absl::Status PrefixCache::Save(std::string_view key, const std::string& path) co
   const int64_t block_bytes = layout.BlockBytes(opt_.block_tokens);
   return WriteFileAtomicWith(path, [&](int fd) -> absl::Status {
     auto put = [&](int64_t v) { return WriteAll(fd, &v, sizeof v, path); };
-    RETURN_IF_ERROR(WriteAll(fd, kMagic, sizeof kMagic, path));
+    RETURN_IF_ERROR(WriteAll(fd, kPrefixCacheMagic, sizeof kPrefixCacheMagic, path));
     for (int64_t v : {opt_.block_tokens, static_cast<int64_t>(layout.kv_heads.size()),
                       layout.head_dim, layout.elem_bytes})
       RETURN_IF_ERROR(put(v));
@@ -320,8 +320,8 @@ absl::Status PrefixCache::Load(std::string_view key, const std::string& path,
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": not a prompt cache file (", std::string(why), ")"));
   };
-  char magic[sizeof kMagic];
-  if (!take(magic, sizeof magic) || std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+  char magic[sizeof kPrefixCacheMagic];
+  if (!take(magic, sizeof magic) || std::memcmp(magic, kPrefixCacheMagic, sizeof kPrefixCacheMagic) != 0)
     return bad("bad magic");
   int64_t bt = 0, layers = 0;
   Layout layout;

@@ -121,6 +121,8 @@ class Engine {
   // The final norm of the rows whose logits are wanted (the last of each sequence, or all), into
   // consecutive rows of h.
   void FinalNorm(std::span<const SeqInput> seqs, bool all_logits, const float* x, float* h) const;
+  // A pure decode step: every sequence brings one new token.
+  static bool OneTokenEach(std::span<const SeqInput> seqs);
   // Forward's input checks (slot, tokens, room in the cache).
   absl::Status CheckInputs(const KVCache& cache, std::span<const SeqInput> seqs) const;
   // Whether every kernel of `m` reads panels (no row-major weights, no low-rank deltas).
