@@ -46,7 +46,8 @@ for o in $(find . -name '*.o' -not -path './tests/*' | sort); do
   private_checked=$((private_checked + 1))
 done
 echo "checked $private_checked objects for private headers of other folders"
-[ "$private_checked" -gt 50 ] || { echo "FAIL: too few objects checked"; fail=1; }
+# (~100 objects; ~45 in a unity build, where one object holds a batch of a target's files.)
+[ "$private_checked" -gt 40 ] || { echo "FAIL: too few objects checked"; fail=1; }
 # The core's link interface names no protocol library either.
 if [ ! -s amoeba_serving_links.txt ]; then
   echo "FAIL: amoeba_serving_links.txt missing"
