@@ -94,6 +94,34 @@ Sample Load(const client::ClientOptions& co, int streams, int per_stream, int to
   return s;
 }
 
+// Client options for every (label, address) target, and the first one's model facts; false when
+// it cannot be reached.
+bool Connect(const std::vector<std::pair<std::string, std::string>>& targets,
+             std::vector<client::ClientOptions>* cos, v1::ModelInfo* info) {
+  for (const auto& t : targets) {
+    client::ClientOptions co;
+    co.target = t.second;
+    cos->push_back(co);
+  }
+  client::Client c(cos->front());
+  if (!c.GetModelInfo(info).ok()) {
+    std::fprintf(stderr, "cannot reach %s\n", cos->front().target.c_str());
+    return false;
+  }
+  return true;
+}
+
+// The JSON and Markdown reports (folders made as needed), and the Markdown on stdout.
+void WriteReport(const nlohmann::json& out, const std::string& md, const std::string& out_json,
+                 const std::string& out_md) {
+  for (const std::string& p : {out_json, out_md})  // a bare file name has no parent to create
+    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
+      std::filesystem::create_directories(dir);
+  std::ofstream(out_json) << out.dump(2) << "\n";
+  std::ofstream(out_md) << md;
+  std::printf("%s", md.c_str());
+}
+
 double Median(std::vector<double> v) {
   return Pct(std::move(v), 0.5);
 }
@@ -105,19 +133,8 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
              int tokens, int requests, const std::string& out_json, const std::string& out_md,
              const std::string& machine) {
   std::vector<client::ClientOptions> cos;
-  for (const auto& t : targets) {
-    client::ClientOptions co;
-    co.target = t.second;
-    cos.push_back(co);
-  }
   v1::ModelInfo info;
-  {
-    client::Client c(cos[0]);
-    if (!c.GetModelInfo(&info).ok()) {
-      std::fprintf(stderr, "cannot reach %s\n", cos[0].target.c_str());
-      return 1;
-    }
-  }
+  if (!Connect(targets, &cos, &info)) return 1;
   auto shape = [](int d, double w) {
     v1::Shape s;
     s.set_depth(d);
@@ -190,12 +207,7 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
     md += line;
     out["targets"].push_back(tj);
   }
-  for (const std::string& p : {out_json, out_md})
-    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
-      std::filesystem::create_directories(dir);
-  std::ofstream(out_json) << out.dump(2) << "\n";
-  std::ofstream(out_md) << md;
-  std::printf("%s", md.c_str());
+  WriteReport(out, md, out_json, out_md);
   return 0;
 }
 
@@ -262,19 +274,8 @@ int Overload(const std::vector<std::pair<std::string, std::string>>& targets, in
              double factor, double seconds, int tokens, const std::string& out_json,
              const std::string& out_md, const std::string& machine) {
   std::vector<client::ClientOptions> cos;
-  for (const auto& t : targets) {
-    client::ClientOptions co;
-    co.target = t.second;
-    cos.push_back(co);
-  }
   v1::ModelInfo info;
-  {
-    client::Client c(cos[0]);
-    if (!c.GetModelInfo(&info).ok()) {
-      std::fprintf(stderr, "cannot reach %s\n", cos[0].target.c_str());
-      return 1;
-    }
-  }
+  if (!Connect(targets, &cos, &info)) return 1;
   v1::Shape full;
   full.set_depth(info.depths(info.depths_size() - 1));
   full.set_width(info.widths(0));
@@ -367,12 +368,7 @@ int Overload(const std::vector<std::pair<std::string, std::string>>& targets, in
                               {"explicit_decode_p50_ms", Pct(e_decode, 0.5)},
                               {"explicit_decode_p99_ms", Pct(e_decode, 0.99)}});
   }
-  for (const std::string& p : {out_json, out_md})
-    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
-      std::filesystem::create_directories(dir);
-  std::ofstream(out_json) << out.dump(2) << "\n";
-  std::ofstream(out_md) << md;
-  std::printf("%s", md.c_str());
+  WriteReport(out, md, out_json, out_md);
   return 0;
 }
 
@@ -502,11 +498,6 @@ int main(int argc, char** argv) {
                 agg16 / single, cold50, warm50, warm50 > 0 ? cold50 / warm50 : 0.0, cold.size());
   md += tail;
   out["aggregate_16_over_1"] = agg16 / single;
-  for (const std::string& p : {out_json, out_md})  // a bare file name has no parent to create
-    if (const auto dir = std::filesystem::path(p).parent_path(); !dir.empty())
-      std::filesystem::create_directories(dir);
-  std::ofstream(out_json) << out.dump(2) << "\n";
-  std::ofstream(out_md) << md;
-  std::printf("%s", md.c_str());
+  WriteReport(out, md, out_json, out_md);
   return 0;
 }
