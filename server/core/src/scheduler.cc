@@ -1048,7 +1048,7 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
 }
 
 const Scheduler::ShapeCost& Scheduler::CostOf(const Shape& s) const {
-  const std::string key = s.ToString();
+  const std::pair<int64_t, double> key{s.depth, s.width};  // no string: looked up every step
   auto it = shape_costs_.find(key);
   if (it != shape_costs_.end()) return it->second;
   ShapeCost c;

@@ -330,7 +330,7 @@ class Scheduler {
   RunningLoad running_load_;
   StepTimeModel step_model_;
   double prompt_mb_per_step_ = 0;  // prompt and check rows' MB per step, averaged
-  mutable std::map<std::string, ShapeCost> shape_costs_;
+  mutable std::map<std::pair<int64_t, double>, ShapeCost> shape_costs_;
   mutable std::vector<double> widest_scratch_;          // BatchMb's
   std::vector<std::pair<Shape, int64_t>> step_batch_;   // worker thread: SharedStep's
   std::vector<std::pair<Shape, int64_t>> admit_batch_;  // worker thread: HoldForBudgets'
