@@ -251,6 +251,57 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
     });
   };
 
+  // The pieces both blocks of a layer (attention, MLP) share. start_block: the groups at this key
+  // whose layer drops the block add its bias alone; the rest form classes by `width_of`.
+  auto start_block = [&](auto width_of, const at::Tensor LayerWeights::*bias) {
+    Serially([&] {
+      active.clear();
+      for (size_t g = 0; g < G; ++g)
+        if (st[g].layer >= 0) active.push_back(g);
+      for (size_t g : active) {
+        const at::Tensor& b = layer_of(g).*bias;
+        if (width_of(g) == 0 && b.defined())
+          for (int64_t r = 0; r < st[g].n; ++r)
+            AddInPlace(x + (st[g].base + r) * H, b.data_ptr<float>(), H);
+      }
+      std::erase_if(active, [&](size_t g) { return width_of(g) == 0; });
+      make_classes(width_of);
+    });
+  };
+  // The class's rows of x through each group's norm, into its compact rows of h.
+  auto norm_rows = [&](size_t b, size_t e, const at::Tensor LayerWeights::*norm) {
+    Serially([&] {
+      for (size_t j = b; j < e; ++j) {
+        const size_t g = order[j];
+        RmsNorm(x + st[g].base * H, (layer_of(g).*norm).data_ptr<float>(), st[g].n, H,
+                groups[g].engine->model().config.rms_norm_eps, h + st[g].offset * H);
+      }
+    });
+  };
+  // Zero each group's rows of `buf` (row stride `stride`, the class's width) past its own width:
+  // the next projection reads the class's width.
+  auto zero_tails = [&](size_t b, size_t e, float* buf, int64_t stride, auto width_of) {
+    if (e - b == 1) return;  // a class of one is as wide as its group
+    Serially([&] {
+      for (size_t j = b; j < e; ++j) {
+        const size_t g = order[j];
+        if (width_of(g) < stride)
+          for (int64_t r = 0; r < st[g].n; ++r)
+            std::fill(buf + (st[g].offset + r) * stride + width_of(g),
+                      buf + (st[g].offset + r + 1) * stride, 0.f);
+      }
+    });
+  };
+  // The residual: each group's compact rows of tmp added to its rows of x.
+  auto add_residual = [&](size_t b, size_t e) {
+    Serially([&] {
+      for (size_t j = b; j < e; ++j) {
+        const size_t g = order[j];
+        AddInPlace(x + st[g].base * H, tmp + st[g].offset * H, st[g].n * H);
+      }
+    });
+  };
+
   bool done = false;  // shared: written on the team's first thread, read by all
   auto compute = [&] {
     Serially([&] {
@@ -288,25 +339,10 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
       auto qkv_width = [&](size_t g, Proj p) {
         return p == Proj::kQ ? qdim(g) : layer_of(g).kv_heads(hd) * hd;
       };
-      Serially([&] {
-        for (size_t g : active) {  // a layer without attention adds its bias alone
-          const LayerWeights& l = layer_of(g);
-          if (qdim(g) == 0 && l.o_bias.defined())
-            for (int64_t r = 0; r < st[g].n; ++r)
-              AddInPlace(x + (st[g].base + r) * H, l.o_bias.data_ptr<float>(), H);
-        }
-        std::erase_if(active, [&](size_t g) { return qdim(g) == 0; });
-        make_classes(qdim);
-      });
+      start_block(qdim, &LayerWeights::o_bias);
       for (const auto& [b, e] : classes) {
         const int64_t qs = qdim(order[b]), kvs = qkv_width(order[b], Proj::kK);
-        Serially([&] {
-          for (size_t j = b; j < e; ++j) {
-            const size_t g = order[j];
-            RmsNorm(x + st[g].base * H, layer_of(g).attn_norm.data_ptr<float>(), st[g].n, H,
-                    groups[g].engine->model().config.rms_norm_eps, h + st[g].offset * H);
-          }
-        });
+        norm_rows(b, e, &LayerWeights::attn_norm);
         constexpr std::array<Proj, 3> kQkv = {Proj::kQ, Proj::kK, Proj::kV};
         const std::array<float*, 3> qkv_out = {q, k, v};
         const std::array<int64_t, 3> qkv_w = {qs, kvs, kvs};
@@ -336,75 +372,34 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
                                scores,
                                &ws.prefill_scores};
           eng.Attention(st[g].layer, *groups[g].cache, groups[g].seqs, st[g].one_token_each, io);
-          if (qdim(g) < qs) {  // o reads the class's width: zero past this model's
-            Serially([&] {
-              for (int64_t r = 0; r < st[g].n; ++r)
-                std::fill(ag + r * qs + qdim(g), ag + (r + 1) * qs, 0.f);
-            });
-          }
         }
+        zero_tails(b, e, att, qs, qdim);
         const std::array<Proj, 1> kO = {Proj::kO};
         const std::array<float*, 1> o_out = {tmp};
         const std::array<int64_t, 1> o_w = {H};
         project(b, e, att, qs, kO, o_out, o_w, [&](size_t, Proj) { return H; });
-        Serially([&] {
-          for (size_t j = b; j < e; ++j) {
-            const size_t g = order[j];
-            AddInPlace(x + st[g].base * H, tmp + st[g].offset * H, st[g].n * H);
-          }
-        });
+        add_residual(b, e);
       }
 
       // MLP: the same groups that have this key, now widest MLP first.
       auto inter = [&](size_t g) { return layer_of(g).intermediate(); };
-      Serially([&] {
-        active.clear();
-        for (size_t g = 0; g < G; ++g)
-          if (st[g].layer >= 0) active.push_back(g);
-        for (size_t g : active) {
-          const LayerWeights& l = layer_of(g);
-          if (inter(g) == 0 && l.down_bias.defined())
-            for (int64_t r = 0; r < st[g].n; ++r)
-              AddInPlace(x + (st[g].base + r) * H, l.down_bias.data_ptr<float>(), H);
-        }
-        std::erase_if(active, [&](size_t g) { return inter(g) == 0; });
-        make_classes(inter);
-      });
+      start_block(inter, &LayerWeights::down_bias);
       for (const auto& [b, e] : classes) {
         const int64_t is = inter(order[b]);
         int64_t nrows = 0;
         for (size_t j = b; j < e; ++j) nrows += st[order[j]].n;
-        Serially([&] {
-          for (size_t j = b; j < e; ++j) {
-            const size_t g = order[j];
-            RmsNorm(x + st[g].base * H, layer_of(g).mlp_norm.data_ptr<float>(), st[g].n, H,
-                    groups[g].engine->model().config.rms_norm_eps, h + st[g].offset * H);
-          }
-        });
+        norm_rows(b, e, &LayerWeights::mlp_norm);
         constexpr std::array<Proj, 2> kGateUp = {Proj::kGate, Proj::kUp};
         const std::array<float*, 2> gu_out = {gate, up};
         const std::array<int64_t, 2> gu_w = {is, is};
         project(b, e, h, H, kGateUp, gu_out, gu_w, [&](size_t g, Proj) { return inter(g); });
         SiluMul(gate, up, nrows * is);
-        Serially([&] {
-          for (size_t j = b; j < e; ++j) {
-            const size_t g = order[j];
-            if (inter(g) < is)  // down reads the class's width: zero past this model's
-              for (int64_t r = 0; r < st[g].n; ++r)
-                std::fill(gate + (st[g].offset + r) * is + inter(g),
-                          gate + (st[g].offset + r + 1) * is, 0.f);
-          }
-        });
+        zero_tails(b, e, gate, is, inter);
         const std::array<Proj, 1> kDown = {Proj::kDown};
         const std::array<float*, 1> d_out = {tmp};
         const std::array<int64_t, 1> d_w = {H};
         project(b, e, gate, is, kDown, d_out, d_w, [&](size_t, Proj) { return H; });
-        Serially([&] {
-          for (size_t j = b; j < e; ++j) {
-            const size_t g = order[j];
-            AddInPlace(x + st[g].base * H, tmp + st[g].offset * H, st[g].n * H);
-          }
-        });
+        add_residual(b, e);
       }
     }
 
