@@ -420,14 +420,18 @@ absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
     return s;
   }
   if (!budget) return supernet_.FullShape();
-  ASSIGN_OR_RETURN(PlanResult p, PlanShape(profiles_, *budget, host_));
   // Load matters for a decode target on this host, where every running sequence shares a step.
   const bool on_this_host = !budget->bandwidth_gbs && !budget->compute_gflops;
   if (!budget->max_decode_ms_per_token || !on_this_host || !options_.plan_under_load ||
-      !scheduler_.options().shared_steps)
+      !scheduler_.options().shared_steps) {
+    ASSIGN_OR_RETURN(PlanResult p, PlanShape(profiles_, *budget, host_));
     return p.chosen.profile.shape;
+  }
   const double target = *budget->max_decode_ms_per_token;
   const std::vector<ShapeEstimateResult> fitting = FittingShapes(profiles_, *budget, host_);
+  // Nothing fits even idle: PlanShape's error names the smallest shape's cost.
+  if (fitting.empty()) return PlanShape(profiles_, *budget, host_).status();
+  const ShapeEstimateResult& idle = fitting.front();  // what PlanShape picks
   LoadEstimate last;
   for (const ShapeEstimateResult& e : fitting) {
     last = scheduler_.EstimateLoad(e.profile.shape);
@@ -439,11 +443,11 @@ absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
     if (predicted > limit || last.free_slots <= 0) continue;
     if (plan) {
       LoadPlan lp;
-      lp.idle_choice = p.chosen.profile.shape;
-      lp.idle_decode_ms = p.chosen.decode_ms;
+      lp.idle_choice = idle.profile.shape;
+      lp.idle_decode_ms = idle.decode_ms;
       lp.predicted_decode_ms = predicted;
       lp.sequences_in_flight = last.sequences;
-      lp.load_changed_choice = !(e.profile.shape == p.chosen.profile.shape);
+      lp.load_changed_choice = !(e.profile.shape == idle.profile.shape);
       *plan = lp;
     }
     return e.profile.shape;
