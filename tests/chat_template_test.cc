@@ -14,7 +14,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace chat_template_test {  // named: a unity build joins test files
 
 const std::vector<ChatMessage> kChat = {
     {"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello."}, {"user", "Bye"}};
@@ -227,5 +227,5 @@ TEST(ToolCallsTest, RenderedCallsParseBackAndACutReplyKeepsItsWholeCalls) {
   EXPECT_FALSE(MayBeToolCalls("<tools>"));
 }
 
-}  // namespace
+}  // namespace chat_template_test
 }  // namespace amoeba

@@ -15,7 +15,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace generation_test {  // named: a unity build joins test files
 using testing::TempDir;
 
 struct Fixture {
@@ -363,5 +363,5 @@ TEST(LogprobRowTest, EveryInstructionSetMatchesLogSoftmax) {
   ForceKernelIsa(KernelIsa::kAuto);
 }
 
-}  // namespace
+}  // namespace generation_test
 }  // namespace amoeba

@@ -21,7 +21,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace gguf_test {  // named: a unity build joins test files
 
 using testing::MaxAbsDiff;
 using testing::TempDir;
@@ -439,5 +439,5 @@ TEST(GgufTest, BpeTokenizerReadsBack) {
   EXPECT_EQ(LoadGgufTokenizer(dir.file("none.gguf")).status().code(), absl::StatusCode::kNotFound);
 }
 
-}  // namespace
+}  // namespace gguf_test
 }  // namespace amoeba

@@ -13,7 +13,7 @@
 #include "nlohmann/json.hpp"
 
 namespace amoeba {
-namespace {
+namespace grammar_test {  // named: a unity build joins test files
 
 constexpr int32_t kEos = 2;
 
@@ -328,5 +328,5 @@ TEST(JsonSchemaGrammarTest, RefusesWhatItDoesNotSupport) {
   }
 }
 
-}  // namespace
+}  // namespace grammar_test
 }  // namespace amoeba

@@ -13,7 +13,7 @@
 #include "tests/server_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace http_frontend_test {  // named: a unity build joins test files
 using nlohmann::json;
 using testing::TestServer;
 
@@ -158,5 +158,5 @@ TEST(HttpFrontendTest, PriorityIsAnAmoebaExtension) {
   }
 }
 
-}  // namespace
+}  // namespace http_frontend_test
 }  // namespace amoeba

@@ -9,7 +9,7 @@
 #include "tests/server_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace logprobs_test {  // named: a unity build joins test files
 using testing::BatchInvariantKernels;
 using testing::Req;
 using testing::Stream;
@@ -158,5 +158,5 @@ TEST(LogprobsTest, PromptTokensAreScoredLikeAForwardPass) {
   EXPECT_NE(out.status.error_message().find("max_new_tokens"), std::string::npos);
 }
 
-}  // namespace
+}  // namespace logprobs_test
 }  // namespace amoeba

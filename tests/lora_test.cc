@@ -9,8 +9,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "distill/src/losses.h"
 #include "distill/pretrain.h"
+#include "distill/src/losses.h"
 #include "distill/svg_plot.h"
 #include "distill/train_loop.h"
 #include "distill/tuner.h"
@@ -23,7 +23,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace lora_test {  // named: a unity build joins test files
 using testing::MaxAbsDiff;
 using testing::TempDir;
 
@@ -351,5 +351,5 @@ TEST(PlotTest, TicksAreRoundAndEveryPointIsLabelled) {
   EXPECT_EQ(circles, 3u + 2u);  // the points and one legend marker per series
 }
 
-}  // namespace
+}  // namespace lora_test
 }  // namespace amoeba

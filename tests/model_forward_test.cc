@@ -16,7 +16,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace model_forward_test {  // named: a unity build joins test files
 using testing::MaxAbsDiff;
 using testing::RandomTokens;
 using testing::TinyConfig;
@@ -693,5 +693,5 @@ TEST(TorchForwardTest, GradientsFlowToHookedProjections) {
   EXPECT_GT(extra.grad().abs().sum().item<double>(), 0.0);
 }
 
-}  // namespace
+}  // namespace model_forward_test
 }  // namespace amoeba

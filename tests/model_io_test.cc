@@ -14,7 +14,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace model_io_test {  // named: a unity build joins test files
 namespace fs = std::filesystem;
 using testing::TempDir;
 
@@ -211,5 +211,5 @@ TEST(ConfigTest, ParsesHuggingFaceFields) {
   EXPECT_EQ(ParseModelConfig(j).status().code(), absl::StatusCode::kUnimplemented);
 }
 
-}  // namespace
+}  // namespace model_io_test
 }  // namespace amoeba

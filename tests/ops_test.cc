@@ -19,7 +19,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace ops_test {  // named: a unity build joins test files
 
 ModelConfig RopeConfig(int64_t head_dim, double theta) {
   ModelConfig c = testing::TinyConfig();
@@ -166,11 +166,11 @@ TEST(KernelTest, LinearMatchesTorchOnOddSizesAndPrefixViews) {
   }
 }
 
-}  // namespace
+}  // namespace ops_test
 }  // namespace amoeba
 
 namespace amoeba {
-namespace {
+namespace ops_test {
 
 // fp16 weights: equal to the fp32 product with the half-rounded weights (the fp16 reference).
 TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
@@ -187,11 +187,11 @@ TEST(KernelTest, HalfWeightsMatchTheRoundedReference) {
   }
 }
 
-}  // namespace
+}  // namespace ops_test
 }  // namespace amoeba
 
 namespace amoeba {
-namespace {
+namespace ops_test {
 
 // Packed panels (fp32 and fp16): equal to torch::linear on the prefix of the packed matrix, for
 // odd sizes (panel tails), prefixes in both dimensions, batch 1..33 (every input-group width),
@@ -459,11 +459,11 @@ TEST(KernelTest, QuantizedBlocksFollowGgmlRules) {
   EXPECT_EQ(q8[1].abs().sum().item<float>(), 0.f);
 }
 
-}  // namespace
+}  // namespace ops_test
 }  // namespace amoeba
 
 namespace amoeba {
-namespace {
+namespace ops_test {
 
 // Decode attention equals softmax(q K^T · scale) V computed by libtorch (over fp32 and fp16 K/V),
 // for head sizes with and without the AVX-512 path, GQA groups, and lengths around the 16-key
@@ -563,11 +563,11 @@ TEST(KernelTest, PrefillAttentionMatchesCausalSoftmaxReference) {
     }
 }
 
-}  // namespace
+}  // namespace ops_test
 }  // namespace amoeba
 
 namespace amoeba {
-namespace {
+namespace ops_test {
 
 // Inside a team, ParallelFor hands each member the chunk at::parallel_for would give its thread,
 // and Serially runs on one thread while the others wait.
@@ -617,5 +617,5 @@ TEST(TeamTest, AnExceptionOnOneThreadReachesTheCaller) {
   at::set_num_threads(threads);
 }
 
-}  // namespace
+}  // namespace ops_test
 }  // namespace amoeba

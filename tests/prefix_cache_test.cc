@@ -15,7 +15,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace prefix_cache_test {  // named: a unity build joins test files
 using testing::MaxAbsDiff;
 using testing::RandomTokens;
 using testing::TinyModel;
@@ -169,5 +169,5 @@ TEST(PrefixCacheTest, SavedCacheLoadsBackAndBadFilesAreRefused) {
   std::filesystem::remove_all(dir);
 }
 
-}  // namespace
+}  // namespace prefix_cache_test
 }  // namespace amoeba

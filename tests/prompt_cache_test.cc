@@ -11,7 +11,7 @@
 #include "tests/server_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace prompt_cache_test {  // named: a unity build joins test files
 using testing::BatchInvariantKernels;
 using testing::NewJob;
 using testing::Outcome;
@@ -293,5 +293,5 @@ TEST(PromptCacheTest, ASavedCacheServesTheNextSchedulerOfTheSameWeights) {
   EXPECT_EQ(RunOne(*c, TokenJob(full, prompt, 6)).result.cached_tokens, 0);
 }
 
-}  // namespace
+}  // namespace prompt_cache_test
 }  // namespace amoeba

@@ -24,7 +24,7 @@
 #include "tests/server_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace server_test {  // named: a unity build joins test files
 using testing::LocalGreedy;
 using testing::Req;
 using testing::Stream;
@@ -445,5 +445,5 @@ TEST(ServerTest, TokenizeAddsBosUnlessAskedNotToAsGenerateDoes) {
   EXPECT_EQ(g.last.usage().prompt_tokens(), unset.ids_size());
 }
 
-}  // namespace
+}  // namespace server_test
 }  // namespace amoeba

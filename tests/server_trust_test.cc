@@ -21,7 +21,7 @@
 #include "tests/server_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace server_trust_test {  // named: a unity build joins test files
 namespace fs = std::filesystem;
 using testing::GreedyOn;
 using testing::LocalGreedy;
@@ -701,5 +701,5 @@ TEST(ServerTrustTest, LatencyLineSmoothsOneNoisyShape) {
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(p[i].fitted_ms, 1.625, 1e-9) << i;
 }
 
-}  // namespace
+}  // namespace server_trust_test
 }  // namespace amoeba

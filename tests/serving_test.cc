@@ -23,7 +23,7 @@
 #include "tests/supernet_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace serving_test {  // named: a unity build joins test files
 using testing::MakeTestSupernet;
 using testing::TempDir;
 
@@ -288,11 +288,11 @@ TEST(ServingTest, RunningGaugeReturnsToZeroAfterCancellation) {
   EXPECT_NE(text.find(gauge + "0"), std::string::npos) << text;
 }
 
-}  // namespace
+}  // namespace serving_test
 }  // namespace amoeba
 
 namespace amoeba {
-namespace {
+namespace serving_test {
 
 // Admission classes: with one slot, waiting requests start highest class first and in arrival
 // order within a class (completion order is start order with one slot).
@@ -331,11 +331,11 @@ TEST(SchedulerPriorityTest, HigherClassesStartFirstFifoWithinAClass) {
   EXPECT_EQ(order, (std::vector<std::string>{"c", "e", "a", "b", "f", "d"}));
 }
 
-}  // namespace
+}  // namespace serving_test
 }  // namespace amoeba
 
 namespace amoeba {
-namespace {
+namespace serving_test {
 
 TEST(StepTimeModelTest, LearnsALinearStepTimeAndStartsFromItsPrior) {
   StepTimeModelOptions o;
@@ -410,5 +410,5 @@ TEST(LoadPlanningTest, ABudgetNothingCanKeepUnderLoadIsRefusedAtOnce) {
   EXPECT_TRUE(again.ok()) << again.status();
 }
 
-}  // namespace
+}  // namespace serving_test
 }  // namespace amoeba

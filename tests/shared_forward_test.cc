@@ -18,7 +18,7 @@
 #include "tests/supernet_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace shared_forward_test {  // named: a unity build joins test files
 using testing::MakeTestAdapters;
 using testing::MakeTestSupernet;
 using testing::MaxAbsDiff;
@@ -268,5 +268,5 @@ TEST(SharedForwardMixTest, BadGroupsAreRefusedAndChangeNothing) {
   EXPECT_EQ(lanes[0].shared_cache.length(0), 0);
 }
 
-}  // namespace
+}  // namespace shared_forward_test
 }  // namespace amoeba

@@ -13,7 +13,7 @@
 #include "tests/server_fixture.h"
 
 namespace amoeba {
-namespace {
+namespace speculative_test {  // named: a unity build joins test files
 using testing::BatchInvariantKernels;
 using testing::NewJob;
 using testing::Outcome;
@@ -308,5 +308,5 @@ TEST(SpeculativeTest, AFailingDraftLeavesItsTargetDecodingTokenByToken) {
   EXPECT_EQ(RunOne(*ts.scheduler, NewJob(s, target, "draft fails", 12)).tokens, plain.tokens);
 }
 
-}  // namespace
+}  // namespace speculative_test
 }  // namespace amoeba

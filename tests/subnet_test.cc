@@ -27,7 +27,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace subnet_test {  // named: a unity build joins test files
 namespace fs = std::filesystem;
 using testing::MaxAbsDiff;
 using testing::TempDir;
@@ -668,5 +668,5 @@ TEST(CalibrationDataTest, WindowsAreDeterministicAndJsonlWorks) {
   EXPECT_NE(bogus.status().message().find("scoring"), std::string::npos);
 }
 
-}  // namespace
+}  // namespace subnet_test
 }  // namespace amoeba

@@ -12,7 +12,7 @@
 #include "tests/test_util.h"
 
 namespace amoeba {
-namespace {
+namespace tokenizer_test {  // named: a unity build joins test files
 using nlohmann::json;
 using testing::TempDir;
 
@@ -181,5 +181,5 @@ TEST(TokenizerTest, MissingOrBrokenFilesAreErrors) {
   EXPECT_FALSE(LoadTokenizer(dir.path()).ok());
 }
 
-}  // namespace
+}  // namespace tokenizer_test
 }  // namespace amoeba
