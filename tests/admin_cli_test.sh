@@ -153,4 +153,20 @@ expect_2 "tune on a plain model" "$ADMIN" tune --supernet "$dir/m2" --data "$dir
 "$ADMIN" pretrain --model "$dir/m2" --data "$dir/calib.txt" --out "$dir/p" --steps 3 --batch 2 --seq-len 16 \
   >/dev/null 2>&1 || fail "pretrain"
 "$ADMIN" generate --model "$dir/p" -n 2 "Hi" >/dev/null 2>&1 || fail "generate on the pretrained model"
+# --heldout: held-out perplexity every --eval-every steps and at the end, in the training report.
+"$ADMIN" pretrain --model "$dir/m2" --data "$dir/calib.txt" --out "$dir/ph" --steps 5 --batch 2 \
+  --seq-len 16 --heldout "$dir/calib.txt" --eval-every 2 --eval-windows 3 >/dev/null 2>&1 ||
+  fail "pretrain --heldout"
+/usr/bin/python3 - "$dir/ph/pretrain_report.json" <<'PY' || fail "pretrain report: $(cat "$dir/ph/pretrain_report.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+steps = [p["step"] for p in r["heldout"]]
+assert steps == [2, 4, 5], steps
+assert all(p["perplexity"] > 1 for p in r["heldout"]), r
+assert r["tokens"] == 5 * 2 * 16 and abs(r["tokens_per_param"] * r["params"] - r["tokens"]) < 1e-6, r
+assert r["heldout_perplexity"] == r["heldout"][-1]["perplexity"], r
+assert "converged" in r and "last_fifth_gain" in r, r
+PY
+expect_2 "pretrain --eval-every 0" "$ADMIN" pretrain --model "$dir/m2" --data "$dir/calib.txt" --out "$dir/px" \
+  --steps 2 --heldout "$dir/calib.txt" --eval-every 0
 echo "admin_cli: 1 passed, 0 failed"
