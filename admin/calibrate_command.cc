@@ -21,11 +21,14 @@ Runner AddCalibrateCommand(CLI::App& app) {
                   "Calibration text (.txt, or .jsonl with a \"text\" field)")
       ->required();
   cmd->add_option("--out", o->out_dir, "Supernet directory to write")->required();
-  cmd->add_option("--windows", o->windows, "Calibration windows")->capture_default_str();
+  cmd->add_option("--windows", o->windows, "Calibration windows (the width statistics see all)")
+      ->capture_default_str();
   cmd->add_option("--window-len", o->window_len, "Tokens per window")->capture_default_str();
   cmd->add_option("--dp-windows", o->dp_windows, "Windows per DP evaluation")
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "Window sampling seed")->capture_default_str();
+  cmd->add_flag("--window-bos", o->window_bos,
+                "Start every window with a BOS (for models trained with one at every window)");
   cmd->add_option("--min-depth-ratio", o->min_depth_ratio, "Smallest depth = ceil(ratio * layers)")
       ->capture_default_str();
   cmd->add_option("--widths", o->widths, "Width ratios of the grid, descending from 1")
@@ -35,8 +38,8 @@ Runner AddCalibrateCommand(CLI::App& app) {
   cmd->add_flag("--uniform-width", o->uniform_width, "Same width fraction in every layer");
   cmd->add_option("--width-scores", o->width_scores,
                   "Unit importance: flap (activation variance x weight norm) | magnitude (weight "
-                  "norm alone)")
-      ->check(CLI::IsMember({"flap", "magnitude"}))
+                  "norm alone) | removal (removal error x measured layer sensitivity)")
+      ->check(CLI::IsMember({"flap", "magnitude", "removal"}))
       ->capture_default_str();
   cmd->add_option("--metric", o->metric, "DP metric: perplexity | accuracy")->capture_default_str();
   cmd->add_option("--mc-data", o->mc_data, "Multiple-choice JSONL for --metric accuracy");

@@ -23,6 +23,8 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -79,6 +81,7 @@ absl::Status StageCalibrate(Bench& b) {
     o.out_dir = dir.string();
     o.windows = b.f.calib_windows;
     o.window_len = b.f.calib_window_len;
+    o.window_bos = b.f.calib_bos;
     o.dp_windows = b.f.dp_windows;
     o.force = true;
     ASSIGN_OR_RETURN(auto s, Calibrate(o));
@@ -146,6 +149,36 @@ absl::StatusOr<std::unique_ptr<Supernet>> WithDepthMethod(const Bench& b,
   return s;
 }
 
+// Spearman's rank correlation (average ranks for ties).
+double RankCorrelation(const std::vector<double>& x, const std::vector<double>& y) {
+  auto ranks = [](const std::vector<double>& v) {
+    std::vector<size_t> order(v.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return v[a] < v[b]; });
+    std::vector<double> r(v.size());
+    for (size_t i = 0; i < order.size();) {
+      size_t j = i;
+      while (j + 1 < order.size() && v[order[j + 1]] == v[order[i]]) ++j;
+      for (size_t k = i; k <= j; ++k) r[order[k]] = 0.5 * static_cast<double>(i + j);
+      i = j + 1;
+    }
+    return r;
+  };
+  const std::vector<double> rx = ranks(x), ry = ranks(y);
+  const double n = static_cast<double>(x.size());
+  const double mx = std::accumulate(rx.begin(), rx.end(), 0.0) / n;
+  const double my = std::accumulate(ry.begin(), ry.end(), 0.0) / n;
+  double sxy = 0, sxx = 0, syy = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    sxy += (rx[i] - mx) * (ry[i] - my);
+    sxx += (rx[i] - mx) * (rx[i] - mx);
+    syy += (ry[i] - my) * (ry[i] - my);
+  }
+  return sxx > 0 && syy > 0 ? sxy / std::sqrt(sxx * syy) : 0.0;
+}
+
+const std::vector<std::string> kWidthScores = {"flap", "magnitude", "removal"};
+
 absl::Status StageWidth(Bench& b) {
   if (b.Done("width")) return absl::OkStatus();
   ASSIGN_OR_RETURN(Model original, LoadModelOrGguf(b.f.model));
@@ -153,8 +186,9 @@ absl::Status StageWidth(Bench& b) {
   WindowOptions wo{.num_windows = b.f.calib_windows,
                    .window_len = b.f.calib_window_len,
                    .seed = 0,
-                   .bos_token_id = original.config.bos_token_id};
+                   .bos_token_id = b.f.calib_bos ? original.config.bos_token_id : -1};
   ASSIGN_OR_RETURN(at::Tensor windows, MakeWindows(text, *b.supernet->tokenizer(), wo));
+  const at::Tensor dp_windows = windows.narrow(0, 0, std::min(b.f.dp_windows, windows.size(0)));
   at::InferenceMode guard;
   const ActivationStats stats = CollectActivationStats(original, windows, 4);
   auto clone_stats = [](const ActivationStats& s) {
@@ -163,17 +197,77 @@ absl::Status StageWidth(Bench& b) {
     for (const auto& t : s.o_var) c.o_var.push_back(t.clone());
     for (const auto& t : s.down_mean) c.down_mean.push_back(t.clone());
     for (const auto& t : s.down_var) c.down_var.push_back(t.clone());
+    for (const auto& t : s.o_cov) c.o_cov.push_back(t.clone());
+    c.tokens = s.tokens;
     return c;
   };
   const int64_t L = original.config.num_hidden_layers;
+  const int64_t gw = original.config.group_size() * original.config.head_dim;
+  LayerSensitivity sensitivity;
+  {
+    Progress bar("layer sensitivities", 1 + 2 * L);
+    sensitivity = MeasureSensitivity(original, stats, dp_windows, 4, &bar);
+  }
+
+  // Every unit's measured loss when removed alone (compensated), against each score.
+  struct Unit {
+    int layer;
+    int64_t index;
+    bool attention;
+    double delta_nll = 0;
+  };
+  std::vector<Unit> units;
+  std::mt19937_64 rng(7);
+  for (int l = 0; l < L; ++l) {
+    const int64_t groups = original.layers[l].o.size(1) / gw;
+    for (int64_t g = 0; g < groups; ++g) units.push_back({l, g, true});
+    const int64_t channels = original.layers[l].intermediate();
+    std::vector<int64_t> all(channels);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    for (int64_t i = 0; i < std::min(b.f.width_units, channels); ++i)
+      units.push_back({l, all[i], false});
+  }
+  {
+    Progress bar("single-unit removals", static_cast<int64_t>(units.size()));
+    for (Unit& u : units) {
+      at::Tensor idx = u.attention ? at::arange(u.index * gw, (u.index + 1) * gw, at::kLong)
+                                   : at::tensor({u.index}, at::kLong);
+      const double nll =
+          NllWithUnitsRemoved(original, stats, dp_windows, 4, u.layer,
+                              u.attention ? idx : at::Tensor(), u.attention ? at::Tensor() : idx);
+      u.delta_nll = nll - sensitivity.base_nll;
+      bar.Advance();
+    }
+  }
+  json correlations = json::object();
+  for (const std::string& kind : kWidthScores) {
+    ASSIGN_OR_RETURN(const WidthScoring scoring, ParseWidthScoring(kind));
+    const WidthScores sc = ComputeWidthScores(original, stats, scoring, &sensitivity);
+    json row = json::object();
+    for (const bool attention : {true, false}) {
+      std::vector<double> score, loss;
+      for (const Unit& u : units) {
+        if (u.attention != attention) continue;
+        const at::Tensor& t = attention ? sc.group[u.layer] : sc.channel[u.layer];
+        score.push_back(t[u.index].item<double>());
+        loss.push_back(u.delta_nll);
+      }
+      row[attention ? "attention_groups" : "mlp_channels"] = {
+          {"units", score.size()}, {"spearman", RankCorrelation(score, loss)}};
+    }
+    correlations[kind] = row;
+  }
+
   const std::vector<double>& widths = b.supernet->spec().widths;
   json series = json::object();
-  Progress bar("width ablation", 2 * 2 * 2 * static_cast<int64_t>(widths.size()));
-  for (const std::string scores_kind : {"flap", "magnitude"}) {
+  Progress bar("width ablation", static_cast<int64_t>(kWidthScores.size()) * 2 * 2 *
+                                     static_cast<int64_t>(widths.size()));
+  for (const std::string& scores_kind : kWidthScores) {
     Model m = original;                       // shares storage; the permutation replaces tensors
     ActivationStats st = clone_stats(stats);  // the permutation reorders it
     ASSIGN_OR_RETURN(const WidthScoring scoring, ParseWidthScoring(scores_kind));
-    WidthScores scores = ComputeWidthScores(m, st, scoring);
+    WidthScores scores = ComputeWidthScores(m, st, scoring, &sensitivity);
     PermuteByScore(m, scores, st);
     // Uniform with either score separates which units a layer keeps from how many.
     const std::vector<std::string> allocations = {"global", "uniform"};
@@ -213,7 +307,18 @@ absl::Status StageWidth(Bench& b) {
     }
   }
   bar.Finish();
-  return b.Finish("width", {{"series", series}});
+  return b.Finish("width", {{"series", series},
+                            {"rank_correlations", correlations},
+                            {"sensitivity",
+                             {{"attention", sensitivity.attention},
+                              {"mlp", sensitivity.mlp},
+                              {"base_nll", sensitivity.base_nll}}},
+                            {"calibration",
+                             {{"windows", b.f.calib_windows},
+                              {"window_len", b.f.calib_window_len},
+                              {"window_bos", b.f.calib_bos},
+                              {"tokens", stats.tokens},
+                              {"dp_windows", dp_windows.size(0)}}}});
 }
 
 // Held-out perplexity of every grid shape (and cloze accuracy of `mc_shapes`) of `s` with `smol`:
@@ -369,15 +474,28 @@ absl::Status Run(Flags& f) {
   if (static_cast<int64_t>(b.dp_mc.size()) > f.dp_mc_items) b.dp_mc.resize(f.dp_mc_items);
   if (f.report_only) return WriteQualityReport(b);
 
-  std::vector<std::function<absl::Status()>> stages = {
-      [&] { return StageWidth(b); }, [&] { return StageDpAccuracy(b); },
-      [&] { return StageDepthUntuned(b); }, [&] { return StageUntunedGrid(b); }};
+  std::vector<std::pair<std::string, std::function<absl::Status()>>> stages = {
+      {"width", [&] { return StageWidth(b); }},
+      {"depth_dp_accuracy", [&] { return StageDpAccuracy(b); }},
+      {"depth_untuned", [&] { return StageDepthUntuned(b); }},
+      {"untuned_grid", [&] { return StageUntunedGrid(b); }}};
   for (uint64_t seed : f.seeds)
     for (const TuneVariant& v : TuneVariants())
-      stages.push_back([&b, v, seed] { return StageTune(b, v, seed); });
+      stages.push_back({"tune", [&b, v, seed] { return StageTune(b, v, seed); }});
   Progress overall("bench/quality stages", static_cast<int64_t>(stages.size()) + 1, 1);
   RETURN_IF_ERROR(WriteQualityReport(b));
-  for (auto& stage : stages) {
+  for (const std::string& name : f.only_stages)
+    if (std::none_of(stages.begin(), stages.end(),
+                     [&](const auto& st) { return st.first == name; }))
+      return absl::InvalidArgumentError(
+          absl::StrCat("--stages: no stage ", name,
+                       " (width, depth_dp_accuracy, depth_untuned, untuned_grid, tune)"));
+  for (auto& [name, stage] : stages) {
+    if (!f.only_stages.empty() &&
+        std::find(f.only_stages.begin(), f.only_stages.end(), name) == f.only_stages.end()) {
+      overall.Advance();
+      continue;
+    }
     RETURN_IF_ERROR(stage());
     RETURN_IF_ERROR(WriteQualityReport(b));
     overall.Advance();
@@ -410,6 +528,14 @@ int main(int argc, char** argv) {
   app.add_option("--calib-windows", f.calib_windows)->capture_default_str();
   app.add_option("--calib-window-len", f.calib_window_len)->capture_default_str();
   app.add_option("--dp-windows", f.dp_windows)->capture_default_str();
+  app.add_flag("--calib-bos", f.calib_bos, "A BOS at every calibration window's start");
+  app.add_option("--width-units", f.width_units,
+                 "MLP channels per layer removed one by one for the rank correlations")
+      ->capture_default_str();
+  app.add_option("--stages", f.only_stages,
+                 "Only these stages (width, depth_dp_accuracy, depth_untuned, untuned_grid, tune); "
+                 "calibrate always runs")
+      ->delimiter(',');
   app.add_option("--eval-windows", f.eval_windows)->capture_default_str();
   app.add_option("--eval-window-len", f.eval_window_len)->capture_default_str();
   app.add_option("--mc-items", f.mc_items, "Cloze items for evaluation")->capture_default_str();

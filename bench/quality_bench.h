@@ -28,7 +28,14 @@ struct Flags {
   int64_t tune_batch = 4;
   int64_t seq_len = 128;
   double lr = 1e-3;  // the demo's tuning rate; fixed before any evaluation
-  int64_t calib_windows = 32, calib_window_len = 128, dp_windows = 8;
+  // Calibration as `amoeba-admin calibrate` does it: 128 windows (16k tokens) for the width
+  // statistics, a prefix of 8 for the DP and the layer sensitivities, no BOS at window starts.
+  int64_t calib_windows = 128, calib_window_len = 128, dp_windows = 8;
+  bool calib_bos = false;
+  // The width stage's rank correlations: every KV group and this many sampled MLP channels per
+  // layer, each removed alone (compensated) on the DP windows.
+  int64_t width_units = 8;
+  std::vector<std::string> only_stages;  // empty = every stage
   int64_t eval_windows = 32, eval_window_len = 128;
   int64_t mc_items = 100;    // evaluation cloze items (held-out documents)
   int64_t dp_mc_items = 40;  // cloze items for the accuracy DP (calibration documents)

@@ -164,25 +164,52 @@ absl::Status WriteQualityReport(const Bench& b) {
   if (all.contains("width")) {
     const json& series = all["width"]["series"];
     md += "## Width (full depth, before tuning): held-out perplexity at equal parameter counts\n\n";
-    md += "| ratio | params |";
+    const json& width = all["width"];
+    if (width.contains("calibration")) {
+      const json& c = width["calibration"];
+      md += absl::StrFormat(
+          "Statistics from %d calibration windows x %d tokens (%d tokens, %s); layer "
+          "sensitivities and single-unit removals on the first %d.\n\n",
+          c["windows"].get<int64_t>(), c["window_len"].get<int64_t>(), c["tokens"].get<int64_t>(),
+          c["window_bos"].get<bool>() ? "a BOS at every window start" : "no BOS at window starts",
+          c["dp_windows"].get<int64_t>());
+    }
     std::vector<std::string> names;
     for (const auto& [name, _] : series.items()) names.push_back(name);
-    for (const auto& n : names) md += " " + n + " |";
-    md += "\n|---|---|";
-    for (size_t i = 0; i < names.size(); ++i) md += "---|";
-    md += "\n";
+    // Rows: scores and allocations; columns: the grid's ratios (flap_global's parameter counts;
+    // uniform widths round per layer, so theirs differ a little and are given where they do).
     const json& ref = series["flap_global"];
-    for (size_t i = 0; i < ref.size(); ++i) {
-      md += absl::StrFormat("| %g | %.2fM |", ref[i]["width"].get<double>(),
+    md += "| scores_allocation |";
+    for (size_t i = 0; i < ref.size(); ++i)
+      md += absl::StrFormat(" w%g (%.2fM) |", ref[i]["width"].get<double>(),
                             ref[i]["params"].get<double>() / 1e6);
-      for (const auto& n : names) {
+    md += "\n|---|";
+    for (size_t i = 0; i < ref.size(); ++i) md += "---|";
+    md += "\n";
+    for (const auto& n : names) {
+      md += "| " + n + " |";
+      for (size_t i = 0; i < ref.size() && i < series[n].size(); ++i) {
         const json& p = series[n][i];
-        // Uniform widths round per layer: their parameter count differs a little.
         const bool other = std::abs(p["params"].get<double>() - ref[i]["params"].get<double>()) >
                            0.005 * ref[i]["params"].get<double>();
         md += absl::StrFormat(
             " %.2f%s |", p["perplexity"].get<double>(),
             other ? absl::StrFormat(" (%.2fM)", p["params"].get<double>() / 1e6) : "");
+      }
+      md += "\n";
+    }
+    md += "\n";
+    if (width.contains("rank_correlations")) {
+      md +=
+          "Each score against the measured calibration loss of removing one unit alone "
+          "(compensated), Spearman's rank correlation over the units of every layer (higher is "
+          "better):\n\n| score | KV groups | MLP channels |\n|---|---|---|\n";
+      for (const auto& [kind, r] : width["rank_correlations"].items()) {
+        md += absl::StrFormat("| %s | %.3f (%d units) | %.3f (%d units) |\n", kind,
+                              r["attention_groups"]["spearman"].get<double>(),
+                              r["attention_groups"]["units"].get<int64_t>(),
+                              r["mlp_channels"]["spearman"].get<double>(),
+                              r["mlp_channels"]["units"].get<int64_t>());
       }
       md += "\n";
     }

@@ -37,15 +37,27 @@ for seed in (1, 2):
 missing = [w for w in want if w not in stages]
 assert not missing, f"missing stages {missing}"
 width = stages["width"]["series"]
-assert set(width) == {"flap_global", "flap_global_no_bias", "flap_uniform", "flap_uniform_no_bias",
-                      "magnitude_global", "magnitude_global_no_bias", "magnitude_uniform",
-                      "magnitude_uniform_no_bias"}, width.keys()
+assert set(width) == {f"{s}_{a}{b}" for s in ("flap", "magnitude", "removal")
+                      for a in ("global", "uniform") for b in ("", "_no_bias")}, width.keys()
 # Uniform allocations keep the same units per layer whatever the scores.
-for a, b in zip(width["flap_uniform"], width["magnitude_uniform"]):
-    assert a["params"] == b["params"] and a["channels"] == b["channels"], (a, b)
+for s in ("magnitude_uniform", "removal_uniform"):
+    for a, b in zip(width["flap_uniform"], width[s]):
+        assert a["params"] == b["params"] and a["channels"] == b["channels"], (a, b)
 # Equal budgets: global allocations of one ratio keep the same parameter count to within a unit.
-for a, b in zip(width["flap_global"], width["magnitude_global"]):
-    assert abs(a["params"] - b["params"]) <= 3 * 64 * 8, (a, b)
+for s in ("magnitude_global", "removal_global"):
+    for a, b in zip(width["flap_global"], width[s]):
+        assert abs(a["params"] - b["params"]) <= 3 * 64 * 8, (a, b)
+# Every score's rank correlation with the measured single-unit removal losses, on every KV group
+# (5 layers x 2) and --width-units channels per layer.
+corr = stages["width"]["rank_correlations"]
+assert set(corr) == {"flap", "magnitude", "removal"}, corr
+for kind, r in corr.items():
+    assert r["attention_groups"]["units"] == 10 and r["mlp_channels"]["units"] == 5 * 8, r
+    for k in ("attention_groups", "mlp_channels"):
+        assert -1 <= r[k]["spearman"] <= 1, r
+sens = stages["width"]["sensitivity"]
+assert len(sens["attention"]) == 5 and all(x > 0 for x in sens["attention"] + sens["mlp"]), sens
+assert stages["width"]["calibration"]["window_bos"] is False, stages["width"]["calibration"]
 grid = stages["tune_full_s1"]["shapes"]
 assert len(grid) == len(stages["untuned_grid"]["shapes"]) and len(grid) >= 4
 assert all(r["perplexity"] > 1 for r in grid)
@@ -75,6 +87,13 @@ wait $pid
 "$BENCH" "${FLAGS[@]}" --out "$dir/out2" --tune-steps 30 >"$dir/run4.log" 2>&1 || fail "resumed run: $(tail -5 "$dir/run4.log")"
 grep -q "quality: tune_full_s1 " "$dir/run4.log" && fail "resumed run redid tune_full_s1"
 [ -f "$dir/out2/stages/tune_alone_middle_s2.json" ] || fail "resumed run did not finish"
+
+# --stages runs only the named stages (calibrate always); an unknown stage is refused.
+"$BENCH" "${FLAGS[@]}" --out "$dir/out5" --stages width >"$dir/run5.log" 2>&1 || fail "--stages width: $(tail -5 "$dir/run5.log")"
+[ "$(ls "$dir/out5/stages" | sort | tr '\n' ' ')" = "calibrate.json width.json " ] ||
+  fail "--stages width ran: $(ls "$dir/out5/stages")"
+"$BENCH" "${FLAGS[@]}" --out "$dir/out5" --stages widht >"$dir/run6.log" 2>&1
+[ $? -eq 2 ] && grep -q "widht" "$dir/run6.log" || fail "--stages widht: $(tail -3 "$dir/run6.log")"
 
 # Bad input: exit 2 with a message naming the problem.
 mkdir -p "$dir/empty"

@@ -187,6 +187,103 @@ TEST(WidthTest, MagnitudeScoresRankByWeightNormAlone) {
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// The removal error is what it says: the mean squared change of a layer's o_proj / down_proj
+// output over the calibration tokens when a unit's inputs are replaced by their means (removed and
+// compensated), measured on the same tokens through the forward hook.
+TEST(WidthTest, RemovalErrorsAreTheMeasuredOutputChange) {
+  at::InferenceMode g;
+  Model m = SixLayerModel(5);
+  at::Tensor w = RandomWindows(3, 16, m.config.vocab_size, 7);
+  const ActivationStats st = CollectActivationStats(m, w);
+  EXPECT_EQ(st.tokens, w.numel());
+  const WidthScores err = RemovalErrors(m, st);
+  const int64_t gw = m.config.group_size() * m.config.head_dim;
+  for (int l : {0, 3}) {
+    // The covariance's diagonal is each channel's variance.
+    EXPECT_LT(MaxAbsDiff(st.o_cov[l].diagonal(0, 1, 2).reshape({-1}), st.o_var[l]), 1e-5);
+    auto output_change = [&](Proj target, const at::Tensor& idx) {
+      at::Tensor before, after;
+      TorchForwardOptions opt;
+      opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& wt,
+                       const at::Tensor& b) {
+        at::Tensor y = at::linear(x, wt, b);
+        if (layer == l && p == target) {
+          const at::Tensor& mean = p == Proj::kO ? st.o_mean[l] : st.down_mean[l];
+          at::Tensor xr = x.to(at::kDouble).clone();
+          std::vector<int64_t> sizes = x.sizes().vec();
+          sizes.back() = idx.numel();
+          xr.index_copy_(-1, idx, mean.index_select(0, idx).to(at::kDouble).expand(sizes));
+          before = y.to(at::kDouble);
+          after = at::linear(xr, wt.to(at::kDouble), b.defined() ? b.to(at::kDouble) : b);
+        }
+        return y;
+      };
+      TorchHidden(m, w, opt);
+      return (after - before).pow(2).sum(-1).mean().item<double>();
+    };
+    for (int64_t gi = 0; gi < err.group[l].numel(); ++gi) {
+      at::Tensor idx = at::arange(gi * gw, (gi + 1) * gw, at::kLong);
+      const double want = output_change(Proj::kO, idx);
+      EXPECT_NEAR(err.group[l][gi].item<double>(), want, 1e-3 * want + 1e-7)
+          << "layer " << l << " group " << gi;
+    }
+    for (int64_t j : {int64_t{0}, int64_t{5}, err.channel[l].numel() - 1}) {
+      const double want = output_change(Proj::kDown, at::tensor({j}, at::kLong));
+      EXPECT_NEAR(err.channel[l][j].item<double>(), want, 1e-3 * want + 1e-7)
+          << "layer " << l << " channel " << j;
+    }
+  }
+}
+
+// Removal scores: each layer's order is its removal errors' order, scaled by the measured
+// sensitivity (which is what the loss does when the layer's cheapest quarter goes) per parameter;
+// calibrate with them keeps the function of the permuted model and records the choice.
+TEST(WidthTest, RemovalScoresWeighErrorsByMeasuredSensitivity) {
+  at::InferenceMode g;
+  Model m = SixLayerModel(6);
+  at::Tensor w = RandomWindows(4, 16, m.config.vocab_size, 8);
+  const ActivationStats st = CollectActivationStats(m, w);
+  const LayerSensitivity sens = MeasureSensitivity(m, st, w, 4);
+  ASSERT_EQ(sens.attention.size(), m.layers.size());
+  EXPECT_NEAR(sens.base_nll, MeanNll(m, w, 4), 1e-9);
+  const WidthScores err = RemovalErrors(m, st);
+  const WidthScores sc = ComputeWidthScores(m, st, WidthScoring::kRemoval, &sens);
+  int measured = 0;
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    EXPECT_GE(sens.attention[l], sens.attention_floor);
+    EXPECT_GE(sens.mlp[l], sens.mlp_floor);
+    EXPECT_GT(sens.mlp_floor, 0);
+    const double gp = static_cast<double>(GroupParams(m.config));
+    const double cp = static_cast<double>(ChannelParams(m.config));
+    EXPECT_LT(MaxAbsDiff(sc.group[l], err.group[l] * (sens.attention[l] / gp)), 1e-9);
+    EXPECT_LT(MaxAbsDiff(sc.channel[l], err.channel[l] * (sens.mlp[l] / cp)), 1e-9);
+    // The sensitivity is the loss of the layer's cheapest quarter over its errors.
+    const at::Tensor order = std::get<1>(err.channel[l].sort(true, 0, false));
+    const at::Tensor quarter = order.narrow(0, 0, std::max<int64_t>(1, order.numel() / 4));
+    const double nll = NllWithUnitsRemoved(m, st, w, 4, static_cast<int>(l), {}, quarter);
+    const double want = std::max(0.0, nll - sens.base_nll) /
+                        err.channel[l].index_select(0, quarter).sum().item<double>();
+    // Measured where it is above the module's floor.
+    EXPECT_NEAR(sens.mlp[l], std::max(want, sens.mlp_floor), 1e-6 * want + 1e-12) << "layer " << l;
+    measured += want > sens.mlp_floor;
+  }
+  EXPECT_GE(measured, 1);
+  EXPECT_TRUE(ParseWidthScoring("removal").ok());
+  CalibrateOptions o = SmallOptions();
+  o.width_scores = "removal";
+  auto s = BuildSmall(m, o);
+  EXPECT_EQ(s->spec().calibration.value("width_scores", ""), "removal");
+  at::Tensor probe = RandomWindows(2, 10, m.config.vocab_size, 9);
+  EXPECT_LT(MaxAbsDiff(TorchForward(s->base(), probe), TorchForward(m, probe)), 1e-4);
+  // Nested widths as with any score.
+  const auto& wt = s->spec().width_table;
+  for (size_t i = 1; i < wt.size(); ++i)
+    for (size_t l = 0; l < m.layers.size(); ++l) {
+      EXPECT_LE(wt[i].alloc.channels[l], wt[i - 1].alloc.channels[l]);
+      EXPECT_LE(wt[i].alloc.kv_groups[l], wt[i - 1].alloc.kv_groups[l]);
+    }
+}
+
 TEST(WidthTest, WidthsAreNestedAndMatchTheRatio) {
   Model m = SixLayerModel(3);
   auto s = BuildSmall(m);

@@ -55,7 +55,17 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
     stats = CollectActivationStats(model, windows, o.batch, &bar);
   }
   ASSIGN_OR_RETURN(const WidthScoring scoring, ParseWidthScoring(o.width_scores));
-  WidthScores scores = ComputeWidthScores(model, stats, scoring);
+  LayerSensitivity sensitivity;
+  if (scoring == WidthScoring::kRemoval) {
+    Progress bar("layer sensitivities", 1 + 2 * L);
+    sensitivity = MeasureSensitivity(model, stats, dp_windows, o.batch, &bar);
+    for (int64_t l = 0; l < L; ++l)
+      spdlog::info(
+          "calibrate: layer {} sensitivity attention {:.4g} mlp {:.4g} (NLL per unit of "
+          "removal error)",
+          l, sensitivity.attention[l], sensitivity.mlp[l]);
+  }
+  WidthScores scores = ComputeWidthScores(model, stats, scoring, &sensitivity);
   PermuteByScore(model, scores, stats);
   SupernetSpec spec;
   spec.widths = o.widths;
@@ -80,7 +90,7 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
   dso.state_path = dp_state_path;
   dso.fingerprint = absl::StrCat(ModelConfigToJson(model.config).dump(), "|", o.data_path, "|",
                                  o.windows, "|", o.window_len, "|", o.dp_windows, "|", o.seed, "|",
-                                 metric.name, "|", o.keep_last);
+                                 metric.name, "|", o.keep_last, "|", o.window_bos);
   ASSIGN_OR_RETURN(spec.depth_table, DpDepthSearch(dso, metric));
   const std::vector<double> bi = BlockInfluence(model, dp_windows, o.batch);
   {
@@ -96,6 +106,8 @@ absl::StatusOr<SupernetBuild> BuildSupernet(Model model, const at::Tensor& windo
   spec.calibration = {{"data", o.data_path},
                       {"windows", o.windows},
                       {"window_len", o.window_len},
+                      {"window_bos", o.window_bos},
+                      {"statistics_tokens", stats.tokens},
                       {"dp_windows", o.dp_windows},
                       {"seed", o.seed},
                       {"keep_last", o.keep_last},
@@ -140,7 +152,7 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
   wo.num_windows = o.windows;
   wo.window_len = o.window_len;
   wo.seed = o.seed;
-  wo.bos_token_id = model.config.bos_token_id;
+  wo.bos_token_id = o.window_bos ? model.config.bos_token_id : -1;
   ASSIGN_OR_RETURN(at::Tensor windows, MakeWindows(text, *tok, wo));
   if (o.dp_windows < 1 || o.dp_windows > o.windows)
     return absl::InvalidArgumentError("--dp-windows: must be in [1, --windows]");
@@ -159,8 +171,12 @@ absl::StatusOr<std::unique_ptr<Supernet>> Calibrate(const CalibrateOptions& o) {
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", o.out_dir, ": ", ec.message()));
   fs::remove(fs::path(o.out_dir) / "amoeba.json",
              ec);  // marks the directory incomplete until the end
-  spdlog::info("calibrate: {} layers, {} windows x {} tokens from {}",
-               model.config.num_hidden_layers, o.windows, o.window_len, o.data_path);
+  spdlog::info(
+      "calibrate: {} layers; width statistics on {} windows x {} tokens = {} tokens of {} "
+      "({}), depth search on {} of them",
+      model.config.num_hidden_layers, o.windows, o.window_len, o.windows * o.window_len,
+      o.data_path, o.window_bos ? "each window starts with a BOS" : "no BOS at window starts",
+      o.dp_windows);
   const std::string dtype = model.config.torch_dtype;
   if (!items.empty()) {
     // Evaluated on the unpermuted model: permutation preserves the function.

@@ -6,6 +6,7 @@
 
 #include "model/progress.h"
 #include "model/torch_forward.h"
+#include "subnet/metrics.h"
 
 namespace amoeba {
 
@@ -13,7 +14,8 @@ ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows
                                        Progress* progress) {
   at::InferenceMode guard;
   const size_t L = m.layers.size();
-  std::vector<at::Tensor> o_sum(L), o_sq(L), d_sum(L), d_sq(L);
+  std::vector<at::Tensor> o_sum(L), o_sq(L), o_outer(L), d_sum(L), d_sq(L);
+  const int64_t group_width = m.config.group_size() * m.config.head_dim;
   int64_t tokens = 0;
   TorchForwardOptions opt;
   opt.linear = [&](int layer, Proj p, const at::Tensor& x, const at::Tensor& w,
@@ -25,6 +27,12 @@ ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows
       auto& Q = p == Proj::kO ? o_sq[layer] : d_sq[layer];
       S = S.defined() ? S + s : s;
       Q = Q.defined() ? Q + q : q;
+      if (p == Proj::kO && xd.size(1) > 0) {
+        // Per KV group: the sum of x_g x_gᵀ over tokens, [groups, Gd, Gd].
+        at::Tensor xg = xd.view({xd.size(0), -1, group_width}).transpose(0, 1);
+        at::Tensor outer = at::bmm(xg.transpose(1, 2), xg);
+        o_outer[layer] = o_outer[layer].defined() ? o_outer[layer] + outer : outer;
+      }
     }
     return at::linear(x, w, b);
   };
@@ -35,6 +43,7 @@ ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows
     if (progress) progress->Advance(w.size(0));
   }
   ActivationStats st;
+  st.tokens = tokens;
   for (size_t l = 0; l < L; ++l) {
     const auto& layer = m.layers[l];
     auto finish = [&](const at::Tensor& s, const at::Tensor& q, int64_t n, at::Tensor* mean,
@@ -54,6 +63,14 @@ ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows
     st.down_var.emplace_back();
     finish(o_sum[l], o_sq[l], layer.o.size(1), &st.o_mean.back(), &st.o_var.back());
     finish(d_sum[l], d_sq[l], layer.down.size(1), &st.down_mean.back(), &st.down_var.back());
+    const int64_t groups = layer.o.size(1) / group_width;
+    if (!o_outer[l].defined()) {
+      st.o_cov.push_back(at::zeros({groups, group_width, group_width}));
+    } else {
+      at::Tensor mu = (o_sum[l] / static_cast<double>(tokens)).view({groups, group_width});
+      at::Tensor cov = o_outer[l] / static_cast<double>(tokens) - mu.unsqueeze(2) * mu.unsqueeze(1);
+      st.o_cov.push_back(cov.to(at::kFloat));
+    }
   }
   return st;
 }
@@ -61,7 +78,8 @@ ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows
 absl::StatusOr<WidthScoring> ParseWidthScoring(std::string_view name) {
   if (name == "flap") return WidthScoring::kFlap;
   if (name == "magnitude") return WidthScoring::kMagnitude;
-  return absl::InvalidArgumentError("--width-scores: must be flap or magnitude, not " +
+  if (name == "removal") return WidthScoring::kRemoval;
+  return absl::InvalidArgumentError("--width-scores: must be flap, magnitude or removal, not " +
                                     std::string(name));
 }
 
@@ -72,7 +90,114 @@ at::Tensor Standardize(const at::Tensor& x) {
 }
 }  // namespace
 
-WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s, WidthScoring scoring) {
+WidthScores RemovalErrors(const Model& m, const ActivationStats& s) {
+  const int64_t gw = m.config.group_size() * m.config.head_dim;
+  WidthScores out;
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    const auto& layer = m.layers[l];
+    const int64_t groups = layer.o.size(1) / gw;
+    if (groups == 0) {
+      out.group.push_back(at::zeros({0}));
+    } else {
+      // tr(W_g Σ_g W_gᵀ) = Σ_ij (W_g Σ_g)_ij (W_g)_ij, W_g = o[:, group g's columns].
+      at::Tensor w = layer.o.to(at::kDouble).view({layer.o.size(0), groups, gw}).transpose(0, 1);
+      at::Tensor ws = at::bmm(w, s.o_cov[l].to(at::kDouble));  // [groups, hidden, gw]
+      out.group.push_back((ws * w).sum({1, 2}).clamp_min(0).to(at::kFloat));
+    }
+    at::Tensor cn = layer.down.to(at::kDouble).pow(2).sum(0);
+    out.channel.push_back((cn * s.down_var[l].to(at::kDouble)).to(at::kFloat));
+  }
+  return out;
+}
+
+double NllWithUnitsRemoved(const Model& m, const ActivationStats& s, const at::Tensor& windows,
+                           int64_t batch, int layer, const at::Tensor& o_channels,
+                           const at::Tensor& down_channels) {
+  TorchForwardOptions opt;
+  opt.linear = [&](int l, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+    const at::Tensor& idx = p == Proj::kO ? o_channels : down_channels;
+    if (l != layer || (p != Proj::kO && p != Proj::kDown) || !idx.defined() || idx.numel() == 0)
+      return at::linear(x, w, b);
+    const at::Tensor& mean = p == Proj::kO ? s.o_mean[l] : s.down_mean[l];
+    // Removed inputs read their calibration means: the unit gone, its compensation bias added.
+    at::Tensor xr = x.clone();
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = idx.numel();
+    xr.index_copy_(-1, idx, mean.index_select(0, idx).to(x.scalar_type()).expand(sizes));
+    return at::linear(xr, w, b);
+  };
+  return MeanNll(m, windows, batch, opt);
+}
+
+LayerSensitivity MeasureSensitivity(const Model& m, const ActivationStats& s,
+                                    const at::Tensor& windows, int64_t batch, Progress* progress) {
+  at::InferenceMode guard;
+  const WidthScores err = RemovalErrors(m, s);
+  const int64_t gw = m.config.group_size() * m.config.head_dim;
+  LayerSensitivity out;
+  out.base_nll = MeanNll(m, windows, batch);
+  if (progress) progress->Advance();
+  // The quarter of the units with the smallest errors (at least one): what pruning removes first.
+  auto probe = [](const at::Tensor& e) {
+    const int64_t n = std::max<int64_t>(1, e.numel() / 4);
+    return std::get<1>(e.sort(/*stable=*/true, 0, /*descending=*/false)).narrow(0, 0, n);
+  };
+  auto ratio = [&](double nll, double error) {
+    // A removal that does not raise the loss (or removes nothing that varies) counts as free.
+    return error > 0 ? std::max(0.0, nll - out.base_nll) / error : 0.0;
+  };
+  for (int l = 0; l < static_cast<int>(m.layers.size()); ++l) {
+    const at::Tensor& ge = err.group[l];
+    double a = 0;
+    if (ge.numel() > 1) {
+      at::Tensor units = probe(ge);
+      at::Tensor channels = (units.unsqueeze(1) * gw + at::arange(gw, at::kLong)).reshape({-1});
+      a = ratio(NllWithUnitsRemoved(m, s, windows, batch, l, channels, {}),
+                ge.index_select(0, units).sum().item<double>());
+    }
+    out.attention.push_back(a);
+    if (progress) progress->Advance();
+    const at::Tensor& ce = err.channel[l];
+    double c = 0;
+    if (ce.numel() > 1) {
+      at::Tensor units = probe(ce);
+      c = ratio(NllWithUnitsRemoved(m, s, windows, batch, l, {}, units),
+                ce.index_select(0, units).sum().item<double>());
+    }
+    out.mlp.push_back(c);
+    if (progress) progress->Advance();
+  }
+  auto floor_of = [](std::vector<double>& v) {
+    std::vector<double> measured;
+    for (double x : v)
+      if (x > 0) measured.push_back(x);
+    double floor = 1;
+    if (!measured.empty()) {
+      std::nth_element(measured.begin(), measured.begin() + measured.size() / 2, measured.end());
+      floor = 0.1 * measured[measured.size() / 2];
+    }
+    for (double& x : v) x = std::max(x, floor);
+    return floor;
+  };
+  out.attention_floor = floor_of(out.attention);
+  out.mlp_floor = floor_of(out.mlp);
+  return out;
+}
+
+WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s, WidthScoring scoring,
+                               const LayerSensitivity* sensitivity) {
+  if (scoring == WidthScoring::kRemoval) {
+    WidthScores e = RemovalErrors(m, s);
+    const double gp = static_cast<double>(GroupParams(m.config));
+    const double cp = static_cast<double>(ChannelParams(m.config));
+    for (size_t l = 0; l < m.layers.size(); ++l) {
+      const double la = sensitivity ? sensitivity->attention[l] : 1.0;
+      const double lm = sensitivity ? sensitivity->mlp[l] : 1.0;
+      e.group[l] = e.group[l] * (la / gp);
+      e.channel[l] = e.channel[l] * (lm / cp);
+    }
+    return e;
+  }
   const int64_t hd = m.config.head_dim, G = m.config.group_size();
   const bool flap = scoring == WidthScoring::kFlap;
   WidthScores out;
@@ -187,6 +312,7 @@ void PermuteByScore(Model& m, WidthScores& scores, ActivationStats& stats) {
       if (w.v_bias.defined()) w.v_bias = w.v_bias.index_select(0, kv_rows);
       stats.o_mean[l] = stats.o_mean[l].index_select(0, q_rows);
       stats.o_var[l] = stats.o_var[l].index_select(0, q_rows);
+      if (l < stats.o_cov.size()) stats.o_cov[l] = stats.o_cov[l].index_select(0, gorder);
       scores.group[l] = scores.group[l].index_select(0, gorder);
     }
     w.gate = w.gate.index_select(0, corder).contiguous();

@@ -15,8 +15,13 @@ struct CalibrateOptions {
   std::string tokenizer_dir;  // for a .gguf model (default: the file's directory)
   std::string data_path;      // .txt or .jsonl with "text"
   std::string out_dir;
-  int64_t windows = 32;  // calibration windows for the width statistics
+  // Calibration windows: the width statistics see all of them (128 x 256 = 32k tokens; FLAP's
+  // reference used 1024 x 128), the DP and the layer sensitivities a prefix of `dp_windows`.
+  int64_t windows = 128;
   int64_t window_len = 256;
+  // Windows are random spans of the text; a BOS at every window start is what a model sees only
+  // at a document's start, so it is off unless the model was trained that way.
+  bool window_bos = false;
   int64_t dp_windows = 8;  // windows per DP evaluation (a prefix of the above)
   uint64_t seed = 0;
   double min_depth_ratio = 0.6;  // d_min = ceil(ratio * L)

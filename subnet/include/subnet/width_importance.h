@@ -20,6 +20,10 @@ struct ActivationStats {
   // Per layer, fp32: mean and variance over all calibration tokens of each input channel.
   std::vector<at::Tensor> o_mean, o_var;        // [q_heads * head_dim]
   std::vector<at::Tensor> down_mean, down_var;  // [intermediate]
+  // Per layer, fp32: the centred covariance of each KV group's o_proj input channels (its query
+  // heads), [kv_groups, group_size * head_dim, group_size * head_dim].
+  std::vector<at::Tensor> o_cov;
+  int64_t tokens = 0;
 };
 
 ActivationStats CollectActivationStats(const Model& m, const at::Tensor& windows, int64_t batch = 4,
@@ -32,11 +36,46 @@ struct WidthScores {
 
 // kFlap: S_j = Var(x_j) ||W[:, j]||² (FLAP's fluctuation metric). kMagnitude: ||W[:, j]||² alone
 // (the variance left out). Either is standardised per layer and module, as FLAP does.
-enum class WidthScoring { kFlap, kMagnitude };
-// "flap" | "magnitude" (calibrate --width-scores).
+// kRemoval: the expected loss increase per parameter when the unit is removed with its
+// compensation bias: the removal error (the expected squared change of the layer's output, see
+// RemovalErrors) times the layer's measured sensitivity (LayerSensitivity), over the unit's
+// parameters.
+enum class WidthScoring { kFlap, kMagnitude, kRemoval };
+// "flap" | "magnitude" | "removal" (calibrate --width-scores).
 absl::StatusOr<WidthScoring> ParseWidthScoring(std::string_view name);
+
+// Per unit, the expected squared change of the o_proj / down_proj output when the unit's inputs
+// are replaced by their calibration means (the removal plus its compensation bias): a KV group
+// g, tr(W_g Σ_g W_gᵀ) with Σ_g its channels' covariance; an MLP channel j, Var(x_j) ||W[:, j]||².
+WidthScores RemovalErrors(const Model& m, const ActivationStats& s);
+
+// Per layer and module, the calibration loss added per unit of removal error: the mean NLL
+// increase on `windows` when the quarter of the module's units with the smallest errors is
+// removed (inputs replaced by their means) in that layer alone, over the sum of their errors.
+// It makes errors of different layers comparable where FLAP standardises each layer's scores.
+// A layer whose cheapest quarter costs nothing measurable gets the module's floor, a tenth of
+// the median of the layers that measured a cost (1 if none did), so that its units still rank
+// by their errors instead of all tying at zero.
+struct LayerSensitivity {
+  std::vector<double> attention, mlp;  // per layer, > 0
+  double attention_floor = 1, mlp_floor = 1;
+  double base_nll = 0;
+};
+LayerSensitivity MeasureSensitivity(const Model& m, const ActivationStats& s,
+                                    const at::Tensor& windows, int64_t batch = 4,
+                                    Progress* progress = nullptr);
+
+// kRemoval needs `sensitivity` (without it every layer counts alike).
 WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s,
-                               WidthScoring scoring = WidthScoring::kFlap);
+                               WidthScoring scoring = WidthScoring::kFlap,
+                               const LayerSensitivity* sensitivity = nullptr);
+
+// The mean NLL on `windows` with the given units of one layer removed and compensated (inputs
+// replaced by their calibration means): o_proj input channels `o_channels`, down_proj input
+// channels `down_channels` (either may be undefined). For sensitivities and removal studies.
+double NllWithUnitsRemoved(const Model& m, const ActivationStats& s, const at::Tensor& windows,
+                           int64_t batch, int layer, const at::Tensor& o_channels,
+                           const at::Tensor& down_channels);
 
 // Kept units per layer (prefix counts once the model is permuted by score).
 struct WidthAllocation {
