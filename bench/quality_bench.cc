@@ -189,6 +189,8 @@ absl::Status StageWidth(Bench& b) {
                    .bos_token_id = b.f.calib_bos ? original.config.bos_token_id : -1};
   ASSIGN_OR_RETURN(at::Tensor windows, MakeWindows(text, *b.supernet->tokenizer(), wo));
   const at::Tensor dp_windows = windows.narrow(0, 0, std::min(b.f.dp_windows, windows.size(0)));
+  const at::Tensor unit_windows =
+      windows.narrow(0, 0, std::min(b.f.width_unit_windows, windows.size(0)));
   at::InferenceMode guard;
   const ActivationStats stats = CollectActivationStats(original, windows, 4);
   auto clone_stats = [](const ActivationStats& s) {
@@ -230,15 +232,42 @@ absl::Status StageWidth(Bench& b) {
   }
   {
     Progress bar("single-unit removals", static_cast<int64_t>(units.size()));
+    const double base = MeanNll(original, unit_windows, 4);
     for (Unit& u : units) {
       at::Tensor idx = u.attention ? at::arange(u.index * gw, (u.index + 1) * gw, at::kLong)
                                    : at::tensor({u.index}, at::kLong);
       const double nll =
-          NllWithUnitsRemoved(original, stats, dp_windows, 4, u.layer,
+          NllWithUnitsRemoved(original, stats, unit_windows, 4, u.layer,
                               u.attention ? idx : at::Tensor(), u.attention ? at::Tensor() : idx);
-      u.delta_nll = nll - sensitivity.base_nll;
+      u.delta_nll = nll - base;
       bar.Advance();
     }
+  }
+  // The redundancy signature: held-out perplexity with every layer's quarter of MLP channels of
+  // the smallest weight norm removed (inputs at their means), attention intact. A model far from
+  // trained loses little.
+  json redundancy;
+  {
+    std::vector<at::Tensor> drop(L);
+    for (int l = 0; l < L; ++l) {
+      const at::Tensor norms = original.layers[l].down.pow(2).sum(0);
+      drop[l] = std::get<1>(norms.sort(true, 0, false)).narrow(0, 0, norms.numel() / 4);
+    }
+    TorchForwardOptions opt;
+    opt.linear = [&](int l, Proj p, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& bias) {
+      if (p != Proj::kDown) return at::linear(x, w, bias);
+      at::Tensor xr = x.clone();
+      std::vector<int64_t> sizes = x.sizes().vec();
+      sizes.back() = drop[l].numel();
+      xr.index_copy_(-1, drop[l],
+                     stats.down_mean[l].index_select(0, drop[l]).to(x.scalar_type()).expand(sizes));
+      return at::linear(xr, w, bias);
+    };
+    redundancy = {
+        {"full_perplexity", std::exp(MeanNll(original, b.heldout, 8))},
+        {"mlp_quarter_by_magnitude_perplexity", std::exp(MeanNll(original, b.heldout, 8, opt))}};
+    spdlog::info("quality: redundancy {}", redundancy.dump());
   }
   json correlations = json::object();
   for (const std::string& kind : kWidthScores) {
@@ -308,6 +337,7 @@ absl::Status StageWidth(Bench& b) {
   }
   bar.Finish();
   return b.Finish("width", {{"series", series},
+                            {"redundancy", redundancy},
                             {"rank_correlations", correlations},
                             {"sensitivity",
                              {{"attention", sensitivity.attention},
@@ -318,7 +348,8 @@ absl::Status StageWidth(Bench& b) {
                               {"window_len", b.f.calib_window_len},
                               {"window_bos", b.f.calib_bos},
                               {"tokens", stats.tokens},
-                              {"dp_windows", dp_windows.size(0)}}}});
+                              {"dp_windows", dp_windows.size(0)},
+                              {"unit_windows", unit_windows.size(0)}}}});
 }
 
 // Held-out perplexity of every grid shape (and cloze accuracy of `mc_shapes`) of `s` with `smol`:
@@ -531,6 +562,9 @@ int main(int argc, char** argv) {
   app.add_flag("--calib-bos", f.calib_bos, "A BOS at every calibration window's start");
   app.add_option("--width-units", f.width_units,
                  "MLP channels per layer removed one by one for the rank correlations")
+      ->capture_default_str();
+  app.add_option("--width-unit-windows", f.width_unit_windows,
+                 "Calibration windows the single-unit removals are measured on")
       ->capture_default_str();
   app.add_option("--stages", f.only_stages,
                  "Only these stages (width, depth_dp_accuracy, depth_untuned, untuned_grid, tune); "

@@ -33,8 +33,8 @@ struct Flags {
   int64_t calib_windows = 128, calib_window_len = 128, dp_windows = 8;
   bool calib_bos = false;
   // The width stage's rank correlations: every KV group and this many sampled MLP channels per
-  // layer, each removed alone (compensated) on the DP windows.
-  int64_t width_units = 8;
+  // layer, each removed alone (compensated) on the first `width_unit_windows` calibration windows.
+  int64_t width_units = 8, width_unit_windows = 32;
   std::vector<std::string> only_stages;  // empty = every stage
   int64_t eval_windows = 32, eval_window_len = 128;
   int64_t mc_items = 100;    // evaluation cloze items (held-out documents)

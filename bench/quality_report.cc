@@ -169,10 +169,10 @@ absl::Status WriteQualityReport(const Bench& b) {
       const json& c = width["calibration"];
       md += absl::StrFormat(
           "Statistics from %d calibration windows x %d tokens (%d tokens, %s); layer "
-          "sensitivities and single-unit removals on the first %d.\n\n",
+          "sensitivities on the first %d, single-unit removals on the first %d.\n\n",
           c["windows"].get<int64_t>(), c["window_len"].get<int64_t>(), c["tokens"].get<int64_t>(),
           c["window_bos"].get<bool>() ? "a BOS at every window start" : "no BOS at window starts",
-          c["dp_windows"].get<int64_t>());
+          c["dp_windows"].get<int64_t>(), c.value("unit_windows", int64_t{0}));
     }
     std::vector<std::string> names;
     for (const auto& [name, _] : series.items()) names.push_back(name);
@@ -199,6 +199,18 @@ absl::Status WriteQualityReport(const Bench& b) {
       md += "\n";
     }
     md += "\n";
+    if (width.contains("redundancy")) {
+      const json& r = width["redundancy"];
+      md += absl::StrFormat(
+          "Redundancy signature: removing each layer's quarter of MLP channels of the smallest "
+          "weight norm (compensated, attention intact) takes held-out perplexity from %.2f to "
+          "%.2f (%+.1f%%).\n\n",
+          r["full_perplexity"].get<double>(),
+          r["mlp_quarter_by_magnitude_perplexity"].get<double>(),
+          100 * (r["mlp_quarter_by_magnitude_perplexity"].get<double>() /
+                     r["full_perplexity"].get<double>() -
+                 1));
+    }
     if (width.contains("rank_correlations")) {
       md +=
           "Each score against the measured calibration loss of removing one unit alone "

@@ -55,6 +55,8 @@ for kind, r in corr.items():
     assert r["attention_groups"]["units"] == 10 and r["mlp_channels"]["units"] == 5 * 8, r
     for k in ("attention_groups", "mlp_channels"):
         assert -1 <= r[k]["spearman"] <= 1, r
+red = stages["width"]["redundancy"]
+assert red["mlp_quarter_by_magnitude_perplexity"] != red["full_perplexity"], red
 sens = stages["width"]["sensitivity"]
 assert len(sens["attention"]) == 5 and all(x > 0 for x in sens["attention"] + sens["mlp"]), sens
 assert stages["width"]["calibration"]["window_bos"] is False, stages["width"]["calibration"]
