@@ -2,11 +2,14 @@
 //
 // Stages (each one's result is a JSON file under OUT/stages/; a rerun skips finished stages and a
 // killed tuning run resumes from its checkpoint under OUT/work/):
-//   calibrate       the supernet: FLAP widths, DP depth table (perplexity) and its baselines
+//   calibrate       the supernet as `amoeba-admin calibrate` builds it (its default width
+//                   scores), DP depth table (perplexity) and its baselines
 //   depth_dp_accuracy   the DP again with the cloze multiple-choice metric (calibration items)
-//   width           before tuning, full depth, every grid ratio: FLAP global vs the same fraction
-//                   in every layer vs weight-magnitude scores, each with and without bias
-//                   compensation
+//   width           before tuning, full depth, every grid ratio: FLAP, weight-magnitude and
+//                   removal-error scores, each with the global allocation and with the same
+//                   fraction in every layer, with and without bias compensation; each score's
+//                   rank correlation with the measured loss of removing single units; the
+//                   model's redundancy signature
 //   depth_untuned   every grid depth at full width: DP / drop-last / block-influence / DP-accuracy
 //   tune_<v>_s<seed>  one tuning run and its evaluation: v = full (SMoL + in-place distillation +
 //                   balancing), single_lora, no_distill, no_balancing, the full method on the
