@@ -8,6 +8,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <functional>
 #include <future>
@@ -133,7 +134,12 @@ inline std::vector<int32_t> GreedyOn(std::shared_ptr<const Model> model, const T
   for (int32_t t : tok.Encode(text)) prompt.push_back(t);
   GenerationOptions o;
   o.max_new_tokens = n;
-  return Generate(e, c, 0, tok, prompt, o)->tokens;
+  std::vector<int32_t> tokens = Generate(e, c, 0, tok, prompt, o)->tokens;
+  // The server ends a sequence at its EOS without streaming the EOS itself.
+  const auto& eos = model->config.eos_token_ids;
+  if (!tokens.empty() && std::find(eos.begin(), eos.end(), tokens.back()) != eos.end())
+    tokens.pop_back();
+  return tokens;
 }
 
 // The same greedy generation locally, on the subnet with its adapters merged (if given).
