@@ -35,9 +35,9 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
     c.vocab_size = 3000;
     c.max_position_embeddings = 512;
   } else if (name == "quality-small") {
-    // bench/quality's trained model: 2.3M parameters, so that an hour on one core sees ~3.5 tokens
+    // bench/quality's trained model: 2.3M parameters, so that an hour on one core sees ~5 tokens
     // per parameter (the quality preset sees 0.13) and held-out perplexity levels off; a model
-    // that far from trained keeps redundancy a real checkpoint does not have.
+    // far from trained keeps redundancy a real checkpoint does not have.
     c.hidden_size = 128;
     c.intermediate_size = 384;
     c.num_hidden_layers = 8;
