@@ -207,7 +207,6 @@ absl::Status StageWidth(Bench& b) {
     return c;
   };
   const int64_t L = original.config.num_hidden_layers;
-  const int64_t gw = original.config.group_size() * original.config.head_dim;
   LayerSensitivity sensitivity;
   {
     Progress bar("layer sensitivities", 1 + 2 * L);
@@ -224,7 +223,7 @@ absl::Status StageWidth(Bench& b) {
   std::vector<Unit> units;
   std::mt19937_64 rng(7);
   for (int l = 0; l < L; ++l) {
-    const int64_t groups = original.layers[l].o.size(1) / gw;
+    const int64_t groups = original.layers[l].kv_heads(original.config.head_dim);
     for (int64_t g = 0; g < groups; ++g) units.push_back({l, g, true});
     const int64_t channels = original.layers[l].intermediate();
     std::vector<int64_t> all(channels);
@@ -237,8 +236,8 @@ absl::Status StageWidth(Bench& b) {
     Progress bar("single-unit removals", static_cast<int64_t>(units.size()));
     const double base = MeanNll(original, unit_windows, 4);
     for (Unit& u : units) {
-      at::Tensor idx = u.attention ? at::arange(u.index * gw, (u.index + 1) * gw, at::kLong)
-                                   : at::tensor({u.index}, at::kLong);
+      at::Tensor idx = at::tensor({u.index}, at::kLong);
+      if (u.attention) idx = KvGroupChannels(original.config, idx);
       const double nll =
           NllWithUnitsRemoved(original, stats, unit_windows, 4, u.layer,
                               u.attention ? idx : at::Tensor(), u.attention ? at::Tensor() : idx);
@@ -251,25 +250,15 @@ absl::Status StageWidth(Bench& b) {
   // trained loses little.
   json redundancy;
   {
-    std::vector<at::Tensor> drop(L);
+    UnitRemoval quarter;
     for (int l = 0; l < L; ++l) {
       const at::Tensor norms = original.layers[l].down.pow(2).sum(0);
-      drop[l] = std::get<1>(norms.sort(true, 0, false)).narrow(0, 0, norms.numel() / 4);
+      quarter.down_channels.push_back(
+          std::get<1>(norms.sort(true, 0, false)).narrow(0, 0, norms.numel() / 4));
     }
-    TorchForwardOptions opt;
-    opt.linear = [&](int l, Proj p, const at::Tensor& x, const at::Tensor& w,
-                     const at::Tensor& bias) {
-      if (p != Proj::kDown) return at::linear(x, w, bias);
-      at::Tensor xr = x.clone();
-      std::vector<int64_t> sizes = x.sizes().vec();
-      sizes.back() = drop[l].numel();
-      xr.index_copy_(-1, drop[l],
-                     stats.down_mean[l].index_select(0, drop[l]).to(x.scalar_type()).expand(sizes));
-      return at::linear(xr, w, bias);
-    };
-    redundancy = {
-        {"full_perplexity", std::exp(MeanNll(original, b.heldout, 8))},
-        {"mlp_quarter_by_magnitude_perplexity", std::exp(MeanNll(original, b.heldout, 8, opt))}};
+    redundancy = {{"full_perplexity", std::exp(MeanNll(original, b.heldout, 8))},
+                  {"mlp_quarter_by_magnitude_perplexity",
+                   std::exp(NllWithUnitsRemoved(original, stats, b.heldout, 8, quarter))}};
     spdlog::info("quality: redundancy {}", redundancy.dump());
   }
   json correlations = json::object();

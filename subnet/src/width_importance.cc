@@ -110,14 +110,31 @@ WidthScores RemovalErrors(const Model& m, const ActivationStats& s) {
   return out;
 }
 
+at::Tensor KvGroupChannels(const ModelConfig& c, const at::Tensor& groups) {
+  const int64_t gw = c.group_size() * c.head_dim;
+  return (groups.unsqueeze(1) * gw + at::arange(gw, at::kLong)).reshape({-1});
+}
+
 double NllWithUnitsRemoved(const Model& m, const ActivationStats& s, const at::Tensor& windows,
                            int64_t batch, int layer, const at::Tensor& o_channels,
                            const at::Tensor& down_channels) {
+  UnitRemoval r;
+  r.o_channels.resize(layer + 1);
+  r.down_channels.resize(layer + 1);
+  r.o_channels[layer] = o_channels;
+  r.down_channels[layer] = down_channels;
+  return NllWithUnitsRemoved(m, s, windows, batch, r);
+}
+
+double NllWithUnitsRemoved(const Model& m, const ActivationStats& s, const at::Tensor& windows,
+                           int64_t batch, const UnitRemoval& removal) {
   TorchForwardOptions opt;
   opt.linear = [&](int l, Proj p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-    const at::Tensor& idx = p == Proj::kO ? o_channels : down_channels;
-    if (l != layer || (p != Proj::kO && p != Proj::kDown) || !idx.defined() || idx.numel() == 0)
-      return at::linear(x, w, b);
+    if (p != Proj::kO && p != Proj::kDown) return at::linear(x, w, b);
+    const auto& per_layer = p == Proj::kO ? removal.o_channels : removal.down_channels;
+    if (static_cast<size_t>(l) >= per_layer.size()) return at::linear(x, w, b);
+    const at::Tensor& idx = per_layer[l];
+    if (!idx.defined() || idx.numel() == 0) return at::linear(x, w, b);
     const at::Tensor& mean = p == Proj::kO ? s.o_mean[l] : s.down_mean[l];
     // Removed inputs read their calibration means: the unit gone, its compensation bias added.
     at::Tensor xr = x.clone();
@@ -133,7 +150,6 @@ LayerSensitivity MeasureSensitivity(const Model& m, const ActivationStats& s,
                                     const at::Tensor& windows, int64_t batch, Progress* progress) {
   at::InferenceMode guard;
   const WidthScores err = RemovalErrors(m, s);
-  const int64_t gw = m.config.group_size() * m.config.head_dim;
   LayerSensitivity out;
   out.base_nll = MeanNll(m, windows, batch);
   if (progress) progress->Advance();
@@ -151,8 +167,7 @@ LayerSensitivity MeasureSensitivity(const Model& m, const ActivationStats& s,
     double a = 0;
     if (ge.numel() > 1) {
       at::Tensor units = probe(ge);
-      at::Tensor channels = (units.unsqueeze(1) * gw + at::arange(gw, at::kLong)).reshape({-1});
-      a = ratio(NllWithUnitsRemoved(m, s, windows, batch, l, channels, {}),
+      a = ratio(NllWithUnitsRemoved(m, s, windows, batch, l, KvGroupChannels(m.config, units), {}),
                 ge.index_select(0, units).sum().item<double>());
     }
     out.attention.push_back(a);
@@ -291,7 +306,7 @@ WidthAllocation AllocateUniform(const Model& m, double ratio) {
 }
 
 void PermuteByScore(Model& m, WidthScores& scores, ActivationStats& stats) {
-  const int64_t hd = m.config.head_dim, G = m.config.group_size();
+  const int64_t hd = m.config.head_dim;
   for (size_t l = 0; l < m.layers.size(); ++l) {
     LayerWeights& w = m.layers[l];
     const int64_t groups = w.kv_heads(hd);
@@ -300,8 +315,7 @@ void PermuteByScore(Model& m, WidthScores& scores, ActivationStats& stats) {
     at::Tensor corder = std::get<1>(scores.channel[l].sort(true, 0, true));
     // Row indices: KV group g owns k/v rows [g*hd, (g+1)*hd) and q rows [g*G*hd, (g+1)*G*hd).
     at::Tensor kv_rows = (gorder.unsqueeze(1) * hd + at::arange(hd, at::kLong)).reshape({-1});
-    at::Tensor q_rows =
-        (gorder.unsqueeze(1) * (G * hd) + at::arange(G * hd, at::kLong)).reshape({-1});
+    at::Tensor q_rows = KvGroupChannels(m.config, gorder);
     if (groups > 0) {
       w.q = w.q.index_select(0, q_rows).contiguous();
       w.k = w.k.index_select(0, kv_rows).contiguous();

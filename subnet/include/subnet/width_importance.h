@@ -70,12 +70,22 @@ WidthScores ComputeWidthScores(const Model& m, const ActivationStats& s,
                                WidthScoring scoring = WidthScoring::kFlap,
                                const LayerSensitivity* sensitivity = nullptr);
 
-// The mean NLL on `windows` with the given units of one layer removed and compensated (inputs
-// replaced by their calibration means): o_proj input channels `o_channels`, down_proj input
-// channels `down_channels` (either may be undefined). For sensitivities and removal studies.
+// Units to remove, per layer: input channels of o_proj and of down_proj (a missing or undefined
+// tensor removes nothing there).
+struct UnitRemoval {
+  std::vector<at::Tensor> o_channels, down_channels;
+};
+// The mean NLL on `windows` with the units removed and compensated (their inputs replaced by
+// their calibration means). For sensitivities and removal studies.
+double NllWithUnitsRemoved(const Model& m, const ActivationStats& s, const at::Tensor& windows,
+                           int64_t batch, const UnitRemoval& removal);
+// The same with units of one layer only (either tensor may be undefined).
 double NllWithUnitsRemoved(const Model& m, const ActivationStats& s, const at::Tensor& windows,
                            int64_t batch, int layer, const at::Tensor& o_channels,
                            const at::Tensor& down_channels);
+
+// The o_proj input channels (the query heads' channels) of KV groups `groups`, group by group.
+at::Tensor KvGroupChannels(const ModelConfig& c, const at::Tensor& groups);
 
 // Kept units per layer (prefix counts once the model is permuted by score).
 struct WidthAllocation {
