@@ -21,7 +21,8 @@ double Seconds(Clock::time_point t0) {
 // Prompts of `context` tokens in `batch` slots and one warm-up step, then `steps` decode steps,
 // calling after_step(seconds of that step, positions attended over the batch) after each.
 template <typename AfterStep>
-void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& after_step) {
+void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& after_step,
+                    StepProfile* profile = nullptr) {
   KVCache cache = e.NewCache(batch);
   std::vector<int32_t> prompt(context);
   for (int i = 0; i < context; ++i) prompt[i] = 1 + (4 * i) % 200;
@@ -35,7 +36,10 @@ void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& af
   (void)e.Forward(cache, seqs);  // warm-up step
   for (int s = 0; s < steps; ++s) {
     const auto t0 = Clock::now();
-    auto l = e.Forward(cache, seqs);
+    absl::StatusOr<at::Tensor> l = [&] {
+      ScopedStepProfile attach(profile);  // the timed steps only
+      return e.Forward(cache, seqs);
+    }();
     for (int b = 0; b < batch; ++b)
       next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
     // This step's token sees the prompt, the warm-up token, the earlier steps and itself.
@@ -50,11 +54,15 @@ double DecodeRate(Engine& e, int batch, int steps, int context) {
 }
 
 std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps, int context,
-                                                BandwidthProbe& probe, bool paired) {
+                                                BandwidthProbe& probe, bool paired,
+                                                StepProfile* profile) {
   std::vector<StepSample> samples;
-  RunDecodeSteps(e, batch, steps, context, [&](double s, int64_t positions) {
-    samples.push_back({s, paired ? probe.ReadGBs(1) : 0.0, positions});
-  });
+  RunDecodeSteps(
+      e, batch, steps, context,
+      [&](double s, int64_t positions) {
+        samples.push_back({s, paired ? probe.ReadGBs(1) : 0.0, positions});
+      },
+      profile);
   if (!paired) {
     const double gbs = probe.ReadGBs(1);
     for (StepSample& sample : samples) sample.probe_gbs = gbs;

@@ -6,6 +6,7 @@
 
 #include "model/engine.h"
 #include "model/runtime.h"
+#include "model/step_profile.h"
 
 namespace amoeba::bench {
 
@@ -26,9 +27,10 @@ struct StepSample {
 // `steps` decode steps as DecodeRate runs them, each followed by one pass of `probe`: every step
 // gets the roofline of its own moment (this shared machine's bandwidth moves within seconds).
 // paired = false: the steps back to back (weights that fit in the L3 stay there, as llama-bench
-// runs them) and one probe after them for all.
+// runs them) and one probe after them for all. `profile`: the steps' time split, added to it.
 std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps, int context,
-                                                BandwidthProbe& probe, bool paired = true);
+                                                BandwidthProbe& probe, bool paired = true,
+                                                StepProfile* profile = nullptr);
 
 // Prefill tokens/s of one prompt of `len` tokens.
 double PrefillRate(Engine& e, int len);

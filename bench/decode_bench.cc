@@ -72,6 +72,17 @@ int Run(const Options& o) {
     return o.paths.empty() ||
            absl::StrContains(absl::StrCat(",", o.paths, ","), absl::StrCat(",", path, ","));
   };
+  // Where a decode step's time goes (model/step_profile.h: wall time per phase on the first
+  // thread, barrier waits included; activation quantization is part of the projections).
+  std::string split_md =
+      "\nStep time split (decode steps of every round, the share of the step's wall time per "
+      "phase; quantize = activation quantization, part of the projections):\n\n| preset | path "
+      "| batch | step ms |";
+  for (int ph = 0; ph < kNumStepPhases; ++ph)
+    split_md += fmt::format(" {} |", StepPhaseName(static_cast<StepPhase>(ph)));
+  split_md += " quantize |\n|---|---|---|---|";
+  for (int ph = 0; ph <= kNumStepPhases; ++ph) split_md += "---|";
+  split_md += "\n";
   for (auto name : absl::StrSplit(o.presets, ',')) {
     auto cfg = PresetConfig(std::string(name));
     if (!cfg.ok()) {
@@ -97,6 +108,7 @@ int Run(const Options& o) {
       std::vector<std::vector<double>> rates = {}, bws = {};  // [batch][round]
       std::vector<std::vector<double>> pcts = {};             // [batch][step of every round]
       std::vector<double> kv_bytes = {};                      // [batch]: mean KV read per step
+      std::vector<StepProfile> split = {};                    // [batch]: over every round
       at::ScalarType kv_dtype = at::kFloat;
     };
     std::vector<Variant> variants;
@@ -123,6 +135,7 @@ int Run(const Options& o) {
       v.bws.assign(batches.size(), {});
       v.pcts.assign(batches.size(), {});
       v.kv_bytes.assign(batches.size(), 0);
+      v.split.assign(batches.size(), {});
     }
     auto bytes_of = [](const Variant& v) {
       return static_cast<double>(v.model->DecodeWeightBytes());
@@ -132,8 +145,9 @@ int Run(const Options& o) {
       for (Variant& v : variants) {
         v.prefills.push_back(PrefillRate(*v.engine, o.prompt_len));
         for (size_t bi = 0; bi < batches.size(); ++bi) {
-          const std::vector<StepSample> steps = DecodeStepsAgainstProbe(
-              *v.engine, batches[bi], o.decode_steps, o.context, probe, !o.warm_cache);
+          const std::vector<StepSample> steps =
+              DecodeStepsAgainstProbe(*v.engine, batches[bi], o.decode_steps, o.context, probe,
+                                      !o.warm_cache, &v.split[bi]);
           double seconds = 0;
           std::vector<double> probes;
           const double kv_per_position =
@@ -181,6 +195,23 @@ int Run(const Options& o) {
                                   {"roofline_tokens_per_s", roof},
                                   {"percent_of_roofline_per_step", pct},
                                   {"percent_of_roofline_steps", v.pcts[bi]}});
+        const StepProfile& sp = v.split[bi];
+        nlohmann::json split_ms;
+        for (int ph = 0; ph < kNumStepPhases; ++ph)
+          split_ms[std::string(StepPhaseName(static_cast<StepPhase>(ph)))] =
+              sp.ns[ph] / 1e6 / static_cast<double>(std::max<int64_t>(sp.passes, 1));
+        split_ms["quantize_activations"] =
+            sp.quantize_ns / 1e6 / static_cast<double>(std::max<int64_t>(sp.passes, 1));
+        out["results"].back()["step_split_ms"] = split_ms;
+        out["results"].back()["step_ms_profiled"] =
+            sp.total_ns() / 1e6 / static_cast<double>(std::max<int64_t>(sp.passes, 1));
+        split_md += fmt::format("| {} | {} | {} | {:.2f} |", std::string(name), v.name, b,
+                                sp.total_ns() / 1e6 / std::max<int64_t>(sp.passes, 1));
+        for (int ph = 0; ph < kNumStepPhases; ++ph)
+          split_md +=
+              fmt::format(" {:.0f}% |", 100.0 * sp.ns[ph] / std::max<int64_t>(sp.total_ns(), 1));
+        split_md += fmt::format(" {:.0f}% |\n",
+                                100.0 * sp.quantize_ns / std::max<int64_t>(sp.total_ns(), 1));
         md += fmt::format(
             "| {} | {:.0f}M | {} | {:.0f} | {:.1f} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | "
             "{:.1f} | {:.0f}% |\n",
@@ -199,6 +230,7 @@ int Run(const Options& o) {
   auto ratio = [](double a, double b) {
     return a > 0 && b > 0 ? fmt::format("{:.2f}x", a / b) : std::string("-");
   };
+  md += split_md;
   md +=
       "\nRatios (same run; amoeba-fp32 = packed panels, the default path):\n\n| preset | batch | "
       "fp32 / libtorch | fp32 / fp32-rowmajor | fp16 / fp32 | q8_0 / fp16 | q4_0 / q8_0 | "

@@ -172,8 +172,8 @@ nlohmann::json ModelStream(const std::string& preset, int passes, std::string& m
 }
 
 int Run(const std::string& json_path, const std::string& md_path, double seconds,
-        const std::string& stream_preset, int stream_passes) {
-  InitRuntime(0);
+        const std::string& stream_preset, int stream_passes, int threads, bool fp32) {
+  InitRuntime(threads);
   at::InferenceMode guard;
   nlohmann::json results = nlohmann::json::array();
   std::string md =
@@ -181,8 +181,14 @@ int Run(const std::string& json_path, const std::string& md_path, double seconds
       " threads. GFLOP/s (2 per multiply-add).\n\n| weight (out×in) | MB | batch | "
       "Linear (row-major) | LinearPacked (panels) | ratio | LinearPacked fp16 | fp16 / fp32 panels "
       "|\n|---|---|---|---|---|---|---|---|\n";
-  for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{
-           {2048, 768}, {768, 2048}, {32000, 768}, {5632, 2048}, {2048, 5632}, {32000, 2048}}) {
+  using Shapes = std::vector<std::pair<int64_t, int64_t>>;
+  for (auto [out, in] : fp32 ? Shapes{{2048, 768},
+                                      {768, 2048},
+                                      {32000, 768},
+                                      {5632, 2048},
+                                      {2048, 5632},
+                                      {32000, 2048}}
+                             : Shapes{}) {
     at::Tensor W = at::randn({out, in});
     at::Tensor panels = PackPanels(W), panels16 = PackPanels(W, WeightFormat::kF16);
     for (int64_t n : {1, 4, 16}) {
@@ -239,6 +245,10 @@ int main(int argc, char** argv) {
   app.add_option("--stream-passes", stream_passes, "Passes over the preset's matrices")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  int threads = 0;
+  app.add_option("--threads", threads, "Threads (0 = all cores)")->capture_default_str();
+  bool no_fp32 = false;
+  app.add_flag("--no-fp32", no_fp32, "Skip the fp32 / fp16 table (quantized panels only)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -247,5 +257,5 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
-  return amoeba::bench::Run(json, md, seconds, stream_preset, stream_passes);
+  return amoeba::bench::Run(json, md, seconds, stream_preset, stream_passes, threads, !no_fp32);
 }

@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "model/quantized_panels.h"
 #include "model/src/prefill_attention.h"
 #include "model/src/stream_prefetch.h"
+#include "model/step_profile.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -242,6 +244,56 @@ TEST(EngineTest, OneRegionDecodeGivesTheSameBitsAsARegionPerKernel) {
       }
     }
   ForceKernelIsa(KernelIsa::kAuto);
+  at::set_num_threads(threads);
+}
+
+TEST(EngineTest, StepProfileSplitsTheTimeOfProfiledPassesOnly) {
+  at::InferenceMode guard;
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));
+  for (WeightFormat format : {WeightFormat::kF32, WeightFormat::kQ8_0}) {
+    Model base = TinyModel(8);
+    PackWeights(base, format);
+    auto m = std::make_shared<const Model>(std::move(base));
+    Engine e(m, {.max_len = 64});
+    KVCache cache = e.NewCache(2);
+    const auto prompt = RandomTokens(20, 97, 41);  // longer than token-by-token attention
+    SeqInput p{0, prompt};
+    StepProfile profile;
+    {
+      ScopedStepProfile attach(&profile);
+      const auto t0 = std::chrono::steady_clock::now();
+      ASSERT_TRUE(e.Forward(cache, {&p, 1}).ok());  // a prefill: not one team
+      const int32_t a = 3, b = 4;
+      SeqInput steps[2] = {{0, {&a, 1}}, {1, {&b, 1}}};
+      const int64_t runs = TeamRuns();
+      ASSERT_TRUE(e.Forward(cache, steps).ok());  // a decode step, as one team
+      const int64_t wall_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now() - t0)
+                                  .count();
+      EXPECT_EQ(TeamRuns(), runs + 1);
+      EXPECT_LE(profile.total_ns(), wall_ns);  // phases inside the passes, each counted once
+    }
+    EXPECT_EQ(profile.passes, 2);
+    EXPECT_EQ(profile.rows, 22);
+    for (StepPhase ph : {StepPhase::kEmbed, StepPhase::kNorm, StepPhase::kQkv, StepPhase::kRope,
+                         StepPhase::kAttention, StepPhase::kO, StepPhase::kGateUp, StepPhase::kDown,
+                         StepPhase::kHead})
+      EXPECT_GT(profile.ns[static_cast<int>(ph)], 0) << StepPhaseName(ph);
+    if (format == WeightFormat::kQ8_0) {
+      EXPECT_GT(profile.quantize_ns, 0);
+      EXPECT_LT(profile.quantize_ns, profile.total_ns());
+    } else {
+      EXPECT_EQ(profile.quantize_ns, 0);
+    }
+    // Detached: a pass records nothing.
+    const StepProfile before = profile;
+    const int32_t c = 5;
+    SeqInput one{0, {&c, 1}};
+    ASSERT_TRUE(e.Forward(cache, {&one, 1}).ok());
+    EXPECT_EQ(profile.passes, before.passes);
+    EXPECT_EQ(profile.total_ns(), before.total_ns());
+  }
   at::set_num_threads(threads);
 }
 

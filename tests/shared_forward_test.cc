@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/engine.h"
+#include "model/step_profile.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
@@ -214,8 +215,18 @@ TEST(SharedForwardMixTest, StreamsSharedPanelsOnce) {
   int32_t token = 5;
   std::vector<std::vector<SeqInput>> step(lanes.size(), {{0, {&token, 1}}});
   SharedPassStats stats;
-  EXPECT_LT(CompareStep(lanes, step, ws, &stats), 1e-5);
+  StepProfile profile;  // the four passes alone and the shared one
+  {
+    ScopedStepProfile attach(&profile);
+    EXPECT_LT(CompareStep(lanes, step, ws, &stats), 1e-5);
+  }
   EXPECT_EQ(stats.rows, 4);
+  EXPECT_EQ(profile.passes, 5);
+  EXPECT_EQ(profile.rows, 8);
+  for (StepPhase ph : {StepPhase::kQkv, StepPhase::kAttention, StepPhase::kO, StepPhase::kGateUp,
+                       StepPhase::kDown, StepPhase::kHead})
+    EXPECT_GT(profile.ns[static_cast<int>(ph)], 0) << StepPhaseName(ph);
+  EXPECT_GT(profile.quantize_ns, 0);
   // Read: the full shape's bytes (it covers every smaller one); alone: the four shapes' sum.
   const int64_t full = lanes[0].alone->model().DecodeWeightBytes();
   int64_t sum = 0;

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "decode_attention.h"
 #include "model/packed_linear.h"
+#include "model/step_profile.h"
 #include "model/team.h"
 #include "prefill_attention.h"
 #include "stream_prefetch.h"
@@ -395,11 +396,14 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   // each kernel opens its own region.
   const bool one_token_each = OneTokenEach(seqs);
   auto compute = [&] {
+    PhaseTimer timer;  // records on the calling thread when a profile is attached
     Serially([&] { Embed(cache, seqs, x, ws_->pos.data()); });
+    timer.Mark(StepPhase::kEmbed);
     for (size_t li = 0; li < m.layers.size(); ++li) {
       const LayerWeights& l = m.layers[li];
       const int64_t hq = l.q_heads(hd), hkv = l.kv_heads(hd), inter = l.intermediate();
       Serially([&] { RmsNorm(x, l.attn_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h); });
+      timer.Mark(StepPhase::kNorm);
       float* q = ws_->q.data_ptr<float>();
       float* k = ws_->k.data_ptr<float>();
       {
@@ -407,6 +411,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
         const std::array<float*, 3> out = {q, k, ws_->v.data_ptr<float>()};
         Project(h, n, l, kQkv, out);
       }
+      timer.Mark(StepPhase::kQkv);
       if (!one_token_each) {  // else Attention rotates per KV head, in parallel
         Serially([&] {
           for (int64_t r = 0; r < n; ++r) {
@@ -414,6 +419,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
             ApplyRope(k + r * hkv * hd, hkv, hd, rope_, ws_->pos[r]);
           }
         });
+        timer.Mark(StepPhase::kRope);
       }
       {
         const AttentionIo io{q,
@@ -427,32 +433,41 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
                              &ws_->prefill_scores};
         Attention(static_cast<int64_t>(li), cache, seqs, one_token_each, io);
       }
+      timer.Mark(StepPhase::kAttention);
       if (hq > 0) {
         Project(ws_->att.data_ptr<float>(), n, l, Proj::kO, tmp);
+        timer.Mark(StepPhase::kO);
         Serially([&] { AddInPlace(x, tmp, n * H); });
       } else if (l.o_bias.defined()) {
         Serially([&] {
           for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.o_bias.data_ptr<float>(), H);
         });
       }
+      timer.Mark(StepPhase::kResidual);
       Serially([&] { RmsNorm(x, l.mlp_norm.data_ptr<float>(), n, H, c.rms_norm_eps, h); });
+      timer.Mark(StepPhase::kNorm);
       if (inter > 0) {
         float* g = ws_->gate.data_ptr<float>();
         float* u = ws_->up.data_ptr<float>();
         constexpr std::array<Proj, 2> kGateUp = {Proj::kGate, Proj::kUp};
         const std::array<float*, 2> out = {g, u};
         Project(h, n, l, kGateUp, out);
+        timer.Mark(StepPhase::kGateUp);
         SiluMul(g, u, n * inter);
+        timer.Mark(StepPhase::kSiluMul);
         Project(g, n, l, Proj::kDown, tmp);
+        timer.Mark(StepPhase::kDown);
         Serially([&] { AddInPlace(x, tmp, n * H); });
       } else if (l.down_bias.defined()) {
         Serially([&] {
           for (int64_t r = 0; r < n; ++r) AddInPlace(x + r * H, l.down_bias.data_ptr<float>(), H);
         });
       }
+      timer.Mark(StepPhase::kResidual);
     }
 
     Serially([&] { FinalNorm(seqs, all_logits, x, h); });
+    timer.Mark(StepPhase::kNorm);
     if (m.head_panels.defined() && options_.linear_path == LinearPath::kAuto) {
       LinearPacked(h, out_rows, m.head_panels, m.lm_head.size(0), m.lm_head.size(1), nullptr,
                    ws_->logits.data_ptr<float>());
@@ -462,6 +477,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
                options_.linear_path);
       });
     }
+    timer.Mark(StepPhase::kHead);
   };
   // Batch-1 steps of a model that streams from DRAM run the prefetch arm chosen for its format
   // and size, or while that is on trial the trial's next arm (stream_prefetch.h); each member
@@ -477,6 +493,10 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
     RunInTeam(compute_with_arm);
   } else {
     compute_with_arm();
+  }
+  if (StepProfile* p = AttachedStepProfile()) {
+    ++p->passes;
+    p->rows += n;
   }
   if (on_trial) {
     RecordPrefetchTrial(

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/engine.h"
 #include "model/packed_linear.h"
+#include "model/step_profile.h"
 #include "model/team.h"
 
 namespace amoeba {
@@ -304,11 +305,13 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
 
   bool done = false;  // shared: written on the team's first thread, read by all
   auto compute = [&] {
+    PhaseTimer timer;  // records on the calling thread when a profile is attached
     Serially([&] {
       for (size_t g = 0; g < G; ++g)
         groups[g].engine->Embed(*groups[g].cache, groups[g].seqs, x + st[g].base * H,
                                 pos + st[g].base);
     });
+    timer.Mark(StepPhase::kEmbed);
     for (;;) {
       // The next key, the smallest among the groups' next layers, and the groups that have it
       // (every member of a team reads the result after the barrier).
@@ -340,13 +343,16 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
         return p == Proj::kQ ? qdim(g) : layer_of(g).kv_heads(hd) * hd;
       };
       start_block(qdim, &LayerWeights::o_bias);
+      timer.Mark(StepPhase::kResidual);
       for (const auto& [b, e] : classes) {
         const int64_t qs = qdim(order[b]), kvs = qkv_width(order[b], Proj::kK);
         norm_rows(b, e, &LayerWeights::attn_norm);
+        timer.Mark(StepPhase::kNorm);
         constexpr std::array<Proj, 3> kQkv = {Proj::kQ, Proj::kK, Proj::kV};
         const std::array<float*, 3> qkv_out = {q, k, v};
         const std::array<int64_t, 3> qkv_w = {qs, kvs, kvs};
         project(b, e, h, H, kQkv, qkv_out, qkv_w, qkv_width);
+        timer.Mark(StepPhase::kQkv);
         for (size_t j = b; j < e; ++j) {
           const size_t g = order[j];
           Engine& eng = *groups[g].engine;
@@ -360,6 +366,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
                 ApplyRope(kg + r * kvs, hkv, hd, eng.rope_, pos[st[g].base + r]);
               }
             });
+            timer.Mark(StepPhase::kRope);
           }
           float* ag = att + st[g].offset * qs;
           const AttentionIo io{qg,
@@ -372,34 +379,45 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
                                scores,
                                &ws.prefill_scores};
           eng.Attention(st[g].layer, *groups[g].cache, groups[g].seqs, st[g].one_token_each, io);
+          timer.Mark(StepPhase::kAttention);
         }
         zero_tails(b, e, att, qs, qdim);
+        timer.Mark(StepPhase::kResidual);
         const std::array<Proj, 1> kO = {Proj::kO};
         const std::array<float*, 1> o_out = {tmp};
         const std::array<int64_t, 1> o_w = {H};
         project(b, e, att, qs, kO, o_out, o_w, [&](size_t, Proj) { return H; });
+        timer.Mark(StepPhase::kO);
         add_residual(b, e);
+        timer.Mark(StepPhase::kResidual);
       }
 
       // MLP: the same groups that have this key, now widest MLP first.
       auto inter = [&](size_t g) { return layer_of(g).intermediate(); };
       start_block(inter, &LayerWeights::down_bias);
+      timer.Mark(StepPhase::kResidual);
       for (const auto& [b, e] : classes) {
         const int64_t is = inter(order[b]);
         int64_t nrows = 0;
         for (size_t j = b; j < e; ++j) nrows += st[order[j]].n;
         norm_rows(b, e, &LayerWeights::mlp_norm);
+        timer.Mark(StepPhase::kNorm);
         constexpr std::array<Proj, 2> kGateUp = {Proj::kGate, Proj::kUp};
         const std::array<float*, 2> gu_out = {gate, up};
         const std::array<int64_t, 2> gu_w = {is, is};
         project(b, e, h, H, kGateUp, gu_out, gu_w, [&](size_t g, Proj) { return inter(g); });
+        timer.Mark(StepPhase::kGateUp);
         SiluMul(gate, up, nrows * is);
+        timer.Mark(StepPhase::kSiluMul);
         zero_tails(b, e, gate, is, inter);
+        timer.Mark(StepPhase::kResidual);
         const std::array<Proj, 1> kDown = {Proj::kDown};
         const std::array<float*, 1> d_out = {tmp};
         const std::array<int64_t, 1> d_w = {H};
         project(b, e, gate, is, kDown, d_out, d_w, [&](size_t, Proj) { return H; });
+        timer.Mark(StepPhase::kDown);
         add_residual(b, e);
+        timer.Mark(StepPhase::kResidual);
       }
     }
 
@@ -410,6 +428,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
         groups[g].engine->FinalNorm(groups[g].seqs, groups[g].all_logits, x + st[g].base * H,
                                     h + st[g].out_base * H);
     });
+    timer.Mark(StepPhase::kNorm);
     bool one_head = true;
     for (size_t g = 0; g < G; ++g) {
       const Model& m = groups[g].engine->model();
@@ -425,6 +444,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
         add_bytes(m.head_panels, V, H, true, false);
         for (size_t g = 0; g < G; ++g) add_bytes(m.head_panels, V, H, false, true);
       });
+      timer.Mark(StepPhase::kHead);
       return;
     }
     for (size_t g = 0; g < G; ++g) {
@@ -441,6 +461,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
         });
       }
     }
+    timer.Mark(StepPhase::kHead);
   };
   if (one_region) {
     RunInTeam(compute);
@@ -453,6 +474,10 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
           s.slot, groups[g].cache->length(s.slot) + static_cast<int64_t>(s.tokens.size()));
     groups[g].logits =
         ws.logits.narrow(0, st[g].out_base * V, st[g].out_rows * V).view({st[g].out_rows, V});
+  }
+  if (StepProfile* p = AttachedStepProfile()) {
+    ++p->passes;
+    p->rows += N;
   }
   if (stats) *stats = counted;
   return absl::OkStatus();

@@ -5,12 +5,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "model/kernels.h"
 #include "model/packed_linear.h"
+#include "model/step_profile.h"
 #include "quantized_block.h"
 #include "simd.h"
 #include "stream_prefetch.h"
@@ -447,14 +449,21 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
     else
       QuantizeRows(x + r0 * in, rows, in, nb, cq, cd, cs);
   };
+  StepProfile* const profile = AttachedStepProfile();  // this thread's share, when profiled
   for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
     const int64_t rows = std::min(kRowChunk, n - r0);
     if (r0 % kQuantRows == 0) {
+      const auto started =
+          profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
       const int64_t qrows = std::min(kQuantRows, n - r0);
       if (qrows > kRowChunk && !at::in_parallel_region())  // a prefill, outside a team
         at::parallel_for(r0, r0 + qrows, 16, [&](int64_t b, int64_t e) { quantize(b, e - b); });
       else
         quantize(r0, qrows);
+      if (profile)
+        profile->quantize_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                    std::chrono::steady_clock::now() - started)
+                                    .count();
     }
     ForEachPanel(outs, [&](const PackedOutput& o, int64_t p, int64_t valid) {
       const int64_t bb = o.panels->size(2);

@@ -1,0 +1,71 @@
+// Where a forward pass spends its time: wall time per phase, measured on the thread that runs
+// the pass (a team's first thread). Each phase ends at the barrier its kernels end with, so a
+// phase's time includes the wait for the slowest member of the team. Off unless a profile is
+// attached to the calling thread: a pass then pays one branch per phase.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <string_view>
+
+namespace amoeba {
+
+enum class StepPhase : int {
+  kEmbed,      // token embeddings
+  kNorm,       // RMSNorm before attention, MLP and the head
+  kQkv,        // the q/k/v projections (one stream of their panels)
+  kRope,       // rotary embeddings (runs longer than one token; decode rotates inside attention)
+  kAttention,  // KV append and attention
+  kO,          // the output projection
+  kGateUp,     // the gate/up projections
+  kSiluMul,    // SiLU(gate) * up
+  kDown,       // the down projection
+  kResidual,   // residual adds, biases of dropped blocks, tails of narrower rows
+  kHead,       // the LM head
+  kCount
+};
+inline constexpr int kNumStepPhases = static_cast<int>(StepPhase::kCount);
+
+std::string_view StepPhaseName(StepPhase phase);
+
+struct StepProfile {
+  std::array<int64_t, kNumStepPhases> ns{};  // per phase, summed over passes
+  int64_t quantize_ns = 0;  // activation quantization inside the projections (part of them)
+  int64_t passes = 0;
+  int64_t rows = 0;  // token rows over all passes
+
+  int64_t total_ns() const;
+  void Clear() { *this = StepProfile{}; }
+};
+
+// The profile passes on the calling thread record into (null: none).
+StepProfile* AttachedStepProfile();
+
+// Attaches `profile` to the calling thread for the object's lifetime.
+class ScopedStepProfile {
+ public:
+  explicit ScopedStepProfile(StepProfile* profile);
+  ~ScopedStepProfile();
+  ScopedStepProfile(const ScopedStepProfile&) = delete;
+  ScopedStepProfile& operator=(const ScopedStepProfile&) = delete;
+
+ private:
+  StepProfile* previous_;
+};
+
+// Marks phase boundaries: Mark(p) adds the time since the previous mark to phase p. A timer built
+// on a thread without a profile does nothing.
+class PhaseTimer {
+ public:
+  PhaseTimer();
+  void Mark(StepPhase phase) {
+    if (profile_) MarkSlow(phase);
+  }
+  bool on() const { return profile_ != nullptr; }
+
+ private:
+  void MarkSlow(StepPhase phase);
+  StepProfile* profile_;
+  int64_t last_ns_ = 0;
+};
+
+}  // namespace amoeba
