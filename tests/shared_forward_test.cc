@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "model/engine.h"
-#include "model/step_profile.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/quantized_panels.h"
+#include "model/step_profile.h"
 #include "model/team.h"
 #include "subnet/subnet_builder.h"
 #include "tests/supernet_fixture.h"
