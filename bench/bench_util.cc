@@ -40,8 +40,12 @@ void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& af
       ScopedStepProfile attach(profile);  // the timed steps only
       return e.Forward(cache, seqs);
     }();
+    // Greedy: a plain loop over each row (not a libtorch argmax and item() per row).
+    const int64_t V = l->size(1);
+    const float* logits = l->data_ptr<float>();
     for (int b = 0; b < batch; ++b)
-      next[b] = static_cast<int32_t>(l->select(0, b).argmax().item<int64_t>());
+      next[b] = static_cast<int32_t>(std::max_element(logits + b * V, logits + (b + 1) * V) -
+                                     (logits + b * V));
     // This step's token sees the prompt, the warm-up token, the earlier steps and itself.
     after_step(Seconds(t0), static_cast<int64_t>(batch) * (context + 2 + s));
   }

@@ -276,6 +276,7 @@ TEST(EngineTest, StepProfileSplitsTheTimeOfProfiledPassesOnly) {
     }
     EXPECT_EQ(profile.passes, 2);
     EXPECT_EQ(profile.rows, 22);
+    EXPECT_GE(profile.pass_ns, profile.total_ns());
     for (StepPhase ph : {StepPhase::kEmbed, StepPhase::kNorm, StepPhase::kQkv, StepPhase::kRope,
                          StepPhase::kAttention, StepPhase::kO, StepPhase::kGateUp, StepPhase::kDown,
                          StepPhase::kHead})

@@ -377,6 +377,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   const Model& m = *model_;
   const ModelConfig& c = m.config;
   if (seqs.empty()) return absl::InvalidArgumentError("Forward: no sequences");
+  const auto entered = std::chrono::steady_clock::now();
   if (absl::Status st = CheckInputs(cache, seqs); !st.ok()) return st;
   int64_t n = 0;
   for (const SeqInput& s : seqs) n += static_cast<int64_t>(s.tokens.size());
@@ -497,6 +498,9 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   if (StepProfile* p = AttachedStepProfile()) {
     ++p->passes;
     p->rows += n;
+    p->pass_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now() - entered)
+                      .count();
   }
   if (on_trial) {
     RecordPrefetchTrial(

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -53,6 +54,7 @@ void FillPanelRows(std::span<const int64_t> widths, std::span<const int64_t> row
 
 absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedWorkspace& ws,
                                    SharedPassStats* stats) {
+  const auto entered = std::chrono::steady_clock::now();
   if (groups.empty()) return absl::InvalidArgumentError("ForwardShared: no groups");
   const size_t G = groups.size();
   const ModelConfig& c0 = groups[0].engine->model().config;
@@ -478,6 +480,9 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
   if (StepProfile* p = AttachedStepProfile()) {
     ++p->passes;
     p->rows += N;
+    p->pass_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now() - entered)
+                      .count();
   }
   if (stats) *stats = counted;
   return absl::OkStatus();

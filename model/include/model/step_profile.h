@@ -30,6 +30,9 @@ std::string_view StepPhaseName(StepPhase phase);
 struct StepProfile {
   std::array<int64_t, kNumStepPhases> ns{};  // per phase, summed over passes
   int64_t quantize_ns = 0;  // activation quantization inside the projections (part of them)
+  // Whole passes, entry to return: the phases plus what runs before and after them (input
+  // checks, the KV cache growing to hold the new tokens, starting the team).
+  int64_t pass_ns = 0;
   int64_t passes = 0;
   int64_t rows = 0;  // token rows over all passes
 
