@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -95,8 +96,8 @@ TEST(EngineTest, KvCacheDecodeMatchesFullForward) {
   }
 }
 
-// A slot of 8 MB or more lives in one arena on 2 MB pages: decoding across the growth from plain
-// tensors into the arena, and from one arena into a bigger one, keeps every cached position.
+// A slot of 8 MB or more lives in an arena on 2 MB pages: decoding across the growth from small
+// arenas into one on 2 MB pages, and from that into a bigger one, keeps every cached position.
 TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
   at::InferenceMode guard;
   ModelConfig c = testing::TinyConfig();
@@ -122,6 +123,46 @@ TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
   }
   EXPECT_EQ(cache.capacity(0), 512);  // 64 -> 128 -> 256 (arena) -> 512 (arena)
   EXPECT_EQ(cache.bytes(), per_position * 512);
+}
+
+// Freed slot memory is pooled: the next slot of the same size takes it (no fresh pages), what the
+// freed slot held never shows in what the next sequence reads, and the pool keeps to its limit.
+TEST(EngineTest, KvCacheReusesFreedSlotMemory) {
+  at::InferenceMode guard;
+  KVCache::ReleasePooledArenas();
+  auto m = std::make_shared<const Model>(TinyModel(8));
+  Engine engine(m, {.max_len = 64});
+  KVCache cache = engine.NewCache(2);
+  const auto ids = RandomTokens(20, m->config.vocab_size, 51);
+  SeqInput first{0, ids};
+  ASSERT_TRUE(engine.Forward(cache, {&first, 1}).ok());
+  const void* arena = cache.k(0, 0).data_ptr();
+  for (int64_t l = 0; l < cache.num_layers(); ++l) {  // poison what the next sequence must not see
+    cache.k(l, 0).fill_(std::numeric_limits<float>::quiet_NaN());
+    cache.v(l, 0).fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  const int64_t held = cache.bytes();
+  EXPECT_EQ(KVCache::PooledArenaBytes(), 0);
+  cache.Reset(0);
+  EXPECT_GE(KVCache::PooledArenaBytes(), held);
+  std::vector<int32_t> prompt(ids.begin(), ids.begin() + 12);
+  SeqInput second{1, prompt};
+  auto got = engine.Forward(cache, {&second, 1}, /*all_logits=*/true);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(cache.k(0, 1).data_ptr(), arena) << "the freed arena, reused";
+  EXPECT_EQ(KVCache::PooledArenaBytes(), 0);
+  EXPECT_LT(MaxAbsDiff(*got, Reference(*m, prompt)), 1e-4);
+  const at::Tensor ref = Reference(*m, ids);
+  for (size_t t = 12; t < ids.size(); ++t) {  // decode over the reused memory
+    SeqInput step{1, std::span<const int32_t>(&ids[t], 1)};
+    auto d = engine.Forward(cache, {&step, 1});
+    ASSERT_TRUE(d.ok());
+    EXPECT_LT(MaxAbsDiff((*d)[0], ref[t]), 1e-4) << "position " << t;
+  }
+  KVCache::SetArenaPoolLimit(0);  // nothing kept: freed memory goes back at once
+  cache.Reset(1);
+  EXPECT_EQ(KVCache::PooledArenaBytes(), 0);
+  KVCache::SetArenaPoolLimit(KVCache::kDefaultArenaPoolBytes);
 }
 
 // A decode step in one parallel region (the kernels split by a team, serial pieces between spin

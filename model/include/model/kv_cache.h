@@ -3,6 +3,8 @@
 // sequence; `length(slot)` is how many positions are filled. Capacity grows by doubling (from
 // kMinCapacity, up to max_len) when a call needs more, and Reset() releases it, so memory follows
 // the tokens actually held, not slots × max_len. Layers a subnet skips have no cache at all.
+// Released slot memory goes to a process-wide pool (up to a limit) that the next slot of the same
+// size takes it from: growing then costs the copy, not fresh pages.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -17,6 +19,13 @@ class KVCache {
   static constexpr int64_t kMinCapacity = 64;
   // A slot holding at least this many bytes lives on 2 MB pages (one arena for all its layers).
   static constexpr size_t kHugePageMinBytes = size_t{8} << 20;
+  static constexpr size_t kDefaultArenaPoolBytes = size_t{512} << 20;
+
+  // The pool of released slot memory: its limit (lowering it frees the excess), freeing all of
+  // it (a server going idle), and what it holds.
+  static void SetArenaPoolLimit(size_t bytes);
+  static void ReleasePooledArenas();
+  static int64_t PooledArenaBytes();
 
   KVCache() = default;
   // dtype: kFloat, or kHalf (half the memory and attention reads; values rounded to fp16).
@@ -27,7 +36,7 @@ class KVCache {
   at::ScalarType dtype() const { return dtype_; }
   int64_t length(int64_t slot) const { return slots_.at(slot).length; }
   void set_length(int64_t slot, int64_t len) { slots_.at(slot).length = len; }
-  // Empties the slot and gives its memory back.
+  // Empties the slot and gives its memory back (to the pool).
   void Reset(int64_t slot);
   // Makes room for `len` positions in `slot` (keeping what it holds); len <= max_len.
   void Reserve(int64_t slot, int64_t len);

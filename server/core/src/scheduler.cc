@@ -1204,7 +1204,7 @@ void Scheduler::Loop() {
     }
     for (const auto& [k, error] : failed) FailLane(k, error);
     PublishLoad();
-    kv_bytes_ = kv;
+    kv_bytes_ = kv + KVCache::PooledArenaBytes();  // finished slots' memory kept for reuse
     EvictIdleLanes();
     if (any) {
       trimmed = false;
@@ -1213,6 +1213,7 @@ void Scheduler::Loop() {
     if (!trimmed) {  // just went idle: drop the activations and hand freed pages to the OS
       *workspace_ = EngineWorkspace{};
       shared_workspace_ = SharedWorkspace{};
+      KVCache::ReleasePooledArenas();
       malloc_trim(0);
       trimmed = true;
     }

@@ -135,7 +135,7 @@ struct SchedulerStats {
   int64_t running = 0, waiting = 0, lanes = 0;
   int64_t cache_hits = 0, cache_misses = 0;  // once per request: its shape had a lane, or not
   int64_t cache_bytes = 0;                   // merged copies (what --cache-mb caps)
-  int64_t kv_bytes = 0;                      // KV caches of running sequences
+  int64_t kv_bytes = 0;  // KV caches of running sequences, and freed slot memory kept for reuse
   int64_t merged_lanes = 0;
   int64_t draft_copies = 0;                 // drafts' own copies (SchedulerOptions::draft_format)
   int64_t merges_built = 0, evictions = 0;  // since start
