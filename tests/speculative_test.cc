@@ -79,6 +79,36 @@ TEST(SpeculativeTest, SequencesSharingStepsEachMatchTheirOwnDecoding) {
   EXPECT_FALSE(out[2].result.draft.has_value());
 }
 
+// Drafts of several lanes run together: each round of drafting is one pass for every draft with
+// rows in it (the supernet's panels read once), and each sequence's output stays its own
+// token-by-token decoding.
+TEST(SpeculativeTest, DraftsOfDifferentLanesRunInOnePass) {
+  BatchInvariantKernels invariant;
+  SchedulerOptions so;
+  so.weights_format = WeightFormat::kQ8_0;  // exact on every instruction set
+  so.max_speculating_batch = 8;
+  TestServer ts(so);
+  const Supernet& s = *ts.supernet;
+  const Shape full = s.FullShape(), small = s.SmallestShape();
+  const Shape narrow{s.spec().depths.back(), s.spec().widths.back()};
+  const Shape shallow{s.spec().depths.front(), s.spec().widths.front()};
+  const std::vector<std::string> texts = {"one lane", "another lane, another draft", "third"};
+  const std::vector<Shape> targets = {full, narrow, full};
+  std::vector<std::vector<int32_t>> alone;
+  for (size_t i = 0; i < texts.size(); ++i)
+    alone.push_back(RunOne(*ts.scheduler, NewJob(s, targets[i], texts[i], 15)).tokens);
+  const int64_t before = ts.scheduler->stats().shared_draft_passes;
+  std::vector<std::shared_ptr<Job>> jobs = {NewJob(s, full, texts[0], 15, small, 3),
+                                            NewJob(s, narrow, texts[1], 15, shallow, 4),
+                                            NewJob(s, full, texts[2], 15, shallow, 2)};
+  const auto out = RunAll(*ts.scheduler, jobs);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    EXPECT_EQ(out[i].tokens, alone[i]) << texts[i];
+    EXPECT_GT(out[i].result.draft_rounds, 0) << texts[i];
+  }
+  EXPECT_GT(ts.scheduler->stats().shared_draft_passes, before);
+}
+
 // EOS inside a drafted run ends the output exactly where token-by-token decoding ends it; a
 // cancellation between the tokens of one check sends no more tokens.
 TEST(SpeculativeTest, EosAndCancellationInsideACheck) {

@@ -107,6 +107,7 @@ SchedulerStats Scheduler::stats() const {
   s.kv_bytes = kv_bytes_;
   s.merged_lanes = merged_lanes_;
   s.draft_copies = draft_copy_count_;
+  s.shared_draft_passes = shared_draft_passes_;
   s.merges_built = merges_built_;
   s.evictions = evictions_;
   s.lane_failures = lane_failures_;
@@ -465,6 +466,7 @@ Scheduler::Draft* Scheduler::GetDraft(Lane& lane, const Shape& shape, Lane** sou
   d->key = key;
   d->model = source->model;
   d->engine = NewEngine(d->model);
+  d->layer_keys = source->layer_keys;
   d->cache = d->engine->NewCache(opt_.slots_per_shape);
   LoadSavedPrefixes(DraftCacheKey(*d), d->cache);
   spdlog::info("scheduler: {} drafts for {}", key, lane.shape.ToString());
@@ -530,6 +532,13 @@ std::optional<FinishReason> Scheduler::EndedEarly(const Seq& s, Clock::time_poin
 }
 
 void Scheduler::DraftStep(Lane& lane) {
+  std::vector<DraftPlan>& plans = draft_plans_;
+  plans.clear();
+  PlanDrafts(lane, plans);
+  RunDrafts(plans);
+}
+
+void Scheduler::PlanDrafts(Lane& lane, std::vector<DraftPlan>& plans) {
   int64_t decoding = 0;
   for (Seq& s : lane.seqs) {
     s.checking = 0;
@@ -539,13 +548,18 @@ void Scheduler::DraftStep(Lane& lane) {
   if (decoding > opt_.max_speculating_batch) return;
   for (auto& [key, d] : lane.drafts) {
     if (d->users == 0) continue;
+    DraftPlan plan{.lane = &lane, .draft = d.get()};
     absl::Status st;
     try {
-      st = DraftWith(lane, key, *d);
+      st = PlanDraft(lane, key, plan);
     } catch (...) {
       st = StatusFromException(std::current_exception(), "draft");
     }
-    if (!st.ok()) DetachDraft(lane, *d, st);
+    if (!st.ok()) {
+      DetachDraft(lane, *d, st);
+    } else if (!plan.inputs.empty()) {
+      plans.push_back(std::move(plan));
+    }
   }
 }
 
@@ -564,83 +578,116 @@ void Scheduler::DetachDraft(Lane& lane, Draft& d, const absl::Status& why) {
   }
 }
 
-absl::Status Scheduler::DraftWith(Lane& lane, const std::string& key, Draft& draft) {
+absl::Status Scheduler::PlanDraft(Lane& lane, const std::string& key, DraftPlan& plan) {
   const int64_t max_len = lane.cache.max_len();
-  Draft* d = &draft;
-  if (opt_.fault_hook) opt_.fault_hook("draft", draft.shape);
-  {
-    // The draft's own copy is ready, or (without one) the draft shape's lane got a merged copy:
-    // same KV layout, draft on it from now on.
-    std::shared_ptr<const Model> newer;
-    if (auto copy = draft_copies_.find(key); copy != draft_copies_.end() && copy->second) {
-      newer = copy->second;
-    } else if (auto src = lanes_.find(key); src != lanes_.end()) {
-      newer = src->second->model;
+  Draft* d = plan.draft;
+  if (opt_.fault_hook) opt_.fault_hook("draft", d->shape);
+  // The draft's own copy is ready, or (without one) the draft shape's lane got a merged copy:
+  // same KV layout, draft on it from now on.
+  std::shared_ptr<const Model> newer;
+  if (auto copy = draft_copies_.find(key); copy != draft_copies_.end() && copy->second) {
+    newer = copy->second;
+  } else if (auto src = lanes_.find(key); src != lanes_.end()) {
+    newer = src->second->model;
+  }
+  if (newer && newer != d->model) {
+    d->model = std::move(newer);
+    d->engine = NewEngine(d->model);
+  }
+  // Who drafts this step, and what each feeds the draft first: the context it has not seen (the
+  // prompt on the first round; one or two tokens later), or a chunk of it when that is longer
+  // than a prefill chunk (then the sequence decodes token by token this step).
+  for (Seq& s : lane.seqs) {
+    if (s.draft != d || s.fed < s.job->prompt.size() || !s.has_first) continue;
+    const int64_t have = lane.cache.length(s.slot), seen = d->cache.length(s.slot);
+    const int64_t left =
+        s.job->gen.max_new_tokens - static_cast<int64_t>(s.stream->tokens().size());
+    // A check yields up to k + 1 tokens and must leave room in the context.
+    const int64_t k = std::min(
+        {s.job->draft_tokens, kTokenByTokenAttentionMax - 1, left - 1, max_len - 2 - have});
+    const int64_t unseen = have + 1 - seen;  // context[seen, have] (context[have] = next)
+    if (k <= 0 || unseen <= 0) continue;
+    if (unseen > opt_.prefill_chunk) {
+      plan.inputs.push_back(
+          {s.slot, std::span<const int32_t>(s.context.data() + seen, opt_.prefill_chunk)});
+      plan.who.push_back(&s);
+      continue;
     }
-    if (newer && newer != d->model) {
-      d->model = std::move(newer);
-      d->engine = NewEngine(d->model);
-    }
-    // Who drafts this step, and what each feeds the draft first: the context it has not seen
-    // (the prompt on the first round; one or two tokens later), or a chunk of it when that is
-    // longer than a prefill chunk (then the sequence decodes token by token this step).
-    std::vector<SeqInput> inputs;
-    std::vector<Seq*> who;
-    int64_t rounds = 0;
-    for (Seq& s : lane.seqs) {
-      if (s.draft != d || s.fed < s.job->prompt.size() || !s.has_first) continue;
-      const int64_t have = lane.cache.length(s.slot), seen = d->cache.length(s.slot);
-      const int64_t left =
-          s.job->gen.max_new_tokens - static_cast<int64_t>(s.stream->tokens().size());
-      // A check yields up to k + 1 tokens and must leave room in the context.
-      const int64_t k = std::min(
-          {s.job->draft_tokens, kTokenByTokenAttentionMax - 1, left - 1, max_len - 2 - have});
-      const int64_t unseen = have + 1 - seen;  // context[seen, have] (context[have] = next)
-      if (k <= 0 || unseen <= 0) continue;
-      if (unseen > opt_.prefill_chunk) {
-        inputs.push_back(
-            {s.slot, std::span<const int32_t>(s.context.data() + seen, opt_.prefill_chunk)});
-        who.push_back(&s);
-        continue;
-      }
-      s.checking = k;
-      s.check.push_back(s.next);
-      s.stream->BeginDraft();
-      inputs.push_back({s.slot, std::span<const int32_t>(s.context.data() + seen, unseen)});
-      who.push_back(&s);
-      rounds = std::max(rounds, k);
-    }
-    if (inputs.empty()) return absl::OkStatus();
-    // Round i feeds every sequence still drafting its last drafted token (its whole unseen
-    // context in round 0) and picks the next one from the draft's logits.
-    for (int64_t i = 0; i < std::max<int64_t>(rounds, 1); ++i) {
-      if (i > 0) {
-        inputs.clear();
-        std::vector<Seq*> still;
-        for (Seq* s : who)
-          if (s->checking > i) {
-            inputs.push_back({s->slot, std::span<const int32_t>(&s->check[i], 1)});
-            still.push_back(s);
-          }
-        who.swap(still);
-        if (inputs.empty()) break;
-      }
-      auto logits = d->engine->Forward(d->cache, inputs);
-      if (!logits.ok()) return logits.status();
-      for (size_t j = 0; j < who.size(); ++j) {
-        Seq& s = *who[j];
-        if (s.checking == 0) continue;  // catching up only
-        const int64_t vocab = logits->size(1);
-        float* probs = s.draft_probs.empty() ? nullptr : s.draft_probs.data() + i * vocab;
-        s.check.push_back(
-            s.stream->Draft(logits->select(0, static_cast<int64_t>(j)).data_ptr<float>(), probs));
-      }
-    }
+    s.checking = k;
+    s.check.push_back(s.next);
+    s.stream->BeginDraft();
+    plan.inputs.push_back({s.slot, std::span<const int32_t>(s.context.data() + seen, unseen)});
+    plan.who.push_back(&s);
+    plan.rounds = std::max(plan.rounds, k);
   }
   return absl::OkStatus();
 }
 
-bool Scheduler::PrepareStep(Lane& lane) {
+void Scheduler::RunDrafts(std::vector<DraftPlan>& plans) {
+  // Round i feeds every sequence still drafting its last drafted token (its whole unseen context
+  // in round 0) and picks the next one from the draft's logits. The drafts with rows in a round
+  // run in one pass: several drafts (of this lane or of others) read the supernet's panels once.
+  std::vector<DraftPlan*>& round = draft_round_;
+  std::vector<SharedForwardGroup>& groups = step_groups_;
+  for (int64_t i = 0;; ++i) {
+    round.clear();
+    for (DraftPlan& p : plans) {
+      if (p.failed || i >= std::max<int64_t>(p.rounds, 1)) continue;
+      if (i > 0) {
+        p.inputs.clear();
+        std::erase_if(p.who, [&](const Seq* s) { return s->checking <= i; });
+        for (Seq* s : p.who)
+          p.inputs.push_back({s->slot, std::span<const int32_t>(&s->check[i], 1)});
+      }
+      if (!p.inputs.empty()) round.push_back(&p);
+    }
+    if (round.empty()) return;
+    groups.clear();
+    absl::Status pass = absl::OkStatus();
+    try {
+      if (round.size() == 1) {
+        Draft& d = *round[0]->draft;
+        auto logits = d.engine->Forward(d.cache, round[0]->inputs);
+        pass = logits.status();
+        if (logits.ok()) {
+          groups.emplace_back();
+          groups.back().logits = *logits;
+        }
+      } else {
+        for (DraftPlan* p : round)
+          groups.push_back({.engine = p->draft->engine.get(),
+                            .cache = &p->draft->cache,
+                            .seqs = p->inputs,
+                            .layer_keys = p->draft->layer_keys});
+        pass = Engine::ForwardShared(groups, shared_workspace_);
+        if (pass.ok()) ++shared_draft_passes_;
+      }
+    } catch (...) {
+      pass = StatusFromException(std::current_exception(), "draft");
+    }
+    if (!pass.ok()) {  // the drafts of this pass stop; their sequences go on token by token
+      for (DraftPlan* p : round) {
+        p->failed = true;
+        DetachDraft(*p->lane, *p->draft, pass);
+      }
+      continue;
+    }
+    for (size_t g = 0; g < round.size(); ++g) {
+      const at::Tensor& logits = groups[g].logits;
+      const DraftPlan& p = *round[g];
+      for (size_t j = 0; j < p.who.size(); ++j) {
+        Seq& s = *p.who[j];
+        if (s.checking == 0) continue;  // catching up only
+        const int64_t vocab = logits.size(1);
+        float* probs = s.draft_probs.empty() ? nullptr : s.draft_probs.data() + i * vocab;
+        s.check.push_back(
+            s.stream->Draft(logits.select(0, static_cast<int64_t>(j)).data_ptr<float>(), probs));
+      }
+    }
+  }
+}
+
+bool Scheduler::BeginStep(Lane& lane) {
   const auto now = Clock::now();
   // Cancellation and deadlines are honoured before spending a step on the sequence.
   for (size_t i = lane.seqs.size(); i-- > 0;)
@@ -656,7 +703,10 @@ bool Scheduler::PrepareStep(Lane& lane) {
   // prefix the ones after it may wait for).
   for (Seq& s : lane.seqs)
     if (s.awaiting_prefix && !PrefixComingUp(lane, s)) RestorePrefix(lane, s);
-  if (!lane.drafts.empty()) DraftStep(lane);
+  return true;
+}
+
+bool Scheduler::CollectInputs(Lane& lane) {
   std::vector<SeqInput>& inputs = lane.inputs;
   inputs.clear();
   std::vector<int64_t>& input_of = lane.input_of;
@@ -680,6 +730,12 @@ bool Scheduler::PrepareStep(Lane& lane) {
     return false;
   }
   return true;
+}
+
+bool Scheduler::PrepareStep(Lane& lane) {
+  if (!BeginStep(lane)) return false;
+  if (!lane.drafts.empty()) DraftStep(lane);
+  return CollectInputs(lane);
 }
 
 void Scheduler::Step(Lane& lane) {
@@ -954,13 +1010,29 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
   bool any = false;
   std::vector<std::pair<const std::string*, Lane*>>& ready = step_lanes_;
   ready.clear();
+  std::vector<std::pair<const std::string*, Lane*>>& begun = step_begun_;
+  begun.clear();
   for (auto& [k, lane] : lanes_) {
     if (lane->seqs.empty()) continue;
     any = true;
     try {
-      if (PrepareStep(*lane)) ready.emplace_back(&k, lane.get());
+      if (BeginStep(*lane)) begun.emplace_back(&k, lane.get());
     } catch (...) {
       failed.emplace_back(k, StatusFromException(std::current_exception(), "engine"));
+    }
+  }
+  // Every lane's drafts, round by round, each round one pass for all of them; then the checks go
+  // into the step's pass with everyone else's rows.
+  std::vector<DraftPlan>& plans = draft_plans_;
+  plans.clear();
+  for (auto& [k, lane] : begun)
+    if (!lane->drafts.empty()) PlanDrafts(*lane, plans);
+  RunDrafts(plans);
+  for (auto& [k, lane] : begun) {
+    try {
+      if (CollectInputs(*lane)) ready.emplace_back(k, lane);
+    } catch (...) {
+      failed.emplace_back(*k, StatusFromException(std::current_exception(), "engine"));
     }
   }
   if (ready.empty()) return any;

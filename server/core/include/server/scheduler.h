@@ -139,6 +139,7 @@ struct SchedulerStats {
   int64_t merged_lanes = 0;
   int64_t draft_copies = 0;                 // drafts' own copies (SchedulerOptions::draft_format)
   int64_t merges_built = 0, evictions = 0;  // since start
+  int64_t shared_draft_passes = 0;  // draft rounds that ran several drafts in one pass, since start
   int64_t lane_failures = 0, build_failures = 0;
   // Prompt cache: blocks held, requests that reused a prefix or not, and prompt tokens reused
   // and computed (prefilled) since start.
@@ -194,6 +195,7 @@ class Scheduler {
     std::string key;
     std::shared_ptr<const Model> model;
     std::unique_ptr<Engine> engine;
+    std::vector<int64_t> layer_keys;  // the supernet layers its shape keeps (shared passes)
     KVCache cache;
     int64_t users = 0;
   };
@@ -267,13 +269,32 @@ class Scheduler {
   // Drafts for every sequence of `lane` that speculates this step (Seq::checking, Seq::check).
   // A draft that fails is detached: its sequences go on token by token (a draft only proposes).
   void DraftStep(Lane& lane);
-  absl::Status DraftWith(Lane& lane, const std::string& key, Draft& draft);
+  // One draft's work in a step: the sequences speculating with it and what each feeds it.
+  struct DraftPlan {
+    Lane* lane = nullptr;
+    Draft* draft = nullptr;
+    std::vector<SeqInput> inputs = {};
+    std::vector<Seq*> who = {};
+    int64_t rounds = 0;
+    bool failed = false;
+  };
+  // Plans this step's drafting with each of `lane`'s drafts (none when the lane decodes more
+  // sequences than drafting pays for), detaching a draft whose planning fails.
+  void PlanDrafts(Lane& lane, std::vector<DraftPlan>& plans);
+  absl::Status PlanDraft(Lane& lane, const std::string& key, DraftPlan& plan);
+  // Runs the plans round by round, every draft with rows in a round in one pass (several: a
+  // shared pass); a draft whose pass fails is detached.
+  void RunDrafts(std::vector<DraftPlan>& plans);
   void DetachDraft(Lane& lane, Draft& d, const absl::Status& why);
   void Step(Lane& lane);
   // A step in two halves around the engine pass: PrepareStep ends early sequences, drafts and
   // gathers the lane's inputs (false: nothing to run); FinishStep samples from the pass's logits
   // (or ends every sequence with its error).
   bool PrepareStep(Lane& lane);
+  // PrepareStep's halves around drafting: ends early sequences and restores cached prefixes
+  // (false: nobody left), then gathers the inputs (false: nothing to run).
+  bool BeginStep(Lane& lane);
+  bool CollectInputs(Lane& lane);
   void FinishStep(Lane& lane, const absl::StatusOr<at::Tensor>& logits);
   // One shared pass over every lane with work; lanes whose step threw go to `failed`. True when
   // any lane had sequences.
@@ -321,10 +342,13 @@ class Scheduler {
   std::shared_ptr<EngineWorkspace> workspace_ = std::make_shared<EngineWorkspace>();
   SharedWorkspace shared_workspace_;                              // worker thread only
   std::vector<std::pair<const std::string*, Lane*>> step_lanes_;  // reused by SharedStep
+  std::vector<std::pair<const std::string*, Lane*>> step_begun_;
+  std::vector<DraftPlan> draft_plans_;
+  std::vector<DraftPlan*> draft_round_;
   std::vector<SharedForwardGroup> step_groups_;
   std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
-  std::atomic<int64_t> draft_copy_count_{0};
+  std::atomic<int64_t> draft_copy_count_{0}, shared_draft_passes_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
   mutable std::mutex load_mu_;  // guards the five below
   RunningLoad running_load_;
