@@ -37,11 +37,14 @@ struct Options {
   std::string out = "bench/results/prefill";
 };
 
-// Seconds to prefill `len` tokens into an empty cache, `chunk` at a time.
-double PrefillSeconds(Engine& e, KVCache& cache, int len, int chunk) {
+// Seconds to prefill `len` tokens into an empty cache, `chunk` at a time; the passes' time split
+// added to `profile` when given.
+double PrefillSeconds(Engine& e, KVCache& cache, int len, int chunk,
+                      StepProfile* profile = nullptr) {
   std::vector<int32_t> prompt(len);
   for (int i = 0; i < len; ++i) prompt[i] = (i * 7 + 3) % 200;
   cache.Reset(0);
+  ScopedStepProfile attach(profile);
   const auto t0 = Clock::now();
   const int step = chunk > 0 ? chunk : len;
   for (int at = 0; at < len; at += step) {
@@ -94,9 +97,11 @@ int Run(const Options& o) {
 
   for (int len : o.lengths) (void)PrefillSeconds(engine, cache, len, o.chunk);  // warm-up
   std::vector<std::vector<double>> rates(o.lengths.size());
+  std::vector<StepProfile> split(o.lengths.size());
   for (int r = 0; r < o.rounds; ++r)
     for (size_t i = 0; i < o.lengths.size(); ++i)
-      rates[i].push_back(o.lengths[i] / PrefillSeconds(engine, cache, o.lengths[i], o.chunk));
+      rates[i].push_back(o.lengths[i] /
+                         PrefillSeconds(engine, cache, o.lengths[i], o.chunk, &split[i]));
 
   nlohmann::json rows = nlohmann::json::array();
   std::ostringstream md;
@@ -121,6 +126,34 @@ int Run(const Options& o) {
     std::snprintf(line, sizeof(line), "| %d | %.0f | %.0f | %.0f | %.2fx |\n", o.lengths[i], med,
                   v.front(), v.back(), med / first);
     md << line;
+  }
+  // Where a prompt's time goes as it grows (model/step_profile.h): each phase's share of the
+  // passes' wall time, summed over the rounds.
+  md << "\nTime split (share of the prefill passes' wall time; outside = before and after the "
+        "phases, e.g. KV growth):\n\n| prompt tokens | ms per prompt |";
+  for (int ph = 0; ph < kNumStepPhases; ++ph)
+    md << " " << StepPhaseName(static_cast<StepPhase>(ph)) << " |";
+  md << " outside | quantize |\n|---|---|";
+  for (int ph = 0; ph < kNumStepPhases + 2; ++ph) md << "---|";
+  md << "\n";
+  for (size_t i = 0; i < o.lengths.size(); ++i) {
+    const StepProfile& sp = split[i];
+    const double pass_ns = static_cast<double>(std::max<int64_t>(sp.pass_ns, 1));
+    nlohmann::json ms;
+    char cell[64];
+    std::snprintf(cell, sizeof(cell), "| %d | %.1f |", o.lengths[i], pass_ns / 1e6 / o.rounds);
+    md << cell;
+    for (int ph = 0; ph < kNumStepPhases; ++ph) {
+      ms[std::string(StepPhaseName(static_cast<StepPhase>(ph)))] = sp.ns[ph] / 1e6 / o.rounds;
+      std::snprintf(cell, sizeof(cell), " %.0f%% |", 100.0 * sp.ns[ph] / pass_ns);
+      md << cell;
+    }
+    ms["outside_phases"] = (sp.pass_ns - sp.total_ns()) / 1e6 / o.rounds;
+    ms["quantize_activations"] = sp.quantize_ns / 1e6 / o.rounds;
+    std::snprintf(cell, sizeof(cell), " %.0f%% | %.0f%% |\n",
+                  100.0 * (sp.pass_ns - sp.total_ns()) / pass_ns, 100.0 * sp.quantize_ns / pass_ns);
+    md << cell;
+    rows[i]["split_ms_per_prompt"] = ms;
   }
   nlohmann::json j = {
       {"model", source},        {"params", params},   {"weights_dtype", o.weights_dtype},
