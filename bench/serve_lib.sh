@@ -71,3 +71,16 @@ rss_report() {
     END {printf "%s: RSS %.0f MB = %.2fx the supernet weights (%.0f MB); weights file %.0f MB, anonymous %.0f MB, shared libraries %.0f MB\n",
          label, rss / 1e6, rss / w, w / 1e6, f / 1024, a / 1024, l / 1024}' "/proc/$PID/smaps"
 }
+
+# 16 greedy streams over 1, 2, 4 and 8 distinct shapes against two servers, interleaved rounds:
+#   run_shape_mix RESULT_NAME MACHINE_NOTE "label=HOST:PORT" "label=HOST:PORT"
+run_shape_mix() {
+  local name=$1 note=$2
+  shift 2
+  local cpu
+  cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -n1)
+  $B/bench/amoeba-bench-serve --shape-mix "$@" \
+    --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-32}" --requests "${REQUESTS:-2}" \
+    --machine "$(nproc) cores, $cpu; $note" \
+    --json "bench/results/$name.json" --md "bench/results/$name.md"
+}

@@ -16,8 +16,4 @@ launch_server merged --max-concurrent 16 "$@"
 MERGED=$TARGET
 launch_server views --max-concurrent 16 --merge-after 0 "$@"
 VIEWS=$TARGET
-CPU=$(lscpu | sed -n 's/^Model name: *//p' | head -n1)
-$B/bench/amoeba-bench-serve --shape-mix "merged copies=$MERGED" "views only=$VIEWS" \
-  --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-32}" --requests "${REQUESTS:-2}" \
-  --machine "$(nproc) cores, $CPU; preset $PRESET, tuned, server flags: ${*:-none}" \
-  --json "bench/results/serve_merged_$PRESET.json" --md "bench/results/serve_merged_$PRESET.md"
+run_shape_mix "serve_merged_$PRESET" "preset $PRESET, tuned, server flags: ${*:-none}" "merged copies=$MERGED" "views only=$VIEWS"

@@ -14,8 +14,4 @@ launch_server shared --max-concurrent 16 "$@"
 SHARED=$TARGET
 launch_server lanes --max-concurrent 16 --shared-steps false "$@"
 LANES=$TARGET
-CPU=$(lscpu | sed -n 's/^Model name: *//p' | head -n1)
-$B/bench/amoeba-bench-serve --shape-mix "shared steps=$SHARED" "lanes=$LANES" \
-  --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-32}" --requests "${REQUESTS:-2}" \
-  --machine "$(nproc) cores, $CPU; preset $PRESET, server flags: ${*:-none}" \
-  --json "bench/results/serve_shapes_$PRESET.json" --md "bench/results/serve_shapes_$PRESET.md"
+run_shape_mix "serve_shapes_$PRESET" "preset $PRESET, server flags: ${*:-none}" "shared steps=$SHARED" "lanes=$LANES"

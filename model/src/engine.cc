@@ -377,7 +377,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   const Model& m = *model_;
   const ModelConfig& c = m.config;
   if (seqs.empty()) return absl::InvalidArgumentError("Forward: no sequences");
-  const auto entered = std::chrono::steady_clock::now();
+  PassTimer pass_timer;  // counts the pass in an attached step profile
   if (absl::Status st = CheckInputs(cache, seqs); !st.ok()) return st;
   int64_t n = 0;
   for (const SeqInput& s : seqs) n += static_cast<int64_t>(s.tokens.size());
@@ -495,13 +495,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   } else {
     compute_with_arm();
   }
-  if (StepProfile* p = AttachedStepProfile()) {
-    ++p->passes;
-    p->rows += n;
-    p->pass_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      std::chrono::steady_clock::now() - entered)
-                      .count();
-  }
+  pass_timer.Done(n);
   if (on_trial) {
     RecordPrefetchTrial(
         prefetch_trial_key_, arm,

@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -54,7 +53,7 @@ void FillPanelRows(std::span<const int64_t> widths, std::span<const int64_t> row
 
 absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedWorkspace& ws,
                                    SharedPassStats* stats) {
-  const auto entered = std::chrono::steady_clock::now();
+  PassTimer pass_timer;  // counts the pass in an attached step profile
   if (groups.empty()) return absl::InvalidArgumentError("ForwardShared: no groups");
   const size_t G = groups.size();
   const ModelConfig& c0 = groups[0].engine->model().config;
@@ -477,13 +476,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
     groups[g].logits =
         ws.logits.narrow(0, st[g].out_base * V, st[g].out_rows * V).view({st[g].out_rows, V});
   }
-  if (StepProfile* p = AttachedStepProfile()) {
-    ++p->passes;
-    p->rows += N;
-    p->pass_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      std::chrono::steady_clock::now() - entered)
-                      .count();
-  }
+  pass_timer.Done(N);
   if (stats) *stats = counted;
   return absl::OkStatus();
 }

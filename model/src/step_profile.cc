@@ -42,6 +42,17 @@ ScopedStepProfile::~ScopedStepProfile() {
   attached = previous_;
 }
 
+PassTimer::PassTimer() : profile_(attached) {
+  if (profile_) entered_ns_ = NowNs();
+}
+
+void PassTimer::Done(int64_t rows) {
+  if (!profile_) return;
+  ++profile_->passes;
+  profile_->rows += rows;
+  profile_->pass_ns += NowNs() - entered_ns_;
+}
+
 PhaseTimer::PhaseTimer() : profile_(attached) {
   if (profile_) last_ns_ = NowNs();
 }

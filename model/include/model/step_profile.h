@@ -55,6 +55,18 @@ class ScopedStepProfile {
   StepProfile* previous_;
 };
 
+// Times a whole pass: built at its entry, Done(rows) at its end counts it (rows, time) in the
+// profile attached to the thread that built it; nothing without one.
+class PassTimer {
+ public:
+  PassTimer();
+  void Done(int64_t rows);
+
+ private:
+  StepProfile* profile_;
+  int64_t entered_ns_ = 0;
+};
+
 // Marks phase boundaries: Mark(p) adds the time since the previous mark to phase p. A timer built
 // on a thread without a profile does nothing.
 class PhaseTimer {
