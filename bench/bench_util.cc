@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <fmt/format.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 namespace amoeba::bench {
 namespace {
@@ -72,6 +74,34 @@ std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps,
     for (StepSample& sample : samples) sample.probe_gbs = gbs;
   }
   return samples;
+}
+
+std::string StepSplitHeader(const std::string& lead, int lead_columns) {
+  std::string md = lead;
+  for (int ph = 0; ph < kNumStepPhases; ++ph)
+    md += fmt::format(" {} |", StepPhaseName(static_cast<StepPhase>(ph)));
+  md += " outside | quantize |\n|";
+  for (int c = 0; c < lead_columns + kNumStepPhases + 2; ++c) md += "---|";
+  return md + "\n";
+}
+
+std::string StepSplitCells(const StepProfile& p) {
+  const double pass_ns = static_cast<double>(std::max<int64_t>(p.pass_ns, 1));
+  std::string md;
+  for (int ph = 0; ph < kNumStepPhases; ++ph)
+    md += fmt::format(" {:.0f}% |", 100.0 * static_cast<double>(p.ns[ph]) / pass_ns);
+  return md + fmt::format(" {:.0f}% | {:.0f}% |\n",
+                          100.0 * static_cast<double>(p.pass_ns - p.total_ns()) / pass_ns,
+                          100.0 * static_cast<double>(p.quantize_ns) / pass_ns);
+}
+
+nlohmann::json StepSplitMs(const StepProfile& p, double per) {
+  nlohmann::json ms;
+  for (int ph = 0; ph < kNumStepPhases; ++ph)
+    ms[std::string(StepPhaseName(static_cast<StepPhase>(ph)))] = p.ns[ph] / 1e6 / per;
+  ms["outside_phases"] = (p.pass_ns - p.total_ns()) / 1e6 / per;
+  ms["quantize_activations"] = p.quantize_ns / 1e6 / per;
+  return ms;
 }
 
 double PrefillRate(Engine& e, int len) {

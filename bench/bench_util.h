@@ -1,6 +1,7 @@
 // Shared benchmark helpers: memory bandwidth (the roofline's denominator) and engine throughput.
 #pragma once
 
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,14 @@ struct StepSample {
 std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps, int context,
                                                 BandwidthProbe& probe, bool paired = true,
                                                 StepProfile* profile = nullptr);
+
+// The time-split table of step profiles (model/step_profile.h): its header after the caller's
+// leading columns (`lead`, e.g. "| preset | batch | pass ms |"), and one row's cells after them:
+// each phase's share of the passes' wall time, then outside the phases, then quantization.
+std::string StepSplitHeader(const std::string& lead, int lead_columns);
+std::string StepSplitCells(const StepProfile& p);
+// Milliseconds per phase, outside the phases and in quantization, over `per` passes (or prompts).
+nlohmann::json StepSplitMs(const StepProfile& p, double per);
 
 // Prefill tokens/s of one prompt of `len` tokens.
 double PrefillRate(Engine& e, int len);

@@ -74,16 +74,12 @@ int Run(const Options& o) {
   };
   // Where a decode step's time goes (model/step_profile.h: wall time per phase on the first
   // thread, barrier waits included; activation quantization is part of the projections).
-  std::string split_md =
+  std::string split_md = StepSplitHeader(
       "\nStep time split (the timed decode steps of every round: mean pass time, and each "
       "phase's share of it; outside = before and after the phases: input checks, KV growth, "
       "starting the team; quantize = activation quantization, part of the projections):\n\n| "
-      "preset | path | batch | pass ms |";
-  for (int ph = 0; ph < kNumStepPhases; ++ph)
-    split_md += fmt::format(" {} |", StepPhaseName(static_cast<StepPhase>(ph)));
-  split_md += " outside | quantize |\n|---|---|---|---|";
-  for (int ph = 0; ph <= kNumStepPhases + 1; ++ph) split_md += "---|";
-  split_md += "\n";
+      "preset | path | batch | pass ms |",
+      4);
   for (auto name : absl::StrSplit(o.presets, ',')) {
     auto cfg = PresetConfig(std::string(name));
     if (!cfg.ok()) {
@@ -198,22 +194,11 @@ int Run(const Options& o) {
                                   {"percent_of_roofline_steps", v.pcts[bi]}});
         const StepProfile& sp = v.split[bi];
         const double passes = static_cast<double>(std::max<int64_t>(sp.passes, 1));
-        const double pass_ns = static_cast<double>(std::max<int64_t>(sp.pass_ns, 1));
-        nlohmann::json split_ms;
-        for (int ph = 0; ph < kNumStepPhases; ++ph)
-          split_ms[std::string(StepPhaseName(static_cast<StepPhase>(ph)))] =
-              sp.ns[ph] / 1e6 / passes;
-        split_ms["outside_phases"] = (sp.pass_ns - sp.total_ns()) / 1e6 / passes;
-        split_ms["quantize_activations"] = sp.quantize_ns / 1e6 / passes;
-        out["results"].back()["step_split_ms"] = split_ms;
+        out["results"].back()["step_split_ms"] = StepSplitMs(sp, passes);
         out["results"].back()["pass_ms"] = sp.pass_ns / 1e6 / passes;
         split_md += fmt::format("| {} | {} | {} | {:.2f} |", std::string(name), v.name, b,
-                                pass_ns / 1e6 / passes);
-        for (int ph = 0; ph < kNumStepPhases; ++ph)
-          split_md += fmt::format(" {:.0f}% |", 100.0 * sp.ns[ph] / pass_ns);
-        split_md +=
-            fmt::format(" {:.0f}% | {:.0f}% |\n", 100.0 * (sp.pass_ns - sp.total_ns()) / pass_ns,
-                        100.0 * sp.quantize_ns / pass_ns);
+                                sp.pass_ns / 1e6 / passes) +
+                    StepSplitCells(sp);
         md += fmt::format(
             "| {} | {:.0f}M | {} | {:.0f} | {:.1f} | {:.0f} | {} | {:.1f} | {:.1f} | {:.1f} | "
             "{:.1f} | {:.0f}% |\n",

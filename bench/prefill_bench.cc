@@ -129,31 +129,16 @@ int Run(const Options& o) {
   }
   // Where a prompt's time goes as it grows (model/step_profile.h): each phase's share of the
   // passes' wall time, summed over the rounds.
-  md << "\nTime split (share of the prefill passes' wall time; outside = before and after the "
-        "phases, e.g. KV growth):\n\n| prompt tokens | ms per prompt |";
-  for (int ph = 0; ph < kNumStepPhases; ++ph)
-    md << " " << StepPhaseName(static_cast<StepPhase>(ph)) << " |";
-  md << " outside | quantize |\n|---|---|";
-  for (int ph = 0; ph < kNumStepPhases + 2; ++ph) md << "---|";
-  md << "\n";
+  md << StepSplitHeader(
+      "\nTime split (share of the prefill passes' wall time; outside = before and after the "
+      "phases, e.g. KV growth):\n\n| prompt tokens | ms per prompt |",
+      2);
   for (size_t i = 0; i < o.lengths.size(); ++i) {
-    const StepProfile& sp = split[i];
-    const double pass_ns = static_cast<double>(std::max<int64_t>(sp.pass_ns, 1));
-    nlohmann::json ms;
     char cell[64];
-    std::snprintf(cell, sizeof(cell), "| %d | %.1f |", o.lengths[i], pass_ns / 1e6 / o.rounds);
-    md << cell;
-    for (int ph = 0; ph < kNumStepPhases; ++ph) {
-      ms[std::string(StepPhaseName(static_cast<StepPhase>(ph)))] = sp.ns[ph] / 1e6 / o.rounds;
-      std::snprintf(cell, sizeof(cell), " %.0f%% |", 100.0 * sp.ns[ph] / pass_ns);
-      md << cell;
-    }
-    ms["outside_phases"] = (sp.pass_ns - sp.total_ns()) / 1e6 / o.rounds;
-    ms["quantize_activations"] = sp.quantize_ns / 1e6 / o.rounds;
-    std::snprintf(cell, sizeof(cell), " %.0f%% | %.0f%% |\n",
-                  100.0 * (sp.pass_ns - sp.total_ns()) / pass_ns, 100.0 * sp.quantize_ns / pass_ns);
-    md << cell;
-    rows[i]["split_ms_per_prompt"] = ms;
+    std::snprintf(cell, sizeof(cell), "| %d | %.1f |", o.lengths[i],
+                  split[i].pass_ns / 1e6 / o.rounds);
+    md << cell << StepSplitCells(split[i]);
+    rows[i]["split_ms_per_prompt"] = StepSplitMs(split[i], o.rounds);
   }
   nlohmann::json j = {
       {"model", source},        {"params", params},   {"weights_dtype", o.weights_dtype},

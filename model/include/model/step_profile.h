@@ -37,7 +37,6 @@ struct StepProfile {
   int64_t rows = 0;  // token rows over all passes
 
   int64_t total_ns() const;
-  void Clear() { *this = StepProfile{}; }
 };
 
 // The profile passes on the calling thread record into (null: none).
@@ -75,7 +74,6 @@ class PhaseTimer {
   void Mark(StepPhase phase) {
     if (profile_) MarkSlow(phase);
   }
-  bool on() const { return profile_ != nullptr; }
 
  private:
   void MarkSlow(StepPhase phase);
