@@ -1,12 +1,11 @@
 #include "model/kv_cache.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "model/runtime.h"
 
@@ -30,49 +29,45 @@ class ArenaPool {
     const bool huge = bytes >= KVCache::kHugePageMinBytes;
     const size_t unit = huge ? size_t{2} << 20 : size_t{64} << 10;
     const size_t size = (std::max<size_t>(bytes, 1) + unit - 1) / unit * unit;
-    void* raw = nullptr;
+    std::shared_ptr<void> owner;
     {
       std::lock_guard<std::mutex> l(mu_);
       if (auto it = free_.find(size); it != free_.end()) {
-        raw = it->second;
+        owner = std::move(it->second);
         free_.erase(it);
         pooled_ -= size;
       }
     }
-    if (!raw) {
-      raw = std::aligned_alloc(huge ? unit : 4096, size);
-      if (!raw) return nullptr;
+    if (!owner) {
       // 2 MB pages for big slots: a decode step reads every layer's keys and values as one
       // short stream per KV head, and on 4 KB pages each starts with page walks.
-      if (huge) madvise(raw, size, MADV_HUGEPAGE);
+      owner = huge ? AllocateHugePages(size)
+                   : std::shared_ptr<void>(std::aligned_alloc(4096, size), std::free);
+      if (!owner.get()) return nullptr;
     }
-    return std::shared_ptr<void>(raw, [size](void* p) { Get().Release(p, size); });
+    // The slot's handle: when its last tensor goes, the memory comes back here.
+    void* data = owner.get();
+    return std::shared_ptr<void>(data, [owner = std::move(owner), size](void*) mutable {
+      Get().Release(std::move(owner), size);
+    });
   }
 
-  void Release(void* p, size_t size) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (pooled_ + size <= limit_) {
-        free_.emplace(size, p);
-        pooled_ += size;
-        return;
-      }
-    }
-    std::free(p);
+  void Release(std::shared_ptr<void> owner, size_t size) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (pooled_ + size > limit_) return;  // freed by `owner` going out of scope
+    free_.emplace(size, std::move(owner));
+    pooled_ += size;
   }
 
   void Trim(size_t keep) {
-    std::multimap<size_t, void*> dropped;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      while (pooled_ > keep && !free_.empty()) {
-        auto it = std::prev(free_.end());  // largest first
-        pooled_ -= it->first;
-        dropped.insert(*it);
-        free_.erase(it);
-      }
+    std::vector<std::shared_ptr<void>> dropped;  // freed outside the lock
+    std::lock_guard<std::mutex> l(mu_);
+    while (pooled_ > keep && !free_.empty()) {
+      auto it = std::prev(free_.end());  // largest first
+      pooled_ -= it->first;
+      dropped.push_back(std::move(it->second));
+      free_.erase(it);
     }
-    for (auto& [size, p] : dropped) std::free(p);
   }
 
   void SetLimit(size_t bytes) {
@@ -90,7 +85,7 @@ class ArenaPool {
 
  private:
   std::mutex mu_;
-  std::multimap<size_t, void*> free_;
+  std::multimap<size_t, std::shared_ptr<void>> free_;
   size_t pooled_ = 0;
   size_t limit_ = KVCache::kDefaultArenaPoolBytes;
 };

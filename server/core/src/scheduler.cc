@@ -623,6 +623,15 @@ absl::Status Scheduler::PlanDraft(Lane& lane, const std::string& key, DraftPlan&
   return absl::OkStatus();
 }
 
+absl::Status Scheduler::RunPass(std::span<SharedForwardGroup> groups, SharedPassStats* stats) {
+  if (groups.size() > 1) return Engine::ForwardShared(groups, shared_workspace_, stats);
+  SharedForwardGroup& g = groups[0];
+  auto logits = g.engine->Forward(*g.cache, g.seqs, g.all_logits);
+  if (!logits.ok()) return logits.status();
+  g.logits = *logits;
+  return absl::OkStatus();
+}
+
 void Scheduler::RunDrafts(std::vector<DraftPlan>& plans) {
   // Round i feeds every sequence still drafting its last drafted token (its whole unseen context
   // in round 0) and picks the next one from the draft's logits. The drafts with rows in a round
@@ -643,25 +652,15 @@ void Scheduler::RunDrafts(std::vector<DraftPlan>& plans) {
     }
     if (round.empty()) return;
     groups.clear();
+    for (DraftPlan* p : round)
+      groups.push_back({.engine = p->draft->engine.get(),
+                        .cache = &p->draft->cache,
+                        .seqs = p->inputs,
+                        .layer_keys = p->draft->layer_keys});
     absl::Status pass = absl::OkStatus();
     try {
-      if (round.size() == 1) {
-        Draft& d = *round[0]->draft;
-        auto logits = d.engine->Forward(d.cache, round[0]->inputs);
-        pass = logits.status();
-        if (logits.ok()) {
-          groups.emplace_back();
-          groups.back().logits = *logits;
-        }
-      } else {
-        for (DraftPlan* p : round)
-          groups.push_back({.engine = p->draft->engine.get(),
-                            .cache = &p->draft->cache,
-                            .seqs = p->inputs,
-                            .layer_keys = p->draft->layer_keys});
-        pass = Engine::ForwardShared(groups, shared_workspace_);
-        if (pass.ok()) ++shared_draft_passes_;
-      }
+      pass = RunPass(groups, nullptr);
+      if (pass.ok() && round.size() > 1) ++shared_draft_passes_;
     } catch (...) {
       pass = StatusFromException(std::current_exception(), "draft");
     }
@@ -1043,25 +1042,12 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
   std::vector<SharedForwardGroup>& groups = step_groups_;
   groups.clear();
   try {
-    if (ready.size() == 1) {
-      Lane& lane = *ready[0].second;
-      auto logits = lane.engine->Forward(lane.cache, lane.inputs);
-      pass = logits.status();
-      if (logits.ok()) {
-        groups.push_back({.engine = lane.engine.get(),
-                          .cache = &lane.cache,
-                          .seqs = lane.inputs,
-                          .layer_keys = lane.layer_keys});
-        groups.back().logits = *logits;
-      }
-    } else {
-      for (auto& [k, lane] : ready)
-        groups.push_back({.engine = lane->engine.get(),
-                          .cache = &lane->cache,
-                          .seqs = lane->inputs,
-                          .layer_keys = lane->layer_keys});
-      pass = Engine::ForwardShared(groups, shared_workspace_, &pass_stats);
-    }
+    for (auto& [k, lane] : ready)
+      groups.push_back({.engine = lane->engine.get(),
+                        .cache = &lane->cache,
+                        .seqs = lane->inputs,
+                        .layer_keys = lane->layer_keys});
+    pass = RunPass(groups, &pass_stats);
   } catch (...) {
     // The pass's state is unknown for every lane in it.
     const absl::Status error = StatusFromException(std::current_exception(), "engine");

@@ -285,6 +285,10 @@ class Scheduler {
   // Runs the plans round by round, every draft with rows in a round in one pass (several: a
   // shared pass); a draft whose pass fails is detached.
   void RunDrafts(std::vector<DraftPlan>& plans);
+  // One engine pass over `groups` (at least one), setting each group's logits: a group alone
+  // runs its engine's own Forward (the same kernels without the shared walk), several run
+  // Engine::ForwardShared (`stats` filled then).
+  absl::Status RunPass(std::span<SharedForwardGroup> groups, SharedPassStats* stats);
   void DetachDraft(Lane& lane, Draft& d, const absl::Status& why);
   void Step(Lane& lane);
   // A step in two halves around the engine pass: PrepareStep ends early sequences, drafts and
