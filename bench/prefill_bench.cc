@@ -9,11 +9,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "bench/bench_util.h"
+#include "model/kernels.h"
 #include "model/model_loader.h"
 #include "model/packed_linear.h"
 #include "model/presets.h"
@@ -34,6 +36,10 @@ struct Options {
   int rounds = 3;
   int chunk = 0;
   int threads = 0;
+  // Prefill attention's products: bf16 (the engine's default: AMX-BF16 where the CPU has it, else
+  // fp32), fp32, avx512-bf16 (vdpbf16ps, forced); several are measured side by side, interleaved
+  // within each round.
+  std::vector<std::string> attention = {"bf16"};
   std::string out = "bench/results/prefill";
 };
 
@@ -92,51 +98,70 @@ int Run(const Options& o) {
   eo.max_len = max_len + 1;
   eo.kv_dtype = o.kv_dtype == "f16" ? at::kHalf : at::kFloat;
   const int64_t params = m.config.ParameterCount();
-  Engine engine(std::make_shared<const Model>(std::move(m)), eo);
-  KVCache cache = engine.NewCache(1);
+  auto model = std::make_shared<const Model>(std::move(m));
+  std::vector<std::unique_ptr<Engine>> engines;
+  for (const std::string& mode : o.attention) {
+    eo.bf16_prefill_attention = mode != "fp32";
+    engines.push_back(std::make_unique<Engine>(model, eo));
+  }
+  KVCache cache = engines[0]->NewCache(1);
 
-  for (int len : o.lengths) (void)PrefillSeconds(engine, cache, len, o.chunk);  // warm-up
-  std::vector<std::vector<double>> rates(o.lengths.size());
-  std::vector<StepProfile> split(o.lengths.size());
+  // Rows: (attention mode, length), mode-major.
+  const size_t nl = o.lengths.size(), nrows = o.attention.size() * nl;
+  for (size_t a = 0; a < engines.size(); ++a) {  // warm-up
+    ForcePrefillBf16Kernel(o.attention[a] == "avx512-bf16" ? PrefillBf16Kernel::kAvx512Bf16
+                                                           : PrefillBf16Kernel::kAuto);
+    for (int len : o.lengths) (void)PrefillSeconds(*engines[a], cache, len, o.chunk);
+  }
+  const char* auto_kernel = PrefillBf16KernelName(ActivePrefillBf16Kernel(model->config.head_dim));
+  std::vector<std::vector<double>> rates(nrows);
+  std::vector<StepProfile> split(nrows);
   for (int r = 0; r < o.rounds; ++r)
-    for (size_t i = 0; i < o.lengths.size(); ++i)
-      rates[i].push_back(o.lengths[i] /
-                         PrefillSeconds(engine, cache, o.lengths[i], o.chunk, &split[i]));
+    for (size_t i = 0; i < nl; ++i)
+      for (size_t a = 0; a < engines.size(); ++a) {
+        ForcePrefillBf16Kernel(o.attention[a] == "avx512-bf16" ? PrefillBf16Kernel::kAvx512Bf16
+                                                               : PrefillBf16Kernel::kAuto);
+        rates[a * nl + i].push_back(o.lengths[i] / PrefillSeconds(*engines[a], cache, o.lengths[i],
+                                                                  o.chunk, &split[a * nl + i]));
+      }
 
   nlohmann::json rows = nlohmann::json::array();
   std::ostringstream md;
   md << "bench/prefill: " << source << ", " << params / 1e6 << "M params, " << o.weights_dtype
      << " weights, " << o.kv_dtype << " KV, chunk "
      << (o.chunk > 0 ? std::to_string(o.chunk) : "all") << ", " << DescribeCpu() << "; " << o.rounds
-     << " interleaved rounds after a warm-up\n\n"
-     << "| prompt tokens | prefill tok/s (median) | min | max | vs first length |\n"
-     << "|---|---|---|---|---|\n";
+     << " interleaved rounds after a warm-up; bf16 attention runs " << auto_kernel << " here\n\n"
+     << "| attention | prompt tokens | prefill tok/s (median) | min | max | vs first length |\n"
+     << "|---|---|---|---|---|---|\n";
   double first = 0;
-  for (size_t i = 0; i < o.lengths.size(); ++i) {
+  for (size_t i = 0; i < nrows; ++i) {
     std::vector<double> v = rates[i];
     std::sort(v.begin(), v.end());
     const double med = v[v.size() / 2];
-    if (i == 0) first = med;
-    rows.push_back({{"prompt_tokens", o.lengths[i]},
+    if (i % nl == 0) first = med;
+    const int len = o.lengths[i % nl];
+    const std::string& mode = o.attention[i / nl];
+    rows.push_back({{"attention", mode},
+                    {"prompt_tokens", len},
                     {"tokens_per_s_median", med},
                     {"tokens_per_s_min", v.front()},
                     {"tokens_per_s_max", v.back()},
                     {"tokens_per_s_rounds", rates[i]}});
     char line[160];
-    std::snprintf(line, sizeof(line), "| %d | %.0f | %.0f | %.0f | %.2fx |\n", o.lengths[i], med,
-                  v.front(), v.back(), med / first);
+    std::snprintf(line, sizeof(line), "| %s | %d | %.0f | %.0f | %.0f | %.2fx |\n", mode.c_str(),
+                  len, med, v.front(), v.back(), med / first);
     md << line;
   }
   // Where a prompt's time goes as it grows (model/step_profile.h): each phase's share of the
   // passes' wall time, summed over the rounds.
   md << StepSplitHeader(
       "\nTime split (share of the prefill passes' wall time; outside = before and after the "
-      "phases, e.g. KV growth):\n\n| prompt tokens | ms per prompt |",
-      2);
-  for (size_t i = 0; i < o.lengths.size(); ++i) {
-    char cell[64];
-    std::snprintf(cell, sizeof(cell), "| %d | %.1f |", o.lengths[i],
-                  split[i].pass_ns / 1e6 / o.rounds);
+      "phases, e.g. KV growth):\n\n| attention | prompt tokens | ms per prompt |",
+      3);
+  for (size_t i = 0; i < nrows; ++i) {
+    char cell[96];
+    std::snprintf(cell, sizeof(cell), "| %s | %d | %.1f |", o.attention[i / nl].c_str(),
+                  o.lengths[i % nl], split[i].pass_ns / 1e6 / o.rounds);
     md << cell << StepSplitCells(split[i]);
     rows[i]["split_ms_per_prompt"] = StepSplitMs(split[i], o.rounds);
   }
@@ -163,6 +188,11 @@ int main(int argc, char** argv) {
   app.add_option("--lengths", o.lengths, "Prompt lengths")->delimiter(',')->capture_default_str();
   app.add_option("--rounds", o.rounds, "Interleaved rounds")->capture_default_str();
   app.add_option("--chunk", o.chunk, "Tokens per Forward call (0 = the whole prompt)")
+      ->capture_default_str();
+  app.add_option("--attention", o.attention,
+                 "Prefill attention products, one or more of bf16,fp32,avx512-bf16 (side by side)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"bf16", "fp32", "avx512-bf16"}))
       ->capture_default_str();
   app.add_option("--threads", o.threads, "Compute threads (0 = all cores)")->capture_default_str();
   app.add_option("--out", o.out, "Report path without extension")->capture_default_str();

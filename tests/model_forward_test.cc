@@ -2,9 +2,11 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "model/engine.h"
@@ -96,6 +98,49 @@ TEST(EngineTest, KvCacheDecodeMatchesFullForward) {
   }
 }
 
+// Prefill attention with bf16 products (where a bf16 kernel runs; head dimension 64) keeps every
+// position's logits within bf16's rounding of the fp32 reference, and the decode steps after it
+// (fp32 attention over the cache it wrote) too; with the option off, prefill equals the
+// reference at fp32's scale.
+TEST(EngineTest, Bf16PrefillAttentionStaysWithinItsRoundingOfTheReference) {
+  at::InferenceMode guard;
+  ModelConfig c = testing::TinyConfig();
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  c.max_position_embeddings = 256;
+  auto m = std::make_shared<const Model>(RandomModel(c, 9, 0.15));
+  const bool bf16 = ActivePrefillBf16Kernel(64) != PrefillBf16Kernel::kNone;
+  auto ids = RandomTokens(200, c.vocab_size, 13);
+  at::Tensor ref = Reference(*m, ids);
+  for (bool option : {true, false}) {
+    Engine engine(m, {.max_len = 256, .bf16_prefill_attention = option});
+    KVCache cache = engine.NewCache(1);
+    std::vector<int32_t> prompt(ids.begin(), ids.begin() + 190);
+    SeqInput in{0, prompt};
+    auto l = engine.Forward(cache, {&in, 1}, /*all_logits=*/true);
+    ASSERT_TRUE(l.ok());
+    const double prefill = MaxAbsDiff(*l, ref.narrow(0, 0, 190));
+    double decode = 0;
+    for (size_t t = 190; t < ids.size(); ++t) {
+      SeqInput step{0, std::span<const int32_t>(&ids[t], 1)};
+      auto d = engine.Forward(cache, {&step, 1});
+      ASSERT_TRUE(d.ok());
+      decode = std::max(decode, MaxAbsDiff((*d)[0], ref[t]));
+    }
+    const std::string what = std::string(option ? "bf16 option on, " : "off, ") +
+                             PrefillBf16KernelName(ActivePrefillBf16Kernel(64));
+    if (option && bf16) {
+      EXPECT_LT(prefill, 0.05) << what;
+      EXPECT_GT(prefill, 1e-5) << what << ": no bf16 rounding, did the bf16 kernel run?";
+      EXPECT_LT(decode, 0.05) << what;
+    } else {
+      EXPECT_LT(prefill, 1e-4) << what;
+      EXPECT_LT(decode, 1e-4) << what;
+    }
+  }
+}
+
 // A slot of 8 MB or more lives in an arena on 2 MB pages: decoding across the growth from small
 // arenas into one on 2 MB pages, and from that into a bigger one, keeps every cached position.
 TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
@@ -105,7 +150,8 @@ TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
   c.head_dim = 64;
   c.max_position_embeddings = 600;
   auto m = std::make_shared<const Model>(RandomModel(c, 5, 0.15));
-  Engine engine(m, {.max_len = 600});
+  // fp32 prefill attention: the cached positions must equal the reference's.
+  Engine engine(m, {.max_len = 600, .bf16_prefill_attention = false});
   KVCache cache = engine.NewCache(1);
   const int64_t per_position = m->KvBytesPerPosition(4);
   ASSERT_LT(per_position * 128, static_cast<int64_t>(KVCache::kHugePageMinBytes));

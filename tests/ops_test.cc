@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 #include "model/kernels.h"
 #include "model/packed_linear.h"
@@ -532,32 +533,47 @@ TEST(KernelTest, PrefillAttentionMatchesCausalSoftmaxReference) {
             sc.masked_fill_(causal, -std::numeric_limits<float>::infinity());
             want.narrow(1, qh * hd, hd).copy_(at::matmul(at::softmax(sc, -1), Vh));
           }
-          for (KernelIsa isa : AvailableIsas()) {
-            ForceKernelIsa(isa);
-            at::Tensor out = at::full({T, qdim}, 7.f);
-            PrefillAttentionArgs a;
-            a.q = q.data_ptr<float>();
-            a.q_stride = qdim;
-            a.k = K.data_ptr<float>();
-            a.v = V.data_ptr<float>();
-            a.kv_head_stride = capacity * hd;
-            a.kv_heads = hkv;
-            a.group = group;
-            a.head_dim = hd;
-            a.p0 = p0;
-            a.T = T;
-            a.scale = scale;
-            a.out = out.data_ptr<float>();
-            a.out_stride = qdim;
-            at::Tensor scratch;
-            PrefillAttention(a, scratch);
-            EXPECT_LT(testing::MaxAbsDiff(out.narrow(1, 0, hq * hd), want), 2e-5)
-                << KernelIsaName(isa) << " hd=" << hd << " group=" << group << " p0=" << p0
-                << " T=" << T;
-            // The columns past the heads are not written.
-            EXPECT_TRUE(at::all(out.narrow(1, hq * hd, 8) == 7.f).item<bool>());
-          }
+          for (KernelIsa isa : AvailableIsas())
+            for (PrefillBf16Kernel kernel : AvailablePrefillBf16Kernels()) {
+              ForceKernelIsa(isa);
+              ForcePrefillBf16Kernel(kernel);
+              at::Tensor out = at::full({T, qdim}, 7.f);
+              PrefillAttentionArgs a;
+              a.q = q.data_ptr<float>();
+              a.q_stride = qdim;
+              a.k = K.data_ptr<float>();
+              a.v = V.data_ptr<float>();
+              a.kv_head_stride = capacity * hd;
+              a.kv_heads = hkv;
+              a.group = group;
+              a.head_dim = hd;
+              a.p0 = p0;
+              a.T = T;
+              a.scale = scale;
+              a.out = out.data_ptr<float>();
+              a.out_stride = qdim;
+              a.bf16 = kernel != PrefillBf16Kernel::kNone;
+              at::Tensor scratch;
+              PrefillAttention(a, scratch);
+              const double diff = testing::MaxAbsDiff(out.narrow(1, 0, hq * hd), want);
+              const PrefillBf16Kernel ran = a.bf16 ? ActivePrefillBf16Kernel(hd) : kernel;
+              const std::string where = std::string(KernelIsaName(isa)) + " " +
+                                        PrefillBf16KernelName(ran) + " hd=" + std::to_string(hd) +
+                                        " group=" + std::to_string(group) +
+                                        " p0=" + std::to_string(p0) + " T=" + std::to_string(T);
+              // bf16 inputs (8 significant bits) where a bf16 kernel runs: the error stays at the
+              // rounding's scale, and is not zero (the bf16 kernel ran).
+              if (ran != PrefillBf16Kernel::kNone) {
+                EXPECT_LT(diff, 2e-2) << where;
+                EXPECT_GT(diff, 1e-5) << where;
+              } else {
+                EXPECT_LT(diff, 2e-5) << where;
+              }
+              // The columns past the heads are not written.
+              EXPECT_TRUE(at::all(out.narrow(1, hq * hd, 8) == 7.f).item<bool>()) << where;
+            }
           ForceKernelIsa(KernelIsa::kAuto);
+          ForcePrefillBf16Kernel(PrefillBf16Kernel::kAuto);
         }
       }
     }

@@ -172,7 +172,10 @@ TEST_P(SharedForwardTest, EveryShapeGetsItsOwnLogits) {
     const int64_t teams = TeamRuns();
     EXPECT_LT(RunMixedBatch(*s, nullptr), 1e-5);
     EXPECT_GT(TeamRuns(), teams) << "no shared decode step ran as one team";
-    EXPECT_LT(RunMixedBatch(*s, smol.get()), 1e-5);
+    // Unmerged adapters add fp32 low-rank deltas through libtorch's GEMM, whose blocking (and
+    // so rounding) follows the number of rows on some CPUs (OpenBLAS's SkylakeX kernels: 1.2e-5
+    // on a Sapphire Rapids Xeon).
+    EXPECT_LT(RunMixedBatch(*s, smol.get()), 5e-5);
   }
   ForceQuantKernel(QuantKernel::kAuto);
   ForceKernelIsa(KernelIsa::kAuto);

@@ -281,6 +281,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
         a.scale = scale;
         a.out = att + row * qdim;
         a.out_stride = qdim;
+        a.bf16 = options_.bf16_prefill_attention;
         PrefillAttention(a, *io.prefill_scores);
       }
       row += T;

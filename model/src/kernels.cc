@@ -1,7 +1,10 @@
 #include "model/kernels.h"
 
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -9,8 +12,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "simd.h"
 #include "model/team.h"
+#include "simd.h"
 
 namespace amoeba {
 
@@ -312,6 +315,25 @@ std::atomic<int> g_forced_isa{static_cast<int>(KernelIsa::kAuto)};
 bool CpuHasAvx512() {
   static const bool has = CpuHasAvx2Fma() && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+
+bool CpuHasAvx512Bf16() {
+  static const bool has = CpuHasAvx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+bool CpuHasAmxBf16() {
+  static const bool has = [] {
+    if (!CpuHasAvx512Bf16()) return false;
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool bf16 = (edx >> 22) & 1, tile = (edx >> 24) & 1;
+    if (!bf16 || !tile) return false;
+    // Linux hands out the tile state per process on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
   return has;
 }
 

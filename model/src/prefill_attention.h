@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "model/kernels.h"
+
 namespace amoeba {
 
 inline constexpr int64_t kPrefillQueryBlock = 64;
@@ -29,7 +31,12 @@ struct PrefillAttentionArgs {
   float scale = 1.f;
   float* out = nullptr;  // [T, out_stride], laid out as q
   int64_t out_stride = 0;
+  // Both products from bf16 inputs with fp32 sums where a bf16 kernel runs (below); the softmax
+  // and the output stay fp32. Else fp32 throughout.
+  bool bf16 = false;
 };
+
+// The bf16 kernels and their choice: model/kernels.h (PrefillBf16Kernel).
 
 // `scratch` is grown to what the call needs (threads × block × keys floats) and kept.
 void PrefillAttention(const PrefillAttentionArgs& a, at::Tensor& scratch);

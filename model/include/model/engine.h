@@ -51,6 +51,11 @@ struct EngineOptions {
   // no low-rank deltas) in one parallel region with spin barriers between the kernels
   // (model/team.h); false: one region per kernel call. The results are the same bits.
   bool one_region_decode = true;
+  // Prefill attention (runs longer than kTokenByTokenAttentionMax tokens) takes bf16 inputs to its
+  // two products, with fp32 sums, softmax and output, where the CPU has AVX512-BF16 (Zen 4+,
+  // Sapphire Rapids+): about twice their rate, which long prompts need. Logits then differ from an
+  // fp32 prefill's at bf16's rounding scale. false: fp32 throughout, as decode steps are.
+  bool bf16_prefill_attention = true;
 };
 
 class Engine;

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace amoeba {
 
@@ -44,6 +45,10 @@ void FloatToHalf(const float* x, at::Half* y, int64_t n);
 // True when the CPU has AVX2, FMA and F16C (the fast paths are used).
 bool CpuHasAvx2Fma();
 bool CpuHasAvx512();
+// AVX512-BF16 (vdpbf16ps): Zen 4 and later, Cooper Lake and Sapphire Rapids and later.
+bool CpuHasAvx512Bf16();
+// AMX tiles with bf16 products (Sapphire Rapids and later) and Linux's permission to use them.
+bool CpuHasAmxBf16();
 
 // Instruction sets of the skinny-GEMM path, best last. kAuto = the best this CPU has.
 enum class KernelIsa { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -51,5 +56,17 @@ enum class KernelIsa { kAuto = -1, kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 void ForceKernelIsa(KernelIsa isa);
 KernelIsa ActiveKernelIsa();
 const char* KernelIsaName(KernelIsa isa);
+
+// Prefill attention's bf16 kernels (EngineOptions::bf16_prefill_attention). kAuto: AMX-BF16 tiles
+// where the CPU has them (head dimensions 32, 64, 128), else none (fp32). kAvx512Bf16 (vdpbf16ps)
+// ran slower than the fp32 kernel on a Sapphire Rapids Xeon; it runs only when forced (tests,
+// bench/prefill), for the CPUs where it may pay.
+enum class PrefillBf16Kernel { kAuto = -1, kNone = 0, kAvx512Bf16 = 1, kAmxBf16 = 2 };
+// kNone and the kernels this CPU runs.
+std::vector<PrefillBf16Kernel> AvailablePrefillBf16Kernels();
+// Picks the kernel (kAuto = the default above); one the CPU lacks falls back to fp32.
+void ForcePrefillBf16Kernel(PrefillBf16Kernel kernel);
+PrefillBf16Kernel ActivePrefillBf16Kernel(int64_t head_dim);
+const char* PrefillBf16KernelName(PrefillBf16Kernel kernel);
 
 }  // namespace amoeba
