@@ -51,40 +51,55 @@ q export --supernet sp-super --shape depth=3,width=0.75 --uniform-width --format
   --out sp-llama-f16.gguf
 exports+=(bpe-full-f16 sp-deci-f16 sp-llama-f16)
 
-passed=0
-failed=0
+# Amoeba's greedy tokens for every (export, prompt), then llama.cpp's for all of them in one node
+# process (loading its bindings costs more than a tiny model's decode).
+prompts=("The meaning of life is" "Once upon a time" "Q: Why?")
+: > ours.jsonl
 for e in "${exports[@]}"; do
-  for prompt in "The meaning of life is" "Once upon a time" "Q: Why?"; do
-    ours=$("$admin" generate --model "$e.gguf" --json -n 16 --temperature 0 --threads 2 \
-      "$prompt" 2> "$work/log") || { cat "$work/log"; exit 1; }
-    ids=$(python3 -c 'import json,sys; print(json.dumps(json.loads(sys.argv[1])["prompt_ids"]))' "$ours")
-    theirs=$(cd "$node_dir" && node greedy.mjs "$work/$e.gguf" "$ids" 16 2> "$work/log") ||
-      { echo "FAIL: llama.cpp could not run $e.gguf:"; cat "$work/log"; failed=$((failed + 1)); continue; }
-    if python3 - "$ours" "$theirs" "$e" <<'EOF'; then
-import json, sys
-a, b, name = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-# llama.cpp stops at an end-of-generation token without returning it; Amoeba returns EOS.
-ours = a["tokens"][:len(b["tokens"])] if a["finish_reason"] == "eos" else a["tokens"]
-theirs = b["tokens"]
-if ours == theirs and theirs:
-    sys.exit(0)
-# The first difference may only be a near-tie: Amoeba's top-1 and top-2 logits closer there than
-# the two engines' rounding (activations quantized per block in q8_0/q4_0, fp16 products).
-i = next((k for k in range(min(len(ours), len(theirs))) if ours[k] != theirs[k]), None)
-tie = 0.02 if "-f16" in name else 0.05
-if i is not None and a["margins"][i] < tie:
-    print(f"  {name}: same {i} tokens, then a near-tie (margin {a['margins'][i]:.4f} < {tie})")
-    sys.exit(0)
-sys.exit(1)
-EOF
-      passed=$((passed + 1))
-    else
-      echo "FAIL: $e '$prompt': Amoeba $ours"
-      echo "      llama.cpp $theirs"
-      failed=$((failed + 1))
-    fi
+  for prompt in "${prompts[@]}"; do
+    "$admin" generate --model "$e.gguf" --json -n 16 --temperature 0 --threads 2 "$prompt" \
+      > one.json 2> "$work/log" || { cat "$work/log"; exit 1; }
+    python3 -c 'import json,sys; d=json.load(open("one.json")); d["export"]=sys.argv[1]; d["prompt"]=sys.argv[2]; print(json.dumps(d))' \
+      "$e" "$prompt" >> ours.jsonl
   done
-  echo "checked $e.gguf"
 done
-echo "$passed passed, $failed failed"
-[ "$failed" = 0 ]
+python3 -c '
+import json, sys
+jobs = [{"model": sys.argv[1] + "/" + d["export"] + ".gguf", "prompt": d["prompt_ids"], "n": 16}
+        for d in map(json.loads, open("ours.jsonl"))]
+json.dump(jobs, open("jobs.json", "w"))' "$work"
+(cd "$node_dir" && node greedy.mjs "$work/jobs.json" > "$work/theirs.json" 2> "$work/log") ||
+  { echo "FAIL: llama.cpp did not run:"; cat "$work/log"; echo "0 passed, 1 failed"; exit 1; }
+python3 - <<'EOF'
+import json
+ours = [json.loads(line) for line in open("ours.jsonl")]
+theirs = json.load(open("theirs.json"))
+passed = failed = 0
+for a, b in zip(ours, theirs):
+    name, prompt = a["export"], a["prompt"]
+    if "error" in b:
+        print(f"FAIL: llama.cpp could not run {name}.gguf: {b['error']}")
+        failed += 1
+        continue
+    # llama.cpp stops at an end-of-generation token without returning it; Amoeba returns EOS.
+    mine = a["tokens"][:len(b["tokens"])] if a["finish_reason"] == "eos" else a["tokens"]
+    if mine == b["tokens"] and b["tokens"]:
+        passed += 1
+        continue
+    # The first difference may only be a near-tie: Amoeba's top-1 and top-2 logits closer there
+    # than the two engines' rounding (activations quantized per block in q8_0/q4_0, fp16 products).
+    i = next((k for k in range(min(len(mine), len(b["tokens"]))) if mine[k] != b["tokens"][k]), None)
+    tie = 0.02 if "-f16" in name else 0.05
+    if i is not None and a["margins"][i] < tie:
+        print(f"  {name}: same {i} tokens, then a near-tie (margin {a['margins'][i]:.4f} < {tie})")
+        passed += 1
+        continue
+    print(f"FAIL: {name} {prompt!r}: Amoeba {a['tokens']}\n      llama.cpp {b['tokens']}")
+    failed += 1
+if len(theirs) != len(ours):
+    print(f"FAIL: llama.cpp answered {len(theirs)} of {len(ours)} jobs")
+    failed += 1
+print(f"checked {len(ours)} decodes of {len({a['export'] for a in ours})} GGUF files")
+print(f"{passed} passed, {failed} failed")
+raise SystemExit(1 if failed else 0)
+EOF

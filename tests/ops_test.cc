@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <ctime>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "model/kernels.h"
 #include "model/packed_linear.h"
@@ -630,6 +633,45 @@ TEST(TeamTest, AnExceptionOnOneThreadReachesTheCaller) {
   auto serial_throw = [&] { Serially([] { TORCH_CHECK(false, "serial part failed"); }); };
   EXPECT_THROW(RunInTeam(serial_throw), c10::Error);
   EXPECT_EQ(CurrentTeam(), nullptr);
+  at::set_num_threads(threads);
+}
+
+// A member that waits long at a barrier (the other is late: descheduled, or slow) stops spinning
+// and sleeps: its CPU time over a 60 ms wait stays far below 60 ms, and the barrier still
+// releases it. A member that throws while the other sleeps in the barrier wakes it.
+TEST(TeamTest, ALongWaitAtABarrierSleepsInsteadOfSpinning) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));
+  auto thread_cpu_ms = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
+  };
+  std::atomic<double> waiter_cpu_ms{-1};
+  auto late = [&] {
+    Team* t = CurrentTeam();
+    if (t->tid() == 1) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    } else {
+      const double before = thread_cpu_ms();
+      t->Barrier();
+      waiter_cpu_ms = thread_cpu_ms() - before;
+      return;
+    }
+    t->Barrier();
+  };
+  RunInTeam(late);
+  EXPECT_GE(waiter_cpu_ms.load(), 0.0);
+  EXPECT_LT(waiter_cpu_ms.load(), 20.0) << "the waiting member spun through the wait";
+  auto late_throw = [&] {
+    Team* t = CurrentTeam();
+    if (t->tid() == 1) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      throw std::runtime_error("late member failed");
+    }
+    t->Barrier();
+  };
+  EXPECT_THROW(RunInTeam(late_throw), std::runtime_error);
   at::set_num_threads(threads);
 }
 

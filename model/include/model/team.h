@@ -1,9 +1,10 @@
 // One parallel region for a whole pass (a decode step) instead of one per kernel call: the
 // threads of the region form a Team; the parallel helpers below split work by the team and end
-// with a spin barrier, serial work runs on the team's first thread between barriers. Outside a
-// team the same helpers open an OpenMP region each (at::parallel_for), so callers are written
-// once for both. A decode step of a small model makes ~60 kernel calls of 10-60 µs; a fork/join
-// and the end-of-region wait cost several µs each (bench/README, bench/decode).
+// with a barrier (a spin, then a futex sleep if a member is late), serial work runs on the team's
+// first thread between barriers. Outside a team the same helpers open an OpenMP region each
+// (at::parallel_for), so callers are written once for both. A decode step of a small model makes
+// ~60 kernel calls of 10-60 µs; a fork/join and the end-of-region wait cost several µs each
+// (bench/README, bench/decode).
 #pragma once
 #include <ATen/Parallel.h>
 
