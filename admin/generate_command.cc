@@ -34,6 +34,7 @@ struct GenerateFlags {
   bool json = false;  // one JSON line (prompt ids, generated ids, text) instead of streamed text
   std::string weights_dtype = "f32";
   std::string kv_dtype = "f32";
+  std::string prefill_attention = "auto";  // EngineOptions::bf16_prefill_attention
 };
 
 absl::Status RunGenerate(const GenerateFlags& f) {
@@ -55,6 +56,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   eo.max_len = std::min<int64_t>(f.max_len, m.config.max_position_embeddings);
   eo.linear_path = f.baseline ? LinearPath::kTorch : LinearPath::kAuto;
   eo.kv_dtype = f.kv_dtype == "f16" ? at::kHalf : at::kFloat;
+  eo.bf16_prefill_attention = f.prefill_attention == "auto";
   auto format = ParseWeightFormat(f.weights_dtype);
   if (!format.ok())
     return absl::InvalidArgumentError(absl::StrCat("--", format.status().message()));
@@ -151,6 +153,10 @@ Runner AddGenerateCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--kv-dtype", f->kv_dtype, "KV cache: f32 | f16 (half the memory)")
       ->check(CLI::IsMember({"f32", "f16"}))
+      ->capture_default_str();
+  cmd->add_option("--prefill-attention", f->prefill_attention,
+                  "auto (bf16 products on AMX tiles where the CPU has them) | fp32")
+      ->check(CLI::IsMember({"auto", "fp32"}))
       ->capture_default_str();
   return [f]() {
     absl::Status st = RunGenerate(*f);

@@ -35,6 +35,13 @@ check "a flag beats the file" test "$(value queue-size "$work/d.toml")" = 11
 check "the file beats the environment" test "$(value port "$work/d.toml")" = 7
 check "the environment beats the default" test "$(value prefill-chunk "$work/d.toml")" = 5
 
+"$server" --supernet /x --prefill-attention fp32 --print-config > "$work/p.toml"
+check "prefill attention can be asked to stay fp32" \
+  test "$(value prefill-attention "$work/p.toml")" = '"fp32"'
+"$server" --supernet /x --prefill-attention bf17 --print-config > "$work/out" 2>&1
+check "a prefill attention that does not exist is exit 2, named" \
+  test $? = 2 -a -n "$(grep -i 'prefill-attention' "$work/out")"
+
 printf 'supernet = "/y"\nbogus = 1\n' > "$work/e.toml"
 "$server" --config "$work/e.toml" --print-config > "$work/out" 2>&1
 check "an unknown key is exit 2" test $? = 2

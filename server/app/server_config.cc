@@ -117,6 +117,10 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   Flag(app, "kv-dtype", c.kv_dtype,
        "f32 | f16 (KV cache: half the memory and attention reads, K/V rounded)")
       ->check(CLI::IsMember({"f32", "f16"}));
+  Flag(app, "prefill-attention", c.prefill_attention,
+       "auto (bf16 products on AMX tiles where the CPU has them: long prompts ~2x faster, logits "
+       "at bf16's rounding) | fp32")
+      ->check(CLI::IsMember({"auto", "fp32"}));
 
   // Speculative decoding.
   Flag(app, "speculate", c.service.speculate,
@@ -208,6 +212,7 @@ absl::Status FinishServerConfig(ServerConfig& c) {
   c.service.limits.max_prompt_tokens =
       std::min(c.service.limits.max_prompt_tokens, c.scheduler.max_context - 1);
   c.scheduler.kv_dtype = c.kv_dtype == "f16" ? at::kHalf : at::kFloat;
+  c.scheduler.bf16_prefill_attention = c.prefill_attention == "auto";
   c.scheduler.cache_bytes = c.cache_mb << 20;
   c.scheduler.prompt_cache_bytes = c.prompt_cache_mb << 20;
   if (!c.scheduler.prompt_cache_dir.empty()) {

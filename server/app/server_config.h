@@ -16,10 +16,11 @@
 namespace amoeba {
 
 struct ServerConfig {
-  std::string supernet;          // required
-  int threads = 0;               // compute threads (0 = all cores)
-  bool profile = true;           // measure every shape's decode latency at start-up
-  std::string kv_dtype = "f32";  // SchedulerOptions::kv_dtype
+  std::string supernet;                    // required
+  int threads = 0;                         // compute threads (0 = all cores)
+  bool profile = true;                     // measure every shape's decode latency at start-up
+  std::string kv_dtype = "f32";            // SchedulerOptions::kv_dtype
+  std::string prefill_attention = "auto";  // SchedulerOptions::bf16_prefill_attention (auto)
   // SchedulerOptions::weights_format and draft_format ("" = none), by name.
   std::string weights_dtype = WeightFormatName(SchedulerOptions{}.weights_format);
   std::string draft_weights_dtype;

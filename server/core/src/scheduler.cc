@@ -127,6 +127,7 @@ std::unique_ptr<Engine> Scheduler::NewEngine(std::shared_ptr<const Model> model)
   eo.max_len = opt_.max_context;
   eo.workspace = workspace_;  // one worker thread: all lanes share the activations
   eo.kv_dtype = opt_.kv_dtype;
+  eo.bf16_prefill_attention = opt_.bf16_prefill_attention;
   return std::make_unique<Engine>(std::move(model), eo);
 }
 

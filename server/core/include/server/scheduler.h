@@ -73,6 +73,7 @@ struct SchedulerOptions {
   // only proposes: the output stays the target's whatever the draft reads.
   std::optional<WeightFormat> draft_format;
   at::ScalarType kv_dtype = at::kFloat;  // KV cache storage (kHalf: half the memory)
+  bool bf16_prefill_attention = true;    // EngineOptions::bf16_prefill_attention
   // Prompt cache (model/prefix_cache.h): the KV of prompt prefixes and finished conversations,
   // per shape, in blocks of prompt_cache_block tokens; a request of that shape restores the
   // longest cached prefix of its prompt and prefills only the rest. A request whose prompt shares
