@@ -323,17 +323,23 @@ bool CpuHasAvx512Bf16() {
   return has;
 }
 
-bool CpuHasAmxBf16() {
-  static const bool has = [] {
-    if (!CpuHasAvx512Bf16()) return false;
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool bf16 = (edx >> 22) & 1, tile = (edx >> 24) & 1;
-    if (!bf16 || !tile) return false;
-    // Linux hands out the tile state per process on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+bool CpuHasAmx(AmxExtension extension) {
+  static const unsigned edx = [] {
+    unsigned eax, ebx, ecx, edx = 0;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) ? edx : 0u;
+  }();
+  // The tiles, and Linux's permission to use their state: it hands it out per process on request
+  // (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once.
+  static const bool tiles = [] {
+    if (!((edx >> 24) & 1)) return false;  // AMX-TILE
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
+  return tiles && ((edx >> static_cast<int>(extension)) & 1);
+}
+
+bool CpuHasAmxBf16() {
+  static const bool has = CpuHasAvx512Bf16() && CpuHasAmx(AmxExtension::kBf16);
   return has;
 }
 

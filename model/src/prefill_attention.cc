@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "model/kernels.h"
 #include "simd.h"
@@ -194,44 +195,46 @@ AMOEBA_AVX512 void ValueTile(const float* p, int64_t lds, const float* v, int64_
 template <int NV>
 inline constexpr int kValueRows = NV >= 8 ? 3 : 6;
 
-template <int NV>
-AMOEBA_AVX512 void ValueRows(int rows, const float* p, int64_t lds, const float* v, int64_t keys,
-                             float* o, int64_t o_stride) {
+// f(std::integral_constant<int, rows>{}) for a register tile of 1..kMax rows (kMax <= 6): the
+// tile kernels take their row count as a template argument.
+template <int kMax, typename F>
+inline void WithRows(int rows, F&& f) {
+  static_assert(kMax >= 1 && kMax <= 6);
   switch (rows) {
     case 1:
-      return ValueTile<1, NV>(p, lds, v, keys, o, o_stride);
+      return f(std::integral_constant<int, 1>{});
     case 2:
-      return ValueTile<2, NV>(p, lds, v, keys, o, o_stride);
+      if constexpr (kMax >= 2) return f(std::integral_constant<int, 2>{});
+      break;
     case 3:
-      return ValueTile<3, NV>(p, lds, v, keys, o, o_stride);
+      if constexpr (kMax >= 3) return f(std::integral_constant<int, 3>{});
+      break;
     case 4:
-      if constexpr (kValueRows<NV> >= 4) return ValueTile<4, NV>(p, lds, v, keys, o, o_stride);
+      if constexpr (kMax >= 4) return f(std::integral_constant<int, 4>{});
       break;
     case 5:
-      if constexpr (kValueRows<NV> >= 5) return ValueTile<5, NV>(p, lds, v, keys, o, o_stride);
+      if constexpr (kMax >= 5) return f(std::integral_constant<int, 5>{});
       break;
     case 6:
-      if constexpr (kValueRows<NV> >= 6) return ValueTile<6, NV>(p, lds, v, keys, o, o_stride);
+      if constexpr (kMax >= 6) return f(std::integral_constant<int, 6>{});
       break;
   }
 }
 
+// The dispatchers and their lambdas carry the kernels' target, so the tiles inline into them.
+template <int NV>
+AMOEBA_AVX512 void ValueRows(int rows, const float* p, int64_t lds, const float* v, int64_t keys,
+                             float* o, int64_t o_stride) {
+  WithRows<kValueRows<NV>>(rows, [&](auto r) AMOEBA_AVX512 {
+    ValueTile<decltype(r)::value, NV>(p, lds, v, keys, o, o_stride);
+  });
+}
+
 AMOEBA_AVX512 void ScoreRows(int rows, const float* q, int64_t q_stride, const float* kt,
                              int64_t ldk, int64_t hd, float* s, int64_t lds) {
-  switch (rows) {
-    case 1:
-      return ScoreTile<1>(q, q_stride, kt, ldk, hd, s, lds);
-    case 2:
-      return ScoreTile<2>(q, q_stride, kt, ldk, hd, s, lds);
-    case 3:
-      return ScoreTile<3>(q, q_stride, kt, ldk, hd, s, lds);
-    case 4:
-      return ScoreTile<4>(q, q_stride, kt, ldk, hd, s, lds);
-    case 5:
-      return ScoreTile<5>(q, q_stride, kt, ldk, hd, s, lds);
-    case 6:
-      return ScoreTile<6>(q, q_stride, kt, ldk, hd, s, lds);
-  }
+  WithRows<6>(rows, [&](auto r) AMOEBA_AVX512 {
+    ScoreTile<decltype(r)::value>(q, q_stride, kt, ldk, hd, s, lds);
+  });
 }
 
 // One query head's block of `rows` queries (row i sees `first_len + i` keys): scores chunk by
@@ -472,44 +475,16 @@ AMOEBA_AVX512_BF16 void ValueTileBf16(const uint32_t* p, int64_t ldp, const uint
 template <int NV>
 AMOEBA_AVX512_BF16 void ValueRowsBf16(int rows, const uint32_t* p, int64_t ldp, const uint16_t* vp,
                                       int64_t pairs, float* o, int64_t o_stride) {
-  switch (rows) {
-    case 1:
-      return ValueTileBf16<1, NV>(p, ldp, vp, pairs, o, o_stride);
-    case 2:
-      return ValueTileBf16<2, NV>(p, ldp, vp, pairs, o, o_stride);
-    case 3:
-      return ValueTileBf16<3, NV>(p, ldp, vp, pairs, o, o_stride);
-    case 4:
-      if constexpr (kValueRows<NV> >= 4)
-        return ValueTileBf16<4, NV>(p, ldp, vp, pairs, o, o_stride);
-      break;
-    case 5:
-      if constexpr (kValueRows<NV> >= 5)
-        return ValueTileBf16<5, NV>(p, ldp, vp, pairs, o, o_stride);
-      break;
-    case 6:
-      if constexpr (kValueRows<NV> >= 6)
-        return ValueTileBf16<6, NV>(p, ldp, vp, pairs, o, o_stride);
-      break;
-  }
+  WithRows<kValueRows<NV>>(rows, [&](auto r) AMOEBA_AVX512_BF16 {
+    ValueTileBf16<decltype(r)::value, NV>(p, ldp, vp, pairs, o, o_stride);
+  });
 }
 
 AMOEBA_AVX512_BF16 void ScoreRowsBf16(int rows, const uint32_t* q, int64_t qld, const uint16_t* kp,
                                       int64_t ldk, int64_t pairs, float* s, int64_t lds) {
-  switch (rows) {
-    case 1:
-      return ScoreTileBf16<1>(q, qld, kp, ldk, pairs, s, lds);
-    case 2:
-      return ScoreTileBf16<2>(q, qld, kp, ldk, pairs, s, lds);
-    case 3:
-      return ScoreTileBf16<3>(q, qld, kp, ldk, pairs, s, lds);
-    case 4:
-      return ScoreTileBf16<4>(q, qld, kp, ldk, pairs, s, lds);
-    case 5:
-      return ScoreTileBf16<5>(q, qld, kp, ldk, pairs, s, lds);
-    case 6:
-      return ScoreTileBf16<6>(q, qld, kp, ldk, pairs, s, lds);
-  }
+  WithRows<6>(rows, [&](auto r) AMOEBA_AVX512_BF16 {
+    ScoreTileBf16<decltype(r)::value>(q, qld, kp, ldk, pairs, s, lds);
+  });
 }
 
 // Per-thread working memory of the bf16 kernels.

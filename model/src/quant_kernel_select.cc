@@ -1,15 +1,11 @@
 // Which integer kernel runs: the CPU's features (AMX asks Linux for the tile state), a forced
 // choice for tests and benches, and their names.
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <atomic>
 #include <vector>
 
 #include "model/kernels.h"
-#include "quantized_block.h"
 #include "model/quantized_panels.h"
+#include "quantized_block.h"
 
 namespace amoeba {
 namespace quant {
@@ -24,18 +20,10 @@ bool CpuHasAvxVnni() {
   return has;
 }
 
-// AMX-int8 needs the CPU's tiles and the kernel's permission to use their state (Linux asks
-// for it per process: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+// AMX-int8 (the tiles and Linux's permission to use them: model/kernels.h) and AVX512-VNNI,
+// which the AMX kernel uses for rows that do not fill a tile.
 bool CpuHasAmxInt8() {
-  static const bool has = [] {
-    if (!CpuHasAvx512Vnni()) return false;
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
-    if (!tile || !int8) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
+  static const bool has = CpuHasAvx512Vnni() && CpuHasAmx(AmxExtension::kInt8);
   return has;
 }
 

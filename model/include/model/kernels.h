@@ -47,7 +47,10 @@ bool CpuHasAvx2Fma();
 bool CpuHasAvx512();
 // AVX512-BF16 (vdpbf16ps): Zen 4 and later, Cooper Lake and Sapphire Rapids and later.
 bool CpuHasAvx512Bf16();
-// AMX tiles with bf16 products (Sapphire Rapids and later) and Linux's permission to use them.
+// AMX tiles (Sapphire Rapids and later) with an extension, and Linux's permission to use them.
+enum class AmxExtension { kBf16 = 22, kInt8 = 25 };  // their CPUID.(7,0):EDX bits
+bool CpuHasAmx(AmxExtension extension);
+// AMX-BF16 and AVX512-BF16 (the bf16 attention kernels use both).
 bool CpuHasAmxBf16();
 
 // Instruction sets of the skinny-GEMM path, best last. kAuto = the best this CPU has.
