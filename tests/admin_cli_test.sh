@@ -19,6 +19,9 @@ out2=$("$ADMIN" generate --model "$dir/m" -n 8 --seed 1 --temperature 0.7 "Hello
 # fp16 weights and an fp16 KV cache run too (greedy, a few tokens).
 "$ADMIN" generate --model "$dir/m" -n 6 --weights-dtype f16 --kv-dtype f16 "Hello" >/dev/null 2>"$dir/err16" \
   || fail "generate with f16 weights and KV cache: $(cat "$dir/err16")"
+# Prefill attention in fp32 on request (bf16 on AMX tiles by default where the CPU has them).
+"$ADMIN" generate --model "$dir/m" -n 6 --prefill-attention fp32 "Hello" >/dev/null 2>"$dir/errp" \
+  || fail "generate with fp32 prefill attention: $(cat "$dir/errp")"
 # The block formats too.
 for q in q8_0 q4_0; do
   "$ADMIN" generate --model "$dir/m" -n 6 --weights-dtype $q "Hello" >/dev/null 2>"$dir/errq" \
@@ -36,6 +39,7 @@ expect_2 "bad top-p" "$ADMIN" generate --model "$dir/m" --top-p 1.5 "x"
 expect_2 "negative temperature" "$ADMIN" generate --model "$dir/m" --temperature -1 "x"
 expect_2 "unknown flag" "$ADMIN" generate --model "$dir/m" --bogus "x"
 expect_2 "bad KV dtype" "$ADMIN" generate --model "$dir/m" --kv-dtype f8 "x"
+expect_2 "bad prefill attention" "$ADMIN" generate --model "$dir/m" --prefill-attention bf8 "x"
 expect_2 "bad weights dtype" "$ADMIN" generate --model "$dir/m" --weights-dtype q3_k "x"
 grep -q "q8_0" "$dir/o" || fail "message should list the weights dtypes: $(cat "$dir/o")"
 expect_2 "quantized baseline" "$ADMIN" generate --model "$dir/m" --weights-dtype q8_0 --baseline "x"
