@@ -108,19 +108,23 @@ int Run(const Options& o) {
 
   // Rows: (attention mode, length), mode-major.
   const size_t nl = o.lengths.size(), nrows = o.attention.size() * nl;
-  for (size_t a = 0; a < engines.size(); ++a) {  // warm-up
+  // What bf16 runs when not forced (read before any mode forces a kernel).
+  const char* auto_kernel = PrefillBf16KernelName(ActivePrefillBf16Kernel(model->config.head_dim));
+  // The engine option picks bf16 or fp32; avx512-bf16 also forces the process-wide kernel.
+  auto select_kernel = [&](size_t a) {
     ForcePrefillBf16Kernel(o.attention[a] == "avx512-bf16" ? PrefillBf16Kernel::kAvx512Bf16
                                                            : PrefillBf16Kernel::kAuto);
+  };
+  for (size_t a = 0; a < engines.size(); ++a) {  // warm-up
+    select_kernel(a);
     for (int len : o.lengths) (void)PrefillSeconds(*engines[a], cache, len, o.chunk);
   }
-  const char* auto_kernel = PrefillBf16KernelName(ActivePrefillBf16Kernel(model->config.head_dim));
   std::vector<std::vector<double>> rates(nrows);
   std::vector<StepProfile> split(nrows);
   for (int r = 0; r < o.rounds; ++r)
     for (size_t i = 0; i < nl; ++i)
       for (size_t a = 0; a < engines.size(); ++a) {
-        ForcePrefillBf16Kernel(o.attention[a] == "avx512-bf16" ? PrefillBf16Kernel::kAvx512Bf16
-                                                               : PrefillBf16Kernel::kAuto);
+        select_kernel(a);
         rates[a * nl + i].push_back(o.lengths[i] / PrefillSeconds(*engines[a], cache, o.lengths[i],
                                                                   o.chunk, &split[a * nl + i]));
       }

@@ -237,6 +237,18 @@ AMOEBA_AVX512 void ScoreRows(int rows, const float* q, int64_t q_stride, const f
   });
 }
 
+// o_r = src_r · inv_sum[r] for `rows` rows of hd values: the softmax's normalization, once per
+// output value instead of once per key (src may be o).
+AMOEBA_AVX512 void NormalizeRows(const float* src, int64_t src_stride, const float* inv_sum,
+                                 int64_t rows, int64_t hd, float* o, int64_t o_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(inv_sum[r]);
+    for (int64_t c = 0; c < hd; c += 16)
+      _mm512_storeu_ps(o + r * o_stride + c,
+                       _mm512_mul_ps(_mm512_loadu_ps(src + r * src_stride + c), inv));
+  }
+}
+
 // One query head's block of `rows` queries (row i sees `first_len + i` keys): scores chunk by
 // chunk of keys across all row tiles (a K^T chunk stays in L1 while every tile uses it), the
 // row softmax, then the values chunk by chunk into the output rows.
@@ -269,50 +281,62 @@ AMOEBA_AVX512 void AttendBlockAvx512(const float* q, int64_t q_stride, const flo
       ValueRows<NV>(static_cast<int>(n), S + r0 * ldk + j0, ldk, v + j0 * hd,
                     std::min(kKeyChunk, tile_len - j0), o + r0 * o_stride, o_stride);
     }
-  // The softmax's normalization, once per output value instead of once per key.
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(inv_sum[r]);
-    for (int64_t c = 0; c < hd; c += 16)
-      _mm512_storeu_ps(o + r * o_stride + c,
-                       _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + c), inv));
-  }
-}
-
-void AttendBlock(int64_t hd, const float* q, int64_t q_stride, const float* kt, int64_t ldk,
-                 const float* v, int64_t rows, int64_t first_len, float scale, float* S, float* o,
-                 int64_t o_stride) {
-  switch (hd) {
-    case 16:
-      return AttendBlockAvx512<1>(q, q_stride, kt, ldk, v, rows, first_len, scale, S, o, o_stride);
-    case 32:
-      return AttendBlockAvx512<2>(q, q_stride, kt, ldk, v, rows, first_len, scale, S, o, o_stride);
-    case 64:
-      return AttendBlockAvx512<4>(q, q_stride, kt, ldk, v, rows, first_len, scale, S, o, o_stride);
-    case 128:
-      return AttendBlockAvx512<8>(q, q_stride, kt, ldk, v, rows, first_len, scale, S, o, o_stride);
-  }
+  NormalizeRows(o, o_stride, inv_sum, rows, hd, o, o_stride);
 }
 
 bool BlockedKernelFits(int64_t hd) {
   return hd == 16 || hd == 32 || hd == 64 || hd == 128;
 }
 
+// f(std::integral_constant<int, hd / 16>{}) for the head dimensions the blocked kernels take
+// (BlockedKernelFits): they hold a row of a head in hd / 16 vectors.
+template <typename F>
+void WithHeadVectors(int64_t hd, F&& f) {
+  switch (hd) {
+    case 16:
+      return f(std::integral_constant<int, 1>{});
+    case 32:
+      return f(std::integral_constant<int, 2>{});
+    case 64:
+      return f(std::integral_constant<int, 4>{});
+    case 128:
+      return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// (KV head, query block) tasks from a shared counter, the blocks that see the most keys first:
+// causal blocks differ in cost, so a static split would leave a thread idle.
+// fn(worker, kv_head, first_row, rows) for each, on `threads` workers.
+template <typename F>
+void ForEachBlockTask(const PrefillAttentionArgs& a, int threads, F&& fn) {
+  const int64_t B = kPrefillQueryBlock, blocks = (a.T + B - 1) / B, tasks = blocks * a.kv_heads;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+        const int64_t t0 = (blocks - 1 - t / a.kv_heads) * B;
+        fn(w, t % a.kv_heads, t0, std::min(B, a.T - t0));
+      }
+  });
+}
+
+// Working memory grown to `need` floats, by half again at least: a chunked prefill asks for a
+// little more at every call, and a fresh buffer each time would page-fault its whole size in.
+void GrowScratch(at::Tensor& scratch, int64_t need) {
+  if (!scratch.defined() || scratch.numel() < need)
+    scratch =
+        at::empty({std::max(need, scratch.defined() ? scratch.numel() * 3 / 2 : 0)}, at::kFloat);
+}
+
 void PrefillAttentionAvx512(const PrefillAttentionArgs& a, at::Tensor& scratch) {
   const int64_t hd = a.head_dim, B = kPrefillQueryBlock;
-  const int64_t blocks = (a.T + B - 1) / B;
-  const int64_t tasks = blocks * a.kv_heads;
   const int64_t L = a.p0 + a.T;
   // K^T rows a whole number of key chunks long, plus one cache line: rows 4 KB apart would all
   // fall in the same L1 sets, and a score tile reads 64 of them.
   const int64_t ldk = (L + kKeyChunk - 1) / kKeyChunk * kKeyChunk + 16;
   const int threads = std::max(1, at::get_num_threads());
   const int64_t keys_size = a.kv_heads * hd * ldk, per_thread = B * ldk;
-  const int64_t need = keys_size + threads * per_thread;
-  // Grown by half again at least: a chunked prefill asks for a little more at every call, and a
-  // fresh buffer each time would page-fault its whole size in.
-  if (!scratch.defined() || scratch.numel() < need)
-    scratch =
-        at::empty({std::max(need, scratch.defined() ? scratch.numel() * 3 / 2 : 0)}, at::kFloat);
+  GrowScratch(scratch, keys_size + threads * per_thread);
   float* kt = scratch.data_ptr<float>();
   float* buffers = kt + keys_size;
   // K^T once per KV head, shared by every query block and query head of its group.
@@ -320,20 +344,16 @@ void PrefillAttentionAvx512(const PrefillAttentionArgs& a, at::Tensor& scratch) 
     for (int64_t h = begin; h < end; ++h)
       TransposeKeys(a.k + h * a.kv_head_stride, L, hd, ldk, kt + h * hd * ldk);
   });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      float* S = buffers + w * per_thread;
-      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-        const int64_t block = blocks - 1 - t / a.kv_heads, kvh = t % a.kv_heads;
-        const int64_t t0 = block * B, rows = std::min(B, a.T - t0);
-        for (int64_t g = 0; g < a.group; ++g) {
-          const int64_t qh = kvh * a.group + g;
-          AttendBlock(hd, a.q + t0 * a.q_stride + qh * hd, a.q_stride, kt + kvh * hd * ldk, ldk,
-                      a.v + kvh * a.kv_head_stride, rows, a.p0 + t0 + 1, a.scale, S,
-                      a.out + t0 * a.out_stride + qh * hd, a.out_stride);
-        }
-      }
+  ForEachBlockTask(a, threads, [&](int64_t w, int64_t kvh, int64_t t0, int64_t rows) {
+    float* S = buffers + w * per_thread;
+    for (int64_t g = 0; g < a.group; ++g) {
+      const int64_t qh = kvh * a.group + g;
+      WithHeadVectors(hd, [&](auto nv) {
+        AttendBlockAvx512<decltype(nv)::value>(
+            a.q + t0 * a.q_stride + qh * hd, a.q_stride, kt + kvh * hd * ldk, ldk,
+            a.v + kvh * a.kv_head_stride, rows, a.p0 + t0 + 1, a.scale, S,
+            a.out + t0 * a.out_stride + qh * hd, a.out_stride);
+      });
     }
   });
 }
@@ -535,27 +555,7 @@ AMOEBA_AVX512_BF16 void AttendBlockBf16(const float* q, int64_t q_stride, const 
       ValueRowsBf16<NV>(static_cast<int>(n), pp + (r0 * ldk + j0) / 2, ldk / 2, vp + j0 * hd,
                         (keys + 1) / 2, o + r0 * o_stride, o_stride);
     }
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(inv_sum[r]);
-    for (int64_t c = 0; c < hd; c += 16)
-      _mm512_storeu_ps(o + r * o_stride + c,
-                       _mm512_mul_ps(_mm512_loadu_ps(o + r * o_stride + c), inv));
-  }
-}
-
-void AttendBlockBf16(int64_t hd, const float* q, int64_t q_stride, const uint16_t* kp, int64_t ldk,
-                     const uint16_t* vp, int64_t rows, int64_t first_len, float scale,
-                     const Bf16Buffers& buf, float* o, int64_t o_stride) {
-  switch (hd) {
-    case 16:
-      return AttendBlockBf16<1>(q, q_stride, kp, ldk, vp, rows, first_len, scale, buf, o, o_stride);
-    case 32:
-      return AttendBlockBf16<2>(q, q_stride, kp, ldk, vp, rows, first_len, scale, buf, o, o_stride);
-    case 64:
-      return AttendBlockBf16<4>(q, q_stride, kp, ldk, vp, rows, first_len, scale, buf, o, o_stride);
-    case 128:
-      return AttendBlockBf16<8>(q, q_stride, kp, ldk, vp, rows, first_len, scale, buf, o, o_stride);
-  }
+  NormalizeRows(o, o_stride, inv_sum, rows, hd, o, o_stride);
 }
 
 // --- AMX-BF16: the products as tile multiplies (tdpbf16ps: a 16 × 32 bf16 tile times a 32 × 16
@@ -621,6 +621,19 @@ AMOEBA_AMX_BF16 inline void StoreSums(float* c, int64_t stride) {
   if constexpr (N > 3) _tile_stored(3, c + 48, stride);
 }
 
+// out[r][c0, c0 + 16N) = Σ_j probs[r][j] · v_j over a 16-row tile's first `keys` keys (rounded up
+// to 32), rows `ldk` probabilities and hd outputs apart: sum tiles 0..N-1.
+template <int N>
+AMOEBA_AMX_BF16 void ValueTilesAmx(const uint16_t* probs, int64_t ldk, const uint16_t* vp,
+                                   int64_t hd, int64_t c0, int64_t keys, float* out) {
+  ZeroSums<N>();
+  for (int64_t j = 0; j < keys; j += 32) {
+    _tile_loadd(4, probs + j, ldk * sizeof(uint16_t));
+    TileProducts<N>(vp + (j / 2) * 2 * hd + 2 * c0, 32, 2 * hd * sizeof(uint16_t));
+  }
+  StoreSums<N>(out + c0, hd * sizeof(float));
+}
+
 // One query head's block of `rows` queries (row i sees `first_len + i` keys) in tiles of 16 rows:
 // scores 64 keys at a time (4 sum tiles, hd / 32 steps of K), the row softmax, then the values 32
 // keys at a time into 16 × 64 output tiles. Rows past `rows` in the last tile are computed from
@@ -661,32 +674,14 @@ AMOEBA_AMX_BF16 void AttendBlockAmx(int64_t hd, const float* q, int64_t q_stride
     const int64_t tile_len = std::min(last_len, first_len + r0 + kTileRows - 1);
     if (rows - r0 < kTileRows)  // rows past the block: zero probabilities, finite sums
       std::memset(buf.probs + rows * ldk, 0, (r0 + kTileRows - rows) * ldk * sizeof(uint16_t));
-    for (int64_t c0 = 0; c0 < hd; c0 += 64) {
-      const int n = static_cast<int>(std::min<int64_t>(4, (hd - c0) / 16));
-      if (n == 4)
-        ZeroSums<4>();
+    for (int64_t c0 = 0; c0 < hd; c0 += 64) {  // 64 outputs at a time; hd 32: one 32
+      if (hd - c0 >= 64)
+        ValueTilesAmx<4>(buf.probs + r0 * ldk, ldk, vp, hd, c0, tile_len, buf.out + r0 * hd);
       else
-        ZeroSums<2>();
-      for (int64_t j = 0; j < tile_len; j += 32) {
-        _tile_loadd(4, buf.probs + r0 * ldk + j, ldk * sizeof(uint16_t));
-        const uint16_t* b = vp + (j / 2) * 2 * hd + 2 * c0;
-        if (n == 4)
-          TileProducts<4>(b, 32, 2 * hd * sizeof(uint16_t));
-        else
-          TileProducts<2>(b, 32, 2 * hd * sizeof(uint16_t));
-      }
-      if (n == 4)
-        StoreSums<4>(buf.out + r0 * hd + c0, hd * sizeof(float));
-      else
-        StoreSums<2>(buf.out + r0 * hd + c0, hd * sizeof(float));
+        ValueTilesAmx<2>(buf.probs + r0 * ldk, ldk, vp, hd, c0, tile_len, buf.out + r0 * hd);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(inv_sum[r]);
-    for (int64_t c = 0; c < hd; c += 16)
-      _mm512_storeu_ps(o + r * o_stride + c,
-                       _mm512_mul_ps(_mm512_loadu_ps(buf.out + r * hd + c), inv));
-  }
+  NormalizeRows(buf.out, hd, inv_sum, rows, hd, o, o_stride);
 }
 
 // Keys and values packed once per KV head (bf16 pairs), then (KV head, query block) tasks as the
@@ -694,18 +689,13 @@ AMOEBA_AMX_BF16 void AttendBlockAmx(int64_t hd, const float* q, int64_t q_stride
 void PrefillAttentionBf16(const PrefillAttentionArgs& a, PrefillBf16Kernel kernel,
                           at::Tensor& scratch) {
   const int64_t hd = a.head_dim, B = kPrefillQueryBlock;
-  const int64_t blocks = (a.T + B - 1) / B;
-  const int64_t tasks = blocks * a.kv_heads;
   const int64_t L = a.p0 + a.T;
   const int64_t ldk = (L + kKeyChunk - 1) / kKeyChunk * kKeyChunk + 16;  // as the fp32 kernel
   const int threads = std::max(1, at::get_num_threads());
   // In floats: per KV head its packed keys and values (hd × ldk bf16 each); per thread the scores,
   // the probabilities, the block's queries and its output sums.
   const int64_t head_size = hd * ldk, per_thread = B * ldk + B * ldk / 2 + B * hd / 2 + B * hd;
-  const int64_t need = a.kv_heads * head_size + threads * per_thread;
-  if (!scratch.defined() || scratch.numel() < need)
-    scratch =
-        at::empty({std::max(need, scratch.defined() ? scratch.numel() * 3 / 2 : 0)}, at::kFloat);
+  GrowScratch(scratch, a.kv_heads * head_size + threads * per_thread);
   float* base = scratch.data_ptr<float>();
   auto keys_of = [&](int64_t h) { return reinterpret_cast<uint16_t*>(base + h * head_size); };
   auto values_of = [&](int64_t h) { return keys_of(h) + hd * ldk; };
@@ -719,27 +709,23 @@ void PrefillAttentionBf16(const PrefillAttentionArgs& a, PrefillBf16Kernel kerne
         PackValues(a.v + h * a.kv_head_stride, L, hd, ldk, values_of(h));
     }
   });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      float* mine = buffers + w * per_thread;
-      const Bf16Buffers buf{mine, reinterpret_cast<uint16_t*>(mine + B * ldk),
-                            reinterpret_cast<uint16_t*>(mine + B * ldk + B * ldk / 2),
-                            mine + B * ldk + B * ldk / 2 + B * hd / 2};
-      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-        const int64_t block = blocks - 1 - t / a.kv_heads, kvh = t % a.kv_heads;
-        const int64_t t0 = block * B, rows = std::min(B, a.T - t0);
-        for (int64_t g = 0; g < a.group; ++g) {
-          const int64_t qh = kvh * a.group + g;
-          const float* q = a.q + t0 * a.q_stride + qh * hd;
-          float* o = a.out + t0 * a.out_stride + qh * hd;
-          if (kernel == PrefillBf16Kernel::kAmxBf16)
-            AttendBlockAmx(hd, q, a.q_stride, keys_of(kvh), ldk, values_of(kvh), rows,
-                           a.p0 + t0 + 1, a.scale, buf, o, a.out_stride);
-          else
-            AttendBlockBf16(hd, q, a.q_stride, keys_of(kvh), ldk, values_of(kvh), rows,
-                            a.p0 + t0 + 1, a.scale, buf, o, a.out_stride);
-        }
+  ForEachBlockTask(a, threads, [&](int64_t w, int64_t kvh, int64_t t0, int64_t rows) {
+    float* mine = buffers + w * per_thread;
+    const Bf16Buffers buf{mine, reinterpret_cast<uint16_t*>(mine + B * ldk),
+                          reinterpret_cast<uint16_t*>(mine + B * ldk + B * ldk / 2),
+                          mine + B * ldk + B * ldk / 2 + B * hd / 2};
+    for (int64_t g = 0; g < a.group; ++g) {
+      const int64_t qh = kvh * a.group + g;
+      const float* q = a.q + t0 * a.q_stride + qh * hd;
+      float* o = a.out + t0 * a.out_stride + qh * hd;
+      if (kernel == PrefillBf16Kernel::kAmxBf16) {
+        AttendBlockAmx(hd, q, a.q_stride, keys_of(kvh), ldk, values_of(kvh), rows, a.p0 + t0 + 1,
+                       a.scale, buf, o, a.out_stride);
+      } else {
+        WithHeadVectors(hd, [&](auto nv) {
+          AttendBlockBf16<decltype(nv)::value>(q, a.q_stride, keys_of(kvh), ldk, values_of(kvh),
+                                               rows, a.p0 + t0 + 1, a.scale, buf, o, a.out_stride);
+        });
       }
     }
   });
@@ -800,8 +786,6 @@ void PrefillAttention(const PrefillAttentionArgs& a, at::Tensor& scratch) {
     return PrefillAttentionAvx512(a, scratch);
   }
   const int64_t hd = a.head_dim, B = kPrefillQueryBlock;
-  const int64_t blocks = (a.T + B - 1) / B;
-  const int64_t tasks = blocks * a.kv_heads;
   const int64_t max_keys = a.p0 + a.T;
   const int threads = std::max(1, at::get_num_threads());
   const int64_t per_thread = B * max_keys;
@@ -809,34 +793,25 @@ void PrefillAttention(const PrefillAttentionArgs& a, at::Tensor& scratch) {
     scratch = at::empty({threads * per_thread}, at::kFloat);
   float* buffers = scratch.data_ptr<float>();
   const KernelIsa isa = ActiveKernelIsa();
-  // Tasks are taken in order of decreasing work (the last query blocks see the most keys), from
-  // a shared counter: causal blocks differ in cost, so a static split would leave a thread idle.
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode guard;
-    for (int64_t w = begin; w < end; ++w) {
-      float* S = buffers + w * per_thread;
-      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-        const int64_t block = blocks - 1 - t / a.kv_heads, kvh = t % a.kv_heads;
-        const int64_t t0 = block * B, rows = std::min(B, a.T - t0);
-        const int64_t keys = a.p0 + t0 + rows;  // what the block's last row sees
-        const at::Tensor K =
-            at::from_blob(const_cast<float*>(a.k) + kvh * a.kv_head_stride, {keys, hd});
-        const at::Tensor V =
-            at::from_blob(const_cast<float*>(a.v) + kvh * a.kv_head_stride, {keys, hd});
-        at::Tensor scores = at::from_blob(S, {rows, keys});
-        for (int64_t g = 0; g < a.group; ++g) {
-          const int64_t qh = kvh * a.group + g;
-          const at::Tensor Q = at::from_blob(const_cast<float*>(a.q) + t0 * a.q_stride + qh * hd,
-                                             {rows, hd}, {a.q_stride, 1});
-          at::mm_out(scores, Q, K.t());
-          for (int64_t i = 0; i < rows; ++i)
-            SoftmaxRow(S + i * keys, a.p0 + t0 + i + 1, keys, a.scale, isa);
-          at::Tensor O =
-              at::from_blob(a.out + t0 * a.out_stride + qh * hd, {rows, hd}, {a.out_stride, 1});
-          at::mm_out(O, scores, V);
-        }
-      }
+  ForEachBlockTask(a, threads, [&](int64_t w, int64_t kvh, int64_t t0, int64_t rows) {
+    c10::InferenceMode guard;  // on the worker thread: libtorch's products below
+    float* S = buffers + w * per_thread;
+    const int64_t keys = a.p0 + t0 + rows;  // what the block's last row sees
+    const at::Tensor K =
+        at::from_blob(const_cast<float*>(a.k) + kvh * a.kv_head_stride, {keys, hd});
+    const at::Tensor V =
+        at::from_blob(const_cast<float*>(a.v) + kvh * a.kv_head_stride, {keys, hd});
+    at::Tensor scores = at::from_blob(S, {rows, keys});
+    for (int64_t g = 0; g < a.group; ++g) {
+      const int64_t qh = kvh * a.group + g;
+      const at::Tensor Q = at::from_blob(const_cast<float*>(a.q) + t0 * a.q_stride + qh * hd,
+                                         {rows, hd}, {a.q_stride, 1});
+      at::mm_out(scores, Q, K.t());
+      for (int64_t i = 0; i < rows; ++i)
+        SoftmaxRow(S + i * keys, a.p0 + t0 + i + 1, keys, a.scale, isa);
+      at::Tensor O =
+          at::from_blob(a.out + t0 * a.out_stride + qh * hd, {rows, hd}, {a.out_stride, 1});
+      at::mm_out(O, scores, V);
     }
   });
 }
