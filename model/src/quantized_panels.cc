@@ -294,27 +294,26 @@ AMOEBA_AMX void ConfigureTiles() {
   _tile_loadconfig(&kTileConfig);
 }
 
-// Q4_0 blocks of one panel widened to signed int8 in the B-tile layout (8 groups of 16 rows × 4
-// inputs per block), once per panel for all its groups of rows.
-AMOEBA_AMX void WidenQ4Panel(const uint8_t* panel, int64_t bb, int64_t nb, int8_t* widened) {
+// One Q4_0 block widened to signed int8 in the B-tile layout (8 groups of 16 rows × 4 inputs).
+AMOEBA_AMX __attribute__((always_inline)) inline void WidenQ4Block(const uint8_t* blk, int8_t* w) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* data = panel + b * bb + kScaleBytes;
-    int8_t* w = widened + b * 8 * kGroupBytes;
-    for (int g = 0; g < 4; ++g) {  // low nibbles: inputs 4g.., high nibbles: inputs 16 + 4g..
-      const __m512i v = _mm512_loadu_si512(data + g * kGroupBytes);
-      const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, low4), eight);
-      const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
-      _mm512_storeu_si512(w + g * kGroupBytes, lo);
-      _mm512_storeu_si512(w + (4 + g) * kGroupBytes, hi);
-    }
+  const uint8_t* data = blk + kScaleBytes;
+  for (int g = 0; g < 4; ++g) {  // low nibbles: inputs 4g.., high nibbles: inputs 16 + 4g..
+    const __m512i v = _mm512_loadu_si512(data + g * kGroupBytes);
+    const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, low4), eight);
+    const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), eight);
+    _mm512_store_si512(w + g * kGroupBytes, lo);
+    _mm512_store_si512(w + (4 + g) * kGroupBytes, hi);
   }
 }
 
 // acc[j] += block b's 16 × 16 dot products (row j of `d`) · the panel's scales · row j's
 // activation scale, as the VNNI kernel scales a block.
-AMOEBA_AMX inline void ScaleTile(const uint8_t* blk, const int32_t* d, const QuantActs& a,
-                                 int64_t j0, int64_t b, __m512 (&acc)[kAmxRows]) {
+AMOEBA_AMX __attribute__((always_inline)) inline void ScaleTile(const uint8_t* blk,
+                                                                const int32_t* d,
+                                                                const QuantActs& a, int64_t j0,
+                                                                int64_t b,
+                                                                __m512 (&acc)[kAmxRows]) {
   // The masked form: gcc 12 warns of the plain one's undefined source once inlined here.
   const __m512 ws = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF,
                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
@@ -325,41 +324,67 @@ AMOEBA_AMX inline void ScaleTile(const uint8_t* blk, const int32_t* d, const Qua
   }
 }
 
-// Rows [j0, j0 + 16) against one panel; block b's weights at `weights + b * wstride` (the panel
-// itself for Q8_0, its widened copy for Q4_0), its scales in the panel. Two blocks are in flight
-// (C tiles 0 and 3, A tiles 1 and 4, B tiles 2 and 5): one block's tile product overlaps the
-// other's scaling.
-AMOEBA_AMX void PanelAmx(const uint8_t* panel, int64_t bb, const int8_t* weights, int64_t wstride,
-                         const QuantActs& a, int64_t j0, float* y, int64_t out, int64_t col,
-                         int64_t valid) {
-  alignas(64) int32_t dots[2][kAmxRows * kPanel];
+// Rows [j0, j0 + 16) against one panel, its weights and scales block by block (Q4_0: each pair of
+// blocks widened to int8 in L1 one iteration before its tile loads read it; widening whole
+// panels first spilled L1 from 2048 inputs on and lost to VNNI at 16 rows). The first group of rows
+// (`stream`) prefetches the panel ahead of its blocks: without it the kernel's compute and the
+// weights' arrival from DRAM added up instead of overlapping (100m q8_0, 16 rows: 14 GB/s of
+// weights in a decode step against 27 in L3 and a 30 GB/s probe). Blocks go in pairs (C
+// tiles 0 and 3, A tiles 1 and 4, B tiles 2 and 5), software-pipelined: a pair's products are
+// stored while the pair before it is scaled from its own buffer (scaling a pair right after its
+// tile stores made the loads wait for them). Lambdas here carry the target attribute: without it
+// ScaleTile became a call with the 16 accumulators in memory.
+template <bool kQ4, int kPrefetch>
+AMOEBA_AMX void PanelAmx(const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t j0,
+                         bool stream, float* y, int64_t out, int64_t col, int64_t valid) {
+  alignas(64) int32_t dots[2][2][kAmxRows * kPanel];  // [pair parity][block of the pair]
+  alignas(64) int8_t widened[kQ4 ? 2 : 1][2][8 * kGroupBytes];
+  auto widen_pair = [&](int64_t b, int parity) AMOEBA_AMX {
+    if constexpr (kQ4) {
+      if (stream) {
+        PrefetchAhead<kPrefetch>(panel + b * bb, bb);
+        PrefetchAhead<kPrefetch>(panel + (b + 1) * bb, bb);
+      }
+      WidenQ4Block(panel + b * bb, widened[parity][0]);
+      if (b + 1 < a.nb) WidenQ4Block(panel + (b + 1) * bb, widened[parity][1]);
+    }
+  };
+  auto weights = [&](int64_t b, int parity, int which) AMOEBA_AMX -> const void* {
+    if constexpr (kQ4) return widened[parity][which];
+    return panel + (b + which) * bb + kScaleBytes;
+  };
+  if (a.nb > 0) widen_pair(0, 0);
   __m512 acc[kAmxRows];
   for (int j = 0; j < kAmxRows; ++j) acc[j] = _mm512_setzero_ps();
   const int64_t xstride = a.nb * kQuantBlock;
   const int8_t* x = a.q + j0 * xstride;
-  auto scale = [&](int64_t b, const int32_t* d) { ScaleTile(panel + b * bb, d, a, j0, b, acc); };
-  int64_t b = 0;
-  for (; b + 2 <= a.nb; b += 2) {
-    _tile_zero(0);
-    _tile_zero(3);
-    _tile_loadd(1, x + b * kQuantBlock, xstride);
-    _tile_loadd(2, weights + b * wstride, kGroupBytes);
-    _tile_loadd(4, x + (b + 1) * kQuantBlock, xstride);
-    _tile_loadd(5, weights + (b + 1) * wstride, kGroupBytes);
-    _tile_dpbssd(0, 1, 2);
-    _tile_dpbssd(3, 4, 5);
-    _tile_stored(0, dots[0], kPanel * sizeof(int32_t));
-    _tile_stored(3, dots[1], kPanel * sizeof(int32_t));
-    scale(b, dots[0]);  // in block order: the same sums as the VNNI kernel
-    scale(b + 1, dots[1]);
-  }
-  if (b < a.nb) {
-    _tile_zero(0);
-    _tile_loadd(1, x + b * kQuantBlock, xstride);
-    _tile_loadd(2, weights + b * wstride, kGroupBytes);
-    _tile_dpbssd(0, 1, 2);
-    _tile_stored(0, dots[0], kPanel * sizeof(int32_t));
-    scale(b, dots[0]);
+  for (int64_t b = 0; b < a.nb + 2; b += 2) {
+    const int parity = static_cast<int>((b / 2) & 1);
+    if (b < a.nb) {  // the products of blocks b and b + 1
+      const bool two = b + 1 < a.nb;
+      if (!kQ4 && stream) {  // tile loads alone left the weights' DRAM latency exposed
+        PrefetchAhead<kPrefetch>(panel + b * bb, bb);
+        PrefetchAhead<kPrefetch>(panel + (b + 1) * bb, bb);
+      }
+      _tile_zero(0);
+      _tile_loadd(1, x + b * kQuantBlock, xstride);
+      _tile_loadd(2, weights(b, parity, 0), kGroupBytes);
+      if (two) {
+        _tile_zero(3);
+        _tile_loadd(4, x + (b + 1) * kQuantBlock, xstride);
+        _tile_loadd(5, weights(b, parity, 1), kGroupBytes);
+      }
+      _tile_dpbssd(0, 1, 2);
+      if (two) _tile_dpbssd(3, 4, 5);
+      _tile_stored(0, dots[parity][0], kPanel * sizeof(int32_t));
+      if (two) _tile_stored(3, dots[parity][1], kPanel * sizeof(int32_t));
+      if (b + 2 < a.nb) widen_pair(b + 2, parity ^ 1);
+    }
+    if (b >= 2) {  // the pair before, in block order: the same sums as the VNNI kernel
+      const int64_t p = b - 2;
+      ScaleTile(panel + p * bb, dots[parity ^ 1][0], a, j0, p, acc);
+      if (p + 1 < a.nb) ScaleTile(panel + (p + 1) * bb, dots[parity ^ 1][1], a, j0, p + 1, acc);
+    }
   }
   const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
   for (int j = 0; j < kAmxRows; ++j) _mm512_mask_storeu_ps(y + j * out + col, m, acc[j]);
@@ -383,22 +408,11 @@ void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantA
     return;
   }
   if (kernel == QuantKernel::kAmxInt8) {  // whole groups of 16 rows in tiles, the rest in VNNI
-    // Q4_0 widens each panel first: worth it from two groups of rows on (kernel bench).
-    const int64_t tiled = kQ4 && rows < 2 * kAmxRows ? 0 : rows / kAmxRows * kAmxRows;
+    const int64_t tiled = rows / kAmxRows * kAmxRows;
     if (tiled > 0) {
       ConfigureTiles();  // per call: other code on this thread may use the tiles
-      const int8_t* weights = reinterpret_cast<const int8_t*>(panel + kScaleBytes);
-      int64_t wstride = bb;
-      if constexpr (kQ4) {
-        thread_local std::vector<int8_t> widened;  // grown once
-        const size_t need = static_cast<size_t>(a.nb * 8 * kGroupBytes);
-        if (widened.size() < need) widened.resize(need);
-        WidenQ4Panel(panel, bb, a.nb, widened.data());
-        weights = widened.data();
-        wstride = 8 * kGroupBytes;
-      }
       for (int64_t j0 = r0; j0 < r0 + tiled; j0 += kAmxRows)
-        PanelAmx(panel, bb, weights, wstride, a, j0, y + j0 * out, out, col, valid);
+        PanelAmx<kQ4, kPf>(panel, bb, a, j0, j0 == r0, y + j0 * out, out, col, valid);
     }
     r0 += tiled;
     rows -= tiled;
