@@ -290,8 +290,17 @@ constexpr TileConfig MakeTileConfig() {
 // In static memory: gcc 12 drops stores to a local config that only ldtilecfg reads.
 alignas(64) constexpr TileConfig kTileConfig = MakeTileConfig();
 
-AMOEBA_AMX void ConfigureTiles() {
+// Once per thread and QuantizedLinearMany call (`call`: that call's number). Not across calls:
+// other code on the thread (prefill attention, a library's kernels) may load its own tile
+// configuration or release the tiles in between. Per panel, the loads cost ~7% of the kernel's
+// time at 16 rows.
+std::atomic<uint64_t> next_linear_call{1};
+thread_local uint64_t tiles_configured_for_call = 0;
+
+AMOEBA_AMX void ConfigureTiles(uint64_t call) {
+  if (tiles_configured_for_call == call) return;
   _tile_loadconfig(&kTileConfig);
+  tiles_configured_for_call = call;
 }
 
 // One Q4_0 block widened to signed int8 in the B-tile layout (8 groups of 16 rows × 4 inputs).
@@ -395,8 +404,9 @@ using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, flo
 
 // Rows [r0, r0 + rows) against one panel, in register-sized groups of rows.
 template <bool kQ4, int kPf>
-void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantActs& a, int64_t r0,
-              int64_t rows, float* y, int64_t out, int64_t col, int64_t valid) {
+void RunPanel(QuantKernel kernel, uint64_t call, const uint8_t* panel, int64_t bb,
+              const QuantActs& a, int64_t r0, int64_t rows, float* y, int64_t out, int64_t col,
+              int64_t valid) {
   static constexpr PanelFn kVnni[8] = {PanelVnni<1, kQ4, kPf>, PanelVnni<2, kQ4, kPf>,
                                        PanelVnni<3, kQ4, kPf>, PanelVnni<4, kQ4, kPf>,
                                        PanelVnni<5, kQ4, kPf>, PanelVnni<6, kQ4, kPf>,
@@ -410,7 +420,7 @@ void RunPanel(QuantKernel kernel, const uint8_t* panel, int64_t bb, const QuantA
   if (kernel == QuantKernel::kAmxInt8) {  // whole groups of 16 rows in tiles, the rest in VNNI
     const int64_t tiled = rows / kAmxRows * kAmxRows;
     if (tiled > 0) {
-      ConfigureTiles();  // per call: other code on this thread may use the tiles
+      ConfigureTiles(call);
       for (int64_t j0 = r0; j0 < r0 + tiled; j0 += kAmxRows)
         PanelAmx<kQ4, kPf>(panel, bb, a, j0, j0 == r0, y + j0 * out, out, col, valid);
     }
@@ -444,6 +454,7 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   const int prefetch = n > kPrefetchChoiceMaxRows ? kDefaultPrefetchArm : StreamPrefetchArm();
   const bool avx512 = kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8;
   const QuantActs acts{xq.data(), xd.data(), xs.data(), nb};
+  const uint64_t call = next_linear_call.fetch_add(1, std::memory_order_relaxed);
   // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once.
   // A long prompt is quantized a few chunks at a time, just before their panels run (all at once,
   // its activations would leave L2 before the panels read them), on every thread (on one, the
@@ -488,7 +499,7 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
           {RunPanel<true, 0>, RunPanel<true, 1>, RunPanel<true, 2>}};
       auto run = kRuns[q4][prefetch];
       const int64_t here = o.panel_rows ? std::clamp<int64_t>(o.panel_rows[p] - r0, 0, rows) : rows;
-      if (here > 0) run(kernel, panel, bb, acts, r0, here, o.y, o.out, p * kPanel, valid);
+      if (here > 0) run(kernel, call, panel, bb, acts, r0, here, o.y, o.out, p * kPanel, valid);
     });
   }
 }
