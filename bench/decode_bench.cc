@@ -120,7 +120,16 @@ int Run(const Options& o) {
     for (auto [f, path] : {std::pair{WeightFormat::kF16, "amoeba-fp16"},
                            std::pair{WeightFormat::kQ8_0, "amoeba-q8_0"},
                            std::pair{WeightFormat::kQ4_0, "amoeba-q4_0"}})
-      if (wanted(path)) variants.push_back({LinearPath::kAuto, path, packed(f)});
+      if (wanted(path) || wanted(std::string(path) + "-kv16")) {
+        auto m = packed(f);
+        variants.push_back({LinearPath::kAuto, path, m});
+        if (f != WeightFormat::kF16)  // fp16 keys and values, as llama.cpp caches them by default
+          variants.push_back(
+              {.path = LinearPath::kAuto,
+               .name = f == WeightFormat::kQ8_0 ? "amoeba-q8_0-kv16" : "amoeba-q4_0-kv16",
+               .model = m,
+               .kv_dtype = at::kHalf});
+      }
     std::erase_if(variants, [&](const Variant& v) { return !wanted(v.name); });
     for (Variant& v : variants) {
       v.engine = std::make_unique<Engine>(
