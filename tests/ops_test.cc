@@ -17,6 +17,7 @@
 #include "model/rope.h"
 #include "model/src/decode_attention.h"
 #include "model/src/prefill_attention.h"
+#include "model/src/quantized_block.h"
 #include "model/src/stream_prefetch.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
@@ -461,6 +462,36 @@ TEST(KernelTest, QuantizedBlocksFollowGgmlRules) {
   for (int k = 0; k < 5; ++k)
     EXPECT_FLOAT_EQ(q8[0][k].item<float>(), d * std::round(vals[k] * 127.f / 3.f)) << k;
   EXPECT_EQ(q8[1].abs().sum().item<float>(), 0.f);
+}
+
+// The AVX-512 activation quantizer (sixteen blocks' maxima and sums reduced together) gives the
+// portable one's bits: codes, scales and sums, over 1-200 blocks (groups of 16 and their tails),
+// inputs that end inside a block, all-zero blocks and large values.
+TEST(KernelTest, ActivationQuantizersAgreeBitForBit) {
+  const std::vector<QuantKernel> kernels = AvailableQuantKernels();
+  if (std::find(kernels.begin(), kernels.end(), QuantKernel::kAvx512Vnni) == kernels.end())
+    GTEST_SKIP() << "no AVX512-VNNI";
+  at::manual_seed(12);
+  for (int64_t in : {5, 32, 33, 500, 512, 768, 1000, 2048, 6400}) {
+    const int64_t n = 3, nb = (in + kQuantBlock - 1) / kQuantBlock;
+    at::Tensor x = 4 * at::randn({n, in});
+    x[1].narrow(0, 0, std::min<int64_t>(in, 40)).zero_();  // a zero block (and part of the next)
+    x[2][in - 1] = 1e4f;
+    std::vector<int8_t> q[2];
+    std::vector<float> d[2];
+    std::vector<int32_t> sum[2];
+    for (int path = 0; path < 2; ++path) {
+      q[path].assign(n * nb * kQuantBlock, 99);  // beyond `in`: both must write zeros
+      d[path].assign(n * nb, -1.f);
+      sum[path].assign(n * nb, -1);
+      (path == 0 ? quant::QuantizeRows : quant::QuantizeRowsAvx512)(
+          x.data_ptr<float>(), n, in, nb, q[path].data(), d[path].data(), sum[path].data());
+    }
+    EXPECT_EQ(q[1], q[0]) << "in=" << in;
+    EXPECT_EQ(d[1], d[0]) << "in=" << in;
+    EXPECT_EQ(sum[1], sum[0]) << "in=" << in;
+    EXPECT_EQ(d[0][nb], 0.f) << "in=" << in;  // the zero block's scale
+  }
 }
 
 }  // namespace ops_test

@@ -58,27 +58,6 @@ void DecodeAttentionPortable(const float* q, int64_t group, const at::Half* keys
   }
 }
 
-// Sixteen vectors in, one out: lane t holds the sum of a[t]'s 16 lanes.
-AMOEBA_AVX512 inline __m512 TransposeSum16(const __m512* a) {
-  __m512 b[8], c[4];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: two partial sums of each of a pair
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: partial sums of 4 vectors, in order
-    const __m512d lo =
-        _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
-    const __m512d hi =
-        _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
-    c[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-  }
-  // Sum the four 128-bit lanes of each c while gathering them into one vector.
-  const __m512 e01 =
-      _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-  const __m512 e23 =
-      _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
-}
-
 // NV = head_dim / 16 vectors per row.
 template <int NV, typename T>
 AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const T* keys,
@@ -99,7 +78,7 @@ AMOEBA_AVX512 void DecodeAttentionAvx512(const float* q, int64_t group, const T*
         acc[t] = _mm512_mul_ps(qv[0], Load16(kr));
         for (int v = 1; v < NV; ++v) acc[t] = _mm512_fmadd_ps(qv[v], Load16(kr + v * 16), acc[t]);
       }
-      const __m512 s = TransposeSum16(acc);
+      const __m512 s = simd::TransposeReduce16<simd::AddPs>(acc);
       _mm512_storeu_ps(scores + j, s);
       vmax = _mm512_max_ps(vmax, s);
     }

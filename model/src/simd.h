@@ -22,6 +22,46 @@ AMOEBA_AVX2 inline __m256 Load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Lane-wise operations for TransposeReduce16 (functors: lambdas do not carry the target
+// attribute to their call operator). Max in its zero-masked form: GCC 12 flags the plain form's
+// undefined source as uninitialized once inlined.
+struct AddPs {
+  AMOEBA_AVX512 static __m512 Apply(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+};
+struct MaxPs {
+  AMOEBA_AVX512 static __m512 Apply(__m512 a, __m512 b) {
+    return _mm512_maskz_max_ps(0xFFFF, a, b);
+  }
+};
+struct AddEpi32 {  // integer lanes carried in float vectors
+  AMOEBA_AVX512 static __m512 Apply(__m512 a, __m512 b) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
+};
+
+// Sixteen vectors in, one out: lane t holds a[t]'s 16 lanes combined by Op (one of the above).
+// Data movement only besides Op, so integer lanes pass through the float shuffles intact.
+template <typename Op>
+AMOEBA_AVX512 inline __m512 TransposeReduce16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: two partial results of each of a pair
+    b[i] = Op::Apply(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                     _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: partial results of 4 vectors, in order
+    const __m512d lo =
+        _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    const __m512d hi =
+        _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    c[i] = Op::Apply(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  // Combine the four 128-bit lanes of each c while gathering them into one vector.
+  const __m512 e01 =
+      Op::Apply(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 e23 =
+      Op::Apply(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return Op::Apply(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
+}
+
 // Lane sums and maxima through memory: GCC 12 flags the undefined start vectors inside
 // _mm512_reduce_*_ps (and the shuffles it is made of) as uninitialized in some inlining contexts.
 AMOEBA_AVX512 inline float ReduceAdd16(__m512 v) {
