@@ -107,7 +107,8 @@ Runner AddInitCommand(CLI::App& app) {
   auto o = std::make_shared<InitOptions>();
   CLI::App* cmd = app.add_subcommand("init", "Write a randomly initialised model in HF format");
   cmd->add_option("--out", o->out, "Output directory")->required();
-  cmd->add_option("--preset", o->preset, "tiny | quality | quality-small | 100m | tinyllama")
+  cmd->add_option("--preset", o->preset,
+                  "tiny | quality | quality-small | quality-mini | 100m | tinyllama")
       ->capture_default_str();
   cmd->add_option("--tokenizer", o->tokenizer,
                   "'bytes' (byte-level BPE, no merges) or a tokenizer.model/tokenizer.json file or "

@@ -9,7 +9,7 @@
 namespace amoeba {
 
 std::vector<std::string> PresetNames() {
-  return {"tiny", "quality", "quality-small", "100m", "tinyllama"};
+  return {"tiny", "quality", "quality-small", "quality-mini", "100m", "tinyllama"};
 }
 
 absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
@@ -45,6 +45,17 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
     c.num_key_value_heads = 2;
     c.vocab_size = 3000;
     c.max_position_embeddings = 512;
+  } else if (name == "quality-mini") {
+    // quality-small with half its layers (1.56M parameters, 0.79M of them in the layers): about
+    // 1.7x the steps per second, so the same hour of two cores reaches ~30 tokens per parameter
+    // and ~16 passes over the corpus, where held-out perplexity stops improving.
+    c.hidden_size = 128;
+    c.intermediate_size = 384;
+    c.num_hidden_layers = 4;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.vocab_size = 3000;
+    c.max_position_embeddings = 512;
   } else if (name == "100m") {
     c.hidden_size = 768;
     c.intermediate_size = 2048;
@@ -63,8 +74,9 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
     c.max_position_embeddings = 2048;
     c.rms_norm_eps = 1e-5;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unknown preset '", name, "' (tiny, quality, quality-small, 100m, tinyllama)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown preset '", name,
+                     "' (tiny, quality, quality-small, quality-mini, 100m, tinyllama)"));
   }
   c.head_dim = c.hidden_size / c.num_attention_heads;
   return c;
