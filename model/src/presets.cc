@@ -34,24 +34,16 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
     c.num_key_value_heads = 4;
     c.vocab_size = 3000;
     c.max_position_embeddings = 512;
-  } else if (name == "quality-small") {
-    // bench/quality's trained model: 2.3M parameters, so that an hour on one core sees ~5 tokens
-    // per parameter (the quality preset sees 0.13) and held-out perplexity levels off; a model
-    // far from trained keeps redundancy a real checkpoint does not have.
+  } else if (name == "quality-small" || name == "quality-mini") {
+    // bench/quality's trained models. quality-small: 2.3M parameters, so that an hour on one core
+    // sees ~5 tokens per parameter (the quality preset sees 0.13); a model far from trained keeps
+    // redundancy a real checkpoint does not have. quality-mini: the same with 4 layers (1.56M
+    // parameters, ~1.7x the steps per second), so an hour of two cores reaches ~30 tokens per
+    // parameter and ~16 passes over the corpus, meant to train until held-out perplexity stops
+    // improving.
     c.hidden_size = 128;
     c.intermediate_size = 384;
-    c.num_hidden_layers = 8;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.vocab_size = 3000;
-    c.max_position_embeddings = 512;
-  } else if (name == "quality-mini") {
-    // quality-small with half its layers (1.56M parameters, 0.79M of them in the layers): about
-    // 1.7x the steps per second, so the same hour of two cores reaches ~30 tokens per parameter
-    // and ~16 passes over the corpus, where held-out perplexity stops improving.
-    c.hidden_size = 128;
-    c.intermediate_size = 384;
-    c.num_hidden_layers = 4;
+    c.num_hidden_layers = name == "quality-mini" ? 4 : 8;
     c.num_attention_heads = 4;
     c.num_key_value_heads = 2;
     c.vocab_size = 3000;
