@@ -286,16 +286,23 @@ TEST(ServerTrustTest, ExportNeedsATokenOrAnExplicitOptIn) {
 TEST(ServerTrustTest, ExportWorkersAreBounded) {
   ExportWorkers pool(1);
   std::atomic<bool> release{false}, ran_second{false};
-  ASSERT_TRUE(pool.TrySubmit([&] {
+  ASSERT_TRUE(pool.TrySubmit([&]() -> ExportWorkers::Delivery {
                     while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                    return nullptr;
                   })
                   .ok());
-  absl::Status busy = pool.TrySubmit([&] { ran_second = true; });
+  absl::Status busy = pool.TrySubmit([&]() -> ExportWorkers::Delivery {
+    ran_second = true;
+    return nullptr;
+  });
   EXPECT_EQ(busy.code(), absl::StatusCode::kResourceExhausted);
   release = true;
   absl::Status later;
   for (int i = 0; i < 500; ++i) {
-    later = pool.TrySubmit([&] { ran_second = true; });
+    later = pool.TrySubmit([&]() -> ExportWorkers::Delivery {
+      ran_second = true;
+      return nullptr;
+    });
     if (later.ok()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
@@ -303,6 +310,25 @@ TEST(ServerTrustTest, ExportWorkersAreBounded) {
   for (int i = 0; i < 500 && !ran_second; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   EXPECT_TRUE(ran_second);
+}
+
+// A job's result is delivered once its worker counts as free: whoever receives it can submit the
+// next job at once (delivering first made a client that read a small export quickly and asked for
+// another get RESOURCE_EXHAUSTED).
+TEST(ServerTrustTest, AnExportWorkerIsFreeWhenItsResultIsDelivered) {
+  ExportWorkers pool(1);
+  std::atomic<int> state{0};  // 1: the next submission was accepted, 2: refused
+  ASSERT_TRUE(pool.TrySubmit([&]() -> ExportWorkers::Delivery {
+                    return [&] {
+                      const absl::Status next =
+                          pool.TrySubmit([]() -> ExportWorkers::Delivery { return nullptr; });
+                      state = next.ok() ? 1 : 2;
+                    };
+                  })
+                  .ok());
+  for (int i = 0; i < 1000 && state == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  EXPECT_EQ(state, 1);
 }
 
 TEST(ServerTrustTest, StagingDirectoriesAreFreshAndStaleOnesAreRemoved) {

@@ -33,7 +33,7 @@ ExportWorkers::~ExportWorkers() {
   for (auto& t : threads_) t.join();
 }
 
-absl::Status ExportWorkers::TrySubmit(std::function<void()> job) {
+absl::Status ExportWorkers::TrySubmit(std::function<Delivery()> job) {
   {
     std::lock_guard<std::mutex> l(mu_);
     if (stop_) return absl::UnavailableError("server is shutting down");
@@ -50,7 +50,7 @@ absl::Status ExportWorkers::TrySubmit(std::function<void()> job) {
 
 void ExportWorkers::Loop() {
   for (;;) {
-    std::function<void()> job;
+    std::function<Delivery()> job;
     {
       std::unique_lock<std::mutex> l(mu_);
       cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
@@ -58,9 +58,14 @@ void ExportWorkers::Loop() {
       job = std::move(queue_.front());
       queue_.pop_front();
     }
-    job();  // jobs catch their own errors
-    std::lock_guard<std::mutex> l(mu_);
-    --busy_;
+    Delivery deliver = job();  // jobs catch their own errors
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      --busy_;
+    }
+    // After the slot is free: delivering first let a fast client finish reading and ask for the
+    // next export while this worker still counted as busy (RESOURCE_EXHAUSTED under ASan).
+    if (deliver) deliver();
   }
 }
 

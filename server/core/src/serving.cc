@@ -347,9 +347,13 @@ absl::StatusOr<std::string> Serving::StartExport(const ExportRequest& r, const R
     ASSIGN_OR_RETURN(const Shape shape, ValidShape(r.shape));
     // Cheap checks here, so a bad shape never takes a worker.
     RETURN_IF_ERROR(ValidateSubnetShape(supernet_, smol_, shape, SubnetOptionsForExport(o)));
-    return export_workers_.TrySubmit([this, o, shape, id, cancelled, ready = std::move(ready)] {
-      ready(Guarded("export", id, [&] { return WriteExport(o, shape, id, *cancelled); }));
-    });
+    return export_workers_.TrySubmit(
+        [this, o, shape, id, cancelled, ready = std::move(ready)]() -> ExportWorkers::Delivery {
+          // Shared: a std::function must be copyable, the stream is not.
+          auto result = std::make_shared<absl::StatusOr<std::unique_ptr<ExportStream>>>(
+              Guarded("export", id, [&] { return WriteExport(o, shape, id, *cancelled); }));
+          return [ready, result] { ready(std::move(*result)); };
+        });
   });
   if (!st.ok()) {
     spdlog::warn("[{}] export: {} {}", id, absl::StatusCodeToString(st.code()),

@@ -22,15 +22,19 @@ class ExportWorkers {
  public:
   explicit ExportWorkers(int workers);
   ~ExportWorkers();  // runs what was accepted, then joins
-  // Runs `job` on a free worker; RESOURCE_EXHAUSTED when every worker already has one.
-  absl::Status TrySubmit(std::function<void()> job);
+  // What a job hands back: run on the worker after its slot is free (may be empty).
+  using Delivery = std::function<void()>;
+  // Runs `job` on a free worker, then the delivery it returns once the worker counts as free
+  // again: a client that has read the whole result and asks again at once must not be refused.
+  // RESOURCE_EXHAUSTED when every worker already has a job.
+  absl::Status TrySubmit(std::function<Delivery()> job);
 
  private:
   void Loop();
   const int workers_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;
+  std::deque<std::function<Delivery()>> queue_;
   int busy_ = 0;  // accepted and not finished
   bool stop_ = false;
   std::vector<std::thread> threads_;
