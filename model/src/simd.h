@@ -22,9 +22,10 @@ AMOEBA_AVX2 inline __m256 Load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Lane-wise operations for TransposeReduce16 (functors: lambdas do not carry the target
-// attribute to their call operator). Max in its zero-masked form: GCC 12 flags the plain form's
-// undefined source as uninitialized once inlined.
+// Lane-wise operations for TransposeReduce16, as functors: a target-attributed lambda returning a
+// vector also gets a function-pointer thunk without the attribute, which GCC 12 warns about
+// (-Wpsabi). Max in its zero-masked form: GCC 12 flags the plain form's undefined source as
+// uninitialized once inlined.
 struct AddPs {
   AMOEBA_AVX512 static __m512 Apply(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 };
