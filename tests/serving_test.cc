@@ -265,17 +265,25 @@ TEST(ServingTest, RunningGaugeReturnsToZeroAfterCancellation) {
   std::vector<std::shared_ptr<Generation>> gens;
   std::vector<std::promise<JobResult>> done(3);
   std::atomic<int> tokens{0};
+  // The scheduler is held inside the first token's callback until every request is cancelled:
+  // without it a fast machine finished the first request's 100 tokens (3 ms) before the cancel.
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
   for (int i = 0; i < 3; ++i) {
     auto g = serving.Prepare(Prompt("cancel me", 100), {});
     ASSERT_TRUE(g.ok());
     GenerationCallbacks cb;
-    cb.on_token = [&](int32_t, std::string_view) { ++tokens; };
+    cb.on_token = [&tokens, released](int32_t, std::string_view) {
+      ++tokens;
+      released.wait_for(std::chrono::seconds(30));
+    };
     cb.on_done = [&done, i](const JobResult& r) { done[i].set_value(r); };
     ASSERT_TRUE(serving.Start(*g, std::move(cb)).ok());
     gens.push_back(*g);
   }
-  while (tokens < 6) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  while (tokens < 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   for (auto& g : gens) g->Cancel();
+  release.set_value();
   for (auto& d : done) EXPECT_EQ(d.get_future().get().reason, FinishReason::kCancelled);
   const std::string gauge =
       "amoeba_running_requests{shape=\"" + supernet->FullShape().ToString() + "\"} ";
