@@ -230,6 +230,19 @@ with tempfile.TemporaryDirectory() as d:
         reply = raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {2 << 20}\r\n\r\n".encode())
         check(reply.startswith("HTTP/1.1 413"), f"a 2 MiB Content-Length, refused on the head: {reply[:40]!r}")
+        # Most clients send the whole declared body before reading: the server reads and drops
+        # it (up to a bound) so they get the 413, not a reset while sending. 8 MiB is more than
+        # the loopback socket buffers hold, so a server that closed early would reset this one.
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {8 << 20}\r\n\r\n".encode())
+        try:
+            s.sendall(b"x" * (8 << 20))
+            reply = read_until_closed(s)
+        except OSError as e:
+            reply = repr(e).encode()
+        s.close()
+        check(reply.startswith(b"HTTP/1.1 413"), f"an 8 MiB body sent in full before reading: {reply[:60]!r}")
         # 5. Oversized headers.
         reply = raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
         check(reply.startswith("HTTP/1.1 431"), f"1 MiB of headers: {reply[:40]!r}")

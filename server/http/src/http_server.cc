@@ -168,6 +168,10 @@ void HttpExchange::Sent(int64_t n) {
 
 namespace {
 
+// The most a closing connection reads and drops after its response (besides the body limit):
+// enough for any body a client declares in earnest, small next to what an attacker could send.
+constexpr int64_t kMaxLingerBytes = 16 << 20;
+
 std::string ResponseHead(int status, std::string_view content_type, const HttpHeaders& headers,
                          std::optional<size_t> content_length, bool close) {
   std::string reason(http::obsolete_reason(http::int_to_status(status)));
@@ -630,6 +634,13 @@ class HttpServerImpl::Session final : public HttpServerImpl::SessionBase {
       // still sends, up to a bound in bytes and time, then close.
       Lowest().expires_after(Ms(std::min(server_.limits().idle_timeout_ms, 2000)));
       drain_budget_ = std::max<int64_t>(1 << 20, server_.limits().max_body_bytes);
+      // Most clients (Python's http.client, requests, the OpenAI SDK) send a whole declared
+      // body before they read any answer: refused on its head, such a body is read and dropped
+      // in full, up to a bound, or the client sees a broken pipe instead of the 413.
+      if (head_.content_length)
+        drain_budget_ = std::max(
+            drain_budget_, std::min<int64_t>(static_cast<int64_t>(*head_.content_length) + 65536,
+                                             kMaxLingerBytes));
       DrainThenClose();
       return;
     }
