@@ -22,6 +22,8 @@ namespace amoeba {
 
 namespace {
 
+constexpr unsigned kMxcsrFlushDenormals = 0x8040;  // FTZ (bit 15) | DAZ (bit 6)
+
 __attribute__((target("avx2"))) float SumAvx2(const float* p, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
          a3 = _mm256_setzero_ps();
@@ -40,7 +42,28 @@ __attribute__((target("avx2"))) float SumAvx2(const float* p, int64_t n) {
   return s;
 }
 
+// FTZ and DAZ: denormal results are flushed to zero and denormal inputs read as zero. A model in
+// training makes ever more tiny values (peaked attention weights, small gradients), and on Intel
+// cores each denormal operand or result costs a microcode assist: the quality preset's
+// pretraining ran 2.4x slower by its 600th step without this.
+void SetFlushDenormalsOnThisThread() {
+  _mm_setcsr(_mm_getcsr() | kMxcsrFlushDenormals);
+}
+
 }  // namespace
+
+void FlushDenormalsToZero(int threads) {
+  // Threads created from here on inherit the setting from this one (the floating-point
+  // environment is copied by pthread_create); OpenMP's pool may exist already, so its threads
+  // set it too.
+  SetFlushDenormalsOnThisThread();
+#pragma omp parallel num_threads(std::max(threads, 1))
+  SetFlushDenormalsOnThisThread();
+}
+
+bool FlushesDenormals() {
+  return (_mm_getcsr() & kMxcsrFlushDenormals) == kMxcsrFlushDenormals;
+}
 
 std::shared_ptr<void> AllocateHugePages(size_t bytes) {
   constexpr size_t kHuge = size_t{2} << 20;
@@ -137,6 +160,7 @@ void InitLogging() {
 void InitRuntime(int threads) {
   const int cores = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
   const int n = threads > 0 ? threads : std::max(1, cores);
+  FlushDenormalsToZero(n);
   at::set_num_threads(n);
   const std::string blas = DescribeBlas();
   spdlog::info("runtime: {} threads, BLAS {}, {} kernels", at::get_num_threads(), blas,

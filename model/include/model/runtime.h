@@ -10,9 +10,16 @@ namespace amoeba {
 // Routes spdlog to stderr (stdout is for program output) with one line per event.
 void InitLogging();
 
-// Sets libtorch's intra-op threads (0 = all cores) and logs the BLAS in use, warning loudly when
-// it is the reference implementation (~40x slower). Call once at program start.
+// Sets libtorch's intra-op threads (0 = all cores), flushes denormals to zero in every compute
+// thread (FlushDenormalsToZero) and logs the BLAS in use, warning loudly when it is the reference
+// implementation (~40x slower). Call once at program start, before other threads are made.
 void InitRuntime(int threads);
+
+// FTZ/DAZ on the calling thread, on OpenMP's pool of `threads`, and on threads made later by the
+// calling thread. Denormal floats cost a microcode assist per operation on Intel cores.
+void FlushDenormalsToZero(int threads);
+// Whether the calling thread flushes denormals (FTZ and DAZ set).
+bool FlushesDenormals();
 
 // GB/s reading a buffer much larger than the last-level cache with all threads (the roofline's
 // denominator for decode).
