@@ -243,6 +243,9 @@ with tempfile.TemporaryDirectory() as d:
             reply = repr(e).encode()
         s.close()
         check(reply.startswith(b"HTTP/1.1 413"), f"an 8 MiB body sent in full before reading: {reply[:60]!r}")
+        reply = raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {(1 << 63) - 1}\r\n\r\n".encode())
+        check(reply.startswith("HTTP/1.1 413"), f"a Content-Length of 2^63 - 1: {reply[:40]!r}")
         # 5. Oversized headers.
         reply = raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
         check(reply.startswith("HTTP/1.1 431"), f"1 MiB of headers: {reply[:40]!r}")

@@ -637,10 +637,11 @@ class HttpServerImpl::Session final : public HttpServerImpl::SessionBase {
       // Most clients (Python's http.client, requests, the OpenAI SDK) send a whole declared
       // body before they read any answer: refused on its head, such a body is read and dropped
       // in full, up to a bound, or the client sees a broken pipe instead of the 413.
-      if (head_.content_length)
-        drain_budget_ = std::max(
-            drain_budget_, std::min<int64_t>(static_cast<int64_t>(*head_.content_length) + 65536,
-                                             kMaxLingerBytes));
+      if (head_.content_length) {
+        const int64_t declared =
+            static_cast<int64_t>(std::min<uint64_t>(*head_.content_length, kMaxLingerBytes));
+        drain_budget_ = std::max(drain_budget_, std::min(declared + 65536, kMaxLingerBytes));
+      }
       DrainThenClose();
       return;
     }
