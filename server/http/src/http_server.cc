@@ -640,7 +640,7 @@ class HttpServerImpl::Session final : public HttpServerImpl::SessionBase {
       if (head_.content_length) {
         const int64_t declared =
             static_cast<int64_t>(std::min<uint64_t>(*head_.content_length, kMaxLingerBytes));
-        drain_budget_ = std::max(drain_budget_, std::min(declared + 65536, kMaxLingerBytes));
+        drain_budget_ = std::max(drain_budget_, declared);
       }
       DrainThenClose();
       return;
