@@ -502,35 +502,57 @@ namespace ops_test {
 
 // Decode attention equals softmax(q K^T · scale) V computed by libtorch (over fp32 and fp16 K/V),
 // for head sizes with and without the AVX-512 path, GQA groups, and lengths around the 16-key
-// block (tails, one key), on every ISA.
+// window (tails, one key), on every ISA. The cache is position-major with room past the heads in
+// each row; a call over a range of KV heads gives each head exactly what a call over that head
+// alone gives (the engine splits the heads into tasks by the thread count).
 TEST(KernelTest, DecodeAttentionMatchesSoftmaxReference) {
   at::manual_seed(3);
+  const int64_t hkv = 3, pad = 16;  // row = hkv heads + pad floats
   for (int64_t hd : {16, 24, 64, 128}) {
     for (int64_t group : {1, 3}) {
       for (int64_t len : {1, 2, 15, 16, 17, 33, 100}) {
-        at::Tensor q = at::randn({group, hd});
-        at::Tensor keys = at::randn({len, hd}), values = at::randn({len, hd});
+        const int64_t hq = hkv * group, rs = hkv * hd + pad;
+        at::Tensor q = at::randn({hq, hd});
+        at::Tensor rows_k = at::randn({len, rs}), rows_v = at::randn({len, rs});
         const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-        at::Tensor want = at::matmul(at::softmax(at::matmul(q, keys.t()) * scale, -1), values);
+        auto reference = [&](const at::Tensor& rk, const at::Tensor& rv) {
+          at::Tensor want = at::empty({hq, hd});
+          for (int64_t h = 0; h < hkv; ++h) {
+            at::Tensor keys = rk.narrow(1, h * hd, hd), values = rv.narrow(1, h * hd, hd);
+            at::Tensor qh = q.narrow(0, h * group, group);
+            want.narrow(0, h * group, group)
+                .copy_(at::matmul(at::softmax(at::matmul(qh, keys.t()) * scale, -1), values));
+          }
+          return want;
+        };
+        const at::Tensor want = reference(rows_k, rows_v);
+        at::Tensor k16 = rows_k.to(at::kHalf), v16 = rows_v.to(at::kHalf);
+        const at::Tensor want16 = reference(k16.to(at::kFloat), v16.to(at::kFloat));
+        std::vector<float> scratch(hq * DecodeAttentionScratchPerHead(len), -1.f);
         for (KernelIsa isa : AvailableIsas()) {
           ForceKernelIsa(isa);
-          at::Tensor out = at::full({group, hd}, 7.f);
-          std::vector<float> scores(len, -1.f);
-          DecodeAttention(q.data_ptr<float>(), group, keys.data_ptr<float>(),
-                          values.data_ptr<float>(), len, hd, scale, scores.data(),
+          const std::string where = std::string(KernelIsaName(isa)) + " hd=" + std::to_string(hd) +
+                                    " group=" + std::to_string(group) +
+                                    " len=" + std::to_string(len);
+          at::Tensor out = at::full({hq, hd}, 7.f);
+          DecodeAttention(q.data_ptr<float>(), hkv, group, rows_k.data_ptr<float>(),
+                          rows_v.data_ptr<float>(), rs, len, hd, scale, scratch.data(),
                           out.data_ptr<float>());
-          EXPECT_LT(testing::MaxAbsDiff(out, want), 1e-5)
-              << KernelIsaName(isa) << " hd=" << hd << " group=" << group << " len=" << len;
+          EXPECT_LT(testing::MaxAbsDiff(out, want), 1e-5) << where;
           // fp16 KV cache: equal to the same attention over the half-rounded keys and values.
-          at::Tensor k16 = keys.to(at::kHalf), v16 = values.to(at::kHalf);
-          at::Tensor want16 = at::matmul(
-              at::softmax(at::matmul(q, k16.to(at::kFloat).t()) * scale, -1), v16.to(at::kFloat));
-          at::Tensor out16 = at::full({group, hd}, 7.f);
-          DecodeAttention(q.data_ptr<float>(), group, k16.data_ptr<at::Half>(),
-                          v16.data_ptr<at::Half>(), len, hd, scale, scores.data(),
+          at::Tensor out16 = at::full({hq, hd}, 7.f);
+          DecodeAttention(q.data_ptr<float>(), hkv, group, k16.data_ptr<at::Half>(),
+                          v16.data_ptr<at::Half>(), rs, len, hd, scale, scratch.data(),
                           out16.data_ptr<float>());
-          EXPECT_LT(testing::MaxAbsDiff(out16, want16), 1e-5)
-              << "fp16 KV " << KernelIsaName(isa) << " hd=" << hd << " len=" << len;
+          EXPECT_LT(testing::MaxAbsDiff(out16, want16), 1e-5) << "fp16 KV " << where;
+          // One KV head at a time: the same floats, bit for bit.
+          for (int64_t h = 0; h < hkv; ++h) {
+            at::Tensor one = at::full({group, hd}, 7.f);
+            DecodeAttention(q.data_ptr<float>() + h * group * hd, 1, group,
+                            rows_k.data_ptr<float>() + h * hd, rows_v.data_ptr<float>() + h * hd,
+                            rs, len, hd, scale, scratch.data(), one.data_ptr<float>());
+            EXPECT_TRUE(at::equal(one, out.narrow(0, h * group, group))) << "head " << h << where;
+          }
         }
         ForceKernelIsa(KernelIsa::kAuto);
       }
@@ -549,66 +571,76 @@ TEST(KernelTest, PrefillAttentionMatchesCausalSoftmaxReference) {
   for (int64_t hd : {32, 64, 128, 24})
     for (int64_t group : {1, 3}) {
       for (int64_t p0 : {0, 37}) {
-        for (int64_t T : {int64_t{17}, kPrefillQueryBlock, kPrefillQueryBlock + 1,
-                          3 * kPrefillQueryBlock + 5}) {
-          const int64_t hkv = 2, hq = hkv * group, L = p0 + T, capacity = L + 9;
-          const int64_t qdim = hq * hd + 8;  // rows with a stride past the heads
-          at::Tensor q = at::randn({T, qdim});
-          at::Tensor K = at::randn({hkv, capacity, hd}), V = at::randn({hkv, capacity, hd});
-          const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-          // Reference: per query head, full scores over the L keys, causal mask, softmax.
-          at::Tensor want = at::zeros({T, hq * hd});
-          at::Tensor causal = at::ones({T, L}, at::kBool).triu_(p0 + 1);
-          for (int64_t qh = 0; qh < hq; ++qh) {
-            const int64_t kvh = qh / group;
-            at::Tensor Qh = q.narrow(1, qh * hd, hd);
-            at::Tensor Kh = K[kvh].narrow(0, 0, L), Vh = V[kvh].narrow(0, 0, L);
-            at::Tensor sc = at::matmul(Qh, Kh.t()) * scale;
-            sc.masked_fill_(causal, -std::numeric_limits<float>::infinity());
-            want.narrow(1, qh * hd, hd).copy_(at::matmul(at::softmax(sc, -1), Vh));
-          }
-          for (KernelIsa isa : AvailableIsas())
-            for (PrefillBf16Kernel kernel : AvailablePrefillBf16Kernels()) {
-              ForceKernelIsa(isa);
-              ForcePrefillBf16Kernel(kernel);
-              at::Tensor out = at::full({T, qdim}, 7.f);
-              PrefillAttentionArgs a;
-              a.q = q.data_ptr<float>();
-              a.q_stride = qdim;
-              a.k = K.data_ptr<float>();
-              a.v = V.data_ptr<float>();
-              a.kv_head_stride = capacity * hd;
-              a.kv_heads = hkv;
-              a.group = group;
-              a.head_dim = hd;
-              a.p0 = p0;
-              a.T = T;
-              a.scale = scale;
-              a.out = out.data_ptr<float>();
-              a.out_stride = qdim;
-              a.bf16 = kernel != PrefillBf16Kernel::kNone;
-              at::Tensor scratch;
-              PrefillAttention(a, scratch);
-              const double diff = testing::MaxAbsDiff(out.narrow(1, 0, hq * hd), want);
-              const PrefillBf16Kernel ran = a.bf16 ? ActivePrefillBf16Kernel(hd) : kernel;
-              const std::string where = std::string(KernelIsaName(isa)) + " " +
-                                        PrefillBf16KernelName(ran) + " hd=" + std::to_string(hd) +
-                                        " group=" + std::to_string(group) +
-                                        " p0=" + std::to_string(p0) + " T=" + std::to_string(T);
-              // bf16 inputs (8 significant bits) where a bf16 kernel runs: the error stays at the
-              // rounding's scale, and is not zero (the bf16 kernel ran).
-              if (ran != PrefillBf16Kernel::kNone) {
-                EXPECT_LT(diff, 2e-2) << where;
-                EXPECT_GT(diff, 1e-5) << where;
-              } else {
-                EXPECT_LT(diff, 2e-5) << where;
-              }
-              // The columns past the heads are not written.
-              EXPECT_TRUE(at::all(out.narrow(1, hq * hd, 8) == 7.f).item<bool>()) << where;
+        for (int64_t T :
+             {int64_t{17}, kPrefillQueryBlock, kPrefillQueryBlock + 1, 3 * kPrefillQueryBlock + 5})
+          for (bool position_major : {true, false}) {
+            const int64_t hkv = 2, hq = hkv * group, L = p0 + T, capacity = L + 9;
+            const int64_t qdim = hq * hd + 8;  // rows with a stride past the heads
+            at::Tensor q = at::randn({T, qdim});
+            // Position-major as the KV cache holds it ([capacity, hkv, hd]), or each head's rows
+            // together ([hkv, capacity, hd]); K and V below are per-head views either way.
+            at::Tensor Kstore =
+                position_major ? at::randn({capacity, hkv, hd}) : at::randn({hkv, capacity, hd});
+            at::Tensor Vstore =
+                position_major ? at::randn({capacity, hkv, hd}) : at::randn({hkv, capacity, hd});
+            at::Tensor K = position_major ? Kstore.transpose(0, 1) : Kstore;
+            at::Tensor V = position_major ? Vstore.transpose(0, 1) : Vstore;
+            const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+            // Reference: per query head, full scores over the L keys, causal mask, softmax.
+            at::Tensor want = at::zeros({T, hq * hd});
+            at::Tensor causal = at::ones({T, L}, at::kBool).triu_(p0 + 1);
+            for (int64_t qh = 0; qh < hq; ++qh) {
+              const int64_t kvh = qh / group;
+              at::Tensor Qh = q.narrow(1, qh * hd, hd);
+              at::Tensor Kh = K[kvh].narrow(0, 0, L), Vh = V[kvh].narrow(0, 0, L);
+              at::Tensor sc = at::matmul(Qh, Kh.t()) * scale;
+              sc.masked_fill_(causal, -std::numeric_limits<float>::infinity());
+              want.narrow(1, qh * hd, hd).copy_(at::matmul(at::softmax(sc, -1), Vh));
             }
-          ForceKernelIsa(KernelIsa::kAuto);
-          ForcePrefillBf16Kernel(PrefillBf16Kernel::kAuto);
-        }
+            for (KernelIsa isa : AvailableIsas())
+              for (PrefillBf16Kernel kernel : AvailablePrefillBf16Kernels()) {
+                ForceKernelIsa(isa);
+                ForcePrefillBf16Kernel(kernel);
+                at::Tensor out = at::full({T, qdim}, 7.f);
+                PrefillAttentionArgs a;
+                a.q = q.data_ptr<float>();
+                a.q_stride = qdim;
+                a.k = Kstore.data_ptr<float>();
+                a.v = Vstore.data_ptr<float>();
+                a.kv_head_stride = position_major ? hd : capacity * hd;
+                a.kv_row_stride = position_major ? hkv * hd : 0;
+                a.kv_heads = hkv;
+                a.group = group;
+                a.head_dim = hd;
+                a.p0 = p0;
+                a.T = T;
+                a.scale = scale;
+                a.out = out.data_ptr<float>();
+                a.out_stride = qdim;
+                a.bf16 = kernel != PrefillBf16Kernel::kNone;
+                at::Tensor scratch;
+                PrefillAttention(a, scratch);
+                const double diff = testing::MaxAbsDiff(out.narrow(1, 0, hq * hd), want);
+                const PrefillBf16Kernel ran = a.bf16 ? ActivePrefillBf16Kernel(hd) : kernel;
+                const std::string where = std::string(KernelIsaName(isa)) + " " +
+                                          PrefillBf16KernelName(ran) + " hd=" + std::to_string(hd) +
+                                          " group=" + std::to_string(group) +
+                                          " p0=" + std::to_string(p0) + " T=" + std::to_string(T) +
+                                          (position_major ? " position-major" : " head-major");
+                // bf16 inputs (8 significant bits) where a bf16 kernel runs: the error stays at the
+                // rounding's scale, and is not zero (the bf16 kernel ran).
+                if (ran != PrefillBf16Kernel::kNone) {
+                  EXPECT_LT(diff, 2e-2) << where;
+                  EXPECT_GT(diff, 1e-5) << where;
+                } else {
+                  EXPECT_LT(diff, 2e-5) << where;
+                }
+                // The columns past the heads are not written.
+                EXPECT_TRUE(at::all(out.narrow(1, hq * hd, 8) == 7.f).item<bool>()) << where;
+              }
+            ForceKernelIsa(KernelIsa::kAuto);
+            ForcePrefillBf16Kernel(PrefillBf16Kernel::kAuto);
+          }
       }
     }
 }

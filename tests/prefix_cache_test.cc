@@ -29,8 +29,8 @@ at::Tensor Prefill(Engine& e, KVCache& c, int64_t slot, std::span<const int32_t>
 // Positions [0, n) of every layer's K and V in `slot` are identical in both caches.
 void ExpectSameKV(KVCache& a, int64_t sa, KVCache& b, int64_t sb, int64_t n) {
   for (int64_t l = 0; l < a.num_layers(); ++l) {
-    EXPECT_TRUE(at::equal(a.k(l, sa).narrow(1, 0, n), b.k(l, sb).narrow(1, 0, n))) << "K " << l;
-    EXPECT_TRUE(at::equal(a.v(l, sa).narrow(1, 0, n), b.v(l, sb).narrow(1, 0, n))) << "V " << l;
+    EXPECT_TRUE(at::equal(a.k(l, sa).narrow(0, 0, n), b.k(l, sb).narrow(0, 0, n))) << "K " << l;
+    EXPECT_TRUE(at::equal(a.v(l, sa).narrow(0, 0, n), b.v(l, sb).narrow(0, 0, n))) << "V " << l;
   }
 }
 

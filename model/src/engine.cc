@@ -46,7 +46,8 @@ void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
     ws_->v = at::empty({n, c.num_key_value_heads * c.head_dim});
     ws_->gate = at::empty({n, c.intermediate_size});
     ws_->up = at::empty({n, c.intermediate_size});
-    ws_->scores = at::empty({n * c.num_attention_heads, options_.max_len});
+    ws_->scores =
+        at::empty({n * c.num_attention_heads, DecodeAttentionScratchPerHead(options_.max_len)});
     ws_->pos.resize(n);
     ws_->cap_tokens = n;
   }
@@ -155,65 +156,76 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   const int64_t group = hq / hkv;
   const int64_t qdim = io.q_stride, kvdim = io.kv_stride;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t max_len = cache.max_len();
   const float* q = io.q;
   const float* kn = io.k;
   const float* vn = io.v;
   float* att = io.att;
-  // Slot storage is [hkv, capacity, hd] per layer (Forward reserved room for the new tokens),
-  // fp32 or fp16.
+  // Slot storage is [capacity, hkv, hd] per layer, position-major (Forward reserved room for the
+  // new tokens), fp32 or fp16.
   const bool half = cache.dtype() == at::kHalf;
-  auto offset = [&](int64_t slot, int64_t head, int64_t pos) {
-    return (head * cache.capacity(slot) + pos) * hd;
-  };
+  const int64_t row_stride = hkv * hd;
 
-  // Row r's new key and value of KV head h, into `slot` at `pos`.
-  auto append = [&](int64_t r, int64_t slot, int64_t h, int64_t pos) {
-    const float* kr = kn + r * kvdim + h * hd;
-    const float* vr = vn + r * kvdim + h * hd;
-    const int64_t at_row = offset(slot, h, pos);
+  // Row r's new keys and values of KV heads [h0, h1), into `slot` at `pos`: one run.
+  auto append = [&](int64_t r, int64_t slot, int64_t h0, int64_t h1, int64_t pos) {
+    const float* kr = kn + r * kvdim + h0 * hd;
+    const float* vr = vn + r * kvdim + h0 * hd;
+    const int64_t at_row = pos * row_stride + h0 * hd, n = (h1 - h0) * hd;
     at::Tensor& K = cache.k(layer, slot);
     at::Tensor& V = cache.v(layer, slot);
     if (half) {
-      FloatToHalf(kr, K.data_ptr<at::Half>() + at_row, hd);
-      FloatToHalf(vr, V.data_ptr<at::Half>() + at_row, hd);
+      FloatToHalf(kr, K.data_ptr<at::Half>() + at_row, n);
+      FloatToHalf(vr, V.data_ptr<at::Half>() + at_row, n);
     } else {
-      std::memcpy(K.data_ptr<float>() + at_row, kr, hd * sizeof(float));
-      std::memcpy(V.data_ptr<float>() + at_row, vr, hd * sizeof(float));
+      std::memcpy(K.data_ptr<float>() + at_row, kr, n * sizeof(float));
+      std::memcpy(V.data_ptr<float>() + at_row, vr, n * sizeof(float));
     }
   };
-  // Row r's query heads of KV head kvh over the first `len` positions of `slot` (task t's
-  // scratch).
-  float* scores = io.scores;
-  auto attend = [&](int64_t t, int64_t r, int64_t slot, int64_t kvh, int64_t len) {
-    const int64_t first = offset(slot, kvh, 0);
-    const int64_t first_q = r * qdim + kvh * group * hd;  // the group's query heads
+  // Row r's query heads of KV heads [h0, h1) over the first `len` positions of `slot`, with the
+  // scratch of those query heads in row r's share.
+  const int64_t scratch_per_head = DecodeAttentionScratchPerHead(cache.max_len());
+  auto attend = [&](int64_t r, int64_t slot, int64_t h0, int64_t h1, int64_t len) {
+    const int64_t first = h0 * hd;
+    const int64_t first_q = r * qdim + h0 * group * hd;  // the range's query heads
+    float* scratch = io.scores + (r * hq + h0 * group) * scratch_per_head;
     const at::Tensor& K = cache.k(layer, slot);
     const at::Tensor& V = cache.v(layer, slot);
     if (half) {
-      DecodeAttention(q + first_q, group, K.data_ptr<at::Half>() + first,
-                      V.data_ptr<at::Half>() + first, len, hd, scale, scores + t * max_len,
+      DecodeAttention(q + first_q, h1 - h0, group, K.data_ptr<at::Half>() + first,
+                      V.data_ptr<at::Half>() + first, row_stride, len, hd, scale, scratch,
                       att + first_q);
     } else {
-      DecodeAttention(q + first_q, group, K.data_ptr<float>() + first, V.data_ptr<float>() + first,
-                      len, hd, scale, scores + t * max_len, att + first_q);
+      DecodeAttention(q + first_q, h1 - h0, group, K.data_ptr<float>() + first,
+                      V.data_ptr<float>() + first, row_stride, len, hd, scale, scratch,
+                      att + first_q);
     }
   };
+  // KV heads per task: all of a row's (one run of its cache) unless fewer rows than threads
+  // would leave threads idle; then the heads split evenly, one share per thread (more, smaller
+  // shares were slower at batch 1: each core's prefetcher also fetches the rest of every
+  // position's run, which other cores' heads use).
+  auto chunks_for = [&](int64_t rows) {
+    const int64_t threads = std::max(1, at::get_num_threads());
+    return std::clamp<int64_t>((threads + rows - 1) / rows, 1, hkv);
+  };
+  auto head_range = [&](int64_t c, int64_t chunks) {
+    return std::pair<int64_t, int64_t>{c * hkv / chunks, (c + 1) * hkv / chunks};
+  };
 
-  // A decode step (one new token per sequence): each (sequence, KV head) task rotates its query
-  // group and key, appends its key and value and attends, all in parallel (done one after
-  // another on one thread, RoPE and the append's cache misses left the other core idle).
+  // A decode step (one new token per sequence): each (sequence, head range) task rotates its
+  // query groups and keys, appends its keys and values and attends, all in parallel (done one
+  // after another on one thread, RoPE and the append's cache misses left the other core idle).
   if (one_token_each) {
     float* qr = io.q;
     float* kr = io.k;
-    const int64_t n = static_cast<int64_t>(seqs.size());
-    ParallelFor(0, n * hkv, 1, [&](int64_t b, int64_t e) {
+    const int64_t n = static_cast<int64_t>(seqs.size()), chunks = chunks_for(n);
+    ParallelFor(0, n * chunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = t / hkv, kvh = t % hkv, slot = seqs[r].slot, pos = io.pos[r];
-        ApplyRope(qr + r * qdim + kvh * group * hd, group, hd, rope_, pos);
-        ApplyRope(kr + r * kvdim + kvh * hd, 1, hd, rope_, pos);
-        append(r, slot, kvh, pos);
-        attend(t, r, slot, kvh, pos + 1);
+        const int64_t r = t / chunks, slot = seqs[r].slot, pos = io.pos[r];
+        const auto [h0, h1] = head_range(t % chunks, chunks);
+        ApplyRope(qr + r * qdim + h0 * group * hd, (h1 - h0) * group, hd, rope_, pos);
+        ApplyRope(kr + r * kvdim + h0 * hd, h1 - h0, hd, rope_, pos);
+        append(r, slot, h0, h1, pos);
+        attend(r, slot, h0, h1, pos + 1);
       }
     });
     return;
@@ -226,8 +238,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     int64_t row = 0;
     for (const SeqInput& s : seqs) {
       const int64_t p0 = cache.length(s.slot), T = static_cast<int64_t>(s.tokens.size());
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < hkv; ++h) append(row + t, s.slot, h, p0 + t);
+      for (int64_t t = 0; t < T; ++t) append(row + t, s.slot, 0, hkv, p0 + t);
       row += T;
     }
 
@@ -244,10 +255,12 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     }
   });
   if (!single.empty()) {
-    ParallelFor(0, static_cast<int64_t>(single.size()) * hkv, 1, [&](int64_t b, int64_t e) {
+    const int64_t chunks = chunks_for(static_cast<int64_t>(single.size()));
+    ParallelFor(0, static_cast<int64_t>(single.size()) * chunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const DecodeTask& tk = single[t / hkv];
-        attend(t, tk.row, tk.slot, t % hkv, tk.len);
+        const DecodeTask& tk = single[t / chunks];
+        const auto [h0, h1] = head_range(t % chunks, chunks);
+        attend(tk.row, tk.slot, h0, h1, tk.len);
       }
     });
   }
@@ -259,20 +272,19 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
       const int64_t T = static_cast<int64_t>(s.tokens.size());
       if (T > kTokenByTokenAttentionMax) {
         const int64_t p0 = cache.length(s.slot), L = p0 + T;
-        // Slot storage is [hkv, capacity, hd]; an fp16 cache is widened once per layer.
+        // Slot storage is [capacity, hkv, hd]; an fp16 cache is widened once per layer.
         at::Tensor K = cache.k(layer, s.slot), V = cache.v(layer, s.slot);
-        int64_t head_stride = cache.capacity(s.slot) * hd;
         if (half) {
-          K = K.narrow(1, 0, L).to(at::kFloat).contiguous();
-          V = V.narrow(1, 0, L).to(at::kFloat).contiguous();
-          head_stride = L * hd;
+          K = K.narrow(0, 0, L).to(at::kFloat).contiguous();
+          V = V.narrow(0, 0, L).to(at::kFloat).contiguous();
         }
         PrefillAttentionArgs a;
         a.q = q + row * qdim;
         a.q_stride = qdim;
         a.k = K.data_ptr<float>();
         a.v = V.data_ptr<float>();
-        a.kv_head_stride = head_stride;
+        a.kv_head_stride = hd;
+        a.kv_row_stride = row_stride;
         a.kv_heads = hkv;
         a.group = group;
         a.head_dim = hd;

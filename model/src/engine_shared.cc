@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "decode_attention.h"
 #include "model/engine.h"
 #include "model/packed_linear.h"
 #include "model/step_profile.h"
@@ -58,7 +59,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
   const size_t G = groups.size();
   const ModelConfig& c0 = groups[0].engine->model().config;
   const int64_t H = c0.hidden_size, hd = c0.head_dim, V = c0.vocab_size;
-  int64_t N = 0, out_total = 0, qmax = 0, kvmax = 0, imax = 0, tasks = 0, max_len = 0;
+  int64_t N = 0, out_total = 0, qmax = 0, kvmax = 0, imax = 0, scratch = 0;
   std::vector<GroupState> st(G);
   for (size_t g = 0; g < G; ++g) {
     SharedForwardGroup& gr = groups[g];
@@ -93,15 +94,17 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
     st[g].one_token_each = Engine::OneTokenEach(gr.seqs);
     N += st[g].n;
     out_total += st[g].out_rows;
-    int64_t kv_heads = 0;
+    int64_t kv_heads = 0, q_heads = 0;
     for (const LayerWeights& l : m.layers) {
       qmax = std::max(qmax, l.q_heads(hd) * hd);
+      q_heads = std::max(q_heads, l.q_heads(hd));
       kv_heads = std::max(kv_heads, l.kv_heads(hd));
       imax = std::max(imax, l.intermediate());
     }
     kvmax = std::max(kvmax, kv_heads * hd);
-    tasks = std::max(tasks, st[g].n * kv_heads);
-    max_len = std::max(max_len, gr.cache->max_len());
+    // Attention's scratch, one share per (row, query head) of the group in turn.
+    scratch =
+        std::max(scratch, st[g].n * q_heads * DecodeAttentionScratchPerHead(gr.cache->max_len()));
   }
 
   // Buffers before any parallel region (a team must not allocate).
@@ -115,7 +118,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
   float* gate = Grow(ws.gate, N * imax);
   float* up = Grow(ws.up, N * imax);
   float* logits = Grow(ws.logits, out_total * V);
-  float* scores = Grow(ws.scores, tasks * max_len);
+  float* scores = Grow(ws.scores, scratch);
   if (static_cast<int64_t>(ws.pos.size()) < N) ws.pos.resize(N);
   const int64_t max_panels = (std::max({qmax, kvmax, imax}) + 15) / 16;
   if (static_cast<int64_t>(ws.panel_rows.size()) < 3 * max_panels)

@@ -130,7 +130,7 @@ void KVCache::Reserve(int64_t slot, int64_t len) {
   TORCH_CHECK(arena, "KVCache: out of memory for ", total, " bytes");
   size_t offset = 0;
   auto next = [&](int64_t l) {
-    const std::vector<int64_t> sizes = {kv_heads_[l], cap, head_dim_};
+    const std::vector<int64_t> sizes = {cap, kv_heads_[l], head_dim_};
     void* data = static_cast<char*>(arena.get()) + offset;
     offset += kv_heads_[l] * cap * head_dim_ * elem;
     return at::from_blob(
@@ -141,7 +141,7 @@ void KVCache::Reserve(int64_t slot, int64_t len) {
   for (int64_t l = 0; l < layers; ++l) {
     for (at::Tensor* t : {&s.k[l], &s.v[l]}) {
       at::Tensor grown = next(l);
-      if (s.length > 0) grown.narrow(1, 0, s.length).copy_(t->narrow(1, 0, s.length));
+      if (s.length > 0) grown.narrow(0, 0, s.length).copy_(t->narrow(0, 0, s.length));
       *t = std::move(grown);
     }
   }

@@ -132,14 +132,15 @@ AMOEBA_AVX512 void Transpose16(__m512 r[16]) {
   }
 }
 
-// kt[d * ldk + j] = k[j * hd + d] for j < L; columns [L, ldk) are zero. hd is a multiple of 16.
-AMOEBA_AVX512 void TransposeKeys(const float* k, int64_t L, int64_t hd, int64_t ldk, float* kt) {
+// kt[d * ldk + j] = k[j * rs + d] for j < L; columns [L, ldk) are zero. hd is a multiple of 16.
+AMOEBA_AVX512 void TransposeKeys(const float* k, int64_t L, int64_t hd, int64_t rs, int64_t ldk,
+                                 float* kt) {
   __m512 r[16];
   for (int64_t j0 = 0; j0 < L; j0 += 16) {
     const int64_t n = std::min<int64_t>(16, L - j0);
     for (int64_t d0 = 0; d0 < hd; d0 += 16) {
       for (int64_t i = 0; i < 16; ++i)
-        r[i] = i < n ? _mm512_loadu_ps(k + (j0 + i) * hd + d0) : _mm512_setzero_ps();
+        r[i] = i < n ? _mm512_loadu_ps(k + (j0 + i) * rs + d0) : _mm512_setzero_ps();
       Transpose16(r);
       for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(kt + (d0 + c) * ldk + j0, r[c]);
     }
@@ -172,16 +173,16 @@ AMOEBA_AVX512 void ScoreTile(const float* q, int64_t q_stride, const float* kt, 
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * lds + c * 16, acc[r][c]);
 }
 
-// o_r += Σ_{j < keys} p[r * lds + j] · v_j for R rows of NV × 16 values each.
+// o_r += Σ_{j < keys} p[r * lds + j] · v_j for R rows of NV × 16 values each (v_j at v + j * vs).
 template <int R, int NV>
-AMOEBA_AVX512 void ValueTile(const float* p, int64_t lds, const float* v, int64_t keys, float* o,
-                             int64_t o_stride) {
+AMOEBA_AVX512 void ValueTile(const float* p, int64_t lds, const float* v, int64_t vs, int64_t keys,
+                             float* o, int64_t o_stride) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * o_stride + c * 16);
   for (int64_t j = 0; j < keys; ++j) {
     __m512 vj[NV];
-    for (int c = 0; c < NV; ++c) vj[c] = _mm512_loadu_ps(v + j * NV * 16 + c * 16);
+    for (int c = 0; c < NV; ++c) vj[c] = _mm512_loadu_ps(v + j * vs + c * 16);
     for (int r = 0; r < R; ++r) {
       const __m512 b = _mm512_set1_ps(p[r * lds + j]);
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(b, vj[c], acc[r][c]);
@@ -223,10 +224,10 @@ inline void WithRows(int rows, F&& f) {
 
 // The dispatchers and their lambdas carry the kernels' target, so the tiles inline into them.
 template <int NV>
-AMOEBA_AVX512 void ValueRows(int rows, const float* p, int64_t lds, const float* v, int64_t keys,
-                             float* o, int64_t o_stride) {
+AMOEBA_AVX512 void ValueRows(int rows, const float* p, int64_t lds, const float* v, int64_t vs,
+                             int64_t keys, float* o, int64_t o_stride) {
   WithRows<kValueRows<NV>>(rows, [&](auto r) AMOEBA_AVX512 {
-    ValueTile<decltype(r)::value, NV>(p, lds, v, keys, o, o_stride);
+    ValueTile<decltype(r)::value, NV>(p, lds, v, vs, keys, o, o_stride);
   });
 }
 
@@ -254,8 +255,8 @@ AMOEBA_AVX512 void NormalizeRows(const float* src, int64_t src_stride, const flo
 // row softmax, then the values chunk by chunk into the output rows.
 template <int NV>
 AMOEBA_AVX512 void AttendBlockAvx512(const float* q, int64_t q_stride, const float* kt, int64_t ldk,
-                                     const float* v, int64_t rows, int64_t first_len, float scale,
-                                     float* S, float* o, int64_t o_stride) {
+                                     const float* v, int64_t vs, int64_t rows, int64_t first_len,
+                                     float scale, float* S, float* o, int64_t o_stride) {
   constexpr int64_t hd = NV * 16, kScoreRows = 6, kRows = kValueRows<NV>;
   const int64_t last_len = first_len + rows - 1;
   for (int64_t j0 = 0; j0 < last_len; j0 += kKeyChunk)
@@ -278,7 +279,7 @@ AMOEBA_AVX512 void AttendBlockAvx512(const float* q, int64_t q_stride, const flo
       const int64_t n = std::min(kRows, rows - r0);
       const int64_t tile_len = first_len + r0 + n - 1;
       if (tile_len <= j0) continue;
-      ValueRows<NV>(static_cast<int>(n), S + r0 * ldk + j0, ldk, v + j0 * hd,
+      ValueRows<NV>(static_cast<int>(n), S + r0 * ldk + j0, ldk, v + j0 * vs, vs,
                     std::min(kKeyChunk, tile_len - j0), o + r0 * o_stride, o_stride);
     }
   NormalizeRows(o, o_stride, inv_sum, rows, hd, o, o_stride);
@@ -330,6 +331,7 @@ void GrowScratch(at::Tensor& scratch, int64_t need) {
 
 void PrefillAttentionAvx512(const PrefillAttentionArgs& a, at::Tensor& scratch) {
   const int64_t hd = a.head_dim, B = kPrefillQueryBlock;
+  const int64_t rs = a.kv_row_stride > 0 ? a.kv_row_stride : hd;
   const int64_t L = a.p0 + a.T;
   // K^T rows a whole number of key chunks long, plus one cache line: rows 4 KB apart would all
   // fall in the same L1 sets, and a score tile reads 64 of them.
@@ -342,7 +344,7 @@ void PrefillAttentionAvx512(const PrefillAttentionArgs& a, at::Tensor& scratch) 
   // K^T once per KV head, shared by every query block and query head of its group.
   at::parallel_for(0, a.kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)
-      TransposeKeys(a.k + h * a.kv_head_stride, L, hd, ldk, kt + h * hd * ldk);
+      TransposeKeys(a.k + h * a.kv_head_stride, L, hd, rs, ldk, kt + h * hd * ldk);
   });
   ForEachBlockTask(a, threads, [&](int64_t w, int64_t kvh, int64_t t0, int64_t rows) {
     float* S = buffers + w * per_thread;
@@ -351,7 +353,7 @@ void PrefillAttentionAvx512(const PrefillAttentionArgs& a, at::Tensor& scratch) 
       WithHeadVectors(hd, [&](auto nv) {
         AttendBlockAvx512<decltype(nv)::value>(
             a.q + t0 * a.q_stride + qh * hd, a.q_stride, kt + kvh * hd * ldk, ldk,
-            a.v + kvh * a.kv_head_stride, rows, a.p0 + t0 + 1, a.scale, S,
+            a.v + kvh * a.kv_head_stride, rs, rows, a.p0 + t0 + 1, a.scale, S,
             a.out + t0 * a.out_stride + qh * hd, a.out_stride);
       });
     }
@@ -375,15 +377,16 @@ AMOEBA_AVX512_BF16 inline __m512i PackPairs(__m512 a, __m512 b) {
   return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
-// Keys as dimension pairs: kp[p * 2ldk + 2j + e] = bf16(k[j * hd + 2p + e]) for j < L; keys
+// Keys as dimension pairs: kp[p * 2ldk + 2j + e] = bf16(k[j * rs + 2p + e]) for j < L; keys
 // [L, ldk) are zero.
-AMOEBA_AVX512_BF16 void PackKeys(const float* k, int64_t L, int64_t hd, int64_t ldk, uint16_t* kp) {
+AMOEBA_AVX512_BF16 void PackKeys(const float* k, int64_t L, int64_t hd, int64_t rs, int64_t ldk,
+                                 uint16_t* kp) {
   __m512 r[16];
   for (int64_t j0 = 0; j0 < L; j0 += 16) {
     const int64_t n = std::min<int64_t>(16, L - j0);
     for (int64_t d0 = 0; d0 < hd; d0 += 16) {
       for (int64_t i = 0; i < 16; ++i)
-        r[i] = i < n ? _mm512_loadu_ps(k + (j0 + i) * hd + d0) : _mm512_setzero_ps();
+        r[i] = i < n ? _mm512_loadu_ps(k + (j0 + i) * rs + d0) : _mm512_setzero_ps();
       Transpose16(r);  // r[c]: dimension d0 + c of the 16 keys
       for (int64_t e = 0; e < 8; ++e)
         _mm512_storeu_si512(kp + (d0 / 2 + e) * 2 * ldk + 2 * j0,
@@ -395,15 +398,15 @@ AMOEBA_AVX512_BF16 void PackKeys(const float* k, int64_t L, int64_t hd, int64_t 
     std::memset(kp + p * 2 * ldk + 2 * done, 0, (ldk - done) * 2 * sizeof(uint16_t));
 }
 
-// Values as key pairs: vp[m * 2hd + 2c + e] = bf16(v[(2m + e) * hd + c]) for m < ldk / 2; keys
+// Values as key pairs: vp[m * 2hd + 2c + e] = bf16(v[(2m + e) * rs + c]) for m < ldk / 2; keys
 // past L are zero.
-AMOEBA_AVX512_BF16 void PackValues(const float* v, int64_t L, int64_t hd, int64_t ldk,
+AMOEBA_AVX512_BF16 void PackValues(const float* v, int64_t L, int64_t hd, int64_t rs, int64_t ldk,
                                    uint16_t* vp) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t m = 0; m < ldk / 2; ++m)
     for (int64_t c = 0; c < hd; c += 16) {
-      const __m512 a = 2 * m < L ? _mm512_loadu_ps(v + 2 * m * hd + c) : zero;
-      const __m512 b = 2 * m + 1 < L ? _mm512_loadu_ps(v + (2 * m + 1) * hd + c) : zero;
+      const __m512 a = 2 * m < L ? _mm512_loadu_ps(v + 2 * m * rs + c) : zero;
+      const __m512 b = 2 * m + 1 < L ? _mm512_loadu_ps(v + (2 * m + 1) * rs + c) : zero;
       _mm512_storeu_si512(vp + m * 2 * hd + 2 * c, PackPairs(a, b));
     }
 }
@@ -689,6 +692,7 @@ AMOEBA_AMX_BF16 void AttendBlockAmx(int64_t hd, const float* q, int64_t q_stride
 void PrefillAttentionBf16(const PrefillAttentionArgs& a, PrefillBf16Kernel kernel,
                           at::Tensor& scratch) {
   const int64_t hd = a.head_dim, B = kPrefillQueryBlock;
+  const int64_t rs = a.kv_row_stride > 0 ? a.kv_row_stride : hd;
   const int64_t L = a.p0 + a.T;
   const int64_t ldk = (L + kKeyChunk - 1) / kKeyChunk * kKeyChunk + 16;  // as the fp32 kernel
   const int threads = std::max(1, at::get_num_threads());
@@ -704,9 +708,9 @@ void PrefillAttentionBf16(const PrefillAttentionArgs& a, PrefillBf16Kernel kerne
     for (int64_t i = begin; i < end; ++i) {
       const int64_t h = i / 2;
       if (i % 2 == 0)
-        PackKeys(a.k + h * a.kv_head_stride, L, hd, ldk, keys_of(h));
+        PackKeys(a.k + h * a.kv_head_stride, L, hd, rs, ldk, keys_of(h));
       else
-        PackValues(a.v + h * a.kv_head_stride, L, hd, ldk, values_of(h));
+        PackValues(a.v + h * a.kv_head_stride, L, hd, rs, ldk, values_of(h));
     }
   });
   ForEachBlockTask(a, threads, [&](int64_t w, int64_t kvh, int64_t t0, int64_t rows) {
@@ -786,6 +790,7 @@ void PrefillAttention(const PrefillAttentionArgs& a, at::Tensor& scratch) {
     return PrefillAttentionAvx512(a, scratch);
   }
   const int64_t hd = a.head_dim, B = kPrefillQueryBlock;
+  const int64_t rs = a.kv_row_stride > 0 ? a.kv_row_stride : hd;
   const int64_t max_keys = a.p0 + a.T;
   const int threads = std::max(1, at::get_num_threads());
   const int64_t per_thread = B * max_keys;
@@ -798,9 +803,9 @@ void PrefillAttention(const PrefillAttentionArgs& a, at::Tensor& scratch) {
     float* S = buffers + w * per_thread;
     const int64_t keys = a.p0 + t0 + rows;  // what the block's last row sees
     const at::Tensor K =
-        at::from_blob(const_cast<float*>(a.k) + kvh * a.kv_head_stride, {keys, hd});
+        at::from_blob(const_cast<float*>(a.k) + kvh * a.kv_head_stride, {keys, hd}, {rs, 1});
     const at::Tensor V =
-        at::from_blob(const_cast<float*>(a.v) + kvh * a.kv_head_stride, {keys, hd});
+        at::from_blob(const_cast<float*>(a.v) + kvh * a.kv_head_stride, {keys, hd}, {rs, 1});
     at::Tensor scores = at::from_blob(S, {rows, keys});
     for (int64_t g = 0; g < a.group; ++g) {
       const int64_t qh = kvh * a.group + g;

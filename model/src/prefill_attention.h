@@ -21,10 +21,12 @@ inline constexpr int64_t kPrefillQueryBlock = 64;
 struct PrefillAttentionArgs {
   const float* q = nullptr;  // [T, q_stride]: query head h of row t at q + t*q_stride + h*hd
   int64_t q_stride = 0;
-  // Keys and values as float, [kv_heads, >= p0 + T, hd] with `kv_head_stride` between heads.
+  // Keys and values as float: the row of position p and KV head h at k + h * kv_head_stride +
+  // p * kv_row_stride (0: head_dim, each head's rows contiguous), positions [0, p0 + T).
   const float* k = nullptr;
   const float* v = nullptr;
   int64_t kv_head_stride = 0;
+  int64_t kv_row_stride = 0;
   int64_t kv_heads = 0, group = 1, head_dim = 0;
   int64_t p0 = 0;  // tokens already in the cache before this run
   int64_t T = 0;   // new tokens

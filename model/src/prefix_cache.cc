@@ -27,7 +27,8 @@ int64_t RunBytes(int64_t tokens, int64_t head_dim, int64_t elem) {
   return tokens * head_dim * elem;
 }
 
-constexpr char kPrefixCacheMagic[8] = {'A', 'M', 'B', 'P', 'C', 'C', '0', '1'};
+// Version 02: blocks position-major, as the KV cache (01 held each head's rows together).
+constexpr char kPrefixCacheMagic[8] = {'A', 'M', 'B', 'P', 'C', 'C', '0', '2'};
 
 }  // namespace
 
@@ -143,20 +144,18 @@ void PrefixCache::Unlink(Space& space, Block* b) {
 
 void PrefixCache::CopyRows(const Layout& layout, const KVCache& cache, int64_t slot, int64_t pos,
                            int64_t rows, std::byte* block, bool into_cache) const {
-  const int64_t cap = cache.capacity(slot);
-  const int64_t row = RunBytes(1, layout.head_dim, layout.elem_bytes);
-  const int64_t run = RunBytes(opt_.block_tokens, layout.head_dim, layout.elem_bytes);
+  // The cache is position-major ([capacity, kv_heads, head_dim] per layer), and so is a block's
+  // run per layer and tensor: `rows` positions are one copy.
   for (int64_t l = 0; l < static_cast<int64_t>(layout.kv_heads.size()); ++l) {
+    const int64_t position = layout.kv_heads[l] * RunBytes(1, layout.head_dim, layout.elem_bytes);
     for (const at::Tensor* t : {&cache.k(l, slot), &cache.v(l, slot)}) {
       // A tensor's storage is writable through a const handle: restoring writes the slot.
-      auto* kv = static_cast<std::byte*>(t->data_ptr());
-      for (int64_t h = 0; h < layout.kv_heads[l]; ++h, block += run) {
-        std::byte* at = kv + (h * cap + pos) * row;
-        if (into_cache)
-          std::memcpy(at, block, static_cast<size_t>(rows * row));
-        else
-          std::memcpy(block, at, static_cast<size_t>(rows * row));
-      }
+      std::byte* at = static_cast<std::byte*>(t->data_ptr()) + pos * position;
+      if (into_cache)
+        std::memcpy(at, block, static_cast<size_t>(rows * position));
+      else
+        std::memcpy(block, at, static_cast<size_t>(rows * position));
+      block += opt_.block_tokens * position;
     }
   }
 }
@@ -321,8 +320,12 @@ absl::Status PrefixCache::Load(std::string_view key, const std::string& path,
         absl::StrCat(path, ": not a prompt cache file (", std::string(why), ")"));
   };
   char magic[sizeof kPrefixCacheMagic];
-  if (!take(magic, sizeof magic) || std::memcmp(magic, kPrefixCacheMagic, sizeof kPrefixCacheMagic) != 0)
+  if (!take(magic, sizeof magic) || std::memcmp(magic, kPrefixCacheMagic, 6) != 0)
     return bad("bad magic");
+  if (std::memcmp(magic, kPrefixCacheMagic, sizeof magic) != 0)
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": prompt cache file of format ", absl::string_view(magic + 6, 2),
+                     ", this build reads format ", absl::string_view(kPrefixCacheMagic + 6, 2)));
   int64_t bt = 0, layers = 0;
   Layout layout;
   if (!take(&bt, 8) || !take(&layers, 8) || !take(&layout.head_dim, 8) ||

@@ -1,5 +1,7 @@
 // KV cache with per-slot storage that grows with the sequence: for each slot and each layer of the
-// model it serves, K and V of shape [kv_heads_of_layer, capacity, head_dim]. A slot holds one
+// model it serves, K and V of shape [capacity, kv_heads_of_layer, head_dim], position-major, so
+// the positions a sequence holds are one run of memory per layer whatever the capacity (decode
+// attention streams it; decode_attention.h says why). A slot holds one
 // sequence; `length(slot)` is how many positions are filled. Capacity grows by doubling (from
 // kMinCapacity, up to max_len) when a call needs more, and Reset() releases it, so memory follows
 // the tokens actually held, not slots × max_len. Layers a subnet skips have no cache at all.
@@ -42,7 +44,7 @@ class KVCache {
   void Reserve(int64_t slot, int64_t len);
   int64_t capacity(int64_t slot) const { return slots_.at(slot).capacity; }
   int64_t num_layers() const { return static_cast<int64_t>(kv_heads_.size()); }
-  // [kv_heads, capacity(slot), head_dim] of one layer.
+  // [capacity(slot), kv_heads, head_dim] of one layer.
   at::Tensor& k(int64_t layer, int64_t slot) { return slots_[slot].k[layer]; }
   at::Tensor& v(int64_t layer, int64_t slot) { return slots_[slot].v[layer]; }
   const at::Tensor& k(int64_t layer, int64_t slot) const { return slots_[slot].k[layer]; }
