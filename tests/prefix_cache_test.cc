@@ -159,6 +159,15 @@ TEST(PrefixCacheTest, SavedCacheLoadsBackAndBadFilesAreRefused) {
   PrefixCache wrong_layout({.block_tokens = 16});
   EXPECT_EQ(wrong_layout.Load("m", path, f32_cache).code(), absl::StatusCode::kFailedPrecondition);
   auto bytes = testing::MustOk(ReadFile(path), "read");
+  // A file of the head-major format before (01): refused by its format, not misread.
+  std::string old_format = bytes;
+  old_format[7] = '1';
+  ASSERT_TRUE(WriteFileAtomic(path, old_format).ok());
+  PrefixCache older({.block_tokens = 16});
+  absl::Status old_st = older.Load("m", path, cache);
+  EXPECT_EQ(old_st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(old_st.message().find("format 01"), std::string_view::npos) << old_st;
+  EXPECT_EQ(older.stats().blocks, 0);
   ASSERT_TRUE(WriteFileAtomic(path, bytes.substr(0, bytes.size() - 100)).ok());
   PrefixCache truncated({.block_tokens = 16});
   absl::Status st = truncated.Load("m", path, cache);
