@@ -199,13 +199,17 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
                       att + first_q);
     }
   };
-  // KV heads per task: all of a row's (one run of its cache) unless fewer rows than threads
-  // would leave threads idle; then the heads split evenly, one share per thread (more, smaller
-  // shares were slower at batch 1: each core's prefetcher also fetches the rest of every
-  // position's run, which other cores' heads use).
+  // KV heads per task: all of a row's (one run of its cache) when the rows split evenly over the
+  // threads; else the fewest equal shares of the heads that do (fewer rows than threads, or an
+  // odd count: 7 rows on 2 threads would leave one thread a task short). More shares than that
+  // were slower at batch 1: each core's prefetcher also fetches the rest of every position's run,
+  // which the other cores' heads use.
   auto chunks_for = [&](int64_t rows) {
     const int64_t threads = std::max(1, at::get_num_threads());
-    return std::clamp<int64_t>((threads + rows - 1) / rows, 1, hkv);
+    const int64_t least = std::clamp<int64_t>((threads + rows - 1) / rows, 1, hkv);
+    for (int64_t c = least; c <= hkv; ++c)
+      if (rows * c % threads == 0) return c;
+    return least;
   };
   auto head_range = [&](int64_t c, int64_t chunks) {
     return std::pair<int64_t, int64_t>{c * hkv / chunks, (c + 1) * hkv / chunks};
