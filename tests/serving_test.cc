@@ -364,6 +364,35 @@ TEST(StepTimeModelTest, LearnsALinearStepTimeAndStartsFromItsPrior) {
   EXPECT_EQ(m.observed(), 400);
 }
 
+// When every step turns slower at once (other work on the cores), predictions follow within
+// tens of steps: the least-squares fit alone, forgetting over ~200 steps, lagged for seconds.
+TEST(StepTimeModelTest, FollowsASuddenSlowdownWithinTensOfSteps) {
+  StepTimeModel m;
+  auto time = [](double um, double rm) { return 1 + 0.05 * um + 0.002 * rm; };
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> u(20, 140), r(10, 2100);
+  for (int i = 0; i < 2000; ++i) {
+    const double um = u(rng), rm = r(rng);
+    m.Observe(um, rm, time(um, rm));
+  }
+  EXPECT_NEAR(m.correction(), 1.0, 0.01);
+  EXPECT_NEAR(m.Predict(116, 1862), time(116, 1862), 0.02 * time(116, 1862));
+  // Now the same batches take 1.5x as long.
+  for (int i = 0; i < 30; ++i) {
+    const double um = u(rng), rm = r(rng);
+    m.Observe(um, rm, 1.5 * time(um, rm));
+  }
+  EXPECT_NEAR(m.Predict(116, 1862), 1.5 * time(116, 1862), 0.1 * time(116, 1862));
+  // It is the correction that follows: the fit alone still predicts under 1.4x.
+  EXPECT_LT(m.Predict(116, 1862) / m.correction(), 1.4 * time(116, 1862));
+  // And back: the correction does not overshoot once steps are as fitted again.
+  for (int i = 0; i < 400; ++i) {
+    const double um = u(rng), rm = r(rng);
+    m.Observe(um, rm, time(um, rm));
+  }
+  EXPECT_NEAR(m.Predict(116, 1862), time(116, 1862), 0.05 * time(116, 1862));
+}
+
 // Budget requests under load: with every step slowed to 6 ms by the test hook, a decode target of
 // 2 ms that the idle profile accepts cannot be kept while sequences run, so it is refused at once
 // (RESOURCE_EXHAUSTED naming the budget); once the server is idle again it is served.

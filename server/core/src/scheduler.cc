@@ -1099,8 +1099,8 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
       const auto& c = step_model_.coefficients();
       spdlog::info(
           "scheduler: step time {:.2f} ms (predicted {:.2f}) for {:.0f} MB streamed, {:.0f} MB of "
-          "rows; model {:.3f} ms + {:.4f} ms/MB streamed + {:.5f} ms/MB of rows",
-          ms, predicted, union_mb, row_mb, c[0], c[1], c[2]);
+          "rows; model ({:.3f} ms + {:.4f} ms/MB streamed + {:.5f} ms/MB of rows) x {:.2f}",
+          ms, predicted, union_mb, row_mb, c[0], c[1], c[2], step_model_.correction());
     }
   }
   return true;

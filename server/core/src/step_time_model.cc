@@ -12,6 +12,13 @@ StepTimeModel::StepTimeModel(StepTimeModelOptions options) : opt_(options) {
 void StepTimeModel::Observe(double union_mb, double row_mb, double ms) {
   if (!(ms >= 0) || !std::isfinite(ms) || !std::isfinite(union_mb) || !std::isfinite(row_mb))
     return;
+  if (observed_ >= opt_.correction_after) {
+    const double fitted = Fitted(union_mb, row_mb);
+    if (fitted > 0) {
+      correction_ += opt_.correction_rate * (ms / fitted - correction_);
+      correction_ = std::clamp(correction_, 0.5, 4.0);
+    }
+  }
   const std::array<double, 3> x = {1.0, union_mb, row_mb};
   for (double& v : xtx_) v *= opt_.forget;
   for (double& v : xty_) v *= opt_.forget;
@@ -50,9 +57,13 @@ void StepTimeModel::Solve() {
   for (int i = 0; i < 3; ++i) theta_[i] = a[i * 4 + 3] / a[i * 4 + i];
 }
 
-double StepTimeModel::Predict(double union_mb, double row_mb) const {
+double StepTimeModel::Fitted(double union_mb, double row_mb) const {
   const double ms = theta_[0] + theta_[1] * union_mb + theta_[2] * row_mb;
   return std::max({ms, theta_[0], 0.0});
+}
+
+double StepTimeModel::Predict(double union_mb, double row_mb) const {
+  return correction_ * Fitted(union_mb, row_mb);
 }
 
 }  // namespace amoeba
