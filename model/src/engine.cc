@@ -25,7 +25,7 @@ Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
       prefetch_trial_key_(PrefetchTrialKeyOf(*model_, panels_only_)),
       ws_(options.workspace ? options.workspace : std::make_shared<EngineWorkspace>()) {}
 
-void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
+void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows, int64_t decode_rows) {
   const ModelConfig& c = model_->config;
   // A shared workspace may have been sized for another model: start over if the widths differ.
   const int64_t signature = c.hidden_size ^ (c.num_attention_heads << 16) ^
@@ -46,10 +46,15 @@ void Engine::EnsureWorkspace(int64_t tokens, int64_t logit_rows) {
     ws_->v = at::empty({n, c.num_key_value_heads * c.head_dim});
     ws_->gate = at::empty({n, c.intermediate_size});
     ws_->up = at::empty({n, c.intermediate_size});
-    ws_->scores =
-        at::empty({n * c.num_attention_heads, DecodeAttentionScratchPerHead(options_.max_len)});
     ws_->pos.resize(n);
     ws_->cap_tokens = n;
+  }
+  if (decode_rows > ws_->cap_decode_rows || !ws_->scores.defined()) {
+    // Per decode row and query head (a prompt's rows attend in blocks and take none).
+    const int64_t rows = std::max<int64_t>(decode_rows, 1);
+    ws_->scores =
+        at::empty({rows * c.num_attention_heads, DecodeAttentionScratchPerHead(options_.max_len)});
+    ws_->cap_decode_rows = rows;
   }
   if (logit_rows > ws_->cap_logits) {
     ws_->logits = at::empty({logit_rows, c.vocab_size});
@@ -141,6 +146,15 @@ void Engine::ApplyDelta(const float* x, int64_t x_stride, int64_t n, const LowRa
   }
 }
 
+int64_t Engine::DecodeAttentionRows(std::span<const SeqInput> seqs) {
+  int64_t rows = 0;
+  for (const SeqInput& s : seqs) {
+    const int64_t T = static_cast<int64_t>(s.tokens.size());
+    if (T <= kTokenByTokenAttentionMax) rows += T;
+  }
+  return rows;
+}
+
 bool Engine::OneTokenEach(std::span<const SeqInput> seqs) {
   for (const SeqInput& s : seqs)
     if (s.tokens.size() != 1) return false;
@@ -181,12 +195,12 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     }
   };
   // Row r's query heads of KV heads [h0, h1) over the first `len` positions of `slot`, with the
-  // scratch of those query heads in row r's share.
+  // scratch of those query heads in the share of decode row `d` (< DecodeAttentionRows).
   const int64_t scratch_per_head = DecodeAttentionScratchPerHead(cache.max_len());
-  auto attend = [&](int64_t r, int64_t slot, int64_t h0, int64_t h1, int64_t len) {
+  auto attend = [&](int64_t r, int64_t d, int64_t slot, int64_t h0, int64_t h1, int64_t len) {
     const int64_t first = h0 * hd;
     const int64_t first_q = r * qdim + h0 * group * hd;  // the range's query heads
-    float* scratch = io.scores + (r * hq + h0 * group) * scratch_per_head;
+    float* scratch = io.scores + (d * hq + h0 * group) * scratch_per_head;
     const at::Tensor& K = cache.k(layer, slot);
     const at::Tensor& V = cache.v(layer, slot);
     if (half) {
@@ -229,7 +243,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
         ApplyRope(qr + r * qdim + h0 * group * hd, (h1 - h0) * group, hd, rope_, pos);
         ApplyRope(kr + r * kvdim + h0 * hd, h1 - h0, hd, rope_, pos);
         append(r, slot, h0, h1, pos);
-        attend(r, slot, h0, h1, pos + 1);
+        attend(r, r, slot, h0, h1, pos + 1);
       }
     });
     return;
@@ -264,7 +278,7 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
       for (int64_t t = b; t < e; ++t) {
         const DecodeTask& tk = single[t / chunks];
         const auto [h0, h1] = head_range(t % chunks, chunks);
-        attend(tk.row, tk.slot, h0, h1, tk.len);
+        attend(tk.row, t / chunks, tk.slot, h0, h1, tk.len);
       }
     });
   }
@@ -401,7 +415,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   int64_t out_rows = 0;
   for (const SeqInput& s : seqs)
     out_rows += all_logits || s.all_logits ? static_cast<int64_t>(s.tokens.size()) : 1;
-  EnsureWorkspace(n, out_rows);
+  EnsureWorkspace(n, out_rows, DecodeAttentionRows(seqs));
   for (const SeqInput& s : seqs)
     cache.Reserve(s.slot, cache.length(s.slot) + static_cast<int64_t>(s.tokens.size()));
 

@@ -102,9 +102,10 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
       imax = std::max(imax, l.intermediate());
     }
     kvmax = std::max(kvmax, kv_heads * hd);
-    // Attention's scratch, one share per (row, query head) of the group in turn.
-    scratch =
-        std::max(scratch, st[g].n * q_heads * DecodeAttentionScratchPerHead(gr.cache->max_len()));
+    // Attention's scratch, one share per (decode row, query head) of the group in turn (a
+    // prompt's rows attend in blocks and take none).
+    scratch = std::max(scratch, Engine::DecodeAttentionRows(gr.seqs) * q_heads *
+                                    DecodeAttentionScratchPerHead(gr.cache->max_len()));
   }
 
   // Buffers before any parallel region (a team must not allocate).

@@ -33,7 +33,7 @@ inline constexpr int64_t kTokenByTokenAttentionMax = 16;
 // thread, one after another (the server's lanes), can share one, so memory does not grow with
 // the number of shapes in use.
 struct EngineWorkspace {
-  int64_t cap_tokens = 0, cap_logits = 0, signature = 0;
+  int64_t cap_tokens = 0, cap_logits = 0, cap_decode_rows = 0, signature = 0;
   at::Tensor x, h, q, k, v, att, tmp, gate, up, logits, scores;
   at::Tensor prefill_scores;  // per-thread score blocks of prefill attention
   std::vector<int64_t> pos;
@@ -120,7 +120,7 @@ class Engine {
                                     SharedPassStats* stats = nullptr);
 
  private:
-  void EnsureWorkspace(int64_t tokens, int64_t logit_rows);
+  void EnsureWorkspace(int64_t tokens, int64_t logit_rows, int64_t decode_rows);
   // Rows of the new tokens' embeddings into x and their positions into pos.
   void Embed(const KVCache& cache, std::span<const SeqInput> seqs, float* x, int64_t* pos) const;
   // The final norm of the rows whose logits are wanted (the last of each sequence, or all), into
@@ -128,6 +128,9 @@ class Engine {
   void FinalNorm(std::span<const SeqInput> seqs, bool all_logits, const float* x, float* h) const;
   // A pure decode step: every sequence brings one new token.
   static bool OneTokenEach(std::span<const SeqInput> seqs);
+  // Rows that attend token by token with the decode kernel (runs of up to
+  // kTokenByTokenAttentionMax tokens): each needs its share of the attention scratch.
+  static int64_t DecodeAttentionRows(std::span<const SeqInput> seqs);
   // Forward's input checks (slot, tokens, room in the cache).
   absl::Status CheckInputs(const KVCache& cache, std::span<const SeqInput> seqs) const;
   // Whether every kernel of `m` reads panels (no row-major weights, no low-rank deltas).
