@@ -794,6 +794,12 @@ TEST(EngineTest, BadInputsAreErrorsNotCrashes) {
   std::vector<int32_t> too_long(9, 1), bad_id = {1, 500}, ok = {1, 2};
   SeqInput a{0, too_long}, b{0, bad_id}, s{3, ok}, empty{0, {}};
   EXPECT_EQ(e.Forward(c, {&a, 1}).status().code(), absl::StatusCode::kOutOfRange);
+  // A longer cache made elsewhere does not stretch the engine past its own max_len (its RoPE
+  // tables and attention scratch).
+  KVCache longer(*m, 1, 16);
+  absl::Status past = e.Forward(longer, {&a, 1}).status();
+  EXPECT_EQ(past.code(), absl::StatusCode::kOutOfRange) << past;
+  EXPECT_NE(past.message().find("max_len 8"), std::string_view::npos) << past;
   EXPECT_EQ(e.Forward(c, {&b, 1}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(e.Forward(c, {&s, 1}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(e.Forward(c, {&empty, 1}).status().code(), absl::StatusCode::kInvalidArgument);

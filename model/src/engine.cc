@@ -396,6 +396,11 @@ absl::Status Engine::CheckInputs(const KVCache& cache, std::span<const SeqInput>
       return absl::OutOfRangeError(absl::StrCat("Forward: sequence length ", end,
                                                 " exceeds the cache length ", cache.max_len()));
     }
+    // RoPE's tables and the attention scratch are sized by the engine's own max_len.
+    if (end > options_.max_len) {
+      return absl::OutOfRangeError(absl::StrCat(
+          "Forward: sequence length ", end, " exceeds the engine's max_len ", options_.max_len));
+    }
     for (int32_t t : s.tokens)
       if (t < 0 || t >= m.config.vocab_size)
         return absl::InvalidArgumentError(absl::StrCat("Forward: token id ", t, " out of range"));
