@@ -196,11 +196,10 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   };
   // Row r's query heads of KV heads [h0, h1) over the first `len` positions of `slot`, with the
   // scratch of those query heads in the share of decode row `d` (< DecodeAttentionRows).
-  const int64_t scratch_per_head = DecodeAttentionScratchPerHead(cache.max_len());
   auto attend = [&](int64_t r, int64_t d, int64_t slot, int64_t h0, int64_t h1, int64_t len) {
     const int64_t first = h0 * hd;
     const int64_t first_q = r * qdim + h0 * group * hd;  // the range's query heads
-    float* scratch = io.scores + (d * hq + h0 * group) * scratch_per_head;
+    float* scratch = io.scores + (d * hq + h0 * group) * io.scores_per_head;
     const at::Tensor& K = cache.k(layer, slot);
     const at::Tensor& V = cache.v(layer, slot);
     if (half) {
@@ -467,6 +466,7 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
                              hkv * hd,
                              ws_->pos.data(),
                              ws_->scores.data_ptr<float>(),
+                             ws_->scores.size(1),
                              &ws_->prefill_scores};
         Attention(static_cast<int64_t>(li), cache, seqs, one_token_each, io);
       }

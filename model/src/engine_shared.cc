@@ -59,7 +59,7 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
   const size_t G = groups.size();
   const ModelConfig& c0 = groups[0].engine->model().config;
   const int64_t H = c0.hidden_size, hd = c0.head_dim, V = c0.vocab_size;
-  int64_t N = 0, out_total = 0, qmax = 0, kvmax = 0, imax = 0, scratch = 0;
+  int64_t N = 0, out_total = 0, qmax = 0, kvmax = 0, imax = 0, scratch = 0, per_head = 0;
   std::vector<GroupState> st(G);
   for (size_t g = 0; g < G; ++g) {
     SharedForwardGroup& gr = groups[g];
@@ -103,10 +103,11 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
     }
     kvmax = std::max(kvmax, kv_heads * hd);
     // Attention's scratch, one share per (decode row, query head) of the group in turn (a
-    // prompt's rows attend in blocks and take none).
-    scratch = std::max(scratch, Engine::DecodeAttentionRows(gr.seqs) * q_heads *
-                                    DecodeAttentionScratchPerHead(gr.cache->max_len()));
+    // prompt's rows attend in blocks and take none), each share as long as the longest cache's.
+    per_head = std::max(per_head, DecodeAttentionScratchPerHead(gr.cache->max_len()));
+    scratch = std::max(scratch, Engine::DecodeAttentionRows(gr.seqs) * q_heads);
   }
+  scratch *= per_head;
 
   // Buffers before any parallel region (a team must not allocate).
   float* x = Grow(ws.x, N * H);
@@ -374,15 +375,9 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
             timer.Mark(StepPhase::kRope);
           }
           float* ag = att + st[g].offset * qs;
-          const AttentionIo io{qg,
-                               kg,
-                               v + st[g].offset * kvs,
-                               ag,
-                               qs,
-                               kvs,
-                               pos + st[g].base,
-                               scores,
-                               &ws.prefill_scores};
+          const AttentionIo io{
+              qg,     kg,       v + st[g].offset * kvs, ag, qs, kvs, pos + st[g].base,
+              scores, per_head, &ws.prefill_scores};
           eng.Attention(st[g].layer, *groups[g].cache, groups[g].seqs, st[g].one_token_each, io);
           timer.Mark(StepPhase::kAttention);
         }

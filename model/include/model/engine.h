@@ -139,7 +139,8 @@ class Engine {
   bool RunsInOneRegion(std::span<const SeqInput> seqs) const;
   // Where one layer's attention reads and writes: rows in `seqs` order, q and att with row stride
   // q_stride, k and v with kv_stride (at least the layer's widths: a shared pass's rows are as
-  // wide as its widest model), positions per row, score scratch for every (row, KV head) task.
+  // wide as its widest model), positions per row, decode-attention scratch: `scores_per_head`
+  // floats per (decode row, query head), as the caller sized it.
   struct AttentionIo {
     float* q;
     float* k;
@@ -148,6 +149,7 @@ class Engine {
     int64_t q_stride, kv_stride;
     const int64_t* pos;
     float* scores;
+    int64_t scores_per_head;
     at::Tensor* prefill_scores;
   };
   // one_token_each (a pure decode step): RoPE is applied here, per KV head, not by Forward.
