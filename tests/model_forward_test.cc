@@ -334,6 +334,52 @@ TEST(EngineTest, OneRegionDecodeGivesTheSameBitsAsARegionPerKernel) {
   at::set_num_threads(threads);
 }
 
+// A decode step of many sequences in a team: the members quantize a share of the activation
+// rows each into one buffer (instead of every member quantizing every row), and the logits stay
+// bit for bit those of a region per kernel, for every quantized kernel this CPU has (AMX takes 16
+// rows at a time: 17 sequences leave it a remainder). Consecutive steps of 9 and 17 rows and the
+// MLP's wider input grow the team's buffer in the middle of a pass.
+TEST(EngineTest, WideDecodeStepsQuantizeSharesOfTheRowsAndGiveTheSameBits) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));
+  constexpr int kSeqs = 17;
+  for (QuantKernel kernel : AvailableQuantKernels())
+    for (WeightFormat format : {WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
+      ForceQuantKernel(kernel);
+      Model base = TinyModel(9);
+      PackWeights(base, format);
+      auto m = std::make_shared<const Model>(std::move(base));
+      Engine one(m, {.max_len = 32}), many(m, {.max_len = 32, .one_region_decode = false});
+      const std::string what =
+          std::string(QuantKernelName(kernel)) + " " + WeightFormatName(format);
+      KVCache c1 = one.NewCache(kSeqs), c2 = many.NewCache(kSeqs);
+      for (int slot = 0; slot < kSeqs; ++slot) {
+        const auto prompt = RandomTokens(3 + slot % 4, 97, 50 + slot);
+        SeqInput p{slot, prompt};
+        ASSERT_TRUE(one.Forward(c1, {&p, 1}).ok());
+        ASSERT_TRUE(many.Forward(c2, {&p, 1}).ok());
+      }
+      for (int step = 0; step < 3; ++step) {
+        const int rows = step == 1 ? 9 : kSeqs;
+        std::vector<int32_t> tokens(rows);
+        std::vector<SeqInput> seqs;
+        for (int r = 0; r < rows; ++r) {
+          tokens[r] = (7 * r + step) % 97;
+          seqs.push_back({r, {&tokens[r], 1}});
+        }
+        const at::Tensor want = many.Forward(c2, seqs).value().clone();
+        const int64_t runs = TeamRuns();
+        auto got = one.Forward(c1, seqs);
+        ASSERT_TRUE(got.ok());
+        EXPECT_EQ(TeamRuns(), runs + 1) << "the step ran as one team";
+        ASSERT_EQ(got->size(0), rows);
+        EXPECT_EQ(MaxAbsDiff(*got, want), 0.0) << what << " step " << step;
+      }
+    }
+  ForceQuantKernel(QuantKernel::kAuto);
+  at::set_num_threads(threads);
+}
+
 TEST(EngineTest, StepProfileSplitsTheTimeOfProfiledPassesOnly) {
   at::InferenceMode guard;
   const int threads = at::get_num_threads();

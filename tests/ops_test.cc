@@ -679,6 +679,61 @@ TEST(TeamTest, ParallelForSplitsAsAtParallelForAndSeriallyRunsOnce) {
   at::set_num_threads(threads);
 }
 
+// SharedScratch hands every member the same aligned buffer, big enough, with what one member
+// wrote there visible to the others after a barrier; growing it in the middle of a pass keeps
+// them in step. A team started inside another team's serial section gets none (the outer team's
+// buffer is in use).
+TEST(TeamTest, SharedScratchIsOneBufferForEveryMember) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));
+  const int size = at::get_num_threads();
+  std::vector<std::byte*> first(size), grown(size);
+  std::vector<int64_t> sums(size, 0);
+  std::atomic<int> nested_null{0};
+  std::atomic<int> nested_size{0};
+  auto body = [&] {
+    Team* t = CurrentTeam();
+    std::byte* p = t->SharedScratch(256);
+    first[t->tid()] = p;
+    auto* v = reinterpret_cast<int64_t*>(p);
+    v[t->tid()] = 10 + t->tid();  // each member writes its own entry
+    t->Barrier();
+    for (int i = 0; i < size; ++i) sums[t->tid()] += v[i];
+    t->Barrier();
+    std::byte* q = t->SharedScratch(size_t{1} << 20);  // grows: every member waits for it
+    grown[t->tid()] = q;
+    reinterpret_cast<int64_t*>(q)[(size_t{1} << 17) - 1 - t->tid()] = t->tid();
+    t->Barrier();
+    Serially([&] {
+      auto inner = [&] {
+        nested_size = CurrentTeam()->size();  // 1 unless OpenMP nests regions
+        if (!CurrentTeam()->SharedScratch(64)) nested_null.fetch_add(1);
+      };
+      RunInTeam(inner);
+    });
+  };
+  RunInTeam(body);
+  int64_t want = 0;
+  for (int i = 0; i < size; ++i) want += 10 + i;
+  for (int i = 0; i < size; ++i) {
+    EXPECT_EQ(first[i], first[0]) << "member " << i;
+    EXPECT_EQ(grown[i], grown[0]) << "member " << i;
+    EXPECT_EQ(sums[i], want) << "member " << i << " saw the others' writes";
+  }
+  EXPECT_NE(first[0], nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(first[0]) % 64, 0u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(grown[0]) % 64, 0u);
+  EXPECT_EQ(nested_null.load(), nested_size.load()) << "the nested team's members all got null";
+  // The next team on this thread has the buffer again, already large enough.
+  std::atomic<int> again{0};
+  auto next = [&] {
+    if (CurrentTeam()->SharedScratch(size_t{1} << 20) == grown[0]) again.fetch_add(1);
+  };
+  RunInTeam(next);
+  EXPECT_EQ(again.load(), size);
+  at::set_num_threads(threads);
+}
+
 // An exception on one member ends the team (the others leave at their next barrier) and reaches
 // RunInTeam's caller: no hang, no terminate.
 TEST(TeamTest, AnExceptionOnOneThreadReachesTheCaller) {

@@ -3,6 +3,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <vector>
+
 namespace amoeba {
 
 struct TeamState {
@@ -10,6 +12,9 @@ struct TeamState {
   alignas(64) std::atomic<int> generation{0};
   std::atomic<bool> aborted{false};
   std::exception_ptr error;  // the first exception, written by the thread that set `aborted`
+  // The starting thread's scratch (Team::SharedScratch), or null in a nested team. Its size only
+  // changes between the two barriers of a growth, which every member passes together.
+  std::vector<std::byte>* scratch = nullptr;
   static Team Member(int tid, int size, TeamState* s) { return Team(tid, size, s); }
 };
 
@@ -20,6 +25,14 @@ namespace {
 // test next to one other busy process ran 85x slower with a pure spin.
 constexpr int kSpinsBeforeSleep = 4096;
 thread_local Team* current_team = nullptr;
+thread_local std::vector<std::byte> team_scratch;  // SharedScratch of the teams this thread starts
+thread_local bool team_scratch_in_use = false;
+constexpr size_t kScratchAlign = 64;
+
+std::byte* Aligned(std::vector<std::byte>& v) {
+  const auto p = reinterpret_cast<uintptr_t>(v.data());
+  return v.data() + ((kScratchAlign - p % kScratchAlign) % kScratchAlign);
+}
 std::atomic<int64_t> team_runs{0};
 }  // namespace
 
@@ -56,9 +69,34 @@ void Team::Barrier() {
   }
 }
 
+std::byte* Team::SharedScratch(size_t bytes) {
+  std::vector<std::byte>* v = state_->scratch;
+  if (!v) return nullptr;
+  // Every member reads the same size here: it changes only below, between two barriers.
+  if (v->size() < bytes + kScratchAlign) {
+    Barrier();  // no member still uses the old buffer
+    if (tid_ == 0) v->resize(bytes + kScratchAlign);
+    Barrier();  // every member sees the new one
+  }
+  return Aligned(*v);
+}
+
 void RunInTeam(void (*body)(void*), void* arg) {
   team_runs.fetch_add(1, std::memory_order_relaxed);
   TeamState state;
+  // A team started while this thread's own team runs (from a Serially section) leaves the
+  // scratch to the outer one.
+  const bool owns_scratch = !team_scratch_in_use;
+  if (owns_scratch) {
+    state.scratch = &team_scratch;
+    team_scratch_in_use = true;
+  }
+  struct Release {
+    bool owns;
+    ~Release() {
+      if (owns) team_scratch_in_use = false;
+    }
+  } release{owns_scratch};
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads)
   {

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 
@@ -24,6 +25,12 @@ class Team {
   // Every thread of the team waits here until all have arrived. Throws TeamAborted when another
   // member has thrown (RunInTeam then rethrows that exception to its caller).
   void Barrier();
+  // A buffer of at least `bytes` (64-byte aligned) whose address every member gets: all members
+  // call it at the same point with the same size, like a barrier. It belongs to the thread that
+  // started the team and outlives the pass (grown, never shrunk: no allocation per decode step
+  // once it is large enough); growing it waits for every member twice and drops the contents.
+  // Null in a team started from inside another team's work.
+  std::byte* SharedScratch(size_t bytes);
 
  private:
   friend struct TeamState;
