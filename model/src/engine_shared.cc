@@ -275,14 +275,27 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
       make_classes(width_of);
     });
   };
+  // fn(g, r0, r1) for each group g of the class's groups [b, e) and its rows [r0, r1), the
+  // class's rows split over the team (row-wise work: each row is computed as alone).
+  constexpr int64_t kRowsForRegion = 64;
+  auto for_class_rows = [&](size_t b, size_t e, const auto& fn) {
+    int64_t total = 0;
+    for (size_t j = b; j < e; ++j) total += st[order[j]].n;
+    ParallelRows(total, kRowsForRegion, [&](int64_t lo, int64_t hi) {
+      int64_t first = 0;  // the class's index of group order[j]'s first row
+      for (size_t j = b; j < e && first < hi; ++j) {
+        const size_t g = order[j];
+        const int64_t r0 = std::max(lo, first) - first, r1 = std::min(hi, first + st[g].n) - first;
+        if (r0 < r1) fn(g, r0, r1);
+        first += st[g].n;
+      }
+    });
+  };
   // The class's rows of x through each group's norm, into its compact rows of h.
   auto norm_rows = [&](size_t b, size_t e, const at::Tensor LayerWeights::*norm) {
-    Serially([&] {
-      for (size_t j = b; j < e; ++j) {
-        const size_t g = order[j];
-        RmsNorm(x + st[g].base * H, (layer_of(g).*norm).data_ptr<float>(), st[g].n, H,
-                groups[g].engine->model().config.rms_norm_eps, h + st[g].offset * H);
-      }
+    for_class_rows(b, e, [&](size_t g, int64_t r0, int64_t r1) {
+      RmsNorm(x + (st[g].base + r0) * H, (layer_of(g).*norm).data_ptr<float>(), r1 - r0, H,
+              groups[g].engine->model().config.rms_norm_eps, h + (st[g].offset + r0) * H);
     });
   };
   // Zero each group's rows of `buf` (row stride `stride`, the class's width) past its own width:
@@ -301,11 +314,8 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
   };
   // The residual: each group's compact rows of tmp added to its rows of x.
   auto add_residual = [&](size_t b, size_t e) {
-    Serially([&] {
-      for (size_t j = b; j < e; ++j) {
-        const size_t g = order[j];
-        AddInPlace(x + st[g].base * H, tmp + st[g].offset * H, st[g].n * H);
-      }
+    for_class_rows(b, e, [&](size_t g, int64_t r0, int64_t r1) {
+      AddInPlace(x + (st[g].base + r0) * H, tmp + (st[g].offset + r0) * H, (r1 - r0) * H);
     });
   };
 
