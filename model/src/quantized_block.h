@@ -64,6 +64,10 @@ struct QuantActs {
   const float* d = nullptr;
   const int32_t* sum = nullptr;
   int64_t nb = 0;
+  // Rows readable from row 0: at least the rows of the call; for the tile kernel rounded up to
+  // a whole group of 16 with zero rows (so a partial group can run in tiles, its extra rows
+  // computed and dropped). 0: only the call's rows.
+  int64_t rows = 0;
 };
 
 // GGML's Q8_0 rule for activation rows (quantize_activations.cc): the portable version and
