@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench/bench_util.h"
+#include "bench/random_supernet.h"
 #include "model/engine.h"
 #include "model/presets.h"
 #include "model/runtime.h"
@@ -162,20 +163,13 @@ int Run(const Options& o) {
   }
   spdlog::info("bench/shared: building a {} supernet (random weights and calibration tokens)",
                o.preset);
-  Model model = RandomModel(*cfg, 0);
-  at::manual_seed(1);
-  at::Tensor windows = at::randint(cfg->vocab_size, {4, 64}, at::kLong);
-  CalibrateOptions co;
-  co.windows = 4;
-  co.window_len = 64;
-  co.dp_windows = 2;
-  auto built = BuildSupernet(std::move(model), windows, windows.narrow(0, 0, 2), co);
+  const CalibrateOptions defaults;
+  auto built = RandomSupernet(*cfg, defaults.widths, defaults.min_depth_ratio, *format);
   if (!built.ok()) {
     spdlog::error("{}", built.status().ToString());
     return 1;
   }
-  built->supernet->PackBaseWeights(*format);
-  const Supernet& s = *built->supernet;
+  const Supernet& s = **built;
   std::vector<Lane> lanes;
   for (const Shape& sh : ShapePool(s.spec())) {
     auto m = BuildSubnet(s, nullptr, sh, {.adapters = AdapterMode::kUnmerged});

@@ -14,9 +14,9 @@
 #include <nlohmann/json.hpp>
 
 #include "bench/bench_util.h"
+#include "bench/random_supernet.h"
 #include "model/presets.h"
 #include "model/runtime.h"
-#include "subnet/calibrate.h"
 #include "subnet/latency_profile.h"
 
 namespace amoeba::bench {
@@ -49,22 +49,12 @@ int Run(const Options& o) {
   }
   spdlog::info("bench/subnet: building a {} supernet (random weights and calibration tokens)",
                o.preset);
-  Model model = RandomModel(*cfg, 0);
-  at::manual_seed(1);
-  at::Tensor windows = at::randint(cfg->vocab_size, {4, 64}, at::kLong);
-  CalibrateOptions co;
-  co.widths = o.widths;
-  co.min_depth_ratio = o.min_depth_ratio;
-  co.windows = 4;
-  co.window_len = 64;
-  co.dp_windows = 2;
-  auto built = BuildSupernet(std::move(model), windows, windows.narrow(0, 0, 2), co);
+  auto built = RandomSupernet(*cfg, o.widths, o.min_depth_ratio, *format);
   if (!built.ok()) {
     spdlog::error("{}", built.status().ToString());
     return 1;
   }
-  built->supernet->PackBaseWeights(*format);  // decode from panels, as the server does
-  const Supernet& s = *built->supernet;
+  const Supernet& s = **built;
   struct Measured {
     Shape shape;
     int64_t params = 0;
