@@ -433,15 +433,13 @@ absl::StatusOr<at::Tensor> Engine::Forward(KVCache& cache, std::span<const SeqIn
   const bool one_token_each = OneTokenEach(seqs);
   // Norms and residual adds go by rows over the team (each row is computed as alone: the bits do
   // not depend on the split); on one thread they were ~2% of a 16-row step with the other idle.
-  constexpr int64_t kRowsForRegion = 64;
   auto norm_rows = [&](const at::Tensor& w) {
-    ParallelRows(n, kRowsForRegion, [&](int64_t b, int64_t e) {
+    ParallelRows(n, [&](int64_t b, int64_t e) {
       RmsNorm(x + b * H, w.data_ptr<float>(), e - b, H, c.rms_norm_eps, h + b * H);
     });
   };
   auto add_rows = [&](const float* y) {
-    ParallelRows(n, kRowsForRegion,
-                 [&](int64_t b, int64_t e) { AddInPlace(x + b * H, y + b * H, (e - b) * H); });
+    ParallelRows(n, [&](int64_t b, int64_t e) { AddInPlace(x + b * H, y + b * H, (e - b) * H); });
   };
   auto compute = [&] {
     PhaseTimer timer;  // records on the calling thread when a profile is attached

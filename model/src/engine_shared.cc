@@ -277,11 +277,10 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
   };
   // fn(g, r0, r1) for each group g of the class's groups [b, e) and its rows [r0, r1), the
   // class's rows split over the team (row-wise work: each row is computed as alone).
-  constexpr int64_t kRowsForRegion = 64;
   auto for_class_rows = [&](size_t b, size_t e, const auto& fn) {
     int64_t total = 0;
     for (size_t j = b; j < e; ++j) total += st[order[j]].n;
-    ParallelRows(total, kRowsForRegion, [&](int64_t lo, int64_t hi) {
+    ParallelRows(total, [&](int64_t lo, int64_t hi) {
       int64_t first = 0;  // the class's index of group order[j]'s first row
       for (size_t j = b; j < e && first < hi; ++j) {
         const size_t g = order[j];

@@ -95,12 +95,14 @@ void ParallelFor(int64_t begin, int64_t end, int64_t grain, const F& fn) {
   t->Barrier();
 }
 
+// Rows of row-wise work that pay for opening a parallel region outside a team.
+inline constexpr int64_t kMinRowsForRegion = 64;
 // fn(b, e) over ranges of [0, rows) of row-wise work (norms, residual adds): split over the
 // current team like ParallelFor; outside a team on the calling thread unless there are at least
-// `min_rows_for_region` rows to pay for opening a parallel region.
+// kMinRowsForRegion rows.
 template <typename F>
-void ParallelRows(int64_t rows, int64_t min_rows_for_region, const F& fn) {
-  if (CurrentTeam() || rows >= min_rows_for_region) return ParallelFor(0, rows, 1, fn);
+void ParallelRows(int64_t rows, const F& fn) {
+  if (CurrentTeam() || rows >= kMinRowsForRegion) return ParallelFor(0, rows, 1, fn);
   if (rows > 0) fn(0, rows);
 }
 
