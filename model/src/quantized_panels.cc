@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "model/kernels.h"
@@ -327,21 +328,42 @@ AMOEBA_AMX __attribute__((always_inline)) inline void WidenQ4Block(const uint8_t
   }
 }
 
+// The tile kernel's 16 accumulators, indexed only by constants (fold expressions over Rows):
+// indexed in loops, gcc 12 kept the array on the stack, a load and a store around every FMA
+// (~8% of a 16-row block in isolation).
+using AmxRows = std::make_index_sequence<kAmxRows>;
+using AmxAcc = __m512[kAmxRows];
+
 // acc[j] += block b's 16 × 16 dot products (row j of `d`) · the panel's scales · row j's
-// activation scale, as the VNNI kernel scales a block.
-AMOEBA_AMX __attribute__((always_inline)) inline void ScaleTile(const uint8_t* blk,
-                                                                const int32_t* d,
-                                                                const QuantActs& a, int64_t j0,
-                                                                int64_t b,
-                                                                __m512 (&acc)[kAmxRows]) {
+// activation scale (ds[j * nb]: row j's scale of block b), as the VNNI kernel scales a block.
+template <size_t... J>
+AMOEBA_AMX __attribute__((always_inline)) inline void ScaleTile(std::index_sequence<J...>,
+                                                                const uint8_t* blk,
+                                                                const int32_t* d, const float* ds,
+                                                                int64_t nb, AmxAcc& acc) {
   // The masked form: gcc 12 warns of the plain one's undefined source once inlined here.
   const __m512 ws = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF,
                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
-  for (int j = 0; j < kAmxRows; ++j) {
-    const int64_t i = (j0 + j) * a.nb + b;
-    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d + j * kPanel)),
-                             _mm512_mul_ps(ws, _mm512_set1_ps(a.d[i])), acc[j]);
-  }
+  ((acc[J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d + J * kPanel)),
+                             _mm512_mul_ps(ws, _mm512_set1_ps(ds[J * nb])), acc[J])),
+   ...);
+}
+
+template <size_t... J>
+AMOEBA_AMX __attribute__((always_inline)) inline void ZeroTileAcc(std::index_sequence<J...>,
+                                                                  AmxAcc& acc) {
+  ((acc[J] = _mm512_setzero_ps()), ...);
+}
+
+// Rows [0, rows) of acc, the first `valid` outputs of each, at column `col` of y.
+template <size_t... J>
+AMOEBA_AMX __attribute__((always_inline)) inline void StoreTileAcc(std::index_sequence<J...>,
+                                                                   const AmxAcc& acc, int64_t rows,
+                                                                   float* y, int64_t out,
+                                                                   int64_t col, int64_t valid) {
+  const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
+  ((static_cast<int64_t>(J) < rows ? _mm512_mask_storeu_ps(y + J * out + col, m, acc[J]) : void()),
+   ...);
 }
 
 // Rows [j0, j0 + 16) against one panel, its weights and scales block by block (Q4_0: each pair of
@@ -372,8 +394,8 @@ AMOEBA_AMX void PanelAmx(const uint8_t* panel, int64_t bb, const QuantActs& a, i
     return panel + (b + which) * bb + kScaleBytes;
   };
   if (a.nb > 0) widen_pair(0, 0);
-  __m512 acc[kAmxRows];
-  for (int j = 0; j < kAmxRows; ++j) acc[j] = _mm512_setzero_ps();
+  AmxAcc acc;
+  ZeroTileAcc(AmxRows(), acc);
   const int64_t xstride = a.nb * kQuantBlock;
   const int8_t* x = a.q + j0 * xstride;
   for (int64_t b = 0; b < a.nb + 2; b += 2) {
@@ -398,12 +420,13 @@ AMOEBA_AMX void PanelAmx(const uint8_t* panel, int64_t bb, const QuantActs& a, i
     }
     if (b >= 2) {  // the pair before, in block order: the same sums as the VNNI kernel
       const int64_t p = b - 2;
-      ScaleTile(panel + p * bb, dots[parity ^ 1][0], a, j0, p, acc);
-      if (p + 1 < a.nb) ScaleTile(panel + (p + 1) * bb, dots[parity ^ 1][1], a, j0, p + 1, acc);
+      const float* ds = a.d + j0 * a.nb + p;
+      ScaleTile(AmxRows(), panel + p * bb, dots[parity ^ 1][0], ds, a.nb, acc);
+      if (p + 1 < a.nb)
+        ScaleTile(AmxRows(), panel + (p + 1) * bb, dots[parity ^ 1][1], ds + 1, a.nb, acc);
     }
   }
-  const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
-  for (int j = 0; j < store_rows; ++j) _mm512_mask_storeu_ps(y + j * out + col, m, acc[j]);
+  StoreTileAcc(AmxRows(), acc, store_rows, y, out, col, valid);
 }
 
 using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, float*, int64_t,
