@@ -12,6 +12,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "model/kernels.h"
+
 namespace amoeba::bench {
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -42,12 +44,11 @@ void RunDecodeSteps(Engine& e, int batch, int steps, int context, AfterStep&& af
       ScopedStepProfile attach(profile);  // the timed steps only
       return e.Forward(cache, seqs);
     }();
-    // Greedy: a plain loop over each row (not a libtorch argmax and item() per row).
+    // Greedy, as the server's sampler picks (a scalar std::max_element over 16 rows of the
+    // 100m preset's 32000 logits took ~0.85 ms, 13% of a q4_0 step).
     const int64_t V = l->size(1);
     const float* logits = l->data_ptr<float>();
-    for (int b = 0; b < batch; ++b)
-      next[b] = static_cast<int32_t>(std::max_element(logits + b * V, logits + (b + 1) * V) -
-                                     (logits + b * V));
+    for (int b = 0; b < batch; ++b) next[b] = static_cast<int32_t>(Argmax(logits + b * V, V));
     // This step's token sees the prompt, the warm-up token, the earlier steps and itself.
     after_step(Seconds(t0), static_cast<int64_t>(batch) * (context + 2 + s));
   }

@@ -20,6 +20,7 @@
 #include "bench/bench_util.h"
 #include "bench/random_supernet.h"
 #include "model/engine.h"
+#include "model/kernels.h"
 #include "model/presets.h"
 #include "model/runtime.h"
 #include "model/step_profile.h"
@@ -120,8 +121,7 @@ Mix RunMix(std::vector<Lane>& lanes, int k, const Options& o, SharedWorkspace& w
       const int64_t V = groups[g].logits.size(1);
       const float* logits = groups[g].logits.data_ptr<float>();
       for (size_t s = 0; s < seqs[g].size(); ++s)
-        next[g][s] = static_cast<int32_t>(std::max_element(logits + s * V, logits + (s + 1) * V) -
-                                          (logits + s * V));
+        next[g][s] = static_cast<int32_t>(Argmax(logits + s * V, V));
     }
   };
   Mix mix;

@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cmath>
 #include <ctime>
+#include <limits>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -251,6 +253,52 @@ TEST(KernelTest, SiluMulIsAccurateAndPositionIndependent) {
       SiluMul(z.data_ptr<float>(), b.data_ptr<float>() + off, 37);
       EXPECT_EQ(testing::MaxAbsDiff(z, y.narrow(0, off, 37)), 0.0) << KernelIsaName(isa) << off;
     }
+  }
+  ForceKernelIsa(KernelIsa::kAuto);
+}
+
+// Argmax under every ISA picks what the scalar rule picks (the first largest value, NaNs never):
+// lengths around every vector width and a vocabulary, ties (the first wins), values only in the
+// tails, NaN, ±inf, -0 next to +0, all NaN (0).
+TEST(KernelTest, ArgmaxPicksTheFirstLargestUnderEveryIsa) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(),
+              inf = std::numeric_limits<float>::infinity();
+  auto reference = [](const std::vector<float>& x) {
+    int64_t best = 0;
+    for (size_t i = 0; i < x.size(); ++i)
+      if (!std::isnan(x[i]) && (std::isnan(x[best]) || x[i] > x[best]))
+        best = static_cast<int64_t>(i);
+    return best;
+  };
+  std::mt19937 rng(11);
+  std::vector<std::vector<float>> cases;
+  for (int64_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 32000}) {
+    std::uniform_int_distribution<int> small(-3, 3);  // many ties
+    std::vector<float> x(n);
+    for (float& v : x) v = static_cast<float>(small(rng));
+    cases.push_back(x);
+    x.assign(n, -1.f);  // the largest only at the end: in every tail
+    x.back() = 2.f;
+    cases.push_back(x);
+    x.assign(n, 0.f);
+    x[0] = nan;
+    x[n / 2] = 1.f;
+    cases.push_back(x);
+  }
+  cases.push_back({nan, nan, nan});
+  cases.push_back({-inf, -inf, nan, -inf});
+  cases.push_back({1.f, inf, 3.f, inf});
+  cases.push_back({-0.f, 0.f, -1.f});
+  cases.push_back({0.f, -0.f, -1.f});
+  cases.push_back(std::vector<float>(40, nan));
+  cases.back()[37] = -inf;
+  for (KernelIsa isa : AvailableIsas()) {
+    ForceKernelIsa(isa);
+    for (const std::vector<float>& x : cases) {
+      const int64_t n = static_cast<int64_t>(x.size());
+      EXPECT_EQ(Argmax(x.data(), n), reference(x)) << KernelIsaName(isa) << " n=" << n;
+    }
+    EXPECT_EQ(Argmax(nullptr, 0), 0) << KernelIsaName(isa);
   }
   ForceKernelIsa(KernelIsa::kAuto);
 }

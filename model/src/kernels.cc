@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "model/team.h"
@@ -497,6 +498,75 @@ AMOEBA_CLONES void Axpy(float alpha, const float* x, float* y, int64_t n) {
 }
 
 namespace {
+// One pass for the largest value (max_ps returns its second operand when the first is NaN, so
+// NaNs never win), one for its first index: the same pick as the scalar loop.
+int64_t ArgmaxScalar(const float* x, int64_t n) {
+  int64_t best = -1;
+  float v = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isnan(x[i]) && (best < 0 || x[i] > v)) v = x[i], best = i;
+  return best < 0 ? 0 : best;
+}
+
+AMOEBA_AVX2 int64_t ArgmaxAvx2(const float* x, int64_t n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  __m256 m0 = _mm256_set1_ps(-inf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+    m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
+    m2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 16), m2);
+    m3 = _mm256_max_ps(_mm256_loadu_ps(x + i + 24), m3);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  float v = -inf;
+  for (float l : lanes) v = l > v ? l : v;
+  for (int64_t j = i; j < n; ++j) v = x[j] > v ? x[j] : v;
+  if (v == -inf) return ArgmaxScalar(x, n);  // all -inf or NaN: the scalar rule decides
+  const __m256 vv = _mm256_set1_ps(v);
+  for (i = 0; i + 8 <= n; i += 8)
+    if (const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vv, _CMP_EQ_OQ)))
+      return i + __builtin_ctz(static_cast<unsigned>(mask));
+  for (; i < n; ++i)
+    if (x[i] == v) return i;
+  return 0;
+}
+
+// max(a, b), b where a is NaN. The masked form: gcc 12 warns of the plain one's undefined source.
+AMOEBA_AVX512 inline __m512 Max16(__m512 a, __m512 b) {
+  return _mm512_mask_max_ps(b, 0xFFFF, a, b);
+}
+
+AMOEBA_AVX512 int64_t ArgmaxAvx512(const float* x, int64_t n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  __m512 m0 = _mm512_set1_ps(-inf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    m0 = Max16(_mm512_loadu_ps(x + i), m0);
+    m1 = Max16(_mm512_loadu_ps(x + i + 16), m1);
+    m2 = Max16(_mm512_loadu_ps(x + i + 32), m2);
+    m3 = Max16(_mm512_loadu_ps(x + i + 48), m3);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    m0 = _mm512_mask_max_ps(m0, k, _mm512_maskz_loadu_ps(k, x + i), m0);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, Max16(Max16(m0, m1), Max16(m2, m3)));
+  float v = -inf;
+  for (float l : lanes) v = l > v ? l : v;
+  if (v == -inf) return ArgmaxScalar(x, n);
+  const __m512 vv = _mm512_set1_ps(v);
+  for (i = 0; i < n; i += 16) {
+    const __mmask16 k = static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    if (const __mmask16 eq =
+            _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, x + i), vv, _CMP_EQ_OQ))
+      return i + __builtin_ctz(static_cast<unsigned>(eq));
+  }
+  return 0;
+}
+
 AMOEBA_AVX2 void FloatToHalfF16c(const float* x, at::Half* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -505,6 +575,17 @@ AMOEBA_AVX2 void FloatToHalfF16c(const float* x, at::Half* y, int64_t n) {
   for (; i < n; ++i) y[i] = static_cast<at::Half>(x[i]);
 }
 }  // namespace
+
+int64_t Argmax(const float* x, int64_t n) {
+  switch (ActiveKernelIsa()) {
+    case KernelIsa::kAvx512:
+      return ArgmaxAvx512(x, n);
+    case KernelIsa::kAvx2:
+      return ArgmaxAvx2(x, n);
+    default:
+      return ArgmaxScalar(x, n);
+  }
+}
 
 void FloatToHalf(const float* x, at::Half* y, int64_t n) {
   if (CpuHasAvx2Fma()) return FloatToHalfF16c(x, y, n);

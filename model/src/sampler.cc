@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "model/kernels.h"
+
 namespace amoeba {
 
 Sampler::Sampler(const SamplingOptions& options, int64_t vocab_size)
@@ -103,7 +105,7 @@ int64_t Sampler::Candidates(float* logits, double* sum_out) {
 int32_t Sampler::Sample(float* logits, float* probs) {
   ApplyPenalty(logits);
   if (opt_.temperature <= 0.0f) {
-    const auto tok = static_cast<int32_t>(std::max_element(logits, logits + vocab_) - logits);
+    const auto tok = static_cast<int32_t>(Argmax(logits, vocab_));
     if (probs) {
       std::fill(probs, probs + vocab_, 0.0f);
       probs[tok] = 1.0f;

@@ -39,6 +39,9 @@ float Dot(const float* a, const float* b, int64_t n);
 void Axpy(float alpha, const float* x, float* y, int64_t n);
 // y *= alpha
 void Scale(float* y, float alpha, int64_t n);
+// Index of the first largest of x[0, n) (std::max_element's pick), NaNs skipped; 0 when n is 0
+// or every value is NaN. Vectorised: greedy picks over a vocabulary of logits per decoded row.
+int64_t Argmax(const float* x, int64_t n);
 // y = x rounded to IEEE half (round to nearest even).
 void FloatToHalf(const float* x, at::Half* y, int64_t n);
 
