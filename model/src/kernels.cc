@@ -156,11 +156,15 @@ AMOEBA_AVX512 inline void TileAvx512(const T* W, int64_t ld, int64_t in, const f
   for (int a = 0; a < R; ++a)
     for (int j = 0; j < C; ++j) acc[a][j] = _mm512_setzero_ps();
   int64_t i = 0;
+  // Which group prefetches the next tile's 16 inputs at i: (i / 16) % groups, counted rather
+  // than divided (a 64-bit division per 16 inputs was in the loop).
+  int owner = 0;
   for (; i + 16 <= in; i += 16) {
-    if (((i >> 4) % groups) == group) {
+    if (owner == group) {
       for (int a = 0; a < R; ++a)
         _mm_prefetch(reinterpret_cast<const char*>(w[a] + R * ld + i), _MM_HINT_T0);
     }
+    if (++owner == groups) owner = 0;
     __m512 wv[R];
     for (int a = 0; a < R; ++a) wv[a] = Load16(w[a] + i);
     for (int j = 0; j < C; ++j) {
