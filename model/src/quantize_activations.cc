@@ -56,17 +56,19 @@ AMOEBA_AVX512_VNNI void QuantizeRowsAvx512(const float* x, int64_t n, int64_t in
     // time, the two horizontal reductions and the scalar division were most of the work).
     for (int64_t b0 = 0; b0 < nb; b0 += 16) {
       const int64_t count = std::min<int64_t>(16, nb - b0);
-      __m512 v[16][2], red[16];
+      // The 32 input vectors are loaded again (from L1) for the second pass rather than kept:
+      // kept, with the 16 reductions, they overflowed the registers onto the stack.
+      __m512 red[16];
+      __mmask16 m0[16], m1[16];
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t k0 = (b0 + i) * kQuantBlock;
         const int64_t valid = i < count ? std::min(kQuantBlock, in - k0) : 0;
-        const __mmask16 m0 = static_cast<__mmask16>(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
-        const __mmask16 m1 = static_cast<__mmask16>(valid >= 32  ? 0xFFFF
-                                                    : valid > 16 ? (1u << (valid - 16)) - 1
-                                                                 : 0);
-        v[i][0] = _mm512_maskz_loadu_ps(m0, xr + k0);
-        v[i][1] = _mm512_maskz_loadu_ps(m1, xr + k0 + 16);
-        red[i] = simd::MaxPs::Apply(_mm512_abs_ps(v[i][0]), _mm512_abs_ps(v[i][1]));
+        m0[i] = static_cast<__mmask16>(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
+        m1[i] = static_cast<__mmask16>(valid >= 32  ? 0xFFFF
+                                       : valid > 16 ? (1u << (valid - 16)) - 1
+                                                    : 0);
+        red[i] = simd::MaxPs::Apply(_mm512_abs_ps(_mm512_maskz_loadu_ps(m0[i], xr + k0)),
+                                    _mm512_abs_ps(_mm512_maskz_loadu_ps(m1[i], xr + k0 + 16)));
       }
       const __m512 amax = simd::TransposeReduce16<simd::MaxPs>(red);
       const __m512 scale = _mm512_div_ps(amax, _mm512_set1_ps(127.f));
@@ -74,9 +76,12 @@ AMOEBA_AVX512_VNNI void QuantizeRowsAvx512(const float* x, int64_t n, int64_t in
       alignas(64) float inv[16];
       _mm512_store_ps(inv, _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.f), scale));
       for (int64_t i = 0; i < 16; ++i) {
+        const int64_t k0 = (b0 + i) * kQuantBlock;
         const __m512 vinv = _mm512_set1_ps(inv[i]);
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i][0], vinv));
-        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i][1], vinv));
+        const __m512i q0 =
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0[i], xr + k0), vinv));
+        const __m512i q1 =
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1[i], xr + k0 + 16), vinv));
         if (i < count) {
           int8_t* qb = q + (r * nb + b0 + i) * kQuantBlock;
           _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(q0));
