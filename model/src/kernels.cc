@@ -502,8 +502,7 @@ AMOEBA_CLONES void Axpy(float alpha, const float* x, float* y, int64_t n) {
 }
 
 namespace {
-// One pass for the largest value (max_ps returns its second operand when the first is NaN, so
-// NaNs never win), one for its first index: the same pick as the scalar loop.
+// The rule: the first largest value, NaNs skipped; 0 when there is none.
 int64_t ArgmaxScalar(const float* x, int64_t n) {
   int64_t best = -1;
   float v = 0;
@@ -512,6 +511,8 @@ int64_t ArgmaxScalar(const float* x, int64_t n) {
   return best < 0 ? 0 : best;
 }
 
+// One pass for the largest value (max_ps returns its second operand when the first is NaN, so
+// NaNs never win), one for its first index: ArgmaxScalar's pick. All -inf or NaN: the scalar rule.
 AMOEBA_AVX2 int64_t ArgmaxAvx2(const float* x, int64_t n) {
   const float inf = std::numeric_limits<float>::infinity();
   __m256 m0 = _mm256_set1_ps(-inf), m1 = m0, m2 = m0, m3 = m0;
@@ -527,7 +528,7 @@ AMOEBA_AVX2 int64_t ArgmaxAvx2(const float* x, int64_t n) {
   float v = -inf;
   for (float l : lanes) v = l > v ? l : v;
   for (int64_t j = i; j < n; ++j) v = x[j] > v ? x[j] : v;
-  if (v == -inf) return ArgmaxScalar(x, n);  // all -inf or NaN: the scalar rule decides
+  if (v == -inf) return ArgmaxScalar(x, n);
   const __m256 vv = _mm256_set1_ps(v);
   for (i = 0; i + 8 <= n; i += 8)
     if (const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vv, _CMP_EQ_OQ)))
@@ -542,6 +543,7 @@ AMOEBA_AVX512 inline __m512 Max16(__m512 a, __m512 b) {
   return _mm512_mask_max_ps(b, 0xFFFF, a, b);
 }
 
+// ArgmaxAvx2 in 16 lanes, the tails masked.
 AMOEBA_AVX512 int64_t ArgmaxAvx512(const float* x, int64_t n) {
   const float inf = std::numeric_limits<float>::infinity();
   __m512 m0 = _mm512_set1_ps(-inf), m1 = m0, m2 = m0, m3 = m0;
