@@ -17,6 +17,7 @@
 #include "model/engine.h"
 #include "model/packed_linear.h"
 #include "model/presets.h"
+#include "model/quantized_panels.h"
 #include "model/runtime.h"
 #include "subnet/latency_profile.h"
 
@@ -30,9 +31,10 @@ struct Options {
   int decode_steps = 64;
   int context = 8;  // prompt tokens before the decode steps (KV read per step grows with it)
   int threads = 0;
-  int rounds = 3;           // interleaved repetitions; the median is reported
-  bool warm_cache = false;  // decode steps back to back, without a probe after each
-  std::string paths;        // comma-separated path names to run; empty = all
+  int rounds = 3;                     // interleaved repetitions; the median is reported
+  bool warm_cache = false;            // decode steps back to back, without a probe after each
+  std::string paths;                  // comma-separated path names to run; empty = all
+  std::string quant_kernel = "auto";  // the q8_0 / q4_0 kernel (QuantKernelName) or auto
   std::string out_json = "bench/results/decode.json";
   std::string out_md = "bench/results/decode.md";
 };
@@ -40,17 +42,35 @@ struct Options {
 int Run(const Options& o) {
   InitRuntime(o.threads);
   at::InferenceMode guard;
+  // Another integer kernel than the CPU's best (e.g. AVX512-VNNI on an AMX Xeon, as a Zen core
+  // runs q8_0 / q4_0).
+  if (o.quant_kernel != "auto") {
+    const std::vector<QuantKernel> kernels = AvailableQuantKernels();
+    const auto k = std::find_if(kernels.begin(), kernels.end(), [&](QuantKernel q) {
+      return o.quant_kernel == QuantKernelName(q);
+    });
+    if (k == kernels.end()) {
+      std::string names;
+      for (QuantKernel q : kernels)
+        names += absl::StrCat(names.empty() ? "" : ", ", QuantKernelName(q));
+      std::fprintf(stderr, "bench/decode: --quant-kernel %s: this CPU runs %s\n",
+                   o.quant_kernel.c_str(), names.c_str());
+      return 2;
+    }
+    ForceQuantKernel(*k);
+  }
   const double bw = MeasureReadBandwidthGBs();
   spdlog::info("bench/decode: memory read bandwidth {:.1f} GB/s", bw);
   nlohmann::json out = {{"bandwidth_gbs", bw},
+                        {"quant_kernel", QuantKernelName(ActiveQuantKernel())},
                         {"threads", at::get_num_threads()},
                         {"rounds", o.rounds},
                         {"results", nlohmann::json::array()}};
   std::vector<int> batches;
   for (auto s : absl::StrSplit(o.batches, ',')) batches.push_back(std::stoi(std::string(s)));
   std::string md = fmt::format(
-      "# bench/decode\n\n{} threads, {} rounds, decode after {}-token prompts: every (path, batch) "
-      "is measured once per round, "
+      "# bench/decode\n\n{} threads, {} rounds, q8_0 / q4_0 kernel {}, decode after {}-token "
+      "prompts: every (path, batch) is measured once per round, "
       "rounds interleaved, and the median is reported (this shared machine's bandwidth drifts by "
       "~1.5x within minutes). {}; a step's "
       "roofline is that probe's bandwidth / the bytes the step reads: the path's own weight bytes "
@@ -64,7 +84,7 @@ int Run(const Options& o) {
       "per step "
       "|\n"
       "|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-      at::get_num_threads(), o.rounds, o.context,
+      at::get_num_threads(), o.rounds, QuantKernelName(ActiveQuantKernel()), o.context,
       o.warm_cache ? "--warm-cache: the decode steps run back to back (weights that fit in the L3 "
                      "stay there, as llama-bench runs them), one 256 MiB read probe after them"
                    : "Every decode step is followed by one 256 MiB read probe");
@@ -273,6 +293,10 @@ int main(int argc, char** argv) {
       "--paths", o.paths,
       "Comma-separated paths to run (libtorch-linear, amoeba-fp32-rowmajor, "
       "amoeba-fp32, amoeba-fp16, amoeba-fp32-kv16, amoeba-q8_0, amoeba-q4_0); empty = all");
+  app.add_option("--quant-kernel", o.quant_kernel,
+                 "The q8_0 / q4_0 kernel: auto (the CPU's best), or amx-int8, avx512-vnni, "
+                 "avx-vnni, avx2, scalar where the CPU runs it")
+      ->capture_default_str();
   app.add_flag("--warm-cache", o.warm_cache,
                "Decode steps back to back, one probe after them (weights that fit in the L3 stay "
                "there, as llama-bench runs them); default: a probe after every step");
