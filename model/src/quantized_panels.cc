@@ -436,8 +436,11 @@ using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, flo
 // than in VNNI: 100m, bench/decode on a Sapphire Rapids VM, % of the roofline VNNI -> tiles: q8_0
 // 4 rows 72 -> 74%, 6 rows 67 -> 70%, 9 rows 59 -> 67%, 14 rows 48 -> 64%; q4_0, whose tiles also
 // widen every block, 6 rows 62 -> 50%, 9 rows 49 -> 49%, 10 rows 46 -> 48%, 12 rows 42 -> 47%.
+// With the tile kernel's accumulators in registers, two pairs later: q8_0 2 rows 82 / 81 -> 84 /
+// 81%, 3 rows 74 / 75 -> 81 / 79%, 4 rows 73 / 73 -> 77 / 79%, 5 rows 68 / 69 -> 75 / 77%; q4_0 6
+// rows 65 / 62 -> 55 / 56%, 8 rows 60 / 57 -> 53 / 54%, 9 rows 54 / 50 -> 52 / 54%.
 constexpr int64_t MinTileRows(bool q4) {
-  return q4 ? 10 : 6;
+  return q4 ? 10 : 3;
 }
 
 // Rows [r0, r0 + rows) against one panel, in register-sized groups of rows.
