@@ -328,7 +328,7 @@ AMOEBA_AMX __attribute__((always_inline)) inline void WidenQ4Block(const uint8_t
   }
 }
 
-// The tile kernel's 16 accumulators, indexed only by constants (fold expressions over Rows):
+// The tile kernel's 16 accumulators, indexed only by constants (fold expressions over AmxRows):
 // indexed in loops, gcc 12 kept the array on the stack, a load and a store around every FMA
 // (~8% of a 16-row block in isolation).
 using AmxRows = std::make_index_sequence<kAmxRows>;
