@@ -2,11 +2,24 @@
 
 #include <ATen/ATen.h>
 
+#include "absl/strings/str_cat.h"
+
 #include "model/presets.h"
 #include "model/weights.h"
 #include "subnet/calibrate.h"
 
 namespace amoeba::bench {
+
+absl::StatusOr<RandomSupernetFlags> ParseRandomSupernetFlags(const std::string& preset,
+                                                             const std::string& weights_dtype) {
+  const auto format = ParseWeightFormat(weights_dtype);
+  if (!format.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--weights-dtype: ", format.status().message()));
+  auto cfg = PresetConfig(preset);
+  if (!cfg.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--preset: ", cfg.status().message()));
+  return RandomSupernetFlags{*std::move(cfg), *format};
+}
 
 absl::StatusOr<std::unique_ptr<Supernet>> RandomSupernet(const ModelConfig& cfg,
                                                          const std::vector<double>& widths,

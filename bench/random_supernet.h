@@ -3,6 +3,7 @@
 // into decode panels of one format as the server packs them.
 #pragma once
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -11,6 +12,15 @@
 #include "subnet/supernet.h"
 
 namespace amoeba::bench {
+
+// A bench's --preset and --weights-dtype, checked before anything is built.
+struct RandomSupernetFlags {
+  ModelConfig config;
+  WeightFormat format;
+};
+// InvalidArgument naming the flag that is wrong.
+absl::StatusOr<RandomSupernetFlags> ParseRandomSupernetFlags(const std::string& preset,
+                                                             const std::string& weights_dtype);
 
 absl::StatusOr<std::unique_ptr<Supernet>> RandomSupernet(const ModelConfig& cfg,
                                                          const std::vector<double>& widths,

@@ -147,14 +147,9 @@ Mix RunMix(std::vector<Lane>& lanes, int k, const Options& o, SharedWorkspace& w
 int Run(const Options& o) {
   InitRuntime(o.threads);
   at::InferenceMode guard;
-  const auto format = ParseWeightFormat(o.weights_dtype);
-  if (!format.ok()) {
-    spdlog::error("--weights-dtype: {}", std::string(format.status().message()));
-    return 2;
-  }
-  auto cfg = PresetConfig(o.preset);
-  if (!cfg.ok()) {
-    spdlog::error("{}", cfg.status().ToString());
+  const auto flags = ParseRandomSupernetFlags(o.preset, o.weights_dtype);
+  if (!flags.ok()) {
+    spdlog::error("{}", std::string(flags.status().message()));
     return 2;
   }
   if (o.streams < 8) {
@@ -164,7 +159,8 @@ int Run(const Options& o) {
   spdlog::info("bench/shared: building a {} supernet (random weights and calibration tokens)",
                o.preset);
   const CalibrateOptions defaults;
-  auto built = RandomSupernet(*cfg, defaults.widths, defaults.min_depth_ratio, *format);
+  auto built =
+      RandomSupernet(flags->config, defaults.widths, defaults.min_depth_ratio, flags->format);
   if (!built.ok()) {
     spdlog::error("{}", built.status().ToString());
     return 1;

@@ -37,19 +37,14 @@ struct Options {
 int Run(const Options& o) {
   InitRuntime(o.threads);
   at::InferenceMode guard;
-  const auto format = ParseWeightFormat(o.weights_dtype);
-  if (!format.ok()) {
-    spdlog::error("--{}", std::string(format.status().message()));
-    return 2;
-  }
-  auto cfg = PresetConfig(o.preset);
-  if (!cfg.ok()) {
-    spdlog::error("{}", cfg.status().ToString());
+  const auto flags = ParseRandomSupernetFlags(o.preset, o.weights_dtype);
+  if (!flags.ok()) {
+    spdlog::error("{}", std::string(flags.status().message()));
     return 2;
   }
   spdlog::info("bench/subnet: building a {} supernet (random weights and calibration tokens)",
                o.preset);
-  auto built = RandomSupernet(*cfg, o.widths, o.min_depth_ratio, *format);
+  auto built = RandomSupernet(flags->config, o.widths, o.min_depth_ratio, flags->format);
   if (!built.ok()) {
     spdlog::error("{}", built.status().ToString());
     return 1;
