@@ -141,8 +141,9 @@ TEST(EngineTest, Bf16PrefillAttentionStaysWithinItsRoundingOfTheReference) {
   }
 }
 
-// A slot of 8 MB or more lives in an arena on 2 MB pages: decoding across the growth from small
-// arenas into one on 2 MB pages, and from that into a bigger one, keeps every cached position.
+// A slot of 8 MB or more lives in an arena on 2 MB pages, one of 2-8 MB in an arena whose whole
+// 2 MB ranges are: decoding across the growth from such arenas into one on 2 MB pages, and from
+// that into a bigger one, keeps every cached position.
 TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
   at::InferenceMode guard;
   ModelConfig c = testing::TinyConfig();
@@ -156,6 +157,7 @@ TEST(EngineTest, KvCacheGrowsIntoHugePageArenasAndDecodesAsTheFullForward) {
   const int64_t per_position = m->KvBytesPerPosition(4);
   ASSERT_LT(per_position * 128, static_cast<int64_t>(KVCache::kHugePageMinBytes));
   ASSERT_GE(per_position * 256, static_cast<int64_t>(KVCache::kHugePageMinBytes));
+  ASSERT_GE(per_position * 64, static_cast<int64_t>(KVCache::kMostlyHugePageMinBytes));
   auto ids = RandomTokens(300, c.vocab_size, 12);
   at::Tensor ref = Reference(*m, ids);
   std::vector<int32_t> prompt(ids.begin(), ids.begin() + 40);

@@ -39,10 +39,15 @@ class ArenaPool {
       }
     }
     if (!owner) {
-      // 2 MB pages for big slots: a decode step reads every layer's keys and values as one
-      // short stream per KV head, and on 4 KB pages each starts with page walks.
-      owner = huge ? AllocateHugePages(size)
-                   : std::shared_ptr<void>(std::aligned_alloc(4096, size), std::free);
+      // 2 MB pages where a slot has whole 2 MB ranges: a decode step reads every layer's keys
+      // and values as one short stream per layer, and on 4 KB pages each costs page walks.
+      if (huge) {
+        owner = AllocateHugePages(size);
+      } else if (size >= KVCache::kMostlyHugePageMinBytes) {
+        owner = AllocateMostlyHugePages(size);
+      } else {
+        owner = std::shared_ptr<void>(std::aligned_alloc(4096, size), std::free);
+      }
       if (!owner.get()) return nullptr;
     }
     // The slot's handle: when its last tensor goes, the memory comes back here.

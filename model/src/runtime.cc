@@ -74,6 +74,15 @@ std::shared_ptr<void> AllocateHugePages(size_t bytes) {
   return std::shared_ptr<void>(raw, std::free);
 }
 
+std::shared_ptr<void> AllocateMostlyHugePages(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  void* raw = std::aligned_alloc(kHuge, (std::max<size_t>(bytes, 1) + kHuge - 1) / kHuge * kHuge);
+  if (!raw) return nullptr;
+  // The advice splits the mapping: a 2 MB range gets a huge page only if all of it is advised.
+  if (const size_t whole = bytes / kHuge * kHuge; whole > 0) madvise(raw, whole, MADV_HUGEPAGE);
+  return std::shared_ptr<void>(raw, std::free);
+}
+
 BandwidthProbe::BandwidthProbe(double buffer_mib)
     : n_(static_cast<int64_t>(buffer_mib * 1024 * 1024 / sizeof(float))) {
   // On 2 MB pages, as the engine's packed weights are (4 KB pages read measurably slower: page

@@ -21,13 +21,17 @@ void FlushDenormalsToZero(int threads);
 // Whether the calling thread flushes denormals (FTZ and DAZ set).
 bool FlushesDenormals();
 
-// GB/s reading a buffer much larger than the last-level cache with all threads (the roofline's
-// denominator for decode).
 // `bytes` (rounded up to 2 MB) aligned to 2 MB and advised onto transparent huge pages (a hint:
 // 4 KB pages if the kernel says no), freed with the last owner; null when out of memory. For
 // buffers streamed end to end (decode weights), where 4 KB pages cost page walks.
 std::shared_ptr<void> AllocateHugePages(size_t bytes);
+// `bytes` aligned to 2 MB with only its whole 2 MB ranges advised onto huge pages: the rest (less
+// than 2 MB at the end) stays on 4 KB pages, so no page reaches past `bytes`. For buffers that
+// rounding up to 2 MB would grow by more than they gain (a KV slot of a few MB).
+std::shared_ptr<void> AllocateMostlyHugePages(size_t bytes);
 
+// GB/s reading a buffer much larger than the last-level cache with all threads (the roofline's
+// denominator for decode).
 double MeasureReadBandwidthGBs(double buffer_mib = 512, int repeats = 5);
 
 // The same probe on a buffer kept between reads: benches pair each measured step with a read
