@@ -3,14 +3,21 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
 
 #include "model/engine.h"
 #include "model/generation.h"
 #include "model/kernels.h"
 #include "model/presets.h"
 #include "model/sampler.h"
+#include "model/src/sampling_kernels.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
 
@@ -314,6 +321,216 @@ TEST(SamplerTest, SpeculativeChecksKeepTheTargetsDistribution) {
     for (int64_t t = 0; t < V; ++t) overlap += std::min(p[t], q[t]);
     const double rate = static_cast<double>(accepted) / n;
     EXPECT_NEAR(rate, overlap, 4 * std::sqrt(overlap * (1 - overlap) / n) + 1e-3);
+  }
+}
+
+std::vector<KernelIsa> SamplingIsas() {
+  std::vector<KernelIsa> isas = {KernelIsa::kScalar};
+  if (CpuHasAvx2Fma()) isas.push_back(KernelIsa::kAvx2);
+  if (CpuHasAvx512()) isas.push_back(KernelIsa::kAvx512);
+  return isas;
+}
+
+// The vector passes a sampler makes over a row, per instruction set, against their scalar rules
+// (sampling_kernels.h), on lengths around the vector widths and the 1024-element partial sums.
+TEST(SamplingKernelTest, EveryIsaFollowsTheScalarRules) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.f, 3.f);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 1023, 1024, 1025, 2049, 32003}) {
+    std::vector<float> x(n);
+    for (float& v : x) v = normal(rng);
+    if (n >= 3) x[n / 3] = -inf;  // a masked token
+    const float mx = *std::max_element(x.begin(), x.end());
+    // The scalar rules: the argument in float (as the kernels form it), exp in double.
+    std::vector<double> w(n);
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = (x[i] - mx) * 1.25f;
+      w[i] = v < -87.3365447504019f ? 0.0 : std::exp(static_cast<double>(v));
+      total += w[i];
+    }
+    for (KernelIsa isa : SamplingIsas()) {
+      ForceKernelIsa(isa);
+      const std::string at = std::string(KernelIsaName(isa)) + " n=" + std::to_string(n);
+      EXPECT_EQ(RowMax(x.data(), n), mx) << at;
+      std::vector<float> p(n);
+      EXPECT_NEAR(ExpScaled(x.data(), n, mx, 1.25f, p.data()), total, 1e-5 * total) << at;
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_NEAR(p[i], w[i], 1e-6 * w[i] + 1e-30) << at << " i=" << i;
+        if (w[i] == 0) ASSERT_EQ(p[i], 0.f) << at << " i=" << i;
+      }
+      if (n >= 3) EXPECT_EQ(p[n / 3], 0.f) << at << ": a -inf logit weighs exactly 0";
+      for (float cut : {0.f, 1e-3f, 0.05f, 0.5f, 1.0f, 2.0f}) {
+        int64_t count = -1, ref_count = 0;
+        double ref_mass = 0;
+        std::vector<int32_t> ref_in;
+        for (int64_t i = 0; i < n; ++i) {
+          if (p[i] >= cut) ref_mass += p[i], ++ref_count;
+          if (p[i] >= cut && p[i] < 2 * cut) ref_in.push_back(static_cast<int32_t>(i));
+        }
+        EXPECT_NEAR(MassAtLeast(p.data(), n, cut, &count), ref_mass, 1e-6 * ref_mass) << at;
+        EXPECT_EQ(count, ref_count) << at << " cut " << cut;
+        std::vector<int32_t> in(n);
+        in.resize(IndicesInRange(p.data(), n, cut, 2 * cut, in.data()));
+        EXPECT_EQ(in, ref_in) << at << " cut " << cut;
+        std::vector<float> z = p;
+        double ref_kept = 0;
+        for (float v : p) ref_kept += v >= cut ? v : 0.0;
+        EXPECT_NEAR(ZeroBelow(z.data(), n, cut), ref_kept, 1e-6 * ref_kept) << at;
+        for (int64_t i = 0; i < n; ++i) ASSERT_EQ(z[i], p[i] >= cut ? p[i] : 0.f) << at;
+      }
+      // A draw reaches token i when r lands inside its share of the running sum; tokens of
+      // weight 0 are never reached, and r past the total gives the last token of weight > 0.
+      std::vector<float> q = p;
+      for (int64_t i = 0; i < n; i += 5) q[i] = 0.f;
+      double run = 0, q_total = 0;
+      for (float v : q) q_total += v;
+      for (int64_t i = 0; i < n; ++i) {
+        // Tokens whose share is well above the partial sums' float rounding (~1e-7 of the total).
+        if (q[i] > 1e-5 * q_total && (i % 97 == 1 || i == n - 1)) {
+          EXPECT_EQ(FirstReachingMass(q.data(), n, run + 0.5 * q[i]), i) << at;
+        }
+        run += q[i];
+      }
+      int64_t last = n - 1;
+      while (last > 0 && q[last] == 0) --last;
+      EXPECT_EQ(FirstReachingMass(q.data(), n, run * 2 + 1), last) << at;
+      std::vector<float> zeros(n, 0.f);
+      EXPECT_EQ(FirstReachingMass(zeros.data(), n, 0.0), 0) << at;
+    }
+  }
+  ForceKernelIsa(KernelIsa::kAuto);
+}
+
+// The distribution Sample draws from, for every combination of temperature, top-k, min-p and
+// top-p and every instruction set, against the rules applied to the whole row in double: sort by
+// logit (ties to the lower id), keep top_k, keep weights >= min_p of the best, keep the smallest
+// prefix whose mass reaches top_p. Rows: flat and peaked, ties, masked (-inf) tokens, a
+// vocabulary that is not a multiple of the vector width. The sampler only sorts and walks what
+// it must (a band of weights around the top-p boundary), so this pins that the shortcuts keep
+// the rules.
+TEST(SamplerTest, DistributionFollowsTheSortedRulesUnderEveryIsa) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::mt19937 rng(21);
+  std::vector<std::vector<float>> rows;
+  for (int64_t vocab : {1003, 32003}) {
+    for (float spread : {0.5f, 4.0f}) {
+      std::normal_distribution<float> normal(0.f, spread);
+      std::vector<float> row(vocab);
+      for (float& v : row) v = normal(rng);
+      for (int64_t i = 0; i < vocab; i += 7) row[i] = -inf;  // a grammar's mask
+      rows.push_back(row);
+    }
+    std::uniform_int_distribution<int> small(-4, 4);  // many ties
+    std::vector<float> ties(vocab);
+    for (float& v : ties) v = static_cast<float>(small(rng));
+    rows.push_back(ties);
+  }
+  const std::vector<SamplingOptions> options = {
+      {.temperature = 1.0f},
+      {.temperature = 0.7f, .top_p = 0.9f},
+      {.temperature = 1.3f, .top_p = 0.5f},
+      {.temperature = 1.0f, .top_p = 0.999f},
+      {.temperature = 0.8f, .top_k = 40},
+      {.temperature = 0.8f, .top_k = 40, .top_p = 0.9f},
+      {.temperature = 2.0f, .top_k = 900},
+      {.temperature = 1.0f, .min_p = 0.05f},
+      {.temperature = 1.0f, .top_p = 0.8f, .min_p = 0.1f},
+      {.temperature = 0.5f, .top_k = 1},
+  };
+  for (const std::vector<float>& row : rows) {
+    const int64_t vocab = static_cast<int64_t>(row.size());
+    for (const SamplingOptions& o : options) {
+      // The rules in double.
+      std::vector<int32_t> order(vocab);
+      std::iota(order.begin(), order.end(), 0);
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+        return row[a] > row[b] || (row[a] == row[b] && a < b);
+      });
+      const double mx = row[order[0]];
+      int64_t n = o.top_k > 0 ? std::min<int64_t>(o.top_k, vocab) : vocab;
+      std::vector<double> w(vocab, 0.0);
+      std::vector<int32_t> kept;
+      for (int64_t i = 0; i < n; ++i) {
+        const double wi = std::exp((row[order[i]] - mx) / o.temperature);
+        if (wi >= o.min_p && wi > 0) kept.push_back(order[i]), w[order[i]] = wi;
+      }
+      double sum = 0;
+      for (int32_t t : kept) sum += w[t];
+      const double candidates_mass = sum;  // top-p's 100%
+      if (o.top_p < 1.0f) {
+        double acc = 0;
+        size_t keep = 0;
+        while (keep < kept.size()) {
+          acc += w[kept[keep++]] / sum;
+          if (acc >= o.top_p) break;
+        }
+        for (size_t i = keep; i < kept.size(); ++i) w[kept[i]] = 0;
+        kept.resize(keep);
+        sum = 0;
+        for (int32_t t : kept) sum += w[t];
+      }
+      for (KernelIsa isa : SamplingIsas()) {
+        ForceKernelIsa(isa);
+        std::vector<float> logits = row, probs(vocab);
+        const int32_t tok = Sampler(o, vocab).Sample(logits.data(), probs.data());
+        const std::string at = std::string(KernelIsaName(isa)) + " vocab " + std::to_string(vocab) +
+                               " t " + std::to_string(o.temperature) + " top_k " +
+                               std::to_string(o.top_k) + " top_p " + std::to_string(o.top_p) +
+                               " min_p " + std::to_string(o.min_p);
+        EXPECT_GT(w[tok], 0) << at << ": drew a token outside the candidates";
+        // The nucleus may end one token earlier or later than in double where the mass before
+        // the boundary is within float rounding (1e-5) of top_p; the rest must agree exactly.
+        std::vector<double> ref_w = w;
+        double ref_sum = sum;
+        for (int64_t t = 0; t < vocab; ++t) {
+          if ((probs[t] > 0) == (ref_w[t] > 0)) continue;
+          const bool next = kept.size() < order.size() && t == order[kept.size()];
+          const bool last = !kept.empty() && t == kept.back();
+          ASSERT_TRUE(o.top_p < 1.0f && (next || last)) << at << " token " << t;
+          double before = 0;  // the reference's mass before the boundary token
+          for (size_t i = 0; i + 1 < kept.size(); ++i) before += w[kept[i]];
+          if (next) before += w[kept.back()];
+          ASSERT_NEAR(before / candidates_mass, o.top_p, 1e-5) << at << ": the boundary moved";
+          const double wt = next ? std::exp((row[t] - mx) / o.temperature) : 0.0;
+          ref_sum += wt - ref_w[t];
+          ref_w[t] = wt;
+        }
+        for (int64_t t = 0; t < vocab; ++t) {
+          const double ref = ref_w[t] / ref_sum;
+          ASSERT_NEAR(probs[t], ref, 1e-6 + 1e-4 * ref) << at << " token " << t;
+        }
+      }
+    }
+  }
+  ForceKernelIsa(KernelIsa::kAuto);
+}
+
+// Draws follow the distribution: chi-square of 20000 draws against Sample's own probabilities,
+// for the every-token path (walked in vectors, across 1024-element partial sums) and top-p's.
+TEST(SamplerTest, DrawsFollowTheDistribution) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.f, 2.5f);
+  const int64_t vocab = 3001;
+  std::vector<float> row(vocab);
+  for (float& v : row) v = normal(rng);
+  for (const SamplingOptions& o :
+       {SamplingOptions{.temperature = 1.0f, .seed = 3},
+        SamplingOptions{.temperature = 0.9f, .top_p = 0.7f, .seed = 4}}) {
+    std::vector<float> logits = row, p(vocab);
+    Sampler s(o, vocab);
+    s.Sample(logits.data(), p.data());
+    const int64_t n = 20000;
+    std::vector<int64_t> counts(vocab, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      logits = row;
+      ++counts[s.Sample(logits.data())];
+    }
+    int64_t df = 0;
+    const double chi = ChiSquare(counts, p, n, &df);
+    EXPECT_GT(df, 10);
+    EXPECT_LT(chi, df + 4.5 * std::sqrt(2.0 * df)) << "top_p " << o.top_p;
   }
 }
 

@@ -1,13 +1,11 @@
 #include "model/generation.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "model/kernels.h"
-#include "simd.h"
+#include "sampling_kernels.h"
 
 namespace amoeba {
 
@@ -48,89 +46,12 @@ TokenStream::TokenStream(const Tokenizer& tok, const ModelConfig& config,
   tokens_.reserve(opt_.max_new_tokens);
 }
 
-namespace {
-
-// max(x) and sum(exp(x - mx)) over a row of logits, per instruction set (ActiveKernelIsa): the
-// logprobs of a token cost one pass over the vocabulary, so it runs at the vector width. Partial
-// sums go to a double every 1024 elements (32,000-term float sums drift past 1e-6).
-float RowMaxScalar(const float* x, int64_t n) {
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
-  return mx;
-}
-double SumExpScalar(const float* x, int64_t n, float mx) {
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - mx);
-  return sum;
-}
-
-AMOEBA_AVX2 float RowMaxAvx2(const float* x, int64_t n) {
-  __m256 m = _mm256_set1_ps(-INFINITY);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float mx = RowMaxScalar(x + i, n - i);
-  for (float v : lanes) mx = std::max(mx, v);
-  return mx;
-}
-AMOEBA_AVX2 double SumExpAvx2(const float* x, int64_t n, float mx) {
-  const __m256 vmx = _mm256_set1_ps(mx);
-  double sum = 0;
-  alignas(32) float lanes[8];
-  int64_t i = 0;
-  while (i + 8 <= n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t end = std::min(n - 7, i + 1024); i < end; i += 8)
-      acc = _mm256_add_ps(acc, simd::Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmx)));
-    _mm256_store_ps(lanes, acc);
-    for (float v : lanes) sum += v;
-  }
-  return sum + SumExpScalar(x + i, n - i, mx);
-}
-
-AMOEBA_AVX512 float RowMaxAvx512(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
-  return std::max(simd::ReduceMax16(m), RowMaxScalar(x + i, n - i));
-}
-AMOEBA_AVX512 double SumExpAvx512(const float* x, int64_t n, float mx) {
-  const __m512 vmx = _mm512_set1_ps(mx);
-  double sum = 0;
-  int64_t i = 0;
-  while (i + 16 <= n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t end = std::min(n - 15, i + 1024); i < end; i += 16)
-      acc = _mm512_add_ps(acc, simd::Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmx)));
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, acc);
-    for (float v : lanes) sum += v;
-  }
-  return sum + SumExpScalar(x + i, n - i, mx);
-}
-
-}  // namespace
-
 void LogprobRow::Read(const float* logits, int64_t vocab) {
   logits_ = logits;
   vocab_ = vocab;
-  float mx = 0;
-  double sum = 0;
-  switch (ActiveKernelIsa()) {
-    case KernelIsa::kAvx512:
-      mx = RowMaxAvx512(logits, vocab);
-      sum = SumExpAvx512(logits, vocab, mx);
-      break;
-    case KernelIsa::kAvx2:
-      mx = RowMaxAvx2(logits, vocab);
-      sum = SumExpAvx2(logits, vocab, mx);
-      break;
-    default:
-      mx = RowMaxScalar(logits, vocab);
-      sum = SumExpScalar(logits, vocab, mx);
-  }
-  log_z_ = mx + static_cast<float>(std::log(sum));
+  // One pass over the vocabulary for the maximum, one for the sum (sampling_kernels.h).
+  const float mx = RowMax(logits, vocab);
+  log_z_ = mx + static_cast<float>(std::log(SumExp(logits, vocab, mx)));
 }
 
 void LogprobRow::Top(int32_t k, std::vector<std::pair<int32_t, float>>& out) {

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "model/kernels.h"
+#include "sampling_kernels.h"
 
 namespace amoeba {
 
@@ -12,8 +15,11 @@ Sampler::Sampler(const SamplingOptions& options, int64_t vocab_size)
     : opt_(options), vocab_(vocab_size), rng_(options.seed) {
   seen_mask_.assign(vocab_size, 0);
   generated_count_.assign(vocab_size, 0);
-  idx_.resize(vocab_size);
-  probs_.resize(vocab_size);
+  if (options.temperature > 0.0f) {  // greedy needs none of these
+    weights_.resize(vocab_size);
+    idx_.resize(vocab_size);
+    probs_.resize(vocab_size);
+  }
 }
 
 void Sampler::Observe(int32_t token) {
@@ -55,19 +61,26 @@ void Sampler::ApplyPenalty(float* logits) const {
     if (t >= 0 && t < vocab_) logits[t] += bias;
 }
 
-int64_t Sampler::Candidates(float* logits, double* sum_out) {
+int64_t Sampler::Candidates(const float* logits, double* sum_out) {
   const float inv_t = 1.0f / opt_.temperature;
-  int64_t n = vocab_;
-  std::iota(idx_.begin(), idx_.end(), 0);
-  auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b]; };
-  if (opt_.top_k > 0 && opt_.top_k < n) {
-    std::nth_element(idx_.begin(), idx_.begin() + opt_.top_k, idx_.end(), by_logit);
-    n = opt_.top_k;
-  }
+  const float mx = RowMax(logits, vocab_);
   const bool use_top_p = opt_.top_p < 1.0f;
+  if (opt_.top_k <= 0 || opt_.top_k >= vocab_) {
+    // Every token, in one vector pass; min-p zeroes the weights under min_p of the best (1), and
+    // top-p all outside the nucleus.
+    all_tokens_ = true;
+    double sum = ExpScaled(logits, vocab_, mx, inv_t, weights_.data());
+    if (opt_.min_p > 0.0f) sum = ZeroBelow(weights_.data(), vocab_, opt_.min_p);
+    if (use_top_p) sum = KeepNucleus(logits, sum);
+    *sum_out = sum;
+    return vocab_;
+  }
+  all_tokens_ = false;
+  int64_t n = TopK(logits, mx);
+  auto by_logit = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
   if (use_top_p) std::sort(idx_.begin(), idx_.begin() + n, by_logit);
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, logits[idx_[i]]);
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
     probs_[i] = std::exp((logits[idx_[i]] - mx) * inv_t);
@@ -102,6 +115,77 @@ int64_t Sampler::Candidates(float* logits, double* sum_out) {
   return n;
 }
 
+int64_t Sampler::TopK(const float* logits, float max_logit) {
+  // The tokens within `below` of the best, doubling it until there are top_k of them (a vector
+  // pass each, a few per row), then the top_k of those (at most about twice as many when the
+  // logits are spread evenly). A full nth_element over the vocabulary took ~100 µs a token.
+  const int64_t k = opt_.top_k;
+  int64_t found = 0;
+  for (float below = 0.5f;; below *= 2.0f) {
+    const float lo = below > 1e5f ? -INFINITY : max_logit - below;
+    found = IndicesInRange(logits, vocab_, lo, INFINITY, idx_.data());
+    if (found >= k || lo == -INFINITY) break;
+  }
+  if (found > k) {
+    std::nth_element(idx_.begin(), idx_.begin() + k, idx_.begin() + found,
+                     [&](int32_t a, int32_t b) {
+                       return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+                     });
+  }
+  return std::min(found, k);  // fewer only when NaN logits (never candidates) leave fewer
+}
+
+double Sampler::KeepNucleus(const float* logits, double sum) {
+  // The nucleus: the tokens by logit (ties to the lower id) until their mass reaches top_p.
+  // Weights follow logits, so it is every token above some weight and part of the tokens at it.
+  // Find a band [lo, hi) of weights holding that boundary and few tokens (vector passes that
+  // sum the mass at or above a weight), sort only the band, and zero every weight outside the
+  // nucleus: drawing then walks the whole row in vectors. Sorting the vocabulary took ~2 ms a
+  // token. Weights are at most 1 (the best token's) and 0 or at least FLT_MIN (ExpScaled).
+  const double target = opt_.top_p * sum;
+  constexpr int64_t kBandTokens = 256;
+  float lo = std::numeric_limits<float>::min(), hi = 2.0f;  // mass(>= lo) >= target > mass(>= hi)
+  int64_t count_lo = vocab_, count_hi = 0;
+  for (const float w : {0.5f, 0.0625f, 1.0f / 256, 1.0f / 65536, 1e-12f}) {  // peaked rows: early
+    int64_t count = 0;
+    if (MassAtLeast(weights_.data(), vocab_, w, &count) >= target) {
+      lo = w, count_lo = count;
+      break;
+    }
+    hi = w, count_hi = count;
+  }
+  while (count_lo - count_hi > kBandTokens) {  // halve the band (in float order) until it is small
+    uint32_t lo_bits, hi_bits;
+    std::memcpy(&lo_bits, &lo, 4);
+    std::memcpy(&hi_bits, &hi, 4);
+    if (hi_bits - lo_bits < 2) break;  // one weight: ties, sorted below
+    const uint32_t mid_bits = lo_bits + (hi_bits - lo_bits) / 2;
+    float mid;
+    std::memcpy(&mid, &mid_bits, 4);
+    int64_t count = 0;
+    if (MassAtLeast(weights_.data(), vocab_, mid, &count) >= target) {
+      lo = mid, count_lo = count;
+    } else {
+      hi = mid, count_hi = count;
+    }
+  }
+  // Above the band every token is in; the band's, best first, until the mass is reached.
+  int64_t above_count = 0;
+  double kept = MassAtLeast(weights_.data(), vocab_, hi, &above_count);
+  const int64_t band = IndicesInRange(weights_.data(), vocab_, lo, hi, idx_.data());
+  std::sort(idx_.begin(), idx_.begin() + band, [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  int64_t keep = 0;
+  while (keep < band && (kept < target || above_count + keep == 0)) {
+    probs_[keep] = weights_[idx_[keep]];
+    kept += probs_[keep++];
+  }
+  ZeroBelow(weights_.data(), vocab_, hi);
+  for (int64_t i = 0; i < keep; ++i) weights_[idx_[i]] = probs_[i];
+  return kept;
+}
+
 int32_t Sampler::Sample(float* logits, float* probs) {
   ApplyPenalty(logits);
   if (opt_.temperature <= 0.0f) {
@@ -115,16 +199,24 @@ int32_t Sampler::Sample(float* logits, float* probs) {
   double sum = 0;
   const int64_t n = Candidates(logits, &sum);
   if (probs) {
-    std::fill(probs, probs + vocab_, 0.0f);
-    for (int64_t i = 0; i < n; ++i) probs[idx_[i]] = static_cast<float>(probs_[i] / sum);
+    if (all_tokens_) {
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int64_t i = 0; i < vocab_; ++i) probs[i] = weights_[i] * inv;
+    } else {
+      std::fill(probs, probs + vocab_, 0.0f);
+      for (int64_t i = 0; i < n; ++i) probs[idx_[i]] = static_cast<float>(probs_[i] / sum);
+    }
   }
   std::uniform_real_distribution<double> u(0.0, sum);
   double r = u(rng_);
+  if (all_tokens_) return static_cast<int32_t>(FirstReachingMass(weights_.data(), vocab_, r));
   for (int64_t i = 0; i < n; ++i) {
     r -= probs_[i];
-    if (r <= 0) return idx_[i];
+    if (r <= 0 && probs_[i] > 0) return idx_[i];
   }
-  return idx_[n - 1];
+  for (int64_t i = n; i-- > 0;)
+    if (probs_[i] > 0) return idx_[i];
+  return idx_[0];
 }
 
 int32_t Sampler::Verify(float* logits, int32_t drafted, const float* draft_probs, bool* accepted) {
@@ -137,7 +229,8 @@ int32_t Sampler::Verify(float* logits, int32_t drafted, const float* draft_probs
   double sum = 0;
   const int64_t n = Candidates(logits, &sum);
   dense_.assign(vocab_, 0.0f);
-  for (int64_t i = 0; i < n; ++i) dense_[idx_[i]] = static_cast<float>(probs_[i] / sum);
+  for (int64_t i = 0; i < n; ++i)
+    dense_[CandidateId(i)] = static_cast<float>(CandidateWeight(i) / sum);
   const double p = dense_[drafted];
   const double q = draft_probs ? draft_probs[drafted] : 1.0;
   std::uniform_real_distribution<double> u01(0.0, 1.0);
@@ -149,17 +242,18 @@ int32_t Sampler::Verify(float* logits, int32_t drafted, const float* draft_probs
   // The residual max(0, p - q): where the target wants more than the draft offered.
   double residual = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t t = idx_[i];
+    const int32_t t = CandidateId(i);
     const float qt = draft_probs ? draft_probs[t] : (t == drafted ? 1.0f : 0.0f);
     dense_[t] = std::max(0.0f, dense_[t] - qt);
     residual += dense_[t];
   }
   if (residual <= 0) {  // p == q up to rounding: any draw from p is right
-    for (int64_t i = 0; i < n; ++i) dense_[idx_[i]] = probs_[i];
+    for (int64_t i = 0; i < n; ++i) dense_[CandidateId(i)] = CandidateWeight(i);
     residual = sum;
   }
   std::uniform_real_distribution<double> u(0.0, residual);
   double r = u(rng_);
+  if (all_tokens_) return static_cast<int32_t>(FirstReachingMass(dense_.data(), vocab_, r));
   for (int64_t i = 0; i < n; ++i) {
     r -= dense_[idx_[i]];
     if (r <= 0 && dense_[idx_[i]] > 0) return idx_[i];

@@ -16,7 +16,7 @@ struct SamplingOptions {
   float top_p = 1.0f;               // 1 = off
   float repetition_penalty = 1.0f;  // 1 = off
   uint64_t seed = 0;
-  float min_p = 0.0f;               // keep tokens with p >= min_p · p_max; 0 = off
+  float min_p = 0.0f;  // keep tokens with p >= min_p · p_max; 0 = off
   // OpenAI's: logit -= presence · [generated before] + frequency · (times generated).
   float presence_penalty = 0.0f, frequency_penalty = 0.0f;
   std::vector<std::pair<int32_t, float>> logit_bias = {};  // added to those tokens' logits
@@ -46,9 +46,17 @@ class Sampler {
   int64_t vocab_size() const { return vocab_; }
 
  private:
-  // Repetition penalty, then the candidates (top-k, top-p) in idx_[0, n) with unnormalised
-  // probabilities probs_[0, n) summing to `sum`; n. Not for greedy.
-  int64_t Candidates(float* logits, double* sum);
+  // The candidates after temperature, top-k, min-p and top-p, with unnormalised probabilities
+  // summing to `sum`; returns their count n. Either every token (all_tokens_: token i has
+  // weights_[i], 0 for those min-p or top-p drop; n = vocab size) or top-k's short list (token
+  // idx_[i] has probs_[i]). Not for greedy.
+  int64_t Candidates(const float* logits, double* sum);
+  // The top_k tokens by logit (ties to the lower id) into idx_, in no order; returns how many.
+  int64_t TopK(const float* logits, float max_logit);
+  // Zeroes weights_ (every token's, total `sum`) outside the top-p nucleus; returns its mass.
+  double KeepNucleus(const float* logits, double sum);
+  int32_t CandidateId(int64_t i) const { return all_tokens_ ? static_cast<int32_t>(i) : idx_[i]; }
+  float CandidateWeight(int64_t i) const { return all_tokens_ ? weights_[i] : probs_[i]; }
   void ApplyPenalty(float* logits) const;
 
   SamplingOptions opt_;
@@ -58,6 +66,8 @@ class Sampler {
   std::vector<int32_t> seen_;
   std::vector<int32_t> generated_count_;  // per token
   std::vector<int32_t> generated_;        // the distinct generated tokens
+  bool all_tokens_ = false;
+  std::vector<float> weights_;  // exp((logit - max) / temperature) of every token
   std::vector<int32_t> idx_;
   std::vector<float> probs_;
   std::vector<float> dense_;  // Verify: the target's distribution over the vocabulary
