@@ -19,7 +19,11 @@ int main(int argc, char** argv) {
   app.add_option("--keep-alive-s", keep_alive_s, "Idle keep-alive timeout");
   app.add_option("--max-body", max_body, "Largest body (413 beyond)");
   app.add_option("--port-file", port_file, "Write the bound port here")->required();
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
 
   httplib::Server s;
   s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };

@@ -200,7 +200,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads", o.threads, "Compute threads (0 = all cores)")->capture_default_str();
   app.add_option("--out", o.out, "Report path without extension")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
   if (o.rounds < 1 || o.lengths.empty()) {
     std::fprintf(stderr, "--rounds >= 1 and at least one length\n");
     return 2;

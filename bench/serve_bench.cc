@@ -40,9 +40,22 @@ std::string ShapeKey(const v1::Shape& s) {
   return b;
 }
 
-// `streams` clients, each sending `per_stream` requests back to back (greedy when `greedy`).
+// How the streams sample: temperature 0 is greedy; top_p 1 is off.
+struct Sampling {
+  double temperature = 1.0, top_p = 1.0;
+  std::string Describe() const {
+    if (temperature <= 0) return "greedy";
+    char b[64];
+    std::snprintf(b, sizeof(b), top_p < 1 ? "temperature %g, top_p %g" : "temperature %g",
+                  temperature, top_p);
+    return b;
+  }
+};
+constexpr Sampling kGreedy{0.0, 1.0};
+
+// `streams` clients, each sending `per_stream` requests back to back.
 Sample Load(const client::ClientOptions& co, int streams, int per_stream, int tokens,
-            const std::vector<v1::Shape>& shapes, bool greedy = false) {
+            const std::vector<v1::Shape>& shapes, const Sampling& sampling = {}) {
   Sample s;
   std::mutex mu;
   const auto t0 = Clock::now();
@@ -55,7 +68,8 @@ Sample Load(const client::ClientOptions& co, int streams, int per_stream, int to
         req.set_text("Once upon a time there was");
         *req.mutable_shape() = shapes[(i + r) % shapes.size()];
         req.set_max_new_tokens(tokens);
-        req.mutable_sampling()->set_temperature(greedy ? 0.0 : 1.0);
+        req.mutable_sampling()->set_temperature(sampling.temperature);
+        req.mutable_sampling()->set_top_p(sampling.top_p);
         req.mutable_sampling()->set_seed(i * 1000 + r);
         req.add_stop("\x01\x02\x03");
         const auto start = Clock::now();
@@ -126,12 +140,13 @@ double Median(std::vector<double> v) {
   return Pct(std::move(v), 0.5);
 }
 
-// Many shapes at once: 16 greedy streams whose shapes cycle over k distinct grid shapes (k = 1, 2,
-// 4, 8; the full shape first, the smallest among the 8), on `targets` (label, address): servers
-// of one supernet started with different flags, measured in interleaved rounds.
+// Many shapes at once: 16 streams (greedy unless `sampling` says otherwise) whose shapes cycle
+// over k distinct grid shapes (k = 1, 2, 4, 8; the full shape first, the smallest among the 8),
+// on `targets` (label, address): servers of one supernet started with different flags (or
+// different builds), measured in interleaved rounds.
 int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, int rounds,
-             int tokens, int requests, const std::string& out_json, const std::string& out_md,
-             const std::string& machine) {
+             int tokens, int requests, const Sampling& sampling, const std::string& out_json,
+             const std::string& out_md, const std::string& machine) {
   std::vector<client::ClientOptions> cos;
   v1::ModelInfo info;
   if (!Connect(targets, &cos, &info)) return 1;
@@ -150,7 +165,7 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
                                  shape(dmid, w1), shape(dmax, wlast), shape(dmid, wmid),
                                  shape(dmin, w0), shape(dmid, wlast)};
   for (auto& co : cos)
-    for (const auto& s : pool) Load(co, 1, 1, 4, {s}, true);  // warm-up: every lane built
+    for (const auto& s : pool) Load(co, 1, 1, 4, {s}, kGreedy);  // warm-up: every lane built
   const std::vector<int> ks = {1, 2, 4, 8};
   // rate[target][k] over rounds; ITL per shape key (last round's k = 8 run, all rounds pooled).
   std::vector<std::map<int, std::vector<double>>> rate(targets.size());
@@ -159,7 +174,7 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
     for (int k : ks)
       for (size_t t = 0; t < targets.size(); ++t) {
         std::vector<v1::Shape> shapes(pool.begin(), pool.begin() + k);
-        Sample s = Load(cos[t], 16, requests, tokens, shapes, true);
+        Sample s = Load(cos[t], 16, requests, tokens, shapes, sampling);
         const double tps = s.errors ? 0.0 : s.tokens / s.seconds;
         rate[t][k].push_back(tps);
         if (k == 8)
@@ -170,14 +185,16 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
       }
   nlohmann::json out = {{"machine", machine},
                         {"streams", 16},
+                        {"sampling", sampling.Describe()},
                         {"tokens_per_request", tokens},
                         {"requests_per_stream", requests},
                         {"rounds", rounds},
                         {"shapes", nlohmann::json::array()},
                         {"targets", nlohmann::json::array()}};
   for (const auto& s : pool) out["shapes"].push_back(ShapeKey(s));
-  std::string md = "# bench/serve: many shapes at once\n\n" + machine +
-                   "\n\n16 greedy streams, shapes cycling over k distinct grid shapes; aggregate "
+  std::string md = "# bench/serve: many shapes at once\n\n" + machine + "\n\n16 streams (" +
+                   sampling.Describe() +
+                   "), shapes cycling over k distinct grid shapes; aggregate "
                    "completion tokens/s, median of " +
                    std::to_string(rounds) + " interleaved rounds (all rounds in the JSON).\n\n";
   md +=
@@ -279,9 +296,9 @@ int Overload(const std::vector<std::pair<std::string, std::string>>& targets, in
   v1::Shape full;
   full.set_depth(info.depths(info.depths_size() - 1));
   full.set_width(info.widths(0));
-  for (auto& co : cos) Load(co, 2, 1, 4, {full}, true);  // warm-up
+  for (auto& co : cos) Load(co, 2, 1, 4, {full}, kGreedy);  // warm-up
   // Capacity on the first server (all run the same engine with one shape in flight).
-  Sample cap = Load(cos[0], 16, 2, tokens, {full}, true);
+  Sample cap = Load(cos[0], 16, 2, tokens, {full}, kGreedy);
   const double req_per_s = (16.0 * 2) / cap.seconds;
   const double target_ms = 1.5 * Pct(cap.itl_ms, 0.5);
   std::fprintf(stderr, "capacity: %.1f requests/s, ITL p50 %.1f ms; budget target %.1f ms/token\n",
@@ -400,7 +417,21 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--seconds", seconds, "Arrival window per round (--overload)")
       ->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  double temperature = -1, top_p = 1.0;
+  app.add_option("--temperature", temperature,
+                 "Sampling temperature of the streams (0 = greedy; default: greedy for "
+                 "--shape-mix, 1 for the basic run)");
+  app.add_option("--top-p", top_p, "Nucleus sampling's top_p of the streams (1 = off)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  auto sampling_or = [&](double default_temperature) {
+    return Sampling{temperature < 0 ? default_temperature : temperature, top_p};
+  };
   auto parse_targets = [](const std::vector<std::string>& in,
                           std::vector<std::pair<std::string, std::string>>* out) {
     for (const std::string& t : in) {
@@ -421,7 +452,7 @@ int main(int argc, char** argv) {
   if (!mix_targets.empty()) {
     std::vector<std::pair<std::string, std::string>> targets;
     if (!parse_targets(mix_targets, &targets)) return 2;
-    return ShapeMix(targets, rounds, tokens, requests, out_json, out_md, machine);
+    return ShapeMix(targets, rounds, tokens, requests, sampling_or(0.0), out_json, out_md, machine);
   }
 
   client::Client c(co);
@@ -441,18 +472,21 @@ int main(int argc, char** argv) {
     s.set_width(info.widths(info.widths_size() - 1));
     mixed.push_back(s);
   }
+  const Sampling sampling = sampling_or(1.0);
   Load(co, 1, 1, 4, {full});  // warm-up: build the lane
-  nlohmann::json out = {
-      {"target", co.target}, {"tokens_per_request", tokens}, {"runs", nlohmann::json::array()}};
-  std::string md =
-      "# bench/serve\n\n| scenario | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | ITL "
-      "p50 ms | ITL p99 ms | errors |\n|---|---|---|---|---|---|---|---|\n";
+  nlohmann::json out = {{"target", co.target},
+                        {"tokens_per_request", tokens},
+                        {"sampling", sampling.Describe()},
+                        {"runs", nlohmann::json::array()}};
+  std::string md = "# bench/serve\n\nStreams sample with " + sampling.Describe() +
+                   ".\n\n| scenario | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | ITL "
+                   "p50 ms | ITL p99 ms | errors |\n|---|---|---|---|---|---|---|---|\n";
   double single = 0;
   for (auto [name, streams, shapes] : {std::tuple{"one shape", 1, std::vector<v1::Shape>{full}},
                                        std::tuple{"one shape", 4, std::vector<v1::Shape>{full}},
                                        std::tuple{"one shape", 16, std::vector<v1::Shape>{full}},
                                        std::tuple{"mixed shapes", 16, mixed}}) {
-    Sample s = Load(co, streams, requests, tokens, shapes);
+    Sample s = Load(co, streams, requests, tokens, shapes, sampling);
     const double rate = s.tokens / s.seconds;
     if (streams == 1) single = rate;
     out["runs"].push_back({{"scenario", name},

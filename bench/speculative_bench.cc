@@ -307,6 +307,10 @@ int main(int argc, char** argv) {
                  "Drafts read their own copy in this format (default: --weights-dtype, no copy)");
   app.add_option("--json", o.out_json)->capture_default_str();
   app.add_option("--md", o.out_md)->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
   return amoeba::bench::RunBench(o);
 }
