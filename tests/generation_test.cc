@@ -358,9 +358,13 @@ TEST(SamplingKernelTest, EveryIsaFollowsTheScalarRules) {
       EXPECT_NEAR(ExpScaled(x.data(), n, mx, 1.25f, p.data()), total, 1e-5 * total) << at;
       for (int64_t i = 0; i < n; ++i) {
         ASSERT_NEAR(p[i], w[i], 1e-6 * w[i] + 1e-30) << at << " i=" << i;
-        if (w[i] == 0) ASSERT_EQ(p[i], 0.f) << at << " i=" << i;
+        if (w[i] == 0) {
+          ASSERT_EQ(p[i], 0.f) << at << " i=" << i;
+        }
       }
-      if (n >= 3) EXPECT_EQ(p[n / 3], 0.f) << at << ": a -inf logit weighs exactly 0";
+      if (n >= 3) {
+        EXPECT_EQ(p[n / 3], 0.f) << at << ": a -inf logit weighs exactly 0";
+      }
       for (float cut : {0.f, 1e-3f, 0.05f, 0.5f, 1.0f, 2.0f}) {
         int64_t count = -1, ref_count = 0;
         double ref_mass = 0;
@@ -508,7 +512,8 @@ TEST(SamplerTest, DistributionFollowsTheSortedRulesUnderEveryIsa) {
 }
 
 // Draws follow the distribution: chi-square of 20000 draws against Sample's own probabilities,
-// for the every-token path (walked in vectors, across 1024-element partial sums) and top-p's.
+// for the every-token path (walked in vectors, across 1024-element partial sums) and top-p's;
+// the same for speculative checks of a draft drawn deterministically.
 TEST(SamplerTest, DrawsFollowTheDistribution) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.f, 2.5f);
@@ -531,6 +536,19 @@ TEST(SamplerTest, DrawsFollowTheDistribution) {
     const double chi = ChiSquare(counts, p, n, &df);
     EXPECT_GT(df, 10);
     EXPECT_LT(chi, df + 4.5 * std::sqrt(2.0 * df)) << "top_p " << o.top_p;
+    // A check of a draft drawn deterministically (no draft distribution: q is one-hot on the
+    // drafted token, here the likeliest) keeps the same distribution.
+    const int32_t drafted = static_cast<int32_t>(std::max_element(p.begin(), p.end()) - p.begin());
+    std::fill(counts.begin(), counts.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      logits = row;
+      bool accepted = false;
+      const int32_t t = s.Verify(logits.data(), drafted, nullptr, &accepted);
+      EXPECT_EQ(accepted, t == drafted);
+      ++counts[t];
+    }
+    EXPECT_LT(ChiSquare(counts, p, n, &df), df + 4.5 * std::sqrt(2.0 * df))
+        << "checks of a deterministic draft, top_p " << o.top_p;
   }
 }
 

@@ -228,9 +228,14 @@ int32_t Sampler::Verify(float* logits, int32_t drafted, const float* draft_probs
   ApplyPenalty(logits);
   double sum = 0;
   const int64_t n = Candidates(logits, &sum);
-  dense_.assign(vocab_, 0.0f);
-  for (int64_t i = 0; i < n; ++i)
-    dense_[CandidateId(i)] = static_cast<float>(CandidateWeight(i) / sum);
+  dense_.resize(vocab_);
+  if (all_tokens_) {  // every token: whole-row loops the compiler vectorises
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t t = 0; t < vocab_; ++t) dense_[t] = weights_[t] * inv;
+  } else {
+    std::fill(dense_.begin(), dense_.end(), 0.0f);
+    for (int64_t i = 0; i < n; ++i) dense_[idx_[i]] = static_cast<float>(probs_[i] / sum);
+  }
   const double p = dense_[drafted];
   const double q = draft_probs ? draft_probs[drafted] : 1.0;
   std::uniform_real_distribution<double> u01(0.0, 1.0);
@@ -241,11 +246,20 @@ int32_t Sampler::Verify(float* logits, int32_t drafted, const float* draft_probs
   *accepted = false;
   // The residual max(0, p - q): where the target wants more than the draft offered.
   double residual = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t t = CandidateId(i);
-    const float qt = draft_probs ? draft_probs[t] : (t == drafted ? 1.0f : 0.0f);
-    dense_[t] = std::max(0.0f, dense_[t] - qt);
-    residual += dense_[t];
+  if (all_tokens_) {
+    if (draft_probs) {
+      for (int64_t t = 0; t < vocab_; ++t) dense_[t] = std::max(0.0f, dense_[t] - draft_probs[t]);
+    } else {
+      dense_[drafted] = std::max(0.0f, dense_[drafted] - 1.0f);
+    }
+    residual = ZeroBelow(dense_.data(), vocab_, 0.0f);  // the sum, in vectors (all are >= 0)
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t t = CandidateId(i);
+      const float qt = draft_probs ? draft_probs[t] : (t == drafted ? 1.0f : 0.0f);
+      dense_[t] = std::max(0.0f, dense_[t] - qt);
+      residual += dense_[t];
+    }
   }
   if (residual <= 0) {  // p == q up to rounding: any draw from p is right
     for (int64_t i = 0; i < n; ++i) dense_[CandidateId(i)] = CandidateWeight(i);
