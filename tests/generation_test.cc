@@ -365,6 +365,17 @@ TEST(SamplingKernelTest, EveryIsaFollowsTheScalarRules) {
       if (n >= 3) {
         EXPECT_EQ(p[n / 3], 0.f) << at << ": a -inf logit weighs exactly 0";
       }
+      if (n >= 2) {  // a NaN logit: never the maximum, and weighs 0
+        std::vector<float> with_nan = x;
+        with_nan[n / 2] = std::numeric_limits<float>::quiet_NaN();
+        float m = -inf;
+        for (int64_t i = 0; i < n; ++i)
+          if (i != n / 2) m = std::max(m, x[i]);
+        EXPECT_EQ(RowMax(with_nan.data(), n), m) << at;
+        std::vector<float> q(n);
+        ExpScaled(with_nan.data(), n, m, 1.25f, q.data());
+        EXPECT_EQ(q[n / 2], 0.f) << at;
+      }
       for (float cut : {0.f, 1e-3f, 0.05f, 0.5f, 1.0f, 2.0f}) {
         int64_t count = -1, ref_count = 0;
         double ref_mass = 0;

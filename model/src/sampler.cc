@@ -10,6 +10,16 @@
 #include "sampling_kernels.h"
 
 namespace amoeba {
+namespace {
+
+// The order of the candidates: by logit, ties to the lower id.
+auto ByLogitThenId(const float* logits) {
+  return [logits](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+}
+
+}  // namespace
 
 Sampler::Sampler(const SamplingOptions& options, int64_t vocab_size)
     : opt_(options), vocab_(vocab_size), rng_(options.seed) {
@@ -77,10 +87,7 @@ int64_t Sampler::Candidates(const float* logits, double* sum_out) {
   }
   all_tokens_ = false;
   int64_t n = TopK(logits, mx);
-  auto by_logit = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  if (use_top_p) std::sort(idx_.begin(), idx_.begin() + n, by_logit);
+  if (use_top_p) std::sort(idx_.begin(), idx_.begin() + n, ByLogitThenId(logits));
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
     probs_[i] = std::exp((logits[idx_[i]] - mx) * inv_t);
@@ -127,10 +134,7 @@ int64_t Sampler::TopK(const float* logits, float max_logit) {
     if (found >= k || lo == -INFINITY) break;
   }
   if (found > k) {
-    std::nth_element(idx_.begin(), idx_.begin() + k, idx_.begin() + found,
-                     [&](int32_t a, int32_t b) {
-                       return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-                     });
+    std::nth_element(idx_.begin(), idx_.begin() + k, idx_.begin() + found, ByLogitThenId(logits));
   }
   return std::min(found, k);  // fewer only when NaN logits (never candidates) leave fewer
 }
@@ -173,9 +177,7 @@ double Sampler::KeepNucleus(const float* logits, double sum) {
   int64_t above_count = 0;
   double kept = MassAtLeast(weights_.data(), vocab_, hi, &above_count);
   const int64_t band = IndicesInRange(weights_.data(), vocab_, lo, hi, idx_.data());
-  std::sort(idx_.begin(), idx_.begin() + band, [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  });
+  std::sort(idx_.begin(), idx_.begin() + band, ByLogitThenId(logits));
   int64_t keep = 0;
   while (keep < band && (kept < target || above_count + keep == 0)) {
     probs_[keep] = weights_[idx_[keep]];

@@ -31,7 +31,7 @@ double ExpScaledScalar(const float* x, int64_t n, float mx, float scale, float* 
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = (x[i] - mx) * scale;
-    p[i] = v < kExpFloor ? 0.f : std::exp(v);
+    p[i] = v >= kExpFloor ? std::exp(v) : 0.f;  // and 0 for NaN
     sum += p[i];
   }
   return sum;
@@ -93,7 +93,8 @@ AMOEBA_AVX2 double ReduceToDouble(__m256 v) {
 AMOEBA_AVX2 float RowMaxAvx2(const float* x, int64_t n) {
   __m256 m = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  // max_ps returns its second operand when the first is NaN: NaNs never win.
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, m);
   float mx = RowMaxScalar(x + i, n - i);
@@ -132,7 +133,7 @@ AMOEBA_AVX2 double ExpScaledAvx2(const float* x, int64_t n, float mx, float scal
   int64_t i = 0;
   const double sum = ChunkedSumAvx2(n, &i, [&](int64_t j) AMOEBA_AVX2 {
     const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmx), vs);
-    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, floor, _CMP_LT_OQ), simd::Exp8(v));
+    const __m256 e = _mm256_and_ps(_mm256_cmp_ps(v, floor, _CMP_GE_OQ), simd::Exp8(v));
     _mm256_storeu_ps(p + j, e);
     return e;
   });
@@ -206,7 +207,7 @@ AMOEBA_AVX512 double ReduceToDouble(__m512 v) {
 AMOEBA_AVX512 float RowMaxAvx512(const float* x, int64_t n) {
   __m512 m = _mm512_set1_ps(-INFINITY);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + i), m);  // NaNs never win
   return std::max(simd::ReduceMax16(m), RowMaxScalar(x + i, n - i));
 }
 

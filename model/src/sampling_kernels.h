@@ -13,7 +13,7 @@ float RowMax(const float* x, int64_t n);
 // sum(exp(x - mx)) over x[0, n).
 double SumExp(const float* x, int64_t n, float mx);
 // p[i] = exp((x[i] - mx) * scale), exactly 0 where that is below e^-87 (so -inf logits, a
-// grammar's masked tokens, get 0); returns sum(p).
+// grammar's masked tokens, get 0) and for NaN logits; returns sum(p).
 double ExpScaled(const float* x, int64_t n, float mx, float scale, float* p);
 // sum(p[i]) over p[i] >= at_least, and how many those are (*count).
 double MassAtLeast(const float* p, int64_t n, float at_least, int64_t* count);
