@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "model/kernels.h"
 #include "simd.h"
@@ -78,6 +79,20 @@ int64_t LastPositive(const float* p, int64_t n) {
 int64_t FirstReachingMassScalar(const float* p, int64_t n, double r) {
   const int64_t i = WalkMass(p, 0, n, &r);
   return i >= 0 ? i : LastPositive(p, n);
+}
+// The same walk, skipping whole kFlush-element chunks whose sum (sum_of(begin, end), in vectors)
+// r passes.
+template <typename SumOf>
+int64_t FirstReachingMassChunked(const float* p, int64_t n, double r, const SumOf& sum_of) {
+  for (int64_t i = 0; i < n; i += kFlush) {
+    const int64_t end = std::min(n, i + kFlush);
+    if (const double s = sum_of(i, end); r - s > 0) {
+      r -= s;
+      continue;
+    }
+    if (const int64_t at = WalkMass(p, i, end, &r); at >= 0) return at;
+  }
+  return LastPositive(p, n);
 }
 
 // ---- AVX2 ----
@@ -179,19 +194,12 @@ AMOEBA_AVX2 int64_t IndicesInRangeAvx2(const float* x, int64_t n, float lo, floa
 }
 
 AMOEBA_AVX2 int64_t FirstReachingMassAvx2(const float* p, int64_t n, double r) {
-  for (int64_t i = 0; i < n; i += kFlush) {
-    const int64_t end = std::min(n, i + kFlush);
+  return FirstReachingMassChunked(p, n, r, [p](int64_t begin, int64_t end) AMOEBA_AVX2 {
     int64_t done = 0;
-    double s = ChunkedSumAvx2(end - i, &done,
-                              [&](int64_t j) AMOEBA_AVX2 { return _mm256_loadu_ps(p + i + j); });
-    for (int64_t j = i + done; j < end; ++j) s += p[j];
-    if (r - s > 0) {
-      r -= s;
-      continue;
-    }
-    if (const int64_t at = WalkMass(p, i, end, &r); at >= 0) return at;
-  }
-  return LastPositive(p, n);
+    const double s = ChunkedSumAvx2(
+        end - begin, &done, [&](int64_t j) AMOEBA_AVX2 { return _mm256_loadu_ps(p + begin + j); });
+    return s + std::accumulate(p + begin + done, p + end, 0.0);
+  });
 }
 
 // ---- AVX-512 ----
@@ -286,19 +294,13 @@ AMOEBA_AVX512 int64_t IndicesInRangeAvx512(const float* x, int64_t n, float lo, 
 }
 
 AMOEBA_AVX512 int64_t FirstReachingMassAvx512(const float* p, int64_t n, double r) {
-  for (int64_t i = 0; i < n; i += kFlush) {
-    const int64_t end = std::min(n, i + kFlush);
+  return FirstReachingMassChunked(p, n, r, [p](int64_t begin, int64_t end) AMOEBA_AVX512 {
     int64_t done = 0;
-    double s = ChunkedSumAvx512(
-        end - i, &done, [&](int64_t j) AMOEBA_AVX512 { return _mm512_loadu_ps(p + i + j); });
-    for (int64_t j = i + done; j < end; ++j) s += p[j];
-    if (r - s > 0) {
-      r -= s;
-      continue;
-    }
-    if (const int64_t at = WalkMass(p, i, end, &r); at >= 0) return at;
-  }
-  return LastPositive(p, n);
+    const double s = ChunkedSumAvx512(end - begin, &done, [&](int64_t j) AMOEBA_AVX512 {
+      return _mm512_loadu_ps(p + begin + j);
+    });
+    return s + std::accumulate(p + begin + done, p + end, 0.0);
+  });
 }
 
 }  // namespace
