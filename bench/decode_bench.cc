@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "model/engine.h"
 #include "model/packed_linear.h"
@@ -302,10 +303,7 @@ int main(int argc, char** argv) {
                "there, as llama-bench runs them); default: a probe after every step");
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   return amoeba::bench::Run(o);
 }

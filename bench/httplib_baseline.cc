@@ -9,6 +9,8 @@
 #include <fstream>
 #include <iostream>
 
+#include "bench/bench_flags.h"
+
 int main(int argc, char** argv) {
   CLI::App app{"cpp-httplib baseline server for bench/http_transport.py"};
   int threads = 64, read_timeout_s = 5, keep_alive_s = 5;
@@ -19,11 +21,8 @@ int main(int argc, char** argv) {
   app.add_option("--keep-alive-s", keep_alive_s, "Idle keep-alive timeout");
   app.add_option("--max-body", max_body, "Largest body (413 beyond)");
   app.add_option("--port-file", port_file, "Write the bound port here")->required();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
 
   httplib::Server s;
   s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };

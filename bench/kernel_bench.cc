@@ -16,6 +16,7 @@
 #include <chrono>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
@@ -249,13 +250,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "Threads (0 = all cores)")->capture_default_str();
   bool no_fp32 = false;
   app.add_flag("--no-fp32", no_fp32, "Skip the fp32 / fp16 table (quantized panels only)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    app.exit(e);
-    return 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   return amoeba::bench::Run(json, md, seconds, stream_preset, stream_passes, threads, !no_fp32);
 }

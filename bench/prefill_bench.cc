@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "model/kernels.h"
 #include "model/model_loader.h"
@@ -200,11 +201,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads", o.threads, "Compute threads (0 = all cores)")->capture_default_str();
   app.add_option("--out", o.out, "Report path without extension")->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   if (o.rounds < 1 || o.lengths.empty()) {
     std::fprintf(stderr, "--rounds >= 1 and at least one length\n");
     return 2;

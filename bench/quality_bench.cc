@@ -32,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "distill/eval.h"
 #include "distill/svg_plot.h"
@@ -569,11 +570,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads", f.threads);
   app.add_flag("--report-only", f.report_only, "Rewrite the report from finished stages");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   signal(SIGINT, amoeba::bench::OnSignal);
   signal(SIGTERM, amoeba::bench::OnSignal);
   absl::Status st = amoeba::bench::Run(f);

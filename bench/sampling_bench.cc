@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "model/kernels.h"
 #include "model/runtime.h"
@@ -214,10 +215,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   return amoeba::bench::Run(o);
 }

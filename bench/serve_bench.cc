@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "bench/bench_flags.h"
 #include "client/amoeba_client.h"
 
 namespace {
@@ -424,11 +425,8 @@ int main(int argc, char** argv) {
   app.add_option("--top-p", top_p, "Nucleus sampling's top_p of the streams (1 = off)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   auto sampling_or = [&](double default_temperature) {
     return Sampling{temperature < 0 ? default_temperature : temperature, top_p};
   };

@@ -17,6 +17,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "bench/random_supernet.h"
 #include "model/engine.h"
@@ -263,10 +264,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   return amoeba::bench::Run(o);
 }

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "model/kernels.h"
 #include "model/runtime.h"
@@ -307,10 +308,7 @@ int main(int argc, char** argv) {
                  "Drafts read their own copy in this format (default: --weights-dtype, no copy)");
   app.add_option("--json", o.out_json)->capture_default_str();
   app.add_option("--md", o.out_md)->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
+    return *exit_code;
   return amoeba::bench::RunBench(o);
 }
