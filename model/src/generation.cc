@@ -4,7 +4,6 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
-#include "model/kernels.h"
 #include "sampling_kernels.h"
 
 namespace amoeba {
