@@ -10,6 +10,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "model/engine.h"
@@ -165,6 +166,79 @@ TEST(TokenStreamTest, OutlivesTheConfigItWasBuiltFrom) {
   EXPECT_FALSE(s.Next(x.For(3 + 'a')).done);
   EXPECT_TRUE(s.Next(x.For(9)).done);
   EXPECT_EQ(s.finish_reason(), FinishReason::kEos);
+}
+
+// Choose is Next's draw done ahead, on any thread: streams that each Choose on their own thread
+// and then take the chosen tokens in Next (as the server's steps do) produce exactly the tokens,
+// text and log-probabilities of streams that draw inside Next. A Next on another row than the
+// chosen one draws that row.
+TEST(TokenStreamTest, ChoosingOnThreadsGivesTheTokensOfNext) {
+  Forced x;
+  const int64_t vocab = 259;
+  constexpr int kStreams = 4, kSteps = 20;
+  std::vector<GenerationOptions> opts(kStreams);
+  for (int i = 0; i < kStreams; ++i) {
+    opts[i].max_new_tokens = kSteps;
+    opts[i].stop_at_eos = false;
+    opts[i].sampling = {.temperature = 0.7f + 0.2f * static_cast<float>(i),
+                        .top_k = i == 1 ? 20 : 0,
+                        .top_p = i == 2 ? 0.8f : 1.0f,
+                        .seed = static_cast<uint64_t>(100 + i)};
+    if (i == 3) opts[i].logprobs = 2;
+  }
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::vector<std::vector<float>> rows(kSteps * kStreams, std::vector<float>(vocab));
+  for (auto& r : rows)
+    for (float& v : r) v = normal(rng);
+  struct Run {
+    std::vector<int32_t> tokens;
+    std::string text;
+    std::vector<float> logprobs;
+  };
+  auto drive = [&](bool choose_ahead) {
+    std::vector<std::unique_ptr<TokenStream>> streams;
+    for (int i = 0; i < kStreams; ++i)
+      streams.push_back(std::make_unique<TokenStream>(*x.f.tok, x.f.model->config, opts[i],
+                                                      std::span<const int32_t>{}));
+    std::vector<Run> runs(kStreams);
+    for (int step = 0; step < kSteps; ++step) {
+      std::vector<std::vector<float>> logits(rows.begin() + step * kStreams,
+                                             rows.begin() + (step + 1) * kStreams);
+      if (choose_ahead) {
+        std::vector<std::thread> threads;
+        for (int i = 0; i < kStreams; ++i)
+          threads.emplace_back([&, i] { streams[i]->Choose(logits[i].data()); });
+        for (auto& t : threads) t.join();
+      }
+      for (int i = 0; i < kStreams; ++i) {
+        const TokenStream::Step st = streams[i]->Next(logits[i].data());
+        runs[i].tokens.push_back(st.token);
+        runs[i].text += st.text;
+        if (st.logprobs) runs[i].logprobs.push_back(st.logprobs->logprob);
+      }
+    }
+    return runs;
+  };
+  const std::vector<Run> inside = drive(false), ahead = drive(true);
+  for (int i = 0; i < kStreams; ++i) {
+    EXPECT_EQ(ahead[i].tokens, inside[i].tokens) << "stream " << i;
+    EXPECT_EQ(ahead[i].text, inside[i].text) << "stream " << i;
+    EXPECT_EQ(ahead[i].logprobs, inside[i].logprobs) << "stream " << i;
+  }
+  EXPECT_EQ(inside[3].logprobs.size(), static_cast<size_t>(kSteps));
+  // Distinct seeds and options: the streams really differ.
+  EXPECT_NE(inside[0].tokens, inside[1].tokens);
+
+  GenerationOptions greedy;
+  greedy.stop_at_eos = false;
+  TokenStream s(*x.f.tok, x.f.model->config, greedy, {});
+  std::vector<float> other(vocab, 0.f);
+  other[3 + 'q'] = 10.f;
+  s.Choose(x.For(3 + 'p'));
+  EXPECT_EQ(s.Next(other.data()).token, 3 + 'q');  // not the row chosen from
+  s.Choose(x.For(3 + 'r'));
+  EXPECT_EQ(s.Next(x.logits.data()).token, 3 + 'r');
 }
 
 TEST(SamplerTest, RepetitionPenaltyTopKAndTopP) {

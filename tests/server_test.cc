@@ -227,6 +227,48 @@ TEST(ServerTest, ConcurrentShapesCompleteAndBatchingMatchesUnbatched) {
   EXPECT_EQ(widest, 3) << "the full shape's three requests never shared a step";
 }
 
+// Sequences that share a step draw their tokens on every thread at once (TokenStream::Choose):
+// each draws what it draws alone, with two shapes in one step, prompts chunked beside the draws,
+// top-k / top-p and log-probabilities.
+TEST(ServerTest, SampledSequencesSharingStepsDrawWhatTheyDrawAlone) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));  // a team of two, whatever the CPU count
+  {
+    SchedulerOptions so;
+    so.prefill_chunk = 8;
+    so.weights_format = WeightFormat::kQ8_0;  // exact on every instruction set
+    TestServer ts(so);
+    const Supernet& s = *ts.supernet;
+    const std::vector<std::string> texts = {
+        "one", "a second prompt, long enough to take several chunks of eight tokens", "three",
+        "four four", "and the fifth, also longer than one chunk of the prompt"};
+    auto job = [&](size_t i) {
+      auto j = testing::NewJob(s, i % 2 ? s.SmallestShape() : s.FullShape(), texts[i], 12);
+      j->gen.stop_at_eos = false;
+      j->gen.sampling = {.temperature = 0.9f,
+                         .top_k = i == 1 ? 30 : 0,
+                         .top_p = i == 2 ? 0.9f : 1.0f,
+                         .seed = 7 + i};
+      if (i == 3) j->gen.logprobs = 3;
+      return j;
+    };
+    std::vector<std::vector<int32_t>> alone;
+    for (size_t i = 0; i < texts.size(); ++i)
+      alone.push_back(testing::RunOne(*ts.scheduler, job(i)).tokens);
+    const int64_t before = ts.scheduler->stats().tokens_chosen_in_parallel;
+    std::vector<std::shared_ptr<Job>> jobs;
+    for (size_t i = 0; i < texts.size(); ++i) jobs.push_back(job(i));
+    const auto together = testing::RunAll(*ts.scheduler, jobs);
+    for (size_t i = 0; i < texts.size(); ++i) {
+      EXPECT_EQ(together[i].tokens, alone[i]) << texts[i];
+      EXPECT_EQ(together[i].tokens.size(), 12u) << texts[i];
+    }
+    EXPECT_GT(ts.scheduler->stats().tokens_chosen_in_parallel, before);
+    EXPECT_NE(alone[0], alone[2]);
+  }
+  at::set_num_threads(threads);
+}
+
 TEST(ServerTest, CancelFreesTheSlotAndDeadlinesAreReported) {
   SchedulerOptions so;
   so.slots_per_shape = 1;

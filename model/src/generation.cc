@@ -110,26 +110,44 @@ int32_t TokenStream::Draft(float* logits, float* probs) {
   return tok;
 }
 
-TokenStream::Step TokenStream::Next(float* logits, const Proposal* proposal) {
-  Step step;
-  if (reason_ != FinishReason::kNone) {
-    step.done = true;
-    return step;
-  }
+bool TokenStream::ReadRow(float* logits) {
   if (opt_.logprobs >= 0) {  // the model's distribution: before the sampler transforms the row
     raw_logits_.assign(logits, logits + sampler_.vocab_size());
     logprob_row_.Read(raw_logits_.data(), sampler_.vocab_size());
   }
   // The grammar masks the row before any sampling (or check of a draft): a forbidden token has
   // probability 0, so a check never accepts one.
-  if (grammar_ && !grammar_->Mask(logits, sampler_.vocab_size())) {
-    step.text = Finish(FinishReason::kEos);  // nothing in the vocabulary can continue
+  return !grammar_ || grammar_->Mask(logits, sampler_.vocab_size());
+}
+
+void TokenStream::Choose(float* logits) {
+  chosen_.reset();
+  if (reason_ == FinishReason::kNone) chosen_ = ReadRow(logits) ? sampler_.Sample(logits) : -1;
+  chosen_row_ = logits;
+}
+
+TokenStream::Step TokenStream::Next(float* logits, const Proposal* proposal) {
+  Step step;
+  if (reason_ != FinishReason::kNone) {
     step.done = true;
     return step;
   }
-  const int32_t tok =
-      proposal ? sampler_.Verify(logits, proposal->token, proposal->probs, &step.accepted)
-               : sampler_.Sample(logits);
+  int32_t tok;
+  if (proposal) {  // a check of the draft on the (masked) row instead of a draw
+    chosen_.reset();
+    tok = ReadRow(logits)
+              ? sampler_.Verify(logits, proposal->token, proposal->probs, &step.accepted)
+              : -1;
+  } else {
+    if (!chosen_ || chosen_row_ != logits) Choose(logits);
+    tok = *chosen_;
+    chosen_.reset();
+  }
+  if (tok < 0) {  // the grammar allows nothing: no token in the vocabulary can continue
+    step.text = Finish(FinishReason::kEos);
+    step.done = true;
+    return step;
+  }
   if (grammar_) grammar_->Accept(tok);
   if (opt_.logprobs >= 0) {
     logprobs_.token = tok;

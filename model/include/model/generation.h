@@ -81,6 +81,11 @@ class TokenStream {
   // With a proposal, checks the drafted token against the logits instead (Sampler::Verify): the
   // stream's tokens are then distributed exactly as without drafting (greedy: the same tokens).
   Step Next(float* logits, const Proposal* proposal = nullptr);
+  // The part of Next without a proposal that reads `logits` (the log-probabilities' row, the
+  // grammar's mask, the draw) and touches only this stream: different streams may Choose on
+  // different threads at once (a server step's sequences, in parallel). The next Next, without a
+  // proposal and on the same row, then takes the chosen token instead of drawing again.
+  void Choose(float* logits);
 
   // Drafting (speculative decoding): BeginDraft starts a draft from the stream's tokens so far;
   // Draft picks the next drafted token from a draft model's logits with the same sampling options
@@ -97,6 +102,9 @@ class TokenStream {
 
  private:
   std::string_view Emit(bool final);
+  // Reads `logits` for the log-probabilities and applies the grammar's mask; false when the
+  // grammar allows no token.
+  bool ReadRow(float* logits);
 
   // A copy: a server lane may swap its model (a merged copy) while the stream runs.
   std::vector<int64_t> eos_token_ids_;
@@ -112,6 +120,10 @@ class TokenStream {
   std::vector<float> raw_logits_;  // logprobs: the row before the sampler transforms it
   LogprobRow logprob_row_;
   TokenLogprobs logprobs_;
+  // What Choose left for the next Next on the same row: the token (-1: the grammar allows
+  // nothing), or none.
+  std::optional<int32_t> chosen_;
+  const float* chosen_row_ = nullptr;
   size_t max_stop_ = 0;
   FinishReason reason_ = FinishReason::kNone;
 };

@@ -12,12 +12,19 @@
 #include "absl/strings/str_cat.h"
 #include "model/errors.h"
 #include "model/packed_linear.h"
+#include "model/team.h"
 
 namespace amoeba {
 
 namespace {
 double Ms(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// The logits rows a sequence gets from its step: its drafted tokens' checks and one more, every
+// prompt position fed (scoring), or one.
+int64_t LogitsRows(int64_t checking, const SeqInput& in) {
+  return checking > 0 ? checking + 1 : in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
 }
 
 }  // namespace
@@ -119,6 +126,7 @@ SchedulerStats Scheduler::stats() const {
   s.prompt_cache_misses = prompt_misses_;
   s.prompt_tokens_cached = prompt_cached_;
   s.prompt_tokens_prefilled = prompt_prefilled_;
+  s.tokens_chosen_in_parallel = chosen_in_parallel_;
   return s;
 }
 
@@ -740,7 +748,52 @@ bool Scheduler::PrepareStep(Lane& lane) {
 
 void Scheduler::Step(Lane& lane) {
   if (!PrepareStep(lane)) return;
-  FinishStep(lane, lane.engine->Forward(lane.cache, lane.inputs));
+  const absl::StatusOr<at::Tensor> logits = lane.engine->Forward(lane.cache, lane.inputs);
+  if (logits.ok()) {
+    AddChoices(lane, *logits);
+    ChooseTokens();
+  }
+  FinishStep(lane, logits);
+}
+
+void Scheduler::AddChoices(const Lane& lane, const at::Tensor& logits) {
+  int64_t row = 0;
+  for (size_t i = 0; i < lane.seqs.size(); ++i) {
+    if (lane.input_of[i] < 0) continue;
+    const Seq& s = lane.seqs[i];
+    const SeqInput& in = lane.inputs[static_cast<size_t>(lane.input_of[i])];
+    const int64_t rows = LogitsRows(s.checking, in);
+    int64_t sample_row = row;
+    row += rows;
+    if (s.checking > 0) continue;  // checks go one after another (each decides the next)
+    const size_t prompt = s.job->prompt.size();
+    if (s.fed < prompt) {
+      if (s.fed + in.tokens.size() < prompt || s.job->gen.max_new_tokens <= 0) continue;
+      if (in.all_logits) sample_row += rows - 1;
+    }
+    choices_.emplace_back(s.stream.get(), logits.data_ptr<float>() + sample_row * logits.stride(0));
+  }
+}
+
+void Scheduler::ChooseTokens() {
+  // A draw reads and rewrites a whole row of logits (15-50 us at 32000 tokens with temperature
+  // or top-p; bench/sampling), and the team's other threads would wait for the sequential pass.
+  if (choices_.size() >= 2 && at::get_num_threads() > 1) {
+    auto choose = [&] {
+      ParallelFor(0, static_cast<int64_t>(choices_.size()), 1, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) choices_[k].first->Choose(choices_[k].second);
+      });
+    };
+    try {
+      RunInTeam(choose);
+      chosen_in_parallel_ += static_cast<int64_t>(choices_.size());
+    } catch (...) {
+      // FinishStep's sequential pass draws whatever was not chosen.
+      spdlog::error("scheduler: choosing tokens in parallel failed: {}",
+                    StatusFromException(std::current_exception(), "sampler").ToString());
+    }
+  }
+  choices_.clear();
 }
 
 void Scheduler::FinishStep(Lane& lane, const absl::StatusOr<at::Tensor>& logits) {
@@ -760,9 +813,7 @@ void Scheduler::FinishStep(Lane& lane, const absl::StatusOr<at::Tensor>& logits)
     Seq& s = lane.seqs[i];
     const SeqInput& in = inputs[static_cast<size_t>(input_of[i])];
     // Logits rows: the drafted tokens' checks, every prompt position (scoring), or one.
-    const int64_t rows = s.checking > 0  ? s.checking + 1
-                         : in.all_logits ? static_cast<int64_t>(in.tokens.size())
-                                         : 1;
+    const int64_t rows = LogitsRows(s.checking, in);
     const int64_t first_row = row;
     row += rows;
     int64_t sample_row = first_row;  // where the next token's logits are
@@ -1075,6 +1126,10 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
       batch.emplace_back(lane->shape, tokens);
       prompt_mb += static_cast<double>(extra) * CostOf(lane->shape).row_mb;
     }
+  }
+  if (pass.ok()) {
+    for (size_t i = 0; i < ready.size(); ++i) AddChoices(*ready[i].second, groups[i].logits);
+    ChooseTokens();
   }
   for (size_t i = 0; i < ready.size(); ++i) {
     Lane& lane = *ready[i].second;

@@ -147,6 +147,9 @@ struct SchedulerStats {
   int64_t prompt_cache_bytes = 0, prompt_cache_blocks = 0;
   int64_t prompt_cache_hits = 0, prompt_cache_misses = 0;
   int64_t prompt_tokens_cached = 0, prompt_tokens_prefilled = 0;
+  // Tokens drawn on every thread at once (TokenStream::Choose) since start; the rest were drawn
+  // one after another (alone in their step, or checking drafts).
+  int64_t tokens_chosen_in_parallel = 0;
 };
 
 class Scheduler {
@@ -301,6 +304,12 @@ class Scheduler {
   bool BeginStep(Lane& lane);
   bool CollectInputs(Lane& lane);
   void FinishStep(Lane& lane, const absl::StatusOr<at::Tensor>& logits);
+  // Before FinishStep: the lanes' sequences that draw a token this step (no draft to check, no
+  // prompt left to feed) choose it on every thread at once (TokenStream::Choose); FinishStep's
+  // sequential pass then takes the chosen tokens. AddChoices collects one lane's, ChooseTokens
+  // runs them.
+  void AddChoices(const Lane& lane, const at::Tensor& logits);
+  void ChooseTokens();
   // One shared pass over every lane with work; lanes whose step threw go to `failed`. True when
   // any lane had sequences.
   bool SharedStep(std::vector<std::pair<std::string, absl::Status>>& failed);
@@ -351,10 +360,11 @@ class Scheduler {
   std::vector<DraftPlan> draft_plans_;
   std::vector<DraftPlan*> draft_round_;
   std::vector<SharedForwardGroup> step_groups_;
+  std::vector<std::pair<TokenStream*, float*>> choices_;  // worker thread: AddChoices' work
   std::atomic<int64_t> running_{0}, lane_count_{0}, cache_bytes_{0}, hits_{0}, misses_{0};
   std::atomic<int64_t> kv_bytes_{0}, merged_lanes_{0}, merges_built_{0}, evictions_{0};
   std::atomic<int64_t> draft_copy_count_{0}, shared_draft_passes_{0};
-  std::atomic<int64_t> lane_failures_{0}, build_failures_{0};
+  std::atomic<int64_t> lane_failures_{0}, build_failures_{0}, chosen_in_parallel_{0};
   mutable std::mutex load_mu_;  // guards the five below
   RunningLoad running_load_;
   StepTimeModel step_model_;
