@@ -35,7 +35,8 @@ std::vector<StepSample> DecodeStepsAgainstProbe(Engine& e, int batch, int steps,
 
 // The time-split table of step profiles (model/step_profile.h): its header after the caller's
 // leading columns (`lead`, e.g. "| preset | batch | pass ms |"), and one row's cells after them:
-// each phase's share of the passes' wall time, then outside the phases, then quantization.
+// each phase's share of the passes' wall time, then outside the phases, then quantization, then
+// the time the team's first thread and (the mean of) its others waited at barriers.
 std::string StepSplitHeader(const std::string& lead, int lead_columns);
 std::string StepSplitCells(const StepProfile& p);
 // Milliseconds per phase, outside the phases and in quantization, over `per` passes (or prompts).

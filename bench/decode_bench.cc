@@ -98,7 +98,9 @@ int Run(const Options& o) {
   std::string split_md = StepSplitHeader(
       "\nStep time split (the timed decode steps of every round: mean pass time, and each "
       "phase's share of it; outside = before and after the phases: input checks, KV growth, "
-      "starting the team; quantize = activation quantization, part of the projections):\n\n| "
+      "starting the team; quantize = activation quantization, part of the projections; wait = "
+      "time in the team's barriers, of its first thread and the mean of the others, part of "
+      "the phases):\n\n| "
       "preset | path | batch | pass ms |",
       4);
   for (auto name : absl::StrSplit(o.presets, ',')) {

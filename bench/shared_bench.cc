@@ -56,14 +56,6 @@ std::string CpuModelName() {
   return "unknown CPU";
 }
 
-void Add(StepProfile& total, const StepProfile& p) {
-  for (int ph = 0; ph < kNumStepPhases; ++ph) total.ns[ph] += p.ns[ph];
-  total.quantize_ns += p.quantize_ns;
-  total.pass_ns += p.pass_ns;
-  total.passes += p.passes;
-  total.rows += p.rows;
-}
-
 // Eight distinct shapes spread over the grid (bench/serve's pool): the first k are used.
 std::vector<Shape> ShapePool(const SupernetSpec& spec) {
   const auto& d = spec.depths;  // ascending
@@ -218,7 +210,7 @@ int Run(const Options& o) {
       rates.push_back(m.tokens_per_s);
       ratios.push_back(m.tokens_per_s / runs[0][r].tokens_per_s);
       ms.push_back(m.step_ms);
-      Add(total, m.profile);
+      total.Add(m.profile);
     }
     const double rate = MedianOf(rates), ratio = MedianOf(ratios), step_ms = MedianOf(ms);
     std::vector<std::string> names;

@@ -21,6 +21,7 @@
 #include "model/src/prefill_attention.h"
 #include "model/src/quantized_block.h"
 #include "model/src/stream_prefetch.h"
+#include "model/step_profile.h"
 #include "model/team.h"
 #include "model/torch_forward.h"
 #include "tests/test_util.h"
@@ -841,6 +842,40 @@ TEST(TeamTest, ALongWaitAtABarrierSleepsInsteadOfSpinning) {
     t->Barrier();
   };
   EXPECT_THROW(RunInTeam(late_throw), std::runtime_error);
+  at::set_num_threads(threads);
+}
+
+// With a step profile attached to the thread that starts a team, every member adds its time in
+// barriers to its own entry: the member that waits for a late one gets the wait, the late one
+// (the last to arrive) nothing; without a profile nothing is recorded anywhere.
+TEST(TeamTest, AStepProfileGetsEachMembersBarrierWaits) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  auto late = [] {
+    Team* t = CurrentTeam();
+    if (t->tid() == 1) std::this_thread::sleep_for(std::chrono::milliseconds(40));
+    t->Barrier();
+    if (t->tid() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    t->Barrier();
+  };
+  StepProfile profile;
+  {
+    ScopedStepProfile attach(&profile);
+    RunInTeam(late);
+  }
+  // Each waited for the other's sleep, not for its own (which would add 100 / 40 ms).
+  EXPECT_GE(profile.barrier_wait_ns[0], 35'000'000);
+  EXPECT_LT(profile.barrier_wait_ns[0], 90'000'000);
+  EXPECT_GE(profile.barrier_wait_ns[1], 95'000'000);
+  EXPECT_LT(profile.barrier_wait_ns[1], 135'000'000);
+  EXPECT_EQ(profile.others_wait_ns(2), profile.barrier_wait_ns[1]);
+  StepProfile total;
+  total.Add(profile);
+  total.Add(profile);
+  EXPECT_EQ(total.barrier_wait_ns[1], 2 * profile.barrier_wait_ns[1]);
+  const StepProfile before = profile;
+  RunInTeam(late);  // no profile attached
+  EXPECT_EQ(profile.barrier_wait_ns, before.barrier_wait_ns);
   at::set_num_threads(threads);
 }
 

@@ -1,5 +1,6 @@
 #include "model/step_profile.h"
 
+#include <algorithm>
 #include <chrono>
 
 namespace amoeba {
@@ -28,6 +29,23 @@ int64_t StepProfile::total_ns() const {
   int64_t t = 0;
   for (int64_t v : ns) t += v;
   return t;
+}
+
+void StepProfile::Add(const StepProfile& o) {
+  for (int ph = 0; ph < kNumStepPhases; ++ph) ns[ph] += o.ns[ph];
+  quantize_ns += o.quantize_ns;
+  pass_ns += o.pass_ns;
+  passes += o.passes;
+  rows += o.rows;
+  for (int m = 0; m < kMaxMembers; ++m) barrier_wait_ns[m] += o.barrier_wait_ns[m];
+}
+
+int64_t StepProfile::others_wait_ns(int members) const {
+  const int n = std::min(members, kMaxMembers);
+  if (n < 2) return 0;
+  int64_t sum = 0;
+  for (int m = 1; m < n; ++m) sum += barrier_wait_ns[m];
+  return sum / (n - 1);
 }
 
 StepProfile* AttachedStepProfile() {

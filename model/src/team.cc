@@ -3,7 +3,10 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <chrono>
 #include <vector>
+
+#include "model/step_profile.h"
 
 namespace amoeba {
 
@@ -15,6 +18,8 @@ struct TeamState {
   // The starting thread's scratch (Team::SharedScratch), or null in a nested team. Its size only
   // changes between the two barriers of a growth, which every member passes together.
   std::vector<std::byte>* scratch = nullptr;
+  // The starting thread's step profile, if one is attached: every member adds its barrier waits.
+  StepProfile* profile = nullptr;
   static Team Member(int tid, int size, TeamState* s) { return Team(tid, size, s); }
 };
 
@@ -60,6 +65,9 @@ void Team::Barrier() {
     state_->generation.notify_all();  // no system call unless a member sleeps
     return;
   }
+  StepProfile* const profile = tid_ < StepProfile::kMaxMembers ? state_->profile : nullptr;
+  const auto started =
+      profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   for (int spins = 0; state_->generation.load(std::memory_order_acquire) == gen; ++spins) {
     if (state_->aborted.load(std::memory_order_acquire)) throw TeamAborted{};
     if (spins < kSpinsBeforeSleep)
@@ -67,6 +75,11 @@ void Team::Barrier() {
     else
       state_->generation.wait(gen, std::memory_order_acquire);
   }
+  // Each member writes its own entry; the starting thread reads them after the team has ended.
+  if (profile)
+    profile->barrier_wait_ns[tid_] += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                          std::chrono::steady_clock::now() - started)
+                                          .count();
 }
 
 std::byte* Team::SharedScratch(size_t bytes) {
@@ -97,6 +110,7 @@ void RunInTeam(void (*body)(void*), void* arg) {
       if (owns) team_scratch_in_use = false;
     }
   } release{owns_scratch};
+  state.profile = AttachedStepProfile();
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads)
   {

@@ -35,8 +35,17 @@ struct StepProfile {
   int64_t pass_ns = 0;
   int64_t passes = 0;
   int64_t rows = 0;  // token rows over all passes
+  // Per team member (its tid; the first kMaxMembers): time spent in Team::Barrier waiting for
+  // the others, summed over passes. A member waits while another finishes a larger share of a
+  // split or runs serial work (Serially) alone.
+  static constexpr int kMaxMembers = 8;
+  std::array<int64_t, kMaxMembers> barrier_wait_ns{};
 
   int64_t total_ns() const;
+  // Adds another profile's times and counts to this one.
+  void Add(const StepProfile& other);
+  // The mean over members [1, members) of their waits (0 for a team of one).
+  int64_t others_wait_ns(int members) const;
 };
 
 // The profile passes on the calling thread record into (null: none).
