@@ -756,21 +756,24 @@ void Scheduler::Step(Lane& lane) {
   FinishStep(lane, logits);
 }
 
+int64_t Scheduler::DrawRow(const Seq& s, const SeqInput& in, int64_t first_row) {
+  if (s.fed >= s.job->prompt.size()) return first_row;
+  const size_t fed_after = s.fed + in.tokens.size();
+  if (fed_after < s.job->prompt.size()) return -1;  // more prompt to feed
+  if (s.job->gen.max_new_tokens <= 0) return -1;    // scoring only
+  return in.all_logits ? first_row + LogitsRows(s.checking, in) - 1 : first_row;
+}
+
 void Scheduler::AddChoices(const Lane& lane, const at::Tensor& logits) {
   int64_t row = 0;
   for (size_t i = 0; i < lane.seqs.size(); ++i) {
     if (lane.input_of[i] < 0) continue;
     const Seq& s = lane.seqs[i];
     const SeqInput& in = lane.inputs[static_cast<size_t>(lane.input_of[i])];
-    const int64_t rows = LogitsRows(s.checking, in);
-    int64_t sample_row = row;
-    row += rows;
-    if (s.checking > 0) continue;  // checks go one after another (each decides the next)
-    const size_t prompt = s.job->prompt.size();
-    if (s.fed < prompt) {
-      if (s.fed + in.tokens.size() < prompt || s.job->gen.max_new_tokens <= 0) continue;
-      if (in.all_logits) sample_row += rows - 1;
-    }
+    const int64_t sample_row = DrawRow(s, in, row);
+    row += LogitsRows(s.checking, in);
+    // Checks go one after another (each decides whether the next is made).
+    if (s.checking > 0 || sample_row < 0) continue;
     choices_.emplace_back(s.stream.get(), logits.data_ptr<float>() + sample_row * logits.stride(0));
   }
 }
@@ -816,13 +819,11 @@ void Scheduler::FinishStep(Lane& lane, const absl::StatusOr<at::Tensor>& logits)
     const int64_t rows = LogitsRows(s.checking, in);
     const int64_t first_row = row;
     row += rows;
-    int64_t sample_row = first_row;  // where the next token's logits are
+    // Where the next token's logits are (-1: none this step), decided before `fed` moves.
+    const int64_t sample_row = DrawRow(s, in, first_row);
     if (s.fed < s.job->prompt.size()) {
       const size_t n = in.tokens.size();
-      if (in.all_logits) {
-        ScorePrompt(s, *logits, first_row, static_cast<int64_t>(n));
-        sample_row = first_row + rows - 1;
-      }
+      if (in.all_logits) ScorePrompt(s, *logits, first_row, static_cast<int64_t>(n));
       s.fed += n;
       if (!s.job->for_profiling) prompt_prefilled_ += static_cast<int64_t>(n);
       PublishPrefix(lane, s, /*finished=*/false);  // sequences waiting for it go on next step

@@ -310,6 +310,11 @@ class Scheduler {
   // runs them.
   void AddChoices(const Lane& lane, const at::Tensor& logits);
   void ChooseTokens();
+  // The row of a lane's step logits (its rows start at `first_row`) that `s` takes its next token
+  // from: its first check when checking drafts, its last prompt position when the prompt ends
+  // in this step; -1 when it takes none (prompt left to feed, or scoring only). Read before the
+  // step's prompt tokens are counted as fed.
+  static int64_t DrawRow(const Seq& s, const SeqInput& in, int64_t first_row);
   // One shared pass over every lane with work; lanes whose step threw go to `failed`. True when
   // any lane had sequences.
   bool SharedStep(std::vector<std::pair<std::string, absl::Status>>& failed);
