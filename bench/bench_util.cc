@@ -91,12 +91,11 @@ std::string StepSplitCells(const StepProfile& p) {
   std::string md;
   for (int ph = 0; ph < kNumStepPhases; ++ph)
     md += fmt::format(" {:.0f}% |", 100.0 * static_cast<double>(p.ns[ph]) / pass_ns);
-  const int members = at::get_num_threads();
   return md + fmt::format(" {:.0f}% | {:.0f}% | {:.0f}% | {:.0f}% |\n",
                           100.0 * static_cast<double>(p.pass_ns - p.total_ns()) / pass_ns,
                           100.0 * static_cast<double>(p.quantize_ns) / pass_ns,
                           100.0 * static_cast<double>(p.barrier_wait_ns[0]) / pass_ns,
-                          100.0 * static_cast<double>(p.others_wait_ns(members)) / pass_ns);
+                          100.0 * static_cast<double>(p.others_wait_ns()) / pass_ns);
 }
 
 nlohmann::json StepSplitMs(const StepProfile& p, double per) {
@@ -106,7 +105,7 @@ nlohmann::json StepSplitMs(const StepProfile& p, double per) {
   ms["outside_phases"] = (p.pass_ns - p.total_ns()) / 1e6 / per;
   ms["quantize_activations"] = p.quantize_ns / 1e6 / per;
   ms["barrier_wait_first"] = p.barrier_wait_ns[0] / 1e6 / per;
-  ms["barrier_wait_others"] = p.others_wait_ns(at::get_num_threads()) / 1e6 / per;
+  ms["barrier_wait_others"] = p.others_wait_ns() / 1e6 / per;
   return ms;
 }
 

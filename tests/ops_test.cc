@@ -868,7 +868,8 @@ TEST(TeamTest, AStepProfileGetsEachMembersBarrierWaits) {
   EXPECT_LT(profile.barrier_wait_ns[0], 90'000'000);
   EXPECT_GE(profile.barrier_wait_ns[1], 95'000'000);
   EXPECT_LT(profile.barrier_wait_ns[1], 135'000'000);
-  EXPECT_EQ(profile.others_wait_ns(2), profile.barrier_wait_ns[1]);
+  EXPECT_EQ(profile.members, 2);
+  EXPECT_EQ(profile.others_wait_ns(), profile.barrier_wait_ns[1]);
   StepProfile total;
   total.Add(profile);
   total.Add(profile);

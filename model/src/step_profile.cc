@@ -38,9 +38,10 @@ void StepProfile::Add(const StepProfile& o) {
   passes += o.passes;
   rows += o.rows;
   for (int m = 0; m < kMaxMembers; ++m) barrier_wait_ns[m] += o.barrier_wait_ns[m];
+  members = std::max(members, o.members);
 }
 
-int64_t StepProfile::others_wait_ns(int members) const {
+int64_t StepProfile::others_wait_ns() const {
   const int n = std::min(members, kMaxMembers);
   if (n < 2) return 0;
   int64_t sum = 0;

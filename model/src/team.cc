@@ -3,6 +3,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <vector>
 
@@ -115,6 +116,8 @@ void RunInTeam(void (*body)(void*), void* arg) {
 #pragma omp parallel num_threads(threads)
   {
     Team team = TeamState::Member(omp_get_thread_num(), omp_get_num_threads(), &state);
+    if (state.profile && team.tid() == 0)
+      state.profile->members = std::max(state.profile->members, team.size());
     Team* outer = SetCurrentTeam(&team);
     try {
       body(arg);

@@ -40,12 +40,13 @@ struct StepProfile {
   // split or runs serial work (Serially) alone.
   static constexpr int kMaxMembers = 8;
   std::array<int64_t, kMaxMembers> barrier_wait_ns{};
+  int members = 0;  // the largest team that recorded into the profile
 
   int64_t total_ns() const;
   // Adds another profile's times and counts to this one.
   void Add(const StepProfile& other);
-  // The mean over members [1, members) of their waits (0 for a team of one).
-  int64_t others_wait_ns(int members) const;
+  // The mean of the waits of every member but the first (0 for a team of one or none).
+  int64_t others_wait_ns() const;
 };
 
 // The profile passes on the calling thread record into (null: none).
