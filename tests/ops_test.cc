@@ -845,6 +845,15 @@ TEST(TeamTest, ALongWaitAtABarrierSleepsInsteadOfSpinning) {
   at::set_num_threads(threads);
 }
 
+// OMP_WAIT_POLICY=passive (any case) turns the barrier's spin off; anything else keeps it.
+TEST(TeamTest, APassiveWaitPolicySleepsWithoutSpinning) {
+  EXPECT_EQ(BarrierSpins("passive"), 0);
+  EXPECT_EQ(BarrierSpins("PASSIVE"), 0);
+  EXPECT_GT(BarrierSpins(nullptr), 0);
+  EXPECT_GT(BarrierSpins("active"), 0);
+  EXPECT_GT(BarrierSpins(""), 0);
+}
+
 // With a step profile attached to the thread that starts a team, every member adds its time in
 // barriers to its own entry: the member that waits for a late one gets the wait, the late one
 // (the last to arrive) nothing; without a profile nothing is recorded anywhere.

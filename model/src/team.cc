@@ -3,8 +3,11 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <strings.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <vector>
 
 #include "model/step_profile.h"
@@ -15,6 +18,7 @@ struct TeamState {
   alignas(64) std::atomic<int> arrived{0};
   alignas(64) std::atomic<int> generation{0};
   std::atomic<bool> aborted{false};
+  int spins_before_sleep = 0;
   std::exception_ptr error;  // the first exception, written by the thread that set `aborted`
   // The starting thread's scratch (Team::SharedScratch), or null in a nested team. Its size only
   // changes between the two barriers of a growth, which every member passes together.
@@ -41,6 +45,10 @@ std::byte* Aligned(std::vector<std::byte>& v) {
 }
 std::atomic<int64_t> team_runs{0};
 }  // namespace
+
+int BarrierSpins(const char* omp_wait_policy) {
+  return omp_wait_policy && strcasecmp(omp_wait_policy, "passive") == 0 ? 0 : kSpinsBeforeSleep;
+}
 
 int64_t TeamRuns() {
   return team_runs.load(std::memory_order_relaxed);
@@ -71,7 +79,7 @@ void Team::Barrier() {
       profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   for (int spins = 0; state_->generation.load(std::memory_order_acquire) == gen; ++spins) {
     if (state_->aborted.load(std::memory_order_acquire)) throw TeamAborted{};
-    if (spins < kSpinsBeforeSleep)
+    if (spins < state_->spins_before_sleep)
       _mm_pause();
     else
       state_->generation.wait(gen, std::memory_order_acquire);
@@ -112,6 +120,8 @@ void RunInTeam(void (*body)(void*), void* arg) {
     }
   } release{owns_scratch};
   state.profile = AttachedStepProfile();
+  static const int spins = BarrierSpins(std::getenv("OMP_WAIT_POLICY"));
+  state.spins_before_sleep = spins;
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads)
   {

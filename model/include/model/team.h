@@ -48,6 +48,11 @@ Team* SetCurrentTeam(Team* team);
 // thread must make the same sequence of the calls below. An exception thrown on any thread ends
 // the team (the others leave at their next barrier) and is rethrown here, on the caller.
 void RunInTeam(void (*body)(void*), void* arg);
+// Pauses a member spins in Barrier before it sleeps, for the value of OMP_WAIT_POLICY (null:
+// unset). "passive" asks that waiting threads not spin (libgomp's then sleep at once; the team's
+// barrier does too): for machines shared with other busy processes, where a spinning member takes
+// the core a late one needs. RunInTeam reads the variable once per process.
+int BarrierSpins(const char* omp_wait_policy);
 // RunInTeam calls so far, process-wide (tests check that a path really ran as a team).
 int64_t TeamRuns();
 template <typename F>
