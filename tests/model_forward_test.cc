@@ -1,5 +1,6 @@
 // Equivalence tests of the inference engine against the plain-libtorch reference forward.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>

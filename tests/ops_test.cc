@@ -1,5 +1,6 @@
 // Hand-computed checks of RoPE, RMSNorm and the linear kernels.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>

@@ -2,6 +2,7 @@
 // generation by shape and budget, batching equivalence, cancellation, deadlines, back-pressure,
 // validation, health, reflection, metrics and export.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
