@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -843,6 +844,50 @@ TEST(TeamTest, ALongWaitAtABarrierSleepsInsteadOfSpinning) {
     t->Barrier();
   };
   EXPECT_THROW(RunInTeam(late_throw), std::runtime_error);
+  at::set_num_threads(threads);
+}
+
+// ParallelForStealing: a member that is done takes pieces from the back of a slow member's chunk,
+// the slow one keeps its chunk's front, and every item runs exactly once. Three calls in a row,
+// the slow member alternating, so each of the two sets of ranges is used and then used again.
+TEST(TeamTest, AMemberDoneFirstTakesTheBackOfASlowMembersChunk) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  constexpr int64_t kItems = 64;
+  std::array<std::array<std::atomic<int>, kItems>, 3> runs{}, ran_by{};
+  auto body = [&] {
+    Team* t = CurrentTeam();
+    for (int call = 0; call < 3; ++call) {
+      const int slow = call % 2;
+      bool first = true;
+      t->Barrier();  // both open their ranges at about the same time
+      ParallelForStealing(0, kItems, 1, 2, [&](int64_t b, int64_t e) {
+        // The fast one's pause gives the slow one time to open its range (a member that looks
+        // at a range not yet opened finds nothing to take).
+        if (first)
+          std::this_thread::sleep_for(std::chrono::milliseconds(t->tid() == slow ? 60 : 5));
+        first = false;
+        for (int64_t i = b; i < e; ++i) {
+          runs[call][i].fetch_add(1);
+          ran_by[call][i].store(t->tid());
+        }
+      });
+    }
+  };
+  RunInTeam(body);
+  for (int call = 0; call < 3; ++call) {
+    const int slow = call % 2;
+    const int64_t begin = slow * kItems / 2, end = begin + kItems / 2;  // the slow one's chunk
+    int64_t stolen = 0;
+    for (int64_t i = 0; i < kItems; ++i) {
+      EXPECT_EQ(runs[call][i].load(), 1) << "call " << call << " item " << i;
+      if (i >= begin && i < end && ran_by[call][i].load() != slow) ++stolen;
+    }
+    EXPECT_GT(stolen, 0) << "call " << call << ": nothing was taken from the slow member";
+    EXPECT_EQ(ran_by[call][begin].load(), slow) << "the slow member lost its chunk's front";
+    // What was taken is the chunk's back: no item of the slow one after a stolen one.
+    for (int64_t i = end - stolen; i < end; ++i) EXPECT_NE(ran_by[call][i].load(), slow);
+  }
   at::set_num_threads(threads);
 }
 

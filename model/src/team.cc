@@ -25,6 +25,13 @@ struct TeamState {
   std::vector<std::byte>* scratch = nullptr;
   // The starting thread's step profile, if one is attached: every member adds its barrier waits.
   StepProfile* profile = nullptr;
+  // Team::OpenRange's ranges, two sets used in turn, one per member: the next (begin, end) to
+  // take from the front in the low 32 bits, the end the others steal from in the high ones.
+  // A set is opened again only after a barrier that every member passed once done with it.
+  struct alignas(64) Range {
+    std::atomic<uint64_t> bounds{0};
+  };
+  Range ranges[2][Team::kMaxStealingMembers];
   static Team Member(int tid, int size, TeamState* s) { return Team(tid, size, s); }
 };
 
@@ -101,6 +108,50 @@ std::byte* Team::SharedScratch(size_t bytes) {
     Barrier();  // every member sees the new one
   }
   return Aligned(*v);
+}
+
+namespace {
+uint64_t PackRange(int64_t front, int64_t back) {
+  return static_cast<uint64_t>(front) | (static_cast<uint64_t>(back) << 32);
+}
+}  // namespace
+
+void Team::OpenRange(int64_t begin, int64_t end) {
+  // A member that looks at this range before it is opened sees the previous use's, emptied.
+  state_->ranges[ranges_opened_++ % 2][tid_].bounds.store(PackRange(begin, end),
+                                                          std::memory_order_release);
+}
+
+bool Team::Take(int64_t count, int64_t* begin, int64_t* end) {
+  auto& bounds = state_->ranges[(ranges_opened_ - 1) % 2][tid_].bounds;
+  uint64_t v = bounds.load(std::memory_order_acquire);
+  for (;;) {
+    const int64_t front = static_cast<int64_t>(v & 0xffffffffu),
+                  back = static_cast<int64_t>(v >> 32);
+    if (front >= back) return false;
+    const int64_t upto = std::min(back, front + count);
+    if (bounds.compare_exchange_weak(v, PackRange(upto, back), std::memory_order_acq_rel)) {
+      *begin = front;
+      *end = upto;
+      return true;
+    }
+  }
+}
+
+bool Team::Steal(int member, int64_t count, int64_t* begin, int64_t* end) {
+  auto& bounds = state_->ranges[(ranges_opened_ - 1) % 2][member].bounds;
+  uint64_t v = bounds.load(std::memory_order_acquire);
+  for (;;) {
+    const int64_t front = static_cast<int64_t>(v & 0xffffffffu),
+                  back = static_cast<int64_t>(v >> 32);
+    if (front >= back) return false;
+    const int64_t from = std::max(front, back - count);
+    if (bounds.compare_exchange_weak(v, PackRange(front, from), std::memory_order_acq_rel)) {
+      *begin = from;
+      *end = back;
+      return true;
+    }
+  }
 }
 
 void RunInTeam(void (*body)(void*), void* arg) {

@@ -57,7 +57,7 @@ void ForEachPanel(std::span<const PackedOutput> outs, const Fn& fn) {
   constexpr int64_t kRows = 16;
   int64_t total = 0;
   for (const PackedOutput& o : outs) total += (o.out + kRows - 1) / kRows;
-  ParallelFor(0, total, 4, [&](int64_t b, int64_t e) {
+  ParallelForStealing(0, total, 4, 4, [&](int64_t b, int64_t e) {
     size_t i = 0;
     int64_t first = 0;  // global index of outs[i]'s first panel
     for (int64_t g = b; g < e; ++g) {

@@ -32,11 +32,21 @@ class Team {
   // Null in a team started from inside another team's work.
   std::byte* SharedScratch(size_t bytes);
 
+  // Ranges the members take items from in ParallelForStealing: every member calls OpenRange with
+  // its own static range at the same point; it then Takes items from its range's front, and when
+  // that is empty Steals from the back of the others'. Both return false when nothing is left.
+  // Teams of more than kMaxStealingMembers members only take their own range.
+  static constexpr int kMaxStealingMembers = 8;
+  void OpenRange(int64_t begin, int64_t end);
+  bool Take(int64_t count, int64_t* begin, int64_t* end);
+  bool Steal(int member, int64_t count, int64_t* begin, int64_t* end);
+
  private:
   friend struct TeamState;
   Team(int tid, int size, struct TeamState* state) : tid_(tid), size_(size), state_(state) {}
   int tid_, size_;
   struct TeamState* state_;
+  int ranges_opened_ = 0;  // OpenRange calls so far: which of the two sets of ranges is in use
 };
 
 // The team the calling thread is running in, or null.
@@ -97,6 +107,24 @@ void ParallelFor(int64_t begin, int64_t end, int64_t grain, const F& fn) {
   int64_t b, e;
   ParallelChunk(begin, end, grain, t->tid(), t->size(), &b, &e);
   if (b < e) fn(b, e);
+  t->Barrier();
+}
+
+// ParallelFor's split, except that a member that finishes its chunk takes pieces of `steal`
+// items from the ends of the others' chunks that they have not reached yet. Each member still
+// streams its own chunk front to back (what the weight panels need from the hardware prefetcher),
+// but a member slowed down (a busy or slower vCPU) no longer holds the others at the barrier.
+template <typename F>
+void ParallelForStealing(int64_t begin, int64_t end, int64_t grain, int64_t steal, const F& fn) {
+  Team* t = CurrentTeam();
+  if (!t || t->size() == 1 || t->size() > Team::kMaxStealingMembers)
+    return ParallelFor(begin, end, grain, fn);
+  int64_t b, e;
+  ParallelChunk(begin, end, grain, t->tid(), t->size(), &b, &e);
+  t->OpenRange(b, e);
+  while (t->Take(steal, &b, &e)) fn(b, e);
+  for (int i = 1; i < t->size(); ++i)
+    while (t->Steal((t->tid() + i) % t->size(), steal, &b, &e)) fn(b, e);
   t->Barrier();
 }
 
