@@ -114,44 +114,41 @@ namespace {
 uint64_t PackRange(int64_t front, int64_t back) {
   return static_cast<uint64_t>(front) | (static_cast<uint64_t>(back) << 32);
 }
+
+// Takes up to `count` items off the front (the range's owner) or the back (another member) of a
+// range; false when it is empty.
+bool Claim(std::atomic<uint64_t>& bounds, int64_t count, bool from_back, int64_t* begin,
+           int64_t* end) {
+  uint64_t v = bounds.load(std::memory_order_acquire);
+  for (;;) {
+    const int64_t front = static_cast<int64_t>(v & 0xffffffffu),
+                  back = static_cast<int64_t>(v >> 32);
+    if (front >= back) return false;
+    const int64_t b = from_back ? std::max(front, back - count) : front;
+    const int64_t e = from_back ? back : std::min(back, front + count);
+    const uint64_t rest = from_back ? PackRange(front, b) : PackRange(e, back);
+    if (bounds.compare_exchange_weak(v, rest, std::memory_order_acq_rel)) {
+      *begin = b;
+      *end = e;
+      return true;
+    }
+  }
+}
 }  // namespace
 
 void Team::OpenRange(int64_t begin, int64_t end) {
-  // A member that looks at this range before it is opened sees the previous use's, emptied.
+  // A member that looks at this range before it is opened sees the previous use's: empty, as
+  // every owner takes its whole range before that call's closing barrier.
   state_->ranges[ranges_opened_++ % 2][tid_].bounds.store(PackRange(begin, end),
                                                           std::memory_order_release);
 }
 
 bool Team::Take(int64_t count, int64_t* begin, int64_t* end) {
-  auto& bounds = state_->ranges[(ranges_opened_ - 1) % 2][tid_].bounds;
-  uint64_t v = bounds.load(std::memory_order_acquire);
-  for (;;) {
-    const int64_t front = static_cast<int64_t>(v & 0xffffffffu),
-                  back = static_cast<int64_t>(v >> 32);
-    if (front >= back) return false;
-    const int64_t upto = std::min(back, front + count);
-    if (bounds.compare_exchange_weak(v, PackRange(upto, back), std::memory_order_acq_rel)) {
-      *begin = front;
-      *end = upto;
-      return true;
-    }
-  }
+  return Claim(state_->ranges[(ranges_opened_ - 1) % 2][tid_].bounds, count, false, begin, end);
 }
 
 bool Team::Steal(int member, int64_t count, int64_t* begin, int64_t* end) {
-  auto& bounds = state_->ranges[(ranges_opened_ - 1) % 2][member].bounds;
-  uint64_t v = bounds.load(std::memory_order_acquire);
-  for (;;) {
-    const int64_t front = static_cast<int64_t>(v & 0xffffffffu),
-                  back = static_cast<int64_t>(v >> 32);
-    if (front >= back) return false;
-    const int64_t from = std::max(front, back - count);
-    if (bounds.compare_exchange_weak(v, PackRange(front, from), std::memory_order_acq_rel)) {
-      *begin = from;
-      *end = back;
-      return true;
-    }
-  }
+  return Claim(state_->ranges[(ranges_opened_ - 1) % 2][member].bounds, count, true, begin, end);
 }
 
 void RunInTeam(void (*body)(void*), void* arg) {
