@@ -51,7 +51,8 @@ void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const Pac
 
 // For kernels: calls fn(output, panel index, valid rows of that panel) for every 16-row panel of
 // `outs`, the outputs' panels numbered back to back and split over the threads in one region
-// (or over the current team: model/team.h).
+// (or over the current team, a member that is done taking the others' last panels:
+// ParallelForStealing, model/team.h).
 template <typename Fn>
 void ForEachPanel(std::span<const PackedOutput> outs, const Fn& fn) {
   constexpr int64_t kRows = 16;
