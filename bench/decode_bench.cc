@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_flags.h"
 #include "bench/bench_util.h"
+#include "bench/compute_peak.h"
 #include "model/engine.h"
 #include "model/packed_linear.h"
 #include "model/presets.h"
@@ -62,7 +63,20 @@ int Run(const Options& o) {
   }
   const double bw = MeasureReadBandwidthGBs();
   spdlog::info("bench/decode: memory read bandwidth {:.1f} GB/s", bw);
+  // The multiply-add ceilings of the projections' instructions on this machine's threads.
+  const ComputePeak fp32_peak = MeasureFp32Peak(at::get_num_threads());
+  const ComputePeak int8_peak = MeasureInt8Peak(ActiveQuantKernel(), at::get_num_threads());
+  for (const ComputePeak* p : {&fp32_peak, &int8_peak})
+    if (p->multiply_adds_per_s > 0)
+      spdlog::info("bench/decode: {} peak {:.0f} G multiply-adds/s on {} threads", p->instruction,
+                   p->multiply_adds_per_s / 1e9, at::get_num_threads());
+  auto peak_json = [](const ComputePeak& p) {
+    return nlohmann::json{{"instruction", p.instruction},
+                          {"multiply_adds_per_s", p.multiply_adds_per_s}};
+  };
   nlohmann::json out = {{"bandwidth_gbs", bw},
+                        {"fp32_peak", peak_json(fp32_peak)},
+                        {"int8_peak", peak_json(int8_peak)},
                         {"quant_kernel", QuantKernelName(ActiveQuantKernel())},
                         {"threads", at::get_num_threads()},
                         {"rounds", o.rounds},
@@ -95,6 +109,23 @@ int Run(const Options& o) {
   };
   // Where a decode step's time goes (model/step_profile.h: wall time per phase on the first
   // thread, barrier waits included; activation quantization is part of the projections).
+  // How close to the roofline a step could get at all: its projections' multiply-adds at the
+  // instruction's peak take `compute floor` ms; a step cannot be shorter than that (nor than its
+  // roofline), so roofline ms / max(roofline ms, compute floor ms) bounds its % of the roofline
+  // (generously: attention, the per-block scales and everything else cost more on top).
+  std::string ceiling_md = fmt::format(
+      "\nCompute ceiling (the projections' multiply-adds per step at the peak of their "
+      "instruction on {} threads, measured on registers before the run: fp32 / fp16 panels {} "
+      "{:.0f} G/s, q8_0 / q4_0 panels {} {:.0f} G/s; highest reachable = roofline ms / "
+      "max(roofline ms, compute floor ms), an upper bound on % of roofline; projections ms: the "
+      "q/k/v, o, gate/up, down and head phases of the step split below, and the peak's share "
+      "of them):\n\n"
+      "| preset | path | batch | roofline ms/step | compute floor ms/step | highest reachable % "
+      "of roofline | projections ms/step | projections at % of the peak |\n"
+      "|---|---|---|---|---|---|---|---|\n",
+      at::get_num_threads(), fp32_peak.instruction, fp32_peak.multiply_adds_per_s / 1e9,
+      int8_peak.instruction.empty() ? "-" : int8_peak.instruction,
+      int8_peak.multiply_adds_per_s / 1e9);
   std::string split_md = StepSplitHeader(
       "\nStep time split (the timed decode steps of every round: mean pass time, and each "
       "phase's share of it; outside = before and after the phases: input checks, KV growth, "
@@ -224,8 +255,32 @@ int Run(const Options& o) {
                                   {"roofline_tokens_per_s", roof},
                                   {"percent_of_roofline_per_step", pct},
                                   {"percent_of_roofline_steps", v.pcts[bi]}});
+        const bool int8 = absl::StrContains(v.name, "q8_0") || absl::StrContains(v.name, "q4_0");
+        const double peak = (int8 ? int8_peak : fp32_peak).multiply_adds_per_s;
+        const double macs = static_cast<double>(b) * v.model->DecodeMultiplyAdds();
+        const double roof_ms = (bytes + v.kv_bytes[bi]) / (bw_now * 1e9) * 1e3;
+        const double floor_ms = peak > 0 ? macs / peak * 1e3 : 0;
+        const double reachable = 100.0 * roof_ms / std::max(roof_ms, floor_ms);
+        out["results"].back()["multiply_adds_per_step"] = macs;
+        out["results"].back()["roofline_ms_per_step"] = roof_ms;
+        out["results"].back()["compute_floor_ms_per_step"] = floor_ms;
+        out["results"].back()["highest_reachable_percent_of_roofline"] = reachable;
         const StepProfile& sp = v.split[bi];
         const double passes = static_cast<double>(std::max<int64_t>(sp.passes, 1));
+        double proj_ns = 0;
+        for (StepPhase ph : {StepPhase::kQkv, StepPhase::kO, StepPhase::kGateUp, StepPhase::kDown,
+                             StepPhase::kHead})
+          proj_ns += static_cast<double>(sp.ns[static_cast<int>(ph)]);
+        const double proj_ms = proj_ns / 1e6 / passes;
+        out["results"].back()["projections_ms_per_step"] = proj_ms;
+        ceiling_md += peak > 0 && proj_ms > 0
+                          ? fmt::format(
+                                "| {} | {} | {} | {:.2f} | {:.2f} | {:.0f}% | {:.2f} | "
+                                "{:.0f}% |\n",
+                                std::string(name), v.name, b, roof_ms, floor_ms, reachable, proj_ms,
+                                100 * floor_ms / proj_ms)
+                          : fmt::format("| {} | {} | {} | {:.2f} | - | - | - | - |\n",
+                                        std::string(name), v.name, b, roof_ms);
         out["results"].back()["step_split_ms"] = StepSplitMs(sp, passes);
         out["results"].back()["pass_ms"] = sp.pass_ns / 1e6 / passes;
         split_md += fmt::format("| {} | {} | {} | {:.2f} |", std::string(name), v.name, b,
@@ -249,6 +304,7 @@ int Run(const Options& o) {
   auto ratio = [](double a, double b) {
     return a > 0 && b > 0 ? fmt::format("{:.2f}x", a / b) : std::string("-");
   };
+  md += ceiling_md;
   md += split_md;
   md +=
       "\nRatios (same run; amoeba-fp32 = packed panels, the default path):\n\n| preset | batch | "

@@ -810,6 +810,22 @@ TEST(EngineTest, TiedHeadUsesTheEmbedding) {
   EXPECT_LT(MaxAbsDiff(*l, Reference(m, ids)), 1e-5);
 }
 
+// One multiply-add per projection and head weight, in any format: the parameters less the
+// embedding and the norms, and (q8_0: 34 bytes per 32 weights) the read bytes less the norms.
+TEST(EngineTest, DecodeMultiplyAddsCountEveryProjectionWeightOnce) {
+  at::InferenceMode guard;
+  Model m = TinyModel(3);
+  int64_t norms = m.final_norm.numel();
+  for (const auto& l : m.layers) norms += l.attn_norm.numel() + l.mlp_norm.numel();
+  const int64_t macs = m.DecodeMultiplyAdds();
+  EXPECT_EQ(macs, m.config.ParameterCount() - m.embed.numel() - norms);
+  PackWeights(m, WeightFormat::kQ8_0);
+  DropPackedRowMajor(m);
+  EXPECT_EQ(m.DecodeMultiplyAdds(), macs);
+  EXPECT_EQ(m.DecodeWeightBytes(), macs / 32 * 34 + norms * 4);
+  EXPECT_LT(m.WithLayers({0}).DecodeMultiplyAdds(), macs);
+}
+
 TEST(EngineTest, HalfWeightsMatchTheRoundedFp32Model) {
   at::InferenceMode guard;
   Model m = TinyModel(14);

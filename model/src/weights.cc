@@ -116,6 +116,13 @@ int64_t Model::DecodeWeightBytes() const {
   return n;
 }
 
+int64_t Model::DecodeMultiplyAdds() const {
+  int64_t n = lm_head.numel();
+  for (const auto& l : layers)
+    for (int p = 0; p < kNumProj; ++p) n += l.proj(static_cast<Proj>(p)).numel();
+  return n;
+}
+
 Model ConvertWeights(const Model& m, at::ScalarType dtype) {
   Model out = m;
   auto conv = [&](at::Tensor& t) {

@@ -66,6 +66,9 @@ struct Model {
   Model WithLayers(const std::vector<int>& layer_ids) const;
   // Bytes of weights one decode step reads (all layers, head; the embedding row is negligible).
   int64_t DecodeWeightBytes() const;
+  // Multiply-adds of one decode step's projections and head per sequence (one per weight): what
+  // a batch of n sequences multiplies by n, whatever format the weights are read in.
+  int64_t DecodeMultiplyAdds() const;
   // Bytes of keys and values one cached position holds over all layers (what each decode step
   // reads per position attended), for a KV cache of `kv_element_bytes` per value.
   int64_t KvBytesPerPosition(int64_t kv_element_bytes) const;
