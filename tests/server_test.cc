@@ -8,6 +8,8 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <regex>
 #include <thread>
@@ -106,6 +108,42 @@ bool WaitForStats(Scheduler& s, const std::function<bool(const SchedulerStats&)>
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return pred(s.stats());
+}
+
+// A queued build waits while sequences run (it would slow their steps) and starts once none does;
+// with build_defer_ms 0 it starts beside them at once (as one past its wait does under steady
+// load). Observed from the builder thread: the most sequences running in the build's first 50 ms.
+TEST(ServerTest, AMergedCopyBuildWaitsForTheRunningSequences) {
+  for (const int64_t defer_ms : {int64_t{60000}, int64_t{0}}) {
+    SchedulerOptions so;
+    so.merge_after_requests = 1;
+    so.build_defer_ms = defer_ms;
+    std::atomic<Scheduler*> scheduler{nullptr};
+    std::atomic<int64_t> running_at_build{-1};
+    so.fault_hook = [&](const char* site, const Shape&) {
+      if (std::string(site) != "build" || !scheduler) return;
+      int64_t most = 0;
+      for (int i = 0; i < 50; ++i) {
+        most = std::max(most, scheduler.load()->stats().running);
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      running_at_build = most;
+    };
+    TestServer ts(so, "", /*adapters=*/true);
+    scheduler = ts.scheduler.get();
+    auto c = ts.Client();
+    Streamed s = Stream(c, Req("Hello there", 5, 1.0, 64));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, LocalGreedy(*ts.supernet, {5, 1.0}, "Hello there", 64, ts.smol.get()));
+    ASSERT_TRUE(
+        WaitForStats(*ts.scheduler, [](const SchedulerStats& st) { return st.merges_built == 1; }))
+        << "defer " << defer_ms << " ms: the merged copy was never built";
+    if (defer_ms > 0)
+      EXPECT_EQ(running_at_build, 0) << "the build ran beside the request that asked for it";
+    else
+      EXPECT_GE(running_at_build, 1) << "the build waited although told not to";
+    scheduler = nullptr;
+  }
 }
 
 // Merged copies beyond the cap: idle ones are evicted least-recently-used, and an evicted shape

@@ -189,6 +189,7 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   Build b;
   b.key = lane.shape.ToString();
   b.shape = lane.shape;
+  b.queued = Clock::now();
   lane.building = true;
   lane.bytes = need;  // reserved now, so queued builds cannot overshoot the cap together
   cache_bytes_ += need;
@@ -196,6 +197,7 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   {
     std::lock_guard<std::mutex> l(mu_);
     builds_.push_back(std::move(b));
+    stepping_ = true;  // called while admitting a sequence: the worker steps it next
   }
   build_cv_.notify_all();
 }
@@ -215,11 +217,13 @@ void Scheduler::StartDraftCopy(const Shape& shape, const Model& model) {
   b.shape = shape;
   b.for_draft = true;
   b.reserved = need;
+  b.queued = Clock::now();
   spdlog::info("scheduler: building a {} draft copy of {} in the background",
                WeightFormatName(*opt_.draft_format), key);
   {
     std::lock_guard<std::mutex> l(mu_);
     builds_.push_back(std::move(b));
+    stepping_ = true;
   }
   build_cv_.notify_all();
 }
@@ -238,6 +242,10 @@ void Scheduler::BuilderLoop() {
     {
       std::unique_lock<std::mutex> l(mu_);
       build_cv_.wait(l, [&] { return stop_ || !builds_.empty(); });
+      if (stop_) return;
+      build_cv_.wait_until(l,
+                           builds_.front().queued + std::chrono::milliseconds(opt_.build_defer_ms),
+                           [&] { return stop_ || !stepping_; });
       if (stop_) return;
       b = std::move(builds_.front());
       builds_.pop_front();
@@ -260,8 +268,11 @@ void Scheduler::BuilderLoop() {
         }
         DropPackedRowMajor(*merged);
         b.result = std::make_shared<const Model>(std::move(*merged));
-        spdlog::info("scheduler: {} of {} built in {:.0f} ms",
-                     b.for_draft ? "draft copy" : "merged copy", b.key, Ms(t0, Clock::now()));
+        spdlog::info(
+            "scheduler: {} of {} built in {:.0f} ms (started {:.0f} ms after it was "
+            "queued)",
+            b.for_draft ? "draft copy" : "merged copy", b.key, Ms(t0, Clock::now()),
+            Ms(b.queued, t0));
       }
     } catch (...) {
       build_error = StatusFromException(std::current_exception(), "build");
@@ -1288,6 +1299,7 @@ LoadEstimate Scheduler::EstimateLoad(const Shape& shape) const {
 void Scheduler::Loop() {
   at::InferenceMode guard;  // thread-local: the worker never builds autograd graphs
   bool trimmed = true;
+  bool stepping = false;  // this thread's copy of stepping_ (which admitting a build also sets)
   for (;;) {
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -1318,6 +1330,19 @@ void Scheduler::Loop() {
       }
     }
     for (const auto& [k, error] : failed) FailLane(k, error);
+    // Queued builds wait while sequences run (BuilderLoop): tell a waiting one when that ends.
+    if (any && !stepping) {
+      std::lock_guard<std::mutex> l(mu_);
+      stepping_ = stepping = true;
+    } else if (!any) {
+      bool was;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        was = stepping_;
+        stepping_ = stepping = false;
+      }
+      if (was) build_cv_.notify_all();
+    }
     PublishLoad();
     kv_bytes_ = kv + KVCache::PooledArenaBytes();  // finished slots' memory kept for reuse
     EvictIdleLanes();

@@ -88,6 +88,12 @@ struct SchedulerOptions {
   std::string prompt_cache_tag;
   const Smol* smol = nullptr;        // adapters: unmerged when cold, merged when hot
   int64_t merge_after_requests = 2;  // requests before a shape gets a merged copy; 0 = never
+  // A queued merged-copy or draft-copy build waits while sequences are running, for at most this
+  // long after it was queued (then it starts anyway: under steady load a hot shape still gets its
+  // copy). A build reads and writes the weights and slows every step it overlaps: the demo
+  // supernet on a 2-core Zen 5 VM decoded the request that asked for the build at 1.6-2.8x its
+  // profiled time per token while the build ran beside it.
+  int64_t build_defer_ms = 1000;
   // Drafting pays while a step reads the weights for few rows: a lane decoding more sequences
   // than this checks no drafts that step (its sequences decode token by token).
   int64_t max_speculating_batch = 2;
@@ -250,6 +256,7 @@ class Scheduler {
     Shape shape;
     bool for_draft = false;               // a draft copy in SchedulerOptions::draft_format
     int64_t reserved = 0;                 // bytes reserved under the cap (draft copies)
+    Clock::time_point queued;             // when it was queued (SchedulerOptions::build_defer_ms)
     std::shared_ptr<const Model> result;  // null when the build failed
   };
 
@@ -354,6 +361,8 @@ class Scheduler {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
   bool draining_ = false, stop_ = false;
+  // Sequences are running or being admitted (queued builds wait for it to clear). Under mu_.
+  bool stepping_ = false;
   std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
   // Drafts' own copies by shape (draft_format), shared by every lane drafting with that shape;
   // a key maps to null while its build runs or after it failed. Worker thread only.
