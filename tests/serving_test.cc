@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "absl/strings/str_format.h"
 #include "file_digest.h"
 #include "model/errors.h"
 #include "server/metrics.h"
@@ -294,6 +296,59 @@ TEST(ServingTest, RunningGaugeReturnsToZeroAfterCancellation) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_NE(text.find(gauge + "0"), std::string::npos) << text;
+}
+
+// Plan with a decode target names the shape a generate request with that budget gets: the best
+// one within budget_headroom (80%) of the target, not the idle profile's; where no shape is, both
+// refuse with the same RESOURCE_EXHAUSTED, which says what it compared.
+TEST(LoadPlanningTest, PlanNamesTheShapeAGenerateRequestGets) {
+  TempDir dir;
+  auto supernet = MakeTestSupernet(dir);
+  SchedulerOptions so;
+  so.max_context = 128;
+  Scheduler scheduler(*supernet, so);
+  std::vector<ShapeProfile> profiles = ProfilesFromSupernet(*supernet);
+  double full_ms = 0, smallest_ms = 1e9;
+  for (ShapeProfile& p : profiles) {
+    p.measured_decode_ms = 1e-6 * static_cast<double>(p.decode_weight_bytes);  // deterministic
+    if (p.shape == supernet->FullShape()) full_ms = *p.measured_decode_ms;
+    smallest_ms = std::min(smallest_ms, *p.measured_decode_ms);
+  }
+  Serving serving(*supernet, nullptr, scheduler, nullptr, ServiceOptions{}, HostSpeed{}, profiles);
+  PlanBudget b;
+  b.max_decode_ms_per_token = full_ms;
+  // Idle, within the target itself, the full shape is the best.
+  auto idle = PlanShape(profiles, b, HostSpeed{});
+  ASSERT_TRUE(idle.ok()) << idle.status();
+  EXPECT_TRUE(idle->chosen.profile.shape == supernet->FullShape());
+  auto plan = serving.Plan(b, {});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_FALSE(plan->chosen.profile.shape == supernet->FullShape());
+  EXPECT_LE(plan->chosen.decode_ms, 0.8 * full_ms);
+  EXPECT_NE(plan->explanation.find("within 80% of the"), std::string::npos) << plan->explanation;
+  GenerationRequest r = Prompt("hello", 3);
+  r.budget = b;
+  auto g = serving.Prepare(r, {});
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_TRUE((*g)->shape() == plan->chosen.profile.shape)
+      << (*g)->shape().ToString() << " served, " << plan->chosen.profile.shape.ToString()
+      << " planned";
+  // The smallest shape's own time: it fits idle, not within the margin.
+  b.max_decode_ms_per_token = smallest_ms;
+  r.budget = b;
+  ASSERT_TRUE(PlanShape(profiles, b, HostSpeed{}).ok());
+  auto refused_plan = serving.Plan(b, {});
+  auto refused_generate = serving.Prepare(r, {});
+  ASSERT_EQ(refused_plan.status().code(), absl::StatusCode::kResourceExhausted)
+      << refused_plan.status();
+  ASSERT_EQ(refused_generate.status().code(), absl::StatusCode::kResourceExhausted)
+      << refused_generate.status();
+  EXPECT_EQ(refused_plan.status().message(), refused_generate.status().message());
+  const std::string why(refused_generate.status().message());
+  EXPECT_NE(why.find("plans for 80% of a target"), std::string::npos) << why;
+  EXPECT_NE(why.find(absl::StrFormat("is predicted at %.2f ms/token", smallest_ms)),
+            std::string::npos)
+      << why;
 }
 
 }  // namespace serving_test

@@ -312,7 +312,31 @@ absl::StatusOr<PlanResult> Serving::Plan(const PlanBudget& b, const RequestConte
   RETURN_IF_ERROR(CheckAuth(ctx, false));
   RETURN_IF_ERROR(ValidateBudget(b));
   const std::string& id = ctx.request_id.empty() ? std::string("-") : ctx.request_id;
-  auto p = Guarded("plan", id, [&] { return PlanShape(profiles_, b, host_); });
+  auto p = Guarded("plan", id, [&]() -> absl::StatusOr<PlanResult> {
+    ASSIGN_OR_RETURN(PlanResult r, PlanShape(profiles_, b, host_));
+    // A decode target here is planned as a generate request with it would be: against the load
+    // and within the headroom, so that plan and generate name the same shape.
+    ASSIGN_OR_RETURN(std::optional<LoadChoice> choice, ChooseUnderLoad(b));
+    if (!choice) return r;
+    const double headroom = scheduler_.options().budget_headroom;
+    if (choice->estimate.profile.shape == r.chosen.profile.shape) {
+      absl::StrAppendFormat(&r.explanation,
+                            "; predicted %.2f ms/token at the current load (%d sequences in "
+                            "flight), within the %.0f%% of the target the server plans for",
+                            choice->plan.predicted_decode_ms, choice->plan.sequences_in_flight,
+                            100 * headroom);
+      return r;
+    }
+    r.explanation = absl::StrFormat(
+        "%s: the best shape within the budget predicted to decode within %.0f%% of the %.2f "
+        "ms/token target (the margin the server plans for) at the current load: %.2f ms/token "
+        "with %d sequences in flight; idle, %s would be chosen (%.2f ms/token)",
+        choice->estimate.profile.shape.ToString(), 100 * headroom, *b.max_decode_ms_per_token,
+        choice->plan.predicted_decode_ms, choice->plan.sequences_in_flight,
+        r.chosen.profile.shape.ToString(), r.chosen.decode_ms);
+    r.chosen = choice->estimate;
+    return r;
+  });
   if (p.ok()) spdlog::info("[{}] plan: {}", id, p->explanation);
   return p;
 }
@@ -413,6 +437,53 @@ absl::StatusOr<std::unique_ptr<ExportStream>> Serving::WriteExport(
   return stream;
 }
 
+absl::StatusOr<std::optional<Serving::LoadChoice>> Serving::ChooseUnderLoad(
+    const PlanBudget& budget) const {
+  // Load matters for a decode target on this host, where every running sequence shares a step.
+  const bool on_this_host = !budget.bandwidth_gbs && !budget.compute_gflops;
+  if (!budget.max_decode_ms_per_token || !on_this_host || !options_.plan_under_load ||
+      !scheduler_.options().shared_steps)
+    return std::nullopt;
+  const double target = *budget.max_decode_ms_per_token;
+  const double headroom = scheduler_.options().budget_headroom;
+  const std::vector<ShapeEstimateResult> fitting = FittingShapes(profiles_, budget, host_);
+  // Nothing fits even idle: PlanShape's error names the smallest shape's cost.
+  if (fitting.empty()) return PlanShape(profiles_, budget, host_).status();
+  const ShapeEstimateResult& idle = fitting.front();  // what PlanShape picks
+  LoadEstimate last;
+  double predicted = 0, limit = 0;
+  for (const ShapeEstimateResult& e : fitting) {
+    last = scheduler_.EstimateLoad(e.profile.shape);
+    // Nothing in flight: the idle profile is the measure (the model has little to go on).
+    predicted = last.sequences == 0 ? e.decode_ms : last.decode_ms;
+    limit = headroom * std::min(target, last.tightest_target_ms.value_or(target));
+    // A full lane means waiting in the queue first: the target would be missed there.
+    if (predicted > limit || last.free_slots <= 0) continue;
+    LoadChoice c{.estimate = e, .plan = {}};
+    c.plan.idle_choice = idle.profile.shape;
+    c.plan.idle_decode_ms = idle.decode_ms;
+    c.plan.predicted_decode_ms = predicted;
+    c.plan.sequences_in_flight = last.sequences;
+    c.plan.load_changed_choice = !(e.profile.shape == idle.profile.shape);
+    return c;
+  }
+  // The numbers the last (smallest) shape was refused on: its prediction and the limit.
+  const ShapeEstimateResult& smallest = fitting.back();
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "budget.max_decode_ms_per_token: no shape is predicted to decode within %.2f ms/token at "
+      "the current load (%d sequences running or waiting): the server plans for %.0f%% of a "
+      "target%s, since steps vary around their predicted time; the smallest shape that fits the "
+      "budget, %s, is predicted at %.2f ms/token%s; retry later or raise the target",
+      limit, last.sequences, 100 * headroom,
+      last.tightest_target_ms && *last.tightest_target_ms < target
+          ? absl::StrFormat(" (here of %.2f ms/token, promised to a running request, not of your "
+                            "%.2f)",
+                            *last.tightest_target_ms, target)
+          : absl::StrFormat(" (of %.2f ms/token)", target),
+      smallest.profile.shape.ToString(), predicted,
+      last.free_slots <= 0 ? ", and its slots are all taken" : ""));
+}
+
 absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
                                              const std::optional<PlanBudget>& budget,
                                              std::optional<LoadPlan>* plan) const {
@@ -424,48 +495,13 @@ absl::StatusOr<Shape> Serving::ResolveTarget(const std::optional<Shape>& shape,
     return s;
   }
   if (!budget) return supernet_.FullShape();
-  // Load matters for a decode target on this host, where every running sequence shares a step.
-  const bool on_this_host = !budget->bandwidth_gbs && !budget->compute_gflops;
-  if (!budget->max_decode_ms_per_token || !on_this_host || !options_.plan_under_load ||
-      !scheduler_.options().shared_steps) {
+  ASSIGN_OR_RETURN(std::optional<LoadChoice> choice, ChooseUnderLoad(*budget));
+  if (!choice) {
     ASSIGN_OR_RETURN(PlanResult p, PlanShape(profiles_, *budget, host_));
     return p.chosen.profile.shape;
   }
-  const double target = *budget->max_decode_ms_per_token;
-  const std::vector<ShapeEstimateResult> fitting = FittingShapes(profiles_, *budget, host_);
-  // Nothing fits even idle: PlanShape's error names the smallest shape's cost.
-  if (fitting.empty()) return PlanShape(profiles_, *budget, host_).status();
-  const ShapeEstimateResult& idle = fitting.front();  // what PlanShape picks
-  LoadEstimate last;
-  for (const ShapeEstimateResult& e : fitting) {
-    last = scheduler_.EstimateLoad(e.profile.shape);
-    // Nothing in flight: the idle profile is the measure (the model has little to go on).
-    const double predicted = last.sequences == 0 ? e.decode_ms : last.decode_ms;
-    const double limit = scheduler_.options().budget_headroom *
-                         std::min(target, last.tightest_target_ms.value_or(target));
-    // A full lane means waiting in the queue first: the target would be missed there.
-    if (predicted > limit || last.free_slots <= 0) continue;
-    if (plan) {
-      LoadPlan lp;
-      lp.idle_choice = idle.profile.shape;
-      lp.idle_decode_ms = idle.decode_ms;
-      lp.predicted_decode_ms = predicted;
-      lp.sequences_in_flight = last.sequences;
-      lp.load_changed_choice = !(e.profile.shape == idle.profile.shape);
-      *plan = lp;
-    }
-    return e.profile.shape;
-  }
-  const ShapeEstimateResult& smallest = fitting.back();
-  return absl::ResourceExhaustedError(absl::StrFormat(
-      "budget.max_decode_ms_per_token: no shape decodes within %.2f ms/token at the current load "
-      "(%d sequences running or waiting; the smallest shape that fits the budget, %s, would "
-      "decode at %.2f ms/token%s%s); retry later or raise the target",
-      target, last.sequences, smallest.profile.shape.ToString(), last.decode_ms,
-      last.tightest_target_ms && *last.tightest_target_ms < target
-          ? absl::StrFormat(", and running requests were promised %.2f", *last.tightest_target_ms)
-          : "",
-      last.free_slots <= 0 ? ", and its slots are all taken" : ""));
+  if (plan) *plan = choice->plan;
+  return choice->estimate.profile.shape;
 }
 
 absl::StatusOr<std::shared_ptr<Grammar>> Serving::GrammarFor(const GenerationRequest& r) const {

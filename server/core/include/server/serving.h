@@ -189,6 +189,16 @@ class Serving {
   // against the load in flight (shared steps): the best shape that fits the budget idle and whose
   // predicted decode ms/token with the current load stays within its target and every running
   // budget request's; `plan` says how. None: RESOURCE_EXHAUSTED at once.
+  // A decode target on this host with shared steps: the best-quality shape that fits the budget
+  // and whose predicted decode ms/token at the current load stays within budget_headroom of the
+  // target (and of every running budget request's), and how it was planned. Nullopt where load
+  // does not apply (no decode target, another platform's budget, planning under load off).
+  // RESOURCE_EXHAUSTED when no shape can; PlanShape's error when none fits even idle.
+  struct LoadChoice {
+    ShapeEstimateResult estimate;
+    LoadPlan plan;
+  };
+  absl::StatusOr<std::optional<LoadChoice>> ChooseUnderLoad(const PlanBudget& budget) const;
   absl::StatusOr<Shape> ResolveTarget(const std::optional<Shape>& shape,
                                       const std::optional<PlanBudget>& budget,
                                       std::optional<LoadPlan>* plan = nullptr) const;
