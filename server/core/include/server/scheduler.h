@@ -3,8 +3,8 @@
 // new sequences prefill a chunk and running ones decode one token, all in a single Forward call.
 // Lanes are built on demand from supernet views (cheap: no weight copies; SMoL adapters attached
 // unmerged as low-rank deltas), so a never-seen shape starts at once. A shape that keeps being
-// asked for gets a merged copy built on a background thread (one build at a time), swapped in
-// between steps; copies are kept under a memory cap, idle lanes evicted least-recently-used.
+// asked for gets a merged copy built on a background thread (one build at a time, started once
+// no sequence runs or after build_defer_ms), swapped in between steps; copies are kept under a memory cap, idle lanes evicted least-recently-used.
 // Protocol-free: the service adapts it to gRPC.
 #pragma once
 #include <atomic>
