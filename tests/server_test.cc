@@ -7,6 +7,9 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <gtest/gtest.h>
+#include <omp.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -120,8 +123,11 @@ TEST(ServerTest, AMergedCopyBuildWaitsForTheRunningSequences) {
     so.build_defer_ms = defer_ms;
     std::atomic<Scheduler*> scheduler{nullptr};
     std::atomic<int64_t> running_at_build{-1};
+    std::atomic<int> build_nice{0}, build_threads{0};
     so.fault_hook = [&](const char* site, const Shape&) {
       if (std::string(site) != "build" || !scheduler) return;
+      build_nice = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid()));
+      build_threads = omp_get_max_threads();
       int64_t most = 0;
       for (int i = 0; i < 50; ++i) {
         most = std::max(most, scheduler.load()->stats().running);
@@ -142,6 +148,9 @@ TEST(ServerTest, AMergedCopyBuildWaitsForTheRunningSequences) {
       EXPECT_EQ(running_at_build, 0) << "the build ran beside the request that asked for it";
     else
       EXPECT_GE(running_at_build, 1) << "the build waited although told not to";
+    // Below the decode loop, on one thread.
+    EXPECT_EQ(build_nice, 10);
+    EXPECT_EQ(build_threads, 1);
     scheduler = nullptr;
   }
 }

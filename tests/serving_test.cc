@@ -4,8 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <omp.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <filesystem>
@@ -19,6 +24,7 @@
 #include "absl/strings/str_format.h"
 #include "file_digest.h"
 #include "model/errors.h"
+#include "server/export_job.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/serving.h"
@@ -183,6 +189,24 @@ TEST(ServingTest, ExceptionsAtEveryBoundaryBecomeStatusesAndServingGoesOn) {
   EXPECT_EQ(result.reason, FinishReason::kLength);
   // Failed exports leave no staging directory behind.
   EXPECT_TRUE(std::filesystem::is_empty(c.dir.file("exports")));
+}
+
+// An export is a bulk job: its worker runs only on cores the decode loop leaves idle (or at nice
+// 10 where the system refuses that), with an OpenMP team of one.
+TEST(ServingTest, ExportWorkersRunBelowTheDecodeLoop) {
+  ExportWorkers workers(1);
+  std::promise<std::array<int, 3>> seen;
+  ASSERT_TRUE(workers
+                  .TrySubmit([&]() -> ExportWorkers::Delivery {
+                    seen.set_value({sched_getscheduler(0),
+                                    getpriority(PRIO_PROCESS, static_cast<id_t>(gettid())),
+                                    omp_get_max_threads()});
+                    return nullptr;
+                  })
+                  .ok());
+  const auto [policy, nice, threads] = seen.get_future().get();
+  EXPECT_TRUE(policy == SCHED_IDLE || nice >= 10) << "policy " << policy << ", nice " << nice;
+  EXPECT_EQ(threads, 1);
 }
 
 TEST(ServingTest, ExportsStreamTheirFilesWithDigestsAndCleanUp) {

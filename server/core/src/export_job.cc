@@ -10,6 +10,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "background_thread.h"
 #include "model/errors.h"
 #include "model/file_util.h"
 
@@ -21,7 +22,11 @@ constexpr char kPrefix[] = "amoeba-export-";
 }
 
 ExportWorkers::ExportWorkers(int workers) : workers_(std::max(1, workers)) {
-  for (int i = 0; i < workers_; ++i) threads_.emplace_back([this] { Loop(); });
+  for (int i = 0; i < workers_; ++i)
+    threads_.emplace_back([this] {
+      RunBelowTheDecodeLoop(Yield::kIdleCores);  // a bulk job: serving comes first
+      Loop();
+    });
 }
 
 ExportWorkers::~ExportWorkers() {

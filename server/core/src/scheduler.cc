@@ -1,15 +1,13 @@
 #include "server/scheduler.h"
 
 #include <malloc.h>
-#include <omp.h>
 #include <spdlog/spdlog.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cctype>
 
 #include "absl/strings/str_cat.h"
+#include "background_thread.h"
 #include "model/errors.h"
 #include "model/packed_linear.h"
 #include "model/team.h"
@@ -230,13 +228,7 @@ void Scheduler::StartDraftCopy(const Shape& shape, const Model& model) {
 
 void Scheduler::BuilderLoop() {
   at::InferenceMode guard;
-  // Builds are background work: below the decode loop in the kernel's eyes (threads this one
-  // starts, e.g. its OpenMP team, inherit the niceness).
-  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
-  // One thread: an OpenMP team of its own would put more threads than cores in libgomp's
-  // hands, which slows every team's fork/joins (the decode loop's too).
-  (void)at::get_num_threads();  // ATen's per-thread set-up first (it would undo the next line)
-  omp_set_num_threads(1);       // this thread's team only; at::set_num_threads is global
+  RunBelowTheDecodeLoop(Yield::kNice);  // builds are background work
   for (;;) {
     Build b;
     {
