@@ -107,8 +107,6 @@ int Run(const Options& o) {
     return o.paths.empty() ||
            absl::StrContains(absl::StrCat(",", o.paths, ","), absl::StrCat(",", path, ","));
   };
-  // Where a decode step's time goes (model/step_profile.h: wall time per phase on the first
-  // thread, barrier waits included; activation quantization is part of the projections).
   // How close to the roofline a step could get at all: its projections' multiply-adds at the
   // instruction's peak take `compute floor` ms; a step cannot be shorter than that (nor than its
   // roofline), so roofline ms / max(roofline ms, compute floor ms) bounds its % of the roofline
@@ -126,6 +124,8 @@ int Run(const Options& o) {
       at::get_num_threads(), fp32_peak.instruction, fp32_peak.multiply_adds_per_s / 1e9,
       int8_peak.instruction.empty() ? "-" : int8_peak.instruction,
       int8_peak.multiply_adds_per_s / 1e9);
+  // Where a decode step's time goes (model/step_profile.h: wall time per phase on the first
+  // thread, barrier waits included; activation quantization is part of the projections).
   std::string split_md = StepSplitHeader(
       "\nStep time split (the timed decode steps of every round: mean pass time, and each "
       "phase's share of it; outside = before and after the phases: input checks, KV growth, "
@@ -255,10 +255,11 @@ int Run(const Options& o) {
                                   {"roofline_tokens_per_s", roof},
                                   {"percent_of_roofline_per_step", pct},
                                   {"percent_of_roofline_steps", v.pcts[bi]}});
-        const bool int8 = absl::StrContains(v.name, "q8_0") || absl::StrContains(v.name, "q4_0");
+        const bool int8 =
+            v.model->head_panels.defined() && IsQuantized(PanelsFormat(v.model->head_panels));
         const double peak = (int8 ? int8_peak : fp32_peak).multiply_adds_per_s;
         const double macs = static_cast<double>(b) * v.model->DecodeMultiplyAdds();
-        const double roof_ms = (bytes + v.kv_bytes[bi]) / (bw_now * 1e9) * 1e3;
+        const double roof_ms = 1e3 / roof;  // one step: the roofline's tokens per stream
         const double floor_ms = peak > 0 ? macs / peak * 1e3 : 0;
         const double reachable = 100.0 * roof_ms / std::max(roof_ms, floor_ms);
         out["results"].back()["multiply_adds_per_step"] = macs;
