@@ -187,11 +187,15 @@ void Scheduler::MaybeStartBuild(Lane& lane) {
   Build b;
   b.key = lane.shape.ToString();
   b.shape = lane.shape;
-  b.queued = Clock::now();
   lane.building = true;
   lane.bytes = need;  // reserved now, so queued builds cannot overshoot the cap together
   cache_bytes_ += need;
   spdlog::info("scheduler: building merged copy of {} in the background", b.key);
+  QueueBuild(std::move(b));
+}
+
+void Scheduler::QueueBuild(Build b) {
+  b.queued = Clock::now();
   {
     std::lock_guard<std::mutex> l(mu_);
     builds_.push_back(std::move(b));
@@ -215,15 +219,9 @@ void Scheduler::StartDraftCopy(const Shape& shape, const Model& model) {
   b.shape = shape;
   b.for_draft = true;
   b.reserved = need;
-  b.queued = Clock::now();
   spdlog::info("scheduler: building a {} draft copy of {} in the background",
                WeightFormatName(*opt_.draft_format), key);
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    builds_.push_back(std::move(b));
-    stepping_ = true;
-  }
-  build_cv_.notify_all();
+  QueueBuild(std::move(b));
 }
 
 void Scheduler::BuilderLoop() {

@@ -4,7 +4,8 @@
 // Lanes are built on demand from supernet views (cheap: no weight copies; SMoL adapters attached
 // unmerged as low-rank deltas), so a never-seen shape starts at once. A shape that keeps being
 // asked for gets a merged copy built on a background thread (one build at a time, started once
-// no sequence runs or after build_defer_ms), swapped in between steps; copies are kept under a memory cap, idle lanes evicted least-recently-used.
+// no sequence runs or after build_defer_ms), swapped in between steps; copies are kept under a
+// memory cap, idle lanes evicted least-recently-used.
 // Protocol-free: the service adapts it to gRPC.
 #pragma once
 #include <atomic>
@@ -264,6 +265,9 @@ class Scheduler {
   void BuilderLoop();
   std::unique_ptr<Engine> NewEngine(std::shared_ptr<const Model> model) const;
   void MaybeStartBuild(Lane& lane);
+  // Hands `b` to the builder thread (stamped with the time; it waits for the worker to go idle,
+  // and the worker is about to step the sequence being admitted).
+  void QueueBuild(Build b);
   // Queues the background build of a draft copy of `shape` (whose lane's model is `model`) in
   // draft_format, once per shape.
   void StartDraftCopy(const Shape& shape, const Model& model);
