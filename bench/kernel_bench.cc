@@ -15,6 +15,8 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "bench/bench_flags.h"
 #include "bench/bench_util.h"
@@ -49,18 +51,36 @@ double Gflops(int64_t n, int64_t out, int64_t in, double min_seconds, F&& run) {
   return 2.0 * n * out * in / SecondsPerCall(min_seconds, run) / 1e9;
 }
 
+// One column of the quantized table: a kernel, with its row pairs or (AVX-512) every row alone.
+struct QuantVariant {
+  QuantKernel kernel;
+  bool row_pairs;
+  std::string name;
+};
+
+std::vector<QuantVariant> QuantVariants() {
+  std::vector<QuantVariant> vs;
+  for (QuantKernel k : AvailableQuantKernels()) {
+    vs.push_back({k, true, QuantKernelName(k)});
+    if (k == QuantKernel::kAvx512Vnni || k == QuantKernel::kAmxInt8)
+      vs.push_back({k, false, std::string(QuantKernelName(k)) + " rows alone"});
+  }
+  return vs;
+}
+
 // Q8_0 / Q4_0 panels under every integer kernel: weight GB/s (each call streams every panel once)
-// and GFLOP/s, the bandwidth probed before each shape. Appends a table to `md`.
+// and GFLOP/s, the bandwidth probed before each shape. The AVX-512 kernels also run without their
+// row pairs (ForceRowPairs), side by side. Appends a table to `md`.
 nlohmann::json QuantizedKernels(double seconds, std::string& md) {
   nlohmann::json rows = nlohmann::json::array();
-  const std::vector<QuantKernel> kernels = AvailableQuantKernels();
+  const std::vector<QuantVariant> variants = QuantVariants();
   md +=
-      "\n## Quantized panels\n\nWeight GB/s (GFLOP/s) per integer kernel; probe = read "
-      "bandwidth measured just before the shape.\n\n| weight (out×in) | format | MB | probe "
-      "GB/s | batch |";
-  for (QuantKernel k : kernels) md += fmt::format(" {} |", QuantKernelName(k));
+      "\n## Quantized panels\n\nWeight GB/s (GFLOP/s) per integer kernel (\"rows alone\": the "
+      "AVX-512 kernel without its row pairs; the same below 4 rows); probe = read bandwidth "
+      "measured just before the shape.\n\n| weight (out×in) | format | MB | probe GB/s | batch |";
+  for (const QuantVariant& v : variants) md += fmt::format(" {} |", v.name);
   md += "\n|---|---|---|---|---|";
-  for (size_t i = 0; i < kernels.size(); ++i) md += "---|";
+  for (size_t i = 0; i < variants.size(); ++i) md += "---|";
   md += "\n";
   for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{
            {2048, 768}, {32000, 768}, {5632, 2048}, {2048, 5632}, {32000, 2048}}) {
@@ -73,8 +93,9 @@ nlohmann::json QuantizedKernels(double seconds, std::string& md) {
         at::Tensor x = at::randn({n, in}), y = at::empty({n, out});
         md += fmt::format("| {}×{} | {} | {:.1f} | {:.1f} | {} |", out, in, WeightFormatName(f), mb,
                           probe, n);
-        for (QuantKernel k : kernels) {
-          ForceQuantKernel(k);
+        for (const QuantVariant& v : variants) {
+          ForceQuantKernel(v.kernel);
+          ForceRowPairs(v.row_pairs);
           const double sec = SecondsPerCall(seconds, [&] {
             LinearPacked(x.data_ptr<float>(), n, panels, out, in, nullptr, y.data_ptr<float>());
           });
@@ -83,16 +104,18 @@ nlohmann::json QuantizedKernels(double seconds, std::string& md) {
                           {"in", in},
                           {"format", WeightFormatName(f)},
                           {"batch", n},
-                          {"kernel", QuantKernelName(k)},
+                          {"kernel", QuantKernelName(v.kernel)},
+                          {"row_pairs", v.row_pairs},
                           {"weight_mb", mb},
                           {"probe_gbs", probe},
                           {"weight_gbs", gbs},
                           {"gflops", gflops}});
           md += fmt::format(" {:.1f} ({:.0f}) |", gbs, gflops);
           spdlog::info("{}x{} {} batch {} {}: {:.1f} GB/s, {:.0f} GFLOP/s (probe {:.1f})", out, in,
-                       WeightFormatName(f), n, QuantKernelName(k), gbs, gflops, probe);
+                       WeightFormatName(f), n, v.name, gbs, gflops, probe);
         }
         ForceQuantKernel(QuantKernel::kAuto);
+        ForceRowPairs(true);
         md += "\n";
       }
     }

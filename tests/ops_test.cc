@@ -386,6 +386,55 @@ TEST(KernelTest, SimdQuantizedKernelsAgreeBitForBit) {
   ForceQuantKernel(QuantKernel::kAuto);
 }
 
+// The AVX-512 kernels' row pairs (4+ rows, ForceRowPairs) give the bits of every row alone: odd
+// counts (a last row paired with zero), several 8-row passes and 64-row chunks, panels that stop
+// at an odd row (shared steps: a narrower shape's rows skip its wider panels, so a pair
+// straddles the limit), and inside a team, whose members quantize and pair whole pairs each.
+TEST(KernelTest, RowPairsGiveTheBitsOfRowsAlone) {
+  std::vector<QuantKernel> kernels;
+  for (QuantKernel k : AvailableQuantKernels())
+    if (k == QuantKernel::kAvx512Vnni || k == QuantKernel::kAmxInt8) kernels.push_back(k);
+  if (kernels.empty()) GTEST_SKIP() << "no AVX512-VNNI on this CPU";
+  const int threads = at::get_num_threads();
+  at::set_num_threads(std::max(threads, 2));
+  at::manual_seed(12);
+  for (WeightFormat format : {WeightFormat::kQ8_0, WeightFormat::kQ4_0})
+    for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{{37, 29}, {64, 70}, {48, 200}}) {
+      const at::Tensor panels = PackPanels(at::randn({out + 5, in + 9}), format);
+      for (int64_t n : {4, 5, 7, 8, 9, 11, 16, 17, 33, 64, 65, 130}) {
+        const at::Tensor x = 3 * at::randn({n, in});
+        // Panel p serves rows [0, n - 3p - 1): odd and even limits, one inside the first pair.
+        std::vector<int64_t> limits;
+        for (int64_t p = 0; p < (out + 15) / 16; ++p)
+          limits.push_back(std::max<int64_t>(1, n - 3 * p - 1));
+        for (QuantKernel kernel : kernels)
+          for (bool in_team : {false, true})
+            for (bool limited : {false, true}) {
+              ForceQuantKernel(kernel);
+              at::Tensor y[2];
+              for (bool pairs : {true, false}) {
+                ForceRowPairs(pairs);
+                y[pairs] = at::zeros({n, out});
+                const PackedOutput outs[1] = {{&panels, out, nullptr, y[pairs].data_ptr<float>(),
+                                               limited ? limits.data() : nullptr}};
+                auto run = [&] { QuantizedLinearMany(x.data_ptr<float>(), n, in, outs); };
+                if (in_team)
+                  RunInTeam(run);
+                else
+                  run();
+              }
+              EXPECT_EQ(testing::MaxAbsDiff(y[1], y[0]), 0.0)
+                  << QuantKernelName(kernel) << " " << WeightFormatName(format) << " " << out << "x"
+                  << in << " n=" << n << (in_team ? " in a team" : "")
+                  << (limited ? " with panel limits" : "");
+            }
+      }
+    }
+  ForceRowPairs(true);
+  ForceQuantKernel(QuantKernel::kAuto);
+  at::set_num_threads(threads);
+}
+
 // Prefetch distances are bytes whatever the element type: the fp16 kernels prefetched 2 KB ahead
 // (1024 elements) where 4 KB was meant.
 TEST(KernelTest, PrefetchDistancesAreBytesForEveryElementType) {

@@ -97,6 +97,35 @@ AMOEBA_AVX512_VNNI void QuantizeRowsAvx512(const float* x, int64_t n, int64_t in
   }
 }
 
+// One permute per pair and block: the two rows' 32 bytes (eight groups of 4) interleaved group by
+// group into 64.
+AMOEBA_AVX512_VNNI void PairRowsAvx512(const int8_t* q, const float* d, const int32_t* sum,
+                                       int64_t nb, int64_t rows, int8_t* pair_q, float* pair_d,
+                                       int32_t* pair_sum) {
+  const __m512i interleave =
+      _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const int64_t row_bytes = nb * kQuantBlock;
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const int64_t r = 2 * p;
+    const bool second = r + 1 < rows;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* block = q + r * row_bytes + b * kQuantBlock;
+      const __m512i lo =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+      const __m512i hi = second ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                                      reinterpret_cast<const __m256i*>(block + row_bytes)))
+                                : _mm512_setzero_si512();
+      _mm512_storeu_si512(pair_q + (p * nb + b) * 2 * kQuantBlock,
+                          _mm512_permutex2var_epi32(lo, interleave, hi));
+      const int64_t i = (p * nb + b) * 2;
+      pair_d[i] = d[r * nb + b];
+      pair_sum[i] = sum[r * nb + b];
+      pair_d[i + 1] = second ? d[(r + 1) * nb + b] : 0.f;
+      pair_sum[i + 1] = second ? sum[(r + 1) * nb + b] : 0;
+    }
+  }
+}
+
 }  // namespace quant
 
 using namespace quant;

@@ -68,6 +68,12 @@ struct QuantActs {
   // a whole group of 16 with zero rows (so a partial group can run in tiles, its extra rows
   // computed and dropped). 0: only the call's rows.
   int64_t rows = 0;
+  // The same rows interleaved in pairs for the AVX-512 pair kernel, or null where it does not
+  // run: pair p's block b is 64 bytes, for each group of 4 inputs row 2p's 4 values then row
+  // 2p+1's; its scales and sums are [pair][block][2]. An odd last row is paired with a zero row.
+  const int8_t* pair_q = nullptr;
+  const float* pair_d = nullptr;
+  const int32_t* pair_sum = nullptr;
 };
 
 // GGML's Q8_0 rule for activation rows (quantize_activations.cc): the portable version and
@@ -76,6 +82,10 @@ void QuantizeRows(const float* x, int64_t n, int64_t in, int64_t nb, int8_t* q, 
                   int32_t* sum);
 void QuantizeRowsAvx512(const float* x, int64_t n, int64_t in, int64_t nb, int8_t* q, float* d,
                         int32_t* sum);
+// Rows [0, rows) of quantized activations (q, d, sum as above) into the pair layout of QuantActs
+// (pair_q, pair_d, pair_sum at pair 0); the second row of a last odd pair is zero.
+void PairRowsAvx512(const int8_t* q, const float* d, const int32_t* sum, int64_t nb, int64_t rows,
+                    int8_t* pair_q, float* pair_d, int32_t* pair_sum);
 
 // What the CPU can run (cached; AMX also asks Linux for the tile state once per process).
 bool CpuHasAvx512Vnni();

@@ -63,10 +63,13 @@ inline void PrefetchAhead(const uint8_t* blk, int64_t bb) {
       _mm_prefetch(reinterpret_cast<const char*>(blk + kAhead + o), _MM_HINT_T0);
 }
 
-// The tile kernel's stream, at two distances: into L1 2 KB ahead of the block being computed and
-// into the outer caches 8 KB ahead (100m q8_0, 16 rows, Sapphire Rapids: 51-53% of the roofline
-// with one prefetch 4 KB ahead into L1; 57-59% with these two; 1 KB / 4 KB near and 12 / 16 / 32
-// KB far, or the far one into L2, measured no better).
+// The stream of the kernels for several rows (tiles, VNNI pairs), at two distances: into L1 2 KB
+// ahead of the block being computed and into the outer caches 8 KB ahead. 100m q8_0, 16 rows:
+// Sapphire Rapids, tiles, 51-53% of the roofline with one prefetch 4 KB ahead into L1, 57-59% with
+// these two (1 KB / 4 KB near and 12 / 16 / 32 KB far, or the far one into L2, no better); Zen 5,
+// VNNI pairs, decode step 6.52 -> 5.99 ms (six interleaved rounds; 16 KB far, or these only in a
+// panel's first pass over the rows, no better). Every pass issues them: a later pass's far
+// prefetches run into the next panel.
 inline void PrefetchTwoLevels(const uint8_t* blk, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(blk + 2048 + o), _MM_HINT_T0);
@@ -135,6 +138,94 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
   }
   const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
   for (int j = 0; j < J; ++j) _mm512_mask_storeu_ps(y + j * out + col, m, acc[j]);
+}
+
+// AVX512-VNNI on pairs of rows (QuantActs::pair_q): each dot-product step multiplies 8 rows of
+// weights, each row's 4 inputs twice over, by one 8-byte broadcast of two rows' 4 inputs, so a
+// lane is (output 8h + l/2, row l%2). PanelVnni broadcasts 4 bytes per row and step, and on Zen 5
+// those broadcast loads, not the dot products, bounded it (8 rows in L1 on one core: ~60% of
+// `vpdpbusd`'s peak with them, ~75% in pairs). Same integer sums and the same scaling order per
+// lane: the same bits. Rows [j0, j0 + rows), j0 even, at most 2P of them (a last odd row's partner
+// is computed and not stored).
+// One group of 4 inputs: two steps per pair of rows, w0 / w1 the weights of outputs 0-7 / 8-15.
+template <int P>
+AMOEBA_AVX512_VNNI __attribute__((always_inline)) inline void PairStep(__m512i (&dot)[2][P],
+                                                                       __m512i w0, __m512i w1,
+                                                                       const int8_t* xb,
+                                                                       int64_t pair_stride, int g) {
+  for (int p = 0; p < P; ++p) {
+    int64_t two_rows;
+    std::memcpy(&two_rows, xb + p * pair_stride + 8 * g, sizeof(two_rows));
+    const __m512i x = _mm512_set1_epi64(two_rows);
+    dot[0][p] = _mm512_dpbusd_epi32(dot[0][p], w0, x);
+    dot[1][p] = _mm512_dpbusd_epi32(dot[1][p], w1, x);
+  }
+}
+
+template <int P, bool kQ4>
+AMOEBA_AVX512_VNNI void PanelVnniPairs(const uint8_t* panel, int64_t bb, const QuantActs& a,
+                                       int64_t j0, float* y, int64_t out, int64_t col,
+                                       int64_t valid, int64_t rows) {
+  constexpr int kOffsetShift = kQ4 ? 3 : 7;  // the unsigned weights' offset, 8 or 128
+  __m512 acc[2][P];
+  for (int h = 0; h < 2; ++h)
+    for (int p = 0; p < P; ++p) acc[h][p] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i spread0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i spread1 = _mm512_add_epi32(spread0, _mm512_set1_epi32(8));
+  const int64_t pair_stride = a.nb * 2 * kQuantBlock;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* blk = panel + b * bb;
+    const uint8_t* data = blk + kScaleBytes;
+    PrefetchTwoLevels(blk, bb);
+    __m512i dot[2][P];
+    for (int h = 0; h < 2; ++h)
+      for (int p = 0; p < P; ++p) dot[h][p] = _mm512_setzero_si512();
+    const int8_t* xb = a.pair_q + ((j0 / 2) * a.nb + b) * 2 * kQuantBlock;
+    if constexpr (kQ4) {
+      for (int g = 0; g < 4; ++g) {
+        const __m512i v = _mm512_loadu_si512(data + g * kGroupBytes);
+        const __m512i v0 = _mm512_permutexvar_epi32(spread0, v);
+        const __m512i v1 = _mm512_permutexvar_epi32(spread1, v);
+        PairStep<P>(dot, _mm512_and_si512(v0, low4), _mm512_and_si512(v1, low4), xb, pair_stride,
+                    g);
+        PairStep<P>(dot, _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4),
+                    _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4), xb, pair_stride, g + 4);
+      }
+    } else {
+      for (int g = 0; g < 8; ++g) {
+        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(data + g * kGroupBytes), flip);
+        PairStep<P>(dot, _mm512_permutexvar_epi32(spread0, v), _mm512_permutexvar_epi32(spread1, v),
+                    xb, pair_stride, g);
+      }
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+    const __m512 ws0 = _mm512_permutexvar_ps(spread0, ws), ws1 = _mm512_permutexvar_ps(spread1, ws);
+    for (int p = 0; p < P; ++p) {
+      const int64_t i = ((j0 / 2 + p) * a.nb + b) * 2;
+      double two_scales;
+      int64_t two_sums;
+      std::memcpy(&two_scales, a.pair_d + i, sizeof(two_scales));
+      std::memcpy(&two_sums, a.pair_sum + i, sizeof(two_sums));
+      const __m512 d = _mm512_castpd_ps(_mm512_set1_pd(two_scales));
+      const __m512i offset = _mm512_slli_epi32(_mm512_set1_epi64(two_sums), kOffsetShift);
+      acc[0][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[0][p], offset)),
+                                  _mm512_mul_ps(ws0, d), acc[0][p]);
+      acc[1][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[1][p], offset)),
+                                  _mm512_mul_ps(ws1, d), acc[1][p]);
+    }
+  }
+  // Lanes (output 8h + l/2, row l%2) back to rows of 16 outputs.
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
+  for (int p = 0; p < P; ++p) {
+    _mm512_mask_storeu_ps(y + 2 * p * out + col, m,
+                          _mm512_permutex2var_ps(acc[0][p], even, acc[1][p]));
+    if (2 * p + 1 < rows)
+      _mm512_mask_storeu_ps(y + (2 * p + 1) * out + col, m,
+                            _mm512_permutex2var_ps(acc[0][p], odd, acc[1][p]));
+  }
 }
 
 // 256-bit kernels, per block: acc[j][h] += dot[j][h] · the block's scales of rows 8h..8h+7 · row
@@ -431,6 +522,13 @@ AMOEBA_AMX void PanelAmx(const uint8_t* panel, int64_t bb, const QuantActs& a, i
 
 using PanelFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, float*, int64_t,
                          int64_t, int64_t);
+using PairFn = void (*)(const uint8_t*, int64_t, const QuantActs&, int64_t, float*, int64_t,
+                        int64_t, int64_t, int64_t);
+
+// The fewest rows that run in pairs. bench/kernels, Zen 5, 2 threads, pairs / rows alone side by
+// side: 16 and 64 rows 1.10-1.25x, 4 rows 0.96-1.15x; below 4 (one pass of PanelVnni, its
+// chains two per row) pairs measured slower. A call with fewer rows does not build the layout.
+constexpr int64_t kMinPairRows = 4;
 
 // The fewest rows of a group of 16 that run faster in tiles (the group padded with zero rows)
 // than in VNNI: 100m, bench/decode on a Sapphire Rapids VM, % of the roofline VNNI -> tiles: q8_0
@@ -479,6 +577,19 @@ void RunPanel(QuantKernel kernel, uint64_t call, const uint8_t* panel, int64_t b
     rows -= tiled;
   }
   const bool vnni = kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8;
+  if (vnni && a.pair_q) {
+    // Eight rows at a time in pairs; a last pass of fewer than kMinPairRows in PanelVnni.
+    static constexpr PairFn kPairs[4] = {PanelVnniPairs<1, kQ4>, PanelVnniPairs<2, kQ4>,
+                                         PanelVnniPairs<3, kQ4>, PanelVnniPairs<4, kQ4>};
+    for (int64_t j0 = r0; j0 < r0 + rows; j0 += 8) {
+      const int64_t J = std::min<int64_t>(8, r0 + rows - j0);
+      if (J >= kMinPairRows)
+        kPairs[(J + 1) / 2 - 1](panel, bb, a, j0, y + j0 * out, out, col, valid, J);
+      else
+        kVnni[J - 1](panel, bb, a, j0, y + j0 * out, out, col, valid);
+    }
+    return;
+  }
   const PanelFn* fns = vnni ? kVnni : kernel == QuantKernel::kAvxVnni ? kAvxVnni : kAvx2;
   const int64_t step = vnni ? 8 : 2;
   for (int64_t j0 = r0; j0 < r0 + rows; j0 += step) {
@@ -502,10 +613,23 @@ void RunOutputPanel(bool q4, int prefetch, QuantKernel kernel, uint64_t call, co
   if (here > 0) run(kernel, call, panel, bb, acts, r0, here, o.y, o.out, p * kPanel, valid);
 }
 
+std::atomic<bool> g_row_pairs{true};  // ForceRowPairs
+
+// Where a call's activations are quantized to: rows, then (for the pair kernel) pairs of rows.
+struct ActBuffers {
+  int8_t* q;
+  float* d;
+  int32_t* sum;
+};
+
 // Rows per team member from which the members quantize a share each (QuantizedLinearMany).
 constexpr int64_t kSharedQuantMinRowsPerThread = 2;
 
 }  // namespace
+
+void ForceRowPairs(bool on) {
+  g_row_pairs.store(on);
+}
 
 void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
                          std::span<const PackedOutput> outs) {
@@ -520,20 +644,56 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   thread_local std::vector<int8_t> xq;  // grown once, reused: no allocation per decode step
   thread_local std::vector<float> xd;
   thread_local std::vector<int32_t> xs;
-  if (static_cast<int64_t>(xq.size()) < padded_n * nb * kQuantBlock)
-    xq.resize(padded_n * nb * kQuantBlock);
-  if (static_cast<int64_t>(xd.size()) < padded_n * nb) {
-    xd.resize(padded_n * nb);
-    xs.resize(padded_n * nb);
+  const bool avx512 = kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8;
+  // Twice over with enough rows for the pair kernel: rows, then pairs of rows (one odd row
+  // padded), one after the other in each buffer.
+  const bool pairs = avx512 && n >= kMinPairRows && g_row_pairs.load(std::memory_order_relaxed);
+  const int64_t pair_rows = pairs ? (padded_n + 1) / 2 * 2 : 0;
+  const int64_t all_rows = padded_n + pair_rows;
+  if (static_cast<int64_t>(xq.size()) < all_rows * nb * kQuantBlock)
+    xq.resize(all_rows * nb * kQuantBlock);
+  if (static_cast<int64_t>(xd.size()) < all_rows * nb) {
+    xd.resize(all_rows * nb);
+    xs.resize(all_rows * nb);
   }
   const int prefetch = n > kPrefetchChoiceMaxRows ? kDefaultPrefetchArm : StreamPrefetchArm();
-  const bool avx512 = kernel == QuantKernel::kAvx512Vnni || kernel == QuantKernel::kAmxInt8;
-  QuantActs acts{xq.data(), xd.data(), xs.data(), nb, padded_n};
-  // Rows [n, padded_n): zero values and scales (their products are computed, never stored).
-  auto zero_padding = [&](int8_t* q, float* d, int32_t* sum) {
-    std::fill(q + n * nb * kQuantBlock, q + padded_n * nb * kQuantBlock, int8_t{0});
-    std::fill(d + n * nb, d + padded_n * nb, 0.f);
-    std::fill(sum + n * nb, sum + padded_n * nb, 0);
+  // The activations in buffers of all_rows rows: rows, then (with pairs) the pair layout.
+  auto acts_in = [&](ActBuffers buf) {
+    QuantActs a{buf.q, buf.d, buf.sum, nb, padded_n};
+    if (pairs) {
+      a.pair_q = buf.q + padded_n * nb * kQuantBlock;
+      a.pair_d = buf.d + padded_n * nb;
+      a.pair_sum = buf.sum + padded_n * nb;
+    }
+    return a;
+  };
+  // The caller's buffers by pointer: inside a lambda on another thread, `xq` would name that
+  // thread's own (thread_local) vector.
+  const ActBuffers own{xq.data(), xd.data(), xs.data()};
+  QuantActs acts = acts_in(own);
+  // Rows [n, padded_n) and pairs past the call's rows: zero values and scales (their products
+  // are computed, never stored).
+  auto zero_padding = [&](ActBuffers buf) {
+    auto zero = [&](int64_t from, int64_t to) {
+      std::fill(buf.q + from * nb * kQuantBlock, buf.q + to * nb * kQuantBlock, int8_t{0});
+      std::fill(buf.d + from * nb, buf.d + to * nb, 0.f);
+      std::fill(buf.sum + from * nb, buf.sum + to * nb, 0);
+    };
+    zero(n, padded_n);
+    if (pairs) zero(padded_n + (n + 1) / 2 * 2, all_rows);  // whole pairs past the call's rows
+  };
+  // Rows [r0, r0 + rows) of x, r0 even, into `buf` (both layouts).
+  auto quantize_into = [&](ActBuffers buf, int64_t r0, int64_t rows) {
+    int8_t* q = buf.q + r0 * nb * kQuantBlock;
+    float* d = buf.d + r0 * nb;
+    int32_t* sum = buf.sum + r0 * nb;
+    if (avx512)
+      QuantizeRowsAvx512(x + r0 * in, rows, in, nb, q, d, sum);
+    else
+      QuantizeRows(x + r0 * in, rows, in, nb, q, d, sum);
+    if (pairs)
+      PairRowsAvx512(q, d, sum, nb, rows, buf.q + (padded_n + r0) * nb * kQuantBlock,
+                     buf.d + (padded_n + r0) * nb, buf.sum + (padded_n + r0) * nb);
   };
   const uint64_t call = next_linear_call.fetch_add(1, std::memory_order_relaxed);
   // Rows in chunks whose int8 activations stay in L2 while every panel streams past them once.
@@ -541,20 +701,6 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   // its activations would leave L2 before the panels read them), on every thread (on one, the
   // others would wait: quantizing is memory-bound and as long as a fifth of the panels' time).
   constexpr int64_t kRowChunk = 64, kQuantRows = 4 * kRowChunk;
-  // The caller's buffers by pointer: inside the lambda on another thread, `xq` would name that
-  // thread's own (thread_local) vector.
-  int8_t* const q_all = xq.data();
-  float* const d_all = xd.data();
-  int32_t* const s_all = xs.data();
-  auto quantize = [&](int64_t r0, int64_t rows) {
-    int8_t* cq = q_all + r0 * nb * kQuantBlock;
-    float* cd = d_all + r0 * nb;
-    int32_t* cs = s_all + r0 * nb;
-    if (avx512)
-      QuantizeRowsAvx512(x + r0 * in, rows, in, nb, cq, cd, cs);
-    else
-      QuantizeRows(x + r0 * in, rows, in, nb, cq, cd, cs);
-  };
   StepProfile* const profile = AttachedStepProfile();  // this thread's share, when profiled
   // In a team every member runs the panels over all rows; with a few rows each it quantizes its
   // share into a buffer they all read (100m, 16 rows, 2 threads: ~3% of a decode step; each
@@ -563,28 +709,21 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
   Team* const team = CurrentTeam();
   if (team && team->size() > 1 && n <= kRowChunk &&
       n >= kSharedQuantMinRowsPerThread * team->size()) {
-    const int64_t qbytes = padded_n * nb * kQuantBlock,
-                  sbytes = padded_n * nb * static_cast<int64_t>(sizeof(float));
+    const int64_t qbytes = all_rows * nb * kQuantBlock,
+                  sbytes = all_rows * nb * static_cast<int64_t>(sizeof(float));
     std::byte* shared = team->SharedScratch(qbytes + 2 * sbytes);
     if (shared) {
       const auto started =
           profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-      auto* sq = reinterpret_cast<int8_t*>(shared);
-      auto* sd = reinterpret_cast<float*>(shared + qbytes);
-      auto* ss = reinterpret_cast<int32_t*>(shared + qbytes + sbytes);
-      acts = QuantActs{sq, sd, ss, nb, padded_n};
-      if (team->tid() == 0) zero_padding(sq, sd, ss);
+      const ActBuffers team_buf{reinterpret_cast<int8_t*>(shared),
+                                reinterpret_cast<float*>(shared + qbytes),
+                                reinterpret_cast<int32_t*>(shared + qbytes + sbytes)};
+      acts = acts_in(team_buf);
+      if (team->tid() == 0) zero_padding(team_buf);
+      // Whole pairs of rows per member (each pairs its own).
       int64_t b, e;
-      ParallelChunk(0, n, 1, team->tid(), team->size(), &b, &e);
-      if (b < e) {
-        int8_t* cq = sq + b * nb * kQuantBlock;
-        float* cd = sd + b * nb;
-        int32_t* cs = ss + b * nb;
-        if (avx512)
-          QuantizeRowsAvx512(x + b * in, e - b, in, nb, cq, cd, cs);
-        else
-          QuantizeRows(x + b * in, e - b, in, nb, cq, cd, cs);
-      }
+      ParallelChunk(0, (n + 1) / 2, 1, team->tid(), team->size(), &b, &e);
+      if (b < e) quantize_into(team_buf, 2 * b, std::min(2 * e, n) - 2 * b);
       team->Barrier();
       if (profile)
         profile->quantize_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -596,17 +735,20 @@ void QuantizedLinearMany(const float* x, int64_t n, int64_t in,
       return;
     }
   }
-  zero_padding(q_all, d_all, s_all);
+  zero_padding(own);
   for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
     const int64_t rows = std::min(kRowChunk, n - r0);
     if (r0 % kQuantRows == 0) {
       const auto started =
           profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
       const int64_t qrows = std::min(kQuantRows, n - r0);
-      if (qrows > kRowChunk && !at::in_parallel_region())  // a prefill, outside a team
-        at::parallel_for(r0, r0 + qrows, 16, [&](int64_t b, int64_t e) { quantize(b, e - b); });
-      else
-        quantize(r0, qrows);
+      if (qrows > kRowChunk && !at::in_parallel_region()) {  // a prefill, outside a team
+        at::parallel_for(r0 / 2, (r0 + qrows + 1) / 2, 8, [&](int64_t b, int64_t e) {
+          quantize_into(own, 2 * b, std::min(2 * e, r0 + qrows) - 2 * b);  // whole pairs
+        });
+      } else {
+        quantize_into(own, r0, qrows);
+      }
       if (profile)
         profile->quantize_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                                     std::chrono::steady_clock::now() - started)

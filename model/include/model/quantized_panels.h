@@ -55,4 +55,7 @@ std::vector<QuantKernel> AvailableQuantKernels();
 const char* QuantKernelName(QuantKernel k);
 // The active kernel's name: "amx-int8", "avx512-vnni", "avx-vnni", "avx2" or "scalar".
 const char* QuantKernelName();
+// The AVX-512 kernels run 4 or more rows in pairs (a layout of the activations that halves the
+// broadcasts per dot-product step; same bits). Tests and benches: false runs every row alone.
+void ForceRowPairs(bool on);
 }  // namespace amoeba
