@@ -140,13 +140,6 @@ AMOEBA_AVX512_VNNI void PanelVnni(const uint8_t* panel, int64_t bb, const QuantA
   for (int j = 0; j < J; ++j) _mm512_mask_storeu_ps(y + j * out + col, m, acc[j]);
 }
 
-// AVX512-VNNI on pairs of rows (QuantActs::pair_q): each dot-product step multiplies 8 rows of
-// weights, each row's 4 inputs twice over, by one 8-byte broadcast of two rows' 4 inputs, so a
-// lane is (output 8h + l/2, row l%2). PanelVnni broadcasts 4 bytes per row and step, and on Zen 5
-// those broadcast loads, not the dot products, bounded it (8 rows in L1 on one core: ~60% of
-// `vpdpbusd`'s peak with them, ~75% in pairs). Same integer sums and the same scaling order per
-// lane: the same bits. Rows [j0, j0 + rows), j0 even, at most 2P of them (a last odd row's partner
-// is computed and not stored).
 // One group of 4 inputs: two steps per pair of rows, w0 / w1 the weights of outputs 0-7 / 8-15.
 template <int P>
 AMOEBA_AVX512_VNNI __attribute__((always_inline)) inline void PairStep(__m512i (&dot)[2][P],
@@ -162,6 +155,13 @@ AMOEBA_AVX512_VNNI __attribute__((always_inline)) inline void PairStep(__m512i (
   }
 }
 
+// AVX512-VNNI on pairs of rows (QuantActs::pair_q): each dot-product step multiplies 8 rows of
+// weights, each row's 4 inputs twice over, by one 8-byte broadcast of two rows' 4 inputs, so a
+// lane is (output 8h + l/2, row l%2). PanelVnni broadcasts 4 bytes per row and step, and on Zen 5
+// those broadcast loads, not the dot products, bounded it (8 rows in L1 on one core: ~60% of
+// `vpdpbusd`'s peak with them, ~75% in pairs). Same integer sums and the same scaling order per
+// lane: the same bits. Rows [j0, j0 + rows), j0 even, at most 2P of them (a last odd row's partner
+// is computed and not stored).
 template <int P, bool kQ4>
 AMOEBA_AVX512_VNNI void PanelVnniPairs(const uint8_t* panel, int64_t bb, const QuantActs& a,
                                        int64_t j0, float* y, int64_t out, int64_t col,
