@@ -185,10 +185,6 @@ class Serving {
  private:
   // Wraps the front end's callbacks: inter-token latency, the request's figures, its log lines.
   void Attach(Job& job, GenerationCallbacks cb);
-  // The shape a request runs on. A budget with a decode-latency target, for this host, is planned
-  // against the load in flight (shared steps): the best shape that fits the budget idle and whose
-  // predicted decode ms/token with the current load stays within its target and every running
-  // budget request's; `plan` says how. None: RESOURCE_EXHAUSTED at once.
   // A decode target on this host with shared steps: the best-quality shape that fits the budget
   // and whose predicted decode ms/token at the current load stays within budget_headroom of the
   // target (and of every running budget request's), and how it was planned. Nullopt where load
@@ -199,6 +195,8 @@ class Serving {
     LoadPlan plan;
   };
   absl::StatusOr<std::optional<LoadChoice>> ChooseUnderLoad(const PlanBudget& budget) const;
+  // The shape a request runs on: the named shape, else ChooseUnderLoad's for a budget it applies
+  // to (`plan` says how), else PlanShape's from the idle profile, else the full shape.
   absl::StatusOr<Shape> ResolveTarget(const std::optional<Shape>& shape,
                                       const std::optional<PlanBudget>& budget,
                                       std::optional<LoadPlan>* plan = nullptr) const;
