@@ -20,6 +20,7 @@
 #include "bench/bench_flags.h"
 #include "bench/bench_util.h"
 #include "bench/random_supernet.h"
+#include "lora/smol.h"
 #include "model/engine.h"
 #include "model/kernels.h"
 #include "model/presets.h"
@@ -40,6 +41,9 @@ struct Options {
   int steps = 32;   // timed shared steps per measurement
   int rounds = 3;   // interleaved repetitions; medians reported
   int threads = 0;
+  // SMoL adapters (default config, random nonzero factors) attached unmerged to every shape, as the
+  // server runs a tuned supernet's shapes that have no merged copy.
+  bool adapters = false;
   std::string out_json = "bench/results/shared.json";
   std::string out_md = "bench/results/shared.md";
 };
@@ -159,9 +163,17 @@ int Run(const Options& o) {
     return 1;
   }
   const Supernet& s = **built;
+  std::unique_ptr<Smol> smol;
+  if (o.adapters) {
+    smol = std::make_unique<Smol>(s.base(), static_cast<int64_t>(s.spec().widths.size()),
+                                  SmolConfig{}, 7);
+    // B starts at zero (a fresh LoRA); nonzero factors make the deltas' arithmetic real.
+    for (auto& [name, t] : smol->NamedParameters())
+      if (name.ends_with(".lora_B")) const_cast<at::Tensor&>(t).normal_(0, 0.01);
+  }
   std::vector<Lane> lanes;
   for (const Shape& sh : ShapePool(s.spec())) {
-    auto m = BuildSubnet(s, nullptr, sh, {.adapters = AdapterMode::kUnmerged});
+    auto m = BuildSubnet(s, smol.get(), sh, {.adapters = AdapterMode::kUnmerged});
     if (!m.ok()) {
       spdlog::error("{}: {}", sh.ToString(), m.status().ToString());
       return 1;
@@ -193,14 +205,16 @@ int Run(const Options& o) {
                         {"steps", o.steps},
                         {"rounds", o.rounds},
                         {"threads", at::get_num_threads()},
+                        {"adapters", o.adapters},
                         {"machine", CpuModelName()},
                         {"mixes", nlohmann::json::array()}};
   std::string md = fmt::format(
-      "# bench/shared\n\n{}; {} preset, {} panels, {} threads; {} sequences over k shapes, one "
+      "# bench/shared\n\n{}; {} preset, {} panels{}, {} threads; {} sequences over k shapes, one "
       "shared step each ({}-token prompts, {} timed steps), {} interleaved rounds, medians\n\n"
       "| shapes | tok/s (aggregate) | vs 1 shape (same round) | step ms |\n|---|---|---|---|\n",
-      CpuModelName(), o.preset, o.weights_dtype, at::get_num_threads(), o.streams, o.context,
-      o.steps, o.rounds);
+      CpuModelName(), o.preset, o.weights_dtype,
+      o.adapters ? ", SMoL adapters unmerged (low-rank deltas)" : "", at::get_num_threads(),
+      o.streams, o.context, o.steps, o.rounds);
   std::string split = StepSplitHeader("| shapes | pass ms |", 2);
   for (size_t i = 0; i < ks.size(); ++i) {
     std::vector<double> rates, ratios, ms;
@@ -254,6 +268,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--threads", o.threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_flag("--adapters", o.adapters,
+               "Attach SMoL adapters (random factors) unmerged to every shape");
   app.add_option("--json", o.out_json, "JSON output")->capture_default_str();
   app.add_option("--md", o.out_md, "Markdown output")->capture_default_str();
   if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))

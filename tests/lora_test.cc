@@ -16,7 +16,9 @@
 #include "distill/tuner.h"
 #include "lora/smol.h"
 #include "model/engine.h"
+#include "model/packed_linear.h"
 #include "model/presets.h"
+#include "model/team.h"
 #include "model/torch_forward.h"
 #include "subnet/calibrate.h"
 #include "subnet/metrics.h"
@@ -125,6 +127,63 @@ TEST(SmolTest, EngineWithUnmergedDeltasEqualsMergedCopy) {
     at::Tensor ref = TorchForward(unmerged, at::tensor(all).view({1, -1}))[0];
     EXPECT_LT(MaxAbsDiff(a, ref.narrow(0, prompt.size() - 1, next.size() + 1)), 1e-4);
   }
+}
+
+// Packed deltas (PackDeltas: the mixed factors as panels, what BuildSubnet gives a packed
+// supernet's shapes) against the same deltas row-major, in every panel format: a decode step then
+// runs as one team, and its logits differ from the row-major deltas' by rounding only: none to
+// speak of in fp32, and in the other formats less than a merged copy in the same format (the
+// server's other fast way to run adapters) differs from them.
+TEST(SmolTest, PackedDeltasRunAsOneTeamAndMatchTheRowMajorOnes) {
+  Fixture f;
+  Smol smol = f.NewSmol();
+  for (auto& [n, t] : smol.NamedParameters())
+    if (n.find("lora_B") != std::string::npos) const_cast<at::Tensor&>(t).normal_(0, 0.05);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  at::InferenceMode g;
+  const std::vector<int32_t> prompt = {5, 17, 99, 3, 250, 42, 7};
+  const std::vector<int32_t> next = {11, 12, 13};
+  auto run = [&](Model m) {
+    Engine e(std::make_shared<const Model>(std::move(m)), {.max_len = 64});
+    KVCache c = e.NewCache(2);
+    std::vector<at::Tensor> out;
+    SeqInput in[2] = {{0, prompt}, {1, std::span<const int32_t>(prompt).first(3)}};
+    out.push_back(e.Forward(c, in).value().clone());
+    for (int32_t t : next) {
+      SeqInput step[2] = {{0, {&t, 1}}, {1, {&t, 1}}};
+      out.push_back(e.Forward(c, step).value().clone());
+    }
+    return at::cat(out);
+  };
+  for (WeightFormat format :
+       {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0})
+    for (const Shape& sh : {f.s->FullShape(), f.s->SmallestShape()}) {
+      SCOPED_TRACE(std::string(WeightFormatName(format)) + " " + sh.ToString());
+      const auto& layers = f.s->spec().FindDepth(sh.depth)->layers;
+      Model sub = *f.s->Extract(sh);
+      RepackWeights(sub, format);
+      Model row_major = smol.AttachUnmerged(sub, InferenceGate(*f.s, smol, sh), layers);
+      Model packed = row_major;
+      PackDeltas(packed);
+      for (const LayerWeights& l : packed.layers)
+        for (const LowRankDelta& d : l.deltas) EXPECT_EQ(d.packed(), d.defined());
+      const at::Tensor base = run(sub), want = run(row_major);
+      const int64_t teams = TeamRuns();
+      const at::Tensor got = run(std::move(packed));
+      EXPECT_GT(TeamRuns(), teams) << "no decode step with packed deltas ran as one team";
+      const double effect = MaxAbsDiff(want, base), err = MaxAbsDiff(got, want);
+      EXPECT_GT(effect, 1e-3) << "the deltas change the output";
+      EXPECT_LT(err, 0.1 * effect);
+      if (format == WeightFormat::kF32) {
+        EXPECT_LT(err, 1e-4);
+      } else {
+        Model merged = smol.Merge(*f.s->Extract(sh), InferenceGate(*f.s, smol, sh), layers);
+        RepackWeights(merged, format);
+        EXPECT_LT(err, MaxAbsDiff(run(std::move(merged)), want));
+      }
+    }
+  at::set_num_threads(threads);
 }
 
 TEST(SmolTest, GateIsDeterministicAtInferenceAndTopK) {

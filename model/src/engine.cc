@@ -85,12 +85,65 @@ void Engine::Project(const float* x, int64_t n, const LayerWeights& l, std::span
         Linear(x, n, l.proj(ps[i]), bias(ps[i]), ys[i], options_.linear_path);
     });
   }
-  for (size_t i = 0; i < ps.size(); ++i)
-    if (l.deltas[static_cast<int>(ps[i])].defined())
-      Serially([&] {
-        const LowRankDelta& d = l.deltas[static_cast<int>(ps[i])];
-        ApplyDelta(x, d.downs[0].size(1), n, d, ys[i], d.ups[0].size(0));
-      });
+  std::array<int64_t, kNumProj> strides;
+  for (size_t i = 0; i < ps.size(); ++i) strides[i] = l.proj(ps[i]).size(0);
+  ApplyDeltas(x, l.proj(ps[0]).size(1), n, l, ps, ys, {strides.data(), ps.size()});
+}
+
+void Engine::ApplyDeltas(const float* x, int64_t x_stride, int64_t n, const LayerWeights& l,
+                         std::span<const Proj> ps, std::span<float* const> ys,
+                         std::span<const int64_t> y_strides) {
+  std::array<size_t, kNumProj> packed;
+  size_t np = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const LowRankDelta& d = l.deltas[static_cast<int>(ps[i])];
+    if (!d.defined()) continue;
+    if (d.packed()) {
+      packed[np++] = i;
+    } else {
+      Serially([&] { ApplyDelta(x, x_stride, n, d, ys[i], y_strides[i]); });
+    }
+  }
+  if (np == 0 || n == 0) return;
+  auto delta = [&](size_t k) -> const LowRankDelta& {
+    return l.deltas[static_cast<int>(ps[packed[k]])];
+  };
+  // Projections of one input share the deltas' input size. Scratch: each delta's D x, then the
+  // input's rows compacted (rows of a shared pass are wider than this shape's), then U (D x).
+  const int64_t in = delta(0).in();
+  const bool compact = x_stride != in;
+  int64_t mids = 0, widest = 0;
+  for (size_t k = 0; k < np; ++k) {
+    mids += n * delta(k).rank();
+    widest = std::max(widest, delta(k).out());
+  }
+  Serially([&] {
+    const int64_t need = mids + (compact ? n * in : 0);
+    if (static_cast<int64_t>(ws_->delta_mid.size()) < need) ws_->delta_mid.resize(need);
+    if (static_cast<int64_t>(ws_->delta_out.size()) < n * widest) ws_->delta_out.resize(n * widest);
+    if (compact)
+      for (int64_t r = 0; r < n; ++r)
+        std::copy_n(x + r * x_stride, in, ws_->delta_mid.data() + mids + r * in);
+  });
+  float* const mid = ws_->delta_mid.data();
+  float* const part = ws_->delta_out.data();
+  std::array<PackedOutput, kNumProj> downs;
+  float* m = mid;
+  for (size_t k = 0; k < np; ++k) {
+    downs[k] = {&delta(k).down_panels, delta(k).rank(), nullptr, m};
+    m += n * delta(k).rank();
+  }
+  LinearPackedMany(compact ? mid + mids : x, n, in, {downs.data(), np});
+  for (size_t k = 0; k < np; ++k) {
+    const LowRankDelta& d = delta(k);
+    const PackedOutput up{&d.up_panels, d.out(), nullptr, part};
+    LinearPackedMany(downs[k].y, n, d.rank(), {&up, 1});
+    float* y = ys[packed[k]];
+    const int64_t stride = y_strides[packed[k]], out = d.out();
+    ParallelRows(n, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) AddInPlace(y + r * stride, part + r * out, out);
+    });
+  }
 }
 
 namespace {
@@ -319,12 +372,12 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
 }
 
 bool Engine::PanelsOnly(const Model& m, const EngineOptions& options) {
-  // Prefill attention and the row-major and delta kernels are libtorch or split their own way
-  // (Serially would run them on one thread).
+  // Prefill attention and the row-major kernels and unpacked deltas are libtorch or split their
+  // own way (Serially would run them on one thread).
   if (options.linear_path != LinearPath::kAuto || !m.head_panels.defined()) return false;
   for (const LayerWeights& l : m.layers)
     for (int p = 0; p < kNumProj; ++p)
-      if (!l.panels[p].defined() || l.deltas[p].defined()) return false;
+      if (!l.panels[p].defined() || (l.deltas[p].defined() && !l.deltas[p].packed())) return false;
   return true;
 }
 

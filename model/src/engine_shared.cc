@@ -245,17 +245,22 @@ absl::Status Engine::ForwardShared(std::span<SharedForwardGroup> groups, SharedW
       for (size_t j = b; j < e; ++j) {
         const size_t g = order[j];
         const LayerWeights& l = layer_of(g);
-        Engine& eng = *groups[g].engine;
         for (size_t i = 0; i < ps.size(); ++i) {
           float* y = outs[i] + st[g].offset * out_w[i];
           const int64_t w = l.proj(ps[i]).size(0);
           if (const float* bias = BiasOf(l, ps[i]))
             for (int64_t r = 0; r < st[g].n; ++r) AddInPlace(y + r * out_w[i], bias, w);
-          const LowRankDelta& d = l.deltas[static_cast<int>(ps[i])];
-          if (d.defined()) eng.ApplyDelta(in_buf + st[g].offset * in, in, st[g].n, d, y, out_w[i]);
         }
       }
     });
+    // Each group's own deltas over its rows (every member of a team walks the same groups).
+    std::array<float*, kNumProj> ys;
+    for (size_t j = b; j < e; ++j) {
+      const size_t g = order[j];
+      for (size_t i = 0; i < ps.size(); ++i) ys[i] = outs[i] + st[g].offset * out_w[i];
+      groups[g].engine->ApplyDeltas(in_buf + st[g].offset * in, in, st[g].n, layer_of(g), ps,
+                                    {ys.data(), ps.size()}, out_w);
+    }
   };
 
   // The pieces both blocks of a layer (attention, MLP) share. start_block: the groups at this key

@@ -384,6 +384,18 @@ void PackWeights(Model& m, WeightFormat f) {
   }
 }
 
+void PackDeltas(Model& m) {
+  for (LayerWeights& l : m.layers)
+    for (int p = 0; p < kNumProj; ++p) {
+      LowRankDelta& d = l.deltas[p];
+      if (!d.defined() || d.packed() || !l.panels[p].defined()) continue;
+      const WeightFormat base = PanelsFormat(l.panels[p]);
+      const WeightFormat f = IsQuantized(base) ? WeightFormat::kQ8_0 : base;
+      d.down_panels = PackPanels(d.Down().contiguous(), f);
+      d.up_panels = PackPanels(d.Up().contiguous(), f);
+    }
+}
+
 void DropPanels(Model& m) {
   for (LayerWeights& l : m.layers)
     for (at::Tensor& panels : l.panels) panels.reset();

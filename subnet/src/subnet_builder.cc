@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "model/packed_linear.h"
 #include "model/status_macros.h"
 
 namespace amoeba {
@@ -37,8 +38,12 @@ absl::StatusOr<Model> BuildSubnet(const Supernet& s, const Smol* smol, const Sha
   if (!adapters) return m;
   const std::vector<int>& layers = s.spec().FindDepth(shape.depth)->layers;
   const at::Tensor gate = ShapeGate(s, *smol, shape);
-  return o.adapters == AdapterMode::kMerged ? smol->Merge(m, gate, layers)
-                                            : smol->AttachUnmerged(m, gate, layers);
+  if (o.adapters == AdapterMode::kMerged) return smol->Merge(m, gate, layers);
+  Model unmerged = smol->AttachUnmerged(m, gate, layers);
+  // A supernet decoded from panels: the deltas too (a copy of the mixed factors per shape, a small
+  // fraction of the model), so the shape's steps stay one team.
+  PackDeltas(unmerged);
+  return unmerged;
 }
 
 absl::StatusOr<std::unique_ptr<Smol>> LoadAdapters(const Supernet& s) {

@@ -163,6 +163,13 @@ class Engine {
   void Project(const float* x, int64_t n, const LayerWeights& l, Proj p, float* y) {
     Project(x, n, l, {&p, 1}, {&y, 1});
   }
+  // ys[i] += the low-rank delta of projection ps[i] applied to x (nothing where absent), x and
+  // ys[i] rows at their strides (at least the deltas' input and output sizes). Packed deltas run
+  // as panel products, the down products of all of them in one pass (inside a team every member
+  // calls this); the others row-major, on one thread.
+  void ApplyDeltas(const float* x, int64_t x_stride, int64_t n, const LayerWeights& l,
+                   std::span<const Proj> ps, std::span<float* const> ys,
+                   std::span<const int64_t> y_strides);
   // y += the projection's low-rank delta applied to x (nothing when absent); x and y rows at
   // their strides (at least the delta's input and output sizes).
   void ApplyDelta(const float* x, int64_t x_stride, int64_t n, const LowRankDelta& delta, float* y,

@@ -74,6 +74,11 @@ void ForEachPanel(std::span<const PackedOutput> outs, const Fn& fn) {
 // (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels. The
 // embedding stays row-major in its dtype (decode reads one row of it per token).
 void PackWeights(Model& m, WeightFormat f = WeightFormat::kF32);
+// Packs every low-rank delta of `m` that has no panels yet (LowRankDelta::down_panels), in the
+// format of the projection's panels (q8_0 where those are q8_0 or q4_0: a delta's factors are
+// small and q4_0 would cost it more precision than it saves bytes). Projections without panels
+// keep their deltas row-major.
+void PackDeltas(Model& m);
 // Drops every panel of `m` (views of another model's panels included): the engine then reads the
 // row-major weights.
 void DropPanels(Model& m);

@@ -25,7 +25,15 @@ struct LowRankDelta {
   std::vector<float> down_weights;
   std::vector<at::Tensor> ups;  // [out, r] each, fp32
   std::vector<float> up_weights;
+  // Optional decode copies (PackDeltas, model/packed_linear.h): D [r, in] and U [out, r] summed
+  // and packed as panels, so the delta runs as two panel products (inside a decode step's team)
+  // instead of two row-major products per factor.
+  at::Tensor down_panels, up_panels;
   bool defined() const { return !downs.empty(); }
+  bool packed() const { return down_panels.defined(); }
+  int64_t rank() const { return downs[0].size(0); }
+  int64_t in() const { return downs[0].size(1); }
+  int64_t out() const { return ups[0].size(0); }
   // D and U as tensors (for merging and for the reference forward).
   at::Tensor Down() const;
   at::Tensor Up() const;
