@@ -113,6 +113,47 @@ bool WaitForStats(Scheduler& s, const std::function<bool(const SchedulerStats&)>
   return pred(s.stats());
 }
 
+// Steps over more lanes than merged_copies_up_to_lanes run the merged lanes on their supernet
+// views (adapters as packed deltas, one stream of the shared panels) with the same output.
+TEST(ServerTest, StepsOverManyLanesRunMergedShapesOnTheirViews) {
+  SchedulerOptions so;
+  so.merge_after_requests = 1;
+  so.merged_copies_up_to_lanes = 1;
+  TestServer ts(so, "", /*adapters=*/true);
+  auto c = ts.Client();
+  const std::vector<Shape> shapes = {{5, 1.0}, {3, 0.625}};
+  std::vector<std::vector<int32_t>> want;
+  for (const Shape& sh : shapes) {
+    want.push_back(LocalGreedy(*ts.supernet, sh, "Hello there", 12, ts.smol.get()));
+    Streamed s = Stream(c, Req("Hello there", static_cast<int>(sh.depth), sh.width, 12));
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, want.back()) << sh.ToString() << " cold";
+  }
+  ASSERT_TRUE(
+      WaitForStats(*ts.scheduler, [](const SchedulerStats& st) { return st.merged_lanes == 2; }));
+  EXPECT_EQ(ts.scheduler->stats().merged_lane_steps_on_views, 0);
+  // Both shapes at once (until their steps overlap: two lanes in a step, over the limit of one).
+  for (int attempt = 0; attempt < 20 && ts.scheduler->stats().merged_lane_steps_on_views == 0;
+       ++attempt) {
+    std::vector<Streamed> got(shapes.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < shapes.size(); ++i)
+      threads.emplace_back([&, i] {
+        auto client = ts.Client();
+        got[i] = Stream(client,
+                        Req("Hello there", static_cast<int>(shapes[i].depth), shapes[i].width, 12));
+      });
+    for (auto& t : threads) t.join();
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      ASSERT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+      EXPECT_EQ(got[i].tokens, want[i]) << shapes[i].ToString() << " attempt " << attempt;
+    }
+  }
+  EXPECT_GT(ts.scheduler->stats().merged_lane_steps_on_views, 0)
+      << "two merged lanes never shared a step";
+  EXPECT_EQ(ts.scheduler->stats().merged_lanes, 2);
+}
+
 // A queued build waits while sequences run (it would slow their steps) and starts once none does;
 // with build_defer_ms 0 it starts beside them at once (as one past its wait does under steady
 // load). Observed from the builder thread: the most sequences running in the build's first 50 ms.

@@ -84,6 +84,10 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   Flag(app, "merge-after", s.merge_after_requests,
        "Requests before a shape gets a merged-adapter copy, built in the background (0 = always "
        "unmerged; cold shapes always start unmerged)");
+  Flag(app, "merged-copies-up-to-lanes", s.merged_copies_up_to_lanes,
+       "A step over more shapes than this runs the merged ones on their supernet views (adapters "
+       "as packed deltas): one stream of the shared weights instead of one per copy")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
   Flag(app, "build-defer-ms", s.build_defer_ms,
        "Longest a queued merged-copy or draft-copy build waits for the running sequences to "
        "finish before it starts beside them (a build slows the steps it overlaps)")

@@ -111,6 +111,7 @@ SchedulerStats Scheduler::stats() const {
   s.cache_misses = misses_;
   s.kv_bytes = kv_bytes_;
   s.merged_lanes = merged_lanes_;
+  s.merged_lane_steps_on_views = merged_lane_steps_on_views_;
   s.draft_copies = draft_copy_count_;
   s.shared_draft_passes = shared_draft_passes_;
   s.merges_built = merges_built_;
@@ -315,6 +316,7 @@ void Scheduler::SwapInFinishedBuilds() {
     }
     // Same shape, same KV layout: running sequences continue on the merged copy next step.
     lane.model = std::move(b.result);
+    lane.view_engine = std::move(lane.engine);
     lane.engine = NewEngine(lane.model);
     lane.merged = true;
     LoadSavedPrefixes(CacheKey(lane), lane.cache);
@@ -1096,11 +1098,18 @@ bool Scheduler::SharedStep(std::vector<std::pair<std::string, absl::Status>>& fa
   std::vector<SharedForwardGroup>& groups = step_groups_;
   groups.clear();
   try {
-    for (auto& [k, lane] : ready)
-      groups.push_back({.engine = lane->engine.get(),
+    const bool on_views = static_cast<int64_t>(ready.size()) > opt_.merged_copies_up_to_lanes;
+    for (auto& [k, lane] : ready) {
+      Engine* engine = lane->engine.get();
+      if (on_views && lane->view_engine) {
+        engine = lane->view_engine.get();
+        ++merged_lane_steps_on_views_;
+      }
+      groups.push_back({.engine = engine,
                         .cache = &lane->cache,
                         .seqs = lane->inputs,
                         .layer_keys = lane->layer_keys});
+    }
     pass = RunPass(groups, &pass_stats);
   } catch (...) {
     // The pass's state is unknown for every lane in it.
