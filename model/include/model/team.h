@@ -128,6 +128,26 @@ void ParallelForStealing(int64_t begin, int64_t end, int64_t grain, int64_t stea
   t->Barrier();
 }
 
+// fn(i) for every item of [0, count), the items split over the current team's members (stealing
+// as ParallelForStealing), each item on one thread alone: kernels called inside fn run on that
+// thread, with no barrier per kernel (many small independent pieces of work: one barrier at the
+// end instead of several per piece). Outside a team: in order, on the caller.
+template <typename F>
+void ForEachItemAlone(int64_t count, const F& fn) {
+  Team* t = CurrentTeam();
+  if (!t) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  ParallelForStealing(0, count, 1, 1, [&](int64_t b, int64_t e) {
+    struct Restore {
+      Team* t;
+      ~Restore() { SetCurrentTeam(t); }
+    } restore{SetCurrentTeam(nullptr)};
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
+}
+
 // Rows of row-wise work that pay for opening a parallel region outside a team.
 inline constexpr int64_t kMinRowsForRegion = 64;
 // fn(b, e) over ranges of [0, rows) of row-wise work (norms, residual adds): split over the

@@ -92,8 +92,10 @@ struct SchedulerOptions {
   // A step over more lanes than this runs the lanes that have a merged copy on their supernet
   // views instead (adapters as packed low-rank deltas), so the step streams the shared panels
   // once rather than once per copy. bench/serve_merged (100m q8_0, 2-core Zen 5, 16 streams):
-  // copies 1.3x the views' rate on 1 and 2 shapes, even on 4, 0.8x on 8.
-  int64_t merged_copies_up_to_lanes = 3;
+  // copies 1.3x the views' rate on 1 and 2 shapes, even on 4, 0.8x on 8, before the views' deltas
+  // ran per group on one thread each (bench/shared: 2 shapes 10-15% faster since, 4 and 8
+  // shapes 15-27%); 3 shapes were not measured.
+  int64_t merged_copies_up_to_lanes = 2;
   // A queued merged-copy or draft-copy build waits while sequences are running, for at most this
   // long after it was queued (then it starts anyway: under steady load a hot shape still gets its
   // copy). A build reads and writes the weights and slows every step it overlaps: the demo
