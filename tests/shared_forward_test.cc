@@ -35,10 +35,12 @@ struct Lane {
 };
 
 // Builds one lane per shape: two engines over the same views (one decodes alone, one shared),
-// each with its own KV cache of `slots` slots.
+// each with its own KV cache of `slots` slots. The shared engines share one workspace, as the
+// server's lanes do.
 std::vector<Lane> MakeLanes(const Supernet& s, const Smol* smol, const std::vector<Shape>& shapes,
                             int64_t slots, AdapterMode mode = AdapterMode::kUnmerged) {
   std::vector<Lane> lanes;
+  auto workspace = std::make_shared<EngineWorkspace>();
   for (const Shape& sh : shapes) {
     auto m = BuildSubnet(s, smol, sh, {.adapters = mode, .uniform_width = false});
     EXPECT_TRUE(m.ok()) << m.status();
@@ -48,7 +50,8 @@ std::vector<Lane> MakeLanes(const Supernet& s, const Smol* smol, const std::vect
     l.shape = sh;
     for (int layer : s.spec().FindDepth(sh.depth)->layers) l.keys.push_back(layer);
     l.alone = std::make_unique<Engine>(model, EngineOptions{.max_len = 96});
-    l.shared = std::make_unique<Engine>(model, EngineOptions{.max_len = 96});
+    l.shared =
+        std::make_unique<Engine>(model, EngineOptions{.max_len = 96, .workspace = workspace});
     l.alone_cache = l.alone->NewCache(slots);
     l.shared_cache = l.shared->NewCache(slots);
     lanes.push_back(std::move(l));

@@ -117,16 +117,23 @@ void Engine::ApplyDeltas(const float* x, int64_t x_stride, int64_t n, const Laye
     mids += n * delta(k).rank();
     widest = std::max(widest, delta(k).out());
   }
+  // In a team the members share the workspace's scratch. Alone (outside a team, or one group per
+  // member in a shared pass: ForEachItemAlone, whose engines may share one workspace) each
+  // thread has its own.
+  thread_local std::vector<float> own_mid, own_out;
+  const bool in_team = CurrentTeam() != nullptr;
+  std::vector<float>& mid_buf = in_team ? ws_->delta_mid : own_mid;
+  std::vector<float>& out_buf = in_team ? ws_->delta_out : own_out;
   Serially([&] {
     const int64_t need = mids + (compact ? n * in : 0);
-    if (static_cast<int64_t>(ws_->delta_mid.size()) < need) ws_->delta_mid.resize(need);
-    if (static_cast<int64_t>(ws_->delta_out.size()) < n * widest) ws_->delta_out.resize(n * widest);
+    if (static_cast<int64_t>(mid_buf.size()) < need) mid_buf.resize(need);
+    if (static_cast<int64_t>(out_buf.size()) < n * widest) out_buf.resize(n * widest);
     if (compact)
       for (int64_t r = 0; r < n; ++r)
-        std::copy_n(x + r * x_stride, in, ws_->delta_mid.data() + mids + r * in);
+        std::copy_n(x + r * x_stride, in, mid_buf.data() + mids + r * in);
   });
-  float* const mid = ws_->delta_mid.data();
-  float* const part = ws_->delta_out.data();
+  float* const mid = mid_buf.data();
+  float* const part = out_buf.data();
   std::array<PackedOutput, kNumProj> downs;
   float* m = mid;
   for (size_t k = 0; k < np; ++k) {
