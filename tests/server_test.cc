@@ -22,6 +22,7 @@
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "model/engine.h"
 #include "model/generation.h"
+#include "model/packed_linear.h"
 #include "model/presets.h"
 #include "model/torch_forward.h"
 #include "server/grpc_service.h"
@@ -86,7 +87,7 @@ TEST(ServerTest, TunedSupernetServesColdUnmergedThenHotMerged) {
 }
 
 // Under a cap too small for any merged copy, hot shapes keep running unmerged (and correctly);
-// lanes on views cost no weight memory, so nothing needs evicting.
+// their deltas stay unpacked (views of the adapters), so nothing needs evicting.
 TEST(ServerTest, TinyCacheCapKeepsHotShapesUnmerged) {
   SchedulerOptions so;
   so.cache_bytes = 1;
@@ -102,6 +103,54 @@ TEST(ServerTest, TinyCacheCapKeepsHotShapesUnmerged) {
     }
   }
   EXPECT_EQ(ts.scheduler->stats().merged_lanes, 0);
+  EXPECT_EQ(ts.scheduler->stats().cache_bytes, 0);
+}
+
+// An unmerged shape's deltas are packed as panels when they fit under the cap (counted there,
+// evicted when idle for another shape's), else left unpacked; either way a lane generates what a
+// local engine on the same subnet (deltas packed or not) does.
+TEST(ServerTest, PackedDeltasCountUnderTheCapAndIdleOnesAreEvicted) {
+  SchedulerOptions so;
+  so.weights_format = WeightFormat::kQ8_0;  // the supernet decodes from panels, as in the server
+  so.merge_after_requests = 0;
+  const Shape a{5, 1.0}, b{3, 0.625};
+  auto subnet = [](const TestServer& t, const Shape& sh, bool pack) {
+    return testing::MustOk(BuildSubnet(*t.supernet, t.smol.get(), sh,
+                                       {.adapters = AdapterMode::kUnmerged, .pack_deltas = pack}),
+                           "build subnet");
+  };
+  auto local = [&](const TestServer& t, const Shape& sh, bool pack) {
+    at::InferenceMode g;
+    return testing::GreedyOn(std::make_shared<const Model>(subnet(t, sh, pack)),
+                             *t.supernet->tokenizer(), "pack", 8);
+  };
+  auto served = [](TestServer& t, const Shape& sh) {
+    auto c = t.Client();
+    Streamed s = Stream(c, Req("pack", static_cast<int>(sh.depth), sh.width, 8));
+    EXPECT_TRUE(s.status.ok()) << s.status.error_message();
+    return s.tokens;
+  };
+  int64_t bytes_a = 0, bytes_b = 0;
+  {  // No room at all: unpacked.
+    so.cache_bytes = 1;
+    TestServer tiny(so, "", /*adapters=*/true);
+    bytes_a = PackDeltasBytes(subnet(tiny, a, false));
+    bytes_b = PackDeltasBytes(subnet(tiny, b, false));
+    ASSERT_GT(bytes_a, 0);
+    ASSERT_GT(bytes_b, 0);
+    for (const Shape& sh : {a, b}) EXPECT_EQ(served(tiny, sh), local(tiny, sh, false));
+    EXPECT_EQ(tiny.scheduler->stats().cache_bytes, 0);
+    EXPECT_EQ(tiny.scheduler->stats().evictions, 0);
+  }
+  // Room for one shape's deltas, not both.
+  so.cache_bytes = std::max(bytes_a, bytes_b);
+  TestServer ts(so, "", /*adapters=*/true);
+  EXPECT_EQ(served(ts, a), local(ts, a, true));
+  EXPECT_EQ(ts.scheduler->stats().cache_bytes, bytes_a);
+  EXPECT_EQ(served(ts, b), local(ts, b, true));
+  EXPECT_EQ(ts.scheduler->stats().cache_bytes, bytes_b);
+  EXPECT_EQ(ts.scheduler->stats().evictions, 1);
+  EXPECT_EQ(ts.scheduler->stats().lanes, 1);
 }
 
 // Waits (bounded) until `pred` holds for the scheduler's stats.

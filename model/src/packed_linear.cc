@@ -384,16 +384,42 @@ void PackWeights(Model& m, WeightFormat f) {
   }
 }
 
+namespace {
+// The format PackDeltas packs projection p's delta in, or nullopt when it leaves it alone.
+std::optional<WeightFormat> DeltaFormat(const LayerWeights& l, int p) {
+  const LowRankDelta& d = l.deltas[p];
+  if (!d.defined() || d.packed() || !l.panels[p].defined()) return std::nullopt;
+  const WeightFormat base = PanelsFormat(l.panels[p]);
+  return IsQuantized(base) ? WeightFormat::kQ8_0 : base;
+}
+}  // namespace
+
 void PackDeltas(Model& m) {
   for (LayerWeights& l : m.layers)
-    for (int p = 0; p < kNumProj; ++p) {
-      LowRankDelta& d = l.deltas[p];
-      if (!d.defined() || d.packed() || !l.panels[p].defined()) continue;
-      const WeightFormat base = PanelsFormat(l.panels[p]);
-      const WeightFormat f = IsQuantized(base) ? WeightFormat::kQ8_0 : base;
-      d.down_panels = PackPanels(d.Down().contiguous(), f);
-      d.up_panels = PackPanels(d.Up().contiguous(), f);
-    }
+    for (int p = 0; p < kNumProj; ++p)
+      if (const std::optional<WeightFormat> f = DeltaFormat(l, p)) {
+        LowRankDelta& d = l.deltas[p];
+        d.down_panels = PackPanels(d.Down().contiguous(), *f);
+        d.up_panels = PackPanels(d.Up().contiguous(), *f);
+      }
+}
+
+int64_t PackDeltasBytes(const Model& m) {
+  // Panels of a [rows, cols] matrix: whole 16-row panels of whole blocks (or columns).
+  auto panel_bytes = [](int64_t rows, int64_t cols, WeightFormat f) {
+    const int64_t panels = (rows + kPanel - 1) / kPanel;
+    if (IsQuantized(f))
+      return panels * ((cols + kQuantBlock - 1) / kQuantBlock) * QuantBlockBytes(f);
+    return panels * cols * kPanel * static_cast<int64_t>(at::elementSize(PanelDtype(f)));
+  };
+  int64_t bytes = 0;
+  for (const LayerWeights& l : m.layers)
+    for (int p = 0; p < kNumProj; ++p)
+      if (const std::optional<WeightFormat> f = DeltaFormat(l, p)) {
+        const LowRankDelta& d = l.deltas[p];
+        bytes += panel_bytes(d.rank(), d.in(), *f) + panel_bytes(d.out(), d.rank(), *f);
+      }
+  return bytes;
 }
 
 void DropPanels(Model& m) {

@@ -92,7 +92,9 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
        "Longest a queued merged-copy or draft-copy build waits for the running sequences to "
        "finish before it starts beside them (a build slows the steps it overlaps)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
-  Flag(app, "cache-mb", c.cache_mb, "Memory cap for merged subnet copies (MiB)")
+  Flag(app, "cache-mb", c.cache_mb,
+       "Memory cap for per-shape copies: merged subnet copies and unmerged shapes' packed adapter "
+       "deltas (MiB)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   Flag(app, "prompt-cache-mb", c.prompt_cache_mb,
        "Memory cap for the prompt cache: KV of prompt prefixes and finished conversations per "

@@ -40,9 +40,7 @@ absl::StatusOr<Model> BuildSubnet(const Supernet& s, const Smol* smol, const Sha
   const at::Tensor gate = ShapeGate(s, *smol, shape);
   if (o.adapters == AdapterMode::kMerged) return smol->Merge(m, gate, layers);
   Model unmerged = smol->AttachUnmerged(m, gate, layers);
-  // A supernet decoded from panels: the deltas too (a copy of the mixed factors per shape, a small
-  // fraction of the model), so the shape's steps stay one team.
-  PackDeltas(unmerged);
+  if (o.pack_deltas) PackDeltas(unmerged);
   return unmerged;
 }
 

@@ -79,6 +79,8 @@ void PackWeights(Model& m, WeightFormat f = WeightFormat::kF32);
 // small and q4_0 would cost it more precision than it saves bytes). Projections without panels
 // keep their deltas row-major.
 void PackDeltas(Model& m);
+// The bytes PackDeltas would add to `m` (0 when nothing is left to pack).
+int64_t PackDeltasBytes(const Model& m);
 // Drops every panel of `m` (views of another model's panels included): the engine then reads the
 // row-major weights.
 void DropPanels(Model& m);

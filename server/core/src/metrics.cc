@@ -43,11 +43,12 @@ struct Metrics::Impl {
   prometheus::Family<prometheus::Gauge>& global =
       prometheus::BuildGauge().Name("amoeba_scheduler").Help("Scheduler state").Register(*registry);
   prometheus::Gauge& waiting = global.Add({{"kind", "waiting_requests"}});
-  prometheus::Gauge& cache_bytes = prometheus::BuildGauge()
-                                       .Name("amoeba_cache_bytes")
-                                       .Help("Merged subnet copies (capped by --cache-mb)")
-                                       .Register(*registry)
-                                       .Add({});
+  prometheus::Gauge& cache_bytes =
+      prometheus::BuildGauge()
+          .Name("amoeba_cache_bytes")
+          .Help("Merged subnet copies and packed adapter deltas (capped by --cache-mb)")
+          .Register(*registry)
+          .Add({});
   prometheus::Gauge& kv_bytes = prometheus::BuildGauge()
                                     .Name("amoeba_kv_cache_bytes")
                                     .Help("KV caches of running sequences")

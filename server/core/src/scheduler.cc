@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 
 #include "absl/strings/str_cat.h"
@@ -144,11 +145,20 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s, bool* existed) {
   *existed = it != lanes_.end();
   if (*existed) return it->second.get();
   // Views of the supernet (already in the serving dtype); adapters ride along unmerged, so the
-  // first request of a shape pays no copy. Hot shapes get a merged copy later (MaybeStartBuild).
-  auto m = BuildSubnet(supernet_, opt_.smol, s,
-                       {.adapters = AdapterMode::kUnmerged, .uniform_width = false});
+  // first request of a shape pays no copy of the weights. Hot shapes get a merged copy later
+  // (MaybeStartBuild).
+  auto m = BuildSubnet(
+      supernet_, opt_.smol, s,
+      {.adapters = AdapterMode::kUnmerged, .uniform_width = false, .pack_deltas = false});
   if (!m.ok()) return nullptr;
+  // The deltas packed as panels (the shape's steps then run as one team) when their copy fits
+  // under the cap beside the merged copies; else they stay views of the adapters (slower).
+  const int64_t delta_bytes = PackDeltasBytes(*m);
+  const bool pack = delta_bytes > 0 && EvictIdleLanes(nullptr, delta_bytes);
+  if (pack) PackDeltas(*m);
   auto lane = std::make_unique<Lane>();
+  lane->delta_bytes = pack ? delta_bytes : 0;
+  cache_bytes_ += lane->delta_bytes;
   lane->shape = s;
   lane->model = std::make_shared<const Model>(std::move(*m));
   lane->engine = NewEngine(lane->model);
@@ -156,7 +166,9 @@ Scheduler::Lane* Scheduler::GetLane(const Shape& s, bool* existed) {
   lane->cache = lane->engine->NewCache(opt_.slots_per_shape);
   lane->slot_used.assign(opt_.slots_per_shape, false);
   spdlog::info("scheduler: new lane {} (supernet views{})", key,
-               opt_.smol ? ", adapters unmerged" : "");
+               !opt_.smol ? ""
+               : pack     ? fmt::format(", adapters unmerged, packed: {} MB", delta_bytes >> 20)
+                          : ", adapters unmerged");
   LoadSavedPrefixes(CacheKey(*lane), lane->cache);
   lane->last_used = Clock::now();
   Lane* raw = lane.get();
@@ -332,9 +344,11 @@ bool Scheduler::EvictIdleLanes(const Lane* keep, int64_t extra) {
     Lane* victim = nullptr;
     std::string key;
     for (auto& [k, l] : lanes_) {
-      // Only merged copies cost memory; lanes running on views are free to keep.
-      if (!l->seqs.empty() || l.get() == keep || l->bytes == 0 || l->building ||
-          l->drafting_for_others > 0)
+      // Only merged copies and packed deltas cost memory; lanes without either are free to keep.
+      // A lane with a slot taken is in use (a sequence being admitted into it).
+      if (!l->seqs.empty() || l.get() == keep || l->bytes + l->delta_bytes == 0 || l->building ||
+          l->drafting_for_others > 0 ||
+          std::find(l->slot_used.begin(), l->slot_used.end(), true) != l->slot_used.end())
         continue;
       if (!victim || l->last_used < victim->last_used) {
         victim = l.get();
@@ -342,9 +356,11 @@ bool Scheduler::EvictIdleLanes(const Lane* keep, int64_t extra) {
       }
     }
     if (!victim) return false;
-    cache_bytes_ -= victim->bytes;
+    cache_bytes_ -= victim->bytes + victim->delta_bytes;
     if (victim->merged) --merged_lanes_;
-    spdlog::info("scheduler: evict idle lane {} (merged copy, {} MB)", key, victim->bytes >> 20);
+    spdlog::info("scheduler: evict idle lane {} ({} MB: merged copy {}, packed deltas {})", key,
+                 (victim->bytes + victim->delta_bytes) >> 20, victim->bytes >> 20,
+                 victim->delta_bytes >> 20);
     ++evictions_;
     lanes_.erase(key);
     lane_count_ = static_cast<int64_t>(lanes_.size());
@@ -1054,7 +1070,7 @@ void Scheduler::FailLane(const std::string& key, const absl::Status& error) {
       lane.seqs.erase(lane.seqs.begin() + static_cast<std::ptrdiff_t>(i));
     }
   }
-  cache_bytes_ -= lane.bytes;  // a merged copy, or a build's reservation
+  cache_bytes_ -= lane.bytes + lane.delta_bytes;  // a merged copy (or a build's reservation)
   if (lane.merged) --merged_lanes_;
   lanes_.erase(it);  // a build in flight for it is dropped when it arrives
   lane_count_ = static_cast<int64_t>(lanes_.size());

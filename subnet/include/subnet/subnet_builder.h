@@ -24,6 +24,10 @@ struct SubnetOptions {
   // exports that plain HF loaders must read). The width must still be on the grid when adapters
   // are used: the router's input is the grid width index.
   bool uniform_width = false;
+  // kUnmerged on a supernet decoded from panels: pack the deltas as panels too (PackDeltas: a
+  // per-shape copy of the mixed factors, a small fraction of the shape's weights, that lets its
+  // steps run as one team). false: they stay views of the adapters (no memory, slower).
+  bool pack_deltas = true;
 };
 
 // OK when BuildSubnet can build `shape`: depth in the depth table; width on the grid, or in

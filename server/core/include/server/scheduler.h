@@ -62,11 +62,12 @@ struct Job {
 };
 
 struct SchedulerOptions {
-  int64_t slots_per_shape = 16;     // concurrent sequences per shape (batch size)
-  int64_t max_context = 2048;       // KV cache length per slot
-  int64_t max_queue = 64;           // waiting requests before RESOURCE_EXHAUSTED
-  int64_t prefill_chunk = 64;       // prompt tokens per step, so long prompts don't stall decode
-  int64_t cache_bytes = 1ll << 30;  // memory cap for merged subnet copies
+  int64_t slots_per_shape = 16;  // concurrent sequences per shape (batch size)
+  int64_t max_context = 2048;    // KV cache length per slot
+  int64_t max_queue = 64;        // waiting requests before RESOURCE_EXHAUSTED
+  int64_t prefill_chunk = 64;    // prompt tokens per step, so long prompts don't stall decode
+  // Memory cap for per-shape copies: merged subnet copies and lanes' packed deltas.
+  int64_t cache_bytes = 1ll << 30;
   WeightFormat weights_format = WeightFormat::kF32;  // panels of merged copies (as the supernet's)
   // Drafts read their own copy of the draft shape in this format (adapters merged), made once per
   // shape in the background and counted under cache_bytes; until it is ready they draft on the
@@ -149,8 +150,8 @@ struct LoadEstimate {
 struct SchedulerStats {
   int64_t running = 0, waiting = 0, lanes = 0;
   int64_t cache_hits = 0, cache_misses = 0;  // once per request: its shape had a lane, or not
-  int64_t cache_bytes = 0;                   // merged copies (what --cache-mb caps)
-  int64_t kv_bytes = 0;  // KV caches of running sequences, and freed slot memory kept for reuse
+  int64_t cache_bytes = 0;  // merged copies and packed deltas (what --cache-mb caps)
+  int64_t kv_bytes = 0;     // KV caches of running sequences, and freed slot memory kept for reuse
   int64_t merged_lanes = 0;
   // Lane steps a merged lane ran on its views (SchedulerOptions::merged_copies_up_to_lanes).
   int64_t merged_lane_steps_on_views = 0;
@@ -257,8 +258,9 @@ class Scheduler {
     std::vector<int64_t> input_of;
     std::vector<bool> slot_used;
     Clock::time_point last_used;
-    int64_t bytes = 0;     // merged copy (0 while the lane runs on views)
-    int64_t requests = 0;  // admitted so far
+    int64_t bytes = 0;        // merged copy (0 while the lane runs on views)
+    int64_t delta_bytes = 0;  // its views' packed deltas (0: none, or left unpacked by the cap)
+    int64_t requests = 0;     // admitted so far
     bool merged = false, building = false;
     bool merge_failed = false;  // a build threw: stay unmerged rather than retry forever
     std::map<std::string, std::unique_ptr<Draft>> drafts;  // for this lane's sequences
