@@ -172,8 +172,13 @@ int Run(const Options& o) {
       if (name.ends_with(".lora_B")) const_cast<at::Tensor&>(t).normal_(0, 0.01);
   }
   std::vector<Lane> lanes;
+  std::vector<double> build_ms;  // each lane's BuildSubnet (with adapters: packing its deltas)
   for (const Shape& sh : ShapePool(s.spec())) {
+    const auto build_started = std::chrono::steady_clock::now();
     auto m = BuildSubnet(s, smol.get(), sh, {.adapters = AdapterMode::kUnmerged});
+    build_ms.push_back(
+        1e3 *
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - build_started).count());
     if (!m.ok()) {
       spdlog::error("{}: {}", sh.ToString(), m.status().ToString());
       return 1;
@@ -206,6 +211,7 @@ int Run(const Options& o) {
                         {"rounds", o.rounds},
                         {"threads", at::get_num_threads()},
                         {"adapters", o.adapters},
+                        {"lane_build_ms", build_ms},
                         {"machine", CpuModelName()},
                         {"mixes", nlohmann::json::array()}};
   std::string md = fmt::format(
@@ -240,6 +246,10 @@ int Run(const Options& o) {
                          total.pass_ns / 1e6 / std::max<int64_t>(total.passes, 1)) +
              StepSplitCells(total);
   }
+  md += fmt::format(
+      "\nLane builds (BuildSubnet{}): median {:.1f} ms, max {:.1f} ms over {} shapes\n",
+      o.adapters ? ", views plus the shape's deltas packed as panels" : ", views",
+      MedianOf(build_ms), *std::max_element(build_ms.begin(), build_ms.end()), build_ms.size());
   md += "\nStep time split (every timed step of every round; the phases' share of the pass):\n\n" +
         split;
   WriteReport(o.out_json, out.dump(2), o.out_md, md);

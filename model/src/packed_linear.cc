@@ -395,13 +395,19 @@ std::optional<WeightFormat> DeltaFormat(const LayerWeights& l, int p) {
 }  // namespace
 
 void PackDeltas(Model& m) {
+  std::vector<std::pair<LowRankDelta*, WeightFormat>> todo;
   for (LayerWeights& l : m.layers)
     for (int p = 0; p < kNumProj; ++p)
-      if (const std::optional<WeightFormat> f = DeltaFormat(l, p)) {
-        LowRankDelta& d = l.deltas[p];
-        d.down_panels = PackPanels(d.Down().contiguous(), *f);
-        d.up_panels = PackPanels(d.Up().contiguous(), *f);
-      }
+      if (const std::optional<WeightFormat> f = DeltaFormat(l, p))
+        todo.emplace_back(&l.deltas[p], *f);
+  // A new lane's deltas are packed on the server's decode thread, between steps: on every core.
+  at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      auto [d, f] = todo[i];
+      d->down_panels = PackPanels(d->Down().contiguous(), f);
+      d->up_panels = PackPanels(d->Up().contiguous(), f);
+    }
+  });
 }
 
 int64_t PackDeltasBytes(const Model& m) {
