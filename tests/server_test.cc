@@ -163,7 +163,7 @@ bool WaitForStats(Scheduler& s, const std::function<bool(const SchedulerStats&)>
 }
 
 // Steps over more lanes than merged_copies_up_to_lanes run the merged lanes on their supernet
-// views (adapters as packed deltas, one stream of the shared panels) with the same output.
+// views (adapters as low-rank deltas; one stream of the shared weights) with the same output.
 TEST(ServerTest, StepsOverManyLanesRunMergedShapesOnTheirViews) {
   SchedulerOptions so;
   so.merge_after_requests = 1;
