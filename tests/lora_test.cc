@@ -165,9 +165,16 @@ TEST(SmolTest, PackedDeltasRunAsOneTeamAndMatchTheRowMajorOnes) {
       RepackWeights(sub, format);
       Model row_major = smol.AttachUnmerged(sub, InferenceGate(*f.s, smol, sh), layers);
       Model packed = row_major;
+      const int64_t predicted = PackDeltasBytes(packed);
       PackDeltas(packed);
+      int64_t bytes = 0;
       for (const LayerWeights& l : packed.layers)
-        for (const LowRankDelta& d : l.deltas) EXPECT_EQ(d.packed(), d.defined());
+        for (const LowRankDelta& d : l.deltas) {
+          EXPECT_EQ(d.packed(), d.defined());
+          if (d.packed()) bytes += d.down_panels.nbytes() + d.up_panels.nbytes();
+        }
+      EXPECT_EQ(bytes, predicted) << "PackDeltasBytes (what the server's cap counts)";
+      EXPECT_EQ(PackDeltasBytes(packed), 0);
       const at::Tensor base = run(sub), want = run(row_major);
       const int64_t teams = TeamRuns();
       const at::Tensor got = run(std::move(packed));

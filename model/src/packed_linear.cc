@@ -254,11 +254,15 @@ void FillPanels(const at::Tensor& W, at::Tensor& panels) {
   }
 }
 
-std::vector<int64_t> PanelSizes(const at::Tensor& W, WeightFormat f) {
+// The panel tensor's sizes for an [out, in] matrix in format `f`.
+std::vector<int64_t> PanelSizes(int64_t out, int64_t in, WeightFormat f) {
   if (IsQuantized(f))
-    return {(W.size(0) + kPanel - 1) / kPanel, (W.size(1) + kQuantBlock - 1) / kQuantBlock,
-            QuantBlockBytes(f)};
-  return {(W.size(0) + kPanel - 1) / kPanel, W.size(1), kPanel};
+    return {(out + kPanel - 1) / kPanel, (in + kQuantBlock - 1) / kQuantBlock, QuantBlockBytes(f)};
+  return {(out + kPanel - 1) / kPanel, in, kPanel};
+}
+
+std::vector<int64_t> PanelSizes(const at::Tensor& W, WeightFormat f) {
+  return PanelSizes(W.size(0), W.size(1), f);
 }
 
 at::ScalarType PanelDtype(WeightFormat f) {
@@ -411,12 +415,10 @@ void PackDeltas(Model& m) {
 }
 
 int64_t PackDeltasBytes(const Model& m) {
-  // Panels of a [rows, cols] matrix: whole 16-row panels of whole blocks (or columns).
-  auto panel_bytes = [](int64_t rows, int64_t cols, WeightFormat f) {
-    const int64_t panels = (rows + kPanel - 1) / kPanel;
-    if (IsQuantized(f))
-      return panels * ((cols + kQuantBlock - 1) / kQuantBlock) * QuantBlockBytes(f);
-    return panels * cols * kPanel * static_cast<int64_t>(at::elementSize(PanelDtype(f)));
+  auto panel_bytes = [](int64_t out, int64_t in, WeightFormat f) {
+    int64_t bytes = static_cast<int64_t>(at::elementSize(PanelDtype(f)));
+    for (int64_t d : PanelSizes(out, in, f)) bytes *= d;
+    return bytes;
   };
   int64_t bytes = 0;
   for (const LayerWeights& l : m.layers)
