@@ -16,7 +16,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "model/kernels.h"
+#include "model/thread_pinning.h"
 
 namespace amoeba {
 
@@ -172,8 +175,14 @@ void InitRuntime(int threads) {
   FlushDenormalsToZero(n);
   at::set_num_threads(n);
   const std::string blas = DescribeBlas();
-  spdlog::info("runtime: {} threads, BLAS {}, {} kernels", at::get_num_threads(), blas,
-               KernelIsaName(ActiveKernelIsa()));
+  const std::vector<int>& cpus = TeamCpus();
+  spdlog::info("runtime: {} threads{}, BLAS {}, {} kernels", at::get_num_threads(),
+               PinsTeamsOf(n)
+                   ? absl::StrCat(" (pinned to CPUs ",
+                                  absl::StrJoin(cpus.begin(), cpus.begin() + n, ","), ")")
+               : n > 1 ? absl::StrCat(" (unpinned; ", TeamCores(), " cores)")
+                       : std::string(),
+               blas, KernelIsaName(ActiveKernelIsa()));
   if (blas == "reference" || blas == "unknown") {
     spdlog::warn(
         "!!! libtorch is using the {} BLAS: matrix products will be ~40x slower. "

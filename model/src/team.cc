@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "model/step_profile.h"
+#include "thread_pinning_internal.h"
 
 namespace amoeba {
 
@@ -174,6 +175,7 @@ void RunInTeam(void (*body)(void*), void* arg) {
 #pragma omp parallel num_threads(threads)
   {
     Team team = TeamState::Member(omp_get_thread_num(), omp_get_num_threads(), &state);
+    PinTeamMember(team.tid(), team.size());
     if (state.profile && team.tid() == 0)
       state.profile->members = std::max(state.profile->members, team.size());
     Team* outer = SetCurrentTeam(&team);
@@ -190,6 +192,7 @@ void RunInTeam(void (*body)(void*), void* arg) {
     }
     SetCurrentTeam(outer);
   }
+  UnpinTeamStarter();
   if (state.error) std::rethrow_exception(state.error);
 }
 

@@ -17,6 +17,7 @@
 #include "model/kernels.h"
 #include "model/quantized_panels.h"
 #include "model/runtime.h"
+#include "model/thread_pinning.h"
 #include "server/grpc_service.h"
 #include "server/http_frontend.h"
 #include "server/metrics.h"
@@ -60,6 +61,7 @@ absl::Status ParseAliases(const ServerConfig& c, const Supernet& supernet,
 }
 
 int Run(ServerConfig c) {
+  if (!c.pin_threads) SetTeamPinning(false);
   InitRuntime(c.threads);
   // KV slots and activation buffers come and go with requests. A fixed mmap threshold (glibc
   // otherwise raises it after the first large free) makes big buffers go back to the OS when

@@ -49,6 +49,9 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   app.allow_config_extras(false);
   Flag(app, "supernet", c.supernet, "Supernet directory")->required();
   Flag(app, "threads", c.threads, "Compute threads (0 = all cores)");
+  Flag(app, "pin-threads", c.pin_threads,
+       "Pin the compute threads to distinct CPUs while they decode (off also with OMP_PROC_BIND "
+       "set)");
   Flag(app, "profile", c.profile, "Measure every shape's decode latency at start-up");
 
   // Listeners.

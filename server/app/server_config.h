@@ -18,6 +18,7 @@ namespace amoeba {
 struct ServerConfig {
   std::string supernet;                    // required
   int threads = 0;                         // compute threads (0 = all cores)
+  bool pin_threads = true;                 // team threads on distinct CPUs (model/thread_pinning.h)
   bool profile = true;                     // measure every shape's decode latency at start-up
   std::string kv_dtype = "f32";            // SchedulerOptions::kv_dtype
   std::string prefill_attention = "auto";  // SchedulerOptions::bf16_prefill_attention (auto)
