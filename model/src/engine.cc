@@ -295,7 +295,9 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
     float* qr = io.q;
     float* kr = io.k;
     const int64_t n = static_cast<int64_t>(seqs.size()), chunks = chunks_for(n);
-    ParallelFor(0, n * chunks, 1, [&](int64_t b, int64_t e) {
+    // Stealing: sequences differ in length (and vCPUs in speed), so equal counts of tasks are
+    // not equal work.
+    ParallelForStealing(0, n * chunks, 1, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = t / chunks, slot = seqs[r].slot, pos = io.pos[r];
         const auto [h0, h1] = head_range(t % chunks, chunks);
@@ -333,13 +335,14 @@ void Engine::Attention(int64_t layer, KVCache& cache, std::span<const SeqInput> 
   });
   if (!single.empty()) {
     const int64_t chunks = chunks_for(static_cast<int64_t>(single.size()));
-    ParallelFor(0, static_cast<int64_t>(single.size()) * chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const DecodeTask& tk = single[t / chunks];
-        const auto [h0, h1] = head_range(t % chunks, chunks);
-        attend(tk.row, t / chunks, tk.slot, h0, h1, tk.len);
-      }
-    });
+    ParallelForStealing(0, static_cast<int64_t>(single.size()) * chunks, 1, 1,
+                        [&](int64_t b, int64_t e) {
+                          for (int64_t t = b; t < e; ++t) {
+                            const DecodeTask& tk = single[t / chunks];
+                            const auto [h0, h1] = head_range(t % chunks, chunks);
+                            attend(tk.row, t / chunks, tk.slot, h0, h1, tk.len);
+                          }
+                        });
   }
 
   // 2b. Longer runs (prefill): query blocks against the keys they see, in bounded memory.
