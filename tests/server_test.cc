@@ -201,6 +201,17 @@ TEST(ServerTest, StepsOverManyLanesRunMergedShapesOnTheirViews) {
   EXPECT_GT(ts.scheduler->stats().merged_lane_steps_on_views, 0)
       << "two merged lanes never shared a step";
   EXPECT_EQ(ts.scheduler->stats().merged_lanes, 2);
+  // /metrics shows both (the gauges are published every 500 ms).
+  const std::regex on_views(
+      R"(amoeba_lane_events_total\{kind="merged_lane_step_on_views"\} [1-9])");
+  const std::regex merged(R"(amoeba_scheduler\{kind="merged_lanes"\} 2)");
+  bool seen = false;
+  for (int i = 0; i < 100 && !seen; ++i) {
+    const std::string text = ts.metrics.Render();
+    seen = std::regex_search(text, on_views) && std::regex_search(text, merged);
+    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(seen) << ts.metrics.Render();
 }
 
 // A queued build waits while sequences run (it would slow their steps) and starts once none does;
@@ -526,6 +537,20 @@ TEST(ServerTest, InvalidFieldsAreInvalidArgumentAndTheServerKeepsServing) {
         << s.status.error_message();
   }
   EXPECT_TRUE(Stream(c, Req("still fine", 5, 1.0, 3)).status.ok());
+}
+
+// The scheduler's counts are cumulative; the counters follow them without counting twice.
+TEST(ServerTest, LaneCountersFollowTheSchedulersTotals) {
+  Metrics m;
+  m.SetLanes({.merged_lanes = 1, .evictions = 3});
+  m.SetLanes({.merged_lanes = 2, .evictions = 5, .merged_lane_steps_on_views = 7});
+  m.SetLanes({.merged_lanes = 2, .evictions = 5, .merged_lane_steps_on_views = 7});
+  const std::string text = m.Render();
+  EXPECT_NE(text.find(R"(amoeba_lane_events_total{kind="eviction"} 5)"), std::string::npos) << text;
+  EXPECT_NE(text.find(R"(amoeba_lane_events_total{kind="merged_lane_step_on_views"} 7)"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find(R"(amoeba_scheduler{kind="merged_lanes"} 2)"), std::string::npos) << text;
 }
 
 TEST(ServerTest, HealthReflectionAndMetrics) {

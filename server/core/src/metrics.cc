@@ -55,6 +55,29 @@ struct Metrics::Impl {
                                     .Register(*registry)
                                     .Add({});
   prometheus::Gauge& lanes = global.Add({{"kind", "lanes"}});
+  prometheus::Gauge& merged_lanes = global.Add({{"kind", "merged_lanes"}});
+  prometheus::Family<prometheus::Counter>& lane_events =
+      prometheus::BuildCounter()
+          .Name("amoeba_lane_events_total")
+          .Help(
+              "Per-shape copies: merged copies built, idle lanes evicted under --cache-mb, steps "
+              "a merged lane ran on its supernet views (steps over many shapes), failed builds "
+              "and lanes")
+          .Register(*registry);
+  struct Cumulative {
+    prometheus::Counter* counter;
+    double last = 0;
+    void Advance(int64_t now) {
+      const double v = static_cast<double>(now);
+      if (v > last) counter->Increment(v - last);
+      last = v;
+    }
+  };
+  Cumulative merges_built{&lane_events.Add({{"kind", "merged_copy_built"}})};
+  Cumulative evictions{&lane_events.Add({{"kind", "eviction"}})};
+  Cumulative steps_on_views{&lane_events.Add({{"kind", "merged_lane_step_on_views"}})};
+  Cumulative build_failures{&lane_events.Add({{"kind", "build_failure"}})};
+  Cumulative lane_failures{&lane_events.Add({{"kind", "lane_failure"}})};
   prometheus::Family<prometheus::Counter>& cache = prometheus::BuildCounter()
                                                        .Name("amoeba_cache_lookups_total")
                                                        .Help("Subnet cache lookups")
@@ -209,6 +232,16 @@ void Metrics::SetPromptCache(int64_t bytes, int64_t blocks, int64_t prefilled_to
   const double p = static_cast<double>(prefilled_tokens);
   if (p > impl_->last_prefilled) impl_->prefilled.Increment(p - impl_->last_prefilled);
   impl_->last_prefilled = p;
+}
+
+void Metrics::SetLanes(const LaneCounts& c) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->merged_lanes.Set(static_cast<double>(c.merged_lanes));
+  impl_->merges_built.Advance(c.merges_built);
+  impl_->evictions.Advance(c.evictions);
+  impl_->steps_on_views.Advance(c.merged_lane_steps_on_views);
+  impl_->build_failures.Advance(c.build_failures);
+  impl_->lane_failures.Advance(c.lane_failures);
 }
 
 }  // namespace amoeba

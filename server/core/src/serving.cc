@@ -122,6 +122,12 @@ void Serving::PublishGauges() {
                         s.lanes);
     metrics_->SetPromptCache(s.prompt_cache_bytes, s.prompt_cache_blocks,
                              s.prompt_tokens_prefilled);
+    metrics_->SetLanes({.merged_lanes = s.merged_lanes,
+                        .merges_built = s.merges_built,
+                        .evictions = s.evictions,
+                        .merged_lane_steps_on_views = s.merged_lane_steps_on_views,
+                        .build_failures = s.build_failures,
+                        .lane_failures = s.lane_failures});
     gauges_cv_.wait_for(l, std::chrono::milliseconds(500), [&] { return stop_gauges_; });
   }
 }

@@ -34,6 +34,14 @@ class Metrics {
                  int64_t cache_misses, int64_t lanes);
   // The prompt cache's blocks (capped by --prompt-cache-mb) and the prompt tokens computed so far.
   void SetPromptCache(int64_t bytes, int64_t blocks, int64_t prefilled_tokens);
+  // The scheduler's per-shape copies: merged lanes now, and since start (cumulative, as
+  // SchedulerStats counts them) merged copies built, idle lanes evicted, merged lanes' steps run on
+  // their views (steps over many shapes), failed builds and failed lanes.
+  struct LaneCounts {
+    int64_t merged_lanes = 0, merges_built = 0, evictions = 0, merged_lane_steps_on_views = 0;
+    int64_t build_failures = 0, lane_failures = 0;
+  };
+  void SetLanes(const LaneCounts& c);
 
  private:
   struct Impl;
