@@ -197,7 +197,10 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
                    sampling.Describe() +
                    "), shapes cycling over k distinct grid shapes; aggregate "
                    "completion tokens/s, median of " +
-                   std::to_string(rounds) + " interleaved rounds (all rounds in the JSON).\n\n";
+                   std::to_string(rounds) +
+                   " interleaved rounds; k shapes against one: the median over rounds of each "
+                   "round's ratio (the machine's speed drifts between rounds; all rounds in the "
+                   "JSON).\n\n";
   md +=
       "| server | 1 shape tok/s | 2 shapes | 4 shapes | 8 shapes | 8 shapes: ITL p50 full / "
       "smallest ms | p99 full / smallest ms |\n|---|---|---|---|---|---|---|\n";
@@ -212,7 +215,12 @@ int ShapeMix(const std::vector<std::pair<std::string, std::string>>& targets, in
       tj["rounds"][std::to_string(k)] = rate[t][k];
       tj["median_tokens_per_s"][std::to_string(k)] = Median(rate[t][k]);
       if (k == 1) continue;
-      std::snprintf(line, sizeof(line), " %.2fx |", base > 0 ? Median(rate[t][k]) / base : 0.0);
+      std::vector<double> ratios;
+      for (size_t r = 0; r < rate[t][k].size(); ++r)
+        if (rate[t][1][r] > 0) ratios.push_back(rate[t][k][r] / rate[t][1][r]);
+      const double ratio = ratios.empty() ? 0.0 : Median(ratios);
+      tj["ratio_to_one_shape"][std::to_string(k)] = ratio;
+      std::snprintf(line, sizeof(line), " %.2fx |", ratio);
       md += line;
     }
     for (auto& [key, v] : itl8[t]) {
