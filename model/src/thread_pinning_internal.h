@@ -4,7 +4,7 @@
 namespace amoeba {
 
 // Called by every member of a team of `size` when the team starts: pins it to TeamCpus()[tid]
-// when pinning is on and the team fits on distinct CPUs. Pool threads (tid > 0) stay pinned; the
+// when PinsTeamsOf(size). Pool threads (tid > 0) stay pinned; the
 // starting thread gets its own mask back from UnpinTeamStarter when the team ends, so threads it
 // makes later are not all born on one CPU.
 void PinTeamMember(int tid, int size);

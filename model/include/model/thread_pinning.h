@@ -1,7 +1,7 @@
 // Pins a team's members to distinct CPUs while it runs. Left to itself the kernel sometimes
 // placed both threads of a 2-thread team on one CPU after an idle spell and kept them there for
 // whole requests: every barrier then waited for a time slice and decode ran 3-4x slower
-// (bench/README, "Thread pinning").
+// (bench/README, "bench/idle_gap").
 #pragma once
 #include <vector>
 
