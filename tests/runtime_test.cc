@@ -1,6 +1,7 @@
 // The process-wide runtime: every thread that computes flushes denormals to zero.
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <xmmintrin.h>
 
 #include <atomic>
@@ -60,6 +61,42 @@ TEST(RuntimeTest, EveryComputeThreadFlushesDenormals) {
   EXPECT_FALSE(FlushesHere());
   _mm_setcsr(saved_csr);
   at::set_num_threads(saved_threads);
+}
+
+TEST(RuntimeTest, CgroupQuotasRoundUpToWholeCpus) {
+  EXPECT_EQ(CpusOfCgroupV2Max("max 100000"), 0);
+  EXPECT_EQ(CpusOfCgroupV2Max("200000 100000"), 2);
+  EXPECT_EQ(CpusOfCgroupV2Max("150000 100000\n"), 2);
+  EXPECT_EQ(CpusOfCgroupV2Max("50000 100000"), 1);
+  EXPECT_EQ(CpusOfCgroupV2Max(""), 0);
+  EXPECT_EQ(CpusOfCgroupV2Max("garbage"), 0);
+  EXPECT_EQ(CpusOfCfsQuota(-1, 100000), 0);
+  EXPECT_EQ(CpusOfCfsQuota(250000, 100000), 3);
+  EXPECT_EQ(CpusOfCfsQuota(100000, 0), 0);
+}
+
+// "All cores" means the CPUs the process may run on: a thread limited to one CPU (as `taskset`
+// limits a process) gets one thread.
+TEST(RuntimeTest, DefaultThreadsFollowTheAffinityMask) {
+  cpu_set_t all;
+  CPU_ZERO(&all);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(all), &all), 0);
+  const int n = DefaultThreads();
+  EXPECT_GE(n, 1);
+  EXPECT_LE(n, CPU_COUNT(&all));
+  int limited = 0;
+  std::thread([&] {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &all)) {
+        CPU_SET(c, &one);
+        break;
+      }
+    ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+    limited = DefaultThreads();
+  }).join();
+  EXPECT_EQ(limited, 1);
 }
 
 }  // namespace runtime_test

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sched.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/mman.h>
@@ -13,11 +14,13 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "model/kernels.h"
 #include "model/thread_pinning.h"
 
@@ -169,9 +172,95 @@ void InitLogging() {
   spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
 }
 
+int CpusOfCfsQuota(int64_t quota_us, int64_t period_us) {
+  if (quota_us <= 0 || period_us <= 0) return 0;
+  return static_cast<int>((quota_us + period_us - 1) / period_us);
+}
+
+int CpusOfCgroupV2Max(const std::string& cpu_max) {
+  std::istringstream in(cpu_max);
+  std::string quota;
+  int64_t period = 0;
+  if (!(in >> quota >> period) || quota == "max") return 0;
+  try {
+    return CpusOfCfsQuota(std::stoll(quota), period);
+  } catch (...) {
+    return 0;
+  }
+}
+
+namespace {
+
+// The smallest quota on the process's cgroup and its parents (a parent's limit binds too), 0 if
+// none: cgroup v2 (`0::/path`, cpu.max) and v1 (the `cpu` controller's cfs files).
+int CgroupQuotaCpus() {
+  int best = 0;
+  auto take = [&](int cpus) {
+    if (cpus > 0 && (best == 0 || cpus < best)) best = cpus;
+  };
+  auto read_file = [](const std::string& path, std::string* out) {
+    std::ifstream f(path);
+    return f && std::getline(f, *out);
+  };
+  // Every directory from `root + path` up to `root`.
+  auto walk = [](const std::string& root, std::string path, const auto& fn) {
+    for (;;) {
+      fn(root + path);
+      if (path.empty() || path == "/") break;
+      const size_t slash = path.find_last_of('/');
+      path = slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+    }
+  };
+  std::ifstream groups("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(groups, line)) {
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    if (line.compare(0, a, "0") == 0 && controllers.empty()) {
+      walk("/sys/fs/cgroup", path, [&](const std::string& dir) {
+        std::string max;
+        if (read_file(dir + "/cpu.max", &max)) take(CpusOfCgroupV2Max(max));
+      });
+      continue;
+    }
+    bool cpu = false;
+    for (auto c : absl::StrSplit(controllers, ',')) cpu = cpu || c == "cpu";
+    if (!cpu) continue;
+    // Mounted at /sys/fs/cgroup/cpu (often a link to cpu,cpuacct); inside a container without a
+    // cgroup namespace the path is the host's, so the mount's root is tried too.
+    for (const std::string& root :
+         {std::string("/sys/fs/cgroup/cpu"), std::string("/sys/fs/cgroup/" + controllers)}) {
+      walk(root, path, [&](const std::string& dir) {
+        std::string quota, period;
+        if (read_file(dir + "/cpu.cfs_quota_us", &quota) &&
+            read_file(dir + "/cpu.cfs_period_us", &period)) {
+          try {
+            take(CpusOfCfsQuota(std::stoll(quota), std::stoll(period)));
+          } catch (...) {
+          }
+        }
+      });
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+int DefaultThreads() {
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  int cpus = sched_getaffinity(0, sizeof(mask), &mask) == 0
+                 ? CPU_COUNT(&mask)
+                 : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  const int quota = CgroupQuotaCpus();
+  if (quota > 0) cpus = std::min(cpus, quota);
+  return std::max(1, cpus);
+}
+
 void InitRuntime(int threads) {
-  const int cores = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  const int n = threads > 0 ? threads : std::max(1, cores);
+  const int n = threads > 0 ? threads : DefaultThreads();
   FlushDenormalsToZero(n);
   at::set_num_threads(n);
   const std::string blas = DescribeBlas();

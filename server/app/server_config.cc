@@ -48,7 +48,8 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
   app.set_config("--config", "", "TOML or INI file of these options (flag = value)");
   app.allow_config_extras(false);
   Flag(app, "supernet", c.supernet, "Supernet directory")->required();
-  Flag(app, "threads", c.threads, "Compute threads (0 = all cores)");
+  Flag(app, "threads", c.threads,
+       "Compute threads (0 = the CPUs this process may use: affinity mask, cgroup CPU quota)");
   Flag(app, "pin-threads", c.pin_threads,
        "Pin the compute threads to distinct CPUs while they decode (off also with OMP_PROC_BIND "
        "set)");

@@ -10,9 +10,19 @@ namespace amoeba {
 // Routes spdlog to stderr (stdout is for program output) with one line per event.
 void InitLogging();
 
-// Sets libtorch's intra-op threads (0 = all cores), flushes denormals to zero in every compute
-// thread (FlushDenormalsToZero) and logs the BLAS in use, warning loudly when it is the reference
-// implementation (~40x slower). Call once at program start, before other threads are made.
+// Compute threads for "all cores": the CPUs this process may run on (its affinity mask, as
+// `nproc` counts them, not the machine's online CPUs: `taskset`, a container's cpuset), and no
+// more than a cgroup CPU quota allows (`docker --cpus`, a Kubernetes CPU limit), rounded up.
+int DefaultThreads();
+// Whole CPUs a cgroup CPU quota allows, rounded up; 0 when there is no quota. v2: a cpu.max line
+// ("max 100000": none; "150000 100000": 2); v1: cpu.cfs_quota_us and cpu.cfs_period_us (-1: none).
+int CpusOfCgroupV2Max(const std::string& cpu_max);
+int CpusOfCfsQuota(int64_t quota_us, int64_t period_us);
+
+// Sets libtorch's intra-op threads (0 = DefaultThreads()), flushes denormals to zero in every
+// compute thread (FlushDenormalsToZero) and logs the BLAS in use, warning loudly when it is the
+// reference implementation (~40x slower). Call once at program start, before other threads are
+// made.
 void InitRuntime(int threads);
 
 // FTZ/DAZ on the calling thread, on OpenMP's pool of `threads`, and on threads made later by the
