@@ -65,12 +65,15 @@ class ThreadPinningTeamTest : public testing::Test {
     if (TeamCores() < 2) GTEST_SKIP() << "one core: nothing to pin apart";
     saved_threads_ = at::get_num_threads();
     at::set_num_threads(TeamCores());  // a team that fills the cores: the one that is pinned
+    saved_pinning_ = TeamPinning();    // off under ctest (AMOEBA_PIN_THREADS=0)
+    SetTeamPinning(true);
   }
   void TearDown() override {
     if (saved_threads_ > 0) at::set_num_threads(saved_threads_);
-    SetTeamPinning(true);
+    SetTeamPinning(saved_pinning_);
   }
   int saved_threads_ = 0;
+  bool saved_pinning_ = true;
 };
 
 TEST_F(ThreadPinningTeamTest, OnlyTeamsThatFillTheCoresArePinned) {
