@@ -39,15 +39,25 @@ int ReadTopology(int cpu, const char* what) {
   return in >> v ? v : -1;
 }
 
-std::vector<int> AllowedCpusByCore() {
-  cpu_set_t mask;
-  CPU_ZERO(&mask);
-  if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return {};
-  std::vector<CpuTopology> cpus;
-  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
-    if (CPU_ISSET(cpu, &mask))
-      cpus.push_back({cpu, ReadTopology(cpu, "physical_package_id"), ReadTopology(cpu, "core_id")});
-  return OrderCpusByCore(std::move(cpus));
+// The process's CPUs with their topology, read once.
+const std::vector<CpuTopology>& AllowedCpus() {
+  static const std::vector<CpuTopology> cpus = [] {
+    std::vector<CpuTopology> out;
+    cpu_set_t mask;
+    CPU_ZERO(&mask);
+    if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return out;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+      if (CPU_ISSET(cpu, &mask))
+        out.push_back(
+            {cpu, ReadTopology(cpu, "physical_package_id"), ReadTopology(cpu, "core_id")});
+    return out;
+  }();
+  return cpus;
+}
+
+// (package, core); a CPU without topology is its own core.
+std::pair<int, int> CoreOf(const CpuTopology& c) {
+  return c.core < 0 ? std::pair{-1, c.cpu} : std::pair{c.package, c.core};
 }
 
 bool PinTo(int cpu) {
@@ -84,8 +94,7 @@ std::vector<int> OrderCpusByCore(std::vector<CpuTopology> cpus) {
   std::sort(cpus.begin(), cpus.end(),
             [](const CpuTopology& a, const CpuTopology& b) { return a.cpu < b.cpu; });
   for (const CpuTopology& c : cpus) {
-    const int core = c.core < 0 ? c.cpu : c.core;
-    const int package = c.core < 0 ? -1 : c.package;
+    const auto [package, core] = CoreOf(c);
     keyed.emplace_back(seen_in_core[{package, core}]++, package, core, c.cpu);
   }
   std::sort(keyed.begin(), keyed.end());
@@ -95,18 +104,14 @@ std::vector<int> OrderCpusByCore(std::vector<CpuTopology> cpus) {
 }
 
 const std::vector<int>& TeamCpus() {
-  static const std::vector<int> cpus = AllowedCpusByCore();
+  static const std::vector<int> cpus = OrderCpusByCore(AllowedCpus());
   return cpus;
 }
 
 int TeamCores() {
   static const int cores = [] {
     std::set<std::pair<int, int>> seen;
-    for (int cpu : TeamCpus()) {
-      const int core = ReadTopology(cpu, "core_id");
-      seen.insert(core < 0 ? std::pair{-1, cpu}
-                           : std::pair{ReadTopology(cpu, "physical_package_id"), core});
-    }
+    for (const CpuTopology& c : AllowedCpus()) seen.insert(CoreOf(c));
     return static_cast<int>(seen.size());
   }();
   return cores;
