@@ -6,7 +6,10 @@
 // what decode sees. (d) --stream-preset: a preset's decode matrices (every layer and the LM head,
 // as the engine packs them) called back to back at batch 1 with nothing in between, each pass
 // paired with a read probe right after it: the kernels' share of the roofline, apart from the
-// rest of a decode step (bench/decode measures the whole step the same way).
+// rest of a decode step (bench/decode measures the whole step the same way). --stream-batch runs
+// those passes on that many rows, in one team per pass as a decode step runs them, and also
+// reports the multiply-adds against the instruction's measured peak: the projections' time a
+// step could have if nothing but its kernels ran (bench/decode's "projections ms").
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
@@ -14,16 +17,19 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "bench/bench_flags.h"
 #include "bench/bench_util.h"
+#include "bench/compute_peak.h"
 #include "model/kernels.h"
 #include "model/packed_linear.h"
 #include "model/presets.h"
 #include "model/quantized_panels.h"
+#include "model/team.h"
 #include "subnet/latency_profile.h"
 
 namespace amoeba::bench {
@@ -123,40 +129,46 @@ nlohmann::json QuantizedKernels(double seconds, std::string& md) {
   return rows;
 }
 
-// One pass over a packed model's decode matrices at batch 1, in engine order (q/k/v and gate/up
+// One pass over a packed model's decode matrices on n rows, in engine order (q/k/v and gate/up
 // fused into one call each, as the engine makes them).
-void StreamPass(const Model& m, const float* x, float* y) {
+void StreamPass(const Model& m, int64_t n, const float* x, float* y) {
   auto out = [&](const LayerWeights& l, Proj p) -> PackedOutput {
     return {&l.panels[static_cast<int>(p)], l.proj(p).size(0), nullptr, y};
   };
   for (const LayerWeights& l : m.layers) {
     const int64_t hidden = l.proj(Proj::kQ).size(1), inter = l.proj(Proj::kDown).size(1);
     const PackedOutput qkv[3] = {out(l, Proj::kQ), out(l, Proj::kK), out(l, Proj::kV)};
-    LinearPackedMany(x, 1, hidden, qkv);
+    LinearPackedMany(x, n, hidden, qkv);
     const PackedOutput o[1] = {out(l, Proj::kO)};
-    LinearPackedMany(x, 1, l.proj(Proj::kO).size(1), o);
+    LinearPackedMany(x, n, l.proj(Proj::kO).size(1), o);
     const PackedOutput gate_up[2] = {out(l, Proj::kGate), out(l, Proj::kUp)};
-    LinearPackedMany(x, 1, hidden, gate_up);
+    LinearPackedMany(x, n, hidden, gate_up);
     const PackedOutput down[1] = {out(l, Proj::kDown)};
-    LinearPackedMany(x, 1, inter, down);
+    LinearPackedMany(x, n, inter, down);
   }
   const PackedOutput head[1] = {{&m.head_panels, m.config.vocab_size, nullptr, y}};
-  LinearPackedMany(x, 1, m.config.hidden_size, head);
+  LinearPackedMany(x, n, m.config.hidden_size, head);
 }
 
 // The kernels' share of the roofline on a whole model's matrices, per format (see the top).
-nlohmann::json ModelStream(const std::string& preset, int passes, std::string& md) {
+nlohmann::json ModelStream(const std::string& preset, int passes, int64_t batch, std::string& md) {
   nlohmann::json rows = nlohmann::json::array();
   auto cfg = PresetConfig(preset);
   if (!cfg.ok()) {
     spdlog::error("--stream-preset: {}", cfg.status().ToString());
     return rows;
   }
+  const ComputePeak fp_peak = MeasureFp32Peak(at::get_num_threads());
+  const ComputePeak int8_peak = MeasureInt8Peak(ActiveQuantKernel(), at::get_num_threads());
   md += fmt::format(
-      "\n## {} decode matrices back to back (batch 1)\n\nEach pass over every matrix is "
-      "followed by one 256 MiB read probe; medians over {} passes.\n\n| format | MB/pass | "
-      "weight GB/s | probe GB/s | % of the probe |\n|---|---|---|---|---|\n",
-      preset, passes);
+      "\n## {} decode matrices back to back (batch {})\n\nEach pass over every matrix (in one "
+      "team, as a decode step runs them) is followed by one 256 MiB read probe; medians over {} "
+      "passes. Peak: the multiply-adds of every matrix on {} rows at the measured peak of the "
+      "path's instruction ({} {:.0f} G/s, {} {:.0f} G/s).\n\n| format | MB/pass | ms/pass | "
+      "weight GB/s | probe GB/s | % of the probe | % of the peak "
+      "|\n|---|---|---|---|---|---|---|\n",
+      preset, batch, passes, batch, fp_peak.instruction, fp_peak.multiply_adds_per_s / 1e9,
+      int8_peak.instruction, int8_peak.multiply_adds_per_s / 1e9);
   BandwidthProbe probe(256);
   const Model base = RandomModel(*cfg, 0);  // once: each format packs a shallow copy of it
   for (WeightFormat f : {WeightFormat::kF16, WeightFormat::kQ8_0, WeightFormat::kQ4_0}) {
@@ -166,37 +178,54 @@ nlohmann::json ModelStream(const std::string& preset, int passes, std::string& m
     const double bytes = static_cast<double>(m.DecodeWeightBytes());
     const int64_t width = std::max({cfg->hidden_size, cfg->intermediate_size, cfg->vocab_size,
                                     cfg->num_attention_heads * cfg->head_dim});
-    std::vector<float> x(width, 0.5f), y(width);
-    StreamPass(m, x.data(), y.data());  // warm-up
-    std::vector<double> gbs, probes, pcts;
+    // Uneven values: activations that quantize to one repeated byte would not exercise the kernels.
+    std::vector<float> x(batch * width), y(batch * width);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = 0.5f + 0.25f * std::sin(0.37f * i);
+    auto pass = [&] { StreamPass(m, batch, x.data(), y.data()); };
+    RunInTeam(pass);  // warm-up
+    double multiply_adds = static_cast<double>(cfg->vocab_size) * cfg->hidden_size;
+    for (const LayerWeights& l : m.layers)
+      for (Proj p : {Proj::kQ, Proj::kK, Proj::kV, Proj::kO, Proj::kGate, Proj::kUp, Proj::kDown})
+        multiply_adds += static_cast<double>(l.proj(p).numel());
+    multiply_adds *= batch;
+    const double peak = (IsQuantized(f) ? int8_peak : fp_peak).multiply_adds_per_s;
+    std::vector<double> gbs, probes, pcts, mss;
     for (int i = 0; i < passes; ++i) {
       const auto t0 = Clock::now();
-      StreamPass(m, x.data(), y.data());
+      RunInTeam(pass);
       const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+      mss.push_back(sec * 1e3);
       gbs.push_back(bytes / sec / 1e9);
       probes.push_back(probe.ReadGBs(1));
       pcts.push_back(100.0 * gbs.back() / probes.back());
     }
-    const double g = MedianOf(gbs), pr = MedianOf(probes), pct = MedianOf(pcts);
-    spdlog::info("{} {} matrices: {:.1f} GB/s, probe {:.1f} GB/s ({:.0f}%)", preset,
-                 WeightFormatName(f), g, pr, pct);
+    const double g = MedianOf(gbs), pr = MedianOf(probes), pct = MedianOf(pcts), ms = MedianOf(mss);
+    const double peak_pct = peak > 0 ? 100.0 * multiply_adds / (ms / 1e3) / peak : 0;
+    spdlog::info(
+        "{} {} matrices, batch {}: {:.2f} ms, {:.1f} GB/s, probe {:.1f} GB/s ({:.0f}%), "
+        "{:.0f}% of the peak",
+        preset, WeightFormatName(f), batch, ms, g, pr, pct, peak_pct);
     rows.push_back(
         {{"preset", preset},
          {"format", WeightFormatName(f)},
          {"kernel", IsQuantized(f) ? QuantKernelName() : KernelIsaName(ActiveKernelIsa())},
+         {"batch", batch},
          {"bytes_per_pass", bytes},
+         {"ms_per_pass", ms},
+         {"percent_of_peak", peak_pct},
          {"weight_gbs", g},
          {"probe_gbs", pr},
          {"percent_of_probe", pct},
          {"percent_of_probe_passes", pcts}});
-    md += fmt::format("| {} | {:.0f} | {:.1f} | {:.1f} | {:.0f}% |\n", WeightFormatName(f),
-                      bytes / 1e6, g, pr, pct);
+    md += fmt::format("| {} | {:.0f} | {:.2f} | {:.1f} | {:.1f} | {:.0f}% | {:.0f}% |\n",
+                      WeightFormatName(f), bytes / 1e6, ms, g, pr, pct, peak_pct);
   }
   return rows;
 }
 
 int Run(const std::string& json_path, const std::string& md_path, double seconds,
-        const std::string& stream_preset, int stream_passes, int threads, bool fp32) {
+        const std::string& stream_preset, int stream_passes, int64_t stream_batch, int threads,
+        bool fp32, bool quantized) {
   InitRuntime(threads);
   at::InferenceMode guard;
   nlohmann::json results = nlohmann::json::array();
@@ -245,8 +274,11 @@ int Run(const std::string& json_path, const std::string& md_path, double seconds
                         packed16 / packed);
     }
   }
-  nlohmann::json report = {{"results", results}, {"quantized", QuantizedKernels(seconds, md)}};
-  if (!stream_preset.empty()) report["stream"] = ModelStream(stream_preset, stream_passes, md);
+  nlohmann::json report = {
+      {"results", results},
+      {"quantized", quantized ? QuantizedKernels(seconds, md) : nlohmann::json::array()}};
+  if (!stream_preset.empty())
+    report["stream"] = ModelStream(stream_preset, stream_passes, stream_batch, md);
   WriteReport(json_path, report.dump(2), md_path, md);
   return 0;
 }
@@ -269,11 +301,19 @@ int main(int argc, char** argv) {
   app.add_option("--stream-passes", stream_passes, "Passes over the preset's matrices")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  int64_t stream_batch = 1;
+  app.add_option("--stream-batch", stream_batch, "Rows per call in the --stream-preset passes")
+      ->check(CLI::Range(int64_t{1}, int64_t{256}))
+      ->capture_default_str();
   int threads = 0;
   app.add_option("--threads", threads, "Threads (0 = all cores)")->capture_default_str();
   bool no_fp32 = false;
   app.add_flag("--no-fp32", no_fp32, "Skip the fp32 / fp16 table (quantized panels only)");
+  bool stream_only = false;
+  app.add_flag("--stream-only", stream_only,
+               "Only the --stream-preset passes (no fp32 or quantized tables)");
   if (const std::optional<int> exit_code = amoeba::bench::ParseFlags(app, argc, argv))
     return *exit_code;
-  return amoeba::bench::Run(json, md, seconds, stream_preset, stream_passes, threads, !no_fp32);
+  return amoeba::bench::Run(json, md, seconds, stream_preset, stream_passes, stream_batch, threads,
+                            !no_fp32 && !stream_only, !stream_only);
 }
