@@ -132,18 +132,21 @@ nlohmann::json QuantizedKernels(double seconds, std::string& md) {
 // One pass over a packed model's decode matrices on n rows, in engine order (q/k/v and gate/up
 // fused into one call each, as the engine makes them).
 void StreamPass(const Model& m, int64_t n, const float* x, float* y) {
-  auto out = [&](const LayerWeights& l, Proj p) -> PackedOutput {
-    return {&l.panels[static_cast<int>(p)], l.proj(p).size(0), nullptr, y};
+  // Each output of a call into its own part of y, as the engine's are (outputs sharing one
+  // buffer would have the threads write each other's cache lines).
+  auto out = [&](const LayerWeights& l, Proj p, int part) -> PackedOutput {
+    return {&l.panels[static_cast<int>(p)], l.proj(p).size(0), nullptr,
+            y + part * n * l.proj(p).size(0)};
   };
   for (const LayerWeights& l : m.layers) {
     const int64_t hidden = l.proj(Proj::kQ).size(1), inter = l.proj(Proj::kDown).size(1);
-    const PackedOutput qkv[3] = {out(l, Proj::kQ), out(l, Proj::kK), out(l, Proj::kV)};
+    const PackedOutput qkv[3] = {out(l, Proj::kQ, 0), out(l, Proj::kK, 1), out(l, Proj::kV, 2)};
     LinearPackedMany(x, n, hidden, qkv);
-    const PackedOutput o[1] = {out(l, Proj::kO)};
+    const PackedOutput o[1] = {out(l, Proj::kO, 0)};
     LinearPackedMany(x, n, l.proj(Proj::kO).size(1), o);
-    const PackedOutput gate_up[2] = {out(l, Proj::kGate), out(l, Proj::kUp)};
+    const PackedOutput gate_up[2] = {out(l, Proj::kGate, 0), out(l, Proj::kUp, 1)};
     LinearPackedMany(x, n, hidden, gate_up);
-    const PackedOutput down[1] = {out(l, Proj::kDown)};
+    const PackedOutput down[1] = {out(l, Proj::kDown, 0)};
     LinearPackedMany(x, n, inter, down);
   }
   const PackedOutput head[1] = {{&m.head_panels, m.config.vocab_size, nullptr, y}};
@@ -179,7 +182,7 @@ nlohmann::json ModelStream(const std::string& preset, int passes, int64_t batch,
     const int64_t width = std::max({cfg->hidden_size, cfg->intermediate_size, cfg->vocab_size,
                                     cfg->num_attention_heads * cfg->head_dim});
     // Uneven values: activations that quantize to one repeated byte would not exercise the kernels.
-    std::vector<float> x(batch * width), y(batch * width);
+    std::vector<float> x(batch * width), y(3 * batch * width);
     for (size_t i = 0; i < x.size(); ++i) x[i] = 0.5f + 0.25f * std::sin(0.37f * i);
     auto pass = [&] { StreamPass(m, batch, x.data(), y.data()); };
     RunInTeam(pass);  // warm-up
