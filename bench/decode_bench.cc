@@ -108,14 +108,16 @@ int Run(const Options& o) {
            absl::StrContains(absl::StrCat(",", o.paths, ","), absl::StrCat(",", path, ","));
   };
   // How close to the roofline a step could get at all: its projections' multiply-adds at the
-  // instruction's peak take `compute floor` ms; a step cannot be shorter than that (nor than its
-  // roofline), so roofline ms / max(roofline ms, compute floor ms) bounds its % of the roofline
-  // (generously: attention, the per-block scales and everything else cost more on top).
+  // instruction's peak take `compute floor` ms; the projections cannot be shorter than that nor
+  // than their weights' bytes at the probe's rate, and attention's KV bytes come on top (between
+  // a layer's projections), so roofline ms / (max(weights ms, compute floor ms) + KV ms) bounds
+  // its % of the roofline (generously: the per-block scales and everything else cost more).
   std::string ceiling_md = fmt::format(
       "\nCompute ceiling (the projections' multiply-adds per step at the peak of their "
       "instruction on {} threads, measured on registers before the run: fp32 / fp16 panels {} "
       "{:.0f} G/s, q8_0 / q4_0 panels {} {:.0f} G/s; highest reachable = roofline ms / "
-      "max(roofline ms, compute floor ms), an upper bound on % of roofline; projections ms: the "
+      "(max(weight bytes ms, compute floor ms) + KV bytes ms), an upper bound on % of roofline "
+      "(attention reads the KV cache between a layer's projections); projections ms: the "
       "q/k/v, o, gate/up, down and head phases of the step split below, and the peak's share "
       "of them):\n\n"
       "| preset | path | batch | roofline ms/step | compute floor ms/step | highest reachable % "
@@ -270,7 +272,14 @@ int Run(const Options& o) {
         const double macs = static_cast<double>(b) * v.model->DecodeMultiplyAdds();
         const double roof_ms = 1e3 / roof;  // one step: the roofline's tokens per stream
         const double floor_ms = peak > 0 ? macs / peak * 1e3 : 0;
-        const double reachable = 100.0 * roof_ms / std::max(roof_ms, floor_ms);
+        // The projections cannot take less than their weights' bytes or their multiply-adds
+        // allow, and attention reads the KV cache between them (a layer's o projection needs its
+        // attention's output): the step cannot be shorter than the slower of the first two plus
+        // the KV's bytes.
+        const double weights_ms = bytes / (bw_now * 1e9) * 1e3,
+                     kv_ms = v.kv_bytes[bi] / (bw_now * 1e9) * 1e3;
+        const double reachable =
+            100.0 * roof_ms / std::max(roof_ms, std::max(weights_ms, floor_ms) + kv_ms);
         out["results"].back()["multiply_adds_per_step"] = macs;
         out["results"].back()["roofline_ms_per_step"] = roof_ms;
         out["results"].back()["compute_floor_ms_per_step"] = floor_ms;
