@@ -256,6 +256,39 @@ TEST(ServerTest, AMergedCopyBuildWaitsForTheRunningSequences) {
   }
 }
 
+// An idle worker keeps its activations and finished sequences' KV arenas for idle_trim_ms, so a
+// client that sends its next request as the last one ends finds them (no page faults back in);
+// after that it hands them back.
+TEST(ServerTest, IdleMemoryIsHandedBackOnlyAfterIdleTrimMs) {
+  for (const int64_t trim_ms : {int64_t{60000}, int64_t{0}}) {
+    SchedulerOptions so;
+    so.idle_trim_ms = trim_ms;
+    TestServer ts(so);
+    // Before the server's requests: the local engine's KV arena goes to the same (process-wide)
+    // pool, which the server's first request then takes.
+    const auto expected = LocalGreedy(*ts.supernet, {5, 1.0}, "Hello there", 8);
+    auto c = ts.Client();
+    for (int round = 0; round < 2; ++round) {
+      Streamed s = Stream(c, Req("Hello there", 5, 1.0, 8));
+      ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+      EXPECT_EQ(s.tokens, expected);
+      ASSERT_TRUE(WaitForStats(*ts.scheduler, [](const SchedulerStats& st) {
+        return st.running == 0 && st.waiting == 0;
+      }));
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));  // several idle loop turns
+      const SchedulerStats st = ts.scheduler->stats();
+      if (trim_ms > 0) {
+        EXPECT_EQ(st.idle_trims, 0) << "trimmed after 300 ms idle with idle_trim_ms " << trim_ms;
+        EXPECT_GT(KVCache::PooledArenaBytes(), 0)
+            << "the finished sequence's KV arena was not kept";
+      } else {
+        EXPECT_EQ(st.idle_trims, round + 1) << "round " << round;
+        EXPECT_EQ(KVCache::PooledArenaBytes(), 0) << "round " << round;
+      }
+    }
+  }
+}
+
 // Merged copies beyond the cap: idle ones are evicted least-recently-used, and an evicted shape
 // is rebuilt (cold again, then merged again) on its next requests with the same output.
 TEST(ServerTest, MergedCopiesAreEvictedUnderTheCapAndRebuilt) {

@@ -96,6 +96,10 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
        "Longest a queued merged-copy or draft-copy build waits for the running sequences to "
        "finish before it starts beside them (a build slows the steps it overlaps)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  Flag(app, "idle-trim-ms", s.idle_trim_ms,
+       "Idle time after which the decode worker hands memory back (activations, finished "
+       "sequences' KV arenas); shorter gaps between requests keep it for the next ones")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   Flag(app, "cache-mb", c.cache_mb,
        "Memory cap for per-shape copies: merged subnet copies and unmerged shapes' packed adapter "
        "deltas (MiB)")

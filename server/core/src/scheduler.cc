@@ -132,6 +132,7 @@ SchedulerStats Scheduler::stats() const {
   s.prompt_tokens_cached = prompt_cached_;
   s.prompt_tokens_prefilled = prompt_prefilled_;
   s.tokens_chosen_in_parallel = chosen_in_parallel_;
+  s.idle_trims = idle_trims_;
   return s;
 }
 
@@ -1319,6 +1320,8 @@ LoadEstimate Scheduler::EstimateLoad(const Shape& shape) const {
 void Scheduler::Loop() {
   at::InferenceMode guard;  // thread-local: the worker never builds autograd graphs
   bool trimmed = true;
+  // When the worker last ran out of work (max: it has work).
+  Clock::time_point idle_since = Clock::time_point::max();
   bool stepping = false;  // this thread's copy of stepping_ (which admitting a build also sets)
   for (;;) {
     {
@@ -1368,14 +1371,23 @@ void Scheduler::Loop() {
     EvictIdleLanes();
     if (any) {
       trimmed = false;
+      idle_since = Clock::time_point::max();
       continue;
     }
-    if (!trimmed) {  // just went idle: drop the activations and hand freed pages to the OS
-      *workspace_ = EngineWorkspace{};
-      shared_workspace_ = SharedWorkspace{};
-      KVCache::ReleasePooledArenas();
-      malloc_trim(0);
-      trimmed = true;
+    if (!trimmed) {  // idle: once it lasts, drop the activations and hand freed pages to the OS
+      const Clock::time_point now = Clock::now();
+      if (idle_since == Clock::time_point::max()) idle_since = now;
+      if (now - idle_since >= std::chrono::milliseconds(opt_.idle_trim_ms)) {
+        const int64_t pooled = KVCache::PooledArenaBytes();
+        *workspace_ = EngineWorkspace{};
+        shared_workspace_ = SharedWorkspace{};
+        KVCache::ReleasePooledArenas();
+        malloc_trim(0);
+        trimmed = true;
+        ++idle_trims_;
+        spdlog::debug("scheduler: idle for {} ms: activations and {:.1f} MB of KV arenas released",
+                      Ms(idle_since, now), pooled / 1e6);
+      }
     }
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, std::chrono::milliseconds(50),
