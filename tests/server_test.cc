@@ -225,8 +225,17 @@ TEST(ServerTest, AMergedCopyBuildWaitsForTheRunningSequences) {
     std::atomic<Scheduler*> scheduler{nullptr};
     std::atomic<int64_t> running_at_build{-1};
     std::atomic<int> build_nice{0}, build_threads{0};
+    std::atomic<bool> build_started{false};
     so.fault_hook = [&](const char* site, const Shape&) {
+      // Steps take at least 1 ms until the build starts: the 64-token request alone ran in ~6
+      // ms, and on a loaded machine (CI's parallel tests) a build told not to wait could start
+      // only after it had ended.
+      if (std::string(site) == "step" && !build_started) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        return;
+      }
       if (std::string(site) != "build" || !scheduler) return;
+      build_started = true;
       build_nice = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid()));
       build_threads = omp_get_max_threads();
       int64_t most = 0;
