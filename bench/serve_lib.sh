@@ -6,7 +6,7 @@
 # and removes $WORK on exit (make_supernet and launch_server do it in two steps, for several
 # servers on one supernet).
 #   rss_report: prints "RSS ... = Nx the supernet weights" with a breakdown (weights file,
-# anonymous memory, shared-library code) of the running server.
+# anonymous memory, shared-library code) of the running server, once it has been idle 1.5 s.
 B=build
 WORK=$(mktemp -d)
 PIDS=()
@@ -61,6 +61,9 @@ start_server() {
 
 rss_report() {
   local label=$1
+  # The scheduler keeps finished sequences' KV memory and its activations for --idle-trim-ms
+  # (1000) after the last request, for the next ones: measure after it has handed them back.
+  sleep 1.5
   # The supernet's weight bytes: the model, plus the SMoL adapters when tuned.
   local weights rss
   weights=$( (cat "$WORK"/s/model.safetensors "$WORK"/s/smol.safetensors 2>/dev/null || true) | wc -c)

@@ -17,7 +17,4 @@ for s in $SHAPES; do
   CLIENTS+=($!)
 done
 wait "${CLIENTS[@]}"
-# The scheduler keeps finished sequences' KV memory and its activations for --idle-trim-ms
-# (1000) after the last request, for the next ones: measure after it has handed them back.
-sleep 1.5
 rss_report "$PRESET ${INIT_ARGS:-} tuned=${TUNED:-0}: $(grep -c "new lane" "$WORK/server.main.log") shapes in use"
