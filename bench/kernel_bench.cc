@@ -186,11 +186,7 @@ nlohmann::json ModelStream(const std::string& preset, int passes, int64_t batch,
     for (size_t i = 0; i < x.size(); ++i) x[i] = 0.5f + 0.25f * std::sin(0.37f * i);
     auto pass = [&] { StreamPass(m, batch, x.data(), y.data()); };
     RunInTeam(pass);  // warm-up
-    double multiply_adds = static_cast<double>(cfg->vocab_size) * cfg->hidden_size;
-    for (const LayerWeights& l : m.layers)
-      for (Proj p : {Proj::kQ, Proj::kK, Proj::kV, Proj::kO, Proj::kGate, Proj::kUp, Proj::kDown})
-        multiply_adds += static_cast<double>(l.proj(p).numel());
-    multiply_adds *= batch;
+    const double multiply_adds = static_cast<double>(batch) * m.DecodeMultiplyAdds();
     const double peak = (IsQuantized(f) ? int8_peak : fp_peak).multiply_adds_per_s;
     std::vector<double> gbs, probes, pcts, mss;
     for (int i = 0; i < passes; ++i) {

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "model/file_util.h"
 #include "model/kernels.h"
 #include "model/thread_pinning.h"
 
@@ -198,10 +199,6 @@ int CgroupQuotaCpus() {
   auto take = [&](int cpus) {
     if (cpus > 0 && (best == 0 || cpus < best)) best = cpus;
   };
-  auto read_file = [](const std::string& path, std::string* out) {
-    std::ifstream f(path);
-    return f && std::getline(f, *out);
-  };
   // Every directory from `root + path` up to `root`.
   auto walk = [](const std::string& root, std::string path, const auto& fn) {
     for (;;) {
@@ -219,8 +216,7 @@ int CgroupQuotaCpus() {
     const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
     if (line.compare(0, a, "0") == 0 && controllers.empty()) {
       walk("/sys/fs/cgroup", path, [&](const std::string& dir) {
-        std::string max;
-        if (read_file(dir + "/cpu.max", &max)) take(CpusOfCgroupV2Max(max));
+        if (auto max = ReadFile(dir + "/cpu.max"); max.ok()) take(CpusOfCgroupV2Max(*max));
       });
       continue;
     }
@@ -229,14 +225,15 @@ int CgroupQuotaCpus() {
     if (!cpu) continue;
     // Mounted at /sys/fs/cgroup/cpu (often a link to cpu,cpuacct); inside a container without a
     // cgroup namespace the path is the host's, so the mount's root is tried too.
-    for (const std::string& root :
-         {std::string("/sys/fs/cgroup/cpu"), std::string("/sys/fs/cgroup/" + controllers)}) {
+    std::vector<std::string> roots = {"/sys/fs/cgroup/cpu"};
+    if (controllers != "cpu") roots.push_back("/sys/fs/cgroup/" + controllers);
+    for (const std::string& root : roots) {
       walk(root, path, [&](const std::string& dir) {
-        std::string quota, period;
-        if (read_file(dir + "/cpu.cfs_quota_us", &quota) &&
-            read_file(dir + "/cpu.cfs_period_us", &period)) {
+        auto quota = ReadFile(dir + "/cpu.cfs_quota_us");
+        auto period = ReadFile(dir + "/cpu.cfs_period_us");
+        if (quota.ok() && period.ok()) {
           try {
-            take(CpusOfCfsQuota(std::stoll(quota), std::stoll(period)));
+            take(CpusOfCfsQuota(std::stoll(*quota), std::stoll(*period)));
           } catch (...) {
           }
         }
