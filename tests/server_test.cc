@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <fstream>
+#include <mutex>
 #include <regex>
 #include <thread>
 
@@ -262,6 +264,71 @@ TEST(ServerTest, AMergedCopyBuildWaitsForTheRunningSequences) {
     EXPECT_EQ(build_nice, 10);
     EXPECT_EQ(build_threads, 1);
     scheduler = nullptr;
+  }
+}
+
+// A request that arrives while a merged copy builds gets the cores back: the build pauses after
+// the matrix it is on until the worker has had nothing to run for build_quiet_ms (within
+// build_defer_ms of the build's queueing; with 0 it never pauses).
+TEST(ServerTest, AStartedBuildPausesWhileARequestThatArrivedDuringItRuns) {
+  for (const int64_t defer_ms : {int64_t{60000}, int64_t{0}}) {
+    SchedulerOptions so;
+    so.merge_after_requests = 1;
+    so.build_defer_ms = defer_ms;
+    so.build_quiet_ms = 300;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool in_build = false, release = false;
+    so.fault_hook = [&](const char* site, const Shape&) {
+      const std::string at = site;
+      if (at == "step") {
+        bool slow;
+        {
+          std::lock_guard<std::mutex> l(mu);
+          slow = in_build;
+        }
+        if (slow) std::this_thread::sleep_for(std::chrono::milliseconds(2));  // a long request
+      } else if (at == "build_piece") {
+        std::unique_lock<std::mutex> l(mu);
+        if (in_build) return;
+        in_build = true;  // the build is past its first matrix: hold it there
+        cv.notify_all();
+        cv.wait(l, [&] { return release; });
+      }
+    };
+    TestServer ts(so, "", /*adapters=*/true);
+    const auto expected = LocalGreedy(*ts.supernet, {5, 1.0}, "Hello there", 100, ts.smol.get());
+    auto c = ts.Client();
+    Streamed first = Stream(c, Req("Hello there", 5, 1.0, 8));  // queues the shape's build
+    ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+    {
+      std::unique_lock<std::mutex> l(mu);
+      ASSERT_TRUE(cv.wait_for(l, std::chrono::seconds(60), [&] { return in_build; }))
+          << "the build never started";
+    }
+    Streamed during;
+    std::thread request([&] { during = Stream(c, Req("Hello there", 5, 1.0, 100)); });
+    ASSERT_TRUE(
+        WaitForStats(*ts.scheduler, [](const SchedulerStats& st) { return st.running == 1; }));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a few of its steps
+    {
+      std::lock_guard<std::mutex> l(mu);
+      release = true;
+    }
+    cv.notify_all();
+    request.join();
+    const SchedulerStats at_end = ts.scheduler->stats();
+    ASSERT_TRUE(during.status.ok()) << during.status.error_message();
+    EXPECT_EQ(during.tokens, expected);
+    if (defer_ms > 0) {
+      EXPECT_GE(at_end.build_pauses, 1) << "the build did not pause for the request";
+      EXPECT_EQ(at_end.merges_built, 0) << "the build went on beside the request";
+    } else {
+      EXPECT_EQ(at_end.build_pauses, 0) << "the build paused although told not to wait";
+    }
+    EXPECT_TRUE(
+        WaitForStats(*ts.scheduler, [](const SchedulerStats& st) { return st.merges_built == 1; }))
+        << "defer " << defer_ms << " ms: the merged copy was never built";
   }
 }
 

@@ -103,8 +103,8 @@ LinearHook Smol::Hook(const at::Tensor& gate, const std::vector<int>& layer_ids)
   };
 }
 
-Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
-                  const std::vector<int>& layer_ids) const {
+Model Smol::Merge(const Model& subnet, const at::Tensor& gate, const std::vector<int>& layer_ids,
+                  const std::function<void()>& between_matrices) const {
   Model m = AttachUnmerged(subnet, gate, layer_ids);
   for (auto& l : m.layers) {
     for (int p = 0; p < kNumProj; ++p) {
@@ -115,6 +115,7 @@ Model Smol::Merge(const Model& subnet, const at::Tensor& gate,
       W = at::addmm(W.to(at::kFloat), d.Up(), d.Down());
       d = {};
       l.panels[p].reset();  // packed from the unmerged values: repack (PackWeights) to decode fast
+      if (between_matrices) between_matrices();
     }
   }
   return m;

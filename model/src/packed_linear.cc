@@ -355,7 +355,7 @@ void LinearPackedMany(const float* x, int64_t n, int64_t in, std::span<const Pac
   }
 }
 
-void PackWeights(Model& m, WeightFormat f) {
+void PackWeights(Model& m, WeightFormat f, const std::function<void()>& between_matrices) {
   // Every panel tensor of the model lives in one arena on 2 MB pages: decode streams all of it
   // each step, and huge pages spare the page walks that 4 KB pages cost on such a stream.
   std::vector<std::pair<const at::Tensor*, at::Tensor*>> todo;  // (row-major, its panels)
@@ -385,6 +385,7 @@ void PackWeights(Model& m, WeightFormat f) {
     *todo[i].second = at::from_blob(
         data, PanelSizes(*todo[i].first, f), [arena](void*) {}, at::TensorOptions().dtype(dtype));
     FillPanelsOf(*todo[i].first, f, *todo[i].second);
+    if (between_matrices) between_matrices();
   }
 }
 
@@ -436,9 +437,9 @@ void DropPanels(Model& m) {
   m.head_panels.reset();
 }
 
-void RepackWeights(Model& m, WeightFormat f) {
+void RepackWeights(Model& m, WeightFormat f, const std::function<void()>& between_matrices) {
   DropPanels(m);
-  PackWeights(m, f);
+  PackWeights(m, f, between_matrices);
 }
 
 void DropPackedRowMajor(Model& m) {

@@ -93,8 +93,10 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
        "as packed deltas): one stream of the shared weights instead of one per copy")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
   Flag(app, "build-defer-ms", s.build_defer_ms,
-       "Longest a queued merged-copy or draft-copy build waits for the running sequences to "
-       "finish before it starts beside them (a build slows the steps it overlaps)")
+       "How long after it was queued a merged-copy or draft-copy build keeps waiting for the "
+       "decode worker to go idle (before it starts, and after each matrix for requests that "
+       "arrive meanwhile) before it runs through beside them (a build slows the steps it "
+       "overlaps)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   Flag(app, "idle-trim-ms", s.idle_trim_ms,
        "Idle time after which the decode worker hands memory back (activations, finished "

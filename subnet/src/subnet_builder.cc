@@ -38,7 +38,7 @@ absl::StatusOr<Model> BuildSubnet(const Supernet& s, const Smol* smol, const Sha
   if (!adapters) return m;
   const std::vector<int>& layers = s.spec().FindDepth(shape.depth)->layers;
   const at::Tensor gate = ShapeGate(s, *smol, shape);
-  if (o.adapters == AdapterMode::kMerged) return smol->Merge(m, gate, layers);
+  if (o.adapters == AdapterMode::kMerged) return smol->Merge(m, gate, layers, o.between_matrices);
   Model unmerged = smol->AttachUnmerged(m, gate, layers);
   if (o.pack_deltas) PackDeltas(unmerged);
   return unmerged;

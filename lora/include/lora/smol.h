@@ -1,5 +1,5 @@
-// Shape-aware mixture of LoRAs (docs/method.md §3). E experts of rank r on each adapted linear of every
-// layer, mixed by one router whose input is the subnet's shape:
+// Shape-aware mixture of LoRAs (docs/method.md §3). E experts of rank r on each adapted linear of
+// every layer, mixed by one router whose input is the subnet's shape:
 //   φ = [active-layer mask (L) ; one-hot width index (W)],
 //   logits = Linear(16→E)(Linear(φ→16)(φ)) (+ randn · softplus(Linear(φ→E)(φ)) while training),
 //   gate = softmax over the top-k logits, zeros elsewhere.
@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -51,7 +52,10 @@ class Smol {
   // subnet's layer i; weights may be prefix slices (the adapters are sliced to match).
   LinearHook Hook(const at::Tensor& gate, const std::vector<int>& layer_ids) const;
   // The subnet with ΔW = s · B_mix A_mix folded into (copies of) its sliced weights.
-  Model Merge(const Model& subnet, const at::Tensor& gate, const std::vector<int>& layer_ids) const;
+  // `between_matrices`, when set, is called after each merged projection: a background caller
+  // may block in it to let foreground work have the cores.
+  Model Merge(const Model& subnet, const at::Tensor& gate, const std::vector<int>& layer_ids,
+              const std::function<void()>& between_matrices = {}) const;
 
   // The subnet (still views of the supernet) with each adapted projection carrying ΔW unmerged as
   // a low-rank delta: down = s · A_mix, up = B_mix, sliced to the subnet's widths. Costs only the

@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 
@@ -73,7 +74,10 @@ void ForEachPanel(std::span<const PackedOutput> outs, const Fn& fn) {
 // Packs every projection and the LM head of `m` that has no panels yet into panels of format `f`
 // (LayerWeights::panels, Model::head_panels). The engine then decodes from the panels. The
 // embedding stays row-major in its dtype (decode reads one row of it per token).
-void PackWeights(Model& m, WeightFormat f = WeightFormat::kF32);
+// `between_matrices`, when set, is called after each matrix is packed: a background caller may
+// block in it to let foreground work have the cores.
+void PackWeights(Model& m, WeightFormat f = WeightFormat::kF32,
+                 const std::function<void()>& between_matrices = {});
 // Packs every low-rank delta of `m` that has no panels yet (LowRankDelta::down_panels), in the
 // format of the projection's panels (q8_0 where those are q8_0 or q4_0: a delta's factors are
 // small and q4_0 would cost it more precision than it saves bytes). Projections without panels
@@ -86,7 +90,7 @@ int64_t PackDeltasBytes(const Model& m);
 void DropPanels(Model& m);
 // DropPanels, then PackWeights in format `f`: panels of its own in that format. The row-major
 // weights must be readable.
-void RepackWeights(Model& m, WeightFormat f);
+void RepackWeights(Model& m, WeightFormat f, const std::function<void()>& between_matrices = {});
 
 // Tells the kernel that the row-major projection and LM head pages of `m` will not be read soon
 // (madvise MADV_PAGEOUT): pages mapped from a safetensors file leave resident memory and come

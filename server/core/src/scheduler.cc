@@ -124,6 +124,7 @@ SchedulerStats Scheduler::stats() const {
   s.evictions = evictions_;
   s.lane_failures = lane_failures_;
   s.build_failures = build_failures_;
+  s.build_pauses = build_pauses_;
   const PrefixCacheStats pc = prefix_cache_.stats();
   s.prompt_cache_bytes = pc.bytes;
   s.prompt_cache_blocks = pc.blocks;
@@ -252,36 +253,50 @@ void Scheduler::BuilderLoop() {
       std::unique_lock<std::mutex> l(mu_);
       build_cv_.wait(l, [&] { return stop_ || !builds_.empty(); });
       if (stop_) return;
-      build_cv_.wait_until(l,
-                           builds_.front().queued + std::chrono::milliseconds(opt_.build_defer_ms),
-                           [&] { return stop_ || !stepping_; });
+      WaitForQuietWorker(l,
+                         builds_.front().queued + std::chrono::milliseconds(opt_.build_defer_ms));
       if (stop_) return;
       b = std::move(builds_.front());
       builds_.pop_front();
     }
     const auto t0 = Clock::now();
+    const auto run_through = b.queued + std::chrono::milliseconds(opt_.build_defer_ms);
+    double paused_ms = 0;
+    // After each matrix merged or packed: wait while sequences run (a request that arrived after
+    // the build started), until run_through.
+    auto between_pieces = [&] {
+      if (opt_.fault_hook) opt_.fault_hook("build_piece", b.shape);
+      std::unique_lock<std::mutex> l(mu_);
+      if (!BuildMustWait(run_through)) return;
+      const auto t = Clock::now();
+      ++build_pauses_;
+      WaitForQuietWorker(l, run_through);
+      paused_ms += Ms(t, Clock::now());
+    };
     absl::Status build_error;
     try {
       if (opt_.fault_hook) opt_.fault_hook("build", b.shape);
       auto merged = BuildSubnet(supernet_, opt_.smol, b.shape,
-                                {.adapters = AdapterMode::kMerged, .uniform_width = false});
+                                {.adapters = AdapterMode::kMerged,
+                                 .uniform_width = false,
+                                 .between_matrices = between_pieces});
       if (!merged.ok()) {
         build_error = merged.status();
       } else {
         // The merged projections get panels; the rest share the base's. A draft copy packs every
         // projection in its own format (views of the base's panels are in the serving format).
         if (b.for_draft) {
-          RepackWeights(*merged, *opt_.draft_format);
+          RepackWeights(*merged, *opt_.draft_format, between_pieces);
         } else {
-          PackWeights(*merged, opt_.weights_format);
+          PackWeights(*merged, opt_.weights_format, between_pieces);
         }
         DropPackedRowMajor(*merged);
         b.result = std::make_shared<const Model>(std::move(*merged));
         spdlog::info(
             "scheduler: {} of {} built in {:.0f} ms (started {:.0f} ms after it was "
-            "queued)",
+            "queued; paused {:.0f} ms of it for running sequences)",
             b.for_draft ? "draft copy" : "merged copy", b.key, Ms(t0, Clock::now()),
-            Ms(b.queued, t0));
+            Ms(b.queued, t0), paused_ms);
       }
     } catch (...) {
       build_error = StatusFromException(std::current_exception(), "build");
@@ -299,6 +314,21 @@ void Scheduler::BuilderLoop() {
     }
     cv_.notify_all();  // wakes an idle worker to swap it in
   }
+}
+
+bool Scheduler::BuildMustWait(Clock::time_point until) const {
+  const auto now = Clock::now();
+  return !stop_ && now < until &&
+         (stepping_ || now < idle_since_ + std::chrono::milliseconds(opt_.build_quiet_ms));
+}
+
+void Scheduler::WaitForQuietWorker(std::unique_lock<std::mutex>& l, Clock::time_point until) {
+  // The worker notifies build_cv_ when it goes idle; from then on, wait out the quiet time.
+  while (BuildMustWait(until))
+    build_cv_.wait_until(
+        l, stepping_
+               ? until
+               : std::min(until, idle_since_ + std::chrono::milliseconds(opt_.build_quiet_ms)));
 }
 
 void Scheduler::SwapInFinishedBuilds() {
@@ -1363,6 +1393,7 @@ void Scheduler::Loop() {
         std::lock_guard<std::mutex> l(mu_);
         was = stepping_;
         stepping_ = stepping = false;
+        if (was) idle_since_ = Clock::now();
       }
       if (was) build_cv_.notify_all();
     }

@@ -4,6 +4,7 @@
 // attached unmerged to views. The scheduler, `eval` and export all build subnets through here, so
 // what is exported is exactly what is served.
 #pragma once
+#include <functional>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -28,6 +29,9 @@ struct SubnetOptions {
   // per-shape copy of the mixed factors, a small fraction of the shape's weights, that lets its
   // steps run as one team). false: they stay views of the adapters (no memory, slower).
   bool pack_deltas = true;
+  // kMerged: called after each projection's merge (Smol::Merge); a background build blocks in it
+  // while serving needs the cores.
+  std::function<void()> between_matrices = nullptr;
 };
 
 // OK when BuildSubnet can build `shape`: depth in the depth table; width on the grid, or in

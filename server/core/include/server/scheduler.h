@@ -97,12 +97,21 @@ struct SchedulerOptions {
   // ran per group on one thread each (bench/shared: 2 shapes 10-15% faster since, 4 and 8
   // shapes 15-27%); 3 shapes were not measured.
   int64_t merged_copies_up_to_lanes = 2;
-  // A queued merged-copy or draft-copy build waits while sequences are running, for at most this
-  // long after it was queued (then it starts anyway: under steady load a hot shape still gets its
-  // copy). A build reads and writes the weights and slows every step it overlaps: the demo
-  // supernet on a 2-core Zen 5 VM decoded the request that asked for the build at 1.6-2.8x its
-  // profiled time per token while the build ran beside it.
+  // A merged-copy or draft-copy build waits while sequences are running, until this long after it
+  // was queued (then it runs through: under steady load a hot shape still gets its copy): before it
+  // starts, and after each matrix it merges or packs once started, so a request that arrives during
+  // a build has the cores back within one matrix's work. A build reads and writes the weights and
+  // slows every step it overlaps: the demo supernet on a 2-core Zen 5 VM decoded the request that
+  // asked for the build at 1.6-2.8x its profiled time per token while the build ran beside it;
+  // 100m q8_0 requests arriving during a build that only waited to start ran at 1.16-1.20x their
+  // time before it, 0.99-1.00x with the pauses (bench/README).
   int64_t build_defer_ms = 1000;
+  // A build (build_defer_ms) goes on only once the worker has had nothing to run for this long: a
+  // client that sends its next request as its last one ends leaves the worker idle for a moment
+  // between them, and a build that went on in every such moment overlapped each of its requests
+  // by a matrix's work or more (100m q8_0: requests during a build still 1.13-1.14x their time
+  // per token before it, against 1.16-1.17x with no pauses at all).
+  int64_t build_quiet_ms = 100;
   // Once nothing has run for this long, the worker hands idle memory back (step activations,
   // finished sequences' pooled KV arenas, malloc_trim). Not at the first idle moment: clients that
   // send their next request as the last one ends left the worker idle for a moment every request
@@ -136,8 +145,9 @@ struct SchedulerOptions {
   // thread that loaded the weights owned one (more spinning threads than cores).
   bool run_on_caller = false;
   // Test-only fault injection: called with "step" on the worker thread before each step of a lane,
-  // "draft" before a draft shape drafts for it, and "build" on the builder thread before each
-  // merged-copy build; whatever it throws goes through the error boundary.
+  // "draft" before a draft shape drafts for it, "build" on the builder thread before each
+  // merged-copy build and "build_piece" after each matrix it merges or packs; whatever it throws
+  // goes through the error boundary.
   std::function<void(const char* site, const Shape&)> fault_hook;
 };
 
@@ -163,6 +173,8 @@ struct SchedulerStats {
   int64_t merged_lane_steps_on_views = 0;
   int64_t draft_copies = 0;                 // drafts' own copies (SchedulerOptions::draft_format)
   int64_t merges_built = 0, evictions = 0;  // since start
+  // Times a started build waited for running sequences (SchedulerOptions::build_defer_ms).
+  int64_t build_pauses = 0;
   int64_t shared_draft_passes = 0;  // draft rounds that ran several drafts in one pass, since start
   int64_t lane_failures = 0, build_failures = 0;
   // Prompt cache: blocks held, requests that reused a prefix or not, and prompt tokens reused
@@ -285,6 +297,11 @@ class Scheduler {
 
   void Loop();
   void BuilderLoop();
+  // Builder thread, under mu_: whether a build must wait now (sequences running, or the worker idle
+  // for less than build_quiet_ms) rather than go on, `until` being when it goes on regardless.
+  bool BuildMustWait(Clock::time_point until) const;
+  // Builder thread, `l` on mu_: waits while BuildMustWait(until).
+  void WaitForQuietWorker(std::unique_lock<std::mutex>& l, Clock::time_point until);
   std::unique_ptr<Engine> NewEngine(std::shared_ptr<const Model> model) const;
   void MaybeStartBuild(Lane& lane);
   // Hands `b` to the builder thread (stamped with the time; it waits for the worker to go idle,
@@ -387,8 +404,10 @@ class Scheduler {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
   bool draining_ = false, stop_ = false;
-  // Sequences are running or being admitted (queued builds wait for it to clear). Under mu_.
+  // Sequences are running or being admitted (queued builds wait for it to clear), and when the
+  // worker last went idle. Under mu_.
   bool stepping_ = false;
+  Clock::time_point idle_since_{};
   std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
   // Drafts' own copies by shape (draft_format), shared by every lane drafting with that shape;
   // a key maps to null while its build runs or after it failed. Worker thread only.
@@ -406,7 +425,7 @@ class Scheduler {
   std::atomic<int64_t> merged_lane_steps_on_views_{0};
   std::atomic<int64_t> draft_copy_count_{0}, shared_draft_passes_{0};
   std::atomic<int64_t> lane_failures_{0}, build_failures_{0}, chosen_in_parallel_{0};
-  std::atomic<int64_t> idle_trims_{0};
+  std::atomic<int64_t> idle_trims_{0}, build_pauses_{0};
   mutable std::mutex load_mu_;  // guards the five below
   RunningLoad running_load_;
   StepTimeModel step_model_;
