@@ -214,6 +214,33 @@ TEST(EngineTest, KvCacheReusesFreedSlotMemory) {
   KVCache::SetArenaPoolLimit(KVCache::kDefaultArenaPoolBytes);
 }
 
+// Releasing the pool down to a budget (a server going idle) frees the largest arenas first and
+// keeps the smaller ones for the next sequences.
+TEST(EngineTest, KvArenaPoolReleasesLargestArenasFirst) {
+  at::InferenceMode guard;
+  KVCache::ReleasePooledArenas();
+  auto m = std::make_shared<const Model>(TinyModel(8));
+  Engine engine(m, {.max_len = 512});
+  KVCache cache = engine.NewCache(2);
+  const auto ids = RandomTokens(200, m->config.vocab_size, 52);
+  SeqInput small{0, std::span<const int32_t>(ids.data(), 10)};
+  SeqInput large{1, ids};
+  ASSERT_TRUE(engine.Forward(cache, {&small, 1}).ok());
+  ASSERT_TRUE(engine.Forward(cache, {&large, 1}).ok());
+  ASSERT_GT(cache.capacity(1), cache.capacity(0));
+  cache.Reset(0);
+  const int64_t small_pooled = KVCache::PooledArenaBytes();
+  ASSERT_GT(small_pooled, 0);
+  cache.Reset(1);
+  const int64_t all_pooled = KVCache::PooledArenaBytes();
+  ASSERT_GT(all_pooled, small_pooled);
+  // A budget that holds the small slot's arena and not the large one's (freed by growth too).
+  KVCache::ReleasePooledArenas(static_cast<size_t>(small_pooled));
+  EXPECT_EQ(KVCache::PooledArenaBytes(), small_pooled) << "the small arena was not the one kept";
+  KVCache::ReleasePooledArenas(static_cast<size_t>(small_pooled) - 1);
+  EXPECT_EQ(KVCache::PooledArenaBytes(), 0);
+}
+
 // A decode step in one parallel region (the kernels split by a team, serial pieces between spin
 // barriers) gives the same bits as one region per kernel: every format and ISA, with biases,
 // decode steps next to a 5-token check in one call, and pure decode steps.

@@ -100,8 +100,8 @@ class ArenaPool {
 void KVCache::SetArenaPoolLimit(size_t bytes) {
   ArenaPool::Get().SetLimit(bytes);
 }
-void KVCache::ReleasePooledArenas() {
-  ArenaPool::Get().Trim(0);
+void KVCache::ReleasePooledArenas(size_t keep_bytes) {
+  ArenaPool::Get().Trim(keep_bytes);
 }
 int64_t KVCache::PooledArenaBytes() {
   return static_cast<int64_t>(ArenaPool::Get().pooled());

@@ -102,6 +102,10 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
        "Idle time after which the decode worker hands memory back (activations, finished "
        "sequences' KV arenas); shorter gaps between requests keep it for the next ones")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  Flag(app, "idle-kv-keep-mb", c.idle_kv_keep_mb,
+       "KV arenas of finished sequences the idle worker keeps for the next requests (MiB, "
+       "the smallest arenas; the rest go at --idle-trim-ms)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   Flag(app, "cache-mb", c.cache_mb,
        "Memory cap for per-shape copies: merged subnet copies and unmerged shapes' packed adapter "
        "deltas (MiB)")
@@ -235,6 +239,7 @@ absl::Status FinishServerConfig(ServerConfig& c) {
   c.scheduler.bf16_prefill_attention = c.prefill_attention == "auto";
   c.scheduler.cache_bytes = c.cache_mb << 20;
   c.scheduler.prompt_cache_bytes = c.prompt_cache_mb << 20;
+  c.scheduler.idle_kv_keep_bytes = c.idle_kv_keep_mb << 20;
   if (!c.scheduler.prompt_cache_dir.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(c.scheduler.prompt_cache_dir, ec);

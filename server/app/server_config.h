@@ -28,6 +28,7 @@ struct ServerConfig {
   int64_t cache_mb = SchedulerOptions{}.cache_bytes >> 20;  // SchedulerOptions::cache_bytes
   // SchedulerOptions::prompt_cache_bytes
   int64_t prompt_cache_mb = SchedulerOptions{}.prompt_cache_bytes >> 20;
+  int64_t idle_kv_keep_mb = SchedulerOptions{}.idle_kv_keep_bytes >> 20;  // idle_kv_keep_bytes
   // gRPC
   std::string host = "0.0.0.0";
   int port = 50051;

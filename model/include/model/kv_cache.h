@@ -28,10 +28,10 @@ class KVCache {
   static constexpr size_t kMostlyHugePageMinBytes = size_t{2} << 20;
   static constexpr size_t kDefaultArenaPoolBytes = size_t{512} << 20;
 
-  // The pool of released slot memory: its limit (lowering it frees the excess), freeing all of
-  // it (a server going idle), and what it holds.
+  // The pool of released slot memory: its limit (lowering it frees the excess), freeing it down to
+  // `keep_bytes`, largest arenas first (a server going idle), and what it holds.
   static void SetArenaPoolLimit(size_t bytes);
-  static void ReleasePooledArenas();
+  static void ReleasePooledArenas(size_t keep_bytes = 0);
   static int64_t PooledArenaBytes();
 
   KVCache() = default;

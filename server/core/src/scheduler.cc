@@ -1412,12 +1412,15 @@ void Scheduler::Loop() {
         const int64_t pooled = KVCache::PooledArenaBytes();
         *workspace_ = EngineWorkspace{};
         shared_workspace_ = SharedWorkspace{};
-        KVCache::ReleasePooledArenas();
+        KVCache::ReleasePooledArenas(static_cast<size_t>(opt_.idle_kv_keep_bytes));
         malloc_trim(0);
         trimmed = true;
         ++idle_trims_;
-        spdlog::debug("scheduler: idle for {} ms: activations and {:.1f} MB of KV arenas released",
-                      Ms(idle_since, now), pooled / 1e6);
+        spdlog::debug(
+            "scheduler: idle for {} ms: activations and {:.1f} MB of KV arenas released ({:.1f} "
+            "MB kept)",
+            Ms(idle_since, now), (pooled - KVCache::PooledArenaBytes()) / 1e6,
+            KVCache::PooledArenaBytes() / 1e6);
       }
     }
     std::unique_lock<std::mutex> l(mu_);
