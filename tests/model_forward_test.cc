@@ -234,7 +234,7 @@ TEST(EngineTest, KvArenaPoolReleasesLargestArenasFirst) {
   cache.Reset(1);
   const int64_t all_pooled = KVCache::PooledArenaBytes();
   ASSERT_GT(all_pooled, small_pooled);
-  // A budget that holds the small slot's arena and not the large one's (freed by growth too).
+  // A budget that holds the small slot's arena and not the large one's.
   KVCache::ReleasePooledArenas(static_cast<size_t>(small_pooled));
   EXPECT_EQ(KVCache::PooledArenaBytes(), small_pooled) << "the small arena was not the one kept";
   KVCache::ReleasePooledArenas(static_cast<size_t>(small_pooled) - 1);
