@@ -100,7 +100,8 @@ void AddServerFlags(CLI::App& app, ServerConfig& c) {
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   Flag(app, "idle-trim-ms", s.idle_trim_ms,
        "Idle time after which the decode worker hands memory back (activations, finished "
-       "sequences' KV arenas); shorter gaps between requests keep it for the next ones")
+       "sequences' KV arenas beyond --idle-kv-keep-mb); shorter gaps between requests keep it for "
+       "the next ones")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   Flag(app, "idle-kv-keep-mb", c.idle_kv_keep_mb,
        "KV arenas of finished sequences the idle worker keeps for the next requests (MiB, "

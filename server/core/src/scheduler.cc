@@ -1350,8 +1350,6 @@ LoadEstimate Scheduler::EstimateLoad(const Shape& shape) const {
 void Scheduler::Loop() {
   at::InferenceMode guard;  // thread-local: the worker never builds autograd graphs
   bool trimmed = true;
-  // When the worker last ran out of work (max: it has work).
-  Clock::time_point idle_since = Clock::time_point::max();
   bool stepping = false;  // this thread's copy of stepping_ (which admitting a build also sets)
   for (;;) {
     {
@@ -1402,13 +1400,12 @@ void Scheduler::Loop() {
     EvictIdleLanes();
     if (any) {
       trimmed = false;
-      idle_since = Clock::time_point::max();
       continue;
     }
     if (!trimmed) {  // idle: once it lasts, drop the activations and hand freed pages to the OS
+      // idle_since_ is written only on this thread (above): read here without the lock.
       const Clock::time_point now = Clock::now();
-      if (idle_since == Clock::time_point::max()) idle_since = now;
-      if (now - idle_since >= std::chrono::milliseconds(opt_.idle_trim_ms)) {
+      if (now - idle_since_ >= std::chrono::milliseconds(opt_.idle_trim_ms)) {
         const int64_t pooled = KVCache::PooledArenaBytes();
         *workspace_ = EngineWorkspace{};
         shared_workspace_ = SharedWorkspace{};
@@ -1419,7 +1416,7 @@ void Scheduler::Loop() {
         spdlog::debug(
             "scheduler: idle for {} ms: activations and {:.1f} MB of KV arenas released ({:.1f} "
             "MB kept)",
-            Ms(idle_since, now), (pooled - KVCache::PooledArenaBytes()) / 1e6,
+            Ms(idle_since_, now), (pooled - KVCache::PooledArenaBytes()) / 1e6,
             KVCache::PooledArenaBytes() / 1e6);
       }
     }

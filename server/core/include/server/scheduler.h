@@ -412,7 +412,8 @@ class Scheduler {
   std::deque<std::shared_ptr<Job>> queue_;
   bool draining_ = false, stop_ = false;
   // Sequences are running or being admitted (queued builds wait for it to clear), and when the
-  // worker last went idle. Under mu_.
+  // worker last went idle (builds wait out build_quiet_ms from it, idle trims idle_trim_ms).
+  // Under mu_; the worker, their only writer, reads them without it.
   bool stepping_ = false;
   Clock::time_point idle_since_{};
   std::map<std::string, std::unique_ptr<Lane>> lanes_;  // worker thread only
