@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <future>
+#include <mutex>
 #include <thread>
 
 #include "model/kernels.h"
@@ -87,6 +89,17 @@ TEST(SpeculativeTest, DraftsOfDifferentLanesRunInOnePass) {
   SchedulerOptions so;
   so.weights_format = WeightFormat::kQ8_0;  // exact on every instruction set
   so.max_speculating_batch = 8;
+  // The three jobs must run at once: their first step waits until all three are in the scheduler
+  // (submitted one by one, the first could finish its 15 tokens before the others arrived on a
+  // loaded machine, and then no draft pass was shared).
+  std::mutex mu;
+  std::condition_variable cv;
+  bool hold = false;
+  so.fault_hook = [&](const char* site, const Shape&) {
+    if (std::string(site) != "step") return;
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait(l, [&] { return !hold; });
+  };
   TestServer ts(so);
   const Supernet& s = *ts.supernet;
   const Shape full = s.FullShape(), small = s.SmallestShape();
@@ -101,7 +114,24 @@ TEST(SpeculativeTest, DraftsOfDifferentLanesRunInOnePass) {
   std::vector<std::shared_ptr<Job>> jobs = {NewJob(s, full, texts[0], 15, small, 3),
                                             NewJob(s, narrow, texts[1], 15, shallow, 4),
                                             NewJob(s, full, texts[2], 15, shallow, 2)};
+  {
+    std::lock_guard<std::mutex> l(mu);
+    hold = true;
+  }
+  std::thread release([&] {
+    for (int i = 0; i < 1000; ++i) {  // bounded: 10 s
+      const SchedulerStats st = ts.scheduler->stats();
+      if (st.running + st.waiting == static_cast<int64_t>(jobs.size())) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    {
+      std::lock_guard<std::mutex> l(mu);
+      hold = false;
+    }
+    cv.notify_all();
+  });
   const auto out = RunAll(*ts.scheduler, jobs);
+  release.join();
   for (size_t i = 0; i < jobs.size(); ++i) {
     EXPECT_EQ(out[i].tokens, alone[i]) << texts[i];
     EXPECT_GT(out[i].result.draft_rounds, 0) << texts[i];
